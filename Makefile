@@ -1,0 +1,34 @@
+# flowgate: `make run` serves the gateway, `make test` runs the suite; both set up .venv from nothing.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: run test bench clean
+
+run: $(VENV)/.runtime data/demo_shop.db
+	$(BIN)/gunicorn -c gunicorn.conf.py wsgi:app
+
+test: $(VENV)/.dev data/demo_shop.db
+	$(BIN)/python -m pytest
+
+bench: $(VENV)/.dev data/demo_shop.db
+	$(BIN)/python -m bench.trigger_throughput
+
+$(BIN)/python:
+	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "flowgate needs Python 3.11+"'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.runtime: requirements.txt | $(BIN)/python
+	$(BIN)/pip install --quiet -r requirements.txt
+	touch $@
+
+$(VENV)/.dev: requirements-dev.txt $(VENV)/.runtime
+	$(BIN)/pip install --quiet -r requirements-dev.txt
+	touch $@
+
+data/demo_shop.db: connectors/demo.py | $(VENV)/.runtime
+	$(BIN)/python -m connectors.demo $@
+
+clean:
+	rm -rf $(VENV) var data/demo_shop.db .pytest_cache

@@ -1,0 +1,63 @@
+"""flowgate: the HTTP gateway that triggers connector pipelines and tracks their runs."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Flask, current_app
+
+from app.config import ConfigError, Settings, load_settings
+from app.dispatch import Dispatcher
+from app.runs.executor import LocalExecutor
+from app.runs.store import RunStore
+from connectors.pipeline import Workspace
+from connectors.registry import ConnectorRegistry, RegistryError
+
+__version__ = "0.1.0"
+
+
+@dataclass(frozen=True)
+class Services:
+    """The objects a gateway process is made of, created once per process by create_app."""
+
+    settings: Settings
+    registry: ConnectorRegistry
+    store: RunStore
+    executor: LocalExecutor
+    dispatcher: Dispatcher
+
+
+def services() -> Services:
+    """The current app's services."""
+    return current_app.extensions["flowgate"]
+
+
+def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
+    """Build the gateway: settings, connectors, run store, executor (not started), blueprints."""
+    settings = config if isinstance(config, Settings) else load_settings(config)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
+
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.json.sort_keys = False
+
+    try:
+        registry = ConnectorRegistry.load(settings.connectors_file)
+    except RegistryError as exc:
+        raise ConfigError(str(exc)) from None
+    store = RunStore(settings.run_store_url)
+    store.create_schema()
+    workspace = Workspace(pipelines_dir=settings.pipelines_dir, duckdb_dir=settings.duckdb_dir)
+    executor = LocalExecutor(store, registry, workspace, slots=settings.executor_threads,
+                             lease_seconds=settings.lease_seconds, poll_seconds=settings.poll_seconds)
+    dispatcher = Dispatcher(settings, store, registry, executor, workspace)
+    app.extensions["flowgate"] = Services(settings, registry, store, executor, dispatcher)
+
+    from app import api, errors, openapi
+
+    errors.init_app(app)
+    api.init_app(app)
+    openapi.init_app(app)
+    return app

@@ -1,0 +1,54 @@
+"""Reading request input once, at the edge: JSON bodies and query strings into validated models."""
+from __future__ import annotations
+
+import json
+from typing import Any, TypeVar
+
+from flask import request
+from pydantic import BaseModel, ValidationError
+
+from app.errors import BadRequest, ValidationFailed
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def json_object() -> dict[str, Any]:
+    """The request body as a JSON object; an empty body is {}. Malformed JSON or a non-object is a 400."""
+    raw = request.get_data(cache=True)  # werkzeug raises 413 past MAX_CONTENT_LENGTH
+    if not raw.strip():
+        return {}
+    try:
+        data = json.loads(raw)
+    except UnicodeDecodeError:
+        raise BadRequest("request body is not UTF-8 encoded JSON", code="malformed_json") from None
+    except json.JSONDecodeError as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
+                         code="malformed_json") from None
+    if not isinstance(data, dict):
+        raise BadRequest(f"request body must be a JSON object, got {type(data).__name__}", code="body_not_object")
+    return data
+
+
+def validated(model: type[M], data: dict[str, Any], prefix: str = "") -> M:
+    """`data` as `model`, or a 422 whose `errors` name every bad field."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        errors = [field_error(prefix + ".".join(str(p) for p in e["loc"]), e["msg"]) for e in exc.errors()]
+        names = ", ".join(e["field"] for e in errors)
+        raise ValidationFailed(f"invalid field(s): {names}", errors=errors) from None
+
+
+def query(model: type[M]) -> M:
+    """The query string as `model`; repeated or unknown parameters are a 422."""
+    args = request.args
+    repeated = [key for key in args if len(args.getlist(key)) > 1]
+    if repeated:
+        raise ValidationFailed(f"parameter(s) given more than once: {', '.join(repeated)}",
+                               errors=[field_error(key, "given more than once") for key in repeated])
+    return validated(model, args.to_dict())
+
+
+def field_error(field: str, message: str) -> dict[str, str]:
+    """One entry of a problem document's `errors`."""
+    return {"field": field or "(body)", "message": message}

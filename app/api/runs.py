@@ -1,0 +1,78 @@
+"""Runs: list, read and cancel, whichever process or backend runs them."""
+from __future__ import annotations
+
+import base64
+import binascii
+from datetime import datetime
+from typing import Any
+
+from flask import Blueprint, Response, jsonify, url_for
+
+from app import services
+from app.api.inputs import field_error, query
+from app.errors import Conflict, NotFound, ValidationFailed
+from app.runs.models import Run
+from app.schemas import RunOut, RunQuery
+
+bp = Blueprint("runs", __name__, url_prefix="/api/v1/runs")
+
+
+def run_document(run: Run) -> dict[str, Any]:
+    """A run as the API shows it."""
+    return RunOut.from_run(run, url_for("runs.get_run", run_id=run.id)).model_dump(mode="json")
+
+
+def run_response(run: Run, status: int) -> Response:
+    """A run document with its status code and a Location header pointing at it."""
+    response = jsonify(run_document(run))
+    response.status_code = status
+    response.headers["Location"] = url_for("runs.get_run", run_id=run.id)
+    return response
+
+
+def get_run_or_404(run_id: str) -> Run:
+    """The stored run, or a 404 problem."""
+    run = services().store.get(run_id)
+    if run is None:
+        raise NotFound(f"no run '{run_id}'", code="run_not_found")
+    return run
+
+
+@bp.get("")
+def list_runs() -> dict[str, Any]:
+    """Runs newest first, filtered by connector and status, a page at a time."""
+    args = query(RunQuery)
+    runs = services().store.list(target=args.connector_id, status=args.status, limit=args.limit + 1,
+                                 before=_decode_cursor(args.cursor) if args.cursor else None)
+    page, more = runs[: args.limit], len(runs) > args.limit
+    return {"items": [run_document(run) for run in page],
+            "next_cursor": _encode_cursor(page[-1]) if more else None}
+
+
+@bp.get("/<run_id>")
+def get_run(run_id: str) -> dict[str, Any]:
+    """One run: status, backend, timings, result or error."""
+    return run_document(get_run_or_404(run_id))
+
+
+@bp.post("/<run_id>/cancel")
+def cancel_run(run_id: str) -> Response:
+    """Cancel: a queued run at once (200), a running one at its next checkpoint (202, `cancelling`)."""
+    get_run_or_404(run_id)
+    run = services().store.cancel(run_id)
+    if run.is_terminal and run.status != "cancelled":
+        raise Conflict(f"run '{run_id}' already ended as {run.status}", code="run_already_ended", run_status=run.status)
+    return run_response(run, 200 if run.is_terminal else 202)
+
+
+def _encode_cursor(run: Run) -> str:
+    return base64.urlsafe_b64encode(f"{run.created_at.isoformat()}|{run.id}".encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        created_at, run_id = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode().split("|")
+        return datetime.fromisoformat(created_at), run_id
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise ValidationFailed("cursor is not one this API issued",
+                               errors=[field_error("cursor", "not a cursor returned as next_cursor")]) from None

@@ -1,0 +1,40 @@
+"""Triggers: POST /trigger (the existing callers' contract) and POST /api/v1/connectors/<id>/runs."""
+from __future__ import annotations
+
+from flask import Blueprint, Response, request
+
+from app import services
+from app.api.inputs import field_error, json_object, validated
+from app.api.runs import run_response
+from app.errors import ValidationFailed
+from app.schemas import RunOptions, TriggerRequest
+
+bp = Blueprint("triggers", __name__)
+
+
+@bp.post("/trigger")
+def trigger() -> Response:
+    """Run a connector: 202 with the queued run at once, or 200 with the finished run when `wait` allows."""
+    body = validated(TriggerRequest, json_object())
+    return _start(body.connector_id, body)
+
+
+@bp.post("/api/v1/connectors/<connector_id>/runs")
+def create_connector_run(connector_id: str) -> Response:
+    """The same as /trigger, with the connector in the path."""
+    return _start(connector_id, validated(RunOptions, json_object()))
+
+
+def _start(connector_id: str, options: RunOptions) -> Response:
+    svc = services()
+    if options.wait > svc.settings.max_wait_seconds:
+        message = f"must be at most {svc.settings.max_wait_seconds:g} seconds"
+        raise ValidationFailed(f"wait {message}", errors=[field_error("wait", message)])
+    key = options.idempotency_key or request.headers.get("Idempotency-Key")
+    if key is not None and not 0 < len(key) <= 255:
+        raise ValidationFailed("Idempotency-Key must be 1 to 255 characters",
+                               errors=[field_error("Idempotency-Key", "must be 1 to 255 characters")])
+    run, _ = svc.dispatcher.trigger_connector(connector_id, options.params, options.backend, key)
+    if options.wait and not run.is_terminal:
+        run = svc.dispatcher.wait_for_end(run.id, options.wait)
+    return run_response(run, 200 if run.is_terminal else 202)

@@ -1,0 +1,74 @@
+"""Typed settings for the gateway, read once from the environment at start-up."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AliasChoices, Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ConfigError(RuntimeError):
+    """A setting or a configuration file is invalid; the message names what and where."""
+
+
+class Settings(BaseSettings):
+    """Everything flowgate reads from the environment, with defaults for a bare laptop."""
+
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, frozen=True)
+
+    port: int = Field(5000, ge=1, le=65535, validation_alias=AliasChoices("FLOW_SERVER_PORT", "port"),
+                      description="Port gunicorn binds to.")
+    var_dir: Path = Field(Path("var"), validation_alias=AliasChoices("FLOWGATE_VAR_DIR", "var_dir"),
+                          description="Folder for the SQLite run store, DuckDB files and dlt's working state.")
+    database_url: str | None = Field(None, validation_alias=AliasChoices("DATABASE_URL", "database_url"),
+                                     description="Run store URL; unset means a SQLite file under var_dir.")
+    connectors_file: Path = Field(Path("connectors.yaml"),
+                                  validation_alias=AliasChoices("FLOWGATE_CONNECTORS", "connectors_file"),
+                                  description="The YAML file that declares the connectors.")
+    backend: Literal["auto", "local", "prefect"] = Field(
+        "auto", validation_alias=AliasChoices("FLOWGATE_BACKEND", "backend"),
+        description="Where runs execute: Prefect when it can take them (auto), or one path forced.")
+    executor_threads: int = Field(2, ge=0, le=64,
+                                  validation_alias=AliasChoices("FLOWGATE_EXECUTOR_THREADS", "executor_threads"),
+                                  description="Pipelines one gateway process runs at once (0: this process runs none).")
+    lease_seconds: float = Field(30.0, gt=0.5, le=3600,
+                                 validation_alias=AliasChoices("FLOWGATE_LEASE_SECONDS", "lease_seconds"),
+                                 description="How long a claimed run stays owned without a heartbeat.")
+    poll_seconds: float = Field(0.5, gt=0, le=60,
+                                validation_alias=AliasChoices("FLOWGATE_POLL_SECONDS", "poll_seconds"),
+                                description="How often an idle executor looks for queued runs.")
+    max_body_bytes: int = Field(1_048_576, ge=1024,
+                                validation_alias=AliasChoices("FLOWGATE_MAX_BODY_BYTES", "max_body_bytes"),
+                                description="Largest request body accepted (413 above it).")
+    max_wait_seconds: float = Field(300.0, ge=0, le=3600,
+                                    validation_alias=AliasChoices("FLOWGATE_MAX_WAIT_SECONDS", "max_wait_seconds"),
+                                    description="Longest a trigger may block with `wait`.")
+
+    @property
+    def run_store_url(self) -> str:
+        """The SQLAlchemy URL of the run store."""
+        return self.database_url or f"sqlite:///{(self.var_dir / 'flowgate.db').resolve()}"
+
+    @property
+    def duckdb_dir(self) -> Path:
+        """Where each connector's DuckDB file lives unless its destination names a path."""
+        return (self.var_dir / "duckdb").resolve()
+
+    @property
+    def pipelines_dir(self) -> Path:
+        """dlt's working directory (pipeline state, pending load packages)."""
+        return (self.var_dir / "dlt").resolve()
+
+
+def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
+    """Read the settings from the environment (and overrides), or stop with a message naming the variable."""
+    try:
+        return Settings(**(overrides or {}))
+    except ValidationError as exc:
+        names = {name: field.validation_alias.choices[0] for name, field in Settings.model_fields.items()}
+        problems = []
+        for err in exc.errors():
+            field = str(err["loc"][0]) if err["loc"] else "?"
+            problems.append(f"{names.get(field, field)}: {err['msg']} (got {err.get('input')!r})")
+        raise ConfigError("invalid settings: " + "; ".join(problems)) from None

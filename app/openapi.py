@@ -1,0 +1,108 @@
+"""The OpenAPI 3.1 document of the HTTP API, built from the same pydantic models the views validate with."""
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Flask
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from app import __version__
+from app.schemas import (
+    ConnectorDetail, ConnectorList, Health, ProblemDetail, Readiness, RunOptions, RunOut, RunPage, RunQuery,
+    TriggerRequest,
+)
+
+_MODELS: list[type[BaseModel]] = [TriggerRequest, RunOptions, RunOut, RunPage, ConnectorList, ConnectorDetail,
+                                  Health, Readiness, ProblemDetail]
+_PROBLEMS = {"400": "Malformed JSON or a body that is not an object", "404": "Unknown resource",
+             "405": "Method not allowed", "413": "Body too large", "422": "A field is missing, mistyped or unknown"}
+
+
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def _json(model: type[BaseModel], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": _ref(model)}}}
+
+
+def _problems(*statuses: str) -> dict[str, Any]:
+    return {status: {"description": _PROBLEMS.get(status, "Problem"),
+                     "content": {"application/problem+json": {"schema": _ref(ProblemDetail)}}}
+            for status in statuses}
+
+
+def _body(model: type[BaseModel]) -> dict[str, Any]:
+    return {"required": False, "content": {"application/json": {"schema": _ref(model)}}}
+
+
+def _path_param(name: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+_IDEMPOTENCY_HEADER = {"name": "Idempotency-Key", "in": "header", "required": False,
+                       "schema": {"type": "string", "minLength": 1, "maxLength": 255}}
+
+
+def _run_started(*problems: str) -> dict[str, Any]:
+    return {"200": _json(RunOut, "The run ended within `wait`"),
+            "202": _json(RunOut, "The run is queued or running; poll status_url"),
+            **_problems("400", "404", "409", "413", "422", "503", *problems)}
+
+
+def _query_parameters(model: type[BaseModel]) -> list[dict[str, Any]]:
+    schema = model.model_json_schema()
+    return [{"name": name, "in": "query", "required": False, "schema": prop}
+            for name, prop in schema["properties"].items()]
+
+
+def build_document() -> dict[str, Any]:
+    """The whole OpenAPI document."""
+    _, schemas = models_json_schema([(m, "validation") for m in _MODELS],
+                                    ref_template="#/components/schemas/{model}")
+    paths = {
+        "/health": {"get": {"operationId": "health", "summary": "Liveness; never waits on anything",
+                            "responses": {"200": _json(Health, "The process is serving")}}},
+        "/api/v1/health/ready": {"get": {
+            "operationId": "readiness", "summary": "Database, executor and Prefect checks",
+            "responses": {"200": _json(Readiness, "Ready"), "503": _json(Readiness, "Not ready, with reasons")}}},
+        "/trigger": {"post": {
+            "operationId": "trigger", "summary": "Run a connector",
+            "parameters": [_IDEMPOTENCY_HEADER], "requestBody": {**_body(TriggerRequest), "required": True},
+            "responses": _run_started()}},
+        "/api/v1/connectors": {"get": {"operationId": "listConnectors", "summary": "Configured connectors",
+                                       "responses": {"200": _json(ConnectorList, "Connectors")}}},
+        "/api/v1/connectors/{connector_id}": {"get": {
+            "operationId": "getConnector", "summary": "A connector (secrets redacted) and its latest runs",
+            "parameters": [_path_param("connector_id")],
+            "responses": {"200": _json(ConnectorDetail, "The connector"), **_problems("404")}}},
+        "/api/v1/connectors/{connector_id}/runs": {"post": {
+            "operationId": "createConnectorRun", "summary": "Run a connector (same as /trigger)",
+            "parameters": [_path_param("connector_id"), _IDEMPOTENCY_HEADER], "requestBody": _body(RunOptions),
+            "responses": _run_started()}},
+        "/api/v1/runs": {"get": {
+            "operationId": "listRuns", "summary": "Runs, newest first", "parameters": _query_parameters(RunQuery),
+            "responses": {"200": _json(RunPage, "A page of runs"), **_problems("422")}}},
+        "/api/v1/runs/{run_id}": {"get": {
+            "operationId": "getRun", "summary": "A run", "parameters": [_path_param("run_id")],
+            "responses": {"200": _json(RunOut, "The run"), **_problems("404")}}},
+        "/api/v1/runs/{run_id}/cancel": {"post": {
+            "operationId": "cancelRun", "summary": "Cancel a queued or running run",
+            "parameters": [_path_param("run_id")],
+            "responses": {"200": _json(RunOut, "Cancelled"), "202": _json(RunOut, "Cancelling at the next checkpoint"),
+                          **_problems("404", "409")}}},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "flowgate", "version": __version__,
+                 "description": "Trigger gateway for dlt connectors; errors are application/problem+json."},
+        "paths": paths,
+        "components": {"schemas": schemas["$defs"]},
+    }
+
+
+def init_app(app: Flask) -> None:
+    """Serve the document at /openapi.json (built once per process)."""
+    document = build_document()
+    app.add_url_rule("/openapi.json", "openapi", lambda: document)

@@ -1,0 +1,98 @@
+"""Run store tables: every accepted run, and the executors that claim them."""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, DateTime, Index, Integer, String, Text, TypeDecorator, text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+QUEUED, RUNNING, CANCELLING = "queued", "running", "cancelling"
+COMPLETED, FAILED, CANCELLED, CRASHED = "completed", "failed", "cancelled", "crashed"
+ACTIVE = (RUNNING, CANCELLING)
+TERMINAL = (COMPLETED, FAILED, CANCELLED, CRASHED)
+STATUSES = (QUEUED, *ACTIVE, *TERMINAL)
+
+
+def utcnow() -> datetime:
+    """Timezone-aware now, in UTC."""
+    return datetime.now(timezone.utc)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp stored without zone (SQLite has none) and always read back as UTC-aware."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is not None:
+            value = value.astimezone(timezone.utc).replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        return value.replace(tzinfo=timezone.utc) if value is not None else None
+
+
+class Base(DeclarativeBase):
+    """Declarative base of the run store."""
+
+
+_ACTIVE_SQL = text(f"status IN ('{RUNNING}', '{CANCELLING}') AND backend = 'local'")
+
+
+class Run(Base):
+    """One accepted trigger: the truth every GET reads, whichever process or backend runs it."""
+
+    __tablename__ = "runs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16), default="connector")
+    target: Mapped[str] = mapped_column(String(200), index=True)
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    backend: Mapped[str] = mapped_column(String(16))
+    fallback_reason: Mapped[str | None] = mapped_column(Text)
+    prefect_flow_run_id: Mapped[str | None] = mapped_column(String(64))
+    prefect_state: Mapped[str | None] = mapped_column(String(32))
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    request_hash: Mapped[str | None] = mapped_column(String(64))
+    # Runs with one key (one dlt pipeline, one DuckDB file) never execute at once.
+    concurrency_key: Mapped[str] = mapped_column(String(512))
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+    __table_args__ = (
+        Index("ix_runs_created", "created_at", "id"),
+        Index("ix_runs_queue", "status", "backend", "created_at"),
+        Index("uq_runs_idempotency", "kind", "target", "idempotency_key", unique=True),
+        # The database itself refuses a second active local run under one concurrency key.
+        Index("uq_runs_one_active_per_key", "concurrency_key", unique=True,
+              sqlite_where=_ACTIVE_SQL, postgresql_where=_ACTIVE_SQL),
+    )
+
+    @property
+    def is_terminal(self) -> bool:
+        """True once the run has ended, whatever the outcome."""
+        return self.status in TERMINAL
+
+
+class Executor(Base):
+    """A local executor (one per gateway process) and its last heartbeat: the shared view of capacity."""
+
+    __tablename__ = "executors"
+
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    hostname: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    slots: Mapped[int] = mapped_column(Integer)
+    busy: Mapped[int] = mapped_column(Integer, default=0)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

@@ -1,0 +1,313 @@
+"""RunStore: runs in SQLite or PostgreSQL, with atomic claims and leases so any process can run any run."""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy import Engine, create_engine, delete, event, func, select, text, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session
+
+from app.runs.models import (
+    ACTIVE, CANCELLED, CANCELLING, CRASHED, QUEUED, RUNNING, Base, Executor, Run, utcnow,
+)
+
+T = TypeVar("T")
+_CLAIM_LOCK_ID = 0x666C6F77  # PostgreSQL advisory lock that serialises claims ("flow")
+
+
+class IdempotencyConflict(Exception):
+    """An Idempotency-Key was used before with a different request."""
+
+    def __init__(self, run: Run):
+        super().__init__(f"idempotency key already used by run {run.id} with a different request")
+        self.run = run
+
+
+@dataclass(frozen=True)
+class NewRun:
+    """What a trigger asks for, validated, before it becomes a row."""
+
+    kind: str
+    target: str
+    params: dict[str, Any]
+    backend: str
+    concurrency_key: str
+    fallback_reason: str | None = None
+    idempotency_key: str | None = None
+
+    @property
+    def request_hash(self) -> str:
+        """A fingerprint of the request, to tell a retry from a different call under the same key."""
+        body = json.dumps([self.kind, self.target, self.params], sort_keys=True, default=str)
+        return hashlib.sha256(body.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """The executors alive right now, across every process that shares the store."""
+
+    executors: int
+    slots: int
+    busy: int
+
+
+class RunStore:
+    """Reads and writes runs; every state change is one short transaction."""
+
+    def __init__(self, url: str, busy_timeout_ms: int = 15_000):
+        self.url = make_url(url)
+        self.is_sqlite = self.url.get_backend_name() == "sqlite"
+        self.engine = self._make_engine(busy_timeout_ms)
+        # Writes on SQLite take the write lock up front (BEGIN IMMEDIATE), so two processes never
+        # deadlock upgrading read locks, and wait on busy_timeout instead of failing.
+        self._writer = self.engine.execution_options(flowgate_write=True)
+
+    def _make_engine(self, busy_timeout_ms: int) -> Engine:
+        if not self.is_sqlite:
+            return create_engine(self.url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+        database = self.url.database
+        if database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(self.url, pool_size=10, max_overflow=20,
+                               connect_args={"timeout": busy_timeout_ms / 1000, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+            dbapi_connection.isolation_level = None  # let the "begin" hook below issue BEGIN
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(connection: Any) -> None:
+            write = connection.get_execution_options().get("flowgate_write")
+            connection.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+        return engine
+
+    def create_schema(self) -> None:
+        """Create the tables if they are missing (safe to call from every process at once)."""
+        self._retry(lambda: Base.metadata.create_all(self._writer))
+
+    def dispose(self) -> None:
+        """Close pooled connections (after a fork, or at exit)."""
+        self.engine.dispose()
+
+    @contextmanager
+    def _session(self, write: bool = False) -> Iterator[Session]:
+        with Session(self._writer if write else self.engine, expire_on_commit=False) as session:
+            with session.begin():
+                yield session
+
+    def _retry(self, fn: Callable[[], T], attempts: int = 5) -> T:
+        # busy_timeout covers nearly every wait; this covers what SQLite still reports as locked.
+        for attempt in range(attempts):
+            try:
+                return fn()
+            except OperationalError as exc:
+                if "locked" not in str(exc).lower() or attempt == attempts - 1:
+                    raise
+                time.sleep(0.05 * 2 ** attempt)
+        raise AssertionError("unreachable")
+
+    def ping(self) -> float:
+        """Round-trip one query; returns the latency in milliseconds (raises when the database is down)."""
+        started = time.perf_counter()
+        with self.engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+        return (time.perf_counter() - started) * 1000
+
+    # --- runs -------------------------------------------------------------------------------
+
+    def create_run(self, new: NewRun) -> tuple[Run, bool]:
+        """Insert a queued run; with an idempotency key already used, return that run instead (created=False)."""
+
+        def attempt() -> tuple[Run, bool]:
+            with self._session(write=True) as session:
+                if new.idempotency_key:
+                    existing = self._by_idempotency_key(session, new)
+                    if existing is not None:
+                        return existing, False
+                run = Run(id=uuid.uuid4().hex, kind=new.kind, target=new.target, params=new.params,
+                          status=QUEUED, backend=new.backend, fallback_reason=new.fallback_reason,
+                          idempotency_key=new.idempotency_key, request_hash=new.request_hash,
+                          concurrency_key=new.concurrency_key, created_at=utcnow())
+                session.add(run)
+            return run, True
+
+        try:
+            run, created = self._retry(attempt)
+        except IntegrityError:
+            # Another process inserted the same key between our check and our insert.
+            with self._session() as session:
+                run, created = self._by_idempotency_key(session, new), False
+        if not created and run.request_hash != new.request_hash:
+            raise IdempotencyConflict(run)
+        return run, created
+
+    @staticmethod
+    def _by_idempotency_key(session: Session, new: NewRun) -> Run | None:
+        return session.scalars(select(Run).where(
+            Run.kind == new.kind, Run.target == new.target, Run.idempotency_key == new.idempotency_key)).first()
+
+    def get(self, run_id: str) -> Run | None:
+        """The run with this id, or None."""
+        with self._session() as session:
+            return session.get(Run, run_id)
+
+    def list(self, target: str | None = None, status: str | None = None, limit: int = 50,
+             before: tuple[datetime, str] | None = None) -> list[Run]:
+        """Runs newest first; `before` is the (created_at, id) of the last run of the previous page."""
+        query = select(Run).order_by(Run.created_at.desc(), Run.id.desc()).limit(limit)
+        if target:
+            query = query.where(Run.target == target)
+        if status:
+            query = query.where(Run.status == status)
+        if before:
+            created_at, run_id = before
+            query = query.where((Run.created_at < created_at) | ((Run.created_at == created_at) & (Run.id < run_id)))
+        with self._session() as session:
+            return list(session.scalars(query))
+
+    def count_by_status(self) -> dict[str, int]:
+        """How many local runs are in each status."""
+        with self._session() as session:
+            rows = session.execute(select(Run.status, func.count()).where(Run.backend == "local").group_by(Run.status))
+            return {status: count for status, count in rows}
+
+    def claim_next(self, owner: str, lease_seconds: float) -> Run | None:
+        """Atomically take the oldest queued local run whose concurrency key is free; None when there is none."""
+
+        def attempt() -> Run | None:
+            with self._session(write=True) as session:
+                if not self.is_sqlite:
+                    session.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _CLAIM_LOCK_ID})
+                busy_keys = select(Run.concurrency_key).where(Run.status.in_(ACTIVE), Run.backend == "local")
+                run = session.scalars(
+                    select(Run)
+                    .where(Run.status == QUEUED, Run.backend == "local", Run.concurrency_key.not_in(busy_keys))
+                    .order_by(Run.created_at, Run.id)
+                    .limit(1)
+                ).first()
+                if run is None:
+                    return None
+                now = utcnow()
+                run.status, run.lease_owner = RUNNING, owner
+                run.lease_expires_at = now + timedelta(seconds=lease_seconds)
+                run.started_at, run.attempts = now, run.attempts + 1
+            return run
+
+        return self._retry(attempt)
+
+    def renew_leases(self, owner: str, run_ids: list[str], lease_seconds: float) -> set[str]:
+        """Extend the leases `owner` holds; return the ids among them whose cancellation was requested."""
+        if not run_ids:
+            return set()
+
+        def attempt() -> set[str]:
+            with self._session(write=True) as session:
+                session.execute(update(Run).where(Run.id.in_(run_ids), Run.lease_owner == owner,
+                                                  Run.status.in_(ACTIVE))
+                                .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds)))
+                return set(session.scalars(select(Run.id).where(Run.id.in_(run_ids), Run.cancel_requested)))
+
+        return self._retry(attempt)
+
+    def finish(self, run_id: str, owner: str, status: str, result: dict[str, Any] | None = None,
+               error: dict[str, Any] | None = None) -> bool:
+        """Record how a run ended; only while `owner` still holds it (a recovered run stays recovered)."""
+
+        def attempt() -> bool:
+            with self._session(write=True) as session:
+                changed = session.execute(
+                    update(Run).where(Run.id == run_id, Run.lease_owner == owner, Run.status.in_(ACTIVE))
+                    .values(status=status, result=result, error=error, finished_at=utcnow(),
+                            lease_expires_at=None)).rowcount
+            return changed == 1
+
+        return self._retry(attempt)
+
+    def cancel(self, run_id: str) -> Run | None:
+        """Cancel a queued run at once; ask a running one to stop (status `cancelling`). None if unknown."""
+
+        def attempt() -> Run | None:
+            with self._session(write=True) as session:
+                run = session.get(Run, run_id)
+                if run is None or run.is_terminal:
+                    return run
+                run.cancel_requested = True
+                if run.status == QUEUED:
+                    run.status, run.finished_at = CANCELLED, utcnow()
+                    run.error = {"code": "cancelled", "message": "cancelled before it started"}
+                elif run.status == RUNNING:
+                    run.status = CANCELLING
+            return run
+
+        return self._retry(attempt)
+
+    def recover_expired(self) -> list[str]:
+        """Mark local runs whose lease lapsed (their process died) `crashed`; return their ids."""
+
+        def attempt() -> list[str]:
+            now = utcnow()
+            with self._session(write=True) as session:
+                expired = list(session.scalars(select(Run).where(
+                    Run.status.in_(ACTIVE), Run.backend == "local", Run.lease_expires_at < now)))
+                for run in expired:
+                    run.error = {"code": "lease_expired",
+                                 "message": f"executor {run.lease_owner} stopped renewing its lease; "
+                                            "the process running this run died"}
+                    run.status, run.finished_at, run.lease_expires_at = CRASHED, now, None
+                return [run.id for run in expired]
+
+        return self._retry(attempt)
+
+    # --- executors --------------------------------------------------------------------------
+
+    def heartbeat(self, executor_id: str, hostname: str, pid: int, slots: int, busy: int) -> None:
+        """Record that an executor is alive, with its slots and how many are busy."""
+
+        def attempt() -> None:
+            with self._session(write=True) as session:
+                row = session.get(Executor, executor_id)
+                if row is None:
+                    session.add(Executor(id=executor_id, hostname=hostname, pid=pid, slots=slots, busy=busy,
+                                         started_at=utcnow(), heartbeat_at=utcnow()))
+                else:
+                    row.busy, row.slots, row.heartbeat_at = busy, slots, utcnow()
+
+        self._retry(attempt)
+
+    def remove_executor(self, executor_id: str) -> None:
+        """Forget an executor that stopped."""
+        self._retry(lambda: self._delete_executors(Executor.id == executor_id))
+
+    def capacity(self, stale_after_seconds: float) -> Capacity:
+        """Executors with a heartbeat newer than `stale_after_seconds`, and their slots."""
+        since = utcnow() - timedelta(seconds=stale_after_seconds)
+        with self._session() as session:
+            executors, slots, busy = session.execute(
+                select(func.count(), func.coalesce(func.sum(Executor.slots), 0),
+                       func.coalesce(func.sum(Executor.busy), 0)).where(Executor.heartbeat_at >= since)).one()
+        return Capacity(executors=executors, slots=slots, busy=busy)
+
+    def forget_stale_executors(self, stale_after_seconds: float) -> None:
+        """Drop executors that stopped heartbeating long ago."""
+        since = utcnow() - timedelta(seconds=stale_after_seconds)
+        self._retry(lambda: self._delete_executors(Executor.heartbeat_at < since))
+
+    def _delete_executors(self, condition: Any) -> None:
+        with self._session(write=True) as session:
+            session.execute(delete(Executor).where(condition))

@@ -1,0 +1,134 @@
+"""Request and response shapes of the HTTP API; the views validate with them and the OpenAPI document shows them."""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.runs.models import STATUSES, Run
+
+RunStatus = Literal[STATUSES]  # type: ignore[valid-type]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RunOptions(_Request):
+    """How to run: parameters, whether to wait, which backend, and a key that makes retries safe."""
+
+    params: dict[str, Any] = Field(default_factory=dict,
+                                   description="Overrides of the fields the connector declares overridable.")
+    wait: float = Field(0, ge=0, description="Seconds to block for the run to end (0: answer 202 at once).")
+    backend: Literal["auto", "local", "prefect"] | None = Field(
+        None, description="Force a path; default is the gateway's FLOWGATE_BACKEND.")
+    idempotency_key: str | None = Field(None, min_length=1, max_length=255,
+                                        description="Same key, same run (also read from the Idempotency-Key header).")
+
+
+class TriggerRequest(RunOptions):
+    """Body of POST /trigger, the contract the existing callers use."""
+
+    connector_id: str = Field(min_length=1, max_length=200, description="Id of a connector in connectors.yaml.")
+
+
+class RunQuery(_Request):
+    """Query parameters of GET /api/v1/runs."""
+
+    connector_id: str | None = Field(None, min_length=1, max_length=200)
+    status: RunStatus | None = None
+    limit: int = Field(50, ge=1, le=200)
+    cursor: str | None = Field(None, description="next_cursor from the previous page.")
+
+
+class RunOut(BaseModel):
+    """A run as callers see it."""
+
+    run_id: str
+    kind: str
+    connector_id: str | None
+    status: RunStatus
+    backend: str
+    params: dict[str, Any]
+    fallback_reason: str | None
+    prefect_flow_run_id: str | None
+    prefect_state: str | None
+    attempts: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    result: dict[str, Any] | None = Field(description="The load summary once completed: rows per table, "
+                                                      "load ids, destination, dataset, duration.")
+    error: dict[str, Any] | None
+    status_url: str
+
+    @classmethod
+    def from_run(cls, run: Run, status_url: str) -> RunOut:
+        """Build from a stored run."""
+        return cls(run_id=run.id, kind=run.kind, connector_id=run.target if run.kind == "connector" else None,
+                   status=run.status, backend=run.backend, params=run.params or {},
+                   fallback_reason=run.fallback_reason, prefect_flow_run_id=run.prefect_flow_run_id,
+                   prefect_state=run.prefect_state, attempts=run.attempts, created_at=run.created_at,
+                   started_at=run.started_at, finished_at=run.finished_at, result=run.result, error=run.error,
+                   status_url=status_url)
+
+
+class RunPage(BaseModel):
+    """A page of runs, newest first."""
+
+    items: list[RunOut]
+    next_cursor: str | None
+
+
+class ConnectorOut(BaseModel):
+    """A connector in the list."""
+
+    id: str
+    description: str
+    source_kind: str
+    destination_kind: str
+    dataset: str
+    write_disposition: str
+    overridable: list[str]
+
+
+class ConnectorDetail(BaseModel):
+    """A connector with its (redacted) spec and latest runs."""
+
+    id: str
+    description: str
+    spec: dict[str, Any] = Field(description="The connector as declared, secrets replaced by ***.")
+    overridable: list[str]
+    latest_runs: list[RunOut]
+
+
+class ConnectorList(BaseModel):
+    items: list[ConnectorOut]
+
+
+class Health(BaseModel):
+    """Liveness: the process answers."""
+
+    status: Literal["healthy"]
+    service: str
+    version: str
+
+
+class Readiness(BaseModel):
+    """Readiness: can the gateway accept and run work, and if not, why."""
+
+    status: Literal["ready", "not_ready"]
+    checks: dict[str, dict[str, Any]]
+
+
+class ProblemDetail(BaseModel):
+    """RFC 9457 problem document; `code` is stable, `errors` names each bad field."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    code: str
+    instance: str | None = None
+    errors: list[dict[str, Any]] | None = None

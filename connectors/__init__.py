@@ -1,0 +1,1 @@
+"""Connectors: dlt pipelines declared in YAML, run by plain functions that know nothing of who runs them."""

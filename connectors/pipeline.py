@@ -1,0 +1,199 @@
+"""run_connector: one connector run as a dlt pipeline, the same code on every execution path."""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from connectors.spec import ConnectorSpec, FilesystemSource, PythonSource, SqlDatabaseSource
+
+
+class ConnectorRunError(RuntimeError):
+    """A connector run failed in `step`; `terminal` says whether running it again can help."""
+
+    def __init__(self, connector_id: str, step: str, message: str, terminal: bool = False):
+        super().__init__(f"connector '{connector_id}' failed in {step}: {message}")
+        self.connector_id = connector_id
+        self.step = step
+        self.message = message
+        self.terminal = terminal
+
+
+class RunCancelled(RuntimeError):
+    """The run was cancelled; it stopped at the checkpoint after `step`."""
+
+    def __init__(self, step: str):
+        super().__init__(f"cancelled after {step}")
+        self.step = step
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """Where pipelines keep their working state and, by default, their DuckDB files."""
+
+    pipelines_dir: Path
+    duckdb_dir: Path
+
+
+@dataclass(frozen=True)
+class LoadSummary:
+    """What a finished connector run did: rows per table, load ids, where the data went, how long it took."""
+
+    connector_id: str
+    pipeline_name: str
+    destination: str
+    dataset: str
+    location: str | None
+    rows: dict[str, int] = field(default_factory=dict)
+    load_ids: list[str] = field(default_factory=list)
+    duration_seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return asdict(self)
+
+
+def duckdb_path(spec: ConnectorSpec, workspace: Workspace) -> Path | None:
+    """The DuckDB file a connector writes, or None when its destination is not DuckDB."""
+    if spec.destination.kind != "duckdb":
+        return None
+    if spec.destination.path:
+        return Path(spec.destination.path).resolve()
+    return workspace.duckdb_dir / f"{spec.id}.duckdb"
+
+
+def concurrency_key(spec: ConnectorSpec, workspace: Workspace) -> str:
+    """Runs with the same key never execute at once: one dlt pipeline, or one DuckDB file, at a time."""
+    path = duckdb_path(spec, workspace)
+    return f"duckdb:{path}" if path else f"connector:{spec.id}"
+
+
+def run_connector(
+    spec: ConnectorSpec,
+    workspace: Workspace,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> LoadSummary:
+    """Extract, normalize and load one connector; check `should_stop` between the steps."""
+    _configure_dlt()
+    import dlt
+
+    started = time.monotonic()
+    pipeline = dlt.pipeline(
+        pipeline_name=spec.pipeline_name,
+        pipelines_dir=str(workspace.pipelines_dir),
+        destination=_destination(spec, workspace),
+        dataset_name=spec.dataset,
+    )
+    rows: dict[str, int] = {}
+    load_ids: list[str] = []
+
+    step = "recover"
+    try:
+        # A run killed mid-way leaves load packages behind; finish them first, as dlt's own run() does.
+        if pipeline.has_pending_data:
+            _normalize_and_load(pipeline, rows, load_ids)
+        step = "extract"
+        source = _build_source(spec)
+        pipeline.extract(source, write_disposition=spec.write_disposition, primary_key=spec.primary_key)
+        _checkpoint(should_stop, step)
+        step = "normalize"
+        pipeline.normalize(workers=1)  # in-process: forking inside a threaded gunicorn worker is unsafe
+        _checkpoint(should_stop, step)
+        step = "load"
+        info = pipeline.load()
+        load_ids.extend(info.loads_ids)
+        _add_rows(rows, pipeline)
+    except RunCancelled:
+        raise
+    except ConnectorRunError:
+        raise
+    except Exception as exc:  # dlt wraps failures in PipelineStepFailed; keep the step and the cause
+        cause = getattr(exc, "exception", None) or exc
+        step = getattr(exc, "step", step)
+        raise ConnectorRunError(spec.id, step, f"{type(cause).__name__}: {cause}") from exc
+
+    path = duckdb_path(spec, workspace)
+    return LoadSummary(
+        connector_id=spec.id,
+        pipeline_name=spec.pipeline_name,
+        destination=spec.destination.kind,
+        dataset=spec.dataset,
+        location=str(path) if path else None,
+        rows=rows,
+        load_ids=load_ids,
+        duration_seconds=round(time.monotonic() - started, 3),
+    )
+
+
+@functools.cache
+def _configure_dlt() -> None:
+    # No network here or in most data centres' job runners: dlt must not try to send telemetry.
+    os.environ.setdefault("RUNTIME__DLTHUB_TELEMETRY", "false")
+
+
+def _normalize_and_load(pipeline: Any, rows: dict[str, int], load_ids: list[str]) -> None:
+    pipeline.normalize(workers=1)
+    info = pipeline.load()
+    load_ids.extend(info.loads_ids)
+    _add_rows(rows, pipeline)
+
+
+def _add_rows(rows: dict[str, int], pipeline: Any) -> None:
+    normalize_info = pipeline.last_trace.last_normalize_info if pipeline.last_trace else None
+    for table, count in (normalize_info.row_counts if normalize_info else {}).items():
+        if not table.startswith("_dlt"):
+            rows[table] = rows.get(table, 0) + count
+
+
+def _checkpoint(should_stop: Callable[[], bool], step: str) -> None:
+    if should_stop():
+        raise RunCancelled(step)
+
+
+def _destination(spec: ConnectorSpec, workspace: Workspace) -> Any:
+    import dlt
+    from dlt.common.destination import Destination
+
+    path = duckdb_path(spec, workspace)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return dlt.destinations.duckdb(credentials=str(path))
+    options = spec.destination.model_dump(exclude={"kind", "path"}, exclude_none=True)
+    return Destination.from_reference(spec.destination.kind, **options)
+
+
+def _build_source(spec: ConnectorSpec) -> Any:
+    source = spec.source
+    if isinstance(source, SqlDatabaseSource):
+        from dlt.sources.sql_database import sql_database
+
+        return sql_database(
+            credentials=source.url,
+            schema=source.db_schema,
+            table_names=source.tables,
+            backend=source.backend,
+            chunk_size=source.chunk_size,
+        )
+    if isinstance(source, FilesystemSource):
+        from dlt.sources.filesystem import filesystem, read_csv_duckdb, read_jsonl
+
+        files = filesystem(bucket_url=source.bucket_url, file_glob=source.file_glob)
+        reader = read_csv_duckdb(use_pyarrow=True) if source.file_format == "csv" else read_jsonl()
+        return (files | reader).with_name(source.table or spec.id)
+    if isinstance(source, PythonSource):
+        return load_factory(source.ref, spec.id)(**source.args)
+    raise ConnectorRunError(spec.id, "extract", f"unsupported source kind {source.kind!r}", terminal=True)
+
+
+def load_factory(ref: str, connector_id: str) -> Callable[..., Any]:
+    """Import `package.module:function`; a missing module or attribute is a terminal error."""
+    module_name, _, attribute = ref.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as exc:
+        raise ConnectorRunError(connector_id, "extract", f"cannot import {ref}: {exc}", terminal=True) from None

@@ -1,0 +1,101 @@
+"""The connector registry: connectors.yaml read, substituted and validated once at start-up."""
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from connectors.pipeline import ConnectorRunError, load_factory
+from connectors.spec import ConnectorSpec, PythonSource, resolve_relative
+
+_ENV_REF = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::(?P<default>[^}]*))?\}")
+
+
+class RegistryError(ValueError):
+    """connectors.yaml cannot be used; the message names the file, the connector and the field."""
+
+
+def substitute_env(value: Any, where: str, environ: Mapping[str, str]) -> Any:
+    """Replace `${VAR}` and `${VAR:default}` in every string inside `value`."""
+    if isinstance(value, dict):
+        return {k: substitute_env(v, f"{where}.{k}", environ) for k, v in value.items()}
+    if isinstance(value, list):
+        return [substitute_env(v, f"{where}[{i}]", environ) for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def replace(match: re.Match[str]) -> str:
+        name, default = match["name"], match["default"]
+        if name in environ:
+            return environ[name]
+        if default is None:
+            raise RegistryError(f"{where}: environment variable {name} is not set and has no default")
+        return default
+
+    return _ENV_REF.sub(replace, value)
+
+
+class ConnectorRegistry:
+    """The connectors a gateway knows, by id."""
+
+    def __init__(self, connectors: dict[str, ConnectorSpec], path: Path | None = None):
+        self._connectors = connectors
+        self.path = path
+
+    @classmethod
+    def load(cls, path: Path, environ: Mapping[str, str] | None = None) -> ConnectorRegistry:
+        """Read and validate `path`; raise RegistryError naming file, connector and field on any problem."""
+        environ = os.environ if environ is None else environ
+        try:
+            document = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise RegistryError(f"{path}: file not found (set FLOWGATE_CONNECTORS)") from None
+        except yaml.YAMLError as exc:
+            raise RegistryError(f"{path}: not valid YAML: {exc}") from None
+        if document is None:
+            document = {"connectors": {}}
+        if not isinstance(document, dict) or not isinstance(document.get("connectors", {}), dict):
+            raise RegistryError(f"{path}: expected a mapping with a 'connectors' mapping at the top")
+        unknown = set(document) - {"connectors"}
+        if unknown:
+            raise RegistryError(f"{path}: unknown top-level key(s): {', '.join(sorted(unknown))}")
+
+        connectors: dict[str, ConnectorSpec] = {}
+        for connector_id, body in (document.get("connectors") or {}).items():
+            where = f"{path}: connector '{connector_id}'"
+            if not isinstance(body, dict):
+                raise RegistryError(f"{where}: expected a mapping, got {type(body).__name__}")
+            data = substitute_env(body, where, environ)
+            data = resolve_relative({**data, "id": str(connector_id)}, path.parent.resolve())
+            try:
+                spec = ConnectorSpec.model_validate(data)
+            except ValidationError as exc:
+                raise RegistryError(f"{where}: " + "; ".join(_describe(e) for e in exc.errors())) from None
+            if isinstance(spec.source, PythonSource):
+                try:
+                    load_factory(spec.source.ref, spec.id)
+                except ConnectorRunError as exc:
+                    raise RegistryError(f"{where}: field 'source.ref': {exc.message}") from None
+            connectors[spec.id] = spec
+        return cls(connectors, path)
+
+    def get(self, connector_id: str) -> ConnectorSpec | None:
+        """The connector with this id, or None."""
+        return self._connectors.get(connector_id)
+
+    def __iter__(self) -> Iterator[ConnectorSpec]:
+        return iter(self._connectors.values())
+
+    def __len__(self) -> int:
+        return len(self._connectors)
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    # Drop pydantic's union-branch names (e.g. "source.sql_database.url" -> "source.url").
+    loc = [str(p) for p in error["loc"] if p not in ("sql_database", "filesystem", "python")]
+    return f"field '{'.'.join(loc) or '(root)'}': {error['msg']}"

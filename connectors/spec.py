@@ -1,0 +1,182 @@
+"""Connector specifications: what a connector in connectors.yaml may say, validated by pydantic."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+_SECRET_KEY = re.compile(r"pass(word)?|secret|token|api_?key|credential|private", re.IGNORECASE)
+_URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.\-]*://[^:/@\s]*:)(?P<password>[^@\s]+)(?P<tail>@)", re.IGNORECASE)
+REDACTED = "***"
+
+
+class ParamsError(ValueError):
+    """A trigger's params ask for something the connector does not allow; `field` names it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SqlDatabaseSource(_Strict):
+    """Tables from any database SQLAlchemy can reach, read with dlt's sql_database source."""
+
+    kind: Literal["sql_database"]
+    url: str = Field(description="SQLAlchemy URL; a relative SQLite path is relative to connectors.yaml.")
+    tables: list[str] | None = Field(None, min_length=1, description="Tables to load; all when omitted.")
+    db_schema: str | None = Field(None, alias="schema", description="Database schema to read from.")
+    backend: Literal["pyarrow", "sqlalchemy", "pandas", "connectorx"] = Field(
+        "pyarrow", description="dlt's extraction backend; pyarrow is ~20x faster than dlt's default.")
+    chunk_size: int = Field(50_000, ge=1, le=10_000_000, description="Rows per batch read from the database.")
+
+    overridable: ClassVar[tuple[str, ...]] = ("tables",)
+
+
+class FilesystemSource(_Strict):
+    """CSV or JSONL files from a folder (or any fsspec URL dlt understands)."""
+
+    kind: Literal["filesystem"]
+    bucket_url: str = Field(description="Folder or URL; a relative path is relative to connectors.yaml.")
+    file_glob: str = Field("*.csv", description="Which files under bucket_url to read.")
+    format: Literal["csv", "jsonl"] | None = Field(None, description="File format; taken from file_glob when omitted.")
+    table: str | None = Field(None, description="Destination table; the connector id when omitted.")
+
+    overridable: ClassVar[tuple[str, ...]] = ("file_glob",)
+
+    @property
+    def file_format(self) -> str:
+        """The format to read, explicit or from the glob's extension."""
+        if self.format:
+            return self.format
+        return "jsonl" if self.file_glob.endswith((".jsonl", ".ndjson")) else "csv"
+
+
+class PythonSource(_Strict):
+    """A dlt source or resource factory named by a dotted path, called with `args`."""
+
+    kind: Literal["python"]
+    ref: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", description="`package.module:function`.")
+    args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the function.")
+
+    @property
+    def overridable(self) -> tuple[str, ...]:
+        """A trigger may override any argument the connector declares."""
+        return tuple(self.args)
+
+
+SourceSpec = Annotated[Union[SqlDatabaseSource, FilesystemSource, PythonSource], Field(discriminator="kind")]
+
+
+class DestinationSpec(BaseModel):
+    """Where data lands: a DuckDB file of the connector's own by default, or any dlt destination by name."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    kind: str = Field("duckdb", min_length=1, description="A dlt destination name: duckdb, postgres, filesystem, ...")
+    path: str | None = Field(None, description="DuckDB only: the database file; var/duckdb/<connector>.duckdb when omitted.")
+    credentials: str | dict[str, Any] | None = Field(None, description="Passed to the dlt destination.")
+
+
+class ConnectorSpec(_Strict):
+    """One connector: a source, a destination and how to write."""
+
+    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,99}$")
+    description: str = ""
+    source: SourceSpec
+    destination: DestinationSpec = DestinationSpec()
+    dataset: str = Field("raw", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    write_disposition: Literal["append", "replace", "merge"] = "append"
+    primary_key: str | list[str] | None = Field(None, description="Required by merge unless the source declares one.")
+
+    @field_validator("primary_key")
+    @classmethod
+    def _non_empty_key(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if value is not None and not value:
+            raise ValueError("must not be empty")
+        return value
+
+    @property
+    def pipeline_name(self) -> str:
+        """dlt pipeline name; one per connector, so two connectors never share dlt's working state."""
+        return f"flowgate_{self.id}"
+
+    def with_params(self, params: dict[str, Any]) -> ConnectorSpec:
+        """This spec with a trigger's params applied; only the source's overridable fields may change."""
+        if not params:
+            return self
+        allowed = self.source.overridable
+        for key in params:
+            if key not in allowed:
+                hint = f"overridable: {', '.join(allowed)}" if allowed else "this connector takes no params"
+                raise ParamsError(f"params.{key}", f"'{key}' cannot be overridden ({hint})")
+        if isinstance(self.source, PythonSource):
+            for key, value in params.items():
+                _check_same_type(key, self.source.args[key], value)
+            source_update = {"args": {**self.source.args, **params}}
+        else:
+            source_update = params
+        data = self.source.model_dump(by_alias=True) | source_update
+        try:
+            source = type(self.source).model_validate(data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            loc = ".".join(str(p) for p in first["loc"] if p != "args")
+            raise ParamsError(f"params.{loc}" if loc else "params", first["msg"]) from None
+        return self.model_copy(update={"source": source})
+
+    def public_dict(self) -> dict[str, Any]:
+        """The spec as callers may see it: secrets and URL passwords replaced by ***."""
+        return redact(self.model_dump(mode="json", by_alias=True, exclude_none=True))
+
+
+def _check_same_type(key: str, declared: Any, value: Any) -> None:
+    # A python source's args have no schema; the declared value's JSON type is the contract.
+    if declared is None or value is None:
+        return
+    numbers = (int, float)
+    same = (isinstance(declared, bool) == isinstance(value, bool)) and (
+        isinstance(value, type(declared))
+        or (isinstance(declared, numbers) and isinstance(value, numbers) and not isinstance(value, bool)))
+    if not same:
+        raise ParamsError(f"params.{key}", f"expected {type(declared).__name__} like the connector's "
+                                           f"declared value, got {type(value).__name__}")
+
+
+def redact(value: Any, key: str = "") -> Any:
+    """Replace secret-looking values (by key name, or a password inside a URL) with ***."""
+    if isinstance(value, dict):
+        return {k: redact(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v, key) for v in value]
+    if isinstance(value, str):
+        if _SECRET_KEY.search(key):
+            return REDACTED
+        return _URL_PASSWORD.sub(lambda m: m["head"] + REDACTED + m["tail"], value)
+    return value
+
+
+def resolve_relative(spec_data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Make a source's relative SQLite path or folder relative to `base` (the YAML file's folder)."""
+    source = dict(spec_data.get("source") or {})
+    url = source.get("url")
+    if isinstance(url, str) and url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+        rel = url[len("sqlite:///"):]
+        if rel and rel != ":memory:":
+            source["url"] = f"sqlite:///{(base / rel).resolve()}"
+    bucket = source.get("bucket_url")
+    if isinstance(bucket, str) and "://" not in bucket and not Path(bucket).is_absolute():
+        source["bucket_url"] = str((base / bucket).resolve())
+    destination = spec_data.get("destination")
+    if isinstance(destination, dict) and isinstance(destination.get("path"), str):
+        path = Path(destination["path"])
+        if not path.is_absolute():
+            destination = {**destination, "path": str((base / path).resolve())}
+        spec_data = {**spec_data, "destination": destination}
+    return {**spec_data, "source": source} if source else spec_data

@@ -1,0 +1,59 @@
+"""gunicorn settings for flowgate. GUNICORN_CMD_ARGS and the command line still override every value here."""
+import multiprocessing
+import os
+import signal
+import time
+
+# --- server socket ---------------------------------------------------------------------------
+# With no API keys configured the gateway stays on loopback unless told otherwise (FLOWGATE_BIND).
+bind = os.environ.get("FLOWGATE_BIND", f"127.0.0.1:{os.environ.get('FLOW_SERVER_PORT', '5000')}")
+backlog = 2048
+
+# --- workers ---------------------------------------------------------------------------------
+# Threads serve requests (a `wait` trigger holds one); pipelines run on the executor's own threads.
+workers = int(os.environ.get("WEB_CONCURRENCY", min(multiprocessing.cpu_count() * 2 + 1, 8)))
+worker_class = "gthread"
+threads = int(os.environ.get("GUNICORN_THREADS", 8))
+timeout = int(os.environ.get("GUNICORN_TIMEOUT", 60))
+graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", 30))
+keepalive = 5
+# The app (database engine, executor threads) is built in each worker after the fork, never in the master.
+preload_app = False
+
+# --- logging ---------------------------------------------------------------------------------
+accesslog = "-"
+errorlog = "-"
+loglevel = os.environ.get("GUNICORN_LOG_LEVEL", "info")
+
+
+# --- hooks -----------------------------------------------------------------------------------
+def _executor(worker):
+    return worker.wsgi.extensions["flowgate"].executor
+
+
+def post_worker_init(worker):
+    """Start this worker's executor; on SIGTERM stop claiming at once, before gunicorn drains requests."""
+    executor = _executor(worker)
+    executor.start()
+    gunicorn_term = signal.getsignal(signal.SIGTERM)
+
+    def on_term(signum, frame):
+        executor.stop_claiming()
+        gunicorn_term(signum, frame)
+
+    signal.signal(signal.SIGTERM, on_term)
+    worker.flowgate_started = time.monotonic()
+    worker.log.info("flowgate executor %s started (%d slots)", executor.id, executor.slots)
+
+
+def worker_exit(server, worker):
+    """Let running pipelines finish within the graceful timeout; record the ones that cannot."""
+    app = getattr(worker, "wsgi", None)
+    if app is None or not hasattr(worker, "flowgate_started"):
+        return
+    executor = _executor(worker)
+    # gunicorn kills the worker graceful_timeout after SIGTERM; keep a second to write the records.
+    unfinished = executor.shutdown(timeout=max(server.cfg.graceful_timeout - 1, 0))
+    if unfinished:
+        server.log.warning("worker %s left %d run(s) unfinished, recorded as crashed: %s",
+                           worker.pid, len(unfinished), ", ".join(unfinished))
