@@ -1,0 +1,118 @@
+"""Shared fixtures: each test gets its own var/ folder, demo data and connectors.yaml in a temp dir."""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from app import create_app
+from app.runs.store import RunStore
+from connectors.demo import build_shop_db
+
+POSTGRES_URL = os.environ.get("FLOWGATE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+CONNECTORS_YAML = """
+connectors:
+  shop:
+    description: Orders and customers from the test shop
+    source: {kind: sql_database, url: "sqlite:///shop.db", tables: [orders, customers]}
+    dataset: shop_raw
+    write_disposition: replace
+  products:
+    source: {kind: filesystem, bucket_url: files, file_glob: "*.csv", table: products}
+    dataset: catalogue
+    write_disposition: replace
+  events:
+    source: {kind: filesystem, bucket_url: files, file_glob: "*.jsonl"}
+    dataset: raw
+  numbers:
+    source: {kind: python, ref: "connectors.demo:numbers", args: {n: 10, delay_seconds: 0}}
+    dataset: raw
+  slow:
+    source: {kind: python, ref: "connectors.demo:numbers", args: {n: 5, delay_seconds: 1.0}}
+    dataset: raw
+  broken:
+    source: {kind: sql_database, url: "sqlite:///missing.db", tables: [nothing_here]}
+"""
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    """A folder with a small shop database, CSV and JSONL files, and a connectors.yaml that uses them."""
+    build_shop_db(tmp_path / "shop.db", customers=20, orders=100)
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "products.csv").write_text("sku,name,price_cents\nA-1,Apple,120\nB-2,Bread,250\nC-3,Cheese,899\n")
+    (files / "events.jsonl").write_text("\n".join(json.dumps({"id": i, "kind": "click"}) for i in range(4)) + "\n")
+    (tmp_path / "connectors.yaml").write_text(CONNECTORS_YAML)
+    return tmp_path
+
+
+@pytest.fixture
+def app_config(workdir: Path) -> dict:
+    """Settings for a test app: everything under the test's folder, short leases, fast polling."""
+    return {"var_dir": workdir / "var", "connectors_file": workdir / "connectors.yaml",
+            "lease_seconds": 2.0, "poll_seconds": 0.05, "executor_threads": 2}
+
+
+@pytest.fixture
+def app(app_config: dict):
+    """The gateway without a running executor (runs stay queued): pytest-flask's `client` uses it."""
+    app = create_app(app_config)
+    app.config["TESTING"] = True
+    yield app
+    app.extensions["flowgate"].store.dispose()
+
+
+@pytest.fixture
+def running_app(app):
+    """The gateway with its executor claiming and running pipelines."""
+    executor = app.extensions["flowgate"].executor
+    executor.start()
+    yield app
+    executor.shutdown(timeout=10)
+
+
+def postgres_available() -> str | None:
+    """None when PostgreSQL answers at FLOWGATE_TEST_POSTGRES_URL, else why not."""
+    try:
+        engine = sa.create_engine(POSTGRES_URL, connect_args={"connect_timeout": 2})
+        with engine.connect() as connection:
+            connection.execute(sa.text("SELECT 1"))
+        engine.dispose()
+        return None
+    except Exception as exc:  # any failure to connect means: skip (or fail where CI requires it)
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A PostgreSQL URL whose search_path is a fresh schema, dropped afterwards; skips without a server."""
+    reason = postgres_available()
+    if reason:
+        if os.environ.get("FLOWGATE_REQUIRE_POSTGRES"):
+            pytest.fail(f"PostgreSQL is required here but unreachable: {reason}")
+        pytest.skip(f"no PostgreSQL at {POSTGRES_URL}: {reason}")
+    schema = f"flowgate_test_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
+    with admin.connect() as connection:
+        connection.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+    admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path: Path) -> Iterator[RunStore]:
+    """A fresh run store on each database flowgate supports."""
+    url = f"sqlite:///{tmp_path / 'runs.db'}" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
+    store = RunStore(url)
+    store.create_schema()
+    yield store
+    store.dispose()

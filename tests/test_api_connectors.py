@@ -1,0 +1,37 @@
+"""GET /api/v1/connectors and /api/v1/connectors/<id>: redacted specs and latest runs."""
+from __future__ import annotations
+
+
+def test_connectors_are_listed_in_file_order(client):
+    items = client.get("/api/v1/connectors").json["items"]
+    assert [c["id"] for c in items] == ["shop", "products", "events", "numbers", "slow", "broken"]
+    shop = items[0]
+    assert shop["source_kind"] == "sql_database" and shop["destination_kind"] == "duckdb"
+    assert shop["overridable"] == ["tables"] and shop["write_disposition"] == "replace"
+
+
+def test_a_connector_shows_its_spec_and_latest_runs(client):
+    run_id = client.post("/trigger", json={"connector_id": "numbers"}).json["run_id"]
+    body = client.get("/api/v1/connectors/numbers").json
+    assert body["spec"]["source"] == {"kind": "python", "ref": "connectors.demo:numbers",
+                                      "args": {"n": 10, "delay_seconds": 0}}
+    assert [r["run_id"] for r in body["latest_runs"]] == [run_id]
+
+
+def test_connector_secrets_never_reach_a_response(tmp_path, monkeypatch):
+    from app import create_app
+
+    monkeypatch.setenv("WAREHOUSE_PASSWORD", "pa55word-xyz")
+    (tmp_path / "c.yaml").write_text(
+        "connectors:\n  dwh:\n    source: {kind: sql_database, "
+        "url: 'postgresql+psycopg://loader:${WAREHOUSE_PASSWORD}@dwh:5432/x', tables: [t]}\n")
+    app = create_app({"var_dir": tmp_path / "var", "connectors_file": tmp_path / "c.yaml"})
+    client = app.test_client()
+    for path in ("/api/v1/connectors", "/api/v1/connectors/dwh", "/openapi.json"):
+        assert "pa55word-xyz" not in client.get(path).get_data(as_text=True)
+    assert client.get("/api/v1/connectors/dwh").json["spec"]["source"]["url"].startswith("postgresql+psycopg://loader:***@")
+
+
+def test_an_unknown_connector_is_a_404_problem(client):
+    response = client.get("/api/v1/connectors/nope")
+    assert response.status_code == 404 and response.json["code"] == "connector_not_found"

@@ -1,0 +1,40 @@
+"""/health (liveness) and /api/v1/health/ready (readiness with reasons)."""
+from __future__ import annotations
+
+
+def test_health_answers_without_touching_the_database(app, client, monkeypatch):
+    def unreachable(*args, **kwargs):
+        raise AssertionError("/health must not use the run store")
+
+    monkeypatch.setattr(app.extensions["flowgate"].store.engine, "connect", unreachable)
+    response = client.get("/health")
+    assert response.status_code == 200 and response.json["status"] == "healthy"
+
+
+def test_readiness_reports_database_executor_and_prefect(running_app):
+    response = running_app.test_client().get("/api/v1/health/ready")
+    assert response.status_code == 200, response.json
+    checks = response.json["checks"]
+    assert checks["database"]["status"] == "up" and checks["database"]["dialect"] == "sqlite"
+    assert checks["executor"] == {**checks["executor"], "status": "up", "executors": 1, "capacity": 2,
+                                  "active": 0, "queued": 0}
+    assert checks["prefect"]["status"] == "disabled"
+
+
+def test_readiness_is_503_with_a_reason_when_no_executor_runs(client):
+    client.post("/trigger", json={"connector_id": "shop"})
+    response = client.get("/api/v1/health/ready")
+    assert response.status_code == 503 and response.json["status"] == "not_ready"
+    executor = response.json["checks"]["executor"]
+    assert executor["status"] == "down" and executor["queued"] == 1 and "heartbeat" in executor["reason"]
+
+
+def test_readiness_is_503_when_the_database_is_unreachable(app, client, monkeypatch):
+    def refuse():
+        raise ConnectionRefusedError("connection refused")
+
+    monkeypatch.setattr(app.extensions["flowgate"].store, "ping", refuse)
+    response = client.get("/api/v1/health/ready")
+    assert response.status_code == 503
+    assert response.json["checks"]["database"] == {"status": "down",
+                                                   "reason": "ConnectionRefusedError: connection refused"}

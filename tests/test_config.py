@@ -1,0 +1,43 @@
+"""Settings: read once from the environment; a bad value stops the start naming the variable."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from app import create_app
+from app.config import ConfigError, load_settings
+
+
+def test_defaults_work_on_a_bare_machine(monkeypatch):
+    for name in ("FLOW_SERVER_PORT", "DATABASE_URL", "FLOWGATE_VAR_DIR", "FLOWGATE_BACKEND"):
+        monkeypatch.delenv(name, raising=False)
+    settings = load_settings()
+    assert settings.port == 5000 and settings.backend == "auto"
+    assert settings.run_store_url == f"sqlite:///{Path('var/flowgate.db').resolve()}"
+    assert settings.duckdb_dir == Path("var/duckdb").resolve()
+
+
+def test_environment_variables_are_read(monkeypatch):
+    monkeypatch.setenv("FLOW_SERVER_PORT", "6001")
+    monkeypatch.setenv("DATABASE_URL", "postgresql+psycopg://db/flowgate")
+    monkeypatch.setenv("FLOWGATE_EXECUTOR_THREADS", "4")
+    settings = load_settings()
+    assert (settings.port, settings.run_store_url, settings.executor_threads) == (
+        6001, "postgresql+psycopg://db/flowgate", 4)
+
+
+@pytest.mark.parametrize("name, value", [
+    ("FLOW_SERVER_PORT", "http"), ("FLOW_SERVER_PORT", "70000"), ("FLOWGATE_BACKEND", "spark"),
+    ("FLOWGATE_EXECUTOR_THREADS", "-1"), ("FLOWGATE_LEASE_SECONDS", "0"),
+])
+def test_a_bad_value_stops_the_start_naming_the_variable(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=name):
+        load_settings()
+
+
+def test_an_invalid_connectors_file_stops_the_app_from_starting(tmp_path):
+    (tmp_path / "c.yaml").write_text("connectors:\n  x:\n    source: {kind: nope}\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: connector 'x': field 'source'"):
+        create_app({"var_dir": tmp_path / "var", "connectors_file": tmp_path / "c.yaml"})

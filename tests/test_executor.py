@@ -1,0 +1,102 @@
+"""LocalExecutor: claims from the shared store, serialises each connector, records every ending."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from app.runs.executor import LocalExecutor
+from app.runs.models import COMPLETED, CRASHED, TERMINAL
+from app.runs.store import NewRun, RunStore
+from connectors.pipeline import Workspace, concurrency_key
+from connectors.registry import ConnectorRegistry
+
+
+@pytest.fixture
+def parts(workdir: Path, tmp_path: Path):
+    registry = ConnectorRegistry.load(workdir / "connectors.yaml")
+    workspace = Workspace(workdir / "var" / "dlt", workdir / "var" / "duckdb")
+    store = RunStore(f"sqlite:///{tmp_path / 'runs.db'}")
+    store.create_schema()
+    yield registry, workspace, store
+    store.dispose()
+
+
+def make_executor(parts, slots: int = 2, lease: float = 2.0) -> LocalExecutor:
+    registry, workspace, store = parts
+    return LocalExecutor(store, registry, workspace, slots=slots, lease_seconds=lease, poll_seconds=0.05)
+
+
+def enqueue(parts, connector_id: str, params: dict | None = None) -> str:
+    registry, workspace, store = parts
+    spec = registry.get(connector_id)
+    run, _ = store.create_run(NewRun(kind="connector", target=connector_id, params=params or {}, backend="local",
+                                     concurrency_key=concurrency_key(spec, workspace)))
+    return run.id
+
+
+def wait_all(store: RunStore, ids: list[str], timeout: float = 60) -> list:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runs = [store.get(i) for i in ids]
+        if all(r.status in TERMINAL for r in runs):
+            return runs
+        time.sleep(0.05)
+    raise AssertionError(f"runs not ended: {[(r.id, r.status) for r in runs]}")
+
+
+def test_runs_of_one_connector_never_overlap_while_others_run_beside_them(parts):
+    executor = make_executor(parts, slots=3)
+    slow_ids = [enqueue(parts, "slow", {"n": i + 1}) for i in range(3)]
+    other = enqueue(parts, "numbers")
+    executor.start()
+    try:
+        runs = wait_all(parts[2], slow_ids + [other])
+    finally:
+        executor.shutdown(timeout=5)
+    assert all(r.status == COMPLETED for r in runs)
+    slow = sorted(runs[:3], key=lambda r: r.started_at)
+    for earlier, later in zip(slow, slow[1:]):
+        assert earlier.finished_at <= later.started_at
+    assert runs[3].finished_at < slow[-1].started_at  # `numbers` did not wait behind `slow`
+
+
+def test_two_executors_share_one_queue_and_each_run_runs_once(parts):
+    ids = [enqueue(parts, name) for name in ("numbers", "products", "events", "shop")]
+    executors = [make_executor(parts, slots=1), make_executor(parts, slots=1)]
+    for executor in executors:
+        executor.start()
+    try:
+        runs = wait_all(parts[2], ids)
+    finally:
+        for executor in executors:
+            executor.shutdown(timeout=5)
+    assert [r.status for r in runs] == [COMPLETED] * 4 and all(r.attempts == 1 for r in runs)
+    assert {r.lease_owner for r in runs} == {e.id for e in executors}
+
+
+def test_shutdown_records_a_run_that_could_not_finish(parts):
+    executor = make_executor(parts)
+    run_id = enqueue(parts, "slow", {"delay_seconds": 5.0})
+    executor.start()
+    deadline = time.monotonic() + 10
+    while parts[2].get(run_id).status != "running" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert executor.shutdown(timeout=0.2) == [run_id]
+    run = parts[2].get(run_id)
+    assert run.status == CRASHED and run.error["code"] == "interrupted"
+    assert parts[2].capacity(stale_after_seconds=60).executors == 0
+
+
+def test_a_run_abandoned_by_a_dead_executor_is_recovered_by_a_live_one(parts):
+    registry, workspace, store = parts
+    run_id = enqueue(parts, "numbers")
+    store.claim_next("dead-process", lease_seconds=0.5)  # claimed, then its process "died"
+    executor = make_executor(parts, lease=0.6)
+    executor.start()
+    try:
+        (run,) = wait_all(store, [run_id], timeout=10)
+    finally:
+        executor.shutdown(timeout=5)
+    assert run.status == CRASHED and run.error["code"] == "lease_expired" and "dead-process" in run.error["message"]

@@ -1,0 +1,128 @@
+"""RunStore on SQLite and PostgreSQL: creation, idempotency, atomic claims, leases, cancellation."""
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from sqlalchemy import update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.runs.models import CANCELLED, CANCELLING, COMPLETED, CRASHED, QUEUED, RUNNING, Run
+from app.runs.store import IdempotencyConflict, NewRun, RunStore
+
+
+def new_run(target: str = "shop", key: str | None = None, params: dict | None = None, lock: str | None = None) -> NewRun:
+    return NewRun(kind="connector", target=target, params=params or {}, backend="local",
+                  concurrency_key=lock or f"connector:{target}", idempotency_key=key)
+
+
+def test_a_created_run_is_queued_and_readable(store: RunStore):
+    run, created = store.create_run(new_run(params={"n": 3}))
+    assert created
+    stored = store.get(run.id)
+    assert (stored.status, stored.target, stored.params, stored.backend) == (QUEUED, "shop", {"n": 3}, "local")
+    assert stored.created_at.tzinfo is not None
+
+
+def test_list_is_newest_first_and_pages_with_a_cursor(store: RunStore):
+    ids = [store.create_run(new_run(target=f"c{i % 2}"))[0].id for i in range(5)]
+    first = store.list(limit=3)
+    assert [r.id for r in first] == ids[::-1][:3]
+    rest = store.list(limit=3, before=(first[-1].created_at, first[-1].id))
+    assert [r.id for r in rest] == ids[::-1][3:]
+    assert {r.target for r in store.list(target="c1")} == {"c1"}
+
+
+def test_the_same_idempotency_key_returns_the_same_run(store: RunStore):
+    first, created = store.create_run(new_run(key="k1", params={"n": 1}))
+    again, created_again = store.create_run(new_run(key="k1", params={"n": 1}))
+    assert created and not created_again and again.id == first.id
+    with pytest.raises(IdempotencyConflict):
+        store.create_run(new_run(key="k1", params={"n": 2}))
+    assert len(store.list()) == 1
+
+
+def test_concurrent_claims_take_each_run_exactly_once(store: RunStore):
+    for i in range(12):
+        store.create_run(new_run(target=f"t{i}"))
+    claimed: list[str] = []
+    lock = threading.Lock()
+
+    def claimer(worker: int) -> None:
+        while (run := store.claim_next(f"w{worker}", lease_seconds=30)) is not None:
+            with lock:
+                claimed.append(run.id)
+
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(claimer, range(6)))
+    assert len(claimed) == 12 and len(set(claimed)) == 12
+    assert all(r.status == RUNNING for r in store.list())
+
+
+def test_runs_with_one_concurrency_key_never_run_at_once(store: RunStore):
+    a, _ = store.create_run(new_run(target="a", lock="duckdb:/same.duckdb"))
+    b, _ = store.create_run(new_run(target="b", lock="duckdb:/same.duckdb"))
+    c, _ = store.create_run(new_run(target="c"))
+    first = store.claim_next("w1", 30)
+    second = store.claim_next("w2", 30)
+    assert (first.id, second.id) == (a.id, c.id)
+    assert store.claim_next("w3", 30) is None  # b waits for a
+    store.finish(a.id, "w1", COMPLETED, result={"rows": {}})
+    assert store.claim_next("w3", 30).id == b.id
+
+
+def test_the_database_refuses_two_active_runs_under_one_key(store: RunStore):
+    a, _ = store.create_run(new_run(target="a", lock="k"))
+    b, _ = store.create_run(new_run(target="b", lock="k"))
+    store.claim_next("w1", 30)
+    with pytest.raises(IntegrityError), Session(store.engine) as session, session.begin():
+        session.execute(update(Run).where(Run.id == b.id).values(status=RUNNING))
+    assert store.get(b.id).status == QUEUED and store.get(a.id).status == RUNNING
+
+
+def test_a_lapsed_lease_marks_the_run_crashed_and_its_owner_cannot_finish_it(store: RunStore):
+    run, _ = store.create_run(new_run())
+    store.claim_next("dead-worker", lease_seconds=0.2)
+    assert store.recover_expired() == []
+    time.sleep(0.3)
+    assert store.recover_expired() == [run.id]
+    crashed = store.get(run.id)
+    assert crashed.status == CRASHED and crashed.error["code"] == "lease_expired"
+    assert crashed.finished_at is not None
+    assert not store.finish(run.id, "dead-worker", COMPLETED)
+    assert store.get(run.id).status == CRASHED
+
+
+def test_renewing_a_lease_keeps_the_run_alive(store: RunStore):
+    run, _ = store.create_run(new_run())
+    store.claim_next("w1", lease_seconds=0.3)
+    for _ in range(3):
+        time.sleep(0.15)
+        store.renew_leases("w1", [run.id], lease_seconds=0.3)
+        assert store.recover_expired() == []
+    assert store.get(run.id).status == RUNNING
+
+
+def test_cancel_ends_a_queued_run_and_flags_a_running_one(store: RunStore):
+    running, _ = store.create_run(new_run(target="r"))
+    store.claim_next("w1", 30)
+    queued, _ = store.create_run(new_run(target="q"))
+    assert store.cancel(queued.id).status == CANCELLED
+    assert store.cancel(running.id).status == CANCELLING
+    assert store.renew_leases("w1", [running.id], 30) == {running.id}
+    assert store.claim_next("w2", 30) is None  # a cancelled run is never claimed
+    assert store.cancel("no-such-run") is None
+
+
+def test_capacity_counts_executors_with_a_recent_heartbeat(store: RunStore):
+    store.heartbeat("e1", "host", 1, slots=2, busy=1)
+    store.heartbeat("e2", "host", 2, slots=3, busy=0)
+    capacity = store.capacity(stale_after_seconds=30)
+    assert (capacity.executors, capacity.slots, capacity.busy) == (2, 5, 1)
+    store.remove_executor("e1")
+    assert store.capacity(stale_after_seconds=30).slots == 3
+    time.sleep(0.2)
+    assert store.capacity(stale_after_seconds=0.1).executors == 0
