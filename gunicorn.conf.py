@@ -5,8 +5,10 @@ import signal
 import time
 
 # --- server socket ---------------------------------------------------------------------------
-# With no API keys configured the gateway stays on loopback unless told otherwise (FLOWGATE_BIND).
-bind = os.environ.get("FLOWGATE_BIND", f"127.0.0.1:{os.environ.get('FLOW_SERVER_PORT', '5000')}")
+# The gateway has no authentication yet: it listens on loopback unless FLOWGATE_HOST says otherwise
+# (the Docker image sets 0.0.0.0). FLOWGATE_BIND replaces the whole address.
+bind = os.environ.get("FLOWGATE_BIND") or (
+    f"{os.environ.get('FLOWGATE_HOST', '127.0.0.1')}:{os.environ.get('FLOW_SERVER_PORT', '5000')}")
 backlog = 2048
 
 # --- workers ---------------------------------------------------------------------------------

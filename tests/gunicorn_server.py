@@ -1,0 +1,64 @@
+"""A real gunicorn serving flowgate on a free loopback port, for the tests that need processes."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class GunicornServer:
+    """`gunicorn -c gunicorn.conf.py wsgi:app` with the test's settings; stop() or kill() ends it."""
+
+    def __init__(self, workdir: Path, workers: int = 3, **env: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = workdir / f"gunicorn-{self.port}.log"
+        self.env = {**os.environ, "FLOWGATE_BIND": f"127.0.0.1:{self.port}", "WEB_CONCURRENCY": str(workers),
+                    "FLOWGATE_VAR_DIR": str(workdir / "var"), "FLOWGATE_CONNECTORS": str(workdir / "connectors.yaml"),
+                    "FLOWGATE_POLL_SECONDS": "0.1", "PYTHONUNBUFFERED": "1", **env}
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60) -> GunicornServer:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
+            cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"gunicorn exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.url}/api/v1/health/ready", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.kill()
+        raise RuntimeError(f"gunicorn did not become ready in {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def terminate(self, timeout: float = 60) -> int:
+        """SIGTERM to the master (graceful shutdown); returns the exit code."""
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)
+
+    def kill(self) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
