@@ -2,7 +2,6 @@
 import multiprocessing
 import os
 import signal
-import time
 
 # --- server socket ---------------------------------------------------------------------------
 # The gateway has no authentication yet: it listens on loopback unless FLOWGATE_HOST says otherwise
@@ -29,13 +28,9 @@ loglevel = os.environ.get("GUNICORN_LOG_LEVEL", "info")
 
 
 # --- hooks -----------------------------------------------------------------------------------
-def _executor(worker):
-    return worker.wsgi.extensions["flowgate"].executor
-
-
 def post_worker_init(worker):
     """Start this worker's executor; on SIGTERM stop claiming at once, before gunicorn drains requests."""
-    executor = _executor(worker)
+    executor = worker.wsgi.extensions["flowgate"].executor
     executor.start()
     gunicorn_term = signal.getsignal(signal.SIGTERM)
 
@@ -44,16 +39,14 @@ def post_worker_init(worker):
         gunicorn_term(signum, frame)
 
     signal.signal(signal.SIGTERM, on_term)
-    worker.flowgate_started = time.monotonic()
-    worker.log.info("flowgate executor %s started (%d slots)", executor.id, executor.slots)
+    worker.flowgate_executor = executor
 
 
 def worker_exit(server, worker):
     """Let running pipelines finish within the graceful timeout; record the ones that cannot."""
-    app = getattr(worker, "wsgi", None)
-    if app is None or not hasattr(worker, "flowgate_started"):
+    executor = getattr(worker, "flowgate_executor", None)
+    if executor is None:  # the worker died before its executor started
         return
-    executor = _executor(worker)
     # gunicorn kills the worker graceful_timeout after SIGTERM; keep a second to write the records.
     unfinished = executor.shutdown(timeout=max(server.cfg.graceful_timeout - 1, 0))
     if unfinished:

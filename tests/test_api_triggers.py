@@ -91,3 +91,21 @@ def test_backend_local_is_honoured_and_prefect_without_a_server_is_503(client):
     forced = client.post("/trigger", json={"connector_id": "shop", "backend": "prefect"})
     assert forced.status_code == 503 and forced.json["code"] == "prefect_unavailable"
     assert len(client.get("/api/v1/runs").json["items"]) == 1
+
+
+def test_the_gateway_runs_on_a_postgresql_run_store(app_config, postgres_url):
+    from app import create_app
+
+    app = create_app({**app_config, "database_url": postgres_url})
+    executor = app.extensions["flowgate"].executor
+    executor.start()
+    try:
+        client = app.test_client()
+        done = client.post("/trigger", json={"connector_id": "shop", "wait": 60})
+        assert done.status_code == 200 and done.json["result"]["rows"] == {"orders": 100, "customers": 20}
+        ready = client.get("/api/v1/health/ready").json["checks"]
+        assert ready["database"]["dialect"] == "postgresql" and ready["executor"]["capacity"] == 2
+        assert [r["run_id"] for r in client.get("/api/v1/runs").json["items"]] == [done.json["run_id"]]
+    finally:
+        executor.shutdown(timeout=10)
+        app.extensions["flowgate"].store.dispose()
