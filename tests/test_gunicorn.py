@@ -114,3 +114,21 @@ def test_sigterm_lets_a_short_run_finish_and_records_a_long_one(server, workdir)
     store.dispose()
     assert short_run.status == "completed" and short_run.result["rows"] == {"numbers": 5}
     assert long_run.status == "crashed" and long_run.error["code"] == "interrupted"
+
+
+def test_gunicorn_cmd_args_win_over_the_config_file(workdir):
+    from tests.gunicorn_server import free_port
+
+    port = free_port()
+    server = GunicornServer(workdir, workers=1, GUNICORN_CMD_ARGS=f"--bind 127.0.0.1:{port} --workers 2")
+    server.url = f"http://127.0.0.1:{port}"
+    server.start()
+    try:
+        ready = httpx.get(f"{server.url}/api/v1/health/ready", timeout=5).json()
+        deadline = time.monotonic() + 10
+        while ready["checks"]["executor"]["executors"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            ready = httpx.get(f"{server.url}/api/v1/health/ready", timeout=5).json()
+        assert ready["checks"]["executor"]["executors"] == 2  # --workers 2 beat WEB_CONCURRENCY=1
+    finally:
+        server.kill()
