@@ -30,8 +30,10 @@ loglevel = os.environ.get("GUNICORN_LOG_LEVEL", "info")
 # --- hooks -----------------------------------------------------------------------------------
 def post_worker_init(worker):
     """Start this worker's executor; on SIGTERM stop claiming at once, before gunicorn drains requests."""
-    executor = worker.wsgi.extensions["flowgate"].executor
+    services = worker.wsgi.extensions["flowgate"]
+    executor = services.executor
     executor.start()
+    services.dispatcher.start_sync()
     gunicorn_term = signal.getsignal(signal.SIGTERM)
 
     def on_term(signum, frame):

@@ -8,7 +8,7 @@ from typing import Any
 from flask import Flask, current_app
 
 from app.config import ConfigError, Settings, load_settings
-from app.dispatch import Dispatcher
+from app.dispatch import Dispatcher, make_prefect_route
 from app.runs.executor import LocalExecutor
 from app.runs.store import RunStore
 from connectors.pipeline import Workspace
@@ -38,6 +38,7 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     settings = config if isinstance(config, Settings) else load_settings(config)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call is noise
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
@@ -52,7 +53,7 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     workspace = Workspace(pipelines_dir=settings.pipelines_dir, duckdb_dir=settings.duckdb_dir)
     executor = LocalExecutor(store, registry, workspace, slots=settings.executor_threads,
                              lease_seconds=settings.lease_seconds, poll_seconds=settings.poll_seconds)
-    dispatcher = Dispatcher(settings, store, registry, executor, workspace)
+    dispatcher = Dispatcher(settings, store, registry, executor, workspace, prefect=make_prefect_route(settings))
     app.extensions["flowgate"] = Services(settings, registry, store, executor, dispatcher)
 
     from app import api, errors, openapi

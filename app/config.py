@@ -29,6 +29,17 @@ class Settings(BaseSettings):
     backend: Literal["auto", "local", "prefect"] = Field(
         "auto", validation_alias=AliasChoices("FLOWGATE_BACKEND", "backend"),
         description="Where runs execute: Prefect when it can take them (auto), or one path forced.")
+    prefect_api_url: str | None = Field(None, validation_alias=AliasChoices("PREFECT_API_URL", "prefect_api_url"),
+                                        description="Prefect server API, e.g. http://127.0.0.1:4200/api; "
+                                                    "unset means every run executes locally.")
+    prefect_api_key: str | None = Field(None, validation_alias=AliasChoices("PREFECT_API_KEY", "prefect_api_key"),
+                                        description="Bearer token for a private Prefect server.", repr=False)
+    prefect_pool: str = Field("flowgate", min_length=1,
+                              validation_alias=AliasChoices("FLOWGATE_PREFECT_POOL", "prefect_pool"),
+                              description="The process work pool the connector deployments use.")
+    prefect_timeout_seconds: float = Field(
+        2.0, gt=0, le=30, validation_alias=AliasChoices("FLOWGATE_PREFECT_TIMEOUT", "prefect_timeout_seconds"),
+        description="Timeout of one call to Prefect's API.")
     executor_threads: int = Field(2, ge=0, le=64,
                                   validation_alias=AliasChoices("FLOWGATE_EXECUTOR_THREADS", "executor_threads"),
                                   description="Pipelines one gateway process runs at once (0: this process runs none).")

@@ -1,31 +1,42 @@
-"""Dispatcher: turns an accepted trigger into a stored run and decides where it runs."""
+"""Dispatcher: turns an accepted trigger into a stored run and decides where it runs, Prefect or local."""
 from __future__ import annotations
 
+import logging
+import threading
+from datetime import datetime
 import time
 from typing import Any
 
 from app.config import Settings
 from app.errors import Conflict, NotFound, Unavailable, ValidationFailed
+from app.prefect_client import FLOW_NAME, STATE_TO_STATUS, SUMMARY_ARTIFACT_PREFIX, PrefectClient, PrefectError
+from app.prefect_route import PrefectRoute
 from app.runs.executor import LocalExecutor
-from app.runs.models import Run
+from app.runs.models import Run, utcnow
 from app.runs.store import IdempotencyConflict, NewRun, RunStore
 from connectors.pipeline import Workspace, concurrency_key
 from connectors.registry import ConnectorRegistry
 from connectors.spec import ParamsError
 
-PREFECT_UNAVAILABLE = "prefect_not_configured"
+log = logging.getLogger(__name__)
+
+NOT_CONFIGURED = "prefect_not_configured"
 
 
 class Dispatcher:
-    """The one place that knows how a trigger becomes a run; views only call it."""
+    """The one place that knows how a trigger becomes a run and follows it; views only call it."""
 
     def __init__(self, settings: Settings, store: RunStore, registry: ConnectorRegistry,
-                 executor: LocalExecutor, workspace: Workspace):
+                 executor: LocalExecutor, workspace: Workspace, prefect: PrefectRoute | None = None):
         self.settings = settings
         self.store = store
         self.registry = registry
         self.executor = executor
         self.workspace = workspace
+        self.prefect = prefect
+        self._sync_stop = threading.Event()
+
+    # --- triggering -------------------------------------------------------------------------
 
     def trigger_connector(self, connector_id: str, params: dict[str, Any], backend: str | None = None,
                           idempotency_key: str | None = None) -> tuple[Run, bool]:
@@ -37,33 +48,135 @@ class Dispatcher:
             spec.with_params(params)
         except ParamsError as exc:
             raise ValidationFailed(exc.message, errors=[{"field": exc.field, "message": exc.message}]) from None
-        chosen, reason = self.choose_backend(backend)
-        new = NewRun(kind="connector", target=connector_id, params=params, backend=chosen,
+        mode = backend or self.settings.backend
+        deployment_id, reason = self._choose(connector_id, mode)
+        new = NewRun(kind="connector", target=connector_id, params=params,
+                     backend="prefect" if deployment_id else "local",
                      concurrency_key=concurrency_key(spec, self.workspace), fallback_reason=reason,
                      idempotency_key=idempotency_key)
         try:
             run, created = self.store.create_run(new)
         except IdempotencyConflict as exc:
             raise Conflict(str(exc), code="idempotency_key_reused", run_id=exc.run.id) from None
-        if created:
+        if created and deployment_id:
+            run = self._create_flow_run(run, deployment_id, forced=mode == "prefect")
+        if created and run.backend == "local":
             self.executor.wake()
         return run, created
 
-    def choose_backend(self, requested: str | None) -> tuple[str, str | None]:
-        """`local` with the reason Prefect was not used, or a 503 when Prefect is forced and cannot run it."""
-        mode = requested or self.settings.backend
-        if mode == "prefect":
-            raise Unavailable("backend 'prefect' was requested but this gateway has no Prefect path configured",
-                              code="prefect_unavailable")
-        return "local", (PREFECT_UNAVAILABLE if mode == "auto" else None)
+    def _choose(self, connector_id: str, mode: str) -> tuple[str | None, str | None]:
+        """(deployment id, None) to use Prefect, or (None, why not) to run locally."""
+        if mode == "local":
+            return None, None
+        if self.prefect is None:
+            if mode == "prefect":
+                raise Unavailable("backend 'prefect' was requested but PREFECT_API_URL is not set",
+                                  code="prefect_unavailable", reason=NOT_CONFIGURED)
+            return None, NOT_CONFIGURED
+        route = self.prefect.route(connector_id)
+        if not route.ok and mode == "prefect":
+            raise Unavailable(f"backend 'prefect' was requested but Prefect cannot take the run: {route.detail}",
+                              code="prefect_unavailable", reason=route.reason)
+        return route.deployment_id, route.reason
+
+    def _create_flow_run(self, run: Run, deployment_id: str, forced: bool) -> Run:
+        # Prefect scopes idempotency keys to the flow: prefix with the connector so keys never collide.
+        key = f"flowgate:{run.target}:{run.idempotency_key or run.id}"
+        try:
+            flow_run = self.prefect.client.create_flow_run(
+                deployment_id, {"connector_id": run.target, "params": run.params}, key,
+                tags=["flowgate", f"flowgate-run:{run.id}"])
+        except PrefectError as exc:
+            if exc.reason == "prefect_unreachable":
+                self.prefect.record_failure(exc)
+            if forced:
+                self.store.update_unfinished(run.id, status="failed", finished_at=utcnow(), error={
+                    "code": "prefect_create_failed", "message": exc.message})
+                raise Unavailable(f"Prefect failed to create the flow run: {exc.message}",
+                                  code="prefect_unavailable", run_id=run.id) from None
+            log.warning("creating a flow run for %s failed (%s); running it locally", run.id, exc.message)
+            return self.store.update_unfinished(run.id, backend="local", fallback_reason="prefect_create_failed")
+        state = flow_run.get("state") or {}
+        return self.store.update_unfinished(run.id, prefect_flow_run_id=str(flow_run["id"]),
+                                            prefect_state=state.get("name")) or self.store.get(run.id)
+
+    # --- following --------------------------------------------------------------------------
+
+    def refresh(self, run: Run) -> Run:
+        """The run with its Prefect state brought up to date (a local run, or an unreachable Prefect: as stored)."""
+        if run.backend != "prefect" or run.is_terminal or not run.prefect_flow_run_id or self.prefect is None:
+            return run
+        try:
+            flow_run = self.prefect.client.read_flow_run(run.prefect_flow_run_id)
+            state = flow_run.get("state") or {}
+            status = STATE_TO_STATUS.get(state.get("type"), run.status)
+            if status == run.status and state.get("name") == run.prefect_state:
+                return run
+            values: dict[str, Any] = {"status": status, "prefect_state": state.get("name")}
+            if flow_run.get("start_time") and not run.started_at:
+                values["started_at"] = _parse_time(flow_run["start_time"])
+            if status in ("completed", "failed", "cancelled", "crashed"):
+                values["finished_at"] = _parse_time(flow_run.get("end_time")) or utcnow()
+                values["lease_expires_at"] = None
+                if status == "completed":
+                    rows = self.prefect.client.read_table_artifact(run.prefect_flow_run_id, SUMMARY_ARTIFACT_PREFIX)
+                    values["result"] = rows[0] if rows else None
+                else:
+                    values["error"] = {"code": f"prefect_{status}", "message": state.get("message") or state.get("name")}
+        except PrefectError as exc:
+            log.info("cannot refresh run %s from Prefect: %s", run.id, exc.message)
+            return run
+        return self.store.update_unfinished(run.id, **values) or self.store.get(run.id)
+
+    def cancel(self, run_id: str) -> Run | None:
+        """Cancel in the store; a Prefect run is also cancelled in Prefect."""
+        run = self.store.cancel(run_id)
+        if run is not None and run.backend == "prefect" and run.prefect_flow_run_id and self.prefect:
+            try:
+                self.prefect.client.cancel_flow_run(run.prefect_flow_run_id)
+            except PrefectError as exc:
+                log.warning("cancelling flow run %s in Prefect failed: %s", run.prefect_flow_run_id, exc.message)
+        return run
 
     def wait_for_end(self, run_id: str, timeout: float) -> Run:
-        """Poll the store until the run ends or `timeout` passes; returns the latest state either way."""
+        """Poll until the run ends or `timeout` passes; returns the latest state either way."""
         deadline = time.monotonic() + timeout
         interval = 0.05
         while True:
-            run = self.store.get(run_id)
-            if run is None or run.is_terminal or time.monotonic() >= deadline:
+            run = self.refresh(self.store.get(run_id))
+            if run.is_terminal or time.monotonic() >= deadline:
                 return run
             time.sleep(min(interval, max(deadline - time.monotonic(), 0)))
             interval = min(interval * 1.5, 0.5)
+
+    def start_sync(self, every_seconds: float = 2.0) -> None:
+        """Follow unfinished Prefect runs in the background, so their records end even if nobody asks."""
+        if self.prefect is None:
+            return
+
+        def loop() -> None:
+            while not self._sync_stop.wait(every_seconds):
+                if self.prefect.circuit_open:
+                    continue
+                try:
+                    for run in self.store.unfinished("prefect"):
+                        self.refresh(run)
+                except Exception:  # a hiccup must not end the loop
+                    log.exception("syncing Prefect runs failed")
+
+        threading.Thread(target=loop, name="flowgate-prefect-sync", daemon=True).start()
+
+    def stop_sync(self) -> None:
+        self._sync_stop.set()
+
+
+def _parse_time(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
+
+
+def make_prefect_route(settings: Settings) -> PrefectRoute | None:
+    """The Prefect route for these settings, or None when no Prefect is configured."""
+    if not settings.prefect_api_url:
+        return None
+    client = PrefectClient(settings.prefect_api_url, settings.prefect_api_key, settings.prefect_timeout_seconds)
+    return PrefectRoute(client, FLOW_NAME, settings.prefect_pool)

@@ -73,86 +73,91 @@ def concurrency_key(spec: ConnectorSpec, workspace: Workspace) -> str:
     return f"duckdb:{path}" if path else f"connector:{spec.id}"
 
 
+class ConnectorPipeline:
+    """One connector run as dlt steps, so a caller can run them one by one (the Prefect flow makes each a task)."""
+
+    steps = ("recover", "extract", "normalize", "load")
+
+    def __init__(self, spec: ConnectorSpec, workspace: Workspace):
+        _configure_dlt()
+        import dlt
+
+        self.spec = spec
+        self.workspace = workspace
+        self.rows: dict[str, int] = {}
+        self.load_ids: list[str] = []
+        self._started = time.monotonic()
+        self._pipeline = dlt.pipeline(
+            pipeline_name=spec.pipeline_name,
+            pipelines_dir=str(workspace.pipelines_dir),
+            destination=_destination(spec, workspace),
+            dataset_name=spec.dataset,
+        )
+
+    def run_step(self, step: str) -> None:
+        """Run one of `steps`; a failure becomes a ConnectorRunError naming the step and the cause."""
+        try:
+            getattr(self, f"_{step}")()
+        except ConnectorRunError:
+            raise
+        except Exception as exc:  # dlt wraps failures in PipelineStepFailed; keep the step and the cause
+            cause = getattr(exc, "exception", None) or exc
+            raise ConnectorRunError(self.spec.id, getattr(exc, "step", step),
+                                    f"{type(cause).__name__}: {cause}") from exc
+
+    def _recover(self) -> None:
+        # A run killed mid-way leaves load packages behind; finish them first, as dlt's own run() does.
+        if self._pipeline.has_pending_data:
+            self._normalize()
+            self._load()
+
+    def _extract(self) -> None:
+        self._pipeline.extract(_build_source(self.spec), write_disposition=self.spec.write_disposition,
+                               primary_key=self.spec.primary_key)
+
+    def _normalize(self) -> None:
+        self._pipeline.normalize(workers=1)  # in-process: forking inside a threaded gunicorn worker is unsafe
+        info = self._pipeline.last_trace.last_normalize_info
+        for table, count in (info.row_counts if info else {}).items():
+            if not table.startswith("_dlt"):
+                self.rows[table] = self.rows.get(table, 0) + count
+
+    def _load(self) -> None:
+        self.load_ids.extend(self._pipeline.load().loads_ids)
+
+    def summary(self) -> LoadSummary:
+        """What the steps run so far did."""
+        path = duckdb_path(self.spec, self.workspace)
+        return LoadSummary(
+            connector_id=self.spec.id,
+            pipeline_name=self.spec.pipeline_name,
+            destination=self.spec.destination.kind,
+            dataset=self.spec.dataset,
+            location=str(path) if path else None,
+            rows=dict(self.rows),
+            load_ids=list(self.load_ids),
+            duration_seconds=round(time.monotonic() - self._started, 3),
+        )
+
+
 def run_connector(
     spec: ConnectorSpec,
     workspace: Workspace,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> LoadSummary:
-    """Extract, normalize and load one connector; check `should_stop` between the steps."""
-    _configure_dlt()
-    import dlt
-
-    started = time.monotonic()
-    pipeline = dlt.pipeline(
-        pipeline_name=spec.pipeline_name,
-        pipelines_dir=str(workspace.pipelines_dir),
-        destination=_destination(spec, workspace),
-        dataset_name=spec.dataset,
-    )
-    rows: dict[str, int] = {}
-    load_ids: list[str] = []
-
-    step = "recover"
-    try:
-        # A run killed mid-way leaves load packages behind; finish them first, as dlt's own run() does.
-        if pipeline.has_pending_data:
-            _normalize_and_load(pipeline, rows, load_ids)
-        step = "extract"
-        source = _build_source(spec)
-        pipeline.extract(source, write_disposition=spec.write_disposition, primary_key=spec.primary_key)
-        _checkpoint(should_stop, step)
-        step = "normalize"
-        pipeline.normalize(workers=1)  # in-process: forking inside a threaded gunicorn worker is unsafe
-        _checkpoint(should_stop, step)
-        step = "load"
-        info = pipeline.load()
-        load_ids.extend(info.loads_ids)
-        _add_rows(rows, pipeline)
-    except RunCancelled:
-        raise
-    except ConnectorRunError:
-        raise
-    except Exception as exc:  # dlt wraps failures in PipelineStepFailed; keep the step and the cause
-        cause = getattr(exc, "exception", None) or exc
-        step = getattr(exc, "step", step)
-        raise ConnectorRunError(spec.id, step, f"{type(cause).__name__}: {cause}") from exc
-
-    path = duckdb_path(spec, workspace)
-    return LoadSummary(
-        connector_id=spec.id,
-        pipeline_name=spec.pipeline_name,
-        destination=spec.destination.kind,
-        dataset=spec.dataset,
-        location=str(path) if path else None,
-        rows=rows,
-        load_ids=load_ids,
-        duration_seconds=round(time.monotonic() - started, 3),
-    )
+    """Recover, extract, normalize and load one connector; check `should_stop` between the steps."""
+    pipeline = ConnectorPipeline(spec, workspace)
+    for step in pipeline.steps:
+        pipeline.run_step(step)
+        if step in ("extract", "normalize") and should_stop():
+            raise RunCancelled(step)
+    return pipeline.summary()
 
 
 @functools.cache
 def _configure_dlt() -> None:
     # No network here or in most data centres' job runners: dlt must not try to send telemetry.
     os.environ.setdefault("RUNTIME__DLTHUB_TELEMETRY", "false")
-
-
-def _normalize_and_load(pipeline: Any, rows: dict[str, int], load_ids: list[str]) -> None:
-    pipeline.normalize(workers=1)
-    info = pipeline.load()
-    load_ids.extend(info.loads_ids)
-    _add_rows(rows, pipeline)
-
-
-def _add_rows(rows: dict[str, int], pipeline: Any) -> None:
-    normalize_info = pipeline.last_trace.last_normalize_info if pipeline.last_trace else None
-    for table, count in (normalize_info.row_counts if normalize_info else {}).items():
-        if not table.startswith("_dlt"):
-            rows[table] = rows.get(table, 0) + count
-
-
-def _checkpoint(should_stop: Callable[[], bool], step: str) -> None:
-    if should_stop():
-        raise RunCancelled(step)
 
 
 def _destination(spec: ConnectorSpec, workspace: Workspace) -> Any:

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from typing import Annotated, Any, ClassVar, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 _SECRET_KEY = re.compile(r"pass(word)?|secret|token|api_?key|credential|private", re.IGNORECASE)
 _URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.\-]*://[^:/@\s]*:)(?P<password>[^@\s]+)(?P<tail>@)", re.IGNORECASE)
@@ -84,6 +85,27 @@ class DestinationSpec(BaseModel):
     credentials: str | dict[str, Any] | None = Field(None, description="Passed to the dlt destination.")
 
 
+class ScheduleSpec(_Strict):
+    """When Prefect runs the connector on its own: exactly one of cron, interval (seconds) or rrule."""
+
+    cron: str | None = Field(None, description="Cron expression, e.g. '0 6 * * *'.")
+    interval: float | None = Field(None, gt=0, description="Seconds between runs.")
+    rrule: str | None = Field(None, description="RFC 5545 recurrence rule.")
+    timezone: str = Field("UTC", description="IANA time zone for cron and rrule.")
+    active: bool = True
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ScheduleSpec:
+        given = [name for name in ("cron", "interval", "rrule") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of cron, interval or rrule (got {', '.join(given) or 'none'})")
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {self.timezone!r}") from None
+        return self
+
+
 class ConnectorSpec(_Strict):
     """One connector: a source, a destination and how to write."""
 
@@ -94,6 +116,7 @@ class ConnectorSpec(_Strict):
     dataset: str = Field("raw", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     write_disposition: Literal["append", "replace", "merge"] = "append"
     primary_key: str | list[str] | None = Field(None, description="Required by merge unless the source declares one.")
+    schedule: ScheduleSpec | None = Field(None, description="Run on a schedule on the Prefect worker.")
 
     @field_validator("primary_key")
     @classmethod

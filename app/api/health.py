@@ -38,6 +38,9 @@ def ready() -> tuple[dict[str, Any], int]:
     except Exception as exc:  # the reason is the answer here, not an error to raise
         checks["database"] = {"status": "down", "reason": f"{type(exc).__name__}: {exc}".splitlines()[0]}
         checks["executor"] = {"status": "unknown", "reason": "the run store is unreachable"}
-    checks["prefect"] = {"status": "disabled", "reason": "no Prefect path configured; runs execute locally"}
+    prefect = svc.dispatcher.prefect
+    checks["prefect"] = prefect.status() if prefect else {
+        "status": "disabled", "reason": "PREFECT_API_URL is not set; runs execute locally"}
+    # Prefect being down is not a reason to refuse work: runs fall back to the local executor.
     ready = checks["database"]["status"] == "up" and checks["executor"]["status"] == "up"
     return {"status": "ready" if ready else "not_ready", "checks": checks}, 200 if ready else 503

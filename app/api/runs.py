@@ -31,11 +31,11 @@ def run_response(run: Run, status: int) -> Response:
 
 
 def get_run_or_404(run_id: str) -> Run:
-    """The stored run, or a 404 problem."""
+    """The run, its Prefect state brought up to date, or a 404 problem."""
     run = services().store.get(run_id)
     if run is None:
         raise NotFound(f"no run '{run_id}'", code="run_not_found")
-    return run
+    return services().dispatcher.refresh(run)
 
 
 @bp.get("")
@@ -59,7 +59,7 @@ def get_run(run_id: str) -> dict[str, Any]:
 def cancel_run(run_id: str) -> Response:
     """Cancel: a queued run at once (200), a running one at its next checkpoint (202, `cancelling`)."""
     get_run_or_404(run_id)
-    run = services().store.cancel(run_id)
+    run = services().dispatcher.cancel(run_id)
     if run.is_terminal and run.status != "cancelled":
         raise Conflict(f"run '{run_id}' already ended as {run.status}", code="run_already_ended", run_status=run.status)
     return run_response(run, 200 if run.is_terminal else 202)

@@ -18,7 +18,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from app.runs.models import (
-    ACTIVE, CANCELLED, CANCELLING, CRASHED, QUEUED, RUNNING, Base, Executor, Run, utcnow,
+    ACTIVE, CANCELLED, CANCELLING, CRASHED, QUEUED, RUNNING, TERMINAL, Base, Executor, Run, utcnow,
 )
 
 T = TypeVar("T")
@@ -238,6 +238,26 @@ class RunStore:
             return changed == 1
 
         return self._retry(attempt)
+
+    def update_unfinished(self, run_id: str, **values: Any) -> Run | None:
+        """Change a run that has not ended yet (Prefect state, fallback); returns it, or None if it had ended."""
+
+        def attempt() -> Run | None:
+            with self._session(write=True) as session:
+                run = session.get(Run, run_id)
+                if run is None or run.is_terminal:
+                    return None
+                for name, value in values.items():
+                    setattr(run, name, value)
+            return run
+
+        return self._retry(attempt)
+
+    def unfinished(self, backend: str, limit: int = 100) -> list[Run]:
+        """Runs on `backend` that have not ended, oldest first."""
+        with self._session() as session:
+            return list(session.scalars(select(Run).where(Run.backend == backend, Run.status.not_in(TERMINAL))
+                                        .order_by(Run.created_at).limit(limit)))
 
     def cancel(self, run_id: str) -> Run | None:
         """Cancel a queued run at once; ask a running one to stop (status `cancelling`). None if unknown."""

@@ -1,0 +1,116 @@
+"""The only module that talks to the Prefect REST API: one pooled httpx client per process, short timeouts."""
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import httpx
+
+from app.runs.models import CANCELLED, CANCELLING, COMPLETED, CRASHED, FAILED, QUEUED, RUNNING
+
+FLOW_NAME = "flowgate-connector"  # the connector flow in flows/connector_flow.py
+SUMMARY_ARTIFACT_PREFIX = "flowgate-summary"  # key prefix of the table artifact holding a run's load summary
+
+# Prefect state type -> flowgate status (SCHEDULED covers Late; PAUSED waits like a queued run).
+STATE_TO_STATUS = {
+    "SCHEDULED": QUEUED, "PENDING": QUEUED, "PAUSED": QUEUED, "RUNNING": RUNNING, "CANCELLING": CANCELLING,
+    "COMPLETED": COMPLETED, "FAILED": FAILED, "CANCELLED": CANCELLED, "CRASHED": CRASHED,
+}
+
+
+class PrefectError(Exception):
+    """Prefect refused or failed a request; `reason` is a short stable code."""
+
+    reason = "prefect_error"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class PrefectUnavailable(PrefectError):
+    """Prefect could not be reached or answered 5xx: a retry later may work."""
+
+    reason = "prefect_unreachable"
+
+
+class PrefectNotFound(PrefectError):
+    """The object asked for does not exist in Prefect."""
+
+    reason = "not_found"
+
+
+class PrefectClient:
+    """Thin, typed calls on Prefect's REST API; transport errors become PrefectUnavailable."""
+
+    def __init__(self, api_url: str, api_key: str | None = None, timeout: float = 2.0):
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.api_url = api_url.rstrip("/")
+        self._http = httpx.Client(base_url=self.api_url + "/", headers=headers,
+                                  timeout=httpx.Timeout(timeout, connect=min(timeout, 1.0)),
+                                  limits=httpx.Limits(max_connections=20, max_keepalive_connections=10))
+
+    def close(self) -> None:
+        """Close pooled connections."""
+        self._http.close()
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        # A server that answers 5xx (e.g. its SQLite database is busy) gets two quick retries; every call
+        # here is safe to repeat (reads, or creates with an idempotency key). A server that does not
+        # answer at all gets none: a dead Prefect must cost the caller one timeout, not three.
+        for delay in (0.2, 0.5, None):
+            try:
+                response = self._http.request(method, path.lstrip("/"), **kwargs)
+            except httpx.TransportError as exc:
+                raise PrefectUnavailable(f"{type(exc).__name__}: {exc or 'no answer'}") from None
+            if response.status_code < 500 or delay is None:
+                break
+            time.sleep(delay)
+        if response.status_code == 404:
+            raise PrefectNotFound(f"{method} {path}: not found")
+        if response.status_code >= 500:
+            raise PrefectUnavailable(f"{method} {path}: HTTP {response.status_code}")
+        if response.status_code >= 400:
+            raise PrefectError(f"{method} {path}: HTTP {response.status_code}: {response.text[:300]}")
+        return response.json() if response.content else None
+
+    def health(self) -> float:
+        """Probe the API; returns the latency in milliseconds."""
+        started = time.perf_counter()
+        self._request("GET", "health")
+        return (time.perf_counter() - started) * 1000
+
+    def read_deployment(self, flow_name: str, deployment_name: str) -> dict[str, Any]:
+        """The deployment `flow_name/deployment_name` (PrefectNotFound when missing)."""
+        return self._request("GET", f"deployments/name/{flow_name}/{deployment_name}")
+
+    def workers_online(self, work_pool: str) -> int:
+        """How many workers of `work_pool` are ONLINE (PrefectNotFound when the pool is missing)."""
+        workers = self._request("POST", f"work_pools/{work_pool}/workers/filter", json={})
+        return sum(1 for worker in workers if worker.get("status") == "ONLINE")
+
+    def create_flow_run(self, deployment_id: str, parameters: dict[str, Any], idempotency_key: str,
+                        tags: list[str]) -> dict[str, Any]:
+        """Create a flow run from a deployment; the same idempotency key returns the same flow run."""
+        return self._request("POST", f"deployments/{deployment_id}/create_flow_run",
+                             json={"parameters": parameters, "idempotency_key": idempotency_key, "tags": tags})
+
+    def read_flow_run(self, flow_run_id: str) -> dict[str, Any]:
+        """The flow run with its current state."""
+        return self._request("GET", f"flow_runs/{flow_run_id}")
+
+    def cancel_flow_run(self, flow_run_id: str) -> None:
+        """Ask Prefect to cancel a flow run (the worker stops it)."""
+        self._request("POST", f"flow_runs/{flow_run_id}/set_state",
+                      json={"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": True})
+
+    def read_table_artifact(self, flow_run_id: str, key_prefix: str) -> list[dict[str, Any]] | None:
+        """The rows of the flow run's table artifact whose key starts with `key_prefix`, or None."""
+        artifacts = self._request("POST", "artifacts/filter", json={
+            "artifacts": {"flow_run_id": {"any_": [flow_run_id]}, "type": {"any_": ["table"]}}})
+        for artifact in artifacts:
+            if (artifact.get("key") or "").startswith(key_prefix):
+                data = artifact.get("data")
+                return json.loads(data) if isinstance(data, str) else data
+        return None

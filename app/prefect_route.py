@@ -1,0 +1,132 @@
+"""Can Prefect take a run now? Cached probes and a circuit breaker, so a dead Prefect costs callers nothing."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from app.prefect_client import PrefectClient, PrefectError, PrefectNotFound, PrefectUnavailable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Route:
+    """The answer for one connector: a deployment to use, or why not."""
+
+    deployment_id: str | None
+    reason: str | None = None
+    detail: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.deployment_id is not None
+
+
+class PrefectRoute:
+    """Per process: probes Prefect with short timeouts, caches the answers briefly, opens a circuit on failure.
+
+    While the circuit is open callers skip Prefect at once; a background thread re-probes and closes it
+    when Prefect answers again.
+    """
+
+    def __init__(self, client: PrefectClient, flow_name: str, work_pool: str, cache_seconds: float = 5.0,
+                 reprobe_seconds: float = 5.0):
+        self.client = client
+        self.flow_name = flow_name
+        self.work_pool = work_pool
+        self.cache_seconds = cache_seconds
+        self.reprobe_seconds = reprobe_seconds
+        self._lock = threading.Lock()
+        self._cache: dict[str, tuple[float, Any]] = {}
+        self._open_since: float | None = None
+        self._last_error: str | None = None
+        self._latency_ms: float | None = None
+        self._reprober: threading.Thread | None = None
+
+    @property
+    def circuit_open(self) -> bool:
+        return self._open_since is not None
+
+    def route(self, connector_id: str) -> Route:
+        """The deployment to run `connector_id` on, or the reason Prefect cannot take it now."""
+        if self.circuit_open:
+            return Route(None, "prefect_circuit_open", self._last_error)
+        try:
+            deployment = self._cached(f"deployment:{connector_id}",
+                                      lambda: self.client.read_deployment(self.flow_name, connector_id))
+            pool = deployment.get("work_pool_name")
+            if not pool:
+                return Route(None, "no_work_pool", f"deployment {connector_id} has no work pool")
+            if not self._cached(f"workers:{pool}", lambda: self.client.workers_online(pool)):
+                return Route(None, "no_worker_online", f"no worker of pool '{pool}' is online")
+            return Route(str(deployment["id"]))
+        except PrefectNotFound:
+            return Route(None, "no_deployment", f"no deployment {self.flow_name}/{connector_id}")
+        except PrefectUnavailable as exc:
+            self.record_failure(exc)
+            return Route(None, exc.reason, exc.message)
+        except PrefectError as exc:
+            return Route(None, exc.reason, exc.message)
+
+    def _cached(self, key: str, fetch: Any) -> Any:
+        now = time.monotonic()
+        with self._lock:
+            hit = self._cache.get(key)
+        if hit and now - hit[0] < self.cache_seconds:
+            if isinstance(hit[1], PrefectNotFound):
+                raise hit[1]
+            return hit[1]
+        try:
+            value = fetch()
+        except PrefectNotFound as exc:
+            value = exc
+        with self._lock:
+            self._cache[key] = (now, value)
+        if isinstance(value, PrefectNotFound):
+            raise value
+        return value
+
+    def record_failure(self, exc: PrefectError) -> None:
+        """Open the circuit and start re-probing in the background."""
+        with self._lock:
+            self._last_error = exc.message
+            self._cache.clear()
+            if self._open_since is None:
+                self._open_since = time.monotonic()
+                log.warning("Prefect unavailable (%s): circuit open, runs go local", exc.message)
+            if self._reprober is None or not self._reprober.is_alive():
+                self._reprober = threading.Thread(target=self._reprobe, name="flowgate-prefect-reprobe", daemon=True)
+                self._reprober.start()
+
+    def _reprobe(self) -> None:
+        while self.circuit_open:
+            time.sleep(self.reprobe_seconds)
+            try:
+                self._latency_ms = self.client.health()
+            except PrefectError as exc:
+                self._last_error = exc.message
+                continue
+            with self._lock:
+                self._open_since, self._last_error = None, None
+            log.info("Prefect answers again: circuit closed")
+
+    def status(self) -> dict[str, Any]:
+        """For readiness: reachable or not and why, latency, circuit state."""
+        if self.circuit_open:
+            return {"status": "down", "circuit": "open", "reason": self._last_error,
+                    "open_for_seconds": round(time.monotonic() - (self._open_since or 0), 1)}
+        try:
+            self._latency_ms = self.client.health()
+            workers = self.client.workers_online(self.work_pool)
+        except PrefectNotFound:
+            workers = None
+        except PrefectError as exc:
+            self.record_failure(exc)
+            return {"status": "down", "circuit": "open", "reason": exc.message}
+        return {"status": "up", "circuit": "closed", "api_url": self.client.api_url,
+                "latency_ms": round(self._latency_ms, 2), "work_pool": self.work_pool,
+                "workers_online": workers or 0,
+                **({"reason": f"work pool '{self.work_pool}' does not exist"} if workers is None else {})}

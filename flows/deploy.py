@@ -1,0 +1,98 @@
+"""Register one Prefect deployment per connector (schedules, concurrency limit 1); idempotent.
+
+    python -m flows.deploy [--pool flowgate]      (PREFECT_API_URL must point at the server)
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from datetime import timedelta
+from pathlib import Path
+
+from prefect import get_client
+from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+from prefect.exceptions import ObjectAlreadyExists
+from prefect.schedules import Cron, Interval, RRule, Schedule
+
+from app.config import load_settings
+from connectors.registry import ConnectorRegistry
+from connectors.spec import ConnectorSpec, ScheduleSpec
+from app.prefect_client import FLOW_NAME
+from flows.connector_flow import connector_flow
+
+ROOT = Path(__file__).resolve().parent.parent
+ENTRYPOINT = "flows/connector_flow.py:connector_flow"
+DEFAULT_POOL = "flowgate"
+log = logging.getLogger(__name__)
+
+
+def prefect_schedule(schedule: ScheduleSpec) -> Schedule:
+    """The Prefect schedule for a connector's `schedule`."""
+    if schedule.cron:
+        return Cron(schedule.cron, timezone=schedule.timezone, active=schedule.active)
+    if schedule.interval:
+        return Interval(timedelta(seconds=schedule.interval), timezone=schedule.timezone, active=schedule.active)
+    return RRule(schedule.rrule, timezone=schedule.timezone, active=schedule.active)
+
+
+def ensure_work_pool(pool: str) -> None:
+    """Create the process work pool unless it exists."""
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+            log.info("created work pool %s", pool)
+        except ObjectAlreadyExists:
+            pass
+
+
+def deploy_connector(spec: ConnectorSpec, pool: str) -> str:
+    """Create or update the deployment `<flow>/<connector id>`; returns its id."""
+    deployment_id = connector_flow.from_source(source=str(ROOT), entrypoint=ENTRYPOINT).deploy(
+        name=spec.id,
+        work_pool_name=pool,
+        parameters={"connector_id": spec.id, "params": {}},
+        schedules=[prefect_schedule(spec.schedule)] if spec.schedule else [],
+        concurrency_limit=1,  # a connector never runs twice at once on this path either
+        description=spec.description or f"flowgate connector {spec.id}",
+        tags=["flowgate", f"connector:{spec.id}"],
+        build=False,
+        push=False,
+        print_next_steps=False,
+        ignore_warnings=True,
+    )
+    return str(deployment_id)
+
+
+def remove_stale(keep: set[str]) -> list[str]:
+    """Delete deployments of the connector flow whose connector left connectors.yaml."""
+    removed = []
+    with get_client(sync_client=True) as client:
+        for deployment in client.read_deployments(flow_filter=FlowFilter(name=FlowFilterName(any_=[FLOW_NAME]))):
+            if deployment.name not in keep:
+                client.delete_deployment(deployment.id)
+                removed.append(deployment.name)
+    return removed
+
+
+def deploy_all(registry: ConnectorRegistry, pool: str = DEFAULT_POOL) -> dict[str, list[str]]:
+    """Deploy every connector, remove the deployments of removed ones."""
+    ensure_work_pool(pool)
+    deployed = [spec.id for spec in registry if deploy_connector(spec, pool)]
+    return {"deployed": deployed, "removed": remove_stale(set(deployed))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Register flowgate's connectors as Prefect deployments.")
+    parser.add_argument("--pool", default=DEFAULT_POOL, help="process work pool (created if missing)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO)
+    settings = load_settings()
+    result = deploy_all(ConnectorRegistry.load(settings.connectors_file), args.pool)
+    print(f"deployed {len(result['deployed'])}: {', '.join(result['deployed'])}")
+    if result["removed"]:
+        print(f"removed {len(result['removed'])}: {', '.join(result['removed'])}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""A real Prefect server and process worker for the integration tests, on a free port and a temp PREFECT_HOME."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.gunicorn_server import ROOT, free_port
+
+PREFECT = str(Path(sys.executable).with_name("prefect"))
+
+
+def _spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _stop(process: subprocess.Popen | None) -> None:
+    if process and process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
+
+
+class PrefectStack:
+    """`prefect server start` + `python -m flows.deploy` + `prefect worker start --type process`."""
+
+    def __init__(self, workdir: Path, pool: str = "flowgate"):
+        self.workdir = workdir
+        self.pool = pool
+        self.port = free_port()
+        self.api_url = f"http://127.0.0.1:{self.port}/api"
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        self.env.update({
+            "PREFECT_HOME": str(workdir / "prefect-home"), "PREFECT_API_URL": self.api_url,
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_WORKER_QUERY_SECONDS": "1",
+            "PREFECT_WORKER_HEARTBEAT_SECONDS": "5", "PREFECT_LOGGING_LEVEL": "WARNING",
+            # Test-speed server loops: schedule runs and retry concurrency slots within seconds, not a minute.
+            "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
+            "PREFECT_SERVER_SERVICES_SCHEDULER_MIN_RUNS": "1", "PREFECT_SERVER_SERVICES_SCHEDULER_MAX_RUNS": "3",
+            "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "2",
+            "FLOWGATE_CONNECTORS": str(workdir / "connectors.yaml"), "FLOWGATE_VAR_DIR": str(workdir / "worker-var"),
+        })
+        self.server: subprocess.Popen | None = None
+        self.worker: subprocess.Popen | None = None
+
+    def start_server(self, timeout: float = 90) -> None:
+        self.server = _spawn([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
+                             self.env, self.workdir / "prefect-server.log")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.api_url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        raise RuntimeError("Prefect server did not start:\n" + (self.workdir / "prefect-server.log").read_text())
+
+    def stop_server(self) -> None:
+        _stop(self.server)
+        self.server = None
+
+    def deploy(self, connectors_file: Path | None = None) -> str:
+        env = dict(self.env, FLOWGATE_CONNECTORS=str(connectors_file or self.workdir / "connectors.yaml"))
+        done = subprocess.run([sys.executable, "-m", "flows.deploy", "--pool", self.pool], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=180)
+        if done.returncode:
+            raise RuntimeError(f"deploy failed:\n{done.stdout}\n{done.stderr}")
+        return done.stdout
+
+    def start_worker(self, timeout: float = 60) -> None:
+        self.worker = _spawn([PREFECT, "worker", "start", "--pool", self.pool, "--type", "process"],
+                             self.env, self.workdir / "prefect-worker.log")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            workers = httpx.post(f"{self.api_url}/work_pools/{self.pool}/workers/filter", json={}, timeout=5).json()
+            if any(w["status"] == "ONLINE" for w in workers):
+                return
+            time.sleep(0.5)
+        raise RuntimeError("Prefect worker did not come online:\n" + (self.workdir / "prefect-worker.log").read_text())
+
+    def api(self, method: str, path: str, **kwargs) -> object:
+        response = httpx.request(method, f"{self.api_url}/{path.lstrip('/')}", timeout=10, **kwargs)
+        response.raise_for_status()
+        return response.json() if response.content else None
+
+    def stop(self) -> None:
+        _stop(self.worker)
+        self.stop_server()

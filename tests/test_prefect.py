@@ -1,0 +1,161 @@
+"""The Prefect path against a real Prefect server and process worker (one of each for this module)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from app import create_app
+from tests.prefect_stack import PrefectStack
+from tests.test_api_triggers import poll_until_ended
+
+DEPLOYED = """
+connectors:
+  numbers:
+    source: {kind: python, ref: "connectors.demo:numbers", args: {n: 10, delay_seconds: 0}}
+    dataset: raw
+  ticker:
+    source: {kind: python, ref: "connectors.demo:numbers", args: {n: 1}}
+    dataset: raw
+    schedule: {interval: 5}
+"""
+UNDEPLOYED = """
+  undeployed:
+    source: {kind: python, ref: "connectors.demo:numbers", args: {n: 2}}
+"""
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory) -> PrefectStack:
+    workdir = tmp_path_factory.mktemp("prefect")
+    (workdir / "deployed.yaml").write_text(DEPLOYED)
+    (workdir / "connectors.yaml").write_text(DEPLOYED + UNDEPLOYED)
+    stack = PrefectStack(workdir)
+    try:
+        stack.start_server()
+        stack.deploy(workdir / "deployed.yaml")
+        stack.start_worker()
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest.fixture
+def gateway(stack: PrefectStack, tmp_path: Path):
+    app = create_app({"var_dir": tmp_path / "var", "connectors_file": stack.workdir / "connectors.yaml",
+                      "prefect_api_url": stack.api_url, "lease_seconds": 2.0, "poll_seconds": 0.05})
+    services = app.extensions["flowgate"]
+    services.executor.start()
+    services.dispatcher.prefect.reprobe_seconds = 0.5
+    yield app.test_client()
+    services.executor.shutdown(timeout=10)
+    services.store.dispose()
+
+
+def flow_runs(stack: PrefectStack, deployment: str) -> list[dict]:
+    dep = stack.api("GET", f"deployments/name/flowgate-connector/{deployment}")
+    return stack.api("POST", "flow_runs/filter", json={"deployments": {"id": {"any_": [dep["id"]]}}})
+
+
+def test_deploy_is_idempotent_and_removes_deployments_of_removed_connectors(stack):
+    def deployments() -> dict[str, str]:
+        found = stack.api("POST", "deployments/filter", json={"flows": {"name": {"any_": ["flowgate-connector"]}}})
+        return {d["name"]: d["id"] for d in found}
+
+    before = deployments()
+    stack.deploy(stack.workdir / "deployed.yaml")
+    assert deployments() == before
+    only_numbers = stack.workdir / "only-numbers.yaml"
+    only_numbers.write_text(DEPLOYED.split("  ticker:")[0])
+    assert "removed 1: ticker" in stack.deploy(only_numbers)
+    assert set(deployments()) == {"numbers"}
+    stack.deploy(stack.workdir / "deployed.yaml")
+    assert set(deployments()) == {"numbers", "ticker"}
+
+
+def test_a_trigger_becomes_a_prefect_flow_run_and_shows_its_summary(stack, gateway):
+    accepted = gateway.post("/trigger", json={"connector_id": "numbers", "params": {"n": 4}})
+    assert accepted.status_code == 202
+    run = accepted.json
+    assert run["backend"] == "prefect" and run["prefect_flow_run_id"] and run["fallback_reason"] is None, run
+    done = gateway.post("/trigger", json={"connector_id": "numbers", "params": {"n": 6}, "wait": 120}).json
+    first = poll_until_ended(gateway, run["status_url"], timeout=120)  # Prefect may have run the other first
+    for finished, rows in ((first, 4), (done, 6)):
+        assert finished["status"] == "completed" and finished["prefect_state"] == "Completed", finished
+        assert finished["result"]["rows"] == {"numbers": rows} and finished["result"]["load_ids"]
+    with duckdb.connect(done["result"]["location"], read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM raw.numbers").fetchone()[0] >= 10
+    flow_run = stack.api("GET", f"flow_runs/{run['prefect_flow_run_id']}")
+    task_runs = stack.api("POST", "task_runs/filter", json={"flow_runs": {"id": {"any_": [flow_run["id"]]}}})
+    assert {t["name"].split("-")[0] for t in task_runs} >= {"extract", "normalize", "load"}
+
+
+def test_the_same_idempotency_key_gives_one_flow_run(stack, gateway):
+    headers = {"Idempotency-Key": "prefect-once"}
+    first = gateway.post("/trigger", json={"connector_id": "numbers"}, headers=headers).json
+    again = gateway.post("/trigger", json={"connector_id": "numbers"}, headers=headers).json
+    assert first["run_id"] == again["run_id"] and first["prefect_flow_run_id"] == again["prefect_flow_run_id"]
+    tagged = stack.api("POST", "flow_runs/filter",
+                       json={"flow_runs": {"tags": {"all_": [f"flowgate-run:{first['run_id']}"]}}})
+    assert len(tagged) == 1
+
+
+def test_a_connector_without_a_deployment_runs_locally_with_the_reason(gateway):
+    done = gateway.post("/trigger", json={"connector_id": "undeployed", "wait": 60}).json
+    assert done["backend"] == "local" and done["fallback_reason"] == "no_deployment"
+    assert done["status"] == "completed" and done["result"]["rows"] == {"numbers": 2}
+
+
+def test_readiness_reports_prefect_pool_and_workers(gateway):
+    prefect = gateway.get("/api/v1/health/ready").json["checks"]["prefect"]
+    assert prefect["status"] == "up" and prefect["circuit"] == "closed"
+    assert prefect["work_pool"] == "flowgate" and prefect["workers_online"] >= 1 and prefect["latency_ms"] > 0
+
+
+def test_an_interval_schedule_is_run_by_the_worker(stack):
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        states = [r["state"]["type"] for r in flow_runs(stack, "ticker")]
+        if "COMPLETED" in states:
+            break
+        time.sleep(1)
+    assert "COMPLETED" in states, states
+    deployment = stack.api("GET", "deployments/name/flowgate-connector/ticker")
+    assert deployment["global_concurrency_limit"]["limit"] == 1
+    assert deployment["schedules"][0]["schedule"]["interval"] == 5
+    # A 5 s schedule keeps the worker and the server's SQLite busy; stop it for the tests that follow.
+    stack.api("DELETE", f"deployments/{deployment['id']}")
+
+
+def test_a_dead_prefect_costs_one_short_timeout_then_triggers_go_local_and_back(stack, gateway):
+    stack.stop_server()
+    try:
+        started = time.perf_counter()
+        first = gateway.post("/trigger", json={"connector_id": "numbers"})
+        first_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        second = gateway.post("/trigger", json={"connector_id": "numbers"})
+        second_seconds = time.perf_counter() - started
+        print(f"\nPrefect down: first trigger {first_seconds * 1000:.0f} ms, with the circuit open "
+              f"{second_seconds * 1000:.0f} ms")
+        assert first.status_code == second.status_code == 202
+        assert first.json["backend"] == second.json["backend"] == "local"
+        assert first.json["fallback_reason"] == "prefect_unreachable"
+        assert second.json["fallback_reason"] == "prefect_circuit_open"
+        forced = gateway.post("/trigger", json={"connector_id": "numbers", "backend": "prefect"})
+        assert forced.status_code == 503 and forced.json["code"] == "prefect_unavailable"
+        ready = gateway.get("/api/v1/health/ready")
+        assert ready.status_code == 200 and ready.json["checks"]["prefect"]["circuit"] == "open"
+        done = gateway.post("/trigger", json={"connector_id": "numbers", "wait": 60}).json
+        assert done["status"] == "completed" and done["backend"] == "local"
+    finally:
+        stack.start_server()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        back = gateway.post("/trigger", json={"connector_id": "numbers"}).json
+        if back["backend"] == "prefect":
+            break
+        time.sleep(0.5)
+    assert back["backend"] == "prefect" and back["prefect_flow_run_id"]
