@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test bench clean
+.PHONY: run test bench stack deploy clean
 
 run: $(VENV)/.runtime data/demo_shop.db
 	$(BIN)/gunicorn -c gunicorn.conf.py wsgi:app
@@ -13,6 +13,15 @@ test: $(VENV)/.dev data/demo_shop.db
 
 bench: $(VENV)/.dev data/demo_shop.db
 	$(BIN)/python -m bench.trigger_throughput
+	$(BIN)/python -m bench.prefect_latency
+
+# Prefect server + deployments + process worker + gateway on one machine; Ctrl-C stops them all.
+stack: $(VENV)/.runtime data/demo_shop.db
+	$(BIN)/python -m flows.stack
+
+# Register the connectors as Prefect deployments (PREFECT_API_URL must point at the server).
+deploy: $(VENV)/.runtime
+	$(BIN)/python -m flows.deploy
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "flowgate needs Python 3.11+"'
