@@ -107,26 +107,40 @@ class Dispatcher:
         if run.backend != "prefect" or run.is_terminal or not run.prefect_flow_run_id or self.prefect is None:
             return run
         try:
-            flow_run = self.prefect.client.read_flow_run(run.prefect_flow_run_id)
-            state = flow_run.get("state") or {}
-            status = STATE_TO_STATUS.get(state.get("type"), run.status)
-            if status == run.status and state.get("name") == run.prefect_state:
-                return run
-            values: dict[str, Any] = {"status": status, "prefect_state": state.get("name")}
-            if flow_run.get("start_time") and not run.started_at:
-                values["started_at"] = _parse_time(flow_run["start_time"])
-            if status in ("completed", "failed", "cancelled", "crashed"):
-                values["finished_at"] = _parse_time(flow_run.get("end_time")) or utcnow()
-                values["lease_expires_at"] = None
-                if status == "completed":
-                    rows = self.prefect.client.read_table_artifact(run.prefect_flow_run_id, SUMMARY_ARTIFACT_PREFIX)
-                    values["result"] = rows[0] if rows else None
-                else:
-                    values["error"] = {"code": f"prefect_{status}", "message": state.get("message") or state.get("name")}
+            return self._apply(run, self.prefect.client.read_flow_run(run.prefect_flow_run_id))
         except PrefectError as exc:
             log.info("cannot refresh run %s from Prefect: %s", run.id, exc.message)
             return run
+
+    def _apply(self, run: Run, flow_run: dict[str, Any]) -> Run:
+        """Record a flow run's state on its run (and, once completed, the load summary artifact)."""
+        state = flow_run.get("state") or {}
+        status = STATE_TO_STATUS.get(state.get("type"), run.status)
+        if status == run.status and state.get("name") == run.prefect_state:
+            return run
+        values: dict[str, Any] = {"status": status, "prefect_state": state.get("name")}
+        if flow_run.get("start_time") and not run.started_at:
+            values["started_at"] = _parse_time(flow_run["start_time"])
+        if status in ("completed", "failed", "cancelled", "crashed"):
+            values["finished_at"] = _parse_time(flow_run.get("end_time")) or utcnow()
+            if status == "completed":
+                rows = self.prefect.client.read_table_artifact(run.prefect_flow_run_id, SUMMARY_ARTIFACT_PREFIX)
+                values["result"] = rows[0] if rows else None
+            else:
+                values["error"] = {"code": f"prefect_{status}", "message": state.get("message") or state.get("name")}
         return self.store.update_unfinished(run.id, **values) or self.store.get(run.id)
+
+    def sync_prefect_runs(self) -> int:
+        """Bring every unfinished Prefect run up to date with one call to Prefect; returns how many changed."""
+        runs = {run.prefect_flow_run_id: run for run in self.store.unfinished("prefect") if run.prefect_flow_run_id}
+        if not runs or self.prefect is None or self.prefect.circuit_open:
+            return 0
+        changed = 0
+        for flow_run in self.prefect.client.read_flow_runs(list(runs)):
+            run = runs.get(str(flow_run["id"]))
+            if run is not None and self._apply(run, flow_run) is not run:
+                changed += 1
+        return changed
 
     def cancel(self, run_id: str) -> Run | None:
         """Cancel in the store; a Prefect run is also cancelled in Prefect."""
@@ -156,11 +170,10 @@ class Dispatcher:
 
         def loop() -> None:
             while not self._sync_stop.wait(every_seconds):
-                if self.prefect.circuit_open:
-                    continue
                 try:
-                    for run in self.store.unfinished("prefect"):
-                        self.refresh(run)
+                    self.sync_prefect_runs()
+                except PrefectError as exc:
+                    log.info("syncing Prefect runs failed: %s", exc.message)
                 except Exception:  # a hiccup must not end the loop
                     log.exception("syncing Prefect runs failed")
 

@@ -100,6 +100,11 @@ class PrefectClient:
         """The flow run with its current state."""
         return self._request("GET", f"flow_runs/{flow_run_id}")
 
+    def read_flow_runs(self, flow_run_ids: list[str]) -> list[dict[str, Any]]:
+        """Many flow runs in one call (the background sync follows all unfinished runs this way)."""
+        return self._request("POST", "flow_runs/filter", json={
+            "flow_runs": {"id": {"any_": flow_run_ids}}, "limit": len(flow_run_ids)})
+
     def cancel_flow_run(self, flow_run_id: str) -> None:
         """Ask Prefect to cancel a flow run (the worker stops it)."""
         self._request("POST", f"flow_runs/{flow_run_id}/set_state",

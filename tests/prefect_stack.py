@@ -30,10 +30,34 @@ def _stop(process: subprocess.Popen | None) -> None:
             process.wait(10)
 
 
+POSTGRES_ADMIN_URL = os.environ.get("FLOWGATE_TEST_POSTGRES_ADMIN_URL",
+                                    "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+
+
+def fresh_postgres_database(name: str) -> str | None:
+    """Create (or recreate) database `name` for a Prefect server; its asyncpg URL, or None without PostgreSQL.
+
+    Prefect 3.8.8's server on SQLite stalls under concurrent writes (seen here: 503s and reads that
+    time out), so the tests and benchmarks use PostgreSQL where the machine has it, as production should.
+    """
+    import sqlalchemy as sa
+
+    try:
+        admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 2})
+        with admin.connect() as connection:
+            connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        admin.dispose()
+    except Exception:  # no reachable server: the caller falls back to SQLite
+        return None
+    url = sa.engine.make_url(POSTGRES_ADMIN_URL).set(drivername="postgresql+asyncpg", database=name)
+    return url.render_as_string(hide_password=False)
+
+
 class PrefectStack:
     """`prefect server start` + `python -m flows.deploy` + `prefect worker start --type process`."""
 
-    def __init__(self, workdir: Path, pool: str = "flowgate"):
+    def __init__(self, workdir: Path, pool: str = "flowgate", database_url: str | None = None):
         self.workdir = workdir
         self.pool = pool
         self.port = free_port()
@@ -49,6 +73,8 @@ class PrefectStack:
             "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "2",
             "FLOWGATE_CONNECTORS": str(workdir / "connectors.yaml"), "FLOWGATE_VAR_DIR": str(workdir / "worker-var"),
         })
+        if database_url:  # e.g. postgresql+asyncpg://...; SQLite under PREFECT_HOME otherwise
+            self.env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
         self.server: subprocess.Popen | None = None
         self.worker: subprocess.Popen | None = None
 
@@ -88,7 +114,11 @@ class PrefectStack:
         raise RuntimeError("Prefect worker did not come online:\n" + (self.workdir / "prefect-worker.log").read_text())
 
     def api(self, method: str, path: str, **kwargs) -> object:
-        response = httpx.request(method, f"{self.api_url}/{path.lstrip('/')}", timeout=10, **kwargs)
+        for attempt in range(5):  # a Prefect server on SQLite answers 503 while its database is busy
+            response = httpx.request(method, f"{self.api_url}/{path.lstrip('/')}", timeout=30, **kwargs)
+            if response.status_code != 503:
+                break
+            time.sleep(1 + attempt)
         response.raise_for_status()
         return response.json() if response.content else None
 

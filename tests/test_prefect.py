@@ -8,7 +8,7 @@ import duckdb
 import pytest
 
 from app import create_app
-from tests.prefect_stack import PrefectStack
+from tests.prefect_stack import PrefectStack, fresh_postgres_database
 from tests.test_api_triggers import poll_until_ended
 
 DEPLOYED = """
@@ -32,7 +32,7 @@ def stack(tmp_path_factory) -> PrefectStack:
     workdir = tmp_path_factory.mktemp("prefect")
     (workdir / "deployed.yaml").write_text(DEPLOYED)
     (workdir / "connectors.yaml").write_text(DEPLOYED + UNDEPLOYED)
-    stack = PrefectStack(workdir)
+    stack = PrefectStack(workdir, database_url=fresh_postgres_database("flowgate_test_prefect"))
     try:
         stack.start_server()
         stack.deploy(workdir / "deployed.yaml")
@@ -159,3 +159,19 @@ def test_a_dead_prefect_costs_one_short_timeout_then_triggers_go_local_and_back(
             break
         time.sleep(0.5)
     assert back["backend"] == "prefect" and back["prefect_flow_run_id"]
+
+
+def test_the_background_sync_follows_every_unfinished_run_in_one_call(stack, gateway):
+    # runs after the Prefect restart: triggers go to Prefect again
+    ids = [gateway.post("/trigger", json={"connector_id": "numbers", "params": {"n": i + 1}}).json["run_id"]
+           for i in range(2)]
+    dispatcher = gateway.application.extensions["flowgate"].dispatcher
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        dispatcher.sync_prefect_runs()
+        runs = [dispatcher.store.get(i) for i in ids]
+        if all(r.is_terminal for r in runs):
+            break
+        time.sleep(1)
+    assert [r.status for r in runs] == ["completed", "completed"], [(r.backend, r.status) for r in runs]
+    assert [r.result["rows"] for r in runs] == [{"numbers": 1}, {"numbers": 2}]
