@@ -129,6 +129,18 @@ def test_an_interval_schedule_is_run_by_the_worker(stack):
     stack.api("DELETE", f"deployments/{deployment['id']}")
 
 
+def test_cancel_goes_to_prefects_cancellation(gateway):
+    run = gateway.post("/trigger", json={"connector_id": "numbers", "params": {"delay_seconds": 60.0}}).json
+    assert run["backend"] == "prefect"
+    deadline = time.monotonic() + 90
+    while gateway.get(run["status_url"]).json["status"] != "running" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    cancel = gateway.post(f"/api/v1/runs/{run['run_id']}/cancel")
+    assert cancel.status_code == 202 and cancel.json["status"] == "cancelling"
+    done = poll_until_ended(gateway, run["status_url"], timeout=90)
+    assert done["status"] == "cancelled" and done["prefect_state"] == "Cancelled"
+
+
 def test_a_dead_prefect_costs_one_short_timeout_then_triggers_go_local_and_back(stack, gateway):
     stack.stop_server()
     try:
