@@ -104,11 +104,14 @@ class Dispatcher:
 
     def refresh(self, run: Run) -> Run:
         """The run with its Prefect state brought up to date (a local run, or an unreachable Prefect: as stored)."""
-        if run.backend != "prefect" or run.is_terminal or not run.prefect_flow_run_id or self.prefect is None:
+        if (run.backend != "prefect" or run.is_terminal or not run.prefect_flow_run_id or self.prefect is None
+                or self.prefect.circuit_open):
             return run
         try:
             return self._apply(run, self.prefect.client.read_flow_run(run.prefect_flow_run_id))
         except PrefectError as exc:
+            if exc.reason == "prefect_unreachable":
+                self.prefect.record_failure(exc)
             log.info("cannot refresh run %s from Prefect: %s", run.id, exc.message)
             return run
 
