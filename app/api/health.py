@@ -41,6 +41,6 @@ def ready() -> tuple[dict[str, Any], int]:
     prefect = svc.dispatcher.prefect
     checks["prefect"] = prefect.status() if prefect else {
         "status": "disabled", "reason": "PREFECT_API_URL is not set; runs execute locally"}
-    # Prefect being down is not a reason to refuse work: runs fall back to the local executor.
-    ready = checks["database"]["status"] == "up" and checks["executor"]["status"] == "up"
+    # Work can run if either path can take it; Prefect being down alone is no reason to refuse work.
+    ready = checks["database"]["status"] == "up" and "up" in (checks["executor"]["status"], checks["prefect"]["status"])
     return {"status": "ready" if ready else "not_ready", "checks": checks}, 200 if ready else 503
