@@ -14,6 +14,7 @@ test: $(VENV)/.dev data/demo_shop.db
 bench: $(VENV)/.dev data/demo_shop.db
 	$(BIN)/python -m bench.trigger_throughput
 	$(BIN)/python -m bench.prefect_latency
+	$(BIN)/python -m bench.sql_throughput
 
 # Prefect server + deployments + process worker + gateway on one machine; Ctrl-C stops them all.
 stack: $(VENV)/.runtime data/demo_shop.db
