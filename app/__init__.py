@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import date
+from decimal import Decimal
 from typing import Any
 
 from flask import Flask, current_app
+from flask.json.provider import DefaultJSONProvider
 
 from app.config import ConfigError, Settings, load_settings
 from app.dispatch import Dispatcher, make_prefect_route
@@ -33,6 +36,18 @@ def services() -> Services:
     return current_app.extensions["flowgate"]
 
 
+class JSONProvider(DefaultJSONProvider):
+    """Flask's JSON with ISO 8601 dates (not RFC 822) and exact decimals, as data rows need."""
+
+    @staticmethod
+    def default(o: Any) -> Any:
+        if isinstance(o, date):
+            return o.isoformat()
+        if isinstance(o, Decimal):
+            return str(o)
+        return DefaultJSONProvider.default(o)
+
+
 def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     """Build the gateway: settings, connectors, run store, executor (not started), blueprints."""
     settings = config if isinstance(config, Settings) else load_settings(config)
@@ -41,6 +56,7 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call is noise
 
     app = Flask(__name__)
+    app.json = JSONProvider(app)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
 

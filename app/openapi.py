@@ -9,12 +9,12 @@ from pydantic.json_schema import models_json_schema
 
 from app import __version__
 from app.schemas import (
-    ConnectorDetail, ConnectorList, Health, ProblemDetail, Readiness, RunOptions, RunOut, RunPage, RunQuery,
-    TriggerRequest,
+    ConnectorDetail, ConnectorList, Health, PreviewOut, PreviewRequest, ProblemDetail, Readiness, RunOptions, RunOut,
+    RunPage, RunQuery, TriggerRequest,
 )
 
 _MODELS: list[type[BaseModel]] = [TriggerRequest, RunOptions, RunOut, RunPage, ConnectorList, ConnectorDetail,
-                                  Health, Readiness, ProblemDetail]
+                                  Health, Readiness, ProblemDetail, PreviewRequest, PreviewOut]
 _PROBLEMS = {"400": "Malformed JSON or a body that is not an object", "404": "Unknown resource",
              "405": "Method not allowed", "413": "Body too large", "422": "A field is missing, mistyped or unknown"}
 
@@ -81,6 +81,11 @@ def build_document() -> dict[str, Any]:
             "operationId": "createConnectorRun", "summary": "Run a connector (same as /trigger)",
             "parameters": [_path_param("connector_id"), _IDEMPOTENCY_HEADER], "requestBody": _body(RunOptions),
             "responses": _run_started()}},
+        "/api/v1/connectors/{connector_id}/preview": {"post": {
+            "operationId": "previewConnector", "summary": "Sample rows per resource; nothing is loaded",
+            "parameters": [_path_param("connector_id")], "requestBody": _body(PreviewRequest),
+            "responses": {"200": _json(PreviewOut, "Sample rows and inferred columns"),
+                          **_problems("400", "404", "413", "422")}}},
         "/api/v1/runs": {"get": {
             "operationId": "listRuns", "summary": "Runs, newest first", "parameters": _query_parameters(RunQuery),
             "responses": {"200": _json(RunPage, "A page of runs"), **_problems("422")}}},

@@ -33,6 +33,20 @@ class TriggerRequest(RunOptions):
     connector_id: str = Field(min_length=1, max_length=200, description="Id of a connector in connectors.yaml.")
 
 
+class PreviewRequest(_Request):
+    """Body of POST /api/v1/connectors/<id>/preview."""
+
+    limit: int = Field(20, ge=1, le=1000, description="Sample rows per resource.")
+    params: dict[str, Any] = Field(default_factory=dict, description="The same overrides a trigger may give.")
+
+
+class PreviewOut(BaseModel):
+    """Sample rows and inferred columns per resource; nothing was loaded."""
+
+    connector_id: str
+    resources: dict[str, dict[str, Any]]
+
+
 class RunQuery(_Request):
     """Query parameters of GET /api/v1/runs."""
 

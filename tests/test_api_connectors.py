@@ -1,6 +1,8 @@
 """GET /api/v1/connectors and /api/v1/connectors/<id>: redacted specs and latest runs."""
 from __future__ import annotations
 
+import re
+
 
 def test_connectors_are_listed_in_file_order(client):
     items = client.get("/api/v1/connectors").json["items"]
@@ -35,3 +37,33 @@ def test_connector_secrets_never_reach_a_response(tmp_path, monkeypatch):
 def test_an_unknown_connector_is_a_404_problem(client):
     response = client.get("/api/v1/connectors/nope")
     assert response.status_code == 404 and response.json["code"] == "connector_not_found"
+
+
+def test_preview_samples_rows_without_loading_or_recording_anything(app, client):
+    response = client.post("/api/v1/connectors/shop/preview", json={"limit": 3})
+    assert response.status_code == 200
+    orders = response.json["resources"]["orders"]
+    assert len(orders["rows"]) == 3 and orders["columns"]["id"] == "int64"
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", orders["rows"][0]["ordered_on"])  # dates as ISO 8601
+    assert set(response.json["resources"]) == {"orders", "customers"}
+    csv = client.post("/api/v1/connectors/products/preview", json={}).json["resources"]["products"]
+    assert [r["name"] for r in csv["rows"]] == ["Apple", "Bread", "Cheese"]
+    assert client.get("/api/v1/runs").json["items"] == []
+    var = app.extensions["flowgate"].settings.var_dir
+    assert not (var / "duckdb").exists() and not (var / "dlt").exists()
+
+
+def test_preview_honours_params_and_refuses_bad_input(client):
+    sample = client.post("/api/v1/connectors/numbers/preview", json={"limit": 2, "params": {"n": 1}}).json
+    assert sample["resources"]["numbers"]["rows"] == [{"n": 0, "square": 0}]
+    for body, field in (({"limit": 0}, "limit"), ({"limit": "x"}, "limit"), ({"rows": 1}, "rows"),
+                        ({"params": {"url": "x"}}, "params.url")):
+        response = client.post("/api/v1/connectors/numbers/preview", json=body)
+        assert response.status_code == 422 and [e["field"] for e in response.json["errors"]] == [field]
+    assert client.post("/api/v1/connectors/nope/preview", json={}).status_code == 404
+
+
+def test_a_failing_source_is_a_problem_naming_the_cause(client):
+    response = client.post("/api/v1/connectors/broken/preview", json={})
+    assert response.status_code == 422 and response.json["code"] == "preview_failed"
+    assert "nothing_here" in response.json["detail"] or "no such table" in response.json["detail"].lower()

@@ -6,9 +6,13 @@ from typing import Any
 from flask import Blueprint
 
 from app import services
+from app.api.inputs import json_object, validated
 from app.api.runs import run_document
-from app.errors import NotFound
-from app.schemas import ConnectorOut
+from app.errors import NotFound, ValidationFailed
+from app.schemas import ConnectorOut, PreviewRequest
+from connectors.pipeline import ConnectorRunError
+from connectors.preview import preview_connector
+from connectors.spec import ConnectorSpec, ParamsError
 
 bp = Blueprint("connectors", __name__, url_prefix="/api/v1/connectors")
 
@@ -27,9 +31,29 @@ def list_connectors() -> dict[str, Any]:
 def get_connector(connector_id: str) -> dict[str, Any]:
     """One connector: its redacted spec and its five latest runs."""
     svc = services()
-    spec = svc.registry.get(connector_id)
-    if spec is None:
-        raise NotFound(f"no connector '{connector_id}'", code="connector_not_found")
+    spec = get_connector_or_404(connector_id)
     latest = svc.store.list(target=connector_id, limit=5)
     return {"id": spec.id, "description": spec.description, "spec": spec.public_dict(),
             "overridable": list(spec.source.overridable), "latest_runs": [run_document(run) for run in latest]}
+
+
+@bp.post("/<connector_id>/preview")
+def preview(connector_id: str) -> dict[str, Any]:
+    """Extract a few rows per resource with the connector's config; nothing is loaded, no state changes."""
+    spec = get_connector_or_404(connector_id)
+    body = validated(PreviewRequest, json_object())
+    try:
+        sample = preview_connector(spec.with_params(body.params), body.limit)
+    except ParamsError as exc:
+        raise ValidationFailed(exc.message, errors=[{"field": exc.field, "message": exc.message}]) from None
+    except ConnectorRunError as exc:
+        raise ValidationFailed(f"the connector's source failed: {exc.message}", code="preview_failed") from None
+    return {"connector_id": spec.id, **sample}
+
+
+def get_connector_or_404(connector_id: str) -> ConnectorSpec:
+    """The configured connector, or a 404 problem."""
+    spec = services().registry.get(connector_id)
+    if spec is None:
+        raise NotFound(f"no connector '{connector_id}'", code="connector_not_found")
+    return spec
