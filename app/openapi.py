@@ -9,12 +9,13 @@ from pydantic.json_schema import models_json_schema
 
 from app import __version__
 from app.schemas import (
-    ConnectorDetail, ConnectorList, Health, PreviewOut, PreviewRequest, ProblemDetail, Readiness, RunOptions, RunOut,
+    ConnectorDetail, ConnectorList, ConnectorSchema, Health, PreviewOut, PreviewRequest, ProblemDetail, Readiness, RunOptions, RunOut,
     RunPage, RunQuery, TriggerRequest,
 )
 
 _MODELS: list[type[BaseModel]] = [TriggerRequest, RunOptions, RunOut, RunPage, ConnectorList, ConnectorDetail,
-                                  Health, Readiness, ProblemDetail, PreviewRequest, PreviewOut]
+                                  Health, Readiness, ProblemDetail, PreviewRequest, PreviewOut,
+                                  ConnectorSchema]
 _PROBLEMS = {"400": "Malformed JSON or a body that is not an object", "404": "Unknown resource",
              "405": "Method not allowed", "413": "Body too large", "422": "A field is missing, mistyped or unknown"}
 
@@ -86,6 +87,11 @@ def build_document() -> dict[str, Any]:
             "parameters": [_path_param("connector_id")], "requestBody": _body(PreviewRequest),
             "responses": {"200": _json(PreviewOut, "Sample rows and inferred columns"),
                           **_problems("400", "404", "413", "422")}}},
+        "/api/v1/connectors/{connector_id}/schema": {"get": {
+            "operationId": "getConnectorSchema", "summary": "Tables and columns loaded, read from the destination",
+            "parameters": [_path_param("connector_id")],
+            "responses": {"200": _json(ConnectorSchema, "The loaded tables"),
+                          **_problems("404", "503")}}},
         "/api/v1/runs": {"get": {
             "operationId": "listRuns", "summary": "Runs, newest first", "parameters": _query_parameters(RunQuery),
             "responses": {"200": _json(RunPage, "A page of runs"), **_problems("422")}}},

@@ -47,6 +47,17 @@ class PreviewOut(BaseModel):
     resources: dict[str, dict[str, Any]]
 
 
+class ConnectorSchema(BaseModel):
+    """Tables and columns the connector has loaded; `source` says whether read from the destination itself."""
+
+    connector_id: str
+    dataset: str
+    destination: str
+    source: Literal["destination", "dlt_schema"]
+    location: str | None
+    tables: dict[str, list[dict[str, Any]]]
+
+
 class RunQuery(_Request):
     """Query parameters of GET /api/v1/runs."""
 

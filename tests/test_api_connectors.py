@@ -67,3 +67,15 @@ def test_a_failing_source_is_a_problem_naming_the_cause(client):
     response = client.post("/api/v1/connectors/broken/preview", json={})
     assert response.status_code == 422 and response.json["code"] == "preview_failed"
     assert "nothing_here" in response.json["detail"] or "no such table" in response.json["detail"].lower()
+
+
+def test_schema_shows_the_loaded_tables_and_columns(running_app):
+    client = running_app.test_client()
+    assert client.get("/api/v1/connectors/shop/schema").json["tables"] == {}  # nothing loaded yet
+    assert client.post("/trigger", json={"connector_id": "shop", "wait": 60}).json["status"] == "completed"
+    body = client.get("/api/v1/connectors/shop/schema").json
+    assert body["source"] == "destination" and body["dataset"] == "shop_raw"
+    assert set(body["tables"]) == {"orders", "customers"}
+    columns = {c["name"]: c["type"] for c in body["tables"]["orders"]}
+    assert columns["id"] == "BIGINT" and columns["status"] == "VARCHAR" and columns["ordered_on"] == "DATE"
+    assert client.get("/api/v1/connectors/nope/schema").status_code == 404

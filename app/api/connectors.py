@@ -8,10 +8,11 @@ from flask import Blueprint
 from app import services
 from app.api.inputs import json_object, validated
 from app.api.runs import run_document
-from app.errors import NotFound, ValidationFailed
+from app.errors import NotFound, Unavailable, ValidationFailed
 from app.schemas import ConnectorOut, PreviewRequest
 from connectors.pipeline import ConnectorRunError
 from connectors.preview import preview_connector
+from connectors.schema import DestinationBusy, destination_schema
 from connectors.spec import ConnectorSpec, ParamsError
 
 bp = Blueprint("connectors", __name__, url_prefix="/api/v1/connectors")
@@ -49,6 +50,18 @@ def preview(connector_id: str) -> dict[str, Any]:
     except ConnectorRunError as exc:
         raise ValidationFailed(f"the connector's source failed: {exc.message}", code="preview_failed") from None
     return {"connector_id": spec.id, **sample}
+
+
+@bp.get("/<connector_id>/schema")
+def schema(connector_id: str) -> dict[str, Any]:
+    """The tables and columns (with types) the connector has loaded, read from its destination."""
+    spec = get_connector_or_404(connector_id)
+    try:
+        return {"connector_id": spec.id, "dataset": spec.dataset, "destination": spec.destination.kind,
+                **destination_schema(spec, services().dispatcher.workspace)}
+    except DestinationBusy as exc:
+        raise Unavailable(f"the destination is being written right now: {exc}", code="destination_busy",
+                          headers={"Retry-After": "5"}) from None
 
 
 def get_connector_or_404(connector_id: str) -> ConnectorSpec:
