@@ -113,7 +113,8 @@ class ConnectorPipeline:
 
     def _extract(self) -> None:
         self._pipeline.extract(_build_source(self.spec), write_disposition=self.spec.write_disposition,
-                               primary_key=self.spec.primary_key)
+                               primary_key=self.spec.primary_key,
+                               loader_file_format=self.spec.destination.loader_file_format)
 
     def _normalize(self) -> None:
         self._pipeline.normalize(workers=1)  # in-process: forking inside a threaded gunicorn worker is unsafe
@@ -168,7 +169,7 @@ def _destination(spec: ConnectorSpec, workspace: Workspace) -> Any:
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         return dlt.destinations.duckdb(credentials=str(path))
-    options = spec.destination.model_dump(exclude={"kind", "path"}, exclude_none=True)
+    options = spec.destination.model_dump(exclude={"kind", "path", "file_format"}, exclude_none=True)
     return Destination.from_reference(spec.destination.kind, **options)
 
 

@@ -83,6 +83,13 @@ class DestinationSpec(BaseModel):
     kind: str = Field("duckdb", min_length=1, description="A dlt destination name: duckdb, postgres, filesystem, ...")
     path: str | None = Field(None, description="DuckDB only: the database file; var/duckdb/<connector>.duckdb when omitted.")
     credentials: str | dict[str, Any] | None = Field(None, description="Passed to the dlt destination.")
+    file_format: Literal["parquet", "jsonl", "csv", "insert_values"] | None = Field(
+        None, description="dlt's loader file format; the filesystem destination writes Parquet unless told otherwise.")
+
+    @property
+    def loader_file_format(self) -> str | None:
+        """The file format to normalize into (None: dlt's choice for the destination)."""
+        return self.file_format or ("parquet" if self.kind == "filesystem" else None)
 
 
 class ScheduleSpec(_Strict):

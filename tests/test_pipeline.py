@@ -81,3 +81,21 @@ def _yaml(workdir: Path, *ids: str) -> Path:
                    f"    destination: {{kind: duckdb, path: var/one.duckdb}}\n" for i in ids)
     path.write_text("connectors:\n" + body)
     return path
+
+
+def test_a_filesystem_destination_gets_parquet_files_and_a_schema(workdir, workspace):
+    import pyarrow.parquet as pq
+
+    from connectors.schema import destination_schema
+
+    path = workdir / "lake.yaml"
+    path.write_text("connectors:\n  lake:\n    source: {kind: sql_database, url: 'sqlite:///shop.db', tables: [orders]}\n"
+                    f"    destination: {{kind: filesystem, bucket_url: '{workdir / 'lake'}'}}\n")
+    spec = ConnectorRegistry.load(path).get("lake")
+    summary = run_connector(spec, workspace)
+    assert summary.rows == {"orders": 100} and summary.destination == "filesystem"
+    files = list((workdir / "lake" / "raw" / "orders").glob("*.parquet"))
+    assert files and sum(pq.read_table(f).num_rows for f in files) == 100
+    schema = destination_schema(spec, workspace)
+    assert schema["source"] == "dlt_schema"
+    assert {c["name"] for c in schema["tables"]["orders"]} >= {"id", "customer_id", "status", "amount_cents"}
