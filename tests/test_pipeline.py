@@ -99,3 +99,30 @@ def test_a_filesystem_destination_gets_parquet_files_and_a_schema(workdir, works
     schema = destination_schema(spec, workspace)
     assert schema["source"] == "dlt_schema"
     assert {c["name"] for c in schema["tables"]["orders"]} >= {"id", "customer_id", "status", "amount_cents"}
+
+
+def test_a_postgresql_destination_receives_the_rows(workdir, workspace, postgres_url):
+    import uuid
+
+    import sqlalchemy as sa
+
+    from tests.conftest import POSTGRES_URL
+
+    dataset = f"flowgate_dest_{uuid.uuid4().hex[:8]}"
+    url = sa.engine.make_url(POSTGRES_URL)
+    # dlt's postgres credentials insist on a password; a trust-auth server ignores it.
+    plain_url = url.set(drivername="postgresql", password=url.password or "unused").render_as_string(hide_password=False)
+    path = workdir / "pg.yaml"
+    path.write_text("connectors:\n  to_pg:\n    source: {kind: sql_database, url: 'sqlite:///shop.db', tables: [orders]}\n"
+                    f"    destination: {{kind: postgres, credentials: '{plain_url}'}}\n    dataset: {dataset}\n")
+    engine = sa.create_engine(POSTGRES_URL)
+    try:
+        summary = run_connector(ConnectorRegistry.load(path).get("to_pg"), workspace)
+        assert summary.rows == {"orders": 100} and summary.location is None
+        with engine.connect() as connection:
+            assert connection.execute(sa.text(f"SELECT count(*) FROM {dataset}.orders")).scalar() == 100
+    finally:
+        with engine.begin() as connection:
+            connection.execute(sa.text(f"DROP SCHEMA IF EXISTS {dataset} CASCADE"))
+            connection.execute(sa.text(f"DROP SCHEMA IF EXISTS {dataset}_staging CASCADE"))
+        engine.dispose()
