@@ -174,17 +174,24 @@ def _destination(spec: ConnectorSpec, workspace: Workspace) -> Any:
 
 
 def _build_source(spec: ConnectorSpec) -> Any:
+    import dlt
+
     source = spec.source
     if isinstance(source, SqlDatabaseSource):
         from dlt.sources.sql_database import sql_database
 
-        return sql_database(
+        database = sql_database(
             credentials=source.url,
             schema=source.db_schema,
             table_names=source.tables,
             backend=source.backend,
             chunk_size=source.chunk_size,
         )
+        if source.incremental:
+            for resource in database.resources.values():
+                resource.apply_hints(incremental=dlt.sources.incremental(
+                    source.incremental.cursor, initial_value=source.incremental.initial_value))
+        return database
     if isinstance(source, FilesystemSource):
         from dlt.sources.filesystem import filesystem, read_csv_duckdb, read_jsonl
 

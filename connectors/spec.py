@@ -26,6 +26,13 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class IncrementalSpec(_Strict):
+    """Load only rows whose cursor column moved past the last run's maximum (state kept by dlt)."""
+
+    cursor: str = Field(min_length=1, description="Column that grows with every change, e.g. updated_at or id.")
+    initial_value: Any = Field(None, description="Where the first run starts; all rows when omitted.")
+
+
 class SqlDatabaseSource(_Strict):
     """Tables from any database SQLAlchemy can reach, read with dlt's sql_database source."""
 
@@ -36,6 +43,7 @@ class SqlDatabaseSource(_Strict):
     backend: Literal["pyarrow", "sqlalchemy", "pandas", "connectorx"] = Field(
         "pyarrow", description="dlt's extraction backend; pyarrow is ~20x faster than dlt's default.")
     chunk_size: int = Field(50_000, ge=1, le=10_000_000, description="Rows per batch read from the database.")
+    incremental: IncrementalSpec | None = Field(None, description="Incremental loading on a cursor column.")
 
     overridable: ClassVar[tuple[str, ...]] = ("tables",)
 

@@ -126,3 +126,41 @@ def test_a_postgresql_destination_receives_the_rows(workdir, workspace, postgres
             connection.execute(sa.text(f"DROP SCHEMA IF EXISTS {dataset} CASCADE"))
             connection.execute(sa.text(f"DROP SCHEMA IF EXISTS {dataset}_staging CASCADE"))
         engine.dispose()
+
+
+def _events_db(path: Path, rows: list[tuple[int, str, str]]) -> None:
+    import sqlite3
+
+    with sqlite3.connect(path) as con:
+        con.execute("CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY, status TEXT, updated_at TEXT)")
+        con.executemany("INSERT OR REPLACE INTO events VALUES (?, ?, ?)", rows)
+
+
+def _incremental_registry(workdir: Path, disposition: str) -> ConnectorRegistry:
+    path = workdir / f"inc-{disposition}.yaml"
+    path.write_text("connectors:\n  inc:\n    source:\n      kind: sql_database\n      url: 'sqlite:///events.db'\n"
+                    "      tables: [events]\n      incremental: {cursor: updated_at}\n"
+                    f"    write_disposition: {disposition}\n")
+    return ConnectorRegistry.load(path)
+
+
+def test_an_incremental_sql_load_takes_only_new_rows_on_the_second_run(workdir, workspace):
+    _events_db(workdir / "events.db", [(i, "new", f"2025-01-01T00:00:{i:02d}") for i in range(50)])
+    spec = _incremental_registry(workdir, "append").get("inc")
+    assert run_connector(spec, workspace).rows == {"events": 50}
+    _events_db(workdir / "events.db", [(i, "new", f"2025-01-02T00:00:{i - 50:02d}") for i in range(50, 60)])
+    second = run_connector(spec, workspace)
+    assert second.rows == {"events": 10}
+    assert count(second.location, "raw.events") == 60
+    assert run_connector(spec, workspace).rows == {}  # nothing new
+
+
+def test_merge_with_the_primary_key_updates_rows_in_place(workdir, workspace):
+    _events_db(workdir / "events.db", [(i, "new", f"2025-01-01T00:00:{i:02d}") for i in range(20)])
+    spec = _incremental_registry(workdir, "merge").get("inc")
+    first = run_connector(spec, workspace)
+    _events_db(workdir / "events.db", [(3, "shipped", "2025-02-01T00:00:00")])
+    assert run_connector(spec, workspace).rows == {"events": 1}
+    with duckdb.connect(first.location, read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM raw.events").fetchone()[0] == 20
+        assert con.execute("SELECT status FROM raw.events WHERE id = 3").fetchone()[0] == "shipped"
