@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from connectors.spec import ConnectorSpec, FilesystemSource, PythonSource, SqlDatabaseSource
+from connectors.spec import ConnectorSpec, FilesystemSource, PythonSource, RestApiSource, SqlDatabaseSource
 
 
 class ConnectorRunError(RuntimeError):
@@ -200,6 +200,10 @@ def _build_source(spec: ConnectorSpec) -> Any:
         return (files | reader).with_name(source.table or spec.id)
     if isinstance(source, PythonSource):
         return load_factory(source.ref, spec.id)(**source.args)
+    if isinstance(source, RestApiSource):
+        from dlt.sources.rest_api import rest_api_source
+
+        return rest_api_source(source.config, name=spec.id)
     raise ConnectorRunError(spec.id, "extract", f"unsupported source kind {source.kind!r}", terminal=True)
 
 

@@ -97,5 +97,5 @@ class ConnectorRegistry:
 
 def _describe(error: Mapping[str, Any]) -> str:
     # Drop pydantic's union-branch names (e.g. "source.sql_database.url" -> "source.url").
-    loc = [str(p) for p in error["loc"] if p not in ("sql_database", "filesystem", "python")]
+    loc = [str(p) for p in error["loc"] if p not in ("sql_database", "filesystem", "python", "rest_api")]
     return f"field '{'.'.join(loc) or '(root)'}': {error['msg']}"

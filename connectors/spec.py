@@ -80,7 +80,26 @@ class PythonSource(_Strict):
         return tuple(self.args)
 
 
-SourceSpec = Annotated[Union[SqlDatabaseSource, FilesystemSource, PythonSource], Field(discriminator="kind")]
+class RestApiSource(_Strict):
+    """dlt's declarative REST API source: `config` is dlt's RESTAPIConfig (client, resource_defaults, resources)."""
+
+    kind: Literal["rest_api"]
+    config: dict[str, Any] = Field(description="dlt RESTAPIConfig: client (base_url, auth, paginator) and resources.")
+
+    overridable: ClassVar[tuple[str, ...]] = ()
+
+    @field_validator("config")
+    @classmethod
+    def _has_client_and_resources(cls, config: dict[str, Any]) -> dict[str, Any]:
+        if not isinstance(config.get("client"), dict) or not config["client"].get("base_url"):
+            raise ValueError("needs client.base_url")
+        if not config.get("resources"):
+            raise ValueError("needs at least one resource")
+        return config
+
+
+SourceSpec = Annotated[Union[SqlDatabaseSource, FilesystemSource, PythonSource, RestApiSource],
+                       Field(discriminator="kind")]
 
 
 class DestinationSpec(BaseModel):
