@@ -45,7 +45,10 @@ class SqlDatabaseSource(_Strict):
     chunk_size: int = Field(50_000, ge=1, le=10_000_000, description="Rows per batch read from the database.")
     incremental: IncrementalSpec | None = Field(None, description="Incremental loading on a cursor column.")
 
-    overridable: ClassVar[tuple[str, ...]] = ("tables",)
+    @property
+    def overridable(self) -> tuple[str, ...]:
+        """`tables`, and `initial_value` when loading incrementally."""
+        return ("tables", "initial_value") if self.incremental else ("tables",)
 
 
 class FilesystemSource(_Strict):
@@ -151,6 +154,7 @@ class ConnectorSpec(_Strict):
     write_disposition: Literal["append", "replace", "merge"] = "append"
     primary_key: str | list[str] | None = Field(None, description="Required by merge unless the source declares one.")
     schedule: ScheduleSpec | None = Field(None, description="Run on a schedule on the Prefect worker.")
+    full_refresh: bool = Field(False, description="Drop the connector's tables and incremental state, load all again.")
 
     @field_validator("primary_key")
     @classmethod
@@ -164,11 +168,22 @@ class ConnectorSpec(_Strict):
         """dlt pipeline name; one per connector, so two connectors never share dlt's working state."""
         return f"flowgate_{self.id}"
 
+    @property
+    def overridable(self) -> tuple[str, ...]:
+        """What a trigger's params may set: the source's overridable fields and `full_refresh`."""
+        return (*self.source.overridable, "full_refresh")
+
     def with_params(self, params: dict[str, Any]) -> ConnectorSpec:
-        """This spec with a trigger's params applied; only the source's overridable fields may change."""
+        """This spec with a trigger's params applied; only the overridable fields may change."""
+        params = dict(params)
+        update: dict[str, Any] = {}
+        if "full_refresh" in params:
+            update["full_refresh"] = params.pop("full_refresh")
+            if not isinstance(update["full_refresh"], bool):
+                raise ParamsError("params.full_refresh", "expected true or false")
         if not params:
-            return self
-        allowed = self.source.overridable
+            return self.model_copy(update=update) if update else self
+        allowed = self.overridable
         for key in params:
             if key not in allowed:
                 hint = f"overridable: {', '.join(allowed)}" if allowed else "this connector takes no params"
@@ -177,6 +192,9 @@ class ConnectorSpec(_Strict):
             for key, value in params.items():
                 _check_same_type(key, self.source.args[key], value)
             source_update = {"args": {**self.source.args, **params}}
+        elif isinstance(self.source, SqlDatabaseSource) and "initial_value" in params:
+            incremental = self.source.incremental.model_dump() | {"initial_value": params.pop("initial_value")}
+            source_update = {**params, "incremental": incremental}
         else:
             source_update = params
         data = self.source.model_dump(by_alias=True) | source_update
@@ -186,7 +204,7 @@ class ConnectorSpec(_Strict):
             first = exc.errors()[0]
             loc = ".".join(str(p) for p in first["loc"] if p != "args")
             raise ParamsError(f"params.{loc}" if loc else "params", first["msg"]) from None
-        return self.model_copy(update={"source": source})
+        return self.model_copy(update={**update, "source": source})
 
     def public_dict(self) -> dict[str, Any]:
         """The spec as callers may see it: secrets and URL passwords replaced by ***."""

@@ -8,6 +8,7 @@ import pytest
 
 from connectors.pipeline import ConnectorRunError, RunCancelled, Workspace, concurrency_key, run_connector
 from connectors.registry import ConnectorRegistry
+from connectors.spec import ParamsError
 
 
 @pytest.fixture
@@ -164,3 +165,17 @@ def test_merge_with_the_primary_key_updates_rows_in_place(workdir, workspace):
     with duckdb.connect(first.location, read_only=True) as con:
         assert con.execute("SELECT count(*) FROM raw.events").fetchone()[0] == 20
         assert con.execute("SELECT status FROM raw.events WHERE id = 3").fetchone()[0] == "shipped"
+
+
+def test_params_move_the_initial_value_or_force_a_full_refresh(workdir, workspace):
+    _events_db(workdir / "events.db", [(i, "new", f"2025-01-{1 + i:02d}T00:00:00") for i in range(10)])
+    spec = _incremental_registry(workdir, "append").get("inc")
+    assert run_connector(spec.with_params({"initial_value": "2025-01-06T00:00:00"}), workspace).rows == {"events": 5}
+    assert run_connector(spec, workspace).rows == {}  # the state remembers where the last run stopped
+    refreshed = run_connector(spec.with_params({"full_refresh": True}), workspace)
+    assert refreshed.rows == {"events": 10} and count(refreshed.location, "raw.events") == 10
+    with pytest.raises(ParamsError) as info:
+        spec.with_params({"full_refresh": "yes"})
+    assert info.value.field == "params.full_refresh"
+    with pytest.raises(ParamsError, match="overridable: tables, full_refresh"):
+        ConnectorRegistry.load(workdir / "connectors.yaml").get("shop").with_params({"initial_value": 1})

@@ -24,7 +24,7 @@ def list_connectors() -> dict[str, Any]:
     return {"items": [ConnectorOut(id=spec.id, description=spec.description, source_kind=spec.source.kind,
                                    destination_kind=spec.destination.kind, dataset=spec.dataset,
                                    write_disposition=spec.write_disposition,
-                                   overridable=list(spec.source.overridable)).model_dump()
+                                   overridable=list(spec.overridable)).model_dump()
                       for spec in services().registry]}
 
 
@@ -35,7 +35,7 @@ def get_connector(connector_id: str) -> dict[str, Any]:
     spec = get_connector_or_404(connector_id)
     latest = svc.store.list(target=connector_id, limit=5)
     return {"id": spec.id, "description": spec.description, "spec": spec.public_dict(),
-            "overridable": list(spec.source.overridable), "latest_runs": [run_document(run) for run in latest]}
+            "overridable": list(spec.overridable), "latest_runs": [run_document(run) for run in latest]}
 
 
 @bp.post("/<connector_id>/preview")
