@@ -197,6 +197,8 @@ def _build_source(spec: ConnectorSpec) -> Any:
         from dlt.sources.filesystem import filesystem, read_csv_duckdb, read_jsonl
 
         files = filesystem(bucket_url=source.bucket_url, file_glob=source.file_glob)
+        if source.incremental:
+            files.apply_hints(incremental=dlt.sources.incremental("modification_date"))
         reader = read_csv_duckdb(use_pyarrow=True) if source.file_format == "csv" else read_jsonl()
         return (files | reader).with_name(source.table or spec.id)
     if isinstance(source, PythonSource):

@@ -59,6 +59,7 @@ class FilesystemSource(_Strict):
     file_glob: str = Field("*.csv", description="Which files under bucket_url to read.")
     format: Literal["csv", "jsonl"] | None = Field(None, description="File format; taken from file_glob when omitted.")
     table: str | None = Field(None, description="Destination table; the connector id when omitted.")
+    incremental: bool = Field(False, description="Read only files modified since the last run.")
 
     overridable: ClassVar[tuple[str, ...]] = ("file_glob",)
 

@@ -179,3 +179,20 @@ def test_params_move_the_initial_value_or_force_a_full_refresh(workdir, workspac
     assert info.value.field == "params.full_refresh"
     with pytest.raises(ParamsError, match="overridable: tables, full_refresh"):
         ConnectorRegistry.load(workdir / "connectors.yaml").get("shop").with_params({"initial_value": 1})
+
+
+def test_an_incremental_filesystem_source_reads_only_files_modified_since_the_last_run(workdir, workspace):
+    import os
+
+    folder = workdir / "drop"
+    folder.mkdir()
+    (folder / "a.csv").write_text("id,name\n1,a\n2,b\n")
+    os.utime(folder / "a.csv", (1_700_000_000, 1_700_000_000))
+    path = workdir / "drop.yaml"
+    path.write_text("connectors:\n  drop:\n    source: {kind: filesystem, bucket_url: drop, file_glob: '*.csv', "
+                    "incremental: true}\n")
+    spec = ConnectorRegistry.load(path).get("drop")
+    assert run_connector(spec, workspace).rows == {"drop": 2}
+    (folder / "b.csv").write_text("id,name\n3,c\n")
+    second = run_connector(spec, workspace)
+    assert second.rows == {"drop": 1} and count(second.location, "raw.drop") == 3
