@@ -112,7 +112,7 @@ class ConnectorPipeline:
             self._load()
 
     def _extract(self) -> None:
-        self._pipeline.extract(_build_source(self.spec), write_disposition=self.spec.write_disposition,
+        self._pipeline.extract(build_source(self.spec), write_disposition=self.spec.write_disposition,
                                primary_key=self.spec.primary_key,
                                loader_file_format=self.spec.destination.loader_file_format,
                                refresh="drop_sources" if self.spec.full_refresh else None)
@@ -174,7 +174,8 @@ def _destination(spec: ConnectorSpec, workspace: Workspace) -> Any:
     return Destination.from_reference(spec.destination.kind, **options)
 
 
-def _build_source(spec: ConnectorSpec) -> Any:
+def build_source(spec: ConnectorSpec) -> Any:
+    """The dlt source (or resource) a connector reads from, built from its spec."""
     import dlt
 
     source = spec.source

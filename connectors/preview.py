@@ -4,7 +4,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-from connectors.pipeline import ConnectorRunError, _build_source
+from connectors.pipeline import ConnectorRunError, build_source
 from connectors.spec import ConnectorSpec, SqlDatabaseSource
 
 
@@ -13,7 +13,7 @@ def preview_connector(spec: ConnectorSpec, limit: int) -> dict[str, Any]:
     if isinstance(spec.source, SqlDatabaseSource):  # read no more than needed from the database
         spec = spec.model_copy(update={"source": spec.source.model_copy(update={"chunk_size": limit})})
     try:
-        source = _build_source(spec)
+        source = build_source(spec)
         resources = source.selected_resources.values() if hasattr(source, "selected_resources") else [source]
         return {"resources": {resource.name: _sample(resource, limit) for resource in resources}}
     except ConnectorRunError:
