@@ -41,14 +41,16 @@ def post_worker_init(worker):
         gunicorn_term(signum, frame)
 
     signal.signal(signal.SIGTERM, on_term)
-    worker.flowgate_executor = executor
+    worker.flowgate_services = services
 
 
 def worker_exit(server, worker):
     """Let running pipelines finish within the graceful timeout; record the ones that cannot."""
-    executor = getattr(worker, "flowgate_executor", None)
-    if executor is None:  # the worker died before its executor started
+    services = getattr(worker, "flowgate_services", None)
+    if services is None:  # the worker died before its executor started
         return
+    services.dispatcher.stop_sync()
+    executor = services.executor
     # gunicorn kills the worker graceful_timeout after SIGTERM; keep a second to write the records.
     unfinished = executor.shutdown(timeout=max(server.cfg.graceful_timeout - 1, 0))
     if unfinished:

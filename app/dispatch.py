@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from datetime import datetime
 import time
+from datetime import datetime
 from typing import Any
 
 from app.config import Settings
@@ -12,7 +12,7 @@ from app.errors import Conflict, NotFound, Unavailable, ValidationFailed
 from app.prefect_client import FLOW_NAME, STATE_TO_STATUS, SUMMARY_ARTIFACT_PREFIX, PrefectClient, PrefectError
 from app.prefect_route import PrefectRoute
 from app.runs.executor import LocalExecutor
-from app.runs.models import Run, utcnow
+from app.runs.models import COMPLETED, FAILED, TERMINAL, Run, utcnow
 from app.runs.store import IdempotencyConflict, NewRun, RunStore
 from connectors.pipeline import Workspace, concurrency_key
 from connectors.registry import ConnectorRegistry
@@ -47,7 +47,7 @@ class Dispatcher:
         try:
             spec.with_params(params)
         except ParamsError as exc:
-            raise ValidationFailed(exc.message, errors=[{"field": exc.field, "message": exc.message}]) from None
+            raise ValidationFailed.of_field(exc.field, exc.message) from None
         mode = backend or self.settings.backend
         deployment_id, reason = self._choose(connector_id, mode)
         new = NewRun(kind="connector", target=connector_id, params=params,
@@ -90,7 +90,7 @@ class Dispatcher:
             if exc.reason == "prefect_unreachable":
                 self.prefect.record_failure(exc)
             if forced:
-                self.store.update_unfinished(run.id, status="failed", finished_at=utcnow(), error={
+                self.store.update_unfinished(run.id, status=FAILED, finished_at=utcnow(), error={
                     "code": "prefect_create_failed", "message": exc.message})
                 raise Unavailable(f"Prefect failed to create the flow run: {exc.message}",
                                   code="prefect_unavailable", run_id=run.id) from None
@@ -124,9 +124,9 @@ class Dispatcher:
         values: dict[str, Any] = {"status": status, "prefect_state": state.get("name")}
         if flow_run.get("start_time") and not run.started_at:
             values["started_at"] = _parse_time(flow_run["start_time"])
-        if status in ("completed", "failed", "cancelled", "crashed"):
+        if status in TERMINAL:
             values["finished_at"] = _parse_time(flow_run.get("end_time")) or utcnow()
-            if status == "completed":
+            if status == COMPLETED:
                 rows = self.prefect.client.read_table_artifact(run.prefect_flow_run_id, SUMMARY_ARTIFACT_PREFIX)
                 values["result"] = rows[0] if rows else None
             else:

@@ -45,10 +45,20 @@ class Conflict(Problem):
     status, code, title = 409, "conflict", "Conflict"
 
 
+def field_error(field: str, message: str) -> dict[str, str]:
+    """One entry of a problem document's `errors`."""
+    return {"field": field or "(body)", "message": message}
+
+
 class ValidationFailed(Problem):
     """Well-formed JSON that breaks the contract; `errors` names each field."""
 
     status, code, title = 422, "validation_failed", "Unprocessable Content"
+
+    @classmethod
+    def of_field(cls, field: str, message: str) -> ValidationFailed:
+        """A 422 about one field."""
+        return cls(f"{field}: {message}", errors=[field_error(field, message)])
 
 
 class Unavailable(Problem):

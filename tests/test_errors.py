@@ -110,3 +110,15 @@ def test_an_unexpected_failure_is_a_500_problem_without_internals(app, client, m
     problem = assert_problem(response, 500, "internal_error")
     assert "secret internal detail" not in response.get_data(as_text=True)
     assert problem["instance"] == "/api/v1/runs"
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"connector_id": "shop"}, "connector_id"),
+    ({"params": "n=3"}, "params"),
+    ({"wait": True, "wait_seconds": 1}, "wait_seconds"),
+    ({"params": {"rows": 1}}, "params.rows"),
+])
+def test_the_versioned_trigger_route_refuses_bad_fields_too(client, body, field):
+    problem = assert_problem(client.post("/api/v1/connectors/numbers/runs", json=body), 422, "validation_failed")
+    assert field in [e["field"] for e in problem["errors"]]
+    assert client.get("/api/v1/runs").json["items"] == []

@@ -46,7 +46,7 @@ def preview(connector_id: str) -> dict[str, Any]:
     try:
         sample = preview_connector(spec.with_params(body.params), body.limit)
     except ParamsError as exc:
-        raise ValidationFailed(exc.message, errors=[{"field": exc.field, "message": exc.message}]) from None
+        raise ValidationFailed.of_field(exc.field, exc.message) from None
     except ConnectorRunError as exc:
         raise ValidationFailed(f"the connector's source failed: {exc.message}", code="preview_failed") from None
     return {"connector_id": spec.id, **sample}

@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 from flask import request
 from pydantic import BaseModel, ValidationError
 
-from app.errors import BadRequest, ValidationFailed
+from app.errors import BadRequest, ValidationFailed, field_error
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -48,7 +48,3 @@ def query(model: type[M]) -> M:
                                errors=[field_error(key, "given more than once") for key in repeated])
     return validated(model, args.to_dict())
 
-
-def field_error(field: str, message: str) -> dict[str, str]:
-    """One entry of a problem document's `errors`."""
-    return {"field": field or "(body)", "message": message}

@@ -9,7 +9,7 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, url_for
 
 from app import services
-from app.api.inputs import field_error, query
+from app.api.inputs import query
 from app.errors import Conflict, NotFound, ValidationFailed
 from app.runs.models import Run
 from app.schemas import RunOut, RunQuery
@@ -74,5 +74,4 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
         created_at, run_id = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode().split("|")
         return datetime.fromisoformat(created_at), run_id
     except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise ValidationFailed("cursor is not one this API issued",
-                               errors=[field_error("cursor", "not a cursor returned as next_cursor")]) from None
+        raise ValidationFailed.of_field("cursor", "not a cursor returned as next_cursor") from None

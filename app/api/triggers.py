@@ -4,7 +4,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, request
 
 from app import services
-from app.api.inputs import field_error, json_object, validated
+from app.api.inputs import json_object, validated
 from app.api.runs import run_response
 from app.errors import ValidationFailed
 from app.schemas import RunOptions, TriggerRequest
@@ -28,12 +28,10 @@ def create_connector_run(connector_id: str) -> Response:
 def _start(connector_id: str, options: RunOptions) -> Response:
     svc = services()
     if options.wait > svc.settings.max_wait_seconds:
-        message = f"must be at most {svc.settings.max_wait_seconds:g} seconds"
-        raise ValidationFailed(f"wait {message}", errors=[field_error("wait", message)])
+        raise ValidationFailed.of_field("wait", f"must be at most {svc.settings.max_wait_seconds:g} seconds")
     key = options.idempotency_key or request.headers.get("Idempotency-Key")
     if key is not None and not 0 < len(key) <= 255:
-        raise ValidationFailed("Idempotency-Key must be 1 to 255 characters",
-                               errors=[field_error("Idempotency-Key", "must be 1 to 255 characters")])
+        raise ValidationFailed.of_field("Idempotency-Key", "must be 1 to 255 characters")
     run, _ = svc.dispatcher.trigger_connector(connector_id, options.params, options.backend, key)
     if options.wait and not run.is_terminal:
         run = svc.dispatcher.wait_for_end(run.id, options.wait)
