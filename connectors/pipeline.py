@@ -106,7 +106,11 @@ class ConnectorPipeline:
                                     f"{type(cause).__name__}: {cause}") from exc
 
     def _recover(self) -> None:
-        # A run killed mid-way leaves load packages behind; finish them first, as dlt's own run() does.
+        # As dlt's own run() does: take the state (incremental cursors, schemas) from the destination when it is
+        # newer than the local working dir (a new host, a lost var/, the other execution path loaded last)...
+        if self._pipeline.config.restore_from_destination:
+            self._pipeline.sync_destination()
+        # ...and finish the load packages a run killed mid-way left behind.
         if self._pipeline.has_pending_data:
             self._normalize()
             self._load()
@@ -182,12 +186,16 @@ def build_source(spec: ConnectorSpec) -> Any:
     if isinstance(source, SqlDatabaseSource):
         from dlt.sources.sql_database import sql_database
 
+        from connectors.cursor_loader import CursorArrowLoader
+
         database = sql_database(
             credentials=source.url,
             schema=source.db_schema,
             table_names=source.tables,
             backend=source.backend,
             chunk_size=source.chunk_size,
+            # pyarrow: the same Arrow tables as dlt's loader, fetched from the DBAPI cursor (2-3x faster here)
+            table_loader_class=CursorArrowLoader if source.backend == "pyarrow" else None,
         )
         if source.incremental:
             for resource in database.resources.values():
