@@ -10,12 +10,16 @@ import pytest
 from app import create_app
 from tests.prefect_stack import PrefectStack, fresh_postgres_database
 from tests.test_api_triggers import poll_until_ended
+from tests.test_pipeline import _events_db
 
 DEPLOYED = """
 connectors:
   numbers:
     source: {kind: python, ref: "connectors.demo:numbers", args: {n: 10, delay_seconds: 0}}
     dataset: raw
+  inc:
+    source: {kind: sql_database, url: "sqlite:///events.db", tables: [events], incremental: {cursor: updated_at}}
+    destination: {path: shared/inc.duckdb}  # one file both paths write (never at once: one run at a time)
   ticker:
     source: {kind: python, ref: "connectors.demo:numbers", args: {n: 1}}
     dataset: raw
@@ -70,9 +74,9 @@ def test_deploy_is_idempotent_and_removes_deployments_of_removed_connectors(stac
     only_numbers = stack.workdir / "only-numbers.yaml"
     only_numbers.write_text(DEPLOYED.split("  ticker:")[0])
     assert "removed 1: ticker" in stack.deploy(only_numbers)
-    assert set(deployments()) == {"numbers"}
+    assert set(deployments()) == {"numbers", "inc"}
     stack.deploy(stack.workdir / "deployed.yaml")
-    assert set(deployments()) == {"numbers", "ticker"}
+    assert set(deployments()) == {"numbers", "inc", "ticker"}
 
 
 def test_a_trigger_becomes_a_prefect_flow_run_and_shows_its_summary(stack, gateway):
@@ -90,6 +94,21 @@ def test_a_trigger_becomes_a_prefect_flow_run_and_shows_its_summary(stack, gatew
     flow_run = stack.api("GET", f"flow_runs/{run['prefect_flow_run_id']}")
     task_runs = stack.api("POST", "task_runs/filter", json={"flow_runs": {"id": {"any_": [flow_run["id"]]}}})
     assert {t["name"].split("-")[0] for t in task_runs} >= {"extract", "normalize", "load"}
+
+
+def test_incremental_state_carries_over_between_the_prefect_and_the_local_path(stack, gateway):
+    def run(backend: str) -> dict:
+        accepted = gateway.post("/trigger", json={"connector_id": "inc", "backend": backend}).json
+        done = poll_until_ended(gateway, accepted["status_url"], timeout=120)
+        assert done["status"] == "completed" and done["backend"] == backend, done
+        return done["result"]["rows"]
+
+    _events_db(stack.workdir / "events.db", [(i, "new", f"2025-01-01T00:00:{i:02d}") for i in range(20)])
+    assert run("prefect") == {"events": 20}
+    _events_db(stack.workdir / "events.db", [(i, "new", f"2025-01-02T00:00:{i:02d}") for i in range(20, 25)])
+    assert run("local") == {"events": 5}  # the cursor the worker left in the destination
+    _events_db(stack.workdir / "events.db", [(25, "new", "2025-01-03T00:00:00")])
+    assert run("prefect") == {"events": 1}
 
 
 def test_the_same_idempotency_key_gives_one_flow_run(stack, gateway):
