@@ -12,10 +12,12 @@ ITEMS = [{"id": i, "name": f"item {i}"} for i in range(1, 26)]
 
 
 class ApiServer:
-    """Serves /items (cursor), /orders (offset), /events (Link header); records every request path."""
+    """Serves /items (cursor), /orders (offset), /events (Link header) and /changes (rows with id > `since`);
+    records every request path."""
 
     def __init__(self) -> None:
         self.requests: list[str] = []
+        self.changes = [dict(item, updated=item["id"]) for item in ITEMS]
         self.failures = {"/items?cursor=10": 429, "/orders?offset=10&limit=10": 500}
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
@@ -61,6 +63,9 @@ class ApiServer:
                     page = int(query.get("page", 1))
                     headers = {"Link": f'<{server.url}/events?page={page + 1}>; rel="next"'} if page < 3 else {}
                     return self._json(200, ITEMS[(page - 1) * 10:page * 10], headers)
+                if url.path == "/changes":
+                    since = int(query.get("since", 0))
+                    return self._json(200, [row for row in server.changes if row["updated"] > since])
                 return self._json(404, {"error": "no such path"})
 
         return Handler

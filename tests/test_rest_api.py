@@ -65,3 +65,40 @@ def test_a_rest_api_connector_without_base_url_is_refused_at_start_up(tmp_path: 
     path.write_text("connectors:\n  api:\n    source: {kind: rest_api, config: {client: {}, resources: [x]}}\n")
     with pytest.raises(Exception, match=r"connector 'api': field 'source.config'.*base_url"):
         ConnectorRegistry.load(path)
+
+
+INCREMENTAL_YAML = """
+connectors:
+  changes:
+    source:
+      kind: rest_api
+      config:
+        client: {{base_url: "{url}/", auth: {{type: bearer, token: "{token}"}}}}
+        resources:
+          - name: changes
+            primary_key: id
+            endpoint:
+              path: changes
+              paginator: single_page
+              params:
+                since: {{type: incremental, cursor_path: updated, initial_value: 0}}
+    write_disposition: merge
+    dataset: api_raw
+"""
+
+
+def test_rest_api_incremental_params_ask_only_for_what_changed_since_the_last_run(api, tmp_path: Path):
+    path = tmp_path / "connectors.yaml"
+    path.write_text(INCREMENTAL_YAML.format(url=api.url, token=TOKEN))
+    spec = ConnectorRegistry.load(path).get("changes")
+    workspace = Workspace(tmp_path / "dlt", tmp_path / "duckdb")
+    assert run_connector(spec, workspace).rows == {"changes": 25}
+
+    api.changes[2] = {**api.changes[2], "name": "renamed", "updated": 30}
+    api.changes.append({"id": 26, "name": "item 26", "updated": 31})
+    second = run_connector(spec, workspace)
+    assert api.requests[-1] == "/changes?since=25"  # the cursor came from dlt's state
+    assert second.rows == {"changes": 2}
+    with duckdb.connect(second.location, read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM api_raw.changes").fetchone()[0] == 26
+        assert con.execute("SELECT name FROM api_raw.changes WHERE id = 3").fetchone()[0] == "renamed"
