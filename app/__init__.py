@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import os
+import socket
+from dataclasses import dataclass, replace
 from datetime import date
 from decimal import Decimal
 from typing import Any
@@ -16,6 +18,9 @@ from app.runs.executor import LocalExecutor
 from app.runs.store import RunStore
 from connectors.pipeline import Workspace
 from connectors.registry import ConnectorRegistry, RegistryError
+from flows.engine import WorkflowEngine
+from flows.nodes import make_toolbox
+from flows.workflow_registry import WorkflowError, WorkflowRegistry
 
 __version__ = "0.1.0"
 
@@ -26,9 +31,11 @@ class Services:
 
     settings: Settings
     registry: ConnectorRegistry
+    workflows: WorkflowRegistry
     store: RunStore
     executor: LocalExecutor
     dispatcher: Dispatcher
+    engine: WorkflowEngine  # for execute-node: one node inside the request, no cache
 
 
 def services() -> Services:
@@ -49,7 +56,7 @@ class JSONProvider(DefaultJSONProvider):
 
 
 def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
-    """Build the gateway: settings, connectors, run store, executor (not started), blueprints."""
+    """Build the gateway: settings, connectors, workflows, run store, executor (not started), blueprints."""
     settings = config if isinstance(config, Settings) else load_settings(config)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
@@ -64,13 +71,20 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
         registry = ConnectorRegistry.load(settings.connectors_file)
     except RegistryError as exc:
         raise ConfigError(str(exc)) from None
+    try:
+        workflows = WorkflowRegistry.load(settings.workflows_dir, connector_ids=[spec.id for spec in registry])
+    except WorkflowError as exc:
+        raise ConfigError(str(exc)) from None
     store = RunStore(settings.run_store_url)
     store.create_schema()
     workspace = Workspace(pipelines_dir=settings.pipelines_dir, duckdb_dir=settings.duckdb_dir)
+    toolbox = make_toolbox(settings)
     executor = LocalExecutor(store, registry, workspace, slots=settings.executor_threads,
-                             lease_seconds=settings.lease_seconds, poll_seconds=settings.poll_seconds)
+                             lease_seconds=settings.lease_seconds, poll_seconds=settings.poll_seconds, toolbox=toolbox)
     dispatcher = Dispatcher(settings, store, registry, executor, workspace, prefect=make_prefect_route(settings))
-    app.extensions["flowgate"] = Services(settings, registry, store, executor, dispatcher)
+    engine = WorkflowEngine(replace(toolbox, run_connector=executor.connector_runner(
+        owner=f"execute-node:{socket.gethostname()}:{os.getpid()}")))
+    app.extensions["flowgate"] = Services(settings, registry, workflows, store, executor, dispatcher, engine)
 
     from app import api, errors, openapi
 

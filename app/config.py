@@ -56,6 +56,27 @@ class Settings(BaseSettings):
                                     validation_alias=AliasChoices("FLOWGATE_MAX_WAIT_SECONDS", "max_wait_seconds"),
                                     description="Longest a trigger may block with `wait`.")
 
+    workflows_dir: Path = Field(Path("workflows"), validation_alias=AliasChoices("FLOWGATE_WORKFLOWS", "workflows_dir"),
+                                description="Folder of workflow YAML files (one workflow per file).")
+    http_allowed_hosts: str = Field("", validation_alias=AliasChoices("FLOWGATE_HTTP_ALLOWED_HOSTS",
+                                                                      "http_allowed_hosts"),
+                                    description="Hosts the workflow `http` node may call, comma-separated "
+                                                "(`api.example.com`, `*.example.com`, `127.0.0.1:8080`); "
+                                                "empty: none.")
+    llm_provider: Literal["offline", "openai"] = Field(
+        "offline", validation_alias=AliasChoices("FLOWGATE_LLM_PROVIDER", "llm_provider"),
+        description="The `llm` node's provider: offline (deterministic, no network) or an OpenAI-compatible API.")
+    llm_base_url: str = Field("https://api.openai.com/v1",
+                              validation_alias=AliasChoices("FLOWGATE_LLM_BASE_URL", "llm_base_url"),
+                              description="Base URL of the OpenAI-compatible API (…/v1).")
+    llm_api_key: str | None = Field(None, validation_alias=AliasChoices("FLOWGATE_LLM_API_KEY", "llm_api_key"),
+                                    description="Bearer key of the LLM API.", repr=False)
+    llm_model: str = Field("gpt-4o-mini", min_length=1, validation_alias=AliasChoices("FLOWGATE_LLM_MODEL", "llm_model"),
+                           description="Model used when a node names none.")
+    max_node_wait_seconds: float = Field(
+        60.0, gt=0, le=600, validation_alias=AliasChoices("FLOWGATE_MAX_NODE_SECONDS", "max_node_wait_seconds"),
+        description="Longest execute-node may run one node inside a request.")
+
     @property
     def run_store_url(self) -> str:
         """The SQLAlchemy URL of the run store."""

@@ -4,12 +4,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from datetime import datetime
 from typing import Any
 
 from app.config import Settings
 from app.errors import Conflict, NotFound, Unavailable, ValidationFailed
-from app.prefect_client import FLOW_NAME, STATE_TO_STATUS, SUMMARY_ARTIFACT_PREFIX, PrefectClient, PrefectError
+from app.prefect_client import (
+    FLOW_NAME, STATE_TO_STATUS, SUMMARY_ARTIFACT_PREFIX, WORKFLOW_DEPLOYMENT, WORKFLOW_FLOW_NAME, PrefectClient,
+    PrefectError,
+)
 from app.prefect_route import PrefectRoute
 from app.runs.executor import LocalExecutor
 from app.runs.models import COMPLETED, FAILED, TERMINAL, Run, utcnow
@@ -17,6 +21,7 @@ from app.runs.store import IdempotencyConflict, NewRun, RunStore
 from connectors.pipeline import Workspace, concurrency_key
 from connectors.registry import ConnectorRegistry
 from connectors.spec import ParamsError
+from flows.workflow_spec import WorkflowSpec
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +69,27 @@ class Dispatcher:
             self.executor.wake()
         return run, created
 
-    def _choose(self, connector_id: str, mode: str) -> tuple[str | None, str | None]:
+    def trigger_workflow(self, spec: WorkflowSpec, inputs: dict[str, Any], mode: str, backend: str | None = None,
+                         idempotency_key: str | None = None) -> tuple[Run, bool]:
+        """Store and dispatch a workflow run; the definition travels with the run, so any process can run it."""
+        chosen = backend or self.settings.backend
+        deployment_id, reason = self._choose(WORKFLOW_DEPLOYMENT, chosen, flow_name=WORKFLOW_FLOW_NAME)
+        params = {"inputs": inputs, "mode": mode, "workflow": spec.model_dump(mode="json")}
+        new = NewRun(kind="workflow", target=spec.id, params=params, backend="prefect" if deployment_id else "local",
+                     concurrency_key=f"workflow-run:{uuid.uuid4().hex}", fallback_reason=reason,
+                     idempotency_key=idempotency_key)
+        try:
+            run, created = self.store.create_run(new)
+        except IdempotencyConflict as exc:
+            raise Conflict(str(exc), code="idempotency_key_reused", run_id=exc.run.id) from None
+        if created and deployment_id:
+            run = self._create_flow_run(run, deployment_id, forced=chosen == "prefect",
+                                        parameters={"run_id": run.id, **params})
+        if created and run.backend == "local":
+            self.executor.wake()
+        return run, created
+
+    def _choose(self, deployment: str, mode: str, flow_name: str = FLOW_NAME) -> tuple[str | None, str | None]:
         """(deployment id, None) to use Prefect, or (None, why not) to run locally."""
         if mode == "local":
             return None, None
@@ -73,18 +98,19 @@ class Dispatcher:
                 raise Unavailable("backend 'prefect' was requested but PREFECT_API_URL is not set",
                                   code="prefect_unavailable", reason=NOT_CONFIGURED)
             return None, NOT_CONFIGURED
-        route = self.prefect.route(connector_id)
+        route = self.prefect.route(deployment, flow_name)
         if not route.ok and mode == "prefect":
             raise Unavailable(f"backend 'prefect' was requested but Prefect cannot take the run: {route.detail}",
                               code="prefect_unavailable", reason=route.reason)
         return route.deployment_id, route.reason
 
-    def _create_flow_run(self, run: Run, deployment_id: str, forced: bool) -> Run:
-        # Prefect scopes idempotency keys to the flow: prefix with the connector so keys never collide.
-        key = f"flowgate:{run.target}:{run.idempotency_key or run.id}"
+    def _create_flow_run(self, run: Run, deployment_id: str, forced: bool,
+                         parameters: dict[str, Any] | None = None) -> Run:
+        # Prefect scopes idempotency keys to the flow: prefix with the target so keys never collide.
+        key = f"flowgate:{run.kind}:{run.target}:{run.idempotency_key or run.id}"
         try:
             flow_run = self.prefect.client.create_flow_run(
-                deployment_id, {"connector_id": run.target, "params": run.params}, key,
+                deployment_id, parameters or {"connector_id": run.target, "params": run.params}, key,
                 tags=["flowgate", f"flowgate-run:{run.id}"])
         except PrefectError as exc:
             if exc.reason == "prefect_unreachable":

@@ -9,13 +9,15 @@ from pydantic.json_schema import models_json_schema
 
 from app import __version__
 from app.schemas import (
-    ConnectorDetail, ConnectorList, ConnectorSchema, Health, PreviewOut, PreviewRequest, ProblemDetail, Readiness, RunOptions, RunOut,
-    RunPage, RunQuery, TriggerRequest,
+    ConnectorDetail, ConnectorList, ConnectorSchema, ExecuteNodeRequest, Health, NodeRunOut, PreviewOut, PreviewRequest,
+    ProblemDetail, Readiness, RunOptions, RunOut, RunPage, RunQuery, TriggerRequest, WorkflowAccepted,
+    WorkflowExecuteRequest, WorkflowExecution,
 )
 
 _MODELS: list[type[BaseModel]] = [TriggerRequest, RunOptions, RunOut, RunPage, ConnectorList, ConnectorDetail,
                                   Health, Readiness, ProblemDetail, PreviewRequest, PreviewOut,
-                                  ConnectorSchema]
+                                  ConnectorSchema, WorkflowExecuteRequest, WorkflowAccepted, WorkflowExecution,
+                                  ExecuteNodeRequest, NodeRunOut]
 _PROBLEMS = {"400": "Malformed JSON or a body that is not an object", "404": "Unknown resource",
              "405": "Method not allowed", "413": "Body too large", "422": "A field is missing, mistyped or unknown"}
 
@@ -92,6 +94,23 @@ def build_document() -> dict[str, Any]:
             "parameters": [_path_param("connector_id")],
             "responses": {"200": _json(ConnectorSchema, "The loaded tables"),
                           **_problems("404", "503")}}},
+        "/api/workflow/{workflow_id}/execute": {"post": {
+            "operationId": "executeWorkflow",
+            "summary": "Start a workflow (from the workflows folder, or inline in `workflow`); answers at once",
+            "parameters": [_path_param("workflow_id"), _IDEMPOTENCY_HEADER],
+            "requestBody": _body(WorkflowExecuteRequest),
+            "responses": {"200": _json(WorkflowAccepted, "The execution ended within `wait`"),
+                          "202": _json(WorkflowAccepted, "The execution is queued or running; poll statusUrl"),
+                          **_problems("400", "404", "409", "413", "422", "503")}}},
+        "/api/workflow/execution/{execution_id}": {"get": {
+            "operationId": "getWorkflowExecution", "summary": "A workflow execution, node by node",
+            "parameters": [_path_param("execution_id")],
+            "responses": {"200": _json(WorkflowExecution, "The execution"), **_problems("404")}}},
+        "/api/workflow/{workflow_id}/execute-node": {"post": {
+            "operationId": "executeNode", "summary": "Run one node now with `inputData`; answers with its output",
+            "parameters": [_path_param("workflow_id")], "requestBody": {**_body(ExecuteNodeRequest), "required": True},
+            "responses": {"200": _json(NodeRunOut, "The node ran: `success` says whether it completed"),
+                          **_problems("400", "413", "422")}}},
         "/api/v1/runs": {"get": {
             "operationId": "listRuns", "summary": "Runs, newest first", "parameters": _query_parameters(RunQuery),
             "responses": {"200": _json(RunPage, "A page of runs"), **_problems("422")}}},

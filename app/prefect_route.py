@@ -50,21 +50,22 @@ class PrefectRoute:
     def circuit_open(self) -> bool:
         return self._open_since is not None
 
-    def route(self, connector_id: str) -> Route:
-        """The deployment to run `connector_id` on, or the reason Prefect cannot take it now."""
+    def route(self, deployment_name: str, flow_name: str | None = None) -> Route:
+        """The deployment `flow/deployment_name` to run on, or the reason Prefect cannot take the run now."""
+        flow_name = flow_name or self.flow_name
         if self.circuit_open:
             return Route(None, "prefect_circuit_open", self._last_error)
         try:
-            deployment = self._cached(f"deployment:{connector_id}",
-                                      lambda: self.client.read_deployment(self.flow_name, connector_id))
+            deployment = self._cached(f"deployment:{flow_name}/{deployment_name}",
+                                      lambda: self.client.read_deployment(flow_name, deployment_name))
             pool = deployment.get("work_pool_name")
             if not pool:
-                return Route(None, "no_work_pool", f"deployment {connector_id} has no work pool")
+                return Route(None, "no_work_pool", f"deployment {deployment_name} has no work pool")
             if not self._cached(f"workers:{pool}", lambda: self.client.workers_online(pool)):
                 return Route(None, "no_worker_online", f"no worker of pool '{pool}' is online")
             return Route(str(deployment["id"]))
         except PrefectNotFound:
-            return Route(None, "no_deployment", f"no deployment {self.flow_name}/{connector_id}")
+            return Route(None, "no_deployment", f"no deployment {flow_name}/{deployment_name}")
         except PrefectUnavailable as exc:
             self.record_failure(exc)
             return Route(None, exc.reason, exc.message)

@@ -58,6 +58,87 @@ class ConnectorSchema(BaseModel):
     tables: dict[str, list[dict[str, Any]]]
 
 
+class WorkflowExecuteRequest(_Request):
+    """Body of POST /api/workflow/<workflow_id>/execute."""
+
+    inputs: dict[str, Any] = Field(default_factory=dict, description="Available to templates as `inputs`.")
+    mode: Literal["optimized", "legacy"] = Field(
+        "optimized", description="optimized: each layer's nodes in parallel; legacy: one node at a time.")
+    workflow: dict[str, Any] | None = Field(
+        None, description="An inline definition (nodes, connections) instead of the one in the workflows folder.")
+    backend: Literal["auto", "local", "prefect"] | None = Field(
+        None, description="Force a path; default is the gateway's FLOWGATE_BACKEND.")
+    wait: float = Field(0, ge=0, description="Seconds to block for the execution to end (0: answer at once).")
+
+
+class WorkflowAccepted(BaseModel):
+    """The answer to execute: the seed's shape, plus where to follow the execution."""
+
+    success: bool
+    executionId: str
+    status: RunStatus
+    message: str
+    backend: str
+    statusUrl: str
+
+
+class NodeExecutionOut(BaseModel):
+    """One node of an execution."""
+
+    id: str
+    type: str
+    layer: int
+    status: Literal["pending", "running", "completed", "failed", "skipped", "upstream_failed", "cancelled"]
+    attempts: int
+    cached: bool
+    started_at: str | None
+    finished_at: str | None
+    duration_seconds: float | None
+    output: Any = None
+    error: dict[str, Any] | None = None
+
+
+class WorkflowExecution(BaseModel):
+    """GET /api/workflow/execution/<id>: the workflow's status and every node's."""
+
+    success: bool
+    executionId: str
+    workflowId: str
+    status: RunStatus
+    mode: str
+    backend: str
+    fallbackReason: str | None
+    prefectFlowRunId: str | None
+    createdAt: datetime
+    startedAt: datetime | None
+    finishedAt: datetime | None
+    durationSeconds: float | None
+    layers: list[list[str]]
+    outputs: dict[str, Any]
+    error: dict[str, Any] | None
+    nodes: list[NodeExecutionOut]
+
+
+class ExecuteNodeRequest(_Request):
+    """Body of POST /api/workflow/<workflow_id>/execute-node (the seed's shape)."""
+
+    nodeId: str = Field(min_length=1, max_length=100)
+    nodeType: str = Field(min_length=1, max_length=50)
+    node: dict[str, Any] = Field(default_factory=dict, description="The node: id, type, config (templates allowed).")
+    inputData: dict[str, Any] = Field(default_factory=dict, description="The node's input, and `inputs` of templates.")
+
+
+class NodeRunOut(BaseModel):
+    """The answer to execute-node: output on success, error otherwise."""
+
+    success: bool
+    nodeId: str
+    output: Any = None
+    error: dict[str, Any] | None = None
+    mode: Literal["local"]
+    durationSeconds: float | None
+
+
 class RunQuery(_Request):
     """Query parameters of GET /api/v1/runs."""
 
@@ -73,6 +154,7 @@ class RunOut(BaseModel):
     run_id: str
     kind: str
     connector_id: str | None
+    workflow_id: str | None
     status: RunStatus
     backend: str
     params: dict[str, Any]
@@ -92,6 +174,7 @@ class RunOut(BaseModel):
     def from_run(cls, run: Run, status_url: str) -> RunOut:
         """Build from a stored run."""
         return cls(run_id=run.id, kind=run.kind, connector_id=run.target if run.kind == "connector" else None,
+                   workflow_id=run.target if run.kind == "workflow" else None,
                    status=run.status, backend=run.backend, params=run.params or {},
                    fallback_reason=run.fallback_reason, prefect_flow_run_id=run.prefect_flow_run_id,
                    prefect_state=run.prefect_state, attempts=run.attempts, created_at=run.created_at,

@@ -57,6 +57,7 @@ def workdir(tmp_path: Path) -> Path:
 def app_config(workdir: Path) -> dict:
     """Settings for a test app: everything under the test's folder, short leases, fast polling."""
     return {"var_dir": workdir / "var", "connectors_file": workdir / "connectors.yaml",
+            "workflows_dir": workdir / "workflows",
             "lease_seconds": 2.0, "poll_seconds": 0.05, "executor_threads": 2}
 
 

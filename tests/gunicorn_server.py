@@ -29,6 +29,7 @@ class GunicornServer:
         self.log_path = workdir / f"gunicorn-{self.port}.log"
         self.env = {**os.environ, "FLOWGATE_BIND": f"127.0.0.1:{self.port}", "WEB_CONCURRENCY": str(workers),
                     "FLOWGATE_VAR_DIR": str(workdir / "var"), "FLOWGATE_CONNECTORS": str(workdir / "connectors.yaml"),
+                    "FLOWGATE_WORKFLOWS": str(workdir / "workflows"),
                     "FLOWGATE_POLL_SECONDS": "0.1", "PYTHONUNBUFFERED": "1", **env}
         self.process: subprocess.Popen | None = None
 

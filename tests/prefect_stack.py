@@ -71,7 +71,8 @@ class PrefectStack:
             "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
             "PREFECT_SERVER_SERVICES_SCHEDULER_MIN_RUNS": "1", "PREFECT_SERVER_SERVICES_SCHEDULER_MAX_RUNS": "3",
             "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "2",
-            "FLOWGATE_CONNECTORS": str(workdir / "connectors.yaml"), "FLOWGATE_VAR_DIR": str(workdir / "worker-var"),
+            "FLOWGATE_CONNECTORS": str(workdir / "connectors.yaml"),
+            "FLOWGATE_WORKFLOWS": str(workdir / "workflows"), "FLOWGATE_VAR_DIR": str(workdir / "worker-var"),
         })
         if database_url:  # e.g. postgresql+asyncpg://...; SQLite under PREFECT_HOME otherwise
             self.env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url

@@ -27,7 +27,8 @@ def test_connector_secrets_never_reach_a_response(tmp_path, monkeypatch):
     (tmp_path / "c.yaml").write_text(
         "connectors:\n  dwh:\n    source: {kind: sql_database, "
         "url: 'postgresql+psycopg://loader:${WAREHOUSE_PASSWORD}@dwh:5432/x', tables: [t]}\n")
-    app = create_app({"var_dir": tmp_path / "var", "connectors_file": tmp_path / "c.yaml"})
+    app = create_app({"var_dir": tmp_path / "var", "connectors_file": tmp_path / "c.yaml",
+                      "workflows_dir": tmp_path / "workflows"})
     client = app.test_client()
     for path in ("/api/v1/connectors", "/api/v1/connectors/dwh", "/openapi.json"):
         assert "pa55word-xyz" not in client.get(path).get_data(as_text=True)

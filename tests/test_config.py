@@ -40,4 +40,5 @@ def test_a_bad_value_stops_the_start_naming_the_variable(monkeypatch, name, valu
 def test_an_invalid_connectors_file_stops_the_app_from_starting(tmp_path):
     (tmp_path / "c.yaml").write_text("connectors:\n  x:\n    source: {kind: nope}\n")
     with pytest.raises(ConfigError, match=r"c.yaml: connector 'x': field 'source'"):
-        create_app({"var_dir": tmp_path / "var", "connectors_file": tmp_path / "c.yaml"})
+        create_app({"var_dir": tmp_path / "var", "connectors_file": tmp_path / "c.yaml",
+                    "workflows_dir": tmp_path / "workflows"})

@@ -49,6 +49,7 @@ def stack(tmp_path_factory) -> PrefectStack:
 @pytest.fixture
 def gateway(stack: PrefectStack, tmp_path: Path):
     app = create_app({"var_dir": tmp_path / "var", "connectors_file": stack.workdir / "connectors.yaml",
+                      "workflows_dir": stack.workdir / "workflows",
                       "prefect_api_url": stack.api_url, "lease_seconds": 2.0, "poll_seconds": 0.05})
     services = app.extensions["flowgate"]
     services.executor.start()

@@ -6,7 +6,7 @@ from flask import Flask
 
 def init_app(app: Flask) -> None:
     """Register every blueprint."""
-    from app.api import connectors, health, runs, triggers
+    from app.api import connectors, health, runs, triggers, workflows
 
-    for module in (health, triggers, runs, connectors):
+    for module in (health, triggers, runs, connectors, workflows):
         app.register_blueprint(module.bp)

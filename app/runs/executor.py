@@ -7,29 +7,35 @@ import socket
 import threading
 import time
 import uuid
+from dataclasses import replace
 from typing import Any
 
 from app.runs.models import CANCELLED, COMPLETED, CRASHED, FAILED, Run
 from app.runs.store import RunStore
+from app.runs.workflow_runs import InlineConnectorRunner, record_pending_nodes, run_workflow, workflow_outcome
 from connectors.pipeline import ConnectorRunError, RunCancelled, Workspace, run_connector
 from connectors.registry import ConnectorRegistry
 from connectors.spec import ParamsError
+from flows.nodes import Toolbox
+from flows.workflow_spec import WorkflowSpec
 
 log = logging.getLogger(__name__)
 
 
 class LocalExecutor:
-    """Runs connectors in this process; the store decides who runs what, so capacity is shared by all processes.
+    """Runs connectors and workflows in this process; the store decides who runs what, so capacity is shared by all
+    processes.
 
     Nothing is queued in memory: a run waits in the store until some executor claims it, holds a
     lease renewed by a heartbeat while it runs, and a lapsed lease marks it crashed.
     """
 
     def __init__(self, store: RunStore, registry: ConnectorRegistry, workspace: Workspace,
-                 slots: int, lease_seconds: float, poll_seconds: float):
+                 slots: int, lease_seconds: float, poll_seconds: float, toolbox: Toolbox | None = None):
         self.store = store
         self.registry = registry
         self.workspace = workspace
+        self.toolbox = toolbox or Toolbox()
         self.slots = slots
         self.lease_seconds = lease_seconds
         self.poll_seconds = poll_seconds
@@ -144,7 +150,13 @@ class LocalExecutor:
 
     # --- one run ----------------------------------------------------------------------------
 
+    def connector_runner(self, owner: str | None = None) -> InlineConnectorRunner:
+        """Runs a workflow's connector nodes as connector runs held by `owner` (this executor by default)."""
+        return InlineConnectorRunner(self.store, self.registry, self.workspace, owner or self.id, self.lease_seconds)
+
     def _execute(self, run: Run, cancel: threading.Event) -> None:
+        if run.kind == "workflow":
+            return self._execute_workflow(run, cancel)
         status, result, error = FAILED, None, None
         try:
             spec = self.registry.get(run.target)
@@ -161,6 +173,18 @@ class LocalExecutor:
             error = {"code": "invalid_params", "field": exc.field, "message": exc.message}
         except Exception as exc:  # anything else still ends the run in a recorded state
             log.exception("run %s failed unexpectedly", run.id)
+            error = {"code": "internal_error", "message": f"{type(exc).__name__}: {exc}"}
+        finally:
+            self._record(run.id, status, result, error)
+
+    def _execute_workflow(self, run: Run, cancel: threading.Event) -> None:
+        status, result, error = FAILED, None, None
+        try:
+            record_pending_nodes(self.store, run.id, WorkflowSpec.model_validate(run.params["workflow"]))
+            toolbox = replace(self.toolbox, run_connector=self.connector_runner())
+            status, result, error = workflow_outcome(run_workflow(run, self.store, toolbox, cancel.is_set))
+        except Exception as exc:  # anything else still ends the run in a recorded state
+            log.exception("workflow run %s failed unexpectedly", run.id)
             error = {"code": "internal_error", "message": f"{type(exc).__name__}: {exc}"}
         finally:
             self._record(run.id, status, result, error)

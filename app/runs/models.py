@@ -96,3 +96,28 @@ class Executor(Base):
     busy: Mapped[int] = mapped_column(Integer, default=0)
     started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class RunNode(Base):
+    """One node of a workflow run, as the engine last reported it; any process can read a run's progress."""
+
+    __tablename__ = "run_nodes"
+
+    run_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    node_id: Mapped[str] = mapped_column(String(100), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))
+    data: Mapped[dict[str, Any]] = mapped_column(JSON)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class NodeCacheEntry(Base):
+    """A cached node output, keyed by node type + resolved config + input; shared by every gateway process."""
+
+    __tablename__ = "node_cache"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    node_type: Mapped[str] = mapped_column(String(50))
+    output: Mapped[Any] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)

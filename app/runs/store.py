@@ -18,7 +18,8 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from app.runs.models import (
-    ACTIVE, CANCELLED, CANCELLING, CRASHED, QUEUED, RUNNING, TERMINAL, Base, Executor, Run, utcnow,
+    ACTIVE, CANCELLED, CANCELLING, CRASHED, QUEUED, RUNNING, TERMINAL, Base, Executor, NodeCacheEntry, Run, RunNode,
+    utcnow,
 )
 
 T = TypeVar("T")
@@ -157,6 +158,29 @@ class RunStore:
             raise IdempotencyConflict(run)
         return run, created
 
+    def start_inline(self, new: NewRun, owner: str, lease_seconds: float) -> Run | None:
+        """Insert a run already `running` and held by `owner` (a connector node runs it in its own thread).
+
+        None while another active run holds its concurrency key: the database refuses the second, as for claims.
+        """
+
+        def attempt() -> Run:
+            with self._session(write=True) as session:
+                if not self.is_sqlite:
+                    session.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _CLAIM_LOCK_ID})
+                now = utcnow()
+                run = Run(id=uuid.uuid4().hex, kind=new.kind, target=new.target, params=new.params, status=RUNNING,
+                          backend=new.backend, fallback_reason=new.fallback_reason, request_hash=new.request_hash,
+                          concurrency_key=new.concurrency_key, created_at=now, started_at=now, attempts=1,
+                          lease_owner=owner, lease_expires_at=now + timedelta(seconds=lease_seconds))
+                session.add(run)
+            return run
+
+        try:
+            return self._retry(attempt)
+        except IntegrityError:
+            return None
+
     @staticmethod
     def _by_idempotency_key(session: Session, new: NewRun) -> Run | None:
         return session.scalars(select(Run).where(
@@ -293,6 +317,60 @@ class RunStore:
                 return [run.id for run in expired]
 
         return self._retry(attempt)
+
+    # --- workflow nodes and the node cache -----------------------------------------------------
+
+    def save_nodes(self, run_id: str, nodes: list[tuple[int, dict[str, Any]]]) -> None:
+        """Record workflow nodes' latest states, each given as (position, node document with `id` and `status`)."""
+
+        def attempt() -> None:
+            with self._session(write=True) as session:
+                for position, data in nodes:
+                    row = session.get(RunNode, (run_id, data["id"]))
+                    if row is None:
+                        session.add(RunNode(run_id=run_id, node_id=data["id"], position=position,
+                                            status=data["status"], data=data, updated_at=utcnow()))
+                    else:
+                        row.status, row.data, row.updated_at = data["status"], data, utcnow()
+
+        try:
+            self._retry(attempt)
+        except IntegrityError:  # another process inserted one first (a Prefect sync racing a GET): update it
+            self._retry(attempt)
+
+    def nodes(self, run_id: str) -> list[dict[str, Any]]:
+        """A workflow run's nodes in declaration order."""
+        with self._session() as session:
+            return [row.data for row in session.scalars(
+                select(RunNode).where(RunNode.run_id == run_id).order_by(RunNode.position))]
+
+    def cache_get(self, key: str) -> tuple[bool, Any]:
+        """(True, output) for a live entry, (False, None) otherwise."""
+        with self._session() as session:
+            entry = session.get(NodeCacheEntry, key)
+            if entry is None or entry.expires_at <= utcnow():
+                return False, None
+            return True, entry.output
+
+    def cache_put(self, key: str, node_type: str, output: Any, ttl_seconds: float) -> None:
+        """Store an output for `ttl_seconds`; expired entries are swept on the way."""
+
+        def attempt() -> None:
+            now = utcnow()
+            with self._session(write=True) as session:
+                session.execute(delete(NodeCacheEntry).where(NodeCacheEntry.expires_at <= now))
+                entry = session.get(NodeCacheEntry, key)
+                if entry is None:
+                    session.add(NodeCacheEntry(key=key, node_type=node_type, output=output, created_at=now,
+                                               expires_at=now + timedelta(seconds=ttl_seconds)))
+                else:
+                    entry.output, entry.created_at = output, now
+                    entry.expires_at = now + timedelta(seconds=ttl_seconds)
+
+        try:
+            self._retry(attempt)
+        except IntegrityError:  # two processes cached the same key at once: either value will do
+            pass
 
     # --- executors --------------------------------------------------------------------------
 

@@ -1,0 +1,106 @@
+"""Workflows: execute (the seed's contract), follow an execution node by node, run one node by itself."""
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, Response, jsonify, request, url_for
+
+from app import services
+from app.api.inputs import json_object, validated
+from app.errors import NotFound, ValidationFailed
+from app.runs.models import Run
+from app.schemas import ExecuteNodeRequest, NodeExecutionOut, WorkflowExecuteRequest
+from flows.engine import COMPLETED
+from flows.workflow_registry import WorkflowError, node_problems, parse_workflow
+from flows.workflow_spec import NodeSpec, WorkflowSpec
+
+bp = Blueprint("workflows", __name__, url_prefix="/api/workflow")
+
+
+@bp.post("/<workflow_id>/execute")
+def execute(workflow_id: str) -> Response:
+    """Start an execution: 202 with its id at once (200 when it ended within `wait`)."""
+    svc = services()
+    body = validated(WorkflowExecuteRequest, json_object())
+    if body.wait > svc.settings.max_wait_seconds:
+        raise ValidationFailed.of_field("wait", f"must be at most {svc.settings.max_wait_seconds:g} seconds")
+    spec = _workflow(workflow_id, body.workflow)
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not 0 < len(key) <= 255:
+        raise ValidationFailed.of_field("Idempotency-Key", "must be 1 to 255 characters")
+    run, created = svc.dispatcher.trigger_workflow(spec, body.inputs, body.mode, body.backend, key)
+    if body.wait and not run.is_terminal:
+        run = svc.dispatcher.wait_for_end(run.id, body.wait)
+    status_url = url_for("workflows.get_execution", execution_id=run.id)
+    message = (f"Workflow execution {'started' if created else 'already accepted'} in background "
+               f"({run.backend}, {body.mode} mode)")
+    response = jsonify({"success": True, "executionId": run.id, "status": run.status, "message": message,
+                        "backend": run.backend, "statusUrl": status_url})
+    response.status_code = 200 if run.is_terminal else 202
+    response.headers["Location"] = status_url
+    return response
+
+
+@bp.get("/execution/<execution_id>")
+def get_execution(execution_id: str) -> dict[str, Any]:
+    """The execution's status and every node's status, timing, attempts and output."""
+    svc = services()
+    run = svc.store.get(execution_id)
+    if run is None or run.kind != "workflow":
+        raise NotFound(f"no workflow execution '{execution_id}'", code="execution_not_found")
+    run = svc.dispatcher.refresh(run)
+    return execution_document(run, svc.store.nodes(run.id))
+
+
+@bp.post("/<workflow_id>/execute-node")
+def execute_node(workflow_id: str) -> dict[str, Any]:
+    """Run one node now with `inputData` and answer with its output (nothing is cached or retried)."""
+    svc = services()
+    body = validated(ExecuteNodeRequest, json_object())
+    node_data = {"id": body.nodeId, "type": body.nodeType, **body.node}
+    for field in ("id", "type"):
+        expected = body.nodeId if field == "id" else body.nodeType
+        if node_data[field] != expected:
+            raise ValidationFailed.of_field(f"node.{field}", f"must match {'nodeId' if field == 'id' else 'nodeType'}")
+    node = validated(NodeSpec, node_data, prefix="node.")
+    problems = node_problems(node, [spec.id for spec in svc.registry])
+    if problems:
+        raise ValidationFailed(f"invalid node: {', '.join(f'node.{f}' for f, _ in problems)}",
+                               errors=[{"field": f"node.{f}", "message": m} for f, m in problems])
+    limit = svc.settings.max_node_wait_seconds
+    if node.timeout > limit:
+        raise ValidationFailed.of_field("node.timeout", f"must be at most {limit:g} seconds for execute-node")
+    result = svc.engine.run_node(node, body.inputData)
+    ok = result.status == COMPLETED
+    return {"success": ok, "nodeId": node.id, "output": result.output if ok else None,
+            "error": None if ok else result.error, "mode": "local", "durationSeconds": result.duration_seconds}
+
+
+def _workflow(workflow_id: str, inline: dict[str, Any] | None) -> WorkflowSpec:
+    svc = services()
+    if inline is None:
+        spec = svc.workflows.get(workflow_id)
+        if spec is None:
+            raise NotFound(f"no workflow '{workflow_id}' (give a definition in `workflow` to run one inline)",
+                           code="workflow_not_found")
+        return spec
+    try:
+        return parse_workflow(inline, workflow_id, [spec.id for spec in svc.registry])
+    except WorkflowError as exc:
+        errors = [{"field": f"workflow.{e['field']}", "message": e["message"]} for e in exc.errors]
+        raise ValidationFailed(f"invalid workflow: {'; '.join(e['field'] + ': ' + e['message'] for e in errors)}",
+                               code="invalid_workflow", errors=errors) from None
+
+
+def execution_document(run: Run, nodes: list[dict[str, Any]]) -> dict[str, Any]:
+    """A workflow run as GET /api/workflow/execution/<id> shows it."""
+    result = run.result or {}
+    duration = (run.finished_at - run.started_at).total_seconds() if run.finished_at and run.started_at else None
+    return {"success": run.status not in ("failed", "crashed"), "executionId": run.id, "workflowId": run.target,
+            "status": run.status, "mode": (run.params or {}).get("mode", "optimized"), "backend": run.backend,
+            "fallbackReason": run.fallback_reason, "prefectFlowRunId": run.prefect_flow_run_id,
+            "createdAt": run.created_at, "startedAt": run.started_at, "finishedAt": run.finished_at,
+            "durationSeconds": duration, "layers": result.get("layers") or WorkflowSpec.model_validate(
+                run.params["workflow"]).layers(),
+            "outputs": result.get("outputs") or {}, "error": run.error,
+            "nodes": [NodeExecutionOut.model_validate(node).model_dump(mode="json") for node in nodes]}

@@ -1,0 +1,121 @@
+"""Workflow runs on the local path: the engine, with node states, the node cache and connector runs in the run store."""
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from app.runs.models import COMPLETED, FAILED, Run
+from app.runs.store import NewRun, RunStore
+from connectors.pipeline import ConnectorRunError, RunCancelled, Workspace, concurrency_key, run_connector
+from connectors.registry import ConnectorRegistry
+from connectors.spec import ParamsError
+from flows.engine import NodeResult, WorkflowEngine, WorkflowResult
+from flows.nodes import NodeFailed, Toolbox
+from flows.workflow_spec import WorkflowSpec
+
+
+class StoreNodeCache:
+    """The engine's NodeCache in the run store: one cache for every gateway process."""
+
+    def __init__(self, store: RunStore):
+        self.store = store
+
+    def get(self, key: str) -> tuple[bool, Any]:
+        return self.store.cache_get(key)
+
+    def put(self, key: str, node_type: str, output: Any, ttl_seconds: float) -> None:
+        self.store.cache_put(key, node_type, output, ttl_seconds)
+
+
+class InlineConnectorRunner:
+    """Runs a connector node's connector in the node's own thread, as a connector run of its own in the store.
+
+    The run is inserted already running and held by `owner`, so the store's unique index serialises it with
+    every other run of the same DuckDB file or dlt pipeline (it waits for them); its own heartbeat renews the
+    lease, and a dead process leaves a lapsed lease that marks it crashed, as for any local run.
+    """
+
+    def __init__(self, store: RunStore, registry: ConnectorRegistry, workspace: Workspace, owner: str,
+                 lease_seconds: float, poll_seconds: float = 0.2):
+        self.store = store
+        self.registry = registry
+        self.workspace = workspace
+        self.owner = owner
+        self.lease_seconds = lease_seconds
+        self.poll_seconds = poll_seconds
+
+    def __call__(self, connector_id: str, params: dict[str, Any], should_stop: Callable[[], bool]) -> dict[str, Any]:
+        spec = self.registry.get(connector_id)
+        if spec is None:
+            raise NodeFailed(f"no connector '{connector_id}'", code="connector_not_found", terminal=True)
+        try:
+            runnable = spec.with_params(params)
+        except ParamsError as exc:
+            raise NodeFailed(f"{exc.field}: {exc.message}", code="invalid_params", terminal=True) from None
+        new = NewRun(kind="connector", target=connector_id, params=params, backend="local",
+                     concurrency_key=concurrency_key(spec, self.workspace), fallback_reason="workflow_node")
+        run = self.store.start_inline(new, self.owner, self.lease_seconds)
+        while run is None:  # another run holds the connector's destination: wait for it, as a queued run would
+            if should_stop():
+                raise NodeFailed(f"stopped while waiting for another run of '{connector_id}'", code="cancelled")
+            time.sleep(self.poll_seconds)
+            run = self.store.start_inline(new, self.owner, self.lease_seconds)
+        stop_heartbeat = threading.Event()
+        threading.Thread(target=self._renew, args=(run.id, stop_heartbeat), daemon=True,
+                         name=f"flowgate-node-lease-{run.id[:8]}").start()
+        try:
+            summary = run_connector(runnable, self.workspace, should_stop=should_stop)
+        except RunCancelled as exc:
+            self.store.finish(run.id, self.owner, "cancelled", error={"code": "cancelled", "message": str(exc)})
+            raise NodeFailed(str(exc), code="cancelled", terminal=True) from None
+        except ConnectorRunError as exc:
+            self.store.finish(run.id, self.owner, FAILED, error={
+                "code": "connector_failed", "step": exc.step, "message": exc.message, "terminal": exc.terminal})
+            raise NodeFailed(f"connector '{connector_id}' failed in {exc.step}: {exc.message}",
+                             code="connector_failed", terminal=exc.terminal) from None
+        finally:
+            stop_heartbeat.set()
+        result = {**summary.to_dict(), "run_id": run.id}
+        self.store.finish(run.id, self.owner, COMPLETED, result=summary.to_dict())
+        return result
+
+    def _renew(self, run_id: str, stop: threading.Event) -> None:
+        while not stop.wait(max(self.lease_seconds / 3, 0.1)):
+            self.store.renew_leases(self.owner, [run_id], self.lease_seconds)
+
+
+def node_recorder(store: RunStore, run_id: str, spec: WorkflowSpec) -> Callable[[NodeResult], None]:
+    """An engine observer that writes each node's change to the store."""
+    position = {node.id: index for index, node in enumerate(spec.nodes)}
+    return lambda result: store.save_nodes(run_id, [(position[result.id], result.to_dict())])
+
+
+def record_pending_nodes(store: RunStore, run_id: str, spec: WorkflowSpec) -> None:
+    """Every node as `pending`, so an execution document lists them all from the start."""
+    layer_of = {node_id: index for index, layer in enumerate(spec.layers()) for node_id in layer}
+    store.save_nodes(run_id, [(index, NodeResult(node.id, node.type, layer_of[node.id]).to_dict())
+                              for index, node in enumerate(spec.nodes)])
+
+
+def run_workflow(run: Run, store: RunStore, toolbox: Toolbox, should_stop: Callable[[], bool]) -> WorkflowResult:
+    """Execute a stored workflow run: its definition, inputs and mode come from the run's params."""
+    spec = WorkflowSpec.model_validate(run.params["workflow"])
+    engine = WorkflowEngine(toolbox, cache=StoreNodeCache(store))
+    return engine.run(spec, run.params.get("inputs") or {}, run.params.get("mode", "optimized"),
+                      observe=node_recorder(store, run.id, spec), should_stop=should_stop)
+
+
+def workflow_outcome(result: WorkflowResult) -> tuple[str, dict[str, Any], dict[str, Any] | None]:
+    """(run status, run result, run error) for a finished workflow."""
+    summary = {"workflow_id": result.workflow_id, "mode": result.mode, "layers": result.layers,
+               "duration_seconds": result.duration_seconds, "outputs": result.outputs}
+    if result.status == COMPLETED:
+        return COMPLETED, summary, None
+    if result.status == FAILED:
+        failed = result.failed_nodes
+        first = result.nodes[failed[0]].error or {}
+        return FAILED, summary, {"code": "node_failed", "nodes": failed,
+                                 "message": first.get("message", f"node '{failed[0]}' failed")}
+    return result.status, summary, {"code": "cancelled", "message": "the workflow was cancelled"}
