@@ -19,6 +19,7 @@ COPY --from=build /opt/venv /opt/venv
 COPY app ./app
 COPY connectors ./connectors
 COPY flows ./flows
+COPY workflows ./workflows
 COPY data/products.csv ./data/products.csv
 COPY wsgi.py gunicorn.conf.py connectors.yaml ./
 RUN python -m connectors.demo data/demo_shop.db \

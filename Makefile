@@ -15,6 +15,7 @@ bench: $(VENV)/.dev data/demo_shop.db
 	$(BIN)/python -m bench.trigger_throughput
 	$(BIN)/python -m bench.prefect_latency
 	$(BIN)/python -m bench.sql_throughput
+	$(BIN)/python -m bench.workflow_latency
 
 # Prefect server + deployments + process worker + gateway on one machine; Ctrl-C stops them all.
 stack: $(VENV)/.runtime data/demo_shop.db

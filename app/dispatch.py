@@ -11,8 +11,8 @@ from typing import Any
 from app.config import Settings
 from app.errors import Conflict, NotFound, Unavailable, ValidationFailed
 from app.prefect_client import (
-    FLOW_NAME, STATE_TO_STATUS, SUMMARY_ARTIFACT_PREFIX, WORKFLOW_DEPLOYMENT, WORKFLOW_FLOW_NAME, PrefectClient,
-    PrefectError,
+    FLOW_NAME, STATE_TO_STATUS, SUMMARY_ARTIFACT_PREFIX, WORKFLOW_ARTIFACT_PREFIX, WORKFLOW_DEPLOYMENT,
+    WORKFLOW_FLOW_NAME, PrefectClient, PrefectError,
 )
 from app.prefect_route import PrefectRoute
 from app.runs.executor import LocalExecutor
@@ -152,12 +152,53 @@ class Dispatcher:
             values["started_at"] = _parse_time(flow_run["start_time"])
         if status in TERMINAL:
             values["finished_at"] = _parse_time(flow_run.get("end_time")) or utcnow()
+            if run.kind == "workflow":
+                return self._apply_workflow(run, status, state, values)
             if status == COMPLETED:
                 rows = self.prefect.client.read_table_artifact(run.prefect_flow_run_id, SUMMARY_ARTIFACT_PREFIX)
                 values["result"] = rows[0] if rows else None
             else:
                 values["error"] = {"code": f"prefect_{status}", "message": state.get("message") or state.get("name")}
         return self.store.update_unfinished(run.id, **values) or self.store.get(run.id)
+
+    def _apply_workflow(self, run: Run, status: str, state: dict[str, Any], values: dict[str, Any]) -> Run:
+        """A finished Prefect workflow run: its nodes and outputs from the artifact the flow published."""
+        rows = self.prefect.client.read_table_artifact(run.prefect_flow_run_id, f"{WORKFLOW_ARTIFACT_PREFIX}-{run.id}")
+        document = rows[0] if rows else None
+        if document:
+            spec_order = {node["id"]: index for index, node in enumerate(run.params["workflow"]["nodes"])}
+            self.store.save_nodes(run.id, [(spec_order.get(node["id"], 0), node) for node in document["nodes"]])
+            values["result"] = {key: document[key] for key in ("workflow_id", "mode", "layers", "duration_seconds",
+                                                                "outputs")}
+        if status != COMPLETED:
+            failed = [node["id"] for node in (document or {}).get("nodes", []) if node["status"] == "failed"]
+            values["error"] = {"code": "node_failed" if failed else f"prefect_{status}", "nodes": failed or None,
+                               "message": state.get("message") or state.get("name")}
+        return self.store.update_unfinished(run.id, **values) or self.store.get(run.id)
+
+    def live_nodes(self, run: Run, nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """A Prefect workflow run still going: its nodes' states read from its task runs (named "<id> (<type>)").
+
+        The flow's artifact replaces them once the run ends; an unreachable Prefect leaves `nodes` as they are.
+        """
+        if self.prefect is None or self.prefect.circuit_open or not run.prefect_flow_run_id:
+            return nodes
+        try:
+            task_runs = self.prefect.client.read_task_runs(run.prefect_flow_run_id)
+        except PrefectError as exc:
+            log.info("cannot read the task runs of %s: %s", run.id, exc.message)
+            return nodes
+        by_id = {task_run["name"].rsplit(" (", 1)[0]: task_run for task_run in task_runs}
+        live = []
+        for node in nodes:
+            task_run = by_id.get(node["id"])
+            if task_run is not None:
+                state = (task_run.get("state") or {}).get("type")
+                node = {**node, "status": _NODE_STATUS.get(state, node["status"]),
+                        "attempts": task_run.get("run_count") or 0,
+                        "started_at": task_run.get("start_time"), "finished_at": task_run.get("end_time")}
+            live.append(node)
+        return live
 
     def sync_prefect_runs(self) -> int:
         """Bring every unfinished Prefect run up to date with one call to Prefect; returns how many changed."""
@@ -210,6 +251,11 @@ class Dispatcher:
 
     def stop_sync(self) -> None:
         self._sync_stop.set()
+
+
+# Prefect task run state -> workflow node status, while a Prefect workflow run is going.
+_NODE_STATUS = {"SCHEDULED": "pending", "PENDING": "pending", "RUNNING": "running", "COMPLETED": "completed",
+                "FAILED": "failed", "CRASHED": "failed", "CANCELLED": "cancelled", "CANCELLING": "running"}
 
 
 def _parse_time(value: str | None) -> datetime | None:

@@ -108,6 +108,11 @@ class PrefectClient:
         return self._request("POST", "flow_runs/filter", json={
             "flow_runs": {"id": {"any_": flow_run_ids}}, "limit": len(flow_run_ids)})
 
+    def read_task_runs(self, flow_run_id: str) -> list[dict[str, Any]]:
+        """The task runs of a flow run, with their states."""
+        return self._request("POST", "task_runs/filter", json={
+            "flow_runs": {"id": {"any_": [flow_run_id]}}, "limit": 200})
+
     def cancel_flow_run(self, flow_run_id: str) -> None:
         """Ask Prefect to cancel a flow run (the worker stops it)."""
         self._request("POST", f"flow_runs/{flow_run_id}/set_state",

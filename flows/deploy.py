@@ -1,4 +1,4 @@
-"""Register one Prefect deployment per connector (schedules, concurrency limit 1); idempotent.
+"""Register one Prefect deployment per connector (schedules, concurrency limit 1) and one for workflows; idempotent.
 
     python -m flows.deploy [--pool flowgate]      (PREFECT_API_URL must point at the server)
 """
@@ -18,11 +18,13 @@ from prefect.schedules import Cron, Interval, RRule, Schedule
 from app.config import load_settings
 from connectors.registry import ConnectorRegistry
 from connectors.spec import ConnectorSpec, ScheduleSpec
-from app.prefect_client import FLOW_NAME
+from app.prefect_client import FLOW_NAME, WORKFLOW_DEPLOYMENT
 from flows.connector_flow import connector_flow
+from flows.workflow_flow import workflow_flow
 
 ROOT = Path(__file__).resolve().parent.parent
 ENTRYPOINT = "flows/connector_flow.py:connector_flow"
+WORKFLOW_ENTRYPOINT = "flows/workflow_flow.py:workflow_flow"
 DEFAULT_POOL = "flowgate"
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,21 @@ def deploy_connector(spec: ConnectorSpec, pool: str) -> str:
     return str(deployment_id)
 
 
+def deploy_workflows(pool: str) -> str:
+    """Create or update `flowgate-workflow/workflow`: every workflow run is a flow run of it, definition included."""
+    deployment_id = workflow_flow.from_source(source=str(ROOT), entrypoint=WORKFLOW_ENTRYPOINT).deploy(
+        name=WORKFLOW_DEPLOYMENT,
+        work_pool_name=pool,
+        description="flowgate workflows: the gateway passes the definition, inputs and mode of each run",
+        tags=["flowgate", "workflow"],
+        build=False,
+        push=False,
+        print_next_steps=False,
+        ignore_warnings=True,
+    )
+    return str(deployment_id)
+
+
 def remove_stale(keep: set[str]) -> list[str]:
     """Delete deployments of the connector flow whose connector left connectors.yaml."""
     removed = []
@@ -79,7 +96,9 @@ def deploy_all(registry: ConnectorRegistry, pool: str = DEFAULT_POOL) -> dict[st
     """Deploy every connector, remove the deployments of removed ones."""
     ensure_work_pool(pool)
     deployed = [spec.id for spec in registry if deploy_connector(spec, pool)]
-    return {"deployed": deployed, "removed": remove_stale(set(deployed))}
+    removed = remove_stale(set(deployed))
+    deploy_workflows(pool)
+    return {"deployed": deployed + [f"workflows ({WORKFLOW_DEPLOYMENT})"], "removed": removed}
 
 
 def main() -> None:

@@ -128,13 +128,16 @@ class HttpConfig(NodeConfig):
 @node_type("http", HttpConfig)
 def http(config: HttpConfig, ctx: NodeContext) -> Any:
     """Call an allow-listed URL; output status, headers and body (parsed when JSON)."""
-    kwargs: dict[str, Any] = {"headers": config.headers, "params": config.params,
-                              "timeout": min(config.timeout, max(ctx.remaining, 0.001))}
+    kwargs: dict[str, Any] = {"headers": config.headers, "timeout": min(config.timeout, max(ctx.remaining, 0.001))}
     if config.body is not None:
         kwargs["json"] = config.body
     try:
-        response = ctx.toolbox.outbound.request(ctx.toolbox.http, config.method, config.url,
+        # `params` join the URL's own query string (httpx's params= would replace it).
+        url = str(httpx.URL(config.url).copy_merge_params(config.params)) if config.params else config.url
+        response = ctx.toolbox.outbound.request(ctx.toolbox.http, config.method, url,
                                                 max_redirects=config.max_redirects, **kwargs)
+    except httpx.InvalidURL as exc:
+        raise NodeFailed(f"config.url: not a valid URL: {exc}", code="outbound_refused", terminal=True) from None
     except OutboundRefused as exc:
         raise NodeFailed(str(exc), code="outbound_refused", terminal=True) from None
     except httpx.TransportError as exc:

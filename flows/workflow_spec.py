@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from functools import cached_property
 from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -81,7 +82,7 @@ class WorkflowSpec(_Strict):
         """The node with this id."""
         return self._by_id[node_id]
 
-    @property
+    @cached_property
     def _by_id(self) -> dict[str, NodeSpec]:
         return {node.id: node for node in self.nodes}
 

@@ -132,3 +132,53 @@ def test_gunicorn_cmd_args_win_over_the_config_file(workdir):
         assert ready["checks"]["executor"]["executors"] == 2  # --workers 2 beat WEB_CONCURRENCY=1
     finally:
         server.kill()
+
+
+FAN_OUT_WORKFLOW = """
+nodes:
+  - {id: start, type: trigger}
+  - {id: a, type: delay, config: {seconds: 0.5}}
+  - {id: b, type: delay, config: {seconds: 0.5}}
+  - {id: c, type: llm, config: {prompt: "take {{ inputs.i }}"}}
+  - {id: load, type: connector, config: {connector_id: numbers, params: {n: "{{ inputs.i + 1 }}"}}}
+  - {id: join, type: join}
+  - {id: out, type: output, config: {value: "{{ nodes.load.output.rows.numbers }}"}}
+connections:
+  - {from: start, to: a}
+  - {from: start, to: b}
+  - {from: start, to: c}
+  - {from: start, to: load}
+  - {from: a, to: join}
+  - {from: b, to: join}
+  - {from: c, to: join}
+  - {from: load, to: join}
+  - {from: join, to: out}
+"""
+
+
+def test_workflows_on_several_gunicorn_workers_end_with_every_node_recorded(workdir):
+    (workdir / "workflows").mkdir()
+    (workdir / "workflows" / "fan.yaml").write_text(FAN_OUT_WORKFLOW)
+    server = GunicornServer(workdir, workers=3).start()
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            accepted = list(pool.map(lambda i: httpx.post(f"{server.url}/api/workflow/fan/execute",
+                                                          json={"inputs": {"i": i}}, timeout=30), range(8)))
+        assert [r.status_code for r in accepted] == [202] * 8
+        with httpx.Client(base_url=server.url, timeout=10) as client:
+            for i, response in enumerate(accepted):
+                deadline = time.monotonic() + 90
+                while (doc := client.get(response.json()["statusUrl"], headers={"Connection": "close"}).json())[
+                        "status"] not in TERMINAL and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                assert doc["status"] == "completed", doc
+                assert [n["status"] for n in doc["nodes"]] == ["completed"] * 7
+                assert doc["outputs"] == {"out": i + 1}  # each run's own connector run and rows
+        store = run_store(workdir)
+        runs = store.list(limit=100)
+        store.dispose()
+        assert sorted(r.kind for r in runs) == ["connector"] * 8 + ["workflow"] * 8
+        owners = {r.lease_owner for r in runs if r.kind == "workflow"}
+        print(f"\n8 workflows ran on {len(owners)} executor(s)")
+    finally:
+        server.kill()

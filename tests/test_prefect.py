@@ -112,6 +112,52 @@ def test_incremental_state_carries_over_between_the_prefect_and_the_local_path(s
     assert run("prefect") == {"events": 1}
 
 
+TERMINAL_STATUSES = ("completed", "failed", "cancelled", "crashed")
+FAN_OUT = {
+    "nodes": [{"id": "start", "type": "trigger"}, {"id": "pause", "type": "delay", "config": {"seconds": 2}},
+              {"id": "check", "type": "condition", "config": {"value": "{{ inputs.text | length > 2 }}"}},
+              *({"id": f"llm{i}", "type": "llm", "config": {"prompt": f"take {i}: {{{{ inputs.text }}}}"}} for i in range(3)),
+              {"id": "short", "type": "output", "config": {"value": "too short"}},
+              {"id": "join", "type": "join"}, {"id": "out", "type": "output"}],
+    "connections": [{"from": "start", "to": "pause"}, {"from": "pause", "to": "check"}, {"from": "check", "to": "short", "branch": "false"},
+                    *({"from": "check", "to": f"llm{i}", "branch": "true"} for i in range(3)),
+                    *({"from": f"llm{i}", "to": "join"} for i in range(3)), {"from": "join", "to": "out"}],
+}
+
+
+def test_a_workflow_runs_as_a_prefect_flow_with_a_task_per_node_and_the_same_result_as_locally(stack, gateway):
+    executions = {}
+    for backend in ("prefect", "local"):
+        accepted = gateway.post("/api/workflow/fan/execute", json={"workflow": FAN_OUT, "inputs": {"text": "hello"},
+                                                                   "backend": backend})
+        assert accepted.status_code == 202 and accepted.json["backend"] == backend, accepted.json
+        live = []  # node states seen while the execution was running
+        deadline = time.monotonic() + 120
+        while (doc := gateway.get(accepted.json["statusUrl"]).json)["status"] not in TERMINAL_STATUSES:
+            if doc["status"] == "running":
+                live.append({n["id"]: n["status"] for n in doc["nodes"]})
+            assert time.monotonic() < deadline, doc
+            time.sleep(0.1)
+        assert any(nodes["pause"] == "running" for nodes in live), live  # progress shows while it runs
+        executions[backend] = doc
+    prefect, local = executions["prefect"], executions["local"]
+    assert prefect["status"] == local["status"] == "completed", prefect
+    assert prefect["outputs"] == local["outputs"] and prefect["layers"] == local["layers"]
+    assert [(n["id"], n["status"], n["output"]) for n in prefect["nodes"]] == \
+           [(n["id"], n["status"], n["output"]) for n in local["nodes"]]
+    assert {n["id"]: n["status"] for n in prefect["nodes"]}["short"] == "skipped"
+    expected = {"start", "pause", "check", "llm0", "llm1", "llm2", "join", "out"}  # `short` was skipped: no task
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # task runs reach the server through Prefect's event stream, a little later
+        task_runs = stack.api("POST", "task_runs/filter",
+                              json={"flow_runs": {"id": {"any_": [prefect["prefectFlowRunId"]]}}})
+        names = {t["name"].split(" (")[0] for t in task_runs}
+        if names == expected:
+            break
+        time.sleep(0.5)
+    assert names == expected
+
+
 def test_the_same_idempotency_key_gives_one_flow_run(stack, gateway):
     headers = {"Idempotency-Key": "prefect-once"}
     first = gateway.post("/trigger", json={"connector_id": "numbers"}, headers=headers).json

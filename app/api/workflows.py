@@ -9,6 +9,7 @@ from app import services
 from app.api.inputs import json_object, validated
 from app.errors import NotFound, ValidationFailed
 from app.runs.models import Run
+from app.runs.workflow_runs import pending_nodes
 from app.schemas import ExecuteNodeRequest, NodeExecutionOut, WorkflowExecuteRequest
 from flows.engine import COMPLETED
 from flows.workflow_registry import WorkflowError, node_problems, parse_workflow
@@ -49,7 +50,10 @@ def get_execution(execution_id: str) -> dict[str, Any]:
     if run is None or run.kind != "workflow":
         raise NotFound(f"no workflow execution '{execution_id}'", code="execution_not_found")
     run = svc.dispatcher.refresh(run)
-    return execution_document(run, svc.store.nodes(run.id))
+    nodes = svc.store.nodes(run.id) or pending_nodes(WorkflowSpec.model_validate(run.params["workflow"]))
+    if run.backend == "prefect" and not run.is_terminal:
+        nodes = svc.dispatcher.live_nodes(run, nodes)
+    return execution_document(run, nodes)
 
 
 @bp.post("/<workflow_id>/execute-node")

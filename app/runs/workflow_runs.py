@@ -1,6 +1,7 @@
 """Workflow runs on the local path: the engine, with node states, the node cache and connector runs in the run store."""
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -14,6 +15,8 @@ from connectors.spec import ParamsError
 from flows.engine import NodeResult, WorkflowEngine, WorkflowResult
 from flows.nodes import NodeFailed, Toolbox
 from flows.workflow_spec import WorkflowSpec
+
+log = logging.getLogger(__name__)
 
 
 class StoreNodeCache:
@@ -86,25 +89,75 @@ class InlineConnectorRunner:
             self.store.renew_leases(self.owner, [run_id], self.lease_seconds)
 
 
-def node_recorder(store: RunStore, run_id: str, spec: WorkflowSpec) -> Callable[[NodeResult], None]:
-    """An engine observer that writes each node's change to the store."""
-    position = {node.id: index for index, node in enumerate(spec.nodes)}
-    return lambda result: store.save_nodes(run_id, [(position[result.id], result.to_dict())])
+class NodeRecorder:
+    """An engine observer that writes node changes to the store in batches, at most every `interval` seconds.
+
+    Fifty nodes of one layer each changing twice would be a hundred write transactions queued on SQLite's one
+    write lock; batched, they are a few, and a reader sees a change at most `interval` late.
+    """
+
+    def __init__(self, store: RunStore, run_id: str, spec: WorkflowSpec, interval: float = 0.05):
+        self.store = store
+        self.run_id = run_id
+        self.interval = interval
+        self._position = {node.id: index for index, node in enumerate(spec.nodes)}
+        self._pending: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+        self._changed = threading.Event()
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._flush_loop, daemon=True, name=f"flowgate-nodes-{run_id[:8]}")
+        self._thread.start()
+
+    def __call__(self, result: NodeResult) -> None:
+        with self._lock:
+            self._pending[result.id] = result.to_dict()
+        self._changed.set()
+
+    def close(self) -> None:
+        """Write what is left; call once the workflow has ended, before its run is finished."""
+        self._closed.set()
+        self._changed.set()
+        self._thread.join()
+        self._flush()
+
+    def _flush_loop(self) -> None:
+        while not self._closed.is_set():
+            self._changed.wait()
+            self._changed.clear()
+            try:
+                self._flush()
+            except Exception:  # a database hiccup: the next flush (or close) writes the latest states
+                log.exception("writing the node states of %s failed", self.run_id)
+            self._closed.wait(self.interval)
+
+    def _flush(self) -> None:
+        with self._lock:
+            batch, self._pending = self._pending, {}
+        if batch:
+            self.store.save_nodes(self.run_id, [(self._position[node_id], data) for node_id, data in batch.items()])
+
+
+def pending_nodes(spec: WorkflowSpec) -> list[dict[str, Any]]:
+    """Every node of `spec` as `pending`, in declaration order."""
+    layer_of = {node_id: index for index, layer in enumerate(spec.layers()) for node_id in layer}
+    return [NodeResult(node.id, node.type, layer_of[node.id]).to_dict() for node in spec.nodes]
 
 
 def record_pending_nodes(store: RunStore, run_id: str, spec: WorkflowSpec) -> None:
     """Every node as `pending`, so an execution document lists them all from the start."""
-    layer_of = {node_id: index for index, layer in enumerate(spec.layers()) for node_id in layer}
-    store.save_nodes(run_id, [(index, NodeResult(node.id, node.type, layer_of[node.id]).to_dict())
-                              for index, node in enumerate(spec.nodes)])
+    store.save_nodes(run_id, list(enumerate(pending_nodes(spec))))
 
 
 def run_workflow(run: Run, store: RunStore, toolbox: Toolbox, should_stop: Callable[[], bool]) -> WorkflowResult:
     """Execute a stored workflow run: its definition, inputs and mode come from the run's params."""
     spec = WorkflowSpec.model_validate(run.params["workflow"])
     engine = WorkflowEngine(toolbox, cache=StoreNodeCache(store))
-    return engine.run(spec, run.params.get("inputs") or {}, run.params.get("mode", "optimized"),
-                      observe=node_recorder(store, run.id, spec), should_stop=should_stop)
+    recorder = NodeRecorder(store, run.id, spec)
+    try:
+        return engine.run(spec, run.params.get("inputs") or {}, run.params.get("mode", "optimized"),
+                          observe=recorder, should_stop=should_stop)
+    finally:
+        recorder.close()
 
 
 def workflow_outcome(result: WorkflowResult) -> tuple[str, dict[str, Any], dict[str, Any] | None]:

@@ -1,0 +1,90 @@
+"""The Prefect flow for a workflow: the same engine the local executor runs, each node a task submitted in its layer."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import PrefectFuture
+
+from app.config import load_settings
+from app.prefect_client import WORKFLOW_ARTIFACT_PREFIX, WORKFLOW_FLOW_NAME
+from app.runs.store import RunStore
+from app.runs.workflow_runs import StoreNodeCache, workflow_outcome
+from connectors.pipeline import ConnectorRunError, Workspace, run_connector
+from connectors.registry import ConnectorRegistry
+from connectors.spec import ParamsError
+from flows.engine import FAILED, NodeResult, WorkflowEngine
+from flows.nodes import NodeFailed, make_toolbox
+from flows.workflow_spec import NodeSpec, WorkflowSpec
+
+
+class NodeTaskFailed(RuntimeError):
+    """Raised by a node's task so the Prefect UI shows the node failed; the engine keeps the details."""
+
+
+@task(cache_policy=NO_CACHE, retries=0)
+def node_task(work: Callable[[], NodeResult]) -> dict[str, Any]:
+    """One node (the engine does retries, timeouts and caching, so both paths behave the same)."""
+    result = work()
+    if result.status == FAILED:
+        raise NodeTaskFailed((result.error or {}).get("message", f"node {result.id} failed"))
+    return result.to_dict()
+
+
+class _Done:
+    """What the engine waits on: the task's end, whatever its state (the engine reads the node's result itself)."""
+
+    def __init__(self, future: PrefectFuture):
+        self.future = future
+
+    def result(self) -> None:
+        self.future.wait()
+
+
+def submit_as_task(node: NodeSpec, work: Callable[[], NodeResult]) -> _Done:
+    """Submit a node as a Prefect task named after it; tasks of one layer run at once on the task runner."""
+    return _Done(node_task.with_options(name=f"{node.id} ({node.type})").submit(work))
+
+
+def connector_runner(settings: Any) -> Callable[[str, dict[str, Any], Callable[[], bool]], dict[str, Any]]:
+    """Run a connector node's connector here, in the worker, from the worker's connectors.yaml."""
+    registry = ConnectorRegistry.load(settings.connectors_file)
+    workspace = Workspace(settings.pipelines_dir, settings.duckdb_dir)
+
+    def run(connector_id: str, params: dict[str, Any], should_stop: Callable[[], bool]) -> dict[str, Any]:
+        spec = registry.get(connector_id)
+        if spec is None:
+            raise NodeFailed(f"no connector '{connector_id}'", code="connector_not_found", terminal=True)
+        try:
+            return run_connector(spec.with_params(params), workspace, should_stop=should_stop).to_dict()
+        except ParamsError as exc:
+            raise NodeFailed(f"{exc.field}: {exc.message}", code="invalid_params", terminal=True) from None
+        except ConnectorRunError as exc:
+            raise NodeFailed(str(exc), code="connector_failed", terminal=exc.terminal) from None
+
+    return run
+
+
+@flow(name=WORKFLOW_FLOW_NAME, log_prints=True)
+def workflow_flow(run_id: str, workflow: dict[str, Any], inputs: dict[str, Any] | None = None,
+                  mode: str = "optimized") -> dict[str, Any]:
+    """Run a workflow definition; publish every node's result as an artifact the gateway reads back."""
+    settings = load_settings()
+    spec = WorkflowSpec.model_validate(workflow)
+    store = RunStore(settings.run_store_url)  # the node cache; shared with the gateway when DATABASE_URL is
+    store.create_schema()
+    try:
+        engine = WorkflowEngine(make_toolbox(settings, connector_runner(settings)), cache=StoreNodeCache(store))
+        result = engine.run(spec, inputs or {}, mode, submit=submit_as_task)
+    finally:
+        store.dispose()
+    document = result.to_dict()
+    create_table_artifact(key=f"{WORKFLOW_ARTIFACT_PREFIX}-{run_id}", table=[document],
+                          description=f"flowgate workflow {spec.id}: every node's status, timing and output.")
+    status, _, error = workflow_outcome(result)
+    if status != "completed":
+        raise NodeTaskFailed(error["message"] if error else f"workflow {status}")
+    return document

@@ -1,0 +1,111 @@
+"""Small real HTTP servers on loopback for the workflow tests: a JSON echo/redirect service and an OpenAI-style API."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a client that gave up (a node's timeout) resets the connection: expected here, not news
+
+
+class _Server:
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.httpd = _QuietServer(("127.0.0.1", 0), self._handler())
+        self.port = self.httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def handle(self, method: str, path: str, query: dict[str, str], headers: dict[str, str],
+               body: Any) -> tuple[int, Any, dict[str, str]]:
+        raise NotImplementedError
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _serve(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                body = json.loads(raw) if raw else None
+                url = urlparse(self.path)
+                query = {k: v[0] for k, v in parse_qs(url.query).items()}
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                server.requests.append({"method": self.command, "path": url.path, "query": query,
+                                        "headers": headers, "body": body})
+                status, payload, extra = server.handle(self.command, url.path, query, headers, body)
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                for key, value in {"Content-Type": "application/json", **extra}.items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PUT = do_DELETE = _serve
+
+        return Handler
+
+
+class EchoService(_Server):
+    """/items/<id> answers JSON; /redirect?to=URL redirects; /flaky fails `failures` times with 500; /sleep?s= waits."""
+
+    def __init__(self) -> None:
+        self.failures = 0
+        super().__init__()
+
+    def handle(self, method, path, query, headers, body):
+        if path.startswith("/items/"):
+            return 200, {"id": int(path.rsplit("/", 1)[1]), "name": f"item {path.rsplit('/', 1)[1]}",
+                         "query": query, "echo": body}, {}
+        if path == "/redirect":
+            return 302, {}, {"Location": query["to"]}
+        if path == "/flaky":
+            if self.failures > 0:
+                self.failures -= 1
+                return 500, {"error": "try again"}, {}
+            return 200, {"ok": True}, {}
+        if path == "/sleep":
+            time.sleep(float(query.get("s", "0")))
+            return 200, {"slept": float(query.get("s", "0"))}, {}
+        return 404, {"error": "no such path"}, {}
+
+
+class FakeOpenAI(_Server):
+    """POST /v1/chat/completions like OpenAI: needs the bearer key, echoes the prompt; `fail_next` answers 429s."""
+
+    def __init__(self, api_key: str = "sk-test", latency: float = 0.0) -> None:
+        self.api_key = api_key
+        self.latency = latency
+        self.fail_next = 0
+        super().__init__()
+
+    def handle(self, method, path, query, headers, body):
+        if path != "/v1/chat/completions" or method != "POST":
+            return 404, {"error": {"message": "not found"}}, {}
+        if headers.get("authorization") != f"Bearer {self.api_key}":
+            return 401, {"error": {"message": "bad key"}}, {}
+        if self.fail_next > 0:
+            self.fail_next -= 1
+            return 429, {"error": {"message": "rate limited"}}, {"Retry-After": "0"}
+        time.sleep(self.latency)
+        prompt = body["messages"][-1]["content"]
+        return 200, {"id": "chatcmpl-1", "object": "chat.completion", "model": body["model"],
+                     "choices": [{"index": 0, "message": {"role": "assistant", "content": f"echo: {prompt}"},
+                                  "finish_reason": "stop"}],
+                     "usage": {"prompt_tokens": len(prompt.split()), "completion_tokens": 3, "total_tokens": 9}}, {}

@@ -1,0 +1,278 @@
+"""The workflow endpoints: execute, follow an execution, execute-node, and their bad input."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from app import create_app
+from app.config import ConfigError
+from flows.workflow_registry import WorkflowError, WorkflowRegistry
+
+PIPELINE = """
+description: fan out and join
+nodes:
+  - {id: start, type: trigger, config: {defaults: {text: hi}}}
+  - {id: a, type: delay, config: {seconds: 0.3}}
+  - {id: b, type: delay, config: {seconds: 0.3}}
+  - {id: shout, type: transform, config: {value: "{{ input.text | upper }}"}}  # input: the trigger's output
+  - {id: join, type: join}
+  - {id: out, type: output, config: {value: {text: "{{ nodes.shout.output }}", joined: "{{ nodes.join.output | length }}"}}}
+connections:
+  - {from: start, to: a}
+  - {from: start, to: b}
+  - {from: start, to: shout}
+  - {from: a, to: join}
+  - {from: b, to: join}
+  - {from: shout, to: join}
+  - {from: join, to: out}
+"""
+WITH_CONNECTOR = """
+nodes:
+  - {id: load, type: connector, config: {connector_id: numbers, params: {n: "{{ inputs.n }}"}}}
+  - {id: out, type: output, config: {value: "{{ nodes.load.output.rows.numbers }}"}}
+connections: [{from: load, to: out}]
+"""
+CACHED = """
+nodes:
+  - {id: slow, type: delay, cache: 600, config: {seconds: 0.2}}
+"""
+SLEEPY = """
+nodes:
+  - {id: wait, type: delay, config: {seconds: 30}}
+  - {id: after, type: output}
+connections: [{from: wait, to: after}]
+"""
+
+
+@pytest.fixture
+def app_config(app_config: dict) -> dict:
+    folder = app_config["workflows_dir"]
+    folder.mkdir()
+    for name, text in {"pipeline": PIPELINE, "with_connector": WITH_CONNECTOR, "cached": CACHED,
+                       "sleepy": SLEEPY}.items():
+        (folder / f"{name}.yaml").write_text(text)
+    return app_config
+
+
+def poll_execution(client, url: str, timeout: float = 60) -> dict:
+    """GET the execution until it ends."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        doc = client.get(url).json
+        if doc["status"] in ("completed", "failed", "cancelled", "crashed"):
+            return doc
+        time.sleep(0.05)
+    raise AssertionError(f"execution did not end within {timeout}s: {doc}")
+
+
+def test_execute_answers_at_once_and_the_execution_shows_every_node(running_app):
+    client = running_app.test_client()
+    accepted = client.post("/api/workflow/pipeline/execute", json={"inputs": {"text": "hello"}, "mode": "optimized"})
+    assert accepted.status_code == 202
+    body = accepted.json
+    assert body["success"] is True and body["status"] in ("queued", "running") and body["executionId"]
+    assert body["message"].startswith("Workflow execution started in background")
+    assert accepted.headers["Location"] == body["statusUrl"]
+    done = poll_execution(client, body["statusUrl"])
+    assert done["status"] == "completed" and done["success"] is True and done["workflowId"] == "pipeline"
+    assert done["layers"] == [["start"], ["a", "b", "shout"], ["join"], ["out"]]
+    assert done["outputs"] == {"out": {"text": "HELLO", "joined": 3}}
+    nodes = {n["id"]: n for n in done["nodes"]}
+    assert list(nodes) == ["start", "a", "b", "shout", "join", "out"]
+    assert all(n["status"] == "completed" and n["attempts"] == 1 and n["duration_seconds"] is not None
+               for n in nodes.values())
+    assert nodes["a"]["duration_seconds"] >= 0.3 and nodes["join"]["layer"] == 2
+    assert done["durationSeconds"] < 0.3 + 0.3 + 1.0  # a and b overlapped
+    listed = client.get("/api/v1/runs").json["items"][0]
+    assert listed["run_id"] == body["executionId"] and listed["kind"] == "workflow"
+    assert listed["workflow_id"] == "pipeline" and listed["connector_id"] is None
+
+
+def test_legacy_mode_runs_the_nodes_one_after_another(running_app):
+    client = running_app.test_client()
+    accepted = client.post("/api/workflow/pipeline/execute", json={"mode": "legacy"})
+    done = poll_execution(client, accepted.json["statusUrl"])
+    assert done["status"] == "completed" and done["mode"] == "legacy"
+    nodes = sorted(done["nodes"], key=lambda n: n["started_at"])
+    assert [n["id"] for n in nodes] == ["start", "a", "b", "shout", "join", "out"]
+    for earlier, later in zip(nodes, nodes[1:]):
+        assert later["started_at"] >= earlier["finished_at"]
+    assert done["outputs"] == {"out": {"text": "HI", "joined": 3}}
+
+
+def test_an_inline_definition_runs_without_a_file(running_app):
+    client = running_app.test_client()
+    inline = {"nodes": [{"id": "x", "type": "transform", "config": {"value": "{{ inputs.n * 2 }}"}},
+                        {"id": "y", "type": "output"}], "connections": [{"source": "x", "target": "y"}]}
+    done = client.post("/api/workflow/adhoc/execute", json={"workflow": inline, "inputs": {"n": 21}, "wait": 30})
+    assert done.status_code == 200 and done.json["status"] == "completed"
+    assert client.get(done.json["statusUrl"]).json["outputs"] == {"y": 42}
+
+
+def test_a_connector_node_runs_the_connector_as_a_recorded_run(running_app):
+    client = running_app.test_client()
+    accepted = client.post("/api/workflow/with_connector/execute", json={"inputs": {"n": 4}})
+    done = poll_execution(client, accepted.json["statusUrl"])
+    assert done["status"] == "completed", done
+    load = next(n for n in done["nodes"] if n["id"] == "load")
+    assert load["output"]["rows"] == {"numbers": 4} and done["outputs"] == {"out": 4}
+    connector_run = client.get(f"/api/v1/runs/{load['output']['run_id']}").json
+    assert connector_run["kind"] == "connector" and connector_run["connector_id"] == "numbers"
+    assert connector_run["status"] == "completed" and connector_run["params"] == {"n": 4}
+
+
+def test_the_node_cache_is_shared_through_the_run_store(app_config):
+    """Two gateways (as two gunicorn workers would be) on one store: the second answers from the cache."""
+    executions = []
+    for _ in range(2):
+        app = create_app(app_config)
+        services = app.extensions["flowgate"]
+        services.executor.start()
+        try:
+            client = app.test_client()
+            accepted = client.post("/api/workflow/cached/execute", json={"inputs": {"k": 1}})
+            executions.append(poll_execution(client, accepted.json["statusUrl"]))
+        finally:
+            services.executor.shutdown(timeout=5)
+            services.store.dispose()
+    assert [e["nodes"][0]["cached"] for e in executions] == [False, True]
+    assert executions[1]["nodes"][0]["duration_seconds"] < 0.2
+
+
+def test_cancelling_an_execution_stops_its_nodes(running_app):
+    client = running_app.test_client()
+    accepted = client.post("/api/workflow/sleepy/execute", json={})
+    deadline = time.monotonic() + 10
+    while client.get(accepted.json["statusUrl"]).json["status"] != "running" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    cancel = client.post(f"/api/v1/runs/{accepted.json['executionId']}/cancel")
+    assert cancel.status_code == 202
+    done = poll_execution(client, accepted.json["statusUrl"], timeout=15)
+    assert done["status"] == "cancelled"
+    assert [n["status"] for n in done["nodes"]] == ["cancelled", "cancelled"]
+
+
+def test_the_same_idempotency_key_gives_the_same_execution(client):
+    headers = {"Idempotency-Key": "wf-once"}
+    first = client.post("/api/workflow/pipeline/execute", json={}, headers=headers).json
+    again = client.post("/api/workflow/pipeline/execute", json={}, headers=headers)
+    assert again.json["executionId"] == first["executionId"] and "already accepted" in again.json["message"]
+    reused = client.post("/api/workflow/pipeline/execute", json={"inputs": {"other": 1}}, headers=headers)
+    assert reused.status_code == 409 and reused.json["code"] == "idempotency_key_reused"
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"mode": "fast"}, "mode"),
+    ({"inputs": [1, 2]}, "inputs"),
+    ({"unknown": 1}, "unknown"),
+    ({"wait": -1}, "wait"),
+    ({"wait": 100000}, "wait"),
+    ({"workflow": {"nodes": []}}, "workflow.nodes"),
+    ({"workflow": {"nodes": [{"id": "a", "type": "teleport"}]}}, "workflow.nodes[0].type"),
+    ({"workflow": {"nodes": [{"id": "a", "type": "delay"}]}}, "workflow.nodes[0].config.seconds"),
+    ({"workflow": {"nodes": [{"id": "a", "type": "delay", "config": {"seconds": 1, "speed": 2}}]}},
+     "workflow.nodes[0].config.speed"),
+    ({"workflow": {"nodes": [{"id": "a", "type": "connector", "config": {"connector_id": "nope"}}]}},
+     "workflow.nodes[0].config.connector_id"),
+    ({"workflow": {"nodes": [{"id": "a", "type": "trigger"}], "connections": [{"from": "a", "to": "b"}]}},
+     "workflow.connections[0].target"),
+    ({"workflow": {"nodes": [{"id": "a", "type": "trigger"}, {"id": "b", "type": "output"}],
+                   "connections": [{"from": "a", "to": "b"}, {"from": "b", "to": "a"}]}}, "workflow.connections"),
+    ({"workflow": {"nodes": [{"id": "a b", "type": "trigger"}]}}, "workflow.nodes.0.id"),
+])
+def test_bad_execute_input_is_a_422_naming_the_field_and_stores_nothing(client, body, field):
+    response = client.post("/api/workflow/pipeline/execute", json=body)
+    assert response.status_code == 422, response.json
+    assert response.mimetype == "application/problem+json"
+    assert field in [e["field"] for e in response.json["errors"]], response.json
+    assert client.get("/api/v1/runs").json["items"] == []
+
+
+def test_a_cycle_is_named_in_the_problem(client):
+    cyclic = {"nodes": [{"id": n, "type": "transform"} for n in "abc"],
+              "connections": [{"from": "a", "to": "b"}, {"from": "b", "to": "c"}, {"from": "c", "to": "a"}]}
+    problem = client.post("/api/workflow/x/execute", json={"workflow": cyclic}).json
+    assert problem["code"] == "invalid_workflow" and "cycle: a -> b -> c -> a" in problem["detail"]
+
+
+@pytest.mark.parametrize("data, status, code", [
+    (b"{not json", 400, "malformed_json"), (b"[1]", 400, "body_not_object")])
+def test_malformed_bodies_are_400s(client, data, status, code):
+    for path in ("/api/workflow/pipeline/execute", "/api/workflow/pipeline/execute-node"):
+        response = client.post(path, data=data, content_type="application/json")
+        assert response.status_code == status and response.json["code"] == code
+
+
+def test_an_unknown_workflow_or_execution_is_a_404(client):
+    missing = client.post("/api/workflow/nope/execute", json={})
+    assert missing.status_code == 404 and missing.json["code"] == "workflow_not_found"
+    assert client.get("/api/workflow/execution/nope").json["code"] == "execution_not_found"
+    connector_run = client.post("/trigger", json={"connector_id": "numbers"}).json
+    assert client.get(f"/api/workflow/execution/{connector_run['run_id']}").status_code == 404
+
+
+def test_execute_node_answers_with_the_output_at_once(client):
+    response = client.post("/api/workflow/any/execute-node", json={
+        "nodeId": "node-123", "nodeType": "transform",
+        "node": {"id": "node-123", "type": "transform", "config": {"value": {"greeting": "Hola {{ inputs.name }}"}}},
+        "inputData": {"name": "mundo"}})
+    assert response.status_code == 200
+    assert response.json == {"success": True, "nodeId": "node-123", "output": {"greeting": "Hola mundo"},
+                             "error": None, "mode": "local", "durationSeconds": response.json["durationSeconds"]}
+    llm = client.post("/api/workflow/any/execute-node", json={
+        "nodeId": "llm-1", "nodeType": "llm", "node": {"config": {"prompt": "Say hello", "model": "gpt-4"}},
+        "inputData": {}}).json
+    assert llm["success"] and llm["output"]["model"] == "gpt-4" and llm["output"]["provider"] == "offline"
+
+
+def test_execute_node_reports_a_failing_node_without_an_error_status(client):
+    response = client.post("/api/workflow/any/execute-node", json={
+        "nodeId": "t", "nodeType": "transform", "node": {"config": {"value": "{{ inputs.missing.deeper }}"}}})
+    assert response.status_code == 200 and response.json["success"] is False
+    assert response.json["error"]["code"] == "template_error" and "node 't'" in response.json["error"]["message"]
+
+
+def test_execute_node_runs_a_connector_node_as_a_recorded_run(running_app):
+    client = running_app.test_client()
+    response = client.post("/api/workflow/any/execute-node", json={
+        "nodeId": "load", "nodeType": "connector", "node": {"config": {"connector_id": "numbers"}}}).json
+    assert response["success"] and response["output"]["rows"] == {"numbers": 10}
+    assert client.get(f"/api/v1/runs/{response['output']['run_id']}").json["status"] == "completed"
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"nodeType": "llm"}, "nodeId"),
+    ({"nodeId": "a", "nodeType": "llm", "node": {"id": "b"}}, "node.id"),
+    ({"nodeId": "a", "nodeType": "llm", "node": {"type": "http"}}, "node.type"),
+    ({"nodeId": "a", "nodeType": "teleport"}, "node.type"),
+    ({"nodeId": "a", "nodeType": "delay", "node": {"config": {"seconds": "soon"}}}, "node.config.seconds"),
+    ({"nodeId": "a", "nodeType": "delay", "node": {"config": {"seconds": 1}, "timeout": 3600}}, "node.timeout"),
+    ({"nodeId": "a", "nodeType": "llm", "node": {"config": {}}}, "node.config.prompt"),
+    ({"nodeId": "a", "nodeType": "llm", "node": {"config": {"prompt": "x"}, "retries": "many"}}, "node.retries"),
+    ({"nodeId": "a", "nodeType": "llm", "inputData": "text"}, "inputData"),
+])
+def test_bad_execute_node_input_is_a_422_naming_the_field(client, body, field):
+    response = client.post("/api/workflow/any/execute-node", json=body)
+    assert response.status_code == 422, response.json
+    assert field in [e["field"] for e in response.json["errors"]], response.json
+
+
+def test_a_bad_workflow_file_stops_the_start_naming_file_node_and_field(app_config):
+    bad = app_config["workflows_dir"] / "broken.yaml"
+    bad.write_text("nodes:\n  - {id: start, type: trigger}\n  - {id: call, type: http, config: {method: GET}}\n"
+                   "connections: [{from: start, to: call}]\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml: nodes\[1\].config.url: node 'call': field required"):
+        create_app(app_config)
+
+
+def test_workflow_files_are_read_with_their_ids_and_errors(tmp_path: Path):
+    (tmp_path / "one.yaml").write_text("nodes: [{id: a, type: trigger}]\n")
+    (tmp_path / "two.yml").write_text("id: second\nnodes: [{id: a, type: output}]\n")
+    registry = WorkflowRegistry.load(tmp_path)
+    assert sorted(spec.id for spec in registry) == ["one", "second"]
+    (tmp_path / "three.yaml").write_text("nodes: [{id: a, type: trigger}]\nconnections: [{from: a, to: zz}]\n")
+    with pytest.raises(WorkflowError, match=r"three.yaml: connections\[0\].target: dangling connection: no node 'zz'"):
+        WorkflowRegistry.load(tmp_path)
+    assert len(WorkflowRegistry.load(tmp_path / "missing")) == 0
