@@ -1,13 +1,30 @@
 """gunicorn settings for flowgate. GUNICORN_CMD_ARGS and the command line still override every value here."""
+import ipaddress
 import multiprocessing
 import os
 import signal
 
 # --- server socket ---------------------------------------------------------------------------
-# The gateway has no authentication yet: it listens on loopback unless FLOWGATE_HOST says otherwise
-# (the Docker image sets 0.0.0.0). FLOWGATE_BIND replaces the whole address.
-bind = os.environ.get("FLOWGATE_BIND") or (
-    f"{os.environ.get('FLOWGATE_HOST', '127.0.0.1')}:{os.environ.get('FLOW_SERVER_PORT', '5000')}")
+# FLOWGATE_HOST (127.0.0.1 by default; the Docker image sets 0.0.0.0) and FLOW_SERVER_PORT, or FLOWGATE_BIND
+# for the whole address. Without API keys the gateway serves loopback only, whatever the address says,
+# unless FLOWGATE_ALLOW_UNAUTHENTICATED=true: an open gateway must be a decision, not an accident.
+_port = os.environ.get("FLOW_SERVER_PORT", "5000")
+bind = os.environ.get("FLOWGATE_BIND") or f"{os.environ.get('FLOWGATE_HOST', '127.0.0.1')}:{_port}"
+_keys_configured = bool(os.environ.get("FLOWGATE_API_KEYS") or os.environ.get("FLOWGATE_API_KEYS_FILE"))
+_allow_unauthenticated = os.environ.get("FLOWGATE_ALLOW_UNAUTHENTICATED", "").lower() in ("1", "true", "yes")
+
+
+def _loopback(address):
+    host = address.rsplit(":", 1)[0].strip("[]") if ":" in address else address
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost" or address.startswith("unix:")
+
+
+_requested_bind = bind
+if not _keys_configured and not _allow_unauthenticated and not _loopback(bind):
+    bind = f"127.0.0.1:{bind.rsplit(':', 1)[-1] if ':' in bind else _port}"
 backlog = 2048
 
 # --- workers ---------------------------------------------------------------------------------
@@ -28,6 +45,18 @@ loglevel = os.environ.get("GUNICORN_LOG_LEVEL", "info")
 
 
 # --- hooks -----------------------------------------------------------------------------------
+def when_ready(server):
+    """Say how the gateway is protected, once, at start-up."""
+    if _keys_configured:
+        server.log.info("flowgate: API keys required on every path but /health")
+    elif bind != _requested_bind:
+        server.log.warning("flowgate: no API keys configured (FLOWGATE_API_KEYS): serving on %s only, not %s; "
+                           "set keys, or FLOWGATE_ALLOW_UNAUTHENTICATED=true to serve openly", bind, _requested_bind)
+    else:
+        server.log.warning("flowgate: no API keys configured (FLOWGATE_API_KEYS): anyone who reaches %s can "
+                           "trigger runs%s", bind, "" if _loopback(bind) else " (FLOWGATE_ALLOW_UNAUTHENTICATED)")
+
+
 def post_worker_init(worker):
     """Start this worker's executor; on SIGTERM stop claiming at once, before gunicorn drains requests."""
     services = worker.wsgi.extensions["flowgate"]

@@ -67,6 +67,9 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
 
+    from app.auth import KeyRing
+
+    keyring = KeyRing.parse(settings.api_keys, settings.api_keys_file)
     try:
         registry = ConnectorRegistry.load(settings.connectors_file)
     except RegistryError as exc:
@@ -86,9 +89,10 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
         owner=f"execute-node:{socket.gethostname()}:{os.getpid()}")))
     app.extensions["flowgate"] = Services(settings, registry, workflows, store, executor, dispatcher, engine)
 
-    from app import api, errors, openapi
+    from app import api, auth, errors, openapi
 
     errors.init_app(app)
+    auth.init_app(app, keyring)
     api.init_app(app)
     openapi.init_app(app)
     return app

@@ -77,6 +77,13 @@ class Settings(BaseSettings):
         60.0, gt=0, le=600, validation_alias=AliasChoices("FLOWGATE_MAX_NODE_SECONDS", "max_node_wait_seconds"),
         description="Longest execute-node may run one node inside a request.")
 
+    api_keys: str | None = Field(None, validation_alias=AliasChoices("FLOWGATE_API_KEYS", "api_keys"), repr=False,
+                                 description="`<name>:<key>:<scopes>` entries, comma-separated; scopes read, "
+                                             "trigger, admin joined by '+'. Unset (and no file): no authentication.")
+    api_keys_file: Path | None = Field(None, validation_alias=AliasChoices("FLOWGATE_API_KEYS_FILE", "api_keys_file"),
+                                       description="File of `<name> sha256:<digest> <scopes>` lines (keys hashed "
+                                                   "at rest; `python -m app.auth hash <key>` prints a digest).")
+
     @property
     def run_store_url(self) -> str:
         """The SQLAlchemy URL of the run store."""

@@ -18,7 +18,8 @@ _MODELS: list[type[BaseModel]] = [TriggerRequest, RunOptions, RunOut, RunPage, C
                                   Health, Readiness, ProblemDetail, PreviewRequest, PreviewOut,
                                   ConnectorSchema, WorkflowExecuteRequest, WorkflowAccepted, WorkflowExecution,
                                   ExecuteNodeRequest, NodeRunOut]
-_PROBLEMS = {"400": "Malformed JSON or a body that is not an object", "404": "Unknown resource",
+_PROBLEMS = {"400": "Malformed JSON or a body that is not an object", "401": "No valid API key (when keys are set)",
+             "403": "The API key lacks the scope", "404": "Unknown resource",
              "405": "Method not allowed", "413": "Body too large", "422": "A field is missing, mistyped or unknown"}
 
 
@@ -123,12 +124,22 @@ def build_document() -> dict[str, Any]:
             "responses": {"200": _json(RunOut, "Cancelled"), "202": _json(RunOut, "Cancelling at the next checkpoint"),
                           **_problems("404", "409")}}},
     }
+    for path, operations in paths.items():
+        for operation in operations.values():
+            if path == "/health":
+                operation["security"] = []  # liveness is never behind a key
+            else:
+                operation["responses"].update(_problems("401", "403"))
     return {
         "openapi": "3.1.0",
         "info": {"title": "flowgate", "version": __version__,
                  "description": "Trigger gateway for dlt connectors; errors are application/problem+json."},
         "paths": paths,
-        "components": {"schemas": schemas["$defs"]},
+        "components": {"schemas": schemas["$defs"], "securitySchemes": {
+            "bearer": {"type": "http", "scheme": "bearer", "description": "An API key from FLOWGATE_API_KEYS"},
+            "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}}},
+        # Applies when the gateway has keys configured: `read` for GET, `trigger` for the rest, `admin` for all.
+        "security": [{"bearer": []}, {"apiKey": []}],
     }
 
 

@@ -1,0 +1,160 @@
+"""API keys and scopes: who may call what. Keys are kept as SHA-256 digests and compared in constant time.
+
+    FLOWGATE_API_KEYS="backend:<key>:read+trigger,ops:<key>:admin"
+    FLOWGATE_API_KEYS_FILE=keys.txt     lines of `<name> sha256:<hex digest> <scope>[+<scope>]`
+    python -m app.auth hash <key>       prints the digest for such a file
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from flask import Flask, g, request
+
+from app.config import ConfigError
+from app.errors import Problem
+
+SCOPES = ("read", "trigger", "admin")
+OPEN_PATHS = frozenset({"/health"})
+_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+_DIGEST = re.compile(r"^sha256:([0-9a-f]{64})$")
+
+
+class Unauthorized(Problem):
+    status, code, title = 401, "unauthorized", "Unauthorized"
+
+
+class Forbidden(Problem):
+    status, code, title = 403, "forbidden", "Forbidden"
+
+
+def digest(key: str) -> bytes:
+    """The SHA-256 digest a key is kept and compared as."""
+    return hashlib.sha256(key.encode()).digest()
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """A caller: its name (for logs and rate limits, never the key), the key's digest and its scopes."""
+
+    name: str
+    digest: bytes
+    scopes: frozenset[str]
+
+    def allows(self, scope: str) -> bool:
+        return "admin" in self.scopes or scope in self.scopes
+
+
+def _scopes(text: str, where: str) -> frozenset[str]:
+    scopes = frozenset(s for s in text.split("+") if s)
+    unknown = scopes - set(SCOPES)
+    if not scopes or unknown:
+        raise ConfigError(f"{where}: scopes must be one or more of {', '.join(SCOPES)} joined by '+' "
+                          f"(got {text!r})")
+    return scopes
+
+
+class KeyRing:
+    """The configured keys; empty means authentication is off."""
+
+    def __init__(self, keys: Iterable[ApiKey] = ()):
+        self.keys = tuple(keys)
+        names = [key.name for key in self.keys]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ConfigError(f"API key names must be unique: {', '.join(duplicates)}")
+
+    @classmethod
+    def parse(cls, env_value: str | None, file: Path | None) -> KeyRing:
+        """From FLOWGATE_API_KEYS (plain keys) and FLOWGATE_API_KEYS_FILE (digests); errors never echo a key."""
+        keys = []
+        for index, entry in enumerate(e.strip() for e in (env_value or "").split(",")):
+            if not entry:
+                continue
+            parts = entry.split(":")
+            where = f"FLOWGATE_API_KEYS entry {index + 1}"
+            if len(parts) != 3 or not _NAME.match(parts[0]) or len(parts[1]) < 16:
+                raise ConfigError(f"{where}: expected <name>:<key of 16+ characters>:<scopes>")
+            keys.append(ApiKey(parts[0], digest(parts[1]), _scopes(parts[2], where)))
+        if file is not None:
+            try:
+                lines = file.read_text(encoding="utf-8").splitlines()
+            except OSError as exc:
+                raise ConfigError(f"FLOWGATE_API_KEYS_FILE: cannot read {file}: {exc.strerror}") from None
+            for number, line in enumerate(lines, 1):
+                line = line.split("#", 1)[0].strip()
+                if not line:
+                    continue
+                parts = line.split()
+                where = f"FLOWGATE_API_KEYS_FILE {file}:{number}"
+                match = _DIGEST.match(parts[1]) if len(parts) == 3 else None
+                if match is None or not _NAME.match(parts[0]):
+                    raise ConfigError(f"{where}: expected <name> sha256:<64 hex digits> <scopes>")
+                keys.append(ApiKey(parts[0], bytes.fromhex(match[1]), _scopes(parts[2], where)))
+        return cls(keys)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.keys)
+
+    def identify(self, presented: str) -> ApiKey | None:
+        """The key matching `presented`; every stored digest is compared, in constant time each."""
+        candidate = digest(presented)
+        found = None
+        for key in self.keys:
+            if hmac.compare_digest(candidate, key.digest):
+                found = key
+        return found
+
+
+def presented_key() -> str | None:
+    """The key a request carries: `Authorization: Bearer <key>` or `X-API-Key: <key>`."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    return request.headers.get("X-API-Key") or None
+
+
+def required_scope() -> str:
+    """Reading (GET, HEAD) needs `read`; anything that starts, cancels or runs something needs `trigger`."""
+    return "read" if request.method in ("GET", "HEAD", "OPTIONS") else "trigger"
+
+
+def init_app(app: Flask, keyring: KeyRing) -> None:
+    """Check every request but /health against the keyring (when it has keys)."""
+
+    @app.before_request
+    def authenticate() -> None:
+        g.api_key = None
+        if not keyring.enabled or request.path in OPEN_PATHS:
+            return
+        challenge = {"WWW-Authenticate": 'Bearer realm="flowgate"'}
+        presented = presented_key()
+        if presented is None:
+            raise Unauthorized("an API key is required: Authorization: Bearer <key> or X-API-Key",
+                               code="missing_api_key", headers=challenge)
+        key = keyring.identify(presented)
+        if key is None:
+            raise Unauthorized("the API key is not valid", code="invalid_api_key", headers=challenge)
+        scope = required_scope()
+        if not key.allows(scope):
+            raise Forbidden(f"API key '{key.name}' lacks the '{scope}' scope for {request.method} {request.path}",
+                            code="insufficient_scope", required_scope=scope)
+        g.api_key = key
+
+
+def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "hash":
+        print(f"sha256:{digest(sys.argv[2]).hex()}")
+        return
+    raise SystemExit("usage: python -m app.auth hash <key>")
+
+
+if __name__ == "__main__":
+    main()

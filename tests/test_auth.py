@@ -1,0 +1,88 @@
+"""API keys and scopes: 401 without a valid key, 403 without the scope, /health always open."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from app import create_app
+from app.auth import KeyRing, digest
+from app.config import ConfigError
+from tests.gunicorn_server import ROOT, GunicornServer
+
+READER, TRIGGERER, ADMIN = "reader-key-0123456789", "trigger-key-0123456789", "admin-key-0123456789"
+
+
+@pytest.fixture
+def app_config(app_config: dict) -> dict:
+    return {**app_config, "api_keys": f"dash:{READER}:read, backend:{TRIGGERER}:read+trigger, ops:{ADMIN}:admin"}
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_health_stays_open_and_everything_else_needs_a_key(client):
+    assert client.get("/health").status_code == 200
+    for method, path in (("get", "/api/v1/runs"), ("get", "/openapi.json"), ("post", "/trigger"),
+                         ("get", "/api/v1/health/ready"), ("post", "/api/workflow/x/execute")):
+        response = getattr(client, method)(path, json={"connector_id": "numbers"} if method == "post" else None)
+        assert response.status_code == 401, (path, response.json)
+        assert response.mimetype == "application/problem+json" and response.json["code"] == "missing_api_key"
+        assert response.headers["WWW-Authenticate"] == 'Bearer realm="flowgate"'
+
+
+def test_a_wrong_key_is_a_401_that_does_not_echo_it(client):
+    response = client.get("/api/v1/runs", headers=bearer("not-a-key-at-all-0000"))
+    assert response.status_code == 401 and response.json["code"] == "invalid_api_key"
+    assert "not-a-key" not in response.get_data(as_text=True)
+
+
+def test_scopes_read_trigger_admin(client):
+    refused = client.post("/trigger", json={"connector_id": "numbers"}, headers=bearer(READER))
+    assert refused.status_code == 403 and refused.json["code"] == "insufficient_scope"
+    assert refused.json["required_scope"] == "trigger" and "'dash'" in refused.json["detail"]
+    assert client.get("/api/v1/runs", headers=bearer(ADMIN)).json["items"] == []  # the refusal stored nothing
+    assert client.get("/api/v1/runs", headers=bearer(READER)).status_code == 200
+    accepted = client.post("/trigger", json={"connector_id": "numbers"}, headers={"X-API-Key": TRIGGERER})
+    assert accepted.status_code == 202
+    assert client.post(f"/api/v1/runs/{accepted.json['run_id']}/cancel", headers=bearer(READER)).status_code == 403
+    assert client.post(f"/api/v1/runs/{accepted.json['run_id']}/cancel", headers=bearer(ADMIN)).status_code == 200
+
+
+def test_keys_from_a_file_are_kept_as_digests(tmp_path: Path):
+    hashed = subprocess.run([sys.executable, "-m", "app.auth", "hash", TRIGGERER], cwd=ROOT, capture_output=True,
+                            text=True, check=True).stdout.strip()
+    assert hashed == f"sha256:{digest(TRIGGERER).hex()}"
+    keys = tmp_path / "keys.txt"
+    keys.write_text(f"# name digest scopes\nbackend {hashed} trigger\n")
+    ring = KeyRing.parse(None, keys)
+    assert TRIGGERER not in keys.read_text()
+    assert ring.identify(TRIGGERER).name == "backend" and ring.identify(READER) is None
+    assert ring.identify(TRIGGERER).allows("trigger") and not ring.identify(TRIGGERER).allows("read")
+
+
+@pytest.mark.parametrize("value, message", [
+    ("backend:short:read", "entry 1: expected <name>:<key of 16+ characters>:<scopes>"),
+    (f"backend:{READER}:write", "scopes must be one or more of read, trigger, admin"),
+    (f"a:{READER}:read,a:{ADMIN}:admin", "API key names must be unique: a"),
+    (f"{READER}", "entry 1: expected"),
+])
+def test_a_bad_key_setting_stops_the_start_without_echoing_the_key(app_config, value, message):
+    with pytest.raises(ConfigError, match=re.escape(message)) as info:
+        create_app({**app_config, "api_keys": value})
+    assert READER not in str(info.value) and ADMIN not in str(info.value)
+
+
+def test_without_keys_gunicorn_serves_loopback_only_and_says_so(workdir):
+    server = GunicornServer(workdir, workers=1)
+    server.env["FLOWGATE_BIND"] = f"0.0.0.0:{server.port}"
+    server.start()
+    try:
+        assert f"serving on 127.0.0.1:{server.port} only, not 0.0.0.0:{server.port}" in server.log()
+        assert f"Listening at: http://127.0.0.1:{server.port}" in server.log()
+    finally:
+        server.kill()
