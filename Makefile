@@ -3,13 +3,17 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test bench stack deploy clean
+.PHONY: run test fuzz bench stack deploy clean
 
 run: $(VENV)/.runtime data/demo_shop.db
 	$(BIN)/gunicorn -c gunicorn.conf.py wsgi:app
 
 test: $(VENV)/.dev data/demo_shop.db
 	$(BIN)/python -m pytest
+
+# The schemathesis tier with many more examples per operation than `make test` runs.
+fuzz: $(VENV)/.dev data/demo_shop.db
+	FLOWGATE_FUZZ_EXAMPLES=$${FLOWGATE_FUZZ_EXAMPLES:-500} $(BIN)/python -m pytest tests/test_fuzz.py
 
 bench: $(VENV)/.dev data/demo_shop.db
 	$(BIN)/python -m bench.trigger_throughput

@@ -61,10 +61,13 @@ def _query_parameters(model: type[BaseModel]) -> list[dict[str, Any]]:
             for name, prop in schema["properties"].items()]
 
 
-def build_document() -> dict[str, Any]:
-    """The whole OpenAPI document."""
+def build_document(max_wait_seconds: float | None = None) -> dict[str, Any]:
+    """The whole OpenAPI document; `max_wait_seconds` (a setting) becomes the documented maximum of `wait`."""
     _, schemas = models_json_schema([(m, "validation") for m in _MODELS],
                                     ref_template="#/components/schemas/{model}")
+    if max_wait_seconds is not None:
+        for model in (RunOptions, TriggerRequest, WorkflowExecuteRequest):
+            schemas["$defs"][model.__name__]["properties"]["wait"]["maximum"] = max_wait_seconds
     paths = {
         "/health": {"get": {"operationId": "health", "summary": "Liveness; never waits on anything",
                             "responses": {"200": _json(Health, "The process is serving")}}},
@@ -145,5 +148,5 @@ def build_document() -> dict[str, Any]:
 
 def init_app(app: Flask) -> None:
     """Serve the document at /openapi.json (built once per process)."""
-    document = build_document()
+    document = build_document(app.extensions["flowgate"].settings.max_wait_seconds)
     app.add_url_rule("/openapi.json", "openapi", lambda: document)

@@ -122,7 +122,7 @@ class WorkflowExecution(BaseModel):
 class ExecuteNodeRequest(_Request):
     """Body of POST /api/workflow/<workflow_id>/execute-node (the seed's shape)."""
 
-    nodeId: str = Field(min_length=1, max_length=100)
+    nodeId: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,99}$")
     nodeType: str = Field(min_length=1, max_length=50)
     node: dict[str, Any] = Field(default_factory=dict, description="The node: id, type, config (templates allowed).")
     inputData: dict[str, Any] = Field(default_factory=dict, description="The node's input, and `inputs` of templates.")
