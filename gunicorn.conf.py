@@ -39,9 +39,31 @@ keepalive = 5
 preload_app = False
 
 # --- logging ---------------------------------------------------------------------------------
+# One JSON object per line on stdout, gunicorn's own lines and access log included, each with the
+# request id (and, from an executor thread, the run id). FLOWGATE_LOG_FORMAT=text keeps gunicorn's plain lines.
 accesslog = "-"
 errorlog = "-"
 loglevel = os.environ.get("GUNICORN_LOG_LEVEL", "info")
+if os.environ.get("FLOWGATE_LOG_FORMAT", "json") == "json":
+    logconfig_dict = {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "filters": {"context": {"()": "app.logs.ContextFilter"}},
+        "formatters": {"json": {"()": "app.logs.JsonLines"}, "access": {"()": "app.logs.AccessJsonLines"}},
+        "handlers": {
+            "stdout": {"class": "logging.StreamHandler", "stream": "ext://sys.stdout", "formatter": "json",
+                       "filters": ["context"]},
+            "access": {"class": "logging.StreamHandler", "stream": "ext://sys.stdout", "formatter": "access",
+                       "filters": ["context"]},
+        },
+        "root": {"level": loglevel.upper(), "handlers": ["stdout"]},
+        "loggers": {
+            "gunicorn.error": {"level": loglevel.upper(), "handlers": ["stdout"], "propagate": False,
+                               "qualname": "gunicorn.error"},
+            "gunicorn.access": {"level": "INFO", "handlers": ["access"], "propagate": False,
+                                "qualname": "gunicorn.access"},
+        },
+    }
 
 
 # --- hooks -----------------------------------------------------------------------------------

@@ -58,8 +58,9 @@ class JSONProvider(DefaultJSONProvider):
 def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     """Build the gateway: settings, connectors, workflows, run store, executor (not started), blueprints."""
     settings = config if isinstance(config, Settings) else load_settings(config)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
+    from app import logs
+
+    logs.configure()
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call is noise
 
     app = Flask(__name__)
@@ -92,6 +93,7 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     from app import api, auth, errors, openapi
 
     errors.init_app(app)
+    logs.init_app(app)  # before auth: a refused request still gets its id
     auth.init_app(app, keyring)
     api.init_app(app)
     openapi.init_app(app)

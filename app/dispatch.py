@@ -65,9 +65,15 @@ class Dispatcher:
             raise Conflict(str(exc), code="idempotency_key_reused", run_id=exc.run.id) from None
         if created and deployment_id:
             run = self._create_flow_run(run, deployment_id, forced=mode == "prefect")
-        if created and run.backend == "local":
-            self.executor.wake()
+        if created:
+            self._accepted(run)
         return run, created
+
+    def _accepted(self, run: Run) -> None:
+        log.info("run %s accepted: %s %s on %s%s", run.id, run.kind, run.target, run.backend,
+                 f" ({run.fallback_reason})" if run.fallback_reason else "", extra={"run_id": run.id})
+        if run.backend == "local":
+            self.executor.wake()
 
     def trigger_workflow(self, spec: WorkflowSpec, inputs: dict[str, Any], mode: str, backend: str | None = None,
                          idempotency_key: str | None = None) -> tuple[Run, bool]:
@@ -85,8 +91,8 @@ class Dispatcher:
         if created and deployment_id:
             run = self._create_flow_run(run, deployment_id, forced=chosen == "prefect",
                                         parameters={"run_id": run.id, **params})
-        if created and run.backend == "local":
-            self.executor.wake()
+        if created:
+            self._accepted(run)
         return run, created
 
     def _choose(self, deployment: str, mode: str, flow_name: str = FLOW_NAME) -> tuple[str | None, str | None]:

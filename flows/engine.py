@@ -2,6 +2,7 @@
 retries, timeouts and a result cache. Plain code: the local executor and the Prefect flow both call it."""
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import json
 import logging
@@ -121,7 +122,8 @@ class WorkflowEngine:
         cancelled = threading.Event()
         batches = layers if mode == "optimized" else [[node_id] for node_id in spec.topological_order()]
         pool = ThreadPoolExecutor(max_workers=spec.max_parallel, thread_name_prefix=f"wf-{spec.id[:20]}")
-        submit = submit or (lambda node, work: pool.submit(work))
+        # Node threads see the caller's context variables (the run id its log lines carry).
+        submit = submit or (lambda node, work: pool.submit(contextvars.copy_context().run, work))
         finished = threading.Event()
         watcher = threading.Thread(target=_watch, args=(should_stop, cancelled, finished), daemon=True,
                                    name=f"wf-{spec.id[:20]}-stop")
@@ -291,7 +293,8 @@ def _attempt(run: Callable[[Any, NodeContext], Any], config: Any, ctx: NodeConte
             outcome.append((False, {"code": "node_error",
                                     "message": f"node '{ctx.node_id}': {type(exc).__name__}: {exc}"}))
 
-    thread = threading.Thread(target=target, name=f"node-{ctx.node_id[:20]}", daemon=True)
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(target,), name=f"node-{ctx.node_id[:20]}",
+                              daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout
     while thread.is_alive() and time.monotonic() < deadline and not cancelled.is_set():

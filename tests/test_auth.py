@@ -1,11 +1,14 @@
 """API keys and scopes: 401 without a valid key, 403 without the scope, /health always open."""
 from __future__ import annotations
 
+import json
 import re
 import subprocess
+import time
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from app import create_app
@@ -77,12 +80,18 @@ def test_a_bad_key_setting_stops_the_start_without_echoing_the_key(app_config, v
     assert READER not in str(info.value) and ADMIN not in str(info.value)
 
 
-def test_without_keys_gunicorn_serves_loopback_only_and_says_so(workdir):
+def test_without_keys_gunicorn_serves_loopback_only_and_says_so_in_json_lines(workdir):
     server = GunicornServer(workdir, workers=1)
     server.env["FLOWGATE_BIND"] = f"0.0.0.0:{server.port}"
     server.start()
     try:
-        assert f"serving on 127.0.0.1:{server.port} only, not 0.0.0.0:{server.port}" in server.log()
-        assert f"Listening at: http://127.0.0.1:{server.port}" in server.log()
+        assert httpx.get(f"{server.url}/health", headers={"X-Request-ID": "probe-1"}).status_code == 200
+        time.sleep(0.5)  # the access line is written after the response
+        lines = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
     finally:
         server.kill()
+    messages = [line["message"] for line in lines]
+    assert any(f"serving on 127.0.0.1:{server.port} only, not 0.0.0.0:{server.port}" in m for m in messages)
+    assert f"Listening at: http://127.0.0.1:{server.port} ({server.process.pid})" in messages
+    access = [line for line in lines if line["logger"] == "gunicorn.access" and line.get("request_id") == "probe-1"]
+    assert access and access[0]["path"] == "/health" and access[0]["status"] == 200, lines[-3:]

@@ -1,0 +1,101 @@
+"""Logging: one JSON object per line on stdout, each with the request id and run id it belongs to.
+
+The ids live in context variables: a request sets its id for the request's thread, an executor thread sets
+the run id for the run it executes, and a filter copies both onto every record.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import time
+import uuid
+from contextvars import ContextVar
+from typing import Any
+
+from flask import Flask, Response, g, request
+from pythonjsonlogger.json import JsonFormatter
+
+request_id: ContextVar[str | None] = ContextVar("flowgate_request_id", default=None)
+run_id: ContextVar[str | None] = ContextVar("flowgate_run_id", default=None)
+
+_INCOMING_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+FIELDS = "%(asctime)s %(levelname)s %(name)s %(process)d %(message)s"
+
+
+class ContextFilter(logging.Filter):
+    """Puts `request_id` and `run_id` on every record (None when there is none)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "request_id"):
+            record.request_id = request_id.get()
+        if not hasattr(record, "run_id"):
+            record.run_id = run_id.get()
+        return True
+
+
+class JsonLines(JsonFormatter):
+    """python-json-logger with flowgate's fields, timestamps in ISO 8601 UTC."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("fmt", FIELDS)
+        kwargs.setdefault("rename_fields", {"asctime": "time", "levelname": "level", "name": "logger",
+                                            "process": "pid"})
+        kwargs.setdefault("timestamp", False)
+        super().__init__(*args, **kwargs)
+        self.default_time_format = "%Y-%m-%dT%H:%M:%S"
+        self.default_msec_format = "%s.%03dZ"
+
+    converter = time.gmtime
+
+
+class AccessJsonLines(JsonLines):
+    """gunicorn's access log as JSON: gunicorn passes its atoms as the record's args."""
+
+    ATOMS = {"remote": "h", "method": "m", "path": "U", "query": "q", "status": "s", "bytes": "B",
+             "duration_ms": "M", "user_agent": "a", "request_id": "{x-request-id}o"}
+
+    def add_fields(self, log_data: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]) -> None:
+        super().add_fields(log_data, record, message_dict)
+        atoms = record.args if isinstance(record.args, dict) else {}
+        log_data["message"] = "request"
+        for field, atom in self.ATOMS.items():
+            value = atoms.get(atom)
+            if value not in (None, "-"):
+                log_data[field] = int(value) if field in ("status", "bytes", "duration_ms") and str(value).isdigit() \
+                    else value
+
+
+def configure(level: int = logging.INFO) -> None:
+    """JSON lines on stdout for the root logger, unless someone (gunicorn's logconfig, pytest) configured it."""
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(JsonLines())
+        root.addHandler(handler)
+        root.setLevel(level)
+    for handler in root.handlers:
+        if not any(isinstance(f, ContextFilter) for f in handler.filters):
+            handler.addFilter(ContextFilter())
+
+
+def init_app(app: Flask) -> None:
+    """Give every request an id: the caller's X-Request-ID when it is sane, a new one otherwise; echo it back."""
+
+    @app.before_request
+    def assign_request_id() -> None:
+        incoming = request.headers.get("X-Request-ID", "")
+        g.request_id = incoming if _INCOMING_ID.match(incoming) else uuid.uuid4().hex
+        g.request_id_token = request_id.set(g.request_id)
+
+    @app.after_request
+    def echo_request_id(response: Response) -> Response:
+        if "request_id" in g:
+            response.headers["X-Request-ID"] = g.request_id
+        return response
+
+    @app.teardown_request
+    def forget_request_id(_exc: BaseException | None) -> None:
+        token = g.pop("request_id_token", None)
+        if token is not None:
+            request_id.reset(token)
