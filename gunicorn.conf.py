@@ -2,7 +2,15 @@
 import ipaddress
 import multiprocessing
 import os
+import shutil
 import signal
+
+# --- metrics -------------------------------------------------------------------------------------
+# prometheus_client's multiprocess mode: every worker writes its samples under this folder (set before
+# any worker imports prometheus_client), /metrics sums them; the folder is emptied when the master starts.
+os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR",
+                      os.path.join(os.environ.get("FLOWGATE_VAR_DIR", "var"), "prometheus-multiproc"))
+os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
 
 # --- server socket ---------------------------------------------------------------------------
 # FLOWGATE_HOST (127.0.0.1 by default; the Docker image sets 0.0.0.0) and FLOW_SERVER_PORT, or FLOWGATE_BIND
@@ -67,6 +75,20 @@ if os.environ.get("FLOWGATE_LOG_FORMAT", "json") == "json":
 
 
 # --- hooks -----------------------------------------------------------------------------------
+def on_starting(server):
+    """A fresh metrics folder: samples of a previous master's workers must not be summed in."""
+    folder = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder, exist_ok=True)
+
+
+def child_exit(server, worker):
+    """A dead worker's live gauges (circuit state, probe latency) stop counting."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
 def when_ready(server):
     """Say how the gateway is protected, once, at start-up."""
     if _keys_configured:

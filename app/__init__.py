@@ -90,11 +90,12 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
         owner=f"execute-node:{socket.gethostname()}:{os.getpid()}")))
     app.extensions["flowgate"] = Services(settings, registry, workflows, store, executor, dispatcher, engine)
 
-    from app import api, auth, errors, openapi
+    from app import api, auth, errors, metrics, openapi
 
     errors.init_app(app)
     logs.init_app(app)  # before auth: a refused request still gets its id
     auth.init_app(app, keyring)
+    metrics.init_app(app)
     api.init_app(app)
     openapi.init_app(app)
     return app

@@ -10,6 +10,7 @@ from typing import Any
 
 from app.config import Settings
 from app.errors import Conflict, NotFound, Unavailable, ValidationFailed
+from app.metrics import FALLBACKS, TRIGGERS, observe_run_end
 from app.prefect_client import (
     FLOW_NAME, STATE_TO_STATUS, SUMMARY_ARTIFACT_PREFIX, WORKFLOW_ARTIFACT_PREFIX, WORKFLOW_DEPLOYMENT,
     WORKFLOW_FLOW_NAME, PrefectClient, PrefectError,
@@ -67,9 +68,14 @@ class Dispatcher:
             run = self._create_flow_run(run, deployment_id, forced=mode == "prefect")
         if created:
             self._accepted(run)
+        else:
+            TRIGGERS.labels(run.kind, run.backend, "duplicate").inc()
         return run, created
 
     def _accepted(self, run: Run) -> None:
+        TRIGGERS.labels(run.kind, run.backend, "accepted").inc()
+        if run.fallback_reason:
+            FALLBACKS.labels(run.fallback_reason).inc()
         log.info("run %s accepted: %s %s on %s%s", run.id, run.kind, run.target, run.backend,
                  f" ({run.fallback_reason})" if run.fallback_reason else "", extra={"run_id": run.id})
         if run.backend == "local":
@@ -93,6 +99,8 @@ class Dispatcher:
                                         parameters={"run_id": run.id, **params})
         if created:
             self._accepted(run)
+        else:
+            TRIGGERS.labels(run.kind, run.backend, "duplicate").inc()
         return run, created
 
     def _choose(self, deployment: str, mode: str, flow_name: str = FLOW_NAME) -> tuple[str | None, str | None]:
@@ -165,7 +173,16 @@ class Dispatcher:
                 values["result"] = rows[0] if rows else None
             else:
                 values["error"] = {"code": f"prefect_{status}", "message": state.get("message") or state.get("name")}
-        return self.store.update_unfinished(run.id, **values) or self.store.get(run.id)
+        return self._update(run, values)
+
+    def _update(self, run: Run, values: dict[str, Any]) -> Run:
+        """Write a Prefect run's new state; a run this call ended is counted once (another worker may race)."""
+        updated = self.store.update_unfinished(run.id, **values)
+        if updated is None:
+            return self.store.get(run.id)
+        if updated.is_terminal:
+            observe_run_end(updated.kind, updated.target, updated.status, updated.started_at, updated.finished_at)
+        return updated
 
     def _apply_workflow(self, run: Run, status: str, state: dict[str, Any], values: dict[str, Any]) -> Run:
         """A finished Prefect workflow run: its nodes and outputs from the artifact the flow published."""
@@ -180,7 +197,7 @@ class Dispatcher:
             failed = [node["id"] for node in (document or {}).get("nodes", []) if node["status"] == "failed"]
             values["error"] = {"code": "node_failed" if failed else f"prefect_{status}", "nodes": failed or None,
                                "message": state.get("message") or state.get("name")}
-        return self.store.update_unfinished(run.id, **values) or self.store.get(run.id)
+        return self._update(run, values)
 
     def live_nodes(self, run: Run, nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """A Prefect workflow run still going: its nodes' states read from its task runs (named "<id> (<type>)").

@@ -71,6 +71,10 @@ def build_document(max_wait_seconds: float | None = None) -> dict[str, Any]:
     paths = {
         "/health": {"get": {"operationId": "health", "summary": "Liveness; never waits on anything",
                             "responses": {"200": _json(Health, "The process is serving")}}},
+        "/metrics": {"get": {
+            "operationId": "metrics", "summary": "Prometheus metrics, summed over every gunicorn worker",
+            "responses": {"200": {"description": "Prometheus text format",
+                                  "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
         "/api/v1/health/ready": {"get": {
             "operationId": "readiness", "summary": "Database, executor and Prefect checks",
             "responses": {"200": _json(Readiness, "Ready"), "503": _json(Readiness, "Not ready, with reasons")}}},

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from app.metrics import PREFECT_CIRCUIT, PREFECT_PROBE
 from app.prefect_client import PrefectClient, PrefectError, PrefectNotFound, PrefectUnavailable
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ class PrefectRoute:
             self._cache.clear()
             if self._open_since is None:
                 self._open_since = time.monotonic()
+                PREFECT_CIRCUIT.set(1)
                 log.warning("Prefect unavailable (%s): circuit open, runs go local", exc.message)
             if self._reprober is None or not self._reprober.is_alive():
                 self._reprober = threading.Thread(target=self._reprobe, name="flowgate-prefect-reprobe", daemon=True)
@@ -107,11 +109,13 @@ class PrefectRoute:
             time.sleep(self.reprobe_seconds)
             try:
                 self._latency_ms = self.client.health()
+                PREFECT_PROBE.set(self._latency_ms / 1000)
             except PrefectError as exc:
                 self._last_error = exc.message
                 continue
             with self._lock:
                 self._open_since, self._last_error = None, None
+                PREFECT_CIRCUIT.set(0)
             log.info("Prefect answers again: circuit closed")
 
     def status(self) -> dict[str, Any]:
@@ -121,6 +125,7 @@ class PrefectRoute:
                     "open_for_seconds": round(time.monotonic() - (self._open_since or 0), 1)}
         try:
             self._latency_ms = self.client.health()
+            PREFECT_PROBE.set(self._latency_ms / 1000)
             workers = self.client.workers_online(self.work_pool)
         except PrefectNotFound:
             workers = None

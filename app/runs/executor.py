@@ -11,7 +11,8 @@ from dataclasses import replace
 from typing import Any
 
 from app.logs import run_id
-from app.runs.models import CANCELLED, COMPLETED, CRASHED, FAILED, Run
+from app.metrics import observe_run_end
+from app.runs.models import CANCELLED, COMPLETED, CRASHED, FAILED, Run, utcnow
 from app.runs.store import RunStore
 from app.runs.workflow_runs import InlineConnectorRunner, record_pending_nodes, run_workflow, workflow_outcome
 from connectors.pipeline import ConnectorRunError, RunCancelled, Workspace, run_connector
@@ -177,7 +178,7 @@ class LocalExecutor:
             log.exception("run %s failed unexpectedly", run.id)
             error = {"code": "internal_error", "message": f"{type(exc).__name__}: {exc}"}
         finally:
-            self._record(run.id, status, result, error)
+            self._record(run, status, result, error)
 
     def _execute_workflow(self, run: Run, cancel: threading.Event) -> None:
         status, result, error = FAILED, None, None
@@ -189,11 +190,14 @@ class LocalExecutor:
             log.exception("workflow run %s failed unexpectedly", run.id)
             error = {"code": "internal_error", "message": f"{type(exc).__name__}: {exc}"}
         finally:
-            self._record(run.id, status, result, error)
+            self._record(run, status, result, error)
 
-    def _record(self, run_id: str, status: str, result: dict[str, Any] | None, error: dict[str, Any] | None) -> None:
+    def _record(self, run: Run, status: str, result: dict[str, Any] | None, error: dict[str, Any] | None) -> None:
+        run_id = run.id
         try:
-            if not self.store.finish(run_id, self.id, status, result=result, error=error):
+            if self.store.finish(run_id, self.id, status, result=result, error=error):
+                observe_run_end(run.kind, run.target, status, run.started_at, utcnow())
+            else:
                 log.warning("run %s was no longer held by %s when it ended as %s", run_id, self.id, status)
         except Exception:
             log.exception("recording the end of run %s failed; its lease will lapse and mark it crashed", run_id)

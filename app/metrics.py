@@ -1,0 +1,96 @@
+"""Prometheus metrics, correct across gunicorn workers (prometheus_client's multiprocess mode).
+
+gunicorn.conf.py points PROMETHEUS_MULTIPROC_DIR at a fresh folder before any worker starts; every worker then
+writes its samples there and GET /metrics sums them. Without it (tests, a single process) the metrics live
+in this process. Queue depth and executor slots are read from the run store at scrape time, so they are
+the same whichever worker answers.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from flask import Flask, Response, g, request
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+
+TRIGGERS = Counter("flowgate_triggers_total", "Triggers answered, by kind, backend and outcome",
+                   ["kind", "backend", "outcome"])
+FALLBACKS = Counter("flowgate_fallbacks_total", "Runs that went local although Prefect was configured, by reason",
+                    ["reason"])
+RUN_DURATION = Histogram("flowgate_run_duration_seconds", "Run durations from start to end, by target and status",
+                         ["kind", "target", "status"],
+                         buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, float("inf")))
+HTTP_LATENCY = Histogram("flowgate_http_request_duration_seconds", "HTTP latency by endpoint, method and status",
+                         ["endpoint", "method", "status"],
+                         buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, float("inf")))
+PREFECT_PROBE = Gauge("flowgate_prefect_probe_latency_seconds", "Latency of the last Prefect health probe",
+                      multiprocess_mode="livemostrecent")
+PREFECT_CIRCUIT = Gauge("flowgate_prefect_circuit_open", "1 while a worker's circuit to Prefect is open",
+                        multiprocess_mode="livemax")
+ALL = (TRIGGERS, FALLBACKS, RUN_DURATION, HTTP_LATENCY, PREFECT_PROBE, PREFECT_CIRCUIT)
+
+
+class StoreCollector(Collector):
+    """Queue depth and executor capacity, read from the run store when scraped (shared by every process)."""
+
+    def __init__(self, store: Any, stale_after_seconds: float):
+        self.store = store
+        self.stale_after_seconds = stale_after_seconds
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        counts = self.store.count_by_status()
+        capacity = self.store.capacity(self.stale_after_seconds)
+        yield GaugeMetricFamily("flowgate_executor_queued_runs", "Local runs waiting for an executor slot",
+                                value=counts.get("queued", 0))
+        yield GaugeMetricFamily("flowgate_executor_busy_slots", "Executor slots running a run, all processes",
+                                value=capacity.busy)
+        yield GaugeMetricFamily("flowgate_executor_slots", "Executor slots of live executors, all processes",
+                                value=capacity.slots)
+        yield GaugeMetricFamily("flowgate_executors", "Executors with a recent heartbeat", value=capacity.executors)
+
+
+def observe_run_end(kind: str, target: str, status: str, started_at: Any, finished_at: Any) -> None:
+    """Record a run's duration when it ends (either path)."""
+    if started_at and finished_at:
+        RUN_DURATION.labels(kind, target, status).observe(max((finished_at - started_at).total_seconds(), 0.0))
+
+
+def exposition(store: Any, stale_after_seconds: float) -> bytes:
+    """Every metric in Prometheus' text format."""
+    registry = CollectorRegistry()
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        MultiProcessCollector(registry)
+    else:
+        for metric in ALL:
+            registry.register(metric)
+    registry.register(StoreCollector(store, stale_after_seconds))
+    return generate_latest(registry)
+
+
+def init_app(app: Flask) -> None:
+    """Time every request; serve GET /metrics."""
+
+    @app.before_request
+    def start_timer() -> None:
+        g.metrics_started = time.perf_counter()
+
+    @app.after_request
+    def observe(response: Response) -> Response:
+        started = g.pop("metrics_started", None)
+        if started is not None:
+            endpoint = request.url_rule.rule if request.url_rule is not None else "(unmatched)"
+            HTTP_LATENCY.labels(endpoint, request.method, str(response.status_code)).observe(
+                time.perf_counter() - started)
+        return response
+
+    def metrics() -> Response:
+        services = app.extensions["flowgate"]
+        body = exposition(services.store, services.settings.lease_seconds)
+        return Response(body, mimetype=CONTENT_TYPE_LATEST.split(";")[0], content_type=CONTENT_TYPE_LATEST)
+
+    app.add_url_rule("/metrics", "metrics", metrics, methods=["GET"])

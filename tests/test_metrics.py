@@ -1,0 +1,58 @@
+"""Prometheus metrics: what they count, and that gunicorn's workers add up to one answer."""
+from __future__ import annotations
+
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+
+from tests.gunicorn_server import GunicornServer
+from tests.test_api_triggers import poll_until_ended
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus' text format (0 when absent)."""
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            found = dict(re.findall(r'(\w+)="([^"]*)"', line.split(" ")[0]))
+            if all(found.get(k) == v for k, v in labels.items()):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_metrics_count_triggers_fallbacks_durations_requests_and_the_queue(running_app):
+    client = running_app.test_client()
+    before = client.get("/metrics").get_data(as_text=True)
+    run = client.post("/trigger", json={"connector_id": "numbers"}).json
+    poll_until_ended(client, run["status_url"])
+    client.post("/trigger", json={"connector_id": "numbers"}, headers={"Idempotency-Key": "m-1"})
+    client.post("/trigger", json={"connector_id": "numbers"}, headers={"Idempotency-Key": "m-1"})
+    response = client.get("/metrics")
+    assert response.status_code == 200 and response.mimetype == "text/plain"
+    after = response.get_data(as_text=True)
+
+    def delta(name: str, **labels: str) -> float:
+        return sample(after, name, **labels) - sample(before, name, **labels)
+
+    assert delta("flowgate_triggers_total", kind="connector", backend="local", outcome="accepted") == 2
+    assert delta("flowgate_triggers_total", kind="connector", backend="local", outcome="duplicate") == 1
+    assert delta("flowgate_fallbacks_total", reason="prefect_not_configured") == 2
+    assert delta("flowgate_run_duration_seconds_count", kind="connector", target="numbers", status="completed") >= 1
+    assert delta("flowgate_http_request_duration_seconds_count", endpoint="/trigger", method="POST", status="202") == 3
+    assert sample(after, "flowgate_executor_slots") == 2 and sample(after, "flowgate_executors") == 1
+
+
+def test_every_gunicorn_worker_answers_the_same_sums(workdir):
+    server = GunicornServer(workdir, workers=3).start()
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            statuses = list(pool.map(lambda i: httpx.post(f"{server.url}/trigger", headers={"Connection": "close"},
+                                                          json={"connector_id": "numbers"}).status_code, range(30)))
+        assert statuses == [202] * 30
+        seen = set()
+        for _ in range(12):  # new connections land on different workers
+            text = httpx.get(f"{server.url}/metrics", headers={"Connection": "close"}).text
+            seen.add(sample(text, "flowgate_triggers_total", kind="connector", backend="local", outcome="accepted"))
+        assert seen == {30.0}, seen  # one sum, whichever worker answered
+    finally:
+        server.kill()
