@@ -107,6 +107,7 @@ def post_worker_init(worker):
     executor = services.executor
     executor.start()
     services.dispatcher.start_sync()
+    services.callbacks.start()
     gunicorn_term = signal.getsignal(signal.SIGTERM)
 
     def on_term(signum, frame):
@@ -123,6 +124,7 @@ def worker_exit(server, worker):
     if services is None:  # the worker died before its executor started
         return
     services.dispatcher.stop_sync()
+    services.callbacks.stop()
     executor = services.executor
     # gunicorn kills the worker graceful_timeout after SIGTERM; keep a second to write the records.
     unfinished = executor.shutdown(timeout=max(server.cfg.graceful_timeout - 1, 0))

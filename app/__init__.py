@@ -12,6 +12,7 @@ from typing import Any
 from flask import Flask, current_app
 from flask.json.provider import DefaultJSONProvider
 
+from app.callbacks import CallbackSender
 from app.config import ConfigError, Settings, load_settings
 from app.dispatch import Dispatcher, make_prefect_route
 from app.runs.executor import LocalExecutor
@@ -20,6 +21,7 @@ from connectors.pipeline import Workspace
 from connectors.registry import ConnectorRegistry, RegistryError
 from flows.engine import WorkflowEngine
 from flows.nodes import make_toolbox
+from flows.outbound import OutboundPolicy
 from flows.workflow_registry import WorkflowError, WorkflowRegistry
 
 __version__ = "0.1.0"
@@ -36,6 +38,7 @@ class Services:
     executor: LocalExecutor
     dispatcher: Dispatcher
     engine: WorkflowEngine  # for execute-node: one node inside the request, no cache
+    callbacks: CallbackSender
 
 
 def services() -> Services:
@@ -88,7 +91,10 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     dispatcher = Dispatcher(settings, store, registry, executor, workspace, prefect=make_prefect_route(settings))
     engine = WorkflowEngine(replace(toolbox, run_connector=executor.connector_runner(
         owner=f"execute-node:{socket.gethostname()}:{os.getpid()}")))
-    app.extensions["flowgate"] = Services(settings, registry, workflows, store, executor, dispatcher, engine)
+    callbacks = CallbackSender(store, OutboundPolicy.parse(settings.callback_allowed_hosts), settings.callback_secret,
+                               max_attempts=settings.callback_max_attempts,
+                               backoff_seconds=settings.callback_backoff_seconds, poll_seconds=settings.poll_seconds)
+    app.extensions["flowgate"] = Services(settings, registry, workflows, store, executor, dispatcher, engine, callbacks)
 
     from app import api, auth, errors, metrics, openapi
 

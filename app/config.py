@@ -84,6 +84,19 @@ class Settings(BaseSettings):
                                        description="File of `<name> sha256:<digest> <scopes>` lines (keys hashed "
                                                    "at rest; `python -m app.auth hash <key>` prints a digest).")
 
+    callback_secret: str | None = Field(None, validation_alias=AliasChoices("FLOWGATE_CALLBACK_SECRET",
+                                                                           "callback_secret"), repr=False,
+                                        description="HMAC-SHA256 key that signs run callbacks; unset: callbacks off.")
+    callback_allowed_hosts: str = Field("", validation_alias=AliasChoices("FLOWGATE_CALLBACK_ALLOWED_HOSTS",
+                                                                          "callback_allowed_hosts"),
+                                        description="Hosts a callback_url may name, comma-separated, as for the "
+                                                    "http node.")
+    callback_max_attempts: int = Field(5, ge=1, le=20, validation_alias=AliasChoices(
+        "FLOWGATE_CALLBACK_MAX_ATTEMPTS", "callback_max_attempts"), description="Deliveries tried per run.")
+    callback_backoff_seconds: float = Field(2.0, gt=0, le=3600, validation_alias=AliasChoices(
+        "FLOWGATE_CALLBACK_BACKOFF_SECONDS", "callback_backoff_seconds"),
+        description="Wait before the second delivery; doubles after each failure.")
+
     @property
     def run_store_url(self) -> str:
         """The SQLAlchemy URL of the run store."""

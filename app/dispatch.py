@@ -45,7 +45,7 @@ class Dispatcher:
     # --- triggering -------------------------------------------------------------------------
 
     def trigger_connector(self, connector_id: str, params: dict[str, Any], backend: str | None = None,
-                          idempotency_key: str | None = None) -> tuple[Run, bool]:
+                          idempotency_key: str | None = None, callback_url: str | None = None) -> tuple[Run, bool]:
         """Validate, store and dispatch a connector run; returns the run and whether it is new."""
         spec = self.registry.get(connector_id)
         if spec is None:
@@ -59,7 +59,7 @@ class Dispatcher:
         new = NewRun(kind="connector", target=connector_id, params=params,
                      backend="prefect" if deployment_id else "local",
                      concurrency_key=concurrency_key(spec, self.workspace), fallback_reason=reason,
-                     idempotency_key=idempotency_key)
+                     idempotency_key=idempotency_key, callback_url=callback_url)
         try:
             run, created = self.store.create_run(new)
         except IdempotencyConflict as exc:
@@ -82,14 +82,14 @@ class Dispatcher:
             self.executor.wake()
 
     def trigger_workflow(self, spec: WorkflowSpec, inputs: dict[str, Any], mode: str, backend: str | None = None,
-                         idempotency_key: str | None = None) -> tuple[Run, bool]:
+                         idempotency_key: str | None = None, callback_url: str | None = None) -> tuple[Run, bool]:
         """Store and dispatch a workflow run; the definition travels with the run, so any process can run it."""
         chosen = backend or self.settings.backend
         deployment_id, reason = self._choose(WORKFLOW_DEPLOYMENT, chosen, flow_name=WORKFLOW_FLOW_NAME)
         params = {"inputs": inputs, "mode": mode, "workflow": spec.model_dump(mode="json")}
         new = NewRun(kind="workflow", target=spec.id, params=params, backend="prefect" if deployment_id else "local",
                      concurrency_key=f"workflow-run:{uuid.uuid4().hex}", fallback_reason=reason,
-                     idempotency_key=idempotency_key)
+                     idempotency_key=idempotency_key, callback_url=callback_url)
         try:
             run, created = self.store.create_run(new)
         except IdempotencyConflict as exc:

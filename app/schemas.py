@@ -25,6 +25,8 @@ class RunOptions(_Request):
         None, description="Force a path; default is the gateway's FLOWGATE_BACKEND.")
     idempotency_key: str | None = Field(None, min_length=1, max_length=255,
                                         description="Same key, same run (also read from the Idempotency-Key header).")
+    callback_url: str | None = Field(None, min_length=1, max_length=2000,
+                                     description="POSTed the run document, signed, when the run ends.")
 
 
 class TriggerRequest(RunOptions):
@@ -69,6 +71,8 @@ class WorkflowExecuteRequest(_Request):
     backend: Literal["auto", "local", "prefect"] | None = Field(
         None, description="Force a path; default is the gateway's FLOWGATE_BACKEND.")
     wait: float = Field(0, ge=0, description="Seconds to block for the execution to end (0: answer at once).")
+    callback_url: str | None = Field(None, min_length=1, max_length=2000,
+                                     description="POSTed the run document, signed, when the execution ends.")
 
 
 class WorkflowAccepted(BaseModel):
@@ -168,6 +172,9 @@ class RunOut(BaseModel):
     result: dict[str, Any] | None = Field(description="The load summary once completed: rows per table, "
                                                       "load ids, destination, dataset, duration.")
     error: dict[str, Any] | None
+    callback: dict[str, Any] | None = Field(
+        None, description="Where the run document is POSTed when it ends: url (no query), status "
+                          "(pending, delivered, failed) and every attempt.")
     status_url: str
 
     @classmethod
@@ -179,7 +186,7 @@ class RunOut(BaseModel):
                    fallback_reason=run.fallback_reason, prefect_flow_run_id=run.prefect_flow_run_id,
                    prefect_state=run.prefect_state, attempts=run.attempts, created_at=run.created_at,
                    started_at=run.started_at, finished_at=run.finished_at, result=run.result, error=run.error,
-                   status_url=status_url)
+                   callback=run.callback.to_dict() if run.callback else None, status_url=status_url)
 
 
 class RunPage(BaseModel):

@@ -1,32 +1,98 @@
-"""Outbound HTTP for workflow nodes: only allow-listed hosts, checked again on every redirect hop."""
+"""Outbound HTTP (workflow `http` nodes, run callbacks): allow-listed hosts only, never a way into the internal
+network, checked again on every redirect hop."""
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+import ipaddress
+import socket
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from urllib.parse import urljoin
 
 import httpx
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class OutboundRefused(ValueError):
     """A URL the policy does not allow; the message names the host and how to allow it."""
 
 
+def literal_ip(host: str) -> Address | None:
+    """The address a host names literally, in any spelling a resolver accepts: 127.0.0.1, 2130706433,
+    0x7f000001, 0177.0.0.1, 127.1, ::1, ::ffff:127.0.0.1. None for a name."""
+    host = host.strip("[]")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        try:
+            address = ipaddress.IPv4Address(socket.inet_aton(host))  # the loose forms libc accepts too
+        except (OSError, ValueError):
+            return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return address.ipv4_mapped
+    return address
+
+
+def internal(address: Address) -> bool:
+    """Loopback, private, link-local (cloud metadata), unspecified, reserved or multicast: not the internet."""
+    return (address.is_loopback or address.is_private or address.is_link_local or address.is_unspecified
+            or address.is_reserved or address.is_multicast)
+
+
+def _resolve(host: str) -> list[Address]:
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except socket.gaierror:
+        return []
+    return [a for a in (literal_ip(info[4][0].split("%")[0]) for info in infos) if a is not None]
+
+
+def _split(allowed: str) -> tuple[str, int | None]:
+    """An allow-list entry as (host, port or None): `host`, `host:port`, `[v6]:port`, or a bare IPv6 address."""
+    if allowed.startswith("["):
+        host, _, rest = allowed[1:].partition("]")
+        return host, int(rest[1:]) if rest.startswith(":") and rest[1:].isdigit() else None
+    if allowed.count(":") == 1:
+        host, _, port = allowed.partition(":")
+        return host, int(port) if port.isdigit() else None
+    return allowed, None
+
+
 @dataclass(frozen=True)
 class OutboundPolicy:
-    """Hosts a node may call: exact names (`api.example.com`, `127.0.0.1:8080`) or `*.example.com` suffixes."""
+    """Hosts that may be called: exact names or addresses (`api.example.com`, `127.0.0.1:8080`) or `*.example.com`.
+
+    An address inside the internal network (loopback, private, link-local, ...) is refused unless it is itself
+    on the list, whether the URL names it literally (in any encoding) or a listed name resolves to it.
+    """
 
     allowed_hosts: tuple[str, ...] = ()
     schemes: tuple[str, ...] = ("http", "https")
+    resolve: Callable[[str], list[Address]] = field(default=_resolve, compare=False)
 
     @classmethod
     def parse(cls, hosts: str | Iterable[str]) -> OutboundPolicy:
-        """From `FLOWGATE_HTTP_ALLOWED_HOSTS`: a comma-separated list."""
+        """From a comma-separated list (FLOWGATE_HTTP_ALLOWED_HOSTS, FLOWGATE_CALLBACK_ALLOWED_HOSTS)."""
         items = hosts.split(",") if isinstance(hosts, str) else hosts
         return cls(tuple(h.strip().lower() for h in items if h.strip()))
 
+    def _listed(self, host: str, port: int) -> bool:
+        address = literal_ip(host)
+        for allowed in self.allowed_hosts:
+            allowed_host, allowed_port = _split(allowed)
+            if allowed_port is not None and allowed_port != port:
+                continue
+            if allowed_host.startswith("*."):
+                if address is None and host.endswith(allowed_host[1:]):
+                    return True
+                continue
+            allowed_address = literal_ip(allowed_host)
+            if (address == allowed_address) if allowed_address is not None else (allowed_host == host):
+                return True
+        return False
+
     def check(self, url: str) -> httpx.URL:
-        """The parsed URL, or OutboundRefused."""
+        """The parsed URL, or OutboundRefused naming why."""
         try:
             parsed = httpx.URL(url)
         except (httpx.InvalidURL, TypeError) as exc:
@@ -36,13 +102,16 @@ class OutboundPolicy:
         host = (parsed.host or "").lower().rstrip(".")
         if not host:
             raise OutboundRefused(f"URL {url!r} has no host")
-        with_port = f"{host}:{parsed.port}" if parsed.port else host
-        for allowed in self.allowed_hosts:
-            if allowed in (host, with_port):
-                return parsed
-            if allowed.startswith("*.") and host.endswith(allowed[1:]):
-                return parsed
-        raise OutboundRefused(f"host {with_port!r} is not on the allow-list (FLOWGATE_HTTP_ALLOWED_HOSTS)")
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        shown = f"{host}:{port}"
+        if not self._listed(host, port):
+            raise OutboundRefused(f"host {shown!r} is not on the allow-list")
+        if literal_ip(host) is None:
+            hidden = [a for a in self.resolve(host) if internal(a) and not self._listed(str(a), port)]
+            if hidden:
+                raise OutboundRefused(f"host {shown!r} resolves to an internal address ({hidden[0]}), "
+                                      "which is not on the allow-list itself")
+        return parsed
 
     def request(self, client: httpx.Client, method: str, url: str, max_redirects: int = 5,
                 **kwargs: object) -> httpx.Response:

@@ -109,3 +109,29 @@ class FakeOpenAI(_Server):
                      "choices": [{"index": 0, "message": {"role": "assistant", "content": f"echo: {prompt}"},
                                   "finish_reason": "stop"}],
                      "usage": {"prompt_tokens": len(prompt.split()), "completion_tokens": 3, "total_tokens": 9}}, {}
+
+
+class CallbackReceiver(_Server):
+    """Receives run callbacks at /hook: answers 500 `failures` times, then 204; keeps raw bodies and headers."""
+
+    def __init__(self) -> None:
+        self.failures = 0
+        self.raw: list[tuple[dict[str, str], bytes]] = []
+        super().__init__()
+
+    def _handler(self):
+        handler = super()._handler()
+        server = self
+
+        class Raw(handler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length)
+                server.raw.append(({k.lower(): v for k, v in self.headers.items()}, raw))
+                status = 500 if server.failures > 0 else 204
+                server.failures = max(server.failures - 1, 0)
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        return Raw

@@ -8,6 +8,7 @@ from flask import request
 from pydantic import BaseModel, ValidationError
 
 from app.errors import BadRequest, ValidationFailed, field_error
+from flows.outbound import OutboundRefused
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -48,3 +49,38 @@ def query(model: type[M]) -> M:
                                errors=[field_error(key, "given more than once") for key in repeated])
     return validated(model, args.to_dict())
 
+
+
+def checked_callback_url(url: str | None) -> str | None:
+    """A trigger's `callback_url`, refused with a 422 unless callbacks are on and its host is allowed."""
+    if url is None:
+        return None
+    from app import services
+
+    svc = services()
+    if not svc.settings.callback_secret:
+        raise ValidationFailed.of_field("callback_url", "callbacks are off on this gateway "
+                                                        "(FLOWGATE_CALLBACK_SECRET is not set)")
+    try:
+        svc.callbacks.policy.check(url)
+    except OutboundRefused as exc:
+        raise ValidationFailed.of_field("callback_url", f"{exc} (FLOWGATE_CALLBACK_ALLOWED_HOSTS)") from None
+    return url
+
+
+def preferred_wait(body_wait: float, limit: float) -> tuple[float, str | None]:
+    """The seconds to wait: the body's `wait`, else RFC 7240's `Prefer: wait=N` capped at `limit`.
+
+    Returns the wait and the Preference-Applied value to answer with (None when the header played no part).
+    """
+    if body_wait:
+        return body_wait, None
+    for preference in request.headers.get("Prefer", "").split(","):
+        name, _, value = preference.split(";")[0].strip().partition("=")
+        if name.lower() == "wait":
+            try:
+                seconds = min(max(float(value.strip('" ')), 0.0), limit)
+            except ValueError:
+                raise ValidationFailed.of_field("Prefer", f"wait must be a number of seconds, got {value!r}") from None
+            return seconds, f"wait={seconds:g}"
+    return 0.0, None

@@ -4,7 +4,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, request
 
 from app import services
-from app.api.inputs import json_object, validated
+from app.api.inputs import checked_callback_url, json_object, preferred_wait, validated
 from app.api.runs import run_response
 from app.errors import ValidationFailed
 from app.schemas import RunOptions, TriggerRequest
@@ -29,10 +29,15 @@ def _start(connector_id: str, options: RunOptions) -> Response:
     svc = services()
     if options.wait > svc.settings.max_wait_seconds:
         raise ValidationFailed.of_field("wait", f"must be at most {svc.settings.max_wait_seconds:g} seconds")
+    wait, applied = preferred_wait(options.wait, svc.settings.max_wait_seconds)
     key = options.idempotency_key or request.headers.get("Idempotency-Key")
     if key is not None and not 0 < len(key) <= 255:
         raise ValidationFailed.of_field("Idempotency-Key", "must be 1 to 255 characters")
-    run, _ = svc.dispatcher.trigger_connector(connector_id, options.params, options.backend, key)
-    if options.wait and not run.is_terminal:
-        run = svc.dispatcher.wait_for_end(run.id, options.wait)
-    return run_response(run, 200 if run.is_terminal else 202)
+    callback_url = checked_callback_url(options.callback_url)
+    run, _ = svc.dispatcher.trigger_connector(connector_id, options.params, options.backend, key, callback_url)
+    if wait and not run.is_terminal:
+        run = svc.dispatcher.wait_for_end(run.id, wait)
+    response = run_response(run, 200 if run.is_terminal else 202)
+    if applied:
+        response.headers["Preference-Applied"] = applied
+    return response

@@ -6,7 +6,7 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, request, url_for
 
 from app import services
-from app.api.inputs import json_object, validated
+from app.api.inputs import checked_callback_url, json_object, preferred_wait, validated
 from app.errors import NotFound, ValidationFailed
 from app.runs.models import Run
 from app.runs.workflow_runs import pending_nodes
@@ -25,13 +25,15 @@ def execute(workflow_id: str) -> Response:
     body = validated(WorkflowExecuteRequest, json_object())
     if body.wait > svc.settings.max_wait_seconds:
         raise ValidationFailed.of_field("wait", f"must be at most {svc.settings.max_wait_seconds:g} seconds")
+    wait, applied = preferred_wait(body.wait, svc.settings.max_wait_seconds)
     spec = _workflow(workflow_id, body.workflow)
     key = request.headers.get("Idempotency-Key")
     if key is not None and not 0 < len(key) <= 255:
         raise ValidationFailed.of_field("Idempotency-Key", "must be 1 to 255 characters")
-    run, created = svc.dispatcher.trigger_workflow(spec, body.inputs, body.mode, body.backend, key)
-    if body.wait and not run.is_terminal:
-        run = svc.dispatcher.wait_for_end(run.id, body.wait)
+    callback_url = checked_callback_url(body.callback_url)
+    run, created = svc.dispatcher.trigger_workflow(spec, body.inputs, body.mode, body.backend, key, callback_url)
+    if wait and not run.is_terminal:
+        run = svc.dispatcher.wait_for_end(run.id, wait)
     status_url = url_for("workflows.get_execution", execution_id=run.id)
     message = (f"Workflow execution {'started' if created else 'already accepted'} in background "
                f"({run.backend}, {body.mode} mode)")
@@ -39,6 +41,8 @@ def execute(workflow_id: str) -> Response:
                         "backend": run.backend, "statusUrl": status_url})
     response.status_code = 200 if run.is_terminal else 202
     response.headers["Location"] = status_url
+    if applied:
+        response.headers["Preference-Applied"] = applied
     return response
 
 

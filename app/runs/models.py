@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
-from sqlalchemy import JSON, Boolean, DateTime, Index, Integer, String, Text, TypeDecorator, text
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Index, Integer, String, Text, TypeDecorator, text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 QUEUED, RUNNING, CANCELLING = "queued", "running", "cancelling"
 COMPLETED, FAILED, CANCELLED, CRASHED = "completed", "failed", "cancelled", "crashed"
@@ -68,6 +69,8 @@ class Run(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # Loaded with the run (one extra query per batch of runs), so a run document can show its deliveries.
+    callback: Mapped[RunCallback | None] = relationship(lazy="selectin", uselist=False)
 
     __table_args__ = (
         Index("ix_runs_created", "created_at", "id"),
@@ -121,3 +124,25 @@ class NodeCacheEntry(Base):
     output: Mapped[Any] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+
+
+class RunCallback(Base):
+    """Where to POST a run's document when it ends, and every delivery attempt so far."""
+
+    __tablename__ = "run_callbacks"
+
+    run_id: Mapped[str] = mapped_column(String(32), ForeignKey("runs.id"), primary_key=True)
+    url: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), default="pending", index=True)  # pending, delivered, failed
+    attempts: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    claimed_by: Mapped[str | None] = mapped_column(String(128))
+    claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    def to_dict(self) -> dict[str, Any]:
+        """As the run document shows it: the URL without query string or credentials, which may hold secrets."""
+        parts = urlsplit(self.url)
+        shown = urlunsplit((parts.scheme, parts.hostname or "", parts.path, "", ""))
+        if parts.port:
+            shown = shown.replace(parts.hostname or "", f"{parts.hostname}:{parts.port}", 1)
+        return {"url": shown, "status": self.status, "attempts": list(self.attempts or [])}

@@ -18,8 +18,8 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from app.runs.models import (
-    ACTIVE, CANCELLED, CANCELLING, CRASHED, QUEUED, RUNNING, TERMINAL, Base, Executor, NodeCacheEntry, Run, RunNode,
-    utcnow,
+    ACTIVE, CANCELLED, CANCELLING, CRASHED, QUEUED, RUNNING, TERMINAL, Base, Executor, NodeCacheEntry, Run,
+    RunCallback, RunNode, utcnow,
 )
 
 T = TypeVar("T")
@@ -45,6 +45,7 @@ class NewRun:
     concurrency_key: str
     fallback_reason: str | None = None
     idempotency_key: str | None = None
+    callback_url: str | None = None
 
     @property
     def request_hash(self) -> str:
@@ -145,6 +146,9 @@ class RunStore:
                           status=QUEUED, backend=new.backend, fallback_reason=new.fallback_reason,
                           idempotency_key=new.idempotency_key, request_hash=new.request_hash,
                           concurrency_key=new.concurrency_key, created_at=utcnow())
+                # In the same transaction: a run never exists without its callback.
+                run.callback = RunCallback(run_id=run.id, url=new.callback_url, status="pending", attempts=[],
+                                           next_attempt_at=utcnow()) if new.callback_url else None
                 session.add(run)
             return run, True
 
@@ -173,6 +177,7 @@ class RunStore:
                           backend=new.backend, fallback_reason=new.fallback_reason, request_hash=new.request_hash,
                           concurrency_key=new.concurrency_key, created_at=now, started_at=now, attempts=1,
                           lease_owner=owner, lease_expires_at=now + timedelta(seconds=lease_seconds))
+                run.callback = None
                 session.add(run)
             return run
 
@@ -371,6 +376,49 @@ class RunStore:
             self._retry(attempt)
         except IntegrityError:  # two processes cached the same key at once: either value will do
             pass
+
+    # --- callbacks ----------------------------------------------------------------------------
+
+    def claim_callback(self, owner: str, lease_seconds: float) -> tuple[RunCallback, Run] | None:
+        """Take the next due delivery of an ended run (held for `lease_seconds`); None when none is due."""
+
+        def attempt() -> tuple[RunCallback, Run] | None:
+            now = utcnow()
+            with self._session(write=True) as session:
+                found = session.execute(
+                    select(RunCallback, Run).join(Run, Run.id == RunCallback.run_id)
+                    .where(RunCallback.status == "pending", Run.status.in_(TERMINAL),
+                           RunCallback.next_attempt_at <= now,
+                           (RunCallback.claimed_until.is_(None)) | (RunCallback.claimed_until < now))
+                    .order_by(RunCallback.next_attempt_at).limit(1)
+                    .with_for_update(skip_locked=True, of=RunCallback)).first()
+                if found is None:
+                    return None
+                callback, run = found
+                callback.claimed_by, callback.claimed_until = owner, now + timedelta(seconds=lease_seconds)
+                return callback, run
+
+        return self._retry(attempt)
+
+    def record_delivery(self, run_id: str, owner: str, attempt: dict[str, Any], delivered: bool,
+                        retry_at: datetime | None) -> None:
+        """Add one delivery attempt; `retry_at` None without delivery means the callback gave up."""
+
+        def write() -> None:
+            with self._session(write=True) as session:
+                callback = session.get(RunCallback, run_id)
+                if callback is None or callback.claimed_by != owner:
+                    return
+                callback.attempts = [*(callback.attempts or []), attempt]
+                callback.claimed_by, callback.claimed_until = None, None
+                if delivered:
+                    callback.status = "delivered"
+                elif retry_at is None:
+                    callback.status = "failed"
+                else:
+                    callback.next_attempt_at = retry_at
+
+        self._retry(write)
 
     # --- executors --------------------------------------------------------------------------
 

@@ -1,0 +1,122 @@
+"""Run callbacks: when a run ends (either path), POST its document to the caller's `callback_url`, signed.
+
+Deliveries wait in the run store, so any gateway process may send them and none is lost with a process:
+each process's sender claims due deliveries, POSTs, records the attempt on the run, and retries with
+backoff until the receiver answers 2xx or the attempts run out.
+
+Signature (like Stripe's): `X-Flowgate-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`.
+A receiver recomputes it over the raw body and refuses old timestamps.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from datetime import timedelta
+from typing import Any
+
+import httpx
+
+from app.runs.models import Run, RunCallback, utcnow
+from app.runs.store import RunStore
+from app.schemas import RunOut
+from flows.outbound import OutboundPolicy, OutboundRefused
+
+log = logging.getLogger(__name__)
+
+
+def signature(secret: str, timestamp: int, body: bytes) -> str:
+    """The X-Flowgate-Signature header value for `body` sent at `timestamp`."""
+    mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={timestamp},v1={mac}"
+
+
+def verify(secret: str, header: str, body: bytes, tolerance_seconds: float = 300) -> bool:
+    """What a receiver does: the signature matches and is recent. (Used by the tests; a recipe for receivers.)"""
+    try:
+        parts = dict(item.split("=", 1) for item in header.split(","))
+        timestamp = int(parts["t"])
+    except (ValueError, KeyError):
+        return False
+    if abs(time.time() - timestamp) > tolerance_seconds:
+        return False
+    return hmac.compare_digest(signature(secret, timestamp, body), header)
+
+
+class CallbackSender:
+    """One per gateway process: a thread that delivers due callbacks from the store."""
+
+    def __init__(self, store: RunStore, policy: OutboundPolicy, secret: str | None, max_attempts: int = 5,
+                 backoff_seconds: float = 2.0, poll_seconds: float = 0.5, timeout_seconds: float = 10.0):
+        self.store = store
+        self.policy = policy
+        self.secret = secret
+        self.max_attempts = max_attempts
+        self.backoff_seconds = backoff_seconds
+        self.poll_seconds = poll_seconds
+        self.timeout_seconds = timeout_seconds
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._http: httpx.Client | None = None
+
+    def start(self) -> None:
+        """Start delivering (after gunicorn forks); does nothing without a secret, as callbacks are then refused."""
+        if self._thread is not None or not self.secret:
+            return
+        self._http = httpx.Client(timeout=self.timeout_seconds, follow_redirects=False)
+        self._thread = threading.Thread(target=self._loop, name="flowgate-callbacks", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                claimed = self.store.claim_callback(self.owner, lease_seconds=self.timeout_seconds * 2 + 5)
+            except Exception:  # a database hiccup must not end the loop
+                log.exception("claiming a callback failed")
+                claimed = None
+            if claimed is None:
+                self._stop.wait(self.poll_seconds)
+                continue
+            self.deliver(*claimed)
+
+    def deliver(self, callback: RunCallback, run: Run) -> bool:
+        """One attempt; records it on the run. True when the receiver answered 2xx."""
+        number = len(callback.attempts or []) + 1
+        body = json.dumps(RunOut.from_run(run, f"/api/v1/runs/{run.id}").model_dump(mode="json")).encode()
+        timestamp = int(time.time())
+        headers = {"Content-Type": "application/json", "User-Agent": "flowgate-callback",
+                   "X-Flowgate-Signature": signature(self.secret or "", timestamp, body),
+                   "X-Flowgate-Run-Id": run.id, "X-Flowgate-Delivery": f"{run.id}-{number}"}
+        started = time.perf_counter()
+        attempt: dict[str, Any] = {"attempt": number, "at": utcnow().isoformat()}
+        delivered = False
+        try:
+            self.policy.check(callback.url)  # again at send time: the allow-list may have changed since
+            response = self._http.post(callback.url, content=body, headers=headers)
+            attempt["status_code"] = response.status_code
+            delivered = 200 <= response.status_code < 300
+            if not delivered:
+                attempt["error"] = f"HTTP {response.status_code}"
+        except OutboundRefused as exc:
+            attempt["error"] = f"refused: {exc}"
+            number = self.max_attempts  # a refused host will not become allowed by retrying
+        except httpx.HTTPError as exc:
+            attempt["error"] = f"{type(exc).__name__}: {exc}"
+        attempt["duration_ms"] = round((time.perf_counter() - started) * 1000, 1)
+        retry_at = None
+        if not delivered and number < self.max_attempts:
+            retry_at = utcnow() + timedelta(seconds=self.backoff_seconds * 2 ** (number - 1))
+        self.store.record_delivery(run.id, self.owner, attempt, delivered, retry_at)
+        log.log(logging.INFO if delivered else logging.WARNING, "callback of run %s attempt %d: %s", run.id, number,
+                "delivered" if delivered else attempt.get("error"), extra={"run_id": run.id})
+        return delivered

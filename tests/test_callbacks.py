@@ -1,0 +1,138 @@
+"""Run callbacks: signed POSTs of the run document when a run ends, retried, recorded, delivered once."""
+from __future__ import annotations
+
+import json
+import time
+from datetime import timedelta
+
+import pytest
+
+from app import create_app
+from app.callbacks import CallbackSender, verify
+from app.runs.models import utcnow
+from app.runs.store import NewRun
+from flows.outbound import OutboundPolicy
+from tests.fake_services import CallbackReceiver
+from tests.test_api_triggers import poll_until_ended
+
+SECRET = "callback-secret-for-tests"
+
+
+@pytest.fixture
+def receiver():
+    server = CallbackReceiver()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def app_config(app_config: dict, receiver: CallbackReceiver) -> dict:
+    return {**app_config, "callback_secret": SECRET, "callback_allowed_hosts": f"127.0.0.1:{receiver.port}",
+            "callback_backoff_seconds": 0.05, "callback_max_attempts": 3}
+
+
+@pytest.fixture
+def sending_app(running_app):
+    callbacks = running_app.extensions["flowgate"].callbacks
+    callbacks.start()
+    yield running_app
+    callbacks.stop()
+
+
+def wait_for_callback(client, run_id: str, status: str, timeout: float = 20) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        callback = client.get(f"/api/v1/runs/{run_id}").json["callback"]
+        if callback["status"] == status:
+            return callback
+        time.sleep(0.05)
+    raise AssertionError(f"callback of {run_id} is {callback}, expected {status}")
+
+
+def test_an_ended_run_is_posted_signed_to_its_callback_url(sending_app, receiver):
+    client = sending_app.test_client()
+    url = f"{receiver.url}/hook?token=receiver-secret"
+    run = client.post("/trigger", json={"connector_id": "numbers", "callback_url": url}).json
+    assert run["callback"] == {"url": f"{receiver.url}/hook", "status": "pending", "attempts": []}  # no query shown
+    done = poll_until_ended(client, run["status_url"])
+    callback = wait_for_callback(client, run["run_id"], "delivered")
+    assert [a["status_code"] for a in callback["attempts"]] == [204]
+    headers, body = receiver.raw[0]
+    assert verify(SECRET, headers["x-flowgate-signature"], body)
+    assert not verify("another-secret", headers["x-flowgate-signature"], body)
+    sent = json.loads(body)
+    assert sent["run_id"] == run["run_id"] and sent["status"] == "completed" == done["status"]
+    assert sent["result"]["rows"] == {"numbers": 10} and headers["x-flowgate-run-id"] == run["run_id"]
+
+
+def test_a_failing_receiver_is_retried_with_backoff_and_every_attempt_is_recorded(sending_app, receiver):
+    receiver.failures = 2
+    client = sending_app.test_client()
+    run = client.post("/trigger", json={"connector_id": "numbers", "callback_url": f"{receiver.url}/hook"}).json
+    callback = wait_for_callback(client, run["run_id"], "delivered")
+    assert [a.get("status_code") for a in callback["attempts"]] == [500, 500, 204]
+    assert [a["attempt"] for a in callback["attempts"]] == [1, 2, 3]
+
+
+def test_a_receiver_that_never_answers_2xx_ends_failed_after_the_last_attempt(sending_app, receiver):
+    receiver.failures = 100
+    client = sending_app.test_client()
+    run = client.post("/trigger", json={"connector_id": "numbers", "callback_url": f"{receiver.url}/hook"}).json
+    callback = wait_for_callback(client, run["run_id"], "failed")
+    assert len(callback["attempts"]) == 3 and all(a["error"] == "HTTP 500" for a in callback["attempts"])
+
+
+def test_a_crashed_run_is_reported_too_and_two_senders_deliver_it_once(app, receiver):
+    """Two gateway processes' senders on one store; a run whose process died ends crashed and is posted once."""
+    store = app.extensions["flowgate"].store
+    run, _ = store.create_run(NewRun(kind="connector", target="numbers", params={}, backend="local",
+                                     concurrency_key="k", callback_url=f"{receiver.url}/hook"))
+    assert store.claim_next("dead-process", lease_seconds=0.01).id == run.id
+    time.sleep(0.05)
+    assert store.recover_expired() == [run.id]
+    policy = OutboundPolicy.parse(f"127.0.0.1:{receiver.port}")
+    senders = [CallbackSender(store, policy, SECRET, poll_seconds=0.01) for _ in range(2)]
+    for sender in senders:
+        sender.start()
+    try:
+        deadline = time.monotonic() + 10
+        while store.get(run.id).callback.status != "delivered" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)  # give a second delivery every chance to happen
+    finally:
+        for sender in senders:
+            sender.stop()
+    assert len(receiver.raw) == 1
+    assert json.loads(receiver.raw[0][1])["status"] == "crashed"
+
+
+@pytest.mark.parametrize("url, message", [
+    ("http://example.com/hook", "not on the allow-list"),
+    ("ftp://127.0.0.1/hook", "scheme 'ftp' is not allowed"),
+    ("http://2130706433/hook", "not on the allow-list"),
+    ("not a url", "scheme '(none)' is not allowed"),
+])
+def test_a_callback_url_outside_the_allow_list_is_a_422_and_stores_nothing(client, url, message):
+    response = client.post("/trigger", json={"connector_id": "numbers", "callback_url": url})
+    assert response.status_code == 422 and response.json["errors"][0]["field"] == "callback_url"
+    assert message in response.json["errors"][0]["message"]
+    assert client.get("/api/v1/runs").json["items"] == []
+
+
+def test_callbacks_are_refused_when_no_secret_is_configured(app_config, receiver):
+    app = create_app({**app_config, "callback_secret": None})
+    response = app.test_client().post("/api/workflow/x/execute", json={
+        "workflow": {"nodes": [{"id": "a", "type": "trigger"}]}, "callback_url": f"{receiver.url}/hook"})
+    assert response.status_code == 422 and "FLOWGATE_CALLBACK_SECRET" in response.json["errors"][0]["message"]
+    app.extensions["flowgate"].store.dispose()
+
+
+def test_prefer_wait_is_the_header_form_of_wait(running_app):
+    client = running_app.test_client()
+    done = client.post("/trigger", json={"connector_id": "numbers"}, headers={"Prefer": "respond-async, wait=30"})
+    assert done.status_code == 200 and done.json["status"] == "completed"
+    assert done.headers["Preference-Applied"] == "wait=30"
+    capped = client.post("/trigger", json={"connector_id": "numbers"}, headers={"Prefer": "wait=100000"})
+    assert capped.headers["Preference-Applied"] == "wait=300"
+    bad = client.post("/trigger", json={"connector_id": "numbers"}, headers={"Prefer": "wait=soon"})
+    assert bad.status_code == 422 and bad.json["errors"][0]["field"] == "Prefer"
