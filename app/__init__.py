@@ -87,7 +87,8 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     workspace = Workspace(pipelines_dir=settings.pipelines_dir, duckdb_dir=settings.duckdb_dir)
     toolbox = make_toolbox(settings)
     executor = LocalExecutor(store, registry, workspace, slots=settings.executor_threads,
-                             lease_seconds=settings.lease_seconds, poll_seconds=settings.poll_seconds, toolbox=toolbox)
+                             lease_seconds=settings.lease_seconds, poll_seconds=settings.poll_seconds, toolbox=toolbox,
+                             run_timeout_seconds=settings.run_timeout_seconds)
     dispatcher = Dispatcher(settings, store, registry, executor, workspace, prefect=make_prefect_route(settings))
     engine = WorkflowEngine(replace(toolbox, run_connector=executor.connector_runner(
         owner=f"execute-node:{socket.gethostname()}:{os.getpid()}")))
@@ -96,11 +97,12 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
                                backoff_seconds=settings.callback_backoff_seconds, poll_seconds=settings.poll_seconds)
     app.extensions["flowgate"] = Services(settings, registry, workflows, store, executor, dispatcher, engine, callbacks)
 
-    from app import api, auth, errors, metrics, openapi
+    from app import api, auth, errors, limits, metrics, openapi
 
     errors.init_app(app)
     logs.init_app(app)  # before auth: a refused request still gets its id
     auth.init_app(app, keyring)
+    limits.init_app(app, settings.rate_limit, settings.rate_limit_storage)
     metrics.init_app(app)
     api.init_app(app)
     openapi.init_app(app)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, ValidationError
+from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -96,6 +96,36 @@ class Settings(BaseSettings):
     callback_backoff_seconds: float = Field(2.0, gt=0, le=3600, validation_alias=AliasChoices(
         "FLOWGATE_CALLBACK_BACKOFF_SECONDS", "callback_backoff_seconds"),
         description="Wait before the second delivery; doubles after each failure.")
+
+    rate_limit: str | None = Field(None, validation_alias=AliasChoices("FLOWGATE_RATE_LIMIT", "rate_limit"),
+                                   description="Requests per caller (API key, else address), e.g. '600/minute' "
+                                               "or '20/second;600/minute'; unset: no limit.")
+    rate_limit_storage: str | None = Field(None, validation_alias=AliasChoices("FLOWGATE_RATE_LIMIT_STORAGE",
+                                                                               "rate_limit_storage"), repr=False,
+                                           description="Where counts live, shared by every process (redis://…); "
+                                                       "unset: each process counts its own.")
+    max_params_bytes: int = Field(16_384, ge=256, le=1_048_576,
+                                  validation_alias=AliasChoices("FLOWGATE_MAX_PARAMS_BYTES", "max_params_bytes"),
+                                  description="Largest `params` (or workflow `inputs`) as JSON.")
+    max_queued_per_target: int = Field(100, ge=1, le=100_000, validation_alias=AliasChoices(
+        "FLOWGATE_MAX_QUEUED_PER_TARGET", "max_queued_per_target"),
+        description="Queued runs one connector or workflow may have; more triggers get 429.")
+    run_timeout_seconds: float = Field(
+        6 * 3600, gt=0, le=7 * 86400, validation_alias=AliasChoices("FLOWGATE_RUN_TIMEOUT_SECONDS",
+                                                                    "run_timeout_seconds"),
+        description="A run still unfinished this long after it started (Prefect: was created) is ended as failed.")
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _parseable_limit(cls, value: str | None) -> str | None:
+        if value:
+            from limits import parse_many
+
+            try:
+                parse_many(value)
+            except ValueError as exc:
+                raise ValueError(f"not a rate limit like '600/minute': {exc}") from None
+        return value
 
     @property
     def run_store_url(self) -> str:

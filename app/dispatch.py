@@ -5,11 +5,11 @@ import logging
 import threading
 import time
 import uuid
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from app.config import Settings
-from app.errors import Conflict, NotFound, Unavailable, ValidationFailed
+from app.errors import Conflict, NotFound, TooManyRequests, Unavailable, ValidationFailed
 from app.metrics import FALLBACKS, TRIGGERS, observe_run_end
 from app.prefect_client import (
     FLOW_NAME, STATE_TO_STATUS, SUMMARY_ARTIFACT_PREFIX, WORKFLOW_ARTIFACT_PREFIX, WORKFLOW_DEPLOYMENT,
@@ -54,6 +54,7 @@ class Dispatcher:
             spec.with_params(params)
         except ParamsError as exc:
             raise ValidationFailed.of_field(exc.field, exc.message) from None
+        self._check_queue("connector", connector_id)
         mode = backend or self.settings.backend
         deployment_id, reason = self._choose(connector_id, mode)
         new = NewRun(kind="connector", target=connector_id, params=params,
@@ -72,6 +73,12 @@ class Dispatcher:
             TRIGGERS.labels(run.kind, run.backend, "duplicate").inc()
         return run, created
 
+    def _check_queue(self, kind: str, target: str) -> None:
+        limit = self.settings.max_queued_per_target
+        if self.store.count_queued(kind, target) >= limit:
+            raise TooManyRequests(f"{kind} '{target}' already has {limit} queued runs (FLOWGATE_MAX_QUEUED_PER_TARGET)",
+                                  code="queue_full", headers={"Retry-After": "30"})
+
     def _accepted(self, run: Run) -> None:
         TRIGGERS.labels(run.kind, run.backend, "accepted").inc()
         if run.fallback_reason:
@@ -84,6 +91,7 @@ class Dispatcher:
     def trigger_workflow(self, spec: WorkflowSpec, inputs: dict[str, Any], mode: str, backend: str | None = None,
                          idempotency_key: str | None = None, callback_url: str | None = None) -> tuple[Run, bool]:
         """Store and dispatch a workflow run; the definition travels with the run, so any process can run it."""
+        self._check_queue("workflow", spec.id)
         chosen = backend or self.settings.backend
         deployment_id, reason = self._choose(WORKFLOW_DEPLOYMENT, chosen, flow_name=WORKFLOW_FLOW_NAME)
         params = {"inputs": inputs, "mode": mode, "workflow": spec.model_dump(mode="json")}
@@ -223,8 +231,24 @@ class Dispatcher:
             live.append(node)
         return live
 
+    def end_overdue_prefect_runs(self) -> list[Run]:
+        """Prefect runs unfinished past FLOWGATE_RUN_TIMEOUT_SECONDS end as failed here (and are cancelled there,
+        if Prefect answers): a Prefect that vanished for good must not leave runs open forever."""
+        timeout = self.settings.run_timeout_seconds
+        overdue = self.store.fail_overdue("prefect", utcnow() - timedelta(seconds=timeout), {
+            "code": "run_timeout", "message": f"not finished within FLOWGATE_RUN_TIMEOUT_SECONDS ({timeout:g} s)"})
+        for run in overdue:
+            log.warning("Prefect run %s timed out after %g s", run.id, timeout, extra={"run_id": run.id})
+            if run.prefect_flow_run_id and self.prefect is not None and not self.prefect.circuit_open:
+                try:
+                    self.prefect.client.cancel_flow_run(run.prefect_flow_run_id)
+                except PrefectError as exc:
+                    log.info("cancelling timed-out flow run %s failed: %s", run.prefect_flow_run_id, exc.message)
+        return overdue
+
     def sync_prefect_runs(self) -> int:
         """Bring every unfinished Prefect run up to date with one call to Prefect; returns how many changed."""
+        self.end_overdue_prefect_runs()
         runs = {run.prefect_flow_run_id: run for run in self.store.unfinished("prefect") if run.prefect_flow_run_id}
         if not runs or self.prefect is None or self.prefect.circuit_open:
             return 0

@@ -61,6 +61,10 @@ class ValidationFailed(Problem):
         return cls(f"{field}: {message}", errors=[field_error(field, message)])
 
 
+class TooManyRequests(Problem):
+    status, code, title = 429, "too_many_requests", "Too Many Requests"
+
+
 class Unavailable(Problem):
     status, code, title = 503, "unavailable", "Service Unavailable"
 

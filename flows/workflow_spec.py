@@ -9,6 +9,8 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 NODE_ID = r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,99}$"
 MAX_NODES = 500
+MAX_CONNECTIONS = 5000
+MAX_DEPTH = 100  # layers: a chain longer than this is a loop written out by hand, not a workflow
 
 
 class GraphError(ValueError):
@@ -70,7 +72,8 @@ class WorkflowSpec(_Strict):
     id: str = Field(pattern=NODE_ID)
     description: str = ""
     nodes: list[NodeSpec] = Field(min_length=1, max_length=MAX_NODES)
-    connections: list[Connection] = Field(default_factory=list, validation_alias=AliasChoices("connections", "edges"))
+    connections: list[Connection] = Field(default_factory=list, max_length=MAX_CONNECTIONS,
+                                          validation_alias=AliasChoices("connections", "edges"))
     max_parallel: int = Field(16, ge=1, le=64)
 
     @model_validator(mode="after")
@@ -126,6 +129,9 @@ def check_graph(spec: WorkflowSpec) -> None:
     cycle = find_cycle(spec)
     if cycle:
         raise GraphError([{"field": "connections", "message": "cycle: " + " -> ".join(cycle)}])
+    depth = len(layers_of(spec))
+    if depth > MAX_DEPTH:
+        raise GraphError([{"field": "connections", "message": f"{depth} layers deep; the limit is {MAX_DEPTH}"}])
 
 
 def find_cycle(spec: WorkflowSpec) -> list[str] | None:

@@ -84,3 +84,10 @@ def preferred_wait(body_wait: float, limit: float) -> tuple[float, str | None]:
                 raise ValidationFailed.of_field("Prefer", f"wait must be a number of seconds, got {value!r}") from None
             return seconds, f"wait={seconds:g}"
     return 0.0, None
+
+
+def check_json_size(field: str, value: Any, limit: int) -> None:
+    """A 422 naming `field` when `value` is larger than `limit` bytes as JSON."""
+    size = len(json.dumps(value, separators=(",", ":"), default=str))
+    if size > limit:
+        raise ValidationFailed.of_field(field, f"is {size} bytes as JSON; the limit is {limit}")

@@ -6,7 +6,7 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, request, url_for
 
 from app import services
-from app.api.inputs import checked_callback_url, json_object, preferred_wait, validated
+from app.api.inputs import check_json_size, checked_callback_url, json_object, preferred_wait, validated
 from app.errors import NotFound, ValidationFailed
 from app.runs.models import Run
 from app.runs.workflow_runs import pending_nodes
@@ -26,6 +26,7 @@ def execute(workflow_id: str) -> Response:
     if body.wait > svc.settings.max_wait_seconds:
         raise ValidationFailed.of_field("wait", f"must be at most {svc.settings.max_wait_seconds:g} seconds")
     wait, applied = preferred_wait(body.wait, svc.settings.max_wait_seconds)
+    check_json_size("inputs", body.inputs, svc.settings.max_params_bytes)
     spec = _workflow(workflow_id, body.workflow)
     key = request.headers.get("Idempotency-Key")
     if key is not None and not 0 < len(key) <= 255:
@@ -71,6 +72,7 @@ def execute_node(workflow_id: str) -> dict[str, Any]:
         if node_data[field] != expected:
             raise ValidationFailed.of_field(f"node.{field}", f"must match {'nodeId' if field == 'id' else 'nodeType'}")
     node = validated(NodeSpec, node_data, prefix="node.")
+    check_json_size("inputData", body.inputData, svc.settings.max_params_bytes)
     problems = node_problems(node, [spec.id for spec in svc.registry])
     if problems:
         raise ValidationFailed(f"invalid node: {', '.join(f'node.{f}' for f, _ in problems)}",

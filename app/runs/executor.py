@@ -33,11 +33,15 @@ class LocalExecutor:
     """
 
     def __init__(self, store: RunStore, registry: ConnectorRegistry, workspace: Workspace,
-                 slots: int, lease_seconds: float, poll_seconds: float, toolbox: Toolbox | None = None):
+                 slots: int, lease_seconds: float, poll_seconds: float, toolbox: Toolbox | None = None,
+                 run_timeout_seconds: float = 6 * 3600):
         self.store = store
         self.registry = registry
         self.workspace = workspace
         self.toolbox = toolbox or Toolbox()
+        self.run_timeout_seconds = run_timeout_seconds
+        self._deadlines: dict[str, float] = {}
+        self._timed_out: set[str] = set()
         self.slots = slots
         self.lease_seconds = lease_seconds
         self.poll_seconds = poll_seconds
@@ -128,6 +132,7 @@ class LocalExecutor:
         cancel = threading.Event()
         with self._lock:
             self._running[run.id] = cancel
+            self._deadlines[run.id] = time.monotonic() + self.run_timeout_seconds
         thread = threading.Thread(target=self._execute, args=(run, cancel), name=f"flowgate-run-{run.id[:8]}",
                                   daemon=True)
         thread.start()
@@ -140,8 +145,13 @@ class LocalExecutor:
                 log.exception("executor heartbeat failed")
 
     def _heartbeat(self) -> None:
+        now = time.monotonic()
         with self._lock:
             running = dict(self._running)
+            overdue = [run_id for run_id, deadline in self._deadlines.items() if deadline < now and run_id in running]
+            self._timed_out.update(overdue)
+        for run_id in overdue:  # stopped at its next checkpoint, then recorded as failed (run_timeout)
+            running[run_id].set()
         for run_id in self.store.renew_leases(self.id, list(running), self.lease_seconds):
             running[run_id].set()
         self.store.heartbeat(self.id, socket.gethostname(), os.getpid(), self.slots, len(running))
@@ -194,6 +204,13 @@ class LocalExecutor:
 
     def _record(self, run: Run, status: str, result: dict[str, Any] | None, error: dict[str, Any] | None) -> None:
         run_id = run.id
+        with self._lock:
+            timed_out = run_id in self._timed_out
+            self._timed_out.discard(run_id)
+            self._deadlines.pop(run_id, None)
+        if timed_out and status == CANCELLED:
+            status, error = FAILED, {"code": "run_timeout", "message": "not finished within "
+                                                                      f"FLOWGATE_RUN_TIMEOUT_SECONDS ({self.run_timeout_seconds:g} s)"}
         try:
             if self.store.finish(run_id, self.id, status, result=result, error=error):
                 observe_run_end(run.kind, run.target, status, run.started_at, utcnow())

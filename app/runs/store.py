@@ -18,7 +18,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from app.runs.models import (
-    ACTIVE, CANCELLED, CANCELLING, CRASHED, QUEUED, RUNNING, TERMINAL, Base, Executor, NodeCacheEntry, Run,
+    ACTIVE, CANCELLED, CANCELLING, CRASHED, FAILED, QUEUED, RUNNING, TERMINAL, Base, Executor, NodeCacheEntry, Run,
     RunCallback, RunNode, utcnow,
 )
 
@@ -209,6 +209,26 @@ class RunStore:
             query = query.where((Run.created_at < created_at) | ((Run.created_at == created_at) & (Run.id < run_id)))
         with self._session() as session:
             return list(session.scalars(query))
+
+    def count_queued(self, kind: str, target: str) -> int:
+        """Runs of one connector or workflow waiting to start."""
+        with self._session() as session:
+            return session.scalar(select(func.count()).where(Run.kind == kind, Run.target == target,
+                                                             Run.status == QUEUED))
+
+    def fail_overdue(self, backend: str, created_before: datetime, error: dict[str, Any]) -> list[Run]:
+        """End as failed every unfinished run on `backend` created before `created_before`; returns them."""
+
+        def attempt() -> list[Run]:
+            now = utcnow()
+            with self._session(write=True) as session:
+                overdue = list(session.scalars(select(Run).where(
+                    Run.backend == backend, Run.status.not_in(TERMINAL), Run.created_at < created_before)))
+                for run in overdue:
+                    run.status, run.finished_at, run.error, run.lease_expires_at = FAILED, now, error, None
+                return overdue
+
+        return self._retry(attempt)
 
     def count_by_status(self) -> dict[str, int]:
         """How many local runs are in each status."""

@@ -1,0 +1,120 @@
+"""Limits on what a caller controls: rate per key, params size, queued runs, workflow depth, run time."""
+from __future__ import annotations
+
+import os
+import time
+
+import httpx
+import pytest
+
+from app import create_app
+from app.config import ConfigError
+from app.runs.store import NewRun
+from tests.gunicorn_server import GunicornServer
+from tests.test_api_triggers import poll_until_ended
+
+KEY_A, KEY_B = "caller-a-key-0123456789", "caller-b-key-0123456789"
+REDIS_URL = os.environ.get("FLOWGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+def test_each_key_has_its_own_budget_and_a_429_says_when_to_retry(app_config):
+    app = create_app({**app_config, "rate_limit": "3/minute",
+                      "api_keys": f"a:{KEY_A}:read+trigger,b:{KEY_B}:read+trigger"})
+    client = app.test_client()
+    statuses = [client.get("/api/v1/runs", headers={"X-API-Key": KEY_A}).status_code for _ in range(4)]
+    assert statuses == [200, 200, 200, 429]
+    limited = client.post("/trigger", json={"connector_id": "numbers"}, headers={"X-API-Key": KEY_A})
+    assert limited.status_code == 429 and limited.mimetype == "application/problem+json"
+    assert limited.json["code"] == "too_many_requests" and int(limited.headers["Retry-After"]) > 0
+    assert client.get("/api/v1/runs", headers={"X-API-Key": KEY_B}).status_code == 200  # b's budget is untouched
+    assert client.get("/health").status_code == 200  # never limited
+    assert client.get("/api/v1/runs", headers={"X-API-Key": KEY_A}).status_code == 429
+    app.extensions["flowgate"].store.dispose()
+
+
+def test_a_malformed_rate_limit_stops_the_start(app_config):
+    with pytest.raises(ConfigError, match="FLOWGATE_RATE_LIMIT"):
+        create_app({**app_config, "rate_limit": "lots"})
+
+
+def _redis_or_skip() -> None:
+    import redis
+
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1).ping()
+    except redis.RedisError as exc:
+        pytest.skip(f"no Redis at {REDIS_URL}: {exc}")
+
+
+def test_with_shared_storage_every_gunicorn_worker_counts_against_one_budget(workdir):
+    _redis_or_skip()
+    import redis
+
+    redis.Redis.from_url(REDIS_URL).flushdb()
+    server = GunicornServer(workdir, workers=3, FLOWGATE_RATE_LIMIT="10/minute",
+                            FLOWGATE_RATE_LIMIT_STORAGE=REDIS_URL).start()
+    try:
+        statuses = [httpx.get(f"{server.url}/api/v1/runs", headers={"Connection": "close"}).status_code
+                    for _ in range(14)]
+    finally:
+        server.kill()
+    # Readiness probes during start count too; 14 requests over 3 processes still meet one budget of 10.
+    assert statuses.count(429) >= 4 and statuses[:1] == [200], statuses
+
+
+def test_params_larger_than_the_limit_are_a_422(client):
+    big = {"n": 1, "padding": "x" * 20_000}
+    response = client.post("/trigger", json={"connector_id": "numbers", "params": big})
+    assert response.status_code == 422 and response.json["errors"][0]["field"] == "params"
+    inputs = client.post("/api/workflow/x/execute", json={"inputs": big, "workflow": {"nodes": [
+        {"id": "a", "type": "trigger"}]}})
+    assert inputs.status_code == 422 and inputs.json["errors"][0]["field"] == "inputs"
+
+
+def test_a_full_queue_answers_429_with_retry_after(app_config):
+    app = create_app({**app_config, "max_queued_per_target": 2})  # executor not started: runs stay queued
+    client = app.test_client()
+    assert [client.post("/trigger", json={"connector_id": "numbers"}).status_code for _ in range(3)] == [202, 202, 429]
+    full = client.post("/trigger", json={"connector_id": "numbers"})
+    assert full.json["code"] == "queue_full" and full.headers["Retry-After"] == "30"
+    assert client.post("/trigger", json={"connector_id": "events"}).status_code == 202  # per target
+    app.extensions["flowgate"].store.dispose()
+
+
+def test_a_workflow_deeper_than_the_limit_is_refused(client):
+    chain = [{"id": f"n{i}", "type": "transform"} for i in range(101)]
+    edges = [{"from": f"n{i}", "to": f"n{i + 1}"} for i in range(100)]
+    response = client.post("/api/workflow/x/execute", json={"workflow": {"nodes": chain, "connections": edges}})
+    assert response.status_code == 422 and "101 layers deep; the limit is 100" in response.json["detail"]
+
+
+def test_a_local_run_past_the_run_timeout_ends_failed(app_config):
+    app = create_app({**app_config, "run_timeout_seconds": 0.5, "lease_seconds": 0.9})
+    services = app.extensions["flowgate"]
+    services.executor.start()
+    try:
+        client = app.test_client()
+        run = client.post("/trigger", json={"connector_id": "slow"}).json  # 5 rows, 1 s each
+        done = poll_until_ended(client, run["status_url"], timeout=30)
+    finally:
+        services.executor.shutdown(timeout=10)
+        services.store.dispose()
+    assert done["status"] == "failed" and done["error"]["code"] == "run_timeout", done
+
+
+def test_a_prefect_run_that_never_ends_is_ended_by_the_run_timeout(app_config):
+    """A Prefect that vanished for good: the run was handed over and nobody will ever report its end."""
+    app = create_app({**app_config, "run_timeout_seconds": 0.2})
+    services = app.extensions["flowgate"]
+    run, _ = services.store.create_run(NewRun(kind="connector", target="numbers", params={}, backend="prefect",
+                                              concurrency_key="connector:numbers"))
+    fresh, _ = services.store.create_run(NewRun(kind="connector", target="events", params={}, backend="prefect",
+                                                concurrency_key="connector:events"))
+    time.sleep(0.3)
+    fresh_again, _ = services.store.create_run(NewRun(kind="connector", target="events", params={},
+                                                      backend="prefect", concurrency_key="connector:events"))
+    assert sorted(r.id for r in services.dispatcher.end_overdue_prefect_runs()) == sorted([run.id, fresh.id])
+    ended = services.store.get(run.id)
+    assert ended.status == "failed" and ended.error["code"] == "run_timeout"
+    assert services.store.get(fresh_again.id).status == "queued"
+    services.store.dispose()
