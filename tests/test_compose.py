@@ -1,0 +1,41 @@
+"""docker-compose.yml, checked without a Docker engine: the services are wired to each other and to real files."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+SERVICES = COMPOSE["services"]
+
+
+def test_it_runs_postgresql_redis_the_prefect_server_a_worker_and_the_gateway():
+    assert set(SERVICES) == {"postgres", "redis", "prefect-server", "prefect-deploy", "prefect-worker", "gateway"}
+    for name, service in SERVICES.items():
+        for dependency in service.get("depends_on", {}):
+            assert dependency in SERVICES, f"{name} depends on unknown {dependency}"
+        if "build" in service:
+            assert (ROOT / service["build"] / "Dockerfile").exists()
+
+
+def test_the_gateway_and_worker_share_one_run_store_and_prefect():
+    gateway, worker = SERVICES["gateway"]["environment"], SERVICES["prefect-worker"]["environment"]
+    assert gateway["DATABASE_URL"] == worker["DATABASE_URL"] and "@postgres:5432/" in gateway["DATABASE_URL"]
+    assert gateway["PREFECT_API_URL"] == worker["PREFECT_API_URL"] == "http://prefect-server:4200/api"
+    assert "@postgres:5432/prefect" in SERVICES["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
+    assert "CREATE DATABASE prefect" in COMPOSE["configs"]["create-prefect-database"]["content"]
+    assert gateway["FLOWGATE_RATE_LIMIT_STORAGE"].startswith("redis://redis:")
+    volumes = lambda name: {v.split(":")[0] for v in SERVICES[name].get("volumes", [])}  # noqa: E731
+    assert "flowgate-var" in volumes("gateway") & volumes("prefect-worker")  # DuckDB files and dlt state
+
+
+def test_the_gateway_cannot_start_without_api_keys():
+    assert SERVICES["gateway"]["environment"]["FLOWGATE_API_KEYS"].startswith("${FLOWGATE_API_KEYS:?")
+
+
+def test_commands_name_modules_that_exist():
+    assert SERVICES["prefect-deploy"]["command"][:3] == ["python", "-m", "flows.deploy"]
+    assert importlib.util.find_spec("flows.deploy") is not None
+    assert SERVICES["prefect-worker"]["command"][:3] == ["prefect", "worker", "start"]
