@@ -15,6 +15,7 @@ from flask.json.provider import DefaultJSONProvider
 from app.callbacks import CallbackSender
 from app.config import ConfigError, Settings, load_settings
 from app.dispatch import Dispatcher, make_prefect_route
+from app.runlogs import RunLogHandler
 from app.runs.executor import LocalExecutor
 from app.runs.store import RunStore
 from connectors.pipeline import Workspace
@@ -88,7 +89,7 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     toolbox = make_toolbox(settings)
     executor = LocalExecutor(store, registry, workspace, slots=settings.executor_threads,
                              lease_seconds=settings.lease_seconds, poll_seconds=settings.poll_seconds, toolbox=toolbox,
-                             run_timeout_seconds=settings.run_timeout_seconds)
+                             run_timeout_seconds=settings.run_timeout_seconds, log_sink=RunLogHandler(store))
     dispatcher = Dispatcher(settings, store, registry, executor, workspace, prefect=make_prefect_route(settings))
     engine = WorkflowEngine(replace(toolbox, run_connector=executor.connector_runner(
         owner=f"execute-node:{socket.gethostname()}:{os.getpid()}")))

@@ -207,6 +207,19 @@ class Dispatcher:
                                "message": state.get("message") or state.get("name")}
         return self._update(run, values)
 
+    def prefect_logs(self, run: Run, offset: int, limit: int) -> list[dict[str, Any]]:
+        """A Prefect run's log lines from Prefect; a 503 problem while Prefect cannot be asked."""
+        if self.prefect is None or self.prefect.circuit_open:
+            raise Unavailable("Prefect cannot be reached for this run's logs right now", code="prefect_unavailable",
+                              headers={"Retry-After": "10"})
+        try:
+            return self.prefect.client.read_logs(run.prefect_flow_run_id, offset, limit)
+        except PrefectError as exc:
+            if exc.reason == "prefect_unreachable":
+                self.prefect.record_failure(exc)
+            raise Unavailable(f"reading this run's logs from Prefect failed: {exc.message}",
+                              code="prefect_unavailable", headers={"Retry-After": "10"}) from None
+
     def live_nodes(self, run: Run, nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """A Prefect workflow run still going: its nodes' states read from its task runs (named "<id> (<type>)").
 

@@ -77,6 +77,9 @@ def configure(level: int = logging.INFO) -> None:
     for handler in root.handlers:
         if not any(isinstance(f, ContextFilter) for f in handler.filters):
             handler.addFilter(ContextFilter())
+    for name in ("app", "flows", "connectors"):  # flowgate's own INFO lines exist even under a quieter root
+        if logging.getLogger(name).level == logging.NOTSET:
+            logging.getLogger(name).setLevel(level)
 
 
 def init_app(app: Flask) -> None:

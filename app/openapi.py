@@ -10,14 +10,15 @@ from pydantic.json_schema import models_json_schema
 from app import __version__
 from app.schemas import (
     ConnectorDetail, ConnectorList, ConnectorSchema, ExecuteNodeRequest, Health, NodeRunOut, PreviewOut, PreviewRequest,
-    ProblemDetail, Readiness, RunOptions, RunOut, RunPage, RunQuery, TriggerRequest, WorkflowAccepted,
+    ProblemDetail, Readiness, RunLogs, RunLogsQuery, RunOptions, RunOut, RunPage, RunQuery, TriggerRequest,
+    WorkflowAccepted,
     WorkflowExecuteRequest, WorkflowExecution,
 )
 
 _MODELS: list[type[BaseModel]] = [TriggerRequest, RunOptions, RunOut, RunPage, ConnectorList, ConnectorDetail,
                                   Health, Readiness, ProblemDetail, PreviewRequest, PreviewOut,
                                   ConnectorSchema, WorkflowExecuteRequest, WorkflowAccepted, WorkflowExecution,
-                                  ExecuteNodeRequest, NodeRunOut]
+                                  ExecuteNodeRequest, NodeRunOut, RunLogs]
 _PROBLEMS = {"400": "Malformed JSON or a body that is not an object", "401": "No valid API key (when keys are set)",
              "403": "The API key lacks the scope", "404": "Unknown resource",
              "405": "Method not allowed", "413": "Body too large", "422": "A field is missing, mistyped or unknown"}
@@ -125,6 +126,10 @@ def build_document(max_wait_seconds: float | None = None) -> dict[str, Any]:
         "/api/v1/runs/{run_id}": {"get": {
             "operationId": "getRun", "summary": "A run", "parameters": [_path_param("run_id")],
             "responses": {"200": _json(RunOut, "The run"), **_problems("404")}}},
+        "/api/v1/runs/{run_id}/logs": {"get": {
+            "operationId": "getRunLogs", "summary": "A run's log lines (local: captured; Prefect: from Prefect)",
+            "parameters": [_path_param("run_id"), *_query_parameters(RunLogsQuery)],
+            "responses": {"200": _json(RunLogs, "Log lines, oldest first"), **_problems("404", "422", "503")}}},
         "/api/v1/runs/{run_id}/cancel": {"post": {
             "operationId": "cancelRun", "summary": "Cancel a queued or running run",
             "parameters": [_path_param("run_id")],

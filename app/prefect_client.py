@@ -113,6 +113,12 @@ class PrefectClient:
         return self._request("POST", "task_runs/filter", json={
             "flow_runs": {"id": {"any_": [flow_run_id]}}, "limit": 200})
 
+    def read_logs(self, flow_run_id: str, offset: int = 0, limit: int = 200) -> list[dict[str, Any]]:
+        """A flow run's log lines (its tasks' included), oldest first."""
+        return self._request("POST", "logs/filter", json={
+            "logs": {"flow_run_id": {"any_": [flow_run_id]}}, "sort": "TIMESTAMP_ASC", "offset": offset,
+            "limit": limit})
+
     def cancel_flow_run(self, flow_run_id: str) -> None:
         """Ask Prefect to cancel a flow run (the worker stops it)."""
         self._request("POST", f"flow_runs/{flow_run_id}/set_state",

@@ -189,6 +189,29 @@ class RunOut(BaseModel):
                    callback=run.callback.to_dict() if run.callback else None, status_url=status_url)
 
 
+class RunLogsQuery(_Request):
+    """Query parameters of GET /api/v1/runs/<id>/logs."""
+
+    after: int = Field(0, ge=0, description="next_after of the previous page.")
+    limit: int = Field(200, ge=1, le=1000)
+
+
+class RunLogLine(BaseModel):
+    at: datetime
+    level: str
+    logger: str
+    message: str
+
+
+class RunLogs(BaseModel):
+    """A run's log lines: captured by flowgate for local runs, read from Prefect's logs API for Prefect runs."""
+
+    run_id: str
+    source: Literal["flowgate", "prefect"]
+    items: list[RunLogLine]
+    next_after: int | None = Field(description="Pass as `after` for the lines that follow; null at the end.")
+
+
 class RunPage(BaseModel):
     """A page of runs, newest first."""
 

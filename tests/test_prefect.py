@@ -95,6 +95,14 @@ def test_a_trigger_becomes_a_prefect_flow_run_and_shows_its_summary(stack, gatew
     flow_run = stack.api("GET", f"flow_runs/{run['prefect_flow_run_id']}")
     task_runs = stack.api("POST", "task_runs/filter", json={"flow_runs": {"id": {"any_": [flow_run["id"]]}}})
     assert {t["name"].split("-")[0] for t in task_runs} >= {"extract", "normalize", "load"}
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # log lines reach Prefect's server a moment after the run ends
+        logs = gateway.get(f"/api/v1/runs/{run['run_id']}/logs").json
+        if any("Finished in state Completed" in line["message"] for line in logs["items"]):
+            break
+        time.sleep(0.5)
+    assert logs["source"] == "prefect" and any("Finished in state Completed" in line["message"]
+                                               for line in logs["items"]), logs
 
 
 def test_incremental_state_carries_over_between_the_prefect_and_the_local_path(stack, gateway):

@@ -12,6 +12,7 @@ from typing import Any
 
 from app.logs import run_id
 from app.metrics import observe_run_end
+from app.runlogs import RunLogHandler
 from app.runs.models import CANCELLED, COMPLETED, CRASHED, FAILED, Run, utcnow
 from app.runs.store import RunStore
 from app.runs.workflow_runs import InlineConnectorRunner, record_pending_nodes, run_workflow, workflow_outcome
@@ -34,12 +35,13 @@ class LocalExecutor:
 
     def __init__(self, store: RunStore, registry: ConnectorRegistry, workspace: Workspace,
                  slots: int, lease_seconds: float, poll_seconds: float, toolbox: Toolbox | None = None,
-                 run_timeout_seconds: float = 6 * 3600):
+                 run_timeout_seconds: float = 6 * 3600, log_sink: RunLogHandler | None = None):
         self.store = store
         self.registry = registry
         self.workspace = workspace
         self.toolbox = toolbox or Toolbox()
         self.run_timeout_seconds = run_timeout_seconds
+        self.log_sink = log_sink
         self._deadlines: dict[str, float] = {}
         self._timed_out: set[str] = set()
         self.slots = slots
@@ -74,6 +76,8 @@ class LocalExecutor:
         if self._threads or self.slots <= 0:
             return
         self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        if self.log_sink is not None:
+            self.log_sink.start()
         self._heartbeat()
         for target, name in ((self._claim_loop, "claim"), (self._heartbeat_loop, "heartbeat")):
             thread = threading.Thread(target=target, name=f"flowgate-{name}", daemon=True)
@@ -108,6 +112,8 @@ class LocalExecutor:
                 "code": "interrupted", "message": "the gateway process shut down before the run finished"})
         if self.id:
             self.store.remove_executor(self.id)
+        if self.log_sink is not None:
+            self.log_sink.stop()
         if unfinished:
             log.warning("executor %s stopped with %d unfinished run(s): %s", self.id, len(unfinished), unfinished)
         return unfinished
@@ -211,6 +217,9 @@ class LocalExecutor:
         if timed_out and status == CANCELLED:
             status, error = FAILED, {"code": "run_timeout", "message": "not finished within "
                                                                       f"FLOWGATE_RUN_TIMEOUT_SECONDS ({self.run_timeout_seconds:g} s)"}
+        if self.log_sink is not None:  # the run's lines are in the store before its end is
+            self.log_sink.flush()
+            self.log_sink.forget(run_id)
         try:
             if self.store.finish(run_id, self.id, status, result=result, error=error):
                 observe_run_end(run.kind, run.target, status, run.started_at, utcnow())

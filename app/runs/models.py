@@ -146,3 +146,16 @@ class RunCallback(Base):
         if parts.port:
             shown = shown.replace(parts.hostname or "", f"{parts.hostname}:{parts.port}", 1)
         return {"url": shown, "status": self.status, "attempts": list(self.attempts or [])}
+
+
+class RunLog(Base):
+    """A log line written while a local run executed (Prefect runs' lines stay in Prefect and are read from it)."""
+
+    __tablename__ = "run_logs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(String(32), index=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
+    level: Mapped[str] = mapped_column(String(10))
+    logger: Mapped[str] = mapped_column(String(200))
+    message: Mapped[str] = mapped_column(Text)

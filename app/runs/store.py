@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from app.runs.models import (
     ACTIVE, CANCELLED, CANCELLING, CRASHED, FAILED, QUEUED, RUNNING, TERMINAL, Base, Executor, NodeCacheEntry, Run,
-    RunCallback, RunNode, utcnow,
+    RunCallback, RunLog, RunNode, utcnow,
 )
 
 T = TypeVar("T")
@@ -396,6 +396,25 @@ class RunStore:
             self._retry(attempt)
         except IntegrityError:  # two processes cached the same key at once: either value will do
             pass
+
+    # --- run logs -----------------------------------------------------------------------------
+
+    def add_logs(self, lines: list[dict[str, Any]]) -> None:
+        """Append log lines (dicts with run_id, at, level, logger, message)."""
+        if lines:
+            self._retry(lambda: self._insert_logs(lines))
+
+    def _insert_logs(self, lines: list[dict[str, Any]]) -> None:
+        with self._session(write=True) as session:
+            session.add_all(RunLog(**line) for line in lines)
+
+    def logs(self, run_id: str, after: int = 0, limit: int = 200) -> list[dict[str, Any]]:
+        """A run's lines in order, those with an id above `after` (a cursor), at most `limit`."""
+        with self._session() as session:
+            rows = session.scalars(select(RunLog).where(RunLog.run_id == run_id, RunLog.id > after)
+                                   .order_by(RunLog.id).limit(limit))
+            return [{"id": row.id, "at": row.at, "level": row.level, "logger": row.logger, "message": row.message}
+                    for row in rows]
 
     # --- callbacks ----------------------------------------------------------------------------
 

@@ -1,0 +1,49 @@
+"""GET /api/v1/runs/<id>/logs: the lines a local run's threads logged, kept in the run store."""
+from __future__ import annotations
+
+from app import create_app
+from tests.fake_services import EchoService
+from tests.test_api_triggers import poll_until_ended
+from tests.test_api_workflows import poll_execution
+
+
+def test_a_local_runs_lines_are_kept_and_paged(running_app):
+    client = running_app.test_client()
+    run = client.post("/trigger", json={"connector_id": "numbers"}).json
+    poll_until_ended(client, run["status_url"])
+    logs = client.get(f"/api/v1/runs/{run['run_id']}/logs").json
+    assert logs["source"] == "flowgate" and logs["next_after"] is None
+    assert any(line["message"].startswith(f"run {run['run_id']} accepted") for line in logs["items"]), logs
+    first = client.get(f"/api/v1/runs/{run['run_id']}/logs?limit=1").json
+    assert len(first["items"]) == 1 and first["next_after"] is not None
+    rest = client.get(f"/api/v1/runs/{run['run_id']}/logs?after={first['next_after']}").json
+    assert first["items"] + rest["items"] == logs["items"]
+
+
+def test_workflow_node_lines_are_kept_on_the_workflow_run(app_config):
+    echo = EchoService()
+    echo.failures = 1
+    app = create_app({**app_config, "http_allowed_hosts": f"127.0.0.1:{echo.port}"})
+    services = app.extensions["flowgate"]
+    services.executor.start()
+    try:
+        client = app.test_client()
+        inline = {"nodes": [{"id": "call", "type": "http", "retries": 1, "retry_backoff_seconds": 0,
+                             "config": {"url": f"{echo.url}/flaky"}}]}
+        accepted = client.post("/api/workflow/logged/execute", json={"workflow": inline}).json
+        poll_execution(client, accepted["statusUrl"])
+        lines = client.get(f"/api/v1/runs/{accepted['executionId']}/logs").json["items"]
+    finally:
+        services.executor.shutdown(timeout=5)
+        services.store.dispose()
+        echo.stop()
+    assert any("node call attempt 1 failed" in line["message"] and line["logger"] == "flows.engine"
+               for line in lines), lines
+
+
+def test_logs_of_an_unknown_run_or_with_a_bad_query_are_refused(client):
+    assert client.get("/api/v1/runs/nope/logs").status_code == 404
+    run = client.post("/trigger", json={"connector_id": "numbers"}).json
+    for query in ("limit=0", "after=-1", "limit=5000", "unknown=1"):
+        response = client.get(f"/api/v1/runs/{run['run_id']}/logs?{query}")
+        assert response.status_code == 422, query
