@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.runs.models import STATUSES, Run
+from connectors.spec import redact
 
 RunStatus = Literal[STATUSES]  # type: ignore[valid-type]
 
@@ -182,7 +183,7 @@ class RunOut(BaseModel):
         """Build from a stored run."""
         return cls(run_id=run.id, kind=run.kind, connector_id=run.target if run.kind == "connector" else None,
                    workflow_id=run.target if run.kind == "workflow" else None,
-                   status=run.status, backend=run.backend, params=run.params or {},
+                   status=run.status, backend=run.backend, params=redact(run.params or {}),
                    fallback_reason=run.fallback_reason, prefect_flow_run_id=run.prefect_flow_run_id,
                    prefect_state=run.prefect_state, attempts=run.attempts, created_at=run.created_at,
                    started_at=run.started_at, finished_at=run.finished_at, result=run.result, error=run.error,

@@ -8,7 +8,8 @@ from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-_SECRET_KEY = re.compile(r"pass(word)?|secret|token|api_?key|credential|private", re.IGNORECASE)
+_SECRET_KEY = re.compile(r"pass(word)?|secret|token|api_?key|credential|private|authorization|cookie|signature",
+                         re.IGNORECASE)
 _URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.\-]*://[^:/@\s]*:)(?P<password>[^@\s]+)(?P<tail>@)", re.IGNORECASE)
 REDACTED = "***"
 

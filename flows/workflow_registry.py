@@ -1,13 +1,15 @@
 """The workflow registry: every YAML file of the workflows folder, validated once at start-up."""
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import os
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import ValidationError
 
+from connectors.registry import RegistryError, substitute_env
 from flows.nodes import NODE_TYPES
 from flows.templates import has_template
 from flows.workflow_spec import GraphError, NodeSpec, WorkflowSpec
@@ -75,7 +77,8 @@ class WorkflowRegistry:
         self.folder = folder
 
     @classmethod
-    def load(cls, folder: Path, connector_ids: Iterable[str] | None = None) -> WorkflowRegistry:
+    def load(cls, folder: Path, connector_ids: Iterable[str] | None = None,
+             environ: Mapping[str, str] | None = None) -> WorkflowRegistry:
         """Every workflow in `folder` (a missing folder is an empty registry); WorkflowError names file and field."""
         workflows: dict[str, WorkflowSpec] = {}
         files = sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")]) if folder.is_dir() else []
@@ -85,6 +88,10 @@ class WorkflowRegistry:
                 data = yaml.safe_load(path.read_text(encoding="utf-8"))
             except yaml.YAMLError as exc:
                 raise WorkflowError(str(path), [{"field": "(file)", "message": f"not valid YAML: {exc}"}]) from None
+            try:  # ${VAR} and ${VAR:default}, as in connectors.yaml: secrets stay out of the file
+                data = substitute_env(data, str(path), os.environ if environ is None else environ)
+            except RegistryError as exc:
+                raise WorkflowError(str(path), [{"field": "(env)", "message": str(exc)}]) from None
             spec = parse_workflow(data, path.stem, known, where=str(path))
             if spec.id in workflows:
                 raise WorkflowError(str(path), [{"field": "id", "message": f"workflow '{spec.id}' is defined twice"}])

@@ -276,3 +276,28 @@ def test_workflow_files_are_read_with_their_ids_and_errors(tmp_path: Path):
     with pytest.raises(WorkflowError, match=r"three.yaml: connections\[0\].target: dangling connection: no node 'zz'"):
         WorkflowRegistry.load(tmp_path)
     assert len(WorkflowRegistry.load(tmp_path / "missing")) == 0
+
+
+def test_secrets_in_a_workflow_come_from_the_environment_and_never_show_in_run_documents(app_config, monkeypatch):
+    monkeypatch.setenv("PARTNER_TOKEN", "s3cr3t-partner-token")
+    (app_config["workflows_dir"] / "partner.yaml").write_text(
+        "nodes:\n  - id: call\n    type: http\n"
+        "    config: {url: 'https://partner.example.com/x', headers: {Authorization: 'Bearer ${PARTNER_TOKEN}'}}\n")
+    app = create_app(app_config)
+    assert app.extensions["flowgate"].workflows.get("partner").node("call").config["headers"] == {
+        "Authorization": "Bearer s3cr3t-partner-token"}
+    client = app.test_client()
+    accepted = client.post("/api/workflow/partner/execute", json={})
+    for path in (f"/api/v1/runs/{accepted.json['executionId']}", "/api/v1/runs", accepted.json["statusUrl"]):
+        assert "s3cr3t-partner-token" not in client.get(path).get_data(as_text=True), path
+    run = client.get(f"/api/v1/runs/{accepted.json['executionId']}").json
+    assert run["params"]["workflow"]["nodes"][0]["config"]["headers"] == {"Authorization": "***"}
+    app.extensions["flowgate"].store.dispose()
+
+
+def test_a_workflow_file_naming_an_unset_variable_stops_the_start(app_config, monkeypatch):
+    monkeypatch.delenv("NOT_SET_ANYWHERE", raising=False)
+    (app_config["workflows_dir"] / "broken.yaml").write_text(
+        "nodes: [{id: a, type: transform, config: {value: '${NOT_SET_ANYWHERE}'}}]\n")
+    with pytest.raises(ConfigError, match="NOT_SET_ANYWHERE is not set"):
+        create_app(app_config)
