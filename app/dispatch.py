@@ -5,6 +5,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -61,17 +62,22 @@ class Dispatcher:
                      backend="prefect" if deployment_id else "local",
                      concurrency_key=concurrency_key(spec, self.workspace), fallback_reason=reason,
                      idempotency_key=idempotency_key, callback_url=callback_url)
+        return self._store_and_dispatch(new, deployment_id, forced=mode == "prefect")
+
+    def _store_and_dispatch(self, new: NewRun, deployment_id: str | None, forced: bool,
+                            parameters: Callable[[Run], dict[str, Any]] | None = None) -> tuple[Run, bool]:
+        """Store the run (or find the one its idempotency key names), then hand a new one to Prefect or the executor."""
         try:
             run, created = self.store.create_run(new)
         except IdempotencyConflict as exc:
             raise Conflict(str(exc), code="idempotency_key_reused", run_id=exc.run.id) from None
-        if created and deployment_id:
-            run = self._create_flow_run(run, deployment_id, forced=mode == "prefect")
-        if created:
-            self._accepted(run)
-        else:
+        if not created:
             TRIGGERS.labels(run.kind, run.backend, "duplicate").inc()
-        return run, created
+            return run, False
+        if deployment_id:
+            run = self._create_flow_run(run, deployment_id, forced, parameters(run) if parameters else None)
+        self._accepted(run)
+        return run, True
 
     def _check_queue(self, kind: str, target: str) -> None:
         limit = self.settings.max_queued_per_target
@@ -98,18 +104,8 @@ class Dispatcher:
         new = NewRun(kind="workflow", target=spec.id, params=params, backend="prefect" if deployment_id else "local",
                      concurrency_key=f"workflow-run:{uuid.uuid4().hex}", fallback_reason=reason,
                      idempotency_key=idempotency_key, callback_url=callback_url)
-        try:
-            run, created = self.store.create_run(new)
-        except IdempotencyConflict as exc:
-            raise Conflict(str(exc), code="idempotency_key_reused", run_id=exc.run.id) from None
-        if created and deployment_id:
-            run = self._create_flow_run(run, deployment_id, forced=chosen == "prefect",
-                                        parameters={"run_id": run.id, **params})
-        if created:
-            self._accepted(run)
-        else:
-            TRIGGERS.labels(run.kind, run.backend, "duplicate").inc()
-        return run, created
+        return self._store_and_dispatch(new, deployment_id, forced=chosen == "prefect",
+                                        parameters=lambda run: {"run_id": run.id, **params})
 
     def _choose(self, deployment: str, mode: str, flow_name: str = FLOW_NAME) -> tuple[str | None, str | None]:
         """(deployment id, None) to use Prefect, or (None, why not) to run locally."""

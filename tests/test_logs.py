@@ -7,8 +7,7 @@ import logging
 import pytest
 
 from app.logs import ContextFilter, JsonLines
-from tests.fake_services import EchoService
-from tests.test_api_workflows import poll_execution
+from tests.test_run_logs import run_a_retried_http_node
 
 
 class Capture(logging.Handler):
@@ -55,23 +54,7 @@ def test_a_line_logged_while_handling_a_request_carries_its_id(client, captured)
 
 
 def test_lines_logged_by_a_runs_threads_carry_the_run_id(app_config, captured):
-    from app import create_app
-
-    echo = EchoService()
-    echo.failures = 1
-    app = create_app({**app_config, "http_allowed_hosts": f"127.0.0.1:{echo.port}"})
-    services = app.extensions["flowgate"]
-    services.executor.start()
-    try:
-        client = app.test_client()
-        inline = {"nodes": [{"id": "call", "type": "http", "retries": 1, "retry_backoff_seconds": 0,
-                             "config": {"url": f"{echo.url}/flaky"}}]}
-        accepted = client.post("/api/workflow/logged/execute", json={"workflow": inline})
-        done = poll_execution(client, accepted.json["statusUrl"])
-    finally:
-        services.executor.shutdown(timeout=5)
-        services.store.dispose()
-        echo.stop()
+    done, _ = run_a_retried_http_node(app_config)
     assert done["status"] == "completed"
     retried = [line for line in captured if "attempt 1 failed" in line["message"]]
-    assert retried and retried[0]["run_id"] == accepted.json["executionId"], captured
+    assert retried and retried[0]["run_id"] == done["executionId"], captured

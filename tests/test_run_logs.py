@@ -20,7 +20,9 @@ def test_a_local_runs_lines_are_kept_and_paged(running_app):
     assert first["items"] + rest["items"] == logs["items"]
 
 
-def test_workflow_node_lines_are_kept_on_the_workflow_run(app_config):
+def run_a_retried_http_node(app_config: dict) -> tuple[dict, list[dict]]:
+    """A workflow whose http node fails once and is retried (the engine logs the retry from the node's thread);
+    returns the finished execution and the run's stored log lines."""
     echo = EchoService()
     echo.failures = 1
     app = create_app({**app_config, "http_allowed_hosts": f"127.0.0.1:{echo.port}"})
@@ -31,12 +33,16 @@ def test_workflow_node_lines_are_kept_on_the_workflow_run(app_config):
         inline = {"nodes": [{"id": "call", "type": "http", "retries": 1, "retry_backoff_seconds": 0,
                              "config": {"url": f"{echo.url}/flaky"}}]}
         accepted = client.post("/api/workflow/logged/execute", json={"workflow": inline}).json
-        poll_execution(client, accepted["statusUrl"])
-        lines = client.get(f"/api/v1/runs/{accepted['executionId']}/logs").json["items"]
+        done = poll_execution(client, accepted["statusUrl"])
+        return done, client.get(f"/api/v1/runs/{accepted['executionId']}/logs").json["items"]
     finally:
         services.executor.shutdown(timeout=5)
         services.store.dispose()
         echo.stop()
+
+
+def test_workflow_node_lines_are_kept_on_the_workflow_run(app_config):
+    _, lines = run_a_retried_http_node(app_config)
     assert any("node call attempt 1 failed" in line["message"] and line["logger"] == "flows.engine"
                for line in lines), lines
 
