@@ -95,12 +95,16 @@ class Dispatcher:
             self.executor.wake()
 
     def trigger_workflow(self, spec: WorkflowSpec, inputs: dict[str, Any], mode: str, backend: str | None = None,
-                         idempotency_key: str | None = None, callback_url: str | None = None) -> tuple[Run, bool]:
-        """Store and dispatch a workflow run; the definition travels with the run, so any process can run it."""
+                         idempotency_key: str | None = None, callback_url: str | None = None,
+                         file_definition: dict[str, Any] | None = None) -> tuple[Run, bool]:
+        """Store and dispatch a workflow run; the definition travels with the run, so any process can run it.
+
+        `file_definition`: the workflow as its file says it (`${VAR}`s unresolved), stored instead of `spec`."""
         self._check_queue("workflow", spec.id)
         chosen = backend or self.settings.backend
         deployment_id, reason = self._choose(WORKFLOW_DEPLOYMENT, chosen, flow_name=WORKFLOW_FLOW_NAME)
-        params = {"inputs": inputs, "mode": mode, "workflow": spec.model_dump(mode="json")}
+        params = {"inputs": inputs, "mode": mode, "from_file": file_definition is not None,
+                  "workflow": file_definition or spec.model_dump(mode="json")}
         new = NewRun(kind="workflow", target=spec.id, params=params, backend="prefect" if deployment_id else "local",
                      concurrency_key=f"workflow-run:{uuid.uuid4().hex}", fallback_reason=reason,
                      idempotency_key=idempotency_key, callback_url=callback_url)

@@ -18,7 +18,8 @@ from connectors.registry import ConnectorRegistry
 from connectors.spec import ParamsError
 from flows.engine import FAILED, NodeResult, WorkflowEngine
 from flows.nodes import NodeFailed, make_toolbox
-from flows.workflow_spec import NodeSpec, WorkflowSpec
+from flows.workflow_registry import resolve_definition
+from flows.workflow_spec import NodeSpec
 
 
 class NodeTaskFailed(RuntimeError):
@@ -70,10 +71,13 @@ def connector_runner(settings: Any) -> Callable[[str, dict[str, Any], Callable[[
 
 @flow(name=WORKFLOW_FLOW_NAME, log_prints=True)
 def workflow_flow(run_id: str, workflow: dict[str, Any], inputs: dict[str, Any] | None = None,
-                  mode: str = "optimized") -> dict[str, Any]:
-    """Run a workflow definition; publish every node's result as an artifact the gateway reads back."""
+                  mode: str = "optimized", from_file: bool = False) -> dict[str, Any]:
+    """Run a workflow definition; publish every node's result as an artifact the gateway reads back.
+
+    A definition from a workflow file arrives with its `${VAR}`s unresolved: they are filled in here, from the
+    worker's environment, so Prefect never holds the secrets."""
     settings = load_settings()
-    spec = WorkflowSpec.model_validate(workflow)
+    spec = resolve_definition(workflow, from_file)
     store = RunStore(settings.run_store_url)  # the node cache; shared with the gateway when DATABASE_URL is
     store.create_schema()
     try:

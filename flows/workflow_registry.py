@@ -69,11 +69,27 @@ def parse_workflow(data: Any, default_id: str, connector_ids: Iterable[str] | No
     return spec
 
 
+def resolve_definition(definition: dict[str, Any], from_file: bool,
+                       environ: Mapping[str, str] | None = None) -> WorkflowSpec:
+    """A stored definition as a spec: a file's `${VAR}`s are filled in from the environment only now, where the
+    run executes, so secrets live in no run record and no Prefect parameter. Inline definitions get no
+    substitution: a caller must not be able to read the gateway's environment."""
+    if from_file:
+        try:
+            definition = substitute_env(definition, f"workflow '{definition.get('id')}'",
+                                        os.environ if environ is None else environ)
+        except RegistryError as exc:
+            raise WorkflowError("workflow", [{"field": "(env)", "message": str(exc)}]) from None
+    return WorkflowSpec.model_validate(definition)
+
+
 class WorkflowRegistry:
     """Workflows by id, read from `*.yaml` / `*.yml` files (the id defaults to the file name)."""
 
-    def __init__(self, workflows: dict[str, WorkflowSpec], folder: Path | None = None):
+    def __init__(self, workflows: dict[str, WorkflowSpec], folder: Path | None = None,
+                 definitions: dict[str, dict[str, Any]] | None = None):
         self._workflows = workflows
+        self._definitions = definitions or {}
         self.folder = folder
 
     @classmethod
@@ -81,6 +97,7 @@ class WorkflowRegistry:
              environ: Mapping[str, str] | None = None) -> WorkflowRegistry:
         """Every workflow in `folder` (a missing folder is an empty registry); WorkflowError names file and field."""
         workflows: dict[str, WorkflowSpec] = {}
+        definitions: dict[str, dict[str, Any]] = {}
         files = sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")]) if folder.is_dir() else []
         known = list(connector_ids) if connector_ids is not None else None
         for path in files:
@@ -89,14 +106,19 @@ class WorkflowRegistry:
             except yaml.YAMLError as exc:
                 raise WorkflowError(str(path), [{"field": "(file)", "message": f"not valid YAML: {exc}"}]) from None
             try:  # ${VAR} and ${VAR:default}, as in connectors.yaml: secrets stay out of the file
-                data = substitute_env(data, str(path), os.environ if environ is None else environ)
+                resolved = substitute_env(data, str(path), os.environ if environ is None else environ)
             except RegistryError as exc:
                 raise WorkflowError(str(path), [{"field": "(env)", "message": str(exc)}]) from None
-            spec = parse_workflow(data, path.stem, known, where=str(path))
+            spec = parse_workflow(resolved, path.stem, known, where=str(path))
             if spec.id in workflows:
                 raise WorkflowError(str(path), [{"field": "id", "message": f"workflow '{spec.id}' is defined twice"}])
             workflows[spec.id] = spec
-        return cls(workflows, folder)
+            definitions[spec.id] = {**data, "id": spec.id}  # as written, ${VAR}s unresolved
+        return cls(workflows, folder, definitions)
+
+    def definition(self, workflow_id: str) -> dict[str, Any]:
+        """The workflow as its file says it, `${VAR}` references unresolved: what a run record stores."""
+        return self._definitions[workflow_id]
 
     def get(self, workflow_id: str) -> WorkflowSpec | None:
         return self._workflows.get(workflow_id)

@@ -278,7 +278,7 @@ def test_workflow_files_are_read_with_their_ids_and_errors(tmp_path: Path):
     assert len(WorkflowRegistry.load(tmp_path / "missing")) == 0
 
 
-def test_secrets_in_a_workflow_come_from_the_environment_and_never_show_in_run_documents(app_config, monkeypatch):
+def test_secrets_in_a_workflow_come_from_the_environment_and_stay_out_of_run_records(app_config, monkeypatch):
     monkeypatch.setenv("PARTNER_TOKEN", "s3cr3t-partner-token")
     (app_config["workflows_dir"] / "partner.yaml").write_text(
         "nodes:\n  - id: call\n    type: http\n"
@@ -292,7 +292,29 @@ def test_secrets_in_a_workflow_come_from_the_environment_and_never_show_in_run_d
         assert "s3cr3t-partner-token" not in client.get(path).get_data(as_text=True), path
     run = client.get(f"/api/v1/runs/{accepted.json['executionId']}").json
     assert run["params"]["workflow"]["nodes"][0]["config"]["headers"] == {"Authorization": "***"}
+    stored = app.extensions["flowgate"].store.get(accepted.json["executionId"])
+    assert "s3cr3t" not in str(stored.params)  # the record keeps ${PARTNER_TOKEN}; the executor resolves it
+    assert stored.params["workflow"]["nodes"][0]["config"]["headers"]["Authorization"] == "Bearer ${PARTNER_TOKEN}"
     app.extensions["flowgate"].store.dispose()
+
+
+def test_a_file_workflows_variables_are_resolved_where_it_runs(app_config, monkeypatch):
+    monkeypatch.setenv("GREETING", "hola")
+    (app_config["workflows_dir"] / "greet.yaml").write_text(
+        "nodes: [{id: say, type: output, config: {value: '${GREETING} {{ inputs.name }}'}}]\n")
+    app = create_app(app_config)
+    services = app.extensions["flowgate"]
+    services.executor.start()
+    try:
+        client = app.test_client()
+        accepted = client.post("/api/workflow/greet/execute", json={"inputs": {"name": "mundo"}}).json
+        assert poll_execution(client, accepted["statusUrl"])["outputs"] == {"say": "hola mundo"}
+        inline = {"nodes": [{"id": "say", "type": "output", "config": {"value": "${GREETING}"}}]}
+        leaked = client.post("/api/workflow/x/execute", json={"workflow": inline}).json
+        assert poll_execution(client, leaked["statusUrl"])["outputs"] == {"say": "${GREETING}"}  # inline: no env
+    finally:
+        services.executor.shutdown(timeout=5)
+        services.store.dispose()
 
 
 def test_a_workflow_file_naming_an_unset_variable_stops_the_start(app_config, monkeypatch):

@@ -9,7 +9,7 @@ from app import services
 from app.api.inputs import check_json_size, checked_callback_url, json_object, preferred_wait, validated
 from app.errors import NotFound, ValidationFailed
 from app.runs.models import Run
-from app.runs.workflow_runs import pending_nodes
+from app.runs.workflow_runs import pending_nodes, stored_spec
 from app.schemas import ExecuteNodeRequest, NodeExecutionOut, WorkflowExecuteRequest
 from flows.engine import COMPLETED
 from flows.workflow_registry import WorkflowError, node_problems, parse_workflow
@@ -32,7 +32,9 @@ def execute(workflow_id: str) -> Response:
     if key is not None and not 0 < len(key) <= 255:
         raise ValidationFailed.of_field("Idempotency-Key", "must be 1 to 255 characters")
     callback_url = checked_callback_url(body.callback_url)
-    run, created = svc.dispatcher.trigger_workflow(spec, body.inputs, body.mode, body.backend, key, callback_url)
+    run, created = svc.dispatcher.trigger_workflow(
+        spec, body.inputs, body.mode, body.backend, key, callback_url,
+        file_definition=svc.workflows.definition(spec.id) if body.workflow is None else None)
     if wait and not run.is_terminal:
         run = svc.dispatcher.wait_for_end(run.id, wait)
     status_url = url_for("workflows.get_execution", execution_id=run.id)
@@ -55,7 +57,7 @@ def get_execution(execution_id: str) -> dict[str, Any]:
     if run is None or run.kind != "workflow":
         raise NotFound(f"no workflow execution '{execution_id}'", code="execution_not_found")
     run = svc.dispatcher.refresh(run)
-    nodes = svc.store.nodes(run.id) or pending_nodes(WorkflowSpec.model_validate(run.params["workflow"]))
+    nodes = svc.store.nodes(run.id) or pending_nodes(stored_spec(run))
     if run.backend == "prefect" and not run.is_terminal:
         nodes = svc.dispatcher.live_nodes(run, nodes)
     return execution_document(run, nodes)
@@ -110,7 +112,6 @@ def execution_document(run: Run, nodes: list[dict[str, Any]]) -> dict[str, Any]:
             "status": run.status, "mode": (run.params or {}).get("mode", "optimized"), "backend": run.backend,
             "fallbackReason": run.fallback_reason, "prefectFlowRunId": run.prefect_flow_run_id,
             "createdAt": run.created_at, "startedAt": run.started_at, "finishedAt": run.finished_at,
-            "durationSeconds": duration, "layers": result.get("layers") or WorkflowSpec.model_validate(
-                run.params["workflow"]).layers(),
+            "durationSeconds": duration, "layers": result.get("layers") or stored_spec(run).layers(),
             "outputs": result.get("outputs") or {}, "error": run.error,
             "nodes": [NodeExecutionOut.model_validate(node).model_dump(mode="json") for node in nodes]}

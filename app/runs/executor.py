@@ -15,12 +15,13 @@ from app.metrics import observe_run_end
 from app.runlogs import RunLogHandler
 from app.runs.models import CANCELLED, COMPLETED, CRASHED, FAILED, Run, utcnow
 from app.runs.store import RunStore
-from app.runs.workflow_runs import InlineConnectorRunner, record_pending_nodes, run_workflow, workflow_outcome
+from app.runs.workflow_runs import (
+    InlineConnectorRunner, record_pending_nodes, run_workflow, stored_spec, workflow_outcome,
+)
 from connectors.pipeline import ConnectorRunError, RunCancelled, Workspace, run_connector
 from connectors.registry import ConnectorRegistry
 from connectors.spec import ParamsError
 from flows.nodes import Toolbox
-from flows.workflow_spec import WorkflowSpec
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +200,7 @@ class LocalExecutor:
     def _execute_workflow(self, run: Run, cancel: threading.Event) -> None:
         status, result, error = FAILED, None, None
         try:
-            record_pending_nodes(self.store, run.id, WorkflowSpec.model_validate(run.params["workflow"]))
+            record_pending_nodes(self.store, run.id, stored_spec(run))
             toolbox = replace(self.toolbox, run_connector=self.connector_runner())
             status, result, error = workflow_outcome(run_workflow(run, self.store, toolbox, cancel.is_set))
         except Exception as exc:  # anything else still ends the run in a recorded state

@@ -14,6 +14,7 @@ from connectors.registry import ConnectorRegistry
 from connectors.spec import ParamsError
 from flows.engine import NodeResult, WorkflowEngine, WorkflowResult
 from flows.nodes import NodeFailed, Toolbox
+from flows.workflow_registry import resolve_definition
 from flows.workflow_spec import WorkflowSpec
 
 log = logging.getLogger(__name__)
@@ -148,9 +149,14 @@ def record_pending_nodes(store: RunStore, run_id: str, spec: WorkflowSpec) -> No
     store.save_nodes(run_id, list(enumerate(pending_nodes(spec))))
 
 
+def stored_spec(run: Run) -> WorkflowSpec:
+    """The spec a workflow run stored (a file's `${VAR}`s resolved here, from this process's environment)."""
+    return resolve_definition(run.params["workflow"], bool(run.params.get("from_file")))
+
+
 def run_workflow(run: Run, store: RunStore, toolbox: Toolbox, should_stop: Callable[[], bool]) -> WorkflowResult:
     """Execute a stored workflow run: its definition, inputs and mode come from the run's params."""
-    spec = WorkflowSpec.model_validate(run.params["workflow"])
+    spec = stored_spec(run)
     engine = WorkflowEngine(toolbox, cache=StoreNodeCache(store))
     recorder = NodeRecorder(store, run.id, spec)
     try:
