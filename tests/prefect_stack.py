@@ -66,7 +66,8 @@ class PrefectStack:
         self.env.update({
             "PREFECT_HOME": str(workdir / "prefect-home"), "PREFECT_API_URL": self.api_url,
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_WORKER_QUERY_SECONDS": "1",
-            "PREFECT_WORKER_HEARTBEAT_SECONDS": "5", "PREFECT_LOGGING_LEVEL": "WARNING",
+            "PREFECT_WORKER_HEARTBEAT_SECONDS": "5",
+            "PREFECT_LOGGING_LEVEL": "INFO",  # flow runs' INFO lines reach Prefect's logs API (runs/<id>/logs reads them)
             # Test-speed server loops: schedule runs and retry concurrency slots within seconds, not a minute.
             "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
             "PREFECT_SERVER_SERVICES_SCHEDULER_MIN_RUNS": "1", "PREFECT_SERVER_SERVICES_SCHEDULER_MAX_RUNS": "3",

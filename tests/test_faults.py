@@ -90,7 +90,7 @@ def test_sighup_reloads_under_load_without_a_single_failed_request(workdir):
     finally:
         server.kill()
     print(f"\nSIGHUP under load: {dict(load.statuses)}, {load.retries} retried connection(s)")
-    assert set(load.statuses) == {202} and load.statuses[202] > 30, load.statuses
+    assert set(load.statuses) == {202} and load.statuses[202] > 10, load.statuses
     assert Counter(ended) == {"completed": len(load.run_ids)} and len(set(load.run_ids)) == len(load.run_ids)
 
 
