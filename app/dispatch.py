@@ -19,7 +19,7 @@ from app.prefect_client import (
 from app.prefect_route import PrefectRoute
 from app.runs.executor import LocalExecutor
 from app.runs.models import COMPLETED, FAILED, TERMINAL, Run, utcnow
-from app.runs.store import IdempotencyConflict, NewRun, RunStore
+from app.runs.store import IdempotencyConflict, NewRun, QueueFull, RunStore
 from connectors.pipeline import Workspace, concurrency_key
 from connectors.registry import ConnectorRegistry
 from connectors.spec import ParamsError
@@ -55,13 +55,13 @@ class Dispatcher:
             spec.with_params(params)
         except ParamsError as exc:
             raise ValidationFailed.of_field(exc.field, exc.message) from None
-        self._check_queue("connector", connector_id)
         mode = backend or self.settings.backend
         deployment_id, reason = self._choose(connector_id, mode)
         new = NewRun(kind="connector", target=connector_id, params=params,
                      backend="prefect" if deployment_id else "local",
                      concurrency_key=concurrency_key(spec, self.workspace), fallback_reason=reason,
-                     idempotency_key=idempotency_key, callback_url=callback_url)
+                     idempotency_key=idempotency_key, callback_url=callback_url,
+                     max_queued=self.settings.max_queued_per_target)
         return self._store_and_dispatch(new, deployment_id, forced=mode == "prefect")
 
     def _store_and_dispatch(self, new: NewRun, deployment_id: str | None, forced: bool,
@@ -71,6 +71,9 @@ class Dispatcher:
             run, created = self.store.create_run(new)
         except IdempotencyConflict as exc:
             raise Conflict(str(exc), code="idempotency_key_reused", run_id=exc.run.id) from None
+        except QueueFull as exc:
+            raise TooManyRequests(f"{exc} (FLOWGATE_MAX_QUEUED_PER_TARGET)", code="queue_full",
+                                  headers={"Retry-After": "30"}) from None
         if not created:
             TRIGGERS.labels(run.kind, run.backend, "duplicate").inc()
             return run, False
@@ -78,12 +81,6 @@ class Dispatcher:
             run = self._create_flow_run(run, deployment_id, forced, parameters(run) if parameters else None)
         self._accepted(run)
         return run, True
-
-    def _check_queue(self, kind: str, target: str) -> None:
-        limit = self.settings.max_queued_per_target
-        if self.store.count_queued(kind, target) >= limit:
-            raise TooManyRequests(f"{kind} '{target}' already has {limit} queued runs (FLOWGATE_MAX_QUEUED_PER_TARGET)",
-                                  code="queue_full", headers={"Retry-After": "30"})
 
     def _accepted(self, run: Run) -> None:
         TRIGGERS.labels(run.kind, run.backend, "accepted").inc()
@@ -100,14 +97,14 @@ class Dispatcher:
         """Store and dispatch a workflow run; the definition travels with the run, so any process can run it.
 
         `file_definition`: the workflow as its file says it (`${VAR}`s unresolved), stored instead of `spec`."""
-        self._check_queue("workflow", spec.id)
         chosen = backend or self.settings.backend
         deployment_id, reason = self._choose(WORKFLOW_DEPLOYMENT, chosen, flow_name=WORKFLOW_FLOW_NAME)
         params = {"inputs": inputs, "mode": mode, "from_file": file_definition is not None,
                   "workflow": file_definition or spec.model_dump(mode="json")}
         new = NewRun(kind="workflow", target=spec.id, params=params, backend="prefect" if deployment_id else "local",
                      concurrency_key=f"workflow-run:{uuid.uuid4().hex}", fallback_reason=reason,
-                     idempotency_key=idempotency_key, callback_url=callback_url)
+                     idempotency_key=idempotency_key, callback_url=callback_url,
+                     max_queued=self.settings.max_queued_per_target)
         return self._store_and_dispatch(new, deployment_id, forced=chosen == "prefect",
                                         parameters=lambda run: {"run_id": run.id, **params})
 

@@ -1,7 +1,7 @@
 """Per-run log capture: lines logged by a run's threads (they carry its run id) are kept in the run store.
 
 A logging handler in each gateway process buffers such lines and writes them in batches, so any process
-can serve GET /api/v1/runs/<id>/logs; the executor flushes a run's lines before it records the run's end.
+can serve GET /api/v1/runs/<id>/logs; the executor writes a run's last lines with the run's end.
 """
 from __future__ import annotations
 
@@ -70,10 +70,15 @@ class RunLogHandler(logging.Handler):
             except Exception:  # a log sink must never break the run it records; the lines are lost, not the run
                 logging.getLogger("app.runlogs").exception("writing %d run log lines failed", len(lines))
 
-    def forget(self, run: str) -> None:
-        """A run ended: stop counting its lines."""
+    def take(self, run: str) -> list[dict[str, Any]]:
+        """A run ended: hand over its buffered lines (the executor writes them with the run's end) and stop
+        counting them."""
         with self._buffer_lock:
+            taken = [line for line in self._buffer if line["run_id"] == run]
+            if taken:
+                self._buffer = [line for line in self._buffer if line["run_id"] != run]
             self._counts.pop(run, None)
+        return taken
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):

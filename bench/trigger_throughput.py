@@ -105,7 +105,9 @@ def run_seed(workdir: Path, clients: int, seconds: float) -> Result:
 
 
 def run_flowgate(workdir: Path, clients: int, seconds: float, workers: int) -> Result:
-    server = GunicornServer(workdir, workers=workers).start()
+    # The load queues far more runs per connector than the default limit (FLOWGATE_MAX_QUEUED_PER_TARGET) allows:
+    # lift it, this measures how fast triggers are accepted.
+    server = GunicornServer(workdir, workers=workers, FLOWGATE_MAX_QUEUED_PER_TARGET="100000").start()
     try:
         return load(f"flowgate (gunicorn, {workers} workers)", server.url, clients, seconds)
     finally:

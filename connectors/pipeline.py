@@ -78,12 +78,13 @@ class ConnectorPipeline:
 
     steps = ("recover", "extract", "normalize", "load")
 
-    def __init__(self, spec: ConnectorSpec, workspace: Workspace):
+    def __init__(self, spec: ConnectorSpec, workspace: Workspace, restore_state: bool = True):
         _configure_dlt()
         import dlt
 
         self.spec = spec
         self.workspace = workspace
+        self.restore_state = restore_state
         self.rows: dict[str, int] = {}
         self.load_ids: list[str] = []
         self._started = time.monotonic()
@@ -106,9 +107,10 @@ class ConnectorPipeline:
                                     f"{type(cause).__name__}: {cause}") from exc
 
     def _recover(self) -> None:
-        # As dlt's own run() does: take the state (incremental cursors, schemas) from the destination when it is
-        # newer than the local working dir (a new host, a lost var/, the other execution path loaded last)...
-        if self._pipeline.config.restore_from_destination:
+        # As dlt's own run() does: take the state (incremental cursors, schemas) from the destination when it may
+        # be newer than the local working dir (a new host, a lost var/, the other execution path loaded last)...
+        # The caller may know it is not (this host ran the connector last): the check costs a connection.
+        if self._pipeline.config.restore_from_destination and (self.restore_state or self._pipeline.first_run):
             self._pipeline.sync_destination()
         # ...and finish the load packages a run killed mid-way left behind.
         if self._pipeline.has_pending_data:
@@ -150,9 +152,13 @@ def run_connector(
     spec: ConnectorSpec,
     workspace: Workspace,
     should_stop: Callable[[], bool] = lambda: False,
+    restore_state: bool = True,
 ) -> LoadSummary:
-    """Recover, extract, normalize and load one connector; check `should_stop` between the steps."""
-    pipeline = ConnectorPipeline(spec, workspace)
+    """Recover, extract, normalize and load one connector; check `should_stop` between the steps.
+
+    `restore_state=False` skips asking the destination for newer dlt state, for a caller that knows the local
+    working dir has the latest (the same host ran the connector last)."""
+    pipeline = ConnectorPipeline(spec, workspace, restore_state)
     for step in pipeline.steps:
         pipeline.run_step(step)
         if step in ("extract", "normalize") and should_stop():

@@ -126,3 +126,20 @@ def test_capacity_counts_executors_with_a_recent_heartbeat(store: RunStore):
     assert store.capacity(stale_after_seconds=30).slots == 3
     time.sleep(0.2)
     assert store.capacity(stale_after_seconds=0.1).executors == 0
+
+
+def test_a_full_queue_refuses_the_next_run_of_that_target_only(store):
+    from app.runs.store import QueueFull
+
+    def new(target: str) -> NewRun:
+        return NewRun(kind="connector", target=target, params={}, backend="local", concurrency_key=target,
+                      max_queued=2)
+
+    store.create_run(new("a"))
+    store.create_run(new("a"))
+    with pytest.raises(QueueFull):
+        store.create_run(new("a"))
+    assert store.create_run(new("b"))[1] is True
+    claimed = store.claim_next("me", lease_seconds=30)
+    assert claimed.target == "a"
+    assert store.create_run(new("a"))[1] is True  # one left the queue, one may join

@@ -183,7 +183,10 @@ class LocalExecutor:
             if spec is None:
                 error = {"code": "connector_not_found", "message": f"connector '{run.target}' is no longer configured"}
             else:
-                summary = run_connector(spec.with_params(run.params), self.workspace, should_stop=cancel.is_set)
+                # dlt state in the destination can only be newer if the connector last ran somewhere else.
+                elsewhere = self.store.last_ended_elsewhere(run.kind, run.target, socket.gethostname())
+                summary = run_connector(spec.with_params(run.params), self.workspace, should_stop=cancel.is_set,
+                                        restore_state=elsewhere)
                 status, result = COMPLETED, summary.to_dict()
         except RunCancelled as exc:
             status, error = CANCELLED, {"code": "cancelled", "message": str(exc)}
@@ -218,11 +221,9 @@ class LocalExecutor:
         if timed_out and status == CANCELLED:
             status, error = FAILED, {"code": "run_timeout", "message": "not finished within "
                                                                       f"FLOWGATE_RUN_TIMEOUT_SECONDS ({self.run_timeout_seconds:g} s)"}
-        if self.log_sink is not None:  # the run's lines are in the store before its end is
-            self.log_sink.flush()
-            self.log_sink.forget(run_id)
+        logs = self.log_sink.take(run_id) if self.log_sink is not None else None  # stored with the run's end
         try:
-            if self.store.finish(run_id, self.id, status, result=result, error=error):
+            if self.store.finish(run_id, self.id, status, result=result, error=error, logs=logs):
                 observe_run_end(run.kind, run.target, status, run.started_at, utcnow())
             else:
                 log.warning("run %s was no longer held by %s when it ended as %s", run_id, self.id, status)

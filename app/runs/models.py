@@ -69,12 +69,14 @@ class Run(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    # Loaded with the run (one extra query per batch of runs), so a run document can show its deliveries.
-    callback: Mapped[RunCallback | None] = relationship(lazy="selectin", uselist=False)
+    # Loaded only where a run document is built (RunStore.get, list, cancel, update_unfinished): the claim and
+    # finish paths, which hold SQLite's write lock, never pay for it. Not loaded reads as None.
+    callback: Mapped[RunCallback | None] = relationship(lazy="noload", uselist=False)
 
     __table_args__ = (
         Index("ix_runs_created", "created_at", "id"),
         Index("ix_runs_queue", "status", "backend", "created_at"),
+        Index("ix_runs_target_status", "target", "kind", "status"),  # the queue limit counts per target
         Index("uq_runs_idempotency", "kind", "target", "idempotency_key", unique=True),
         # The database itself refuses a second active local run under one concurrency key.
         Index("uq_runs_one_active_per_key", "concurrency_key", unique=True,

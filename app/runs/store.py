@@ -14,8 +14,8 @@ from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, delete, event, func, select, text, update
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import IntegrityError, OperationalError
-from sqlalchemy.orm import Session
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.orm import Session, selectinload
 
 from app.runs.models import (
     ACTIVE, CANCELLED, CANCELLING, CRASHED, FAILED, QUEUED, RUNNING, TERMINAL, Base, Executor, NodeCacheEntry, Run,
@@ -23,7 +23,20 @@ from app.runs.models import (
 )
 
 T = TypeVar("T")
+# Plain SQL on purpose: this runs inside every trigger's write transaction, where each 0.1 ms holds SQLite's
+# one write lock for every other writer (the ORM query took 5x as long). Covered by ix_runs_target_status.
+_COUNT_QUEUED_SQLITE = f"SELECT count(*) FROM runs WHERE target = ? AND kind = ? AND status = '{QUEUED}'"
+_COUNT_QUEUED_PG = f"SELECT count(*) FROM runs WHERE target = %(target)s AND kind = %(kind)s AND status = '{QUEUED}'"
+_WITH_CALLBACK = (selectinload(Run.callback),)
 _CLAIM_LOCK_ID = 0x666C6F77  # PostgreSQL advisory lock that serialises claims ("flow")
+
+
+class QueueFull(Exception):
+    """The target already has `limit` queued runs."""
+
+    def __init__(self, kind: str, target: str, limit: int):
+        super().__init__(f"{kind} '{target}' already has {limit} queued runs")
+        self.limit = limit
 
 
 class IdempotencyConflict(Exception):
@@ -46,6 +59,7 @@ class NewRun:
     fallback_reason: str | None = None
     idempotency_key: str | None = None
     callback_url: str | None = None
+    max_queued: int | None = None  # refuse (QueueFull) when the target already has this many queued runs
 
     @property
     def request_hash(self) -> str:
@@ -100,8 +114,14 @@ class RunStore:
         return engine
 
     def create_schema(self) -> None:
-        """Create the tables if they are missing (safe to call from every process at once)."""
+        """Create the tables, and indexes added since a table was made, if missing (safe from every process)."""
         self._retry(lambda: Base.metadata.create_all(self._writer))
+        for table in Base.metadata.sorted_tables:
+            for index in table.indexes:
+                try:
+                    self._retry(lambda index=index: index.create(self._writer, checkfirst=True))
+                except (OperationalError, IntegrityError, ProgrammingError):
+                    pass  # another process created it between the check and the create
 
     def dispose(self) -> None:
         """Close pooled connections (after a fork, or at exit)."""
@@ -142,14 +162,20 @@ class RunStore:
                     existing = self._by_idempotency_key(session, new)
                     if existing is not None:
                         return existing, False
+                if new.max_queued is not None and session.connection().exec_driver_sql(
+                        _COUNT_QUEUED_SQLITE if self.is_sqlite else _COUNT_QUEUED_PG, (new.target, new.kind) if self.is_sqlite else {"target": new.target,
+                                                                                     "kind": new.kind}
+                ).scalar() >= new.max_queued:
+                    raise QueueFull(new.kind, new.target, new.max_queued)  # in the write transaction: no race
                 run = Run(id=uuid.uuid4().hex, kind=new.kind, target=new.target, params=new.params,
                           status=QUEUED, backend=new.backend, fallback_reason=new.fallback_reason,
                           idempotency_key=new.idempotency_key, request_hash=new.request_hash,
                           concurrency_key=new.concurrency_key, created_at=utcnow())
-                # In the same transaction: a run never exists without its callback.
-                run.callback = RunCallback(run_id=run.id, url=new.callback_url, status="pending", attempts=[],
-                                           next_attempt_at=utcnow()) if new.callback_url else None
                 session.add(run)
+                if new.callback_url:  # in the same transaction: a run never exists without its callback
+                    session.flush()  # the run's row first: the callback's foreign key points at it
+                    run.callback = RunCallback(run_id=run.id, url=new.callback_url, status="pending", attempts=[],
+                                               next_attempt_at=utcnow())
             return run, True
 
         try:
@@ -177,7 +203,6 @@ class RunStore:
                           backend=new.backend, fallback_reason=new.fallback_reason, request_hash=new.request_hash,
                           concurrency_key=new.concurrency_key, created_at=now, started_at=now, attempts=1,
                           lease_owner=owner, lease_expires_at=now + timedelta(seconds=lease_seconds))
-                run.callback = None
                 session.add(run)
             return run
 
@@ -188,18 +213,18 @@ class RunStore:
 
     @staticmethod
     def _by_idempotency_key(session: Session, new: NewRun) -> Run | None:
-        return session.scalars(select(Run).where(
+        return session.scalars(select(Run).options(*_WITH_CALLBACK).where(
             Run.kind == new.kind, Run.target == new.target, Run.idempotency_key == new.idempotency_key)).first()
 
     def get(self, run_id: str) -> Run | None:
         """The run with this id, or None."""
         with self._session() as session:
-            return session.get(Run, run_id)
+            return session.get(Run, run_id, options=_WITH_CALLBACK)
 
     def list(self, target: str | None = None, status: str | None = None, limit: int = 50,
              before: tuple[datetime, str] | None = None) -> list[Run]:
         """Runs newest first; `before` is the (created_at, id) of the last run of the previous page."""
-        query = select(Run).order_by(Run.created_at.desc(), Run.id.desc()).limit(limit)
+        query = select(Run).options(*_WITH_CALLBACK).order_by(Run.created_at.desc(), Run.id.desc()).limit(limit)
         if target:
             query = query.where(Run.target == target)
         if status:
@@ -210,11 +235,13 @@ class RunStore:
         with self._session() as session:
             return list(session.scalars(query))
 
-    def count_queued(self, kind: str, target: str) -> int:
-        """Runs of one connector or workflow waiting to start."""
+    def last_ended_elsewhere(self, kind: str, target: str, host: str) -> bool:
+        """Whether the latest ended run of `target` ran anywhere but a local executor on `host` (or none ended)."""
         with self._session() as session:
-            return session.scalar(select(func.count()).where(Run.kind == kind, Run.target == target,
-                                                             Run.status == QUEUED))
+            last = session.execute(select(Run.backend, Run.lease_owner).where(
+                Run.kind == kind, Run.target == target, Run.finished_at.is_not(None))
+                .order_by(Run.finished_at.desc()).limit(1)).first()
+        return last is None or last.backend != "local" or not (last.lease_owner or "").startswith(f"{host}:")
 
     def fail_overdue(self, backend: str, created_before: datetime, error: dict[str, Any]) -> list[Run]:
         """End as failed every unfinished run on `backend` created before `created_before`; returns them."""
@@ -275,8 +302,9 @@ class RunStore:
         return self._retry(attempt)
 
     def finish(self, run_id: str, owner: str, status: str, result: dict[str, Any] | None = None,
-               error: dict[str, Any] | None = None) -> bool:
-        """Record how a run ended; only while `owner` still holds it (a recovered run stays recovered)."""
+               error: dict[str, Any] | None = None, logs: list[dict[str, Any]] | None = None) -> bool:
+        """Record how a run ended (and its last log lines, in the same transaction); only while `owner` still
+        holds it (a recovered run stays recovered)."""
 
         def attempt() -> bool:
             with self._session(write=True) as session:
@@ -284,6 +312,8 @@ class RunStore:
                     update(Run).where(Run.id == run_id, Run.lease_owner == owner, Run.status.in_(ACTIVE))
                     .values(status=status, result=result, error=error, finished_at=utcnow(),
                             lease_expires_at=None)).rowcount
+                if logs:
+                    session.add_all(RunLog(**line) for line in logs)
             return changed == 1
 
         return self._retry(attempt)
@@ -293,7 +323,7 @@ class RunStore:
 
         def attempt() -> Run | None:
             with self._session(write=True) as session:
-                run = session.get(Run, run_id)
+                run = session.get(Run, run_id, options=_WITH_CALLBACK)
                 if run is None or run.is_terminal:
                     return None
                 for name, value in values.items():
@@ -313,7 +343,7 @@ class RunStore:
 
         def attempt() -> Run | None:
             with self._session(write=True) as session:
-                run = session.get(Run, run_id)
+                run = session.get(Run, run_id, options=_WITH_CALLBACK)
                 if run is None or run.is_terminal:
                     return run
                 run.cancel_requested = True
