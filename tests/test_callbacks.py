@@ -3,13 +3,11 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import timedelta
 
 import pytest
 
 from app import create_app
 from app.callbacks import CallbackSender, verify
-from app.runs.models import utcnow
 from app.runs.store import NewRun
 from flows.outbound import OutboundPolicy
 from tests.fake_services import CallbackReceiver

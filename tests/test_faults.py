@@ -15,7 +15,6 @@ from pathlib import Path
 
 import duckdb
 import httpx
-import pytest
 
 from tests.gunicorn_server import ROOT, GunicornServer
 from tests.test_gunicorn import TERMINAL, run_store, wait_for

@@ -10,7 +10,7 @@ import uuid
 from dataclasses import replace
 from typing import Any
 
-from app.logs import run_id
+from app.logs import run_id as current_run_id
 from app.metrics import observe_run_end
 from app.runlogs import RunLogHandler
 from app.runs.models import CANCELLED, COMPLETED, CRASHED, FAILED, Run, utcnow
@@ -174,7 +174,7 @@ class LocalExecutor:
         return InlineConnectorRunner(self.store, self.registry, self.workspace, owner or self.id, self.lease_seconds)
 
     def _execute(self, run: Run, cancel: threading.Event) -> None:
-        run_id.set(run.id)  # this thread is the run's: every log line it writes carries the run id
+        current_run_id.set(run.id)  # this thread is the run's: every log line it writes carries the run id
         if run.kind == "workflow":
             return self._execute_workflow(run, cancel)
         status, result, error = FAILED, None, None
