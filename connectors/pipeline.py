@@ -212,6 +212,8 @@ def build_source(spec: ConnectorSpec) -> Any:
         from dlt.sources.filesystem import filesystem, read_csv_duckdb, read_jsonl
 
         files = filesystem(bucket_url=source.bucket_url, file_glob=source.file_glob)
+        if "://" not in source.bucket_url:
+            files.add_filter(functools.partial(_inside_folder, Path(source.bucket_url).resolve()))
         if source.incremental:
             files.apply_hints(incremental=dlt.sources.incremental("modification_date"))
         reader = read_csv_duckdb(use_pyarrow=True) if source.file_format == "csv" else read_jsonl()
@@ -223,6 +225,14 @@ def build_source(spec: ConnectorSpec) -> Any:
 
         return rest_api_source(source.config, name=spec.id)
     raise ConnectorRunError(spec.id, "extract", f"unsupported source kind {source.kind!r}", terminal=True)
+
+
+def _inside_folder(folder: Path, item: Any) -> bool:
+    """False for a listed file that resolves (through a symlink) outside the connector's folder."""
+    from dlt.common.storages.configuration import FilesystemConfiguration
+
+    path = Path(FilesystemConfiguration.make_local_path(item["file_url"])).resolve()
+    return path.is_relative_to(folder)
 
 
 def load_factory(ref: str, connector_id: str) -> Callable[..., Any]:

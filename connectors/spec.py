@@ -64,6 +64,19 @@ class FilesystemSource(_Strict):
 
     overridable: ClassVar[tuple[str, ...]] = ("file_glob",)
 
+    @field_validator("file_glob")
+    @classmethod
+    def _stays_inside_bucket(cls, glob: str) -> str:
+        # A caller may override the glob: it must not name anything outside bucket_url (symlinks are
+        # checked on each listed file, see connectors.pipeline).
+        if not glob or "\x00" in glob or "\\" in glob or "://" in glob:
+            raise ValueError("must be a relative glob with / separators")
+        if glob.startswith(("/", "~")) or re.match(r"^[A-Za-z]:", glob):
+            raise ValueError("must be relative to bucket_url")
+        if ".." in glob.split("/"):
+            raise ValueError("must not climb out of bucket_url with '..'")
+        return glob
+
     @property
     def file_format(self) -> str:
         """The format to read, explicit or from the glob's extension."""
@@ -190,6 +203,12 @@ class ConnectorSpec(_Strict):
             if key not in allowed:
                 hint = f"overridable: {', '.join(allowed)}" if allowed else "this connector takes no params"
                 raise ParamsError(f"params.{key}", f"'{key}' cannot be overridden ({hint})")
+        if isinstance(self.source, SqlDatabaseSource) and self.source.tables and isinstance(params.get("tables"), list):
+            # a declared table list is the set a caller may choose from, not a default
+            extra = [t for t in params["tables"] if t not in self.source.tables]
+            if extra:
+                raise ParamsError("params.tables", f"not among the connector's tables "
+                                                   f"({', '.join(self.source.tables)}): {', '.join(map(str, extra))}")
         if isinstance(self.source, PythonSource):
             for key, value in params.items():
                 _check_same_type(key, self.source.args[key], value)
