@@ -23,11 +23,11 @@ bench: $(VENV)/.dev data/demo_shop.db
 
 # Prefect server + deployments + process worker + gateway on one machine; Ctrl-C stops them all.
 stack: $(VENV)/.runtime data/demo_shop.db
-	$(BIN)/python -m flows.stack
+	$(BIN)/python -m flows.prefect.stack
 
 # Register the connectors as Prefect deployments (PREFECT_API_URL must point at the server).
 deploy: $(VENV)/.runtime
-	$(BIN)/python -m flows.deploy
+	$(BIN)/python -m flows.prefect.deploy
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "flowgate needs Python 3.11+"'

@@ -12,11 +12,13 @@ from typing import Any
 from flask import Flask, current_app
 from flask.json.provider import DefaultJSONProvider
 
+from app.backends.executor import LocalExecutor
+from app.backends.local import LocalBackend
+from app.backends.prefect import PrefectBackend, make_prefect_route
 from app.callbacks import CallbackSender
 from app.config import ConfigError, Settings, load_settings
-from app.dispatch import Dispatcher, make_prefect_route
+from app.dispatch import Dispatcher
 from app.runlogs import RunLogHandler
-from app.runs.executor import LocalExecutor
 from app.runs.store import RunStore
 from connectors.pipeline import Workspace
 from connectors.registry import ConnectorRegistry, RegistryError
@@ -90,7 +92,8 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     executor = LocalExecutor(store, registry, workspace, slots=settings.executor_threads,
                              lease_seconds=settings.lease_seconds, poll_seconds=settings.poll_seconds, toolbox=toolbox,
                              run_timeout_seconds=settings.run_timeout_seconds, log_sink=RunLogHandler(store))
-    dispatcher = Dispatcher(settings, store, registry, executor, workspace, prefect=make_prefect_route(settings))
+    dispatcher = Dispatcher(settings, store, registry, workspace, LocalBackend(store, executor),
+                            PrefectBackend(store, make_prefect_route(settings), settings.run_timeout_seconds))
     engine = WorkflowEngine(replace(toolbox, run_connector=executor.connector_runner(
         owner=f"execute-node:{socket.gethostname()}:{os.getpid()}")))
     callbacks = CallbackSender(store, OutboundPolicy.parse(settings.callback_allowed_hosts), settings.callback_secret,

@@ -80,7 +80,7 @@ class CallbackSender:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                claimed = self.store.claim_callback(self.owner, lease_seconds=self.timeout_seconds * 2 + 5)
+                claimed = self.store.callbacks.claim(self.owner, lease_seconds=self.timeout_seconds * 2 + 5)
             except Exception:  # a database hiccup must not end the loop
                 log.exception("claiming a callback failed")
                 claimed = None
@@ -116,7 +116,7 @@ class CallbackSender:
         retry_at = None
         if not delivered and number < self.max_attempts:
             retry_at = utcnow() + timedelta(seconds=self.backoff_seconds * 2 ** (number - 1))
-        self.store.record_delivery(run.id, self.owner, attempt, delivered, retry_at)
+        self.store.callbacks.record_delivery(run.id, self.owner, attempt, delivered, retry_at)
         log.log(logging.INFO if delivered else logging.WARNING, "callback of run %s attempt %d: %s", run.id, number,
                 "delivered" if delivered else attempt.get("error"), extra={"run_id": run.id})
         return delivered

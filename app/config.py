@@ -5,27 +5,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from flows.runtime import RuntimeSettings
 
 
 class ConfigError(RuntimeError):
     """A setting or a configuration file is invalid; the message names what and where."""
 
 
-class Settings(BaseSettings):
-    """Everything flowgate reads from the environment, with defaults for a bare laptop."""
-
-    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, frozen=True)
+class Settings(RuntimeSettings):
+    """Everything the gateway reads from the environment, with defaults for a bare laptop: the runtime's
+    settings (flows.runtime) and the gateway's own."""
 
     port: int = Field(5000, ge=1, le=65535, validation_alias=AliasChoices("FLOW_SERVER_PORT", "port"),
                       description="Port gunicorn binds to.")
-    var_dir: Path = Field(Path("var"), validation_alias=AliasChoices("FLOWGATE_VAR_DIR", "var_dir"),
-                          description="Folder for the SQLite run store, DuckDB files and dlt's working state.")
-    database_url: str | None = Field(None, validation_alias=AliasChoices("DATABASE_URL", "database_url"),
-                                     description="Run store URL; unset means a SQLite file under var_dir.")
-    connectors_file: Path = Field(Path("connectors.yaml"),
-                                  validation_alias=AliasChoices("FLOWGATE_CONNECTORS", "connectors_file"),
-                                  description="The YAML file that declares the connectors.")
     backend: Literal["auto", "local", "prefect"] = Field(
         "auto", validation_alias=AliasChoices("FLOWGATE_BACKEND", "backend"),
         description="Where runs execute: Prefect when it can take them (auto), or one path forced.")
@@ -55,35 +48,15 @@ class Settings(BaseSettings):
     max_wait_seconds: float = Field(300.0, ge=0, le=3600,
                                     validation_alias=AliasChoices("FLOWGATE_MAX_WAIT_SECONDS", "max_wait_seconds"),
                                     description="Longest a trigger may block with `wait`.")
-
-    workflows_dir: Path = Field(Path("workflows"), validation_alias=AliasChoices("FLOWGATE_WORKFLOWS", "workflows_dir"),
-                                description="Folder of workflow YAML files (one workflow per file).")
-    http_allowed_hosts: str = Field("", validation_alias=AliasChoices("FLOWGATE_HTTP_ALLOWED_HOSTS",
-                                                                      "http_allowed_hosts"),
-                                    description="Hosts the workflow `http` node may call, comma-separated "
-                                                "(`api.example.com`, `*.example.com`, `127.0.0.1:8080`); "
-                                                "empty: none.")
-    llm_provider: Literal["offline", "openai"] = Field(
-        "offline", validation_alias=AliasChoices("FLOWGATE_LLM_PROVIDER", "llm_provider"),
-        description="The `llm` node's provider: offline (deterministic, no network) or an OpenAI-compatible API.")
-    llm_base_url: str = Field("https://api.openai.com/v1",
-                              validation_alias=AliasChoices("FLOWGATE_LLM_BASE_URL", "llm_base_url"),
-                              description="Base URL of the OpenAI-compatible API (…/v1).")
-    llm_api_key: str | None = Field(None, validation_alias=AliasChoices("FLOWGATE_LLM_API_KEY", "llm_api_key"),
-                                    description="Bearer key of the LLM API.", repr=False)
-    llm_model: str = Field("gpt-4o-mini", min_length=1, validation_alias=AliasChoices("FLOWGATE_LLM_MODEL", "llm_model"),
-                           description="Model used when a node names none.")
     max_node_wait_seconds: float = Field(
         60.0, gt=0, le=600, validation_alias=AliasChoices("FLOWGATE_MAX_NODE_SECONDS", "max_node_wait_seconds"),
         description="Longest execute-node may run one node inside a request.")
-
     api_keys: str | None = Field(None, validation_alias=AliasChoices("FLOWGATE_API_KEYS", "api_keys"), repr=False,
                                  description="`<name>:<key>:<scopes>` entries, comma-separated; scopes read, "
                                              "trigger, admin joined by '+'. Unset (and no file): no authentication.")
     api_keys_file: Path | None = Field(None, validation_alias=AliasChoices("FLOWGATE_API_KEYS_FILE", "api_keys_file"),
                                        description="File of `<name> sha256:<digest> <scopes>` lines (keys hashed "
                                                    "at rest; `python -m app.auth hash <key>` prints a digest).")
-
     callback_secret: str | None = Field(None, validation_alias=AliasChoices("FLOWGATE_CALLBACK_SECRET",
                                                                            "callback_secret"), repr=False,
                                         description="HMAC-SHA256 key that signs run callbacks; unset: callbacks off.")
@@ -96,7 +69,6 @@ class Settings(BaseSettings):
     callback_backoff_seconds: float = Field(2.0, gt=0, le=3600, validation_alias=AliasChoices(
         "FLOWGATE_CALLBACK_BACKOFF_SECONDS", "callback_backoff_seconds"),
         description="Wait before the second delivery; doubles after each failure.")
-
     rate_limit: str | None = Field(None, validation_alias=AliasChoices("FLOWGATE_RATE_LIMIT", "rate_limit"),
                                    description="Requests per caller (API key, else address), e.g. '600/minute' "
                                                "or '20/second;600/minute'; unset: no limit.")
@@ -126,21 +98,6 @@ class Settings(BaseSettings):
             except ValueError as exc:
                 raise ValueError(f"not a rate limit like '600/minute': {exc}") from None
         return value
-
-    @property
-    def run_store_url(self) -> str:
-        """The SQLAlchemy URL of the run store."""
-        return self.database_url or f"sqlite:///{(self.var_dir / 'flowgate.db').resolve()}"
-
-    @property
-    def duckdb_dir(self) -> Path:
-        """Where each connector's DuckDB file lives unless its destination names a path."""
-        return (self.var_dir / "duckdb").resolve()
-
-    @property
-    def pipelines_dir(self) -> Path:
-        """dlt's working directory (pipeline state, pending load packages)."""
-        return (self.var_dir / "dlt").resolve()
 
 
 def load_settings(overrides: dict[str, Any] | None = None) -> Settings:

@@ -44,7 +44,7 @@ class StoreCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         counts = self.store.count_by_status()
-        capacity = self.store.capacity(self.stale_after_seconds)
+        capacity = self.store.executors.capacity(self.stale_after_seconds)
         yield GaugeMetricFamily("flowgate_executor_queued_runs", "Local runs waiting for an executor slot",
                                 value=counts.get("queued", 0))
         yield GaugeMetricFamily("flowgate_executor_busy_slots", "Executor slots running a run, all processes",

@@ -66,7 +66,7 @@ class RunLogHandler(logging.Handler):
             with self._buffer_lock:
                 lines, self._buffer = self._buffer, []
             try:
-                self.store.add_logs(lines)
+                self.store.logs.add(lines)
             except Exception:  # a log sink must never break the run it records; the lines are lost, not the run
                 logging.getLogger("app.runlogs").exception("writing %d run log lines failed", len(lines))
 

@@ -6,7 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.runs.models import STATUSES, Run
+from app.runs.models import Run
+from flows.outcome import STATUSES
 from connectors.spec import redact
 
 RunStatus = Literal[STATUSES]  # type: ignore[valid-type]

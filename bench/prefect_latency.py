@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 
-from app.prefect_client import PrefectClient
+from app.backends.prefect_client import PrefectClient
 from tests.gunicorn_server import GunicornServer
 from tests.prefect_stack import PrefectStack, fresh_postgres_database
 

@@ -1,5 +1,6 @@
 """The workflow engine: layers of a DAG run in parallel (or one node at a time), with templates, branches,
-retries, timeouts and a result cache. Plain code: the local executor and the Prefect flow both call it."""
+retries, timeouts and a result cache. Plain code: the local executor and the Prefect flow both call it.
+Over 300 lines because one execution's parts (scheduling, one node's attempts, cancellation) share its state."""
 from __future__ import annotations
 
 import contextvars

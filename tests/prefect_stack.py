@@ -55,7 +55,7 @@ def fresh_postgres_database(name: str) -> str | None:
 
 
 class PrefectStack:
-    """`prefect server start` + `python -m flows.deploy` + `prefect worker start --type process`."""
+    """`prefect server start` + `python -m flows.prefect.deploy` + `prefect worker start --type process`."""
 
     def __init__(self, workdir: Path, pool: str = "flowgate", database_url: str | None = None):
         self.workdir = workdir
@@ -98,7 +98,7 @@ class PrefectStack:
 
     def deploy(self, connectors_file: Path | None = None) -> str:
         env = dict(self.env, FLOWGATE_CONNECTORS=str(connectors_file or self.workdir / "connectors.yaml"))
-        done = subprocess.run([sys.executable, "-m", "flows.deploy", "--pool", self.pool], cwd=ROOT, env=env,
+        done = subprocess.run([sys.executable, "-m", "flows.prefect.deploy", "--pool", self.pool], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=180)
         if done.returncode:
             raise RuntimeError(f"deploy failed:\n{done.stdout}\n{done.stderr}")

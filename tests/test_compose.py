@@ -36,6 +36,6 @@ def test_the_gateway_cannot_start_without_api_keys():
 
 
 def test_commands_name_modules_that_exist():
-    assert SERVICES["prefect-deploy"]["command"][:3] == ["python", "-m", "flows.deploy"]
-    assert importlib.util.find_spec("flows.deploy") is not None
+    assert SERVICES["prefect-deploy"]["command"][:3] == ["python", "-m", "flows.prefect.deploy"]
+    assert importlib.util.find_spec("flows.prefect.deploy") is not None
     assert SERVICES["prefect-worker"]["command"][:3] == ["prefect", "worker", "start"]

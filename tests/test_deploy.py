@@ -7,7 +7,7 @@ import pytest
 from pydantic import ValidationError
 
 from connectors.spec import ScheduleSpec
-from flows.deploy import prefect_schedule
+from flows.prefect.deploy import prefect_schedule
 
 
 def test_cron_interval_and_rrule_keep_their_time_zone():

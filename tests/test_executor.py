@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from app.runs.executor import LocalExecutor
-from app.runs.models import COMPLETED, CRASHED, TERMINAL
+from app.backends.executor import LocalExecutor
+from flows.outcome import COMPLETED, CRASHED, TERMINAL
 from app.runs.store import NewRun, RunStore
 from connectors.pipeline import Workspace, concurrency_key
 from connectors.registry import ConnectorRegistry
@@ -86,7 +86,7 @@ def test_shutdown_records_a_run_that_could_not_finish(parts):
     assert executor.shutdown(timeout=0.2) == [run_id]
     run = parts[2].get(run_id)
     assert run.status == CRASHED and run.error["code"] == "interrupted"
-    assert parts[2].capacity(stale_after_seconds=60).executors == 0
+    assert parts[2].executors.capacity(stale_after_seconds=60).executors == 0
 
 
 def test_a_run_abandoned_by_a_dead_executor_is_recovered_by_a_live_one(parts):

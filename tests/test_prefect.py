@@ -53,7 +53,7 @@ def gateway(stack: PrefectStack, tmp_path: Path):
                       "prefect_api_url": stack.api_url, "lease_seconds": 2.0, "poll_seconds": 0.05})
     services = app.extensions["flowgate"]
     services.executor.start()
-    services.dispatcher.prefect.reprobe_seconds = 0.5
+    services.dispatcher.prefect.route.reprobe_seconds = 0.5
     yield app.test_client()
     services.executor.shutdown(timeout=10)
     services.store.dispose()
@@ -254,7 +254,7 @@ def test_the_background_sync_follows_every_unfinished_run_in_one_call(stack, gat
     dispatcher = gateway.application.extensions["flowgate"].dispatcher
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        dispatcher.sync_prefect_runs()
+        dispatcher.prefect.sync()
         runs = [dispatcher.store.get(i) for i in ids]
         if all(r.is_terminal for r in runs):
             break

@@ -5,8 +5,8 @@ import httpx
 import pytest
 import respx
 
-from app.prefect_client import PrefectClient
-from app.prefect_route import PrefectRoute
+from app.backends.prefect_client import PrefectClient
+from app.backends.prefect_route import PrefectRoute
 
 API = "http://prefect.test/api"
 DEPLOYMENT = {"id": "d-1", "name": "shop", "work_pool_name": "flowgate"}

@@ -10,7 +10,8 @@ from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.runs.models import CANCELLED, CANCELLING, COMPLETED, CRASHED, QUEUED, RUNNING, Run
+from app.runs.models import Run
+from flows.outcome import CANCELLED, CANCELLING, COMPLETED, CRASHED, QUEUED, RUNNING
 from app.runs.store import IdempotencyConflict, NewRun, RunStore
 
 
@@ -118,14 +119,14 @@ def test_cancel_ends_a_queued_run_and_flags_a_running_one(store: RunStore):
 
 
 def test_capacity_counts_executors_with_a_recent_heartbeat(store: RunStore):
-    store.heartbeat("e1", "host", 1, slots=2, busy=1)
-    store.heartbeat("e2", "host", 2, slots=3, busy=0)
-    capacity = store.capacity(stale_after_seconds=30)
+    store.executors.heartbeat("e1", "host", 1, slots=2, busy=1)
+    store.executors.heartbeat("e2", "host", 2, slots=3, busy=0)
+    capacity = store.executors.capacity(stale_after_seconds=30)
     assert (capacity.executors, capacity.slots, capacity.busy) == (2, 5, 1)
-    store.remove_executor("e1")
-    assert store.capacity(stale_after_seconds=30).slots == 3
+    store.executors.remove("e1")
+    assert store.executors.capacity(stale_after_seconds=30).slots == 3
     time.sleep(0.2)
-    assert store.capacity(stale_after_seconds=0.1).executors == 0
+    assert store.executors.capacity(stale_after_seconds=0.1).executors == 0
 
 
 def test_a_full_queue_refuses_the_next_run_of_that_target_only(store):

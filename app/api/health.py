@@ -25,7 +25,7 @@ def ready() -> tuple[dict[str, Any], int]:
         checks["database"] = {"status": "up", "dialect": svc.store.engine.dialect.name,
                               "latency_ms": round(svc.store.ping(), 2)}
         counts = svc.store.count_by_status()
-        capacity = svc.store.capacity(stale_after_seconds=svc.settings.lease_seconds)
+        capacity = svc.store.executors.capacity(stale_after_seconds=svc.settings.lease_seconds)
         checks["executor"] = {
             "status": "up" if capacity.slots else "down",
             "executors": capacity.executors, "capacity": capacity.slots,
@@ -38,8 +38,8 @@ def ready() -> tuple[dict[str, Any], int]:
     except Exception as exc:  # the reason is the answer here, not an error to raise
         checks["database"] = {"status": "down", "reason": f"{type(exc).__name__}: {exc}".splitlines()[0]}
         checks["executor"] = {"status": "unknown", "reason": "the run store is unreachable"}
-    prefect = svc.dispatcher.prefect
-    checks["prefect"] = prefect.status() if prefect else {
+    route = svc.dispatcher.prefect.route
+    checks["prefect"] = route.status() if route else {
         "status": "disabled", "reason": "PREFECT_API_URL is not set; runs execute locally"}
     # Work can run if either path can take it; Prefect being down alone is no reason to refuse work.
     ready = checks["database"]["status"] == "up" and "up" in (checks["executor"]["status"], checks["prefect"]["status"])

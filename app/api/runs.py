@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import logging
 from datetime import datetime
 from typing import Any
 
@@ -61,18 +60,8 @@ def get_run_logs(run_id: str) -> dict[str, Any]:
     """The run's log lines, oldest first, a page at a time."""
     args = query(RunLogsQuery)
     run = get_run_or_404(run_id)
-    svc = services()
-    if run.backend == "prefect" and run.prefect_flow_run_id:
-        lines = svc.dispatcher.prefect_logs(run, args.after, args.limit)
-        items = [{"at": line["timestamp"], "level": logging.getLevelName(line.get("level", 20)),
-                  "logger": line.get("name") or "", "message": line.get("message") or ""} for line in lines]
-        following = args.after + len(items)
-        return {"run_id": run.id, "source": "prefect", "items": items,
-                "next_after": following if len(items) == args.limit else None}
-    lines = svc.store.logs(run.id, after=args.after, limit=args.limit)
-    return {"run_id": run.id, "source": "flowgate",
-            "items": [{k: v for k, v in line.items() if k != "id"} for line in lines],
-            "next_after": lines[-1]["id"] if len(lines) == args.limit else None}
+    page = services().dispatcher.backend_for(run).logs(run, args.after, args.limit)
+    return {"run_id": run.id, "source": page.source, "items": page.items, "next_after": page.next_after}
 
 
 @bp.post("/<run_id>/cancel")

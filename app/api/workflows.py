@@ -9,7 +9,7 @@ from app import services
 from app.api.inputs import check_json_size, checked_callback_url, json_object, preferred_wait, validated
 from app.errors import NotFound, ValidationFailed
 from app.runs.models import Run
-from app.runs.workflow_runs import pending_nodes, stored_spec
+from app.backends.workflow_runs import pending_nodes, stored_spec
 from app.schemas import ExecuteNodeRequest, NodeExecutionOut, WorkflowExecuteRequest
 from flows.engine import COMPLETED
 from flows.workflow_registry import WorkflowError, node_problems, parse_workflow
@@ -57,9 +57,8 @@ def get_execution(execution_id: str) -> dict[str, Any]:
     if run is None or run.kind != "workflow":
         raise NotFound(f"no workflow execution '{execution_id}'", code="execution_not_found")
     run = svc.dispatcher.refresh(run)
-    nodes = svc.store.nodes(run.id) or pending_nodes(stored_spec(run))
-    if run.backend == "prefect" and not run.is_terminal:
-        nodes = svc.dispatcher.live_nodes(run, nodes)
+    nodes = svc.store.nodes.read(run.id) or pending_nodes(stored_spec(run))
+    nodes = svc.dispatcher.backend_for(run).live_nodes(run, nodes)
     return execution_document(run, nodes)
 
 

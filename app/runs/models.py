@@ -1,4 +1,6 @@
-"""Run store tables: every accepted run, and the executors that claim them."""
+"""Run store tables: every accepted run, its callback, nodes and log lines, and the executors that claim runs.
+
+The node cache's table belongs to the workflow engine (flows/node_cache.py); the run store creates it too."""
 from __future__ import annotations
 
 from datetime import datetime, timezone
@@ -8,11 +10,10 @@ from urllib.parse import urlsplit, urlunsplit
 from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Index, Integer, String, Text, TypeDecorator, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-QUEUED, RUNNING, CANCELLING = "queued", "running", "cancelling"
-COMPLETED, FAILED, CANCELLED, CRASHED = "completed", "failed", "cancelled", "crashed"
-ACTIVE = (RUNNING, CANCELLING)
-TERMINAL = (COMPLETED, FAILED, CANCELLED, CRASHED)
-STATUSES = (QUEUED, *ACTIVE, *TERMINAL)
+from flows.outcome import CANCELLING, RUNNING, TERMINAL
+
+# A run callback's delivery: waiting (or being retried), done, or given up after the last attempt.
+CALLBACK_PENDING, CALLBACK_DELIVERED, CALLBACK_FAILED = "pending", "delivered", "failed"
 
 
 def utcnow() -> datetime:
@@ -69,7 +70,7 @@ class Run(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    # Loaded only where a run document is built (RunStore.get, list, cancel, update_unfinished): the claim and
+    # Loaded only where a run document is built (RunStore.get, list, cancel, the transitions): the claim and
     # finish paths, which hold SQLite's write lock, never pay for it. Not loaded reads as None.
     callback: Mapped[RunCallback | None] = relationship(lazy="noload", uselist=False)
 
@@ -116,18 +117,6 @@ class RunNode(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
-class NodeCacheEntry(Base):
-    """A cached node output, keyed by node type + resolved config + input; shared by every gateway process."""
-
-    __tablename__ = "node_cache"
-
-    key: Mapped[str] = mapped_column(String(64), primary_key=True)
-    node_type: Mapped[str] = mapped_column(String(50))
-    output: Mapped[Any] = mapped_column(JSON)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
-    expires_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
-
-
 class RunCallback(Base):
     """Where to POST a run's document when it ends, and every delivery attempt so far."""
 
@@ -135,7 +124,7 @@ class RunCallback(Base):
 
     run_id: Mapped[str] = mapped_column(String(32), ForeignKey("runs.id"), primary_key=True)
     url: Mapped[str] = mapped_column(Text)
-    status: Mapped[str] = mapped_column(String(16), default="pending", index=True)  # pending, delivered, failed
+    status: Mapped[str] = mapped_column(String(16), default=CALLBACK_PENDING, index=True)
     attempts: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
     next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     claimed_by: Mapped[str | None] = mapped_column(String(128))

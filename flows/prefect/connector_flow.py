@@ -1,18 +1,16 @@
 """The Prefect flow for a connector: the same ConnectorPipeline the local executor runs, one task per step."""
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from app.config import load_settings
-from app.prefect_client import FLOW_NAME, SUMMARY_ARTIFACT_PREFIX
 from connectors.pipeline import ConnectorPipeline, Workspace
 from connectors.registry import ConnectorRegistry
-
+from flows.prefect.contract import FLOW_NAME, summary_artifact_key
+from flows.runtime import RuntimeSettings
 
 
 @task(cache_policy=NO_CACHE, retries=0)
@@ -24,7 +22,7 @@ def pipeline_step(pipeline: ConnectorPipeline, step: str) -> None:
 @flow(name=FLOW_NAME, log_prints=True)
 def connector_flow(connector_id: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run one connector from connectors.yaml; publish its load summary as an artifact and return it."""
-    settings = load_settings()
+    settings = RuntimeSettings()
     spec = ConnectorRegistry.load(settings.connectors_file).get(connector_id)
     if spec is None:
         raise ValueError(f"no connector '{connector_id}' in {settings.connectors_file}")
@@ -39,7 +37,3 @@ def connector_flow(connector_id: str, params: dict[str, Any] | None = None) -> d
         description=f"Load summary of connector {connector_id}: rows per table, load ids, destination.")
     return summary
 
-
-def summary_artifact_key(connector_id: str) -> str:
-    """Artifact keys allow lowercase letters, digits and dashes only."""
-    return f"{SUMMARY_ARTIFACT_PREFIX}-{re.sub(r'[^a-z0-9-]+', '-', connector_id.lower())}"

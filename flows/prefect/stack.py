@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
@@ -59,7 +59,7 @@ def main() -> None:
     try:
         start(str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", port)
         _wait_for(f"http://127.0.0.1:{port}/api/health", "the Prefect server")
-        subprocess.run([sys.executable, "-m", "flows.deploy", "--pool", pool], cwd=ROOT, env=env, check=True)
+        subprocess.run([sys.executable, "-m", "flows.prefect.deploy", "--pool", pool], cwd=ROOT, env=env, check=True)
         start(str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process")
         start(str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app")
         print(f"\nflowgate: http://127.0.0.1:{os.environ.get('FLOW_SERVER_PORT', '5000')}   "

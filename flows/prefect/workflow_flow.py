@@ -9,15 +9,16 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture
 
-from app.config import load_settings
-from app.prefect_client import WORKFLOW_ARTIFACT_PREFIX, WORKFLOW_FLOW_NAME
-from app.runs.store import RunStore
-from app.runs.workflow_runs import StoreNodeCache, workflow_outcome
 from connectors.pipeline import ConnectorRunError, Workspace, run_connector
 from connectors.registry import ConnectorRegistry
 from connectors.spec import ParamsError
+from flows.database import Database
 from flows.engine import FAILED, NodeResult, WorkflowEngine
+from flows.node_cache import SqlNodeCache, metadata
 from flows.nodes import NodeFailed, make_toolbox
+from flows.outcome import COMPLETED, RunOutcome
+from flows.prefect.contract import WORKFLOW_FLOW_NAME, workflow_artifact_key
+from flows.runtime import RuntimeSettings
 from flows.workflow_registry import resolve_definition
 from flows.workflow_spec import NodeSpec
 
@@ -76,19 +77,19 @@ def workflow_flow(run_id: str, workflow: dict[str, Any], inputs: dict[str, Any] 
 
     A definition from a workflow file arrives with its `${VAR}`s unresolved: they are filled in here, from the
     worker's environment, so Prefect never holds the secrets."""
-    settings = load_settings()
+    settings = RuntimeSettings()
     spec = resolve_definition(workflow, from_file)
-    store = RunStore(settings.run_store_url)  # the node cache; shared with the gateway when DATABASE_URL is
-    store.create_schema()
+    database = Database(settings.run_store_url)  # the node cache; shared with the gateway when DATABASE_URL is
+    database.create_tables(metadata)
     try:
-        engine = WorkflowEngine(make_toolbox(settings, connector_runner(settings)), cache=StoreNodeCache(store))
+        engine = WorkflowEngine(make_toolbox(settings, connector_runner(settings)), cache=SqlNodeCache(database))
         result = engine.run(spec, inputs or {}, mode, submit=submit_as_task)
     finally:
-        store.dispose()
+        database.dispose()
     document = result.to_dict()
-    create_table_artifact(key=f"{WORKFLOW_ARTIFACT_PREFIX}-{run_id}", table=[document],
+    create_table_artifact(key=workflow_artifact_key(run_id), table=[document],
                           description=f"flowgate workflow {spec.id}: every node's status, timing and output.")
-    status, _, error = workflow_outcome(result)
-    if status != "completed":
-        raise NodeTaskFailed(error["message"] if error else f"workflow {status}")
+    outcome = RunOutcome.of_workflow(result)
+    if outcome.status != COMPLETED:
+        raise NodeTaskFailed(outcome.error.message if outcome.error else f"workflow {outcome.status}")
     return document

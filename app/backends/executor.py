@@ -10,18 +10,16 @@ import uuid
 from dataclasses import replace
 from typing import Any
 
+from app.backends.workflow_runs import InlineConnectorRunner, record_pending_nodes, run_workflow, stored_spec
 from app.logs import run_id as current_run_id
 from app.metrics import observe_run_end
 from app.runlogs import RunLogHandler
-from app.runs.models import CANCELLED, COMPLETED, CRASHED, FAILED, Run, utcnow
+from app.runs.models import Run, utcnow
 from app.runs.store import RunStore
-from app.runs.workflow_runs import (
-    InlineConnectorRunner, record_pending_nodes, run_workflow, stored_spec, workflow_outcome,
-)
-from connectors.pipeline import ConnectorRunError, RunCancelled, Workspace, run_connector
+from connectors.pipeline import Workspace, run_connector
 from connectors.registry import ConnectorRegistry
-from connectors.spec import ParamsError
 from flows.nodes import Toolbox
+from flows.outcome import CANCELLED, COMPLETED, CRASHED, FAILED, RunError, RunOutcome
 
 log = logging.getLogger(__name__)
 
@@ -109,10 +107,9 @@ class LocalExecutor:
         with self._lock:
             unfinished = list(self._running)
         for run_id in unfinished:
-            self.store.finish(run_id, self.id, CRASHED, error={
-                "code": "interrupted", "message": "the gateway process shut down before the run finished"})
+            self.store.finish(run_id, self.id, CRASHED, error=RunError.interrupted())
         if self.id:
-            self.store.remove_executor(self.id)
+            self.store.executors.remove(self.id)
         if self.log_sink is not None:
             self.log_sink.stop()
         if unfinished:
@@ -161,11 +158,11 @@ class LocalExecutor:
             running[run_id].set()
         for run_id in self.store.renew_leases(self.id, list(running), self.lease_seconds):
             running[run_id].set()
-        self.store.heartbeat(self.id, socket.gethostname(), os.getpid(), self.slots, len(running))
+        self.store.executors.heartbeat(self.id, socket.gethostname(), os.getpid(), self.slots, len(running))
         recovered = self.store.recover_expired()
         if recovered:
             log.warning("runs whose executor died were marked crashed: %s", recovered)
-        self.store.forget_stale_executors(stale_after_seconds=self.lease_seconds * 10)
+        self.store.executors.forget_stale(stale_after_seconds=self.lease_seconds * 10)
 
     # --- one run ----------------------------------------------------------------------------
 
@@ -175,58 +172,48 @@ class LocalExecutor:
 
     def _execute(self, run: Run, cancel: threading.Event) -> None:
         current_run_id.set(run.id)  # this thread is the run's: every log line it writes carries the run id
-        if run.kind == "workflow":
-            return self._execute_workflow(run, cancel)
-        status, result, error = FAILED, None, None
+        outcome = RunOutcome.failed(RunError("internal_error", "the run ended without an outcome"))
         try:
-            spec = self.registry.get(run.target)
-            if spec is None:
-                error = {"code": "connector_not_found", "message": f"connector '{run.target}' is no longer configured"}
-            else:
-                # dlt state in the destination can only be newer if the connector last ran somewhere else.
-                elsewhere = self.store.last_ended_elsewhere(run.kind, run.target, socket.gethostname())
-                summary = run_connector(spec.with_params(run.params), self.workspace, should_stop=cancel.is_set,
-                                        restore_state=elsewhere)
-                status, result = COMPLETED, summary.to_dict()
-        except RunCancelled as exc:
-            status, error = CANCELLED, {"code": "cancelled", "message": str(exc)}
-        except ConnectorRunError as exc:
-            error = {"code": "connector_failed", "step": exc.step, "message": exc.message, "terminal": exc.terminal}
-        except ParamsError as exc:
-            error = {"code": "invalid_params", "field": exc.field, "message": exc.message}
-        except Exception as exc:  # anything else still ends the run in a recorded state
-            log.exception("run %s failed unexpectedly", run.id)
-            error = {"code": "internal_error", "message": f"{type(exc).__name__}: {exc}"}
+            outcome = (self._execute_workflow(run, cancel) if run.kind == "workflow"
+                       else self._execute_connector(run, cancel))
+        except Exception as exc:  # anything at all still ends the run in a recorded state
+            if not isinstance(exc, RunError.EXPECTED):
+                log.exception("run %s failed unexpectedly", run.id)
+            outcome = RunOutcome.failed(RunError.of(exc))
         finally:
-            self._record(run, status, result, error)
+            self._record(run, outcome)
 
-    def _execute_workflow(self, run: Run, cancel: threading.Event) -> None:
-        status, result, error = FAILED, None, None
-        try:
-            record_pending_nodes(self.store, run.id, stored_spec(run))
-            toolbox = replace(self.toolbox, run_connector=self.connector_runner())
-            status, result, error = workflow_outcome(run_workflow(run, self.store, toolbox, cancel.is_set))
-        except Exception as exc:  # anything else still ends the run in a recorded state
-            log.exception("workflow run %s failed unexpectedly", run.id)
-            error = {"code": "internal_error", "message": f"{type(exc).__name__}: {exc}"}
-        finally:
-            self._record(run, status, result, error)
+    def _execute_connector(self, run: Run, cancel: threading.Event) -> RunOutcome:
+        spec = self.registry.get(run.target)
+        if spec is None:
+            return RunOutcome.failed(RunError("connector_not_found",
+                                              f"connector '{run.target}' is no longer configured", terminal=True))
+        # dlt state in the destination can only be newer if the connector last ran somewhere else.
+        elsewhere = self.store.last_ended_elsewhere(run.kind, run.target, socket.gethostname())
+        summary = run_connector(spec.with_params(run.params), self.workspace, should_stop=cancel.is_set,
+                                restore_state=elsewhere)
+        return RunOutcome(COMPLETED, summary.to_dict())
 
-    def _record(self, run: Run, status: str, result: dict[str, Any] | None, error: dict[str, Any] | None) -> None:
+    def _execute_workflow(self, run: Run, cancel: threading.Event) -> RunOutcome:
+        record_pending_nodes(self.store, run.id, stored_spec(run))
+        toolbox = replace(self.toolbox, run_connector=self.connector_runner())
+        return RunOutcome.of_workflow(run_workflow(run, self.store, toolbox, cancel.is_set))
+
+    def _record(self, run: Run, outcome: RunOutcome) -> None:
         run_id = run.id
         with self._lock:
             timed_out = run_id in self._timed_out
             self._timed_out.discard(run_id)
             self._deadlines.pop(run_id, None)
-        if timed_out and status == CANCELLED:
-            status, error = FAILED, {"code": "run_timeout", "message": "not finished within "
-                                                                      f"FLOWGATE_RUN_TIMEOUT_SECONDS ({self.run_timeout_seconds:g} s)"}
+        if timed_out and outcome.status == CANCELLED:
+            outcome = RunOutcome(FAILED, outcome.result, RunError.timed_out(self.run_timeout_seconds))
         logs = self.log_sink.take(run_id) if self.log_sink is not None else None  # stored with the run's end
         try:
-            if self.store.finish(run_id, self.id, status, result=result, error=error, logs=logs):
-                observe_run_end(run.kind, run.target, status, run.started_at, utcnow())
+            if self.store.finish(run_id, self.id, outcome.status, result=outcome.result, error=outcome.error,
+                                 logs=logs):
+                observe_run_end(run.kind, run.target, outcome.status, run.started_at, utcnow())
             else:
-                log.warning("run %s was no longer held by %s when it ended as %s", run_id, self.id, status)
+                log.warning("run %s was no longer held by %s when it ended as %s", run_id, self.id, outcome.status)
         except Exception:
             log.exception("recording the end of run %s failed; its lease will lapse and mark it crashed", run_id)
         finally:

@@ -7,30 +7,18 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from app.runs.models import COMPLETED, FAILED, Run
+from app.runs.models import Run
 from app.runs.store import NewRun, RunStore
 from connectors.pipeline import ConnectorRunError, RunCancelled, Workspace, concurrency_key, run_connector
 from connectors.registry import ConnectorRegistry
 from connectors.spec import ParamsError
 from flows.engine import NodeResult, WorkflowEngine, WorkflowResult
 from flows.nodes import NodeFailed, Toolbox
+from flows.outcome import CANCELLED, COMPLETED, FAILED, RunError
 from flows.workflow_registry import resolve_definition
 from flows.workflow_spec import WorkflowSpec
 
 log = logging.getLogger(__name__)
-
-
-class StoreNodeCache:
-    """The engine's NodeCache in the run store: one cache for every gateway process."""
-
-    def __init__(self, store: RunStore):
-        self.store = store
-
-    def get(self, key: str) -> tuple[bool, Any]:
-        return self.store.cache_get(key)
-
-    def put(self, key: str, node_type: str, output: Any, ttl_seconds: float) -> None:
-        self.store.cache_put(key, node_type, output, ttl_seconds)
 
 
 class InlineConnectorRunner:
@@ -72,11 +60,10 @@ class InlineConnectorRunner:
         try:
             summary = run_connector(runnable, self.workspace, should_stop=should_stop)
         except RunCancelled as exc:
-            self.store.finish(run.id, self.owner, "cancelled", error={"code": "cancelled", "message": str(exc)})
+            self.store.finish(run.id, self.owner, CANCELLED, error=RunError.of(exc))
             raise NodeFailed(str(exc), code="cancelled", terminal=True) from None
         except ConnectorRunError as exc:
-            self.store.finish(run.id, self.owner, FAILED, error={
-                "code": "connector_failed", "step": exc.step, "message": exc.message, "terminal": exc.terminal})
+            self.store.finish(run.id, self.owner, FAILED, error=RunError.of(exc))
             raise NodeFailed(f"connector '{connector_id}' failed in {exc.step}: {exc.message}",
                              code="connector_failed", terminal=exc.terminal) from None
         finally:
@@ -135,7 +122,7 @@ class NodeRecorder:
         with self._lock:
             batch, self._pending = self._pending, {}
         if batch:
-            self.store.save_nodes(self.run_id, [(self._position[node_id], data) for node_id, data in batch.items()])
+            self.store.nodes.save(self.run_id, [(self._position[node_id], data) for node_id, data in batch.items()])
 
 
 def pending_nodes(spec: WorkflowSpec) -> list[dict[str, Any]]:
@@ -146,7 +133,7 @@ def pending_nodes(spec: WorkflowSpec) -> list[dict[str, Any]]:
 
 def record_pending_nodes(store: RunStore, run_id: str, spec: WorkflowSpec) -> None:
     """Every node as `pending`, so an execution document lists them all from the start."""
-    store.save_nodes(run_id, list(enumerate(pending_nodes(spec))))
+    store.nodes.save(run_id, list(enumerate(pending_nodes(spec))))
 
 
 def stored_spec(run: Run) -> WorkflowSpec:
@@ -157,24 +144,10 @@ def stored_spec(run: Run) -> WorkflowSpec:
 def run_workflow(run: Run, store: RunStore, toolbox: Toolbox, should_stop: Callable[[], bool]) -> WorkflowResult:
     """Execute a stored workflow run: its definition, inputs and mode come from the run's params."""
     spec = stored_spec(run)
-    engine = WorkflowEngine(toolbox, cache=StoreNodeCache(store))
+    engine = WorkflowEngine(toolbox, cache=store.node_cache)
     recorder = NodeRecorder(store, run.id, spec)
     try:
         return engine.run(spec, run.params.get("inputs") or {}, run.params.get("mode", "optimized"),
                           observe=recorder, should_stop=should_stop)
     finally:
         recorder.close()
-
-
-def workflow_outcome(result: WorkflowResult) -> tuple[str, dict[str, Any], dict[str, Any] | None]:
-    """(run status, run result, run error) for a finished workflow."""
-    summary = {"workflow_id": result.workflow_id, "mode": result.mode, "layers": result.layers,
-               "duration_seconds": result.duration_seconds, "outputs": result.outputs}
-    if result.status == COMPLETED:
-        return COMPLETED, summary, None
-    if result.status == FAILED:
-        failed = result.failed_nodes
-        first = result.nodes[failed[0]].error or {}
-        return FAILED, summary, {"code": "node_failed", "nodes": failed,
-                                 "message": first.get("message", f"node '{failed[0]}' failed")}
-    return result.status, summary, {"code": "cancelled", "message": "the workflow was cancelled"}

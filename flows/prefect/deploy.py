@@ -1,6 +1,6 @@
 """Register one Prefect deployment per connector (schedules, concurrency limit 1) and one for workflows; idempotent.
 
-    python -m flows.deploy [--pool flowgate]      (PREFECT_API_URL must point at the server)
+    python -m flows.prefect.deploy [--pool flowgate]      (PREFECT_API_URL must point at the server)
 """
 from __future__ import annotations
 
@@ -15,16 +15,18 @@ from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 from prefect.exceptions import ObjectAlreadyExists
 from prefect.schedules import Cron, Interval, RRule, Schedule
 
-from app.config import load_settings
 from connectors.registry import ConnectorRegistry
 from connectors.spec import ConnectorSpec, ScheduleSpec
-from app.prefect_client import FLOW_NAME, WORKFLOW_DEPLOYMENT
-from flows.connector_flow import connector_flow
-from flows.workflow_flow import workflow_flow
+from flows.prefect.connector_flow import connector_flow
+from flows.prefect.contract import FLOW_NAME, WORKFLOW_DEPLOYMENT
+from flows.prefect.workflow_flow import workflow_flow
+from flows.runtime import RuntimeSettings
 
-ROOT = Path(__file__).resolve().parent.parent
-ENTRYPOINT = "flows/connector_flow.py:connector_flow"
-WORKFLOW_ENTRYPOINT = "flows/workflow_flow.py:workflow_flow"
+ROOT = Path(__file__).resolve().parents[2]
+# Deployments registered from the old paths (flows/connector_flow.py, flows/workflow_flow.py) are updated in
+# place by the next `make deploy`: they keep their names, so schedules and the gateway's lookups carry on.
+ENTRYPOINT = "flows/prefect/connector_flow.py:connector_flow"
+WORKFLOW_ENTRYPOINT = "flows/prefect/workflow_flow.py:workflow_flow"
 DEFAULT_POOL = "flowgate"
 log = logging.getLogger(__name__)
 
@@ -106,7 +108,7 @@ def main() -> None:
     parser.add_argument("--pool", default=DEFAULT_POOL, help="process work pool (created if missing)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
-    settings = load_settings()
+    settings = RuntimeSettings()
     result = deploy_all(ConnectorRegistry.load(settings.connectors_file), args.pool)
     print(f"deployed {len(result['deployed'])}: {', '.join(result['deployed'])}")
     if result["removed"]:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.metrics import PREFECT_CIRCUIT, PREFECT_PROBE
-from app.prefect_client import PrefectClient, PrefectError, PrefectNotFound, PrefectUnavailable
+from app.backends.prefect_client import PrefectClient, PrefectError, PrefectNotFound, PrefectUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -7,20 +7,6 @@ from typing import Any
 
 import httpx
 
-from app.runs.models import CANCELLED, CANCELLING, COMPLETED, CRASHED, FAILED, QUEUED, RUNNING
-
-FLOW_NAME = "flowgate-connector"  # the connector flow in flows/connector_flow.py
-SUMMARY_ARTIFACT_PREFIX = "flowgate-summary"  # key prefix of the table artifact holding a run's load summary
-WORKFLOW_FLOW_NAME = "flowgate-workflow"  # the workflow flow in flows/workflow_flow.py
-WORKFLOW_DEPLOYMENT = "workflow"  # its one deployment: the definition is a parameter of each flow run
-WORKFLOW_ARTIFACT_PREFIX = "flowgate-workflow"  # key prefix of the artifact holding a workflow run's nodes
-
-# Prefect state type -> flowgate status (SCHEDULED covers Late; PAUSED waits like a queued run).
-STATE_TO_STATUS = {
-    "SCHEDULED": QUEUED, "PENDING": QUEUED, "PAUSED": QUEUED, "RUNNING": RUNNING, "CANCELLING": CANCELLING,
-    "COMPLETED": COMPLETED, "FAILED": FAILED, "CANCELLED": CANCELLED, "CRASHED": CRASHED,
-}
-
 
 class PrefectError(Exception):
     """Prefect refused or failed a request; `reason` is a short stable code."""

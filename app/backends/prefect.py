@@ -1,0 +1,240 @@
+"""The Prefect backend: flow runs created from deployments, followed until they end, cancelled, their logs read.
+
+Everything here talks to Prefect through PrefectClient (the one HTTP boundary) and PrefectRoute (probes and the
+circuit breaker); the dispatcher decides whether a run comes here at all.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import datetime, timedelta
+from typing import Any
+
+from app.backends import LogPage
+from app.backends.prefect_client import PrefectClient, PrefectError
+from app.backends.prefect_route import PrefectRoute
+from app.errors import Unavailable
+from app.metrics import observe_run_end
+from app.runs.models import Run, utcnow
+from app.runs.store import RunStore
+from flows.outcome import COMPLETED, TERMINAL, RunError
+from flows.prefect.contract import FLOW_NAME, STATE_TO_STATUS, SUMMARY_ARTIFACT_PREFIX, workflow_artifact_key
+
+log = logging.getLogger(__name__)
+
+# Prefect task run state -> workflow node status, while a Prefect workflow run is going.
+_NODE_STATUS = {"SCHEDULED": "pending", "PENDING": "pending", "RUNNING": "running", "COMPLETED": "completed",
+                "FAILED": "failed", "CRASHED": "failed", "CANCELLED": "cancelled", "CANCELLING": "running"}
+
+
+class PrefectBackend:
+    """Runs as Prefect flow runs; `route` is None when no Prefect is configured (runs of an earlier
+    configuration are then shown as stored)."""
+
+    name = "prefect"
+
+    def __init__(self, store: RunStore, route: PrefectRoute | None, run_timeout_seconds: float):
+        self.store = store
+        self.route = route
+        self.run_timeout_seconds = run_timeout_seconds
+        self._sync_stop = threading.Event()
+
+    @property
+    def available(self) -> bool:
+        """Prefect is configured and its circuit is closed."""
+        return self.route is not None and not self.route.circuit_open
+
+    @property
+    def client(self) -> PrefectClient:
+        assert self.route is not None
+        return self.route.client
+
+    def _failed(self, exc: PrefectError) -> None:
+        if exc.reason == "prefect_unreachable" and self.route is not None:
+            self.route.record_failure(exc)
+
+    # --- submitting -------------------------------------------------------------------------
+
+    def submit(self, run: Run, parameters: dict[str, Any] | None = None, deployment_id: str | None = None) -> Run:
+        """Create the run's flow run from `deployment_id`; raises PrefectError when Prefect did not take it."""
+        # Prefect scopes idempotency keys to the flow: prefix with the target so keys never collide.
+        key = f"flowgate:{run.kind}:{run.target}:{run.idempotency_key or run.id}"
+        try:
+            flow_run = self.client.create_flow_run(
+                deployment_id, parameters or {"connector_id": run.target, "params": run.params}, key,
+                tags=["flowgate", f"flowgate-run:{run.id}"])
+        except PrefectError as exc:
+            self._failed(exc)
+            raise
+        state = flow_run.get("state") or {}
+        return self.store.record_flow_run(run.id, str(flow_run["id"]), state.get("name")) or self.store.get(run.id)
+
+    # --- following --------------------------------------------------------------------------
+
+    def refresh(self, run: Run) -> Run:
+        """The run with its Prefect state brought up to date (an unreachable Prefect: as stored)."""
+        if run.is_terminal or not run.prefect_flow_run_id or not self.available:
+            return run
+        try:
+            return self._apply(run, self.client.read_flow_run(run.prefect_flow_run_id))
+        except PrefectError as exc:
+            self._failed(exc)
+            log.info("cannot refresh run %s from Prefect: %s", run.id, exc.message)
+            return run
+
+    def _apply(self, run: Run, flow_run: dict[str, Any]) -> Run:
+        """Record a flow run's state on its run (and, once completed, the load summary artifact)."""
+        state = flow_run.get("state") or {}
+        status = STATE_TO_STATUS.get(state.get("type"), run.status)
+        if status == run.status and state.get("name") == run.prefect_state:
+            return run
+        started_at = _parse_time(flow_run.get("start_time")) if not run.started_at else None
+        if status not in TERMINAL:
+            return self._record(run, status, state, started_at)
+        finished_at = _parse_time(flow_run.get("end_time")) or utcnow()
+        if run.kind == "workflow":
+            return self._apply_workflow(run, status, state, started_at, finished_at)
+        result, error = None, None
+        if status == COMPLETED:
+            rows = self.client.read_table_artifact(run.prefect_flow_run_id, SUMMARY_ARTIFACT_PREFIX)
+            result = rows[0] if rows else None
+        else:
+            error = RunError(f"prefect_{status}", state.get("message") or state.get("name"))
+        return self._record(run, status, state, started_at, finished_at, result, error)
+
+    def _apply_workflow(self, run: Run, status: str, state: dict[str, Any], started_at: datetime | None,
+                        finished_at: datetime) -> Run:
+        """A finished Prefect workflow run: its nodes and outputs from the artifact the flow published."""
+        rows = self.client.read_table_artifact(run.prefect_flow_run_id, workflow_artifact_key(run.id))
+        document = rows[0] if rows else None
+        result, error = None, None
+        if document:
+            spec_order = {node["id"]: index for index, node in enumerate(run.params["workflow"]["nodes"])}
+            self.store.nodes.save(run.id, [(spec_order.get(node["id"], 0), node) for node in document["nodes"]])
+            result = {key: document[key] for key in ("workflow_id", "mode", "layers", "duration_seconds", "outputs")}
+        if status != COMPLETED:
+            failed = [node["id"] for node in (document or {}).get("nodes", []) if node["status"] == "failed"]
+            error = RunError("node_failed" if failed else f"prefect_{status}",
+                             state.get("message") or state.get("name"), nodes=failed or None)
+        return self._record(run, status, state, started_at, finished_at, result, error)
+
+    def _record(self, run: Run, status: str, state: dict[str, Any], started_at: datetime | None,
+                finished_at: datetime | None = None, result: dict[str, Any] | None = None,
+                error: RunError | None = None) -> Run:
+        """Write a Prefect run's new state; a run this call ended is counted once (another worker may race)."""
+        updated = self.store.record_prefect_state(run.id, status, state.get("name"), started_at, finished_at,
+                                                  result, error)
+        if updated is None:
+            return self.store.get(run.id)
+        if updated.is_terminal:
+            observe_run_end(updated.kind, updated.target, updated.status, updated.started_at, updated.finished_at)
+        return updated
+
+    def logs(self, run: Run, after: int, limit: int) -> LogPage:
+        """A Prefect run's log lines from Prefect; a 503 problem while Prefect cannot be asked."""
+        if not self.available:
+            raise Unavailable("Prefect cannot be reached for this run's logs right now", code="prefect_unavailable",
+                              headers={"Retry-After": "10"})
+        try:
+            lines = self.client.read_logs(run.prefect_flow_run_id, after, limit)
+        except PrefectError as exc:
+            self._failed(exc)
+            raise Unavailable(f"reading this run's logs from Prefect failed: {exc.message}",
+                              code="prefect_unavailable", headers={"Retry-After": "10"}) from None
+        items = [{"at": line["timestamp"], "level": logging.getLevelName(line.get("level", 20)),
+                  "logger": line.get("name") or "", "message": line.get("message") or ""} for line in lines]
+        return LogPage("prefect", items, after + len(items) if len(items) == limit else None)
+
+    def live_nodes(self, run: Run, nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """A Prefect workflow run still going: its nodes' states read from its task runs (named "<id> (<type>)").
+
+        The flow's artifact replaces them once the run ends; an unreachable Prefect leaves `nodes` as they are.
+        """
+        if run.is_terminal or not self.available or not run.prefect_flow_run_id:
+            return nodes
+        try:
+            task_runs = self.client.read_task_runs(run.prefect_flow_run_id)
+        except PrefectError as exc:
+            log.info("cannot read the task runs of %s: %s", run.id, exc.message)
+            return nodes
+        by_id = {task_run["name"].rsplit(" (", 1)[0]: task_run for task_run in task_runs}
+        live = []
+        for node in nodes:
+            task_run = by_id.get(node["id"])
+            if task_run is not None:
+                state = (task_run.get("state") or {}).get("type")
+                node = {**node, "status": _NODE_STATUS.get(state, node["status"]),
+                        "attempts": task_run.get("run_count") or 0,
+                        "started_at": task_run.get("start_time"), "finished_at": task_run.get("end_time")}
+            live.append(node)
+        return live
+
+    def cancel(self, run: Run) -> Run | None:
+        """Cancel in the store, and the flow run in Prefect."""
+        cancelled = self.store.cancel(run.id)
+        if cancelled is not None and run.prefect_flow_run_id and self.route is not None:
+            try:
+                self.client.cancel_flow_run(run.prefect_flow_run_id)
+            except PrefectError as exc:
+                log.warning("cancelling flow run %s in Prefect failed: %s", run.prefect_flow_run_id, exc.message)
+        return cancelled
+
+    # --- the background sync ----------------------------------------------------------------
+
+    def end_overdue_runs(self) -> list[Run]:
+        """Prefect runs unfinished past FLOWGATE_RUN_TIMEOUT_SECONDS end as failed here (and are cancelled there,
+        if Prefect answers): a Prefect that vanished for good must not leave runs open forever."""
+        timeout = self.run_timeout_seconds
+        overdue = self.store.fail_overdue("prefect", utcnow() - timedelta(seconds=timeout), RunError.timed_out(timeout))
+        for run in overdue:
+            log.warning("Prefect run %s timed out after %g s", run.id, timeout, extra={"run_id": run.id})
+            if run.prefect_flow_run_id and self.available:
+                try:
+                    self.client.cancel_flow_run(run.prefect_flow_run_id)
+                except PrefectError as exc:
+                    log.info("cancelling timed-out flow run %s failed: %s", run.prefect_flow_run_id, exc.message)
+        return overdue
+
+    def sync(self) -> int:
+        """Bring every unfinished Prefect run up to date with one call to Prefect; returns how many changed."""
+        self.end_overdue_runs()
+        runs = {run.prefect_flow_run_id: run for run in self.store.unfinished("prefect") if run.prefect_flow_run_id}
+        if not runs or not self.available:
+            return 0
+        changed = 0
+        for flow_run in self.client.read_flow_runs(list(runs)):
+            run = runs.get(str(flow_run["id"]))
+            if run is not None and self._apply(run, flow_run) is not run:
+                changed += 1
+        return changed
+
+    def start_sync(self, every_seconds: float = 2.0) -> None:
+        """Follow unfinished Prefect runs in the background, so their records end even if nobody asks."""
+        if self.route is None:
+            return
+
+        def loop() -> None:
+            while not self._sync_stop.wait(every_seconds):
+                try:
+                    self.sync()
+                except PrefectError as exc:
+                    log.info("syncing Prefect runs failed: %s", exc.message)
+                except Exception:  # a hiccup must not end the loop
+                    log.exception("syncing Prefect runs failed")
+
+        threading.Thread(target=loop, name="flowgate-prefect-sync", daemon=True).start()
+
+    def stop_sync(self) -> None:
+        self._sync_stop.set()
+
+
+def _parse_time(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
+
+
+def make_prefect_route(settings: Any) -> PrefectRoute | None:
+    """The Prefect route for these settings, or None when no Prefect is configured."""
+    if not settings.prefect_api_url:
+        return None
+    client = PrefectClient(settings.prefect_api_url, settings.prefect_api_key, settings.prefect_timeout_seconds)
+    return PrefectRoute(client, FLOW_NAME, settings.prefect_pool)

@@ -1,0 +1,85 @@
+"""How a run ends, in words both the gateway and the Prefect flows use: statuses, RunError, RunOutcome."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from connectors.pipeline import ConnectorRunError, RunCancelled
+from connectors.spec import ParamsError
+from flows.engine import WorkflowResult
+
+QUEUED, RUNNING, CANCELLING = "queued", "running", "cancelling"
+COMPLETED, FAILED, CANCELLED, CRASHED = "completed", "failed", "cancelled", "crashed"
+ACTIVE = (RUNNING, CANCELLING)
+TERMINAL = (COMPLETED, FAILED, CANCELLED, CRASHED)
+STATUSES = (QUEUED, *ACTIVE, *TERMINAL)
+
+
+@dataclass(frozen=True)
+class RunError:
+    """Why a run did not complete: a stable `code`, a message for people, the `step` it failed in and whether
+    running it again can help (`terminal`), plus the bad `field` or the failed workflow `nodes` when known."""
+
+    code: str
+    message: str
+    step: str | None = None
+    terminal: bool | None = None
+    field: str | None = None
+    nodes: list[str] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """As stored and shown on the run (unset facts left out)."""
+        return {key: value for key, value in asdict(self).items() if value is not None}
+
+    # What a run is expected to raise: its error says all there is (anything else is logged with its traceback).
+    EXPECTED = (RunCancelled, ConnectorRunError, ParamsError)
+
+    @classmethod
+    def of(cls, exc: BaseException) -> RunError:
+        """The error for an exception a connector run raised."""
+        if isinstance(exc, RunCancelled):
+            return cls("cancelled", str(exc), step=exc.step)
+        if isinstance(exc, ConnectorRunError):
+            return cls("connector_failed", exc.message, step=exc.step, terminal=exc.terminal)
+        if isinstance(exc, ParamsError):
+            return cls("invalid_params", exc.message, field=exc.field, terminal=True)
+        return cls("internal_error", f"{type(exc).__name__}: {exc}")
+
+    @classmethod
+    def timed_out(cls, seconds: float) -> RunError:
+        return cls("run_timeout", f"not finished within FLOWGATE_RUN_TIMEOUT_SECONDS ({seconds:g} s)")
+
+    @classmethod
+    def interrupted(cls) -> RunError:
+        return cls("interrupted", "the gateway process shut down before the run finished")
+
+    @classmethod
+    def lease_expired(cls, owner: str | None) -> RunError:
+        return cls("lease_expired", f"executor {owner} stopped renewing its lease; the process running this run died")
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """How one execution ended: its status, its result (a load summary, a workflow's outputs) or its error."""
+
+    status: str
+    result: dict[str, Any] | None = None
+    error: RunError | None = None
+
+    @classmethod
+    def failed(cls, error: RunError) -> RunOutcome:
+        return cls(CANCELLED if error.code == "cancelled" else FAILED, None, error)
+
+    @classmethod
+    def of_workflow(cls, result: WorkflowResult) -> RunOutcome:
+        """The outcome of a finished workflow (its summary is the result whatever the status)."""
+        summary = {"workflow_id": result.workflow_id, "mode": result.mode, "layers": result.layers,
+                   "duration_seconds": result.duration_seconds, "outputs": result.outputs}
+        if result.status == COMPLETED:
+            return cls(COMPLETED, summary)
+        if result.status == FAILED:
+            failed = result.failed_nodes
+            first = result.nodes[failed[0]].error or {}
+            return cls(FAILED, summary, RunError("node_failed", first.get("message", f"node '{failed[0]}' failed"),
+                                                 nodes=failed))
+        return cls(result.status, summary, RunError("cancelled", "the workflow was cancelled"))

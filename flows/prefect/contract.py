@@ -1,0 +1,28 @@
+"""What the gateway and the Prefect flows agree on: flow and deployment names, artifact keys, state → status."""
+from __future__ import annotations
+
+import re
+
+from flows.outcome import CANCELLED, CANCELLING, COMPLETED, CRASHED, FAILED, QUEUED, RUNNING
+
+FLOW_NAME = "flowgate-connector"  # the connector flow in flows/prefect/connector_flow.py
+SUMMARY_ARTIFACT_PREFIX = "flowgate-summary"  # key prefix of the table artifact holding a run's load summary
+WORKFLOW_FLOW_NAME = "flowgate-workflow"  # the workflow flow in flows/prefect/workflow_flow.py
+WORKFLOW_DEPLOYMENT = "workflow"  # its one deployment: the definition is a parameter of each flow run
+WORKFLOW_ARTIFACT_PREFIX = "flowgate-workflow"  # key prefix of the artifact holding a workflow run's nodes
+
+# Prefect state type -> flowgate status (SCHEDULED covers Late; PAUSED waits like a queued run).
+STATE_TO_STATUS = {
+    "SCHEDULED": QUEUED, "PENDING": QUEUED, "PAUSED": QUEUED, "RUNNING": RUNNING, "CANCELLING": CANCELLING,
+    "COMPLETED": COMPLETED, "FAILED": FAILED, "CANCELLED": CANCELLED, "CRASHED": CRASHED,
+}
+
+
+def summary_artifact_key(connector_id: str) -> str:
+    """The load summary's artifact key (keys allow lowercase letters, digits and dashes only)."""
+    return f"{SUMMARY_ARTIFACT_PREFIX}-{re.sub(r'[^a-z0-9-]+', '-', connector_id.lower())}"
+
+
+def workflow_artifact_key(run_id: str) -> str:
+    """The key of the artifact a workflow flow run publishes its nodes under."""
+    return f"{WORKFLOW_ARTIFACT_PREFIX}-{run_id}"

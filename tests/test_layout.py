@@ -1,0 +1,84 @@
+"""The import contract: each floor imports only the floors below it, and Prefect stays on its side.
+
+connectors/ (floor 1) imports neither flows/ nor app/; flows/ (floor 2) does not import app/; only flows/prefect/
+and the gateway's Prefect backend may import `prefect`; views (app/api/) import no dlt.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("connectors", "flows", "app")
+# (where, the top-level modules it must not import, except in these paths)
+RULES = [
+    ("connectors/", {"flows", "app"}, ()),
+    ("flows/", {"app", "flask"}, ()),
+    ("", {"prefect"}, ("flows/prefect/", "app/backends/prefect")),
+    ("flows/prefect/contract.py", {"prefect"}, ()),
+    ("app/api/", {"dlt", "duckdb"}, ()),
+]
+MAX_LINES = 300
+
+
+def imported_modules(path: Path) -> set[str]:
+    """The absolute modules a file imports, anywhere in it (functions included)."""
+    modules = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            modules.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            modules.add(node.module)
+    return modules
+
+
+def violations(root: Path) -> list[str]:
+    """Every import that breaks a rule, as "<file>: imports <module>"."""
+    found = []
+    for package in PACKAGES:
+        for path in sorted((root / package).rglob("*.py")):
+            relative = path.relative_to(root).as_posix()
+            for module in sorted(imported_modules(path)):
+                top = module.split(".")[0]
+                for where, forbidden, allowed in RULES:
+                    if relative.startswith(where) and top in forbidden and not relative.startswith(allowed or ("\0",)):
+                        found.append(f"{relative}: imports {module}")
+    return found
+
+
+def test_every_floor_imports_only_the_floors_below_it():
+    assert violations(ROOT) == []
+
+
+def test_the_contract_catches_a_flow_that_imports_the_gateway(tmp_path):
+    for package in PACKAGES:
+        shutil.copytree(ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    engine = tmp_path / "flows" / "engine.py"
+    engine.write_text(engine.read_text() + "\nfrom app.config import Settings\n")
+    views = tmp_path / "app" / "api" / "runs.py"
+    views.write_text(views.read_text() + "\nimport dlt\n")
+    assert sorted(violations(tmp_path)) == ["app/api/runs.py: imports dlt", "flows/engine.py: imports app.config"]
+
+
+def test_a_prefect_flow_run_loads_nothing_of_the_gateway():
+    """What a Prefect worker imports to run a flow: nothing of app/, no Flask."""
+    code = ("import sys, json, flows.prefect.connector_flow, flows.prefect.workflow_flow, flows.prefect.deploy; "
+            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('app', 'flask'))))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+
+
+def test_a_module_over_300_lines_says_why_in_its_docstring():
+    long = []
+    for package in PACKAGES:
+        for path in (ROOT / package).rglob("*.py"):
+            lines = path.read_text().count("\n")
+            docstring = ast.get_docstring(ast.parse(path.read_text())) or ""
+            if lines > MAX_LINES and "300 lines" not in docstring:
+                long.append(f"{path.relative_to(ROOT)} ({lines} lines)")
+    assert long == []
