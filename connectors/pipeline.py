@@ -64,7 +64,10 @@ def duckdb_path(spec: ConnectorSpec, workspace: Workspace) -> Path | None:
         return None
     if spec.destination.path:
         return Path(spec.destination.path).resolve()
-    return workspace.duckdb_dir / f"{spec.id}.duckdb"
+    # DuckDB names the catalog after the file: a dataset (schema) of the same name would be ambiguous to its
+    # binder, so such a connector's file gets a suffix (no such file ever loaded: every run of one failed).
+    name = f"{spec.id}_data" if spec.id.lower() == spec.dataset.lower() else spec.id
+    return workspace.duckdb_dir / f"{name}.duckdb"
 
 
 def concurrency_key(spec: ConnectorSpec, workspace: Workspace) -> str:

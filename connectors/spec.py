@@ -6,7 +6,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from typing import Annotated, Any, ClassVar, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 _SECRET_KEY = re.compile(r"pass(word)?|secret|token|api_?key|credential|private|authorization|cookie|signature",
                          re.IGNORECASE)
@@ -177,6 +177,17 @@ class ConnectorSpec(_Strict):
         if value is not None and not value:
             raise ValueError("must not be empty")
         return value
+
+    @field_validator("dataset")
+    @classmethod
+    def _not_the_duckdb_catalog(cls, dataset: str, info: ValidationInfo) -> str:
+        # DuckDB names a file's catalog after the file: a schema of the same name is ambiguous to its binder.
+        destination = info.data.get("destination")
+        if destination is not None and destination.kind == "duckdb" and destination.path \
+                and Path(destination.path).stem.lower() == dataset.lower():
+            raise ValueError(f"'{dataset}' is also the name of the DuckDB file {destination.path}, and DuckDB "
+                             "cannot tell a schema from a file's catalog of the same name: rename one of them")
+        return dataset
 
     @property
     def pipeline_name(self) -> str:

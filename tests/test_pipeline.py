@@ -237,3 +237,16 @@ def test_incremental_state_survives_a_gateway_restart_and_the_loss_of_dlts_worki
     assert third["status"] == "completed", third["error"]
     assert third["result"]["rows"] == {"events": 1}
     assert count(third["result"]["location"], "raw.events") == 36
+
+
+def test_a_connector_whose_dataset_has_its_name_loads_into_its_default_duckdb_file(workdir, workspace):
+    """DuckDB can't tell a catalog (the file's name) from a schema of that name: the default file avoids it."""
+    path = workdir / "connectors.yaml"
+    path.write_text("connectors:\n  orders:\n    source: {kind: python, ref: 'connectors.demo:numbers', args: {n: 3}}\n"
+                    "    dataset: orders\n")
+    spec = ConnectorRegistry.load(path).get("orders")
+    first = run_connector(spec, workspace)
+    second = run_connector(spec, workspace)
+    assert first.rows == second.rows == {"numbers": 3}
+    with duckdb.connect(first.location, read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM orders.numbers").fetchone()[0] == 6

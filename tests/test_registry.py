@@ -111,3 +111,11 @@ def test_params_may_override_only_declared_fields():
     assert info.value.field == "params.tables"
     with pytest.raises(ParamsError, match="overridable: tables"):
         orders.with_params({"url": "sqlite:///other.db"})
+
+
+def test_a_dataset_named_like_its_duckdb_file_is_refused_naming_the_field(tmp_path: Path):
+    path = write(tmp_path, "connectors:\n  orders:\n    source: {kind: python, ref: 'connectors.demo:numbers'}\n"
+                           "    destination: {kind: duckdb, path: warehouse/Orders.duckdb}\n    dataset: orders\n")
+    with pytest.raises(RegistryError) as info:
+        ConnectorRegistry.load(path)
+    assert "connector 'orders'" in str(info.value) and "field 'dataset'" in str(info.value)
