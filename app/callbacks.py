@@ -77,17 +77,26 @@ class CallbackSender:
     def stop(self) -> None:
         self._stop.set()
 
+    @property
+    def alive(self) -> bool | None:
+        """Whether the sending thread runs (None: not started here)."""
+        return self._thread.is_alive() if self._thread is not None else None
+
+    @property
+    def claim_seconds(self) -> float:
+        """How long a claim holds a delivery; it is extended while the delivery is in flight."""
+        return self.timeout_seconds * 2 + 5
+
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                claimed = self.store.callbacks.claim(self.owner, lease_seconds=self.timeout_seconds * 2 + 5)
-            except Exception:  # a database hiccup must not end the loop
-                log.exception("claiming a callback failed")
-                claimed = None
-            if claimed is None:
-                self._stop.wait(self.poll_seconds)
-                continue
-            self.deliver(*claimed)
+                claimed = self.store.callbacks.claim(self.owner, lease_seconds=self.claim_seconds)
+                if claimed is not None:
+                    self.deliver(*claimed)
+                    continue
+            except Exception:  # a database hiccup must not end the loop; the claim lapses and it is sent later
+                log.exception("delivering a callback failed")
+            self._stop.wait(self.poll_seconds)
 
     def deliver(self, callback: RunCallback, run: Run) -> bool:
         """One attempt; records it on the run. True when the receiver answered 2xx."""
@@ -100,10 +109,16 @@ class CallbackSender:
         started = time.perf_counter()
         attempt: dict[str, Any] = {"attempt": number, "at": utcnow().isoformat()}
         delivered = False
+        sending = threading.Event()
+        # The claim outlives any delivery: it is extended while this one is in flight (a slow receiver, DNS),
+        # so no other process takes it over; if this process dies, the claim lapses and another sends it.
+        threading.Thread(target=self._hold_claim, args=(run.id, sending), daemon=True,
+                         name=f"flowgate-callback-claim-{run.id[:8]}").start()
         try:
             self.policy.check(callback.url)  # again at send time: the allow-list may have changed since
-            response = self._http.post(callback.url, content=body, headers=headers)
-            attempt["status_code"] = response.status_code
+            # Only the status line and headers are read: a receiver dripping a body cannot hold the sender.
+            with self._http.stream("POST", callback.url, content=body, headers=headers) as response:
+                attempt["status_code"] = response.status_code
             delivered = 200 <= response.status_code < 300
             if not delivered:
                 attempt["error"] = f"HTTP {response.status_code}"
@@ -116,7 +131,28 @@ class CallbackSender:
         retry_at = None
         if not delivered and number < self.max_attempts:
             retry_at = utcnow() + timedelta(seconds=self.backoff_seconds * 2 ** (number - 1))
-        self.store.callbacks.record_delivery(run.id, self.owner, attempt, delivered, retry_at)
+        try:
+            self._record(run.id, attempt, delivered, retry_at)
+        finally:
+            sending.set()
         log.log(logging.INFO if delivered else logging.WARNING, "callback of run %s attempt %d: %s", run.id, number,
                 "delivered" if delivered else attempt.get("error"), extra={"run_id": run.id})
         return delivered
+
+    def _record(self, run_id: str, attempt: dict[str, Any], delivered: bool, retry_at: Any) -> None:
+        """Record the attempt; a store error is retried while the claim is still held (the receiver has it)."""
+        for delay in (0.1, 0.5, 1, 2, 4, None):
+            try:
+                return self.store.callbacks.record_delivery(run_id, self.owner, attempt, delivered, retry_at)
+            except Exception:
+                if delay is None:
+                    raise
+                log.warning("recording the callback attempt of %s failed; retrying", run_id, exc_info=True)
+                time.sleep(delay)
+
+    def _hold_claim(self, run_id: str, done: threading.Event) -> None:
+        while not done.wait(self.claim_seconds / 3):
+            try:
+                self.store.callbacks.extend_claim(run_id, self.owner, self.claim_seconds)
+            except Exception:  # the claim still has two thirds of its time; the next extension may get through
+                log.warning("extending the claim of the callback of %s failed", run_id, exc_info=True)

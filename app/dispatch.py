@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 from app.backends import Backend
@@ -75,8 +74,7 @@ class Dispatcher:
                      concurrency_key=f"workflow-run:{uuid.uuid4().hex}", fallback_reason=reason,
                      idempotency_key=idempotency_key, callback_url=callback_url,
                      max_queued=self.settings.max_queued_per_target)
-        return self._store_and_dispatch(new, deployment_id, forced=chosen == "prefect",
-                                        parameters=lambda run: {"run_id": run.id, **params})
+        return self._store_and_dispatch(new, deployment_id, forced=chosen == "prefect")
 
     def _choose(self, deployment: str, mode: str, flow_name: str = FLOW_NAME) -> tuple[str | None, str | None]:
         """(deployment id, None) to use Prefect, or (None, why not) to run locally."""
@@ -94,8 +92,7 @@ class Dispatcher:
                               code="prefect_unavailable", reason=chosen.reason)
         return chosen.deployment_id, chosen.reason
 
-    def _store_and_dispatch(self, new: NewRun, deployment_id: str | None, forced: bool,
-                            parameters: Callable[[Run], dict[str, Any]] | None = None) -> tuple[Run, bool]:
+    def _store_and_dispatch(self, new: NewRun, deployment_id: str | None, forced: bool) -> tuple[Run, bool]:
         """Store the run (or find the one its idempotency key names), then hand a new one to its backend."""
         try:
             run, created = self.store.create_run(new)
@@ -108,17 +105,16 @@ class Dispatcher:
             TRIGGERS.labels(run.kind, run.backend, "duplicate").inc()
             return run, False
         if deployment_id:
-            run = self._submit_to_prefect(run, deployment_id, forced, parameters(run) if parameters else None)
+            run = self._submit_to_prefect(run, deployment_id, forced)
         else:
             run = self.local.submit(run)
         self._accepted(run)
         return run, True
 
-    def _submit_to_prefect(self, run: Run, deployment_id: str, forced: bool,
-                           parameters: dict[str, Any] | None) -> Run:
+    def _submit_to_prefect(self, run: Run, deployment_id: str, forced: bool) -> Run:
         try:
-            return self.prefect.submit(run, parameters, deployment_id)
-        except PrefectError as exc:
+            return self.prefect.submit(run, deployment_id)
+        except PrefectError as exc:  # Prefect certainly did not create it: it may run elsewhere
             if forced:
                 self.store.fail(run.id, RunError("prefect_create_failed", exc.message))
                 raise Unavailable(f"Prefect failed to create the flow run: {exc.message}",

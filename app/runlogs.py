@@ -39,6 +39,11 @@ class RunLogHandler(logging.Handler):
             self._thread = threading.Thread(target=self._loop, name="flowgate-run-logs", daemon=True)
             self._thread.start()
 
+    @property
+    def alive(self) -> bool | None:
+        """Whether the writing thread runs (None: not started in this process)."""
+        return self._thread.is_alive() if self._thread is not None else None
+
     def stop(self) -> None:
         logging.getLogger().removeHandler(self)
         self._stop.set()

@@ -116,6 +116,8 @@ class CallbackReceiver(_Server):
 
     def __init__(self) -> None:
         self.failures = 0
+        self.drip_seconds = 0.0  # > 0: the answer's header lines come one every drip_seconds (a slow receiver)
+        self.drip_lines = 0
         self.raw: list[tuple[dict[str, str], bytes]] = []
         super().__init__()
 
@@ -131,7 +133,66 @@ class CallbackReceiver(_Server):
                 status = 500 if server.failures > 0 else 204
                 server.failures = max(server.failures - 1, 0)
                 self.send_response(status)
+                self.flush_headers()
+                for line in range(server.drip_lines):
+                    time.sleep(server.drip_seconds)
+                    self.wfile.write(f"X-Slow-{line}: 1\r\n".encode())
+                    self.wfile.flush()
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
         return Raw
+
+
+class SlowProxy:
+    """A reverse proxy on loopback in front of a real server (Prefect) that answers requests whose path contains
+    `slow_path` only `delay` seconds after the server did: the server acted, its answer is late."""
+
+    def __init__(self, target: str, slow_path: str = "", delay: float = 0.0, fail_path: str | None = None):
+        import httpx
+
+        self.target = target.rstrip("/")
+        self.slow_path = slow_path
+        self.delay = delay
+        self.fail_path = fail_path  # requests whose path contains it get a 503 and never reach the server
+        self.slowed = 0
+        forward = httpx.Client(timeout=30)
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _serve(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
+                if proxy.fail_path and proxy.fail_path in self.path:
+                    self.send_response(503)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                answer = forward.request(self.command, proxy.target + self.path, content=body, headers=headers)
+                if proxy.slow_path and proxy.slow_path in self.path:
+                    proxy.slowed += 1
+                    time.sleep(proxy.delay)
+                self.send_response(answer.status_code)
+                for key, value in answer.headers.items():
+                    if key.lower() not in ("content-length", "transfer-encoding", "connection", "content-encoding"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(answer.content)))
+                self.end_headers()
+                try:
+                    self.wfile.write(answer.content)
+                except OSError:
+                    pass  # the client gave up waiting: that is the point
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _serve
+
+        self.httpd = _QuietServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

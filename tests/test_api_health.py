@@ -1,6 +1,8 @@
 """/health (liveness) and /api/v1/health/ready (readiness with reasons)."""
 from __future__ import annotations
 
+import time
+
 
 def test_health_answers_without_touching_the_database(app, client, monkeypatch):
     def unreachable(*args, **kwargs):
@@ -38,3 +40,24 @@ def test_readiness_is_503_when_the_database_is_unreachable(app, client, monkeypa
     assert response.status_code == 503
     assert response.json["checks"]["database"] == {"status": "down",
                                                    "reason": "ConnectionRefusedError: connection refused"}
+
+
+def test_readiness_shows_a_background_loop_that_stopped(running_app, monkeypatch):
+    services = running_app.extensions["flowgate"]
+    client = running_app.test_client()
+    loops = client.get("/api/v1/health/ready").json["checks"]["process"]["loops"]
+    assert loops == {**loops, "claim": True, "heartbeat": True, "run-logs": True}
+
+    def dies(*args, **kwargs):  # something no `except Exception` catches: the thread ends
+        raise SystemExit("the claim loop died")
+
+    monkeypatch.setattr(services.store, "claim_next", dies)
+    services.executor.wake()
+    client.post("/trigger", json={"connector_id": "numbers"})
+    deadline = time.monotonic() + 10
+    while services.executor.loops()["claim"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    response = client.get("/api/v1/health/ready")
+    assert response.status_code == 503
+    process = response.json["checks"]["process"]
+    assert process["status"] == "down" and process["loops"]["claim"] is False and "claim" in process["reason"]

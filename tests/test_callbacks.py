@@ -104,6 +104,66 @@ def test_a_crashed_run_is_reported_too_and_two_senders_deliver_it_once(app, rece
     assert json.loads(receiver.raw[0][1])["status"] == "crashed"
 
 
+def test_a_delivery_slower_than_its_claim_is_still_sent_once(app, receiver):
+    """A receiver that answers slowly (each header line within the read timeout) outlasts the claim: another
+    process's sender must not take the delivery over while the first is still sending it."""
+    store = app.extensions["flowgate"].store
+    run, _ = store.create_run(NewRun(kind="connector", target="numbers", params={}, backend="local",
+                                     concurrency_key="k", callback_url=f"{receiver.url}/hook"))
+    store.claim_next("executor", lease_seconds=30)
+    store.finish(run.id, "executor", "completed", result={"rows": {}})
+    receiver.drip_seconds, receiver.drip_lines = 0.8, 12  # 9.6 s to answer; each line inside the 1 s read timeout
+    policy = OutboundPolicy.parse(f"127.0.0.1:{receiver.port}")
+    senders = [CallbackSender(store, policy, SECRET, poll_seconds=0.05, timeout_seconds=1.0) for _ in range(2)]
+    assert senders[0].claim_seconds < 9  # the answer takes longer than a claim
+    senders[0].start()
+    try:
+        deadline = time.monotonic() + 5
+        while not receiver.raw and time.monotonic() < deadline:
+            time.sleep(0.02)
+        senders[1].start()  # the second process starts polling while the first is sending
+        deadline = time.monotonic() + 30
+        while store.get(run.id).callback.status != "delivered" and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        for sender in senders:
+            sender.stop()
+    callback = store.get(run.id).callback
+    assert callback.status == "delivered" and len(callback.attempts) == 1
+    assert len(receiver.raw) == 1
+
+
+def test_a_store_error_after_a_delivery_does_not_end_the_sender_or_send_twice(app, receiver, monkeypatch):
+    store = app.extensions["flowgate"].store
+    runs = []
+    for target in ("numbers", "events"):
+        run, _ = store.create_run(NewRun(kind="connector", target=target, params={}, backend="local",
+                                         concurrency_key=target, callback_url=f"{receiver.url}/hook"))
+        store.claim_next("executor", lease_seconds=30)
+        store.finish(run.id, "executor", "completed", result={"rows": {}})
+        runs.append(run)
+    record = store.callbacks.record_delivery
+    failures = []
+
+    def fails_once(*args, **kwargs):  # the database hiccups right after the receiver said 204
+        if not failures:
+            failures.append(args[0])
+            raise RuntimeError("database went away")
+        return record(*args, **kwargs)
+
+    monkeypatch.setattr(store.callbacks, "record_delivery", fails_once)
+    sender = CallbackSender(store, OutboundPolicy.parse(f"127.0.0.1:{receiver.port}"), SECRET, poll_seconds=0.05)
+    sender.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not all(store.get(r.id).callback.status == "delivered" for r in runs) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        sender.stop()
+    assert [store.get(r.id).callback.status for r in runs] == ["delivered", "delivered"]
+    assert len(receiver.raw) == 2 and failures
+
+
 @pytest.mark.parametrize("url, message", [
     ("http://example.com/hook", "not on the allow-list"),
     ("ftp://127.0.0.1/hook", "scheme 'ftp' is not allowed"),

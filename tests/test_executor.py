@@ -100,3 +100,81 @@ def test_a_run_abandoned_by_a_dead_executor_is_recovered_by_a_live_one(parts):
     finally:
         executor.shutdown(timeout=5)
     assert run.status == CRASHED and run.error["code"] == "lease_expired" and "dead-process" in run.error["message"]
+
+
+def wait_until(condition, timeout: float = 60, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"{what} not met within {timeout} s")
+
+
+def test_a_draining_executor_keeps_its_leases_until_its_runs_end(parts):
+    """SIGTERM stops claiming at once; a run draining for longer than the lease must not be recovered as crashed."""
+    store = parts[2]
+    draining, other = make_executor(parts, lease=1.0), make_executor(parts, lease=1.0)
+    run_id = enqueue(parts, "slow", {"delay_seconds": 4.0})  # 4 s of extract: four leases
+    draining.start()
+    wait_until(lambda: store.get(run_id).status == "running", what="the run started")
+    draining.stop_claiming()  # what gunicorn's SIGTERM does first
+    other.start()  # another process, recovering lapsed leases on every heartbeat
+    try:
+        (run,) = wait_all(store, [run_id])
+    finally:
+        draining.shutdown(timeout=30)
+        other.shutdown(timeout=5)
+    assert run.status == COMPLETED, run.error
+    assert run.lease_owner == draining.id
+
+
+def test_an_executor_that_lost_its_lease_stops_the_run_and_writes_nothing(parts):
+    """The database recovered the run elsewhere (it could not be reached for longer than the lease)."""
+    registry, workspace, store = parts
+    executor = make_executor(parts, lease=1.0)
+    run_id = enqueue(parts, "slow", {"delay_seconds": 3.0})
+    executor.start()
+    try:
+        wait_until(lambda: store.get(run_id).status == "running", what="the run started")
+        with store.db.session(write=True) as session:  # the lease as a recovering process finds it: lapsed
+            from app.runs.models import Run
+            session.get(Run, run_id).lease_expires_at = store.get(run_id).started_at
+        assert store.recover_expired() == [run_id]
+        wait_until(lambda: executor.active == 0, what="the executor stopped the run")
+    finally:
+        executor.shutdown(timeout=10)
+    run = store.get(run_id)
+    assert run.status == CRASHED and run.error["code"] == "lease_expired" and run.result is None
+    location = workspace.duckdb_dir / "slow.duckdb"
+    if location.exists():  # stopped at the checkpoint after extract: nothing was loaded
+        import duckdb
+        with duckdb.connect(str(location), read_only=True) as con:
+            assert con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'numbers'"
+                               ).fetchone()[0] == 0
+
+
+def test_a_run_whose_thread_cannot_start_ends_recorded_and_claiming_goes_on(parts, monkeypatch):
+    import app.backends.executor as executor_module
+
+    real_thread = executor_module.threading.Thread
+    failures = []
+
+    class FlakyThread(real_thread):
+        def start(self):
+            if self.name.startswith("flowgate-run-") and not failures:
+                failures.append(self.name)
+                raise RuntimeError("can't start new thread")
+            super().start()
+
+    monkeypatch.setattr(executor_module.threading, "Thread", FlakyThread)
+    executor = make_executor(parts)
+    first, second = enqueue(parts, "numbers"), enqueue(parts, "events")
+    executor.start()
+    try:
+        runs = wait_all(parts[2], [first, second])
+    finally:
+        executor.shutdown(timeout=5)
+    assert [r.status for r in runs] == [CRASHED, COMPLETED]
+    assert runs[0].error["code"] == "executor_failed" and "can't start new thread" in runs[0].error["message"]

@@ -8,6 +8,8 @@ import duckdb
 import pytest
 
 from app import create_app
+from app.runs.store import NewRun
+from tests.fake_services import SlowProxy
 from tests.prefect_stack import PrefectStack, fresh_postgres_database
 from tests.test_api_triggers import poll_until_ended
 from tests.test_pipeline import _events_db
@@ -261,3 +263,80 @@ def test_the_background_sync_follows_every_unfinished_run_in_one_call(stack, gat
         time.sleep(1)
     assert [r.status for r in runs] == ["completed", "completed"], [(r.backend, r.status) for r in runs]
     assert [r.result["rows"] for r in runs] == [{"numbers": 1}, {"numbers": 2}]
+
+
+def tagged_flow_runs(stack: PrefectStack, run_id: str) -> list[dict]:
+    return stack.api("POST", "flow_runs/filter", json={"flow_runs": {"tags": {"all_": [f"flowgate-run:{run_id}"]}}})
+
+
+def test_a_create_whose_answer_is_late_is_found_again_and_runs_once_on_prefect(stack, tmp_path):
+    """Prefect creates the flow run but answers after the gateway's timeout: the run must not also run locally."""
+    proxy = SlowProxy(stack.api_url.removesuffix("/api"), slow_path="/create_flow_run", delay=4.0)
+    app = create_app({"var_dir": tmp_path / "var", "connectors_file": stack.workdir / "connectors.yaml",
+                      "workflows_dir": stack.workdir / "workflows", "prefect_api_url": f"{proxy.url}/api",
+                      "prefect_timeout_seconds": 1.5, "lease_seconds": 2.0, "poll_seconds": 0.05})
+    services = app.extensions["flowgate"]
+    services.executor.start()
+    services.dispatcher.prefect.start_sync(every_seconds=0.5)
+    client = app.test_client()
+    try:
+        for mode in ("auto", "prefect"):
+            accepted = client.post("/trigger", json={"connector_id": "numbers", "params": {"n": 3},
+                                                     "backend": mode})
+            assert accepted.status_code == 202, accepted.json
+            run = accepted.json
+            assert run["backend"] == "prefect" and run["fallback_reason"] is None, run
+            done = poll_until_ended(client, run["status_url"], timeout=120)
+            assert done["status"] == "completed" and done["backend"] == "prefect", done
+            assert done["result"]["rows"] == {"numbers": 3}
+            assert len(tagged_flow_runs(stack, run["run_id"])) == 1
+        assert proxy.slowed >= 2
+        assert services.store.count_by_status() == {}  # nothing ever ran locally
+    finally:
+        services.dispatcher.prefect.stop_sync()
+        services.executor.shutdown(timeout=10)
+        services.store.dispose()
+        proxy.stop()
+
+
+def test_a_run_accepted_but_never_handed_to_prefect_is_dispatched_by_the_sync(stack, gateway):
+    """The process died between storing the run and creating its flow run: any process's sync dispatches it."""
+    services = gateway.application.extensions["flowgate"]
+    orphan, _ = services.store.create_run(NewRun(kind="connector", target="numbers", params={"n": 4},
+                                                 backend="prefect", concurrency_key="connector:numbers"))
+    services.dispatcher.prefect.start_sync(every_seconds=0.5)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run := services.store.get(orphan.id)).is_terminal and time.monotonic() < deadline:
+            time.sleep(0.5)
+    finally:
+        services.dispatcher.prefect.stop_sync()
+    assert run.status == "completed" and run.backend == "prefect" and run.prefect_flow_run_id, run.error
+    assert run.result["rows"] == {"numbers": 4}
+    assert len(tagged_flow_runs(stack, orphan.id)) == 1
+
+
+def test_a_cancel_prefect_does_not_confirm_changes_nothing_and_the_run_is_still_followed(stack, tmp_path):
+    proxy = SlowProxy(stack.api_url.removesuffix("/api"), fail_path="/set_state")
+    app = create_app({"var_dir": tmp_path / "var", "connectors_file": stack.workdir / "connectors.yaml",
+                      "workflows_dir": stack.workdir / "workflows", "prefect_api_url": f"{proxy.url}/api",
+                      "lease_seconds": 2.0, "poll_seconds": 0.05})
+    services = app.extensions["flowgate"]
+    client = app.test_client()
+    try:
+        run = client.post("/trigger", json={"connector_id": "numbers", "params": {"delay_seconds": 20.0}}).json
+        assert run["backend"] == "prefect" and run["prefect_flow_run_id"]
+        refused = client.post(f"/api/v1/runs/{run['run_id']}/cancel")
+        assert refused.status_code == 503 and refused.json["code"] == "prefect_unavailable"
+        after = client.get(run["status_url"]).json
+        assert after["status"] in ("queued", "running") and after["status"] != "cancelled"
+        proxy.fail_path = None  # Prefect answers again
+        cancel = client.post(f"/api/v1/runs/{run['run_id']}/cancel")
+        assert cancel.status_code in (200, 202), cancel.json
+        done = poll_until_ended(client, run["status_url"], timeout=120)
+        assert done["status"] == "cancelled", done
+        flow_run = stack.api("GET", f"flow_runs/{run['prefect_flow_run_id']}")
+        assert flow_run["state"]["type"] in ("CANCELLED", "CANCELLING")
+    finally:
+        services.store.dispose()
+        proxy.stop()

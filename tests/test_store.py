@@ -113,7 +113,7 @@ def test_cancel_ends_a_queued_run_and_flags_a_running_one(store: RunStore):
     queued, _ = store.create_run(new_run(target="q"))
     assert store.cancel(queued.id).status == CANCELLED
     assert store.cancel(running.id).status == CANCELLING
-    assert store.renew_leases("w1", [running.id], 30) == {running.id}
+    assert store.renew_leases("w1", [running.id], 30) == ({running.id}, {running.id})
     assert store.claim_next("w2", 30) is None  # a cancelled run is never claimed
     assert store.cancel("no-such-run") is None
 

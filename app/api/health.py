@@ -38,9 +38,24 @@ def ready() -> tuple[dict[str, Any], int]:
     except Exception as exc:  # the reason is the answer here, not an error to raise
         checks["database"] = {"status": "down", "reason": f"{type(exc).__name__}: {exc}".splitlines()[0]}
         checks["executor"] = {"status": "unknown", "reason": "the run store is unreachable"}
+    checks["process"] = _background_loops(svc)
     route = svc.dispatcher.prefect.route
     checks["prefect"] = route.status() if route else {
         "status": "disabled", "reason": "PREFECT_API_URL is not set; runs execute locally"}
     # Work can run if either path can take it; Prefect being down alone is no reason to refuse work.
-    ready = checks["database"]["status"] == "up" and "up" in (checks["executor"]["status"], checks["prefect"]["status"])
+    ready = (checks["database"]["status"] == "up" and checks["process"]["status"] == "up"
+             and "up" in (checks["executor"]["status"], checks["prefect"]["status"]))
     return {"status": "ready" if ready else "not_ready", "checks": checks}, 200 if ready else 503
+
+
+def _background_loops(svc: Any) -> dict[str, Any]:
+    """This process's background loops (started after gunicorn forks): a dead one means this process is broken."""
+    executor = svc.executor
+    loops = {**executor.loops(), "callbacks": svc.callbacks.alive, "prefect-sync": svc.dispatcher.prefect.sync_alive,
+             "run-logs": executor.log_sink.alive if executor.log_sink is not None else None}
+    stopping = executor.slots and executor.loops() and not executor.started  # draining: loops wind down on purpose
+    started = {name: alive for name, alive in loops.items() if alive is not None}
+    dead = sorted(name for name, alive in started.items() if not alive)
+    if dead and not stopping:
+        return {"status": "down", "loops": started, "reason": f"background loop(s) stopped: {', '.join(dead)}"}
+    return {"status": "up", "loops": started}

@@ -26,8 +26,8 @@ class Backend(Protocol):
 
     name: str
 
-    def submit(self, run: Run, parameters: dict[str, Any] | None = None) -> Run:
-        """Start a stored, queued run on this backend; returns the run as now recorded."""
+    def submit(self, run: Run, deployment_id: str | None = None) -> Run:
+        """Start a stored, queued run on this backend (Prefect: from `deployment_id`); returns it as now recorded."""
 
     def refresh(self, run: Run) -> Run:
         """The run with its state brought up to date from where it executes."""

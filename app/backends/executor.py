@@ -50,7 +50,9 @@ class LocalExecutor:
         self._running: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self._stopping = threading.Event()
+        self._stopping = threading.Event()  # claim no more runs
+        self._closed = threading.Event()  # shutdown done: leases are no longer renewed
+        self._lost: set[str] = set()  # runs whose lease was taken from this executor: their outcome is dropped
         self._stop_requested_at: float | None = None
         self._threads: list[threading.Thread] = []
 
@@ -58,6 +60,10 @@ class LocalExecutor:
     def started(self) -> bool:
         """True between start() and shutdown()."""
         return bool(self._threads) and not self._stopping.is_set()
+
+    def loops(self) -> dict[str, bool]:
+        """Whether each background loop of this executor is alive (empty before start)."""
+        return {thread.name.removeprefix("flowgate-"): thread.is_alive() for thread in self._threads}
 
     @property
     def active(self) -> int:
@@ -108,6 +114,7 @@ class LocalExecutor:
             unfinished = list(self._running)
         for run_id in unfinished:
             self.store.finish(run_id, self.id, CRASHED, error=RunError.interrupted())
+        self._closed.set()
         if self.id:
             self.store.executors.remove(self.id)
         if self.log_sink is not None:
@@ -121,14 +128,14 @@ class LocalExecutor:
     def _claim_loop(self) -> None:
         while not self._stopping.is_set():
             run = None
-            if self.active < self.slots:
-                try:
+            try:
+                if self.active < self.slots:
                     run = self.store.claim_next(self.id, self.lease_seconds)
-                except Exception:  # a database hiccup must not kill the loop; log it and poll again
-                    log.exception("claiming a run failed")
-            if run is not None:
-                self._launch(run)
-                continue
+                if run is not None:
+                    self._launch(run)
+                    continue
+            except Exception:  # a database hiccup must not kill the loop; log it and poll again
+                log.exception("claiming a run failed")
             self._wake.wait(self.poll_seconds)
             self._wake.clear()
 
@@ -137,12 +144,17 @@ class LocalExecutor:
         with self._lock:
             self._running[run.id] = cancel
             self._deadlines[run.id] = time.monotonic() + self.run_timeout_seconds
-        thread = threading.Thread(target=self._execute, args=(run, cancel), name=f"flowgate-run-{run.id[:8]}",
-                                  daemon=True)
-        thread.start()
+        try:
+            threading.Thread(target=self._execute, args=(run, cancel), name=f"flowgate-run-{run.id[:8]}",
+                             daemon=True).start()
+        except Exception as exc:  # e.g. no thread can be started: the claimed run must not hang on its lease
+            log.exception("starting run %s failed", run.id, extra={"run_id": run.id})
+            self._record(run, RunOutcome(CRASHED, error=RunError("executor_failed",
+                                                                 f"could not start the run: {exc}")))
 
     def _heartbeat_loop(self) -> None:
-        while not self._stopping.wait(self.heartbeat_seconds):
+        # Runs until shutdown has recorded every run: a draining worker keeps its leases.
+        while not self._closed.wait(self.heartbeat_seconds):
             try:
                 self._heartbeat()
             except Exception:
@@ -156,7 +168,13 @@ class LocalExecutor:
             self._timed_out.update(overdue)
         for run_id in overdue:  # stopped at its next checkpoint, then recorded as failed (run_timeout)
             running[run_id].set()
-        for run_id in self.store.renew_leases(self.id, list(running), self.lease_seconds):
+        held, cancel = self.store.renew_leases(self.id, list(running), self.lease_seconds)
+        lost = set(running) - held
+        if lost:  # recovered elsewhere (e.g. the database was out of reach longer than the lease): stop, write nothing
+            log.error("executor %s lost the lease of run(s) %s; stopping them", self.id, sorted(lost))
+            with self._lock:
+                self._lost.update(lost)
+        for run_id in cancel | lost:
             running[run_id].set()
         self.store.executors.heartbeat(self.id, socket.gethostname(), os.getpid(), self.slots, len(running))
         recovered = self.store.recover_expired()
@@ -208,7 +226,13 @@ class LocalExecutor:
         if timed_out and outcome.status == CANCELLED:
             outcome = RunOutcome(FAILED, outcome.result, RunError.timed_out(self.run_timeout_seconds))
         logs = self.log_sink.take(run_id) if self.log_sink is not None else None  # stored with the run's end
+        with self._lock:
+            lost = run_id in self._lost
+            self._lost.discard(run_id)
         try:
+            if lost:
+                log.warning("run %s ended as %s after its lease was lost; nothing recorded", run_id, outcome.status)
+                return
             if self.store.finish(run_id, self.id, outcome.status, result=outcome.result, error=outcome.error,
                                  logs=logs):
                 observe_run_end(run.kind, run.target, outcome.status, run.started_at, utcnow())

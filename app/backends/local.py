@@ -18,7 +18,7 @@ class LocalBackend:
         self.store = store
         self.executor = executor
 
-    def submit(self, run: Run, parameters: dict[str, Any] | None = None) -> Run:
+    def submit(self, run: Run, deployment_id: str | None = None) -> Run:
         """The run is already queued in the store: wake this process's executor to claim it now."""
         self.executor.wake()
         return run

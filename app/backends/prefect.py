@@ -11,14 +11,16 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from app.backends import LogPage
-from app.backends.prefect_client import PrefectClient, PrefectError
+from app.backends.prefect_client import PrefectClient, PrefectError, PrefectUnavailable
 from app.backends.prefect_route import PrefectRoute
 from app.errors import Unavailable
 from app.metrics import observe_run_end
 from app.runs.models import Run, utcnow
 from app.runs.store import RunStore
-from flows.outcome import COMPLETED, TERMINAL, RunError
-from flows.prefect.contract import FLOW_NAME, STATE_TO_STATUS, SUMMARY_ARTIFACT_PREFIX, workflow_artifact_key
+from flows.outcome import COMPLETED, QUEUED, TERMINAL, RunError
+from flows.prefect.contract import (
+    FLOW_NAME, STATE_TO_STATUS, SUMMARY_ARTIFACT_PREFIX, WORKFLOW_DEPLOYMENT, WORKFLOW_FLOW_NAME, workflow_artifact_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +35,15 @@ class PrefectBackend:
 
     name = "prefect"
 
-    def __init__(self, store: RunStore, route: PrefectRoute | None, run_timeout_seconds: float):
+    def __init__(self, store: RunStore, route: PrefectRoute | None, run_timeout_seconds: float,
+                 settle_give_up_seconds: float = 60.0):
         self.store = store
         self.route = route
         self.run_timeout_seconds = run_timeout_seconds
+        # A run whose flow run Prefect neither confirms nor denies for this long (it is unreachable) runs locally.
+        self.settle_give_up_seconds = settle_give_up_seconds
         self._sync_stop = threading.Event()
+        self._sync_thread: threading.Thread | None = None
 
     @property
     def available(self) -> bool:
@@ -55,19 +61,69 @@ class PrefectBackend:
 
     # --- submitting -------------------------------------------------------------------------
 
-    def submit(self, run: Run, parameters: dict[str, Any] | None = None, deployment_id: str | None = None) -> Run:
-        """Create the run's flow run from `deployment_id`; raises PrefectError when Prefect did not take it."""
+    def submit(self, run: Run, deployment_id: str | None = None) -> Run:
+        """Create the run's flow run from `deployment_id`.
+
+        Raises PrefectError only when Prefect certainly did not create it (then it may run elsewhere). When the
+        answer was lost (a timeout, a 5xx), the flow run may exist: the create is asked again under the same
+        idempotency key, and if that is lost too the run stays queued here, awaiting dispatch, for the sync to
+        settle. It never runs locally while a flow run of it may exist.
+        """
+        try:
+            return self._create(run, deployment_id)
+        except PrefectUnavailable as exc:
+            self._failed(exc)
+            if not exc.maybe_done:
+                raise
+            log.warning("creating the flow run of %s went unanswered (%s); asking again", run.id, exc.message)
+        try:
+            return self._create(run, deployment_id)
+        except PrefectUnavailable as exc:
+            self._failed(exc)
+            log.warning("the flow run of %s is still unconfirmed (%s); the sync settles it", run.id, exc.message,
+                        extra={"run_id": run.id})
+            return run
+
+    def _create(self, run: Run, deployment_id: str) -> Run:
         # Prefect scopes idempotency keys to the flow: prefix with the target so keys never collide.
         key = f"flowgate:{run.kind}:{run.target}:{run.idempotency_key or run.id}"
-        try:
-            flow_run = self.client.create_flow_run(
-                deployment_id, parameters or {"connector_id": run.target, "params": run.params}, key,
-                tags=["flowgate", f"flowgate-run:{run.id}"])
-        except PrefectError as exc:
-            self._failed(exc)
-            raise
+        flow_run = self.client.create_flow_run(deployment_id, flow_parameters(run), key, tags=["flowgate", _tag(run)])
+        return self._record_flow_run(run, flow_run)
+
+    def _record_flow_run(self, run: Run, flow_run: dict[str, Any]) -> Run:
         state = flow_run.get("state") or {}
         return self.store.record_flow_run(run.id, str(flow_run["id"]), state.get("name")) or self.store.get(run.id)
+
+    def settle_undispatched(self, older_than_seconds: float, give_up_seconds: float) -> list[Run]:
+        """Runs accepted for Prefect without a flow run on record (their create went unanswered, or the process
+        died between storing and creating): find the flow run by the run's tag, or create it (same idempotency
+        key, so never twice); a run Prefect cannot take goes local. Returns the runs that changed."""
+        settled = []
+        now = utcnow()
+        for run in self.store.undispatched("prefect", now - timedelta(seconds=older_than_seconds)):
+            try:
+                flow_run = self.client.find_flow_run(_tag(run)) if self.route is not None else None
+                if flow_run is not None:
+                    settled.append(self._record_flow_run(run, flow_run))
+                    continue
+                deployment, flow_name = (run.target, FLOW_NAME) if run.kind == "connector" else \
+                    (WORKFLOW_DEPLOYMENT, WORKFLOW_FLOW_NAME)
+                route = self.route.route(deployment, flow_name) if self.route is not None else None
+                if route is not None and route.ok:
+                    settled.append(self.submit(run, deployment_id=route.deployment_id))
+                    continue
+                reason = route.reason if route is not None else "prefect_not_configured"
+            except PrefectError as exc:
+                self._failed(exc)
+                if (now - run.created_at).total_seconds() < give_up_seconds:
+                    continue  # Prefect may hold it: ask again on the next sync
+                reason = "prefect_create_failed"
+            log.warning("run %s was never handed to Prefect (%s); running it locally", run.id, reason,
+                        extra={"run_id": run.id})
+            changed = self.store.fall_back_to_local(run.id, reason)
+            if changed is not None:
+                settled.append(changed)
+        return settled
 
     # --- following --------------------------------------------------------------------------
 
@@ -170,14 +226,21 @@ class PrefectBackend:
         return live
 
     def cancel(self, run: Run) -> Run | None:
-        """Cancel in the store, and the flow run in Prefect."""
-        cancelled = self.store.cancel(run.id)
-        if cancelled is not None and run.prefect_flow_run_id and self.route is not None:
-            try:
-                self.client.cancel_flow_run(run.prefect_flow_run_id)
-            except PrefectError as exc:
-                log.warning("cancelling flow run %s in Prefect failed: %s", run.prefect_flow_run_id, exc.message)
-        return cancelled
+        """Cancel in Prefect first; the store follows only what Prefect agreed to. A flow run no worker has taken
+        is cancelled at once; one a worker has (or may have) turns `cancelling` until Prefect reports its end.
+        A Prefect that does not answer changes nothing: 503, and the run is still followed."""
+        run = self.refresh(run)
+        if run.is_terminal:
+            return run
+        try:
+            if run.status == QUEUED and self.client.cancel_scheduled_flow_run(run.prefect_flow_run_id):
+                return self.store.cancel(run.id)
+            self.client.cancel_flow_run(run.prefect_flow_run_id)
+        except PrefectError as exc:
+            self._failed(exc)
+            raise Unavailable(f"Prefect did not confirm the cancellation ({exc.message}); the run goes on",
+                              code="prefect_unavailable", headers={"Retry-After": "10"}) from None
+        return self.store.request_cancel(run.id)
 
     # --- the background sync ----------------------------------------------------------------
 
@@ -198,6 +261,9 @@ class PrefectBackend:
     def sync(self) -> int:
         """Bring every unfinished Prefect run up to date with one call to Prefect; returns how many changed."""
         self.end_overdue_runs()
+        timeout = self.client.timeout if self.route is not None else 2.0
+        # An answer still on its way is given 2 timeouts (plus a second) before the run is looked for.
+        self.settle_undispatched(older_than_seconds=2 * timeout + 1, give_up_seconds=self.settle_give_up_seconds)
         runs = {run.prefect_flow_run_id: run for run in self.store.unfinished("prefect") if run.prefect_flow_run_id}
         if not runs or not self.available:
             return 0
@@ -212,6 +278,7 @@ class PrefectBackend:
         """Follow unfinished Prefect runs in the background, so their records end even if nobody asks."""
         if self.route is None:
             return
+        self._sync_stop.clear()
 
         def loop() -> None:
             while not self._sync_stop.wait(every_seconds):
@@ -222,10 +289,27 @@ class PrefectBackend:
                 except Exception:  # a hiccup must not end the loop
                     log.exception("syncing Prefect runs failed")
 
-        threading.Thread(target=loop, name="flowgate-prefect-sync", daemon=True).start()
+        self._sync_thread = threading.Thread(target=loop, name="flowgate-prefect-sync", daemon=True)
+        self._sync_thread.start()
+
+    @property
+    def sync_alive(self) -> bool | None:
+        """Whether the background sync runs (None: not started in this process)."""
+        return self._sync_thread.is_alive() if self._sync_thread is not None else None
 
     def stop_sync(self) -> None:
         self._sync_stop.set()
+
+
+def flow_parameters(run: Run) -> dict[str, Any]:
+    """The flow run's parameters, from the run alone (so any process can create it)."""
+    if run.kind == "workflow":
+        return {"run_id": run.id, **run.params}
+    return {"connector_id": run.target, "params": run.params}
+
+
+def _tag(run: Run) -> str:
+    return f"flowgate-run:{run.id}"
 
 
 def _parse_time(value: str | None) -> datetime | None:

@@ -19,9 +19,17 @@ class PrefectError(Exception):
 
 
 class PrefectUnavailable(PrefectError):
-    """Prefect could not be reached or answered 5xx: a retry later may work."""
+    """Prefect could not be reached or answered 5xx: a retry later may work.
+
+    `maybe_done`: the request reached Prefect (a timeout waiting for the answer, a 5xx), so a write may have
+    happened; False only when it never left (no connection), so nothing can have changed there.
+    """
 
     reason = "prefect_unreachable"
+
+    def __init__(self, message: str, maybe_done: bool = True):
+        super().__init__(message)
+        self.maybe_done = maybe_done
 
 
 class PrefectNotFound(PrefectError):
@@ -36,6 +44,7 @@ class PrefectClient:
     def __init__(self, api_url: str, api_key: str | None = None, timeout: float = 2.0):
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.api_url = api_url.rstrip("/")
+        self.timeout = timeout
         self._http = httpx.Client(base_url=self.api_url + "/", headers=headers,
                                   timeout=httpx.Timeout(timeout, connect=min(timeout, 1.0)),
                                   limits=httpx.Limits(max_connections=20, max_keepalive_connections=10))
@@ -51,6 +60,8 @@ class PrefectClient:
         for delay in (0.2, 0.5, None):
             try:
                 response = self._http.request(method, path.lstrip("/"), **kwargs)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                raise PrefectUnavailable(f"{type(exc).__name__}: {exc or 'no connection'}", maybe_done=False) from None
             except httpx.TransportError as exc:
                 raise PrefectUnavailable(f"{type(exc).__name__}: {exc or 'no answer'}") from None
             if response.status_code < 500 or delay is None:
@@ -62,7 +73,13 @@ class PrefectClient:
             raise PrefectUnavailable(f"{method} {path}: HTTP {response.status_code}")
         if response.status_code >= 400:
             raise PrefectError(f"{method} {path}: HTTP {response.status_code}: {response.text[:300]}")
-        return response.json() if response.content else None
+        if not response.content:
+            return None
+        try:
+            return response.json()
+        except ValueError:  # a proxy's HTML page, a half-written body: not Prefect's answer
+            raise PrefectUnavailable(f"{method} {path}: HTTP {response.status_code} with a body that is not JSON") \
+                from None
 
     def health(self) -> float:
         """Probe the API; returns the latency in milliseconds."""
@@ -85,6 +102,11 @@ class PrefectClient:
         return self._request("POST", f"deployments/{deployment_id}/create_flow_run",
                              json={"parameters": parameters, "idempotency_key": idempotency_key, "tags": tags})
 
+    def find_flow_run(self, tag: str) -> dict[str, Any] | None:
+        """The flow run carrying `tag`, or None (how a create whose answer was lost is found again)."""
+        found = self._request("POST", "flow_runs/filter", json={"flow_runs": {"tags": {"all_": [tag]}}, "limit": 1})
+        return found[0] if found else None
+
     def read_flow_run(self, flow_run_id: str) -> dict[str, Any]:
         """The flow run with its current state."""
         return self._request("GET", f"flow_runs/{flow_run_id}")
@@ -104,6 +126,15 @@ class PrefectClient:
         return self._request("POST", "logs/filter", json={
             "logs": {"flow_run_id": {"any_": [flow_run_id]}}, "sort": "TIMESTAMP_ASC", "offset": offset,
             "limit": limit})
+
+    def cancel_scheduled_flow_run(self, flow_run_id: str) -> bool:
+        """Cancel a flow run no worker has taken yet; False when Prefect refuses (a worker already has it).
+        Not forced: Prefect's orchestration decides who wins against a worker picking it up."""
+        answer = self._request("POST", f"flow_runs/{flow_run_id}/set_state",
+                               json={"state": {"type": "CANCELLED", "name": "Cancelled",
+                                               "message": "cancelled through flowgate before it started"},
+                                     "force": False})
+        return (answer or {}).get("status") == "ACCEPT"
 
     def cancel_flow_run(self, flow_run_id: str) -> None:
         """Ask Prefect to cancel a flow run (the worker stops it)."""

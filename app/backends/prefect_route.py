@@ -46,6 +46,7 @@ class PrefectRoute:
         self._last_error: str | None = None
         self._latency_ms: float | None = None
         self._reprober: threading.Thread | None = None
+        self._unanswered: list[float] = []  # when calls that reached Prefect went unanswered (timeouts, 5xx)
 
     @property
     def circuit_open(self) -> bool:
@@ -92,8 +93,15 @@ class PrefectRoute:
         return value
 
     def record_failure(self, exc: PrefectError) -> None:
-        """Open the circuit and start re-probing in the background."""
+        """Open the circuit and start re-probing in the background: at once when Prefect cannot be connected to,
+        after three unanswered calls within 30 s otherwise (one slow answer is no outage)."""
         with self._lock:
+            if isinstance(exc, PrefectUnavailable) and exc.maybe_done:
+                now = time.monotonic()
+                self._unanswered = [t for t in self._unanswered if now - t < 30] + [now]
+                if len(self._unanswered) < 3:
+                    return
+            self._unanswered = []
             self._last_error = exc.message
             self._cache.clear()
             if self._open_since is None:
@@ -112,6 +120,10 @@ class PrefectRoute:
                 PREFECT_PROBE.set(self._latency_ms / 1000)
             except PrefectError as exc:
                 self._last_error = exc.message
+                continue
+            except Exception as exc:  # whatever went wrong, the circuit must not stay open for this process's life
+                log.exception("re-probing Prefect failed")
+                self._last_error = f"{type(exc).__name__}: {exc}"
                 continue
             with self._lock:
                 self._open_since, self._last_error = None, None

@@ -54,27 +54,38 @@ class InlineConnectorRunner:
                 raise NodeFailed(f"stopped while waiting for another run of '{connector_id}'", code="cancelled")
             time.sleep(self.poll_seconds)
             run = self.store.start_inline(new, self.owner, self.lease_seconds)
-        stop_heartbeat = threading.Event()
-        threading.Thread(target=self._renew, args=(run.id, stop_heartbeat), daemon=True,
+        stop_heartbeat, lost = threading.Event(), threading.Event()
+        threading.Thread(target=self._renew, args=(run.id, stop_heartbeat, lost), daemon=True,
                          name=f"flowgate-node-lease-{run.id[:8]}").start()
         try:
-            summary = run_connector(runnable, self.workspace, should_stop=should_stop)
-        except RunCancelled as exc:
-            self.store.finish(run.id, self.owner, CANCELLED, error=RunError.of(exc))
-            raise NodeFailed(str(exc), code="cancelled", terminal=True) from None
-        except ConnectorRunError as exc:
-            self.store.finish(run.id, self.owner, FAILED, error=RunError.of(exc))
-            raise NodeFailed(f"connector '{connector_id}' failed in {exc.step}: {exc.message}",
-                             code="connector_failed", terminal=exc.terminal) from None
+            summary = run_connector(runnable, self.workspace, should_stop=lambda: should_stop() or lost.is_set())
+        except Exception as exc:
+            error = RunError.of(exc)
+            if not lost.is_set():  # a lost lease writes nothing: the run was recovered elsewhere
+                self.store.finish(run.id, self.owner, CANCELLED if error.code == "cancelled" else FAILED, error=error)
+            if isinstance(exc, RunCancelled):
+                raise NodeFailed(str(exc), code="cancelled", terminal=True) from None
+            if isinstance(exc, ConnectorRunError):
+                raise NodeFailed(f"connector '{connector_id}' failed in {exc.step}: {exc.message}",
+                                 code="connector_failed", terminal=exc.terminal) from None
+            raise
         finally:
             stop_heartbeat.set()
         result = {**summary.to_dict(), "run_id": run.id}
         self.store.finish(run.id, self.owner, COMPLETED, result=summary.to_dict())
         return result
 
-    def _renew(self, run_id: str, stop: threading.Event) -> None:
+    def _renew(self, run_id: str, stop: threading.Event, lost: threading.Event) -> None:
         while not stop.wait(max(self.lease_seconds / 3, 0.1)):
-            self.store.renew_leases(self.owner, [run_id], self.lease_seconds)
+            try:
+                held, _ = self.store.renew_leases(self.owner, [run_id], self.lease_seconds)
+            except Exception:  # the next renewal may get through; the lease is longer than two intervals
+                log.exception("renewing the lease of connector run %s failed", run_id)
+                continue
+            if run_id not in held:
+                log.error("the lease of connector run %s was lost; stopping it", run_id, extra={"run_id": run_id})
+                lost.set()
+                return
 
 
 class NodeRecorder:

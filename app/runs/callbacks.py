@@ -4,7 +4,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from app.runs.models import CALLBACK_DELIVERED, CALLBACK_FAILED, CALLBACK_PENDING, Run, RunCallback, utcnow
 from flows.database import Database
@@ -35,6 +35,17 @@ class CallbackStore:
                 callback, run = found
                 callback.claimed_by, callback.claimed_until = owner, now + timedelta(seconds=lease_seconds)
                 return callback, run
+
+        return self.database.retry(attempt)
+
+    def extend_claim(self, run_id: str, owner: str, lease_seconds: float) -> bool:
+        """Hold a claimed delivery `lease_seconds` longer (while it is in flight); False when `owner` lost it."""
+
+        def attempt() -> bool:
+            with self.database.session(write=True) as session:
+                return session.execute(update(RunCallback).where(
+                    RunCallback.run_id == run_id, RunCallback.claimed_by == owner)
+                    .values(claimed_until=utcnow() + timedelta(seconds=lease_seconds))).rowcount == 1
 
         return self.database.retry(attempt)
 

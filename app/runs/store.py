@@ -141,7 +141,7 @@ class RunStore:
             with self.db.session(write=True) as session:
                 if not self.is_sqlite:
                     session.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _CLAIM_LOCK_ID})
-                now = utcnow()
+                now = self._now(session)
                 run = Run(id=uuid.uuid4().hex, kind=new.kind, target=new.target, params=new.params, status=RUNNING,
                           backend=new.backend, fallback_reason=new.fallback_reason, request_hash=new.request_hash,
                           concurrency_key=new.concurrency_key, created_at=now, started_at=now, attempts=1,
@@ -222,7 +222,7 @@ class RunStore:
                 ).first()
                 if run is None:
                     return None
-                now = utcnow()
+                now = self._now(session)
                 run.status, run.lease_owner = RUNNING, owner
                 run.lease_expires_at = now + timedelta(seconds=lease_seconds)
                 run.started_at, run.attempts = now, run.attempts + 1
@@ -230,19 +230,29 @@ class RunStore:
 
         return self.db.retry(attempt)
 
-    def renew_leases(self, owner: str, run_ids: list[str], lease_seconds: float) -> set[str]:
-        """Extend the leases `owner` holds; return the ids among them whose cancellation was requested."""
+    def renew_leases(self, owner: str, run_ids: list[str], lease_seconds: float) -> tuple[set[str], set[str]]:
+        """Extend the leases `owner` still holds: returns (the ids it holds, those among them asked to cancel).
+        An id missing from the first set was taken from `owner` (recovered as crashed): it must stop."""
         if not run_ids:
-            return set()
+            return set(), set()
 
-        def attempt() -> set[str]:
+        def attempt() -> tuple[set[str], set[str]]:
             with self.db.session(write=True) as session:
+                now = self._now(session)
                 session.execute(update(Run).where(Run.id.in_(run_ids), Run.lease_owner == owner,
                                                   Run.status.in_(ACTIVE))
-                                .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds)))
-                return set(session.scalars(select(Run.id).where(Run.id.in_(run_ids), Run.cancel_requested)))
+                                .values(lease_expires_at=now + timedelta(seconds=lease_seconds)))
+                held = session.execute(select(Run.id, Run.cancel_requested).where(
+                    Run.id.in_(run_ids), Run.lease_owner == owner, Run.status.in_(ACTIVE))).all()
+                return {row.id for row in held}, {row.id for row in held if row.cancel_requested}
 
         return self.db.retry(attempt)
+
+    def _now(self, session: Session) -> datetime:
+        """The database's clock (leases are compared across hosts); this host's for SQLite, a local file."""
+        if self.is_sqlite:
+            return utcnow()
+        return session.execute(text("SELECT now()")).scalar_one()
 
     def finish(self, run_id: str, owner: str, status: str, result: dict[str, Any] | None = None,
                error: RunError | None = None, logs: list[dict[str, Any]] | None = None) -> bool:
@@ -255,7 +265,7 @@ class RunStore:
                     update(Run).where(Run.id == run_id, Run.lease_owner == owner, Run.status.in_(ACTIVE))
                     .values(status=status, result=result, error=error.to_dict() if error else None, finished_at=utcnow(),
                             lease_expires_at=None)).rowcount
-                if logs:
+                if logs and changed:
                     session.add_all(RunLog(**line) for line in logs)
             return changed == 1
 
@@ -298,6 +308,13 @@ class RunStore:
 
         return self.db.retry(attempt)
 
+    def undispatched(self, backend: str, created_before: datetime, limit: int = 50) -> list[Run]:
+        """Queued runs on `backend` (Prefect) with no flow run on record yet, created before `created_before`."""
+        with self.db.session() as session:
+            return list(session.scalars(select(Run).where(
+                Run.status == QUEUED, Run.backend == backend, Run.prefect_flow_run_id.is_(None),
+                Run.created_at < created_before).order_by(Run.created_at).limit(limit)))
+
     def unfinished(self, backend: str, limit: int = 100) -> list[Run]:
         """Runs on `backend` that have not ended, oldest first."""
         with self.db.session() as session:
@@ -322,12 +339,16 @@ class RunStore:
 
         return self.db.retry(attempt)
 
+    def request_cancel(self, run_id: str) -> Run | None:
+        """Ask an unfinished run to stop, whatever its status (`cancelling` until its backend reports the end)."""
+        return self._change_unfinished(run_id, cancel_requested=True, status=CANCELLING)
+
     def recover_expired(self) -> list[str]:
         """Mark local runs whose lease lapsed (their process died) `crashed`; return their ids."""
 
         def attempt() -> list[str]:
-            now = utcnow()
             with self.db.session(write=True) as session:
+                now = self._now(session)
                 expired = list(session.scalars(select(Run).where(
                     Run.status.in_(ACTIVE), Run.backend == "local", Run.lease_expires_at < now)))
                 for run in expired:
