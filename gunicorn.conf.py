@@ -106,7 +106,7 @@ def post_worker_init(worker):
     services = worker.wsgi.extensions["flowgate"]
     executor = services.executor
     executor.start()
-    services.dispatcher.prefect.start_sync()
+    services.dispatcher.prefect.sync.start()
     services.callbacks.start()
     gunicorn_term = signal.getsignal(signal.SIGTERM)
 
@@ -123,7 +123,7 @@ def worker_exit(server, worker):
     services = getattr(worker, "flowgate_services", None)
     if services is None:  # the worker died before its executor started
         return
-    services.dispatcher.prefect.stop_sync()
+    services.dispatcher.prefect.sync.stop()
     services.callbacks.stop()
     executor = services.executor
     # gunicorn kills the worker graceful_timeout after SIGTERM; keep a second to write the records.

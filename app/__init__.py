@@ -93,7 +93,8 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
                              lease_seconds=settings.lease_seconds, poll_seconds=settings.poll_seconds, toolbox=toolbox,
                              run_timeout_seconds=settings.run_timeout_seconds, log_sink=RunLogHandler(store))
     dispatcher = Dispatcher(settings, store, registry, workspace, LocalBackend(store, executor),
-                            PrefectBackend(store, make_prefect_route(settings), settings.run_timeout_seconds))
+                            PrefectBackend(store, make_prefect_route(settings), settings.run_timeout_seconds,
+                                           pickup_seconds=settings.prefect_pickup_seconds))
     engine = WorkflowEngine(replace(toolbox, run_connector=executor.connector_runner(
         owner=f"execute-node:{socket.gethostname()}:{os.getpid()}")))
     callbacks = CallbackSender(store, OutboundPolicy.parse(settings.callback_allowed_hosts), settings.callback_secret,

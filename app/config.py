@@ -30,6 +30,15 @@ class Settings(RuntimeSettings):
     prefect_pool: str = Field("flowgate", min_length=1,
                               validation_alias=AliasChoices("FLOWGATE_PREFECT_POOL", "prefect_pool"),
                               description="The process work pool the connector deployments use.")
+    prefect_pickup_seconds: float = Field(
+        30.0, gt=0, le=86400, validation_alias=AliasChoices("FLOWGATE_PREFECT_PICKUP_SECONDS", "prefect_pickup_seconds"),
+        description="A run handed to Prefect that no worker has picked up this long after is taken back from "
+                    "Prefect (its flow run cancelled) and runs locally, under the same run id.")
+    prefect_worker_max_age_seconds: float = Field(
+        65.0, gt=0, le=3600, validation_alias=AliasChoices("FLOWGATE_PREFECT_WORKER_MAX_AGE_SECONDS",
+                                                           "prefect_worker_max_age_seconds"),
+        description="A Prefect worker whose last heartbeat is older than this counts as gone (keep it above two "
+                    "of the workers' PREFECT_WORKER_HEARTBEAT_SECONDS, 30 s by default).")
     prefect_timeout_seconds: float = Field(
         2.0, gt=0, le=30, validation_alias=AliasChoices("FLOWGATE_PREFECT_TIMEOUT", "prefect_timeout_seconds"),
         description="Timeout of one call to Prefect's API.")

@@ -222,3 +222,49 @@ def test_a_run_killed_before_its_load_is_completed_by_the_next_run_without_dupli
     # Two loads: the killed run's package (its 5 rows) first, then this run's own 3 new rows.
     assert len(summary.load_ids) == 2 and summary.rows == {"events": 3}
     assert not list((workspace.pipelines_dir / "flowgate_inc" / "load" / "normalized").iterdir())
+
+
+KILL_DURING_NORMALIZE_COMMIT = """
+import os, signal, sys
+from pathlib import Path
+from dlt.common.storages.load_storage import LoadStorage
+from connectors.pipeline import ConnectorPipeline, Workspace
+from connectors.registry import ConnectorRegistry
+
+commit = LoadStorage.commit_new_load_package
+def commit_then_die(self, load_id):  # dlt logs "Committing storage, do not kill this process" just before
+    commit(self, load_id)
+    os.kill(os.getpid(), signal.SIGKILL)  # after the rename into load/normalized, before the extracted files go
+LoadStorage.commit_new_load_package = commit_then_die
+spec = ConnectorRegistry.load(Path(sys.argv[1])).get("inc")
+pipeline = ConnectorPipeline(spec, Workspace(Path(sys.argv[2]), Path(sys.argv[3])))
+for step in ("recover", "extract", "normalize"):
+    pipeline.run_step(step)
+"""
+
+
+def test_a_run_killed_inside_normalizes_commit_does_not_poison_the_connector(workdir: Path):
+    """Killed between dlt's two commit moves, a pipeline folder holds the package twice (extracted and
+    normalized): every later normalize failed with 'Directory not empty'. The next run finishes the commit."""
+    from connectors.pipeline import Workspace, run_connector
+
+    _events_db(workdir / "events.db", [(i, "new", f"2025-01-01T00:00:{i:02d}") for i in range(40)])
+    registry = _incremental_registry(workdir, "append")
+    workspace = Workspace(workdir / "var" / "dlt", workdir / "var" / "duckdb")
+    assert run_connector(registry.get("inc"), workspace).rows == {"events": 40}
+    _events_db(workdir / "events.db", [(i, "new", f"2025-01-02T00:00:{i - 40:02d}") for i in range(40, 45)])
+    killed = subprocess.run([sys.executable, "-c", KILL_DURING_NORMALIZE_COMMIT, str(registry.path),
+                             str(workspace.pipelines_dir), str(workspace.duckdb_dir)], cwd=ROOT, timeout=120)
+    assert killed.returncode == -signal.SIGKILL
+    folder = workspace.pipelines_dir / "flowgate_inc"
+    (package,) = [p.name for p in (folder / "load" / "normalized").iterdir()]
+    assert (folder / "normalize" / "extracted" / package).exists()  # the package is there twice
+
+    _events_db(workdir / "events.db", [(i, "new", f"2025-01-03T00:00:{i - 45:02d}") for i in range(45, 48)])
+    first = run_connector(registry.get("inc"), workspace)
+    _events_db(workdir / "events.db", [(i, "new", f"2025-01-04T00:00:{i - 48:02d}") for i in range(48, 50)])
+    second = run_connector(registry.get("inc"), workspace)
+    assert first.rows == {"events": 3} and second.rows == {"events": 2}
+    with duckdb.connect(second.location, read_only=True) as con:
+        total, distinct = con.execute("SELECT count(*), count(DISTINCT id) FROM raw.events").fetchone()
+    assert (total, distinct) == (50, 50)

@@ -113,7 +113,7 @@ def test_a_prefect_run_that_never_ends_is_ended_by_the_run_timeout(app_config):
     time.sleep(0.3)
     fresh_again, _ = services.store.create_run(NewRun(kind="connector", target="events", params={},
                                                       backend="prefect", concurrency_key="connector:events"))
-    assert sorted(r.id for r in services.dispatcher.prefect.end_overdue_runs()) == sorted([run.id, fresh.id])
+    assert sorted(r.id for r in services.dispatcher.prefect.sync.end_overdue_runs()) == sorted([run.id, fresh.id])
     ended = services.store.get(run.id)
     assert ended.status == "failed" and ended.error["code"] == "run_timeout"
     assert services.store.get(fresh_again.id).status == "queued"

@@ -1,7 +1,10 @@
 """The Prefect path against a real Prefect server and process worker (one of each for this module)."""
 from __future__ import annotations
 
+import os
+import signal
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import duckdb
@@ -256,7 +259,7 @@ def test_the_background_sync_follows_every_unfinished_run_in_one_call(stack, gat
     dispatcher = gateway.application.extensions["flowgate"].dispatcher
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        dispatcher.prefect.sync()
+        dispatcher.prefect.sync.run_once()
         runs = [dispatcher.store.get(i) for i in ids]
         if all(r.is_terminal for r in runs):
             break
@@ -277,7 +280,7 @@ def test_a_create_whose_answer_is_late_is_found_again_and_runs_once_on_prefect(s
                       "prefect_timeout_seconds": 1.5, "lease_seconds": 2.0, "poll_seconds": 0.05})
     services = app.extensions["flowgate"]
     services.executor.start()
-    services.dispatcher.prefect.start_sync(every_seconds=0.5)
+    services.dispatcher.prefect.sync.start(every_seconds=0.5)
     client = app.test_client()
     try:
         for mode in ("auto", "prefect"):
@@ -293,7 +296,7 @@ def test_a_create_whose_answer_is_late_is_found_again_and_runs_once_on_prefect(s
         assert proxy.slowed >= 2
         assert services.store.count_by_status() == {}  # nothing ever ran locally
     finally:
-        services.dispatcher.prefect.stop_sync()
+        services.dispatcher.prefect.sync.stop()
         services.executor.shutdown(timeout=10)
         services.store.dispose()
         proxy.stop()
@@ -304,13 +307,13 @@ def test_a_run_accepted_but_never_handed_to_prefect_is_dispatched_by_the_sync(st
     services = gateway.application.extensions["flowgate"]
     orphan, _ = services.store.create_run(NewRun(kind="connector", target="numbers", params={"n": 4},
                                                  backend="prefect", concurrency_key="connector:numbers"))
-    services.dispatcher.prefect.start_sync(every_seconds=0.5)
+    services.dispatcher.prefect.sync.start(every_seconds=0.5)
     try:
         deadline = time.monotonic() + 120
         while not (run := services.store.get(orphan.id)).is_terminal and time.monotonic() < deadline:
             time.sleep(0.5)
     finally:
-        services.dispatcher.prefect.stop_sync()
+        services.dispatcher.prefect.sync.stop()
     assert run.status == "completed" and run.backend == "prefect" and run.prefect_flow_run_id, run.error
     assert run.result["rows"] == {"numbers": 4}
     assert len(tagged_flow_runs(stack, orphan.id)) == 1
@@ -340,3 +343,88 @@ def test_a_cancel_prefect_does_not_confirm_changes_nothing_and_the_run_is_still_
     finally:
         services.store.dispose()
         proxy.stop()
+
+
+@contextmanager
+def frozen_worker(stack: PrefectStack):
+    """The process worker hung (SIGSTOP): Prefect still counts it online until its heartbeat ages out."""
+    os.killpg(stack.worker.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.killpg(stack.worker.pid, signal.SIGCONT)
+
+
+def ran_on_prefect(stack: PrefectStack, flow_run_id: str) -> bool:
+    states = stack.api("GET", f"flow_run_states/?flow_run_id={flow_run_id}")
+    return any(state["type"] == "RUNNING" for state in states)
+
+
+def pickup_gateway(stack: PrefectStack, tmp_path: Path, **settings):
+    app = create_app({"var_dir": tmp_path / "var", "connectors_file": stack.workdir / "connectors.yaml",
+                      "workflows_dir": stack.workdir / "workflows", "prefect_api_url": stack.api_url,
+                      "lease_seconds": 2.0, "poll_seconds": 0.05, **settings})
+    services = app.extensions["flowgate"]
+    services.executor.start()
+    services.dispatcher.prefect.sync.start(every_seconds=0.5)
+    return app, services
+
+
+def test_runs_no_worker_picks_up_go_local_once_even_when_the_worker_resumes_at_the_deadline(stack, tmp_path):
+    app, services = pickup_gateway(stack, tmp_path, prefect_pickup_seconds=4.0, prefect_worker_max_age_seconds=60)
+    client = app.test_client()
+    try:
+        with frozen_worker(stack):
+            stranded = [client.post("/trigger", json={"connector_id": "numbers", "params": {"n": i + 1}}).json
+                        for i in range(2)]
+            assert all(run["backend"] == "prefect" for run in stranded)
+            moved = [poll_until_ended(client, run["status_url"], timeout=90) for run in stranded]
+            ready = client.get("/api/v1/health/ready").json["checks"]["prefect"]
+            raced = [client.post("/trigger", json={"connector_id": "numbers", "params": {"n": i + 5}}).json
+                     for i in range(3)]
+            time.sleep(3.7)  # the worker comes back just as their pickup deadline (4 s) passes
+        raced = [poll_until_ended(client, run["status_url"], timeout=120) for run in raced]
+    finally:
+        services.dispatcher.prefect.sync.stop()
+        services.executor.shutdown(timeout=10)
+        services.store.dispose()
+    for run in moved:  # no worker while they waited: taken back, run here, never on Prefect
+        assert run["status"] == "completed" and run["backend"] == "local", run
+        assert run["fallback_reason"] == "prefect_not_picked_up" and run["prefect_state"] == "Cancelled"
+        assert run["prefect_flow_run_id"] and not ran_on_prefect(stack, run["prefect_flow_run_id"])
+    assert ready["worker_max_age_seconds"] == 60 and "runs_awaiting_pickup" in ready
+    for run in raced:  # whoever won the race for each run, it executed exactly once
+        assert run["status"] == "completed", run
+        assert (run["backend"] == "local") != ran_on_prefect(stack, run["prefect_flow_run_id"]), run
+    print(f"\nraced at the deadline: {sum(r['backend'] == 'local' for r in raced)} local, "
+          f"{sum(r['backend'] == 'prefect' for r in raced)} on the resumed worker")
+
+
+def test_triggers_go_local_once_the_workers_heartbeat_is_older_than_the_liveness_age(stack, tmp_path):
+    app, services = pickup_gateway(stack, tmp_path, prefect_pickup_seconds=5.0, prefect_worker_max_age_seconds=12)
+    client = app.test_client()
+    try:
+        assert client.post("/trigger", json={"connector_id": "numbers"}).json["backend"] == "prefect"
+        with frozen_worker(stack):
+            frozen_at = time.monotonic()
+            while time.monotonic() - frozen_at < 60:
+                run = client.post("/trigger", json={"connector_id": "numbers"}).json
+                if run["backend"] == "local":
+                    break
+                time.sleep(0.5)
+            went_local_after = time.monotonic() - frozen_at
+            ready = client.get("/api/v1/health/ready").json["checks"]["prefect"]
+        print(f"\nworker frozen: triggers went local after {went_local_after:.1f} s (liveness age 12 s)")
+        assert run["backend"] == "local" and run["fallback_reason"] == "no_worker_online", run
+        assert ready["workers_online"] == 0 and ready["workers"]  # listed, but no longer counted alive
+        deadline = time.monotonic() + 60  # resumed: its next heartbeat brings triggers back to Prefect
+        while time.monotonic() < deadline:
+            back = client.post("/trigger", json={"connector_id": "numbers"}).json
+            if back["backend"] == "prefect":
+                break
+            time.sleep(1)
+        assert back["backend"] == "prefect"
+    finally:
+        services.dispatcher.prefect.sync.stop()
+        services.executor.shutdown(timeout=10)
+        services.store.dispose()

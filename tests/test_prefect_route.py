@@ -1,6 +1,9 @@
 """PrefectRoute and PrefectClient with only the HTTP transport mocked (respx): reasons, auth, circuit."""
 from __future__ import annotations
 
+import time
+from datetime import datetime, timedelta, timezone
+
 import httpx
 import pytest
 import respx
@@ -10,6 +13,13 @@ from app.backends.prefect_route import PrefectRoute
 
 API = "http://prefect.test/api"
 DEPLOYMENT = {"id": "d-1", "name": "shop", "work_pool_name": "flowgate"}
+
+
+def heartbeat(seconds_ago: float) -> str:
+    return (datetime.now(timezone.utc) - timedelta(seconds=seconds_ago)).isoformat()
+
+
+ALIVE = {"name": "w", "status": "ONLINE", "last_heartbeat_time": heartbeat(1)}
 
 
 @pytest.fixture
@@ -31,7 +41,7 @@ def test_a_pool_without_an_online_worker_sends_the_run_local(route):
 @respx.mock
 def test_answers_are_cached_briefly(route):
     deployment = respx.get(f"{API}/deployments/name/flowgate-connector/shop").respond(json=DEPLOYMENT)
-    respx.post(f"{API}/work_pools/flowgate/workers/filter").respond(json=[{"status": "ONLINE"}])
+    respx.post(f"{API}/work_pools/flowgate/workers/filter").respond(json=[ALIVE])
     assert [route.route("shop").deployment_id for _ in range(5)] == ["d-1"] * 5
     assert deployment.call_count == 1
 
@@ -50,5 +60,38 @@ def test_an_unreachable_prefect_opens_the_circuit_and_later_calls_skip_it(route)
 def test_a_busy_server_answering_503_is_retried(route):
     respx.get(f"{API}/deployments/name/flowgate-connector/shop").mock(
         side_effect=[httpx.Response(503), httpx.Response(200, json=DEPLOYMENT)])
-    respx.post(f"{API}/work_pools/flowgate/workers/filter").respond(json=[{"status": "ONLINE"}])
+    respx.post(f"{API}/work_pools/flowgate/workers/filter").respond(json=[ALIVE])
     assert route.route("shop").deployment_id == "d-1"
+
+
+@respx.mock
+def test_a_worker_prefect_still_counts_online_but_silent_past_the_age_sends_runs_local(route):
+    respx.get(f"{API}/deployments/name/flowgate-connector/shop").respond(json=DEPLOYMENT)
+    respx.post(f"{API}/work_pools/flowgate/workers/filter").respond(json=[
+        {"name": "hung", "status": "ONLINE", "last_heartbeat_time": heartbeat(route.worker_max_age_seconds + 5)}])
+    decision = route.route("shop")
+    assert not decision.ok and decision.reason == "no_worker_online" and "heartbeat" in decision.detail
+
+
+@respx.mock
+def test_one_unanswered_call_does_not_open_the_circuit_three_do(route):
+    respx.get(f"{API}/deployments/name/flowgate-connector/shop").mock(side_effect=httpx.ReadTimeout("slow"))
+    for _ in range(2):
+        assert route.route("shop").reason == "prefect_unreachable" and not route.circuit_open
+    route.route("shop")
+    assert route.circuit_open
+
+
+@respx.mock
+def test_a_health_answer_that_is_not_json_does_not_end_the_reprobe(route):
+    route.reprobe_seconds = 0.05
+    health = respx.get(f"{API}/health").mock(side_effect=[
+        httpx.Response(200, text="<html>proxy page</html>"), httpx.Response(200, text="<html>again</html>"),
+        httpx.Response(200, json=True)])
+    respx.get(f"{API}/deployments/name/flowgate-connector/shop").mock(side_effect=httpx.ConnectError("refused"))
+    route.route("shop")
+    assert route.circuit_open
+    deadline = time.monotonic() + 10
+    while route.circuit_open and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not route.circuit_open and health.call_count == 3

@@ -1,4 +1,5 @@
-"""The Prefect backend: flow runs created from deployments, followed until they end, cancelled, their logs read.
+"""The Prefect backend: flow runs created from deployments, followed until they end, cancelled, their logs read
+(the background follower of every unfinished run is app/backends/prefect_sync.py).
 
 Everything here talks to Prefect through PrefectClient (the one HTTP boundary) and PrefectRoute (probes and the
 circuit breaker); the dispatcher decides whether a run comes here at all.
@@ -13,14 +14,13 @@ from typing import Any
 from app.backends import LogPage
 from app.backends.prefect_client import PrefectClient, PrefectError, PrefectUnavailable
 from app.backends.prefect_route import PrefectRoute
+from app.backends.prefect_sync import PrefectSync, run_tag
 from app.errors import Unavailable
 from app.metrics import observe_run_end
 from app.runs.models import Run, utcnow
 from app.runs.store import RunStore
 from flows.outcome import COMPLETED, QUEUED, TERMINAL, RunError
-from flows.prefect.contract import (
-    FLOW_NAME, STATE_TO_STATUS, SUMMARY_ARTIFACT_PREFIX, WORKFLOW_DEPLOYMENT, WORKFLOW_FLOW_NAME, workflow_artifact_key,
-)
+from flows.prefect.contract import FLOW_NAME, STATE_TO_STATUS, SUMMARY_ARTIFACT_PREFIX, workflow_artifact_key
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +36,11 @@ class PrefectBackend:
     name = "prefect"
 
     def __init__(self, store: RunStore, route: PrefectRoute | None, run_timeout_seconds: float,
-                 settle_give_up_seconds: float = 60.0):
+                 pickup_seconds: float = 30.0, settle_give_up_seconds: float = 60.0):
         self.store = store
         self.route = route
         self.run_timeout_seconds = run_timeout_seconds
-        # A run whose flow run Prefect neither confirms nor denies for this long (it is unreachable) runs locally.
-        self.settle_give_up_seconds = settle_give_up_seconds
-        self._sync_stop = threading.Event()
-        self._sync_thread: threading.Thread | None = None
+        self.sync = PrefectSync(self, pickup_seconds, settle_give_up_seconds)
 
     @property
     def available(self) -> bool:
@@ -55,7 +52,7 @@ class PrefectBackend:
         assert self.route is not None
         return self.route.client
 
-    def _failed(self, exc: PrefectError) -> None:
+    def note_failure(self, exc: PrefectError) -> None:
         if exc.reason == "prefect_unreachable" and self.route is not None:
             self.route.record_failure(exc)
 
@@ -72,14 +69,14 @@ class PrefectBackend:
         try:
             return self._create(run, deployment_id)
         except PrefectUnavailable as exc:
-            self._failed(exc)
+            self.note_failure(exc)
             if not exc.maybe_done:
                 raise
             log.warning("creating the flow run of %s went unanswered (%s); asking again", run.id, exc.message)
         try:
             return self._create(run, deployment_id)
         except PrefectUnavailable as exc:
-            self._failed(exc)
+            self.note_failure(exc)
             log.warning("the flow run of %s is still unconfirmed (%s); the sync settles it", run.id, exc.message,
                         extra={"run_id": run.id})
             return run
@@ -87,43 +84,12 @@ class PrefectBackend:
     def _create(self, run: Run, deployment_id: str) -> Run:
         # Prefect scopes idempotency keys to the flow: prefix with the target so keys never collide.
         key = f"flowgate:{run.kind}:{run.target}:{run.idempotency_key or run.id}"
-        flow_run = self.client.create_flow_run(deployment_id, flow_parameters(run), key, tags=["flowgate", _tag(run)])
-        return self._record_flow_run(run, flow_run)
+        flow_run = self.client.create_flow_run(deployment_id, flow_parameters(run), key, tags=["flowgate", run_tag(run)])
+        return self.record_flow_run(run, flow_run)
 
-    def _record_flow_run(self, run: Run, flow_run: dict[str, Any]) -> Run:
+    def record_flow_run(self, run: Run, flow_run: dict[str, Any]) -> Run:
         state = flow_run.get("state") or {}
         return self.store.record_flow_run(run.id, str(flow_run["id"]), state.get("name")) or self.store.get(run.id)
-
-    def settle_undispatched(self, older_than_seconds: float, give_up_seconds: float) -> list[Run]:
-        """Runs accepted for Prefect without a flow run on record (their create went unanswered, or the process
-        died between storing and creating): find the flow run by the run's tag, or create it (same idempotency
-        key, so never twice); a run Prefect cannot take goes local. Returns the runs that changed."""
-        settled = []
-        now = utcnow()
-        for run in self.store.undispatched("prefect", now - timedelta(seconds=older_than_seconds)):
-            try:
-                flow_run = self.client.find_flow_run(_tag(run)) if self.route is not None else None
-                if flow_run is not None:
-                    settled.append(self._record_flow_run(run, flow_run))
-                    continue
-                deployment, flow_name = (run.target, FLOW_NAME) if run.kind == "connector" else \
-                    (WORKFLOW_DEPLOYMENT, WORKFLOW_FLOW_NAME)
-                route = self.route.route(deployment, flow_name) if self.route is not None else None
-                if route is not None and route.ok:
-                    settled.append(self.submit(run, deployment_id=route.deployment_id))
-                    continue
-                reason = route.reason if route is not None else "prefect_not_configured"
-            except PrefectError as exc:
-                self._failed(exc)
-                if (now - run.created_at).total_seconds() < give_up_seconds:
-                    continue  # Prefect may hold it: ask again on the next sync
-                reason = "prefect_create_failed"
-            log.warning("run %s was never handed to Prefect (%s); running it locally", run.id, reason,
-                        extra={"run_id": run.id})
-            changed = self.store.fall_back_to_local(run.id, reason)
-            if changed is not None:
-                settled.append(changed)
-        return settled
 
     # --- following --------------------------------------------------------------------------
 
@@ -132,13 +98,13 @@ class PrefectBackend:
         if run.is_terminal or not run.prefect_flow_run_id or not self.available:
             return run
         try:
-            return self._apply(run, self.client.read_flow_run(run.prefect_flow_run_id))
+            return self.apply_flow_run(run, self.client.read_flow_run(run.prefect_flow_run_id))
         except PrefectError as exc:
-            self._failed(exc)
+            self.note_failure(exc)
             log.info("cannot refresh run %s from Prefect: %s", run.id, exc.message)
             return run
 
-    def _apply(self, run: Run, flow_run: dict[str, Any]) -> Run:
+    def apply_flow_run(self, run: Run, flow_run: dict[str, Any]) -> Run:
         """Record a flow run's state on its run (and, once completed, the load summary artifact)."""
         state = flow_run.get("state") or {}
         status = STATE_TO_STATUS.get(state.get("type"), run.status)
@@ -194,7 +160,7 @@ class PrefectBackend:
         try:
             lines = self.client.read_logs(run.prefect_flow_run_id, after, limit)
         except PrefectError as exc:
-            self._failed(exc)
+            self.note_failure(exc)
             raise Unavailable(f"reading this run's logs from Prefect failed: {exc.message}",
                               code="prefect_unavailable", headers={"Retry-After": "10"}) from None
         items = [{"at": line["timestamp"], "level": logging.getLevelName(line.get("level", 20)),
@@ -237,79 +203,16 @@ class PrefectBackend:
                 return self.store.cancel(run.id)
             self.client.cancel_flow_run(run.prefect_flow_run_id)
         except PrefectError as exc:
-            self._failed(exc)
+            self.note_failure(exc)
             raise Unavailable(f"Prefect did not confirm the cancellation ({exc.message}); the run goes on",
                               code="prefect_unavailable", headers={"Retry-After": "10"}) from None
         return self.store.request_cancel(run.id)
-
-    # --- the background sync ----------------------------------------------------------------
-
-    def end_overdue_runs(self) -> list[Run]:
-        """Prefect runs unfinished past FLOWGATE_RUN_TIMEOUT_SECONDS end as failed here (and are cancelled there,
-        if Prefect answers): a Prefect that vanished for good must not leave runs open forever."""
-        timeout = self.run_timeout_seconds
-        overdue = self.store.fail_overdue("prefect", utcnow() - timedelta(seconds=timeout), RunError.timed_out(timeout))
-        for run in overdue:
-            log.warning("Prefect run %s timed out after %g s", run.id, timeout, extra={"run_id": run.id})
-            if run.prefect_flow_run_id and self.available:
-                try:
-                    self.client.cancel_flow_run(run.prefect_flow_run_id)
-                except PrefectError as exc:
-                    log.info("cancelling timed-out flow run %s failed: %s", run.prefect_flow_run_id, exc.message)
-        return overdue
-
-    def sync(self) -> int:
-        """Bring every unfinished Prefect run up to date with one call to Prefect; returns how many changed."""
-        self.end_overdue_runs()
-        timeout = self.client.timeout if self.route is not None else 2.0
-        # An answer still on its way is given 2 timeouts (plus a second) before the run is looked for.
-        self.settle_undispatched(older_than_seconds=2 * timeout + 1, give_up_seconds=self.settle_give_up_seconds)
-        runs = {run.prefect_flow_run_id: run for run in self.store.unfinished("prefect") if run.prefect_flow_run_id}
-        if not runs or not self.available:
-            return 0
-        changed = 0
-        for flow_run in self.client.read_flow_runs(list(runs)):
-            run = runs.get(str(flow_run["id"]))
-            if run is not None and self._apply(run, flow_run) is not run:
-                changed += 1
-        return changed
-
-    def start_sync(self, every_seconds: float = 2.0) -> None:
-        """Follow unfinished Prefect runs in the background, so their records end even if nobody asks."""
-        if self.route is None:
-            return
-        self._sync_stop.clear()
-
-        def loop() -> None:
-            while not self._sync_stop.wait(every_seconds):
-                try:
-                    self.sync()
-                except PrefectError as exc:
-                    log.info("syncing Prefect runs failed: %s", exc.message)
-                except Exception:  # a hiccup must not end the loop
-                    log.exception("syncing Prefect runs failed")
-
-        self._sync_thread = threading.Thread(target=loop, name="flowgate-prefect-sync", daemon=True)
-        self._sync_thread.start()
-
-    @property
-    def sync_alive(self) -> bool | None:
-        """Whether the background sync runs (None: not started in this process)."""
-        return self._sync_thread.is_alive() if self._sync_thread is not None else None
-
-    def stop_sync(self) -> None:
-        self._sync_stop.set()
-
 
 def flow_parameters(run: Run) -> dict[str, Any]:
     """The flow run's parameters, from the run alone (so any process can create it)."""
     if run.kind == "workflow":
         return {"run_id": run.id, **run.params}
     return {"connector_id": run.target, "params": run.params}
-
-
-def _tag(run: Run) -> str:
-    return f"flowgate-run:{run.id}"
 
 
 def _parse_time(value: str | None) -> datetime | None:
@@ -321,4 +224,5 @@ def make_prefect_route(settings: Any) -> PrefectRoute | None:
     if not settings.prefect_api_url:
         return None
     client = PrefectClient(settings.prefect_api_url, settings.prefect_api_key, settings.prefect_timeout_seconds)
-    return PrefectRoute(client, FLOW_NAME, settings.prefect_pool)
+    return PrefectRoute(client, FLOW_NAME, settings.prefect_pool,
+                        worker_max_age_seconds=settings.prefect_worker_max_age_seconds)

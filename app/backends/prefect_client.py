@@ -3,9 +3,22 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import datetime
 from typing import Any
 
 import httpx
+
+
+RECLAIMED = "Reclaimed"  # the name of the PENDING state a gateway claims a flow run no worker picked up with
+
+
+def count_alive(workers: list[dict[str, Any]], max_age_seconds: float) -> int:
+    """How many of `workers` sent a heartbeat within `max_age_seconds`. Prefect itself counts a hung worker
+    ONLINE until its heartbeat is ~90 s old; runs handed to it meanwhile would wait for nobody."""
+    now = time.time()
+    return sum(1 for worker in workers if worker.get("status") == "ONLINE" and worker.get("last_heartbeat_time")
+               and now - datetime.fromisoformat(worker["last_heartbeat_time"].replace("Z", "+00:00")).timestamp()
+               <= max_age_seconds)
 
 
 class PrefectError(Exception):
@@ -91,10 +104,11 @@ class PrefectClient:
         """The deployment `flow_name/deployment_name` (PrefectNotFound when missing)."""
         return self._request("GET", f"deployments/name/{flow_name}/{deployment_name}")
 
-    def workers_online(self, work_pool: str) -> int:
-        """How many workers of `work_pool` are ONLINE (PrefectNotFound when the pool is missing)."""
-        workers = self._request("POST", f"work_pools/{work_pool}/workers/filter", json={})
-        return sum(1 for worker in workers if worker.get("status") == "ONLINE")
+    def workers(self, work_pool: str) -> list[dict[str, Any]]:
+        """The workers of `work_pool`, with their status and last heartbeat (PrefectNotFound: no such pool)."""
+        return self._request("POST", f"work_pools/{work_pool}/workers/filter", json={})
+
+
 
     def create_flow_run(self, deployment_id: str, parameters: dict[str, Any], idempotency_key: str,
                         tags: list[str]) -> dict[str, Any]:
@@ -126,6 +140,19 @@ class PrefectClient:
         return self._request("POST", "logs/filter", json={
             "logs": {"flow_run_id": {"any_": [flow_run_id]}}, "sort": "TIMESTAMP_ASC", "offset": offset,
             "limit": limit})
+
+    def claim_flow_run(self, flow_run_id: str) -> bool:
+        """Take a scheduled flow run before any worker does: PENDING is the state workers claim runs with, and
+        Prefect refuses it from PENDING or RUNNING, so exactly one claimant wins. True when this one did."""
+        answer = self._request("POST", f"flow_runs/{flow_run_id}/set_state", json={
+            "state": {"type": "PENDING", "name": RECLAIMED, "message": "taken back by flowgate: no worker picked it up"},
+            "force": False})
+        return (answer or {}).get("status") == "ACCEPT"
+
+    def close_reclaimed_flow_run(self, flow_run_id: str, message: str) -> None:
+        """End a flow run this gateway claimed (it runs locally instead)."""
+        self._request("POST", f"flow_runs/{flow_run_id}/set_state", json={
+            "state": {"type": "CANCELLED", "name": "Cancelled", "message": message}, "force": True})
 
     def cancel_scheduled_flow_run(self, flow_run_id: str) -> bool:
         """Cancel a flow run no worker has taken yet; False when Prefect refuses (a worker already has it).

@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.metrics import PREFECT_CIRCUIT, PREFECT_PROBE
-from app.backends.prefect_client import PrefectClient, PrefectError, PrefectNotFound, PrefectUnavailable
+from app.backends.prefect_client import (
+    PrefectClient, PrefectError, PrefectNotFound, PrefectUnavailable, count_alive,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +36,9 @@ class PrefectRoute:
     """
 
     def __init__(self, client: PrefectClient, flow_name: str, work_pool: str, cache_seconds: float = 5.0,
-                 reprobe_seconds: float = 5.0):
+                 reprobe_seconds: float = 5.0, worker_max_age_seconds: float = 65.0):
         self.client = client
+        self.worker_max_age_seconds = worker_max_age_seconds
         self.flow_name = flow_name
         self.work_pool = work_pool
         self.cache_seconds = cache_seconds
@@ -63,8 +66,10 @@ class PrefectRoute:
             pool = deployment.get("work_pool_name")
             if not pool:
                 return Route(None, "no_work_pool", f"deployment {deployment_name} has no work pool")
-            if not self._cached(f"workers:{pool}", lambda: self.client.workers_online(pool)):
-                return Route(None, "no_worker_online", f"no worker of pool '{pool}' is online")
+            if not self._cached(f"workers:{pool}",
+                                lambda: count_alive(self.client.workers(pool), self.worker_max_age_seconds)):
+                return Route(None, "no_worker_online", f"no worker of pool '{pool}' sent a heartbeat within "
+                                                       f"{self.worker_max_age_seconds:g} s")
             return Route(str(deployment["id"]))
         except PrefectNotFound:
             return Route(None, "no_deployment", f"no deployment {flow_name}/{deployment_name}")
@@ -138,13 +143,16 @@ class PrefectRoute:
         try:
             self._latency_ms = self.client.health()
             PREFECT_PROBE.set(self._latency_ms / 1000)
-            workers = self.client.workers_online(self.work_pool)
+            workers = self.client.workers(self.work_pool)
         except PrefectNotFound:
             workers = None
         except PrefectError as exc:
             self.record_failure(exc)
-            return {"status": "down", "circuit": "open", "reason": exc.message}
+            return {"status": "down", "circuit": "open" if self.circuit_open else "closed", "reason": exc.message}
         return {"status": "up", "circuit": "closed", "api_url": self.client.api_url,
                 "latency_ms": round(self._latency_ms, 2), "work_pool": self.work_pool,
-                "workers_online": workers or 0,
+                "workers_online": count_alive(workers or [], self.worker_max_age_seconds),
+                "worker_max_age_seconds": self.worker_max_age_seconds,
+                "workers": [{"name": w.get("name"), "status": w.get("status"),
+                             "last_heartbeat_time": w.get("last_heartbeat_time")} for w in workers or []],
                 **({"reason": f"work pool '{self.work_pool}' does not exist"} if workers is None else {})}

@@ -277,9 +277,11 @@ class RunStore:
         """Prefect created the run's flow run."""
         return self._change_unfinished(run_id, prefect_flow_run_id=flow_run_id, prefect_state=prefect_state)
 
-    def fall_back_to_local(self, run_id: str, reason: str) -> Run | None:
-        """Prefect could not take the run after all: a local executor will claim it, under the same id."""
-        return self._change_unfinished(run_id, backend="local", fallback_reason=reason)
+    def fall_back_to_local(self, run_id: str, reason: str, prefect_state: str | None = None) -> Run | None:
+        """Prefect could not take the run after all: a local executor will claim it, under the same id (a flow
+        run Prefect had for it stays named on the run, with its last state)."""
+        values = {"prefect_state": prefect_state} if prefect_state else {}
+        return self._change_unfinished(run_id, backend="local", fallback_reason=reason, status=QUEUED, **values)
 
     def fail(self, run_id: str, error: RunError) -> Run | None:
         """End the run as failed before it ran anywhere."""

@@ -1,0 +1,157 @@
+"""Following Prefect runs in the background: one batched call brings every unfinished run up to date, runs no
+worker picked up are taken back, runs whose flow run is unconfirmed are settled, overdue runs are ended."""
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from app.backends.prefect_client import RECLAIMED, PrefectError
+from app.runs.models import Run, utcnow
+from flows.outcome import QUEUED, RunError
+from flows.prefect.contract import FLOW_NAME, WORKFLOW_DEPLOYMENT, WORKFLOW_FLOW_NAME
+
+if TYPE_CHECKING:
+    from app.backends.prefect import PrefectBackend
+
+log = logging.getLogger(__name__)
+
+
+class PrefectSync:
+    """One per gateway process; every process's sync may act on any run, each change is a store transition."""
+
+    def __init__(self, backend: PrefectBackend, pickup_seconds: float, give_up_seconds: float):
+        self.backend = backend
+        self.store = backend.store
+        self.pickup_seconds = pickup_seconds
+        # A run whose flow run Prefect neither confirms nor denies for this long (it is unreachable) runs locally.
+        self.give_up_seconds = give_up_seconds
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def end_overdue_runs(self) -> list[Run]:
+        """Prefect runs unfinished past FLOWGATE_RUN_TIMEOUT_SECONDS end as failed here (and are cancelled there,
+        if Prefect answers): a Prefect that vanished for good must not leave runs open forever."""
+        timeout = self.backend.run_timeout_seconds
+        overdue = self.store.fail_overdue("prefect", utcnow() - timedelta(seconds=timeout), RunError.timed_out(timeout))
+        for run in overdue:
+            log.warning("Prefect run %s timed out after %g s", run.id, timeout, extra={"run_id": run.id})
+            if run.prefect_flow_run_id and self.backend.available:
+                try:
+                    self.backend.client.cancel_flow_run(run.prefect_flow_run_id)
+                except PrefectError as exc:
+                    log.info("cancelling timed-out flow run %s failed: %s", run.prefect_flow_run_id, exc.message)
+        return overdue
+
+    def run_once(self) -> int:
+        """Bring every unfinished Prefect run up to date with one call to Prefect; returns how many changed."""
+        self.end_overdue_runs()
+        timeout = self.backend.client.timeout if self.backend.route is not None else 2.0
+        # An answer still on its way is given 2 timeouts (plus a second) before the run is looked for.
+        self.settle_undispatched(older_than_seconds=2 * timeout + 1)
+        runs = {run.prefect_flow_run_id: run for run in self.store.unfinished("prefect") if run.prefect_flow_run_id}
+        if not runs or not self.backend.available:
+            return 0
+        changed = 0
+        picked_up_before = utcnow() - timedelta(seconds=self.pickup_seconds)
+        for flow_run in self.backend.client.read_flow_runs(list(runs)):
+            run = runs.get(str(flow_run["id"]))
+            if run is None:
+                continue
+            if run.status == QUEUED and run.created_at < picked_up_before and _unpicked(flow_run):
+                changed += self._reclaim(run)
+            elif self.backend.apply_flow_run(run, flow_run) is not run:
+                changed += 1
+        return changed
+
+    def _reclaim(self, run: Run) -> int:
+        """No worker picked the flow run up within FLOWGATE_PREFECT_PICKUP_SECONDS: claim it the way a worker
+        would (PENDING, which Prefect grants once), close it, and run it locally under the same run id. When a
+        worker wins the claim, the run stays on Prefect."""
+        flow_run_id = run.prefect_flow_run_id
+        if not self.backend.client.claim_flow_run(flow_run_id):
+            log.info("a worker picked up %s as its pickup deadline passed; it stays on Prefect", run.id)
+            return 0
+        self.backend.client.close_reclaimed_flow_run(
+            flow_run_id, f"no worker picked it up within {self.pickup_seconds:g} s; flowgate runs it locally")
+        log.warning("run %s: no worker picked up flow run %s within %g s; running it locally", run.id, flow_run_id,
+                    self.pickup_seconds, extra={"run_id": run.id})
+        return int(self.store.fall_back_to_local(run.id, "prefect_not_picked_up", prefect_state="Cancelled")
+                   is not None)
+
+    def awaiting_pickup(self) -> dict[str, Any]:
+        """For readiness: Prefect runs no worker has picked up yet, and the oldest one's wait."""
+        waiting = [run for run in self.store.unfinished("prefect") if run.status == QUEUED]
+        oldest = min((run.created_at for run in waiting), default=None)
+        return {"runs_awaiting_pickup": len(waiting),
+                "oldest_wait_seconds": round((utcnow() - oldest).total_seconds(), 1) if oldest else None,
+                "pickup_deadline_seconds": self.pickup_seconds}
+
+    def start(self, every_seconds: float = 2.0) -> None:
+        """Follow unfinished Prefect runs in the background, so their records end even if nobody asks."""
+        if self.backend.route is None:
+            return
+        self._stop.clear()
+
+        def loop() -> None:
+            while not self._stop.wait(every_seconds):
+                try:
+                    self.run_once()
+                except PrefectError as exc:
+                    log.info("syncing Prefect runs failed: %s", exc.message)
+                except Exception:  # a hiccup must not end the loop
+                    log.exception("syncing Prefect runs failed")
+
+        self._thread = threading.Thread(target=loop, name="flowgate-prefect-sync", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool | None:
+        """Whether the background sync runs (None: not started in this process)."""
+        return self._thread.is_alive() if self._thread is not None else None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def settle_undispatched(self, older_than_seconds: float) -> list[Run]:
+        """Runs accepted for Prefect without a flow run on record (their create went unanswered, or the process
+        died between storing and creating): find the flow run by the run's tag, or create it (same idempotency
+        key, so never twice); a run Prefect cannot take goes local. Returns the runs that changed."""
+        settled = []
+        now = utcnow()
+        for run in self.store.undispatched("prefect", now - timedelta(seconds=older_than_seconds)):
+            try:
+                flow_run = self.backend.client.find_flow_run(run_tag(run)) if self.backend.route is not None else None
+                if flow_run is not None:
+                    settled.append(self.backend.record_flow_run(run, flow_run))
+                    continue
+                deployment, flow_name = (run.target, FLOW_NAME) if run.kind == "connector" else \
+                    (WORKFLOW_DEPLOYMENT, WORKFLOW_FLOW_NAME)
+                route = self.backend.route.route(deployment, flow_name) if self.backend.route is not None else None
+                if route is not None and route.ok:
+                    settled.append(self.backend.submit(run, deployment_id=route.deployment_id))
+                    continue
+                reason = route.reason if route is not None else "prefect_not_configured"
+            except PrefectError as exc:
+                self.backend.note_failure(exc)
+                if (now - run.created_at).total_seconds() < self.give_up_seconds:
+                    continue  # Prefect may hold it: ask again on the next sync
+                reason = "prefect_create_failed"
+            log.warning("run %s was never handed to Prefect (%s); running it locally", run.id, reason,
+                        extra={"run_id": run.id})
+            changed = self.store.fall_back_to_local(run.id, reason)
+            if changed is not None:
+                settled.append(changed)
+        return settled
+
+
+def _unpicked(flow_run: dict[str, Any]) -> bool:
+    """Scheduled (Late included) and never claimed by a worker; or claimed by a gateway that then died."""
+    state = flow_run.get("state") or {}
+    return state.get("type") == "SCHEDULED" or (state.get("type") == "PENDING" and state.get("name") == RECLAIMED)
+
+
+def run_tag(run: Run) -> str:
+    """The tag a run's flow run carries, so a create whose answer was lost can be found again."""
+    return f"flowgate-run:{run.id}"
