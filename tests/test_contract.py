@@ -149,3 +149,9 @@ def test_node_types_are_documented_as_an_enum(client):
     assert {"http", "transform", "llm", "output"} <= set(node_type["enum"])
     response = client.post("/api/workflow/w/execute-node", json={"nodeId": "a", "nodeType": "nope"})
     assert response.status_code == 422 and _problem_fields(response) == ["nodeType"]
+
+
+@pytest.mark.parametrize("body", [{}, {"idempotency_key": "body-key"}])
+def test_an_idempotency_key_header_outside_its_pattern_is_a_422_even_beside_a_body_key(client, body):
+    response = client.post("/trigger", json={"connector_id": "numbers", **body}, headers={"Idempotency-Key": "é"})
+    assert response.status_code == 422 and _problem_fields(response) == ["Idempotency-Key"]

@@ -101,10 +101,8 @@ def check_json_size(field: str, value: Any, limit: int) -> None:
 
 
 def idempotency_key(body_key: str | None = None) -> str | None:
-    """The body's `idempotency_key`, else the Idempotency-Key header; a 422 unless 1-255 printable ASCII."""
-    if body_key is not None:
-        return body_key  # validated with the body
-    key = request.headers.get("Idempotency-Key")
-    if key is not None and not re.fullmatch(IDEMPOTENCY_KEY_PATTERN, key):
+    """The body's `idempotency_key`, else the Idempotency-Key header; either is a 422 unless 1-255 printable ASCII."""
+    header = request.headers.get("Idempotency-Key")
+    if header is not None and not re.fullmatch(IDEMPOTENCY_KEY_PATTERN, header):
         raise ValidationFailed.of_field("Idempotency-Key", "must be 1 to 255 printable ASCII characters")
-    return key
+    return body_key if body_key is not None else header
