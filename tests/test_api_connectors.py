@@ -97,3 +97,8 @@ def test_schema_is_a_503_destination_busy_while_this_process_writes_the_file_or_
         assert response.status_code == 503 and response.json["code"] == "destination_busy"
         assert response.headers["Retry-After"] == "5"
     assert client.get("/api/v1/connectors/shop/schema").json["tables"] == {}
+
+
+def test_preview_of_a_python_source_with_a_huge_count_reads_only_its_first_page(client):
+    response = client.post("/api/v1/connectors/numbers/preview", json={"limit": 3, "params": {"n": 10**15}})
+    assert response.status_code == 200 and len(response.json["resources"]["numbers"]["rows"]) == 3
