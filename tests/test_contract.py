@@ -155,3 +155,10 @@ def test_node_types_are_documented_as_an_enum(client):
 def test_an_idempotency_key_header_outside_its_pattern_is_a_422_even_beside_a_body_key(client, body):
     response = client.post("/trigger", json={"connector_id": "numbers", **body}, headers={"Idempotency-Key": "é"})
     assert response.status_code == 422 and _problem_fields(response) == ["Idempotency-Key"]
+
+
+def test_execute_node_documents_its_workflow_id_as_any_text_because_it_takes_any(client):
+    operation = client.get("/openapi.json").json["paths"]["/api/workflow/{workflow_id}/execute-node"]["post"]
+    assert operation["parameters"][0]["schema"] == {"type": "string"}
+    response = client.post("/api/workflow/%17q1%C2%AA/execute-node", json={"nodeType": "trigger", "nodeId": "0"})
+    assert response.status_code == 200 and response.json["success"] is True
