@@ -110,5 +110,5 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     limits.init_app(app, settings.rate_limit, settings.rate_limit_storage)
     metrics.init_app(app)
     api.init_app(app)
-    openapi.init_app(app)
+    openapi.init_app(app, api_keys=keyring.enabled)
     return app

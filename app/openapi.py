@@ -1,6 +1,8 @@
 """The OpenAPI 3.1 document of the HTTP API, built from the same pydantic models the views validate with."""
 from __future__ import annotations
 
+import copy
+from collections.abc import Sequence
 from typing import Any
 
 from flask import Flask
@@ -9,11 +11,12 @@ from pydantic.json_schema import models_json_schema
 
 from app import __version__
 from app.schemas import (
-    ConnectorDetail, ConnectorList, ConnectorSchema, ExecuteNodeRequest, Health, NodeRunOut, PreviewOut, PreviewRequest,
-    ProblemDetail, Readiness, RunLogs, RunLogsQuery, RunOptions, RunOut, RunPage, RunQuery, TriggerRequest,
-    WorkflowAccepted,
-    WorkflowExecuteRequest, WorkflowExecution,
+    RUN_ID_PATTERN, ConnectorDetail, ConnectorList, ConnectorSchema, ExecuteNodeRequest, Health, NodeRunOut,
+    PreviewOut, PreviewRequest, ProblemDetail, Readiness, RunLogs, RunLogsQuery, RunOptions, RunOut, RunPage, RunQuery,
+    TriggerRequest, WorkflowAccepted, WorkflowExecuteRequest, WorkflowExecution,
 )
+from connectors.spec import CONNECTOR_ID, ConnectorSpec, PythonSource
+from flows.workflow_spec import NODE_ID
 
 _MODELS: list[type[BaseModel]] = [TriggerRequest, RunOptions, RunOut, RunPage, ConnectorList, ConnectorDetail,
                                   Health, Readiness, ProblemDetail, PreviewRequest, PreviewOut,
@@ -42,12 +45,13 @@ def _body(model: type[BaseModel]) -> dict[str, Any]:
     return {"required": False, "content": {"application/json": {"schema": _ref(model)}}}
 
 
-def _path_param(name: str) -> dict[str, Any]:
-    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+def _path_param(name: str, **schema: Any) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string", **schema}}
 
 
 _IDEMPOTENCY_HEADER = {"name": "Idempotency-Key", "in": "header", "required": False,
-                       "schema": {"type": "string", "minLength": 1, "maxLength": 255}}
+                       "schema": TriggerRequest.model_json_schema()["properties"]["idempotency_key"]["anyOf"][0]}
+_RUN_ID = {"pattern": RUN_ID_PATTERN}
 
 
 def _run_started(*problems: str) -> dict[str, Any]:
@@ -58,17 +62,93 @@ def _run_started(*problems: str) -> dict[str, Any]:
 
 def _query_parameters(model: type[BaseModel]) -> list[dict[str, Any]]:
     schema = model.model_json_schema()
-    return [{"name": name, "in": "query", "required": False, "schema": prop}
+    return [{"name": name, "in": "query", "required": False, "schema": _not_null(prop)}
             for name, prop in schema["properties"].items()]
 
 
-def build_document(max_wait_seconds: float | None = None) -> dict[str, Any]:
-    """The whole OpenAPI document; `max_wait_seconds` (a setting) becomes the documented maximum of `wait`."""
+def _not_null(prop: dict[str, Any]) -> dict[str, Any]:
+    # A query parameter is present or absent, never null: `X | None = None` documents as X.
+    branches = [branch for branch in prop.get("anyOf", ()) if branch != {"type": "null"}]
+    if len(branches) != 1:
+        return prop
+    return {**branches[0], **{k: v for k, v in prop.items() if k not in ("anyOf", "default")}}
+
+
+_JSON_TYPES = ((bool, "boolean"), ((int, float), "number"), (str, "string"), (list, "array"), (dict, "object"))
+
+
+def params_schema(spec: ConnectorSpec) -> dict[str, Any]:
+    """What a trigger's `params` may hold for this connector, as ConnectorSpec.with_params checks it.
+
+    Source fields come from the source model's own schema; a python source's args take the JSON type of their
+    declared value (or null, which with_params lets through); `full_refresh` is a boolean for every connector.
+    """
+    properties: dict[str, Any] = {}
+    if isinstance(spec.source, PythonSource):
+        for key, declared in spec.source.args.items():
+            kind = next((name for types, name in _JSON_TYPES if isinstance(declared, types)), None)
+            properties[key] = {"type": [kind, "null"]} if kind and declared is not None else {}
+    else:
+        fields = type(spec.source).model_json_schema(by_alias=True)["properties"]
+        for key in spec.source.overridable:
+            properties[key] = {} if key == "initial_value" else {
+                k: v for k, v in fields[key].items() if k not in ("default", "title")}
+    properties["full_refresh"] = {"type": "boolean", "description": "Drop the tables and incremental state first."}
+    return {"type": "object", "properties": properties, "additionalProperties": False,
+            "description": f"Overrides {spec.id} allows: {', '.join(spec.overridable)}."}
+
+
+def _params_of_any(connectors: Sequence[ConnectorSpec]) -> dict[str, Any]:
+    # With the connector in the path, the schema can only say which keys some connector takes; the rule is below.
+    properties: dict[str, list[dict[str, Any]]] = {}
+    for spec in connectors:
+        for key, prop in params_schema(spec)["properties"].items():
+            if prop not in properties.setdefault(key, []):
+                properties[key].append(prop)
+    return {"type": "object", "additionalProperties": False,
+            "properties": {key: props[0] if len(props) == 1 else {"anyOf": props} for key, props in properties.items()},
+            "description": "Only the keys the connector in the path declares overridable (its `overridable`, "
+                           "GET /api/v1/connectors/{connector_id}), with their types; any other key is a 422 "
+                           "naming params.<key>."}
+
+
+def _describe_connectors(schemas: dict[str, Any], connectors: Sequence[ConnectorSpec]) -> None:
+    """/trigger's body per connector (a oneOf on connector_id); params of the path operations as a union."""
+    trigger = schemas["TriggerRequest"]
+    variants = []
+    for spec in connectors:
+        variant = copy.deepcopy(trigger)
+        variant["title"] = f"TriggerRequest for {spec.id}"
+        variant["properties"]["connector_id"] = {"type": "string", "const": spec.id}
+        variant["properties"]["params"] = params_schema(spec)
+        variant.pop("description", None)
+        variants.append(variant)
+    schemas["TriggerRequest"] = {"title": "TriggerRequest", "description": trigger.get("description", ""),
+                                 "oneOf": variants}
+    for name in ("RunOptions", "PreviewRequest"):
+        schemas[name]["properties"]["params"] = _params_of_any(connectors)
+
+
+def build_document(max_wait_seconds: float | None = None, *, connectors: Sequence[ConnectorSpec] = (),
+                   api_keys: bool = False, callbacks: bool = False) -> dict[str, Any]:
+    """The whole OpenAPI document of the gateway as configured.
+
+    `max_wait_seconds` becomes the documented maximum of `wait`; `connectors` name the connector ids and the
+    params each takes; security schemes (and 401/403) appear only with `api_keys`; `callback_url` only with
+    `callbacks` (otherwise it is a 422, as for any field the document does not list).
+    """
     _, schemas = models_json_schema([(m, "validation") for m in _MODELS],
                                     ref_template="#/components/schemas/{model}")
-    if max_wait_seconds is not None:
-        for model in (RunOptions, TriggerRequest, WorkflowExecuteRequest):
-            schemas["$defs"][model.__name__]["properties"]["wait"]["maximum"] = max_wait_seconds
+    defs = schemas["$defs"]
+    for model in (RunOptions, TriggerRequest, WorkflowExecuteRequest):
+        if max_wait_seconds is not None:
+            defs[model.__name__]["properties"]["wait"]["maximum"] = max_wait_seconds
+        if not callbacks:
+            del defs[model.__name__]["properties"]["callback_url"]
+    connector_id = _path_param("connector_id", pattern=CONNECTOR_ID)
+    if connectors:
+        _describe_connectors(defs, connectors)
+        connector_id = _path_param("connector_id", enum=[spec.id for spec in connectors])
     paths = {
         "/health": {"get": {"operationId": "health", "summary": "Liveness; never waits on anything",
                             "responses": {"200": _json(Health, "The process is serving")}}},
@@ -87,36 +167,37 @@ def build_document(max_wait_seconds: float | None = None) -> dict[str, Any]:
                                        "responses": {"200": _json(ConnectorList, "Connectors")}}},
         "/api/v1/connectors/{connector_id}": {"get": {
             "operationId": "getConnector", "summary": "A connector (secrets redacted) and its latest runs",
-            "parameters": [_path_param("connector_id")],
+            "parameters": [connector_id],
             "responses": {"200": _json(ConnectorDetail, "The connector"), **_problems("404")}}},
         "/api/v1/connectors/{connector_id}/runs": {"post": {
             "operationId": "createConnectorRun", "summary": "Run a connector (same as /trigger)",
-            "parameters": [_path_param("connector_id"), _IDEMPOTENCY_HEADER], "requestBody": _body(RunOptions),
+            "parameters": [connector_id, _IDEMPOTENCY_HEADER], "requestBody": _body(RunOptions),
             "responses": _run_started()}},
         "/api/v1/connectors/{connector_id}/preview": {"post": {
             "operationId": "previewConnector", "summary": "Sample rows per resource; nothing is loaded",
-            "parameters": [_path_param("connector_id")], "requestBody": _body(PreviewRequest),
+            "parameters": [connector_id], "requestBody": _body(PreviewRequest),
             "responses": {"200": _json(PreviewOut, "Sample rows and inferred columns"),
                           **_problems("400", "404", "413", "422")}}},
         "/api/v1/connectors/{connector_id}/schema": {"get": {
             "operationId": "getConnectorSchema", "summary": "Tables and columns loaded, read from the destination",
-            "parameters": [_path_param("connector_id")],
+            "parameters": [connector_id],
             "responses": {"200": _json(ConnectorSchema, "The loaded tables"),
                           **_problems("404", "503")}}},
         "/api/workflow/{workflow_id}/execute": {"post": {
             "operationId": "executeWorkflow",
             "summary": "Start a workflow (from the workflows folder, or inline in `workflow`); answers at once",
-            "parameters": [_path_param("workflow_id"), _IDEMPOTENCY_HEADER],
+            "parameters": [_path_param("workflow_id", pattern=NODE_ID), _IDEMPOTENCY_HEADER],
             "requestBody": _body(WorkflowExecuteRequest),
             "responses": {"200": _json(WorkflowAccepted, "The execution ended within `wait`"),
                           "202": _json(WorkflowAccepted, "The execution is queued or running; poll statusUrl"),
                           **_problems("400", "404", "409", "413", "422", "503")}}},
         "/api/workflow/execution/{execution_id}": {"get": {
             "operationId": "getWorkflowExecution", "summary": "A workflow execution, node by node",
-            "parameters": [_path_param("execution_id")],
+            "parameters": [_path_param("execution_id", **_RUN_ID)],
             "responses": {"200": _json(WorkflowExecution, "The execution"), **_problems("404")}}},
         "/api/workflow/{workflow_id}/execute-node": {"post": {
             "operationId": "executeNode", "summary": "Run one node now with `inputData`; answers with its output",
+            # The node runs on its own: the workflow id is the seed's path shape, not looked up, so any text will do.
             "parameters": [_path_param("workflow_id")], "requestBody": {**_body(ExecuteNodeRequest), "required": True},
             "responses": {"200": _json(NodeRunOut, "The node ran: `success` says whether it completed"),
                           **_problems("400", "413", "422")}}},
@@ -124,38 +205,43 @@ def build_document(max_wait_seconds: float | None = None) -> dict[str, Any]:
             "operationId": "listRuns", "summary": "Runs, newest first", "parameters": _query_parameters(RunQuery),
             "responses": {"200": _json(RunPage, "A page of runs"), **_problems("422")}}},
         "/api/v1/runs/{run_id}": {"get": {
-            "operationId": "getRun", "summary": "A run", "parameters": [_path_param("run_id")],
+            "operationId": "getRun", "summary": "A run", "parameters": [_path_param("run_id", **_RUN_ID)],
             "responses": {"200": _json(RunOut, "The run"), **_problems("404")}}},
         "/api/v1/runs/{run_id}/logs": {"get": {
             "operationId": "getRunLogs", "summary": "A run's log lines (local: captured; Prefect: from Prefect)",
-            "parameters": [_path_param("run_id"), *_query_parameters(RunLogsQuery)],
+            "parameters": [_path_param("run_id", **_RUN_ID), *_query_parameters(RunLogsQuery)],
             "responses": {"200": _json(RunLogs, "Log lines, oldest first"), **_problems("404", "422", "503")}}},
         "/api/v1/runs/{run_id}/cancel": {"post": {
             "operationId": "cancelRun", "summary": "Cancel a queued or running run",
-            "parameters": [_path_param("run_id")],
+            "parameters": [_path_param("run_id", **_RUN_ID)],
             "responses": {"200": _json(RunOut, "Cancelled"), "202": _json(RunOut, "Cancelling at the next checkpoint"),
                           **_problems("404", "409")}}},
     }
-    for path, operations in paths.items():
-        for operation in operations.values():
-            if path == "/health":
-                operation["security"] = []  # liveness is never behind a key
-            else:
-                operation["responses"].update(_problems("401", "403"))
-    return {
+    document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {"title": "flowgate", "version": __version__,
                  "description": "Trigger gateway for dlt connectors; errors are application/problem+json."},
         "paths": paths,
-        "components": {"schemas": schemas["$defs"], "securitySchemes": {
-            "bearer": {"type": "http", "scheme": "bearer", "description": "An API key from FLOWGATE_API_KEYS"},
-            "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}}},
-        # Applies when the gateway has keys configured: `read` for GET, `trigger` for the rest, `admin` for all.
-        "security": [{"bearer": []}, {"apiKey": []}],
+        "components": {"schemas": defs},
     }
+    if api_keys:
+        for path, operations in paths.items():
+            for operation in operations.values():
+                if path == "/health":
+                    operation["security"] = []  # liveness is never behind a key
+                else:
+                    operation["responses"].update(_problems("401", "403"))
+        document["components"]["securitySchemes"] = {
+            "bearer": {"type": "http", "scheme": "bearer", "description": "An API key from FLOWGATE_API_KEYS"},
+            "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}}
+        # `read` for GET, `trigger` for the rest, `admin` for all.
+        document["security"] = [{"bearer": []}, {"apiKey": []}]
+    return document
 
 
-def init_app(app: Flask) -> None:
-    """Serve the document at /openapi.json (built once per process)."""
-    document = build_document(app.extensions["flowgate"].settings.max_wait_seconds)
+def init_app(app: Flask, api_keys: bool) -> None:
+    """Serve the document of this gateway's configuration at /openapi.json (built once per process)."""
+    svc = app.extensions["flowgate"]
+    document = build_document(svc.settings.max_wait_seconds, connectors=list(svc.registry), api_keys=api_keys,
+                              callbacks=bool(svc.settings.callback_secret))
     app.add_url_rule("/openapi.json", "openapi", lambda: document)

@@ -1,19 +1,57 @@
-"""Request and response shapes of the HTTP API; the views validate with them and the OpenAPI document shows them."""
+"""Request and response shapes of the HTTP API; the views validate with them and the OpenAPI document shows them.
+Over 300 lines because every shape the API takes or gives is here, so the views and the document read one module."""
 from __future__ import annotations
 
+import re
 from datetime import datetime
-from typing import Any, Literal
+from decimal import Decimal, InvalidOperation
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
 from app.runs.models import Run
+from connectors.spec import CONNECTOR_ID, redact
+from flows.nodes import NODE_TYPES
 from flows.outcome import STATUSES
-from connectors.spec import redact
 
 RunStatus = Literal[STATUSES]  # type: ignore[valid-type]
+NodeTypeName = Literal[tuple(sorted(NODE_TYPES))]  # type: ignore[valid-type]
+INT32_MAX = 2**31 - 1  # an Integer column on PostgreSQL (run log line ids)
+RUN_ID_PATTERN = r"^[0-9a-f]{32}$"  # the run store's ids (uuid4 hex); anything else is no run
+CURSOR_PATTERN = r"^[0-9]{1,16}\.[0-9a-f]{32}$"  # microseconds since the epoch, then a run id
+IDEMPOTENCY_KEY_PATTERN = r"^[\x20-\x7e]{1,255}$"  # printable ASCII, as an HTTP header value can carry it
+
+
+def _integral_float(value: Any) -> Any:
+    # JSON Schema counts 2.0 as an integer; strict pydantic would refuse it. Booleans and strings stay refused.
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _query_integer(value: Any) -> Any:
+    # A query string is text: take a JSON number without a fraction ("5", "5.0", "5e1"), nothing looser.
+    if not isinstance(value, str) or not re.fullmatch(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?", value):
+        raise PydanticCustomError("int_parsing", "Input should be an integer")
+    try:
+        number = Decimal(value)
+    except InvalidOperation:
+        raise PydanticCustomError("int_parsing", "Input should be an integer") from None
+    if number != number.to_integral_value():
+        raise PydanticCustomError("int_from_float", "Input should be an integer, without a fractional part")
+    return int(number) if abs(number) < 10**30 else float(number)  # past any bound: let `le`/`ge` say so
+
+
+JsonInt = Annotated[int, BeforeValidator(_integral_float)]
+QueryInt = Annotated[int, BeforeValidator(_query_integer)]
 
 
 class _Request(BaseModel):
+    # Strict: a boolean or a string is never taken as a number, where the document says number or integer.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class _Query(BaseModel):
+    # Query values arrive as text; integers are parsed by QueryInt, strings taken as they are.
     model_config = ConfigDict(extra="forbid")
 
 
@@ -25,7 +63,7 @@ class RunOptions(_Request):
     wait: float = Field(0, ge=0, description="Seconds to block for the run to end (0: answer 202 at once).")
     backend: Literal["auto", "local", "prefect"] | None = Field(
         None, description="Force a path; default is the gateway's FLOWGATE_BACKEND.")
-    idempotency_key: str | None = Field(None, min_length=1, max_length=255,
+    idempotency_key: str | None = Field(None, min_length=1, max_length=255, pattern=IDEMPOTENCY_KEY_PATTERN,
                                         description="Same key, same run (also read from the Idempotency-Key header).")
     callback_url: str | None = Field(None, min_length=1, max_length=2000,
                                      description="POSTed the run document, signed, when the run ends.")
@@ -40,7 +78,7 @@ class TriggerRequest(RunOptions):
 class PreviewRequest(_Request):
     """Body of POST /api/v1/connectors/<id>/preview."""
 
-    limit: int = Field(20, ge=1, le=1000, description="Sample rows per resource.")
+    limit: JsonInt = Field(20, ge=1, le=1000, description="Sample rows per resource.")
     params: dict[str, Any] = Field(default_factory=dict, description="The same overrides a trigger may give.")
 
 
@@ -129,7 +167,7 @@ class ExecuteNodeRequest(_Request):
     """Body of POST /api/workflow/<workflow_id>/execute-node (the seed's shape)."""
 
     nodeId: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,99}$")
-    nodeType: str = Field(min_length=1, max_length=50)
+    nodeType: NodeTypeName = Field(description="One of the node types this gateway knows.")
     node: dict[str, Any] = Field(default_factory=dict, description="The node: id, type, config (templates allowed).")
     inputData: dict[str, Any] = Field(default_factory=dict, description="The node's input, and `inputs` of templates.")
 
@@ -145,13 +183,13 @@ class NodeRunOut(BaseModel):
     durationSeconds: float | None
 
 
-class RunQuery(_Request):
+class RunQuery(_Query):
     """Query parameters of GET /api/v1/runs."""
 
-    connector_id: str | None = Field(None, min_length=1, max_length=200)
+    connector_id: str | None = Field(None, pattern=CONNECTOR_ID)
     status: RunStatus | None = None
-    limit: int = Field(50, ge=1, le=200)
-    cursor: str | None = Field(None, description="next_cursor from the previous page.")
+    limit: QueryInt = Field(50, ge=1, le=200)
+    cursor: str | None = Field(None, pattern=CURSOR_PATTERN, description="next_cursor from the previous page.")
 
 
 class RunOut(BaseModel):
@@ -191,11 +229,12 @@ class RunOut(BaseModel):
                    callback=run.callback.to_dict() if run.callback else None, status_url=status_url)
 
 
-class RunLogsQuery(_Request):
+class RunLogsQuery(_Query):
     """Query parameters of GET /api/v1/runs/<id>/logs."""
 
-    after: int = Field(0, ge=0, description="next_after of the previous page.")
-    limit: int = Field(200, ge=1, le=1000)
+    after: QueryInt = Field(0, ge=0, le=INT32_MAX,
+                            description="next_after of the previous page (a line id: at most what the store holds).")
+    limit: QueryInt = Field(200, ge=1, le=1000)
 
 
 class RunLogLine(BaseModel):

@@ -23,7 +23,10 @@ def numbers(n: int = 100, delay_seconds: float = 0.0) -> Iterator[dict[str, Any]
     """`n` rows of squares; sleeps `delay_seconds` first, to stand in for a slow source."""
     if delay_seconds:
         time.sleep(delay_seconds)
-    yield [{"n": i, "square": i * i} for i in range(n)]
+    # In pages: `n` comes from a trigger's params, and one list of a huge `n` would take all the memory there is
+    # (a preview reads the first page only).
+    for start in range(0, n, 10_000):
+        yield [{"n": i, "square": i * i} for i in range(start, min(start + 10_000, n))]
 
 
 def build_shop_db(path: Path = DEFAULT_SHOP_DB, customers: int = 200, orders: int = 2000) -> Path:

@@ -8,7 +8,7 @@ from connectors.spec import ConnectorSpec
 
 
 class DestinationBusy(RuntimeError):
-    """Another process holds the DuckDB file for writing (a run is loading); try again after it."""
+    """A load holds the DuckDB file for writing (in another process or this one), or is creating it; try again."""
 
 
 def destination_schema(spec: ConnectorSpec, workspace: Workspace) -> dict[str, Any]:
@@ -33,7 +33,9 @@ def _duckdb_tables(path: Any, dataset: str) -> dict[str, list[dict[str, Any]]]:
                 "SELECT table_name, column_name, data_type, is_nullable FROM information_schema.columns "
                 "WHERE table_schema = ? AND table_name NOT LIKE '\\_dlt\\_%' ESCAPE '\\' "
                 "ORDER BY table_name, ordinal_position", [dataset]).fetchall()
-    except duckdb.IOException as exc:  # "Could not set lock on file": a load is writing it right now
+    except duckdb.OperationalError as exc:
+        # IOException: "Could not set lock on file" (another process loads) or "not a valid DuckDB database file"
+        # (a load is creating it); ConnectionException: this process holds it read-write ("different configuration").
         raise DestinationBusy(str(exc).splitlines()[0]) from None
     tables: dict[str, list[dict[str, Any]]] = {}
     for table, column, data_type, nullable in rows:

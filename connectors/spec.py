@@ -12,6 +12,7 @@ _SECRET_KEY = re.compile(r"pass(word)?|secret|token|api_?key|credential|private|
                          re.IGNORECASE)
 _URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.\-]*://[^:/@\s]*:)(?P<password>[^@\s]+)(?P<tail>@)", re.IGNORECASE)
 REDACTED = "***"
+CONNECTOR_ID = r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,99}$"
 
 
 class ParamsError(ValueError):
@@ -161,7 +162,7 @@ class ScheduleSpec(_Strict):
 class ConnectorSpec(_Strict):
     """One connector: a source, a destination and how to write."""
 
-    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,99}$")
+    id: str = Field(pattern=CONNECTOR_ID)
     description: str = ""
     source: SourceSpec
     destination: DestinationSpec = DestinationSpec()

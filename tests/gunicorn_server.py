@@ -32,6 +32,7 @@ class GunicornServer:
                     "FLOWGATE_WORKFLOWS": str(workdir / "workflows"),
                     "FLOWGATE_POLL_SECONDS": "0.1", "PYTHONUNBUFFERED": "1", **env}
         self.process: subprocess.Popen | None = None
+        self.headers: dict[str, str] = {}  # sent with the readiness probe (an API key, when keys are on)
 
     def start(self, timeout: float = 60) -> GunicornServer:
         log = self.log_path.open("ab")
@@ -43,7 +44,7 @@ class GunicornServer:
             if self.process.poll() is not None:
                 raise RuntimeError(f"gunicorn exited with {self.process.returncode}:\n{self.log()}")
             try:
-                if httpx.get(f"{self.url}/api/v1/health/ready", timeout=1).status_code == 200:
+                if httpx.get(f"{self.url}/api/v1/health/ready", headers=self.headers, timeout=1).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass

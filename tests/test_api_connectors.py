@@ -80,3 +80,25 @@ def test_schema_shows_the_loaded_tables_and_columns(running_app):
     columns = {c["name"]: c["type"] for c in body["tables"]["orders"]}
     assert columns["id"] == "BIGINT" and columns["status"] == "VARCHAR" and columns["ordered_on"] == "DATE"
     assert client.get("/api/v1/connectors/nope/schema").status_code == 404
+
+
+def test_schema_is_a_503_destination_busy_while_this_process_writes_the_file_or_it_is_being_created(app, client):
+    import duckdb
+
+    path = app.extensions["flowgate"].settings.duckdb_dir / "shop.duckdb"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"")  # created, not yet a database
+    response = client.get("/api/v1/connectors/shop/schema")
+    assert response.status_code == 503 and response.json["code"] == "destination_busy"
+    path.unlink()
+    with duckdb.connect(str(path)) as writer:  # a load in this very process holds the file read-write
+        writer.execute("CREATE SCHEMA shop_raw")
+        response = client.get("/api/v1/connectors/shop/schema")
+        assert response.status_code == 503 and response.json["code"] == "destination_busy"
+        assert response.headers["Retry-After"] == "5"
+    assert client.get("/api/v1/connectors/shop/schema").json["tables"] == {}
+
+
+def test_preview_of_a_python_source_with_a_huge_count_reads_only_its_first_page(client):
+    response = client.post("/api/v1/connectors/numbers/preview", json={"limit": 3, "params": {"n": 10**15}})
+    assert response.status_code == 200 and len(response.json["resources"]["numbers"]["rows"]) == 3

@@ -246,7 +246,7 @@ def test_execute_node_runs_a_connector_node_as_a_recorded_run(running_app):
     ({"nodeType": "llm"}, "nodeId"),
     ({"nodeId": "a", "nodeType": "llm", "node": {"id": "b"}}, "node.id"),
     ({"nodeId": "a", "nodeType": "llm", "node": {"type": "http"}}, "node.type"),
-    ({"nodeId": "a", "nodeType": "teleport"}, "node.type"),
+    ({"nodeId": "a", "nodeType": "teleport"}, "nodeType"),
     ({"nodeId": "a", "nodeType": "delay", "node": {"config": {"seconds": "soon"}}}, "node.config.seconds"),
     ({"nodeId": "a", "nodeType": "delay", "node": {"config": {"seconds": 1}, "timeout": 3600}}, "node.timeout"),
     ({"nodeId": "a", "nodeType": "llm", "node": {"config": {}}}, "node.config.prompt"),

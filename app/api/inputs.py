@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, TypeVar
 
 from flask import request
 from pydantic import BaseModel, ValidationError
 
 from app.errors import BadRequest, ValidationFailed, field_error
+from app.schemas import IDEMPOTENCY_KEY_PATTERN
 from flows.outbound import OutboundRefused
 
 M = TypeVar("M", bound=BaseModel)
@@ -19,7 +21,7 @@ def json_object() -> dict[str, Any]:
     if not raw.strip():
         return {}
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, parse_constant=_not_json)
     except UnicodeDecodeError:
         raise BadRequest("request body is not UTF-8 encoded JSON", code="malformed_json") from None
     except json.JSONDecodeError as exc:
@@ -28,6 +30,11 @@ def json_object() -> dict[str, Any]:
     if not isinstance(data, dict):
         raise BadRequest(f"request body must be a JSON object, got {type(data).__name__}", code="body_not_object")
     return data
+
+
+def _not_json(name: str) -> Any:
+    # Python's json module reads NaN and Infinity; JSON has neither, and no field could hold them.
+    raise json.JSONDecodeError(f"{name} is not a JSON value", name, 0)
 
 
 def validated(model: type[M], data: dict[str, Any], prefix: str = "") -> M:
@@ -91,3 +98,11 @@ def check_json_size(field: str, value: Any, limit: int) -> None:
     size = len(json.dumps(value, separators=(",", ":"), default=str))
     if size > limit:
         raise ValidationFailed.of_field(field, f"is {size} bytes as JSON; the limit is {limit}")
+
+
+def idempotency_key(body_key: str | None = None) -> str | None:
+    """The body's `idempotency_key`, else the Idempotency-Key header; either is a 422 unless 1-255 printable ASCII."""
+    header = request.headers.get("Idempotency-Key")
+    if header is not None and not re.fullmatch(IDEMPOTENCY_KEY_PATTERN, header):
+        raise ValidationFailed.of_field("Idempotency-Key", "must be 1 to 255 printable ASCII characters")
+    return body_key if body_key is not None else header

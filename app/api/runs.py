@@ -1,18 +1,17 @@
 """Runs: list, read and cancel, whichever process or backend runs them."""
 from __future__ import annotations
 
-import base64
-import binascii
-from datetime import datetime
+import re
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, url_for
 
 from app import services
 from app.api.inputs import query
-from app.errors import Conflict, NotFound, ValidationFailed
+from app.errors import Conflict, NotFound
 from app.runs.models import Run
-from app.schemas import RunLogsQuery, RunOut, RunQuery
+from app.schemas import RUN_ID_PATTERN, RunLogsQuery, RunOut, RunQuery
 
 bp = Blueprint("runs", __name__, url_prefix="/api/v1/runs")
 
@@ -32,7 +31,7 @@ def run_response(run: Run, status: int) -> Response:
 
 def get_run_or_404(run_id: str) -> Run:
     """The run, its Prefect state brought up to date, or a 404 problem."""
-    run = services().store.get(run_id)
+    run = services().store.get(run_id) if re.fullmatch(RUN_ID_PATTERN, run_id) else None
     if run is None:
         raise NotFound(f"no run '{run_id}'", code="run_not_found")
     return services().dispatcher.refresh(run)
@@ -74,13 +73,15 @@ def cancel_run(run_id: str) -> Response:
     return run_response(run, 200 if run.is_terminal else 202)
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+# A cursor is "<created_at in microseconds since the epoch>.<run id>": every string of the documented pattern
+# (app.schemas.CURSOR_PATTERN) decodes to a position, so the document says exactly which cursors are accepted.
 def _encode_cursor(run: Run) -> str:
-    return base64.urlsafe_b64encode(f"{run.created_at.isoformat()}|{run.id}".encode()).decode().rstrip("=")
+    return f"{(run.created_at - _EPOCH) // timedelta(microseconds=1)}.{run.id}"
 
 
 def _decode_cursor(cursor: str) -> tuple[datetime, str]:
-    try:
-        created_at, run_id = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode().split("|")
-        return datetime.fromisoformat(created_at), run_id
-    except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise ValidationFailed.of_field("cursor", "not a cursor returned as next_cursor") from None
+    micros, run_id = cursor.split(".")
+    return _EPOCH + timedelta(microseconds=int(micros)), run_id

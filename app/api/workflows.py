@@ -1,16 +1,19 @@
 """Workflows: execute (the seed's contract), follow an execution node by node, run one node by itself."""
 from __future__ import annotations
 
+import re
 from typing import Any
 
-from flask import Blueprint, Response, jsonify, request, url_for
+from flask import Blueprint, Response, jsonify, url_for
 
 from app import services
-from app.api.inputs import check_json_size, checked_callback_url, json_object, preferred_wait, validated
+from app.api.inputs import (
+    check_json_size, checked_callback_url, idempotency_key, json_object, preferred_wait, validated,
+)
 from app.errors import NotFound, ValidationFailed
 from app.runs.models import Run
 from app.backends.workflow_runs import pending_nodes, stored_spec
-from app.schemas import ExecuteNodeRequest, NodeExecutionOut, WorkflowExecuteRequest
+from app.schemas import RUN_ID_PATTERN, ExecuteNodeRequest, NodeExecutionOut, WorkflowExecuteRequest
 from flows.engine import COMPLETED
 from flows.workflow_registry import WorkflowError, node_problems, parse_workflow
 from flows.workflow_spec import NodeSpec, WorkflowSpec
@@ -28,9 +31,7 @@ def execute(workflow_id: str) -> Response:
     wait, applied = preferred_wait(body.wait, svc.settings.max_wait_seconds)
     check_json_size("inputs", body.inputs, svc.settings.max_params_bytes)
     spec = _workflow(workflow_id, body.workflow)
-    key = request.headers.get("Idempotency-Key")
-    if key is not None and not 0 < len(key) <= 255:
-        raise ValidationFailed.of_field("Idempotency-Key", "must be 1 to 255 characters")
+    key = idempotency_key()
     callback_url = checked_callback_url(body.callback_url)
     run, created = svc.dispatcher.trigger_workflow(
         spec, body.inputs, body.mode, body.backend, key, callback_url,
@@ -53,7 +54,7 @@ def execute(workflow_id: str) -> Response:
 def get_execution(execution_id: str) -> dict[str, Any]:
     """The execution's status and every node's status, timing, attempts and output."""
     svc = services()
-    run = svc.store.get(execution_id)
+    run = svc.store.get(execution_id) if re.fullmatch(RUN_ID_PATTERN, execution_id) else None
     if run is None or run.kind != "workflow":
         raise NotFound(f"no workflow execution '{execution_id}'", code="execution_not_found")
     run = svc.dispatcher.refresh(run)
