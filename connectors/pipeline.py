@@ -26,10 +26,10 @@ class ConnectorRunError(RuntimeError):
 
 
 class RunCancelled(RuntimeError):
-    """The run was cancelled; it stopped at the checkpoint after `step`."""
+    """The run was cancelled; it stopped at the checkpoint after `step` (or, stopped by force, during it)."""
 
-    def __init__(self, step: str):
-        super().__init__(f"cancelled after {step}")
+    def __init__(self, step: str, message: str | None = None):
+        super().__init__(message or f"cancelled after {step}")
         self.step = step
 
 
@@ -172,13 +172,15 @@ def run_connector(
     workspace: Workspace,
     should_stop: Callable[[], bool] = lambda: False,
     restore_state: bool = True,
+    on_step: Callable[[str], None] = lambda step: None,
 ) -> LoadSummary:
     """Recover, extract, normalize and load one connector; check `should_stop` between the steps.
 
     `restore_state=False` skips asking the destination for newer dlt state, for a caller that knows the local
-    working dir has the latest (the same host ran the connector last)."""
+    working dir has the latest (the same host ran the connector last). `on_step` hears each step begin."""
     pipeline = ConnectorPipeline(spec, workspace, restore_state)
     for step in pipeline.steps:
+        on_step(step)
         pipeline.run_step(step)
         if step in ("extract", "normalize") and should_stop():
             raise RunCancelled(step)

@@ -178,3 +178,35 @@ def test_a_run_whose_thread_cannot_start_ends_recorded_and_claiming_goes_on(part
         executor.shutdown(timeout=5)
     assert [r.status for r in runs] == [CRASHED, COMPLETED]
     assert runs[0].error["code"] == "executor_failed" and "can't start new thread" in runs[0].error["message"]
+
+
+def test_cancel_stops_a_run_stuck_inside_a_step_within_seconds(parts):
+    """A source that never answers: the run is stopped by force, its key freed, and this process carries on."""
+    store = parts[2]
+    executor = make_executor(parts, lease=2.0)
+    stuck = enqueue(parts, "slow", {"delay_seconds": 3600.0})
+    executor.start()
+    try:
+        wait_until(lambda: store.get(stuck).status == "running", what="the run started")
+        time.sleep(0.5)  # well inside its extract, which will not end by itself for an hour
+        store.cancel(stuck)
+        (run,) = wait_all(store, [stuck], timeout=60)
+        after = enqueue(parts, "slow", {"delay_seconds": 0.0})
+        (next_run,) = wait_all(store, [after], timeout=60)
+    finally:
+        executor.shutdown(timeout=10)
+    assert run.status == "cancelled" and run.error["step"] == "extract" and "by force" in run.error["message"]
+    assert next_run.status == COMPLETED  # the connector's key was freed, the executor still runs
+
+
+def test_the_run_timeout_stops_a_run_stuck_inside_a_step(parts):
+    registry, workspace, store = parts
+    executor = LocalExecutor(store, registry, workspace, slots=1, lease_seconds=2.0, poll_seconds=0.05,
+                             run_timeout_seconds=1.0)
+    stuck = enqueue(parts, "slow", {"delay_seconds": 3600.0})
+    executor.start()
+    try:
+        (run,) = wait_all(store, [stuck], timeout=60)
+    finally:
+        executor.shutdown(timeout=10)
+    assert run.status == "failed" and run.error["code"] == "run_timeout"

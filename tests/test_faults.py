@@ -268,3 +268,43 @@ def test_a_run_killed_inside_normalizes_commit_does_not_poison_the_connector(wor
     with duckdb.connect(second.location, read_only=True) as con:
         total, distinct = con.execute("SELECT count(*), count(DISTINCT id) FROM raw.events").fetchone()
     assert (total, distinct) == (50, 50)
+
+
+ISOLATED_RUN = """
+import sys
+from pathlib import Path
+from connectors.isolated import run_connector_isolated
+from connectors.pipeline import Workspace
+from connectors.registry import ConnectorRegistry
+spec = ConnectorRegistry.load(Path(sys.argv[1])).get("slow").with_params({"delay_seconds": 3600.0})
+run_connector_isolated(spec, Workspace(Path(sys.argv[2]), Path(sys.argv[3])))
+"""
+
+
+def _marked(marker: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker.encode() in (entry / "environ").read_bytes():
+                pids.append(int(entry.name))
+        except OSError:
+            pass
+    return pids
+
+
+def test_a_connector_run_dies_with_the_process_that_started_it(workdir: Path):
+    """A gateway worker SIGKILLed mid-run: its connector's child process must not run on unheld."""
+    marker = f"FLOWGATE_TEST_MARKER=isolated-{os.getpid()}-{time.monotonic_ns()}"
+    env = {**os.environ, marker.split("=")[0]: marker.split("=")[1]}
+    parent = subprocess.Popen([sys.executable, "-c", ISOLATED_RUN, str(workdir / "connectors.yaml"),
+                               str(workdir / "var" / "dlt"), str(workdir / "var" / "duckdb")], cwd=ROOT, env=env)
+    deadline = time.monotonic() + 60
+    while len(_marked(marker)) < 3 and time.monotonic() < deadline:  # the parent, its forkserver, the run
+        time.sleep(0.2)
+    assert len(_marked(marker)) >= 3, "the run's process never started"
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 30
+    while _marked(marker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _marked(marker) == []

@@ -16,7 +16,8 @@ from app.metrics import observe_run_end
 from app.runlogs import RunLogHandler
 from app.runs.models import Run, utcnow
 from app.runs.store import RunStore
-from connectors.pipeline import Workspace, run_connector
+from connectors.isolated import run_connector_isolated, warm_up
+from connectors.pipeline import Workspace
 from connectors.registry import ConnectorRegistry
 from flows.nodes import Toolbox
 from flows.outcome import CANCELLED, COMPLETED, CRASHED, FAILED, RunError, RunOutcome
@@ -83,6 +84,7 @@ class LocalExecutor:
         self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         if self.log_sink is not None:
             self.log_sink.start()
+        warm_up()  # connector runs start from a forkserver: start it before the first trigger waits for it
         self._heartbeat()
         for target, name in ((self._claim_loop, "claim"), (self._heartbeat_loop, "heartbeat")):
             thread = threading.Thread(target=target, name=f"flowgate-{name}", daemon=True)
@@ -208,8 +210,8 @@ class LocalExecutor:
                                               f"connector '{run.target}' is no longer configured", terminal=True))
         # dlt state in the destination can only be newer if the connector last ran somewhere else.
         elsewhere = self.store.last_ended_elsewhere(run.kind, run.target, socket.gethostname())
-        summary = run_connector(spec.with_params(run.params), self.workspace, should_stop=cancel.is_set,
-                                restore_state=elsewhere)
+        summary = run_connector_isolated(spec.with_params(run.params), self.workspace, should_stop=cancel.is_set,
+                                         restore_state=elsewhere)
         return RunOutcome(COMPLETED, summary.to_dict())
 
     def _execute_workflow(self, run: Run, cancel: threading.Event) -> RunOutcome:

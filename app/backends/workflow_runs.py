@@ -9,7 +9,8 @@ from typing import Any
 
 from app.runs.models import Run
 from app.runs.store import NewRun, RunStore
-from connectors.pipeline import ConnectorRunError, RunCancelled, Workspace, concurrency_key, run_connector
+from connectors.isolated import run_connector_isolated
+from connectors.pipeline import ConnectorRunError, RunCancelled, Workspace, concurrency_key
 from connectors.registry import ConnectorRegistry
 from connectors.spec import ParamsError
 from flows.engine import NodeResult, WorkflowEngine, WorkflowResult
@@ -58,7 +59,8 @@ class InlineConnectorRunner:
         threading.Thread(target=self._renew, args=(run.id, stop_heartbeat, lost), daemon=True,
                          name=f"flowgate-node-lease-{run.id[:8]}").start()
         try:
-            summary = run_connector(runnable, self.workspace, should_stop=lambda: should_stop() or lost.is_set())
+            summary = run_connector_isolated(runnable, self.workspace,
+                                             should_stop=lambda: should_stop() or lost.is_set())
         except Exception as exc:
             error = RunError.of(exc)
             if not lost.is_set():  # a lost lease writes nothing: the run was recovered elsewhere

@@ -1,0 +1,167 @@
+"""A connector run in a child process of its own, so a cancel or a timeout stops it within seconds wherever it
+is (a source that never answers included) without taking the calling process down with it.
+
+Children come from a forkserver started once per process and preloaded with dlt, so a run starts in tens of
+milliseconds, and no process with threads (a gunicorn worker) ever forks. The child sends its log lines and
+its outcome back over a pipe; the caller re-emits the lines in its own thread, so they carry its context.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any
+
+from connectors.pipeline import ConnectorRunError, LoadSummary, RunCancelled, Workspace, run_connector
+from connectors.spec import ConnectorSpec, ParamsError
+
+log = logging.getLogger(__name__)
+PRELOAD = ["connectors.isolated", "connectors.pipeline", "dlt"]
+
+
+@functools.cache
+def _context() -> Any:
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD)
+    return context
+
+
+def warm_up() -> None:
+    """Start the forkserver now (it imports dlt once), so the first run does not wait for it."""
+    from multiprocessing import forkserver
+
+    _context()
+    forkserver.ensure_running()
+
+
+def run_connector_isolated(spec: ConnectorSpec, workspace: Workspace, should_stop: Callable[[], bool] = lambda: False,
+                           restore_state: bool = True, grace_seconds: float = 5.0) -> LoadSummary:
+    """run_connector in a child process. When `should_stop` turns true the child stops at its next checkpoint;
+    one that has not within `grace_seconds` (stuck in a step) is killed, and the run ends as cancelled during
+    that step (a killed load leaves a pipeline folder the next run recovers from)."""
+    context = _context()
+    receive, send = context.Pipe(duplex=False)
+    lifeline, held = context.Pipe(duplex=False)  # the child ends itself when `held` closes: this process died
+    stop = context.Event()
+    child = context.Process(target=_child, args=(spec, workspace, restore_state, stop, send, lifeline),
+                            name=f"flowgate-connector-{spec.id}", daemon=True)
+    child.start()
+    send.close()
+    lifeline.close()
+    step, stop_asked_at = "recover", None
+    try:
+        while True:
+            if receive.poll(0.1):
+                try:
+                    kind, payload = receive.recv()
+                except EOFError:
+                    kind, payload = "died", None
+                if kind == "log":
+                    logging.getLogger(payload.pop("name")).handle(logging.makeLogRecord(payload))
+                    continue
+                if kind == "step":
+                    step = payload
+                    continue
+                if kind == "done":
+                    return LoadSummary(**payload)
+                if kind == "failed":
+                    raise _rebuilt(spec, payload)
+                child.join(5)
+                raise ConnectorRunError(spec.id, step, f"the run's process ended without an outcome "
+                                                       f"(exit code {child.exitcode})")
+            if stop_asked_at is None and should_stop():
+                stop.set()
+                stop_asked_at = time.monotonic()
+            elif stop_asked_at is not None and time.monotonic() - stop_asked_at > grace_seconds:
+                child.kill()
+                child.join(5)
+                raise RunCancelled(step, f"stopped by force during {step}: it reached no checkpoint within "
+                                         f"{grace_seconds:g} s")
+            elif not child.is_alive() and not receive.poll():
+                raise ConnectorRunError(spec.id, step, f"the run's process died (exit code {child.exitcode})")
+    finally:
+        receive.close()
+        if child.is_alive():
+            child.kill()
+        child.join(5)
+        held.close()
+
+
+def _rebuilt(spec: ConnectorSpec, payload: dict[str, Any]) -> Exception:
+    kind = payload["kind"]
+    if kind == "cancelled":
+        return RunCancelled(payload["step"])
+    if kind == "params":
+        return ParamsError(payload["field"], payload["message"])
+    if kind == "connector":
+        return ConnectorRunError(spec.id, payload["step"], payload["message"], terminal=payload["terminal"])
+    return ConnectorRunError(spec.id, payload["step"], payload["message"])
+
+
+class _PipeHandler(logging.Handler):
+    """In the child: every log line goes to the parent, which logs it as its own."""
+
+    def __init__(self, send: Callable[[Any], None]):
+        super().__init__(level=logging.INFO)
+        self.send = send
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if record.exc_info:
+            message += "\n" + logging.Formatter().formatException(record.exc_info)
+        try:
+            self.send(("log", {"name": record.name, "levelno": record.levelno, "levelname": record.levelname,
+                               "msg": message, "created": record.created, "pathname": record.pathname,
+                               "lineno": record.lineno, "funcName": record.funcName}))
+        except (OSError, ValueError):
+            pass  # the parent is gone: nobody is listening
+
+
+def _watch_lifeline(lifeline: Connection) -> None:
+    """In the child: when the process that started this run dies (SIGKILL, OOM), stop at once. A run nobody
+    holds a lease for must not go on writing its pipeline folder beside the next run of its connector."""
+    try:
+        lifeline.recv()
+    except (EOFError, OSError):
+        pass
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _child(spec: ConnectorSpec, workspace: Workspace, restore_state: bool, stop: Any, pipe: Connection,
+           lifeline: Connection) -> None:
+    threading.Thread(target=_watch_lifeline, args=(lifeline,), daemon=True).start()
+    lock = threading.Lock()
+
+    def send(message: Any) -> None:
+        with lock:
+            pipe.send(message)
+
+    root = logging.getLogger()
+    root.handlers[:] = [_PipeHandler(send)]
+    root.setLevel(logging.INFO)
+    step = "recover"
+
+    def on_step(name: str) -> None:
+        nonlocal step
+        step = name
+        send(("step", name))
+
+    try:
+        summary = run_connector(spec, workspace, should_stop=stop.is_set, restore_state=restore_state, on_step=on_step)
+        send(("done", summary.to_dict()))
+    except RunCancelled as exc:
+        send(("failed", {"kind": "cancelled", "step": exc.step}))
+    except ParamsError as exc:
+        send(("failed", {"kind": "params", "field": exc.field, "message": exc.message}))
+    except ConnectorRunError as exc:
+        send(("failed", {"kind": "connector", "step": exc.step, "message": exc.message, "terminal": exc.terminal}))
+    except BaseException as exc:  # the parent must hear of anything at all
+        send(("failed", {"kind": "internal", "step": step, "message": f"{type(exc).__name__}: {exc}"}))
+    finally:
+        pipe.close()
