@@ -363,7 +363,8 @@ def ran_on_prefect(stack: PrefectStack, flow_run_id: str) -> bool:
 def pickup_gateway(stack: PrefectStack, tmp_path: Path, **settings):
     app = create_app({"var_dir": tmp_path / "var", "connectors_file": stack.workdir / "connectors.yaml",
                       "workflows_dir": stack.workdir / "workflows", "prefect_api_url": stack.api_url,
-                      "lease_seconds": 2.0, "poll_seconds": 0.05, **settings})
+                      # a lease long enough for a machine this busy: a stalled heartbeat must not free the key
+                      "lease_seconds": 15.0, "poll_seconds": 0.05, **settings})
     services = app.extensions["flowgate"]
     services.executor.start()
     services.dispatcher.prefect.sync.start(every_seconds=0.5)
@@ -395,7 +396,9 @@ def test_runs_no_worker_picks_up_go_local_once_even_when_the_worker_resumes_at_t
     assert ready["worker_max_age_seconds"] == 60 and "runs_awaiting_pickup" in ready
     for run in raced:  # whoever won the race for each run, it executed exactly once
         assert run["status"] == "completed", run
-        assert (run["backend"] == "local") != ran_on_prefect(stack, run["prefect_flow_run_id"]), run
+        history = [(s["type"], s["name"], s["timestamp"]) for s in
+                   stack.api("GET", f"flow_run_states/?flow_run_id={run['prefect_flow_run_id']}")]
+        assert (run["backend"] == "local") != ran_on_prefect(stack, run["prefect_flow_run_id"]), (run, history)
     print(f"\nraced at the deadline: {sum(r['backend'] == 'local' for r in raced)} local, "
           f"{sum(r['backend'] == 'prefect' for r in raced)} on the resumed worker")
 

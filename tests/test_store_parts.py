@@ -8,8 +8,8 @@ from app.runs.store import NewRun, RunStore
 from flows.outcome import COMPLETED, RunError
 
 
-def _run(store: RunStore, target: str = "numbers", callback_url: str | None = None):
-    run, _ = store.create_run(NewRun(kind="connector", target=target, params={}, backend="local",
+def _run(store: RunStore, target: str = "numbers", callback_url: str | None = None, backend: str = "local"):
+    run, _ = store.create_run(NewRun(kind="connector", target=target, params={}, backend=backend,
                                      concurrency_key=f"connector:{target}", callback_url=callback_url))
     return run
 
@@ -78,11 +78,17 @@ def test_a_failed_delivery_is_retried_later_then_given_up(store: RunStore):
     assert len(callback.attempts) == 1
 
 
-def test_named_transitions_change_only_a_run_that_has_not_ended(store: RunStore):
-    run = _run(store)
+def test_prefect_transitions_change_only_an_unfinished_run_still_on_prefect(store: RunStore):
+    run = _run(store, backend="prefect")
     assert store.record_flow_run(run.id, "flow-run-1", "Scheduled").prefect_flow_run_id == "flow-run-1"
-    assert store.fall_back_to_local(run.id, "prefect_create_failed").fallback_reason == "prefect_create_failed"
-    failed = store.fail(run.id, RunError("prefect_create_failed", "boom"))
+    moved = store.fall_back_to_local(run.id, "prefect_not_picked_up", prefect_state="Cancelled")
+    assert (moved.backend, moved.fallback_reason, moved.prefect_state) == ("local", "prefect_not_picked_up", "Cancelled")
+    # A Prefect answer read before the run went local must not touch it (a local executor may hold it now).
+    assert store.record_prefect_state(run.id, "queued", "Reclaimed") is None
+    assert store.claim_next("executor", 30).id == run.id
+    assert store.record_prefect_state(run.id, "queued", "Pending") is None and store.get(run.id).status == "running"
+
+    other = _run(store, "events", backend="prefect")
+    failed = store.fail(other.id, RunError("prefect_create_failed", "boom"))
     assert failed.status == "failed" and failed.error == {"code": "prefect_create_failed", "message": "boom"}
-    assert store.fall_back_to_local(run.id, "late") is None  # it had ended
-    assert store.get(run.id).fallback_reason == "prefect_create_failed"
+    assert store.fall_back_to_local(other.id, "late") is None  # it had ended

@@ -275,17 +275,17 @@ class RunStore:
 
     def record_flow_run(self, run_id: str, flow_run_id: str, prefect_state: str | None) -> Run | None:
         """Prefect created the run's flow run."""
-        return self._change_unfinished(run_id, prefect_flow_run_id=flow_run_id, prefect_state=prefect_state)
+        return self._change_unfinished(run_id, "prefect", prefect_flow_run_id=flow_run_id, prefect_state=prefect_state)
 
     def fall_back_to_local(self, run_id: str, reason: str, prefect_state: str | None = None) -> Run | None:
         """Prefect could not take the run after all: a local executor will claim it, under the same id (a flow
         run Prefect had for it stays named on the run, with its last state)."""
         values = {"prefect_state": prefect_state} if prefect_state else {}
-        return self._change_unfinished(run_id, backend="local", fallback_reason=reason, status=QUEUED, **values)
+        return self._change_unfinished(run_id, "prefect", backend="local", fallback_reason=reason, **values)
 
     def fail(self, run_id: str, error: RunError) -> Run | None:
         """End the run as failed before it ran anywhere."""
-        return self._change_unfinished(run_id, status=FAILED, finished_at=utcnow(), error=error.to_dict())
+        return self._change_unfinished(run_id, "prefect", status=FAILED, finished_at=utcnow(), error=error.to_dict())
 
     def record_prefect_state(self, run_id: str, status: str, prefect_state: str | None,
                              started_at: datetime | None = None, finished_at: datetime | None = None,
@@ -296,13 +296,15 @@ class RunStore:
             values["started_at"] = started_at
         if finished_at:
             values.update(finished_at=finished_at, result=result, error=error.to_dict() if error else None)
-        return self._change_unfinished(run_id, **values)
+        return self._change_unfinished(run_id, "prefect", **values)
 
-    def _change_unfinished(self, run_id: str, **values: Any) -> Run | None:
+    def _change_unfinished(self, run_id: str, on_backend: str, **values: Any) -> Run | None:
+        # Only while the run is still on `on_backend`: a Prefect answer read before the run went local must not
+        # touch it once a local executor may hold it.
         def attempt() -> Run | None:
             with self.db.session(write=True) as session:
                 run = session.get(Run, run_id, options=_WITH_CALLBACK)
-                if run is None or run.is_terminal:
+                if run is None or run.is_terminal or run.backend != on_backend:
                     return None
                 for name, value in values.items():
                     setattr(run, name, value)
@@ -343,7 +345,7 @@ class RunStore:
 
     def request_cancel(self, run_id: str) -> Run | None:
         """Ask an unfinished run to stop, whatever its status (`cancelling` until its backend reports the end)."""
-        return self._change_unfinished(run_id, cancel_requested=True, status=CANCELLING)
+        return self._change_unfinished(run_id, "prefect", cancel_requested=True, status=CANCELLING)
 
     def recover_expired(self) -> list[str]:
         """Mark local runs whose lease lapsed (their process died) `crashed`; return their ids."""

@@ -1,7 +1,13 @@
 """`make stack`: a Prefect server, the connector deployments, a process worker and the gateway, on one machine.
 
-Ctrl-C (or SIGTERM) stops all of them. Everything keeps its state under var/ (Prefect's SQLite in
-var/prefect). The Prefect UI is at http://127.0.0.1:$PREFECT_PORT (4200 by default).
+The gateway is the one component the stack cannot do without: when it exits, everything stops. When a Prefect
+component (server or worker) exits, the stack says so, the gateway keeps serving (runs go local), and the
+component is started again with backoff. Ctrl-C (or SIGTERM) stops all of them.
+
+Prefect's server keeps its state in PostgreSQL when one answers at FLOWGATE_STACK_POSTGRES_URL (default
+postgresql://postgres@127.0.0.1:5432/prefect; the database is created if missing; empty: never), or when
+PREFECT_API_DATABASE_CONNECTION_URL says so; otherwise in SQLite under var/prefect (which logs "database is
+locked" under load). The Prefect UI is at http://127.0.0.1:$PREFECT_PORT (4200 by default).
 """
 from __future__ import annotations
 
@@ -10,24 +16,94 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
+DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/prefect"
+WORKER_HEARTBEAT_SECONDS = 15  # the gateway counts a worker gone after two of these and a margin
 
 
-def _wait_for(url: str, what: str, timeout: float = 90) -> None:
+def say(message: str) -> None:
+    print(f"[stack] {message}", file=sys.stderr, flush=True)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _wait_for(url: str, what: str, timeout: float = 90) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
+        if _answers(url):
+            return True
         time.sleep(0.5)
-    raise SystemExit(f"{what} did not answer at {url} within {timeout:.0f} s")
+    say(f"{what} did not answer at {url} within {timeout:.0f} s")
+    return False
+
+
+def prefect_database(environ: dict[str, str]) -> str | None:
+    """The asyncpg URL of the PostgreSQL database for Prefect's server, or None for SQLite."""
+    if environ.get("PREFECT_API_DATABASE_CONNECTION_URL"):
+        return environ["PREFECT_API_DATABASE_CONNECTION_URL"]
+    url = environ.get("FLOWGATE_STACK_POSTGRES_URL", DEFAULT_POSTGRES)
+    if not url:
+        return None
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    target = conninfo_to_dict(url)
+    name = target.get("dbname") or "prefect"
+    try:
+        with psycopg.connect(make_conninfo(url, dbname="postgres"), autocommit=True, connect_timeout=2) as admin:
+            if not admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
+                admin.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.Error as exc:
+        say(f"no PostgreSQL for Prefect at {url} ({str(exc).splitlines()[0]}): using SQLite under var/prefect")
+        return None
+    user = target.get("user") or "postgres"
+    password = f":{target['password']}" if target.get("password") else ""
+    return (f"postgresql+asyncpg://{user}{password}@{target.get('host', '127.0.0.1')}:{target.get('port', '5432')}"
+            f"/{name}")
+
+
+@dataclass
+class Component:
+    """One process of the stack, started again with backoff when `restart` and it exits."""
+
+    name: str
+    args: list[str]
+    restart: bool
+    process: subprocess.Popen | None = None
+    failures: int = 0
+    started_at: float = 0.0
+    next_start: float = 0.0
+
+    def start(self, env: dict[str, str]) -> None:
+        self.process = subprocess.Popen(self.args, cwd=ROOT, env=env, start_new_session=True)
+        self.started_at = time.monotonic()
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self) -> None:
+        if self.running:
+            os.killpg(self.process.pid, signal.SIGTERM)
+
+    def wait(self) -> None:
+        if self.process is None:
+            return
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
 
 
 def main() -> None:
@@ -35,41 +111,71 @@ def main() -> None:
     pool = os.environ.get("FLOWGATE_PREFECT_POOL", "flowgate")
     var = (ROOT / os.environ.get("FLOWGATE_VAR_DIR", "var")).resolve()
     env = {**os.environ, "PREFECT_HOME": str(var / "prefect"), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "FLOWGATE_VAR_DIR": str(var)}
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "FLOWGATE_VAR_DIR": str(var),
+           # On-demand runs: the worker asks for work every second and says it is alive every 15 s; the gateway
+           # counts it gone after 35 s without a heartbeat (Prefect itself: ~90 s).
+           "PREFECT_WORKER_QUERY_SECONDS": os.environ.get("PREFECT_WORKER_QUERY_SECONDS", "1"),
+           "PREFECT_WORKER_HEARTBEAT_SECONDS": str(WORKER_HEARTBEAT_SECONDS),
+           "FLOWGATE_PREFECT_WORKER_MAX_AGE_SECONDS": os.environ.get("FLOWGATE_PREFECT_WORKER_MAX_AGE_SECONDS",
+                                                                     str(2 * WORKER_HEARTBEAT_SECONDS + 5))}
     (var / "prefect").mkdir(parents=True, exist_ok=True)
-    processes: list[subprocess.Popen] = []
-
-    def start(*args: str) -> subprocess.Popen:
-        process = subprocess.Popen(list(args), cwd=ROOT, env=env, start_new_session=True)
-        processes.append(process)
-        return process
+    database = prefect_database(env)
+    if database:
+        env["PREFECT_API_DATABASE_CONNECTION_URL"] = database
+    say(f"Prefect's server stores its state in {'PostgreSQL' if database else 'SQLite under ' + str(var / 'prefect')}")
+    health = f"http://127.0.0.1:{port}/api/health"
+    server = Component("Prefect server", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
+                                          "--port", port], restart=True)
+    worker = Component("Prefect worker", [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type",
+                                          "process"], restart=True)
+    gateway = Component("gateway", [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"], restart=False)
+    components = [server, worker, gateway]
 
     def stop(*_: object) -> None:
-        for process in reversed(processes):
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-        for process in reversed(processes):
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
+        for component in reversed(components):
+            component.stop()
+        for component in reversed(components):
+            component.wait()
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, stop)
     try:
-        start(str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", port)
-        _wait_for(f"http://127.0.0.1:{port}/api/health", "the Prefect server")
-        subprocess.run([sys.executable, "-m", "flows.prefect.deploy", "--pool", pool], cwd=ROOT, env=env, check=True)
-        start(str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process")
-        start(str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app")
+        server.start(env)
+        if _wait_for(health, "the Prefect server"):
+            subprocess.run([sys.executable, "-m", "flows.prefect.deploy", "--pool", pool], cwd=ROOT, env=env,
+                           check=False)
+        worker.start(env)
+        gateway.start(env)
         print(f"\nflowgate: http://127.0.0.1:{os.environ.get('FLOW_SERVER_PORT', '5000')}   "
               f"Prefect UI: http://127.0.0.1:{port}   Ctrl-C stops everything\n", flush=True)
-        while all(process.poll() is None for process in processes):
-            time.sleep(1)
-        print("a component exited; stopping the stack", file=sys.stderr)
+        supervise(components, gateway, env)
     except KeyboardInterrupt:
         pass
     stop()
+
+
+def supervise(components: list[Component], gateway: Component, env: dict[str, str]) -> None:
+    """Until the gateway exits: restart a Prefect component that exited, waiting longer after each failure."""
+    while gateway.running:
+        time.sleep(0.5)
+        now = time.monotonic()
+        for component in components:
+            if component.running or not component.restart:
+                continue
+            if component.next_start == 0.0:
+                code = component.process.returncode if component.process else None
+                if now - component.started_at > 60:
+                    component.failures = 0  # it had been running fine: start over with a short wait
+                delay = min(2 ** component.failures, 30)
+                component.failures += 1
+                component.next_start = now + delay
+                say(f"{component.name} exited (code {code}): the gateway keeps serving and runs go local; "
+                    f"starting it again in {delay:g} s (Ctrl-C stops everything)")
+            elif now >= component.next_start:
+                component.next_start = 0.0
+                component.start(env)
+                say(f"{component.name} started again")
+    say(f"the gateway exited (code {gateway.process.returncode}); stopping the stack")
 
 
 if __name__ == "__main__":
