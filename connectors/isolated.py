@@ -22,7 +22,7 @@ from connectors.pipeline import ConnectorRunError, LoadSummary, RunCancelled, Wo
 from connectors.spec import ConnectorSpec, ParamsError
 
 log = logging.getLogger(__name__)
-PRELOAD = ["connectors.isolated", "connectors.pipeline", "dlt"]
+PRELOAD = ["connectors.preload", "connectors.isolated"]
 
 
 @functools.cache
@@ -145,6 +145,7 @@ def _child(spec: ConnectorSpec, workspace: Workspace, restore_state: bool, stop:
     root = logging.getLogger()
     root.handlers[:] = [_PipeHandler(send)]
     root.setLevel(logging.INFO)
+    log.info("connector %s runs in process %d", spec.id, os.getpid())
     step = "recover"
 
     def on_step(name: str) -> None:
