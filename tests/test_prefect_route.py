@@ -1,6 +1,7 @@
 """PrefectRoute and PrefectClient with only the HTTP transport mocked (respx): reasons, auth, circuit."""
 from __future__ import annotations
 
+import json
 import time
 from datetime import datetime, timedelta, timezone
 
@@ -95,3 +96,33 @@ def test_a_health_answer_that_is_not_json_does_not_end_the_reprobe(route):
     while route.circuit_open and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not route.circuit_open and health.call_count == 3
+
+
+@respx.mock
+def test_a_claim_that_lands_after_a_worker_ran_the_whole_run_gives_it_back():
+    """Prefect accepts PENDING after a run's end (a manual retry): the state before the claim tells."""
+    client = PrefectClient(API, timeout=0.5)
+    set_state = respx.post(f"{API}/flow_runs/f-1/set_state").mock(side_effect=[
+        httpx.Response(200, json={"status": "ACCEPT", "state": {"id": "s4", "type": "PENDING"}}),
+        httpx.Response(200, json={"status": "ACCEPT", "state": {"id": "s5", "type": "COMPLETED"}})])
+    respx.get(f"{API}/flow_run_states/", params={"flow_run_id": "f-1"}).respond(json=[
+        {"id": "s1", "type": "SCHEDULED", "name": "Scheduled", "timestamp": "2026-01-01T00:00:01Z"},
+        {"id": "s4", "type": "PENDING", "name": "Reclaimed", "timestamp": "2026-01-01T00:00:09Z"},
+        {"id": "s2", "type": "RUNNING", "name": "Running", "timestamp": "2026-01-01T00:00:03Z"},
+        {"id": "s3", "type": "COMPLETED", "name": "Completed", "timestamp": "2026-01-01T00:00:05Z", "data": None}])
+    assert client.claim_flow_run("f-1") is False
+    restored = json.loads(set_state.calls.last.request.content)
+    assert restored["state"]["type"] == "COMPLETED" and restored["force"] is True
+    client.close()
+
+
+@respx.mock
+def test_a_claim_on_a_scheduled_run_is_ours():
+    client = PrefectClient(API, timeout=0.5)
+    respx.post(f"{API}/flow_runs/f-2/set_state").respond(
+        json={"status": "ACCEPT", "state": {"id": "s2", "type": "PENDING"}})
+    respx.get(f"{API}/flow_run_states/", params={"flow_run_id": "f-2"}).respond(json=[
+        {"id": "s1", "type": "SCHEDULED", "name": "Late", "timestamp": "2026-01-01T00:00:01Z"},
+        {"id": "s2", "type": "PENDING", "name": "Reclaimed", "timestamp": "2026-01-01T00:00:09Z"}])
+    assert client.claim_flow_run("f-2") is True
+    client.close()

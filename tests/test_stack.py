@@ -61,7 +61,10 @@ def test_the_stack_keeps_the_gateway_serving_while_prefect_is_down_and_brings_pr
     gateway = httpx.Client(base_url=f"http://127.0.0.1:{gateway_port}", timeout=10)
 
     def trigger() -> dict:
-        return gateway.post("/trigger", json={"connector_id": "numbers"}).json()
+        response = gateway.post("/trigger", json={"connector_id": "numbers"})
+        assert response.status_code in (200, 202), (response.status_code, response.text,
+                                                    (tmp_path / "stack.log").read_text(errors="replace")[-3000:])
+        return response.json()
 
     def ended(run: dict) -> dict | None:
         doc = gateway.get(run["status_url"]).json()

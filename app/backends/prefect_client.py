@@ -142,12 +142,26 @@ class PrefectClient:
             "limit": limit})
 
     def claim_flow_run(self, flow_run_id: str) -> bool:
-        """Take a scheduled flow run before any worker does: PENDING is the state workers claim runs with, and
-        Prefect refuses it from PENDING or RUNNING, so exactly one claimant wins. True when this one did."""
+        """Take a scheduled flow run before any worker does; True when this caller has it.
+
+        PENDING is the state workers claim runs with, and Prefect refuses it from PENDING or RUNNING, so of two
+        claimants one wins. Prefect does accept it after a run's end (a manual retry), so a worker that ran the
+        whole run before this proposal arrived is told apart by the state before ours, and its end restored."""
         answer = self._request("POST", f"flow_runs/{flow_run_id}/set_state", json={
             "state": {"type": "PENDING", "name": RECLAIMED, "message": "taken back by flowgate: no worker picked it up"},
-            "force": False})
-        return (answer or {}).get("status") == "ACCEPT"
+            "force": False}) or {}
+        if answer.get("status") != "ACCEPT":
+            return False
+        ours = (answer.get("state") or {}).get("id")
+        history = sorted(self._request("GET", f"flow_run_states/?flow_run_id={flow_run_id}") or [],
+                         key=lambda state: state["timestamp"])
+        position = next((i for i, state in enumerate(history) if state["id"] == ours), 0)
+        before = history[position - 1] if position else None
+        if before is None or before["type"] == "SCHEDULED":
+            return True
+        self._request("POST", f"flow_runs/{flow_run_id}/set_state", json={"state": {
+            key: before.get(key) for key in ("type", "name", "message", "data")}, "force": True})
+        return False
 
     def close_reclaimed_flow_run(self, flow_run_id: str, message: str) -> None:
         """End a flow run this gateway claimed (it runs locally instead)."""

@@ -60,17 +60,19 @@ class PrefectSync:
             if run is None:
                 continue
             if run.status == QUEUED and run.created_at < picked_up_before and _unpicked(flow_run):
-                changed += self._reclaim(run)
+                changed += self._reclaim(run, flow_run)
             elif self.backend.apply_flow_run(run, flow_run) is not run:
                 changed += 1
         return changed
 
-    def _reclaim(self, run: Run) -> int:
+    def _reclaim(self, run: Run, flow_run: dict[str, Any]) -> int:
         """No worker picked the flow run up within FLOWGATE_PREFECT_PICKUP_SECONDS: claim it the way a worker
         would (PENDING, which Prefect grants once), close it, and run it locally under the same run id. When a
         worker wins the claim, the run stays on Prefect."""
         flow_run_id = run.prefect_flow_run_id
-        if not self.backend.client.claim_flow_run(flow_run_id):
+        # A gateway claimed it, then died before closing it: ours now (Prefect refuses PENDING from PENDING).
+        claimed_before = (flow_run.get("state") or {}).get("name") == RECLAIMED
+        if not claimed_before and not self.backend.client.claim_flow_run(flow_run_id):
             log.info("a worker picked up %s as its pickup deadline passed; it stays on Prefect", run.id)
             return 0
         self.backend.client.close_reclaimed_flow_run(
