@@ -19,6 +19,8 @@ from app.runs.executors import ExecutorStore
 from app.runs.logs import RunLogStore
 from app.runs.models import CALLBACK_PENDING, Base, Run, RunCallback, RunLog, utcnow
 from app.runs.nodes import RunNodeStore
+from flows.connector_lock import connector_locks, held_by_others, serialise_claims
+from flows.connector_lock import metadata as connector_lock_metadata
 from flows.database import Database
 from flows.node_cache import SqlNodeCache
 from flows.node_cache import metadata as node_cache_metadata
@@ -29,7 +31,6 @@ from flows.outcome import ACTIVE, CANCELLED, CANCELLING, CRASHED, FAILED, QUEUED
 _COUNT_QUEUED_SQLITE = f"SELECT count(*) FROM runs WHERE target = ? AND kind = ? AND status = '{QUEUED}'"
 _COUNT_QUEUED_PG = f"SELECT count(*) FROM runs WHERE target = %(target)s AND kind = %(kind)s AND status = '{QUEUED}'"
 _WITH_CALLBACK = (selectinload(Run.callback),)
-_CLAIM_LOCK_ID = 0x666C6F77  # PostgreSQL advisory lock that serialises claims ("flow")
 
 
 class QueueFull(Exception):
@@ -84,7 +85,7 @@ class RunStore:
 
     def create_schema(self) -> None:
         """Create the tables (the node cache's too), and indexes added since, if missing (safe from every process)."""
-        self.db.create_tables(Base.metadata, node_cache_metadata)
+        self.db.create_tables(Base.metadata, node_cache_metadata, connector_lock_metadata)
 
     def dispose(self) -> None:
         """Close pooled connections (after a fork, or at exit)."""
@@ -134,13 +135,16 @@ class RunStore:
     def start_inline(self, new: NewRun, owner: str, lease_seconds: float) -> Run | None:
         """Insert a run already `running` and held by `owner` (a connector node runs it in its own thread).
 
-        None while another active run holds its concurrency key: the database refuses the second, as for claims.
+        None while another run holds its concurrency key: an active local run (the database refuses the second,
+        as for claims) or a Prefect flow run's lock (flows/connector_lock.py).
         """
 
-        def attempt() -> Run:
+        def attempt() -> Run | None:
             with self.db.session(write=True) as session:
-                if not self.is_sqlite:
-                    session.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _CLAIM_LOCK_ID})
+                serialise_claims(session, self.is_sqlite)
+                if session.execute(held_by_others(session, self.is_sqlite)
+                                   .where(connector_locks.c.key == new.concurrency_key)).first():
+                    return None
                 now = self._now(session)
                 run = Run(id=uuid.uuid4().hex, kind=new.kind, target=new.target, params=new.params, status=RUNNING,
                           backend=new.backend, fallback_reason=new.fallback_reason, request_hash=new.request_hash,
@@ -211,12 +215,12 @@ class RunStore:
 
         def attempt() -> Run | None:
             with self.db.session(write=True) as session:
-                if not self.is_sqlite:
-                    session.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _CLAIM_LOCK_ID})
+                serialise_claims(session, self.is_sqlite)
                 busy_keys = select(Run.concurrency_key).where(Run.status.in_(ACTIVE), Run.backend == "local")
                 run = session.scalars(
                     select(Run)
-                    .where(Run.status == QUEUED, Run.backend == "local", Run.concurrency_key.not_in(busy_keys))
+                    .where(Run.status == QUEUED, Run.backend == "local", Run.concurrency_key.not_in(busy_keys),
+                           Run.concurrency_key.not_in(held_by_others(session, self.is_sqlite)))
                     .order_by(Run.created_at, Run.id)
                     .limit(1)
                 ).first()

@@ -1,4 +1,5 @@
-"""The Prefect flow for a connector: the same ConnectorPipeline the local executor runs, one task per step."""
+"""The Prefect flow for a connector: the same ConnectorPipeline the local executor runs, one task per step, while
+holding the connector's key in the run store (flows/connector_lock.py), as a local run does."""
 from __future__ import annotations
 
 from typing import Any
@@ -7,8 +8,13 @@ from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from connectors.pipeline import ConnectorPipeline, Workspace
+from prefect.runtime import flow_run
+
+from connectors.pipeline import ConnectorPipeline, Workspace, concurrency_key
 from connectors.registry import ConnectorRegistry
+from flows.connector_lock import ConnectorLock, LockLost
+from flows.connector_lock import metadata as lock_metadata
+from flows.database import Database
 from flows.prefect.contract import FLOW_NAME, summary_artifact_key
 from flows.runtime import RuntimeSettings
 
@@ -26,11 +32,21 @@ def connector_flow(connector_id: str, params: dict[str, Any] | None = None) -> d
     spec = ConnectorRegistry.load(settings.connectors_file).get(connector_id)
     if spec is None:
         raise ValueError(f"no connector '{connector_id}' in {settings.connectors_file}")
-    pipeline = ConnectorPipeline(spec.with_params(params or {}),
-                                 Workspace(settings.pipelines_dir, settings.duckdb_dir))
-    for step in pipeline.steps:
-        pipeline_step.with_options(name=step)(pipeline, step)
-    summary = pipeline.summary().to_dict()
+    workspace = Workspace(settings.pipelines_dir, settings.duckdb_dir)
+    runnable = spec.with_params(params or {})
+    database = Database(settings.run_store_url)  # shared with the gateways when DATABASE_URL is
+    database.create_tables(lock_metadata)
+    try:
+        # Never beside a local run (or another flow run) of the same destination: the key in the run store.
+        with ConnectorLock(database).hold(concurrency_key(spec, workspace), f"prefect:{flow_run.id}") as lost:
+            pipeline = ConnectorPipeline(runnable, workspace)
+            for step in pipeline.steps:
+                if lost.is_set():
+                    raise LockLost(f"the lease on connector {connector_id}'s key lapsed before {step}")
+                pipeline_step.with_options(name=step)(pipeline, step)
+            summary = pipeline.summary().to_dict()
+    finally:
+        database.dispose()
     create_table_artifact(
         key=summary_artifact_key(connector_id),
         table=[summary],

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,6 +87,8 @@ class Component:
     next_start: float = 0.0
 
     def start(self, env: dict[str, str]) -> None:
+        # WEB_CONCURRENCY is gunicorn's (the gateway's workers); uvicorn in Prefect's server reads it too and stops.
+        env = env if self.name == "gateway" else {k: v for k, v in env.items() if k != "WEB_CONCURRENCY"}
         self.process = subprocess.Popen(self.args, cwd=ROOT, env=env, start_new_session=True)
         self.started_at = time.monotonic()
 
@@ -141,23 +144,34 @@ def main() -> None:
     signal.signal(signal.SIGTERM, stop)
     try:
         server.start(env)
-        if _wait_for(health, "the Prefect server"):
-            subprocess.run([sys.executable, "-m", "flows.prefect.deploy", "--pool", pool], cwd=ROOT, env=env,
-                           check=False)
+        deployed = _wait_for(health, "the Prefect server") and deploy(pool, env)
         worker.start(env)
         gateway.start(env)
         print(f"\nflowgate: http://127.0.0.1:{os.environ.get('FLOW_SERVER_PORT', '5000')}   "
               f"Prefect UI: http://127.0.0.1:{port}   Ctrl-C stops everything\n", flush=True)
-        supervise(components, gateway, env)
+        supervise(components, gateway, env, lambda: deployed or (_answers(health) and deploy(pool, env)))
     except KeyboardInterrupt:
         pass
     stop()
 
 
-def supervise(components: list[Component], gateway: Component, env: dict[str, str]) -> None:
-    """Until the gateway exits: restart a Prefect component that exited, waiting longer after each failure."""
+def deploy(pool: str, env: dict[str, str]) -> bool:
+    """Register the deployments (idempotent); True when it worked."""
+    done = subprocess.run([sys.executable, "-m", "flows.prefect.deploy", "--pool", pool], cwd=ROOT, env=env)
+    if done.returncode:
+        say("registering the deployments failed; trying again once Prefect answers")
+    return done.returncode == 0
+
+
+def supervise(components: list[Component], gateway: Component, env: dict[str, str],
+              deployed: Callable[[], bool]) -> None:
+    """Until the gateway exits: restart a Prefect component that exited, waiting longer after each failure, and
+    register the deployments once Prefect first answers if it did not at the start."""
+    registered = False
     while gateway.running:
         time.sleep(0.5)
+        if not registered:
+            registered = deployed()
         now = time.monotonic()
         for component in components:
             if component.running or not component.restart:

@@ -1,6 +1,7 @@
 """The Prefect flow for a workflow: the same engine the local executor runs, each node a task submitted in its layer."""
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -9,9 +10,13 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture
 
-from connectors.pipeline import ConnectorRunError, Workspace, run_connector
+from prefect.runtime import flow_run
+
+from connectors.pipeline import ConnectorRunError, Workspace, concurrency_key, run_connector
 from connectors.registry import ConnectorRegistry
 from connectors.spec import ParamsError
+from flows.connector_lock import ConnectorLock, LockLost
+from flows.connector_lock import metadata as lock_metadata
 from flows.database import Database
 from flows.engine import FAILED, NodeResult, WorkflowEngine
 from flows.node_cache import SqlNodeCache, metadata
@@ -51,17 +56,26 @@ def submit_as_task(node: NodeSpec, work: Callable[[], NodeResult]) -> _Done:
     return _Done(node_task.with_options(name=f"{node.id} ({node.type})").submit(work))
 
 
-def connector_runner(settings: Any) -> Callable[[str, dict[str, Any], Callable[[], bool]], dict[str, Any]]:
-    """Run a connector node's connector here, in the worker, from the worker's connectors.yaml."""
+def connector_runner(settings: Any, database: Database,
+                     holder: str) -> Callable[[str, dict[str, Any], Callable[[], bool]], dict[str, Any]]:
+    """Run a connector node's connector here, in the worker, from the worker's connectors.yaml, holding its key
+    in the run store as any run of it does."""
     registry = ConnectorRegistry.load(settings.connectors_file)
     workspace = Workspace(settings.pipelines_dir, settings.duckdb_dir)
+    lock = ConnectorLock(database)
 
     def run(connector_id: str, params: dict[str, Any], should_stop: Callable[[], bool]) -> dict[str, Any]:
         spec = registry.get(connector_id)
         if spec is None:
             raise NodeFailed(f"no connector '{connector_id}'", code="connector_not_found", terminal=True)
         try:
-            return run_connector(spec.with_params(params), workspace, should_stop=should_stop).to_dict()
+            runnable = spec.with_params(params)
+            # one holder per node run: two nodes of one workflow on one connector wait for each other too
+            with lock.hold(concurrency_key(spec, workspace), f"{holder}:{uuid.uuid4().hex[:8]}", should_stop) as lost:
+                return run_connector(runnable, workspace,
+                                     should_stop=lambda: should_stop() or lost.is_set()).to_dict()
+        except LockLost as exc:
+            raise NodeFailed(str(exc), code="cancelled", terminal=True) from None
         except ParamsError as exc:
             raise NodeFailed(f"{exc.field}: {exc.message}", code="invalid_params", terminal=True) from None
         except ConnectorRunError as exc:
@@ -79,10 +93,11 @@ def workflow_flow(run_id: str, workflow: dict[str, Any], inputs: dict[str, Any] 
     worker's environment, so Prefect never holds the secrets."""
     settings = RuntimeSettings()
     spec = resolve_definition(workflow, from_file)
-    database = Database(settings.run_store_url)  # the node cache; shared with the gateway when DATABASE_URL is
-    database.create_tables(metadata)
+    database = Database(settings.run_store_url)  # node cache and connector keys: shared with the gateways
+    database.create_tables(metadata, lock_metadata)
     try:
-        engine = WorkflowEngine(make_toolbox(settings, connector_runner(settings)), cache=SqlNodeCache(database))
+        runner = connector_runner(settings, database, f"prefect:{flow_run.id}:{run_id}")
+        engine = WorkflowEngine(make_toolbox(settings, runner), cache=SqlNodeCache(database))
         result = engine.run(spec, inputs or {}, mode, submit=submit_as_task)
     finally:
         database.dispose()

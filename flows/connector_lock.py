@@ -1,0 +1,153 @@
+"""One connector (one DuckDB file, one dlt pipeline) runs once at a time, whoever runs it: the gateway's local
+executors and Prefect flow runs on any host take the same key in the run store's database.
+
+Local runs hold their key as an active row in the `runs` table (a partial unique index makes the database
+refuse a second). A Prefect flow run, which has no such row to hold, holds a `connector_locks` row instead, with
+a lease it renews while it runs. Both sides check the other's under one lock (PostgreSQL: an advisory lock;
+SQLite: its write lock), so neither starts beside the other.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from sqlalchemy import Column, DateTime, MetaData, String, Table, delete, insert, select, text, update
+from sqlalchemy.orm import Session
+
+from flows.database import Database
+
+log = logging.getLogger(__name__)
+
+metadata = MetaData()
+
+connector_locks = Table(
+    "connector_locks", metadata,
+    Column("key", String(512), primary_key=True),  # the run's concurrency key (connectors.pipeline.concurrency_key)
+    Column("holder", String(200), nullable=False),  # e.g. prefect:<flow run id>
+    Column("expires_at", DateTime, nullable=False),  # UTC without zone, as the run store keeps times
+)
+
+CLAIM_LOCK_ID = 0x666C6F77  # PostgreSQL advisory lock serialising every claim of a key ("flow")
+# An active local run holds its key; written out here so this floor needs nothing of the gateway's models.
+_LOCAL_RUN_HOLDS = text("SELECT 1 FROM runs WHERE concurrency_key = :key AND status IN ('running', 'cancelling') "
+                        "AND backend = 'local' LIMIT 1")
+
+
+class LockLost(RuntimeError):
+    """The lease on a connector's key lapsed (this process could not renew it) and another run may have it."""
+
+
+def now_utc(session: Session, is_sqlite: bool) -> datetime:
+    """The database's clock, as a naive UTC time (this host's for SQLite, a local file)."""
+    if is_sqlite:
+        return datetime.now(timezone.utc).replace(tzinfo=None)
+    return session.execute(text("SELECT now() AT TIME ZONE 'UTC'")).scalar_one()
+
+
+def serialise_claims(session: Session, is_sqlite: bool) -> None:
+    """Take the lock every claim of a key holds for its transaction (SQLite's write transaction already is one)."""
+    if not is_sqlite:
+        session.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": CLAIM_LOCK_ID})
+
+
+def held_by_others(session: Session, is_sqlite: bool) -> Any:
+    """The keys a live connector_locks row holds: local claims skip runs with these keys."""
+    return select(connector_locks.c.key).where(connector_locks.c.expires_at > now_utc(session, is_sqlite))
+
+
+class ConnectorLock:
+    """Holds a connector's key for a run that is not a local run (a Prefect flow run, a node inside one)."""
+
+    def __init__(self, database: Database, lease_seconds: float = 30.0, poll_seconds: float = 1.0):
+        self.database = database
+        self.lease_seconds = lease_seconds
+        self.poll_seconds = poll_seconds
+
+    def try_acquire(self, key: str, holder: str) -> bool:
+        """Take `key` for `holder` unless a live lock or an active local run has it."""
+
+        def attempt() -> bool:
+            with self.database.session(write=True) as session:
+                serialise_claims(session, self.database.is_sqlite)
+                now = now_utc(session, self.database.is_sqlite)
+                if self._runs_table(session) and session.execute(_LOCAL_RUN_HOLDS, {"key": key}).first():
+                    return False
+                row = session.execute(select(connector_locks).where(connector_locks.c.key == key)).first()
+                expires = now + timedelta(seconds=self.lease_seconds)
+                if row is None:
+                    session.execute(insert(connector_locks).values(key=key, holder=holder, expires_at=expires))
+                elif row.expires_at <= now or row.holder == holder:
+                    session.execute(update(connector_locks).where(connector_locks.c.key == key)
+                                    .values(holder=holder, expires_at=expires))
+                else:
+                    return False
+                return True
+
+        return self.database.retry(attempt)
+
+    def renew(self, key: str, holder: str) -> bool:
+        """Extend the lease; False when `holder` no longer has the key."""
+
+        def attempt() -> bool:
+            with self.database.session(write=True) as session:
+                expires = now_utc(session, self.database.is_sqlite) + timedelta(seconds=self.lease_seconds)
+                return session.execute(update(connector_locks).where(
+                    connector_locks.c.key == key, connector_locks.c.holder == holder)
+                    .values(expires_at=expires)).rowcount == 1
+
+        return self.database.retry(attempt)
+
+    def release(self, key: str, holder: str) -> None:
+        """Give the key back."""
+
+        def attempt() -> None:
+            with self.database.session(write=True) as session:
+                session.execute(delete(connector_locks).where(connector_locks.c.key == key,
+                                                              connector_locks.c.holder == holder))
+
+        self.database.retry(attempt)
+
+    @contextmanager
+    def hold(self, key: str, holder: str, should_stop: Callable[[], bool] = lambda: False) -> Iterator[threading.Event]:
+        """Wait for `key`, hold it while the block runs (renewed three times per lease), release it after.
+
+        Yields an event that is set if the lease is lost: check it between steps and stop (LockLost)."""
+        waited = False
+        while not self.try_acquire(key, holder):
+            if should_stop():
+                raise LockLost(f"stopped while waiting for {key}")
+            if not waited:
+                log.info("waiting for another run of %s to end", key)
+                waited = True
+            time.sleep(self.poll_seconds)
+        lost, done = threading.Event(), threading.Event()
+
+        def keep() -> None:
+            while not done.wait(self.lease_seconds / 3):
+                try:
+                    if not self.renew(key, holder):
+                        log.error("the lease on %s was lost", key)
+                        lost.set()
+                        return
+                except Exception:  # the next renewal may get through: the lease is three intervals long
+                    log.exception("renewing the lease on %s failed", key)
+
+        threading.Thread(target=keep, name="flowgate-connector-lock", daemon=True).start()
+        try:
+            yield lost
+        finally:
+            done.set()
+            try:
+                self.release(key, holder)
+            except Exception:  # the lease lapses by itself
+                log.exception("releasing %s failed; it frees itself when its lease lapses", key)
+
+    @staticmethod
+    def _runs_table(session: Session) -> bool:
+        # A Prefect flow may use a database no gateway has created its tables in yet.
+        return session.connection().dialect.has_table(session.connection(), "runs")

@@ -1,0 +1,71 @@
+"""One connector runs once at a time whoever runs it: a Prefect flow run's lock and the local executors' claims
+(flows/connector_lock.py with app/runs/store.py), on SQLite and PostgreSQL."""
+from __future__ import annotations
+
+import threading
+import time
+
+from app.runs.store import NewRun, RunStore
+from flows.connector_lock import ConnectorLock
+from flows.outcome import COMPLETED
+
+
+def _queued(store: RunStore, key: str, target: str = "numbers"):
+    run, _ = store.create_run(NewRun(kind="connector", target=target, params={}, backend="local",
+                                     concurrency_key=key))
+    return run
+
+
+def test_a_key_a_prefect_flow_run_holds_is_not_claimed_locally_until_released(store: RunStore):
+    lock = ConnectorLock(store.db, lease_seconds=30)
+    assert lock.try_acquire("duckdb:/x.duckdb", "prefect:flow-1")
+    blocked = _queued(store, "duckdb:/x.duckdb")
+    other = _queued(store, "duckdb:/y.duckdb", target="events")
+    assert store.claim_next("executor", 30).id == other.id  # another connector is free to run
+    assert store.claim_next("executor", 30) is None
+    inline = NewRun(kind="connector", target="numbers", params={}, backend="local", concurrency_key="duckdb:/x.duckdb")
+    assert store.start_inline(inline, "node-runner", 30) is None  # a workflow's connector node waits too
+    lock.release("duckdb:/x.duckdb", "prefect:flow-1")
+    assert store.claim_next("executor", 30).id == blocked.id
+
+
+def test_a_key_an_active_local_run_holds_is_not_taken_by_a_flow_run_until_the_run_ends(store: RunStore):
+    lock = ConnectorLock(store.db, lease_seconds=30)
+    run = _queued(store, "duckdb:/x.duckdb")
+    assert store.claim_next("executor", 30).id == run.id
+    assert not lock.try_acquire("duckdb:/x.duckdb", "prefect:flow-1")
+    assert lock.try_acquire("duckdb:/y.duckdb", "prefect:flow-1")
+    store.finish(run.id, "executor", COMPLETED, result={})
+    assert lock.try_acquire("duckdb:/x.duckdb", "prefect:flow-1")
+    assert not lock.try_acquire("duckdb:/x.duckdb", "prefect:flow-2")  # and no second flow run beside it
+
+
+def test_a_lapsed_lock_is_taken_over_and_its_old_holder_learns_it_lost_it(store: RunStore):
+    short = ConnectorLock(store.db, lease_seconds=0.2)
+    assert short.try_acquire("k", "prefect:stalled")
+    time.sleep(0.3)  # the holder could not renew in time
+    assert short.try_acquire("k", "prefect:next")
+    assert not short.renew("k", "prefect:stalled")
+
+
+def test_hold_waits_for_the_local_run_then_keeps_the_key_until_the_block_ends(store: RunStore):
+    lock = ConnectorLock(store.db, lease_seconds=1.0, poll_seconds=0.05)
+    run = _queued(store, "duckdb:/x.duckdb")
+    store.claim_next("executor", 30)
+    entered = threading.Event()
+
+    def flow_run() -> None:
+        with lock.hold("duckdb:/x.duckdb", "prefect:flow-1") as lost:
+            entered.set()
+            time.sleep(1.5)  # longer than the lease: the renewals keep it
+            assert not lost.is_set()
+
+    worker = threading.Thread(target=flow_run)
+    worker.start()
+    assert not entered.wait(0.5)  # the local run still holds the key
+    store.finish(run.id, "executor", COMPLETED, result={})
+    assert entered.wait(10)
+    waiting = _queued(store, "duckdb:/x.duckdb")
+    assert store.claim_next("executor", 30) is None  # the flow run holds it now
+    worker.join(10)
+    assert store.claim_next("executor", 30).id == waiting.id  # released at the end of the block
