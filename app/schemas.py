@@ -150,6 +150,7 @@ class RunQuery(_Request):
 
     connector_id: str | None = Field(None, min_length=1, max_length=200)
     status: RunStatus | None = None
+    backend: Literal["local", "prefect"] | None = Field(None, description="Only runs on this backend.")
     limit: int = Field(50, ge=1, le=200)
     cursor: str | None = Field(None, description="next_cursor from the previous page.")
 
