@@ -3,13 +3,23 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test fuzz bench stack deploy clean
+.PHONY: run test browser fuzz bench stack deploy clean
 
 run: $(VENV)/.runtime data/demo_shop.db
 	$(BIN)/gunicorn -c gunicorn.conf.py wsgi:app
 
-test: $(VENV)/.dev data/demo_shop.db
+test: $(VENV)/.dev data/demo_shop.db browser
 	$(BIN)/python -m pytest
+
+# The dashboard's browser tests drive Debian's chromium (Playwright's own browser download is not used):
+# installed here when missing and we are root with apt; otherwise those tests skip and say why.
+browser:
+	@if [ -n "$$FLOWGATE_CHROMIUM" ] || [ -x /usr/bin/chromium ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing chromium for the browser tests (apt-get)"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } \
+	    || echo "chromium could not be installed: the browser tests will skip"; \
+	else echo "no chromium (apt-get install chromium chromium-driver as root): the browser tests will skip"; fi
 
 # The schemathesis tier (every phase, keys off and on, a real gunicorn) with many more examples per operation
 # than `make test` runs (5).

@@ -21,6 +21,8 @@ from app.errors import Problem
 
 SCOPES = ("read", "trigger", "admin")
 OPEN_PATHS = frozenset({"/health"})
+# The dashboard's static files hold no data; every API call the page makes still needs a key.
+OPEN_PREFIXES = ("/ui/",)
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 _DIGEST = re.compile(r"^sha256:([0-9a-f]{64})$")
 
@@ -126,13 +128,18 @@ def required_scope() -> str:
     return "read" if request.method in ("GET", "HEAD", "OPTIONS") else "trigger"
 
 
+def is_open(path: str) -> bool:
+    """Whether `path` is served without a key: liveness and the dashboard's files (`/ui` redirects to `/ui/`)."""
+    return path in OPEN_PATHS or path == "/ui" or path.startswith(OPEN_PREFIXES)
+
+
 def init_app(app: Flask, keyring: KeyRing) -> None:
-    """Check every request but /health against the keyring (when it has keys)."""
+    """Check every request but /health and the dashboard's files against the keyring (when it has keys)."""
 
     @app.before_request
     def authenticate() -> None:
         g.api_key = None
-        if not keyring.enabled or request.path in OPEN_PATHS:
+        if not keyring.enabled or is_open(request.path):
             return
         challenge = {"WWW-Authenticate": 'Bearer realm="flowgate"'}
         presented = presented_key()

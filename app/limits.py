@@ -10,7 +10,7 @@ from flask import Flask, g, request
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 
-from app.auth import OPEN_PATHS
+from app.auth import is_open
 
 
 def caller() -> str:
@@ -20,13 +20,13 @@ def caller() -> str:
 
 
 def init_app(app: Flask, rate_limit: str | None, storage_uri: str | None) -> Limiter | None:
-    """Limit every request but /health to `rate_limit` per caller; None when no limit is set.
+    """Limit every request but /health and the dashboard's files to `rate_limit` per caller; None when no limit is set.
 
     Register after auth, so the caller's key is known when the limit is checked.
     """
     if not rate_limit:
         return None
     return Limiter(caller, app=app, application_limits=[rate_limit],
-                   application_limits_exempt_when=lambda: request.path in OPEN_PATHS,
+                   application_limits_exempt_when=lambda: is_open(request.path),
                    storage_uri=storage_uri or "memory://", headers_enabled=True, strategy="moving-window",
                    key_prefix="flowgate")

@@ -188,6 +188,7 @@ class RunQuery(_Query):
 
     connector_id: str | None = Field(None, pattern=CONNECTOR_ID)
     status: RunStatus | None = None
+    backend: Literal["local", "prefect"] | None = Field(None, description="Only runs on this backend.")
     limit: QueryInt = Field(50, ge=1, le=200)
     cursor: str | None = Field(None, pattern=CURSOR_PATTERN, description="next_cursor from the previous page.")
 

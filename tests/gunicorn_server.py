@@ -23,8 +23,9 @@ def free_port() -> int:
 class GunicornServer:
     """`gunicorn -c gunicorn.conf.py wsgi:app` with the test's settings; stop() or kill() ends it."""
 
-    def __init__(self, workdir: Path, workers: int = 3, **env: str):
+    def __init__(self, workdir: Path, workers: int = 3, ready_headers: dict[str, str] | None = None, **env: str):
         self.port = free_port()
+        self.ready_headers = ready_headers or {}  # e.g. an API key, when the gateway has keys
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = workdir / f"gunicorn-{self.port}.log"
         self.env = {**os.environ, "FLOWGATE_BIND": f"127.0.0.1:{self.port}", "WEB_CONCURRENCY": str(workers),
@@ -32,7 +33,6 @@ class GunicornServer:
                     "FLOWGATE_WORKFLOWS": str(workdir / "workflows"),
                     "FLOWGATE_POLL_SECONDS": "0.1", "PYTHONUNBUFFERED": "1", **env}
         self.process: subprocess.Popen | None = None
-        self.headers: dict[str, str] = {}  # sent with the readiness probe (an API key, when keys are on)
 
     def start(self, timeout: float = 60) -> GunicornServer:
         log = self.log_path.open("ab")
@@ -44,7 +44,7 @@ class GunicornServer:
             if self.process.poll() is not None:
                 raise RuntimeError(f"gunicorn exited with {self.process.returncode}:\n{self.log()}")
             try:
-                if httpx.get(f"{self.url}/api/v1/health/ready", headers=self.headers, timeout=1).status_code == 200:
+                if httpx.get(f"{self.url}/api/v1/health/ready", headers=self.ready_headers, timeout=1).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass

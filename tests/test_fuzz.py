@@ -49,7 +49,7 @@ def test_every_schemathesis_phase_finds_nothing_on_a_real_gunicorn(tmp_path, key
     if keys:
         env["FLOWGATE_API_KEYS"] = f"fuzz:{KEY}:admin"
     server = GunicornServer(tmp_path, workers=3, **env)
-    server.headers = {"X-API-Key": KEY} if keys else {}
+    server.ready_headers = {"X-API-Key": KEY} if keys else {}
     server.start()
     try:
         result = subprocess.run(schemathesis_command(server.url, KEY if keys else None), cwd=tmp_path,

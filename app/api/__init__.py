@@ -5,8 +5,10 @@ from flask import Flask
 
 
 def init_app(app: Flask) -> None:
-    """Register every blueprint."""
-    from app.api import connectors, health, runs, triggers, workflows
+    """Register every blueprint (the dashboard's under /ui/), and conditional GETs for what they answer."""
+    from app import etags
+    from app.api import connectors, health, runs, triggers, ui, workflows
 
-    for module in (health, triggers, runs, connectors, workflows):
+    for module in (health, triggers, runs, connectors, workflows, ui):
         app.register_blueprint(module.bp)
+    etags.init_app(app)

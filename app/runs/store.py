@@ -169,13 +169,15 @@ class RunStore:
             return session.get(Run, run_id, options=_WITH_CALLBACK)
 
     def list(self, target: str | None = None, status: str | None = None, limit: int = 50,
-             before: tuple[datetime, str] | None = None) -> list[Run]:
+             before: tuple[datetime, str] | None = None, backend: str | None = None) -> list[Run]:
         """Runs newest first; `before` is the (created_at, id) of the last run of the previous page."""
         query = select(Run).options(*_WITH_CALLBACK).order_by(Run.created_at.desc(), Run.id.desc()).limit(limit)
         if target:
             query = query.where(Run.target == target)
         if status:
             query = query.where(Run.status == status)
+        if backend:
+            query = query.where(Run.backend == backend)
         if before:
             created_at, run_id = before
             query = query.where((Run.created_at < created_at) | ((Run.created_at == created_at) & (Run.id < run_id)))

@@ -1,0 +1,134 @@
+// Connectors as declared (secrets redacted) with their latest runs; Run and Preview for a key with `trigger`.
+import { getJSON, postJSON } from "../api.js";
+import { badge, errorBox, h, replace, shortId, when } from "../dom.js";
+import { POLL_MS } from "../live.js";
+
+export async function render(root, { canTrigger }, scope) {
+  const { body } = await getJSON("/api/v1/connectors");
+  const cards = body.items.map((item) => connectorCard(item, canTrigger));
+  replace(root, h("div", { class: "page-head" }, h("h1", {}, "Connectors")),
+    cards.length ? h("div", { class: "cards" }, cards.map((card) => card.el))
+      : h("p", { class: "muted" }, "No connectors are configured."));
+  // Each card's details and latest runs, kept fresh (304s while nothing changed).
+  await scope.every(POLL_MS * 2, () => Promise.all(cards.map((card) => card.refresh())));
+}
+
+function connectorCard(item, canTrigger) {
+  const facts = h("dl", { class: "facts" });
+  const latest = h("ul", { class: "latest" });
+  const form = h("form", { class: "params", hidden: true });
+  const output = h("div", { class: "output" });
+  let detail = null;
+
+  const el = h("article", { class: "card connector", dataset: { connector: item.id } },
+    h("h2", {}, h("span", { class: "mono" }, item.id)),
+    item.description ? h("p", { class: "muted" }, item.description) : null,
+    facts,
+    h("h3", {}, "Latest runs"), latest,
+    canTrigger ? h("div", { class: "actions" },
+      h("button", { type: "button", dataset: { action: "run" }, onclick: () => open("run") }, "Run"),
+      h("button", { type: "button", class: "ghost", dataset: { action: "preview" }, onclick: () => open("preview") },
+        "Preview")) : null,
+    form, output);
+
+  const open = (action) => {
+    form.hidden = false;
+    el.classList.add("expanded"); // room for the form and a sample table
+    replace(form,
+      h("p", { class: "small muted" }, item.overridable.length
+        ? "Overridable params (JSON values; leave empty for the connector's own):" : "This connector takes no params."),
+      item.overridable.map((name) => h("label", {}, h("span", { class: "mono" }, name),
+        h("input", { name, placeholder: JSON.stringify(defaultOf(detail?.spec, name)) ?? "", autocomplete: "off" }))),
+      h("div", { class: "actions" },
+        h("button", { type: "submit", dataset: { submit: action } }, action === "run" ? "Start run" : "Show sample rows"),
+        h("button", { type: "button", class: "ghost", onclick: () => { form.hidden = true; el.classList.remove("expanded"); replace(output); } }, "Close")));
+    form.onsubmit = (event) => {
+      event.preventDefault();
+      submit(action).catch((failure) => replace(output, problemBox(failure)));
+    };
+  };
+
+  const submit = async (action) => {
+    const params = {};
+    for (const [name, raw] of new FormData(form)) {
+      if (raw === "") continue;
+      try { params[name] = JSON.parse(raw); } catch { params[name] = raw; }
+    }
+    if (action === "run") {
+      const { body: run } = await postJSON("/trigger", { connector_id: item.id, params });
+      replace(output, h("p", {}, "Started ", h("a", { href: `#/runs/${run.run_id}`, class: "mono" }, shortId(run.run_id)),
+        " on ", run.backend, " ", badge(run.status)));
+      await refresh();
+    } else {
+      replace(output, h("p", { class: "muted" }, "Extracting a sample…"));
+      const { body: sample } = await postJSON(`/api/v1/connectors/${encodeURIComponent(item.id)}/preview`,
+        { limit: 20, params });
+      replace(output, Object.entries(sample.resources).map(([name, resource]) => previewTable(name, resource)));
+    }
+  };
+
+  const refresh = async () => {
+    const answer = await getJSON(`/api/v1/connectors/${encodeURIComponent(item.id)}`);
+    if (!answer.changed && detail) return;
+    detail = answer.body;
+    const spec = detail.spec;
+    replace(facts,
+      fact("source", `${spec.source.kind}: ${describeSource(spec.source)}`),
+      fact("destination", `${spec.destination.kind}${spec.destination.bucket_url ? ` ${spec.destination.bucket_url}` : ""}`
+        + ` → ${spec.dataset} (${spec.write_disposition})`),
+      fact("schedule", describeSchedule(spec.schedule)));
+    replace(latest, detail.latest_runs.length ? detail.latest_runs.map((run) => h("li", {},
+      h("a", { href: `#/runs/${run.run_id}`, class: "mono" }, shortId(run.run_id)), " ", badge(run.status), " ",
+      h("span", { class: "muted small" }, `${run.backend} · ${when(run.created_at)}`)))
+      : h("li", { class: "muted" }, "never run"));
+  };
+
+  return { el, refresh };
+}
+
+function fact(name, value) {
+  return [h("dt", {}, name), h("dd", {}, value)];
+}
+
+function defaultOf(spec, name) {
+  if (!spec) return undefined;
+  if (name === "full_refresh") return spec.full_refresh ?? false;
+  return spec.source?.args?.[name] ?? spec.source?.[name] ?? spec.source?.incremental?.[name];
+}
+
+function describeSource(source) {
+  switch (source.kind) {
+    case "sql_database": return `${source.url} [${(source.tables || []).join(", ") || "all tables"}]`;
+    case "filesystem": return `${source.bucket_url}/${source.file_glob}`;
+    case "python": return source.ref;
+    case "rest_api": return source.config?.client?.base_url || "REST API";
+    default: return "";
+  }
+}
+
+function describeSchedule(schedule) {
+  if (!schedule) return "none (on demand)";
+  if (schedule.cron) return `cron ${schedule.cron}${schedule.timezone ? ` (${schedule.timezone})` : ""}`;
+  if (schedule.interval) return `every ${schedule.interval} s`;
+  if (schedule.rrule) return `rrule ${schedule.rrule}`;
+  return JSON.stringify(schedule);
+}
+
+function previewTable(name, resource) {
+  const columns = Object.keys(resource.columns || {});
+  return h("div", { class: "preview", dataset: { resource: name } },
+    h("h3", {}, name, " ", h("span", { class: "muted small" }, `${resource.rows.length} sample rows`)),
+    h("div", { class: "scroll" }, h("table", { class: "sample" },
+      h("thead", {}, h("tr", {}, columns.map((column) => h("th", { title: resource.columns[column] }, column)))),
+      h("tbody", {}, resource.rows.map((row) => h("tr", {}, columns.map((column) => h("td", {}, cell(row[column])))))))));
+}
+
+function cell(value) {
+  if (value === null || value === undefined) return "∅";
+  return typeof value === "object" ? JSON.stringify(value) : String(value);
+}
+
+function problemBox(failure) {
+  const fields = failure.problem?.errors?.map((e) => `${e.field}: ${e.message}`).join("; ");
+  return errorBox({ code: failure.code, message: fields || failure.message });
+}

@@ -1,0 +1,96 @@
+// Every run of both engines, newest first, a page at a time, filtered, refreshed while the page is open.
+import { getJSON } from "../api.js";
+import { badge, h, number, reasonText, replace, runSeconds, seconds, shortId, totalRows, when } from "../dom.js";
+import { POLL_MS } from "../live.js";
+
+const STATUSES = ["queued", "running", "cancelling", "completed", "failed", "cancelled", "crashed"];
+const PAGE = 50;
+
+function hashFor(params) {
+  const query = params.toString();
+  return `#/runs${query ? `?${query}` : ""}`;
+}
+
+export async function render(root, { params }, scope) {
+  const target = params.get("target") || "";
+  const status = params.get("status") || "";
+  const backend = params.get("backend") || "";
+  const cursor = params.get("cursor") || "";
+
+  const api = new URLSearchParams({ limit: String(PAGE) });
+  if (target) api.set("connector_id", target);
+  if (status) api.set("status", status);
+  if (backend) api.set("backend", backend);
+  if (cursor) api.set("cursor", cursor);
+  const url = `/api/v1/runs?${api}`;
+
+  const targets = h("datalist", { id: "targets" });
+  getJSON("/api/v1/connectors").then(({ body }) => {
+    replace(targets, body.items.map((c) => h("option", { value: c.id })));
+  }).catch(() => {});
+
+  const filters = h("form", { class: "filters", onsubmit: (event) => {
+    event.preventDefault();
+    const form = new FormData(event.target);
+    const next = new URLSearchParams();
+    for (const name of ["target", "status", "backend"]) if (form.get(name)) next.set(name, form.get(name));
+    location.hash = hashFor(next);
+  } },
+  h("label", {}, "Connector or workflow ",
+    h("input", { name: "target", value: target, list: "targets", placeholder: "any", size: 18 })),
+  targets,
+  h("label", {}, "Status ", select("status", status, STATUSES)),
+  h("label", {}, "Backend ", select("backend", backend, ["local", "prefect"])),
+  h("button", { type: "submit" }, "Filter"),
+  (target || status || backend) ? h("a", { href: "#/runs", class: "button ghost" }, "Clear") : null);
+
+  const tbody = h("tbody");
+  const pager = h("div", { class: "pager" });
+  const stamp = h("span", { class: "muted small" });
+  replace(root,
+    h("div", { class: "page-head" }, h("h1", {}, "Runs"), stamp),
+    filters,
+    h("table", { class: "runs" },
+      h("thead", {}, h("tr", {}, ["Run", "Target", "Status", "Backend", "Created", "Duration", "Rows"].map(
+        (name) => h("th", {}, name)))),
+      tbody),
+    pager);
+
+  let last = null;
+  await scope.every(POLL_MS, async () => {
+    const { body, changed } = await getJSON(url);
+    stamp.textContent = `updated ${new Date().toLocaleTimeString()}`;
+    // Durations of running runs tick even when nothing else changed.
+    if (!changed && !body.items.some((run) => run.started_at && !run.finished_at)) return;
+    last = body;
+    replace(tbody, body.items.length ? body.items.map(row)
+      : h("tr", {}, h("td", { colspan: 7, class: "muted" }, "No runs yet. Start one from Connectors.")));
+    const older = new URLSearchParams(params);
+    if (last.next_cursor) older.set("cursor", last.next_cursor);
+    const newest = new URLSearchParams(params);
+    newest.delete("cursor");
+    replace(pager,
+      cursor ? h("a", { href: hashFor(newest), class: "button ghost" }, "← Newest") : null,
+      last.next_cursor ? h("a", { href: hashFor(older), class: "button ghost", rel: "next" }, "Older →") : null);
+  });
+}
+
+function select(name, value, options) {
+  return h("select", { name },
+    h("option", { value: "" }, "any"),
+    options.map((option) => h("option", { value: option, selected: option === value }, option)));
+}
+
+function row(run) {
+  const target = run.connector_id || run.workflow_id || run.kind;
+  const rows = totalRows(run.result);
+  return h("tr", { dataset: { runId: run.run_id, status: run.status } },
+    h("td", {}, h("a", { href: `#/runs/${run.run_id}`, class: "mono" }, shortId(run.run_id))),
+    h("td", {}, h("span", { class: "kind" }, run.kind), " ", h("a", { href: `#/runs?target=${encodeURIComponent(target)}` }, target)),
+    h("td", {}, badge(run.status)),
+    h("td", {}, h("span", { class: `backend backend-${run.backend}` }, run.backend),
+      run.fallback_reason ? h("div", { class: "muted small", title: run.fallback_reason }, reasonText(run.fallback_reason)) : null),
+    h("td", { class: "nowrap" }, when(run.created_at)),
+    h("td", { class: "num" }, seconds(runSeconds(run))),
+    h("td", { class: "num" }, number(rows)));
+}

@@ -1,0 +1,214 @@
+"""The dashboard in a real browser (Debian's chromium driven by Playwright) against a real gunicorn with API keys.
+
+Skipped with the reason when Playwright or a Chromium binary is missing, failed instead when
+FLOWGATE_REQUIRE_BROWSER=1 (CI sets it). Every wait is on a condition (Playwright's expect), never a sleep.
+Each page's screenshot lands in var/screenshots/ (FLOWGATE_SCREENSHOTS=docs/screenshots refreshes the README's).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+
+from connectors.demo import build_shop_db
+from tests.conftest import CONNECTORS_YAML
+from tests.gunicorn_server import ROOT, GunicornServer
+
+READER, TRIGGERER = "ui-reader-key-0123456789", "ui-trigger-key-0123456789"
+# var/ (ignored by git) unless asked: FLOWGATE_SCREENSHOTS=docs/screenshots refreshes the README's pictures.
+SCREENSHOTS = Path(os.environ.get("FLOWGATE_SCREENSHOTS", ROOT / "var" / "screenshots"))
+# Three delays in a row: long enough that a poll every 2 s sees each node running before it completes.
+WORKFLOW = """
+description: Three steps that take their time, then fan out and join
+nodes:
+  - {id: start, type: trigger, config: {defaults: {text: hello}}}
+  - {id: fetch, type: delay, config: {seconds: 2.5}}
+  - {id: upper, type: transform, config: {value: "{{ inputs.text | upper }}"}}
+  - {id: count, type: transform, config: {value: "{{ inputs.text | length }}"}}
+  - {id: combine, type: join}
+  - {id: result, type: output, config: {value: {upper: "{{ nodes.upper.output }}"}}}
+connections:
+  - {from: start, to: fetch}
+  - {from: fetch, to: upper}
+  - {from: fetch, to: count}
+  - {from: upper, to: combine}
+  - {from: count, to: combine}
+  - {from: combine, to: result}
+"""
+
+
+def chromium_path() -> str | None:
+    """The Chromium binary to drive, or None."""
+    for candidate in (os.environ.get("FLOWGATE_CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium"),
+                      shutil.which("chromium-browser")):
+        if candidate and Path(candidate).is_file():
+            return candidate
+    return None
+
+
+def _missing() -> str | None:
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "Playwright for Python is not installed (requirements-dev.txt)"
+    if chromium_path() is None:
+        return "no Chromium binary (apt-get install chromium chromium-driver, or set FLOWGATE_CHROMIUM)"
+    return None
+
+
+MISSING = _missing()
+if MISSING and os.environ.get("FLOWGATE_REQUIRE_BROWSER"):
+    pytest.fail(f"the browser tests are required here: {MISSING}", pytrace=False)
+pytestmark = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
+
+if MISSING is None:
+    from playwright.sync_api import Page, expect, sync_playwright
+
+    expect.set_options(timeout=30_000)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One gunicorn (2 workers) with a read key and a trigger key, the test connectors and one slow workflow."""
+    workdir = tmp_path_factory.mktemp("ui")
+    build_shop_db(workdir / "shop.db", customers=20, orders=100)
+    (workdir / "files").mkdir()
+    (workdir / "files" / "products.csv").write_text("sku,name,price_cents\nA-1,Apple,120\nB-2,Bread,250\n")
+    (workdir / "connectors.yaml").write_text(CONNECTORS_YAML)
+    (workdir / "workflows").mkdir()
+    (workdir / "workflows" / "steps.yaml").write_text(WORKFLOW)
+    server = GunicornServer(workdir, workers=2, ready_headers={"X-API-Key": READER}, FLOWGATE_API_KEYS=f"dash:{READER}:read,ops:{TRIGGERER}:read+trigger",
+                            FLOWGATE_EXECUTOR_THREADS="2").start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=chromium_path(), headless=True,
+            args=["--no-sandbox", "--disable-background-networking", "--disable-dev-shm-usage"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    """A fresh tab (its own session storage: no key yet) that fails the test on a CSP violation or a JS error."""
+    context = browser.new_context(base_url=server.url, viewport={"width": 1280, "height": 860})
+    page = context.new_page()
+    problems: list[str] = []
+    page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+    page.on("console", lambda message: problems.append(message.text)
+            if message.type == "error" and "Content Security Policy" in message.text else None)
+    yield page
+    context.close()
+    assert problems == []
+
+
+def sign_in(page: Page, key: str, path: str = "/ui/") -> None:
+    """Open the page, answer the key prompt, and wait for the key's scopes to show."""
+    page.goto(path)
+    dialog = page.locator("#key-dialog")
+    expect(dialog).to_be_visible()
+    page.fill("#key-input", key)
+    page.click("#key-dialog button[type=submit]")
+    expect(dialog).to_be_hidden()
+    expect(page.locator("#who")).to_contain_text("key:")
+
+
+def shoot(page: Page, name: str) -> None:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
+
+
+def api(server) -> httpx.Client:
+    return httpx.Client(base_url=server.url, headers={"X-API-Key": TRIGGERER}, timeout=30)
+
+
+def test_a_run_triggered_from_the_page_completes_and_shows_its_rows(page, server):
+    sign_in(page, TRIGGERER, "/ui/#/connectors")
+    card = page.locator("[data-connector=shop]")
+    card.locator("[data-action=preview]").click()
+    card.locator("[data-submit=preview]").click()
+    expect(card.locator("[data-resource=orders] tbody tr")).to_have_count(20)
+    shoot(page, "connectors")
+
+    card.locator("[data-action=run]").click()
+    card.locator("[data-submit=run]").click()
+    card.locator(".output a").click()
+    expect(page.locator(".page-head .badge")).to_have_text("completed")
+    expect(page.locator("tr[data-table=orders] td.num")).to_have_text("100")
+    expect(page.locator("tr[data-table=customers] td.num")).to_have_text("20")
+    expect(page.locator(".steps li.step-done")).to_have_count(4)
+    expect(page.locator(".timeline")).to_contain_text("local")
+    expect(page.locator(".logs")).not_to_contain_text("No log lines yet.")
+    shoot(page, "run")
+
+    page.click("a[data-nav=runs]")
+    row = page.locator("table.runs tbody tr").first
+    expect(row).to_have_attribute("data-status", "completed")
+    expect(row.locator("td").last).to_have_text("120")
+    shoot(page, "runs")
+
+
+def test_a_workflow_runs_nodes_change_colour_as_they_run(page, server):
+    with api(server) as client:
+        execution = client.post("/api/workflow/steps/execute", json={"inputs": {"text": "flowgate"}}).json()
+    sign_in(page, READER, f"/ui/#/runs/{execution['executionId']}")
+    fetch = page.locator("[data-node=fetch]")
+    expect(fetch).to_have_attribute("data-status", "running")
+    running_fill = fetch.locator("rect").evaluate("rect => getComputedStyle(rect).fill")
+    expect(page.locator("[data-node=upper]")).to_have_attribute("data-status", "pending")
+    expect(page.locator(".dag-node")).to_have_count(6)
+    expect(page.locator("svg.dag path.edge")).to_have_count(6)
+    page.locator("[data-node=start]").click()
+    expect(page.locator(".node-panel")).to_contain_text("trigger")
+    shoot(page, "workflow")  # mid-run: start completed, fetch running, the rest pending
+    for node in ("fetch", "upper", "count", "combine", "result"):
+        expect(page.locator(f"[data-node={node}]")).to_have_attribute("data-status", "completed")
+    assert fetch.locator("rect").evaluate("rect => getComputedStyle(rect).fill") != running_fill
+    page.locator("[data-node=upper]").click()
+    expect(page.locator(".node-panel")).to_contain_text('"FLOWGATE"')
+    expect(page.locator(".node-panel")).to_contain_text("attempts")
+    expect(page.locator(".page-head .badge")).to_have_text("completed")
+
+
+def test_a_failed_run_shows_its_error_step_and_whether_a_retry_helps(page, server):
+    with api(server) as client:
+        run = client.post("/trigger", json={"connector_id": "broken"}).json()
+    sign_in(page, READER, f"/ui/#/runs/{run['run_id']}")
+    expect(page.locator(".page-head .badge")).to_have_text("failed")
+    alert = page.locator("[role=alert]").first
+    expect(alert).to_contain_text("connector_failed")
+    expect(alert).to_contain_text("in step extract")
+    expect(alert).to_contain_text("retry")
+    expect(page.locator(".steps li.step-failed")).to_have_text("extract")
+
+
+def test_a_read_key_sees_everything_but_no_run_or_preview_button(page, server):
+    page.goto("/ui/#/connectors")
+    expect(page.locator("#key-dialog")).to_be_visible()
+    shoot(page, "key")
+    page.fill("#key-input", "not-a-key-but-long-enough")
+    page.click("#key-dialog button[type=submit]")
+    expect(page.locator("#key-error")).to_have_text("That key is not valid.")
+    page.fill("#key-input", READER)
+    page.click("#key-dialog button[type=submit]")
+    expect(page.locator("#who")).to_have_text("key: read only")
+    expect(page.locator("[data-connector=shop]")).to_be_visible()
+    expect(page.locator("[data-connector=shop] dl")).to_contain_text("sql_database")
+    expect(page.locator("[data-action=run]")).to_have_count(0)
+    expect(page.locator("[data-action=preview]")).to_have_count(0)
+    assert page.evaluate("document.cookie") == ""
+    assert page.evaluate("sessionStorage.getItem('flowgate.apiKey')") == READER
+
+    page.click("a[data-nav=health]")
+    expect(page.locator("[data-check=database] .badge")).to_have_text("up")
+    expect(page.locator("[data-check=executor]")).to_contain_text("capacity")
+    expect(page.locator("[data-check=prefect] .badge")).to_have_text("disabled")
+    shoot(page, "health")
