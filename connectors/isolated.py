@@ -63,7 +63,7 @@ def run_connector_isolated(spec: ConnectorSpec, workspace: Workspace, should_sto
                 except EOFError:
                     kind, payload = "died", None
                 if kind == "log":
-                    logging.getLogger(payload.pop("name")).handle(logging.makeLogRecord(payload))
+                    _relay(payload)
                     continue
                 if kind == "step":
                     step = payload
@@ -91,6 +91,14 @@ def run_connector_isolated(spec: ConnectorSpec, workspace: Workspace, should_sto
             child.kill()
         child.join(5)
         held.close()
+
+
+def _relay(line: dict[str, Any]) -> None:
+    """Log a child's line here, as if this thread had written it (so it carries the run's context)."""
+    try:
+        logging.getLogger(line["name"]).handle(logging.makeLogRecord(line))
+    except Exception:  # a log line must never end the run it belongs to
+        log.exception("relaying a log line of a connector run failed")
 
 
 def _rebuilt(spec: ConnectorSpec, payload: dict[str, Any]) -> Exception:

@@ -1,6 +1,8 @@
 """GET /api/v1/runs/<id>/logs: the lines a local run's threads logged, kept in the run store."""
 from __future__ import annotations
 
+import time
+
 from app import create_app
 from tests.fake_services import EchoService
 from tests.test_api_triggers import poll_until_ended
@@ -53,3 +55,16 @@ def test_logs_of_an_unknown_run_or_with_a_bad_query_are_refused(client):
     for query in ("limit=0", "after=-1", "limit=5000", "unknown=1"):
         response = client.get(f"/api/v1/runs/{run['run_id']}/logs?{query}")
         assert response.status_code == 422, query
+
+
+def test_a_connector_runs_lines_from_its_own_process_reach_the_runs_logs(running_app):
+    client = running_app.test_client()
+    run = client.post("/trigger", json={"connector_id": "numbers", "wait": 60}).json
+    assert run["status"] == "completed", run
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        lines = client.get(f"/api/v1/runs/{run['run_id']}/logs").json["items"]
+        if any("runs in process" in line["message"] for line in lines):
+            break
+        time.sleep(0.1)
+    assert any(line["logger"] == "connectors.isolated" and "runs in process" in line["message"] for line in lines)
