@@ -1,6 +1,7 @@
 """Run store tables: every accepted run, its callback, nodes and log lines, and the executors that claim runs.
 
-The node cache's table belongs to the workflow engine (flows/node_cache.py); the run store creates it too."""
+The node cache's table belongs to the workflow engine (flows/node_cache.py). The schema changes only through the
+migrations in app/runs/migrations/ (a test checks that they end at exactly these tables)."""
 from __future__ import annotations
 
 from datetime import datetime, timezone
@@ -50,9 +51,9 @@ class Run(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     kind: Mapped[str] = mapped_column(String(16), default="connector")
-    target: Mapped[str] = mapped_column(String(200), index=True)
+    target: Mapped[str] = mapped_column(String(200))
     params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    status: Mapped[str] = mapped_column(String(16), index=True)
+    status: Mapped[str] = mapped_column(String(16))
     backend: Mapped[str] = mapped_column(String(16))
     fallback_reason: Mapped[str | None] = mapped_column(Text)
     prefect_flow_run_id: Mapped[str | None] = mapped_column(String(64))
@@ -78,6 +79,11 @@ class Run(Base):
         Index("ix_runs_created", "created_at", "id"),
         Index("ix_runs_queue", "status", "backend", "created_at"),
         Index("ix_runs_target_status", "target", "kind", "status"),  # the queue limit counts per target
+        # With years of history in the table, every periodic query and page reads an index, never the table:
+        Index("ix_runs_finished", "finished_at"),  # retention
+        Index("ix_runs_target_created", "target", "created_at", "id"),  # a connector's runs, newest first
+        Index("ix_runs_status_created", "status", "created_at", "id"),  # runs in one status, newest first
+        Index("ix_runs_target_finished", "target", "kind", "finished_at"),  # a target's last ended run
         Index("uq_runs_idempotency", "kind", "target", "idempotency_key", unique=True),
         # The database itself refuses a second active local run under one concurrency key.
         Index("uq_runs_one_active_per_key", "concurrency_key", unique=True,

@@ -17,11 +17,11 @@ from sqlalchemy.orm import Session, selectinload
 from app.runs.callbacks import CallbackStore
 from app.runs.executors import ExecutorStore
 from app.runs.logs import RunLogStore
-from app.runs.models import CALLBACK_PENDING, Base, Run, RunCallback, RunLog, utcnow
+from app.runs import schema
+from app.runs.models import CALLBACK_PENDING, Run, RunCallback, RunLog, utcnow
 from app.runs.nodes import RunNodeStore
 from flows.database import Database
 from flows.node_cache import SqlNodeCache
-from flows.node_cache import metadata as node_cache_metadata
 from flows.outcome import ACTIVE, CANCELLED, CANCELLING, CRASHED, FAILED, QUEUED, RUNNING, TERMINAL, RunError
 
 # Plain SQL on purpose: this runs inside every trigger's write transaction, where each 0.1 ms holds SQLite's
@@ -83,8 +83,8 @@ class RunStore:
         self.executors = ExecutorStore(self.db)
 
     def create_schema(self) -> None:
-        """Create the tables (the node cache's too), and indexes added since, if missing (safe from every process)."""
-        self.db.create_tables(Base.metadata, node_cache_metadata)
+        """Apply the pending migrations (the node cache's table too) under a lock: safe from every process at once."""
+        schema.upgrade(self.db)
 
     def dispose(self) -> None:
         """Close pooled connections (after a fork, or at exit)."""
