@@ -20,16 +20,21 @@ from app.runs.logs import RunLogStore
 from app.runs import schema
 from app.runs.models import CALLBACK_PENDING, Run, RunCallback, RunLog, utcnow
 from app.runs.nodes import RunNodeStore
+from app.runs.retention import RetentionStore
 from flows.database import Database
 from flows.node_cache import SqlNodeCache
-from flows.outcome import ACTIVE, CANCELLED, CANCELLING, CRASHED, FAILED, QUEUED, RUNNING, TERMINAL, RunError
+from flows.outcome import ACTIVE, CANCELLED, CANCELLING, CRASHED, FAILED, QUEUED, RUNNING, RunError
 
 # Plain SQL on purpose: this runs inside every trigger's write transaction, where each 0.1 ms holds SQLite's
 # one write lock for every other writer (the ORM query took 5x as long). Covered by ix_runs_target_status.
 _COUNT_QUEUED_SQLITE = f"SELECT count(*) FROM runs WHERE target = ? AND kind = ? AND status = '{QUEUED}'"
 _COUNT_QUEUED_PG = f"SELECT count(*) FROM runs WHERE target = %(target)s AND kind = %(kind)s AND status = '{QUEUED}'"
 _WITH_CALLBACK = (selectinload(Run.callback),)
+# The statuses of a run that has not ended, named rather than "not terminal": an IN over them reads ix_runs_queue
+# and touches only the few live rows, where NOT IN scans every run ever kept.
+_UNFINISHED = (QUEUED, *ACTIVE)
 _CLAIM_LOCK_ID = 0x666C6F77  # PostgreSQL advisory lock that serialises claims ("flow")
+_QUEUE_LOCK_NAMESPACE = 0x666C6F71  # with a hash of kind:target, the advisory lock of one target's queue limit
 
 
 class QueueFull(Exception):
@@ -81,6 +86,7 @@ class RunStore:
         self.nodes = RunNodeStore(self.db)
         self.node_cache = SqlNodeCache(self.db)
         self.executors = ExecutorStore(self.db)
+        self.retention = RetentionStore(self.db)
 
     def create_schema(self) -> None:
         """Apply the pending migrations (the node cache's table too) under a lock: safe from every process at once."""
@@ -105,11 +111,8 @@ class RunStore:
                     existing = self._by_idempotency_key(session, new)
                     if existing is not None:
                         return existing, False
-                if new.max_queued is not None and session.connection().exec_driver_sql(
-                        _COUNT_QUEUED_SQLITE if self.is_sqlite else _COUNT_QUEUED_PG, (new.target, new.kind) if self.is_sqlite else {"target": new.target,
-                                                                                     "kind": new.kind}
-                ).scalar() >= new.max_queued:
-                    raise QueueFull(new.kind, new.target, new.max_queued)  # in the write transaction: no race
+                if new.max_queued is not None and self._count_queued(session, new) >= new.max_queued:
+                    raise QueueFull(new.kind, new.target, new.max_queued)
                 run = Run(id=uuid.uuid4().hex, kind=new.kind, target=new.target, params=new.params,
                           status=QUEUED, backend=new.backend, fallback_reason=new.fallback_reason,
                           idempotency_key=new.idempotency_key, request_hash=new.request_hash,
@@ -130,6 +133,18 @@ class RunStore:
         if not created and run.request_hash != new.request_hash:
             raise IdempotencyConflict(run)
         return run, created
+
+    def _count_queued(self, session: Session, new: NewRun) -> int:
+        """Queued runs of the new run's target, counted where no concurrent trigger of that target can add one
+        before this transaction ends: SQLite's one write lock is held already; PostgreSQL takes an advisory lock
+        per target (triggers of other targets pass), then counts in a fresh snapshot that sees the last holder's
+        insert."""
+        connection = session.connection()
+        if self.is_sqlite:
+            return connection.exec_driver_sql(_COUNT_QUEUED_SQLITE, (new.target, new.kind)).scalar()
+        connection.exec_driver_sql("SELECT pg_advisory_xact_lock(%(ns)s, hashtext(%(key)s))",
+                                   {"ns": _QUEUE_LOCK_NAMESPACE, "key": f"{new.kind}:{new.target}"})
+        return connection.exec_driver_sql(_COUNT_QUEUED_PG, {"target": new.target, "kind": new.kind}).scalar()
 
     def start_inline(self, new: NewRun, owner: str, lease_seconds: float) -> Run | None:
         """Insert a run already `running` and held by `owner` (a connector node runs it in its own thread).
@@ -193,7 +208,7 @@ class RunStore:
             now = utcnow()
             with self.db.session(write=True) as session:
                 overdue = list(session.scalars(select(Run).where(
-                    Run.backend == backend, Run.status.not_in(TERMINAL), Run.created_at < created_before)))
+                    Run.backend == backend, Run.status.in_(_UNFINISHED), Run.created_at < created_before)))
                 for run in overdue:
                     run.status, run.finished_at, run.error, run.lease_expires_at = FAILED, now, error.to_dict(), None
                 return overdue
@@ -201,9 +216,10 @@ class RunStore:
         return self.db.retry(attempt)
 
     def count_by_status(self) -> dict[str, int]:
-        """How many local runs are in each status."""
+        """How many local runs are in each status that has not ended (queued, running, cancelling)."""
         with self.db.session() as session:
-            rows = session.execute(select(Run.status, func.count()).where(Run.backend == "local").group_by(Run.status))
+            rows = session.execute(select(Run.status, func.count()).where(
+                Run.status.in_(_UNFINISHED), Run.backend == "local").group_by(Run.status))
             return {status: count for status, count in rows}
 
     def claim_next(self, owner: str, lease_seconds: float) -> Run | None:
@@ -318,7 +334,7 @@ class RunStore:
     def unfinished(self, backend: str, limit: int = 100) -> list[Run]:
         """Runs on `backend` that have not ended, oldest first."""
         with self.db.session() as session:
-            return list(session.scalars(select(Run).where(Run.backend == backend, Run.status.not_in(TERMINAL))
+            return list(session.scalars(select(Run).where(Run.backend == backend, Run.status.in_(_UNFINISHED))
                                         .order_by(Run.created_at).limit(limit)))
 
     def cancel(self, run_id: str) -> Run | None:
