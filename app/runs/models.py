@@ -41,7 +41,10 @@ class Base(DeclarativeBase):
     """Declarative base of the run store."""
 
 
-_ACTIVE_SQL = text(f"status IN ('{RUNNING}', '{CANCELLING}') AND backend = 'local'")
+# Active local runs, in SQL spelled once: the partial index below holds exactly these rows, and a query that says
+# ACTIVE_LOCAL word for word reads only them (SQLite and PostgreSQL match a partial index's predicate as written;
+# with bound parameters instead, SQLite's statistics of a store full of ended runs make it scan the table).
+ACTIVE_LOCAL = text(f"status IN ('{RUNNING}', '{CANCELLING}') AND backend = 'local'")
 
 
 class Run(Base):
@@ -77,7 +80,7 @@ class Run(Base):
 
     __table_args__ = (
         Index("ix_runs_created", "created_at", "id"),
-        Index("ix_runs_queue", "status", "backend", "created_at"),
+        Index("ix_runs_queue", "status", "backend", "created_at", "id"),  # claims, recovery, every periodic query
         Index("ix_runs_target_status", "target", "kind", "status"),  # the queue limit counts per target
         # With years of history in the table, every periodic query and page reads an index, never the table:
         Index("ix_runs_finished", "finished_at"),  # retention
@@ -87,7 +90,7 @@ class Run(Base):
         Index("uq_runs_idempotency", "kind", "target", "idempotency_key", unique=True),
         # The database itself refuses a second active local run under one concurrency key.
         Index("uq_runs_one_active_per_key", "concurrency_key", unique=True,
-              sqlite_where=_ACTIVE_SQL, postgresql_where=_ACTIVE_SQL),
+              sqlite_where=ACTIVE_LOCAL, postgresql_where=ACTIVE_LOCAL),
     )
 
     @property

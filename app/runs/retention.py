@@ -40,14 +40,18 @@ class RetentionStore:
                 time.sleep(pause_seconds)
 
     def _delete_batch(self, cutoff: datetime, batch_size: int) -> int:
+        """One batch; returns how many runs it looked at (a full batch means there may be more)."""
         with self.database.session(write=True) as session:
-            ids = list(session.scalars(select(Run.id).where(Run.finished_at < cutoff, Run.status.in_(TERMINAL))
-                                       .order_by(Run.finished_at).limit(batch_size)))  # ix_runs_finished
+            # Only ix_runs_finished here: finished_at is set exactly when a run ends. A status condition in SQL
+            # would tempt SQLite into reading every ended run through ix_runs_queue and sorting them, per batch.
+            rows = session.execute(select(Run.id, Run.status).where(Run.finished_at < cutoff)
+                                   .order_by(Run.finished_at).limit(batch_size)).all()
+            ids = [row.id for row in rows if row.status in TERMINAL]
             if ids:
                 for table, column in ((RunLog, RunLog.run_id), (RunNode, RunNode.run_id),
                                       (RunCallback, RunCallback.run_id), (Run, Run.id)):
                     session.execute(delete(table).where(column.in_(ids)))
-            return len(ids)
+            return len(ids) if len(ids) < len(rows) else len(rows)
 
     @contextmanager
     def exclusive(self) -> Iterator[bool]:

@@ -18,7 +18,7 @@ from app.runs.callbacks import CallbackStore
 from app.runs.executors import ExecutorStore
 from app.runs.logs import RunLogStore
 from app.runs import schema
-from app.runs.models import CALLBACK_PENDING, Run, RunCallback, RunLog, utcnow
+from app.runs.models import ACTIVE_LOCAL, CALLBACK_PENDING, Run, RunCallback, RunLog, utcnow
 from app.runs.nodes import RunNodeStore
 from app.runs.retention import RetentionStore
 from flows.database import Database
@@ -229,7 +229,7 @@ class RunStore:
             with self.db.session(write=True) as session:
                 if not self.is_sqlite:
                     session.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _CLAIM_LOCK_ID})
-                busy_keys = select(Run.concurrency_key).where(Run.status.in_(ACTIVE), Run.backend == "local")
+                busy_keys = select(Run.concurrency_key).where(ACTIVE_LOCAL)  # uq_runs_one_active_per_key
                 run = session.scalars(
                     select(Run)
                     .where(Run.status == QUEUED, Run.backend == "local", Run.concurrency_key.not_in(busy_keys))
@@ -333,9 +333,13 @@ class RunStore:
 
     def unfinished(self, backend: str, limit: int = 100) -> list[Run]:
         """Runs on `backend` that have not ended, oldest first."""
+        # One ordered range of ix_runs_queue per status: an IN with ORDER BY tempts planners into walking
+        # ix_runs_created, every run ever kept, to skip a sort of the few live ones.
         with self.db.session() as session:
-            return list(session.scalars(select(Run).where(Run.backend == backend, Run.status.in_(_UNFINISHED))
-                                        .order_by(Run.created_at).limit(limit)))
+            runs = [run for status in _UNFINISHED for run in session.scalars(
+                select(Run).where(Run.status == status, Run.backend == backend)
+                .order_by(Run.created_at, Run.id).limit(limit))]
+        return sorted(runs, key=lambda run: (run.created_at, run.id))[:limit]
 
     def cancel(self, run_id: str) -> Run | None:
         """Cancel a queued run at once; ask a running one to stop (status `cancelling`). None if unknown."""
@@ -366,7 +370,7 @@ class RunStore:
             with self.db.session(write=True) as session:
                 now = self._now(session)
                 expired = list(session.scalars(select(Run).where(
-                    Run.status.in_(ACTIVE), Run.backend == "local", Run.lease_expires_at < now)))
+                    ACTIVE_LOCAL, Run.lease_expires_at < now)))  # uq_runs_one_active_per_key
                 for run in expired:
                     run.error = RunError.lease_expired(run.lease_owner).to_dict()
                     run.status, run.finished_at, run.lease_expires_at = CRASHED, now, None
