@@ -3,8 +3,9 @@
 For SQLite (a file) and PostgreSQL (when FLOWGATE_TEST_POSTGRES_URL answers): the latency of a trigger (insert
 with idempotency key and queue-limit count), a claim + finish, list pages (all, one target, one status) and the
 periodic queries (overdue runs, lease recovery, queue depth for metrics, unsent callbacks, a target's last run),
-first on a store of 1,000 runs (an empty one would return empty pages), then after 1M ended runs (100k of them with a delivered callback) are added in SQL; the
-ratio is printed per operation. Then retention prunes the 50k runs past its cutoff, timed.
+on a store of 1,000 runs (an empty one would return empty pages) and on one with 1M ended runs more (100k of them with a delivered callback, made in SQL); the
+ratio is printed per operation. The two stores sit side by side and calls alternate between them, so a shared
+machine's load weighs on both alike. Then retention prunes the 50k runs past its cutoff, timed.
 
     .venv/bin/python -m bench.store_scale [--runs 1000000]
 """
@@ -71,8 +72,8 @@ def median_ms(fn: Callable[[], object], repeat: int) -> float:
     return statistics.median(times)
 
 
-def measure(store: RunStore, repeat: int) -> dict[str, float]:
-    """Each operation's median latency on the store as it is now (leaves it as it found it, but for new runs)."""
+def operations(store: RunStore) -> dict[str, Callable[[], object]]:
+    """The operations measured, bound to `store`."""
     counter = iter(range(10**9))
     batch = uuid.uuid4().hex[:6]
 
@@ -88,7 +89,7 @@ def measure(store: RunStore, repeat: int) -> dict[str, float]:
             store.finish(run.id, "bench", "completed", result={"rows": {}})
 
     long_ago = utcnow() - timedelta(days=3650)
-    ops: dict[str, Callable[[], object]] = {
+    return {
         "trigger (insert, key, queue limit)": trigger,
         "claim + finish": claim_and_finish,
         "list: newest 50": lambda: store.list(limit=50),
@@ -102,10 +103,22 @@ def measure(store: RunStore, repeat: int) -> dict[str, float]:
         "a target's last ended run": lambda: store.last_ended_elsewhere("connector", "t7", "host"),
         "retention pass, nothing to prune": lambda: store.retention.prune(utcnow() - timedelta(days=3650)),
     }
+
+
+def measure(small: RunStore, big: RunStore, repeat: int) -> dict[str, tuple[float, float]]:
+    """Each operation's median latency in ms on both stores, calls alternating between them so that the load of
+    a shared machine weighs on both alike."""
     results = {}
-    for name, op in ops.items():
-        op()  # warm: caches, the pool, the planner
-        results[name] = median_ms(op, repeat)
+    small_ops, big_ops = operations(small), operations(big)
+    for name in small_ops:
+        small_ops[name](), big_ops[name]()  # warm: caches, the pool, the planner
+        times: tuple[list[float], list[float]] = ([], [])
+        for _ in range(repeat):
+            for op, kept in ((small_ops[name], times[0]), (big_ops[name], times[1])):
+                started = time.perf_counter()
+                op()
+                kept.append((time.perf_counter() - started) * 1000)
+        results[name] = (statistics.median(times[0]), statistics.median(times[1]))
     return results
 
 
@@ -129,28 +142,28 @@ def fill(store: RunStore, runs: int, prefix: str) -> tuple[float, int]:
     return time.perf_counter() - started, runs - old_from
 
 
-def run_one(name: str, url: str, runs: int, repeat: int) -> None:
-    store = RunStore(url)
-    store.create_schema()
+def run_one(name: str, small_url: str, big_url: str, runs: int, repeat: int) -> None:
+    """Fill a small and a big store on one server, then measure both side by side."""
+    small, big = RunStore(small_url), RunStore(big_url)
     try:
-        base_seconds, base_old = fill(store, BASELINE_RUNS, "b")  # enough for full pages: the same work per call
-        empty = measure(store, repeat)
-        seconds, old = fill(store, runs, "h")
-        old += base_old
+        for store in (small, big):
+            store.create_schema()
+            fill(store, BASELINE_RUNS, "b")  # enough for full pages: the same work per call on both
+        seconds, old = fill(big, runs, "h")
         print(f"\n{name}: filled {runs:,} ended runs in {seconds:.1f} s")
-        full = measure(store, repeat)
-        header = f"{'operation':38} {f'{BASELINE_RUNS:,} runs':>12} {f'{runs:,} runs':>14} {'ratio':>7}"
+        header = f"{'operation':38} {f'{BASELINE_RUNS:,} runs':>12} {f'{runs + BASELINE_RUNS:,} runs':>14} {'ratio':>7}"
         print(header)
         print("-" * len(header))
-        for op, base in empty.items():
-            print(f"{op:38} {base:10.3f}ms {full[op]:12.3f}ms {full[op] / base:6.2f}x")
+        for op, (base, full) in measure(small, big, repeat).items():
+            print(f"{op:38} {base:10.3f}ms {full:12.3f}ms {full / base:6.2f}x")
         started = time.perf_counter()
-        pruned = store.retention.prune(utcnow() - timedelta(days=30), batch_size=500)
+        pruned = big.retention.prune(utcnow() - timedelta(days=30), batch_size=500)
         took = time.perf_counter() - started
-        print(f"retention: pruned {pruned:,} runs past 30 days (of {old:,} placed there) in {took:.1f} s "
+        print(f"retention: pruned {pruned:,} runs past 30 days in {took:.1f} s "
               f"({pruned / took:,.0f} runs/s, batches of 500)")
     finally:
-        store.dispose()
+        small.dispose()
+        big.dispose()
 
 
 def main() -> None:
@@ -159,20 +172,24 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=50)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="flowgate-scale-") as tmp:
-        run_one("SQLite", f"sqlite:///{Path(tmp) / 'runs.db'}", args.runs, args.repeat)
+        run_one("SQLite", f"sqlite:///{Path(tmp) / 'small.db'}", f"sqlite:///{Path(tmp) / 'big.db'}", args.runs,
+                args.repeat)
     reason = postgres_available()
     if reason:
         print(f"\nPostgreSQL skipped: {reason}")
         return
-    schema = f"flowgate_bench_{uuid.uuid4().hex[:8]}"
+    schemas = [f"flowgate_bench_{uuid.uuid4().hex[:8]}" for _ in range(2)]
     admin = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as connection:
-        connection.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+        for schema in schemas:
+            connection.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
     try:
-        run_one("PostgreSQL", f"{POSTGRES_URL}?options=-csearch_path%3D{schema}", args.runs, args.repeat)
+        small_url, big_url = (f"{POSTGRES_URL}?options=-csearch_path%3D{schema}" for schema in schemas)
+        run_one("PostgreSQL", small_url, big_url, args.runs, args.repeat)
     finally:
         with admin.connect() as connection:
-            connection.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+            for schema in schemas:
+                connection.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
         admin.dispose()
 
 
