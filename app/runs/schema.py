@@ -13,7 +13,6 @@ from sqlalchemy.exc import OperationalError, ProgrammingError
 
 from flows.database import Database
 
-log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 BASELINE = "0001"
@@ -68,6 +67,7 @@ def upgrade(database: Database, revision: str = "head") -> None:
         return
     from alembic import command
 
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # a line per plugin at INFO is noise
     with locked(database) as connection:
         command.upgrade(alembic_config(connection), revision)
 
