@@ -13,7 +13,6 @@ from sqlalchemy.exc import OperationalError, ProgrammingError
 
 from flows.database import Database
 
-
 MIGRATIONS = Path(__file__).with_name("migrations")
 BASELINE = "0001"
 HEAD = "0002"  # the newest revision under migrations/versions (a test checks they agree)
