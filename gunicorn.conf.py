@@ -108,6 +108,7 @@ def post_worker_init(worker):
     executor.start()
     services.dispatcher.prefect.sync.start()
     services.callbacks.start()
+    services.pruner.start()
     gunicorn_term = signal.getsignal(signal.SIGTERM)
 
     def on_term(signum, frame):
@@ -125,6 +126,7 @@ def worker_exit(server, worker):
         return
     services.dispatcher.prefect.sync.stop()
     services.callbacks.stop()
+    services.pruner.stop()
     executor = services.executor
     # gunicorn kills the worker graceful_timeout after SIGTERM; keep a second to write the records.
     unfinished = executor.shutdown(timeout=max(server.cfg.graceful_timeout - 1, 0))

@@ -18,6 +18,7 @@ from app.backends.prefect import PrefectBackend, make_prefect_route
 from app.callbacks import CallbackSender
 from app.config import ConfigError, Settings, load_settings
 from app.dispatch import Dispatcher
+from app.retention import Pruner
 from app.runlogs import RunLogHandler
 from app.runs.store import RunStore
 from connectors.pipeline import Workspace
@@ -42,6 +43,7 @@ class Services:
     dispatcher: Dispatcher
     engine: WorkflowEngine  # for execute-node: one node inside the request, no cache
     callbacks: CallbackSender
+    pruner: Pruner  # deletes ended runs past FLOWGATE_RETENTION_DAYS
 
 
 def services() -> Services:
@@ -86,7 +88,7 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     except WorkflowError as exc:
         raise ConfigError(str(exc)) from None
     store = RunStore(settings.run_store_url)
-    store.create_schema()
+    store.create_schema()  # pending migrations, under a lock: replicas may start together
     workspace = Workspace(pipelines_dir=settings.pipelines_dir, duckdb_dir=settings.duckdb_dir)
     toolbox = make_toolbox(settings)
     executor = LocalExecutor(store, registry, workspace, slots=settings.executor_threads,
@@ -100,7 +102,9 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     callbacks = CallbackSender(store, OutboundPolicy.parse(settings.callback_allowed_hosts), settings.callback_secret,
                                max_attempts=settings.callback_max_attempts,
                                backoff_seconds=settings.callback_backoff_seconds, poll_seconds=settings.poll_seconds)
-    app.extensions["flowgate"] = Services(settings, registry, workflows, store, executor, dispatcher, engine, callbacks)
+    pruner = Pruner(store, settings.retention_days, settings.retention_interval_seconds, settings.retention_batch_size)
+    app.extensions["flowgate"] = Services(settings, registry, workflows, store, executor, dispatcher, engine, callbacks,
+                                          pruner)
 
     from app import api, auth, errors, limits, metrics, openapi
 

@@ -95,6 +95,17 @@ class Settings(RuntimeSettings):
         6 * 3600, gt=0, le=7 * 86400, validation_alias=AliasChoices("FLOWGATE_RUN_TIMEOUT_SECONDS",
                                                                     "run_timeout_seconds"),
         description="A run still unfinished this long after it started (Prefect: was created) is ended as failed.")
+    retention_days: float = Field(
+        30.0, ge=0, le=36_500, validation_alias=AliasChoices("FLOWGATE_RETENTION_DAYS", "retention_days"),
+        description="Ended runs (with their log lines, node states, callback and idempotency key) older than this "
+                    "are deleted; 0 keeps them forever.")
+    retention_interval_seconds: float = Field(
+        3600.0, ge=1, le=7 * 86400, validation_alias=AliasChoices("FLOWGATE_RETENTION_INTERVAL_SECONDS",
+                                                                  "retention_interval_seconds"),
+        description="How often a gateway process prunes (one process at a time across the store).")
+    retention_batch_size: int = Field(
+        500, ge=1, le=100_000, validation_alias=AliasChoices("FLOWGATE_RETENTION_BATCH_SIZE", "retention_batch_size"),
+        description="Runs deleted per transaction while pruning; small batches keep the write lock short.")
 
     @field_validator("rate_limit")
     @classmethod

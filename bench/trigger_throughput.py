@@ -104,14 +104,38 @@ def run_seed(workdir: Path, clients: int, seconds: float) -> Result:
         process.wait()
 
 
-def run_flowgate(workdir: Path, clients: int, seconds: float, workers: int) -> Result:
+def run_flowgate(workdir: Path, clients: int, seconds: float, workers: int, database_url: str | None = None) -> Result:
     # The load queues far more runs per connector than the default limit (FLOWGATE_MAX_QUEUED_PER_TARGET) allows:
     # lift it, this measures how fast triggers are accepted.
-    server = GunicornServer(workdir, workers=workers, FLOWGATE_MAX_QUEUED_PER_TARGET="100000").start()
+    env = {"FLOWGATE_MAX_QUEUED_PER_TARGET": "100000", **({"DATABASE_URL": database_url} if database_url else {})}
+    server = GunicornServer(workdir, workers=workers, **env).start()
     try:
-        return load(f"flowgate (gunicorn, {workers} workers)", server.url, clients, seconds)
+        store = "PostgreSQL" if database_url else "SQLite"
+        return load(f"flowgate ({workers} workers, {store})", server.url, clients, seconds)
     finally:
         server.kill()
+
+
+def run_flowgate_on_postgres(workdir: Path, clients: int, seconds: float, workers: int) -> Result | None:
+    """The same load with the run store on PostgreSQL (a fresh schema), or None without a server."""
+    import uuid
+
+    import sqlalchemy as sa
+
+    from tests.conftest import POSTGRES_URL, postgres_available
+
+    if postgres_available():
+        return None
+    schema = f"flowgate_bench_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        return run_flowgate(workdir, clients, seconds, workers, f"{POSTGRES_URL}?options=-csearch_path%3D{schema}")
+    finally:
+        with admin.connect() as connection:
+            connection.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
 
 
 def main() -> None:
@@ -126,14 +150,15 @@ def main() -> None:
         write_connectors(workdir, args.clients, args.delay)
         seed = run_seed(workdir, args.clients, args.seconds)
         flowgate = run_flowgate(workdir, args.clients, args.seconds, args.workers)
+        on_postgres = run_flowgate_on_postgres(workdir, args.clients, args.seconds, args.workers)
 
     print(f"\n{args.clients} triggering clients + 1 health prober for {args.seconds:g} s; "
           f"connector sleeps {args.delay:g} s then loads 100 rows into DuckDB\n")
-    header = f"{'server':34} {'accepted/s':>10} {'trigger p50':>12} {'trigger p99':>12} {'health p50':>11} {'health p99':>11} {'errors':>6}"
+    header = f"{'server':36} {'accepted/s':>10} {'trigger p50':>12} {'trigger p99':>12} {'health p50':>11} {'health p99':>11} {'errors':>6}"
     print(header)
     print("-" * len(header))
-    for r in (seed, flowgate):
-        print(f"{r.name:34} {r.accepted_per_second:10.1f} {pct(r.triggers, 50) * 1000:10.1f}ms "
+    for r in (seed, flowgate, *([on_postgres] if on_postgres else [])):
+        print(f"{r.name:36} {r.accepted_per_second:10.1f} {pct(r.triggers, 50) * 1000:10.1f}ms "
               f"{pct(r.triggers, 99) * 1000:10.1f}ms {pct(r.health, 50) * 1000:9.1f}ms "
               f"{pct(r.health, 99) * 1000:9.1f}ms {r.errors:6d}")
     print("\nratios (flowgate vs original, measured in this run):")

@@ -144,3 +144,32 @@ def test_a_full_queue_refuses_the_next_run_of_that_target_only(store):
     claimed = store.claim_next("me", lease_seconds=30)
     assert claimed.target == "a"
     assert store.create_run(new("a"))[1] is True  # one left the queue, one may join
+
+
+def test_the_queue_limit_is_exact_under_50_concurrent_triggers(store: RunStore):
+    from app.runs.store import QueueFull
+
+    url = store.db.url.render_as_string(hide_password=False)
+    processes = [RunStore(url) for _ in range(5)]  # five gateways' stores, ten triggering threads each
+    barrier = threading.Barrier(50)
+    outcomes: list[str] = []
+
+    def trigger(own: RunStore, target: str) -> None:
+        barrier.wait()
+        try:
+            own.create_run(NewRun(kind="connector", target=target, params={}, backend="local", concurrency_key=target,
+                                  max_queued=10))
+            outcomes.append(f"{target}:accepted")
+        except QueueFull:
+            outcomes.append(f"{target}:full")
+
+    threads = [threading.Thread(target=trigger, args=(processes[i % 5], "a" if i < 40 else "b")) for i in range(50)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for own in processes:
+        own.dispose()
+    assert sorted(outcomes).count("a:accepted") == 10 and outcomes.count("a:full") == 30
+    assert outcomes.count("b:accepted") == 10  # another target's queue is its own
+    assert store.count_by_status() == {"queued": 20}

@@ -1,6 +1,7 @@
 """Run store tables: every accepted run, its callback, nodes and log lines, and the executors that claim runs.
 
-The node cache's table belongs to the workflow engine (flows/node_cache.py); the run store creates it too."""
+The node cache's table belongs to the workflow engine (flows/node_cache.py). The schema changes only through the
+migrations in app/runs/migrations/ (a test checks that they end at exactly these tables)."""
 from __future__ import annotations
 
 from datetime import datetime, timezone
@@ -40,7 +41,10 @@ class Base(DeclarativeBase):
     """Declarative base of the run store."""
 
 
-_ACTIVE_SQL = text(f"status IN ('{RUNNING}', '{CANCELLING}') AND backend = 'local'")
+# Active local runs, in SQL spelled once: the partial index below holds exactly these rows, and a query that says
+# ACTIVE_LOCAL word for word reads only them (SQLite and PostgreSQL match a partial index's predicate as written;
+# with bound parameters instead, SQLite's statistics of a store full of ended runs make it scan the table).
+ACTIVE_LOCAL = text(f"status IN ('{RUNNING}', '{CANCELLING}') AND backend = 'local'")
 
 
 class Run(Base):
@@ -50,9 +54,9 @@ class Run(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     kind: Mapped[str] = mapped_column(String(16), default="connector")
-    target: Mapped[str] = mapped_column(String(200), index=True)
+    target: Mapped[str] = mapped_column(String(200))
     params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    status: Mapped[str] = mapped_column(String(16), index=True)
+    status: Mapped[str] = mapped_column(String(16))
     backend: Mapped[str] = mapped_column(String(16))
     fallback_reason: Mapped[str | None] = mapped_column(Text)
     prefect_flow_run_id: Mapped[str | None] = mapped_column(String(64))
@@ -76,12 +80,17 @@ class Run(Base):
 
     __table_args__ = (
         Index("ix_runs_created", "created_at", "id"),
-        Index("ix_runs_queue", "status", "backend", "created_at"),
+        Index("ix_runs_queue", "status", "backend", "created_at", "id"),  # claims, recovery, every periodic query
         Index("ix_runs_target_status", "target", "kind", "status"),  # the queue limit counts per target
+        # With years of history in the table, every periodic query and page reads an index, never the table:
+        Index("ix_runs_finished", "finished_at"),  # retention
+        Index("ix_runs_target_created", "target", "created_at", "id"),  # a connector's runs, newest first
+        Index("ix_runs_status_created", "status", "created_at", "id"),  # runs in one status, newest first
+        Index("ix_runs_target_finished", "target", "kind", "finished_at"),  # a target's last ended run
         Index("uq_runs_idempotency", "kind", "target", "idempotency_key", unique=True),
         # The database itself refuses a second active local run under one concurrency key.
         Index("uq_runs_one_active_per_key", "concurrency_key", unique=True,
-              sqlite_where=_ACTIVE_SQL, postgresql_where=_ACTIVE_SQL),
+              sqlite_where=ACTIVE_LOCAL, postgresql_where=ACTIVE_LOCAL),
     )
 
     @property
