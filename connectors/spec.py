@@ -8,10 +8,32 @@ from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-_SECRET_KEY = re.compile(r"pass(word)?|secret|token|api_?key|credential|private|authorization|cookie|signature",
-                         re.IGNORECASE)
+from connectors import secrets
+
 _URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.\-]*://[^:/@\s]*:)(?P<password>[^@\s]+)(?P<tail>@)", re.IGNORECASE)
-REDACTED = "***"
+# `name=value` inside a string: URL query (`?password=`), a path segment (`/apikey=...`), a connection string
+# (`Server=db;Password=...;`). The value ends at the next separator (a path segment also at `/`).
+_NAME_VALUE = re.compile(r"(?P<head>(?:^|[?&;/\s,])(?P<name>[A-Za-z][A-Za-z0-9_.\-]*)\s*=\s*)(?P<value>[^&;#\s,?]+)")
+_AUTH_SCHEME = re.compile(r"^(?P<scheme>bearer|basic|token|digest|apikey|sharedaccesssignature)\s+\S+",
+                          re.IGNORECASE)
+_WORDS = re.compile(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+|\d+")
+# Any one of these words in a field name marks its value secret: `X-API-Key`, `X-Auth`, `sig`, `client_secret`...
+_SECRET_WORDS = frozenset({
+    "password", "passwd", "pwd", "pass", "passphrase", "secret", "token", "auth", "authorization", "apikey", "key",
+    "sig", "signature", "credential", "credentials", "cookie", "bearer", "private", "session", "sessionid", "jwt",
+    "otp", "sas", "dsn",
+})
+# ... as do these run together (`xapikey`, `accesskeyid` written in lower case).
+_SECRET_RUNS = ("password", "passwd", "secret", "apikey", "accesskey", "privatekey", "secretkey", "authtoken",
+                "accesstoken", "credential", "signature", "subscriptionkey", "sessionid", "sessiontoken")
+# ... unless the name describes such a value rather than holding one (`token_url`, `api_key_name`, `key_type`),
+# or the key is a data key (`primary_key`, `merge_key`).
+_DESCRIPTORS = frozenset({"url", "uri", "endpoint", "type", "name", "location", "header", "param", "path", "field",
+                          "expires", "expiry", "ttl", "length", "prefix", "placement", "in"})
+_COUNTS = frozenset({"max", "min", "num", "total", "prompt", "completion", "count"})  # `max_tokens` is a number
+_DATA_KEYS = frozenset({"primary", "foreign", "sort", "partition", "merge", "cursor", "unique", "natural",
+                        "composite", "surrogate", "dedup", "row", "idempotency", "cache", "group", "join"})
+REDACTED = secrets.REDACTED
 
 
 class ParamsError(ValueError):
@@ -226,16 +248,54 @@ def _check_same_type(key: str, declared: Any, value: Any) -> None:
                                            f"declared value, got {type(value).__name__}")
 
 
+def is_secret_name(name: str) -> bool:
+    """Whether a field, header or parameter called `name` holds a secret (`X-API-Key`, `access_key`, `sig`,
+    `Ocp-Apim-Subscription-Key`, `Password`, `client_secret`), by a broad match on the words in it."""
+    words = [w.lower() for w in _WORDS.findall(name)]
+    if not words:
+        return False
+    if words[-1] in _DESCRIPTORS and len(words) > 1:
+        return False
+    singular = [w[:-1] if w.endswith("s") and w[:-1] in _SECRET_WORDS else w for w in words]
+    for index, word in enumerate(singular):
+        if word in _SECRET_WORDS:
+            before = singular[index - 1] if index else ""
+            if (word == "key" and before in _DATA_KEYS) or before in _COUNTS:
+                continue
+            return True
+    compact = "".join(words)
+    return any(run in compact for run in _SECRET_RUNS)
+
+
+def redact_text(text: str) -> str:
+    """A string with the secrets inside it replaced by ***: remembered `${VAR}` values, a URL's password,
+    `name=value` pairs with a secret name (query strings, path segments, connection strings) and the
+    credentials after an auth scheme (`Bearer ...`)."""
+    text = secrets.scrub_text(text)
+    text = _URL_PASSWORD.sub(lambda m: m["head"] + REDACTED + m["tail"], text)
+
+    def pair(match: re.Match[str]) -> str:
+        if not is_secret_name(match["name"]):
+            return match[0]
+        value = match["value"]
+        rest = value[value.index("/"):] if match["head"].startswith("/") and "/" in value else ""
+        return match["head"] + REDACTED + _NAME_VALUE.sub(pair, rest)
+
+    text = _NAME_VALUE.sub(pair, text)
+    return _AUTH_SCHEME.sub(lambda m: f"{m['scheme']} {REDACTED}", text)
+
+
 def redact(value: Any, key: str = "") -> Any:
-    """Replace secret-looking values (by key name, or a password inside a URL) with ***."""
+    """Replace secret values with ***: anything under a secret-looking name (`is_secret_name`), and inside
+    every string what `redact_text` finds (`${VAR}` values, URL passwords, `password=` pairs...)."""
     if isinstance(value, dict):
         return {k: redact(v, k) for k, v in value.items()}
     if isinstance(value, list):
         return [redact(v, key) for v in value]
+    if key and value is not None and not isinstance(value, bool) and is_secret_name(key):
+        return REDACTED
     if isinstance(value, str):
-        if _SECRET_KEY.search(key):
-            return REDACTED
-        return _URL_PASSWORD.sub(lambda m: m["head"] + REDACTED + m["tail"], value)
+        return redact_text(value)
     return value
 
 

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
+from connectors.secrets import scrub
 from flows.nodes import NODE_TYPES, NodeContext, NodeFailed, Toolbox
 from flows.templates import TemplateFailed, render
 from flows.workflow_spec import Mode, NodeSpec, WorkflowSpec
@@ -44,8 +45,9 @@ class NodeResult:
     error: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready, with ISO timestamps."""
+        """JSON-ready, with ISO timestamps; `${VAR}` secrets a node came across are scrubbed (connectors.secrets)."""
         data = asdict(self)
+        data["output"], data["error"] = scrub(data["output"]), scrub(data["error"])
         for key in ("started_at", "finished_at"):
             data[key] = data[key].isoformat() if data[key] else None
         return data
@@ -69,7 +71,7 @@ class WorkflowResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"workflow_id": self.workflow_id, "mode": self.mode, "status": self.status, "layers": self.layers,
-                "duration_seconds": self.duration_seconds, "outputs": self.outputs,
+                "duration_seconds": self.duration_seconds, "outputs": scrub(self.outputs),
                 "nodes": [node.to_dict() for node in self.nodes.values()]}
 
 
@@ -261,7 +263,7 @@ class WorkflowEngine:
 
     @staticmethod
     def _end(result: NodeResult, status: str, observe: NodeObserver, error: dict[str, Any] | None = None) -> NodeResult:
-        result.status, result.error = status, error
+        result.status, result.error = status, scrub(error)  # errors quote configs, which may hold resolved secrets
         result.finished_at = _now()
         if result.started_at:
             result.duration_seconds = round((result.finished_at - result.started_at).total_seconds(), 4)

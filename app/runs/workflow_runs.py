@@ -11,6 +11,7 @@ from app.runs.models import COMPLETED, FAILED, Run
 from app.runs.store import NewRun, RunStore
 from connectors.pipeline import ConnectorRunError, RunCancelled, Workspace, concurrency_key, run_connector
 from connectors.registry import ConnectorRegistry
+from connectors.secrets import scrub
 from connectors.spec import ParamsError
 from flows.engine import NodeResult, WorkflowEngine, WorkflowResult
 from flows.nodes import NodeFailed, Toolbox
@@ -169,7 +170,7 @@ def run_workflow(run: Run, store: RunStore, toolbox: Toolbox, should_stop: Calla
 def workflow_outcome(result: WorkflowResult) -> tuple[str, dict[str, Any], dict[str, Any] | None]:
     """(run status, run result, run error) for a finished workflow."""
     summary = {"workflow_id": result.workflow_id, "mode": result.mode, "layers": result.layers,
-               "duration_seconds": result.duration_seconds, "outputs": result.outputs}
+               "duration_seconds": result.duration_seconds, "outputs": scrub(result.outputs)}
     if result.status == COMPLETED:
         return COMPLETED, summary, None
     if result.status == FAILED:
