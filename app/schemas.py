@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.runs.models import STATUSES, Run
-from connectors.secrets import scrub
+from connectors.secrets import public_error, scrub
 from connectors.spec import redact
 
 RunStatus = Literal[STATUSES]  # type: ignore[valid-type]
@@ -187,7 +187,7 @@ class RunOut(BaseModel):
                    status=run.status, backend=run.backend, params=redact(run.params or {}),
                    fallback_reason=run.fallback_reason, prefect_flow_run_id=run.prefect_flow_run_id,
                    prefect_state=run.prefect_state, attempts=run.attempts, created_at=run.created_at,
-                   started_at=run.started_at, finished_at=run.finished_at, result=scrub(run.result), error=scrub(run.error),
+                   started_at=run.started_at, finished_at=run.finished_at, result=scrub(run.result), error=public_error(run.error),
                    callback=run.callback.to_dict() if run.callback else None, status_url=status_url)
 
 

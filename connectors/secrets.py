@@ -6,6 +6,7 @@ the gateway and in a Prefect worker alike); `scrub` replaces each of them, also 
 """
 from __future__ import annotations
 
+import re
 import threading
 from typing import Any
 from urllib.parse import quote, quote_plus
@@ -53,4 +54,26 @@ def scrub(value: Any) -> Any:
         return {scrub_text(k) if isinstance(k, str) else k: scrub(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [scrub(v) for v in value]
+    return value
+
+
+# The folders of an absolute path (at the start, after a space, quote, bracket or `=`, or in `sqlite:////...`);
+# URLs (`https://host/a/b`) do not match: their first slash follows a colon or a slash.
+_FOLDERS = re.compile(r"(?:(?<=^)|(?<=[\s'\"(\[=,])|(?<=:///))(?:/[\w.\-~+@]+)+/(?=[\w.\-~+@])")
+
+
+def hide_paths(text: str) -> str:
+    """`text` with the server's folders left out of absolute paths: `Engine(sqlite:////srv/x/shop.db)` reads
+    `Engine(sqlite:///…/shop.db)`. For error messages, which callers read."""
+    return _FOLDERS.sub("…/", text)
+
+
+def public_error(value: Any) -> Any:
+    """An error document (or message) as a caller may see it: secrets scrubbed, server folders left out."""
+    if isinstance(value, str):
+        return hide_paths(scrub_text(value))
+    if isinstance(value, dict):
+        return {k: public_error(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [public_error(v) for v in value]
     return value

@@ -25,6 +25,11 @@ def json_object() -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise BadRequest(f"request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
                          code="malformed_json") from None
+    except RecursionError:
+        raise BadRequest("request body is nested too deeply", code="malformed_json") from None
+    except ValueError as exc:  # e.g. an integer past Python's 4,300 digits
+        raise BadRequest(f"request body is not acceptable JSON: {str(exc).split(';')[0]}",
+                         code="malformed_json") from None
     if not isinstance(data, dict):
         raise BadRequest(f"request body must be a JSON object, got {type(data).__name__}", code="body_not_object")
     return data

@@ -14,7 +14,7 @@ from app.api.inputs import query
 from app.errors import Conflict, NotFound, ValidationFailed
 from app.runs.models import Run
 from app.schemas import RunLogsQuery, RunOut, RunQuery
-from connectors.secrets import scrub_text
+from connectors.secrets import public_error
 
 bp = Blueprint("runs", __name__, url_prefix="/api/v1/runs")
 
@@ -66,13 +66,14 @@ def get_run_logs(run_id: str) -> dict[str, Any]:
     if run.backend == "prefect" and run.prefect_flow_run_id:
         lines = svc.dispatcher.prefect_logs(run, args.after, args.limit)
         items = [{"at": line["timestamp"], "level": logging.getLevelName(line.get("level", 20)),
-                  "logger": line.get("name") or "", "message": scrub_text(line.get("message") or "")} for line in lines]
+                  "logger": line.get("name") or "", "message": public_error(line.get("message") or "")}
+                 for line in lines]
         following = args.after + len(items)
         return {"run_id": run.id, "source": "prefect", "items": items,
                 "next_after": following if len(items) == args.limit else None}
     lines = svc.store.logs(run.id, after=args.after, limit=args.limit)
     return {"run_id": run.id, "source": "flowgate",
-            "items": [{k: scrub_text(v) if k == "message" else v for k, v in line.items() if k != "id"}
+            "items": [{k: public_error(v) if k == "message" else v for k, v in line.items() if k != "id"}
                       for line in lines],
             "next_after": lines[-1]["id"] if len(lines) == args.limit else None}
 

@@ -11,7 +11,7 @@ from app.errors import NotFound, ValidationFailed
 from app.runs.models import Run
 from app.runs.workflow_runs import pending_nodes, stored_spec
 from app.schemas import ExecuteNodeRequest, NodeExecutionOut, WorkflowExecuteRequest
-from connectors.secrets import scrub
+from connectors.secrets import public_error, scrub
 from flows.engine import COMPLETED
 from flows.workflow_registry import WorkflowError, node_problems, parse_workflow
 from flows.workflow_spec import NodeSpec, WorkflowSpec
@@ -86,7 +86,7 @@ def execute_node(workflow_id: str) -> dict[str, Any]:
     result = svc.engine.run_node(node, body.inputData)
     ok = result.status == COMPLETED
     return {"success": ok, "nodeId": node.id, "output": scrub(result.output) if ok else None,
-            "error": None if ok else result.error, "mode": "local", "durationSeconds": result.duration_seconds}
+            "error": None if ok else public_error(result.error), "mode": "local", "durationSeconds": result.duration_seconds}
 
 
 def _workflow(workflow_id: str, inline: dict[str, Any] | None) -> WorkflowSpec:
@@ -114,5 +114,6 @@ def execution_document(run: Run, nodes: list[dict[str, Any]]) -> dict[str, Any]:
             "fallbackReason": run.fallback_reason, "prefectFlowRunId": run.prefect_flow_run_id,
             "createdAt": run.created_at, "startedAt": run.started_at, "finishedAt": run.finished_at,
             "durationSeconds": duration, "layers": result.get("layers") or stored_spec(run).layers(),
-            "outputs": scrub(result.get("outputs") or {}), "error": scrub(run.error),
-            "nodes": [NodeExecutionOut.model_validate(scrub(node)).model_dump(mode="json") for node in nodes]}
+            "outputs": scrub(result.get("outputs") or {}), "error": public_error(run.error),
+            "nodes": [NodeExecutionOut.model_validate({**scrub(node), "error": public_error(node.get("error"))})
+                      .model_dump(mode="json") for node in nodes]}
