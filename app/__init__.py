@@ -102,7 +102,7 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
 
     errors.init_app(app)
     logs.init_app(app)  # before auth: a refused request still gets its id
-    auth.init_app(app, keyring)
+    auth.init_app(app, keyring, settings.auth_failure_limit, settings.rate_limit_storage)
     limits.init_app(app, settings.rate_limit, settings.rate_limit_storage)
     metrics.init_app(app)
     api.init_app(app)

@@ -1,10 +1,11 @@
 """Reading request input once, at the edge: JSON bodies and query strings into validated models."""
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any, TypeVar
 
-from flask import request
+from flask import g, request
 from pydantic import BaseModel, ValidationError
 
 from app.errors import BadRequest, ValidationFailed, field_error
@@ -89,6 +90,21 @@ def preferred_wait(body_wait: float, limit: float) -> tuple[float, str | None]:
                 raise ValidationFailed.of_field("Prefer", f"wait must be a number of seconds, got {value!r}") from None
             return seconds, f"wait={seconds:g}"
     return 0.0, None
+
+
+def idempotency_key(body_key: str | None = None) -> str | None:
+    """The caller's Idempotency-Key (the body's, else the header's), scoped to the caller: with API keys on, two
+    callers using one key get two runs, and neither learns of the other's."""
+    key = body_key or request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not 0 < len(key) <= 255:
+        raise ValidationFailed.of_field("Idempotency-Key", "must be 1 to 255 characters")
+    caller = g.get("api_key")
+    if caller is None:
+        return key
+    scoped = f"{caller.name}:{key}"
+    return scoped if len(scoped) <= 255 else f"{caller.name}:sha256:{hashlib.sha256(key.encode()).hexdigest()}"
 
 
 def check_json_size(field: str, value: Any, limit: int) -> None:

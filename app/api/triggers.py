@@ -1,10 +1,12 @@
 """Triggers: POST /trigger (the existing callers' contract) and POST /api/v1/connectors/<id>/runs."""
 from __future__ import annotations
 
-from flask import Blueprint, Response, request
+from flask import Blueprint, Response
 
 from app import services
-from app.api.inputs import check_json_size, checked_callback_url, json_object, preferred_wait, validated
+from app.api.inputs import (
+    check_json_size, checked_callback_url, idempotency_key, json_object, preferred_wait, validated,
+)
 from app.api.runs import run_response
 from app.errors import ValidationFailed
 from app.schemas import RunOptions, TriggerRequest
@@ -31,9 +33,7 @@ def _start(connector_id: str, options: RunOptions) -> Response:
         raise ValidationFailed.of_field("wait", f"must be at most {svc.settings.max_wait_seconds:g} seconds")
     wait, applied = preferred_wait(options.wait, svc.settings.max_wait_seconds)
     check_json_size("params", options.params, svc.settings.max_params_bytes)
-    key = options.idempotency_key or request.headers.get("Idempotency-Key")
-    if key is not None and not 0 < len(key) <= 255:
-        raise ValidationFailed.of_field("Idempotency-Key", "must be 1 to 255 characters")
+    key = idempotency_key(options.idempotency_key)
     callback_url = checked_callback_url(options.callback_url)
     run, _ = svc.dispatcher.trigger_connector(connector_id, options.params, options.backend, key, callback_url)
     if wait and not run.is_terminal:

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, Response, jsonify, request, url_for
+from flask import Blueprint, Response, jsonify, url_for
 
 from app import services
-from app.api.inputs import check_json_size, checked_callback_url, json_object, preferred_wait, validated
+from app.api.inputs import (
+    check_json_size, checked_callback_url, idempotency_key, json_object, preferred_wait, validated,
+)
 from app.errors import NotFound, ValidationFailed
 from app.runs.models import Run
 from app.runs.workflow_runs import pending_nodes, stored_spec
@@ -29,9 +31,7 @@ def execute(workflow_id: str) -> Response:
     wait, applied = preferred_wait(body.wait, svc.settings.max_wait_seconds)
     check_json_size("inputs", body.inputs, svc.settings.max_params_bytes)
     spec = _workflow(workflow_id, body.workflow)
-    key = request.headers.get("Idempotency-Key")
-    if key is not None and not 0 < len(key) <= 255:
-        raise ValidationFailed.of_field("Idempotency-Key", "must be 1 to 255 characters")
+    key = idempotency_key()
     callback_url = checked_callback_url(body.callback_url)
     run, created = svc.dispatcher.trigger_workflow(
         spec, body.inputs, body.mode, body.backend, key, callback_url,
