@@ -52,6 +52,8 @@ preload_app = False
 accesslog = "-"
 errorlog = "-"
 loglevel = os.environ.get("GUNICORN_LOG_LEVEL", "info")
+# Plain lines: the path without its query string (a key sent as `?api_key=` must not reach the log).
+access_log_format = '%(h)s %(l)s %(u)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(b)s "%(f)s" "%(a)s"'
 if os.environ.get("FLOWGATE_LOG_FORMAT", "json") == "json":
     logconfig_dict = {
         "version": 1,

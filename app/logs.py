@@ -17,6 +17,7 @@ from flask import Flask, Response, g, request
 from pythonjsonlogger.json import JsonFormatter
 
 from connectors import secrets
+from connectors.spec import redact_text
 
 request_id: ContextVar[str | None] = ContextVar("flowgate_request_id", default=None)
 run_id: ContextVar[str | None] = ContextVar("flowgate_run_id", default=None)
@@ -79,6 +80,8 @@ class AccessJsonLines(JsonLines):
         log_data["message"] = "request"
         for field, atom in self.ATOMS.items():
             value = atoms.get(atom)
+            if field in ("path", "query") and isinstance(value, str):
+                value = redact_text(value)  # `?api_key=...` (refused, yet logged) and the like
             if value not in (None, "-"):
                 log_data[field] = int(value) if field in ("status", "bytes", "duration_ms") and str(value).isdigit() \
                     else value
