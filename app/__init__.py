@@ -98,13 +98,14 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
                                backoff_seconds=settings.callback_backoff_seconds, poll_seconds=settings.poll_seconds)
     app.extensions["flowgate"] = Services(settings, registry, workflows, store, executor, dispatcher, engine, callbacks)
 
-    from app import api, auth, errors, limits, metrics, openapi
+    from app import api, auth, errors, limits, metrics, openapi, waits
 
     errors.init_app(app)
     logs.init_app(app)  # before auth: a refused request still gets its id
     auth.init_app(app, keyring, settings.auth_failure_limit, settings.rate_limit_storage)
     limits.init_app(app, settings.rate_limit, settings.rate_limit_storage)
     metrics.init_app(app)
+    waits.init_app(app, settings.max_concurrent_waits)
     api.init_app(app)
     openapi.init_app(app)
     return app

@@ -13,6 +13,7 @@ from app.errors import NotFound, ValidationFailed
 from app.runs.models import Run
 from app.runs.workflow_runs import pending_nodes, stored_spec
 from app.schemas import ExecuteNodeRequest, NodeExecutionOut, WorkflowExecuteRequest
+from app.waits import wait_for_end
 from connectors.secrets import public_error, scrub
 from flows.engine import COMPLETED
 from flows.workflow_registry import WorkflowError, node_problems, parse_workflow
@@ -36,8 +37,7 @@ def execute(workflow_id: str) -> Response:
     run, created = svc.dispatcher.trigger_workflow(
         spec, body.inputs, body.mode, body.backend, key, callback_url,
         file_definition=svc.workflows.definition(spec.id) if body.workflow is None else None)
-    if wait and not run.is_terminal:
-        run = svc.dispatcher.wait_for_end(run.id, wait)
+    run, applied = wait_for_end(run, wait, applied)
     status_url = url_for("workflows.get_execution", execution_id=run.id)
     message = (f"Workflow execution {'started' if created else 'already accepted'} in background "
                f"({run.backend}, {body.mode} mode)")
