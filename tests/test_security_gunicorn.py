@@ -87,3 +87,50 @@ def test_health_p99_stays_under_50ms_with_50_waiting_callers(workdir: Path):
     assert any(applied == "wait=30" for _, applied, _ in answers)  # up to the cap, callers do wait
     assert all(status == 202 for status, _, _ in answers)
     assert any(applied is None and seconds < 5 for _, applied, seconds in answers)  # past it: 202 at once
+
+
+def run_gunicorn_briefly(workdir: Path, until: str | None = None, seconds: float = 60,
+                         **env: str) -> tuple[int | None, str]:
+    """Start gunicorn with `env`; (exit code, output) once it exits, or (None, output) once its output shows
+    `until` (then it is killed). Fails when neither happens within `seconds`."""
+    server = GunicornServer(workdir, workers=1, **env)
+    log = server.log_path.open("ab")
+    server.process = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
+                                      cwd=ROOT, env=server.env, stdout=log, stderr=subprocess.STDOUT,
+                                      start_new_session=True)
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline:
+            code = server.process.poll()
+            if code is not None:
+                return code, server.log()
+            if until is not None and until in server.log():
+                return None, server.log()
+            time.sleep(0.1)
+        raise AssertionError(f"gunicorn neither exited nor logged {until!r} in {seconds} s:\n{server.log()[-2000:]}")
+    finally:
+        server.kill()
+
+
+@pytest.mark.parametrize("bind", ["0.0.0.0", "[::]"])
+def test_without_keys_an_exposed_bind_from_gunicorn_cmd_args_refuses_to_start(workdir: Path, bind: str):
+    port = free_port()
+    code, output = run_gunicorn_briefly(workdir, FLOWGATE_HOST="0.0.0.0", GUNICORN_CMD_ARGS=f"--bind {bind}:{port}")
+    assert code == 1, output[-2000:]
+    assert "refusing to start" in output and f"{bind.strip('[]')}" in output
+    assert "serving on 127.0.0.1" not in output and "Booting worker" not in output
+
+
+def test_without_keys_a_loopback_bind_from_gunicorn_cmd_args_starts_and_names_it(workdir: Path):
+    port = free_port()
+    code, output = run_gunicorn_briefly(workdir, until=f"anyone who reaches 127.0.0.1:{port} can trigger runs",
+                                        GUNICORN_CMD_ARGS=f"--bind 127.0.0.1:{port}")
+    assert code is None, output[-2000:]  # serving, and saying where
+
+
+def test_with_keys_an_exposed_bind_starts(workdir: Path):
+    port = free_port()
+    code, output = run_gunicorn_briefly(workdir, until=f"listening on 0.0.0.0:{port}",
+                                        GUNICORN_CMD_ARGS=f"--bind 0.0.0.0:{port}",
+                                        FLOWGATE_API_KEYS="ops:ops-key-0123456789abcdef:admin")
+    assert code is None, output[-2000:]
