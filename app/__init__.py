@@ -89,7 +89,8 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     toolbox = make_toolbox(settings)
     executor = LocalExecutor(store, registry, workspace, slots=settings.executor_threads,
                              lease_seconds=settings.lease_seconds, poll_seconds=settings.poll_seconds, toolbox=toolbox,
-                             run_timeout_seconds=settings.run_timeout_seconds, log_sink=RunLogHandler(store))
+                             run_timeout_seconds=settings.run_timeout_seconds, log_sink=RunLogHandler(store),
+                             reserved_slots=settings.reserved_slots)
     dispatcher = Dispatcher(settings, store, registry, executor, workspace, prefect=make_prefect_route(settings))
     engine = WorkflowEngine(replace(toolbox, run_connector=executor.connector_runner(
         owner=f"execute-node:{socket.gethostname()}:{os.getpid()}")))

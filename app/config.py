@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     executor_threads: int = Field(2, ge=0, le=64,
                                   validation_alias=AliasChoices("FLOWGATE_EXECUTOR_THREADS", "executor_threads"),
                                   description="Pipelines one gateway process runs at once (0: this process runs none).")
+    reserved_slots: int = Field(1, ge=0, le=32,
+                                validation_alias=AliasChoices("FLOWGATE_RESERVED_SLOTS", "reserved_slots"),
+                                description="Executor slots per process that connectors keep from workflows and "
+                                            "workflows from connectors (0: one shared pool).")
     lease_seconds: float = Field(30.0, gt=0.5, le=3600,
                                  validation_alias=AliasChoices("FLOWGATE_LEASE_SECONDS", "lease_seconds"),
                                  description="How long a claimed run stays owned without a heartbeat.")

@@ -263,8 +263,9 @@ class RunStore:
             rows = session.execute(select(Run.status, func.count()).where(Run.backend == "local").group_by(Run.status))
             return {status: count for status, count in rows}
 
-    def claim_next(self, owner: str, lease_seconds: float) -> Run | None:
-        """Atomically take the oldest queued local run whose concurrency key is free; None when there is none."""
+    def claim_next(self, owner: str, lease_seconds: float, kinds: tuple[str, ...] | None = None) -> Run | None:
+        """Atomically take the oldest queued local run (of `kinds`, default any) whose concurrency key is free;
+        None when there is none."""
 
         def attempt() -> Run | None:
             with self._session(write=True) as session:
@@ -273,7 +274,8 @@ class RunStore:
                 busy_keys = select(Run.concurrency_key).where(Run.status.in_(ACTIVE), Run.backend == "local")
                 run = session.scalars(
                     select(Run)
-                    .where(Run.status == QUEUED, Run.backend == "local", Run.concurrency_key.not_in(busy_keys))
+                    .where(Run.status == QUEUED, Run.backend == "local", Run.concurrency_key.not_in(busy_keys),
+                           *((Run.kind.in_(kinds),) if kinds is not None else ()))
                     .order_by(Run.created_at, Run.id)
                     .limit(1)
                 ).first()
