@@ -116,12 +116,18 @@ def _loop_guard(iterable: Any) -> Iterator[Any]:
         yield item
 
 
-def _bounded_filter(function: Callable[..., Any]) -> Callable[..., Any]:
+# Filters and str methods whose integer arguments are sizes (a width, a count of pieces): checked before they run.
+_SIZED_FILTERS = frozenset({"center", "indent", "wordwrap", "truncate", "slice", "batch"})
+_SIZED_METHODS = frozenset({"ljust", "rjust", "center", "zfill", "expandtabs"})
+
+
+def _bounded_filter(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(function)  # keeps jinja's pass_context / pass_environment markers
     def bounded(*args: Any, **kwargs: Any) -> Any:
         budget = _budget.get()
         budget.check_time()
-        _check_ints([*args[1:], *kwargs.values()])
+        if name in _SIZED_FILTERS:
+            _check_ints([*args[1:], *kwargs.values()])
         result = function(*args, **kwargs)
         budget.check_size(_size(result), f"the result of the '{function.__name__}' filter")
         return result
@@ -138,7 +144,7 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
     def __init__(self) -> None:
         # StrictUndefined: a typo is an error naming the missing attribute, not an empty string; `default` works.
         super().__init__(undefined=StrictUndefined, autoescape=False, extensions=[_LoopGuard])
-        self.filters = {name: _bounded_filter(f) for name, f in self.filters.items()}
+        self.filters = {name: _bounded_filter(name, f) for name, f in self.filters.items()}
         self.globals[_LOOP_GUARD] = _loop_guard
 
     def call_binop(self, context: Any, operator_: str, left: Any, right: Any) -> Any:
@@ -165,7 +171,7 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 (jinja's form)
         budget = _budget.get()
         budget.check_time()
-        if isinstance(getattr(__obj, "__self__", None), (str, bytes, list, tuple)):  # `'x'.ljust(10**9)`
+        if getattr(__obj, "__name__", None) in _SIZED_METHODS:  # `'x'.ljust(10**9)`
             _check_ints([*args, *kwargs.values()])
         result = super().call(__context, __obj, *args, **kwargs)
         budget.check_size(_size(result))

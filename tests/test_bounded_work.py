@@ -105,3 +105,10 @@ def test_an_http_nodes_response_body_is_capped_while_it_streams(echo):
     small = one_node({"type": "http", "config": {"url": f"{echo.url}/big?n=1000"}})
     node = WorkflowEngine(toolbox).run(small, {}).nodes["n"]
     assert node.status == "completed" and node.output["body"] == "x" * 1000
+
+
+def test_ordinary_templates_with_big_numbers_still_render():
+    from flows.templates import render
+
+    assert render("{{ inputs.id | default(1234567890) }}", {"inputs": {}}) == 1234567890
+    assert render("{{ 2 ** 64 }} {{ 'ab' * 3 }} {{ '%05d' % 42 }}", {}) == "18446744073709551616 ababab 00042"
