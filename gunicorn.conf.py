@@ -4,6 +4,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import socket
 
 # --- metrics -------------------------------------------------------------------------------------
 # prometheus_client's multiprocess mode: every worker writes its samples under this folder (set before
@@ -52,6 +53,8 @@ preload_app = False
 accesslog = "-"
 errorlog = "-"
 loglevel = os.environ.get("GUNICORN_LOG_LEVEL", "info")
+# Plain lines: the path without its query string (a key sent as `?api_key=` must not reach the log).
+access_log_format = '%(h)s %(l)s %(u)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(b)s "%(f)s" "%(a)s"'
 if os.environ.get("FLOWGATE_LOG_FORMAT", "json") == "json":
     logconfig_dict = {
         "version": 1,
@@ -75,8 +78,46 @@ if os.environ.get("FLOWGATE_LOG_FORMAT", "json") == "json":
 
 
 # --- hooks -----------------------------------------------------------------------------------
+def _serves_loopback_only(address):
+    """Whether a bind address (as gunicorn parsed it) is reachable from this host only: a unix socket, a loopback
+    address, or a name that resolves to loopback addresses only. An inherited fd (`fd://3`) is not known to be."""
+    if isinstance(address, (str, bytes)):
+        return True  # unix socket path
+    if not isinstance(address, tuple):
+        return False
+    try:
+        return ipaddress.ip_address(address[0].strip("[]").split("%")[0]).is_loopback
+    except ValueError:
+        try:
+            infos = socket.getaddrinfo(address[0], None)
+        except OSError:
+            return False
+        return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+
+
+def _guard_unauthenticated(addresses, where):
+    """Without keys (and no FLOWGATE_ALLOW_UNAUTHENTICATED), refuse to serve on anything but loopback."""
+    if _keys_configured or _allow_unauthenticated:
+        return
+    exposed = [address for address in addresses if not _serves_loopback_only(address)]
+    if exposed:
+        raise RuntimeError(
+            f"flowgate: no API keys configured (FLOWGATE_API_KEYS) and {where} "
+            f"{', '.join(_shown(a) for a in exposed)}, which is not loopback (a --bind or GUNICORN_CMD_ARGS "
+            "overrides FLOWGATE_HOST): refusing to start. Set keys, bind 127.0.0.1, or set "
+            "FLOWGATE_ALLOW_UNAUTHENTICATED=true to serve openly")
+
+
+def _shown(address):
+    if isinstance(address, tuple):
+        return f"[{address[0]}]:{address[1]}" if ":" in str(address[0]) else f"{address[0]}:{address[1]}"
+    return str(address)
+
+
 def on_starting(server):
-    """A fresh metrics folder: samples of a previous master's workers must not be summed in."""
+    """Refuse an exposed bind without keys, after every override; then a fresh metrics folder (samples of a
+    previous master's workers must not be summed in)."""
+    _guard_unauthenticated(server.cfg.address, "gunicorn would listen on")
     folder = os.environ["PROMETHEUS_MULTIPROC_DIR"]
     shutil.rmtree(folder, ignore_errors=True)
     os.makedirs(folder, exist_ok=True)
@@ -90,15 +131,24 @@ def child_exit(server, worker):
 
 
 def when_ready(server):
-    """Say how the gateway is protected, once, at start-up."""
+    """Check the sockets gunicorn really listens on (inherited ones too), then say how the gateway is
+    protected, once, naming those addresses."""
+    listening = [listener.sock.getsockname() for listener in server.LISTENERS]
+    try:
+        _guard_unauthenticated(listening, "it listens on")
+    except RuntimeError as exc:
+        server.log.error("%s", exc)
+        server.halt(reason=str(exc), exit_status=1)
+    shown = ", ".join(_shown(a) for a in listening)
     if _keys_configured:
-        server.log.info("flowgate: API keys required on every path but /health")
-    elif bind != _requested_bind:
+        server.log.info("flowgate: API keys required on every path but /health (listening on %s)", shown)
+    elif bind != _requested_bind and all(_serves_loopback_only(a) for a in listening):
         server.log.warning("flowgate: no API keys configured (FLOWGATE_API_KEYS): serving on %s only, not %s; "
-                           "set keys, or FLOWGATE_ALLOW_UNAUTHENTICATED=true to serve openly", bind, _requested_bind)
+                           "set keys, or FLOWGATE_ALLOW_UNAUTHENTICATED=true to serve openly", shown, _requested_bind)
     else:
         server.log.warning("flowgate: no API keys configured (FLOWGATE_API_KEYS): anyone who reaches %s can "
-                           "trigger runs%s", bind, "" if _loopback(bind) else " (FLOWGATE_ALLOW_UNAUTHENTICATED)")
+                           "trigger runs%s", shown, "" if all(_serves_loopback_only(a) for a in listening)
+                           else " (FLOWGATE_ALLOW_UNAUTHENTICATED)")
 
 
 def post_worker_init(worker):

@@ -93,7 +93,8 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     toolbox = make_toolbox(settings)
     executor = LocalExecutor(store, registry, workspace, slots=settings.executor_threads,
                              lease_seconds=settings.lease_seconds, poll_seconds=settings.poll_seconds, toolbox=toolbox,
-                             run_timeout_seconds=settings.run_timeout_seconds, log_sink=RunLogHandler(store))
+                             run_timeout_seconds=settings.run_timeout_seconds, log_sink=RunLogHandler(store),
+                             reserved_slots=settings.reserved_slots)
     dispatcher = Dispatcher(settings, store, registry, workspace, LocalBackend(store, executor),
                             PrefectBackend(store, make_prefect_route(settings), settings.run_timeout_seconds,
                                            pickup_seconds=settings.prefect_pickup_seconds))
@@ -106,13 +107,14 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     app.extensions["flowgate"] = Services(settings, registry, workflows, store, executor, dispatcher, engine, callbacks,
                                           pruner)
 
-    from app import api, auth, errors, limits, metrics, openapi
+    from app import api, auth, errors, limits, metrics, openapi, waits
 
     errors.init_app(app)
     logs.init_app(app)  # before auth: a refused request still gets its id
-    auth.init_app(app, keyring)
+    auth.init_app(app, keyring, settings.auth_failure_limit, settings.rate_limit_storage)
     limits.init_app(app, settings.rate_limit, settings.rate_limit_storage)
     metrics.init_app(app)
+    waits.init_app(app, settings.max_concurrent_waits)
     api.init_app(app)
     openapi.init_app(app, api_keys=keyring.enabled)
     return app

@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import re
 import sys
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 from flask import Flask, g, request
 
 from app.config import ConfigError
-from app.errors import Problem
+from app.errors import Problem, TooManyRequests
 
 SCOPES = ("read", "trigger", "admin")
 OPEN_PATHS = frozenset({"/health"})
@@ -133,14 +134,45 @@ def is_open(path: str) -> bool:
     return path in OPEN_PATHS or path == "/ui" or path.startswith(OPEN_PREFIXES)
 
 
-def init_app(app: Flask, keyring: KeyRing) -> None:
-    """Check every request but /health and the dashboard's files against the keyring (when it has keys)."""
+class FailedAuthLimit:
+    """Wrong keys per client address (FLOWGATE_AUTH_FAILURE_LIMIT): past the limit, every request from that
+    address is refused before its key is even looked at, so guessing keys gets no answers. Counts live in
+    FLOWGATE_RATE_LIMIT_STORAGE when set (shared by every process), else in this process."""
+
+    def __init__(self, limit: str, storage_uri: str | None):
+        from limits import parse_many, storage, strategies
+
+        self.items = parse_many(limit)
+        self.limiter = strategies.MovingWindowRateLimiter(storage.storage_from_string(storage_uri or "memory://"))
+
+    def refuse_if_over(self, address: str) -> None:
+        """A 429 problem when `address` already used up its wrong keys."""
+        for item in self.items:
+            if not self.limiter.test(item, "flowgate-auth-failures", address):
+                reset, _ = self.limiter.get_window_stats(item, "flowgate-auth-failures", address)
+                retry_after = max(int(reset - time.time()) + 1, 1)
+                raise TooManyRequests(f"too many requests with a wrong API key from this address; retry in "
+                                      f"{retry_after} s (FLOWGATE_AUTH_FAILURE_LIMIT)",
+                                      code="too_many_failed_authentications",
+                                      headers={"Retry-After": str(retry_after)})
+
+    def failed(self, address: str) -> None:
+        for item in self.items:
+            self.limiter.hit(item, "flowgate-auth-failures", address)
+
+
+def init_app(app: Flask, keyring: KeyRing, failure_limit: str = "10/minute", storage_uri: str | None = None) -> None:
+    """Check every request but /health and the dashboard's files against the keyring (when it has keys); limit
+    wrong keys per address."""
+    failures = FailedAuthLimit(failure_limit, storage_uri) if keyring.enabled else None
 
     @app.before_request
     def authenticate() -> None:
         g.api_key = None
         if not keyring.enabled or is_open(request.path):
             return
+        address = request.remote_addr or "unknown"
+        failures.refuse_if_over(address)
         challenge = {"WWW-Authenticate": 'Bearer realm="flowgate"'}
         presented = presented_key()
         if presented is None:
@@ -148,6 +180,7 @@ def init_app(app: Flask, keyring: KeyRing) -> None:
                                code="missing_api_key", headers=challenge)
         key = keyring.identify(presented)
         if key is None:
+            failures.failed(address)
             raise Unauthorized("the API key is not valid", code="invalid_api_key", headers=challenge)
         scope = required_scope()
         if not key.allows(scope):

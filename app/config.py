@@ -45,6 +45,10 @@ class Settings(RuntimeSettings):
     executor_threads: int = Field(2, ge=0, le=64,
                                   validation_alias=AliasChoices("FLOWGATE_EXECUTOR_THREADS", "executor_threads"),
                                   description="Pipelines one gateway process runs at once (0: this process runs none).")
+    reserved_slots: int = Field(1, ge=0, le=32,
+                                validation_alias=AliasChoices("FLOWGATE_RESERVED_SLOTS", "reserved_slots"),
+                                description="Executor slots per process that connectors keep from workflows and "
+                                            "workflows from connectors (0: one shared pool).")
     lease_seconds: float = Field(30.0, gt=0.5, le=3600,
                                  validation_alias=AliasChoices("FLOWGATE_LEASE_SECONDS", "lease_seconds"),
                                  description="How long a claimed run stays owned without a heartbeat.")
@@ -106,6 +110,34 @@ class Settings(RuntimeSettings):
     retention_batch_size: int = Field(
         500, ge=1, le=100_000, validation_alias=AliasChoices("FLOWGATE_RETENTION_BATCH_SIZE", "retention_batch_size"),
         description="Runs deleted per transaction while pruning; small batches keep the write lock short.")
+
+    max_output_bytes: int = Field(
+        1_048_576, ge=1024, le=1_073_741_824, validation_alias=AliasChoices("FLOWGATE_MAX_OUTPUT_BYTES",
+                                                                           "max_output_bytes"),
+        description="Largest workflow node output, run result, rendered template value and http-node response "
+                    "body (bytes); past it the node or run fails naming this limit.")
+    max_delay_seconds: float = Field(
+        300.0, ge=0, le=3600, validation_alias=AliasChoices("FLOWGATE_MAX_DELAY_SECONDS", "max_delay_seconds"),
+        description="Longest a workflow `delay` node may wait.")
+    max_concurrent_waits: int = Field(
+        4, ge=0, le=1000, validation_alias=AliasChoices("FLOWGATE_MAX_CONCURRENT_WAITS", "max_concurrent_waits"),
+        description="Requests one gateway process lets block on `wait` / `Prefer: wait` at once; beyond it a "
+                    "trigger answers 202 at once (keep it below GUNICORN_THREADS so /health always has a thread).")
+    auth_failure_limit: str = Field(
+        "10/minute", validation_alias=AliasChoices("FLOWGATE_AUTH_FAILURE_LIMIT", "auth_failure_limit"),
+        description="Failed authentications allowed per client address (e.g. '10/minute'); past it every request "
+                    "from that address is a 429 until the window passes. Shared like FLOWGATE_RATE_LIMIT_STORAGE.")
+
+    @field_validator("auth_failure_limit")
+    @classmethod
+    def _parseable_auth_limit(cls, value: str) -> str:
+        from limits import parse_many
+
+        try:
+            parse_many(value)
+        except ValueError as exc:
+            raise ValueError(f"not a rate limit like '10/minute': {exc}") from None
+        return value
 
     @field_validator("rate_limit")
     @classmethod

@@ -16,6 +16,9 @@ from typing import Any
 from flask import Flask, Response, g, request
 from pythonjsonlogger.json import JsonFormatter
 
+from connectors import secrets
+from connectors.secrets import redact_text
+
 request_id: ContextVar[str | None] = ContextVar("flowgate_request_id", default=None)
 run_id: ContextVar[str | None] = ContextVar("flowgate_run_id", default=None)
 
@@ -24,14 +27,30 @@ FIELDS = "%(asctime)s %(levelname)s %(name)s %(process)d %(message)s"
 
 
 class ContextFilter(logging.Filter):
-    """Puts `request_id` and `run_id` on every record (None when there is none)."""
+    """Puts `request_id` and `run_id` on every record (None when there is none), and scrubs the secrets the
+    process resolved from `${VAR}`s out of its message and traceback (connectors.secrets)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not hasattr(record, "request_id"):
             record.request_id = request_id.get()
         if not hasattr(record, "run_id"):
             record.run_id = run_id.get()
+        scrub_record(record)
         return True
+
+
+def scrub_record(record: logging.LogRecord) -> None:
+    """Remove remembered secrets from a record's message and traceback, in place (every handler sees the result)."""
+    if not secrets.known() or getattr(record, "_flowgate_scrubbed", False):
+        return
+    message = record.getMessage()
+    scrubbed = secrets.scrub_text(message)
+    if scrubbed != message:
+        record.msg, record.args = scrubbed, ()
+    if record.exc_info:
+        record.exc_text = secrets.scrub_text(record.exc_text or logging.Formatter().formatException(record.exc_info))
+        record.exc_info = None  # formatters then print exc_text, the scrubbed one
+    record._flowgate_scrubbed = True
 
 
 class JsonLines(JsonFormatter):
@@ -61,6 +80,8 @@ class AccessJsonLines(JsonLines):
         log_data["message"] = "request"
         for field, atom in self.ATOMS.items():
             value = atoms.get(atom)
+            if field in ("path", "query") and isinstance(value, str):
+                value = redact_text(value)  # `?api_key=...` (refused, yet logged) and the like
             if value not in (None, "-"):
                 log_data[field] = int(value) if field in ("status", "bytes", "duration_ms") and str(value).isdigit() \
                     else value

@@ -54,10 +54,27 @@ class StoreCollector(Collector):
         yield GaugeMetricFamily("flowgate_executors", "Executors with a recent heartbeat", value=capacity.executors)
 
 
+# Label values must come from bounded sets: configured connectors and workflows keep their names, anything
+# else (an inline workflow's caller-chosen id) is counted as `inline`.
+_configured_targets: set[str] = set()
+INLINE = "inline"
+
+
+def configure_targets(names: Any) -> None:
+    """The connector and workflow ids that may appear as a `target` label (from the configuration)."""
+    _configured_targets.update(names)
+
+
+def target_label(target: str) -> str:
+    """`target` when it is configured, else `inline`: a caller must not be able to add series at will."""
+    return target if target in _configured_targets else INLINE
+
+
 def observe_run_end(kind: str, target: str, status: str, started_at: Any, finished_at: Any) -> None:
     """Record a run's duration when it ends (either path)."""
     if started_at and finished_at:
-        RUN_DURATION.labels(kind, target, status).observe(max((finished_at - started_at).total_seconds(), 0.0))
+        RUN_DURATION.labels(kind, target_label(target), status).observe(
+            max((finished_at - started_at).total_seconds(), 0.0))
 
 
 def exposition(store: Any, stale_after_seconds: float) -> bytes:
@@ -74,6 +91,8 @@ def exposition(store: Any, stale_after_seconds: float) -> bytes:
 
 def init_app(app: Flask) -> None:
     """Time every request; serve GET /metrics."""
+    services = app.extensions["flowgate"]
+    configure_targets([spec.id for spec in services.registry] + [spec.id for spec in services.workflows])
 
     @app.before_request
     def start_timer() -> None:
@@ -89,7 +108,6 @@ def init_app(app: Flask) -> None:
         return response
 
     def metrics() -> Response:
-        services = app.extensions["flowgate"]
         body = exposition(services.store, services.settings.lease_seconds)
         return Response(body, mimetype=CONTENT_TYPE_LATEST.split(";")[0], content_type=CONTENT_TYPE_LATEST)
 

@@ -24,7 +24,8 @@ _MODELS: list[type[BaseModel]] = [TriggerRequest, RunOptions, RunOut, RunPage, C
                                   ExecuteNodeRequest, NodeRunOut, RunLogs]
 _PROBLEMS = {"400": "Malformed JSON or a body that is not an object", "401": "No valid API key (when keys are set)",
              "403": "The API key lacks the scope", "404": "Unknown resource",
-             "405": "Method not allowed", "413": "Body too large", "422": "A field is missing, mistyped or unknown"}
+             "405": "Method not allowed", "413": "Body too large", "422": "A field is missing, mistyped or unknown",
+             "429": "Too many requests: the caller's rate limit, or too many wrong API keys from this address"}
 
 
 def _ref(model: type[BaseModel]) -> dict[str, str]:
@@ -230,7 +231,8 @@ def build_document(max_wait_seconds: float | None = None, *, connectors: Sequenc
                 if path == "/health":
                     operation["security"] = []  # liveness is never behind a key
                 else:
-                    operation["responses"].update(_problems("401", "403"))
+                    # 429: too many wrong keys from one address (FLOWGATE_AUTH_FAILURE_LIMIT)
+                    operation["responses"].update(_problems("401", "403", "429"))
         document["components"]["securitySchemes"] = {
             "bearer": {"type": "http", "scheme": "bearer", "description": "An API key from FLOWGATE_API_KEYS"},
             "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}}

@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from app.logs import run_id as current_run_id
+from connectors.secrets import public_error
 from app.runs.store import RunStore
 
 MAX_MESSAGE = 4000
@@ -58,9 +59,9 @@ class RunLogHandler(logging.Handler):
             self._counts[run] = count
             if count > self.max_lines_per_run:
                 return
-            message = record.getMessage() if count < self.max_lines_per_run else "(more lines were dropped)"
-            if record.exc_info and count < self.max_lines_per_run:
-                message += "\n" + logging.Formatter().formatException(record.exc_info)
+            # Callers read these lines: the message only, secrets scrubbed, never a traceback (server paths, code).
+            message = (public_error(record.getMessage()) if count < self.max_lines_per_run
+                       else "(more lines were dropped)")
             self._buffer.append({"run_id": run, "at": datetime.fromtimestamp(record.created, timezone.utc),
                                  "level": record.levelname, "logger": record.name[:200],
                                  "message": message[:MAX_MESSAGE]})

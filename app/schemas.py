@@ -11,7 +11,9 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
 from app.runs.models import Run
-from connectors.spec import CONNECTOR_ID, redact
+from connectors.secrets import public_error, scrub
+from connectors.secrets import redact
+from connectors.spec import CONNECTOR_ID
 from flows.nodes import NODE_TYPES
 from flows.outcome import STATUSES
 
@@ -226,7 +228,7 @@ class RunOut(BaseModel):
                    status=run.status, backend=run.backend, params=redact(run.params or {}),
                    fallback_reason=run.fallback_reason, prefect_flow_run_id=run.prefect_flow_run_id,
                    prefect_state=run.prefect_state, attempts=run.attempts, created_at=run.created_at,
-                   started_at=run.started_at, finished_at=run.finished_at, result=run.result, error=run.error,
+                   started_at=run.started_at, finished_at=run.finished_at, result=scrub(run.result), error=public_error(run.error),
                    callback=run.callback.to_dict() if run.callback else None, status_url=status_url)
 
 

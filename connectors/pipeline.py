@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from connectors.secrets import public_error, redact_text
 from connectors.spec import ConnectorSpec, FilesystemSource, PythonSource, RestApiSource, SqlDatabaseSource
 
 
@@ -18,6 +19,7 @@ class ConnectorRunError(RuntimeError):
     """A connector run failed in `step`; `terminal` says whether running it again can help."""
 
     def __init__(self, connector_id: str, step: str, message: str, terminal: bool = False):
+        message = public_error(redact_text(message))  # read by callers: no secrets, no server folders
         super().__init__(f"connector '{connector_id}' failed in {step}: {message}")
         self.connector_id = connector_id
         self.step = step

@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from connectors import secrets
 from connectors.pipeline import ConnectorRunError, load_factory
 from connectors.spec import ConnectorSpec, PythonSource, resolve_relative
 
@@ -21,7 +22,10 @@ class RegistryError(ValueError):
 
 
 def substitute_env(value: Any, where: str, environ: Mapping[str, str]) -> Any:
-    """Replace `${VAR}` and `${VAR:default}` in every string inside `value`."""
+    """Replace `${VAR}` and `${VAR:default}` in every string inside `value`.
+
+    Every value taken from the environment is a secret by construction: it is remembered (connectors.secrets)
+    and scrubbed from everything a caller or a log reader sees."""
     if isinstance(value, dict):
         return {k: substitute_env(v, f"{where}.{k}", environ) for k, v in value.items()}
     if isinstance(value, list):
@@ -32,6 +36,7 @@ def substitute_env(value: Any, where: str, environ: Mapping[str, str]) -> Any:
     def replace(match: re.Match[str]) -> str:
         name, default = match["name"], match["default"]
         if name in environ:
+            secrets.remember(environ[name])
             return environ[name]
         if default is None:
             raise RegistryError(f"{where}: environment variable {name} is not set and has no default")

@@ -1,4 +1,5 @@
-"""Connector specifications: what a connector in connectors.yaml may say, validated by pydantic."""
+"""Connector specifications: what a connector in connectors.yaml may say, validated by pydantic. Over 300 lines
+because every source kind, with the bounds on what a trigger may override, is declared here side by side."""
 from __future__ import annotations
 
 import re
@@ -8,10 +9,8 @@ from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-_SECRET_KEY = re.compile(r"pass(word)?|secret|token|api_?key|credential|private|authorization|cookie|signature",
-                         re.IGNORECASE)
-_URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.\-]*://[^:/@\s]*:)(?P<password>[^@\s]+)(?P<tail>@)", re.IGNORECASE)
-REDACTED = "***"
+from connectors.secrets import redact
+
 CONNECTOR_ID = r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,99}$"
 
 
@@ -86,12 +85,45 @@ class FilesystemSource(_Strict):
         return "jsonl" if self.file_glob.endswith((".jsonl", ".ndjson")) else "csv"
 
 
+class ArgBounds(_Strict):
+    """The values a trigger may give one overridable argument: a number's range, a text's or a list's length."""
+
+    minimum: float | None = None
+    maximum: float | None = None
+    max_length: int | None = Field(None, ge=0)
+
+    def problem(self, value: Any) -> str | None:
+        """Why `value` is out of bounds, or None."""
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if self.minimum is not None and value < self.minimum:
+                return f"must be at least {self.minimum:g}"
+            if self.maximum is not None and value > self.maximum:
+                return f"must be at most {self.maximum:g}"
+        if isinstance(value, (str, list)) and self.max_length is not None and len(value) > self.max_length:
+            return f"must have at most {self.max_length} {'characters' if isinstance(value, str) else 'items'}"
+        return None
+
+
 class PythonSource(_Strict):
     """A dlt source or resource factory named by a dotted path, called with `args`."""
 
     kind: Literal["python"]
     ref: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", description="`package.module:function`.")
     args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the function.")
+    bounds: dict[str, ArgBounds] | None = Field(None, description=(
+        "What a trigger may set each argument to: `{delay_seconds: {minimum: 0, maximum: 60}}`, `{name: "
+        "{max_length: 50}}`; checked before a run is stored."))
+
+    @model_validator(mode="after")
+    def _bounds_name_args(self) -> PythonSource:
+        unknown = sorted(set(self.bounds or {}) - set(self.args))
+        if unknown:
+            raise ValueError(f"bounds for argument(s) not in args: {', '.join(unknown)}")
+        for name, bound in (self.bounds or {}).items():
+            problem = bound.problem(self.args[name])
+            if problem:
+                raise ValueError(f"args.{name}: the declared value {problem} (bounds.{name})")
+        return self
 
     @property
     def overridable(self) -> tuple[str, ...]:
@@ -224,6 +256,10 @@ class ConnectorSpec(_Strict):
         if isinstance(self.source, PythonSource):
             for key, value in params.items():
                 _check_same_type(key, self.source.args[key], value)
+                bound = (self.source.bounds or {}).get(key)
+                problem = bound.problem(value) if bound is not None else None
+                if problem:
+                    raise ParamsError(f"params.{key}", f"{problem} (the connector's bounds.{key})")
             source_update = {"args": {**self.source.args, **params}}
         elif isinstance(self.source, SqlDatabaseSource) and "initial_value" in params:
             incremental = self.source.incremental.model_dump() | {"initial_value": params.pop("initial_value")}
@@ -255,19 +291,6 @@ def _check_same_type(key: str, declared: Any, value: Any) -> None:
     if not same:
         raise ParamsError(f"params.{key}", f"expected {type(declared).__name__} like the connector's "
                                            f"declared value, got {type(value).__name__}")
-
-
-def redact(value: Any, key: str = "") -> Any:
-    """Replace secret-looking values (by key name, or a password inside a URL) with ***."""
-    if isinstance(value, dict):
-        return {k: redact(v, k) for k, v in value.items()}
-    if isinstance(value, list):
-        return [redact(v, key) for v in value]
-    if isinstance(value, str):
-        if _SECRET_KEY.search(key):
-            return REDACTED
-        return _URL_PASSWORD.sub(lambda m: m["head"] + REDACTED + m["tail"], value)
-    return value
 
 
 def resolve_relative(spec_data: dict[str, Any], base: Path) -> dict[str, Any]:

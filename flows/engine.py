@@ -17,8 +17,9 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
+from connectors.secrets import scrub
 from flows.nodes import NODE_TYPES, NodeContext, NodeFailed, Toolbox
-from flows.templates import TemplateFailed, render
+from flows.templates import RenderBudget, TemplateFailed, render
 from flows.workflow_spec import Mode, NodeSpec, WorkflowSpec
 
 log = logging.getLogger(__name__)
@@ -45,8 +46,9 @@ class NodeResult:
     error: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready, with ISO timestamps."""
+        """JSON-ready, with ISO timestamps; `${VAR}` secrets a node came across are scrubbed (connectors.secrets)."""
         data = asdict(self)
+        data["output"], data["error"] = scrub(data["output"]), scrub(data["error"])
         for key in ("started_at", "finished_at"):
             data[key] = data[key].isoformat() if data[key] else None
         return data
@@ -70,7 +72,7 @@ class WorkflowResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"workflow_id": self.workflow_id, "mode": self.mode, "status": self.status, "layers": self.layers,
-                "duration_seconds": self.duration_seconds, "outputs": self.outputs,
+                "duration_seconds": self.duration_seconds, "outputs": scrub(self.outputs),
                 "nodes": [node.to_dict() for node in self.nodes.values()]}
 
 
@@ -154,11 +156,28 @@ class WorkflowEngine:
         for result in results.values():
             if result.status == PENDING:
                 self._end(result, CANCELLED, observe, error={"code": "cancelled", "message": "the run was cancelled"})
+        outputs = self._outputs(spec, results, observe)
         statuses = {r.status for r in results.values()}
         status = CANCELLED if cancelled.is_set() else FAILED if FAILED in statuses else COMPLETED
-        outputs = {node.id: results[node.id].output for node in spec.nodes
-                   if node.type == "output" and results[node.id].status == COMPLETED}
         return WorkflowResult(spec.id, mode, status, layers, results, round(time.monotonic() - started, 4), outputs)
+
+    def _outputs(self, spec: WorkflowSpec, results: dict[str, NodeResult], observe: NodeObserver) -> dict[str, Any]:
+        """The completed output nodes' values, together at most FLOWGATE_MAX_OUTPUT_BYTES as JSON (the run's
+        result): an output node that would go past it fails instead."""
+        limit, total, outputs = self.toolbox.max_output_bytes, 2, {}
+        for node in spec.nodes:
+            result = results[node.id]
+            if node.type != "output" or result.status != COMPLETED:
+                continue
+            size = len(json.dumps(result.output)) + len(json.dumps(node.id)) + 2
+            if total + size > limit:
+                result.output = None
+                self._end(result, FAILED, observe, error={
+                    "code": "result_too_large", "message": f"node '{node.id}': the workflow's outputs would be "
+                    f"more than {limit} bytes as JSON (FLOWGATE_MAX_OUTPUT_BYTES)"})
+                continue
+            outputs[node.id], total = result.output, total + size
+        return outputs
 
     @staticmethod
     def _fate(node_id: str, edges: list[Any], results: dict[str, NodeResult]) -> tuple[str | None, Any]:
@@ -214,8 +233,11 @@ class WorkflowEngine:
         if node_type is None:
             return self._end(result, FAILED, observe, error={
                 "code": "unknown_node_type", "message": f"node '{node.id}': unknown type '{node.type}'"})
+        # Rendering counts against the node's timeout and stops on a cancel; values are capped like outputs.
+        budget = RenderBudget(max_chars=self.toolbox.max_output_bytes, deadline=time.monotonic() + node.timeout,
+                              timeout=node.timeout, cancelled=cancelled)
         try:
-            resolved = render(node.config, context)
+            resolved = render(node.config, context, budget=budget)
             config = node_type.config.model_validate(resolved)
         except TemplateFailed as exc:
             return self._end(result, FAILED, observe, error={
@@ -262,7 +284,7 @@ class WorkflowEngine:
 
     @staticmethod
     def _end(result: NodeResult, status: str, observe: NodeObserver, error: dict[str, Any] | None = None) -> NodeResult:
-        result.status, result.error = status, error
+        result.status, result.error = status, scrub(error)  # errors quote configs, which may hold resolved secrets
         result.finished_at = _now()
         if result.started_at:
             result.duration_seconds = round((result.finished_at - result.started_at).total_seconds(), 4)
@@ -286,7 +308,7 @@ def _attempt(run: Callable[[Any, NodeContext], Any], config: Any, ctx: NodeConte
 
     def target() -> None:
         try:
-            outcome.append((True, _json_ready(run(config, ctx))))
+            outcome.append((True, _json_ready(run(config, ctx), ctx.toolbox.max_output_bytes)))
         except NodeFailed as exc:
             outcome.append((False, {"code": exc.code, "message": f"node '{ctx.node_id}': {exc.message}",
                                     "terminal": exc.terminal}))
@@ -311,6 +333,11 @@ def _attempt(run: Callable[[Any, NodeContext], Any], config: Any, ctx: NodeConte
     return outcome[0]
 
 
-def _json_ready(value: Any) -> Any:
-    """Outputs are stored and cached as JSON: make sure they are (dates become ISO strings)."""
-    return json.loads(json.dumps(value, default=lambda o: o.isoformat() if hasattr(o, "isoformat") else str(o)))
+def _json_ready(value: Any, limit: int) -> Any:
+    """Outputs are stored and cached as JSON: make sure they are (dates become ISO strings) and that they fit
+    FLOWGATE_MAX_OUTPUT_BYTES."""
+    text = json.dumps(value, default=lambda o: o.isoformat() if hasattr(o, "isoformat") else str(o))
+    if len(text) > limit:
+        raise NodeFailed(f"output is {len(text)} bytes as JSON; the limit is {limit} (FLOWGATE_MAX_OUTPUT_BYTES)",
+                         code="output_too_large", terminal=True)
+    return json.loads(text)

@@ -18,7 +18,8 @@ from jsonpath_ng.ext import parse as parse_jsonpath
 from pydantic import BaseModel, ConfigDict, Field
 
 from flows.llm import OfflineProvider, Provider, ProviderError
-from flows.outbound import OutboundPolicy, OutboundRefused
+from flows.outbound import OutboundPolicy, OutboundRefused, ResponseTooLarge
+from flows.templates import DEFAULT_MAX_CHARS
 
 # Runs a connector by id with params and a stop check; returns its load summary (the executor records it as a run).
 ConnectorRunner = Callable[[str, dict[str, Any], Callable[[], bool]], dict[str, Any]]
@@ -42,16 +43,20 @@ class Toolbox:
     llm: Provider = field(default_factory=OfflineProvider)
     run_connector: ConnectorRunner | None = None
     http: httpx.Client = field(default_factory=lambda: httpx.Client(limits=httpx.Limits(max_connections=64)))
+    max_output_bytes: int = DEFAULT_MAX_CHARS  # a node's output, a rendered value, an http node's body
+    max_delay_seconds: float = 3600.0
 
 
 def make_toolbox(settings: Any, run_connector: ConnectorRunner | None = None) -> Toolbox:
-    """The toolbox for flowgate's settings (FLOWGATE_HTTP_ALLOWED_HOSTS, FLOWGATE_LLM_*)."""
+    """The toolbox for flowgate's settings (FLOWGATE_HTTP_ALLOWED_HOSTS, FLOWGATE_LLM_*, FLOWGATE_MAX_OUTPUT_BYTES,
+    FLOWGATE_MAX_DELAY_SECONDS)."""
     from flows.llm import OpenAICompatibleProvider
 
     provider: Provider = (OpenAICompatibleProvider(settings.llm_base_url, settings.llm_api_key, settings.llm_model)
                           if settings.llm_provider == "openai" else OfflineProvider())
     return Toolbox(outbound=OutboundPolicy.parse(settings.http_allowed_hosts), llm=provider,
-                   run_connector=run_connector)
+                   run_connector=run_connector, max_output_bytes=settings.max_output_bytes,
+                   max_delay_seconds=settings.max_delay_seconds)
 
 
 @dataclass
@@ -135,7 +140,11 @@ def http(config: HttpConfig, ctx: NodeContext) -> Any:
         # `params` join the URL's own query string (httpx's params= would replace it).
         url = str(httpx.URL(config.url).copy_merge_params(config.params)) if config.params else config.url
         response = ctx.toolbox.outbound.request(ctx.toolbox.http, config.method, url,
-                                                max_redirects=config.max_redirects, **kwargs)
+                                                max_redirects=config.max_redirects,
+                                                max_body_bytes=ctx.toolbox.max_output_bytes, **kwargs)
+    except ResponseTooLarge as exc:
+        raise NodeFailed(f"{config.method} {config.url}: {exc} (FLOWGATE_MAX_OUTPUT_BYTES)",
+                         code="response_too_large", terminal=True) from None
     except httpx.InvalidURL as exc:
         raise NodeFailed(f"config.url: not a valid URL: {exc}", code="outbound_refused", terminal=True) from None
     except OutboundRefused as exc:
@@ -217,6 +226,10 @@ class DelayConfig(NodeConfig):
 @node_type("delay", DelayConfig)
 def delay(config: DelayConfig, ctx: NodeContext) -> Any:
     """Wait, then pass the input on; a cancelled run or the node's timeout ends the wait."""
+    if config.seconds > ctx.toolbox.max_delay_seconds:
+        raise NodeFailed(f"config.seconds: {config.seconds:g} s is longer than the limit of "
+                         f"{ctx.toolbox.max_delay_seconds:g} s (FLOWGATE_MAX_DELAY_SECONDS)", code="delay_too_long",
+                         terminal=True)
     if ctx.cancelled.wait(min(config.seconds, ctx.remaining)):
         raise NodeFailed("delay interrupted", code="cancelled")
     if config.seconds > 0 and ctx.remaining <= 0:

@@ -17,6 +17,10 @@ class OutboundRefused(ValueError):
     """A URL the policy does not allow; the message names the host and how to allow it."""
 
 
+class ResponseTooLarge(ValueError):
+    """A response body past the reader's cap; the message names the limit."""
+
+
 def literal_ip(host: str) -> Address | None:
     """The address a host names literally, in any spelling a resolver accepts: 127.0.0.1, 2130706433,
     0x7f000001, 0177.0.0.1, 127.1, ::1, ::ffff:127.0.0.1. None for a name."""
@@ -114,15 +118,43 @@ class OutboundPolicy:
         return parsed
 
     def request(self, client: httpx.Client, method: str, url: str, max_redirects: int = 5,
-                **kwargs: object) -> httpx.Response:
-        """Send the request, following redirects by hand so every hop's host is checked before it is called."""
+                max_body_bytes: int | None = None, **kwargs: object) -> httpx.Response:
+        """Send the request, following redirects by hand so every hop's host is checked before it is called.
+
+        The body is streamed: past `max_body_bytes` (decoded) the connection is dropped and ResponseTooLarge
+        raised, so a huge answer never sits in memory."""
         target = self.check(url)
         for _ in range(max_redirects + 1):
-            response = client.request(method, target, follow_redirects=False, **kwargs)
-            if not response.is_redirect:
-                return response
+            request = client.build_request(method, target, **kwargs)
+            response = client.send(request, stream=True, follow_redirects=False)
+            try:
+                if not response.is_redirect:
+                    return _read(response, max_body_bytes)
+            finally:
+                response.close()
             location = response.headers.get("Location", "")
             target = self.check(urljoin(str(target), location))
             if response.status_code in (301, 302, 303) and method != "HEAD":
                 method, kwargs = "GET", {k: v for k, v in kwargs.items() if k not in ("json", "content", "data")}
         raise OutboundRefused(f"more than {max_redirects} redirects from {url!r}")
+
+
+def _read(response: httpx.Response, limit: int | None) -> httpx.Response:
+    """The streamed response, read whole, or ResponseTooLarge once more than `limit` bytes arrived."""
+    if limit is None:
+        response.read()
+        return response
+    declared = response.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > limit and "Content-Encoding" not in response.headers:
+        raise ResponseTooLarge(f"the response body is {int(declared)} bytes; the limit is {limit}")
+    chunks, size = [], 0
+    for chunk in response.iter_bytes():
+        size += len(chunk)
+        if size > limit:
+            raise ResponseTooLarge(f"the response body is larger than the limit of {limit} bytes")
+        chunks.append(chunk)
+    # The body as decoded: drop the headers that described it on the wire.
+    headers = [(k, v) for k, v in response.headers.multi_items()
+               if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")]
+    return httpx.Response(response.status_code, headers=headers, content=b"".join(chunks), request=response.request,
+                          extensions=response.extensions)

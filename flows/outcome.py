@@ -5,6 +5,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from connectors.pipeline import ConnectorRunError, RunCancelled
+from connectors.secrets import scrub
 from connectors.spec import ParamsError
 from flows.engine import WorkflowResult
 
@@ -74,7 +75,7 @@ class RunOutcome:
     def of_workflow(cls, result: WorkflowResult) -> RunOutcome:
         """The outcome of a finished workflow (its summary is the result whatever the status)."""
         summary = {"workflow_id": result.workflow_id, "mode": result.mode, "layers": result.layers,
-                   "duration_seconds": result.duration_seconds, "outputs": result.outputs}
+                   "duration_seconds": result.duration_seconds, "outputs": scrub(result.outputs)}
         if result.status == COMPLETED:
             return cls(COMPLETED, summary)
         if result.status == FAILED:

@@ -63,7 +63,8 @@ class _Server:
 
 
 class EchoService(_Server):
-    """/items/<id> answers JSON; /redirect?to=URL redirects; /flaky fails `failures` times with 500; /sleep?s= waits."""
+    """/items/<id> answers JSON; /redirect?to=URL redirects; /flaky fails `failures` times with 500; /sleep?s= waits;
+    /big?n= answers a JSON string of n characters."""
 
     def __init__(self) -> None:
         self.failures = 0
@@ -80,6 +81,8 @@ class EchoService(_Server):
                 self.failures -= 1
                 return 500, {"error": "try again"}, {}
             return 200, {"ok": True}, {}
+        if path == "/big":
+            return 200, "x" * int(query.get("n", "0")), {}
         if path == "/sleep":
             time.sleep(float(query.get("s", "0")))
             return 200, {"slept": float(query.get("s", "0"))}, {}

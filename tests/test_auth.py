@@ -95,3 +95,39 @@ def test_without_keys_gunicorn_serves_loopback_only_and_says_so_in_json_lines(wo
     assert f"Listening at: http://127.0.0.1:{server.port} ({server.process.pid})" in messages
     access = [line for line in lines if line["logger"] == "gunicorn.access" and line.get("request_id") == "probe-1"]
     assert access and access[0]["path"] == "/health" and access[0]["status"] == 200, lines[-3:]
+
+
+def test_wrong_keys_from_one_address_are_limited_before_any_key_is_checked(client):
+    wrong = [client.get("/api/v1/runs", headers=bearer("not-a-key-0123456789")).status_code for _ in range(10)]
+    assert wrong == [401] * 10
+    limited = client.get("/api/v1/runs", headers=bearer("not-a-key-0123456789"))
+    assert limited.status_code == 429 and limited.mimetype == "application/problem+json"
+    assert limited.json["code"] == "too_many_failed_authentications" and int(limited.headers["Retry-After"]) > 0
+    # While limited, the address gets no answer about any key, not even a right one: guessing learns nothing.
+    assert client.get("/api/v1/runs", headers=bearer(READER)).status_code == 429
+    elsewhere = client.get("/api/v1/runs", headers=bearer(READER), environ_base={"REMOTE_ADDR": "10.1.2.3"})
+    assert elsewhere.status_code == 200
+    assert client.get("/health").status_code == 200
+
+
+def test_idempotency_keys_are_scoped_to_the_caller(app_config):
+    app = create_app({**app_config, "api_keys": f"alice:{TRIGGERER}:read+trigger,bob:{ADMIN}:read+trigger"})
+    client = app.test_client()
+
+    def trigger(key: str, params: dict) -> httpx.Response:
+        return client.post("/trigger", json={"connector_id": "numbers", "params": params},
+                           headers={**bearer(key), "Idempotency-Key": "order-42"})
+
+    alices = trigger(TRIGGERER, {"n": 1})
+    assert alices.status_code == 202
+    bobs = trigger(ADMIN, {"n": 1})
+    assert bobs.status_code == 202 and bobs.json["run_id"] != alices.json["run_id"]
+    other_body = trigger(ADMIN, {"n": 2})  # bob's own key again, another body: bob's conflict, not alice's run
+    assert other_body.status_code == 409 and other_body.json["run_id"] == bobs.json["run_id"]
+    assert alices.json["run_id"] not in other_body.get_data(as_text=True)
+    assert trigger(TRIGGERER, {"n": 1}).json["run_id"] == alices.json["run_id"]  # a retry still finds its run
+    for headers in (bearer(TRIGGERER), bearer(ADMIN)):
+        executed = [client.post("/api/workflow/x/execute", headers={**headers, "Idempotency-Key": "wf-1"}, json={
+            "workflow": {"nodes": [{"id": "o", "type": "output"}]}}).json["executionId"] for _ in range(2)]
+        assert executed[0] == executed[1]
+    app.extensions["flowgate"].store.dispose()

@@ -58,3 +58,15 @@ def test_lines_logged_by_a_runs_threads_carry_the_run_id(app_config, captured):
     assert done["status"] == "completed"
     retried = [line for line in captured if "attempt 1 failed" in line["message"]]
     assert retried and retried[0]["run_id"] == done["executionId"], captured
+
+
+def test_a_key_in_the_query_string_is_scrubbed_from_the_access_log():
+    from app.logs import AccessJsonLines
+
+    atoms = {"h": "127.0.0.1", "m": "GET", "U": "/api/v1/runs", "q": "api_key=guessed-key-0123456789&limit=5",
+             "s": "401", "B": "120", "M": "3", "a": "curl"}
+    record = logging.LogRecord("gunicorn.access", logging.INFO, __file__, 1, "%(h)s", (), None)
+    record.args = atoms  # gunicorn passes its atoms as the record's args
+    line = json.loads(AccessJsonLines().format(record))
+    assert line["query"] == "api_key=***&limit=5" and line["status"] == 401
+    assert "guessed-key-0123456789" not in json.dumps(line)

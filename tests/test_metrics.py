@@ -56,3 +56,24 @@ def test_every_gunicorn_worker_answers_the_same_sums(workdir):
         assert seen == {30.0}, seen  # one sum, whichever worker answered
     finally:
         server.kill()
+
+
+def test_inline_workflows_add_no_series_whatever_their_ids(running_app):
+    client = running_app.test_client()
+    inline = {"nodes": [{"id": "out", "type": "output", "config": {"value": 1}}]}
+
+    def execute(ids: range) -> None:
+        runs = [client.post(f"/api/workflow/caller-chosen-{i}/execute", json={"workflow": inline}).json["executionId"]
+                for i in ids]
+        for run_id in runs:
+            poll_until_ended(client, f"/api/v1/runs/{run_id}")
+
+    execute(range(3))  # every series these calls touch exists from here on
+    before = client.get("/metrics").get_data(as_text=True)
+    execute(range(3, 23))
+    after = client.get("/metrics").get_data(as_text=True)
+    assert "caller-chosen" not in after
+    assert len(after.splitlines()) == len(before.splitlines())  # 20 new ids, not one new series
+    count = {"kind": "workflow", "target": "inline", "status": "completed"}
+    assert sample(after, "flowgate_run_duration_seconds_count", **count) - sample(
+        before, "flowgate_run_duration_seconds_count", **count) == 20

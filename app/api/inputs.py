@@ -1,11 +1,12 @@
 """Reading request input once, at the edge: JSON bodies and query strings into validated models."""
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from typing import Any, TypeVar
 
-from flask import request
+from flask import g, request
 from pydantic import BaseModel, ValidationError
 
 from app.errors import BadRequest, ValidationFailed, field_error
@@ -26,6 +27,11 @@ def json_object() -> dict[str, Any]:
         raise BadRequest("request body is not UTF-8 encoded JSON", code="malformed_json") from None
     except json.JSONDecodeError as exc:
         raise BadRequest(f"request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
+                         code="malformed_json") from None
+    except RecursionError:
+        raise BadRequest("request body is nested too deeply", code="malformed_json") from None
+    except ValueError as exc:  # e.g. an integer past Python's 4,300 digits
+        raise BadRequest(f"request body is not acceptable JSON: {str(exc).split(';')[0]}",
                          code="malformed_json") from None
     if not isinstance(data, dict):
         raise BadRequest(f"request body must be a JSON object, got {type(data).__name__}", code="body_not_object")
@@ -101,8 +107,15 @@ def check_json_size(field: str, value: Any, limit: int) -> None:
 
 
 def idempotency_key(body_key: str | None = None) -> str | None:
-    """The body's `idempotency_key`, else the Idempotency-Key header; either is a 422 unless 1-255 printable ASCII."""
+    """The body's `idempotency_key`, else the Idempotency-Key header (either is a 422 unless 1-255 printable ASCII),
+    scoped to the caller: with API keys on, two callers using one key get two runs, and neither learns of the
+    other's."""
     header = request.headers.get("Idempotency-Key")
     if header is not None and not re.fullmatch(IDEMPOTENCY_KEY_PATTERN, header):
         raise ValidationFailed.of_field("Idempotency-Key", "must be 1 to 255 printable ASCII characters")
-    return body_key if body_key is not None else header
+    key = body_key if body_key is not None else header
+    caller = g.get("api_key")
+    if key is None or caller is None:
+        return key
+    scoped = f"{caller.name}:{key}"
+    return scoped if len(scoped) <= 255 else f"{caller.name}:sha256:{hashlib.sha256(key.encode()).hexdigest()}"

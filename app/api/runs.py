@@ -12,6 +12,7 @@ from app.api.inputs import query
 from app.errors import Conflict, NotFound
 from app.runs.models import Run
 from app.schemas import RUN_ID_PATTERN, RunLogsQuery, RunOut, RunQuery
+from connectors.secrets import public_error
 
 bp = Blueprint("runs", __name__, url_prefix="/api/v1/runs")
 
@@ -61,7 +62,8 @@ def get_run_logs(run_id: str) -> dict[str, Any]:
     args = query(RunLogsQuery)
     run = get_run_or_404(run_id)
     page = services().dispatcher.backend_for(run).logs(run, args.after, args.limit)
-    return {"run_id": run.id, "source": page.source, "items": page.items, "next_after": page.next_after}
+    items = [{**item, "message": public_error(item["message"])} for item in page.items]
+    return {"run_id": run.id, "source": page.source, "items": items, "next_after": page.next_after}
 
 
 @bp.post("/<run_id>/cancel")

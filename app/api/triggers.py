@@ -9,6 +9,7 @@ from app.api.inputs import (
 )
 from app.api.runs import run_response
 from app.errors import ValidationFailed
+from app.waits import wait_for_end
 from app.schemas import RunOptions, TriggerRequest
 
 bp = Blueprint("triggers", __name__)
@@ -36,8 +37,7 @@ def _start(connector_id: str, options: RunOptions) -> Response:
     key = idempotency_key(options.idempotency_key)
     callback_url = checked_callback_url(options.callback_url)
     run, _ = svc.dispatcher.trigger_connector(connector_id, options.params, options.backend, key, callback_url)
-    if wait and not run.is_terminal:
-        run = svc.dispatcher.wait_for_end(run.id, wait)
+    run, applied = wait_for_end(run, wait, applied)
     response = run_response(run, 200 if run.is_terminal else 202)
     if applied:
         response.headers["Preference-Applied"] = applied

@@ -14,6 +14,8 @@ from app.errors import NotFound, ValidationFailed
 from app.runs.models import Run
 from app.backends.workflow_runs import pending_nodes, stored_spec
 from app.schemas import RUN_ID_PATTERN, ExecuteNodeRequest, NodeExecutionOut, WorkflowExecuteRequest
+from app.waits import wait_for_end
+from connectors.secrets import public_error, scrub
 from flows.engine import COMPLETED
 from flows.workflow_registry import WorkflowError, node_problems, parse_workflow
 from flows.workflow_spec import NodeSpec, WorkflowSpec
@@ -36,8 +38,7 @@ def execute(workflow_id: str) -> Response:
     run, created = svc.dispatcher.trigger_workflow(
         spec, body.inputs, body.mode, body.backend, key, callback_url,
         file_definition=svc.workflows.definition(spec.id) if body.workflow is None else None)
-    if wait and not run.is_terminal:
-        run = svc.dispatcher.wait_for_end(run.id, wait)
+    run, applied = wait_for_end(run, wait, applied)
     status_url = url_for("workflows.get_execution", execution_id=run.id)
     message = (f"Workflow execution {'started' if created else 'already accepted'} in background "
                f"({run.backend}, {body.mode} mode)")
@@ -84,8 +85,8 @@ def execute_node(workflow_id: str) -> dict[str, Any]:
         raise ValidationFailed.of_field("node.timeout", f"must be at most {limit:g} seconds for execute-node")
     result = svc.engine.run_node(node, body.inputData)
     ok = result.status == COMPLETED
-    return {"success": ok, "nodeId": node.id, "output": result.output if ok else None,
-            "error": None if ok else result.error, "mode": "local", "durationSeconds": result.duration_seconds}
+    return {"success": ok, "nodeId": node.id, "output": scrub(result.output) if ok else None,
+            "error": None if ok else public_error(result.error), "mode": "local", "durationSeconds": result.duration_seconds}
 
 
 def _workflow(workflow_id: str, inline: dict[str, Any] | None) -> WorkflowSpec:
@@ -113,5 +114,6 @@ def execution_document(run: Run, nodes: list[dict[str, Any]]) -> dict[str, Any]:
             "fallbackReason": run.fallback_reason, "prefectFlowRunId": run.prefect_flow_run_id,
             "createdAt": run.created_at, "startedAt": run.started_at, "finishedAt": run.finished_at,
             "durationSeconds": duration, "layers": result.get("layers") or stored_spec(run).layers(),
-            "outputs": result.get("outputs") or {}, "error": run.error,
-            "nodes": [NodeExecutionOut.model_validate(node).model_dump(mode="json") for node in nodes]}
+            "outputs": scrub(result.get("outputs") or {}), "error": public_error(run.error),
+            "nodes": [NodeExecutionOut.model_validate({**scrub(node), "error": public_error(node.get("error"))})
+                      .model_dump(mode="json") for node in nodes]}

@@ -15,6 +15,7 @@ from app.logs import run_id as current_run_id
 from app.metrics import observe_run_end
 from app.runlogs import RunLogHandler
 from app.runs.models import Run, utcnow
+from app.runs.slots import SlotClasses
 from app.runs.store import RunStore
 from connectors.isolated import run_connector_isolated, warm_up
 from connectors.pipeline import Workspace
@@ -35,7 +36,8 @@ class LocalExecutor:
 
     def __init__(self, store: RunStore, registry: ConnectorRegistry, workspace: Workspace,
                  slots: int, lease_seconds: float, poll_seconds: float, toolbox: Toolbox | None = None,
-                 run_timeout_seconds: float = 6 * 3600, log_sink: RunLogHandler | None = None):
+                 run_timeout_seconds: float = 6 * 3600, log_sink: RunLogHandler | None = None,
+                 reserved_slots: int = 0):
         self.store = store
         self.registry = registry
         self.workspace = workspace
@@ -45,6 +47,7 @@ class LocalExecutor:
         self._deadlines: dict[str, float] = {}
         self._timed_out: set[str] = set()
         self.slots = slots
+        self.slot_classes = SlotClasses(slots, reserved_slots)
         self.lease_seconds = lease_seconds
         self.poll_seconds = poll_seconds
         self.id = ""
@@ -132,7 +135,7 @@ class LocalExecutor:
             run = None
             try:
                 if self.active < self.slots:
-                    run = self.store.claim_next(self.id, self.lease_seconds)
+                    run = self.store.claim_next(self.id, self.lease_seconds, kinds=self.slot_classes.claimable())
                 if run is not None:
                     self._launch(run)
                     continue
@@ -145,6 +148,7 @@ class LocalExecutor:
         cancel = threading.Event()
         with self._lock:
             self._running[run.id] = cancel
+            self.slot_classes.started(run.id, run.kind)
             self._deadlines[run.id] = time.monotonic() + self.run_timeout_seconds
         try:
             threading.Thread(target=self._execute, args=(run, cancel), name=f"flowgate-run-{run.id[:8]}",
@@ -245,4 +249,5 @@ class LocalExecutor:
         finally:
             with self._lock:
                 self._running.pop(run_id, None)
+                self.slot_classes.ended(run_id)
             self._wake.set()

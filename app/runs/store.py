@@ -239,8 +239,9 @@ class RunStore:
                 Run.status.in_(_UNFINISHED), Run.backend == "local").group_by(Run.status))
             return {status: count for status, count in rows}
 
-    def claim_next(self, owner: str, lease_seconds: float) -> Run | None:
-        """Atomically take the oldest queued local run whose concurrency key is free; None when there is none."""
+    def claim_next(self, owner: str, lease_seconds: float, kinds: tuple[str, ...] | None = None) -> Run | None:
+        """Atomically take the oldest queued local run (of `kinds`, default any) whose concurrency key is free;
+        None when there is none."""
 
         def attempt() -> Run | None:
             with self.db.session(write=True) as session:
@@ -249,7 +250,8 @@ class RunStore:
                 run = session.scalars(
                     select(Run)
                     .where(Run.status == QUEUED, Run.backend == "local", Run.concurrency_key.not_in(busy_keys),
-                           Run.concurrency_key.not_in(held_by_others(session, self.is_sqlite)))
+                           Run.concurrency_key.not_in(held_by_others(session, self.is_sqlite)),
+                           *((Run.kind.in_(kinds),) if kinds is not None else ()))
                     .order_by(Run.created_at, Run.id)
                     .limit(1)
                 ).first()
