@@ -15,7 +15,7 @@ from app.schemas import (
     PreviewOut, PreviewRequest, ProblemDetail, Readiness, RunLogs, RunLogsQuery, RunOptions, RunOut, RunPage, RunQuery,
     TriggerRequest, WorkflowAccepted, WorkflowExecuteRequest, WorkflowExecution,
 )
-from connectors.spec import CONNECTOR_ID, ConnectorSpec, PythonSource
+from connectors.spec import CONNECTOR_ID, ConnectorSpec, PythonSource, SqlDatabaseSource
 from flows.workflow_spec import NODE_ID
 
 _MODELS: list[type[BaseModel]] = [TriggerRequest, RunOptions, RunOut, RunPage, ConnectorList, ConnectorDetail,
@@ -89,11 +89,20 @@ def params_schema(spec: ConnectorSpec) -> dict[str, Any]:
         for key, declared in spec.source.args.items():
             kind = next((name for types, name in _JSON_TYPES if isinstance(declared, types)), None)
             properties[key] = {"type": [kind, "null"]} if kind and declared is not None else {}
+            bound = (spec.source.bounds or {}).get(key)
+            if bound is not None:  # the declared bounds (connectors.yaml `bounds:`), as with_params checks them
+                properties[key].update({name: value for name, value in (
+                    ("minimum", bound.minimum), ("maximum", bound.maximum),
+                    ("maxLength" if kind == "string" else "maxItems", bound.max_length)) if value is not None})
     else:
         fields = type(spec.source).model_json_schema(by_alias=True)["properties"]
         for key in spec.source.overridable:
             properties[key] = {} if key == "initial_value" else {
                 k: v for k, v in fields[key].items() if k not in ("default", "title")}
+        if isinstance(spec.source, SqlDatabaseSource) and spec.source.tables:
+            # a declared table list is the set a trigger may choose from
+            properties["tables"] = {"type": ["array", "null"], "minItems": 1,
+                                    "items": {"enum": list(spec.source.tables)}}
     properties["full_refresh"] = {"type": "boolean", "description": "Drop the tables and incremental state first."}
     return {"type": "object", "properties": properties, "additionalProperties": False,
             "description": f"Overrides {spec.id} allows: {', '.join(spec.overridable)}."}

@@ -12,6 +12,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from connectors.secrets import redact
 
 CONNECTOR_ID = r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,99}$"
+# A glob that names nothing outside its folder: segments joined by '/', none of them '..', no ':' (no drive, no URL),
+# no backslash or NUL, none starting with '~'. The field validator says which rule a refused glob broke.
+_SEGMENT = r"(?:[^/\\\x00:.~][^/\\\x00:]*|\.|\.[^/\\\x00:.][^/\\\x00:]*|\.\.[^/\\\x00:]+)"
+_RELATIVE_GLOB = rf"^{_SEGMENT}(?:/{_SEGMENT})*$"
 
 
 class ParamsError(ValueError):
@@ -57,18 +61,21 @@ class FilesystemSource(_Strict):
 
     kind: Literal["filesystem"]
     bucket_url: str = Field(description="Folder or URL; a relative path is relative to connectors.yaml.")
-    file_glob: str = Field("*.csv", description="Which files under bucket_url to read.")
+    file_glob: str = Field("*.csv", pattern=_RELATIVE_GLOB, description=(
+        "Which files under bucket_url to read: a relative glob, no '..' segment, no ':', '\\' or leading '~'."))
     format: Literal["csv", "jsonl"] | None = Field(None, description="File format; taken from file_glob when omitted.")
     table: str | None = Field(None, description="Destination table; the connector id when omitted.")
     incremental: bool = Field(False, description="Read only files modified since the last run.")
 
     overridable: ClassVar[tuple[str, ...]] = ("file_glob",)
 
-    @field_validator("file_glob")
+    @field_validator("file_glob", mode="before")
     @classmethod
-    def _stays_inside_bucket(cls, glob: str) -> str:
+    def _stays_inside_bucket(cls, glob: Any) -> Any:
         # A caller may override the glob: it must not name anything outside bucket_url (symlinks are
         # checked on each listed file, see connectors.pipeline).
+        if not isinstance(glob, str):
+            return glob  # the type check says what is wrong
         if not glob or "\x00" in glob or "\\" in glob or "://" in glob:
             raise ValueError("must be a relative glob with / separators")
         if glob.startswith(("/", "~")) or re.match(r"^[A-Za-z]:", glob):
@@ -247,6 +254,9 @@ class ConnectorSpec(_Strict):
             if key not in allowed:
                 hint = f"overridable: {', '.join(allowed)}" if allowed else "this connector takes no params"
                 raise ParamsError(f"params.{key}", f"'{key}' cannot be overridden ({hint})")
+        if isinstance(self.source, SqlDatabaseSource) and self.source.tables and "tables" in params \
+                and params["tables"] is None:
+            params["tables"] = list(self.source.tables)  # null: the declared ones, never every table there is
         if isinstance(self.source, SqlDatabaseSource) and self.source.tables and isinstance(params.get("tables"), list):
             # a declared table list is the set a caller may choose from, not a default
             extra = [t for t in params["tables"] if t not in self.source.tables]

@@ -33,6 +33,7 @@ def test_a_declared_table_list_bounds_the_tables_params_may_ask_for(workdir):
     with pytest.raises(ParamsError) as info:
         shop.with_params({"tables": ["orders", "sqlite_master"]})
     assert info.value.field == "params.tables" and "sqlite_master" in info.value.message
+    assert shop.with_params({"tables": None}).source.tables == ["orders", "customers"]  # never every table there is
 
 
 @pytest.mark.parametrize("path,body", [

@@ -20,7 +20,9 @@ def heartbeat(seconds_ago: float) -> str:
     return (datetime.now(timezone.utc) - timedelta(seconds=seconds_ago)).isoformat()
 
 
-ALIVE = {"name": "w", "status": "ONLINE", "last_heartbeat_time": heartbeat(1)}
+def alive() -> dict:
+    """A worker that sent its heartbeat a second ago (computed now: the suite may reach this test minutes later)."""
+    return {"name": "w", "status": "ONLINE", "last_heartbeat_time": heartbeat(1)}
 
 
 @pytest.fixture
@@ -42,7 +44,7 @@ def test_a_pool_without_an_online_worker_sends_the_run_local(route):
 @respx.mock
 def test_answers_are_cached_briefly(route):
     deployment = respx.get(f"{API}/deployments/name/flowgate-connector/shop").respond(json=DEPLOYMENT)
-    respx.post(f"{API}/work_pools/flowgate/workers/filter").respond(json=[ALIVE])
+    respx.post(f"{API}/work_pools/flowgate/workers/filter").respond(json=[alive()])
     assert [route.route("shop").deployment_id for _ in range(5)] == ["d-1"] * 5
     assert deployment.call_count == 1
 
@@ -61,7 +63,7 @@ def test_an_unreachable_prefect_opens_the_circuit_and_later_calls_skip_it(route)
 def test_a_busy_server_answering_503_is_retried(route):
     respx.get(f"{API}/deployments/name/flowgate-connector/shop").mock(
         side_effect=[httpx.Response(503), httpx.Response(200, json=DEPLOYMENT)])
-    respx.post(f"{API}/work_pools/flowgate/workers/filter").respond(json=[ALIVE])
+    respx.post(f"{API}/work_pools/flowgate/workers/filter").respond(json=[alive()])
     assert route.route("shop").deployment_id == "d-1"
 
 
