@@ -111,14 +111,6 @@ class Settings(RuntimeSettings):
         500, ge=1, le=100_000, validation_alias=AliasChoices("FLOWGATE_RETENTION_BATCH_SIZE", "retention_batch_size"),
         description="Runs deleted per transaction while pruning; small batches keep the write lock short.")
 
-    max_output_bytes: int = Field(
-        1_048_576, ge=1024, le=1_073_741_824, validation_alias=AliasChoices("FLOWGATE_MAX_OUTPUT_BYTES",
-                                                                           "max_output_bytes"),
-        description="Largest workflow node output, run result, rendered template value and http-node response "
-                    "body (bytes); past it the node or run fails naming this limit.")
-    max_delay_seconds: float = Field(
-        300.0, ge=0, le=3600, validation_alias=AliasChoices("FLOWGATE_MAX_DELAY_SECONDS", "max_delay_seconds"),
-        description="Longest a workflow `delay` node may wait.")
     max_concurrent_waits: int = Field(
         4, ge=0, le=1000, validation_alias=AliasChoices("FLOWGATE_MAX_CONCURRENT_WAITS", "max_concurrent_waits"),
         description="Requests one gateway process lets block on `wait` / `Prefer: wait` at once; beyond it a "

@@ -38,6 +38,14 @@ class RuntimeSettings(BaseSettings):
                                     description="Bearer key of the LLM API.", repr=False)
     llm_model: str = Field("gpt-4o-mini", min_length=1, validation_alias=AliasChoices("FLOWGATE_LLM_MODEL", "llm_model"),
                            description="Model used when a node names none.")
+    max_output_bytes: int = Field(
+        1_048_576, ge=1024, le=1_073_741_824, validation_alias=AliasChoices("FLOWGATE_MAX_OUTPUT_BYTES",
+                                                                           "max_output_bytes"),
+        description="Largest workflow node output, run result, rendered template value and http-node response "
+                    "body (bytes); past it the node or run fails naming this limit.")
+    max_delay_seconds: float = Field(
+        300.0, ge=0, le=3600, validation_alias=AliasChoices("FLOWGATE_MAX_DELAY_SECONDS", "max_delay_seconds"),
+        description="Longest a workflow `delay` node may wait.")
 
     @property
     def run_store_url(self) -> str:

@@ -82,3 +82,13 @@ def test_a_module_over_300_lines_says_why_in_its_docstring():
             if lines > MAX_LINES and "300 lines" not in docstring:
                 long.append(f"{path.relative_to(ROOT)} ({lines} lines)")
     assert long == []
+
+
+def test_the_runtime_settings_are_enough_for_what_a_prefect_flow_builds():
+    """A Prefect flow reads RuntimeSettings only: everything the toolbox and pipelines read must be there."""
+    from flows.nodes import make_toolbox
+    from flows.runtime import RuntimeSettings
+
+    settings = RuntimeSettings(max_output_bytes=4096, max_delay_seconds=5)
+    toolbox = make_toolbox(settings)
+    assert toolbox is not None and settings.run_store_url and settings.pipelines_dir and settings.duckdb_dir

@@ -127,7 +127,9 @@ def test_incremental_state_carries_over_between_the_prefect_and_the_local_path(s
 
 TERMINAL_STATUSES = ("completed", "failed", "cancelled", "crashed")
 FAN_OUT = {
-    "nodes": [{"id": "start", "type": "trigger"}, {"id": "pause", "type": "delay", "config": {"seconds": 2}},
+    # `pause` is long enough for its task run's state to reach Prefect's server (through its event stream, seconds
+    # late on a busy machine) while it still runs: the test checks that progress shows while a run goes on.
+    "nodes": [{"id": "start", "type": "trigger"}, {"id": "pause", "type": "delay", "config": {"seconds": 6}},
               {"id": "check", "type": "condition", "config": {"value": "{{ inputs.text | length > 2 }}"}},
               *({"id": f"llm{i}", "type": "llm", "config": {"prompt": f"take {i}: {{{{ inputs.text }}}}"}} for i in range(3)),
               {"id": "short", "type": "output", "config": {"value": "too short"}},
