@@ -23,6 +23,7 @@ from connectors.spec import ConnectorSpec, ParamsError
 
 log = logging.getLogger(__name__)
 PRELOAD = ["connectors.preload", "connectors.isolated"]
+GRACE_SECONDS = 5.0  # after a stop is asked, how long a run may take to reach its next checkpoint before it is killed
 
 
 @functools.cache
@@ -41,7 +42,7 @@ def warm_up() -> None:
 
 
 def run_connector_isolated(spec: ConnectorSpec, workspace: Workspace, should_stop: Callable[[], bool] = lambda: False,
-                           restore_state: bool = True, grace_seconds: float = 5.0) -> LoadSummary:
+                           restore_state: bool = True, grace_seconds: float = GRACE_SECONDS) -> LoadSummary:
     """run_connector in a child process. When `should_stop` turns true the child stops at its next checkpoint;
     one that has not within `grace_seconds` (stuck in a step) is killed, and the run ends as cancelled during
     that step (a killed load leaves a pipeline folder the next run recovers from)."""
@@ -51,11 +52,13 @@ def run_connector_isolated(spec: ConnectorSpec, workspace: Workspace, should_sto
     stop = context.Event()
     child = context.Process(target=_child, args=(spec, workspace, restore_state, stop, send, lifeline),
                             name=f"flowgate-connector-{spec.id}", daemon=True)
-    child.start()
-    send.close()
-    lifeline.close()
     step, stop_asked_at = "recover", None
     try:
+        try:
+            child.start()
+        finally:
+            send.close()
+            lifeline.close()
         while True:
             if receive.poll(0.1):
                 try:
@@ -87,9 +90,10 @@ def run_connector_isolated(spec: ConnectorSpec, workspace: Workspace, should_sto
                 raise ConnectorRunError(spec.id, step, f"the run's process died (exit code {child.exitcode})")
     finally:
         receive.close()
-        if child.is_alive():
-            child.kill()
-        child.join(5)
+        if child.pid is not None:
+            if child.is_alive():
+                child.kill()
+            child.join(5)
         held.close()
 
 

@@ -128,14 +128,19 @@ class ConnectorLock:
         lost, done = threading.Event(), threading.Event()
 
         def keep() -> None:
+            renewed_at = time.monotonic()
             while not done.wait(self.lease_seconds / 3):
                 try:
                     if not self.renew(key, holder):
                         log.error("the lease on %s was lost", key)
                         lost.set()
                         return
-                except Exception:  # the next renewal may get through: the lease is three intervals long
+                    renewed_at = time.monotonic()
+                except Exception:  # the next renewal may get through: the lease is three intervals long...
                     log.exception("renewing the lease on %s failed", key)
+                    if time.monotonic() - renewed_at > self.lease_seconds * 2 / 3:  # ...unless it is nearly over
+                        lost.set()
+                        return
 
         threading.Thread(target=keep, name="flowgate-connector-lock", daemon=True).start()
         try:

@@ -210,3 +210,28 @@ def test_the_run_timeout_stops_a_run_stuck_inside_a_step(parts):
     finally:
         executor.shutdown(timeout=10)
     assert run.status == "failed" and run.error["code"] == "run_timeout"
+
+
+def test_shutdown_stops_a_stuck_runs_process_before_recording_it_interrupted(parts, caplog):
+    """A run recorded `crashed` (interrupted) frees its connector's key: its process must be gone by then."""
+    import logging
+    import os
+    import re
+
+    caplog.set_level(logging.INFO, logger="connectors.isolated")
+    store = parts[2]
+    executor = make_executor(parts, lease=2.0)
+    stuck = enqueue(parts, "slow", {"delay_seconds": 3600.0})
+    executor.start()
+    wait_until(lambda: re.search(r"runs in process (\d+)", caplog.text), what="the run's process started")
+    pid = int(re.search(r"runs in process (\d+)", caplog.text).group(1))
+    unfinished = executor.shutdown(timeout=8)
+    run = store.get(stuck)
+    assert run.status == CRASHED and run.error["code"] == "interrupted", run.error
+    assert unfinished in ([], [stuck])
+    try:
+        os.kill(pid, 0)
+        alive = True
+    except ProcessLookupError:
+        alive = False
+    assert not alive, f"the run's process {pid} outlived the record of its interruption"

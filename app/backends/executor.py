@@ -17,7 +17,7 @@ from app.runlogs import RunLogHandler
 from app.runs.models import Run, utcnow
 from app.runs.slots import SlotClasses
 from app.runs.store import RunStore
-from connectors.isolated import run_connector_isolated, warm_up
+from connectors.isolated import GRACE_SECONDS, run_connector_isolated, warm_up
 from connectors.pipeline import Workspace
 from connectors.registry import ConnectorRegistry
 from flows.nodes import Toolbox
@@ -57,6 +57,8 @@ class LocalExecutor:
         self._stopping = threading.Event()  # claim no more runs
         self._closed = threading.Event()  # shutdown done: leases are no longer renewed
         self._lost: set[str] = set()  # runs whose lease was taken from this executor: their outcome is dropped
+        self._interrupted: set[str] = set()  # runs stopped because this process shuts down
+        self._renewed_at = time.monotonic()  # the last heartbeat that renewed the leases
         self._stop_requested_at: float | None = None
         self._threads: list[threading.Thread] = []
 
@@ -113,6 +115,16 @@ class LocalExecutor:
         """
         self.stop_claiming()
         deadline = (self._stop_requested_at or time.monotonic()) + timeout
+        # Early enough that a run's child process stops (or is killed) before the leases end with this process:
+        # a run recorded as interrupted must not go on loading beside the next run of its connector.
+        stop_runs_at = deadline - (GRACE_SECONDS + 1)
+        while self.active and time.monotonic() < stop_runs_at:
+            time.sleep(0.05)
+        with self._lock:
+            running = dict(self._running)
+            self._interrupted.update(running)
+        for cancel in running.values():
+            cancel.set()
         while self.active and time.monotonic() < deadline:
             time.sleep(0.05)
         with self._lock:
@@ -165,6 +177,20 @@ class LocalExecutor:
                 self._heartbeat()
             except Exception:
                 log.exception("executor heartbeat failed")
+                if time.monotonic() - self._renewed_at > self.lease_seconds - self.heartbeat_seconds:
+                    self._fence()
+
+    def _fence(self) -> None:
+        """The leases could not be renewed for almost a lease: another process may recover these runs any moment,
+        so they stop now (at their next checkpoint, or killed) and their outcome is dropped."""
+        with self._lock:
+            running = dict(self._running)
+            self._lost.update(running)
+        if running:
+            log.error("executor %s could not renew its leases for %.0f s; stopping run(s) %s", self.id,
+                      time.monotonic() - self._renewed_at, sorted(running))
+        for cancel in running.values():
+            cancel.set()
 
     def _heartbeat(self) -> None:
         now = time.monotonic()
@@ -175,6 +201,7 @@ class LocalExecutor:
         for run_id in overdue:  # stopped at its next checkpoint, then recorded as failed (run_timeout)
             running[run_id].set()
         held, cancel = self.store.renew_leases(self.id, list(running), self.lease_seconds)
+        self._renewed_at = now
         lost = set(running) - held
         if lost:  # recovered elsewhere (e.g. the database was out of reach longer than the lease): stop, write nothing
             log.error("executor %s lost the lease of run(s) %s; stopping them", self.id, sorted(lost))
@@ -229,8 +256,13 @@ class LocalExecutor:
             timed_out = run_id in self._timed_out
             self._timed_out.discard(run_id)
             self._deadlines.pop(run_id, None)
+        with self._lock:
+            interrupted = run_id in self._interrupted
+            self._interrupted.discard(run_id)
         if timed_out and outcome.status == CANCELLED:
             outcome = RunOutcome(FAILED, outcome.result, RunError.timed_out(self.run_timeout_seconds))
+        elif interrupted and outcome.status == CANCELLED:
+            outcome = RunOutcome(CRASHED, outcome.result, RunError.interrupted())
         logs = self.log_sink.take(run_id) if self.log_sink is not None else None  # stored with the run's end
         with self._lock:
             lost = run_id in self._lost

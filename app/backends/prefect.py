@@ -206,7 +206,7 @@ class PrefectBackend:
             self.note_failure(exc)
             raise Unavailable(f"Prefect did not confirm the cancellation ({exc.message}); the run goes on",
                               code="prefect_unavailable", headers={"Retry-After": "10"}) from None
-        return self.store.request_cancel(run.id)
+        return self.store.request_cancel(run.id) or self.store.get(run.id)  # it ended meanwhile
 
 def flow_parameters(run: Run) -> dict[str, Any]:
     """The flow run's parameters, from the run alone (so any process can create it)."""

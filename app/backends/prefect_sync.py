@@ -48,8 +48,9 @@ class PrefectSync:
         """Bring every unfinished Prefect run up to date with one call to Prefect; returns how many changed."""
         self.end_overdue_runs()
         timeout = self.backend.client.timeout if self.backend.route is not None else 2.0
-        # An answer still on its way is given 2 timeouts (plus a second) before the run is looked for.
-        self.settle_undispatched(older_than_seconds=2 * timeout + 1)
+        # An answer still on its way is given its worst case (two creates of three tries each) before the run is
+        # looked for.
+        self.settle_undispatched(older_than_seconds=2 * (3 * timeout + 0.7) + 1)
         runs = {run.prefect_flow_run_id: run for run in self.store.unfinished("prefect") if run.prefect_flow_run_id}
         if not runs or not self.backend.available:
             return 0
@@ -75,12 +76,18 @@ class PrefectSync:
         if not claimed_before and not self.backend.client.claim_flow_run(flow_run_id):
             log.info("a worker picked up %s as its pickup deadline passed; it stays on Prefect", run.id)
             return 0
-        self.backend.client.close_reclaimed_flow_run(
-            flow_run_id, f"no worker picked it up within {self.pickup_seconds:g} s; flowgate runs it locally")
+        # Ours now (no worker can take a flow run out of PENDING): the run goes local first, so nothing that reads
+        # the flow run meanwhile can record it as cancelled; closing it in Prefect comes second, best effort.
+        moved = self.store.fall_back_to_local(run.id, "prefect_not_picked_up", prefect_state="Cancelled")
         log.warning("run %s: no worker picked up flow run %s within %g s; running it locally", run.id, flow_run_id,
                     self.pickup_seconds, extra={"run_id": run.id})
-        return int(self.store.fall_back_to_local(run.id, "prefect_not_picked_up", prefect_state="Cancelled")
-                   is not None)
+        try:
+            self.backend.client.close_reclaimed_flow_run(
+                flow_run_id, f"no worker picked it up within {self.pickup_seconds:g} s; flowgate runs it locally")
+        except PrefectError as exc:
+            log.warning("closing reclaimed flow run %s failed (%s); it stays pending in Prefect, where no worker can "
+                        "take it", flow_run_id, exc.message)
+        return int(moved is not None)
 
     def awaiting_pickup(self) -> dict[str, Any]:
         """For readiness: Prefect runs no worker has picked up yet, and the oldest one's wait."""
@@ -135,6 +142,8 @@ class PrefectSync:
                     settled.append(self.backend.submit(run, deployment_id=route.deployment_id))
                     continue
                 reason = route.reason if route is not None else "prefect_not_configured"
+                if (now - run.created_at).total_seconds() < self.give_up_seconds:
+                    continue  # a create still in flight may yet land: only a run this old goes local
             except PrefectError as exc:
                 self.backend.note_failure(exc)
                 if (now - run.created_at).total_seconds() < self.give_up_seconds:

@@ -78,12 +78,17 @@ class InlineConnectorRunner:
         return result
 
     def _renew(self, run_id: str, stop: threading.Event, lost: threading.Event) -> None:
+        renewed_at = time.monotonic()
         while not stop.wait(max(self.lease_seconds / 3, 0.1)):
             try:
                 held, _ = self.store.renew_leases(self.owner, [run_id], self.lease_seconds)
-            except Exception:  # the next renewal may get through; the lease is longer than two intervals
+            except Exception:  # the next renewal may get through; the lease is longer than two intervals...
                 log.exception("renewing the lease of connector run %s failed", run_id)
+                if time.monotonic() - renewed_at > self.lease_seconds * 2 / 3:  # ...unless it is nearly over
+                    lost.set()
+                    return
                 continue
+            renewed_at = time.monotonic()
             if run_id not in held:
                 log.error("the lease of connector run %s was lost; stopping it", run_id, extra={"run_id": run_id})
                 lost.set()

@@ -2,6 +2,7 @@
 holding the connector's key in the run store (flows/connector_lock.py), as a local run does."""
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from prefect import flow, task
@@ -38,7 +39,8 @@ def connector_flow(connector_id: str, params: dict[str, Any] | None = None) -> d
     database.create_tables(lock_metadata)
     try:
         # Never beside a local run (or another flow run) of the same destination: the key in the run store.
-        with ConnectorLock(database).hold(concurrency_key(spec, workspace), f"prefect:{flow_run.id}") as lost:
+        holder = f"prefect:{flow_run.id}:{uuid.uuid4().hex[:8]}"  # one per execution, even of one flow run
+        with ConnectorLock(database).hold(concurrency_key(spec, workspace), holder) as lost:
             pipeline = ConnectorPipeline(runnable, workspace)
             for step in pipeline.steps:
                 if lost.is_set():

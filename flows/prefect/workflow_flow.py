@@ -12,7 +12,7 @@ from prefect.futures import PrefectFuture
 
 from prefect.runtime import flow_run
 
-from connectors.pipeline import ConnectorRunError, Workspace, concurrency_key, run_connector
+from connectors.pipeline import ConnectorRunError, RunCancelled, Workspace, concurrency_key, run_connector
 from connectors.registry import ConnectorRegistry
 from connectors.spec import ParamsError
 from flows.connector_lock import ConnectorLock, LockLost
@@ -74,7 +74,7 @@ def connector_runner(settings: Any, database: Database,
             with lock.hold(concurrency_key(spec, workspace), f"{holder}:{uuid.uuid4().hex[:8]}", should_stop) as lost:
                 return run_connector(runnable, workspace,
                                      should_stop=lambda: should_stop() or lost.is_set()).to_dict()
-        except LockLost as exc:
+        except (LockLost, RunCancelled) as exc:
             raise NodeFailed(str(exc), code="cancelled", terminal=True) from None
         except ParamsError as exc:
             raise NodeFailed(f"{exc.field}: {exc.message}", code="invalid_params", terminal=True) from None
