@@ -42,10 +42,12 @@ def warm_up() -> None:
 
 
 def run_connector_isolated(spec: ConnectorSpec, workspace: Workspace, should_stop: Callable[[], bool] = lambda: False,
-                           restore_state: bool = True, grace_seconds: float = GRACE_SECONDS) -> LoadSummary:
+                           restore_state: bool = True, grace_seconds: float = GRACE_SECONDS,
+                           must_end: Callable[[], bool] = lambda: False) -> LoadSummary:
     """run_connector in a child process. When `should_stop` turns true the child stops at its next checkpoint;
     one that has not within `grace_seconds` (stuck in a step) is killed, and the run ends as cancelled during
-    that step (a killed load leaves a pipeline folder the next run recovers from)."""
+    that step (a killed load leaves a pipeline folder the next run recovers from). When `must_end` turns true
+    (the calling process shuts down) the child is killed at once."""
     context = _context()
     receive, send = context.Pipe(duplex=False)
     lifeline, held = context.Pipe(duplex=False)  # the child ends itself when `held` closes: this process died
@@ -78,6 +80,10 @@ def run_connector_isolated(spec: ConnectorSpec, workspace: Workspace, should_sto
                 child.join(5)
                 raise ConnectorRunError(spec.id, step, f"the run's process ended without an outcome "
                                                        f"(exit code {child.exitcode})")
+            if must_end():
+                child.kill()
+                child.join(5)
+                raise RunCancelled(step, f"stopped during {step}: the process running it shut down")
             if stop_asked_at is None and should_stop():
                 stop.set()
                 stop_asked_at = time.monotonic()

@@ -17,7 +17,7 @@ from app.runlogs import RunLogHandler
 from app.runs.models import Run, utcnow
 from app.runs.slots import SlotClasses
 from app.runs.store import RunStore
-from connectors.isolated import GRACE_SECONDS, run_connector_isolated, warm_up
+from connectors.isolated import run_connector_isolated, warm_up
 from connectors.pipeline import Workspace
 from connectors.registry import ConnectorRegistry
 from flows.nodes import Toolbox
@@ -58,6 +58,7 @@ class LocalExecutor:
         self._closed = threading.Event()  # shutdown done: leases are no longer renewed
         self._lost: set[str] = set()  # runs whose lease was taken from this executor: their outcome is dropped
         self._interrupted: set[str] = set()  # runs stopped because this process shuts down
+        self._ending = threading.Event()  # shutdown's last second: runs' processes are killed at once
         self._renewed_at = time.monotonic()  # the last heartbeat that renewed the leases
         self._stop_requested_at: float | None = None
         self._threads: list[threading.Thread] = []
@@ -115,14 +116,14 @@ class LocalExecutor:
         """
         self.stop_claiming()
         deadline = (self._stop_requested_at or time.monotonic()) + timeout
-        # Early enough that a run's child process stops (or is killed) before the leases end with this process:
-        # a run recorded as interrupted must not go on loading beside the next run of its connector.
-        stop_runs_at = deadline - (GRACE_SECONDS + 1)
-        while self.active and time.monotonic() < stop_runs_at:
+        # A second before the end, what still runs is stopped, its process killed: a run recorded as interrupted
+        # must not go on loading beside the next run of its connector.
+        while self.active and time.monotonic() < deadline - 1:
             time.sleep(0.05)
         with self._lock:
             running = dict(self._running)
             self._interrupted.update(running)
+        self._ending.set()
         for cancel in running.values():
             cancel.set()
         while self.active and time.monotonic() < deadline:
@@ -242,7 +243,7 @@ class LocalExecutor:
         # dlt state in the destination can only be newer if the connector last ran somewhere else.
         elsewhere = self.store.last_ended_elsewhere(run.kind, run.target, socket.gethostname())
         summary = run_connector_isolated(spec.with_params(run.params), self.workspace, should_stop=cancel.is_set,
-                                         restore_state=elsewhere)
+                                         restore_state=elsewhere, must_end=self._ending.is_set)
         return RunOutcome(COMPLETED, summary.to_dict())
 
     def _execute_workflow(self, run: Run, cancel: threading.Event) -> RunOutcome:
