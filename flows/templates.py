@@ -7,7 +7,6 @@ every loop iteration, call and output chunk), and `range` stays capped by the sa
 from __future__ import annotations
 
 import functools
-import operator
 import re
 import threading
 import time

@@ -2,23 +2,14 @@
 kind of value is the node's error, run logs carry no traceback, run errors no server folders."""
 from __future__ import annotations
 
-import time
 
 import pytest
 
+from tests.test_api_triggers import poll_until_ended
 from tests.test_errors import assert_problem
 
 WRONG_KIND = "{{ 'a'|wordwrap(5, wrapstring=inputs) }}"
 
-
-def run_to_end(client, run_id: str, timeout: float = 60) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        doc = client.get(f"/api/v1/runs/{run_id}").json
-        if doc["status"] in ("completed", "failed", "cancelled", "crashed"):
-            return doc
-        time.sleep(0.05)
-    raise AssertionError(f"run {run_id} did not end within {timeout}s")
 
 
 @pytest.mark.parametrize("data", ["[" * 200_000, '{"connector_id": "numbers", "params": {"n": ' + "9" * 5000 + "}}",
@@ -43,7 +34,7 @@ def test_run_logs_and_run_errors_carry_no_traceback_and_no_server_folders(runnin
         {"id": "t", "type": "transform", "config": {"value": WRONG_KIND}}]}}).json["executionId"]
     broken = client.post("/trigger", json={"connector_id": "broken"}).json["run_id"]
     for run_id in (workflow, broken):
-        doc = run_to_end(client, run_id)
+        doc = poll_until_ended(client, f"/api/v1/runs/{run_id}")
         assert doc["status"] == "failed"
     read = "\n".join(client.get(path).get_data(as_text=True) for path in (
         f"/api/v1/runs/{workflow}", f"/api/v1/runs/{workflow}/logs", f"/api/workflow/execution/{workflow}",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ from app import create_app
 from app.logs import ContextFilter, JsonLines
 from connectors.secrets import is_secret_name, redact, redact_text
 from tests.fake_services import EchoService
+from tests.test_api_triggers import poll_until_ended
 
 WF_SECRET = "wf-s3cret-9f8e7d6c"
 
@@ -50,15 +50,6 @@ def echo():
     service.stop()
 
 
-def run_to_end(client, run_id: str, timeout: float = 30) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        doc = client.get(f"/api/v1/runs/{run_id}").json
-        if doc["status"] in ("completed", "failed", "cancelled", "crashed"):
-            return doc
-        time.sleep(0.05)
-    raise AssertionError(f"run {run_id} did not end within {timeout}s")
-
 
 def everything_a_reader_sees(client, run_id: str) -> str:
     """The run document, the execution document and the run's logs, as text."""
@@ -80,7 +71,7 @@ def test_a_workflow_files_resolved_secret_never_reaches_a_reader(app_config, mon
     try:
         client = app.test_client()
         run_id = client.post("/api/workflow/leaky/execute", json={"inputs": inputs}).json["executionId"]
-        doc = run_to_end(client, run_id)
+        doc = poll_until_ended(client, f"/api/v1/runs/{run_id}")
         assert doc["status"] == "failed"
         seen = everything_a_reader_sees(client, run_id)
         assert "key=***" in seen  # the failure is still explained

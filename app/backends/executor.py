@@ -8,7 +8,6 @@ import threading
 import time
 import uuid
 from dataclasses import replace
-from typing import Any
 
 from app.backends.workflow_runs import InlineConnectorRunner, record_pending_nodes, run_workflow, stored_spec
 from app.logs import run_id as current_run_id

@@ -7,8 +7,7 @@ circuit breaker); the dispatcher decides whether a run comes here at all.
 from __future__ import annotations
 
 import logging
-import threading
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from app.backends import LogPage
