@@ -1,6 +1,7 @@
 """A real Prefect server and process worker for the integration tests, on a free port and a temp PREFECT_HOME."""
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import subprocess
@@ -35,23 +36,38 @@ POSTGRES_ADMIN_URL = os.environ.get("FLOWGATE_TEST_POSTGRES_ADMIN_URL",
 
 
 def fresh_postgres_database(name: str) -> str | None:
-    """Create (or recreate) database `name` for a Prefect server; its asyncpg URL, or None without PostgreSQL.
+    """Create database `name`_<pid> for a Prefect server (dropped when this process exits); its asyncpg URL, or
+    None without PostgreSQL.
 
-    Prefect 3.8.8's server on SQLite stalls under concurrent writes (seen here: 503s and reads that
-    time out), so the tests and benchmarks use PostgreSQL where the machine has it, as production should.
+    The process id in the name keeps two test runs on one machine (two clones, a stress run) out of each
+    other's database. Prefect 3.8.8's server on SQLite stalls under concurrent writes (seen here: 503s and
+    reads that time out), so the tests and benchmarks use PostgreSQL where the machine has it, as production
+    should.
     """
     import sqlalchemy as sa
 
+    name = f"{name}_{os.getpid()}"
     try:
         admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 2})
         with admin.connect() as connection:
             connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
             connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
-        admin.dispose()
     except Exception:  # no reachable server: the caller falls back to SQLite
         return None
+    atexit.register(_drop_database, admin, name)
     url = sa.engine.make_url(POSTGRES_ADMIN_URL).set(drivername="postgresql+asyncpg", database=name)
     return url.render_as_string(hide_password=False)
+
+
+def _drop_database(admin, name: str) -> None:
+    import sqlalchemy as sa
+
+    try:
+        with admin.connect() as connection:
+            connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    except Exception:  # best effort at exit: a server gone by then keeps the database, which the next run replaces
+        pass
+    admin.dispose()
 
 
 class PrefectStack:

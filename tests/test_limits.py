@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 
 import httpx
 import pytest
@@ -48,13 +49,14 @@ def _redis_or_skip() -> None:
 
 def test_with_shared_storage_every_gunicorn_worker_counts_against_one_budget(workdir):
     _redis_or_skip()
-    import redis
-
-    redis.Redis.from_url(REDIS_URL).flushdb()
-    server = GunicornServer(workdir, workers=3, FLOWGATE_RATE_LIMIT="10/minute",
-                            FLOWGATE_RATE_LIMIT_STORAGE=REDIS_URL).start()
+    # A key of this test's own: its budget is shared by this gateway's workers and by nobody else using the
+    # same Redis (another test run on this machine, say).
+    name, key = f"limits{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    headers = {"X-API-Key": key}
+    server = GunicornServer(workdir, workers=3, ready_headers=headers, FLOWGATE_API_KEYS=f"{name}:{key}:read",
+                            FLOWGATE_RATE_LIMIT="10/minute", FLOWGATE_RATE_LIMIT_STORAGE=REDIS_URL).start()
     try:
-        statuses = [httpx.get(f"{server.url}/api/v1/runs", headers={"Connection": "close"}).status_code
+        statuses = [httpx.get(f"{server.url}/api/v1/runs", headers={**headers, "Connection": "close"}).status_code
                     for _ in range(14)]
     finally:
         server.kill()

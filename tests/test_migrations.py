@@ -196,6 +196,6 @@ def test_two_gateways_started_in_the_same_second_on_a_fresh_postgres_database_bo
             assert schema.current_revision(database) == schema.HEAD
             database.dispose()
             with admin.connect() as connection:
-                connection.execute(sa.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+                connection.execute(sa.text(f'DROP DATABASE "{url.database}" WITH (FORCE)'))
     finally:
         admin.dispose()
