@@ -12,6 +12,7 @@ import sqlalchemy as sa
 
 from app import create_app
 from app.runs.store import RunStore
+from connectors import secrets
 from connectors.demo import build_shop_db
 
 POSTGRES_URL = os.environ.get("FLOWGATE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -39,6 +40,13 @@ connectors:
   broken:
     source: {kind: sql_database, url: "sqlite:///missing.db", tables: [nothing_here]}
 """
+
+
+@pytest.fixture(autouse=True)
+def _secrets_remembered_by_the_test_are_forgotten_after_it(monkeypatch):
+    """`${VAR}` values are remembered as secrets for the life of a process; a test's (e.g. `TABLE=orders`) must
+    not blank the word out of every later test's results in the same process."""
+    monkeypatch.setattr(secrets, "_values", secrets.known())
 
 
 @pytest.fixture

@@ -23,9 +23,11 @@ def free_port() -> int:
 class GunicornServer:
     """`gunicorn -c gunicorn.conf.py wsgi:app` with the test's settings; stop() or kill() ends it."""
 
-    def __init__(self, workdir: Path, workers: int = 3, ready_headers: dict[str, str] | None = None, **env: str):
+    def __init__(self, workdir: Path, workers: int = 3, ready_headers: dict[str, str] | None = None,
+                 ready_path: str = "/api/v1/health/ready", **env: str):
         self.port = free_port()
         self.ready_headers = ready_headers or {}  # e.g. an API key, when the gateway has keys
+        self.ready_path = ready_path
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = workdir / f"gunicorn-{self.port}.log"
         self.env = {**os.environ, "FLOWGATE_BIND": f"127.0.0.1:{self.port}", "WEB_CONCURRENCY": str(workers),
@@ -34,7 +36,7 @@ class GunicornServer:
                     "FLOWGATE_POLL_SECONDS": "0.1", "PYTHONUNBUFFERED": "1", **env}
         self.process: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 60) -> GunicornServer:
+    def start(self, timeout: float = 120) -> GunicornServer:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
@@ -44,7 +46,7 @@ class GunicornServer:
             if self.process.poll() is not None:
                 raise RuntimeError(f"gunicorn exited with {self.process.returncode}:\n{self.log()}")
             try:
-                if httpx.get(f"{self.url}/api/v1/health/ready", headers=self.ready_headers, timeout=1).status_code == 200:
+                if httpx.get(f"{self.url}{self.ready_path}", headers=self.ready_headers, timeout=5).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass

@@ -6,6 +6,7 @@ import signal
 import statistics
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -182,3 +183,37 @@ def test_workflows_on_several_gunicorn_workers_end_with_every_node_recorded(work
         print(f"\n8 workflows ran on {len(owners)} executor(s)")
     finally:
         server.kill()
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_a_gateway_added_to_drain_a_backlog_gets_its_share(workdir, request, database):
+    """A backlog queued on gateway A, whose executor holds every connector's key (room for all three at once:
+    4 slots, one kept for workflows). Gateway B joins to help drain it, polling at the default interval. The
+    executor that ends a run hears of it first and could take that connector's next run every time, keeping B
+    idle; B must get a fair share."""
+    url = (request.getfixturevalue("postgres_url") if database == "postgresql"
+           else f"sqlite:///{(workdir / 'var' / 'flowgate.db').resolve()}")
+    with (workdir / "connectors.yaml").open("a") as connectors:
+        for name in ("tick_a", "tick_b", "tick_c"):
+            connectors.write(f"  {name}:\n    source: {{kind: python, ref: \"connectors.demo:numbers\", "
+                             f"args: {{n: 2, delay_seconds: 0.4}}}}\n    dataset: {name}\n")
+    env = {"DATABASE_URL": url, "FLOWGATE_POLL_SECONDS": "0.5", "FLOWGATE_EXECUTOR_THREADS": "4", "FLOWGATE_MAX_QUEUED_PER_TARGET": "1000"}
+    a = GunicornServer(workdir, workers=1, **env).start()
+    b = None
+    try:
+        with httpx.Client(base_url=a.url, timeout=30) as client:
+            accepted = [client.post("/trigger", json={"connector_id": target}).json()["run_id"]
+                        for _ in range(6) for target in ("tick_a", "tick_b", "tick_c")]
+            wait_for(client, accepted[0], {"running", *TERMINAL}, timeout=60)
+            b = GunicornServer(workdir, workers=1, **env).start()
+            ended = [wait_for(client, run_id, TERMINAL, timeout=300)["status"] for run_id in accepted]
+    finally:
+        a.kill()
+        if b is not None:
+            b.kill()
+    store = RunStore(url)
+    owners = Counter(store.get(run_id).lease_owner.rsplit(":", 1)[0] for run_id in accepted)  # host:pid
+    store.dispose()
+    print(f"\n{len(accepted)} runs queued on gateway A, executed by: {dict(owners)}")
+    assert set(ended) == {"completed"}
+    assert len(owners) == 2 and min(owners.values()) >= len(accepted) // 5, owners
