@@ -44,6 +44,9 @@ threads = int(os.environ.get("GUNICORN_THREADS", 8))
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", 60))
 graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", 30))
 keepalive = 5
+# gunicorn's control socket (gunicornc: scale, reload, stop) sits at one path per user: two gateways on a host
+# would take it from each other, and nothing of flowgate uses it. Signals (HUP, TERM, TTIN/TTOU) still work.
+control_socket_disable = True
 # The app (database engine, executor threads) is built in each worker after the fork, never in the master.
 preload_app = False
 
