@@ -3,13 +3,24 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test browser fuzz bench stack deploy clean
+.PHONY: run test stress-test browser fuzz bench stack deploy clean
+
+# The suite runs in TEST_WORKERS processes (pytest-xdist), each test file whole in one of them (a file's
+# Prefect server or gunicorn is started once), in a random order (pytest-randomly prints its seed; rerun
+# one order with `-p randomly --randomly-seed=<seed>`).
+TEST_WORKERS ?= 3
+PYTEST_PARALLEL = -n $(TEST_WORKERS) --dist loadfile
 
 run: $(VENV)/.runtime data/demo_shop.db
 	$(BIN)/gunicorn -c gunicorn.conf.py wsgi:app
 
 test: $(VENV)/.dev data/demo_shop.db browser
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(PYTEST_PARALLEL)
+
+# The whole suite STRESS_ROUNDS times in a row (default 5), each beside one busy-looping process per core and
+# in a new random order; stops at the first red round.
+stress-test: $(VENV)/.dev data/demo_shop.db browser
+	$(BIN)/python -m tests.stress -- $(PYTEST_PARALLEL)
 
 # The dashboard's browser tests drive Debian's chromium (Playwright's own browser download is not used):
 # installed here when missing and we are root with apt; otherwise those tests skip and say why.
