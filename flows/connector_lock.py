@@ -69,24 +69,26 @@ class ConnectorLock:
         self.poll_seconds = poll_seconds
 
     def try_acquire(self, key: str, holder: str) -> bool:
-        """Take `key` for `holder` unless a live lock or an active local run has it."""
+        """Take `key` for `holder` unless a live lock or an active local run has it.
+
+        Behind an active local run, `holder` still reserves the key (the same row, renewed by each attempt): no
+        new local run of it starts, so the flow run is next when that run ends, however steadily local runs of
+        the connector are queued. A holder that stops trying stops renewing, and its reservation lapses."""
 
         def attempt() -> bool:
             with self.database.session(write=True) as session:
                 serialise_claims(session, self.database.is_sqlite)
                 now = now_utc(session, self.database.is_sqlite)
-                if self._runs_table(session) and session.execute(_LOCAL_RUN_HOLDS, {"key": key}).first():
-                    return False
                 row = session.execute(select(connector_locks).where(connector_locks.c.key == key)).first()
+                if row is not None and row.expires_at > now and row.holder != holder:
+                    return False
                 expires = now + timedelta(seconds=self.lease_seconds)
                 if row is None:
                     session.execute(insert(connector_locks).values(key=key, holder=holder, expires_at=expires))
-                elif row.expires_at <= now or row.holder == holder:
+                else:
                     session.execute(update(connector_locks).where(connector_locks.c.key == key)
                                     .values(holder=holder, expires_at=expires))
-                else:
-                    return False
-                return True
+                return not (self._runs_table(session) and session.execute(_LOCAL_RUN_HOLDS, {"key": key}).first())
 
         return self.database.retry(attempt)
 
@@ -120,6 +122,7 @@ class ConnectorLock:
         waited = False
         while not self.try_acquire(key, holder):
             if should_stop():
+                self.release(key, holder)  # the reservation made while waiting
                 raise LockLost(f"stopped while waiting for {key}")
             if not waited:
                 log.info("waiting for another run of %s to end", key)

@@ -6,7 +6,7 @@ import threading
 import time
 
 from app.runs.store import NewRun, RunStore
-from flows.connector_lock import ConnectorLock
+from flows.connector_lock import ConnectorLock, LockLost
 from flows.outcome import COMPLETED
 
 
@@ -69,3 +69,33 @@ def test_hold_waits_for_the_local_run_then_keeps_the_key_until_the_block_ends(st
     assert store.claim_next("executor", 30) is None  # the flow run holds it now
     worker.join(10)
     assert store.claim_next("executor", 30).id == waiting.id  # released at the end of the block
+
+
+def test_a_flow_run_waiting_behind_a_local_run_is_next_however_many_local_runs_are_queued(store: RunStore):
+    """The local executors claim a connector's next run the moment its last one ends; a flow run polling for the
+    key would find it taken every time. Waiting reserves the key: the queued local runs come after the flow run."""
+    lock = ConnectorLock(store.db, lease_seconds=30)
+    running = _queued(store, "duckdb:/x.duckdb")
+    store.claim_next("executor", 30)
+    assert not lock.try_acquire("duckdb:/x.duckdb", "prefect:flow-1")  # behind the local run
+    queued = _queued(store, "duckdb:/x.duckdb")
+    store.finish(running.id, "executor", COMPLETED, result={})
+    assert store.claim_next("executor", 30) is None  # the flow run is next
+    assert lock.try_acquire("duckdb:/x.duckdb", "prefect:flow-1")
+    lock.release("duckdb:/x.duckdb", "prefect:flow-1")
+    assert store.claim_next("executor", 30).id == queued.id
+
+
+def test_a_flow_run_that_stops_waiting_gives_its_reservation_back(store: RunStore):
+    lock = ConnectorLock(store.db, lease_seconds=30, poll_seconds=0.01)
+    running = _queued(store, "duckdb:/x.duckdb")
+    store.claim_next("executor", 30)
+    attempts = iter(range(3))
+    try:
+        with lock.hold("duckdb:/x.duckdb", "prefect:flow-1", should_stop=lambda: next(attempts, 3) >= 2):
+            raise AssertionError("the key was held by the local run")
+    except LockLost:
+        pass
+    queued = _queued(store, "duckdb:/x.duckdb")
+    store.finish(running.id, "executor", COMPLETED, result={})
+    assert store.claim_next("executor", 30).id == queued.id
