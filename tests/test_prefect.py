@@ -433,3 +433,34 @@ def test_triggers_go_local_once_the_workers_heartbeat_is_older_than_the_liveness
         services.dispatcher.prefect.sync.stop()
         services.executor.shutdown(timeout=10)
         services.store.dispose()
+
+
+def test_a_claim_left_on_a_flow_run_a_worker_had_already_run_does_not_run_it_again(stack, tmp_path):
+    """A gateway's claim (PENDING "Reclaimed") can be accepted after a worker ran the whole flow run; the claimant
+    then restores the run's end. When that restore never got through (Prefect gone, the gateway killed), the flow
+    run is left Reclaimed: the next sync must find the worker's end before the claim, restore it and follow it,
+    not take the run back and execute it a second time."""
+    app = create_app({"var_dir": tmp_path / "var", "connectors_file": stack.workdir / "connectors.yaml",
+                      "workflows_dir": stack.workdir / "workflows", "prefect_api_url": stack.api_url,
+                      "prefect_pickup_seconds": 0.5, "prefect_timeout_seconds": 20})
+    services = app.extensions["flowgate"]  # neither executor nor sync started: the test drives the sync
+    try:
+        run = app.test_client().post("/trigger", json={"connector_id": "numbers", "backend": "prefect"}).json
+        flow_run_id = run["prefect_flow_run_id"]
+        deadline = time.monotonic() + 120
+        while stack.api("GET", f"flow_runs/{flow_run_id}")["state"]["type"] != "COMPLETED":
+            assert time.monotonic() < deadline, "the worker did not run the flow run"
+            time.sleep(0.5)
+        stack.api("POST", f"flow_runs/{flow_run_id}/set_state", json={"state": {
+            "type": "PENDING", "name": "Reclaimed", "message": "a claim whose restore never got through"},
+            "force": True})
+        services.dispatcher.prefect.sync.run_once()
+        after = services.store.get(run["run_id"])
+        state = stack.api("GET", f"flow_runs/{flow_run_id}")["state"]
+        services.dispatcher.prefect.sync.run_once()
+        followed = services.store.get(run["run_id"])
+    finally:
+        services.store.dispose()
+    assert after.backend == "prefect" and after.fallback_reason is None, after
+    assert state["type"] == "COMPLETED"
+    assert followed.status == "completed" and followed.backend == "prefect"

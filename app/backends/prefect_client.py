@@ -146,16 +146,21 @@ class PrefectClient:
 
         PENDING is the state workers claim runs with, and Prefect refuses it from PENDING or RUNNING, so of two
         claimants one wins. Prefect does accept it after a run's end (a manual retry), so a worker that ran the
-        whole run before this proposal arrived is told apart by the state before ours, and its end restored."""
+        whole run before this proposal arrived is told apart by the state before ours (`keep_claim`)."""
         answer = self._request("POST", f"flow_runs/{flow_run_id}/set_state", json={
             "state": {"type": "PENDING", "name": RECLAIMED, "message": "taken back by flowgate: no worker picked it up"},
             "force": False}) or {}
         if answer.get("status") != "ACCEPT":
             return False
-        ours = (answer.get("state") or {}).get("id")
+        return self.keep_claim(flow_run_id, (answer.get("state") or {}).get("id"))
+
+    def keep_claim(self, flow_run_id: str, claim_state_id: str | None) -> bool:
+        """A flow run in our Reclaimed state: True when the state before it was SCHEDULED (no worker ran it: it
+        is ours). Otherwise a worker ran it before the claim arrived: its state before the claim is restored,
+        and False. Asked again of a run left Reclaimed (the restore did not get through), it restores then."""
         history = sorted(self._request("GET", f"flow_run_states/?flow_run_id={flow_run_id}") or [],
                          key=lambda state: state["timestamp"])
-        position = next((i for i, state in enumerate(history) if state["id"] == ours), 0)
+        position = next((i for i, state in enumerate(history) if state["id"] == claim_state_id), 0)
         before = history[position - 1] if position else None
         if before is None or before["type"] == "SCHEDULED":
             return True

@@ -71,9 +71,14 @@ class PrefectSync:
         would (PENDING, which Prefect grants once), close it, and run it locally under the same run id. When a
         worker wins the claim, the run stays on Prefect."""
         flow_run_id = run.prefect_flow_run_id
-        # A gateway claimed it, then died before closing it: ours now (Prefect refuses PENDING from PENDING).
-        claimed_before = (flow_run.get("state") or {}).get("name") == RECLAIMED
-        if not claimed_before and not self.backend.client.claim_flow_run(flow_run_id):
+        # A gateway claimed it, then died (or lost Prefect) before closing it: ours now (Prefect refuses PENDING
+        # from PENDING), unless the claim had come after a worker's whole run, whose end was never restored.
+        state = flow_run.get("state") or {}
+        if state.get("name") == RECLAIMED:
+            ours = self.backend.client.keep_claim(flow_run_id, state.get("id"))
+        else:
+            ours = self.backend.client.claim_flow_run(flow_run_id)
+        if not ours:
             log.info("a worker picked up %s as its pickup deadline passed; it stays on Prefect", run.id)
             return 0
         # Ours now (no worker can take a flow run out of PENDING): the run goes local first, so nothing that reads
