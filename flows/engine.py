@@ -158,7 +158,8 @@ class WorkflowEngine:
                 self._end(result, CANCELLED, observe, error={"code": "cancelled", "message": "the run was cancelled"})
         outputs = self._outputs(spec, results, observe)
         statuses = {r.status for r in results.values()}
-        status = CANCELLED if cancelled.is_set() else FAILED if FAILED in statuses else COMPLETED
+        stopped = cancelled.is_set() or should_stop() or CANCELLED in statuses
+        status = CANCELLED if stopped else FAILED if FAILED in statuses else COMPLETED
         return WorkflowResult(spec.id, mode, status, layers, results, round(time.monotonic() - started, 4), outputs)
 
     def _outputs(self, spec: WorkflowSpec, results: dict[str, NodeResult], observe: NodeObserver) -> dict[str, Any]:
@@ -274,6 +275,8 @@ class WorkflowEngine:
             log.info("node %s attempt %d failed: %s", node.id, attempt + 1, error["message"])
         if cancelled.is_set():
             return self._end(result, CANCELLED, observe, error={"code": "cancelled", "message": "the run was cancelled"})
+        if error.get("code") == "cancelled":  # stopped from outside before the run's stop reached the engine
+            return self._end(result, CANCELLED, observe, error=error)
         return self._end(result, FAILED, observe, error=error)
 
     def run_node(self, node: NodeSpec, input_data: dict[str, Any]) -> NodeResult:

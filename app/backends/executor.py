@@ -219,7 +219,8 @@ class LocalExecutor:
 
     def connector_runner(self, owner: str | None = None) -> InlineConnectorRunner:
         """Runs a workflow's connector nodes as connector runs held by `owner` (this executor by default)."""
-        return InlineConnectorRunner(self.store, self.registry, self.workspace, owner or self.id, self.lease_seconds)
+        return InlineConnectorRunner(self.store, self.registry, self.workspace, owner or self.id, self.lease_seconds,
+                                     must_end=self._ending.is_set)
 
     def _execute(self, run: Run, cancel: threading.Event) -> None:
         current_run_id.set(run.id)  # this thread is the run's: every log line it writes carries the run id

@@ -31,8 +31,9 @@ class InlineConnectorRunner:
     """
 
     def __init__(self, store: RunStore, registry: ConnectorRegistry, workspace: Workspace, owner: str,
-                 lease_seconds: float, poll_seconds: float = 0.2):
+                 lease_seconds: float, poll_seconds: float = 0.2, must_end: Callable[[], bool] = lambda: False):
         self.store = store
+        self.must_end = must_end  # the executor's last second of shutdown: the run's process is killed at once
         self.registry = registry
         self.workspace = workspace
         self.owner = owner
@@ -60,7 +61,8 @@ class InlineConnectorRunner:
                          name=f"flowgate-node-lease-{run.id[:8]}").start()
         try:
             summary = run_connector_isolated(runnable, self.workspace,
-                                             should_stop=lambda: should_stop() or lost.is_set())
+                                             should_stop=lambda: should_stop() or lost.is_set(),
+                                             must_end=self.must_end)
         except Exception as exc:
             error = RunError.of(exc)
             if not lost.is_set():  # a lost lease writes nothing: the run was recovered elsewhere
