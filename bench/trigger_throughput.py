@@ -2,7 +2,9 @@
 
 16 clients trigger a python connector that sleeps 0.5 s (then loads its rows into DuckDB with dlt) for
 10 s while one prober calls /health. Prints triggers accepted per second, trigger and health latency
-p50/p99 for both servers, and flowgate's ratios against the baseline measured in this run.
+p50/p99 for both servers, and flowgate's ratios against the baseline measured in this run. flowgate runs with
+its run store on SQLite, on PostgreSQL when one answers, and once more only accepting (no executor in the
+gateway: its runs queue for executors elsewhere), which shows the trigger path's own ceiling on this machine.
 
     make bench            (or: .venv/bin/python -m bench.trigger_throughput --seconds 10 --clients 16)
 """
@@ -104,14 +106,20 @@ def run_seed(workdir: Path, clients: int, seconds: float) -> Result:
         process.wait()
 
 
-def run_flowgate(workdir: Path, clients: int, seconds: float, workers: int, database_url: str | None = None) -> Result:
+def run_flowgate(workdir: Path, clients: int, seconds: float, workers: int, database_url: str | None = None,
+                 executing: bool = True) -> Result:
+    """`executing=False`: a gateway that only accepts (its runs queue for executors elsewhere), which shows
+    what the trigger path itself costs on this machine, without the pipelines competing for its 2 cores."""
     # The load queues far more runs per connector than the default limit (FLOWGATE_MAX_QUEUED_PER_TARGET) allows:
     # lift it, this measures how fast triggers are accepted.
-    env = {"FLOWGATE_MAX_QUEUED_PER_TARGET": "100000", **({"DATABASE_URL": database_url} if database_url else {})}
-    server = GunicornServer(workdir, workers=workers, **env).start()
+    env = {"FLOWGATE_MAX_QUEUED_PER_TARGET": "100000", **({"DATABASE_URL": database_url} if database_url else {}),
+           **({} if executing else {"FLOWGATE_EXECUTOR_THREADS": "0"})}
+    server = GunicornServer(workdir, workers=workers, ready_path="/api/v1/health/ready" if executing else "/health",
+                            **env).start()
     try:
         store = "PostgreSQL" if database_url else "SQLite"
-        return load(f"flowgate ({workers} workers, {store})", server.url, clients, seconds)
+        return load(f"flowgate ({workers} workers, {store}{'' if executing else ', accepting only'})", server.url,
+                    clients, seconds)
     finally:
         server.kill()
 
@@ -151,13 +159,15 @@ def main() -> None:
         seed = run_seed(workdir, args.clients, args.seconds)
         flowgate = run_flowgate(workdir, args.clients, args.seconds, args.workers)
         on_postgres = run_flowgate_on_postgres(workdir, args.clients, args.seconds, args.workers)
+        (workdir / "var").rename(workdir / "var-executing")  # a fresh store: none of the runs queued above
+        accepting = run_flowgate(workdir, args.clients, args.seconds, args.workers, executing=False)
 
     print(f"\n{args.clients} triggering clients + 1 health prober for {args.seconds:g} s; "
           f"connector sleeps {args.delay:g} s then loads 100 rows into DuckDB\n")
     header = f"{'server':36} {'accepted/s':>10} {'trigger p50':>12} {'trigger p99':>12} {'health p50':>11} {'health p99':>11} {'errors':>6}"
     print(header)
     print("-" * len(header))
-    for r in (seed, flowgate, *([on_postgres] if on_postgres else [])):
+    for r in (seed, flowgate, *([on_postgres] if on_postgres else []), accepting):
         print(f"{r.name:36} {r.accepted_per_second:10.1f} {pct(r.triggers, 50) * 1000:10.1f}ms "
               f"{pct(r.triggers, 99) * 1000:10.1f}ms {pct(r.health, 50) * 1000:9.1f}ms "
               f"{pct(r.health, 99) * 1000:9.1f}ms {r.errors:6d}")
