@@ -162,6 +162,7 @@ class Faults:
         self.seconds = seconds
         self.pause = 1.5 if not LONG else 5.0
         self.injected: Counter = Counter()
+        self.prefect_down_seconds = 0.0  # the longest time Prefect's server was gone
         self.errors: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="chaos-faults", daemon=True)
@@ -181,8 +182,10 @@ class Faults:
             fault = FAULTS[step % len(FAULTS)]
             step += 1
             try:
+                started = time.monotonic()
                 getattr(self, fault)()
                 self.injected[fault] += 1
+                progress(f"{fault} ({time.monotonic() - started:.1f} s)")
             except Exception as exc:  # reported by the test: a fault that could not be injected is a failure
                 self.errors.append(f"{fault}: {type(exc).__name__}: {exc}")
                 return
@@ -201,9 +204,11 @@ class Faults:
         gateway.start(timeout=120)
 
     def kill_prefect(self) -> None:
+        killed_at = time.monotonic()
         os.killpg(self.stack.server.pid, signal.SIGKILL)
         self.stack.server.wait(10)
         self.stack.start_server()
+        self.prefect_down_seconds = max(self.prefect_down_seconds, time.monotonic() - killed_at)
         if self.stack.worker.poll() is not None:  # the worker gave up while its server was gone
             self.injected["prefect_worker_restarts"] += 1
             self.stack.start_worker()
@@ -284,7 +289,8 @@ def chaos_stack(workdir: Path, postgres_url: str):
 
 
 @pytest.mark.timeout(900 + 3 * CHAOS_SECONDS)
-def test_every_answered_run_executes_at_most_once_and_ends_recorded_under_chaos(workdir, postgres_url, chaos_stack):
+def test_every_answered_run_executes_at_most_once_and_ends_recorded_under_chaos(workdir, postgres_url, chaos_stack,
+                                                                                  capsys):
     stack, proxy, receiver, executions_log = chaos_stack
     env = {"DATABASE_URL": postgres_url, "PREFECT_API_URL": f"{proxy.url}/api",
            "FLOWGATE_PREFECT_TIMEOUT": str(CREATE_TIMEOUT), "FLOWGATE_LEASE_SECONDS": "8",
@@ -334,7 +340,8 @@ def test_every_answered_run_executes_at_most_once_and_ends_recorded_under_chaos(
 
     statuses = Counter((docs[a.run_id]["kind"], docs[a.run_id]["backend"], docs[a.run_id]["status"]) for a in answered)
     outcomes = sum((load.outcomes for load in loads), Counter())
-    print(f"\nchaos for {CHAOS_SECONDS:g} s; faults: {dict(faults.injected)}"
+    summary = (f"\nchaos for {CHAOS_SECONDS:g} s; faults: {dict(faults.injected)}; Prefect gone for up to "
+          f"{faults.prefect_down_seconds:.0f} s"
           f"\nanswers: {dict(outcomes)} ({len(answered)} runs answered 2xx)"
           f"\nruns by (kind, backend, final status): {dict(sorted(statuses.items()))}"
           f"\nexecutions: {len(executions)}, ran to their end: {sum(e.ended for e in executions)}, cut off: "
@@ -342,18 +349,24 @@ def test_every_answered_run_executes_at_most_once_and_ends_recorded_under_chaos(
           f"{sum(len(v) > 1 for v in by_token.values())}"
           f"\ncallbacks: {len(receiver.raw)} POSTs for {len(deliveries)} runs, repeated: "
           f"{sum(len(v) - len(set(v)) for v in deliveries.values())}")
+    with capsys.disabled():  # the counts show in `make test`'s report too, not only with -s
+        print(summary)
 
     # Every answered run ended, in a recorded state; a completed one's token ran to its end, exactly once.
     assert len({a.run_id for a in answered}) == len(answered)  # a token (idempotency key) names one run
+    # Never executed twice: a crashed run is not run again. The one exception (README, Guarantees): a create
+    # whose answer was lost while Prefect stayed unreachable past the settle deadline (60 s) goes local.
+    excused = {a.token for a in answered if docs[a.run_id]["fallback_reason"] == "prefect_create_failed"
+               and faults.prefect_down_seconds > 55}
+    twice = {token: runs for token, runs in by_token.items() if len(runs) > 1}
+    assert set(twice) <= excused, twice  # the tokens of requests whose answer was lost too
     for a in answered:
         doc, runs = docs[a.run_id], by_token[a.token]
-        assert len(runs) <= 1, (doc, runs)  # never executed twice: a crashed run is not run again
         assert all(e.started < _finished_at(doc) for e in runs), (doc, runs)  # nor after its end was recorded
         if doc["status"] == "completed":
             assert len(runs) == 1 and runs[0].ended, (doc, runs)
         if runs and not runs[0].ended:  # cut off (its process killed): its run says so
             assert doc["status"] in ("crashed", "failed", "cancelled"), (doc, runs)
-    assert all(len(runs) <= 1 for runs in by_token.values())  # runs whose answer was lost too
 
     # No connector ever executing twice at once, on whichever path and process.
     last_seen: dict[str, tuple[float, object]] = {}
