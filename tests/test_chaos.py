@@ -172,7 +172,7 @@ class Faults:
         self._thread.start()
 
     def join(self) -> None:
-        self._thread.join(300)
+        self._thread.join(self.seconds + 600)
         assert not self._thread.is_alive(), "the fault thread did not end"
 
     def _loop(self) -> None:
