@@ -26,7 +26,7 @@ browser:
 fuzz: $(VENV)/.dev data/demo_shop.db
 	FLOWGATE_FUZZ_EXAMPLES=$${FLOWGATE_FUZZ_EXAMPLES:-200} $(BIN)/python -m pytest -o timeout=1800 tests/test_fuzz.py
 
-# The chaos test (tests/test_chaos.py, in `make test` with 20 s of faults) for FLOWGATE_CHAOS_SECONDS (600) of them:
+# The chaos test (tests/test_chaos.py, in `make test` with 10 s of faults) for FLOWGATE_CHAOS_SECONDS (600) of them:
 # two gateways, a Prefect server and worker, workers SIGKILLed, a gateway SIGTERMed, Prefect killed and slowed.
 chaos: $(VENV)/.dev data/demo_shop.db
 	FLOWGATE_CHAOS_SECONDS=$${FLOWGATE_CHAOS_SECONDS:-600} $(BIN)/python -m pytest -s tests/test_chaos.py
