@@ -235,3 +235,29 @@ def test_shutdown_stops_a_stuck_runs_process_before_recording_it_interrupted(par
     except ProcessLookupError:
         alive = False
     assert not alive, f"the run's process {pid} outlived the record of its interruption"
+
+
+def test_a_run_whose_lease_was_lost_is_killed_at_once_not_left_to_reach_a_checkpoint(parts, monkeypatch):
+    """Another process may start the connector's next run as soon as the lease is gone: a run stuck inside a step
+    must not go on beside it for a grace period (here as long as an hour)."""
+    from functools import partial
+
+    import app.backends.executor as executor_module
+
+    monkeypatch.setattr(executor_module, "run_connector_isolated",
+                        partial(executor_module.run_connector_isolated, grace_seconds=3600))
+    registry, workspace, store = parts
+    executor = make_executor(parts, lease=1.0)
+    stuck = enqueue(parts, "slow", {"delay_seconds": 3600.0})
+    executor.start()
+    try:
+        wait_until(lambda: store.get(stuck).status == "running", what="the run started")
+        with store.db.session(write=True) as session:  # the lease as a recovering process finds it: lapsed
+            from app.runs.models import Run
+            session.get(Run, stuck).lease_expires_at = store.get(stuck).started_at
+        assert store.recover_expired() == [stuck]
+        wait_until(lambda: executor.active == 0, timeout=60, what="the run's process was killed")
+    finally:
+        executor.shutdown(timeout=10)
+    run = store.get(stuck)
+    assert run.status == CRASHED and run.error["code"] == "lease_expired"

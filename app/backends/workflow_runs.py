@@ -59,8 +59,8 @@ class InlineConnectorRunner:
         threading.Thread(target=self._renew, args=(run.id, stop_heartbeat, lost), daemon=True,
                          name=f"flowgate-node-lease-{run.id[:8]}").start()
         try:
-            summary = run_connector_isolated(runnable, self.workspace,
-                                             should_stop=lambda: should_stop() or lost.is_set())
+            summary = run_connector_isolated(runnable, self.workspace, should_stop=should_stop,
+                                             must_end=lost.is_set)  # lost: another run may start at once
         except Exception as exc:
             error = RunError.of(exc)
             if not lost.is_set():  # a lost lease writes nothing: the run was recovered elsewhere
