@@ -11,7 +11,7 @@ import duckdb
 import pytest
 
 from app import create_app
-from app.runs.store import NewRun
+from app.runs.store import NewRun, RunStore
 from tests.fake_services import SlowProxy
 from tests.prefect_stack import PrefectStack, fresh_postgres_database
 from tests.test_api_triggers import poll_until_ended
@@ -433,3 +433,30 @@ def test_triggers_go_local_once_the_workers_heartbeat_is_older_than_the_liveness
         services.dispatcher.prefect.sync.stop()
         services.executor.shutdown(timeout=10)
         services.store.dispose()
+
+
+def test_a_flow_run_a_worker_starts_after_its_run_went_local_does_not_execute(stack, tmp_path):
+    """The gateway claimed a flow run back (no worker in time), moved its run local and closed the flow run as
+    Cancelled; a worker's claim sent before and answered after (Prefect grants PENDING from an ended state) then
+    started it anyway: seen in the chaos test, one token executed twice. The flow must find its run elsewhere
+    and end without running the connector."""
+    store_url = f"sqlite:///{tmp_path / 'runs.db'}"
+    store = RunStore(store_url)
+    store.create_schema()
+    run, _ = store.create_run(NewRun(kind="connector", target="numbers", params={"n": 2}, backend="prefect",
+                                     concurrency_key="connector:numbers"))
+    store.fall_back_to_local(run.id, "prefect_not_picked_up", prefect_state="Cancelled")
+    deployment = stack.api("GET", "deployments/name/flowgate-connector/numbers")
+    flow_run = stack.api("POST", f"deployments/{deployment['id']}/create_flow_run", json={
+        "parameters": {"connector_id": "numbers", "params": {"n": 2}}, "tags": ["flowgate", f"flowgate-run:{run.id}"],
+        "job_variables": {"env": {"DATABASE_URL": store_url}}})  # the worker shares this run store
+    try:
+        deadline = time.monotonic() + 120
+        while (state := stack.api("GET", f"flow_runs/{flow_run['id']}")["state"])["type"] not in (
+                "COMPLETED", "FAILED", "CANCELLED", "CRASHED") and time.monotonic() < deadline:
+            time.sleep(0.5)
+        artifacts = stack.api("POST", "artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [flow_run["id"]]}}})
+    finally:
+        store.dispose()
+    assert state["type"] == "CANCELLED" and run.id in state["message"], state
+    assert artifacts == []  # no load summary: the connector did not run
