@@ -435,20 +435,31 @@ def test_triggers_go_local_once_the_workers_heartbeat_is_older_than_the_liveness
         services.store.dispose()
 
 
-def test_a_flow_run_a_worker_starts_after_its_run_went_local_does_not_execute(stack, tmp_path):
+WENT_LOCAL = {  # per kind: the run's target and params, the deployment, the flow run's parameters
+    "connector": ("numbers", {"n": 2}, "flowgate-connector/numbers",
+                  lambda run_id: {"connector_id": "numbers", "params": {"n": 2}}),
+    "workflow": ("wf", {"workflow": {"id": "wf", "nodes": [{"id": "start", "type": "trigger"}]}, "inputs": {}},
+                 "flowgate-workflow/workflow",
+                 lambda run_id: {"run_id": run_id, "workflow": {"id": "wf", "nodes": [{"id": "start", "type": "trigger"}]}}),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(WENT_LOCAL))
+def test_a_flow_run_a_worker_starts_after_its_run_went_local_does_not_execute(stack, tmp_path, kind):
     """The gateway claimed a flow run back (no worker in time), moved its run local and closed the flow run as
     Cancelled; a worker's claim sent before and answered after (Prefect grants PENDING from an ended state) then
     started it anyway: seen in the chaos test, one token executed twice. The flow must find its run elsewhere
-    and end without running the connector."""
+    and end without running the connector (or the workflow)."""
+    target, params, deployment_name, parameters = WENT_LOCAL[kind]
     store_url = f"sqlite:///{tmp_path / 'runs.db'}"
     store = RunStore(store_url)
     store.create_schema()
-    run, _ = store.create_run(NewRun(kind="connector", target="numbers", params={"n": 2}, backend="prefect",
-                                     concurrency_key="connector:numbers"))
+    run, _ = store.create_run(NewRun(kind=kind, target=target, params=params, backend="prefect",
+                                     concurrency_key=f"{kind}:{target}"))
     store.fall_back_to_local(run.id, "prefect_not_picked_up", prefect_state="Cancelled")
-    deployment = stack.api("GET", "deployments/name/flowgate-connector/numbers")
+    deployment = stack.api("GET", f"deployments/name/{deployment_name}")
     flow_run = stack.api("POST", f"deployments/{deployment['id']}/create_flow_run", json={
-        "parameters": {"connector_id": "numbers", "params": {"n": 2}}, "tags": ["flowgate", f"flowgate-run:{run.id}"],
+        "parameters": parameters(run.id), "tags": ["flowgate", f"flowgate-run:{run.id}"],
         "job_variables": {"env": {"DATABASE_URL": store_url}}})  # the worker shares this run store
     try:
         deadline = time.monotonic() + 120
@@ -459,4 +470,4 @@ def test_a_flow_run_a_worker_starts_after_its_run_went_local_does_not_execute(st
     finally:
         store.dispose()
     assert state["type"] == "CANCELLED" and run.id in state["message"], state
-    assert artifacts == []  # no load summary: the connector did not run
+    assert artifacts == []  # no load summary or workflow document: nothing ran
