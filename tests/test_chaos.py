@@ -165,7 +165,6 @@ class Faults:
         self.injected: Counter = Counter()
         self.prefect_down_seconds = 0.0  # the longest time Prefect's server was gone
         self.errors: list[str] = []
-        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="chaos-faults", daemon=True)
         self.rng = random.Random(11)
 
