@@ -130,6 +130,15 @@ def test_a_draining_executor_keeps_its_leases_until_its_runs_end(parts):
     assert run.lease_owner == draining.id
 
 
+def recover_as_lapsed(store: RunStore, run_id: str) -> None:
+    """Another process recovers the run (crashed): its lease as that process finds it, lapsed."""
+    from app.runs.models import Run
+
+    with store.db.session(write=True) as session:
+        session.get(Run, run_id).lease_expires_at = store.get(run_id).started_at
+    assert store.recover_expired() == [run_id]
+
+
 def test_an_executor_that_lost_its_lease_stops_the_run_and_writes_nothing(parts):
     """The database recovered the run elsewhere (it could not be reached for longer than the lease)."""
     registry, workspace, store = parts
@@ -138,10 +147,7 @@ def test_an_executor_that_lost_its_lease_stops_the_run_and_writes_nothing(parts)
     executor.start()
     try:
         wait_until(lambda: store.get(run_id).status == "running", what="the run started")
-        with store.db.session(write=True) as session:  # the lease as a recovering process finds it: lapsed
-            from app.runs.models import Run
-            session.get(Run, run_id).lease_expires_at = store.get(run_id).started_at
-        assert store.recover_expired() == [run_id]
+        recover_as_lapsed(store, run_id)
         wait_until(lambda: executor.active == 0, what="the executor stopped the run")
     finally:
         executor.shutdown(timeout=10)
@@ -252,10 +258,7 @@ def test_a_run_whose_lease_was_lost_is_killed_at_once_not_left_to_reach_a_checkp
     executor.start()
     try:
         wait_until(lambda: store.get(stuck).status == "running", what="the run started")
-        with store.db.session(write=True) as session:  # the lease as a recovering process finds it: lapsed
-            from app.runs.models import Run
-            session.get(Run, stuck).lease_expires_at = store.get(stuck).started_at
-        assert store.recover_expired() == [stuck]
+        recover_as_lapsed(store, stuck)
         wait_until(lambda: executor.active == 0, timeout=60, what="the run's process was killed")
     finally:
         executor.shutdown(timeout=10)
