@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test stress-test browser fuzz bench stack deploy clean
+.PHONY: run test stress-test browser fuzz chaos bench stack deploy clean
 
 # The suite runs in TEST_WORKERS processes (pytest-xdist), each test file whole in one of them (a file's
 # Prefect server or gunicorn is started once), in a random order (pytest-randomly prints its seed; rerun
@@ -36,6 +36,11 @@ browser:
 # than `make test` runs (5).
 fuzz: $(VENV)/.dev data/demo_shop.db
 	FLOWGATE_FUZZ_EXAMPLES=$${FLOWGATE_FUZZ_EXAMPLES:-200} $(BIN)/python -m pytest -o timeout=1800 tests/test_fuzz.py
+
+# The chaos test (tests/test_chaos.py, in `make test` with 10 s of faults) for FLOWGATE_CHAOS_SECONDS (600) of them:
+# two gateways, a Prefect server and worker, workers SIGKILLed, a gateway SIGTERMed, Prefect killed and slowed.
+chaos: $(VENV)/.dev data/demo_shop.db
+	FLOWGATE_CHAOS_SECONDS=$${FLOWGATE_CHAOS_SECONDS:-600} $(BIN)/python -m pytest -s tests/test_chaos.py
 
 bench: $(VENV)/.dev data/demo_shop.db
 	$(BIN)/python -m bench.trigger_throughput

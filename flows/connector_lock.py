@@ -38,6 +38,23 @@ _LOCAL_RUN_HOLDS = text("SELECT 1 FROM runs WHERE concurrency_key = :key AND sta
                         "AND backend = 'local' LIMIT 1")
 
 
+_RUN_STATE = text("SELECT backend, status FROM runs WHERE id = :id")
+_ENDED = ("completed", "failed", "cancelled", "crashed")
+
+
+def run_moved_off_prefect(database: Database, run_id: str) -> str | None:
+    """Why a Prefect flow run of run `run_id` must not execute (None: it may). The gateway took the run back
+    (it runs locally) or ended it; Prefect still lets a worker whose claim was sent before that start the flow
+    run afterwards (it grants PENDING after a flow run ended), so the flow asks the run store itself."""
+    with database.session() as session:
+        if not ConnectorLock._runs_table(session):
+            return None  # a worker without the gateways' run store: nothing to ask
+        row = session.execute(_RUN_STATE, {"id": run_id}).first()
+    if row is None or (row.backend == "prefect" and row.status not in _ENDED):
+        return None
+    return f"run {run_id} is no longer this flow run's: it is {row.status} on the {row.backend} backend"
+
+
 class LockLost(RuntimeError):
     """The lease on a connector's key lapsed (this process could not renew it) and another run may have it."""
 

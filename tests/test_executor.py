@@ -131,6 +131,15 @@ def test_a_draining_executor_keeps_its_leases_until_its_runs_end(parts):
     assert run.lease_owner == draining.id
 
 
+def recover_as_lapsed(store: RunStore, run_id: str) -> None:
+    """Another process recovers the run (crashed): its lease as that process finds it, lapsed."""
+    from app.runs.models import Run
+
+    with store.db.session(write=True) as session:
+        session.get(Run, run_id).lease_expires_at = store.get(run_id).started_at
+    assert store.recover_expired() == [run_id]
+
+
 def test_an_executor_that_lost_its_lease_stops_the_run_and_writes_nothing(parts):
     """The database recovered the run elsewhere (it could not be reached for longer than the lease)."""
     registry, workspace, store = parts
@@ -139,10 +148,7 @@ def test_an_executor_that_lost_its_lease_stops_the_run_and_writes_nothing(parts)
     executor.start()
     try:
         wait_until(lambda: store.get(run_id).status == "running", what="the run started")
-        with store.db.session(write=True) as session:  # the lease as a recovering process finds it: lapsed
-            from app.runs.models import Run
-            session.get(Run, run_id).lease_expires_at = store.get(run_id).started_at
-        assert store.recover_expired() == [run_id]
+        recover_as_lapsed(store, run_id)
         wait_until(lambda: executor.active == 0, what="the executor stopped the run")
     finally:
         executor.shutdown(timeout=10)
@@ -264,3 +270,26 @@ def test_shutdown_stops_a_workflow_connector_nodes_process_before_recording_it_t
     except ProcessLookupError:
         alive = False
     assert not alive, f"the node's process {pid} outlived the record of its workflow's interruption"
+
+
+def test_a_run_whose_lease_was_lost_is_killed_at_once_not_left_to_reach_a_checkpoint(parts, monkeypatch):
+    """Another process may start the connector's next run as soon as the lease is gone: a run stuck inside a step
+    must not go on beside it for a grace period (here as long as an hour)."""
+    from functools import partial
+
+    import app.backends.executor as executor_module
+
+    monkeypatch.setattr(executor_module, "run_connector_isolated",
+                        partial(executor_module.run_connector_isolated, grace_seconds=3600))
+    registry, workspace, store = parts
+    executor = make_executor(parts, lease=1.0)
+    stuck = enqueue(parts, "slow", {"delay_seconds": 3600.0})
+    executor.start()
+    try:
+        wait_until(lambda: store.get(stuck).status == "running", what="the run started")
+        recover_as_lapsed(store, stuck)
+        wait_until(lambda: executor.active == 0, timeout=60, what="the run's process was killed")
+    finally:
+        executor.shutdown(timeout=10)
+    run = store.get(stuck)
+    assert run.status == CRASHED and run.error["code"] == "lease_expired"

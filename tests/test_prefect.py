@@ -11,7 +11,7 @@ import duckdb
 import pytest
 
 from app import create_app
-from app.runs.store import NewRun
+from app.runs.store import NewRun, RunStore
 from tests.fake_services import SlowProxy
 from tests.prefect_stack import PrefectStack, fresh_postgres_database
 from tests.test_api_triggers import poll_until_ended
@@ -464,3 +464,41 @@ def test_a_claim_left_on_a_flow_run_a_worker_had_already_run_does_not_run_it_aga
     assert after.backend == "prefect" and after.fallback_reason is None, after
     assert state["type"] == "COMPLETED"
     assert followed.status == "completed" and followed.backend == "prefect"
+
+
+WENT_LOCAL = {  # per kind: the run's target and params, the deployment, the flow run's parameters
+    "connector": ("numbers", {"n": 2}, "flowgate-connector/numbers",
+                  lambda run_id: {"connector_id": "numbers", "params": {"n": 2}}),
+    "workflow": ("wf", {"workflow": {"id": "wf", "nodes": [{"id": "start", "type": "trigger"}]}, "inputs": {}},
+                 "flowgate-workflow/workflow",
+                 lambda run_id: {"run_id": run_id, "workflow": {"id": "wf", "nodes": [{"id": "start", "type": "trigger"}]}}),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(WENT_LOCAL))
+def test_a_flow_run_a_worker_starts_after_its_run_went_local_does_not_execute(stack, tmp_path, kind):
+    """The gateway claimed a flow run back (no worker in time), moved its run local and closed the flow run as
+    Cancelled; a worker's claim sent before and answered after (Prefect grants PENDING from an ended state) then
+    started it anyway: seen in the chaos test, one token executed twice. The flow must find its run elsewhere
+    and end without running the connector (or the workflow)."""
+    target, params, deployment_name, parameters = WENT_LOCAL[kind]
+    store_url = f"sqlite:///{tmp_path / 'runs.db'}"
+    store = RunStore(store_url)
+    store.create_schema()
+    run, _ = store.create_run(NewRun(kind=kind, target=target, params=params, backend="prefect",
+                                     concurrency_key=f"{kind}:{target}"))
+    store.fall_back_to_local(run.id, "prefect_not_picked_up", prefect_state="Cancelled")
+    deployment = stack.api("GET", f"deployments/name/{deployment_name}")
+    flow_run = stack.api("POST", f"deployments/{deployment['id']}/create_flow_run", json={
+        "parameters": parameters(run.id), "tags": ["flowgate", f"flowgate-run:{run.id}"],
+        "job_variables": {"env": {"DATABASE_URL": store_url}}})  # the worker shares this run store
+    try:
+        deadline = time.monotonic() + 120
+        while (state := stack.api("GET", f"flow_runs/{flow_run['id']}")["state"])["type"] not in (
+                "COMPLETED", "FAILED", "CANCELLED", "CRASHED") and time.monotonic() < deadline:
+            time.sleep(0.5)
+        artifacts = stack.api("POST", "artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [flow_run["id"]]}}})
+    finally:
+        store.dispose()
+    assert state["type"] == "CANCELLED" and run.id in state["message"], state
+    assert artifacts == []  # no load summary or workflow document: nothing ran

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from app.backends.prefect_client import RECLAIMED, PrefectError
 from app.runs.models import Run, utcnow
 from flows.outcome import QUEUED, RunError
+from flows.prefect import contract
 from flows.prefect.contract import FLOW_NAME, WORKFLOW_DEPLOYMENT, WORKFLOW_FLOW_NAME
 
 if TYPE_CHECKING:
@@ -170,4 +171,4 @@ def _unpicked(flow_run: dict[str, Any]) -> bool:
 
 def run_tag(run: Run) -> str:
     """The tag a run's flow run carries, so a create whose answer was lost can be found again."""
-    return f"flowgate-run:{run.id}"
+    return contract.run_tag(run.id)

@@ -60,9 +60,9 @@ class InlineConnectorRunner:
         threading.Thread(target=self._renew, args=(run.id, stop_heartbeat, lost), daemon=True,
                          name=f"flowgate-node-lease-{run.id[:8]}").start()
         try:
-            summary = run_connector_isolated(runnable, self.workspace,
-                                             should_stop=lambda: should_stop() or lost.is_set(),
-                                             must_end=self.must_end)
+            summary = run_connector_isolated(runnable, self.workspace, should_stop=should_stop,
+                                             # lost: another run may start at once; ending: shutdown's last second
+                                             must_end=lambda: lost.is_set() or self.must_end())
         except Exception as exc:
             error = RunError.of(exc)
             if not lost.is_set():  # a lost lease writes nothing: the run was recovered elsewhere

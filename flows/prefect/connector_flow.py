@@ -10,13 +10,14 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from prefect.runtime import flow_run
+from prefect.states import Cancelled
 
 from connectors.pipeline import ConnectorPipeline, Workspace, concurrency_key
 from connectors.registry import ConnectorRegistry
-from flows.connector_lock import ConnectorLock, LockLost
+from flows.connector_lock import ConnectorLock, LockLost, run_moved_off_prefect
 from flows.connector_lock import metadata as lock_metadata
 from flows.database import Database
-from flows.prefect.contract import FLOW_NAME, summary_artifact_key
+from flows.prefect.contract import FLOW_NAME, summary_artifact_key, tagged_run_id
 from flows.runtime import RuntimeSettings
 
 
@@ -41,6 +42,10 @@ def connector_flow(connector_id: str, params: dict[str, Any] | None = None) -> d
         # Never beside a local run (or another flow run) of the same destination: the key in the run store.
         holder = f"prefect:{flow_run.id}:{uuid.uuid4().hex[:8]}"  # one per execution, even of one flow run
         with ConnectorLock(database).hold(concurrency_key(spec, workspace), holder) as lost:
+            # Asked while holding the key: the gateway may have taken the run back while this flow run waited.
+            moved = (run_id := tagged_run_id(flow_run.tags)) and run_moved_off_prefect(database, run_id)
+            if moved:
+                return Cancelled(message=f"not executed: {moved}")
             pipeline = ConnectorPipeline(runnable, workspace)
             for step in pipeline.steps:
                 if lost.is_set():

@@ -10,6 +10,7 @@ SUMMARY_ARTIFACT_PREFIX = "flowgate-summary"  # key prefix of the table artifact
 WORKFLOW_FLOW_NAME = "flowgate-workflow"  # the workflow flow in flows/prefect/workflow_flow.py
 WORKFLOW_DEPLOYMENT = "workflow"  # its one deployment: the definition is a parameter of each flow run
 WORKFLOW_ARTIFACT_PREFIX = "flowgate-workflow"  # key prefix of the artifact holding a workflow run's nodes
+RUN_TAG_PREFIX = "flowgate-run:"  # a flow run's tag naming its run, so a create whose answer was lost is found
 
 # Prefect state type -> flowgate status (SCHEDULED covers Late; PAUSED waits like a queued run).
 STATE_TO_STATUS = {
@@ -26,3 +27,13 @@ def summary_artifact_key(connector_id: str) -> str:
 def workflow_artifact_key(run_id: str) -> str:
     """The key of the artifact a workflow flow run publishes its nodes under."""
     return f"{WORKFLOW_ARTIFACT_PREFIX}-{run_id}"
+
+
+def run_tag(run_id: str) -> str:
+    """The tag a run's flow run carries."""
+    return f"{RUN_TAG_PREFIX}{run_id}"
+
+
+def tagged_run_id(tags: list[str]) -> str | None:
+    """The run id a flow run's tags name (None for a flow run flowgate did not create, e.g. a scheduled one)."""
+    return next((tag.removeprefix(RUN_TAG_PREFIX) for tag in tags if tag.startswith(RUN_TAG_PREFIX)), None)

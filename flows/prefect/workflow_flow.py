@@ -11,11 +11,12 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture
 
 from prefect.runtime import flow_run
+from prefect.states import Cancelled
 
 from connectors.pipeline import ConnectorRunError, RunCancelled, Workspace, concurrency_key, run_connector
 from connectors.registry import ConnectorRegistry
 from connectors.spec import ParamsError
-from flows.connector_lock import ConnectorLock, LockLost
+from flows.connector_lock import ConnectorLock, LockLost, run_moved_off_prefect
 from flows.connector_lock import metadata as lock_metadata
 from flows.database import Database
 from flows.engine import FAILED, NodeResult, WorkflowEngine
@@ -96,6 +97,9 @@ def workflow_flow(run_id: str, workflow: dict[str, Any], inputs: dict[str, Any] 
     database = Database(settings.run_store_url)  # node cache and connector keys: shared with the gateways
     database.create_tables(metadata, lock_metadata)
     try:
+        moved = run_moved_off_prefect(database, run_id)  # taken back by the gateway: a worker's late claim
+        if moved:
+            return Cancelled(message=f"not executed: {moved}")
         runner = connector_runner(settings, database, f"prefect:{flow_run.id}:{run_id}")
         engine = WorkflowEngine(make_toolbox(settings, runner), cache=SqlNodeCache(database))
         result = engine.run(spec, inputs or {}, mode, submit=submit_as_task)
