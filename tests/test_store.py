@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -13,6 +12,7 @@ from sqlalchemy.orm import Session
 from app.runs.models import Run
 from flows.outcome import CANCELLED, CANCELLING, COMPLETED, CRASHED, QUEUED, RUNNING
 from app.runs.store import IdempotencyConflict, NewRun, RunStore
+from tests.waiting import wait_until
 
 
 def new_run(target: str = "shop", key: str | None = None, params: dict | None = None, lock: str | None = None) -> NewRun:
@@ -82,16 +82,6 @@ def test_the_database_refuses_two_active_runs_under_one_key(store: RunStore):
     with pytest.raises(IntegrityError), Session(store.engine) as session, session.begin():
         session.execute(update(Run).where(Run.id == b.id).values(status=RUNNING))
     assert store.get(b.id).status == QUEUED and store.get(a.id).status == RUNNING
-
-
-def wait_until(condition, timeout: float = 60):
-    """Poll `condition` until it returns something truthy (returned) or the deadline passes (AssertionError)."""
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true within {timeout} s")
-        time.sleep(0.05)
-    return value
 
 
 def test_a_lapsed_lease_marks_the_run_crashed_and_its_owner_cannot_finish_it(store: RunStore):
