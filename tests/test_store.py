@@ -86,7 +86,9 @@ def test_the_database_refuses_two_active_runs_under_one_key(store: RunStore):
 
 def test_a_lapsed_lease_marks_the_run_crashed_and_its_owner_cannot_finish_it(store: RunStore):
     run, _ = store.create_run(new_run())
-    store.claim_next("dead-worker", lease_seconds=30)
+    # Leases of minutes: on PostgreSQL a lease counts from the claim transaction's start, which may wait on the
+    # claim lock that every process on the database (other test runs too) takes.
+    store.claim_next("dead-worker", lease_seconds=600)
     assert store.recover_expired() == []  # a lease that holds is not taken
     store.renew_leases("dead-worker", [run.id], lease_seconds=0.2)  # its last renewal: then the worker dies
     assert wait_until(store.recover_expired) == [run.id]
@@ -99,12 +101,12 @@ def test_a_lapsed_lease_marks_the_run_crashed_and_its_owner_cannot_finish_it(sto
 
 def test_renewing_a_lease_moves_its_expiry_forward(store: RunStore):
     run, _ = store.create_run(new_run())
-    store.claim_next("w1", lease_seconds=30)
+    store.claim_next("w1", lease_seconds=600)
     claimed_until = store.get(run.id).lease_expires_at
-    assert store.renew_leases("w1", [run.id], lease_seconds=60) == ({run.id}, set())
+    assert store.renew_leases("w1", [run.id], lease_seconds=1200) == ({run.id}, set())
     renewed_until = store.get(run.id).lease_expires_at
-    assert renewed_until > claimed_until  # now + 60 s is later than (an earlier) now + 30 s
-    assert store.renew_leases("someone-else", [run.id], lease_seconds=600) == (set(), set())
+    assert renewed_until > claimed_until  # now + 1200 s is later than (an earlier) now + 600 s
+    assert store.renew_leases("someone-else", [run.id], lease_seconds=6000) == (set(), set())
     assert store.get(run.id).lease_expires_at == renewed_until  # only the owner renews
     assert store.recover_expired() == [] and store.get(run.id).status == RUNNING
 
