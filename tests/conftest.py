@@ -63,10 +63,11 @@ def workdir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def app_config(workdir: Path) -> dict:
-    """Settings for a test app: everything under the test's folder, short leases, fast polling."""
+    """Settings for a test app: everything under the test's folder, fast polling. Leases of 10 s: renewed every
+    3.3 s, a busy machine's stalls do not lapse them (a 2 s lease crashed runs under load)."""
     return {"var_dir": workdir / "var", "connectors_file": workdir / "connectors.yaml",
             "workflows_dir": workdir / "workflows",
-            "lease_seconds": 2.0, "poll_seconds": 0.05, "executor_threads": 2}
+            "lease_seconds": 10.0, "poll_seconds": 0.05, "executor_threads": 2}
 
 
 @pytest.fixture

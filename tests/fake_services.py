@@ -119,8 +119,8 @@ class CallbackReceiver(_Server):
 
     def __init__(self) -> None:
         self.failures = 0
-        self.drip_seconds = 0.0  # > 0: the answer's header lines come one every drip_seconds (a slow receiver)
-        self.drip_lines = 0
+        self.drip_seconds = 0.0  # > 0: the answer's header lines come one every drip_seconds until `release`
+        self.release = threading.Event()  # is set (a slow receiver that keeps inside the sender's read timeout)
         self.raw: list[tuple[dict[str, str], bytes]] = []
         super().__init__()
 
@@ -137,10 +137,11 @@ class CallbackReceiver(_Server):
                 server.failures = max(server.failures - 1, 0)
                 self.send_response(status)
                 self.flush_headers()
-                for line in range(server.drip_lines):
-                    time.sleep(server.drip_seconds)
+                line = 0
+                while server.drip_seconds and not server.release.wait(server.drip_seconds):
                     self.wfile.write(f"X-Slow-{line}: 1\r\n".encode())
                     self.wfile.flush()
+                    line += 1
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 

@@ -1,9 +1,8 @@
 """GET /api/v1/runs (filters, pages), GET /api/v1/runs/<id>, POST /api/v1/runs/<id>/cancel."""
 from __future__ import annotations
 
-import time
-
 from tests.test_api_triggers import poll_until_ended
+from tests.waiting import wait_until
 
 
 def trigger(client, connector_id: str, **extra) -> dict:
@@ -35,10 +34,8 @@ def test_a_queued_run_is_cancelled_at_once(client):
 
 def test_a_running_run_is_cancelling_then_cancelled_at_its_next_checkpoint(running_app):
     client = running_app.test_client()
-    run = trigger(client, "slow")
-    deadline = time.monotonic() + 30
-    while client.get(run["status_url"]).json["status"] != "running" and time.monotonic() < deadline:
-        time.sleep(0.02)
+    run = trigger(client, "slow", params={"delay_seconds": 3600})  # it ends only by being cancelled
+    wait_until(lambda: client.get(run["status_url"]).json["status"] == "running", what="the run started")
     response = client.post(f"/api/v1/runs/{run['run_id']}/cancel")
     assert response.status_code == 202 and response.json["status"] == "cancelling"
     done = poll_until_ended(client, run["status_url"])

@@ -9,13 +9,14 @@ import pytest
 from app import create_app
 from app.config import ConfigError
 from flows.workflow_registry import WorkflowError, WorkflowRegistry
+from tests.waiting import wait_until
 
 PIPELINE = """
 description: fan out and join
 nodes:
   - {id: start, type: trigger, config: {defaults: {text: hi}}}
-  - {id: a, type: delay, config: {seconds: 0.3}}
-  - {id: b, type: delay, config: {seconds: 0.3}}
+  - {id: a, type: delay, config: {seconds: 1}}  # long enough for b to start before it ends, on a busy machine
+  - {id: b, type: delay, config: {seconds: 1}}
   - {id: shout, type: transform, config: {value: "{{ input.text | upper }}"}}  # input: the trigger's output
   - {id: join, type: join}
   - {id: out, type: output, config: {value: {text: "{{ nodes.shout.output }}", joined: "{{ nodes.join.output | length }}"}}}
@@ -40,7 +41,7 @@ nodes:
 """
 SLEEPY = """
 nodes:
-  - {id: wait, type: delay, config: {seconds: 30}}
+  - {id: wait, type: delay, config: {seconds: 30}}  # left alone it ends completed
   - {id: after, type: output}
 connections: [{from: wait, to: after}]
 """
@@ -83,8 +84,8 @@ def test_execute_answers_at_once_and_the_execution_shows_every_node(running_app)
     assert list(nodes) == ["start", "a", "b", "shout", "join", "out"]
     assert all(n["status"] == "completed" and n["attempts"] == 1 and n["duration_seconds"] is not None
                for n in nodes.values())
-    assert nodes["a"]["duration_seconds"] >= 0.3 and nodes["join"]["layer"] == 2
-    assert done["durationSeconds"] < 0.3 + 0.3 + 1.0  # a and b overlapped
+    assert nodes["a"]["duration_seconds"] >= 1 and nodes["join"]["layer"] == 2
+    assert nodes["b"]["started_at"] < nodes["a"]["finished_at"] and nodes["a"]["started_at"] < nodes["b"]["finished_at"]
     listed = client.get("/api/v1/runs").json["items"][0]
     assert listed["run_id"] == body["executionId"] and listed["kind"] == "workflow"
     assert listed["workflow_id"] == "pipeline" and listed["connector_id"] is None
@@ -138,18 +139,16 @@ def test_the_node_cache_is_shared_through_the_run_store(app_config):
             services.executor.shutdown(timeout=5)
             services.store.dispose()
     assert [e["nodes"][0]["cached"] for e in executions] == [False, True]
-    assert executions[1]["nodes"][0]["duration_seconds"] < 0.2
+    assert executions[1]["nodes"][0]["output"] == executions[0]["nodes"][0]["output"]
 
 
 def test_cancelling_an_execution_stops_its_nodes(running_app):
     client = running_app.test_client()
     accepted = client.post("/api/workflow/sleepy/execute", json={})
-    deadline = time.monotonic() + 10
-    while client.get(accepted.json["statusUrl"]).json["status"] != "running" and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: client.get(accepted.json["statusUrl"]).json["status"] == "running", what="the execution ran")
     cancel = client.post(f"/api/v1/runs/{accepted.json['executionId']}/cancel")
     assert cancel.status_code == 202
-    done = poll_execution(client, accepted.json["statusUrl"], timeout=15)
+    done = poll_execution(client, accepted.json["statusUrl"])
     assert done["status"] == "cancelled"
     assert [n["status"] for n in done["nodes"]] == ["cancelled", "cancelled"]
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import time
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 from app import create_app
 from app.auth import KeyRing, digest
 from app.config import ConfigError
+from tests.waiting import wait_until
 from tests.gunicorn_server import ROOT, GunicornServer
 
 READER, TRIGGERER, ADMIN = "reader-key-0123456789", "trigger-key-0123456789", "admin-key-0123456789"
@@ -86,7 +86,8 @@ def test_without_keys_gunicorn_serves_loopback_only_and_says_so_in_json_lines(wo
     server.start()
     try:
         assert httpx.get(f"{server.url}/health", headers={"X-Request-ID": "probe-1"}).status_code == 200
-        time.sleep(0.5)  # the access line is written after the response
+        # The access line is written after the response: wait for it.
+        wait_until(lambda: '"probe-1"' in server.log(), what="the access line of the probe")
         lines = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
     finally:
         server.kill()

@@ -2,16 +2,18 @@
 from __future__ import annotations
 
 import json
-import time
+from datetime import timedelta
 
 import pytest
 
 from app import create_app
 from app.callbacks import CallbackSender, verify
+from app.runs.models import utcnow
 from app.runs.store import NewRun
 from flows.outbound import OutboundPolicy
 from tests.fake_services import CallbackReceiver
 from tests.test_api_triggers import poll_until_ended
+from tests.waiting import wait_until
 
 SECRET = "callback-secret-for-tests"
 
@@ -37,14 +39,38 @@ def sending_app(running_app):
     callbacks.stop()
 
 
-def wait_for_callback(client, run_id: str, status: str, timeout: float = 20) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        callback = client.get(f"/api/v1/runs/{run_id}").json["callback"]
-        if callback["status"] == status:
-            return callback
-        time.sleep(0.05)
-    raise AssertionError(f"callback of {run_id} is {callback}, expected {status}")
+def wait_for_callback(client, run_id: str, status: str, timeout: float = 60) -> dict:
+    def callback() -> dict | None:
+        found = client.get(f"/api/v1/runs/{run_id}").json["callback"]
+        return found if found["status"] == status else None
+
+    return wait_until(callback, timeout, f"the callback of {run_id} {status}")
+
+
+class Sweeps:
+    """Counts each sender's sweeps that found nothing to deliver and began after the last `mark()`. A sender that
+    has swept once since a delivery was recorded has finished any send it had in flight, and would have claimed a
+    second delivery had one been due: once every sender has, "sent once" is proven, not hoped for."""
+
+    def __init__(self, store, monkeypatch) -> None:
+        self.generation = 0
+        self.empty: dict[tuple[str, int], int] = {}
+        claim = store.callbacks.claim
+
+        def counted(owner: str, **kwargs):
+            generation = self.generation  # the mark this sweep began after
+            claimed = claim(owner, **kwargs)
+            if claimed is None:
+                self.empty[owner, generation] = self.empty.get((owner, generation), 0) + 1
+            return claimed
+
+        monkeypatch.setattr(store.callbacks, "claim", counted)
+
+    def mark(self) -> None:
+        self.generation += 1
+
+    def wait_for_one_each(self, senders: list[CallbackSender], what: str = "a sweep by every sender") -> None:
+        wait_until(lambda: all(self.empty.get((s.owner, self.generation)) for s in senders), what=what)
 
 
 def test_an_ended_run_is_posted_signed_to_its_callback_url(sending_app, receiver):
@@ -80,23 +106,22 @@ def test_a_receiver_that_never_answers_2xx_ends_failed_after_the_last_attempt(se
     assert len(callback["attempts"]) == 3 and all(a["error"] == "HTTP 500" for a in callback["attempts"])
 
 
-def test_a_crashed_run_is_reported_too_and_two_senders_deliver_it_once(app, receiver):
+def test_a_crashed_run_is_reported_too_and_two_senders_deliver_it_once(app, receiver, monkeypatch):
     """Two gateway processes' senders on one store; a run whose process died ends crashed and is posted once."""
     store = app.extensions["flowgate"].store
     run, _ = store.create_run(NewRun(kind="connector", target="numbers", params={}, backend="local",
                                      concurrency_key="k", callback_url=f"{receiver.url}/hook"))
     assert store.claim_next("dead-process", lease_seconds=0.01).id == run.id
-    time.sleep(0.05)
-    assert store.recover_expired() == [run.id]
+    assert wait_until(store.recover_expired, what="the lease lapsed") == [run.id]
+    sweeps = Sweeps(store, monkeypatch)
     policy = OutboundPolicy.parse(f"127.0.0.1:{receiver.port}")
     senders = [CallbackSender(store, policy, SECRET, poll_seconds=0.01) for _ in range(2)]
     for sender in senders:
         sender.start()
     try:
-        deadline = time.monotonic() + 10
-        while store.get(run.id).callback.status != "delivered" and time.monotonic() < deadline:
-            time.sleep(0.02)
-        time.sleep(0.3)  # give a second delivery every chance to happen
+        wait_until(lambda: store.get(run.id).callback.status == "delivered", what="the delivery")
+        sweeps.mark()
+        sweeps.wait_for_one_each(senders)
     finally:
         for sender in senders:
             sender.stop()
@@ -104,7 +129,7 @@ def test_a_crashed_run_is_reported_too_and_two_senders_deliver_it_once(app, rece
     assert json.loads(receiver.raw[0][1])["status"] == "crashed"
 
 
-def test_a_delivery_slower_than_its_claim_is_still_sent_once(app, receiver):
+def test_a_delivery_slower_than_its_claim_is_still_sent_once(app, receiver, monkeypatch):
     """A receiver that answers slowly (each header line within the read timeout) outlasts the claim: another
     process's sender must not take the delivery over while the first is still sending it."""
     store = app.extensions["flowgate"].store
@@ -112,20 +137,24 @@ def test_a_delivery_slower_than_its_claim_is_still_sent_once(app, receiver):
                                      concurrency_key="k", callback_url=f"{receiver.url}/hook"))
     store.claim_next("executor", lease_seconds=30)
     store.finish(run.id, "executor", "completed", result={"rows": {}})
-    receiver.drip_seconds, receiver.drip_lines = 0.8, 12  # 9.6 s to answer; each line inside the 1 s read timeout
+    receiver.drip_seconds = 0.5  # a header line every 0.5 s, well inside the 5 s read timeout, until released
+    sweeps = Sweeps(store, monkeypatch)
     policy = OutboundPolicy.parse(f"127.0.0.1:{receiver.port}")
-    senders = [CallbackSender(store, policy, SECRET, poll_seconds=0.05, timeout_seconds=1.0) for _ in range(2)]
-    assert senders[0].claim_seconds < 9  # the answer takes longer than a claim
+    senders = [CallbackSender(store, policy, SECRET, poll_seconds=0.05, timeout_seconds=5.0) for _ in range(2)]
     senders[0].start()
     try:
-        deadline = time.monotonic() + 5
-        while not receiver.raw and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: receiver.raw, what="the first sender's POST")
+        claim_lapsed_at = utcnow() + timedelta(seconds=senders[0].claim_seconds)  # the first claim is older
         senders[1].start()  # the second process starts polling while the first is sending
-        deadline = time.monotonic() + 30
-        while store.get(run.id).callback.status != "delivered" and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: utcnow() > claim_lapsed_at, what="the first claim's end")
+        sweeps.mark()
+        sweeps.wait_for_one_each([senders[1]], "a sweep by the second sender after the first claim would have lapsed")
+        receiver.release.set()
+        wait_until(lambda: store.get(run.id).callback.status == "delivered", what="the delivery")
+        sweeps.mark()
+        sweeps.wait_for_one_each(senders)
     finally:
+        receiver.release.set()
         for sender in senders:
             sender.stop()
     callback = store.get(run.id).callback
@@ -152,12 +181,13 @@ def test_a_store_error_after_a_delivery_does_not_end_the_sender_or_send_twice(ap
         return record(*args, **kwargs)
 
     monkeypatch.setattr(store.callbacks, "record_delivery", fails_once)
+    sweeps = Sweeps(store, monkeypatch)
     sender = CallbackSender(store, OutboundPolicy.parse(f"127.0.0.1:{receiver.port}"), SECRET, poll_seconds=0.05)
     sender.start()
     try:
-        deadline = time.monotonic() + 20
-        while not all(store.get(r.id).callback.status == "delivered" for r in runs) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: all(store.get(r.id).callback.status == "delivered" for r in runs), what="both deliveries")
+        sweeps.mark()
+        sweeps.wait_for_one_each([sender])
     finally:
         sender.stop()
     assert [store.get(r.id).callback.status for r in runs] == ["delivered", "delivered"]

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import threading
-import time
 
 from app.runs.store import NewRun, RunStore
 from flows.connector_lock import ConnectorLock, LockLost
 from flows.outcome import COMPLETED
+from tests.waiting import wait_until
 
 
 def _queued(store: RunStore, key: str, target: str = "numbers"):
@@ -42,33 +42,51 @@ def test_a_key_an_active_local_run_holds_is_not_taken_by_a_flow_run_until_the_ru
 
 def test_a_lapsed_lock_is_taken_over_and_its_old_holder_learns_it_lost_it(store: RunStore):
     short = ConnectorLock(store.db, lease_seconds=0.2)
-    assert short.try_acquire("k", "prefect:stalled")
-    time.sleep(0.3)  # the holder could not renew in time
-    assert short.try_acquire("k", "prefect:next")
+    assert short.try_acquire("k", "prefect:stalled")  # and then the holder could not renew in time
+    wait_until(lambda: short.try_acquire("k", "prefect:next"), what="the lapsed lock taken over")
     assert not short.renew("k", "prefect:stalled")
 
 
-def test_hold_waits_for_the_local_run_then_keeps_the_key_until_the_block_ends(store: RunStore):
-    lock = ConnectorLock(store.db, lease_seconds=1.0, poll_seconds=0.05)
+def test_hold_waits_for_the_local_run_then_keeps_the_key_until_the_block_ends(store: RunStore, monkeypatch):
+    lock = ConnectorLock(store.db, lease_seconds=3.0, poll_seconds=0.05)
+    refused, renewed = [], []  # what the lock's own calls answered: events to wait for instead of time
+    try_acquire, renew = lock.try_acquire, lock.renew
+
+    def counted_acquire(*args) -> bool:
+        acquired = try_acquire(*args)
+        if not acquired:
+            refused.append(args)
+        return acquired
+
+    def counted_renew(*args) -> bool:
+        renewed.append(renew(*args))
+        return renewed[-1]
+
+    monkeypatch.setattr(lock, "try_acquire", counted_acquire)
+    monkeypatch.setattr(lock, "renew", counted_renew)
     run = _queued(store, "duckdb:/x.duckdb")
-    store.claim_next("executor", 30)
-    entered = threading.Event()
+    store.claim_next("executor", 600)
+    entered, leave, lost_in_block = threading.Event(), threading.Event(), []
 
     def flow_run() -> None:
         with lock.hold("duckdb:/x.duckdb", "prefect:flow-1") as lost:
             entered.set()
-            time.sleep(1.5)  # longer than the lease: the renewals keep it
-            assert not lost.is_set()
+            leave.wait(60)
+            lost_in_block.append(lost.is_set())
 
     worker = threading.Thread(target=flow_run)
     worker.start()
-    assert not entered.wait(0.5)  # the local run still holds the key
+    wait_until(lambda: len(refused) >= 2, what="the flow run asked twice")
+    assert not entered.is_set()  # the local run still holds the key
     store.finish(run.id, "executor", COMPLETED, result={})
-    assert entered.wait(10)
+    assert entered.wait(60)
     waiting = _queued(store, "duckdb:/x.duckdb")
-    assert store.claim_next("executor", 30) is None  # the flow run holds it now
-    worker.join(10)
-    assert store.claim_next("executor", 30).id == waiting.id  # released at the end of the block
+    wait_until(lambda: len(renewed) >= 3, what="three renewals")  # a lease's worth: the block outlived one
+    assert all(renewed) and store.claim_next("executor", 600) is None  # the flow run holds it still
+    leave.set()
+    worker.join(60)
+    assert lost_in_block == [False]
+    assert store.claim_next("executor", 600).id == waiting.id  # released at the end of the block
 
 
 def test_a_flow_run_waiting_behind_a_local_run_is_next_however_many_local_runs_are_queued(store: RunStore):

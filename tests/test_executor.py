@@ -11,6 +11,7 @@ from flows.outcome import COMPLETED, CRASHED, TERMINAL
 from app.runs.store import NewRun, RunStore
 from connectors.pipeline import Workspace, concurrency_key
 from connectors.registry import ConnectorRegistry
+from tests.waiting import wait_until
 
 
 @pytest.fixture
@@ -101,16 +102,6 @@ def test_a_run_abandoned_by_a_dead_executor_is_recovered_by_a_live_one(parts):
     finally:
         executor.shutdown(timeout=5)
     assert run.status == CRASHED and run.error["code"] == "lease_expired" and "dead-process" in run.error["message"]
-
-
-def wait_until(condition, timeout: float = 60, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"{what} not met within {timeout} s")
 
 
 def test_a_draining_executor_keeps_its_leases_until_its_runs_end(parts):

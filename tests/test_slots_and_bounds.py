@@ -2,7 +2,6 @@
 has a cap, and connectors and workflows each keep a slot the other cannot take."""
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -11,21 +10,13 @@ from app.runs.slots import SlotClasses
 from connectors.registry import ConnectorRegistry, RegistryError
 from connectors.spec import ParamsError
 from tests.gunicorn_server import ROOT
+from tests.waiting import wait_until
 
 LONG_WORKFLOW = {"nodes": [{"id": "wait", "type": "delay", "timeout": 120, "config": {"seconds": 60}}]}
 
 
 def status_of(client, run_id: str) -> str:
     return client.get(f"/api/v1/runs/{run_id}").json["status"]
-
-
-def wait_until(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{what} within {timeout} s")
 
 
 @pytest.fixture
@@ -37,9 +28,9 @@ def test_long_workflows_cannot_keep_a_connector_queued(running_app):
     client = running_app.test_client()
     workflows = [client.post("/api/workflow/long/execute", json={"workflow": LONG_WORKFLOW}).json["executionId"]
                  for _ in range(4)]
-    wait_until(lambda: status_of(client, workflows[0]) == "running", 30, "the first workflow did not start")
+    wait_until(lambda: status_of(client, workflows[0]) == "running", 60, "the first workflow started")
     run_id = client.post("/trigger", json={"connector_id": "numbers"}).json["run_id"]
-    wait_until(lambda: status_of(client, run_id) == "completed", 30, "the connector did not complete")
+    wait_until(lambda: status_of(client, run_id) == "completed", 60, "the connector completed")
     assert [status_of(client, w) for w in workflows].count("running") == 1  # 2 slots: one each way
     for workflow in workflows:
         client.post(f"/api/v1/runs/{workflow}/cancel")

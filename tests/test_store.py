@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -13,6 +12,7 @@ from sqlalchemy.orm import Session
 from app.runs.models import Run
 from flows.outcome import CANCELLED, CANCELLING, COMPLETED, CRASHED, QUEUED, RUNNING
 from app.runs.store import IdempotencyConflict, NewRun, RunStore
+from tests.waiting import wait_until
 
 
 def new_run(target: str = "shop", key: str | None = None, params: dict | None = None, lock: str | None = None) -> NewRun:
@@ -86,10 +86,12 @@ def test_the_database_refuses_two_active_runs_under_one_key(store: RunStore):
 
 def test_a_lapsed_lease_marks_the_run_crashed_and_its_owner_cannot_finish_it(store: RunStore):
     run, _ = store.create_run(new_run())
-    store.claim_next("dead-worker", lease_seconds=0.2)
-    assert store.recover_expired() == []
-    time.sleep(0.3)
-    assert store.recover_expired() == [run.id]
+    # Leases of minutes: on PostgreSQL a lease counts from the claim transaction's start, which may wait on the
+    # claim lock that every process on the database (other test runs too) takes.
+    store.claim_next("dead-worker", lease_seconds=600)
+    assert store.recover_expired() == []  # a lease that holds is not taken
+    store.renew_leases("dead-worker", [run.id], lease_seconds=0.2)  # its last renewal: then the worker dies
+    assert wait_until(store.recover_expired) == [run.id]
     crashed = store.get(run.id)
     assert crashed.status == CRASHED and crashed.error["code"] == "lease_expired"
     assert crashed.finished_at is not None
@@ -97,14 +99,16 @@ def test_a_lapsed_lease_marks_the_run_crashed_and_its_owner_cannot_finish_it(sto
     assert store.get(run.id).status == CRASHED
 
 
-def test_renewing_a_lease_keeps_the_run_alive(store: RunStore):
+def test_renewing_a_lease_moves_its_expiry_forward(store: RunStore):
     run, _ = store.create_run(new_run())
-    store.claim_next("w1", lease_seconds=0.3)
-    for _ in range(3):
-        time.sleep(0.15)
-        store.renew_leases("w1", [run.id], lease_seconds=0.3)
-        assert store.recover_expired() == []
-    assert store.get(run.id).status == RUNNING
+    store.claim_next("w1", lease_seconds=600)
+    claimed_until = store.get(run.id).lease_expires_at
+    assert store.renew_leases("w1", [run.id], lease_seconds=1200) == ({run.id}, set())
+    renewed_until = store.get(run.id).lease_expires_at
+    assert renewed_until > claimed_until  # now + 1200 s is later than (an earlier) now + 600 s
+    assert store.renew_leases("someone-else", [run.id], lease_seconds=6000) == (set(), set())
+    assert store.get(run.id).lease_expires_at == renewed_until  # only the owner renews
+    assert store.recover_expired() == [] and store.get(run.id).status == RUNNING
 
 
 def test_cancel_ends_a_queued_run_and_flags_a_running_one(store: RunStore):
@@ -125,8 +129,7 @@ def test_capacity_counts_executors_with_a_recent_heartbeat(store: RunStore):
     assert (capacity.executors, capacity.slots, capacity.busy) == (2, 5, 1)
     store.executors.remove("e1")
     assert store.executors.capacity(stale_after_seconds=30).slots == 3
-    time.sleep(0.2)
-    assert store.executors.capacity(stale_after_seconds=0.1).executors == 0
+    wait_until(lambda: store.executors.capacity(stale_after_seconds=0.1).executors == 0)  # e2 stopped beating
 
 
 def test_a_full_queue_refuses_the_next_run_of_that_target_only(store):
