@@ -63,7 +63,7 @@ def now_utc(session: Session, is_sqlite: bool) -> datetime:
     """The database's clock, as a naive UTC time (this host's for SQLite, a local file)."""
     if is_sqlite:
         return datetime.now(timezone.utc).replace(tzinfo=None)
-    return session.execute(text("SELECT now() AT TIME ZONE 'UTC'")).scalar_one()
+    return session.execute(text("SELECT clock_timestamp() AT TIME ZONE 'UTC'")).scalar_one()
 
 
 def serialise_claims(session: Session, is_sqlite: bool) -> None:

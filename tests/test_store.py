@@ -176,3 +176,32 @@ def test_the_queue_limit_is_exact_under_50_concurrent_triggers(store: RunStore):
     assert sorted(outcomes).count("a:accepted") == 10 and outcomes.count("a:full") == 30
     assert outcomes.count("b:accepted") == 10  # another target's queue is its own
     assert store.count_by_status() == {"queued": 20}
+
+
+def test_a_claim_that_waited_for_the_claim_lock_gets_a_whole_lease(postgres_url):
+    """On PostgreSQL every claim first takes one lock shared by all processes; `now()` is the transaction's start,
+    before that wait, so a claim that waited longer than its lease returned a lease already lapsed."""
+    import sqlalchemy as sa
+
+    from flows.connector_lock import CLAIM_LOCK_ID
+
+    store = RunStore(postgres_url)
+    store.create_schema()
+    run, _ = store.create_run(new_run())
+    blocker = sa.create_engine(postgres_url)
+    try:
+        with blocker.connect() as connection, connection.begin():
+            connection.execute(sa.text("SELECT pg_advisory_xact_lock(:id)"), {"id": CLAIM_LOCK_ID})
+            with ThreadPoolExecutor(1) as pool:
+                claim = pool.submit(store.claim_next, "w1", 1.0)
+                wait_until(lambda: connection.execute(sa.text(  # the claim is queued behind the lock
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")).scalar_one() > 0,
+                           what="the claim waiting for the lock")
+                connection.execute(sa.text("SELECT pg_sleep(2)"))  # longer than the claim's lease
+                connection.commit()
+                claimed = claim.result(timeout=60)
+        assert claimed.id == run.id
+        assert store.recover_expired() == []  # its lease runs from the claim, not from before the wait
+    finally:
+        blocker.dispose()
+        store.dispose()

@@ -287,7 +287,7 @@ class RunStore:
         """The database's clock (leases are compared across hosts); this host's for SQLite, a local file."""
         if self.is_sqlite:
             return utcnow()
-        return session.execute(text("SELECT now()")).scalar_one()
+        return session.execute(text("SELECT clock_timestamp()")).scalar_one()  # now(): the transaction's start
 
     def finish(self, run_id: str, owner: str, status: str, result: dict[str, Any] | None = None,
                error: RunError | None = None, logs: list[dict[str, Any]] | None = None) -> bool:
