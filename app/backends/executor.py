@@ -143,10 +143,16 @@ class LocalExecutor:
     # --- loops ------------------------------------------------------------------------------
 
     def _claim_loop(self) -> None:
+        yielded = False
         while not self._stopping.is_set():
             run = None
             try:
                 if self.active < self.slots:
+                    if not yielded and self._others_less_busy():
+                        yielded = True  # their next poll takes the queued run; ours takes it if nobody did
+                        self._stopping.wait(self.poll_seconds)  # a wake (a trigger, a run's end) does not cut it
+                        continue
+                    yielded = False
                     run = self.store.claim_next(self.id, self.lease_seconds, kinds=self.slot_classes.claimable())
                 if run is not None:
                     self._launch(run)
@@ -155,6 +161,15 @@ class LocalExecutor:
                 log.exception("claiming a run failed")
             self._wake.wait(self.poll_seconds)
             self._wake.clear()
+
+    def _others_less_busy(self) -> bool:
+        """Fair shares across processes and gateways: the executor that accepted a trigger or ended a run hears of
+        it first, and would take every connector's next run itself while the others only poll (one gateway ran
+        all 18 runs of a backlog, the other none). A busy executor leaves the claim to a less busy one for one
+        poll; an idle one never waits."""
+        active = self.active
+        return active > 0 and self.store.executors.less_busy_than(
+            self.id, active, self.slots, stale_after_seconds=self.heartbeat_seconds * 3)
 
     def _launch(self, run: Run) -> None:
         cancel = threading.Event()

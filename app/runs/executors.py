@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlalchemy import delete, func, select
 
-from app.runs.models import Executor, utcnow
+from app.runs.models import ACTIVE_LOCAL, Executor, Run, utcnow
 from flows.database import Database
 
 
@@ -53,6 +53,20 @@ class ExecutorStore:
                 select(func.count(), func.coalesce(func.sum(Executor.slots), 0),
                        func.coalesce(func.sum(Executor.busy), 0)).where(Executor.heartbeat_at >= since)).one()
         return Capacity(executors=executors, slots=slots, busy=busy)
+
+    def less_busy_than(self, executor_id: str, busy: int, slots: int, stale_after_seconds: float) -> bool:
+        """Whether another live executor has a smaller share of its slots busy than `busy` of `slots`.
+
+        Busy counts come from the runs each executor holds now, not from heartbeats (seconds old)."""
+        since = utcnow() - timedelta(seconds=stale_after_seconds)
+        held = (select(Run.lease_owner, func.count().label("busy")).where(ACTIVE_LOCAL)
+                .group_by(Run.lease_owner).subquery())
+        with self.database.session() as session:
+            others = session.execute(
+                select(Executor.slots, func.coalesce(held.c.busy, 0))
+                .outerjoin(held, held.c.lease_owner == Executor.id)
+                .where(Executor.heartbeat_at >= since, Executor.id != executor_id, Executor.slots > 0)).all()
+        return any(other_busy * slots < busy * other_slots for other_slots, other_busy in others)
 
     def forget_stale(self, stale_after_seconds: float) -> None:
         """Drop executors that stopped heartbeating long ago."""
