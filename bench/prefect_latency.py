@@ -1,11 +1,16 @@
 """Benchmark: the Prefect path's costs, each against a baseline measured in the same run.
 
-1. Trigger latency through the gateway (gunicorn, backend auto -> Prefect) vs calling Prefect's
+1. On-demand latency: `--runs` triggers of a trivial connector with `wait`, one at a time, each broken down
+   from Prefect's state history and task runs (trigger -> flow run created -> worker picked it up (PENDING) ->
+   flow RUNNING -> pipeline start -> pipeline end -> COMPLETED in Prefect -> the waiting caller has `completed`),
+   against the local executor's trigger -> completed.
+2. Trigger latency through the gateway (gunicorn, backend auto -> Prefect) vs calling Prefect's
    create_flow_run directly on the same server: p50/p99 and the ratio.
-2. Time from trigger to pipeline start on each path (Prefect process worker vs local executor).
 3. What a caller pays while Prefect is down: the first trigger, then with the circuit open.
 
-    .venv/bin/python -m bench.prefect_latency [--triggers 40]
+The stack's settings are those of `make stack` (flows/prefect/stack.py), which PrefectStack copies.
+
+    .venv/bin/python -m bench.prefect_latency [--runs 5] [--triggers 40]
 """
 from __future__ import annotations
 
@@ -40,18 +45,71 @@ def timed(call) -> float:
     return (time.perf_counter() - started) * 1000
 
 
-def start_delay(client: httpx.Client, backend: str) -> float:
-    """Seconds from the run's creation to its pipeline starting, for one run that is waited for."""
-    run = client.post("/trigger", json={"connector_id": "numbers", "backend": backend, "wait": 120}).json()
+def when(value: str | None) -> float | None:
+    """An ISO timestamp (Prefect's or the run record's) as epoch seconds."""
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() if value else None
+
+
+# The stages of one on-demand run, in order: (label, what the stage ends with).
+STAGES = [
+    ("gateway stored the run", "accepted"),
+    ("flow run created in Prefect", "created"),
+    ("worker picked it up (PENDING)", "pending"),
+    ("flow RUNNING (process started, imports)", "running"),
+    ("pipeline start (first task)", "pipeline_start"),
+    ("pipeline end (last task)", "pipeline_end"),
+    ("flow COMPLETED in Prefect", "completed"),
+    ("caller has `completed` (wait answered)", "answered"),
+]
+
+
+def prefect_run(client: httpx.Client, stack: PrefectStack) -> dict[str, float]:
+    """One trigger with `wait`, through the gateway to the process worker: when each stage ended, in seconds
+    after the trigger was sent (the gateway, Prefect's server and the flow run share this machine's clock)."""
+    sent = time.time()
+    run = client.post("/trigger", json={"connector_id": "numbers", "backend": "prefect", "wait": 120}).json()
+    answered = time.time()
+    assert run["status"] == "completed" and run["backend"] == "prefect", run
+    flow_run_id = run["prefect_flow_run_id"]
+    flow_run = stack.api("GET", f"flow_runs/{flow_run_id}")
+    states = {state["type"]: when(state["timestamp"])
+              for state in stack.api("GET", "flow_run_states/", params={"flow_run_id": flow_run_id})}
+    tasks = stack.api("POST", "task_runs/filter", json={"flow_runs": {"id": {"any_": [flow_run_id]}}})
+    marks = {
+        "accepted": when(run["created_at"]), "created": when(flow_run["created"]), "pending": states["PENDING"],
+        "running": states["RUNNING"], "pipeline_start": min(when(t["start_time"]) for t in tasks),
+        "pipeline_end": max(when(t["end_time"]) for t in tasks), "completed": states["COMPLETED"],
+        "answered": answered}
+    return {stage: mark - sent for stage, mark in marks.items()}
+
+
+def local_run(client: httpx.Client) -> float:
+    """Seconds from sending a `wait` trigger on the local executor to its `completed` answer."""
+    sent = time.monotonic()
+    run = client.post("/trigger", json={"connector_id": "numbers", "backend": "local", "wait": 120}).json()
     assert run["status"] == "completed", run
-    created, started = (datetime.fromisoformat(run[k].replace("Z", "+00:00")) for k in ("created_at", "started_at"))
-    return (started - created).total_seconds()
+    return time.monotonic() - sent
+
+
+def print_breakdown(runs: list[dict[str, float]], local: list[float]) -> None:
+    print(f"\nOn-demand run of a trivial connector (100 rows into DuckDB), trigger with `wait`, {len(runs)} runs "
+          "one at a time:")
+    print(f"  {'stage ends':42} {'step median':>11} {'step max':>9} {'since trigger':>14}")
+    previous = None
+    for label, stage in STAGES:
+        steps = [r[stage] - (r[previous] if previous else 0.0) for r in runs]
+        print(f"  {label:42} {statistics.median(steps):10.2f}s {max(steps):8.2f}s "
+              f"{statistics.median(r[stage] for r in runs):13.2f}s")
+        previous = stage
+    total, base = statistics.median(r["answered"] for r in runs), statistics.median(local)
+    print(f"  trigger -> completed: Prefect median {total:.2f} s (max {max(r['answered'] for r in runs):.2f} s), "
+          f"local executor median {base:.2f} s (max {max(local):.2f} s): {total / base:.1f}x")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--triggers", type=int, default=40)
-    parser.add_argument("--starts", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=5, help="on-demand runs waited for, on each path")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="flowgate-prefect-bench-") as tmp:
         workdir = Path(tmp)
@@ -66,8 +124,12 @@ def main() -> None:
             gateway = GunicornServer(workdir, workers=2, PREFECT_API_URL=stack.api_url).start()
             client = httpx.Client(base_url=gateway.url, timeout=150)
 
-            prefect_starts = [start_delay(client, "prefect") for _ in range(args.starts)]
-            local_starts = [start_delay(client, "local") for _ in range(args.starts)]
+            local_run(client)  # the first run of a pipeline creates its DuckDB file and dlt's working state
+            prefect_run(client, stack)
+            runs, local = [], []
+            for _ in range(args.runs):  # interleaved, so both see the same load
+                runs.append(prefect_run(client, stack))
+                local.append(local_run(client))
 
             # The baseline uses the gateway's own REST client (same pooling, same retry of a busy server's 503).
             prefect = PrefectClient(stack.api_url, timeout=10)
@@ -88,6 +150,7 @@ def main() -> None:
                 gateway.kill()
             stack.stop()
 
+    print_breakdown(runs, local)
     print(f"\nPrefect path, one Prefect server ({'PostgreSQL' if database else 'SQLite'}) + one process worker, gateway on gunicorn (2 workers); "
           f"{args.triggers} triggers each way, interleaved")
     print(f"  create_flow_run direct     p50 {pct(direct, 50):7.1f} ms   p99 {pct(direct, 99):7.1f} ms")
@@ -95,9 +158,6 @@ def main() -> None:
           f"(backends used: {', '.join(sorted(backends))})")
     print(f"  ratio gateway/direct       p50 {pct(through, 50) / pct(direct, 50):7.2f}x   "
           f"p99 {pct(through, 99) / pct(direct, 99):7.2f}x")
-    print(f"\ntrigger -> pipeline start (median of {args.starts}):")
-    print(f"  Prefect process worker  {statistics.median(prefect_starts):6.2f} s")
-    print(f"  local executor          {statistics.median(local_starts):6.3f} s")
     print("\nPrefect down (connection refused):")
     print(f"  first trigger (probe fails, circuit opens)  {down_first:7.1f} ms")
     print(f"  next triggers, circuit open                 p50 {pct(down_open, 50):7.1f} ms   "
