@@ -15,6 +15,7 @@ The stack's settings are those of `make stack` (flows/prefect/stack.py), which P
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -83,6 +84,20 @@ def prefect_run(client: httpx.Client, stack: PrefectStack) -> dict[str, float]:
     return {stage: mark - sent for stage, mark in marks.items()}
 
 
+def children_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) of the processes `pid` started and has waited for: the worker's flow runs."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")  # cutime, cstime
+
+
+def wait_for_no_children(pid: int, timeout: float = 60) -> None:
+    """Until every flow-run process of the worker has exited (a flow run reports COMPLETED, then exits)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(
+            Path(task, "children").read_text().strip() for task in Path(f"/proc/{pid}/task").iterdir()):
+        time.sleep(0.2)
+
+
 def local_run(client: httpx.Client) -> float:
     """Seconds from sending a `wait` trigger on the local executor to its `completed` answer."""
     sent = time.monotonic()
@@ -91,7 +106,7 @@ def local_run(client: httpx.Client) -> float:
     return time.monotonic() - sent
 
 
-def print_breakdown(runs: list[dict[str, float]], local: list[float]) -> None:
+def print_breakdown(runs: list[dict[str, float]], local: list[float], flow_run_cpu: float) -> None:
     print(f"\nOn-demand run of a trivial connector (100 rows into DuckDB), trigger with `wait`, {len(runs)} runs "
           "one at a time:")
     print(f"  {'stage ends':42} {'step median':>11} {'step max':>9} {'since trigger':>14}")
@@ -104,6 +119,7 @@ def print_breakdown(runs: list[dict[str, float]], local: list[float]) -> None:
     total, base = statistics.median(r["answered"] for r in runs), statistics.median(local)
     print(f"  trigger -> completed: Prefect median {total:.2f} s (max {max(r['answered'] for r in runs):.2f} s), "
           f"local executor median {base:.2f} s (max {max(local):.2f} s): {total / base:.1f}x")
+    print(f"  CPU of the flow-run process(es) the worker started, per run: {flow_run_cpu:.2f} s (user + system)")
 
 
 def main() -> None:
@@ -111,6 +127,7 @@ def main() -> None:
     parser.add_argument("--triggers", type=int, default=40)
     parser.add_argument("--runs", type=int, default=5, help="on-demand runs waited for, on each path")
     args = parser.parse_args()
+    load_before = f"{os.getloadavg()[0]:.2f}"
     with tempfile.TemporaryDirectory(prefix="flowgate-prefect-bench-") as tmp:
         workdir = Path(tmp)
         (workdir / "connectors.yaml").write_text(CONNECTORS)
@@ -126,10 +143,14 @@ def main() -> None:
 
             local_run(client)  # the first run of a pipeline creates its DuckDB file and dlt's working state
             prefect_run(client, stack)
+            wait_for_no_children(stack.worker.pid)
+            cpu_before = children_cpu_seconds(stack.worker.pid)
             runs, local = [], []
             for _ in range(args.runs):  # interleaved, so both see the same load
                 runs.append(prefect_run(client, stack))
                 local.append(local_run(client))
+            wait_for_no_children(stack.worker.pid)
+            flow_run_cpu = (children_cpu_seconds(stack.worker.pid) - cpu_before) / args.runs
 
             # The baseline uses the gateway's own REST client (same pooling, same retry of a busy server's 503).
             prefect = PrefectClient(stack.api_url, timeout=10)
@@ -150,7 +171,8 @@ def main() -> None:
                 gateway.kill()
             stack.stop()
 
-    print_breakdown(runs, local)
+    print(f"load average before: {load_before}, after: {os.getloadavg()[0]:.2f} (1 min), {os.cpu_count()} cores")
+    print_breakdown(runs, local, flow_run_cpu)
     print(f"\nPrefect path, one Prefect server ({'PostgreSQL' if database else 'SQLite'}) + one process worker, gateway on gunicorn (2 workers); "
           f"{args.triggers} triggers each way, interleaved")
     print(f"  create_flow_run direct     p50 {pct(direct, 50):7.1f} ms   p99 {pct(direct, 99):7.1f} ms")
