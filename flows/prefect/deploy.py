@@ -30,9 +30,9 @@ WORKFLOW_ENTRYPOINT = "flows/prefect/workflow_flow.py:workflow_flow"
 DEFAULT_POOL = "flowgate"
 # How the process worker starts a flow run: one `python -m prefect.engine`, which runs the pull step and imports
 # the flow itself. Left unset, Prefect 3.8 starts a workspace supervisor first (a second Python process that
-# imports Prefect, prepares the workspace, then execs the engine): ~1 s of CPU more per flow run, for dependency
-# installs flowgate does not use. `python` must be the worker's interpreter with flowgate's requirements (the
-# stack puts its venv first on PATH; the Docker image has one Python). --engine-command "" restores Prefect's own.
+# imports Prefect, prepares the workspace, then execs the engine): 1-2 s more CPU per flow run on this 2-core
+# machine, for dependency installs flowgate does not use. `python` must be the worker's interpreter with
+# flowgate's requirements (the stack and the Docker image put their venv first on PATH).
 ENGINE_COMMAND = "python -m prefect.engine"
 log = logging.getLogger(__name__)
 
