@@ -27,7 +27,7 @@ import httpx
 
 from app.backends.prefect_client import PrefectClient
 from tests.gunicorn_server import GunicornServer
-from tests.prefect_stack import PrefectStack, fresh_postgres_database
+from tests.prefect_stack import CLONE_TAG, PrefectStack, fresh_postgres_database
 
 CONNECTORS = """
 connectors:
@@ -131,7 +131,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="flowgate-prefect-bench-") as tmp:
         workdir = Path(tmp)
         (workdir / "connectors.yaml").write_text(CONNECTORS)
-        database = fresh_postgres_database("flowgate_bench_prefect")
+        database = fresh_postgres_database(f"flowgate_bench_prefect_{CLONE_TAG}")
         stack = PrefectStack(workdir, database_url=database)
         gateway = None
         try:

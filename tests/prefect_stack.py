@@ -1,6 +1,7 @@
 """A real Prefect server and process worker for the integration tests, on a free port and a temp PREFECT_HOME."""
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -31,6 +32,9 @@ def _stop(process: subprocess.Popen | None) -> None:
             process.wait(10)
 
 
+# Clones of the project on one machine share its PostgreSQL, and a run drops its database first: each clone
+# names its own, so one clone's tests never drop a database another's Prefect server is using.
+CLONE_TAG = hashlib.sha1(str(ROOT).encode()).hexdigest()[:8]
 POSTGRES_ADMIN_URL = os.environ.get("FLOWGATE_TEST_POSTGRES_ADMIN_URL",
                                     "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 

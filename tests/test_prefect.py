@@ -13,7 +13,7 @@ import pytest
 from app import create_app
 from app.runs.store import NewRun
 from tests.fake_services import SlowProxy
-from tests.prefect_stack import PrefectStack, fresh_postgres_database
+from tests.prefect_stack import CLONE_TAG, PrefectStack, fresh_postgres_database
 from tests.test_api_triggers import poll_until_ended
 from tests.test_pipeline import _events_db
 
@@ -41,7 +41,7 @@ def stack(tmp_path_factory) -> PrefectStack:
     workdir = tmp_path_factory.mktemp("prefect")
     (workdir / "deployed.yaml").write_text(DEPLOYED)
     (workdir / "connectors.yaml").write_text(DEPLOYED + UNDEPLOYED)
-    stack = PrefectStack(workdir, database_url=fresh_postgres_database("flowgate_test_prefect"))
+    stack = PrefectStack(workdir, database_url=fresh_postgres_database(f"flowgate_test_prefect_{CLONE_TAG}"))
     try:
         stack.start_server()
         stack.deploy(workdir / "deployed.yaml")
