@@ -8,7 +8,9 @@
    create_flow_run directly on the same server: p50/p99 and the ratio.
 3. What a caller pays while Prefect is down: the first trigger, then with the circuit open.
 
-The stack's settings are those of `make stack` (flows/prefect/stack.py), which PrefectStack copies.
+The worker and its flow runs get the settings `make stack` gives them (flows/prefect/stack.prefect_environment);
+PrefectStack adds only test-speed server loops and a shorter heartbeat (a little more of the
+server's CPU than the stack's).
 
     .venv/bin/python -m bench.prefect_latency [--runs 5] [--triggers 40]
 """
