@@ -1,15 +1,23 @@
 """Benchmark: the Prefect path's costs, each against a baseline measured in the same run.
 
-1. Trigger latency through the gateway (gunicorn, backend auto -> Prefect) vs calling Prefect's
+1. On-demand latency: `--runs` triggers of a trivial connector with `wait`, one at a time, each broken down
+   from Prefect's state history and task runs (trigger -> flow run created -> worker picked it up (PENDING) ->
+   flow RUNNING -> pipeline start -> pipeline end -> COMPLETED in Prefect -> the waiting caller has `completed`),
+   against the local executor's trigger -> completed.
+2. Trigger latency through the gateway (gunicorn, backend auto -> Prefect) vs calling Prefect's
    create_flow_run directly on the same server: p50/p99 and the ratio.
-2. Time from trigger to pipeline start on each path (Prefect process worker vs local executor).
 3. What a caller pays while Prefect is down: the first trigger, then with the circuit open.
 
-    .venv/bin/python -m bench.prefect_latency [--triggers 40]
+The worker and its flow runs get the settings `make stack` gives them (flows/prefect/stack.prefect_environment);
+PrefectStack adds only test-speed server loops and a shorter heartbeat (a little more of the
+server's CPU than the stack's).
+
+    .venv/bin/python -m bench.prefect_latency [--runs 5] [--triggers 40]
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -40,19 +48,88 @@ def timed(call) -> float:
     return (time.perf_counter() - started) * 1000
 
 
-def start_delay(client: httpx.Client, backend: str) -> float:
-    """Seconds from the run's creation to its pipeline starting, for one run that is waited for."""
-    run = client.post("/trigger", json={"connector_id": "numbers", "backend": backend, "wait": 120}).json()
+def when(value: str | None) -> float | None:
+    """An ISO timestamp (Prefect's or the run record's) as epoch seconds."""
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() if value else None
+
+
+# The stages of one on-demand run, in order: (label, what the stage ends with).
+STAGES = [
+    ("gateway stored the run", "accepted"),
+    ("flow run created in Prefect", "created"),
+    ("worker picked it up (PENDING)", "pending"),
+    ("flow RUNNING (process started, imports)", "running"),
+    ("pipeline start (first task)", "pipeline_start"),
+    ("pipeline end (last task)", "pipeline_end"),
+    ("flow COMPLETED in Prefect", "completed"),
+    ("caller has `completed` (wait answered)", "answered"),
+]
+
+
+def prefect_run(client: httpx.Client, stack: PrefectStack) -> dict[str, float]:
+    """One trigger with `wait`, through the gateway to the process worker: when each stage ended, in seconds
+    after the trigger was sent (the gateway, Prefect's server and the flow run share this machine's clock)."""
+    sent = time.time()
+    run = client.post("/trigger", json={"connector_id": "numbers", "backend": "prefect", "wait": 120}).json()
+    answered = time.time()
+    assert run["status"] == "completed" and run["backend"] == "prefect", run
+    flow_run_id = run["prefect_flow_run_id"]
+    flow_run = stack.api("GET", f"flow_runs/{flow_run_id}")
+    states = {state["type"]: when(state["timestamp"])
+              for state in stack.api("GET", "flow_run_states/", params={"flow_run_id": flow_run_id})}
+    tasks = stack.api("POST", "task_runs/filter", json={"flow_runs": {"id": {"any_": [flow_run_id]}}})
+    marks = {
+        "accepted": when(run["created_at"]), "created": when(flow_run["created"]), "pending": states["PENDING"],
+        "running": states["RUNNING"], "pipeline_start": min(when(t["start_time"]) for t in tasks),
+        "pipeline_end": max(when(t["end_time"]) for t in tasks), "completed": states["COMPLETED"],
+        "answered": answered}
+    return {stage: mark - sent for stage, mark in marks.items()}
+
+
+def children_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) of the processes `pid` started and has waited for: the worker's flow runs."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")  # cutime, cstime
+
+
+def wait_for_no_children(pid: int, timeout: float = 60) -> None:
+    """Until every flow-run process of the worker has exited (a flow run reports COMPLETED, then exits)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(
+            Path(task, "children").read_text().strip() for task in Path(f"/proc/{pid}/task").iterdir()):
+        time.sleep(0.2)
+
+
+def local_run(client: httpx.Client) -> float:
+    """Seconds from sending a `wait` trigger on the local executor to its `completed` answer."""
+    sent = time.monotonic()
+    run = client.post("/trigger", json={"connector_id": "numbers", "backend": "local", "wait": 120}).json()
     assert run["status"] == "completed", run
-    created, started = (datetime.fromisoformat(run[k].replace("Z", "+00:00")) for k in ("created_at", "started_at"))
-    return (started - created).total_seconds()
+    return time.monotonic() - sent
+
+
+def print_breakdown(runs: list[dict[str, float]], local: list[float], flow_run_cpu: float) -> None:
+    print(f"\nOn-demand run of a trivial connector (100 rows into DuckDB), trigger with `wait`, {len(runs)} runs "
+          "one at a time:")
+    print(f"  {'stage ends':42} {'step median':>11} {'step max':>9} {'since trigger':>14}")
+    previous = None
+    for label, stage in STAGES:
+        steps = [r[stage] - (r[previous] if previous else 0.0) for r in runs]
+        print(f"  {label:42} {statistics.median(steps):10.2f}s {max(steps):8.2f}s "
+              f"{statistics.median(r[stage] for r in runs):13.2f}s")
+        previous = stage
+    total, base = statistics.median(r["answered"] for r in runs), statistics.median(local)
+    print(f"  trigger -> completed: Prefect median {total:.2f} s (max {max(r['answered'] for r in runs):.2f} s), "
+          f"local executor median {base:.2f} s (max {max(local):.2f} s): {total / base:.1f}x")
+    print(f"  CPU of the flow-run process(es) the worker started, per run: {flow_run_cpu:.2f} s (user + system)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--triggers", type=int, default=40)
-    parser.add_argument("--starts", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=5, help="on-demand runs waited for, on each path")
     args = parser.parse_args()
+    load_before = f"{os.getloadavg()[0]:.2f}"
     with tempfile.TemporaryDirectory(prefix="flowgate-prefect-bench-") as tmp:
         workdir = Path(tmp)
         (workdir / "connectors.yaml").write_text(CONNECTORS)
@@ -66,8 +143,16 @@ def main() -> None:
             gateway = GunicornServer(workdir, workers=2, PREFECT_API_URL=stack.api_url).start()
             client = httpx.Client(base_url=gateway.url, timeout=150)
 
-            prefect_starts = [start_delay(client, "prefect") for _ in range(args.starts)]
-            local_starts = [start_delay(client, "local") for _ in range(args.starts)]
+            local_run(client)  # the first run of a pipeline creates its DuckDB file and dlt's working state
+            prefect_run(client, stack)
+            wait_for_no_children(stack.worker.pid)
+            cpu_before = children_cpu_seconds(stack.worker.pid)
+            runs, local = [], []
+            for _ in range(args.runs):  # interleaved, so both see the same load
+                runs.append(prefect_run(client, stack))
+                local.append(local_run(client))
+            wait_for_no_children(stack.worker.pid)
+            flow_run_cpu = (children_cpu_seconds(stack.worker.pid) - cpu_before) / args.runs
 
             # The baseline uses the gateway's own REST client (same pooling, same retry of a busy server's 503).
             prefect = PrefectClient(stack.api_url, timeout=10)
@@ -88,6 +173,8 @@ def main() -> None:
                 gateway.kill()
             stack.stop()
 
+    print(f"load average before: {load_before}, after: {os.getloadavg()[0]:.2f} (1 min), {os.cpu_count()} cores")
+    print_breakdown(runs, local, flow_run_cpu)
     print(f"\nPrefect path, one Prefect server ({'PostgreSQL' if database else 'SQLite'}) + one process worker, gateway on gunicorn (2 workers); "
           f"{args.triggers} triggers each way, interleaved")
     print(f"  create_flow_run direct     p50 {pct(direct, 50):7.1f} ms   p99 {pct(direct, 99):7.1f} ms")
@@ -95,9 +182,6 @@ def main() -> None:
           f"(backends used: {', '.join(sorted(backends))})")
     print(f"  ratio gateway/direct       p50 {pct(through, 50) / pct(direct, 50):7.2f}x   "
           f"p99 {pct(through, 99) / pct(direct, 99):7.2f}x")
-    print(f"\ntrigger -> pipeline start (median of {args.starts}):")
-    print(f"  Prefect process worker  {statistics.median(prefect_starts):6.2f} s")
-    print(f"  local executor          {statistics.median(local_starts):6.3f} s")
     print("\nPrefect down (connection refused):")
     print(f"  first trigger (probe fails, circuit opens)  {down_first:7.1f} ms")
     print(f"  next triggers, circuit open                 p50 {pct(down_open, 50):7.1f} ms   "

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from connectors.pipeline import ConnectorRunError, RunCancelled
 from connectors.secrets import scrub
 from connectors.spec import ParamsError
-from flows.engine import WorkflowResult
+
+if TYPE_CHECKING:  # the workflow engine (Jinja, the node types) is not loaded in a connector's flow run
+    from flows.engine import WorkflowResult
 
 QUEUED, RUNNING, CANCELLING = "queued", "running", "cancelling"
 COMPLETED, FAILED, CANCELLED, CRASHED = "completed", "failed", "cancelled", "crashed"

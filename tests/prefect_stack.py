@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 
+from flows.prefect.stack import prefect_environment
 from tests.gunicorn_server import ROOT, free_port
 
 PREFECT = str(Path(sys.executable).with_name("prefect"))
@@ -79,9 +80,10 @@ class PrefectStack:
         self.port = free_port()
         self.api_url = f"http://127.0.0.1:{self.port}/api"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        self.env.update(prefect_environment(self.env))  # as `make stack` runs them
         self.env.update({
             "PREFECT_HOME": str(workdir / "prefect-home"), "PREFECT_API_URL": self.api_url,
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_WORKER_QUERY_SECONDS": "1",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_WORKER_HEARTBEAT_SECONDS": "5",
             "PREFECT_LOGGING_LEVEL": "INFO",  # flow runs' INFO lines reach Prefect's logs API (runs/<id>/logs reads them)
             # Test-speed server loops: schedule runs and retry concurrency slots within seconds, not a minute.

@@ -28,6 +28,12 @@ ROOT = Path(__file__).resolve().parents[2]
 ENTRYPOINT = "flows/prefect/connector_flow.py:connector_flow"
 WORKFLOW_ENTRYPOINT = "flows/prefect/workflow_flow.py:workflow_flow"
 DEFAULT_POOL = "flowgate"
+# How the process worker starts a flow run: one `python -m prefect.engine`, which runs the pull step and imports
+# the flow itself. Left unset, Prefect 3.8 starts a workspace supervisor first (a second Python process that
+# imports Prefect, prepares the workspace, then execs the engine): 1-2 s more CPU per flow run on this 2-core
+# machine, for dependency installs flowgate does not use. `python` must be the worker's interpreter with
+# flowgate's requirements (the stack and the Docker image put their venv first on PATH).
+ENGINE_COMMAND = "python -m prefect.engine"
 log = logging.getLogger(__name__)
 
 
@@ -50,7 +56,12 @@ def ensure_work_pool(pool: str) -> None:
             pass
 
 
-def deploy_connector(spec: ConnectorSpec, pool: str) -> str:
+def job_variables(engine_command: str) -> dict[str, str]:
+    """The deployments' job variables: the flow runs' start command, unless Prefect's default is asked for."""
+    return {"command": engine_command} if engine_command else {}
+
+
+def deploy_connector(spec: ConnectorSpec, pool: str, engine_command: str = ENGINE_COMMAND) -> str:
     """Create or update the deployment `<flow>/<connector id>`; returns its id."""
     deployment_id = connector_flow.from_source(source=str(ROOT), entrypoint=ENTRYPOINT).deploy(
         name=spec.id,
@@ -58,6 +69,7 @@ def deploy_connector(spec: ConnectorSpec, pool: str) -> str:
         parameters={"connector_id": spec.id, "params": {}},
         schedules=[prefect_schedule(spec.schedule)] if spec.schedule else [],
         concurrency_limit=1,  # a connector never runs twice at once on this path either
+        job_variables=job_variables(engine_command),
         description=spec.description or f"flowgate connector {spec.id}",
         tags=["flowgate", f"connector:{spec.id}"],
         build=False,
@@ -68,13 +80,14 @@ def deploy_connector(spec: ConnectorSpec, pool: str) -> str:
     return str(deployment_id)
 
 
-def deploy_workflows(pool: str) -> str:
+def deploy_workflows(pool: str, engine_command: str = ENGINE_COMMAND) -> str:
     """Create or update `flowgate-workflow/workflow`: every workflow run is a flow run of it, definition included."""
     deployment_id = workflow_flow.from_source(source=str(ROOT), entrypoint=WORKFLOW_ENTRYPOINT).deploy(
         name=WORKFLOW_DEPLOYMENT,
         work_pool_name=pool,
         description="flowgate workflows: the gateway passes the definition, inputs and mode of each run",
         tags=["flowgate", "workflow"],
+        job_variables=job_variables(engine_command),
         build=False,
         push=False,
         print_next_steps=False,
@@ -94,22 +107,25 @@ def remove_stale(keep: set[str]) -> list[str]:
     return removed
 
 
-def deploy_all(registry: ConnectorRegistry, pool: str = DEFAULT_POOL) -> dict[str, list[str]]:
+def deploy_all(registry: ConnectorRegistry, pool: str = DEFAULT_POOL,
+               engine_command: str = ENGINE_COMMAND) -> dict[str, list[str]]:
     """Deploy every connector, remove the deployments of removed ones."""
     ensure_work_pool(pool)
-    deployed = [spec.id for spec in registry if deploy_connector(spec, pool)]
+    deployed = [spec.id for spec in registry if deploy_connector(spec, pool, engine_command)]
     removed = remove_stale(set(deployed))
-    deploy_workflows(pool)
+    deploy_workflows(pool, engine_command)
     return {"deployed": deployed + [f"workflows ({WORKFLOW_DEPLOYMENT})"], "removed": removed}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Register flowgate's connectors as Prefect deployments.")
     parser.add_argument("--pool", default=DEFAULT_POOL, help="process work pool (created if missing)")
+    parser.add_argument("--engine-command", default=ENGINE_COMMAND,
+                        help="how the worker starts a flow run (empty: Prefect's default launcher)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
     settings = RuntimeSettings()
-    result = deploy_all(ConnectorRegistry.load(settings.connectors_file), args.pool)
+    result = deploy_all(ConnectorRegistry.load(settings.connectors_file), args.pool, args.engine_command)
     print(f"deployed {len(result['deployed'])}: {', '.join(result['deployed'])}")
     if result["removed"]:
         print(f"removed {len(result['removed'])}: {', '.join(result['removed'])}")

@@ -28,6 +28,20 @@ DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/prefect"
 WORKER_HEARTBEAT_SECONDS = 15  # the gateway counts a worker gone after two of these and a margin
 
 
+def prefect_environment(environ: dict[str, str]) -> dict[str, str]:
+    """The settings the stack gives Prefect's worker and the flow runs it starts (the tests' and benchmarks'
+    Prefect stack takes the same): on-demand runs first."""
+    return {
+        # The deployments start each flow run as `python -m prefect.engine` (flows/prefect/deploy.py): the venv's.
+        "PATH": os.pathsep.join([str(BIN), environ.get("PATH", os.defpath)]),
+        # The worker asks for work every second (Prefect's default: 10 s), so a trigger waits half a second on
+        # average for its flow run to be picked up; it says it is alive every 15 s, and the gateway counts it gone
+        # after 35 s without a heartbeat (Prefect itself: ~90 s).
+        "PREFECT_WORKER_QUERY_SECONDS": environ.get("PREFECT_WORKER_QUERY_SECONDS", "1"),
+        "PREFECT_WORKER_HEARTBEAT_SECONDS": str(WORKER_HEARTBEAT_SECONDS),
+    }
+
+
 def say(message: str) -> None:
     print(f"[stack] {message}", file=sys.stderr, flush=True)
 
@@ -115,10 +129,7 @@ def main() -> None:
     var = (ROOT / os.environ.get("FLOWGATE_VAR_DIR", "var")).resolve()
     env = {**os.environ, "PREFECT_HOME": str(var / "prefect"), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "FLOWGATE_VAR_DIR": str(var),
-           # On-demand runs: the worker asks for work every second and says it is alive every 15 s; the gateway
-           # counts it gone after 35 s without a heartbeat (Prefect itself: ~90 s).
-           "PREFECT_WORKER_QUERY_SECONDS": os.environ.get("PREFECT_WORKER_QUERY_SECONDS", "1"),
-           "PREFECT_WORKER_HEARTBEAT_SECONDS": str(WORKER_HEARTBEAT_SECONDS),
+           **prefect_environment(os.environ),
            "FLOWGATE_PREFECT_WORKER_MAX_AGE_SECONDS": os.environ.get("FLOWGATE_PREFECT_WORKER_MAX_AGE_SECONDS",
                                                                      str(2 * WORKER_HEARTBEAT_SECONDS + 5))}
     (var / "prefect").mkdir(parents=True, exist_ok=True)
