@@ -163,10 +163,8 @@ class LocalExecutor:
             self._wake.clear()
 
     def _others_less_busy(self) -> bool:
-        """Fair shares across processes and gateways: the executor that accepted a trigger or ended a run hears of
-        it first, and would take every connector's next run itself while the others only poll (one gateway ran
-        all 18 runs of a backlog, the other none). A busy executor leaves the claim to a less busy one for one
-        poll; an idle one never waits."""
+        """Fair shares: the executor that accepted a trigger or ended a run hears of it first, and would take every
+        next run while others only poll. A busy one leaves the claim to a less busy one for a poll."""
         active = self.active
         return active > 0 and self.store.executors.less_busy_than(
             self.id, active, self.slots, stale_after_seconds=self.heartbeat_seconds * 3)
@@ -271,12 +269,10 @@ class LocalExecutor:
     def _record(self, run: Run, outcome: RunOutcome) -> None:
         run_id = run.id
         with self._lock:
-            timed_out = run_id in self._timed_out
+            timed_out, interrupted = run_id in self._timed_out, run_id in self._interrupted
             self._timed_out.discard(run_id)
-            self._deadlines.pop(run_id, None)
-        with self._lock:
-            interrupted = run_id in self._interrupted
             self._interrupted.discard(run_id)
+            self._deadlines.pop(run_id, None)
         if timed_out and outcome.status == CANCELLED:
             outcome = RunOutcome(FAILED, outcome.result, RunError.timed_out(self.run_timeout_seconds))
         elif interrupted and outcome.status == CANCELLED:
