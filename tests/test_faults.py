@@ -109,12 +109,16 @@ def test_sighup_reloads_under_load_without_a_single_failed_request(workdir):
             reloaded = load.accepted()
             wait_until(lambda: load.accepted() >= reloaded + 6, what="triggers accepted after the reload")
         with httpx.Client(base_url=server.url, timeout=10) as client:
-            ended = [wait_for(client, run_id, TERMINAL, timeout=120)["status"] for run_id in load.run_ids]
+            docs = [wait_for(client, run_id, TERMINAL, timeout=120) for run_id in load.run_ids]
     finally:
         server.kill()
+    ended = [doc["status"] for doc in docs]
     print(f"\nSIGHUP under load: {dict(load.statuses)}, {load.retries} retried connection(s)")
     assert set(load.statuses) == {202} and load.statuses[202] >= 12, load.statuses
-    assert Counter(ended) == {"completed": len(load.run_ids)} and len(set(load.run_ids)) == len(load.run_ids)
+    assert Counter(ended) == {"completed": len(load.run_ids)}, [
+        (doc["run_id"], doc["status"], doc["error"], doc["started_at"], doc["finished_at"]) for doc in docs
+        if doc["status"] != "completed"]
+    assert len(set(load.run_ids)) == len(load.run_ids)
 
 
 def test_sigterm_under_load_answers_every_request_and_a_restart_ends_every_accepted_run(workdir):

@@ -347,7 +347,13 @@ def test_a_cancel_prefect_does_not_confirm_changes_nothing_and_the_run_is_still_
 
 @contextmanager
 def frozen_worker(stack: PrefectStack):
-    """The process worker hung (SIGSTOP): Prefect still counts it online until its heartbeat ages out."""
+    """The process worker hung (SIGSTOP): Prefect still counts it online until its heartbeat ages out.
+
+    Frozen only once an earlier test's flow runs have ended: one it had just picked up would hold the deployment's
+    concurrency slot while frozen, and Prefect refuses every claim of the deployment's runs (PENDING) until the
+    slot frees, so no run could be taken back."""
+    wait_until(lambda: not stack.api("POST", "flow_runs/filter", json={"flow_runs": {"state": {"type": {"any_": [
+        "PENDING", "RUNNING", "CANCELLING"]}}}}), timeout=180, what="the worker's flow runs ended")
     os.killpg(stack.worker.pid, signal.SIGSTOP)
     try:
         yield
