@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import duckdb
+import httpx
 import pytest
 
 from app import create_app
@@ -360,8 +361,11 @@ def frozen_worker(stack: PrefectStack):
     while active() and time.monotonic() < deadline:
         time.sleep(0.5)
     for flow_run in active():
-        stack.api("POST", f"flow_runs/{flow_run['id']}/set_state", json={"state": {
-            "type": "CANCELLED", "name": "Cancelled", "message": "left active by an earlier test"}, "force": True})
+        try:
+            stack.api("POST", f"flow_runs/{flow_run['id']}/set_state", json={"state": {
+                "type": "CANCELLED", "name": "Cancelled", "message": "left active by an earlier test"}, "force": True})
+        except httpx.HTTPStatusError:  # Prefect refused (500 seen): the test goes on, as it did before this cleanup
+            pass
     os.killpg(stack.worker.pid, signal.SIGSTOP)
     try:
         yield
