@@ -1,6 +1,9 @@
 """LocalExecutor: claims from the shared store, serialises each connector, records every ending."""
 from __future__ import annotations
 
+import logging
+import os
+import re
 import time
 from pathlib import Path
 
@@ -211,38 +214,38 @@ def test_the_run_timeout_stops_a_run_stuck_inside_a_step(parts):
     assert run.status == "failed" and run.error["code"] == "run_timeout"
 
 
+def run_process(caplog) -> int:
+    """The id of the process a connector run started in (connectors.isolated logs it at INFO)."""
+    found = wait_until(lambda: re.search(r"runs in process (\d+)", caplog.text), what="the run's process started")
+    return int(found.group(1))
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
 def test_shutdown_stops_a_stuck_runs_process_before_recording_it_interrupted(parts, caplog):
     """A run recorded `crashed` (interrupted) frees its connector's key: its process must be gone by then."""
-    import logging
-    import os
-    import re
-
     caplog.set_level(logging.INFO, logger="connectors.isolated")
     store = parts[2]
     executor = make_executor(parts, lease=2.0)
     stuck = enqueue(parts, "slow", {"delay_seconds": 3600.0})
     executor.start()
-    wait_until(lambda: re.search(r"runs in process (\d+)", caplog.text), what="the run's process started")
-    pid = int(re.search(r"runs in process (\d+)", caplog.text).group(1))
+    pid = run_process(caplog)
     unfinished = executor.shutdown(timeout=8)
     run = store.get(stuck)
     assert run.status == CRASHED and run.error["code"] == "interrupted", run.error
     assert unfinished in ([], [stuck])
-    try:
-        os.kill(pid, 0)
-        alive = True
-    except ProcessLookupError:
-        alive = False
-    assert not alive, f"the run's process {pid} outlived the record of its interruption"
+    assert not alive(pid), f"the run's process {pid} outlived the record of its interruption"
 
 
 def test_shutdown_stops_a_workflow_connector_nodes_process_before_recording_it_too(parts, caplog):
     """A workflow's connector node runs its connector in a process of its own too; at shutdown's last second that
     process is killed at once like any run's (it had a cancel's grace of seconds, outliving the record)."""
-    import logging
-    import os
-    import re
-
     caplog.set_level(logging.INFO, logger="connectors.isolated")
     store = parts[2]
     executor = make_executor(parts, slots=4, lease=2.0)
@@ -251,17 +254,11 @@ def test_shutdown_stops_a_workflow_connector_nodes_process_before_recording_it_t
     run, _ = store.create_run(NewRun(kind="workflow", target="stuck", params={"workflow": definition},
                                      backend="local", concurrency_key="workflow:stuck"))
     executor.start()
-    wait_until(lambda: re.search(r"runs in process (\d+)", caplog.text), what="the node's process started")
-    pid = int(re.search(r"runs in process (\d+)", caplog.text).group(1))
+    pid = run_process(caplog)
     executor.shutdown(timeout=3)
     ended = store.get(run.id)
     assert ended.status == CRASHED and ended.error["code"] == "interrupted", (ended.status, ended.error)
-    try:
-        os.kill(pid, 0)
-        alive = True
-    except ProcessLookupError:
-        alive = False
-    assert not alive, f"the node's process {pid} outlived the record of its workflow's interruption"
+    assert not alive(pid), f"the node's process {pid} outlived the record of its workflow's interruption"
 
 
 def test_a_run_whose_lease_was_lost_is_killed_at_once_not_left_to_reach_a_checkpoint(parts, monkeypatch):
