@@ -20,6 +20,7 @@ from sqlalchemy import Column, DateTime, MetaData, String, Table, delete, insert
 from sqlalchemy.orm import Session
 
 from flows.database import Database
+from flows.outcome import TERMINAL
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,6 @@ _LOCAL_RUN_HOLDS = text("SELECT 1 FROM runs WHERE concurrency_key = :key AND sta
 
 
 _RUN_STATE = text("SELECT backend, status FROM runs WHERE id = :id")
-_ENDED = ("completed", "failed", "cancelled", "crashed")
 
 
 def run_moved_off_prefect(database: Database, run_id: str) -> str | None:
@@ -50,7 +50,7 @@ def run_moved_off_prefect(database: Database, run_id: str) -> str | None:
         if not ConnectorLock._runs_table(session):
             return None  # a worker without the gateways' run store: nothing to ask
         row = session.execute(_RUN_STATE, {"id": run_id}).first()
-    if row is None or (row.backend == "prefect" and row.status not in _ENDED):
+    if row is None or (row.backend == "prefect" and row.status not in TERMINAL):
         return None
     return f"run {run_id} is no longer this flow run's: it is {row.status} on the {row.backend} backend"
 
