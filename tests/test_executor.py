@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from app.runs.store import NewRun, RunStore
 from connectors.pipeline import Workspace, concurrency_key
 from connectors.registry import ConnectorRegistry
 from tests.waiting import wait_until
+
+pytestmark = pytest.mark.long(seconds=40)  # started first in the parallel run (conftest.py)
 
 
 @pytest.fixture
@@ -92,6 +95,32 @@ def test_shutdown_records_a_run_that_could_not_finish(parts):
     run = parts[2].get(run_id)
     assert run.status == CRASHED and run.error["code"] == "interrupted"
     assert parts[2].executors.capacity(stale_after_seconds=60).executors == 0
+
+
+def test_a_run_claimed_as_shutdown_begins_is_not_left_running(parts, monkeypatch):
+    """Seen under SIGTERM with load: the claim loop's claim was still on its way back from the store when shutdown
+    looked at what runs; shutdown found nothing, the process exited, and the run stayed `running` until its lease
+    lapsed. Shutdown now waits for the claim in flight, and treats the run it brings like any other."""
+    registry, workspace, store = parts
+    claiming, shutting_down = threading.Event(), threading.Event()
+    real_claim = store.claim_next
+
+    def slow_answer(*args, **kwargs):
+        run = real_claim(*args, **kwargs)
+        if run is not None:
+            claiming.set()
+            shutting_down.wait(10)  # the answer arrives after shutdown began
+        return run
+
+    monkeypatch.setattr(store, "claim_next", slow_answer)
+    executor = make_executor(parts, lease=30.0)
+    run_id = enqueue(parts, "slow", {"delay_seconds": 5.0})
+    executor.start()
+    assert claiming.wait(30)
+    threading.Timer(0.5, shutting_down.set).start()
+    executor.shutdown(timeout=2)
+    run = store.get(run_id)
+    assert run.status == CRASHED and run.error["code"] == "interrupted", run
 
 
 def test_a_run_abandoned_by_a_dead_executor_is_recovered_by_a_live_one(parts):

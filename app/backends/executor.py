@@ -115,6 +115,11 @@ class LocalExecutor:
         """
         self.stop_claiming()
         deadline = (self._stop_requested_at or time.monotonic()) + timeout
+        # A claim on its way back from the store when the stop came is launched by the claim loop before it ends:
+        # that run is counted below like the others, not left `running` until its lease lapses.
+        for thread in self._threads:
+            if thread.name == "flowgate-claim" and thread is not threading.current_thread():
+                thread.join(max(deadline - time.monotonic(), 0))
         # A second before the end, what still runs is stopped, its process killed: a run recorded as interrupted
         # must not go on loading beside the next run of its connector.
         while self.active and time.monotonic() < deadline - 1:
