@@ -6,10 +6,10 @@ BIN := $(VENV)/bin
 .PHONY: run test stress-test browser fuzz chaos bench stack deploy clean
 
 # The suite runs in TEST_WORKERS processes (pytest-xdist), each test file whole in one of them (a file's
-# Prefect server or gunicorn is started once), in a random order (pytest-randomly prints its seed; rerun
-# one order with `-p randomly --randomly-seed=<seed>`).
+# Prefect server or gunicorn is started once), the files marked `long` first (tests/conftest.py), the rest in a
+# random order (pytest-randomly prints its seed; rerun one order with `-p randomly --randomly-seed=<seed>`).
 TEST_WORKERS ?= 3
-PYTEST_PARALLEL = -n $(TEST_WORKERS) --dist loadfile
+PYTEST_PARALLEL = -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 run: $(VENV)/.runtime data/demo_shop.db
 	$(BIN)/gunicorn -c gunicorn.conf.py wsgi:app

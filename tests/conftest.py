@@ -42,6 +42,20 @@ connectors:
 """
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files marked `long(seconds=...)` first, longest first; the rest after, in pytest-randomly's order.
+
+    `make test` hands whole files to its processes in collection order (xdist `--dist loadfile
+    --no-loadscope-reorder`): a long file started last would run alone at the end. The sort is stable, so each
+    file's tests keep their random order and one seed still gives one order."""
+    def seconds(item: pytest.Item) -> float:
+        mark = item.get_closest_marker("long")
+        return mark.kwargs["seconds"] if mark else 0
+
+    items.sort(key=seconds, reverse=True)
+
+
 @pytest.fixture(autouse=True)
 def _secrets_remembered_by_the_test_are_forgotten_after_it(monkeypatch):
     """`${VAR}` values are remembered as secrets for the life of a process; a test's (e.g. `TABLE=orders`) must

@@ -7,6 +7,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -145,3 +147,42 @@ class PrefectStack:
     def stop(self) -> None:
         _stop(self.worker)
         self.stop_server()
+
+
+# What the Prefect tier deploys: `numbers` and `inc` (and the workflow flow); `ticker` (a 5 s schedule) is in
+# with-ticker.yaml for a test to deploy, `undeployed` only in the gateway's connectors.yaml.
+DEPLOYED = """
+connectors:
+  numbers:
+    source: {kind: python, ref: "connectors.demo:numbers", args: {n: 10, delay_seconds: 0}}
+    dataset: raw
+  inc:
+    source: {kind: sql_database, url: "sqlite:///events.db", tables: [events], incremental: {cursor: updated_at}}
+    destination: {path: shared/inc.duckdb}  # one file both paths write (never at once: one run at a time)
+"""
+TICKER = """
+  ticker:
+    source: {kind: python, ref: "connectors.demo:numbers", args: {n: 1}}
+    dataset: raw
+    schedule: {interval: 5}
+"""
+UNDEPLOYED = """
+  undeployed:
+    source: {kind: python, ref: "connectors.demo:numbers", args: {n: 2}}
+"""
+
+
+@contextmanager
+def deployed_stack(workdir: Path, database: str) -> Iterator[PrefectStack]:
+    """A server (on PostgreSQL database `database`_<pid> where one answers), DEPLOYED deployed, and a worker."""
+    (workdir / "deployed.yaml").write_text(DEPLOYED)  # no schedule: a 5 s one keeps the worker busy
+    (workdir / "with-ticker.yaml").write_text(DEPLOYED + TICKER)
+    (workdir / "connectors.yaml").write_text(DEPLOYED + TICKER + UNDEPLOYED)
+    stack = PrefectStack(workdir, database_url=fresh_postgres_database(database))
+    try:
+        stack.start_server()
+        stack.deploy(workdir / "deployed.yaml")
+        stack.start_worker()
+        yield stack
+    finally:
+        stack.stop()

@@ -15,6 +15,8 @@ from tests.fake_services import CallbackReceiver
 from tests.test_api_triggers import poll_until_ended
 from tests.waiting import wait_until
 
+pytestmark = pytest.mark.long(seconds=30)  # started first in the parallel run (conftest.py)
+
 SECRET = "callback-secret-for-tests"
 
 

@@ -16,11 +16,14 @@ from pathlib import Path
 
 import duckdb
 import httpx
+import pytest
 
 from tests.gunicorn_server import ROOT, GunicornServer
 from tests.test_gunicorn import TERMINAL, run_store, wait_for
 from tests.test_pipeline import _events_db, _incremental_registry
 from tests.waiting import wait_until
+
+pytestmark = pytest.mark.long(seconds=150)  # started first in the parallel run (conftest.py)
 
 
 class Load:
@@ -99,7 +102,9 @@ def gone(pid: int) -> bool:
 def test_sighup_reloads_under_load_without_a_single_failed_request(workdir):
     server = GunicornServer(workdir, workers=2, **NO_QUEUE_LIMIT).start()
     try:
-        with Load(server.url) as load:
+        # Three callers trigger a run a second each through the whole reload (which takes seconds): requests
+        # in flight at every moment of it, without queueing more runs than the test can wait for.
+        with Load(server.url, interval=1.0) as load:
             wait_until(lambda: load.accepted() >= 6, what="triggers accepted before the reload")
             wait_until(lambda: len(worker_pids(server)) >= 2, what="both workers booted")
             old = worker_pids(server)
@@ -156,7 +161,7 @@ def test_recycled_workers_lose_no_run(workdir):
                 f"{server.url}/trigger", json={"connector_id": "slow", "params": {"delay_seconds": 0.2, "n": 2}},
                 headers={"Connection": "close"}, timeout=30).json()["run_id"], range(16)))
         ended = []
-        for run_id in accepted:  # polling itself recycles workers every ~8 requests
+        for run_id in accepted:  # polling itself recycles workers every ~8 requests (each boot costs seconds)
             deadline = time.monotonic() + 120
             while True:
                 try:
@@ -165,7 +170,7 @@ def test_recycled_workers_lose_no_run(workdir):
                     continue
                 if doc["status"] in TERMINAL or time.monotonic() > deadline:
                     break
-                time.sleep(0.1)
+                time.sleep(0.5)
             ended.append(doc["status"])
         boots = server.log().count("Booting worker")
     finally:

@@ -15,6 +15,8 @@ import pytest
 from tests.gunicorn_server import ROOT, GunicornServer, free_port
 from tests.waiting import wait_until
 
+pytestmark = pytest.mark.long(seconds=45)  # started first in the parallel run (conftest.py)
+
 SLEEPY = """
   sleepy:
     source: {kind: python, ref: "connectors.demo:numbers", args: {n: 1, delay_seconds: 120}}
