@@ -44,7 +44,7 @@ def flow_runs(stack: PrefectStack, deployment: str) -> list[dict]:
     return stack.api("POST", "flow_runs/filter", json={"deployments": {"id": {"any_": [dep["id"]]}}})
 
 
-def test_deploy_is_idempotent_and_removes_deployments_of_removed_connectors(stack):
+def test_deploy_is_idempotent_a_schedule_is_run_by_the_worker_and_a_removed_connector_is_undeployed(stack):
     def deployments() -> dict[str, str]:
         found = stack.api("POST", "deployments/filter", json={"flows": {"name": {"any_": ["flowgate-connector"]}}})
         return {d["name"]: d["id"] for d in found}
@@ -55,7 +55,12 @@ def test_deploy_is_idempotent_and_removes_deployments_of_removed_connectors(stac
     stack.deploy(stack.workdir / "with-ticker.yaml")
     try:
         assert set(deployments()) == {"numbers", "inc", "ticker"}
-    finally:
+        ticker = stack.api("GET", "deployments/name/flowgate-connector/ticker")
+        assert ticker["global_concurrency_limit"]["limit"] == 1
+        assert ticker["schedules"][0]["schedule"]["interval"] == 5
+        wait_until(lambda: any(r["state"]["type"] == "COMPLETED" for r in flow_runs(stack, "ticker")), 90,
+                   "a scheduled run completed")
+    finally:  # a 5 s schedule keeps the worker and the server's database busy: gone for the other tests
         removed = stack.deploy(stack.workdir / "deployed.yaml")
     assert "removed 1: ticker" in removed and deployments() == before
 
@@ -168,18 +173,6 @@ def test_readiness_reports_prefect_pool_and_workers(gateway):
     prefect = gateway.get("/api/v1/health/ready").json["checks"]["prefect"]
     assert prefect["status"] == "up" and prefect["circuit"] == "closed"
     assert prefect["work_pool"] == "flowgate" and prefect["workers_online"] >= 1 and prefect["latency_ms"] > 0
-
-
-def test_an_interval_schedule_is_run_by_the_worker(stack):
-    stack.deploy(stack.workdir / "with-ticker.yaml")
-    try:
-        deployment = stack.api("GET", "deployments/name/flowgate-connector/ticker")
-        assert deployment["global_concurrency_limit"]["limit"] == 1
-        assert deployment["schedules"][0]["schedule"]["interval"] == 5
-        wait_until(lambda: any(r["state"]["type"] == "COMPLETED" for r in flow_runs(stack, "ticker")), 90,
-                   "a scheduled run completed")
-    finally:  # a 5 s schedule keeps the worker and the server's database busy: gone for the other tests
-        stack.deploy(stack.workdir / "deployed.yaml")
 
 
 def test_cancel_goes_to_prefects_cancellation(gateway):
