@@ -33,8 +33,9 @@ def frozen_worker(stack: PrefectStack):
 
     Frozen only once no earlier test's flow run is still to run or running: one it had just picked up would hold
     the deployment's concurrency slot while frozen, and Prefect refuses every claim of the deployment's runs
-    (PENDING) until the slot frees, so no run could be taken back. A scheduled one counts too (seen: frozen in the
-    middle of picking up an earlier test's last run). Those that do not end within a minute are cancelled."""
+    (PENDING) until the slot frees, so no run could be taken back. A scheduled one counts too: a worker frozen in
+    the middle of picking it up holds the slot as well (the likely cause of a red run, where every claim of both
+    stranded runs was refused for 90 s). Those that do not end within a minute are cancelled."""
     def active() -> list[dict]:
         return stack.api("POST", "flow_runs/filter", json={"flow_runs": {"state": {"type": {"any_": [
             "SCHEDULED", "PENDING", "RUNNING", "CANCELLING"]}}}})
