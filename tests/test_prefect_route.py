@@ -9,7 +9,7 @@ import httpx
 import pytest
 import respx
 
-from app.backends.prefect_client import PrefectClient
+from app.backends.prefect_client import PrefectClient, PrefectUnavailable
 from app.backends.prefect_route import PrefectRoute
 
 API = "http://prefect.test/api"
@@ -27,9 +27,10 @@ def alive() -> dict:
 
 @pytest.fixture
 def route():
-    client = PrefectClient(API, api_key="pnu_secret", timeout=0.5)
-    yield PrefectRoute(client, "flowgate-connector", "flowgate", reprobe_seconds=60)
-    client.close()
+    route = PrefectRoute(PrefectClient(API, api_key="pnu_secret", timeout=0.5), "flowgate-connector", "flowgate",
+                         reprobe_seconds=60)
+    yield route
+    route.close()  # a circuit a test opened stops re-probing (it logged errors through a closed client at exit)
 
 
 @respx.mock
@@ -128,3 +129,11 @@ def test_a_claim_on_a_scheduled_run_is_ours():
         {"id": "s2", "type": "PENDING", "name": "Reclaimed", "timestamp": "2026-01-01T00:00:09Z"}])
     assert client.claim_flow_run("f-2") is True
     client.close()
+
+
+def test_a_closed_route_stops_re_probing(route):
+    route.record_failure(PrefectUnavailable("ConnectError: refused", maybe_done=False))
+    assert route.circuit_open and route._reprober.is_alive()
+    route.close()
+    route._reprober.join(5)
+    assert not route._reprober.is_alive()

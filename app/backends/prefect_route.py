@@ -49,6 +49,7 @@ class PrefectRoute:
         self._last_error: str | None = None
         self._latency_ms: float | None = None
         self._reprober: threading.Thread | None = None
+        self._closed = threading.Event()
         self._unanswered: list[float] = []  # when calls that reached Prefect went unanswered (timeouts, 5xx)
 
     @property
@@ -117,9 +118,13 @@ class PrefectRoute:
                 self._reprober = threading.Thread(target=self._reprobe, name="flowgate-prefect-reprobe", daemon=True)
                 self._reprober.start()
 
+    def close(self) -> None:
+        """Stop re-probing and close the client's connections."""
+        self._closed.set()
+        self.client.close()
+
     def _reprobe(self) -> None:
-        while self.circuit_open:
-            time.sleep(self.reprobe_seconds)
+        while self.circuit_open and not self._closed.wait(self.reprobe_seconds):
             try:
                 self._latency_ms = self.client.health()
                 PREFECT_PROBE.set(self._latency_ms / 1000)
