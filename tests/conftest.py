@@ -51,7 +51,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     file's tests keep their random order and one seed still gives one order."""
     def seconds(item: pytest.Item) -> float:
         mark = item.get_closest_marker("long")
-        return mark.kwargs["seconds"] if mark else 0
+        return (mark.kwargs.get("seconds") or (mark.args or [0])[0]) if mark else 0
 
     items.sort(key=seconds, reverse=True)
 

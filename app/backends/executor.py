@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 
 class LocalExecutor:
-    """Runs connectors and workflows in this process; the store decides who runs what, for every process.
+    """Runs connectors and workflows in this process; the store, shared by every process, decides who runs what.
 
     Nothing is queued in memory: a run waits in the store until some executor claims it, holds a
     lease renewed by a heartbeat while it runs, and a lapsed lease marks it crashed.
@@ -115,7 +115,7 @@ class LocalExecutor:
         self.stop_claiming()
         deadline = (self._stop_requested_at or time.monotonic()) + timeout
         if self._threads:  # the claim loop's last claim, on its way back as the stop came, is launched before it
-            self._threads[0].join(max(deadline - time.monotonic(), 0))  # ends: counted below, not left `running`
+            self._threads[0].join(max(deadline - 1 - time.monotonic(), 0))  # ends: counted below, not left running
         # A second before the end, what still runs is stopped, its process killed: a run recorded as interrupted
         # must not go on loading beside the next run of its connector.
         while self.active and time.monotonic() < deadline - 1:

@@ -124,7 +124,9 @@ class PrefectRoute:
         self.client.close()
 
     def _reprobe(self) -> None:
-        while self.circuit_open and not self._closed.wait(self.reprobe_seconds):
+        # Only this thread closes the circuit, and it ends in the same locked step: a failure recorded after that
+        # starts a new prober, never counts on one that is about to end.
+        while not self._closed.wait(self.reprobe_seconds):
             try:
                 self._latency_ms = self.client.health()
                 PREFECT_PROBE.set(self._latency_ms / 1000)
@@ -136,9 +138,10 @@ class PrefectRoute:
                 self._last_error = f"{type(exc).__name__}: {exc}"
                 continue
             with self._lock:
-                self._open_since, self._last_error = None, None
+                self._open_since, self._last_error, self._reprober = None, None, None
                 PREFECT_CIRCUIT.set(0)
             log.info("Prefect answers again: circuit closed")
+            return
 
     def status(self) -> dict[str, Any]:
         """For readiness: reachable or not and why, latency, circuit state."""
