@@ -7,8 +7,8 @@ import statistics
 import threading
 import time
 from collections import Counter
-from datetime import datetime, timezone
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
