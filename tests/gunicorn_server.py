@@ -33,7 +33,7 @@ class GunicornServer:
         self.env = {**os.environ, "FLOWGATE_BIND": f"127.0.0.1:{self.port}", "WEB_CONCURRENCY": str(workers),
                     "FLOWGATE_VAR_DIR": str(workdir / "var"), "FLOWGATE_CONNECTORS": str(workdir / "connectors.yaml"),
                     "FLOWGATE_WORKFLOWS": str(workdir / "workflows"),
-                    "FLOWGATE_POLL_SECONDS": "0.1", "PYTHONUNBUFFERED": "1", **env}
+                    "PYTHONUNBUFFERED": "1", **env}  # the executors poll at the default interval (0.5 s)
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 120) -> GunicornServer:

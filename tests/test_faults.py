@@ -160,18 +160,17 @@ def test_recycled_workers_lose_no_run(workdir):
             accepted = list(pool.map(lambda i: httpx.post(
                 f"{server.url}/trigger", json={"connector_id": "slow", "params": {"delay_seconds": 0.2, "n": 2}},
                 headers={"Connection": "close"}, timeout=30).json()["run_id"], range(16)))
-        ended = []
-        for run_id in accepted:  # polling itself recycles workers every ~8 requests (each boot costs seconds)
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    doc = httpx.get(f"{server.url}/api/v1/runs/{run_id}", timeout=10).json()
-                except httpx.HTTPError:
-                    continue
-                if doc["status"] in TERMINAL or time.monotonic() > deadline:
-                    break
-                time.sleep(0.5)
-            ended.append(doc["status"])
+
+        def statuses() -> dict[str, str] | None:  # one request a second: each one counts towards recycling too
+            try:
+                items = httpx.get(f"{server.url}/api/v1/runs", params={"limit": 100}, timeout=10).json()["items"]
+            except httpx.HTTPError:  # a worker recycled under the request
+                return None
+            found = {doc["run_id"]: doc["status"] for doc in items}
+            return found if all(found.get(run_id) in TERMINAL for run_id in accepted) else None
+
+        final = wait_until(statuses, 120, "all 16 runs ended", every=1.0)
+        ended = [final[run_id] for run_id in accepted]
         boots = server.log().count("Booting worker")
     finally:
         server.kill()

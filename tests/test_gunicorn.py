@@ -25,7 +25,7 @@ TERMINAL = {"completed", "failed", "cancelled", "crashed"}
 @pytest.fixture
 def server(workdir: Path, request):
     env = getattr(request, "param", {})
-    server = GunicornServer(workdir, **env).start()
+    server = GunicornServer(workdir, workers=2, **env).start()
     yield server
     server.kill()
 

@@ -17,6 +17,7 @@ from app import create_app
 from app.runs.store import NewRun, RunStore
 from tests.prefect_stack import PrefectStack, deployed_stack
 from tests.test_api_triggers import poll_until_ended
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.long(seconds=210)  # started first in the parallel run (conftest.py)
 
@@ -106,28 +107,29 @@ def test_runs_no_worker_picks_up_go_local_once_even_when_the_worker_resumes_at_t
 
 def test_triggers_go_local_once_the_workers_heartbeat_is_older_than_the_liveness_age(stack, tmp_path):
     app, services = pickup_gateway(stack, tmp_path, prefect_pickup_seconds=5.0, prefect_worker_max_age_seconds=12)
+    services.dispatcher.prefect.route.cache_seconds = 0.5  # a trigger sees what readiness saw, half a second late
     client = app.test_client()
+
+    def workers_online() -> int:
+        return client.get("/api/v1/health/ready").json["checks"]["prefect"]["workers_online"]
+
+    def trigger_until(backend: str) -> dict:  # a few triggers at most: each one on Prefect is a flow run
+        return wait_until(lambda: (run := client.post("/trigger", json={"connector_id": "numbers"}).json)[
+            "backend"] == backend and run, 30, f"a trigger going to {backend}", every=1.0)
+
     try:
         assert client.post("/trigger", json={"connector_id": "numbers"}).json["backend"] == "prefect"
         with frozen_worker(stack):
             frozen_at = time.monotonic()
-            while time.monotonic() - frozen_at < 60:
-                run = client.post("/trigger", json={"connector_id": "numbers"}).json
-                if run["backend"] == "local":
-                    break
-                time.sleep(0.5)
+            wait_until(lambda: workers_online() == 0, 60, "the frozen worker counted gone", every=0.5)
+            run = trigger_until("local")
             went_local_after = time.monotonic() - frozen_at
             ready = client.get("/api/v1/health/ready").json["checks"]["prefect"]
         print(f"\nworker frozen: triggers went local after {went_local_after:.1f} s (liveness age 12 s)")
         assert run["backend"] == "local" and run["fallback_reason"] == "no_worker_online", run
         assert ready["workers_online"] == 0 and ready["workers"]  # listed, but no longer counted alive
-        deadline = time.monotonic() + 60  # resumed: its next heartbeat brings triggers back to Prefect
-        while time.monotonic() < deadline:
-            back = client.post("/trigger", json={"connector_id": "numbers"}).json
-            if back["backend"] == "prefect":
-                break
-            time.sleep(1)
-        assert back["backend"] == "prefect"
+        wait_until(workers_online, 60, "the resumed worker's next heartbeat", every=0.5)
+        assert trigger_until("prefect")["prefect_flow_run_id"]
     finally:
         services.dispatcher.prefect.sync.stop()
         services.executor.shutdown(timeout=10)

@@ -8,8 +8,9 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def wait_until(condition: Callable[[], T], timeout: float = 60, what: str = "condition") -> T:
-    """Poll `condition` until it returns something truthy (returned) or `timeout` seconds pass (AssertionError)."""
+def wait_until(condition: Callable[[], T], timeout: float = 60, what: str = "condition", every: float = 0.05) -> T:
+    """Poll `condition` every `every` seconds until it returns something truthy (returned) or `timeout` seconds
+    pass (AssertionError)."""
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
@@ -17,4 +18,4 @@ def wait_until(condition: Callable[[], T], timeout: float = 60, what: str = "con
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not met within {timeout:g} s")
-        time.sleep(0.05)
+        time.sleep(every)
