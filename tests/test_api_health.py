@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 
 def test_health_answers_without_touching_the_database(app, client, monkeypatch):
     def unreachable(*args, **kwargs):
@@ -42,6 +44,7 @@ def test_readiness_is_503_when_the_database_is_unreachable(app, client, monkeypa
                                                    "reason": "ConnectionRefusedError: connection refused"}
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread's death is the point
 def test_readiness_shows_a_background_loop_that_stopped(running_app, monkeypatch):
     services = running_app.extensions["flowgate"]
     client = running_app.test_client()

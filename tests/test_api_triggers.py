@@ -7,8 +7,11 @@ import duckdb
 
 
 def poll_until_ended(client, url: str, timeout: float = 60) -> dict:
+    """GET `url` until the run ends, every 50 ms at first and backing off to every half second (a Prefect run's
+    GET reads its flow run from Prefect); the document, with the statuses seen on the way in "seen"."""
     seen = []
     deadline = time.monotonic() + timeout
+    interval = 0.05
     while time.monotonic() < deadline:
         doc = client.get(url).json
         if not seen or seen[-1] != doc["status"]:
@@ -16,7 +19,8 @@ def poll_until_ended(client, url: str, timeout: float = 60) -> dict:
         if doc["status"] in ("completed", "failed", "cancelled", "crashed"):
             doc["seen"] = seen
             return doc
-        time.sleep(0.05)
+        time.sleep(interval)
+        interval = min(interval * 1.5, 0.5)
     raise AssertionError(f"run did not end within {timeout}s; statuses seen: {seen}")
 
 

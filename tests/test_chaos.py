@@ -126,7 +126,7 @@ class Load:
         pending: list[str] = []
         with httpx.Client(base_url=self.url, timeout=30) as client:
             while not self.stop.is_set():
-                while len(pending) >= self.in_flight and not self.stop.wait(0.3):
+                while len(pending) >= self.in_flight and not self.stop.wait(0.5):
                     pending = self._unfinished(client, pending)
                 kind, path, body = self._request(rng)
                 token = (body.get("params") or body.get("inputs"))["token"]
