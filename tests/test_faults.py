@@ -23,7 +23,7 @@ from tests.test_gunicorn import TERMINAL, run_store, wait_for
 from tests.test_pipeline import _events_db, _incremental_registry
 from tests.waiting import wait_until
 
-pytestmark = pytest.mark.long(seconds=150)  # started first in the parallel run (conftest.py)
+pytestmark = pytest.mark.long(seconds=110)  # started first in the parallel run (conftest.py)
 
 
 class Load:
@@ -102,9 +102,9 @@ def gone(pid: int) -> bool:
 def test_sighup_reloads_under_load_without_a_single_failed_request(workdir):
     server = GunicornServer(workdir, workers=2, **NO_QUEUE_LIMIT).start()
     try:
-        # Three callers trigger a run a second each through the whole reload (which takes seconds): requests
-        # in flight at every moment of it, without queueing more runs than the test can wait for.
-        with Load(server.url, interval=1.0) as load:
+        # Three callers trigger a run every 2 s each through the whole reload (which takes seconds): requests
+        # in flight at every moment of it, without queueing more runs than a busy machine drains in seconds.
+        with Load(server.url, interval=2.0) as load:
             wait_until(lambda: load.accepted() >= 6, what="triggers accepted before the reload")
             wait_until(lambda: len(worker_pids(server)) >= 2, what="both workers booted")
             old = worker_pids(server)
@@ -158,7 +158,8 @@ def test_recycled_workers_lose_no_run(workdir):
     try:
         with ThreadPoolExecutor(6) as pool:
             accepted = list(pool.map(lambda i: httpx.post(
-                f"{server.url}/trigger", json={"connector_id": "slow", "params": {"delay_seconds": 0.2, "n": 2}},
+                f"{server.url}/trigger", json={"connector_id": ("slow", "numbers")[i % 2],  # two run side by side
+                                               "params": {"delay_seconds": 0.2, "n": 2}},
                 headers={"Connection": "close"}, timeout=30).json()["run_id"], range(16)))
 
         def statuses() -> dict[str, str] | None:  # one request a second: each one counts towards recycling too

@@ -19,7 +19,7 @@ import pytest
 
 from tests.gunicorn_server import ROOT, GunicornServer
 
-pytestmark = pytest.mark.long(seconds=90)  # started first in the parallel run (conftest.py)
+pytestmark = pytest.mark.long(seconds=60)  # started first in the parallel run (conftest.py)
 
 KEY = "fuzz-admin-key-0123456789"
 EXAMPLES = int(os.environ.get("FLOWGATE_FUZZ_EXAMPLES", "5"))

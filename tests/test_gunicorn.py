@@ -17,7 +17,7 @@ import pytest
 from app.runs.store import RunStore
 from tests.gunicorn_server import GunicornServer
 
-pytestmark = pytest.mark.long(seconds=180)  # started first in the parallel run (conftest.py)
+pytestmark = pytest.mark.long(seconds=110)  # started first in the parallel run (conftest.py)
 
 TERMINAL = {"completed", "failed", "cancelled", "crashed"}
 

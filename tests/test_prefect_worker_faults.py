@@ -19,7 +19,7 @@ from tests.prefect_stack import PrefectStack, deployed_stack
 from tests.test_api_triggers import poll_until_ended
 from tests.waiting import wait_until
 
-pytestmark = pytest.mark.long(seconds=210)  # started first in the parallel run (conftest.py)
+pytestmark = pytest.mark.long(seconds=100)  # started first in the parallel run (conftest.py)
 
 
 @pytest.fixture(scope="module")

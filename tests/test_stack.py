@@ -14,7 +14,7 @@ import pytest
 
 from tests.gunicorn_server import free_port
 
-pytestmark = pytest.mark.long(seconds=50)  # started first in the parallel run (conftest.py)
+pytestmark = pytest.mark.long(seconds=60)  # started first in the parallel run (conftest.py)
 
 ROOT = Path(__file__).resolve().parent.parent
 CONNECTORS = """

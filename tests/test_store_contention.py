@@ -12,7 +12,7 @@ import pytest
 from tests.gunicorn_server import GunicornServer
 from tests.test_gunicorn import TERMINAL, run_store, wait_for
 
-pytestmark = pytest.mark.long(seconds=70)  # started first in the parallel run (conftest.py)
+pytestmark = pytest.mark.long(seconds=45)  # started first in the parallel run (conftest.py)
 
 
 def test_a_sqlite_store_under_four_workers_never_surfaces_database_is_locked(workdir):
