@@ -58,10 +58,12 @@ def frozen_worker(stack: PrefectStack):
 
 
 def ran_on_prefect(stack: PrefectStack, flow_run_id: str) -> bool:
-    """The flow run executed its connector: it completed. One a worker started after its run went local is
-    RUNNING for a moment, finds that in the run store and ends Cancelled without executing."""
+    """The flow run executed its connector, all or part: it completed, or started a step (a task run). One a
+    worker started after its run went local is RUNNING for a moment, finds that in the run store and ends
+    Cancelled before its first step."""
     states = stack.api("GET", f"flow_run_states/?flow_run_id={flow_run_id}")
-    return any(state["type"] == "COMPLETED" for state in states)
+    return any(state["type"] == "COMPLETED" for state in states) or bool(
+        stack.api("POST", "task_runs/filter", json={"flow_runs": {"id": {"any_": [flow_run_id]}}}))
 
 
 def pickup_gateway(stack: PrefectStack, tmp_path: Path, **settings):
