@@ -272,8 +272,9 @@ def test_a_run_killed_inside_normalizes_commit_does_not_poison_the_connector(wor
 
 
 ISOLATED_RUN = """
-import sys
+import logging, sys
 from pathlib import Path
+logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)  # the child's lines, relayed
 from connectors.isolated import run_connector_isolated
 from connectors.pipeline import Workspace
 from connectors.registry import ConnectorRegistry
@@ -293,19 +294,41 @@ def _marked(marker: str) -> list[int]:
     return pids
 
 
+def _described(pids: list[int]) -> list[str]:
+    described = []
+    for pid in pids:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                         if line.startswith("State:"))
+        except OSError:
+            continue
+        described.append(f"{pid} ({state}): {cmdline[:160]}")
+    return described
+
+
 def test_a_connector_run_dies_with_the_process_that_started_it(workdir: Path):
     """A gateway worker SIGKILLed mid-run: its connector's child process must not run on unheld."""
     marker = f"FLOWGATE_TEST_MARKER=isolated-{os.getpid()}-{time.monotonic_ns()}"
     env = {**os.environ, marker.split("=")[0]: marker.split("=")[1]}
-    parent = subprocess.Popen([sys.executable, "-c", ISOLATED_RUN, str(workdir / "connectors.yaml"),
-                               str(workdir / "var" / "dlt"), str(workdir / "var" / "duckdb")], cwd=ROOT, env=env)
+    output = workdir / "isolated-run.log"
+    with output.open("w") as out:
+        parent = subprocess.Popen([sys.executable, "-c", ISOLATED_RUN, str(workdir / "connectors.yaml"),
+                                   str(workdir / "var" / "dlt"), str(workdir / "var" / "duckdb")], cwd=ROOT, env=env,
+                                  stdout=out, stderr=subprocess.STDOUT)
+    try:
+        # The run's own first line names its process: it runs (its forkserver and the resource tracker existing
+        # is not enough; on a busy machine the forkserver is still importing dlt seconds later).
+        found = wait_until(lambda: re.search(r"runs in process (\d+)", output.read_text()), 120,
+                           "the run's process started")
+        run_pid = int(found.group(1))
+        assert run_pid in _marked(marker)
+    finally:
+        parent.kill()
+        parent.wait()
+    wait_until(lambda: run_pid not in _marked(marker), 30, "the run's process ended with its parent", every=0.2)
+    # Its forkserver and the resource tracker follow (each notices its parent's pipe close).
     deadline = time.monotonic() + 60
-    while len(_marked(marker)) < 3 and time.monotonic() < deadline:  # the parent, its forkserver, the run
-        time.sleep(0.2)
-    assert len(_marked(marker)) >= 3, "the run's process never started"
-    parent.kill()
-    parent.wait()
-    deadline = time.monotonic() + 30
     while _marked(marker) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert _marked(marker) == []
+    assert _marked(marker) == [], _described(_marked(marker))
