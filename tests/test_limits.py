@@ -94,13 +94,15 @@ def test_a_workflow_deeper_than_the_limit_is_refused(client):
 
 
 def test_a_local_run_past_the_run_timeout_ends_failed(app_config):
-    app = create_app({**app_config, "run_timeout_seconds": 0.5, "lease_seconds": 0.9})
+    # The heartbeat (a third of the 10 s lease) finds the run overdue and stops it: a 30 s sleep in its extract
+    # outlasts any heartbeat a busy machine delays. A lease of 0.9 s lapsed there before it was renewed (crashed).
+    app = create_app({**app_config, "run_timeout_seconds": 0.5})
     services = app.extensions["flowgate"]
     services.executor.start()
     try:
         client = app.test_client()
-        run = client.post("/trigger", json={"connector_id": "slow"}).json  # 5 rows, 1 s each
-        done = poll_until_ended(client, run["status_url"], timeout=30)
+        run = client.post("/trigger", json={"connector_id": "slow", "params": {"delay_seconds": 30.0}}).json
+        done = poll_until_ended(client, run["status_url"], timeout=60)
     finally:
         services.executor.shutdown(timeout=10)
         services.store.dispose()
