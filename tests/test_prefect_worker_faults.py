@@ -15,6 +15,7 @@ import pytest
 
 from app import create_app
 from app.runs.store import NewRun, RunStore
+from flows.runtime import RuntimeSettings
 from tests.prefect_stack import PrefectStack, deployed_stack
 from tests.test_api_triggers import poll_until_ended
 from tests.waiting import wait_until
@@ -69,8 +70,8 @@ def ran_on_prefect(stack: PrefectStack, flow_run_id: str) -> bool:
 def pickup_gateway(stack: PrefectStack, tmp_path: Path, **settings):
     """A gateway on the worker's run store, as in production: a flow run the worker starts after its run went
     local finds that there and does not execute (without it, one did: red in a stress round)."""
-    worker_store = f"sqlite:///{(stack.workdir / 'worker-var' / 'flowgate.db').resolve()}"
-    app = create_app({"var_dir": tmp_path / "var", "database_url": worker_store,
+    worker = RuntimeSettings(var_dir=stack.env["FLOWGATE_VAR_DIR"], database_url=stack.env.get("DATABASE_URL"))
+    app = create_app({"var_dir": tmp_path / "var", "database_url": worker.run_store_url,
                       "connectors_file": stack.workdir / "connectors.yaml",
                       "workflows_dir": stack.workdir / "workflows", "prefect_api_url": stack.api_url,
                       # a lease long enough for a machine this busy: a stalled heartbeat must not free the key
