@@ -64,10 +64,12 @@ class _Server:
 
 class EchoService(_Server):
     """/items/<id> answers JSON; /redirect?to=URL redirects; /flaky fails `failures` times with 500; /sleep?s= waits;
-    /big?n= answers a JSON string of n characters."""
+    /big?n= answers a JSON string of n characters; /gate answers once the test sets `gate` (a node held running for
+    as long as the test needs, not for a guessed time)."""
 
     def __init__(self) -> None:
         self.failures = 0
+        self.gate = threading.Event()
         super().__init__()
 
     def handle(self, method, path, query, headers, body):
@@ -81,6 +83,8 @@ class EchoService(_Server):
                 self.failures -= 1
                 return 500, {"error": "try again"}, {}
             return 200, {"ok": True}, {}
+        if path == "/gate":
+            return (200, {"opened": True}, {}) if self.gate.wait(600) else (504, {"error": "never opened"}, {})
         if path == "/big":
             return 200, "x" * int(query.get("n", "0")), {}
         if path == "/sleep":

@@ -30,7 +30,7 @@ def parts(workdir: Path, tmp_path: Path):
     store.dispose()
 
 
-def make_executor(parts, slots: int = 2, lease: float = 2.0) -> LocalExecutor:
+def make_executor(parts, slots: int = 2, lease: float = 10.0) -> LocalExecutor:
     registry, workspace, store = parts
     return LocalExecutor(store, registry, workspace, slots=slots, lease_seconds=lease, poll_seconds=0.05)
 
@@ -97,6 +97,30 @@ def test_shutdown_records_a_run_that_could_not_finish(parts):
     assert parts[2].executors.capacity(stale_after_seconds=60).executors == 0
 
 
+def test_a_heartbeat_under_way_at_shutdown_does_not_write_the_executor_back(parts, monkeypatch):
+    """Shutdown removes the executor's row; a heartbeat already past its wait wrote it back after that, and the
+    stopped executor counted as alive (capacity, fair claiming) until it aged out."""
+    store = parts[2]
+    executor = make_executor(parts, lease=0.6)  # a heartbeat every 0.2 s
+    real_heartbeat = store.executors.heartbeat
+    beating = threading.Event()
+
+    def heartbeat_held_until_shutdown_closes(*args, **kwargs):
+        if executor.started:  # not the first one, in start()
+            beating.set()
+            wait_until(executor._closed.is_set, what="shutdown closed the executor")
+        real_heartbeat(*args, **kwargs)
+
+    monkeypatch.setattr(store.executors, "heartbeat", heartbeat_held_until_shutdown_closes)
+    executor.start()
+    assert beating.wait(30)
+    executor.shutdown(timeout=5)
+    for thread in executor._threads:
+        thread.join(30)
+    assert not any(thread.is_alive() for thread in executor._threads)
+    assert store.executors.capacity(stale_after_seconds=60).executors == 0
+
+
 def test_a_run_claimed_as_shutdown_begins_is_not_left_running(parts, monkeypatch):
     """Seen under SIGTERM with load: the claim loop's claim was still on its way back from the store when shutdown
     looked at what runs; shutdown found nothing, the process exited, and the run stayed `running` until its lease
@@ -114,11 +138,17 @@ def test_a_run_claimed_as_shutdown_begins_is_not_left_running(parts, monkeypatch
 
     monkeypatch.setattr(store, "claim_next", slow_answer)
     executor = make_executor(parts, lease=30.0)
-    run_id = enqueue(parts, "slow", {"delay_seconds": 5.0})
+    real_stop_claiming = executor.stop_claiming
+
+    def stop_claiming() -> None:  # the claim's answer is let go as shutdown begins, not after a guessed time
+        real_stop_claiming()
+        shutting_down.set()
+
+    monkeypatch.setattr(executor, "stop_claiming", stop_claiming)
+    run_id = enqueue(parts, "slow", {"delay_seconds": 3600.0})
     executor.start()
     assert claiming.wait(30)
-    threading.Timer(0.5, shutting_down.set).start()
-    executor.shutdown(timeout=2)
+    executor.shutdown(timeout=5)
     run = store.get(run_id)
     assert run.status == CRASHED and run.error["code"] == "interrupted", run
 
@@ -139,8 +169,9 @@ def test_a_run_abandoned_by_a_dead_executor_is_recovered_by_a_live_one(parts):
 def test_a_draining_executor_keeps_its_leases_until_its_runs_end(parts):
     """SIGTERM stops claiming at once; a run draining for longer than the lease must not be recovered as crashed."""
     store = parts[2]
-    draining, other = make_executor(parts, lease=1.0), make_executor(parts, lease=1.0)
-    run_id = enqueue(parts, "slow", {"delay_seconds": 4.0})  # 4 s of extract: four leases
+    # Leases of 3 s (renewed every second: a starved heartbeat has 2 s of slack), 9 s of extract: three leases.
+    draining, other = make_executor(parts, lease=3.0), make_executor(parts, lease=3.0)
+    run_id = enqueue(parts, "slow", {"delay_seconds": 9.0})
     draining.start()
     wait_until(lambda: store.get(run_id).status == "running", what="the run started")
     draining.stop_claiming()  # what gunicorn's SIGTERM does first
@@ -155,12 +186,19 @@ def test_a_draining_executor_keeps_its_leases_until_its_runs_end(parts):
 
 
 def recover_as_lapsed(store: RunStore, run_id: str) -> None:
-    """Another process recovers the run (crashed): its lease as that process finds it, lapsed."""
+    """Another process recovers the run (crashed): its lease as that process finds it, lapsed.
+
+    The owner's heartbeat may renew the lease between the write that lapses it and the recovery (then nothing is
+    recovered: lapse it again), or recover it itself first (then it is recovered all the same)."""
     from app.runs.models import Run
 
-    with store.db.session(write=True) as session:
-        session.get(Run, run_id).lease_expires_at = store.get(run_id).started_at
-    assert store.recover_expired() == [run_id]
+    def recovered() -> bool:
+        with store.db.session(write=True) as session:
+            session.get(Run, run_id).lease_expires_at = store.get(run_id).started_at
+        store.recover_expired()
+        return store.get(run_id).status == CRASHED
+
+    wait_until(recovered, what="the run recovered as crashed")
 
 
 def test_an_executor_that_lost_its_lease_stops_the_run_and_writes_nothing(parts):

@@ -15,17 +15,19 @@ import pytest
 
 from connectors.demo import build_shop_db
 from tests.conftest import CONNECTORS_YAML
+from tests.fake_services import EchoService
 from tests.gunicorn_server import ROOT, GunicornServer
 
 READER, TRIGGERER = "ui-reader-key-0123456789", "ui-trigger-key-0123456789"
 # var/ (ignored by git) unless asked: FLOWGATE_SCREENSHOTS=docs/screenshots refreshes the README's pictures.
 SCREENSHOTS = Path(os.environ.get("FLOWGATE_SCREENSHOTS", ROOT / "var" / "screenshots"))
-# Three delays in a row: long enough that a poll every 2 s sees each node running before it completes.
+# `fetch` calls a gate the test opens once it has seen the node running (a timed delay could end before a busy
+# machine's browser had signed in and polled), then the rest fan out and join.
 WORKFLOW = """
-description: Three steps that take their time, then fan out and join
+description: A step held until it is let go, then a fan-out and a join
 nodes:
   - {id: start, type: trigger, config: {defaults: {text: hello}}}
-  - {id: fetch, type: delay, config: {seconds: 2.5}}
+  - {id: fetch, type: http, timeout: 600, config: {url: "%(gate)s", timeout: 300}}
   - {id: upper, type: transform, config: {value: "{{ inputs.text | upper }}"}}
   - {id: count, type: transform, config: {value: "{{ inputs.text | length }}"}}
   - {id: combine, type: join}
@@ -71,17 +73,27 @@ if MISSING is None:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """One gunicorn (2 workers) with a read key and a trigger key, the test connectors and one slow workflow."""
+def gate():
+    """The local service the workflow's `fetch` node calls: it answers once the test sets `gate.gate`."""
+    service = EchoService()
+    yield service
+    service.gate.set()
+    service.stop()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, gate):
+    """One gunicorn (2 workers) with a read key and a trigger key, the test connectors and one held workflow."""
     workdir = tmp_path_factory.mktemp("ui")
     build_shop_db(workdir / "shop.db", customers=20, orders=100)
     (workdir / "files").mkdir()
     (workdir / "files" / "products.csv").write_text("sku,name,price_cents\nA-1,Apple,120\nB-2,Bread,250\n")
     (workdir / "connectors.yaml").write_text(CONNECTORS_YAML)
     (workdir / "workflows").mkdir()
-    (workdir / "workflows" / "steps.yaml").write_text(WORKFLOW)
+    (workdir / "workflows" / "steps.yaml").write_text(WORKFLOW % {"gate": f"{gate.url}/gate"})
     server = GunicornServer(workdir, workers=2, ready_headers={"X-API-Key": READER}, FLOWGATE_API_KEYS=f"dash:{READER}:read,ops:{TRIGGERER}:read+trigger",
-                            FLOWGATE_EXECUTOR_THREADS="2").start()
+                            FLOWGATE_EXECUTOR_THREADS="2",
+                            FLOWGATE_HTTP_ALLOWED_HOSTS=f"127.0.0.1:{gate.port}").start()
     yield server
     server.kill()
 
@@ -156,19 +168,22 @@ def test_a_run_triggered_from_the_page_completes_and_shows_its_rows(page, server
     shoot(page, "runs")
 
 
-def test_a_workflow_runs_nodes_change_colour_as_they_run(page, server):
+def test_a_workflow_runs_nodes_change_colour_as_they_run(page, server, gate):
     with api(server) as client:
         execution = client.post("/api/workflow/steps/execute", json={"inputs": {"text": "flowgate"}}).json()
     sign_in(page, READER, f"/ui/#/runs/{execution['executionId']}")
     fetch = page.locator("[data-node=fetch]")
-    expect(fetch).to_have_attribute("data-status", "running")
-    running_fill = fetch.locator("rect").evaluate("rect => getComputedStyle(rect).fill")
-    expect(page.locator("[data-node=upper]")).to_have_attribute("data-status", "pending")
-    expect(page.locator(".dag-node")).to_have_count(6)
-    expect(page.locator("svg.dag path.edge")).to_have_count(6)
-    page.locator("[data-node=start]").click()
-    expect(page.locator(".node-panel")).to_contain_text("trigger")
-    shoot(page, "workflow")  # mid-run: start completed, fetch running, the rest pending
+    try:
+        expect(fetch).to_have_attribute("data-status", "running")
+        running_fill = fetch.locator("rect").evaluate("rect => getComputedStyle(rect).fill")
+        expect(page.locator("[data-node=upper]")).to_have_attribute("data-status", "pending")
+        expect(page.locator(".dag-node")).to_have_count(6)
+        expect(page.locator("svg.dag path.edge")).to_have_count(6)
+        page.locator("[data-node=start]").click()
+        expect(page.locator(".node-panel")).to_contain_text("trigger")
+        shoot(page, "workflow")  # mid-run: start completed, fetch running, the rest pending
+    finally:
+        gate.gate.set()
     for node in ("fetch", "upper", "count", "combine", "result"):
         expect(page.locator(f"[data-node={node}]")).to_have_attribute("data-status", "completed")
     assert fetch.locator("rect").evaluate("rect => getComputedStyle(rect).fill") != running_fill

@@ -133,6 +133,8 @@ class LocalExecutor:
         for run_id in unfinished:
             self.store.finish(run_id, self.id, CRASHED, error=RunError.interrupted())
         self._closed.set()
+        if len(self._threads) > 1:  # a heartbeat under way would write this executor's row back after its removal
+            self._threads[1].join(5)
         if self.id:
             self.store.executors.remove(self.id)
         if self.log_sink is not None:
