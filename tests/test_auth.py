@@ -13,8 +13,8 @@ import pytest
 from app import create_app
 from app.auth import KeyRing, digest
 from app.config import ConfigError
-from tests.waiting import wait_until
 from tests.gunicorn_server import ROOT, GunicornServer
+from tests.waiting import wait_until
 
 READER, TRIGGERER, ADMIN = "reader-key-0123456789", "trigger-key-0123456789", "admin-key-0123456789"
 

@@ -48,7 +48,7 @@ def test_a_lapsed_lock_is_taken_over_and_its_old_holder_learns_it_lost_it(store:
 
 
 def test_hold_waits_for_the_local_run_then_keeps_the_key_until_the_block_ends(store: RunStore, monkeypatch):
-    lock = ConnectorLock(store.db, lease_seconds=3.0, poll_seconds=0.05)
+    lock = ConnectorLock(store.db, lease_seconds=6.0, poll_seconds=0.05)  # renewed every 2 s: 4 s of slack
     refused, renewed = [], []  # what the lock's own calls answered: events to wait for instead of time
     try_acquire, renew = lock.try_acquire, lock.renew
 

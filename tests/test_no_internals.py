@@ -2,7 +2,6 @@
 kind of value is the node's error, run logs carry no traceback, run errors no server folders."""
 from __future__ import annotations
 
-
 import pytest
 
 from tests.test_api_triggers import poll_until_ended

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 
 import pytest
 from sqlalchemy import update
@@ -10,8 +11,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.runs.models import Run
-from flows.outcome import CANCELLED, CANCELLING, COMPLETED, CRASHED, QUEUED, RUNNING
 from app.runs.store import IdempotencyConflict, NewRun, RunStore
+from flows.outcome import CANCELLED, CANCELLING, COMPLETED, CRASHED, QUEUED, RUNNING
 from tests.waiting import wait_until
 
 
@@ -198,10 +199,12 @@ def test_a_claim_that_waited_for_the_claim_lock_gets_a_whole_lease(postgres_url)
                     "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")).scalar_one() > 0,
                            what="the claim waiting for the lock")
                 connection.execute(sa.text("SELECT pg_sleep(2)"))  # longer than the claim's lease
+                released_at = connection.execute(sa.text("SELECT clock_timestamp()")).scalar_one()
                 connection.commit()
                 claimed = claim.result(timeout=60)
         assert claimed.id == run.id
-        assert store.recover_expired() == []  # its lease runs from the claim, not from before the wait
+        # Its lease runs from the claim, after the lock was let go, not from before the wait (already lapsed then).
+        assert claimed.lease_expires_at >= released_at + timedelta(seconds=1.0), (claimed.lease_expires_at, released_at)
     finally:
         blocker.dispose()
         store.dispose()

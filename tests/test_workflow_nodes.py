@@ -1,6 +1,8 @@
 """The http node against a real local server (allow-list, redirects, retries) and the LLM providers."""
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from flows.engine import WorkflowEngine
@@ -15,6 +17,7 @@ from tests.fake_services import EchoService, FakeOpenAI
 def echo():
     server = EchoService()
     yield server
+    server.gate.set()
     server.stop()
 
 
@@ -82,10 +85,18 @@ def test_a_5xx_is_retried_and_a_4xx_is_not(echo):
 
 
 def test_the_http_node_timeout_bounds_the_call(echo):
-    node = NodeSpec(id="h", type="http", timeout=0.3, config={"url": echo.url + "/sleep?s=2"})
-    result = http_engine(f"127.0.0.1:{echo.port}").run_node(node, {})
-    assert result.status == "failed" and result.error["code"] in ("timeout", "http_error")
-    assert result.duration_seconds < 1.5
+    """The server holds the request until the gate opens: the node ends on its own 0.3 s timeout while the gate is
+    still shut (without the bound it would wait for the gate, opened after a minute as a backstop, and complete)."""
+    backstop = threading.Timer(60, echo.gate.set)
+    backstop.start()
+    try:
+        node = NodeSpec(id="h", type="http", timeout=0.3, config={"url": echo.url + "/gate"})
+        result = http_engine(f"127.0.0.1:{echo.port}").run_node(node, {})
+        shut = not echo.gate.is_set()
+    finally:
+        backstop.cancel()
+    assert result.status == "failed" and result.error["code"] in ("timeout", "http_error"), result
+    assert shut, "the node returned only once the gate opened: its timeout did not bound the call"
 
 
 @pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://127.0.0.1/x", "http:///nohost", "not a url"])
