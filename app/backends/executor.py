@@ -28,9 +28,8 @@ log = logging.getLogger(__name__)
 class LocalExecutor:
     """Runs connectors and workflows in this process; the store, shared by every process, decides who runs what.
 
-    Nothing is queued in memory: a run waits in the store until some executor claims it, holds a
-    lease renewed by a heartbeat while it runs, and a lapsed lease marks it crashed.
-    """
+    Nothing is queued in memory: a run waits in the store until some executor claims it, holds a lease renewed
+    by a heartbeat while it runs, and a lapsed lease marks it crashed."""
 
     def __init__(self, store: RunStore, registry: ConnectorRegistry, workspace: Workspace,
                  slots: int, lease_seconds: float, poll_seconds: float, toolbox: Toolbox | None = None,
@@ -46,8 +45,7 @@ class LocalExecutor:
         self._timed_out: set[str] = set()
         self.slots = slots
         self.slot_classes = SlotClasses(slots, reserved_slots)
-        self.lease_seconds = lease_seconds
-        self.poll_seconds = poll_seconds
+        self.lease_seconds, self.poll_seconds = lease_seconds, poll_seconds
         self.id = ""
         self._running: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
@@ -133,8 +131,8 @@ class LocalExecutor:
         for run_id in unfinished:
             self.store.finish(run_id, self.id, CRASHED, error=RunError.interrupted())
         self._closed.set()
-        if len(self._threads) > 1:  # a heartbeat under way would write this executor's row back after its removal
-            self._threads[1].join(5)
+        for heartbeat in self._threads[1:]:  # one under way would write the row back after its removal
+            heartbeat.join(5)
         if self.id:
             self.store.executors.remove(self.id)
         if self.log_sink is not None:
