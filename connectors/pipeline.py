@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from connectors import load_marks
 from connectors.secrets import public_error, redact_text
 from connectors.spec import ConnectorSpec, FilesystemSource, PythonSource, RestApiSource, SqlDatabaseSource
 
@@ -119,9 +120,12 @@ class ConnectorPipeline:
         self._complete_interrupted_commits()
         if self._pipeline.config.restore_from_destination and (self.restore_state or self._pipeline.first_run):
             self._pipeline.sync_destination()
-        # ...and finish the load packages a run killed mid-way left behind.
+        # ...and finish the load packages a run killed mid-way left behind (its jobs that had committed in DuckDB
+        # noted done first: dlt would run them again, and their rows would land twice).
         if self._pipeline.has_pending_data:
             self._normalize()
+            if self.spec.destination.kind == "duckdb":
+                load_marks.note_marked_jobs(self._pipeline)
             self._load()
 
     def _complete_interrupted_commits(self) -> None:
@@ -193,6 +197,7 @@ def run_connector(
 def _configure_dlt() -> None:
     # No network here or in most data centres' job runners: dlt must not try to send telemetry.
     os.environ.setdefault("RUNTIME__DLTHUB_TELEMETRY", "false")
+    load_marks.install()  # DuckDB load jobs mark their commit: a killed run's committed job is not run again
 
 
 def _destination(spec: ConnectorSpec, workspace: Workspace) -> Any:

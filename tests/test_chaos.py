@@ -387,14 +387,7 @@ def test_every_answered_run_executes_at_most_once_and_ends_recorded_under_chaos(
         if location.exists():
             with duckdb.connect(str(location), read_only=True) as con:
                 landed.update(token for (token,) in con.execute("SELECT token FROM chaos.executions").fetchall())
-    # The one exception (README, Guarantees; test_faults.py, xfail): a run killed mid-load, after a load job
-    # committed and before dlt noted it, has that job run again by the next run's recover.
-    twice_landed = {token for token, count in landed.items() if count > 1}
-    killed_mid_load = {a.token for a in answered if docs[a.run_id]["status"] != "completed"}
-    if twice_landed:
-        request.config.pluginmanager.get_plugin("terminalreporter").write_line(
-            f"rows landed twice (known gap, runs killed mid-load): {sorted(twice_landed)}")
-    assert twice_landed <= killed_mid_load, twice_landed - killed_mid_load
+    assert not [token for token, count in landed.items() if count > 1]
     assert all(landed[a.token] == 1 for a in answered if docs[a.run_id]["status"] == "completed")
 
     # Every ended run's callback delivered; a repeat (its sender died before recording it) only as the same delivery.

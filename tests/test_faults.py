@@ -280,24 +280,23 @@ from connectors.pipeline import ConnectorPipeline, Workspace
 from connectors.registry import ConnectorRegistry
 
 save = PackageStorage.save_pending_transition
+connector, table = sys.argv[4], sys.argv[5]
 def die_before_recording(self, load_id, file_name, state, message=None):
-    if file_name.startswith("events."):  # the table's job (the state's may end first, in its own thread)
+    if file_name.startswith(table + "."):  # the table's job (the state's may end first, in its own thread)
         os.kill(os.getpid(), signal.SIGKILL)  # its rows are committed in DuckDB; dlt has not noted it yet
     save(self, load_id, file_name, state, message)
 PackageStorage.save_pending_transition = die_before_recording
-spec = ConnectorRegistry.load(Path(sys.argv[1])).get("inc")
+spec = ConnectorRegistry.load(Path(sys.argv[1])).get(connector)
 pipeline = ConnectorPipeline(spec, Workspace(Path(sys.argv[2]), Path(sys.argv[3])))
 for step in pipeline.steps:
     pipeline.run_step(step)
 """
 
 
-@pytest.mark.xfail(strict=True, reason="known gap (README, Guarantees): dlt runs a load job again when its process "
-                                       "was killed after the job committed and before dlt recorded it")
 def test_a_run_killed_after_a_load_job_committed_does_not_land_its_rows_twice(workdir: Path):
     """Found by the chaos test: a workflow's connector node killed at shutdown mid-load; the next run's recover
     loaded its package and the row was in DuckDB twice (same _dlt_id). The window is dlt's: between a job's
-    commit in the destination and the note of it in the package, which restore reads."""
+    commit in the destination and the note of it in the package, which restore reads (connectors/load_marks.py)."""
     from connectors.pipeline import Workspace, run_connector
 
     _events_db(workdir / "events.db", [(i, "new", f"2025-01-01T00:00:{i:02d}") for i in range(40)])
@@ -306,12 +305,32 @@ def test_a_run_killed_after_a_load_job_committed_does_not_land_its_rows_twice(wo
     assert run_connector(registry.get("inc"), workspace).rows == {"events": 40}
     _events_db(workdir / "events.db", [(i, "new", f"2025-01-02T00:00:{i - 40:02d}") for i in range(40, 45)])
     killed = subprocess.run([sys.executable, "-c", KILL_AFTER_A_JOB_COMMITTED, str(registry.path),
-                             str(workspace.pipelines_dir), str(workspace.duckdb_dir)], cwd=ROOT, timeout=120)
+                             str(workspace.pipelines_dir), str(workspace.duckdb_dir), "inc", "events"],
+                            cwd=ROOT, timeout=120)  # a Parquet file copied in (DuckDB's copy job)
     assert killed.returncode == -signal.SIGKILL
     summary = run_connector(registry.get("inc"), workspace)  # recover finishes the killed run's package
     with duckdb.connect(summary.location, read_only=True) as con:
         total, distinct = con.execute("SELECT count(*), count(DISTINCT id) FROM raw.events").fetchone()
-    assert (total, distinct) == (45, 45)
+    assert (total, distinct) == (45, 45)  # was (50, 45): the 5 rows of the killed run's job, loaded again
+    assert len(summary.load_ids) == 1 and summary.rows == {}  # its package finished; nothing new to extract
+    assert not list((workspace.pipelines_dir / "flowgate_inc" / "load" / "normalized").iterdir())
+
+
+def test_a_killed_runs_committed_insert_values_job_is_not_run_again_either(workdir: Path):
+    """Rows from Python objects load as INSERT VALUES (dlt's other DuckDB job): the same window, the same mark."""
+    from connectors.pipeline import Workspace, run_connector
+    from connectors.registry import ConnectorRegistry
+
+    registry = ConnectorRegistry.load(workdir / "connectors.yaml")
+    workspace = Workspace(workdir / "var" / "dlt", workdir / "var" / "duckdb")
+    killed = subprocess.run([sys.executable, "-c", KILL_AFTER_A_JOB_COMMITTED, str(registry.path),
+                             str(workspace.pipelines_dir), str(workspace.duckdb_dir), "numbers", "numbers"],
+                            cwd=ROOT, timeout=120)
+    assert killed.returncode == -signal.SIGKILL
+    summary = run_connector(registry.get("numbers"), workspace)  # the killed run's 10 rows, then its own 10
+    with duckdb.connect(summary.location, read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM raw.numbers").fetchone()[0] == 20  # 30: its job ran again
+    assert len(summary.load_ids) == 2
 
 
 ISOLATED_RUN = """
