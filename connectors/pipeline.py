@@ -120,12 +120,10 @@ class ConnectorPipeline:
         self._complete_interrupted_commits()
         if self._pipeline.config.restore_from_destination and (self.restore_state or self._pipeline.first_run):
             self._pipeline.sync_destination()
-        # ...and finish the load packages a run killed mid-way left behind (its jobs that had committed in DuckDB
-        # noted done first: dlt would run them again, and their rows would land twice).
+        # ...and finish the load packages a run killed mid-way left behind (a job of theirs that had committed in
+        # DuckDB finds its mark there and does not load again: connectors/load_marks.py).
         if self._pipeline.has_pending_data:
             self._normalize()
-            if self.spec.destination.kind == "duckdb":
-                load_marks.note_marked_jobs(self._pipeline)
             self._load()
 
     def _complete_interrupted_commits(self) -> None:
