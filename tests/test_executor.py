@@ -121,6 +121,34 @@ def test_a_heartbeat_under_way_at_shutdown_does_not_write_the_executor_back(part
     assert store.executors.capacity(stale_after_seconds=60).executors == 0
 
 
+def test_a_run_that_ends_as_a_heartbeat_renews_is_not_taken_for_lost(parts, monkeypatch, caplog):
+    """Seen under the fuzz test on a busy machine: a heartbeat took its list of running runs, one of them ended and
+    was recorded, and the renewal then found it no longer held: "lost the lease", an ERROR, for a run that ended."""
+    store = parts[2]
+    executor = make_executor(parts, lease=0.6)  # a heartbeat every 0.2 s
+    run_id = enqueue(parts, "numbers")
+    real_renew = store.renew_leases
+    held_back = []
+
+    def renew_after_the_run_ended(owner, run_ids, lease_seconds):
+        if run_id in run_ids:  # the snapshot has it: the renewal comes once its end is recorded
+            wait_until(lambda: store.get(run_id).status in TERMINAL, what="the run recorded")
+            held_back.append(run_id)
+        return real_renew(owner, run_ids, lease_seconds)
+
+    monkeypatch.setattr(store, "renew_leases", renew_after_the_run_ended)
+    caplog.set_level(logging.ERROR, logger="app.backends.executor")
+    executor.start()
+    try:
+        (run,) = wait_all(store, [run_id])
+        wait_until(lambda: held_back, what="a renewal held back until the run ended")
+        wait_until(lambda: executor.active == 0, what="the run's thread ended")
+    finally:
+        executor.shutdown(timeout=5)
+    assert run.status == COMPLETED
+    assert "lost the lease" not in caplog.text and not executor._lost
+
+
 def test_a_run_claimed_as_shutdown_begins_is_not_left_running(parts, monkeypatch):
     """Seen under SIGTERM with load: the claim loop's claim was still on its way back from the store when shutdown
     looked at what runs; shutdown found nothing, the process exited, and the run stayed `running` until its lease

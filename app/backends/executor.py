@@ -1,4 +1,7 @@
-"""LocalExecutor: threads in one gateway process that claim queued runs from the store and run them."""
+"""LocalExecutor: threads in one gateway process that claim queued runs from the store and run them.
+
+Over 300 lines because the claim loop, the heartbeat, shutdown and a run's own thread share one lock and the
+sets it guards (running, ending, lost, interrupted): each race between them is read here, side by side."""
 from __future__ import annotations
 
 import logging
@@ -53,6 +56,7 @@ class LocalExecutor:
         self._stopping = threading.Event()  # claim no more runs
         self._closed = threading.Event()  # shutdown done: leases are no longer renewed
         self._lost: set[str] = set()  # runs whose lease was taken from this executor: their outcome is dropped
+        self._recording: set[str] = set()  # runs whose end is being written: no longer held, and not lost
         self._interrupted: set[str] = set()  # runs stopped because this process shuts down
         self._ending = threading.Event()  # shutdown's last second: runs' processes are killed at once
         self._renewed_at = time.monotonic()  # the last heartbeat that renewed the leases
@@ -216,11 +220,12 @@ class LocalExecutor:
             running[run_id].set()
         held, cancel = self.store.renew_leases(self.id, list(running), self.lease_seconds)
         self._renewed_at = now
-        lost = set(running) - held
+        with self._lock:  # one that ended since the snapshot above is not held either: it is not lost
+            lost = {run_id for run_id in set(running) - held
+                    if run_id in self._running and run_id not in self._recording}
+            self._lost.update(lost)
         if lost:  # recovered elsewhere (e.g. the database was out of reach longer than the lease): stop, write nothing
             log.error("executor %s lost the lease of run(s) %s; stopping them", self.id, sorted(lost))
-            with self._lock:
-                self._lost.update(lost)
         for run_id in cancel | lost:
             running[run_id].set()
         self.store.executors.heartbeat(self.id, socket.gethostname(), os.getpid(), self.slots, len(running))
@@ -282,6 +287,7 @@ class LocalExecutor:
         with self._lock:
             lost = run_id in self._lost
             self._lost.discard(run_id)
+            self._recording.add(run_id)
         try:
             if lost:
                 log.warning("run %s ended as %s after its lease was lost; nothing recorded", run_id, outcome.status)
@@ -296,5 +302,6 @@ class LocalExecutor:
         finally:
             with self._lock:
                 self._running.pop(run_id, None)
+                self._recording.discard(run_id)
                 self.slot_classes.ended(run_id)
             self._wake.set()
