@@ -1,7 +1,7 @@
 """LocalExecutor: threads in one gateway process that claim queued runs from the store and run them.
 
 Over 300 lines because the claim loop, the heartbeat, shutdown and a run's own thread share one lock and the
-sets it guards (running, ending, lost, interrupted): each race between them is read here, side by side."""
+sets it guards (running, recording, lost, interrupted, timed out): their races are read here, side by side."""
 from __future__ import annotations
 
 import logging
