@@ -188,6 +188,13 @@ def test_recycled_workers_lose_no_run(workdir):
     assert ended == {"completed": 16}
 
 
+def run_until_killed(script: str, registry, workspace, *args: str) -> None:
+    """One of the scripts below in a process of its own, on this registry and workspace: it must die by SIGKILL."""
+    killed = subprocess.run([sys.executable, "-c", script, str(registry.path), str(workspace.pipelines_dir),
+                             str(workspace.duckdb_dir), *args], cwd=ROOT, timeout=120)
+    assert killed.returncode == -signal.SIGKILL
+
+
 KILL_AFTER_NORMALIZE = """
 import os, signal, sys
 from connectors.pipeline import ConnectorPipeline, Workspace
@@ -210,9 +217,7 @@ def test_a_run_killed_before_its_load_is_completed_by_the_next_run_without_dupli
     # (Before any load, dlt's sync with the destination drops a pending package along with the local state,
     # as its own run() does, and extracts again from the start: no duplicates either.)
     _events_db(workdir / "events.db", [(i, "new", f"2025-01-02T00:00:{i - 40:02d}") for i in range(40, 45)])
-    killed = subprocess.run([sys.executable, "-c", KILL_AFTER_NORMALIZE, str(registry.path),
-                             str(workspace.pipelines_dir), str(workspace.duckdb_dir)], cwd=ROOT, timeout=120)
-    assert killed.returncode == -signal.SIGKILL
+    run_until_killed(KILL_AFTER_NORMALIZE, registry, workspace)
     pending = list((workspace.pipelines_dir / "flowgate_inc" / "load" / "normalized").iterdir())
     assert pending, "the killed run left no pending load package"
 
@@ -255,9 +260,7 @@ def test_a_run_killed_inside_normalizes_commit_does_not_poison_the_connector(wor
     workspace = Workspace(workdir / "var" / "dlt", workdir / "var" / "duckdb")
     assert run_connector(registry.get("inc"), workspace).rows == {"events": 40}
     _events_db(workdir / "events.db", [(i, "new", f"2025-01-02T00:00:{i - 40:02d}") for i in range(40, 45)])
-    killed = subprocess.run([sys.executable, "-c", KILL_DURING_NORMALIZE_COMMIT, str(registry.path),
-                             str(workspace.pipelines_dir), str(workspace.duckdb_dir)], cwd=ROOT, timeout=120)
-    assert killed.returncode == -signal.SIGKILL
+    run_until_killed(KILL_DURING_NORMALIZE_COMMIT, registry, workspace)
     folder = workspace.pipelines_dir / "flowgate_inc"
     (package,) = [p.name for p in (folder / "load" / "normalized").iterdir()]
     assert (folder / "normalize" / "extracted" / package).exists()  # the package is there twice
@@ -304,10 +307,7 @@ def test_a_run_killed_after_a_load_job_committed_does_not_land_its_rows_twice(wo
     workspace = Workspace(workdir / "var" / "dlt", workdir / "var" / "duckdb")
     assert run_connector(registry.get("inc"), workspace).rows == {"events": 40}
     _events_db(workdir / "events.db", [(i, "new", f"2025-01-02T00:00:{i - 40:02d}") for i in range(40, 45)])
-    killed = subprocess.run([sys.executable, "-c", KILL_AFTER_A_JOB_COMMITTED, str(registry.path),
-                             str(workspace.pipelines_dir), str(workspace.duckdb_dir), "inc", "events"],
-                            cwd=ROOT, timeout=120)  # a Parquet file copied in (DuckDB's copy job)
-    assert killed.returncode == -signal.SIGKILL
+    run_until_killed(KILL_AFTER_A_JOB_COMMITTED, registry, workspace, "inc", "events")  # a Parquet copy job
     summary = run_connector(registry.get("inc"), workspace)  # recover finishes the killed run's package
     with duckdb.connect(summary.location, read_only=True) as con:
         total, distinct = con.execute("SELECT count(*), count(DISTINCT id) FROM raw.events").fetchone()
@@ -323,10 +323,7 @@ def test_a_killed_runs_committed_insert_values_job_is_not_run_again_either(workd
 
     registry = ConnectorRegistry.load(workdir / "connectors.yaml")
     workspace = Workspace(workdir / "var" / "dlt", workdir / "var" / "duckdb")
-    killed = subprocess.run([sys.executable, "-c", KILL_AFTER_A_JOB_COMMITTED, str(registry.path),
-                             str(workspace.pipelines_dir), str(workspace.duckdb_dir), "numbers", "numbers"],
-                            cwd=ROOT, timeout=120)
-    assert killed.returncode == -signal.SIGKILL
+    run_until_killed(KILL_AFTER_A_JOB_COMMITTED, registry, workspace, "numbers", "numbers")
     summary = run_connector(registry.get("numbers"), workspace)  # the killed run's 10 rows, then its own 10
     with duckdb.connect(summary.location, read_only=True) as con:
         assert con.execute("SELECT count(*) FROM raw.numbers").fetchone()[0] == 20  # 30: its job ran again
