@@ -155,13 +155,10 @@ def when_ready(server):
 
 
 def post_worker_init(worker):
-    """Start this worker's executor; on SIGTERM stop claiming at once, before gunicorn drains requests."""
+    """Start this worker's loops and executor; on SIGTERM stop claiming at once, before gunicorn drains requests."""
     services = worker.wsgi.extensions["flowgate"]
+    services.start()
     executor = services.executor
-    executor.start()
-    services.dispatcher.prefect.sync.start()
-    services.callbacks.start()
-    services.pruner.start()
     gunicorn_term = signal.getsignal(signal.SIGTERM)
 
     def on_term(signum, frame):
@@ -177,12 +174,8 @@ def worker_exit(server, worker):
     services = getattr(worker, "flowgate_services", None)
     if services is None:  # the worker died before its executor started
         return
-    services.dispatcher.prefect.sync.stop()
-    services.callbacks.stop()
-    services.pruner.stop()
-    executor = services.executor
     # gunicorn kills the worker graceful_timeout after SIGTERM; keep a second to write the records.
-    unfinished = executor.shutdown(timeout=max(server.cfg.graceful_timeout - 1, 0))
+    unfinished = services.stop(timeout=max(server.cfg.graceful_timeout - 1, 0))
     if unfinished:
         server.log.warning("worker %s left %d run(s) unfinished, recorded as crashed: %s",
                            worker.pid, len(unfinished), ", ".join(unfinished))

@@ -15,15 +15,17 @@ from flask.json.provider import DefaultJSONProvider
 from app.backends.executor import LocalExecutor
 from app.backends.local import LocalBackend
 from app.backends.prefect import PrefectBackend, make_prefect_route
+from app.backends.prefect_sync import PrefectSync
 from app.callbacks import CallbackSender
 from app.config import ConfigError, Settings, load_settings
 from app.dispatch import Dispatcher
 from app.retention import Pruner
-from app.runlogs import RunLogHandler
+from app.runlogs import RunLogCapture
 from app.runs.store import RunStore
 from connectors.pipeline import Workspace
 from connectors.registry import ConnectorRegistry, RegistryError
 from flows.engine import WorkflowEngine
+from flows.loop import Loop
 from flows.nodes import make_toolbox
 from flows.outbound import OutboundPolicy
 from flows.workflow_registry import WorkflowError, WorkflowRegistry
@@ -42,8 +44,30 @@ class Services:
     executor: LocalExecutor
     dispatcher: Dispatcher
     engine: WorkflowEngine  # for execute-node: one node inside the request, no cache
+    workspace: Workspace  # where pipelines keep their state and DuckDB files
+    prefect_sync: PrefectSync  # follows unfinished Prefect runs
     callbacks: CallbackSender
     pruner: Pruner  # deletes ended runs past FLOWGATE_RETENTION_DAYS
+    run_logs: RunLogCapture  # keeps the lines a run logs in the store
+
+    @property
+    def loops(self) -> tuple[Loop, ...]:
+        """Every background loop of a gateway process (readiness reports each by name)."""
+        return self.prefect_sync, self.callbacks, self.pruner, self.run_logs
+
+    def start(self) -> None:
+        """Start this process's work (after gunicorn forks): every loop, then the executor."""
+        for loop in self.loops:
+            loop.start()
+        self.executor.start()
+
+    def stop(self, timeout: float) -> list[str]:
+        """Let the executor's runs finish within `timeout` (the rest are recorded), then stop every loop; returns
+        the ids of the runs that could not finish."""
+        unfinished = self.executor.shutdown(timeout)
+        for loop in self.loops:
+            loop.stop()
+        return unfinished
 
 
 def services() -> Services:
@@ -91,21 +115,22 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     store.create_schema()  # pending migrations, under a lock: replicas may start together
     workspace = Workspace(pipelines_dir=settings.pipelines_dir, duckdb_dir=settings.duckdb_dir)
     toolbox = make_toolbox(settings)
+    run_logs = RunLogCapture(store)
     executor = LocalExecutor(store, registry, workspace, slots=settings.executor_threads,
                              lease_seconds=settings.lease_seconds, poll_seconds=settings.poll_seconds, toolbox=toolbox,
-                             run_timeout_seconds=settings.run_timeout_seconds, log_sink=RunLogHandler(store),
+                             run_timeout_seconds=settings.run_timeout_seconds, log_sink=run_logs,
                              reserved_slots=settings.reserved_slots)
-    dispatcher = Dispatcher(settings, store, registry, workspace, LocalBackend(store, executor),
-                            PrefectBackend(store, make_prefect_route(settings), settings.run_timeout_seconds,
-                                           pickup_seconds=settings.prefect_pickup_seconds))
+    prefect = PrefectBackend(store, make_prefect_route(settings), settings.run_timeout_seconds)
+    prefect_sync = PrefectSync(prefect, pickup_seconds=settings.prefect_pickup_seconds)
+    dispatcher = Dispatcher(settings, store, registry, workspace, LocalBackend(store, executor), prefect)
     engine = WorkflowEngine(replace(toolbox, run_connector=executor.connector_runner(
         owner=f"execute-node:{socket.gethostname()}:{os.getpid()}")))
     callbacks = CallbackSender(store, OutboundPolicy.parse(settings.callback_allowed_hosts), settings.callback_secret,
                                max_attempts=settings.callback_max_attempts,
                                backoff_seconds=settings.callback_backoff_seconds, poll_seconds=settings.poll_seconds)
     pruner = Pruner(store, settings.retention_days, settings.retention_interval_seconds, settings.retention_batch_size)
-    app.extensions["flowgate"] = Services(settings, registry, workflows, store, executor, dispatcher, engine, callbacks,
-                                          pruner)
+    app.extensions["flowgate"] = Services(settings, registry, workflows, store, executor, dispatcher, engine, workspace,
+                                          prefect_sync, callbacks, pruner, run_logs)
 
     from app import api, auth, errors, limits, metrics, openapi, waits
 

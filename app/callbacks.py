@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import socket
-import threading
 import time
 import uuid
 from datetime import timedelta
@@ -26,6 +25,8 @@ import httpx
 from app.runs.models import Run, RunCallback, utcnow
 from app.runs.store import RunStore
 from app.schemas import RunOut
+from flows.lease import LeaseKeeper
+from flows.loop import Loop
 from flows.outbound import OutboundPolicy, OutboundRefused
 
 log = logging.getLogger(__name__)
@@ -49,54 +50,44 @@ def verify(secret: str, header: str, body: bytes, tolerance_seconds: float = 300
     return hmac.compare_digest(signature(secret, timestamp, body), header)
 
 
-class CallbackSender:
-    """One per gateway process: a thread that delivers due callbacks from the store."""
+class CallbackSender(Loop):
+    """One per gateway process: a loop that delivers due callbacks from the store."""
 
     def __init__(self, store: RunStore, policy: OutboundPolicy, secret: str | None, max_attempts: int = 5,
                  backoff_seconds: float = 2.0, poll_seconds: float = 0.5, timeout_seconds: float = 10.0):
+        super().__init__("callbacks", every=poll_seconds)
         self.store = store
         self.policy = policy
         self.secret = secret
         self.max_attempts = max_attempts
         self.backoff_seconds = backoff_seconds
-        self.poll_seconds = poll_seconds
         self.timeout_seconds = timeout_seconds
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._http: httpx.Client | None = None
 
-    def start(self) -> None:
-        """Start delivering (after gunicorn forks); does nothing without a secret, as callbacks are then refused."""
-        if self._thread is not None or not self.secret:
-            return
-        self._http = httpx.Client(timeout=self.timeout_seconds, follow_redirects=False)
-        self._thread = threading.Thread(target=self._loop, name="flowgate-callbacks", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-
     @property
-    def alive(self) -> bool | None:
-        """Whether the sending thread runs (None: not started here)."""
-        return self._thread.is_alive() if self._thread is not None else None
+    def enabled(self) -> bool:
+        """Without a secret callbacks are refused at the trigger, so there is nothing to deliver."""
+        return bool(self.secret)
+
+    def start(self) -> None:
+        """Start delivering (after gunicorn forks)."""
+        if self._http is None and self.enabled:
+            self._http = httpx.Client(timeout=self.timeout_seconds, follow_redirects=False)
+        super().start()
 
     @property
     def claim_seconds(self) -> float:
         """How long a claim holds a delivery; it is extended while the delivery is in flight."""
         return self.timeout_seconds * 2 + 5
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                claimed = self.store.callbacks.claim(self.owner, lease_seconds=self.claim_seconds)
-                if claimed is not None:
-                    self.deliver(*claimed)
-                    continue
-            except Exception:  # a database hiccup must not end the loop; the claim lapses and it is sent later
-                log.exception("delivering a callback failed")
-            self._stop.wait(self.poll_seconds)
+    def run_once(self) -> bool:
+        """Deliver one due callback, if any (True: there may be more)."""
+        claimed = self.store.callbacks.claim(self.owner, lease_seconds=self.claim_seconds)
+        if claimed is None:
+            return False
+        self.deliver(*claimed)
+        return True
 
     def deliver(self, callback: RunCallback, run: Run) -> bool:
         """One attempt; records it on the run. True when the receiver answered 2xx."""
@@ -109,11 +100,12 @@ class CallbackSender:
         started = time.perf_counter()
         attempt: dict[str, Any] = {"attempt": number, "at": utcnow().isoformat()}
         delivered = False
-        sending = threading.Event()
         # The claim outlives any delivery: it is extended while this one is in flight (a slow receiver, DNS),
         # so no other process takes it over; if this process dies, the claim lapses and another sends it.
-        threading.Thread(target=self._hold_claim, args=(run.id, sending), daemon=True,
-                         name=f"flowgate-callback-claim-{run.id[:8]}").start()
+        claim = LeaseKeeper(f"callback-{run.id[:8]}", lambda ids: ids if self.store.callbacks.extend_claim(
+            run.id, self.owner, self.claim_seconds) else [], self.claim_seconds, self._claim_lost)
+        claim.hold(run.id)
+        claim.start()
         try:
             self.policy.check(callback.url)  # again at send time: the allow-list may have changed since
             # Only the status line and headers are read: a receiver dripping a body cannot hold the sender.
@@ -134,7 +126,7 @@ class CallbackSender:
         try:
             self._record(run.id, attempt, delivered, retry_at)
         finally:
-            sending.set()
+            claim.close()
         log.log(logging.INFO if delivered else logging.WARNING, "callback of run %s attempt %d: %s", run.id, number,
                 "delivered" if delivered else attempt.get("error"), extra={"run_id": run.id})
         return delivered
@@ -150,9 +142,9 @@ class CallbackSender:
                 log.warning("recording the callback attempt of %s failed; retrying", run_id, exc_info=True)
                 time.sleep(delay)
 
-    def _hold_claim(self, run_id: str, done: threading.Event) -> None:
-        while not done.wait(self.claim_seconds / 3):
-            try:
-                self.store.callbacks.extend_claim(run_id, self.owner, self.claim_seconds)
-            except Exception:  # the claim still has two thirds of its time; the next extension may get through
-                log.warning("extending the claim of the callback of %s failed", run_id, exc_info=True)
+    @staticmethod
+    def _claim_lost(run_id: str, why: str) -> None:
+        # The POST is under way or done: another process may send it again, and the receiver dedupes on the
+        # delivery id. Recording this attempt then changes nothing (the claim is no longer this process's).
+        log.warning("the claim of the callback of %s was lost (%s); it may be delivered again", run_id, why,
+                    extra={"run_id": run_id})

@@ -1,6 +1,6 @@
 """Per-run log capture: lines logged by a run's threads (they carry its run id) are kept in the run store.
 
-A logging handler in each gateway process buffers such lines and writes them in batches, so any process
+A logging handler in each gateway process buffers such lines and a loop writes them in batches, so any process
 can serve GET /api/v1/runs/<id>/logs; the executor writes a run's last lines with the run's end.
 """
 from __future__ import annotations
@@ -11,46 +11,45 @@ from datetime import datetime, timezone
 from typing import Any
 
 from app.logs import run_id as current_run_id
-from connectors.secrets import public_error
 from app.runs.store import RunStore
+from connectors.secrets import public_error
+from flows.loop import Loop
 
 MAX_MESSAGE = 4000
 _IGNORED = ("sqlalchemy", "app.runlogs")  # the store's own lines, written while flushing, must not loop back
 
 
-class RunLogHandler(logging.Handler):
-    """Buffers INFO+ lines that belong to a run; a thread writes them every `interval` seconds."""
+class RunLogCapture(Loop):
+    """Buffers INFO+ lines that belong to a run (through `handler`, on the root logger while started) and writes
+    them every `interval` seconds."""
 
     def __init__(self, store: RunStore, interval: float = 0.5, max_lines_per_run: int = 5000):
-        super().__init__(level=logging.INFO)
+        super().__init__("run-logs", every=interval)
         self.store = store
-        self.interval = interval
         self.max_lines_per_run = max_lines_per_run
+        self.handler = _Handler(self)
         self._buffer: list[dict[str, Any]] = []
         self._counts: dict[str, int] = {}
         self._buffer_lock = threading.Lock()
         self._flush_lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         """Attach to the root logger and start writing (in the process that runs the pipelines)."""
-        if self._thread is None:
-            logging.getLogger().addHandler(self)
-            self._thread = threading.Thread(target=self._loop, name="flowgate-run-logs", daemon=True)
-            self._thread.start()
+        if self.alive is None:
+            logging.getLogger().addHandler(self.handler)
+        super().start()
 
-    @property
-    def alive(self) -> bool | None:
-        """Whether the writing thread runs (None: not started in this process)."""
-        return self._thread.is_alive() if self._thread is not None else None
-
-    def stop(self) -> None:
-        logging.getLogger().removeHandler(self)
-        self._stop.set()
+    def stop(self, timeout: float | None = None) -> None:
+        """Detach, stop the loop, write what is left."""
+        logging.getLogger().removeHandler(self.handler)
+        super().stop(timeout)
         self.flush()
 
-    def emit(self, record: logging.LogRecord) -> None:
+    def run_once(self) -> None:
+        self.flush()
+
+    def add(self, record: logging.LogRecord) -> None:
+        """Buffer `record` if a run logged it."""
         run = getattr(record, "run_id", None) or current_run_id.get()
         if run is None or record.name.startswith(_IGNORED):
             return
@@ -86,6 +85,13 @@ class RunLogHandler(logging.Handler):
             self._counts.pop(run, None)
         return taken
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.flush()
+
+class _Handler(logging.Handler):
+    """The logging side of RunLogCapture."""
+
+    def __init__(self, capture: RunLogCapture):
+        super().__init__(level=logging.INFO)
+        self.capture = capture
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.capture.add(record)

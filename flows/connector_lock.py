@@ -20,6 +20,7 @@ from sqlalchemy import Column, DateTime, MetaData, String, Table, delete, insert
 from sqlalchemy.orm import Session
 
 from flows.database import Database
+from flows.lease import keep_one
 from flows.outcome import TERMINAL
 
 log = logging.getLogger(__name__)
@@ -110,14 +111,16 @@ class ConnectorLock:
         return self.database.retry(attempt)
 
     def renew(self, key: str, holder: str) -> bool:
-        """Extend the lease; False when `holder` no longer has the key."""
+        """Extend the lease; False when `holder` no longer has the key, or its lease lapsed (a local run may have
+        been claimed since: a lapsed lock is nobody's, whoever it still names)."""
 
         def attempt() -> bool:
             with self.database.session(write=True) as session:
-                expires = now_utc(session, self.database.is_sqlite) + timedelta(seconds=self.lease_seconds)
+                now = now_utc(session, self.database.is_sqlite)
                 return session.execute(update(connector_locks).where(
-                    connector_locks.c.key == key, connector_locks.c.holder == holder)
-                    .values(expires_at=expires)).rowcount == 1
+                    connector_locks.c.key == key, connector_locks.c.holder == holder,
+                    connector_locks.c.expires_at > now)
+                    .values(expires_at=now + timedelta(seconds=self.lease_seconds))).rowcount == 1
 
         return self.database.retry(attempt)
 
@@ -133,10 +136,11 @@ class ConnectorLock:
 
     @contextmanager
     def hold(self, key: str, holder: str, should_stop: Callable[[], bool] = lambda: False) -> Iterator[threading.Event]:
-        """Wait for `key`, hold it while the block runs (renewed three times per lease), release it after.
+        """Wait for `key`, hold it while the block runs (kept by a LeaseKeeper), release it after.
 
-        Yields an event that is set if the lease is lost: check it between steps and stop (LockLost)."""
+        Yields an event that is set if the lease is lost (taken, or not renewed in time): stop (LockLost)."""
         waited = False
+        asked = time.monotonic()  # the lease runs from no earlier than this
         while not self.try_acquire(key, holder):
             if should_stop():
                 self.release(key, holder)  # the reservation made while waiting
@@ -145,28 +149,13 @@ class ConnectorLock:
                 log.info("waiting for another run of %s to end", key)
                 waited = True
             time.sleep(self.poll_seconds)
-        lost, done = threading.Event(), threading.Event()
-
-        def keep() -> None:
-            renewed_at = time.monotonic()
-            while not done.wait(self.lease_seconds / 3):
-                try:
-                    if not self.renew(key, holder):
-                        log.error("the lease on %s was lost", key)
-                        lost.set()
-                        return
-                    renewed_at = time.monotonic()
-                except Exception:  # the next renewal may get through: the lease is three intervals long...
-                    log.exception("renewing the lease on %s failed", key)
-                    if time.monotonic() - renewed_at > self.lease_seconds * 2 / 3:  # ...unless it is nearly over
-                        lost.set()
-                        return
-
-        threading.Thread(target=keep, name="flowgate-connector-lock", daemon=True).start()
+            asked = time.monotonic()
+        lost = threading.Event()
+        lease = keep_one(key, lambda: self.renew(key, holder), self.lease_seconds, lost, since=asked)
         try:
             yield lost
         finally:
-            done.set()
+            lease.close()
             try:
                 self.release(key, holder)
             except Exception:  # the lease lapses by itself

@@ -95,11 +95,11 @@ def app(app_config: dict):
 
 @pytest.fixture
 def running_app(app):
-    """The gateway with its executor claiming and running pipelines."""
-    executor = app.extensions["flowgate"].executor
-    executor.start()
+    """The gateway with its loops and executor running, as in a gunicorn worker."""
+    services = app.extensions["flowgate"]
+    services.start()
     yield app
-    executor.shutdown(timeout=10)
+    services.stop(timeout=10)
 
 
 def postgres_available() -> str | None:

@@ -25,6 +25,39 @@ def test_readiness_reports_database_executor_and_prefect(running_app):
     assert checks["prefect"]["status"] == "disabled"
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread's death is the point
+@pytest.mark.parametrize("name", ["prefect-sync", "callbacks", "pruner", "run-logs"])
+def test_readiness_names_each_background_loop_that_died(app_config, name):
+    from app import create_app
+
+    # Every loop enabled: Prefect configured (nothing listens there), callbacks signed, runs pruned.
+    app = create_app({**app_config, "prefect_api_url": "http://127.0.0.1:9/api", "callback_secret": "s" * 32,
+                      "retention_days": 7})
+    services = app.extensions["flowgate"]
+    services.start()
+    try:
+        client = app.test_client()
+        loops = client.get("/api/v1/health/ready").json["checks"]["process"]["loops"]
+        assert {loop.name for loop in services.loops} <= set(loops) and all(loops.values()), loops
+        (loop,) = [loop for loop in services.loops if loop.name == name]
+
+        def dies() -> None:  # something no `except Exception` catches: the thread ends
+            raise SystemExit(f"{name} died")
+
+        loop.run_once = dies
+        loop.wake()
+        deadline = time.monotonic() + 10
+        while loop.alive and time.monotonic() < deadline:
+            time.sleep(0.05)
+        response = client.get("/api/v1/health/ready")
+        assert response.status_code == 503
+        process = response.json["checks"]["process"]
+        assert process["loops"][name] is False and name in process["reason"], process
+    finally:
+        services.stop(timeout=10)
+        services.store.dispose()
+
+
 def test_readiness_is_503_with_a_reason_when_no_executor_runs(client):
     client.post("/trigger", json={"connector_id": "shop"})
     response = client.get("/api/v1/health/ready")

@@ -131,13 +131,13 @@ def test_the_node_cache_is_shared_through_the_run_store(app_config):
     for _ in range(2):
         app = create_app(app_config)
         services = app.extensions["flowgate"]
-        services.executor.start()
+        services.start()
         try:
             client = app.test_client()
             accepted = client.post("/api/workflow/cached/execute", json={"inputs": {"k": 1}})
             executions.append(poll_execution(client, accepted.json["statusUrl"]))
         finally:
-            services.executor.shutdown(timeout=5)
+            services.stop(timeout=5)
             services.store.dispose()
     assert [e["nodes"][0]["cached"] for e in executions] == [False, True]
     assert executions[1]["nodes"][0]["output"] == executions[0]["nodes"][0]["output"]
@@ -304,7 +304,7 @@ def test_a_file_workflows_variables_are_resolved_where_it_runs(app_config, monke
         "nodes: [{id: say, type: output, config: {value: '${GREETING} {{ inputs.name }}'}}]\n")
     app = create_app(app_config)
     services = app.extensions["flowgate"]
-    services.executor.start()
+    services.start()
     try:
         client = app.test_client()
         accepted = client.post("/api/workflow/greet/execute", json={"inputs": {"name": "mundo"}}).json
@@ -314,7 +314,7 @@ def test_a_file_workflows_variables_are_resolved_where_it_runs(app_config, monke
         leaked = client.post("/api/workflow/x/execute", json={"workflow": inline}).json
         assert poll_execution(client, leaked["statusUrl"])["outputs"] == {"say": "${GREETING}"}  # inline: no env
     finally:
-        services.executor.shutdown(timeout=5)
+        services.stop(timeout=5)
         services.store.dispose()
 
 

@@ -47,6 +47,16 @@ def test_a_lapsed_lock_is_taken_over_and_its_old_holder_learns_it_lost_it(store:
     assert not short.renew("k", "prefect:stalled")
 
 
+def test_a_lapsed_lock_cannot_be_renewed_even_while_it_still_names_its_holder(store: RunStore):
+    """A local run may be claimed the moment the lock lapses: a late renewal must not bring the lock back beside it."""
+    short = ConnectorLock(store.db, lease_seconds=0.2)
+    assert short.try_acquire("k", "prefect:stalled")
+    run = _queued(store, "k")
+    wait_until(lambda: store.claim_next("executor", 600), what="a local run claimed the lapsed key")
+    assert not short.renew("k", "prefect:stalled")
+    assert store.get(run.id).status == "running"
+
+
 def test_hold_waits_for_the_local_run_then_keeps_the_key_until_the_block_ends(store: RunStore, monkeypatch):
     lock = ConnectorLock(store.db, lease_seconds=6.0, poll_seconds=0.05)  # renewed every 2 s: 4 s of slack
     refused, renewed = [], []  # what the lock's own calls answered: events to wait for instead of time

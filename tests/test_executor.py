@@ -123,9 +123,11 @@ def test_a_heartbeat_under_way_at_shutdown_does_not_write_the_executor_back(part
 
 def test_a_run_that_ends_as_a_heartbeat_renews_is_not_taken_for_lost(parts, monkeypatch, caplog):
     """Seen under the fuzz test on a busy machine: a heartbeat took its list of running runs, one of them ended and
-    was recorded, and the renewal then found it no longer held: "lost the lease", an ERROR, for a run that ended."""
+    was recorded, and the renewal then found it no longer held: "lost the lease", an ERROR, for a run that ended.
+    Here a renewal is sent while the run runs and answers only once its end is recorded (a 30 s lease: the fence,
+    20 s on, stays out of it)."""
     store = parts[2]
-    executor = make_executor(parts, lease=0.6)  # a heartbeat every 0.2 s
+    executor = make_executor(parts, lease=30.0)
     run_id = enqueue(parts, "numbers")
     real_renew = store.renew_leases
     held_back = []
@@ -140,8 +142,12 @@ def test_a_run_that_ends_as_a_heartbeat_renews_is_not_taken_for_lost(parts, monk
     caplog.set_level(logging.ERROR, logger="app.backends.executor")
     executor.start()
     try:
+        wait_until(lambda: run_id in executor.leases.held(), what="the run claimed")
+        renewal = threading.Thread(target=executor.leases.renew_once)
+        renewal.start()
         (run,) = wait_all(store, [run_id])
-        wait_until(lambda: held_back, what="a renewal held back until the run ended")
+        renewal.join(60)
+        assert held_back == [run_id]
         wait_until(lambda: executor.active == 0, what="the run's thread ended")
     finally:
         executor.shutdown(timeout=5)

@@ -1,7 +1,8 @@
 """The import contract: each floor imports only the floors below it, and Prefect stays on its side.
 
 connectors/ (floor 1) imports neither flows/ nor app/; flows/ (floor 2) does not import app/; only flows/prefect/
-and the gateway's Prefect backend may import `prefect`; views (app/api/) import no dlt.
+and the gateway's Prefect backend may import `prefect`; views (app/api/) import no dlt. No two product modules
+import each other, however indirectly (imports inside functions aside: Flask's factory imports its blueprints).
 """
 from __future__ import annotations
 
@@ -48,6 +49,70 @@ def violations(root: Path) -> list[str]:
                     if relative.startswith(where) and top in forbidden and not relative.startswith(allowed or ("\0",)):
                         found.append(f"{relative}: imports {module}")
     return found
+
+
+def module_imports(root: Path) -> dict[str, set[str]]:
+    """Each product module's imports of other product modules at module level (`if TYPE_CHECKING:` included)."""
+    paths = {".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): path
+             for package in PACKAGES for path in (root / package).rglob("*.py")}
+
+    def at_module_level(body: list[ast.stmt]) -> set[str]:
+        found = set()
+        for node in body:
+            if isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.update({node.module, *(f"{node.module}.{alias.name}" for alias in node.names)})
+            elif not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for field in ("body", "orelse", "finalbody"):
+                    found |= at_module_level([n for n in getattr(node, field, []) if isinstance(n, ast.stmt)])
+                found |= at_module_level([n for h in getattr(node, "handlers", []) for n in h.body])
+        return found
+
+    return {name: {module for module in at_module_level(ast.parse(path.read_text()).body)
+                   if module in paths and module != name} for name, path in paths.items()}
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The groups of modules that import each other (strongly connected components of two or more)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles = []
+
+    def visit(module: str) -> None:
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        for other in graph[module]:
+            if other not in index:
+                visit(other)
+                low[module] = min(low[module], low[other])
+            elif other in stack:
+                low[module] = min(low[module], index[other])
+        if low[module] == index[module]:
+            group = stack[stack.index(module):]
+            del stack[stack.index(module):]
+            if len(group) > 1:
+                cycles.append(sorted(group))
+
+    for module in sorted(graph):
+        if module not in index:
+            visit(module)
+    return cycles
+
+
+def test_no_product_modules_import_each_other():
+    assert import_cycles(module_imports(ROOT)) == []
+
+
+def test_the_cycle_check_catches_a_circle_behind_type_checking(tmp_path):
+    for package in PACKAGES:
+        shutil.copytree(ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    sync = tmp_path / "app" / "backends" / "prefect_sync.py"
+    sync.write_text(sync.read_text() + "\nfrom typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import app.backends.executor\n")
+    executor = tmp_path / "app" / "backends" / "executor.py"
+    executor.write_text(executor.read_text() + "\nfrom app.backends.prefect_sync import PrefectSync\n")
+    assert import_cycles(module_imports(tmp_path)) == [["app.backends.executor", "app.backends.prefect_sync"]]
 
 
 def test_every_floor_imports_only_the_floors_below_it():

@@ -98,13 +98,13 @@ def test_a_local_run_past_the_run_timeout_ends_failed(app_config):
     # outlasts any heartbeat a busy machine delays. A lease of 0.9 s lapsed there before it was renewed (crashed).
     app = create_app({**app_config, "run_timeout_seconds": 0.5})
     services = app.extensions["flowgate"]
-    services.executor.start()
+    services.start()
     try:
         client = app.test_client()
         run = client.post("/trigger", json={"connector_id": "slow", "params": {"delay_seconds": 30.0}}).json
         done = poll_until_ended(client, run["status_url"], timeout=60)
     finally:
-        services.executor.shutdown(timeout=10)
+        services.stop(timeout=10)
         services.store.dispose()
     assert done["status"] == "failed" and done["error"]["code"] == "run_timeout", done
 
@@ -122,7 +122,7 @@ def test_a_prefect_run_that_never_ends_is_ended_by_the_run_timeout(app_config):
                         .values(created_at=utcnow() - timedelta(seconds=120)))
     fresh_again, _ = services.store.create_run(NewRun(kind="connector", target="events", params={},
                                                       backend="prefect", concurrency_key="connector:events"))
-    assert sorted(r.id for r in services.dispatcher.prefect.sync.end_overdue_runs()) == sorted([run.id, fresh.id])
+    assert sorted(r.id for r in services.prefect_sync.end_overdue_runs()) == sorted([run.id, fresh.id])
     ended = services.store.get(run.id)
     assert ended.status == "failed" and ended.error["code"] == "run_timeout"
     assert services.store.get(fresh_again.id).status == "queued"

@@ -209,13 +209,13 @@ def _run_through_a_gateway(app_config: dict, connectors_file: Path) -> dict:
 
     app = create_app({**app_config, "connectors_file": connectors_file})
     services = app.extensions["flowgate"]
-    services.executor.start()
+    services.start()
     try:
         client = app.test_client()
         accepted = client.post("/trigger", json={"connector_id": "inc"})
         return poll_until_ended(client, accepted.json["status_url"])
     finally:
-        services.executor.shutdown(timeout=10)
+        services.stop(timeout=10)
         services.store.dispose()
 
 

@@ -221,11 +221,11 @@ def test_a_dead_prefect_costs_one_short_timeout_then_triggers_go_local_and_back(
 def test_the_background_sync_follows_every_unfinished_run_in_one_call(stack, gateway):
     ids = [gateway.post("/trigger", json={"connector_id": "numbers", "params": {"n": i + 1}}).json["run_id"]
            for i in range(2)]
-    dispatcher = gateway.application.extensions["flowgate"].dispatcher
+    services = gateway.application.extensions["flowgate"]
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        dispatcher.prefect.sync.run_once()
-        runs = [dispatcher.store.get(i) for i in ids]
+        services.prefect_sync.sync_once()
+        runs = [services.store.get(i) for i in ids]
         if all(r.is_terminal for r in runs):
             break
         time.sleep(1)
@@ -245,7 +245,8 @@ def test_a_create_whose_answer_is_late_is_found_again_and_runs_once_on_prefect(s
                       "prefect_timeout_seconds": 1.5, "lease_seconds": 10.0, "poll_seconds": 0.05})
     services = app.extensions["flowgate"]
     services.executor.start()
-    services.dispatcher.prefect.sync.start(every_seconds=0.5)
+    services.prefect_sync.every = 0.5
+    services.prefect_sync.start()
     client = app.test_client()
     try:
         for mode in ("auto", "prefect"):
@@ -261,7 +262,7 @@ def test_a_create_whose_answer_is_late_is_found_again_and_runs_once_on_prefect(s
         assert proxy.slowed >= 2
         assert services.store.count_by_status() == {}  # nothing ever ran locally
     finally:
-        services.dispatcher.prefect.sync.stop()
+        services.prefect_sync.stop()
         services.executor.shutdown(timeout=10)
         services.store.dispose()
         proxy.stop()
@@ -272,13 +273,14 @@ def test_a_run_accepted_but_never_handed_to_prefect_is_dispatched_by_the_sync(st
     services = gateway.application.extensions["flowgate"]
     orphan, _ = services.store.create_run(NewRun(kind="connector", target="numbers", params={"n": 4},
                                                  backend="prefect", concurrency_key="connector:numbers"))
-    services.dispatcher.prefect.sync.start(every_seconds=0.5)
+    services.prefect_sync.every = 0.5
+    services.prefect_sync.start()
     try:
         deadline = time.monotonic() + 120
         while not (run := services.store.get(orphan.id)).is_terminal and time.monotonic() < deadline:
             time.sleep(0.5)
     finally:
-        services.dispatcher.prefect.sync.stop()
+        services.prefect_sync.stop()
     assert run.status == "completed" and run.backend == "prefect" and run.prefect_flow_run_id, run.error
     assert run.result["rows"] == {"numbers": 4}
     assert len(tagged_flow_runs(stack, orphan.id)) == 1

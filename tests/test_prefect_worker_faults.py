@@ -78,7 +78,8 @@ def pickup_gateway(stack: PrefectStack, tmp_path: Path, **settings):
                       "lease_seconds": 15.0, "poll_seconds": 0.05, **settings})
     services = app.extensions["flowgate"]
     services.executor.start()
-    services.dispatcher.prefect.sync.start(every_seconds=0.5)
+    services.prefect_sync.every = 0.5
+    services.prefect_sync.start()
     return app, services
 
 
@@ -97,7 +98,7 @@ def test_runs_no_worker_picks_up_go_local_once_even_when_the_worker_resumes_at_t
             time.sleep(3.7)  # the worker comes back just as their pickup deadline (4 s) passes
         raced = [poll_until_ended(client, run["status_url"], timeout=120) for run in raced]
     finally:
-        services.dispatcher.prefect.sync.stop()
+        services.prefect_sync.stop()
         services.executor.shutdown(timeout=10)
         services.store.dispose()
     for run in moved:  # no worker while they waited: taken back, run here, never on Prefect
@@ -140,7 +141,7 @@ def test_triggers_go_local_once_the_workers_heartbeat_is_older_than_the_liveness
         wait_until(workers_online, 60, "the resumed worker's next heartbeat", every=0.5)
         assert trigger_until("prefect")["prefect_flow_run_id"]
     finally:
-        services.dispatcher.prefect.sync.stop()
+        services.prefect_sync.stop()
         services.executor.shutdown(timeout=10)
         services.store.dispose()
 
@@ -164,10 +165,10 @@ def test_a_claim_left_on_a_flow_run_a_worker_had_already_run_does_not_run_it_aga
         stack.api("POST", f"flow_runs/{flow_run_id}/set_state", json={"state": {
             "type": "PENDING", "name": "Reclaimed", "message": "a claim whose restore never got through"},
             "force": True})
-        services.dispatcher.prefect.sync.run_once()
+        services.prefect_sync.sync_once()
         after = services.store.get(run["run_id"])
         state = stack.api("GET", f"flow_runs/{flow_run_id}")["state"]
-        services.dispatcher.prefect.sync.run_once()
+        services.prefect_sync.sync_once()
         followed = services.store.get(run["run_id"])
     finally:
         services.store.dispose()

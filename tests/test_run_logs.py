@@ -29,7 +29,7 @@ def run_a_retried_http_node(app_config: dict) -> tuple[dict, list[dict]]:
     echo.failures = 1
     app = create_app({**app_config, "http_allowed_hosts": f"127.0.0.1:{echo.port}"})
     services = app.extensions["flowgate"]
-    services.executor.start()
+    services.start()
     try:
         client = app.test_client()
         inline = {"nodes": [{"id": "call", "type": "http", "retries": 1, "retry_backoff_seconds": 0,
@@ -38,7 +38,7 @@ def run_a_retried_http_node(app_config: dict) -> tuple[dict, list[dict]]:
         done = poll_execution(client, accepted["statusUrl"])
         return done, client.get(f"/api/v1/runs/{accepted['executionId']}/logs").json["items"]
     finally:
-        services.executor.shutdown(timeout=5)
+        services.stop(timeout=5)
         services.store.dispose()
         echo.stop()
 

@@ -67,7 +67,7 @@ def test_a_workflow_files_resolved_secret_never_reaches_a_reader(app_config, mon
         f"  - {{id: call, type: http, config: {{url: 'http://127.0.0.1:{echo.port}/{{{{ inputs.path }}}}"
         "?key=${WF_SECRET}'}}\n")
     app = create_app({**app_config, "http_allowed_hosts": f"127.0.0.1:{echo.port}"})
-    app.extensions["flowgate"].executor.start()
+    app.extensions["flowgate"].start()
     try:
         client = app.test_client()
         run_id = client.post("/api/workflow/leaky/execute", json={"inputs": inputs}).json["executionId"]
@@ -80,7 +80,7 @@ def test_a_workflow_files_resolved_secret_never_reaches_a_reader(app_config, mon
         if inputs:
             assert echo.requests[-1]["query"] == {"key": WF_SECRET}  # the node itself did use the secret
     finally:
-        app.extensions["flowgate"].executor.shutdown(timeout=10)
+        app.extensions["flowgate"].stop(timeout=10)
         app.extensions["flowgate"].store.dispose()
 
 

@@ -58,7 +58,7 @@ def schema(connector_id: str) -> dict[str, Any]:
     spec = get_connector_or_404(connector_id)
     try:
         return {"connector_id": spec.id, "dataset": spec.dataset, "destination": spec.destination.kind,
-                **destination_schema(spec, services().dispatcher.workspace)}
+                **destination_schema(spec, services().workspace)}
     except DestinationBusy as exc:
         raise Unavailable(f"the destination is being written right now: {exc}", code="destination_busy",
                           headers={"Retry-After": "5"}) from None

@@ -40,7 +40,7 @@ def ready() -> tuple[dict[str, Any], int]:
         checks["executor"] = {"status": "unknown", "reason": "the run store is unreachable"}
     checks["process"] = _background_loops(svc)
     route = svc.dispatcher.prefect.route
-    checks["prefect"] = {**route.status(), **svc.dispatcher.prefect.sync.awaiting_pickup()} if route else {
+    checks["prefect"] = {**route.status(), **svc.prefect_sync.awaiting_pickup()} if route else {
         "status": "disabled", "reason": "PREFECT_API_URL is not set; runs execute locally"}
     # Work can run if either path can take it; Prefect being down alone is no reason to refuse work.
     ready = (checks["database"]["status"] == "up" and checks["process"]["status"] == "up"
@@ -51,8 +51,7 @@ def ready() -> tuple[dict[str, Any], int]:
 def _background_loops(svc: Any) -> dict[str, Any]:
     """This process's background loops (started after gunicorn forks): a dead one means this process is broken."""
     executor = svc.executor
-    loops = {**executor.loops(), "callbacks": svc.callbacks.alive, "prefect-sync": svc.dispatcher.prefect.sync.alive,
-             "run-logs": executor.log_sink.alive if executor.log_sink is not None else None}
+    loops = {**executor.loops(), **{loop.name: loop.alive for loop in svc.loops}}
     stopping = executor.slots and executor.loops() and not executor.started  # draining: loops wind down on purpose
     started = {name: alive for name, alive in loops.items() if alive is not None}
     dead = sorted(name for name, alive in started.items() if not alive)

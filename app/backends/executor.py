@@ -1,7 +1,7 @@
 """LocalExecutor: threads in one gateway process that claim queued runs from the store and run them.
 
-Over 300 lines because the claim loop, the heartbeat, shutdown and a run's own thread share one lock and the
-sets it guards (running, recording, lost, interrupted, timed out): their races are read here, side by side."""
+The leases of the runs it executes are kept by one LeaseKeeper (flows/lease.py): renewed every lease/3, and a
+run whose lease was taken, or not renewed in time however the renewal hangs, is stopped at once."""
 from __future__ import annotations
 
 import logging
@@ -15,13 +15,15 @@ from dataclasses import replace
 from app.backends.workflow_runs import InlineConnectorRunner, record_pending_nodes, run_workflow, stored_spec
 from app.logs import run_id as current_run_id
 from app.metrics import observe_run_end
-from app.runlogs import RunLogHandler
+from app.runlogs import RunLogCapture
 from app.runs.models import Run, utcnow
 from app.runs.slots import SlotClasses
 from app.runs.store import RunStore
 from connectors.isolated import run_connector_isolated, warm_up
 from connectors.pipeline import Workspace
 from connectors.registry import ConnectorRegistry
+from flows.lease import TAKEN, LeaseKeeper
+from flows.loop import Loop
 from flows.nodes import Toolbox
 from flows.outcome import CANCELLED, COMPLETED, CRASHED, FAILED, RunError, RunOutcome
 
@@ -36,7 +38,7 @@ class LocalExecutor:
 
     def __init__(self, store: RunStore, registry: ConnectorRegistry, workspace: Workspace,
                  slots: int, lease_seconds: float, poll_seconds: float, toolbox: Toolbox | None = None,
-                 run_timeout_seconds: float = 6 * 3600, log_sink: RunLogHandler | None = None,
+                 run_timeout_seconds: float = 6 * 3600, log_sink: RunLogCapture | None = None,
                  reserved_slots: int = 0):
         self.store = store
         self.registry = registry
@@ -49,6 +51,7 @@ class LocalExecutor:
         self.slots = slots
         self.slot_classes = SlotClasses(slots, reserved_slots)
         self.lease_seconds, self.poll_seconds = lease_seconds, poll_seconds
+        self.heartbeat_seconds = max(lease_seconds / 3, 0.1)  # the registry row, timeouts, recovery of others' runs
         self.id = ""
         self._running: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
@@ -59,7 +62,9 @@ class LocalExecutor:
         self._recording: set[str] = set()  # runs whose end is being written: no longer held, and not lost
         self._interrupted: set[str] = set()  # runs stopped because this process shuts down
         self._ending = threading.Event()  # shutdown's last second: runs' processes are killed at once
-        self._renewed_at = time.monotonic()  # the last heartbeat that renewed the leases
+        self.leases = LeaseKeeper("executor", self._renew, lease_seconds, self._lease_lost)
+        # Runs until shutdown has recorded every run: a draining worker keeps its row and its leases.
+        self.heartbeat = Loop("heartbeat", self.heartbeat_seconds, self._heartbeat, first_delay=self.heartbeat_seconds)
         self._stop_requested_at: float | None = None
         self._threads: list[threading.Thread] = []
 
@@ -70,7 +75,10 @@ class LocalExecutor:
 
     def loops(self) -> dict[str, bool]:
         """Whether each background loop of this executor is alive (empty before start)."""
-        return {thread.name.removeprefix("flowgate-"): thread.is_alive() for thread in self._threads}
+        if not self._threads:
+            return {}
+        return {"claim": self._threads[0].is_alive(), "heartbeat": bool(self.heartbeat.alive),
+                "leases": bool(self.leases.alive)}
 
     @property
     def active(self) -> int:
@@ -78,24 +86,17 @@ class LocalExecutor:
         with self._lock:
             return len(self._running)
 
-    @property
-    def heartbeat_seconds(self) -> float:
-        """How often leases are renewed: three times per lease."""
-        return max(self.lease_seconds / 3, 0.1)
-
     def start(self) -> None:
         """Start claiming (call in the process that will run the pipelines: after gunicorn forks)."""
         if self._threads or self.slots <= 0:
             return
         self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        if self.log_sink is not None:
-            self.log_sink.start()
         warm_up()  # connector runs start from a forkserver: start it before the first trigger waits for it
         self._heartbeat()
-        for target, name in ((self._claim_loop, "claim"), (self._heartbeat_loop, "heartbeat")):
-            thread = threading.Thread(target=target, name=f"flowgate-{name}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        self.leases.start()
+        self.heartbeat.start()
+        self._threads.append(threading.Thread(target=self._claim_loop, name="flowgate-claim", daemon=True))
+        self._threads[0].start()
         log.info("local executor %s started with %d slots", self.id, self.slots)
 
     def wake(self) -> None:
@@ -110,10 +111,8 @@ class LocalExecutor:
         self._wake.set()
 
     def shutdown(self, timeout: float) -> list[str]:
-        """Stop claiming, give running pipelines until `timeout` after the stop began, record the rest.
-
-        Returns the ids of the runs that could not finish; they are recorded `crashed` (interrupted).
-        """
+        """Stop claiming, give running pipelines until `timeout` after the stop began, record the rest `crashed`
+        (interrupted) and return their ids."""
         self.stop_claiming()
         deadline = (self._stop_requested_at or time.monotonic()) + timeout
         if self._threads:  # the claim loop's last claim, on its way back as the stop came, is launched before it
@@ -135,12 +134,10 @@ class LocalExecutor:
         for run_id in unfinished:
             self.store.finish(run_id, self.id, CRASHED, error=RunError.interrupted())
         self._closed.set()
-        for heartbeat in self._threads[1:]:  # one under way would write the row back after its removal
-            heartbeat.join(5)
+        self.leases.stop()
+        self.heartbeat.stop(timeout=5)  # one under way would write the row back after its removal
         if self.id:
             self.store.executors.remove(self.id)
-        if self.log_sink is not None:
-            self.log_sink.stop()
         if unfinished:
             log.warning("executor %s stopped with %d unfinished run(s): %s", self.id, len(unfinished), unfinished)
         return unfinished
@@ -158,7 +155,10 @@ class LocalExecutor:
                         self._stopping.wait(self.poll_seconds)  # a wake (a trigger, a run's end) does not cut it
                         continue
                     yielded = False
+                    asked = time.monotonic()  # the lease runs from no earlier than this
                     run = self.store.claim_next(self.id, self.lease_seconds, kinds=self.slot_classes.claimable())
+                    if run is not None:
+                        self.leases.hold(run.id, since=asked)
                 if run is not None:
                     self._launch(run)
                     continue
@@ -188,45 +188,34 @@ class LocalExecutor:
             self._record(run, RunOutcome(CRASHED, error=RunError("executor_failed",
                                                                  f"could not start the run: {exc}")))
 
-    def _heartbeat_loop(self) -> None:
-        # Runs until shutdown has recorded every run: a draining worker keeps its leases.
-        while not self._closed.wait(self.heartbeat_seconds):
-            try:
-                self._heartbeat()
-            except Exception:
-                log.exception("executor heartbeat failed")
-                if time.monotonic() - self._renewed_at > self.lease_seconds - self.heartbeat_seconds:
-                    self._fence()
-
-    def _fence(self) -> None:
-        """The leases could not be renewed for almost a lease: another process may recover these runs any moment,
-        so they stop now (at their next checkpoint, or killed) and their outcome is dropped."""
+    def _renew(self, run_ids: list[str]) -> set[str]:
+        """The lease keeper's renewal: extend the leases this executor holds, pass on cancel requests."""
+        held, cancel = self.store.renew_leases(self.id, run_ids, self.lease_seconds)
         with self._lock:
-            running = dict(self._running)
-            self._lost.update(running)
-        if running:
-            log.error("executor %s could not renew its leases for %.0f s; stopping run(s) %s", self.id,
-                      time.monotonic() - self._renewed_at, sorted(running))
-        for cancel in running.values():
-            cancel.set()
+            for run_id in cancel & set(self._running):
+                self._running[run_id].set()
+        return held
+
+    def _lease_lost(self, run_id: str, why: str) -> None:
+        """Another process recovered the run, or may at any moment: stop it now (its process killed), write
+        nothing of its end."""
+        with self._lock:
+            if run_id not in self._running or run_id in self._recording:
+                return  # ended meanwhile: its end's record decides
+            self._lost.add(run_id)
+            cancel = self._running[run_id]
+        log.error("executor %s lost the lease of run %s (%s); stopping it", self.id, run_id, "recovered elsewhere"
+                  if why == TAKEN else "no renewal got through in time", extra={"run_id": run_id})
+        cancel.set()
 
     def _heartbeat(self) -> None:
+        """This executor's registry row, run timeouts, and recovery of runs whose executor died."""
         now = time.monotonic()
         with self._lock:
             running = dict(self._running)
             overdue = [run_id for run_id, deadline in self._deadlines.items() if deadline < now and run_id in running]
             self._timed_out.update(overdue)
         for run_id in overdue:  # stopped at its next checkpoint, then recorded as failed (run_timeout)
-            running[run_id].set()
-        held, cancel = self.store.renew_leases(self.id, list(running), self.lease_seconds)
-        self._renewed_at = now
-        with self._lock:  # one that ended since the snapshot above is not held either: it is not lost
-            lost = {run_id for run_id in set(running) - held
-                    if run_id in self._running and run_id not in self._recording}
-            self._lost.update(lost)
-        if lost:  # recovered elsewhere (e.g. the database was out of reach longer than the lease): stop, write nothing
-            log.error("executor %s lost the lease of run(s) %s; stopping them", self.id, sorted(lost))
-        for run_id in cancel | lost:
             running[run_id].set()
         self.store.executors.heartbeat(self.id, socket.gethostname(), os.getpid(), self.slots, len(running))
         recovered = self.store.recover_expired()
@@ -288,6 +277,7 @@ class LocalExecutor:
             lost = run_id in self._lost
             self._lost.discard(run_id)
             self._recording.add(run_id)
+        self.leases.release(run_id)  # from here on, the end's record decides: a lease lost now stops nothing
         try:
             if lost:
                 log.warning("run %s ended as %s after its lease was lost; nothing recorded", run_id, outcome.status)

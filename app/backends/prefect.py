@@ -1,5 +1,5 @@
 """The Prefect backend: flow runs created from deployments, followed until they end, cancelled, their logs read
-(the background follower of every unfinished run is app/backends/prefect_sync.py).
+(the background follower of every unfinished run, PrefectSync, is a loop of its own: prefect_sync.py).
 
 Everything here talks to Prefect through PrefectClient (the one HTTP boundary) and PrefectRoute (probes and the
 circuit breaker); the dispatcher decides whether a run comes here at all.
@@ -13,13 +13,12 @@ from typing import Any
 from app.backends import LogPage
 from app.backends.prefect_client import PrefectClient, PrefectError, PrefectUnavailable
 from app.backends.prefect_route import PrefectRoute
-from app.backends.prefect_sync import PrefectSync, run_tag
 from app.errors import Unavailable
 from app.metrics import observe_run_end
 from app.runs.models import Run, utcnow
 from app.runs.store import RunStore
 from flows.outcome import COMPLETED, QUEUED, TERMINAL, RunError
-from flows.prefect.contract import FLOW_NAME, STATE_TO_STATUS, SUMMARY_ARTIFACT_PREFIX, workflow_artifact_key
+from flows.prefect.contract import FLOW_NAME, STATE_TO_STATUS, SUMMARY_ARTIFACT_PREFIX, run_tag, workflow_artifact_key
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +33,10 @@ class PrefectBackend:
 
     name = "prefect"
 
-    def __init__(self, store: RunStore, route: PrefectRoute | None, run_timeout_seconds: float,
-                 pickup_seconds: float = 30.0, settle_give_up_seconds: float = 60.0):
+    def __init__(self, store: RunStore, route: PrefectRoute | None, run_timeout_seconds: float):
         self.store = store
         self.route = route
         self.run_timeout_seconds = run_timeout_seconds
-        self.sync = PrefectSync(self, pickup_seconds, settle_give_up_seconds)
 
     @property
     def available(self) -> bool:
@@ -83,7 +80,8 @@ class PrefectBackend:
     def _create(self, run: Run, deployment_id: str) -> Run:
         # Prefect scopes idempotency keys to the flow: prefix with the target so keys never collide.
         key = f"flowgate:{run.kind}:{run.target}:{run.idempotency_key or run.id}"
-        flow_run = self.client.create_flow_run(deployment_id, flow_parameters(run), key, tags=["flowgate", run_tag(run)])
+        flow_run = self.client.create_flow_run(deployment_id, flow_parameters(run), key,
+                                               tags=["flowgate", run_tag(run.id)])
         return self.record_flow_run(run, flow_run)
 
     def record_flow_run(self, run: Run, flow_run: dict[str, Any]) -> Run:

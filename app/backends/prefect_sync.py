@@ -3,33 +3,44 @@ worker picked up are taken back, runs whose flow run is unconfirmed are settled,
 from __future__ import annotations
 
 import logging
-import threading
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from app.backends.prefect import PrefectBackend
 from app.backends.prefect_client import RECLAIMED, PrefectError
 from app.runs.models import Run, utcnow
+from flows.loop import Loop
 from flows.outcome import QUEUED, RunError
 from flows.prefect import contract
 from flows.prefect.contract import FLOW_NAME, WORKFLOW_DEPLOYMENT, WORKFLOW_FLOW_NAME
 
-if TYPE_CHECKING:
-    from app.backends.prefect import PrefectBackend
-
 log = logging.getLogger(__name__)
 
 
-class PrefectSync:
-    """One per gateway process; every process's sync may act on any run, each change is a store transition."""
+class PrefectSync(Loop):
+    """One per gateway process, every `every` seconds; every process's sync may act on any run, each change is a
+    store transition."""
 
-    def __init__(self, backend: PrefectBackend, pickup_seconds: float, give_up_seconds: float):
+    def __init__(self, backend: PrefectBackend, pickup_seconds: float = 30.0, give_up_seconds: float = 60.0,
+                 every: float = 2.0):
+        super().__init__("prefect-sync", every)
         self.backend = backend
         self.store = backend.store
         self.pickup_seconds = pickup_seconds
         # A run whose flow run Prefect neither confirms nor denies for this long (it is unreachable) runs locally.
         self.give_up_seconds = give_up_seconds
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+
+    @property
+    def enabled(self) -> bool:
+        """Follow unfinished Prefect runs in the background, so their records end even if nobody asks; only where
+        Prefect is configured."""
+        return self.backend.route is not None
+
+    def run_once(self) -> None:
+        try:
+            self.sync_once()
+        except PrefectError as exc:
+            log.info("syncing Prefect runs failed: %s", exc.message)
 
     def end_overdue_runs(self) -> list[Run]:
         """Prefect runs unfinished past FLOWGATE_RUN_TIMEOUT_SECONDS end as failed here (and are cancelled there,
@@ -45,7 +56,7 @@ class PrefectSync:
                     log.info("cancelling timed-out flow run %s failed: %s", run.prefect_flow_run_id, exc.message)
         return overdue
 
-    def run_once(self) -> int:
+    def sync_once(self) -> int:
         """Bring every unfinished Prefect run up to date with one call to Prefect; returns how many changed."""
         self.end_overdue_runs()
         timeout = self.backend.client.timeout if self.backend.route is not None else 2.0
@@ -103,32 +114,6 @@ class PrefectSync:
                 "oldest_wait_seconds": round((utcnow() - oldest).total_seconds(), 1) if oldest else None,
                 "pickup_deadline_seconds": self.pickup_seconds}
 
-    def start(self, every_seconds: float = 2.0) -> None:
-        """Follow unfinished Prefect runs in the background, so their records end even if nobody asks."""
-        if self.backend.route is None:
-            return
-        self._stop.clear()
-
-        def loop() -> None:
-            while not self._stop.wait(every_seconds):
-                try:
-                    self.run_once()
-                except PrefectError as exc:
-                    log.info("syncing Prefect runs failed: %s", exc.message)
-                except Exception:  # a hiccup must not end the loop
-                    log.exception("syncing Prefect runs failed")
-
-        self._thread = threading.Thread(target=loop, name="flowgate-prefect-sync", daemon=True)
-        self._thread.start()
-
-    @property
-    def alive(self) -> bool | None:
-        """Whether the background sync runs (None: not started in this process)."""
-        return self._thread.is_alive() if self._thread is not None else None
-
-    def stop(self) -> None:
-        self._stop.set()
-
     def settle_undispatched(self, older_than_seconds: float) -> list[Run]:
         """Runs accepted for Prefect without a flow run on record (their create went unanswered, or the process
         died between storing and creating): find the flow run by the run's tag, or create it (same idempotency
@@ -137,7 +122,7 @@ class PrefectSync:
         now = utcnow()
         for run in self.store.undispatched("prefect", now - timedelta(seconds=older_than_seconds)):
             try:
-                flow_run = self.backend.client.find_flow_run(run_tag(run)) if self.backend.route is not None else None
+                flow_run = self.backend.client.find_flow_run(contract.run_tag(run.id)) if self.backend.route is not None else None
                 if flow_run is not None:
                     settled.append(self.backend.record_flow_run(run, flow_run))
                     continue
@@ -168,7 +153,3 @@ def _unpicked(flow_run: dict[str, Any]) -> bool:
     state = flow_run.get("state") or {}
     return state.get("type") == "SCHEDULED" or (state.get("type") == "PENDING" and state.get("name") == RECLAIMED)
 
-
-def run_tag(run: Run) -> str:
-    """The tag a run's flow run carries, so a create whose answer was lost can be found again."""
-    return contract.run_tag(run.id)

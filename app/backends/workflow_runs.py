@@ -14,6 +14,7 @@ from connectors.pipeline import ConnectorRunError, RunCancelled, Workspace, conc
 from connectors.registry import ConnectorRegistry
 from connectors.spec import ParamsError
 from flows.engine import NodeResult, WorkflowEngine, WorkflowResult
+from flows.lease import keep_one
 from flows.nodes import NodeFailed, Toolbox
 from flows.outcome import CANCELLED, COMPLETED, FAILED, RunError
 from flows.workflow_registry import resolve_definition
@@ -50,19 +51,24 @@ class InlineConnectorRunner:
             raise NodeFailed(f"{exc.field}: {exc.message}", code="invalid_params", terminal=True) from None
         new = NewRun(kind="connector", target=connector_id, params=params, backend="local",
                      concurrency_key=concurrency_key(spec, self.workspace), fallback_reason="workflow_node")
+        asked = time.monotonic()  # the lease runs from no earlier than this
         run = self.store.start_inline(new, self.owner, self.lease_seconds)
         while run is None:  # another run holds the connector's destination: wait for it, as a queued run would
             if should_stop():
                 raise NodeFailed(f"stopped while waiting for another run of '{connector_id}'", code="cancelled")
             time.sleep(self.poll_seconds)
+            asked = time.monotonic()
             run = self.store.start_inline(new, self.owner, self.lease_seconds)
-        stop_heartbeat, lost = threading.Event(), threading.Event()
-        threading.Thread(target=self._renew, args=(run.id, stop_heartbeat, lost), daemon=True,
-                         name=f"flowgate-node-lease-{run.id[:8]}").start()
+        lost = threading.Event()
+        lease = keep_one(run.id, lambda: run.id in self.store.renew_leases(self.owner, [run.id], self.lease_seconds)[0],
+                         self.lease_seconds, lost, since=asked)
         try:
-            summary = run_connector_isolated(runnable, self.workspace, should_stop=should_stop,
-                                             # lost: another run may start at once; ending: shutdown's last second
-                                             must_end=lambda: lost.is_set() or self.must_end())
+            try:
+                summary = run_connector_isolated(runnable, self.workspace, should_stop=should_stop,
+                                                 # lost: another run may start at once; ending: shutdown's last second
+                                                 must_end=lambda: lost.is_set() or self.must_end())
+            finally:
+                lease.close()  # the end's record decides from here on
         except Exception as exc:
             error = RunError.of(exc)
             if not lost.is_set():  # a lost lease writes nothing: the run was recovered elsewhere
@@ -73,28 +79,9 @@ class InlineConnectorRunner:
                 raise NodeFailed(f"connector '{connector_id}' failed in {exc.step}: {exc.message}",
                                  code="connector_failed", terminal=exc.terminal) from None
             raise
-        finally:
-            stop_heartbeat.set()
         result = {**summary.to_dict(), "run_id": run.id}
         self.store.finish(run.id, self.owner, COMPLETED, result=summary.to_dict())
         return result
-
-    def _renew(self, run_id: str, stop: threading.Event, lost: threading.Event) -> None:
-        renewed_at = time.monotonic()
-        while not stop.wait(max(self.lease_seconds / 3, 0.1)):
-            try:
-                held, _ = self.store.renew_leases(self.owner, [run_id], self.lease_seconds)
-            except Exception:  # the next renewal may get through; the lease is longer than two intervals...
-                log.exception("renewing the lease of connector run %s failed", run_id)
-                if time.monotonic() - renewed_at > self.lease_seconds * 2 / 3:  # ...unless it is nearly over
-                    lost.set()
-                    return
-                continue
-            renewed_at = time.monotonic()
-            if run_id not in held:
-                log.error("the lease of connector run %s was lost; stopping it", run_id, extra={"run_id": run_id})
-                lost.set()
-                return
 
 
 class NodeRecorder:
