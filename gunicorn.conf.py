@@ -43,7 +43,25 @@ worker_class = "gthread"
 threads = int(os.environ.get("GUNICORN_THREADS", 8))
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", 60))
 graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", 30))
-keepalive = 5
+
+
+def _whole_seconds(name, default):
+    """A whole number of seconds from the environment; a bad value stops the start naming the variable."""
+    value = os.environ.get(name, str(default)).strip()
+    if not value.isdigit():
+        raise RuntimeError(f"flowgate: {name}={value!r} is not a whole number of seconds")
+    return int(value)
+
+
+# Idle connections stay open longer than the clients and load balancers in front keep theirs (AWS ALB: 60 s), so the
+# client side closes first. The other way round, a request sent just as the server closes dies with the connection
+# (with this at 5, 2 of 40 POSTs a JDK client sent every ~5 s failed: "HTTP/1.1 header parser received no bytes"),
+# and no client resends a POST on its own. An idle connection costs gthread no thread (gunicorn 27.0.1,
+# workers/gthread.py): after a response it goes back on the worker's selector (`keepalived_conns`) and reaches a
+# thread only when the next request arrives. What bounds them is `worker_connections` (1000 per worker, idle ones
+# included): past 1000 minus `threads` kept alive, responses say `Connection: close`; at 1000 the worker stops
+# accepting until some close. A stopping worker closes its idle connections within 2 s, whatever this says.
+keepalive = _whole_seconds("FLOWGATE_KEEPALIVE_SECONDS", 75)
 # gunicorn's control socket (gunicornc: scale, reload, stop) sits at one path per user: two gateways on a host
 # would take it from each other, and nothing of flowgate uses it. Signals (HUP, TERM, TTIN/TTOU) still work.
 control_socket_disable = True
