@@ -18,6 +18,17 @@ from sqlalchemy.orm import Session
 
 T = TypeVar("T")
 
+# PostgreSQL: every call on the run paths is bounded, so a database that stops answering costs a run its lease
+# (flows/lease.py fences it on time) and the gateway a bounded wait, not minutes of a hung thread. The server
+# ends a statement or an open transaction that runs too long; the client's socket gives up on a connection that
+# stopped acknowledging (tcp_user_timeout) or answering keepalives. Runs store short transactions only; a
+# migration lifts the statement bound for itself (app/runs/schema.py).
+PG_CONNECT_TIMEOUT_SECONDS = 5
+PG_STATEMENT_TIMEOUT_MS = 30_000
+PG_IDLE_IN_TRANSACTION_TIMEOUT_MS = 60_000
+PG_SOCKET_ARGS = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3,
+                  "tcp_user_timeout": 15_000}
+
 
 class Database:
     """An engine for reads and one for writes (on SQLite the writer takes the write lock up front)."""
@@ -32,7 +43,12 @@ class Database:
 
     def _make_engine(self, busy_timeout_ms: int) -> Engine:
         if not self.is_sqlite:
-            return create_engine(self.url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+            options = " ".join(filter(None, [self.url.query.get("options"),  # the URL's own (a search_path) kept
+                                             f"-c statement_timeout={PG_STATEMENT_TIMEOUT_MS}",
+                                             f"-c idle_in_transaction_session_timeout={PG_IDLE_IN_TRANSACTION_TIMEOUT_MS}"]))
+            return create_engine(self.url, pool_pre_ping=True, pool_size=10, max_overflow=20, pool_timeout=10,
+                                 connect_args={"connect_timeout": PG_CONNECT_TIMEOUT_SECONDS, "options": options,
+                                               **PG_SOCKET_ARGS})
         database = self.url.database
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)

@@ -47,6 +47,8 @@ def locked(database: Database) -> Iterator[Connection]:
     with database.writer.connect() as connection:
         with connection.begin():
             if not database.is_sqlite:
+                # A migration may rewrite a big table, and a replica waits here for another's: no statement bound.
+                connection.execute(text("SET LOCAL statement_timeout = 0"))
                 connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _MIGRATION_LOCK_ID})
             yield connection
 

@@ -1,0 +1,82 @@
+"""A database that stops answering without closing the connection (a partition, a managed failover): the run whose
+lease can no longer be renewed stops within its lease, while another gateway that still reaches the database
+recovers it. Real PostgreSQL behind a proxy that holds every byte once told to."""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from app.backends.executor import LocalExecutor
+from app.runs.store import NewRun, RunStore
+from connectors.pipeline import Workspace, concurrency_key
+from connectors.registry import ConnectorRegistry
+from flows.outcome import CRASHED
+from tests.waiting import wait_until
+
+pytestmark = pytest.mark.long(seconds=30)
+
+
+class Blackhole:
+    """A TCP proxy to PostgreSQL that, once `hold` is set, neither forwards nor refuses: bytes wait."""
+
+    def __init__(self, upstream: tuple[str, int]):
+        self.upstream = upstream
+        self.hold = threading.Event()
+        self._listen = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listen.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listen.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.upstream)
+            for source, target in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, target), daemon=True).start()
+
+    def _pump(self, source: socket.socket, target: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                while self.hold.is_set():
+                    time.sleep(0.05)
+                target.sendall(data)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self._listen.close()
+
+
+def test_a_run_whose_database_stops_answering_is_stopped_within_its_lease(postgres_url, workdir: Path):
+    """Before the lease keeper, the renewal hung and nothing fenced: the run went on past 25 s of a 3 s lease while
+    the other gateway recovered it and could start the connector's next run."""
+    registry = ConnectorRegistry.load(workdir / "connectors.yaml")
+    workspace = Workspace(workdir / "var" / "dlt", workdir / "var" / "duckdb")
+    direct = RunStore(postgres_url)  # another gateway, which still reaches the database
+    direct.create_schema()
+    proxy = Blackhole(("127.0.0.1", 5432))
+    behind = RunStore(postgres_url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}"))
+    spec = registry.get("slow")
+    run, _ = direct.create_run(NewRun(kind="connector", target="slow", params={"delay_seconds": 3600.0},
+                                      backend="local", concurrency_key=concurrency_key(spec, workspace)))
+    executor = LocalExecutor(behind, registry, workspace, slots=1, lease_seconds=3.0, poll_seconds=0.05)
+    executor.start()
+    try:
+        wait_until(lambda: direct.get(run.id).status == "running" and executor.active == 1, what="the run started")
+        proxy.hold.set()
+        wait_until(lambda: executor.active == 0, timeout=60, what="the run stopped, its process killed")
+        wait_until(lambda: direct.recover_expired() or direct.get(run.id).status == CRASHED,
+                   what="the other gateway recovered the run once its lease lapsed")
+        assert direct.get(run.id).status == CRASHED and direct.get(run.id).error["code"] == "lease_expired"
+    finally:
+        proxy.hold.clear()  # the hung calls complete, so shutdown can write what it writes
+        executor.shutdown(timeout=10)
+        proxy.close()
+        behind.dispose()
+        direct.dispose()
