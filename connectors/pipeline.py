@@ -11,7 +11,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from connectors import load_marks
 from connectors.secrets import public_error, redact_text
 from connectors.spec import ConnectorSpec, FilesystemSource, PythonSource, RestApiSource, SqlDatabaseSource
 
@@ -121,7 +120,7 @@ class ConnectorPipeline:
         if self._pipeline.config.restore_from_destination and (self.restore_state or self._pipeline.first_run):
             self._pipeline.sync_destination()
         # ...and finish the load packages a run killed mid-way left behind (a job of theirs that had committed in
-        # DuckDB finds its mark there and does not load again: connectors/load_marks.py).
+        # DuckDB finds its mark there and does not load again: connectors/dlt_recovery.py).
         if self._pipeline.has_pending_data:
             self._normalize()
             self._load()
@@ -195,17 +194,18 @@ def run_connector(
 def _configure_dlt() -> None:
     # No network here or in most data centres' job runners: dlt must not try to send telemetry.
     os.environ.setdefault("RUNTIME__DLTHUB_TELEMETRY", "false")
-    load_marks.install()  # DuckDB load jobs mark their commit: a killed run's committed job is not run again
 
 
 def _destination(spec: ConnectorSpec, workspace: Workspace) -> Any:
-    import dlt
     from dlt.common.destination import Destination
 
     path = duckdb_path(spec, workspace)
     if path is not None:
+        from connectors.dlt_recovery import flowgate_duckdb
+
         path.parent.mkdir(parents=True, exist_ok=True)
-        return dlt.destinations.duckdb(credentials=str(path))
+        # dlt's DuckDB with load jobs that land rows once; its name (config section, logs) stays dlt's "duckdb"
+        return flowgate_duckdb(credentials=str(path), destination_name="duckdb")
     options = spec.destination.model_dump(exclude={"kind", "path", "file_format"}, exclude_none=True)
     return Destination.from_reference(spec.destination.kind, **options)
 

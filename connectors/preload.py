@@ -17,4 +17,5 @@ import pyarrow  # noqa: F401
 from dlt.destinations.impl.duckdb import duck  # noqa: F401
 
 import connectors.cursor_loader  # noqa: F401
+import connectors.dlt_recovery  # noqa: F401
 import connectors.pipeline  # noqa: F401

@@ -32,7 +32,7 @@ def _duckdb_tables(path: Any, dataset: str) -> dict[str, list[dict[str, Any]]]:
             rows = con.execute(
                 "SELECT table_name, column_name, data_type, is_nullable FROM information_schema.columns "
                 "WHERE table_schema = ? AND table_name NOT LIKE '\\_dlt\\_%' ESCAPE '\\' "
-                "AND table_name NOT LIKE '\\_flowgate\\_%' ESCAPE '\\' "  # connectors/load_marks.py's
+                "AND table_name NOT LIKE '\\_flowgate\\_%' ESCAPE '\\' "  # connectors/dlt_recovery.py's marks
                 "ORDER BY table_name, ordinal_position", [dataset]).fetchall()
     except duckdb.OperationalError as exc:
         # IOException: "Could not set lock on file" (another process loads) or "not a valid DuckDB database file"

@@ -299,7 +299,7 @@ for step in pipeline.steps:
 def test_a_run_killed_after_a_load_job_committed_does_not_land_its_rows_twice(workdir: Path):
     """Found by the chaos test: a workflow's connector node killed at shutdown mid-load; the next run's recover
     loaded its package and the row was in DuckDB twice (same _dlt_id). The window is dlt's: between a job's
-    commit in the destination and the note of it in the package, which restore reads (connectors/load_marks.py)."""
+    commit in the destination and the note of it in the package, which restore reads (connectors/dlt_recovery.py)."""
     from connectors.pipeline import Workspace, run_connector
 
     _events_db(workdir / "events.db", [(i, "new", f"2025-01-01T00:00:{i:02d}") for i in range(40)])

@@ -1,0 +1,126 @@
+"""What flowgate adds to dlt so a killed run recovers: a DuckDB destination whose load jobs land rows once.
+
+Checked against dlt 1.31.0 (the pin in requirements.txt). On a dlt upgrade, re-read this module against dlt's
+source. The kill tests in tests/test_faults.py ("committed") and tests/test_dlt_recovery.py fail when an
+assumption below stops holding.
+
+Rows land once. dlt notes a load job done in its package folder only after the job committed its rows in the
+destination. dlt PR #3767 (the `.pending_transitions/` markers) narrowed the window between the two, and its author
+writes that "some kind of gap will always exist": a process killed there leaves a started job without a note,
+which dlt restores by running it again (as it retries a job that raised after its commit), its rows twice. So
+`flowgate_duckdb`, dlt's DuckDB destination subclassed as dlt subclasses it for MotherDuck, makes both of dlt's
+DuckDB load jobs (a file copied in, INSERT VALUES) write a mark (load id, job id) into the dataset's
+`_flowgate_loaded_jobs` in the same transaction as their rows; a job that finds its own mark there committed
+before, and ends at once, completed, loading nothing. A job loading into the staging dataset (merge) marks in
+the main dataset: one connection, one transaction across both.
+
+What this relies on in dlt, beyond its public API:
+- `DuckDbClient.create_load_job` returns a `DuckDbCopyJob` or an `InsertValuesLoadJob` for data files; a job's
+  `_job_client` is the worker thread's client (dlt's own job classes read it the same way);
+- `DuckDbCopyJob.run` opens no transaction; `InsertValuesLoadJob.run` iterates `_insert()` inside its one.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import dlt
+from dlt.destinations.exceptions import DatabaseTransientException
+from dlt.destinations.impl.duckdb.duck import DuckDbClient, DuckDbCopyJob
+from dlt.destinations.insert_job_client import InsertValuesLoadJob
+
+log = logging.getLogger(__name__)
+
+MARKS_TABLE = "_flowgate_loaded_jobs"
+
+
+class flowgate_duckdb(dlt.destinations.duckdb):  # noqa: N801 (dlt names its destination factories so)
+    """dlt's DuckDB destination whose copy and INSERT VALUES load jobs land their rows once."""
+
+    @property
+    def client_class(self) -> type[MarkedDuckDbClient]:
+        return MarkedDuckDbClient
+
+
+class MarkedDuckDbClient(DuckDbClient):
+    """dlt's DuckDB job client: its load jobs mark their commit."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Named now, in the main dataset: a job loading into the staging dataset switches the client to it.
+        self.marks_table = self.sql_client.make_qualified_table_name(MARKS_TABLE)
+
+    def create_load_job(self, table: Any, file_path: str, load_id: str, restore: bool = False) -> Any:
+        job = super().create_load_job(table, file_path, load_id, restore)
+        marked = MARKED_JOBS.get(type(job))
+        return marked(file_path, LoadMark(load_id, job.job_id(), self.marks_table)) if marked else job
+
+
+@dataclass(frozen=True)
+class LoadMark:
+    """A load job's mark: its load id and job id (which has no retry count: a retry finds its first try's mark)."""
+
+    load_id: str
+    job_id: str
+    table: str
+
+    def claim(self, client: Any) -> bool:
+        """In the job's transaction: write the mark and say True, or say False when it is there (committed before)."""
+        key = (self.load_id, self.job_id)
+        if client.execute_sql(f"SELECT count(*) FROM {self.table} WHERE load_id = ? AND job_id = ?", *key)[0][0]:
+            log.info("load job %s of load %s committed before (its run stopped after it): not loaded again",
+                     self.job_id, self.load_id)
+            return False
+        client.execute_sql(f"INSERT INTO {self.table} VALUES (?, ?)", *key)
+        return True
+
+
+class MarkedCopyJob(DuckDbCopyJob):
+    """dlt's copy job (Parquet, JSONL): its INSERT ... SELECT commits with its mark."""
+
+    def __init__(self, file_path: str, mark: LoadMark) -> None:
+        super().__init__(file_path)
+        self.mark = mark
+
+    def run(self) -> None:
+        client = self._job_client.sql_client
+        create_marks_table(client, self.mark.table)
+        with client.begin_transaction():
+            if self.mark.claim(client):
+                super().run()
+
+
+class MarkedInsertValuesJob(InsertValuesLoadJob):
+    """dlt's INSERT VALUES job: its inserts commit with its mark."""
+
+    def __init__(self, file_path: str, mark: LoadMark) -> None:
+        super().__init__(file_path)
+        self.mark = mark
+
+    def run(self) -> None:
+        create_marks_table(self._job_client.sql_client, self.mark.table)
+        super().run()  # dlt's one transaction, around its iteration of _insert() below
+
+    def _insert(self, qualified_table_name: str, file_path: str) -> Iterator[list[str]]:
+        if self.mark.claim(self._job_client.sql_client):
+            yield from super()._insert(qualified_table_name, file_path)
+
+
+MARKED_JOBS: dict[type, type] = {DuckDbCopyJob: MarkedCopyJob, InsertValuesLoadJob: MarkedInsertValuesJob}
+
+
+def create_marks_table(client: Any, table: str) -> None:
+    """The marks table, if missing. Before the job's transaction: jobs load side by side, and two transactions
+    creating one table conflict (DuckDB's catalog write-write conflict); the one that lost finds it there on its
+    next try."""
+    for attempt in range(10):
+        try:
+            client.execute_sql(f"CREATE TABLE IF NOT EXISTS {table} (load_id VARCHAR, job_id VARCHAR)")
+            return
+        except DatabaseTransientException:
+            if attempt == 9:
+                raise
+            time.sleep(0.05)

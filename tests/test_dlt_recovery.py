@@ -1,0 +1,72 @@
+"""flowgate_duckdb and its marks: dlt extended by subclassing, its own classes left as dlt defines them.
+(Killed runs whose committed job must not load twice: tests/test_faults.py, "committed".)"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from connectors.pipeline import Workspace
+from tests.gunicorn_server import ROOT
+
+DLTS_OWN_RUN = """
+import json, sys
+from pathlib import Path
+from dlt.destinations.impl.duckdb.duck import DuckDbCopyJob
+from dlt.destinations.insert_job_client import InsertValuesLoadJob
+
+jobs = (DuckDbCopyJob, InsertValuesLoadJob)
+dlts = [job.__dict__["run"] for job in jobs]  # taken before any module of flowgate's is imported
+before = sorted(m for m in sys.modules if m.split(".")[0] in ("connectors", "flows", "app"))
+from connectors.pipeline import Workspace, run_connector
+from connectors.registry import ConnectorRegistry
+registry = ConnectorRegistry.load(Path(sys.argv[1]))
+workspace = Workspace(Path(sys.argv[2]), Path(sys.argv[3]))
+rows = {name: run_connector(registry.get(name), workspace).rows for name in ("shop", "numbers")}
+print(json.dumps({"flowgate_imported_before": before, "rows": rows,
+                  "dlts_own": [job.__dict__["run"] is run for job, run in zip(jobs, dlts)],
+                  "named": [f"{run.__module__}:{run.__qualname__}" for run in dlts]}))
+"""
+
+
+@pytest.fixture
+def workspace(workdir: Path) -> Workspace:
+    return Workspace(pipelines_dir=workdir / "var" / "dlt", duckdb_dir=workdir / "var" / "duckdb")
+
+
+def test_a_real_run_into_duckdb_leaves_dlts_load_jobs_as_dlt_defined_them(workdir: Path, workspace: Workspace):
+    """A fresh interpreter takes dlt's two `run` functions before flowgate is imported, then runs a Parquet copy
+    job (shop) and an INSERT VALUES job (numbers) through flowgate's pipeline: dlt's classes are unchanged."""
+    done = subprocess.run([sys.executable, "-c", DLTS_OWN_RUN, str(workdir / "connectors.yaml"),
+                           str(workspace.pipelines_dir), str(workspace.duckdb_dir)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["flowgate_imported_before"] == []
+    assert seen["rows"] == {"shop": {"orders": 100, "customers": 20}, "numbers": {"numbers": 10}}
+    assert seen["dlts_own"] == [True, True]
+    assert seen["named"] == ["dlt.destinations.impl.duckdb.duck:DuckDbCopyJob.run",
+                             "dlt.destinations.insert_job_client:InsertValuesLoadJob.run"]
+    # ...and the loads did go through flowgate's destination: its marks are there.
+    with duckdb.connect(str(workspace.duckdb_dir / "shop.duckdb"), read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM shop_raw._flowgate_loaded_jobs").fetchone()[0] > 0
+
+
+def test_other_destinations_keep_dlts_own_factory(workdir: Path, workspace: Workspace):
+    import dlt
+
+    from connectors.dlt_recovery import flowgate_duckdb
+    from connectors.pipeline import _destination
+    from connectors.spec import ConnectorSpec
+
+    def destination(**kind: str):
+        return _destination(ConnectorSpec(id="c", source={"kind": "python", "ref": "connectors.demo:numbers"},
+                                          destination=kind), workspace)
+
+    assert type(destination(kind="duckdb")) is flowgate_duckdb
+    assert type(destination(kind="motherduck", credentials="md:///db?motherduck_token=t")) is dlt.destinations.motherduck
+    assert type(destination(kind="postgres", credentials="postgresql://u:p@localhost/db")) is dlt.destinations.postgres
