@@ -14,10 +14,17 @@ DuckDB load jobs (a file copied in, INSERT VALUES) write a mark (load id, job id
 before, and ends at once, completed, loading nothing. A job loading into the staging dataset (merge) marks in
 the main dataset: one connection, one transaction across both.
 
+Marks are pruned when a load completes: dlt calls `complete_load` once every job of the package is noted done in
+its folder, so none of them runs again, and its marks go; so do marks of load ids older than 30 days (a package
+dropped or aborted, a completion killed before its delete). The cost: should a package stay pending over 30 days
+while another connector completes a load into its dataset, a job of it that committed before its run was killed
+would load again.
+
 What this relies on in dlt, beyond its public API:
 - `DuckDbClient.create_load_job` returns a `DuckDbCopyJob` or an `InsertValuesLoadJob` for data files; a job's
   `_job_client` is the worker thread's client (dlt's own job classes read it the same way);
-- `DuckDbCopyJob.run` opens no transaction; `InsertValuesLoadJob.run` iterates `_insert()` inside its one.
+- `DuckDbCopyJob.run` opens no transaction; `InsertValuesLoadJob.run` iterates `_insert()` inside its one;
+- `complete_load` runs once every job of the package is noted done in its folder.
 """
 from __future__ import annotations
 
@@ -35,6 +42,7 @@ from dlt.destinations.insert_job_client import InsertValuesLoadJob
 log = logging.getLogger(__name__)
 
 MARKS_TABLE = "_flowgate_loaded_jobs"
+MARKS_KEPT_SECONDS = 30 * 24 * 3600
 
 
 class flowgate_duckdb(dlt.destinations.duckdb):  # noqa: N801 (dlt names its destination factories so)
@@ -46,7 +54,7 @@ class flowgate_duckdb(dlt.destinations.duckdb):  # noqa: N801 (dlt names its des
 
 
 class MarkedDuckDbClient(DuckDbClient):
-    """dlt's DuckDB job client: its load jobs mark their commit."""
+    """dlt's DuckDB job client: its load jobs mark their commit, and a completed load prunes the marks."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -57,6 +65,13 @@ class MarkedDuckDbClient(DuckDbClient):
         job = super().create_load_job(table, file_path, load_id, restore)
         marked = MARKED_JOBS.get(type(job))
         return marked(file_path, LoadMark(load_id, job.job_id(), self.marks_table)) if marked else job
+
+    def complete_load(self, load_id: str) -> None:
+        super().complete_load(load_id)
+        create_marks_table(self.sql_client, self.marks_table)  # a load may have had no marked job
+        self.sql_client.execute_sql(
+            f"DELETE FROM {self.marks_table} WHERE load_id = ? OR TRY_CAST(load_id AS DOUBLE) < ?",
+            load_id, time.time() - MARKS_KEPT_SECONDS)
 
 
 @dataclass(frozen=True)
@@ -113,12 +128,14 @@ MARKED_JOBS: dict[type, type] = {DuckDbCopyJob: MarkedCopyJob, InsertValuesLoadJ
 
 
 def create_marks_table(client: Any, table: str) -> None:
-    """The marks table, if missing. Before the job's transaction: jobs load side by side, and two transactions
-    creating one table conflict (DuckDB's catalog write-write conflict); the one that lost finds it there on its
-    next try."""
+    """The marks table and its unique key, if missing (a file marked before the key existed gets it; a second
+    mark of one job would fail its transaction, rows and all). Before the job's transaction: jobs load side by
+    side, and two transactions creating one table conflict (DuckDB's catalog write-write conflict); the one that
+    lost finds it there on its next try."""
     for attempt in range(10):
         try:
             client.execute_sql(f"CREATE TABLE IF NOT EXISTS {table} (load_id VARCHAR, job_id VARCHAR)")
+            client.execute_sql(f"CREATE UNIQUE INDEX IF NOT EXISTS {MARKS_TABLE}_key ON {table} (load_id, job_id)")
             return
         except DatabaseTransientException:
             if attempt == 9:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import duckdb
 import pytest
 
-from connectors.pipeline import Workspace
+from connectors.pipeline import Workspace, run_connector
+from connectors.registry import ConnectorRegistry
 from tests.gunicorn_server import ROOT
 
 DLTS_OWN_RUN = """
@@ -38,6 +40,14 @@ def workspace(workdir: Path) -> Workspace:
     return Workspace(pipelines_dir=workdir / "var" / "dlt", duckdb_dir=workdir / "var" / "duckdb")
 
 
+def marks_and_index(path: str, dataset: str) -> tuple[set[tuple[str, str]], list[str]]:
+    with duckdb.connect(path, read_only=True) as con:
+        marks = set(con.execute(f"SELECT load_id, job_id FROM {dataset}._flowgate_loaded_jobs").fetchall())
+        index = con.execute("SELECT index_name FROM duckdb_indexes() WHERE schema_name = ? AND is_unique "
+                            "AND table_name = '_flowgate_loaded_jobs'", [dataset]).fetchall()
+    return marks, [name for (name,) in index]
+
+
 def test_a_real_run_into_duckdb_leaves_dlts_load_jobs_as_dlt_defined_them(workdir: Path, workspace: Workspace):
     """A fresh interpreter takes dlt's two `run` functions before flowgate is imported, then runs a Parquet copy
     job (shop) and an INSERT VALUES job (numbers) through flowgate's pipeline: dlt's classes are unchanged."""
@@ -51,9 +61,25 @@ def test_a_real_run_into_duckdb_leaves_dlts_load_jobs_as_dlt_defined_them(workdi
     assert seen["dlts_own"] == [True, True]
     assert seen["named"] == ["dlt.destinations.impl.duckdb.duck:DuckDbCopyJob.run",
                              "dlt.destinations.insert_job_client:InsertValuesLoadJob.run"]
-    # ...and the loads did go through flowgate's destination: its marks are there.
-    with duckdb.connect(str(workspace.duckdb_dir / "shop.duckdb"), read_only=True) as con:
-        assert con.execute("SELECT count(*) FROM shop_raw._flowgate_loaded_jobs").fetchone()[0] > 0
+    # ...and the loads did go through flowgate's destination: its marks table is there, with its key.
+    assert marks_and_index(str(workspace.duckdb_dir / "shop.duckdb"), "shop_raw")[1] == ["_flowgate_loaded_jobs_key"]
+
+
+def test_a_marks_table_from_before_the_key_gets_it_and_a_completed_load_prunes_marks(workdir, workspace):
+    """Marks go when their load completes, or once 30 days old; another connector's recent mark in the same
+    dataset (a package of its still pending) stays."""
+    path = workspace.duckdb_dir / "numbers.duckdb"
+    path.parent.mkdir(parents=True)
+    others = (f"{time.time() - 3600:.6f}", "numbers.0123456789.insert_values.gz")
+    with duckdb.connect(str(path)) as con:  # the table as flowgate created it before, without a key
+        con.execute("CREATE SCHEMA raw")
+        con.execute("CREATE TABLE raw._flowgate_loaded_jobs (load_id VARCHAR, job_id VARCHAR)")
+        con.executemany("INSERT INTO raw._flowgate_loaded_jobs VALUES (?, ?)",
+                        [others, (f"{time.time() - 31 * 24 * 3600:.6f}", "numbers.9876543210.insert_values.gz")])
+
+    summary = run_connector(ConnectorRegistry.load(workdir / "connectors.yaml").get("numbers"), workspace)
+    assert summary.rows == {"numbers": 10}
+    assert marks_and_index(str(path), "raw") == ({others}, ["_flowgate_loaded_jobs_key"])
 
 
 def test_other_destinations_keep_dlts_own_factory(workdir: Path, workspace: Workspace):
@@ -68,5 +94,6 @@ def test_other_destinations_keep_dlts_own_factory(workdir: Path, workspace: Work
                                           destination=kind), workspace)
 
     assert type(destination(kind="duckdb")) is flowgate_duckdb
-    assert type(destination(kind="motherduck", credentials="md:///db?motherduck_token=t")) is dlt.destinations.motherduck
+    motherduck = destination(kind="motherduck", credentials="md:///db?motherduck_token=t")
+    assert type(motherduck) is dlt.destinations.motherduck
     assert type(destination(kind="postgres", credentials="postgresql://u:p@localhost/db")) is dlt.destinations.postgres
