@@ -1,4 +1,6 @@
-"""What flowgate adds to dlt so a killed run recovers: a DuckDB destination whose load jobs land rows once.
+"""What flowgate adds to dlt so a killed run recovers: a DuckDB destination whose load jobs land rows once, and
+the repair of a package commit cut short. Everything flowgate knows of dlt's load and package internals is here
+(connectors/cursor_loader.py, an extract through dlt's `table_loader_class` hook, explains its own).
 
 Checked against dlt 1.31.0 (the pin in requirements.txt). On a dlt upgrade, re-read this module against dlt's
 source. The kill tests in tests/test_faults.py ("committed") and tests/test_dlt_recovery.py fail when an
@@ -24,17 +26,21 @@ What this relies on in dlt, beyond its public API:
 - `DuckDbClient.create_load_job` returns a `DuckDbCopyJob` or an `InsertValuesLoadJob` for data files; a job's
   `_job_client` is the worker thread's client (dlt's own job classes read it the same way);
 - `DuckDbCopyJob.run` opens no transaction; `InsertValuesLoadJob.run` iterates `_insert()` inside its one;
-- `complete_load` runs once every job of the package is noted done in its folder.
+- `complete_load` runs once every job of the package is noted done in its folder;
+- dlt commits a normalized package by renaming it into `load/normalized/`, then deleting `normalize/extracted/`.
 """
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import dlt
+from dlt.common.storages import LoadStorage, NormalizeStorage
 from dlt.destinations.exceptions import DatabaseTransientException
 from dlt.destinations.impl.duckdb.duck import DuckDbClient, DuckDbCopyJob
 from dlt.destinations.insert_job_client import InsertValuesLoadJob
@@ -141,3 +147,15 @@ def create_marks_table(client: Any, table: str) -> None:
             if attempt == 9:
                 raise
             time.sleep(0.05)
+
+
+def complete_interrupted_commits(working_dir: Path) -> None:
+    """dlt commits a normalized package by renaming it into load/normalized/ and then deleting its extracted
+    files; a process killed between the two leaves both. Normalizing the extracted copy again would fail (the
+    package folder exists: "Directory not empty") or, once loaded, load the data twice: finish the commit
+    instead, as dlt would have."""
+    extracted = working_dir / "normalize" / NormalizeStorage.EXTRACTED_FOLDER
+    committed = [working_dir / "load" / folder for folder in (LoadStorage.NORMALIZED_FOLDER, LoadStorage.LOADED_FOLDER)]
+    for package in (extracted.iterdir() if extracted.is_dir() else ()):
+        if any((folder / package.name).exists() for folder in committed):
+            shutil.rmtree(package)

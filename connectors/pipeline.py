@@ -4,7 +4,6 @@ from __future__ import annotations
 import functools
 import importlib
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -113,10 +112,12 @@ class ConnectorPipeline:
                                     f"{type(cause).__name__}: {cause}") from exc
 
     def _recover(self) -> None:
+        from connectors.dlt_recovery import complete_interrupted_commits
+
+        complete_interrupted_commits(Path(self._pipeline.working_dir))  # a commit of dlt's cut short by a kill
         # As dlt's own run() does: take the state (incremental cursors, schemas) from the destination when it may
         # be newer than the local working dir (a new host, a lost var/, the other execution path loaded last)...
         # The caller may know it is not (this host ran the connector last): the check costs a connection.
-        self._complete_interrupted_commits()
         if self._pipeline.config.restore_from_destination and (self.restore_state or self._pipeline.first_run):
             self._pipeline.sync_destination()
         # ...and finish the load packages a run killed mid-way left behind (a job of theirs that had committed in
@@ -124,20 +125,6 @@ class ConnectorPipeline:
         if self._pipeline.has_pending_data:
             self._normalize()
             self._load()
-
-    def _complete_interrupted_commits(self) -> None:
-        """dlt commits a normalized package by renaming it into load/normalized/ and then deleting its extracted
-        files; a process killed between the two leaves both. Normalizing the extracted copy again would fail
-        (the package folder exists: "Directory not empty") or, once loaded, load the data twice: finish the
-        commit instead, as dlt would have."""
-        from dlt.common.storages import LoadStorage, NormalizeStorage
-
-        working = Path(self._pipeline.working_dir)
-        extracted = working / "normalize" / NormalizeStorage.EXTRACTED_FOLDER
-        committed = [working / "load" / folder for folder in (LoadStorage.NORMALIZED_FOLDER, LoadStorage.LOADED_FOLDER)]
-        for package in (extracted.iterdir() if extracted.is_dir() else ()):
-            if any((folder / package.name).exists() for folder in committed):
-                shutil.rmtree(package)
 
     def _extract(self) -> None:
         self._pipeline.extract(build_source(self.spec), write_disposition=self.spec.write_disposition,
