@@ -96,7 +96,7 @@ class CallbackSender(Loop):
         timestamp = int(time.time())
         headers = {"Content-Type": "application/json", "User-Agent": "flowgate-callback",
                    "X-Flowgate-Signature": signature(self.secret or "", timestamp, body),
-                   "X-Flowgate-Run-Id": run.id, "X-Flowgate-Delivery": f"{run.id}-{number}"}
+                   "X-Flowgate-Run-Id": run.id, "X-Flowgate-Delivery": run.id, "X-Flowgate-Attempt": str(number)}
         started = time.perf_counter()
         attempt: dict[str, Any] = {"attempt": number, "at": utcnow().isoformat()}
         delivered = False

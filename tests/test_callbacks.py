@@ -98,6 +98,20 @@ def test_a_failing_receiver_is_retried_with_backoff_and_every_attempt_is_recorde
     callback = wait_for_callback(client, run["run_id"], "delivered")
     assert [a.get("status_code") for a in callback["attempts"]] == [500, 500, 204]
     assert [a["attempt"] for a in callback["attempts"]] == [1, 2, 3]
+    # A receiver that committed before answering 500 dedupes the retries on the delivery id: one id, every attempt.
+    headers = [headers for headers, _ in receiver.raw]
+    assert {h["x-flowgate-delivery"] for h in headers} == {run["run_id"]}
+    assert [h["x-flowgate-attempt"] for h in headers] == ["1", "2", "3"]
+
+
+def test_a_retried_trigger_with_another_callback_url_is_a_conflict(app, client, receiver):
+    body = {"connector_id": "numbers", "callback_url": f"{receiver.url}/hook"}
+    first = client.post("/trigger", json=body, headers={"Idempotency-Key": "k-1"})
+    again = client.post("/trigger", json=body, headers={"Idempotency-Key": "k-1"})
+    other = client.post("/trigger", json={**body, "callback_url": f"{receiver.url}/other"},
+                        headers={"Idempotency-Key": "k-1"})
+    assert first.status_code == 202 and again.json["run_id"] == first.json["run_id"]
+    assert other.status_code == 409, other.json
 
 
 def test_a_receiver_that_never_answers_2xx_ends_failed_after_the_last_attempt(sending_app, receiver):

@@ -75,7 +75,9 @@ class NewRun:
     @property
     def request_hash(self) -> str:
         """A fingerprint of the request, to tell a retry from a different call under the same key."""
-        body = json.dumps([self.kind, self.target, self.params], sort_keys=True, default=str)
+        # The callback URL counts only when there is one, so the runs stored before it counted keep their hash.
+        request = [self.kind, self.target, self.params] + ([self.callback_url] if self.callback_url else [])
+        body = json.dumps(request, sort_keys=True, default=str)
         return hashlib.sha256(body.encode()).hexdigest()
 
 
