@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, func, select, text, update
+from sqlalchemy import Connection, Update, bindparam, func, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
@@ -24,7 +24,7 @@ from flows.connector_lock import connector_locks, held_by_others, serialise_clai
 from app.runs.retention import RetentionStore
 from flows.database import Database
 from flows.node_cache import SqlNodeCache
-from flows.outcome import ACTIVE, CANCELLED, CANCELLING, CRASHED, FAILED, QUEUED, RUNNING, RunError
+from flows.outcome import ACTIVE, CANCELLED, CANCELLING, CRASHED, FAILED, QUEUED, RUNNING, TERMINAL, RunError
 
 # Plain SQL on purpose: this runs inside every trigger's write transaction, where each 0.1 ms holds SQLite's
 # one write lock for every other writer (the ORM query took 5x as long). Covered by ix_runs_target_status.
@@ -224,13 +224,13 @@ class RunStore:
         """End as failed every unfinished run on `backend` created before `created_before`; returns them."""
 
         def attempt() -> list[Run]:
-            now = utcnow()
             with self.db.session(write=True) as session:
-                overdue = list(session.scalars(select(Run).where(
-                    Run.backend == backend, Run.status.in_(_UNFINISHED), Run.created_at < created_before)))
-                for run in overdue:
-                    run.status, run.finished_at, run.error, run.lease_expires_at = FAILED, now, error.to_dict(), None
-                return overdue
+                # One UPDATE: its WHERE is checked against each row as it is when written, so a run that ended
+                # meanwhile (its completion just recorded) keeps its end.
+                return list(session.scalars(update(Run).where(
+                    Run.backend == backend, Run.status.in_(_UNFINISHED), Run.created_at < created_before)
+                    .values(status=FAILED, finished_at=utcnow(), error=error.to_dict(), lease_expires_at=None)
+                    .returning(Run)))
 
         return self.db.retry(attempt)
 
@@ -248,22 +248,29 @@ class RunStore:
         def attempt() -> Run | None:
             with self.db.session(write=True) as session:
                 serialise_claims(session, self.is_sqlite)
-                busy_keys = select(Run.concurrency_key).where(ACTIVE_LOCAL)  # uq_runs_one_active_per_key
-                run = session.scalars(
-                    select(Run)
-                    .where(Run.status == QUEUED, Run.backend == "local", Run.concurrency_key.not_in(busy_keys),
-                           Run.concurrency_key.not_in(held_by_others(session, self.is_sqlite)),
-                           *((Run.kind.in_(kinds),) if kinds is not None else ()))
-                    .order_by(Run.created_at, Run.id)
-                    .limit(1)
-                ).first()
-                if run is None:
-                    return None
-                now = self._now(session)
-                run.status, run.lease_owner = RUNNING, owner
-                run.lease_expires_at = now + timedelta(seconds=lease_seconds)
-                run.started_at, run.attempts = now, run.attempts + 1
-            return run
+                while True:
+                    busy_keys = select(Run.concurrency_key).where(ACTIVE_LOCAL)  # uq_runs_one_active_per_key
+                    run_id = session.scalars(
+                        select(Run.id)
+                        .where(Run.status == QUEUED, Run.backend == "local", Run.concurrency_key.not_in(busy_keys),
+                               Run.concurrency_key.not_in(held_by_others(session, self.is_sqlite)),
+                               *((Run.kind.in_(kinds),) if kinds is not None else ()))
+                        .order_by(Run.created_at, Run.id)
+                        .limit(1)
+                    ).first()
+                    if run_id is None:
+                        return None
+                    now = self._now(session)
+                    # Still queued? A cancel (which does not take the claim lock) may have ended it since the read:
+                    # then the next one is looked for.
+                    lease_expires_at = now + timedelta(seconds=lease_seconds)
+                    run = session.scalars(
+                        self._when(run_id, QUEUED, Run.backend == "local")
+                        .values(status=RUNNING, lease_owner=owner, lease_expires_at=lease_expires_at, started_at=now,
+                                attempts=Run.attempts + 1)
+                        .returning(Run)).first()
+                    if run is not None:
+                        return run
 
         return self.db.retry(attempt)
 
@@ -290,6 +297,17 @@ class RunStore:
         if self.is_sqlite:
             return utcnow()
         return session.execute(text("SELECT clock_timestamp()")).scalar_one()  # now(): the transaction's start
+
+    @staticmethod
+    def _when(run_id: str, status: str | tuple[str, ...], *also: Any) -> Update:
+        """An UPDATE of the run that changes it only while its status is still `status` (what the caller read).
+
+        Every transition is such a compare-and-set (its rowcount says whether it happened): on PostgreSQL, at READ
+        COMMITTED, a row read, changed in Python and written back by id alone overwrites any change committed in
+        between (a finish, a claim, a cancel), where this WHERE is checked against the row as it is then."""
+        statuses = (status,) if isinstance(status, str) else status
+        return update(Run).where(Run.id == run_id, Run.status.in_(statuses), *also).execution_options(
+            synchronize_session=False)
 
     def finish(self, run_id: str, owner: str, status: str, result: dict[str, Any] | None = None,
                error: RunError | None = None, logs: list[dict[str, Any]] | None = None) -> bool:
@@ -318,7 +336,9 @@ class RunStore:
         """Prefect could not take the run after all: a local executor will claim it, under the same id (a flow
         run Prefect had for it stays named on the run, with its last state)."""
         values = {"prefect_state": prefect_state} if prefect_state else {}
-        return self._change_unfinished(run_id, "prefect", backend="local", fallback_reason=reason, **values)
+        # Only a queued one: local executors claim queued runs, and one a worker had started must stay on Prefect.
+        return self._change_unfinished(run_id, "prefect", (QUEUED,), backend="local", fallback_reason=reason,
+                                       **values)
 
     def fail(self, run_id: str, error: RunError) -> Run | None:
         """End the run as failed before it ran anywhere."""
@@ -335,17 +355,16 @@ class RunStore:
             values.update(finished_at=finished_at, result=result, error=error.to_dict() if error else None)
         return self._change_unfinished(run_id, "prefect", **values)
 
-    def _change_unfinished(self, run_id: str, on_backend: str, **values: Any) -> Run | None:
-        # Only while the run is still on `on_backend`: a Prefect answer read before the run went local must not
-        # touch it once a local executor may hold it.
+    def _change_unfinished(self, run_id: str, on_backend: str, statuses: tuple[str, ...] = _UNFINISHED,
+                           **values: Any) -> Run | None:
+        # Only while the run is still on `on_backend`, in one of `statuses`: a Prefect answer read before the run
+        # went local must not touch it once a local executor may hold it, nor reopen a run that ended.
         def attempt() -> Run | None:
             with self.db.session(write=True) as session:
-                run = session.get(Run, run_id, options=_WITH_CALLBACK)
-                if run is None or run.is_terminal or run.backend != on_backend:
+                changed = session.execute(self._when(run_id, statuses, Run.backend == on_backend).values(**values))
+                if not changed.rowcount:
                     return None
-                for name, value in values.items():
-                    setattr(run, name, value)
-            return run
+                return session.get(Run, run_id, options=_WITH_CALLBACK)
 
         return self.db.retry(attempt)
 
@@ -371,16 +390,17 @@ class RunStore:
 
         def attempt() -> Run | None:
             with self.db.session(write=True) as session:
-                run = session.get(Run, run_id, options=_WITH_CALLBACK)
-                if run is None or run.is_terminal:
-                    return run
-                run.cancel_requested = True
-                if run.status == QUEUED:
-                    run.status, run.finished_at = CANCELLED, utcnow()
-                    run.error = RunError("cancelled", "cancelled before it started").to_dict()
-                elif run.status == RUNNING:
-                    run.status = CANCELLING
-            return run
+                # Each change is made only on the status it was chosen for; when a claim, a finish or a recovery
+                # came between, the run is read again and what fits its new status is done.
+                while (status := session.scalar(select(Run.status).where(Run.id == run_id))) not in (None, *TERMINAL):
+                    if status == QUEUED:
+                        change = {"status": CANCELLED, "finished_at": utcnow(),
+                                  "error": RunError("cancelled", "cancelled before it started").to_dict()}
+                    else:
+                        change = {"status": CANCELLING}
+                    if session.execute(self._when(run_id, status).values(cancel_requested=True, **change)).rowcount:
+                        break
+                return session.get(Run, run_id, options=_WITH_CALLBACK)
 
         return self.db.retry(attempt)
 
@@ -394,11 +414,16 @@ class RunStore:
         def attempt() -> list[str]:
             with self.db.session(write=True) as session:
                 now = self._now(session)
-                expired = list(session.scalars(select(Run).where(
-                    ACTIVE_LOCAL, Run.lease_expires_at < now)))  # uq_runs_one_active_per_key
-                for run in expired:
-                    run.error = RunError.lease_expired(run.lease_owner).to_dict()
-                    run.status, run.finished_at, run.lease_expires_at = CRASHED, now, None
-                return [run.id for run in expired]
+                expired = session.execute(select(Run.id, Run.lease_owner).where(
+                    ACTIVE_LOCAL, Run.lease_expires_at < now)).all()  # uq_runs_one_active_per_key
+                recovered = []
+                for run_id, owner in expired:
+                    # Only if its lease is still lapsed: an owner that was late, not dead, may have finished it
+                    # (or renewed) since the read, and its end stands.
+                    if session.execute(self._when(run_id, ACTIVE, Run.backend == "local", Run.lease_expires_at < now)
+                                       .values(status=CRASHED, finished_at=now, lease_expires_at=None,
+                                               error=RunError.lease_expired(owner).to_dict())).rowcount:
+                        recovered.append(run_id)
+                return recovered
 
         return self.db.retry(attempt)

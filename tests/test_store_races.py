@@ -1,0 +1,230 @@
+"""RunStore transitions that race: one call is held between its read and its write while another runs to its end.
+
+On PostgreSQL (READ COMMITTED) the held call's write then meets a row another transaction changed since the read;
+every transition must see that change, not write the row back as it read it. On SQLite the held call holds the
+write lock (BEGIN IMMEDIATE), so the other waits for it: the same tests show the store's answers agree with its rows
+there too. The interleavings are the review's (shared/reviews/exactly-once-2026-12.md, finding 1).
+"""
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event, update
+
+from app.runs.models import Run, utcnow
+from app.runs.store import NewRun, RunStore
+from flows.outcome import CANCELLED, CANCELLING, COMPLETED, CRASHED, FAILED, QUEUED, RUNNING, RunError
+from tests.waiting import wait_until
+
+HELD, OTHER = "flowgate-test-held", "flowgate-test-other"
+
+
+@dataclass
+class Race:
+    """What the two calls returned, and whether the other call ended while the held one waited to write (on
+    PostgreSQL it does: the held call holds no lock the other needs; on SQLite it holds the write lock)."""
+
+    held: Any
+    other: Any
+    other_ended_first: bool
+
+
+def race(store: RunStore, held: Callable[[], Any], other: Callable[[], Any]) -> Race:
+    """Run `held` until it is about to send its first UPDATE of `runs` (its reads done), then `other` until it ends
+    or waits for a lock `held` has, then let `held` write."""
+    at_write, go = threading.Event(), threading.Event()
+    other_began_writing, other_pids = threading.Event(), set()
+    results: dict[str, Any] = {}
+
+    def hook(connection, cursor, statement, parameters, context, executemany) -> None:
+        name = threading.current_thread().name
+        if name == HELD and statement.lstrip().upper().startswith("UPDATE RUNS") and not at_write.is_set():
+            at_write.set()
+            assert go.wait(30), "the test never let the held call write"
+        elif name == OTHER and store.is_sqlite and statement.startswith("BEGIN IMMEDIATE"):
+            other_began_writing.set()
+        elif name == OTHER and not store.is_sqlite:
+            other_pids.add(connection.connection.dbapi_connection.info.backend_pid)
+
+    def run(name: str, fn: Callable[[], Any]) -> threading.Thread:
+        def body() -> None:
+            try:
+                results[name] = fn()
+            except BaseException as exc:  # re-raised in the test's thread
+                results[name] = exc
+        thread = threading.Thread(target=body, name=name, daemon=True)
+        thread.start()
+        return thread
+
+    def other_waits_for_a_lock() -> bool:
+        if store.is_sqlite:  # its BEGIN IMMEDIATE waits on the held call's write lock
+            return other_began_writing.is_set()
+        if not other_pids:
+            return False
+        with store.engine.connect() as connection:
+            return connection.execute(sa.text(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(:pids) AND wait_event_type = 'Lock'"),
+                {"pids": list(other_pids)}).scalar_one() > 0
+
+    event.listen(store.engine, "before_cursor_execute", hook)
+    try:
+        held_thread = run(HELD, held)
+        wait_until(lambda: at_write.is_set() or not held_thread.is_alive(), what="the held call at its write")
+        other_thread = run(OTHER, other)
+        wait_until(lambda: not other_thread.is_alive() or other_waits_for_a_lock(), every=0.01,
+                   what="the other call ended or waiting")
+        other_ended_first = not other_thread.is_alive()
+        go.set()
+        held_thread.join(30)
+        other_thread.join(30)
+    finally:
+        go.set()
+        event.remove(store.engine, "before_cursor_execute", hook)
+    for name in (HELD, OTHER):
+        if isinstance(results.get(name), BaseException):
+            raise results[name]
+    return Race(results.get(HELD), results.get(OTHER), other_ended_first)
+
+
+def queued(store: RunStore, key: str = "duckdb:/shop.duckdb", backend: str = "local") -> Run:
+    run, _ = store.create_run(NewRun(kind="connector", target="shop", params={}, backend=backend, concurrency_key=key))
+    return run
+
+
+def claimed(store: RunStore, owner: str = "executor-a") -> Run:
+    run = queued(store)
+    assert store.claim_next(owner, lease_seconds=600).id == run.id
+    return run
+
+
+def lapse_lease(store: RunStore, run_id: str) -> None:
+    """The run's executor stopped renewing a while ago (its process died, or it is late)."""
+    with store.db.session(write=True) as session:
+        session.execute(update(Run).where(Run.id == run_id).values(lease_expires_at=utcnow() - timedelta(minutes=5)))
+
+
+def next_run_of_the_key_is_claimable(store: RunStore) -> bool:
+    nxt = queued(store)
+    taken = store.claim_next("executor-b", lease_seconds=600)
+    return taken is not None and taken.id == nxt.id
+
+
+def assert_not_active_without_a_lease(run: Run) -> None:
+    """Nothing recovers an active local run without a lease: it would hold its connector's key for good."""
+    if run.backend == "local" and run.status in (RUNNING, CANCELLING):
+        assert run.lease_expires_at is not None, f"{run.status} local run without a lease"
+
+
+def test_a_cancel_that_read_the_run_running_does_not_reopen_it_once_its_owner_finished_it(store: RunStore):
+    run = claimed(store)
+    outcome = race(store, held=lambda: store.cancel(run.id),
+                   other=lambda: store.finish(run.id, "executor-a", COMPLETED, result={"rows": {"t": 1}}))
+    assert outcome.other is True
+    after = store.get(run.id)
+    assert (after.status, after.lease_expires_at, after.result) == (COMPLETED, None, {"rows": {"t": 1}})
+    assert outcome.held.status == (COMPLETED if outcome.other_ended_first else CANCELLING)
+    assert next_run_of_the_key_is_claimable(store)
+
+
+def test_a_cancel_that_read_the_run_running_does_not_reopen_it_once_recovery_crashed_it(store: RunStore):
+    run = claimed(store)
+    lapse_lease(store, run.id)
+    outcome = race(store, held=lambda: store.cancel(run.id), other=store.recover_expired)
+    assert outcome.other == [run.id]
+    after = store.get(run.id)
+    assert (after.status, after.lease_expires_at, after.error["code"]) == (CRASHED, None, "lease_expired")
+    assert outcome.held.status == (CRASHED if outcome.other_ended_first else CANCELLING)
+    assert next_run_of_the_key_is_claimable(store)
+
+
+def test_a_claim_that_read_the_run_queued_does_not_start_it_once_it_was_cancelled(store: RunStore):
+    run = queued(store)
+    outcome = race(store, held=lambda: store.claim_next("executor-a", lease_seconds=600),
+                   other=lambda: store.cancel(run.id))
+    after = store.get(run.id)
+    if outcome.other_ended_first:  # the caller was told "cancelled": the run must not execute
+        assert outcome.other.status == CANCELLED
+        assert outcome.held is None and after.status == CANCELLED and after.lease_owner is None
+    else:  # claimed first: the cancel asks the executor to stop it
+        assert outcome.held.id == run.id
+        assert outcome.other.status == CANCELLING and after.status == CANCELLING and after.cancel_requested
+
+
+def test_recovery_that_read_a_lapsed_lease_does_not_crash_a_run_its_owner_finished_meanwhile(store: RunStore):
+    run = claimed(store)
+    lapse_lease(store, run.id)
+    outcome = race(store, held=store.recover_expired,
+                   other=lambda: store.finish(run.id, "executor-a", COMPLETED, result={"rows": {"t": 1}}))
+    after = store.get(run.id)
+    # The owner is told whether its end was recorded; what it was told is what the run says.
+    if outcome.other:
+        assert outcome.held == [] and after.status == COMPLETED and after.error is None
+    else:
+        assert outcome.held == [run.id] and after.status == CRASHED
+    assert outcome.other is outcome.other_ended_first
+
+
+def test_a_cancel_that_read_the_run_queued_stops_it_once_an_executor_claimed_it(store: RunStore):
+    run = queued(store)
+    outcome = race(store, held=lambda: store.cancel(run.id),
+                   other=lambda: store.claim_next("executor-a", lease_seconds=600))
+    after = store.get(run.id)
+    if outcome.other_ended_first:  # executor A runs it: it must stay active (holding its key) and be asked to stop
+        assert outcome.other.id == run.id
+        assert outcome.held.status == CANCELLING and after.status == CANCELLING and after.cancel_requested
+        assert after.lease_owner == "executor-a" and after.lease_expires_at is not None
+        assert not next_run_of_the_key_is_claimable(store)
+    else:
+        assert outcome.other is None and outcome.held.status == CANCELLED and after.status == CANCELLED
+
+
+def test_the_run_timeout_does_not_fail_a_prefect_run_that_completed_meanwhile(store: RunStore):
+    run = queued(store, backend="prefect")
+    store.record_prefect_state(run.id, RUNNING, "Running", started_at=utcnow())
+    timed_out = RunError.timed_out(60)
+    outcome = race(store, held=lambda: store.fail_overdue("prefect", utcnow() + timedelta(minutes=1), timed_out),
+                   other=lambda: store.record_prefect_state(run.id, COMPLETED, "Completed", finished_at=utcnow(),
+                                                            result={"rows": {"t": 1}}))
+    after = store.get(run.id)
+    if outcome.other is not None:  # its completion was recorded: the timeout must not overwrite it
+        assert outcome.held == [] and (after.status, after.result, after.error) == (COMPLETED, {"rows": {"t": 1}}, None)
+    else:
+        assert [r.id for r in outcome.held] == [run.id] and after.status == FAILED and after.result is None
+    assert (outcome.other is not None) is outcome.other_ended_first
+
+
+def test_a_prefect_state_read_before_the_run_went_local_does_not_mark_the_local_run_running(store: RunStore):
+    run = queued(store, backend="prefect")
+    outcome = race(store, held=lambda: store.record_prefect_state(run.id, RUNNING, "Running", started_at=utcnow()),
+                   other=lambda: store.fall_back_to_local(run.id, "prefect_not_picked_up", prefect_state="Cancelled"))
+    after = store.get(run.id)
+    assert_not_active_without_a_lease(after)
+    if outcome.other_ended_first:  # local now: a local executor claims it; Prefect's late answer is dropped
+        assert outcome.held is None and (after.backend, after.status) == ("local", QUEUED)
+        assert store.claim_next("executor-a", lease_seconds=600).id == run.id
+    else:  # a worker had it running: it stays on Prefect
+        assert outcome.other is None and (after.backend, after.status) == ("prefect", RUNNING)
+
+
+def test_a_prefect_state_read_before_the_run_ended_does_not_reopen_it(store: RunStore):
+    run = queued(store, backend="prefect")
+    outcome = race(store, held=lambda: store.record_prefect_state(run.id, RUNNING, "Running", started_at=utcnow()),
+                   other=lambda: store.fail(run.id, RunError("prefect_create_failed", "boom")))
+    after = store.get(run.id)
+    assert after.status == FAILED and after.error["code"] == "prefect_create_failed"
+    assert (outcome.held is None) is outcome.other_ended_first
+
+
+def test_the_race_harness_lets_the_other_call_end_between_the_held_calls_read_and_write(store: RunStore):
+    """The tests above prove something only if the interleaving happens: on PostgreSQL the other call ends while
+    the held one waits to write; on SQLite it waits for the held call's write lock."""
+    run = claimed(store)
+    outcome = race(store, held=lambda: store.cancel(run.id),
+                   other=lambda: store.renew_leases("executor-a", [run.id], 600))
+    assert outcome.other_ended_first is (not store.is_sqlite)
+    assert outcome.held.status == CANCELLING and outcome.other[1] == ({run.id} if store.is_sqlite else set())
