@@ -60,6 +60,12 @@ class RunError:
     def lease_expired(cls, owner: str | None) -> RunError:
         return cls("lease_expired", f"executor {owner} stopped renewing its lease; the process running this run died")
 
+    @classmethod
+    def no_lease(cls, owner: str | None) -> RunError:
+        """An active run found without a lease: nothing renews it, so nothing runs it (still `lease_expired`)."""
+        return cls("lease_expired", f"the run was left active without a lease (last held by executor {owner}); "
+                                    "no process was running it")
+
 
 @dataclass(frozen=True)
 class RunOutcome:

@@ -220,6 +220,20 @@ def test_a_prefect_state_read_before_the_run_ended_does_not_reopen_it(store: Run
     assert (outcome.held is None) is outcome.other_ended_first
 
 
+def test_recovery_ends_an_active_local_run_left_without_a_lease(store: RunStore):
+    """What the lost updates above left behind before they were fixed: a `cancelling` row with no lease, which
+    held its connector's key for good. Recovery heals such rows, so none can wedge a connector."""
+    run = claimed(store)
+    with store.db.session(write=True) as session:
+        session.execute(update(Run).where(Run.id == run.id).values(status=CANCELLING, cancel_requested=True,
+                                                                   lease_expires_at=None, finished_at=utcnow()))
+    assert store.recover_expired() == [run.id]
+    after = store.get(run.id)
+    assert (after.status, after.error["code"]) == (CRASHED, "lease_expired")
+    assert "without a lease" in after.error["message"]
+    assert next_run_of_the_key_is_claimable(store)
+
+
 def test_the_race_harness_lets_the_other_call_end_between_the_held_calls_read_and_write(store: RunStore):
     """The tests above prove something only if the interleaving happens: on PostgreSQL the other call ends while
     the held one waits to write; on SQLite it waits for the held call's write lock."""

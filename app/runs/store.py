@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Update, bindparam, func, select, text, update
+from sqlalchemy import Connection, Update, bindparam, func, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
@@ -409,20 +409,23 @@ class RunStore:
         return self._change_unfinished(run_id, "prefect", cancel_requested=True, status=CANCELLING)
 
     def recover_expired(self) -> list[str]:
-        """Mark local runs whose lease lapsed (their process died) `crashed`; return their ids."""
+        """Mark local runs whose lease lapsed (their process died) `crashed`; return their ids. An active local run
+        without a lease (left by a lost update before transitions were compare-and-sets) is ended too: nothing
+        renews it, and it would hold its connector's key for good."""
 
         def attempt() -> list[str]:
             with self.db.session(write=True) as session:
                 now = self._now(session)
-                expired = session.execute(select(Run.id, Run.lease_owner).where(
-                    ACTIVE_LOCAL, Run.lease_expires_at < now)).all()  # uq_runs_one_active_per_key
+                lapsed = or_(Run.lease_expires_at < now, Run.lease_expires_at.is_(None))
+                expired = session.execute(select(Run.id, Run.lease_owner, Run.lease_expires_at).where(
+                    ACTIVE_LOCAL, lapsed)).all()  # uq_runs_one_active_per_key
                 recovered = []
-                for run_id, owner in expired:
+                for run_id, owner, lease_expires_at in expired:
+                    error = RunError.lease_expired(owner) if lease_expires_at else RunError.no_lease(owner)
                     # Only if its lease is still lapsed: an owner that was late, not dead, may have finished it
                     # (or renewed) since the read, and its end stands.
-                    if session.execute(self._when(run_id, ACTIVE, Run.backend == "local", Run.lease_expires_at < now)
-                                       .values(status=CRASHED, finished_at=now, lease_expires_at=None,
-                                               error=RunError.lease_expired(owner).to_dict())).rowcount:
+                    if session.execute(self._when(run_id, ACTIVE, Run.backend == "local", lapsed).values(
+                            status=CRASHED, finished_at=now, lease_expires_at=None, error=error.to_dict())).rowcount:
                         recovered.append(run_id)
                 return recovered
 
