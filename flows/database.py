@@ -1,10 +1,12 @@
 """The run store's database as every floor opens it: SQLite tuned for several processes, or PostgreSQL.
 
 The gateway's run store (app/runs) and the Prefect flows (the node cache) both open it from DATABASE_URL, so
-this lives on the floor both import. Writes are short transactions, retried while SQLite still reports a lock.
+this lives on the floor both import. Writes are short transactions, retried while SQLite still reports a lock
+(and, for a transaction that may run twice, after any transient error: `is_transient`).
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -13,10 +15,36 @@ from typing import Any, TypeVar
 
 from sqlalchemy import Engine, MetaData, create_engine, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, InterfaceError, OperationalError, ProgrammingError
 from sqlalchemy.orm import Session
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+# PostgreSQL's SQLSTATE classes after which the same transaction may succeed when tried again: the connection
+# failed (08), the transaction was rolled back for a serialization failure or a deadlock (40), the server ran
+# short of resources (53), or an operator or a restart ended the session or cancelled the statement (57).
+_TRANSIENT_SQLSTATE_CLASSES = ("08", "40", "53", "57")
+
+
+def is_transient(exc: DBAPIError) -> bool:
+    """Whether trying the same transaction again may succeed: the connection was lost or reset (a failover, a
+    restart, a network blip), a serialization failure or deadlock, SQLite's lock. Never a constraint violation,
+    bad data or SQL, or a refused login: those fail the same way every time."""
+    if isinstance(exc, (IntegrityError, ProgrammingError, DataError)):
+        return False
+    if exc.connection_invalidated:  # SQLAlchemy saw a disconnect: a new connection may work
+        return True
+    if type(exc.orig).__module__ == "sqlite3":  # a local file: only its lock passes (not "no such table", I/O)
+        return "locked" in str(exc).lower()
+    state = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+    if state:
+        return state[:2] in _TRANSIENT_SQLSTATE_CLASSES
+    return isinstance(exc, (OperationalError, InterfaceError))  # no SQLSTATE: the driver lost the server
+
+
+def _first_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 # PostgreSQL: every call on the run paths is bounded, so a database that stops answering costs a run its lease
 # (flows/lease.py fences it on time) and the gateway a bounded wait, not minutes of a hung thread. The server
@@ -93,15 +121,22 @@ class Database:
             with session.begin():
                 yield session
 
-    def retry(self, fn: Callable[[], T], attempts: int = 5) -> T:
-        """Run `fn` (one transaction), again while SQLite reports a lock busy_timeout did not cover."""
+    def retry(self, fn: Callable[[], T], attempts: int = 5, transient: bool = False, first_wait: float = 0.05) -> T:
+        """Run `fn` (one transaction), again while SQLite reports a lock busy_timeout did not cover; with
+        `transient`, also after any error another try may not meet (`is_transient`: a dropped connection, a
+        failover, a serialization failure). Only for a transaction that may run twice: its first try may have
+        committed before the connection dropped. Waits double from `first_wait` between tries."""
         for attempt in range(attempts):
             try:
                 return fn()
-            except OperationalError as exc:
-                if "locked" not in str(exc).lower() or attempt == attempts - 1:
+            except DBAPIError as exc:
+                locked = isinstance(exc, OperationalError) and "locked" in str(exc).lower()
+                if not (locked or transient and is_transient(exc)) or attempt == attempts - 1:
                     raise
-                time.sleep(0.05 * 2 ** attempt)
+                wait = first_wait * 2 ** attempt
+                if not locked:
+                    log.warning("a database call failed (%s); trying again in %.2f s", _first_line(exc), wait)
+                time.sleep(wait)
         raise AssertionError("unreachable")
 
     def ping(self) -> float:

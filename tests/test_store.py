@@ -10,7 +10,7 @@ from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.runs.models import Run
+from app.runs.models import Run, utcnow
 from app.runs.store import IdempotencyConflict, NewRun, RunStore
 from flows.outcome import CANCELLED, CANCELLING, COMPLETED, CRASHED, QUEUED, RUNNING
 from tests.waiting import wait_until
@@ -208,3 +208,58 @@ def test_a_claim_that_waited_for_the_claim_lock_gets_a_whole_lease(postgres_url)
     finally:
         blocker.dispose()
         store.dispose()
+
+
+def test_the_end_of_a_run_is_recorded_though_the_database_dropped_its_connection_twice(postgres_url):
+    """A failover or a reset connection as a run ends: its end is written on a later try, not left for the lease
+    to lapse (which recorded a completed run as crashed)."""
+    import sqlalchemy as sa
+    from sqlalchemy import event
+
+    store = RunStore(postgres_url)
+    store.create_schema()
+    admin = sa.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    dropped: list[int] = []
+
+    def drop_the_connection(connection, cursor, statement, parameters, context, executemany) -> None:
+        if statement.startswith("UPDATE runs") and len(dropped) < 2:
+            pid = connection.connection.dbapi_connection.info.backend_pid
+            with admin.connect() as other:  # waits until that backend is gone
+                assert other.execute(sa.text("SELECT pg_terminate_backend(:pid, 10000)"), {"pid": pid}).scalar_one()
+            dropped.append(pid)
+
+    try:
+        run, _ = store.create_run(new_run())
+        store.claim_next("w1", lease_seconds=600)
+        line = {"run_id": run.id, "at": utcnow(), "level": "INFO", "logger": "test", "message": "loaded"}
+        event.listen(store.engine, "before_cursor_execute", drop_the_connection)
+        assert store.finish(run.id, "w1", COMPLETED, result={"rows": {"t": 1}}, logs=[line]) is True
+        event.remove(store.engine, "before_cursor_execute", drop_the_connection)
+        ended = store.get(run.id)
+        assert len(dropped) == 2
+        assert (ended.status, ended.result, ended.lease_expires_at) == (COMPLETED, {"rows": {"t": 1}}, None)
+        assert [logged["message"] for logged in store.logs.read(run.id)] == ["loaded"]
+    finally:
+        store.dispose()
+        admin.dispose()
+
+
+def test_a_run_end_the_database_refuses_is_not_tried_again(store: RunStore):
+    from sqlalchemy import event
+
+    run, _ = store.create_run(new_run())
+    store.claim_next("w1", lease_seconds=600)
+    writes: list[str] = []
+
+    def count(connection, cursor, statement, parameters, context, executemany) -> None:
+        if statement.startswith("UPDATE runs"):
+            writes.append(statement)
+
+    event.listen(store.engine, "before_cursor_execute", count)
+    try:
+        with pytest.raises(IntegrityError):  # a log line without its message: the same on every try
+            store.finish(run.id, "w1", COMPLETED, logs=[{"run_id": run.id, "at": utcnow(), "level": "INFO",
+                                                         "logger": "test", "message": None}])
+    finally:
+        event.remove(store.engine, "before_cursor_execute", count)
+    assert len(writes) == 1 and store.get(run.id).status == RUNNING

@@ -39,6 +39,9 @@ _INSERT_CALLBACK = RunCallback.__table__.insert()
 _EMPTY_ROW = {column.name: None for column in Run.__table__.columns}
 _FIND_BY_KEY = select(Run.id).where(Run.kind == bindparam("kind"), Run.target == bindparam("target"),
                                     Run.idempotency_key == bindparam("key"))
+# A run's end is tried this often: waits of 0.1 s doubling, 3.1 s in all, well inside a lease (30 s by default),
+# which the executor's heartbeat keeps renewing until the end is written.
+_END_TRIES = 6
 _QUEUE_LOCK_NAMESPACE = 0x666C6F71  # with a hash of kind:target, the advisory lock of one target's queue limit
 
 
@@ -312,19 +315,27 @@ class RunStore:
     def finish(self, run_id: str, owner: str, status: str, result: dict[str, Any] | None = None,
                error: RunError | None = None, logs: list[dict[str, Any]] | None = None) -> bool:
         """Record how a run ended (and its last log lines, in the same transaction); only while `owner` still
-        holds it (a recovered run stays recovered)."""
+        holds it (a recovered run stays recovered). Tried again after a transient error (a dropped connection, a
+        failover): given up, a run that completed would be recorded crashed once its lease lapsed."""
+        tries = 0
 
         def attempt() -> bool:
+            nonlocal tries
+            tries += 1
             with self.db.session(write=True) as session:
                 changed = session.execute(
                     update(Run).where(Run.id == run_id, Run.lease_owner == owner, Run.status.in_(ACTIVE))
-                    .values(status=status, result=result, error=error.to_dict() if error else None, finished_at=utcnow(),
-                            lease_expires_at=None)).rowcount
+                    .values(status=status, result=result, error=error.to_dict() if error else None,
+                            finished_at=utcnow(), lease_expires_at=None)).rowcount
                 if logs and changed:
                     session.add_all(RunLog(**line) for line in logs)
+                if not changed and tries > 1:  # the try before may have committed, its answer lost with its connection
+                    changed = session.scalar(select(func.count()).where(
+                        Run.id == run_id, Run.lease_owner == owner, Run.status == status,
+                        Run.lease_expires_at.is_(None)))
             return changed == 1
 
-        return self.db.retry(attempt)
+        return self.db.retry(attempt, attempts=_END_TRIES, transient=True, first_wait=0.1)
 
     # --- transitions of a run that has not ended (None when it had ended meanwhile) ---------------
 
