@@ -100,7 +100,6 @@ def operations(store: RunStore) -> dict[str, Callable[[], object]]:
         "overdue Prefect runs": lambda: store.fail_overdue("prefect", long_ago, RunError("bench", "bench")),
         "unfinished Prefect runs (sync)": lambda: store.unfinished("prefect"),
         "due callbacks (claim)": lambda: store.callbacks.claim("bench", 30),
-        "a target's last ended run": lambda: store.last_ended_elsewhere("connector", "t7", "host"),
         "retention pass, nothing to prune": lambda: store.retention.prune(utcnow() - timedelta(days=3650)),
     }
 

@@ -22,7 +22,16 @@ dropped or aborted, a completion killed before its delete). The cost: should a p
 while another connector completes a load into its dataset, a job of it that committed before its run was killed
 would load again.
 
+Packages from another era. Runs of one connector may use different working folders (hosts with their own var/)
+on one destination. A run killed before its load leaves its package in its folder; a run elsewhere then loads the
+same rows from the same state (dlt advances a cursor only with a completed load). When a run comes back to the
+first folder, dlt restores the destination's newer (or equal) state but still loads the old package (it only
+warns): rows twice with append, older versions over newer with merge. `stale_packages` tells such packages by
+the state they were made on: one the destination already holds (or a newer one) belongs to a load made since.
+
 What this relies on in dlt, beyond its public API:
+- `Pipeline._restore_state_from_destination` returns the newest state a completed load stored (it joins
+  `_dlt_loads` with status 0), as `sync_destination` reads it;
 - `DuckDbClient.create_load_job` returns a `DuckDbCopyJob` or an `InsertValuesLoadJob` for data files; a job's
   `_job_client` is the worker thread's client (dlt's own job classes read it the same way);
 - `DuckDbCopyJob.run` opens no transaction; `InsertValuesLoadJob.run` iterates `_insert()` inside its one;
@@ -159,3 +168,18 @@ def complete_interrupted_commits(working_dir: Path) -> None:
     for package in (extracted.iterdir() if extracted.is_dir() else ()):
         if any((folder / package.name).exists() for folder in committed):
             shutil.rmtree(package)
+
+
+def stale_packages(pipeline: Any) -> bool:
+    """Whether `pipeline` (a dlt Pipeline) has pending packages made on a state the destination already holds, or
+    older: another folder loaded since, from that state, and their rows with it."""
+    from dlt.common.destination.exceptions import DestinationUndefinedEntity
+
+    if not pipeline.has_pending_data:
+        return False
+    try:
+        remote = pipeline._restore_state_from_destination()
+    except DestinationUndefinedEntity:  # nothing was ever loaded there: no other folder loaded either
+        return False
+    return remote is not None and remote["_state_version"] >= pipeline.state["_state_version"]
+

@@ -42,7 +42,7 @@ def warm_up() -> None:
 
 
 def run_connector_isolated(spec: ConnectorSpec, workspace: Workspace, should_stop: Callable[[], bool] = lambda: False,
-                           restore_state: bool = True, grace_seconds: float = GRACE_SECONDS,
+                           grace_seconds: float = GRACE_SECONDS,
                            must_end: Callable[[], bool] = lambda: False) -> LoadSummary:
     """run_connector in a child process. When `should_stop` turns true the child stops at its next checkpoint;
     one that has not within `grace_seconds` (stuck in a step) is killed, and the run ends as cancelled during
@@ -52,7 +52,7 @@ def run_connector_isolated(spec: ConnectorSpec, workspace: Workspace, should_sto
     receive, send = context.Pipe(duplex=False)
     lifeline, held = context.Pipe(duplex=False)  # the child ends itself when `held` closes: this process died
     stop = context.Event()
-    child = context.Process(target=_child, args=(spec, workspace, restore_state, stop, send, lifeline),
+    child = context.Process(target=_child, args=(spec, workspace, stop, send, lifeline),
                             name=f"flowgate-connector-{spec.id}", daemon=True)
     step, stop_asked_at = "recover", None
     try:
@@ -151,7 +151,7 @@ def _watch_lifeline(lifeline: Connection) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _child(spec: ConnectorSpec, workspace: Workspace, restore_state: bool, stop: Any, pipe: Connection,
+def _child(spec: ConnectorSpec, workspace: Workspace, stop: Any, pipe: Connection,
            lifeline: Connection) -> None:
     threading.Thread(target=_watch_lifeline, args=(lifeline,), daemon=True).start()
     lock = threading.Lock()
@@ -172,7 +172,7 @@ def _child(spec: ConnectorSpec, workspace: Workspace, restore_state: bool, stop:
         send(("step", name))
 
     try:
-        summary = run_connector(spec, workspace, should_stop=stop.is_set, restore_state=restore_state, on_step=on_step)
+        summary = run_connector(spec, workspace, should_stop=stop.is_set, on_step=on_step)
         send(("done", summary.to_dict()))
     except RunCancelled as exc:
         send(("failed", {"kind": "cancelled", "step": exc.step}))

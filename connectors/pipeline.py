@@ -1,6 +1,8 @@
 """run_connector: one connector run as a dlt pipeline, the same code on every execution path."""
 from __future__ import annotations
 
+import logging
+
 import functools
 import importlib
 import os
@@ -12,6 +14,9 @@ from typing import Any
 
 from connectors.secrets import public_error, redact_text
 from connectors.spec import ConnectorSpec, FilesystemSource, PythonSource, RestApiSource, SqlDatabaseSource
+
+
+log = logging.getLogger(__name__)
 
 
 class ConnectorRunError(RuntimeError):
@@ -83,13 +88,12 @@ class ConnectorPipeline:
 
     steps = ("recover", "extract", "normalize", "load")
 
-    def __init__(self, spec: ConnectorSpec, workspace: Workspace, restore_state: bool = True):
+    def __init__(self, spec: ConnectorSpec, workspace: Workspace):
         _configure_dlt()
         import dlt
 
         self.spec = spec
         self.workspace = workspace
-        self.restore_state = restore_state
         self.rows: dict[str, int] = {}
         self.load_ids: list[str] = []
         self._started = time.monotonic()
@@ -112,16 +116,20 @@ class ConnectorPipeline:
                                     f"{type(cause).__name__}: {cause}") from exc
 
     def _recover(self) -> None:
-        from connectors.dlt_recovery import complete_interrupted_commits
+        from connectors.dlt_recovery import complete_interrupted_commits, stale_packages
 
         complete_interrupted_commits(Path(self._pipeline.working_dir))  # a commit of dlt's cut short by a kill
-        # As dlt's own run() does: take the state (incremental cursors, schemas) from the destination when it may
-        # be newer than the local working dir (a new host, a lost var/, the other execution path loaded last)...
-        # The caller may know it is not (this host ran the connector last): the check costs a connection.
-        if self._pipeline.config.restore_from_destination and (self.restore_state or self._pipeline.first_run):
+        # As dlt's own run() does: take the state (incremental cursors, schemas) from the destination when it is
+        # newer than this working folder's (another folder loaded since: another host, the other execution path).
+        # Always asked: which folder loaded last cannot be told from here, nor by host clocks.
+        if self._pipeline.config.restore_from_destination:
+            if stale_packages(self._pipeline):
+                log.warning("connector %s: dropping the load packages a killed run left in this folder: a run on "
+                            "another folder has loaded since, from the same state", self.spec.id)
+                self._pipeline.drop_pending_packages()
             self._pipeline.sync_destination()
-        # ...and finish the load packages a run killed mid-way left behind (a job of theirs that had committed in
-        # DuckDB finds its mark there and does not load again: connectors/dlt_recovery.py).
+        # Finish the load packages a run killed mid-way left behind (a job of theirs that had committed in DuckDB
+        # finds its mark there and does not load again: connectors/dlt_recovery.py).
         if self._pipeline.has_pending_data:
             self._normalize()
             self._load()
@@ -161,14 +169,11 @@ def run_connector(
     spec: ConnectorSpec,
     workspace: Workspace,
     should_stop: Callable[[], bool] = lambda: False,
-    restore_state: bool = True,
     on_step: Callable[[str], None] = lambda step: None,
 ) -> LoadSummary:
-    """Recover, extract, normalize and load one connector; check `should_stop` between the steps.
-
-    `restore_state=False` skips asking the destination for newer dlt state, for a caller that knows the local
-    working dir has the latest (the same host ran the connector last). `on_step` hears each step begin."""
-    pipeline = ConnectorPipeline(spec, workspace, restore_state)
+    """Recover, extract, normalize and load one connector; check `should_stop` between the steps. `on_step` hears
+    each step begin."""
+    pipeline = ConnectorPipeline(spec, workspace)
     for step in pipeline.steps:
         on_step(step)
         pipeline.run_step(step)

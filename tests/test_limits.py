@@ -127,3 +127,19 @@ def test_a_prefect_run_that_never_ends_is_ended_by_the_run_timeout(app_config):
     assert ended.status == "failed" and ended.error["code"] == "run_timeout"
     assert services.store.get(fresh_again.id).status == "queued"
     services.store.dispose()
+
+
+def test_the_prefect_run_timeout_counts_from_the_start_not_the_wait_behind_other_runs(app_config):
+    """A backlog of one connector's Prefect runs waits behind its concurrency limit: a run that waited past the
+    timeout and then started is not failed as it starts."""
+    app = create_app({**app_config, "run_timeout_seconds": 60})
+    services = app.extensions["flowgate"]
+    waited, _ = services.store.create_run(NewRun(kind="connector", target="numbers", params={}, backend="prefect",
+                                                 concurrency_key="connector:numbers"))
+    with services.store.db.session(write=True) as session:
+        session.execute(update(Run).where(Run.id == waited.id).values(
+            created_at=utcnow() - timedelta(seconds=120), started_at=utcnow() - timedelta(seconds=5),
+            status="running"))
+    assert services.prefect_sync.end_overdue_runs() == []
+    assert services.store.get(waited.id).status == "running"
+    services.store.dispose()

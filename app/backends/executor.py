@@ -248,11 +248,8 @@ class LocalExecutor:
         if spec is None:
             return RunOutcome.failed(RunError("connector_not_found",
                                               f"connector '{run.target}' is no longer configured", terminal=True))
-        # dlt state in the destination can only be newer if the connector last ran somewhere else.
-        elsewhere = self.store.last_ended_elsewhere(run.kind, run.target, socket.gethostname())
         # A lost lease kills the run's process at once: another process may already run the connector's next run.
         summary = run_connector_isolated(spec.with_params(run.params), self.workspace, should_stop=cancel.is_set,
-                                         restore_state=elsewhere,
                                          must_end=lambda: self._ending.is_set() or run.id in self._lost)
         return RunOutcome(COMPLETED, summary.to_dict())
 

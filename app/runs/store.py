@@ -215,23 +215,17 @@ class RunStore:
         with self.db.session() as session:
             return list(session.scalars(query))
 
-    def last_ended_elsewhere(self, kind: str, target: str, host: str) -> bool:
-        """Whether the latest ended run of `target` ran anywhere but a local executor on `host` (or none ended)."""
-        with self.db.session() as session:
-            last = session.execute(select(Run.backend, Run.lease_owner).where(
-                Run.kind == kind, Run.target == target, Run.finished_at.is_not(None))
-                .order_by(Run.finished_at.desc()).limit(1)).first()
-        return last is None or last.backend != "local" or not (last.lease_owner or "").startswith(f"{host}:")
-
-    def fail_overdue(self, backend: str, created_before: datetime, error: RunError) -> list[Run]:
-        """End as failed every unfinished run on `backend` created before `created_before`; returns them."""
+    def fail_overdue(self, backend: str, started_before: datetime, error: RunError) -> list[Run]:
+        """End as failed every unfinished run on `backend` that started before `started_before` (one that has not
+        started, created before it); returns them. Waiting behind the connector's other runs does not count."""
 
         def attempt() -> list[Run]:
             with self.db.session(write=True) as session:
                 # One UPDATE: its WHERE is checked against each row as it is when written, so a run that ended
                 # meanwhile (its completion just recorded) keeps its end.
                 return list(session.scalars(update(Run).where(
-                    Run.backend == backend, Run.status.in_(_UNFINISHED), Run.created_at < created_before)
+                    Run.backend == backend, Run.status.in_(_UNFINISHED),
+                    func.coalesce(Run.started_at, Run.created_at) < started_before)
                     .values(status=FAILED, finished_at=utcnow(), error=error.to_dict(), lease_expires_at=None)
                     .returning(Run)))
 
