@@ -97,7 +97,9 @@ class ConnectorLock:
             with self.database.session(write=True) as session:
                 serialise_claims(session, self.database.is_sqlite)
                 now = now_utc(session, self.database.is_sqlite)
-                row = session.execute(select(connector_locks).where(connector_locks.c.key == key)).first()
+                # Row-locked: a renewal (which takes no claim lock) must not land between this read and write.
+                row = session.execute(select(connector_locks).where(connector_locks.c.key == key)
+                                      .with_for_update()).first()
                 if row is not None and row.expires_at > now and row.holder != holder:
                     return False
                 expires = now + timedelta(seconds=self.lease_seconds)

@@ -16,7 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import event, update
 
-from app.runs.models import Run, utcnow
+from app.runs.models import Run, RunCallback, utcnow
 from app.runs.store import NewRun, RunStore
 from flows.outcome import CANCELLED, CANCELLING, COMPLETED, CRASHED, FAILED, QUEUED, RUNNING, RunError
 from tests.waiting import wait_until
@@ -34,8 +34,8 @@ class Race:
     other_ended_first: bool
 
 
-def race(store: RunStore, held: Callable[[], Any], other: Callable[[], Any]) -> Race:
-    """Run `held` until it is about to send its first UPDATE of `runs` (its reads done), then `other` until it ends
+def race(store: RunStore, held: Callable[[], Any], other: Callable[[], Any], table: str = "runs") -> Race:
+    """Run `held` until it is about to send its first UPDATE of `table` (its reads done), then `other` until it ends
     or waits for a lock `held` has, then let `held` write."""
     at_write, go = threading.Event(), threading.Event()
     other_began_writing, other_pids = threading.Event(), set()
@@ -43,7 +43,8 @@ def race(store: RunStore, held: Callable[[], Any], other: Callable[[], Any]) -> 
 
     def hook(connection, cursor, statement, parameters, context, executemany) -> None:
         name = threading.current_thread().name
-        if name == HELD and statement.lstrip().upper().startswith("UPDATE RUNS") and not at_write.is_set():
+        if name == HELD and statement.lstrip().upper().startswith(f"UPDATE {table.upper()} ") \
+                and not at_write.is_set():
             at_write.set()
             assert go.wait(30), "the test never let the held call write"
         elif name == OTHER and store.is_sqlite and statement.startswith("BEGIN IMMEDIATE"):
@@ -232,6 +233,28 @@ def test_recovery_ends_an_active_local_run_left_without_a_lease(store: RunStore)
     assert (after.status, after.error["code"]) == (CRASHED, "lease_expired")
     assert "without a lease" in after.error["message"]
     assert next_run_of_the_key_is_claimable(store)
+
+
+def test_a_sender_whose_claim_lapsed_does_not_erase_the_claim_another_sender_took(store: RunStore):
+    """A slow sender records its attempt after its claim lapsed and another sender claimed the delivery: the record
+    must not clear the other's claim (a third sender would then send it beside the second)."""
+    run, _ = store.create_run(NewRun(kind="connector", target="numbers", params={}, backend="local",
+                                     concurrency_key="k", callback_url="http://127.0.0.1:9/hook"))
+    store.claim_next("executor-a", lease_seconds=600)
+    store.finish(run.id, "executor-a", COMPLETED, result={})
+    assert store.callbacks.claim("sender-a", lease_seconds=600) is not None
+    with store.db.session(write=True) as session:  # sender A's claim lapsed while it was sending
+        session.execute(update(RunCallback).where(RunCallback.run_id == run.id)
+                        .values(claimed_until=utcnow() - timedelta(seconds=1)))
+    outcome = race(store, held=lambda: store.callbacks.record_delivery(
+                       run.id, "sender-a", {"attempt": 1, "error": "ReadTimeout"}, False,
+                       utcnow() + timedelta(minutes=5)),
+                   other=lambda: store.callbacks.claim("sender-b", lease_seconds=600), table="run_callbacks")
+    callback = store.get(run.id).callback
+    if outcome.other is not None:  # B claimed it: the claim is B's until B records its own attempt
+        assert callback.claimed_by == "sender-b", (callback.claimed_by, callback.attempts)
+    else:
+        assert callback.claimed_by is None and len(callback.attempts) == 1
 
 
 def test_the_race_harness_lets_the_other_call_end_between_the_held_calls_read_and_write(store: RunStore):

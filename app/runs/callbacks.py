@@ -55,7 +55,8 @@ class CallbackStore:
 
         def write() -> None:
             with self.database.session(write=True) as session:
-                callback = session.get(RunCallback, run_id)
+                # Row-locked: a sender whose claim lapsed must not write over the claim another sender took since.
+                callback = session.get(RunCallback, run_id, with_for_update=True)
                 if callback is None or callback.claimed_by != owner:
                     return
                 callback.attempts = [*(callback.attempts or []), attempt]
