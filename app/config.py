@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
 from flows.runtime import RuntimeSettings
 
@@ -17,106 +17,97 @@ class Settings(RuntimeSettings):
     """Everything the gateway reads from the environment, with defaults for a bare laptop: the runtime's
     settings (flows.runtime) and the gateway's own."""
 
-    port: int = Field(5000, ge=1, le=65535, validation_alias=AliasChoices("FLOW_SERVER_PORT", "port"),
+    port: int = Field(5000, ge=1, le=65535, validation_alias="FLOW_SERVER_PORT",
                       description="Port gunicorn binds to.")
     backend: Literal["auto", "local", "prefect"] = Field(
-        "auto", validation_alias=AliasChoices("FLOWGATE_BACKEND", "backend"),
+        "auto", validation_alias="FLOWGATE_BACKEND",
         description="Where runs execute: Prefect when it can take them (auto), or one path forced.")
-    prefect_api_url: str | None = Field(None, validation_alias=AliasChoices("PREFECT_API_URL", "prefect_api_url"),
+    prefect_api_url: str | None = Field(None, validation_alias="PREFECT_API_URL",
                                         description="Prefect server API, e.g. http://127.0.0.1:4200/api; "
                                                     "unset means every run executes locally.")
-    prefect_api_key: str | None = Field(None, validation_alias=AliasChoices("PREFECT_API_KEY", "prefect_api_key"),
+    prefect_api_key: str | None = Field(None, validation_alias="PREFECT_API_KEY",
                                         description="Bearer token for a private Prefect server.", repr=False)
     prefect_pool: str = Field("flowgate", min_length=1,
-                              validation_alias=AliasChoices("FLOWGATE_PREFECT_POOL", "prefect_pool"),
+                              validation_alias="FLOWGATE_PREFECT_POOL",
                               description="The process work pool the connector deployments use.")
     prefect_pickup_seconds: float = Field(
-        30.0, gt=0, le=86400, validation_alias=AliasChoices("FLOWGATE_PREFECT_PICKUP_SECONDS", "prefect_pickup_seconds"),
+        30.0, gt=0, le=86400, validation_alias="FLOWGATE_PREFECT_PICKUP_SECONDS",
         description="A run handed to Prefect that no worker has picked up this long after is taken back from "
                     "Prefect (its flow run cancelled) and runs locally, under the same run id.")
     prefect_worker_max_age_seconds: float = Field(
-        65.0, gt=0, le=3600, validation_alias=AliasChoices("FLOWGATE_PREFECT_WORKER_MAX_AGE_SECONDS",
-                                                           "prefect_worker_max_age_seconds"),
+        65.0, gt=0, le=3600, validation_alias="FLOWGATE_PREFECT_WORKER_MAX_AGE_SECONDS",
         description="A Prefect worker whose last heartbeat is older than this counts as gone (keep it above two "
                     "of the workers' PREFECT_WORKER_HEARTBEAT_SECONDS, 30 s by default).")
     prefect_timeout_seconds: float = Field(
-        2.0, gt=0, le=30, validation_alias=AliasChoices("FLOWGATE_PREFECT_TIMEOUT", "prefect_timeout_seconds"),
+        2.0, gt=0, le=30, validation_alias="FLOWGATE_PREFECT_TIMEOUT",
         description="Timeout of one call to Prefect's API.")
     executor_threads: int = Field(2, ge=0, le=64,
-                                  validation_alias=AliasChoices("FLOWGATE_EXECUTOR_THREADS", "executor_threads"),
+                                  validation_alias="FLOWGATE_EXECUTOR_THREADS",
                                   description="Pipelines one gateway process runs at once (0: this process runs none).")
     reserved_slots: int = Field(1, ge=0, le=32,
-                                validation_alias=AliasChoices("FLOWGATE_RESERVED_SLOTS", "reserved_slots"),
+                                validation_alias="FLOWGATE_RESERVED_SLOTS",
                                 description="Executor slots per process that connectors keep from workflows and "
                                             "workflows from connectors (0: one shared pool).")
     lease_seconds: float = Field(30.0, gt=0.5, le=3600,
-                                 validation_alias=AliasChoices("FLOWGATE_LEASE_SECONDS", "lease_seconds"),
+                                 validation_alias="FLOWGATE_LEASE_SECONDS",
                                  description="How long a claimed run stays owned without a heartbeat.")
     poll_seconds: float = Field(0.5, gt=0, le=60,
-                                validation_alias=AliasChoices("FLOWGATE_POLL_SECONDS", "poll_seconds"),
+                                validation_alias="FLOWGATE_POLL_SECONDS",
                                 description="How often an idle executor looks for queued runs.")
     max_body_bytes: int = Field(1_048_576, ge=1024,
-                                validation_alias=AliasChoices("FLOWGATE_MAX_BODY_BYTES", "max_body_bytes"),
+                                validation_alias="FLOWGATE_MAX_BODY_BYTES",
                                 description="Largest request body accepted (413 above it).")
     max_wait_seconds: float = Field(300.0, ge=0, le=3600,
-                                    validation_alias=AliasChoices("FLOWGATE_MAX_WAIT_SECONDS", "max_wait_seconds"),
+                                    validation_alias="FLOWGATE_MAX_WAIT_SECONDS",
                                     description="Longest a trigger may block with `wait`.")
     max_node_wait_seconds: float = Field(
-        60.0, gt=0, le=600, validation_alias=AliasChoices("FLOWGATE_MAX_NODE_SECONDS", "max_node_wait_seconds"),
+        60.0, gt=0, le=600, validation_alias="FLOWGATE_MAX_NODE_SECONDS",
         description="Longest execute-node may run one node inside a request.")
-    api_keys: str | None = Field(None, validation_alias=AliasChoices("FLOWGATE_API_KEYS", "api_keys"), repr=False,
+    api_keys: str | None = Field(None, validation_alias="FLOWGATE_API_KEYS", repr=False,
                                  description="`<name>:<key>:<scopes>` entries, comma-separated; scopes read, "
                                              "trigger, admin joined by '+'. Unset (and no file): no authentication.")
-    api_keys_file: Path | None = Field(None, validation_alias=AliasChoices("FLOWGATE_API_KEYS_FILE", "api_keys_file"),
+    api_keys_file: Path | None = Field(None, validation_alias="FLOWGATE_API_KEYS_FILE",
                                        description="File of `<name> sha256:<digest> <scopes>` lines (keys hashed "
                                                    "at rest; `python -m app.auth hash <key>` prints a digest).")
-    callback_secret: str | None = Field(None, validation_alias=AliasChoices("FLOWGATE_CALLBACK_SECRET",
-                                                                           "callback_secret"), repr=False,
+    callback_secret: str | None = Field(None, validation_alias="FLOWGATE_CALLBACK_SECRET", repr=False,
                                         description="HMAC-SHA256 key that signs run callbacks; unset: callbacks off.")
-    callback_allowed_hosts: str = Field("", validation_alias=AliasChoices("FLOWGATE_CALLBACK_ALLOWED_HOSTS",
-                                                                          "callback_allowed_hosts"),
+    callback_allowed_hosts: str = Field("", validation_alias="FLOWGATE_CALLBACK_ALLOWED_HOSTS",
                                         description="Hosts a callback_url may name, comma-separated, as for the "
                                                     "http node.")
-    callback_max_attempts: int = Field(5, ge=1, le=20, validation_alias=AliasChoices(
-        "FLOWGATE_CALLBACK_MAX_ATTEMPTS", "callback_max_attempts"), description="Deliveries tried per run.")
-    callback_backoff_seconds: float = Field(2.0, gt=0, le=3600, validation_alias=AliasChoices(
-        "FLOWGATE_CALLBACK_BACKOFF_SECONDS", "callback_backoff_seconds"),
+    callback_max_attempts: int = Field(5, ge=1, le=20, validation_alias="FLOWGATE_CALLBACK_MAX_ATTEMPTS", description="Deliveries tried per run.")
+    callback_backoff_seconds: float = Field(2.0, gt=0, le=3600, validation_alias="FLOWGATE_CALLBACK_BACKOFF_SECONDS",
         description="Wait before the second delivery; doubles after each failure.")
-    rate_limit: str | None = Field(None, validation_alias=AliasChoices("FLOWGATE_RATE_LIMIT", "rate_limit"),
+    rate_limit: str | None = Field(None, validation_alias="FLOWGATE_RATE_LIMIT",
                                    description="Requests per caller (API key, else address), e.g. '600/minute' "
                                                "or '20/second;600/minute'; unset: no limit.")
-    rate_limit_storage: str | None = Field(None, validation_alias=AliasChoices("FLOWGATE_RATE_LIMIT_STORAGE",
-                                                                               "rate_limit_storage"), repr=False,
+    rate_limit_storage: str | None = Field(None, validation_alias="FLOWGATE_RATE_LIMIT_STORAGE", repr=False,
                                            description="Where counts live, shared by every process (redis://…); "
                                                        "unset: each process counts its own.")
     max_params_bytes: int = Field(16_384, ge=256, le=1_048_576,
-                                  validation_alias=AliasChoices("FLOWGATE_MAX_PARAMS_BYTES", "max_params_bytes"),
+                                  validation_alias="FLOWGATE_MAX_PARAMS_BYTES",
                                   description="Largest `params` (or workflow `inputs`) as JSON.")
-    max_queued_per_target: int = Field(100, ge=1, le=100_000, validation_alias=AliasChoices(
-        "FLOWGATE_MAX_QUEUED_PER_TARGET", "max_queued_per_target"),
+    max_queued_per_target: int = Field(100, ge=1, le=100_000, validation_alias="FLOWGATE_MAX_QUEUED_PER_TARGET",
         description="Queued runs one connector or workflow may have; more triggers get 429.")
     run_timeout_seconds: float = Field(
-        6 * 3600, gt=0, le=7 * 86400, validation_alias=AliasChoices("FLOWGATE_RUN_TIMEOUT_SECONDS",
-                                                                    "run_timeout_seconds"),
+        6 * 3600, gt=0, le=7 * 86400, validation_alias="FLOWGATE_RUN_TIMEOUT_SECONDS",
         description="A run still unfinished this long after it started (Prefect: was created) is ended as failed.")
     retention_days: float = Field(
-        30.0, ge=0, le=36_500, validation_alias=AliasChoices("FLOWGATE_RETENTION_DAYS", "retention_days"),
+        30.0, ge=0, le=36_500, validation_alias="FLOWGATE_RETENTION_DAYS",
         description="Ended runs (with their log lines, node states, callback and idempotency key) older than this "
                     "are deleted; 0 keeps them forever.")
     retention_interval_seconds: float = Field(
-        3600.0, ge=1, le=7 * 86400, validation_alias=AliasChoices("FLOWGATE_RETENTION_INTERVAL_SECONDS",
-                                                                  "retention_interval_seconds"),
+        3600.0, ge=1, le=7 * 86400, validation_alias="FLOWGATE_RETENTION_INTERVAL_SECONDS",
         description="How often a gateway process prunes (one process at a time across the store).")
     retention_batch_size: int = Field(
-        500, ge=1, le=100_000, validation_alias=AliasChoices("FLOWGATE_RETENTION_BATCH_SIZE", "retention_batch_size"),
+        500, ge=1, le=100_000, validation_alias="FLOWGATE_RETENTION_BATCH_SIZE",
         description="Runs deleted per transaction while pruning; small batches keep the write lock short.")
 
     max_concurrent_waits: int = Field(
-        4, ge=0, le=1000, validation_alias=AliasChoices("FLOWGATE_MAX_CONCURRENT_WAITS", "max_concurrent_waits"),
+        4, ge=0, le=1000, validation_alias="FLOWGATE_MAX_CONCURRENT_WAITS",
         description="Requests one gateway process lets block on `wait` / `Prefer: wait` at once; beyond it a "
                     "trigger answers 202 at once (keep it below GUNICORN_THREADS so /health always has a thread).")
     auth_failure_limit: str = Field(
-        "10/minute", validation_alias=AliasChoices("FLOWGATE_AUTH_FAILURE_LIMIT", "auth_failure_limit"),
+        "10/minute", validation_alias="FLOWGATE_AUTH_FAILURE_LIMIT",
         description="Failed authentications allowed per client address (e.g. '10/minute'); past it every request "
                     "from that address is a 429 until the window passes. Shared like FLOWGATE_RATE_LIMIT_STORAGE.")
 
@@ -147,9 +138,9 @@ class Settings(RuntimeSettings):
 def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
     """Read the settings from the environment (and overrides), or stop with a message naming the variable."""
     try:
-        return Settings(**(overrides or {}))
+        return Settings.of(**(overrides or {}))
     except ValidationError as exc:
-        names = {name: field.validation_alias.choices[0] for name, field in Settings.model_fields.items()}
+        names = {name: field.validation_alias for name, field in Settings.model_fields.items()}
         problems = []
         for err in exc.errors():
             field = str(err["loc"][0]) if err["loc"] else "?"

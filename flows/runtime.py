@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
 
-from pydantic import AliasChoices, Field
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -12,39 +12,46 @@ class RuntimeSettings(BaseSettings):
     """What a connector or workflow run needs from the environment: files, folders, the run store, outbound
     hosts, the LLM provider. The gateway's Settings extend these; a Prefect flow reads only these."""
 
-    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, frozen=True)
+    # Each setting is read from its documented variable only (validation_alias); not from its field name, which
+    # pydantic-settings would also read from the environment with populate_by_name (a platform's own PORT, a
+    # stray API_KEYS). Code that builds settings by field name goes through `of`.
+    model_config = SettingsConfigDict(extra="ignore", frozen=True)
 
-    var_dir: Path = Field(Path("var"), validation_alias=AliasChoices("FLOWGATE_VAR_DIR", "var_dir"),
+    @classmethod
+    def of(cls, **fields: object) -> Self:
+        """Settings from the environment, with `fields` (by field name) taking precedence."""
+        aliases = {name: field.validation_alias or name for name, field in cls.model_fields.items()}
+        return cls(**{aliases.get(name, name): value for name, value in fields.items()})
+
+    var_dir: Path = Field(Path("var"), validation_alias="FLOWGATE_VAR_DIR",
                           description="Folder for the SQLite run store, DuckDB files and dlt's working state.")
-    database_url: str | None = Field(None, validation_alias=AliasChoices("DATABASE_URL", "database_url"),
+    database_url: str | None = Field(None, validation_alias="DATABASE_URL",
                                      description="Run store URL; unset means a SQLite file under var_dir.")
     connectors_file: Path = Field(Path("connectors.yaml"),
-                                  validation_alias=AliasChoices("FLOWGATE_CONNECTORS", "connectors_file"),
+                                  validation_alias="FLOWGATE_CONNECTORS",
                                   description="The YAML file that declares the connectors.")
-    workflows_dir: Path = Field(Path("workflows"), validation_alias=AliasChoices("FLOWGATE_WORKFLOWS", "workflows_dir"),
+    workflows_dir: Path = Field(Path("workflows"), validation_alias="FLOWGATE_WORKFLOWS",
                                 description="Folder of workflow YAML files (one workflow per file).")
-    http_allowed_hosts: str = Field("", validation_alias=AliasChoices("FLOWGATE_HTTP_ALLOWED_HOSTS",
-                                                                      "http_allowed_hosts"),
+    http_allowed_hosts: str = Field("", validation_alias="FLOWGATE_HTTP_ALLOWED_HOSTS",
                                     description="Hosts the workflow `http` node may call, comma-separated "
                                                 "(`api.example.com`, `*.example.com`, `127.0.0.1:8080`); "
                                                 "empty: none.")
     llm_provider: Literal["offline", "openai"] = Field(
-        "offline", validation_alias=AliasChoices("FLOWGATE_LLM_PROVIDER", "llm_provider"),
+        "offline", validation_alias="FLOWGATE_LLM_PROVIDER",
         description="The `llm` node's provider: offline (deterministic, no network) or an OpenAI-compatible API.")
     llm_base_url: str = Field("https://api.openai.com/v1",
-                              validation_alias=AliasChoices("FLOWGATE_LLM_BASE_URL", "llm_base_url"),
+                              validation_alias="FLOWGATE_LLM_BASE_URL",
                               description="Base URL of the OpenAI-compatible API (…/v1).")
-    llm_api_key: str | None = Field(None, validation_alias=AliasChoices("FLOWGATE_LLM_API_KEY", "llm_api_key"),
+    llm_api_key: str | None = Field(None, validation_alias="FLOWGATE_LLM_API_KEY",
                                     description="Bearer key of the LLM API.", repr=False)
-    llm_model: str = Field("gpt-4o-mini", min_length=1, validation_alias=AliasChoices("FLOWGATE_LLM_MODEL", "llm_model"),
+    llm_model: str = Field("gpt-4o-mini", min_length=1, validation_alias="FLOWGATE_LLM_MODEL",
                            description="Model used when a node names none.")
     max_output_bytes: int = Field(
-        1_048_576, ge=1024, le=1_073_741_824, validation_alias=AliasChoices("FLOWGATE_MAX_OUTPUT_BYTES",
-                                                                           "max_output_bytes"),
+        1_048_576, ge=1024, le=1_073_741_824, validation_alias="FLOWGATE_MAX_OUTPUT_BYTES",
         description="Largest workflow node output, run result, rendered template value and http-node response "
                     "body (bytes); past it the node or run fails naming this limit.")
     max_delay_seconds: float = Field(
-        300.0, ge=0, le=3600, validation_alias=AliasChoices("FLOWGATE_MAX_DELAY_SECONDS", "max_delay_seconds"),
+        300.0, ge=0, le=3600, validation_alias="FLOWGATE_MAX_DELAY_SECONDS",
         description="Longest a workflow `delay` node may wait.")
 
     @property

@@ -27,6 +27,20 @@ def test_environment_variables_are_read(monkeypatch):
         6001, "postgresql+psycopg://db/flowgate", 4)
 
 
+def test_only_the_documented_names_are_read_not_bare_field_names(monkeypatch):
+    """A platform's own PORT, or an API_KEYS meant for something else, must not change flowgate's settings."""
+    for name, value in (("PORT", "7001"), ("BACKEND", "local"), ("LEASE_SECONDS", "5"), ("API_KEYS", "x:y"),
+                        ("port", "7002"), ("var_dir", "/tmp/elsewhere")):
+        monkeypatch.setenv(name, value)
+    for name in ("FLOW_SERVER_PORT", "FLOWGATE_BACKEND", "FLOWGATE_LEASE_SECONDS", "FLOWGATE_API_KEYS",
+                 "FLOWGATE_VAR_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    settings = load_settings()
+    assert (settings.port, settings.backend, settings.lease_seconds, settings.api_keys, settings.var_dir) == (
+        5000, "auto", 30.0, None, Path("var"))
+    assert load_settings({"lease_seconds": 12}).lease_seconds == 12  # tests and create_app pass field names
+
+
 @pytest.mark.parametrize("name, value", [
     ("FLOW_SERVER_PORT", "http"), ("FLOW_SERVER_PORT", "70000"), ("FLOWGATE_BACKEND", "spark"),
     ("FLOWGATE_EXECUTOR_THREADS", "-1"), ("FLOWGATE_LEASE_SECONDS", "0"),

@@ -154,6 +154,6 @@ def test_the_runtime_settings_are_enough_for_what_a_prefect_flow_builds():
     from flows.nodes import make_toolbox
     from flows.runtime import RuntimeSettings
 
-    settings = RuntimeSettings(max_output_bytes=4096, max_delay_seconds=5)
+    settings = RuntimeSettings.of(max_output_bytes=4096, max_delay_seconds=5)
     toolbox = make_toolbox(settings)
     assert toolbox is not None and settings.run_store_url and settings.pipelines_dir and settings.duckdb_dir

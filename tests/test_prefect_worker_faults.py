@@ -70,7 +70,7 @@ def ran_on_prefect(stack: PrefectStack, flow_run_id: str) -> bool:
 def pickup_gateway(stack: PrefectStack, tmp_path: Path, **settings):
     """A gateway on the worker's run store, as in production: a flow run the worker starts after its run went
     local finds that there and does not execute (without it, one did: red in a stress round)."""
-    worker = RuntimeSettings(var_dir=stack.env["FLOWGATE_VAR_DIR"], database_url=stack.env.get("DATABASE_URL"))
+    worker = RuntimeSettings.of(var_dir=stack.env["FLOWGATE_VAR_DIR"], database_url=stack.env.get("DATABASE_URL"))
     app = create_app({"var_dir": tmp_path / "var", "database_url": worker.run_store_url,
                       "connectors_file": stack.workdir / "connectors.yaml",
                       "workflows_dir": stack.workdir / "workflows", "prefect_api_url": stack.api_url,
