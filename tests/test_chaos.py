@@ -1,6 +1,8 @@
-"""Chaos (issue 11): two gateways on one PostgreSQL run store, a Prefect server and process worker, triggers and
-workflow runs flooding both gateways while gunicorn workers are SIGKILLed, one gateway is SIGTERMed and started
-again, the Prefect server is killed and started again and its creates are answered after the gateways' timeout.
+"""Chaos (issue 11): two gateways on one PostgreSQL run store, each with its own var/ (and the Prefect worker with a
+third) over one destination, a Prefect server and process worker, triggers and workflow runs flooding both
+gateways while gunicorn workers are SIGKILLed, one gateway is SIGTERMed and started again, the Prefect server is
+killed and started again and its creates are answered after the gateways' timeout, and gateway a's database stops
+answering (a proxy holds every byte, connections stay open) for longer than a lease.
 
 Then: every run a caller got an answer for ends in a recorded state; no connector ever executes twice at once; no
 trigger's token executes twice, nor after its run was recorded ended; a completed run's token ran to its end;
@@ -28,7 +30,7 @@ import httpx
 import pytest
 
 from tests.chaos_source import read_executions
-from tests.fake_services import CallbackReceiver, SlowProxy
+from tests.fake_services import Blackhole, CallbackReceiver, SlowProxy
 from tests.gunicorn_server import GunicornServer
 from tests.prefect_stack import POSTGRES_ADMIN_URL, PrefectStack, fresh_postgres_database
 from tests.test_gunicorn import TERMINAL
@@ -40,7 +42,9 @@ LONG = CHAOS_SECONDS > 60
 CONNECTORS = ("c0", "c1", "c2", "c3")
 SECRET = "chaos-callback-secret"
 CREATE_TIMEOUT = 1.5  # the gateways' FLOWGATE_PREFECT_TIMEOUT; slowed creates answer later than two of them
-FAULTS = ("kill_worker", "sigterm_gateway", "kill_worker", "kill_prefect", "kill_worker", "slow_creates")
+FAULTS = ("kill_worker", "sigterm_gateway", "kill_worker", "kill_prefect", "kill_worker", "slow_creates",
+          "partition_database")
+LEASE_SECONDS = 8
 
 WORKFLOW = """
 nodes:
@@ -160,8 +164,9 @@ def worker_pids(server: GunicornServer) -> list[int]:
 class Faults:
     """Injects the faults in turn, a pause between them, until the time is up and each kind happened once."""
 
-    def __init__(self, gateways: dict[str, GunicornServer], stack: PrefectStack, proxy: SlowProxy, seconds: float):
-        self.gateways, self.stack, self.proxy = gateways, stack, proxy
+    def __init__(self, gateways: dict[str, GunicornServer], stack: PrefectStack, proxy: SlowProxy, seconds: float,
+                 database: Blackhole):
+        self.gateways, self.stack, self.proxy, self.database = gateways, stack, proxy, database
         self.seconds = seconds
         self.pause = 1.5 if not LONG else 5.0
         self.injected: Counter = Counter()
@@ -214,6 +219,13 @@ class Faults:
         if self.stack.worker.poll() is not None:  # the worker gave up while its server was gone
             self.injected["prefect_worker_restarts"] += 1
             self.stack.start_worker()
+
+    def partition_database(self) -> None:
+        """Gateway a's run store stops answering, its connections left open, for longer than a lease: gateway b
+        recovers a's runs; a's must be fenced (their processes killed), not go on beside b's next runs."""
+        self.database.hold.set()
+        time.sleep(LEASE_SECONDS * 1.5)
+        self.database.hold.clear()
 
     def slow_creates(self) -> None:
         """Prefect creates the flow runs, its answers arrive after two of the gateways' timeouts."""
@@ -293,17 +305,21 @@ def chaos_stack(workdir: Path, postgres_url: str):
 def test_every_answered_run_executes_at_most_once_and_ends_recorded_under_chaos(workdir, postgres_url, chaos_stack,
                                                                                   request):
     stack, proxy, receiver, executions_log = chaos_stack
-    env = {"DATABASE_URL": postgres_url, "PREFECT_API_URL": f"{proxy.url}/api",
-           "FLOWGATE_PREFECT_TIMEOUT": str(CREATE_TIMEOUT), "FLOWGATE_LEASE_SECONDS": "8",
+    env = {"PREFECT_API_URL": f"{proxy.url}/api",
+           "FLOWGATE_PREFECT_TIMEOUT": str(CREATE_TIMEOUT), "FLOWGATE_LEASE_SECONDS": str(LEASE_SECONDS),
            "FLOWGATE_PREFECT_PICKUP_SECONDS": "20", "FLOWGATE_PREFECT_WORKER_MAX_AGE_SECONDS": "30",
            "FLOWGATE_CALLBACK_SECRET": SECRET, "FLOWGATE_CALLBACK_ALLOWED_HOSTS": f"127.0.0.1:{receiver.port}",
            "FLOWGATE_CALLBACK_BACKOFF_SECONDS": "0.5", "FLOWGATE_CALLBACK_MAX_ATTEMPTS": "20",
            "FLOWGATE_MAX_QUEUED_PER_TARGET": "100000", "GUNICORN_GRACEFUL_TIMEOUT": "5"}
+    database = Blackhole(("127.0.0.1", 5432))  # gateway a's way to the run store; b's is direct
+    urls = {"a": postgres_url.replace("127.0.0.1:5432", f"127.0.0.1:{database.port}"), "b": postgres_url}
+    # Each gateway with its own var/ (pipeline folders), as on separate hosts: the DuckDB files are shared.
     gateways = {name: GunicornServer(workdir, workers=2, PROMETHEUS_MULTIPROC_DIR=str(workdir / f"metrics-{name}"),
-                                     **env) for name in ("a", "b")}
+                                     FLOWGATE_VAR_DIR=str(workdir / f"var-{name}"), DATABASE_URL=urls[name], **env)
+                for name in ("a", "b")}
     callback_url = f"{receiver.url}/hook"
     loads = [Load(name, gateway.url, callback_url) for name, gateway in gateways.items()]
-    faults = Faults(gateways, stack, proxy, CHAOS_SECONDS)
+    faults = Faults(gateways, stack, proxy, CHAOS_SECONDS, database)
     try:
         with ThreadPoolExecutor(3) as pool:
             started = [pool.submit(gateway.start, timeout=180) for gateway in gateways.values()]
@@ -331,8 +347,10 @@ def test_every_answered_run_executes_at_most_once_and_ends_recorded_under_chaos(
                 "callback_url": callback_url}).json()["run_id"] for gateway in gateways.values()]
             wait_until_delivered(client, wait_until_ended(client, sweep, timeout=120), timeout=60)
     finally:
+        database.hold.clear()
         for gateway in gateways.values():
             gateway.kill()
+        database.close()
 
     executions = read_executions(executions_log)
     by_token = defaultdict(list)

@@ -3,9 +3,6 @@ lease can no longer be renewed stops within its lease, while another gateway tha
 recovers it. Real PostgreSQL behind a proxy that holds every byte once told to."""
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -15,42 +12,10 @@ from app.runs.store import NewRun, RunStore
 from connectors.pipeline import Workspace, concurrency_key
 from connectors.registry import ConnectorRegistry
 from flows.outcome import CRASHED
+from tests.fake_services import Blackhole
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.long(seconds=30)
-
-
-class Blackhole:
-    """A TCP proxy to PostgreSQL that, once `hold` is set, neither forwards nor refuses: bytes wait."""
-
-    def __init__(self, upstream: tuple[str, int]):
-        self.upstream = upstream
-        self.hold = threading.Event()
-        self._listen = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listen.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listen.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(self.upstream)
-            for source, target in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(source, target), daemon=True).start()
-
-    def _pump(self, source: socket.socket, target: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                while self.hold.is_set():
-                    time.sleep(0.05)
-                target.sendall(data)
-        except OSError:
-            pass
-
-    def close(self) -> None:
-        self._listen.close()
 
 
 def test_a_run_whose_database_stops_answering_is_stopped_within_its_lease(postgres_url, workdir: Path):
