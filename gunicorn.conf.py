@@ -145,10 +145,25 @@ def on_starting(server):
 
 
 def child_exit(server, worker):
-    """A dead worker's live gauges (circuit state, probe latency) stop counting."""
+    """A dead worker's live gauges (circuit state, probe latency) stop counting, and the runs it held end at once
+    (`crashed`, process_died), not a lease later: it exited, whatever it held cannot be running any more (its
+    connector processes die with it). A worker that drained on SIGTERM holds none by now."""
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)
+    from app.config import load_settings
+    from app.runs.store import RunStore
+
+    store = RunStore(load_settings().run_store_url)
+    try:
+        crashed = store.crash_runs_of_process(socket.gethostname(), worker.pid)
+    except Exception:  # the lease ends them all the same, a lease later
+        server.log.exception("recording the runs of dead worker %s failed; their leases will lapse", worker.pid)
+        crashed = []
+    finally:
+        store.dispose()  # nothing of the run store stays open in the master that forks the next worker
+    if crashed:
+        server.log.warning("worker %s died holding run(s) %s: recorded crashed", worker.pid, ", ".join(crashed))
 
 
 def when_ready(server):

@@ -61,6 +61,11 @@ class RunError:
         return cls("lease_expired", f"executor {owner} stopped renewing its lease; the process running this run died")
 
     @classmethod
+    def process_died(cls, pid: int) -> RunError:
+        """gunicorn's master saw the worker holding the run exit (SIGKILL, OOM): known at once, not after a lease."""
+        return cls("process_died", f"the gateway worker running it (pid {pid}) died")
+
+    @classmethod
     def no_lease(cls, owner: str | None) -> RunError:
         """An active run found without a lease: nothing renews it, so nothing runs it (still `lease_expired`)."""
         return cls("lease_expired", f"the run was left active without a lease (last held by executor {owner}); "

@@ -413,6 +413,20 @@ class RunStore:
         """Ask an unfinished run to stop, whatever its status (`cancelling` until its backend reports the end)."""
         return self._change_unfinished(run_id, "prefect", cancel_requested=True, status=CANCELLING)
 
+    def crash_runs_of_process(self, host: str, pid: int) -> list[str]:
+        """End as crashed the active local runs a dead process held (its executor's and its inline ones: their
+        owners name `host` and `pid`); returns their ids. For a process known dead, not one late with its lease."""
+        owned = or_(Run.lease_owner.like(f"{host}:{pid}:%"), Run.lease_owner == f"execute-node:{host}:{pid}")
+
+        def attempt() -> list[str]:
+            with self.db.session(write=True) as session:
+                now = self._now(session)
+                return list(session.scalars(update(Run).where(ACTIVE_LOCAL, owned).values(
+                    status=CRASHED, finished_at=now, lease_expires_at=None,
+                    error=RunError.process_died(pid).to_dict()).returning(Run.id)))
+
+        return self.db.retry(attempt)
+
     def recover_expired(self) -> list[str]:
         """Mark local runs whose lease lapsed (their process died) `crashed`; return their ids. An active local run
         without a lease (left by a lost update before transitions were compare-and-sets) is ended too: nothing
