@@ -124,8 +124,14 @@ def presented_key() -> str | None:
     return request.headers.get("X-API-Key") or None
 
 
-def required_scope() -> str:
-    """Reading (GET, HEAD) needs `read`; anything that starts, cancels or runs something needs `trigger`."""
+ANY_SCOPE_PATHS = frozenset({"/api/v1/whoami"})  # any valid key may ask what it may do
+
+
+def required_scope() -> str | None:
+    """Reading (GET, HEAD) needs `read`; anything that starts, cancels or runs something needs `trigger`; asking
+    what one's own key may do needs a valid key only (None)."""
+    if request.path in ANY_SCOPE_PATHS:
+        return None
     return "read" if request.method in ("GET", "HEAD", "OPTIONS") else "trigger"
 
 
@@ -183,7 +189,7 @@ def init_app(app: Flask, keyring: KeyRing, failure_limit: str = "10/minute", sto
             failures.failed(address)
             raise Unauthorized("the API key is not valid", code="invalid_api_key", headers=challenge)
         scope = required_scope()
-        if not key.allows(scope):
+        if scope is not None and not key.allows(scope):
             raise Forbidden(f"API key '{key.name}' lacks the '{scope}' scope for {request.method} {request.path}",
                             code="insufficient_scope", required_scope=scope)
         g.api_key = key

@@ -13,7 +13,7 @@ from app import __version__
 from app.schemas import (
     RUN_ID_PATTERN, ConnectorDetail, ConnectorList, ConnectorSchema, ExecuteNodeRequest, Health, NodeRunOut,
     PreviewOut, PreviewRequest, ProblemDetail, Readiness, RunLogs, RunLogsQuery, RunOptions, RunOut, RunPage, RunQuery,
-    TriggerRequest, WorkflowAccepted, WorkflowExecuteRequest, WorkflowExecution,
+    TriggerRequest, WhoAmI, WorkflowAccepted, WorkflowExecuteRequest, WorkflowExecution,
 )
 from connectors.spec import CONNECTOR_ID, ConnectorSpec, PythonSource, SqlDatabaseSource
 from flows.workflow_spec import NODE_ID
@@ -21,7 +21,7 @@ from flows.workflow_spec import NODE_ID
 _MODELS: list[type[BaseModel]] = [TriggerRequest, RunOptions, RunOut, RunPage, ConnectorList, ConnectorDetail,
                                   Health, Readiness, ProblemDetail, PreviewRequest, PreviewOut,
                                   ConnectorSchema, WorkflowExecuteRequest, WorkflowAccepted, WorkflowExecution,
-                                  ExecuteNodeRequest, NodeRunOut, RunLogs]
+                                  ExecuteNodeRequest, NodeRunOut, RunLogs, WhoAmI]
 _PROBLEMS = {"400": "Malformed JSON or a body that is not an object", "401": "No valid API key (when keys are set)",
              "403": "The API key lacks the scope", "404": "Unknown resource",
              "405": "Method not allowed", "413": "Body too large", "422": "A field is missing, mistyped or unknown",
@@ -169,6 +169,9 @@ def build_document(max_wait_seconds: float | None = None, *, connectors: Sequenc
         "/api/v1/health/ready": {"get": {
             "operationId": "readiness", "summary": "Database, executor and Prefect checks",
             "responses": {"200": _json(Readiness, "Ready"), "503": _json(Readiness, "Not ready, with reasons")}}},
+        "/api/v1/whoami": {"get": {
+            "operationId": "whoami", "summary": "The caller's key name and scopes (any valid key)",
+            "responses": {"200": _json(WhoAmI, "The caller"), **_problems("401")}}},
         "/trigger": {"post": {
             "operationId": "trigger", "summary": "Run a connector",
             "parameters": [_IDEMPOTENCY_HEADER], "requestBody": {**_body(TriggerRequest), "required": True},

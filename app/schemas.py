@@ -304,6 +304,14 @@ class Readiness(BaseModel):
     checks: dict[str, dict[str, Any]]
 
 
+class WhoAmI(BaseModel):
+    """The caller's API key: its name and what it may do (`anonymous` with every scope when no keys are set)."""
+
+    name: str
+    scopes: list[Literal["read", "trigger", "admin"]]
+    authenticated: bool
+
+
 class ProblemDetail(BaseModel):
     """RFC 9457 problem document; `code` is stable, `errors` names each bad field."""
 

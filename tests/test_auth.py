@@ -56,6 +56,19 @@ def test_scopes_read_trigger_admin(client):
     assert client.post(f"/api/v1/runs/{accepted.json['run_id']}/cancel", headers=bearer(ADMIN)).status_code == 200
 
 
+def test_whoami_names_the_key_and_its_scopes_for_any_valid_key(client, app_config):
+    assert client.get("/api/v1/whoami", headers=bearer(READER)).json == {
+        "name": "dash", "scopes": ["read"], "authenticated": True}
+    assert client.get("/api/v1/whoami", headers=bearer(TRIGGERER)).json["scopes"] == ["read", "trigger"]
+    assert client.get("/api/v1/whoami", headers=bearer(ADMIN)).json["scopes"] == ["read", "trigger", "admin"]
+    assert client.get("/api/v1/whoami").status_code == 401
+    trigger_only = create_app({**app_config, "api_keys": f"t:{TRIGGERER}:trigger"}).test_client()
+    assert trigger_only.get("/api/v1/whoami", headers=bearer(TRIGGERER)).json["scopes"] == ["trigger"]
+    keyless = create_app({**app_config, "api_keys": None}).test_client()
+    assert keyless.get("/api/v1/whoami").json == {"name": "anonymous", "scopes": ["read", "trigger", "admin"],
+                                                  "authenticated": False}
+
+
 def test_keys_from_a_file_are_kept_as_digests(tmp_path: Path):
     hashed = subprocess.run([sys.executable, "-m", "app.auth", "hash", TRIGGERER], cwd=ROOT, capture_output=True,
                             text=True, check=True).stdout.strip()

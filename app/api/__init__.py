@@ -7,8 +7,8 @@ from flask import Flask
 def init_app(app: Flask) -> None:
     """Register every blueprint (the dashboard's under /ui/), and conditional GETs for what they answer."""
     from app import etags
-    from app.api import connectors, health, runs, triggers, ui, workflows
+    from app.api import connectors, health, runs, triggers, ui, whoami, workflows
 
-    for module in (health, triggers, runs, connectors, workflows, ui):
+    for module in (health, triggers, runs, connectors, workflows, whoami, ui):
         app.register_blueprint(module.bp)
     etags.init_app(app)

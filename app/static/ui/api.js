@@ -77,16 +77,13 @@ export async function postJSON(url, body, { accept = [] } = {}) {
 }
 
 let scopesCache = null;
-// What this tab's key may do. There is no "who am I" endpoint: a trigger with an empty body is refused by the
-// scope check (403) before validation (422), and nothing is stored either way.
+// What this tab's key may do: GET /api/v1/whoami answers any valid key with its name and scopes.
 export function scopes() {
   scopesCache ??= (async () => {
     try {
-      await postJSON("/trigger", {});
-      return { trigger: true };
+      const { body: me } = await getJSON("/api/v1/whoami");
+      return { trigger: me.scopes.includes("trigger"), admin: me.scopes.includes("admin"), name: me.name };
     } catch (error) {
-      if (error.status === 422) return { trigger: true };
-      if (error.status === 403) return { trigger: false };
       scopesCache = null;
       throw error;
     }
