@@ -171,7 +171,7 @@ def build_document(max_wait_seconds: float | None = None, *, connectors: Sequenc
             "responses": {"200": _json(Readiness, "Ready"), "503": _json(Readiness, "Not ready, with reasons")}}},
         "/api/v1/whoami": {"get": {
             "operationId": "whoami", "summary": "The caller's key name and scopes (any valid key)",
-            "responses": {"200": _json(WhoAmI, "The caller"), **_problems("401")}}},
+            "responses": {"200": _json(WhoAmI, "The caller")}}},
         "/trigger": {"post": {
             "operationId": "trigger", "summary": "Run a connector",
             "parameters": [_IDEMPOTENCY_HEADER], "requestBody": {**_body(TriggerRequest), "required": True},

@@ -56,6 +56,26 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=seconds, reverse=True)
 
 
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """Each test's tier markers, as it is collected: before `-m` selects on them."""
+    for tier in tiers(item):
+        item.add_marker(tier)
+
+
+# What a test module uses that makes its tests a tier of their own (pytest.ini declares the markers): a real
+# gunicorn, a Prefect server and worker. Derived, not written in each file, so a new test cannot miss its tier.
+_TIER_OF_HELPER = {"GunicornServer": "gunicorn", "PrefectStack": "prefect"}
+
+
+def tiers(item: pytest.Item) -> set[str]:
+    """The tier markers a test gets from what it uses: the helpers its module imports, a PostgreSQL fixture."""
+    found = {tier for name, tier in _TIER_OF_HELPER.items() if name in vars(item.module)}
+    params = getattr(item, "callspec", None)
+    if "postgres_url" in item.fixturenames or (params is not None and "postgresql" in params.params.values()):
+        found.add("postgres")
+    return found
+
+
 @pytest.fixture(autouse=True)
 def _secrets_remembered_by_the_test_are_forgotten_after_it(monkeypatch):
     """`${VAR}` values are remembered as secrets for the life of a process; a test's (e.g. `TABLE=orders`) must
@@ -77,11 +97,13 @@ def workdir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def app_config(workdir: Path) -> dict:
-    """Settings for a test app: everything under the test's folder, fast polling. Leases of 10 s: renewed every
-    3.3 s, a busy machine's stalls do not lapse them (a 2 s lease crashed runs under load)."""
+    """Settings for a test app: everything under the test's folder, fast polling. Leases of 20 s: renewed every
+    6.7 s and fenced when no renewal got through for 13.3 s, whatever the renewal is doing; a busy machine's stalls
+    (a renewal waiting on SQLite's write lock behind other test processes) do not fence them (10 s leases did, once,
+    at a load average of 11)."""
     return {"var_dir": workdir / "var", "connectors_file": workdir / "connectors.yaml",
             "workflows_dir": workdir / "workflows",
-            "lease_seconds": 10.0, "poll_seconds": 0.05, "executor_threads": 2}
+            "lease_seconds": 20.0, "poll_seconds": 0.05, "executor_threads": 2}
 
 
 @pytest.fixture

@@ -35,7 +35,7 @@ from tests.gunicorn_server import GunicornServer
 from tests.prefect_stack import POSTGRES_ADMIN_URL, PrefectStack, fresh_postgres_database
 from tests.test_gunicorn import TERMINAL
 
-pytestmark = pytest.mark.long(seconds=150)  # started first in the parallel run (conftest.py)
+pytestmark = [pytest.mark.long(seconds=150), pytest.mark.chaos]  # long: started first in the parallel run
 
 CHAOS_SECONDS = float(os.environ.get("FLOWGATE_CHAOS_SECONDS", "10"))
 LONG = CHAOS_SECONDS > 60

@@ -304,8 +304,8 @@ def test_cancel_stops_a_run_stuck_inside_a_step_within_seconds(parts):
 
 def test_the_run_timeout_stops_a_run_stuck_inside_a_step(parts):
     registry, workspace, store = parts
-    executor = LocalExecutor(store, registry, workspace, slots=1, lease_seconds=2.0, poll_seconds=0.05,
-                             run_timeout_seconds=1.0)
+    executor = LocalExecutor(store, registry, workspace, slots=1, lease_seconds=20.0, poll_seconds=0.05,
+                             run_timeout_seconds=1.0)  # the timeout, not the lease (fenced at 13 s), stops it
     stuck = enqueue(parts, "slow", {"delay_seconds": 3600.0})
     executor.start()
     try:

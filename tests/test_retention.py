@@ -55,7 +55,8 @@ def test_pruning_deletes_only_ended_runs_past_the_cutoff_with_everything_they_ow
                                              concurrency_key="k", idempotency_key="old-0"))
     assert created and again.id not in old
     kept, created = store.create_run(NewRun(kind="connector", target="shop", params={}, backend="local",
-                                            concurrency_key="k", idempotency_key="recent"))
+                                            concurrency_key="k", idempotency_key="recent",
+                                            callback_url="https://example.com/hook"))  # the same request
     assert (kept.id, created) == (recent, False)
     assert store.retention.prune(utcnow() - timedelta(days=30)) == 0
 

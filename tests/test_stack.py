@@ -14,7 +14,7 @@ import pytest
 
 from tests.gunicorn_server import free_port
 
-pytestmark = pytest.mark.long(seconds=60)  # started first in the parallel run (conftest.py)
+pytestmark = [pytest.mark.long(seconds=60), pytest.mark.prefect]  # long: started first in the parallel run
 
 ROOT = Path(__file__).resolve().parent.parent
 CONNECTORS = """

@@ -64,7 +64,8 @@ def _missing() -> str | None:
 MISSING = _missing()
 if MISSING and os.environ.get("FLOWGATE_REQUIRE_BROWSER"):
     pytest.fail(f"the browser tests are required here: {MISSING}", pytrace=False)
-pytestmark = [pytest.mark.skipif(MISSING is not None, reason=MISSING or ""), pytest.mark.long(seconds=25)]
+pytestmark = [pytest.mark.skipif(MISSING is not None, reason=MISSING or ""), pytest.mark.long(seconds=25),
+              pytest.mark.browser]
 
 if MISSING is None:
     from playwright.sync_api import Page, expect, sync_playwright
