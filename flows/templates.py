@@ -1,29 +1,33 @@
 """Node config templates: Jinja2 in a sandbox over `inputs`, `input` and earlier nodes' outputs, with bounded work.
 
-A template may not build a value larger than its budget's `max_chars` (repetition, concatenation, `%`, a
-method or filter's result, the rendered text), may not run past its node's deadline or a cancel (checked on
-every loop iteration, call and output chunk), and `range` stays capped by the sandbox (100,000 items).
+A template may not build a value larger than its budget's `max_chars` (repetition, concatenation, `%`, str.format,
+a method or filter's result, a block's output, the rendered text), sized before it is built
+(flows.template_limits); it may not run past its node's deadline or a cancel (checked on every loop iteration,
+call and output chunk), and `range` stays capped by the sandbox (100,000 items).
 """
 from __future__ import annotations
 
 import functools
 import re
-import threading
-import time
-from collections.abc import Callable, Iterable, Iterator
-from contextvars import ContextVar
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from jinja2 import StrictUndefined, TemplateError
+from jinja2.compiler import CodeGenerator, Frame, optimizeconst
 from jinja2.ext import Extension
 from jinja2.lexer import Token, TokenStream
-from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+from jinja2.nodes import Concat
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from markupsafe import Markup
+
+from flows import template_budget as budgets
+from flows import template_limits as limits
+from flows.template_budget import DEFAULT_MAX_CHARS, MAX_INT_BITS, RenderBudget, TemplateLimit
+
+__all__ = ["DEFAULT_MAX_CHARS", "RenderBudget", "TemplateFailed", "TemplateLimit", "has_template", "render"]
 
 # A value that is one expression and nothing else keeps its type ("{{ nodes.a.output }}" stays a dict).
 _WHOLE_EXPRESSION = re.compile(r"^\s*\{\{(?P<expr>(?:(?!\}\}).)*)\}\}\s*$", re.DOTALL)
-DEFAULT_MAX_CHARS = 1_048_576
-_MAX_INT_BITS = 100_000  # ~30,000 digits: far past any real number, far short of a CPU-bound power
 _LOOP_GUARD = "_flowgate_loop_guard"
 
 
@@ -35,46 +39,6 @@ class TemplateFailed(ValueError):
         self.field = field
         self.expression = expression
         self.reason = reason
-
-
-class TemplateLimit(SecurityError):
-    """A template went past its budget (size, time or a cancel); the message names the limit."""
-
-
-@dataclass(frozen=True)
-class RenderBudget:
-    """How much a render may do: the largest value it may build, and until when it may run."""
-
-    max_chars: int = DEFAULT_MAX_CHARS
-    deadline: float | None = None  # time.monotonic() value; the node's timeout
-    timeout: float | None = None  # for the message
-    cancelled: threading.Event | None = None
-
-    def check_time(self) -> None:
-        if self.cancelled is not None and self.cancelled.is_set():
-            raise TemplateLimit("the run was cancelled while the template rendered")
-        if self.deadline is not None and time.monotonic() > self.deadline:
-            raise TemplateLimit(f"rendering took longer than the node's timeout ({self.timeout:g} s)")
-
-    def check_size(self, size: int, what: str = "the value") -> None:
-        if size > self.max_chars:
-            raise TemplateLimit(f"{what} would be {size} characters; the limit is {self.max_chars} "
-                                "(FLOWGATE_MAX_OUTPUT_BYTES)")
-
-
-_budget: ContextVar[RenderBudget] = ContextVar("flowgate_render_budget", default=RenderBudget())
-
-
-def _size(value: Any) -> int:
-    return len(value) if isinstance(value, (str, bytes, list, tuple, dict)) else 0
-
-
-def _check_ints(args: Iterable[Any]) -> None:
-    """A width or count argument past the budget (`'x'.ljust(10**9)`, `center(10**9)`) is refused before it runs."""
-    budget = _budget.get()
-    for arg in args:
-        if isinstance(arg, int) and not isinstance(arg, bool) and arg > budget.max_chars:
-            budget.check_size(arg, "an argument")
 
 
 class _LoopGuard(Extension):
@@ -108,73 +72,117 @@ class _LoopGuard(Extension):
 
 
 def _loop_guard(iterable: Any) -> Iterator[Any]:
-    budget = _budget.get()
+    budget = budgets.current()
     budget.check_time()
     for item in iterable:
         budget.check_time()
         yield item
 
 
-# Filters and str methods whose integer arguments are sizes (a width, a count of pieces): checked before they run.
-_SIZED_FILTERS = frozenset({"center", "indent", "wordwrap", "truncate", "slice", "batch"})
-_SIZED_METHODS = frozenset({"ljust", "rjust", "center", "zfill", "expandtabs"})
-
-
 def _bounded_filter(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(function)  # keeps jinja's pass_context / pass_environment markers
     def bounded(*args: Any, **kwargs: Any) -> Any:
-        budget = _budget.get()
-        budget.check_time()
-        if name in _SIZED_FILTERS:
-            _check_ints([*args[1:], *kwargs.values()])
+        args, kwargs = limits.check_filter(name, function, args, kwargs)
         result = function(*args, **kwargs)
-        budget.check_size(_size(result), f"the result of the '{function.__name__}' filter")
+        budgets.current().check_size(budgets.size(result), f"the result of the '{name}' filter")
         return result
 
     return bounded
 
 
+class _BoundedCodeGenerator(CodeGenerator):
+    """jinja's compiler with two changes: block buffers are OutputBuffers (counted as they grow), and the operands
+    of `~` are sized before they are turned into text."""
+
+    def buffer(self, frame: Frame) -> None:
+        frame.buffer = self.temporary_identifier()
+        self.writeline(f"{frame.buffer} = environment.output_buffer()")
+
+    @optimizeconst
+    def visit_Concat(self, node: Concat, frame: Frame) -> None:
+        if frame.eval_ctx.volatile:
+            self.write("(markup_join if context.eval_ctx.volatile else str_join)")
+        else:
+            self.write("markup_join" if frame.eval_ctx.autoescape else "str_join")
+        self.write("(environment.check_operands((")
+        for operand in node.nodes:
+            self.visit(operand, frame)
+            self.write(", ")
+        self.write(")))")
+
+
 class BoundedSandbox(ImmutableSandboxedEnvironment):
-    """Jinja2's immutable sandbox, with the size of every built value and the time spent bounded by the
-    current RenderBudget."""
+    """Jinja2's immutable sandbox, with every value it would build sized before it is built and the time spent
+    bounded, by the current RenderBudget (flows.template_budget)."""
 
     intercepted_binops = frozenset({"*", "**", "+", "%"})
+    code_generator_class = _BoundedCodeGenerator
+    output_buffer = staticmethod(budgets.OutputBuffer)
+    check_operands = staticmethod(budgets.check_operands)
 
     def __init__(self) -> None:
         # StrictUndefined: a typo is an error naming the missing attribute, not an empty string; `default` works.
-        super().__init__(undefined=StrictUndefined, autoescape=False, extensions=[_LoopGuard])
+        super().__init__(undefined=StrictUndefined, autoescape=False, extensions=[_LoopGuard], finalize=_finalize)
         self.filters = {name: _bounded_filter(name, f) for name, f in self.filters.items()}
         self.globals[_LOOP_GUARD] = _loop_guard
+        self.globals["lipsum"] = limits.lipsum
+
+    def concat(self, pieces: Any) -> str:  # type: ignore[override]  # jinja's `"".join`, for block buffers
+        return budgets.join_output(pieces)
 
     def call_binop(self, context: Any, operator_: str, left: Any, right: Any) -> Any:
-        budget = _budget.get()
+        budget = budgets.current()
         budget.check_time()
         ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (left, right))
         if operator_ == "*":
-            if ints and left.bit_length() + right.bit_length() > _MAX_INT_BITS:
+            if ints and left.bit_length() + right.bit_length() > MAX_INT_BITS:
                 raise TemplateLimit("a product past 30,000 digits")
             sequence, count = (left, right) if isinstance(right, int) else (right, left)
-            if isinstance(count, int) and _size(sequence):
-                budget.check_size(len(sequence) * max(count, 0), "a repeated value")
+            if isinstance(count, int) and budgets.size(sequence):
+                each = len(sequence) if isinstance(sequence, (str, bytes)) else budgets.text_size(sequence)
+                budget.check_size(each * max(count, 0), "a repeated value")
         elif operator_ == "**":
-            if ints and right > 0 and left.bit_length() * right > _MAX_INT_BITS:
+            if ints and right > 0 and left.bit_length() * right > MAX_INT_BITS:
                 raise TemplateLimit("a power past 30,000 digits")
-        elif operator_ == "+" and _size(left) and _size(right):
+        elif operator_ == "+" and budgets.size(left) and budgets.size(right):
             budget.check_size(len(left) + len(right), "a concatenated value")
-        elif operator_ == "%" and isinstance(left, str):
-            _check_ints(int(width) for width in re.findall(r"%[-+ #0]*(\d{7,})", left))  # `'%999999999s' % x`
+        elif operator_ == "%":
+            limits.check_percent(left, right)
         result = self.binop_table[operator_](left, right)
-        budget.check_size(_size(result))
+        budget.check_size(budgets.size(result))
         return result
 
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 (jinja's form)
-        budget = _budget.get()
+        budget = budgets.current()
         budget.check_time()
-        if getattr(__obj, "__name__", None) in _SIZED_METHODS:  # `'x'.ljust(10**9)`
-            _check_ints([*args, *kwargs.values()])
+        args = limits.check_method(__obj, args, kwargs)
         result = super().call(__context, __obj, *args, **kwargs)
-        budget.check_size(_size(result))
+        budget.check_size(budgets.size(result))
         return result
+
+    def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
+        """str.format and format_map (and Markup's), through a formatter that sizes each field first."""
+        if super().wrap_str_format(value) is None:
+            return None
+        text, mapping = value.__self__, value.__name__ == "format_map"
+        formatter = (limits.BoundedEscapeFormatter(self, escape=text.escape) if isinstance(text, Markup)
+                     else limits.BoundedFormatter(self))
+
+        @functools.wraps(value)
+        def bounded(*args: Any, **kwargs: Any) -> str:
+            if mapping:
+                if kwargs or len(args) != 1:
+                    raise TypeError("format_map() takes exactly one argument")
+                args, kwargs = (), args[0]
+            return type(text)(formatter.vformat(text, args, kwargs))
+
+        return bounded
+
+
+def _finalize(value: Any) -> Any:
+    """Every `{{ value }}` is turned into text: a container is sized first."""
+    budgets.check_text(value, "an output value")
+    return value
 
 
 @functools.cache
@@ -198,11 +206,8 @@ def render(value: Any, context: dict[str, Any], field: str = "config", budget: R
 
     `budget` bounds the work (default: DEFAULT_MAX_CHARS per value, no deadline); past it, TemplateFailed
     names the limit."""
-    token = _budget.set(budget or RenderBudget())
-    try:
+    with budgets.budget_scope(budget or RenderBudget()):
         return _render(value, context, field)
-    finally:
-        _budget.reset(token)
 
 
 def _render(value: Any, context: dict[str, Any], field: str) -> Any:
@@ -213,17 +218,18 @@ def _render(value: Any, context: dict[str, Any], field: str) -> Any:
     if not isinstance(value, str) or not has_template(value):
         return value
     env = _environment()
-    budget = _budget.get()
+    budget = budgets.current()
     try:
         whole = _WHOLE_EXPRESSION.match(value)
         if whole:
             result = env.compile_expression(whole["expr"], undefined_to_none=False)(**context)
             if isinstance(result, StrictUndefined):
                 str(result)  # raises UndefinedError naming what is missing
+            budgets.check_text(result, "the value")  # a list of one string repeated by reference is small until sent
             return result
         size, chunks = 0, []
         for chunk in env.from_string(value).generate(**context):
-            size += len(chunk)
+            size += max(len(chunk), 1)  # an empty chunk is still a reference held
             budget.check_size(size, "the rendered text")
             budget.check_time()
             chunks.append(chunk)

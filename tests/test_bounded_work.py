@@ -1,8 +1,10 @@
-"""Bounded work (issue 16, items 4 and 9): templates stop at the node's timeout, a cancel and a size cap;
-node outputs, run results and http-node response bodies are capped by FLOWGATE_MAX_OUTPUT_BYTES."""
+"""Bounded work (issue 16, items 4 and 9; issue 26, H1): templates stop at the node's timeout, a cancel and a size
+cap, checked before a value is built; node outputs, run results and http-node response bodies are capped by
+FLOWGATE_MAX_OUTPUT_BYTES."""
 from __future__ import annotations
 
 import threading
+import tracemalloc
 
 import pytest
 
@@ -55,15 +57,51 @@ def test_a_cancel_stops_a_rendering_template():
     "{{ 7 ** 100000000 }}",
     "{% for i in range(100000) %}{{ 'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx' }}{% endfor %}",
     "{% set s = 'x' * 1000000 %}{{ s ~ s }}",
+    # issue 26, H1: each of these built its whole value (up to 1.23 GB) before the size was checked
+    "{{ '{:>999999999}'.format('x') }}",
+    "{{ '%*s' % (999999999, 'x') }}",
+    "{{ '%*s'|format(999999999, 'x') }}",
+    "{{ '{:{}}'.format('x', 999999999) }}",
+    "{{ '%.999999999f' % 1.5 }}",
+    "{{ '{:.999999999f}'.format(1.5) }}",
+    "{{ '{x:>999999999}'.format_map({'x': 1}) }}",
+    "{{ lipsum(n=100000)|length }}",
+    # each operand within the limit (4096 here), the result 16 million characters
+    "{{ ('\t' * 4000).expandtabs(4000) }}",
+    "{{ ('x' * 4000).replace('x', 'y' * 4000) }}",
+    "{{ ('x' * 4000)|replace('x', 'y' * 4000) }}",
+    "{{ ('x' * 4000).translate({120: 'y' * 4000}) }}",
+    "{{ ('\n' * 4000)|indent(4000) }}",
+    "{{ ('x' * 4000)|wordwrap(1, wrapstring='y' * 4000) }}",
+    "{{ (1).to_bytes(999999999, 'big') }}",
+    # one string referenced many times is small in memory and huge as text, joined or written out
+    "{% set s = 'x' * 4000 %}{{ [s, s, s, s, s, s, s, s, s, s] }}",
+    "{% set s = 'x' * 4000 %}" + "".join(f"{{% set {b} = [{a}, {a}, {a}, {a}, {a}, {a}, {a}, {a}, {a}, {a}] %}}"
+                                          for a, b in zip("sabcd", "abcde")) + "{{ e }}",  # 400 MB as text
+    "{% set s = 'x' * 4000 %}{{ [s, s, s, s, s, s, s, s, s, s]|join }}",
+    "{% set s = 'x' * 4000 %}{{ ''.join([s, s, s, s, s, s, s, s, s, s]) }}",
+    "{% set s = 'x' * 4000 %}{{ [s, s, s, s, s, s, s, s, s, s] ~ '' }}",
+    "{% set s = 'x' * 4000 %}{{ [s, s, s, s, s, s, s, s, s, s]|tojson }}",
+    "{% set s = 'x' * 4000 %}{{ '{!r}'.format([s, s, s, s, s, s, s, s, s, s]) }}",
+    "{% set s = 'x' * 4000 %}{{ [s] * 4000 }}",
+    "{% set a = [1] * 1000 %}{{ [a, a, a, a, a, a, a, a, a, a]|sum(start=[]) }}",
+    # a block's output grows at loop speed, by reference, until it is joined
+    "{% set b %}{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}{% endset %}{{ b }}",
 ])
 def test_a_template_that_would_build_a_huge_value_fails_naming_the_limit(client, template: str):
-    response = client.post("/api/workflow/any/execute-node", json={
-        "nodeId": "t", "nodeType": "transform", "node": {"config": {"value": template}}})
+    tracemalloc.start()  # the peak of what Python allocated during the request: what made the worker's RSS jump
+    try:
+        response = client.post("/api/workflow/any/execute-node", json={
+            "nodeId": "t", "nodeType": "transform", "node": {"timeout": 1, "config": {"value": template}}})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
     assert response.status_code == 200
     body = response.json
     assert body["success"] is False and body["error"]["code"] == "template_error"
-    assert "limit" in body["error"]["message"]
+    assert "limit:" in body["error"]["message"]
     assert len(response.get_data()) < 10_000
+    assert peak < 10 * 2**20, f"{peak / 2**20:.0f} MB allocated: the value was built before it was refused"
 
 
 @pytest.fixture
@@ -112,3 +150,17 @@ def test_ordinary_templates_with_big_numbers_still_render():
 
     assert render("{{ inputs.id | default(1234567890) }}", {"inputs": {}}) == 1234567890
     assert render("{{ 2 ** 64 }} {{ 'ab' * 3 }} {{ '%05d' % 42 }}", {}) == "18446744073709551616 ababab 00042"
+
+
+def test_ordinary_formatting_joins_and_blocks_still_render():
+    from flows.templates import render
+
+    assert render("{{ '{:>6}|{:.2f}|{x:03d}'.format('ab', 3.14159, x=7) }}", {}) == "    ab|3.14|007"
+    assert render("{{ '%-4s|%*d|%.1f'|format('a', 3, 5, 2.25) }} {{ '%(n)s!' % {'n': 'hi'} }}", {}) == \
+        "a   |  5|2.2 hi!"
+    assert render("{{ rows|join(',', attribute='id') }} {{ ', '.join(['a', 'b']) }} {{ 'a' ~ 1 ~ [2] }}",
+                  {"rows": [{"id": 1}, {"id": 2}]}) == "1,2 a, b a1[2]"
+    assert render("{% macro li(x) %}<{{ x }}>{% endmacro %}{% set items %}{% for i in range(3) %}{{ li(i) }}"
+                  "{% endfor %}{% endset %}{{ items }} {{ [[1], [2]]|sum(start=[]) }}", {}) == "<0><1><2> [1, 2]"
+    assert len(render("{{ lipsum(2, html=false) }}", {})) > 20
+    assert render("{{ inputs }}", {"inputs": {"rows": [{"id": i} for i in range(1000)]}})["rows"][999] == {"id": 999}
