@@ -234,21 +234,13 @@ class WorkflowEngine:
         if node_type is None:
             return self._end(result, FAILED, observe, error={
                 "code": "unknown_node_type", "message": f"node '{node.id}': unknown type '{node.type}'"})
-        # Rendering counts against the node's timeout and stops on a cancel; values are capped like outputs.
-        budget = RenderBudget(max_chars=self.toolbox.max_output_bytes, deadline=time.monotonic() + node.timeout,
-                              timeout=node.timeout, cancelled=cancelled)
-        try:
-            resolved = render(node.config, context, budget=budget)
-            config = node_type.config.model_validate(resolved)
-        except TemplateFailed as exc:
-            return self._end(result, FAILED, observe, error={
-                "code": "template_error", "message": f"node '{node.id}': {exc}", "field": exc.field,
-                "expression": exc.expression})
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = "config." + ".".join(str(p) for p in first["loc"])
-            return self._end(result, FAILED, observe, error={
-                "code": "invalid_config", "message": f"node '{node.id}': {where}: {first['msg']}", "field": where})
+        ok, value = _resolve(node, node_type.config, context, self.toolbox.max_output_bytes, cancelled)
+        if not ok:
+            if cancelled.is_set():
+                return self._end(result, CANCELLED, observe, error={"code": "cancelled",
+                                                                    "message": "the run was cancelled"})
+            return self._end(result, FAILED, observe, error=value)
+        resolved, config = value
         key = cache_key(node.type, resolved, node_input) if node.cache and self.cache else None
         if key:
             hit, value = self.cache.get(key)
@@ -303,37 +295,73 @@ def _watch(should_stop: Callable[[], bool], cancelled: threading.Event, finished
             return
 
 
-def _attempt(run: Callable[[Any, NodeContext], Any], config: Any, ctx: NodeContext, timeout: float,
-             cancelled: threading.Event) -> tuple[bool, Any]:
-    """(True, output) or (False, error dict); a node past its timeout, or of a cancelled run, is told to stop
-    (ctx.cancelled) and abandoned: Python cannot kill a thread, so node types check ctx and bound their I/O."""
-    outcome: list[tuple[bool, Any]] = []
-
-    def target() -> None:
-        try:
-            outcome.append((True, _json_ready(run(config, ctx), ctx.toolbox.max_output_bytes)))
-        except NodeFailed as exc:
-            outcome.append((False, {"code": exc.code, "message": f"node '{ctx.node_id}': {exc.message}",
-                                    "terminal": exc.terminal}))
-        except Exception as exc:  # a node type's own bug or a library error: recorded, retried
-            outcome.append((False, {"code": "node_error",
-                                    "message": f"node '{ctx.node_id}': {type(exc).__name__}: {exc}"}))
-
-    thread = threading.Thread(target=contextvars.copy_context().run, args=(target,), name=f"node-{ctx.node_id[:20]}",
-                              daemon=True)
+def _in_thread(work: Callable[[], Any], name: str, timeout: float, cancelled: threading.Event,
+               stop: threading.Event) -> list[Any]:
+    """[work()], or [] when `timeout` passes or the run is cancelled first: then `stop` is set and the thread
+    abandoned (Python cannot kill a thread, so work checks `stop` and bounds its I/O and its calls)."""
+    done: list[Any] = []
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(lambda: done.append(work()),),
+                              name=name, daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout
     while thread.is_alive() and time.monotonic() < deadline and not cancelled.is_set():
         thread.join(min(0.05, max(deadline - time.monotonic(), 0)))
     if cancelled.is_set() and thread.is_alive():
-        ctx.cancelled.set()
+        stop.set()
         thread.join(1.0)
     if thread.is_alive():
-        ctx.cancelled.set()
-        if cancelled.is_set():
-            return False, {"code": "cancelled", "message": f"node '{ctx.node_id}': the run was cancelled"}
-        return False, {"code": "timeout", "message": f"node '{ctx.node_id}': timed out after {timeout:g} s"}
-    return outcome[0]
+        stop.set()
+    return done
+
+
+def _resolve(node: NodeSpec, config_type: Any, context: dict[str, Any], max_chars: int,
+             cancelled: threading.Event) -> tuple[bool, Any]:
+    """(True, (resolved config, validated config)) or (False, error dict): the node's templates, rendered within
+    its timeout (a render past it is abandoned as the attempt of a node is) and capped like outputs."""
+    stop = threading.Event()
+    budget = RenderBudget(max_chars=max_chars, deadline=time.monotonic() + node.timeout, timeout=node.timeout,
+                          cancelled=stop)
+
+    def work() -> tuple[bool, Any]:
+        try:
+            resolved = render(node.config, context, budget=budget)
+            return True, (resolved, config_type.model_validate(resolved))
+        except TemplateFailed as exc:
+            return False, {"code": "template_error", "message": f"node '{node.id}': {exc}", "field": exc.field,
+                           "expression": exc.expression}
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = "config." + ".".join(str(p) for p in first["loc"])
+            return False, {"code": "invalid_config", "message": f"node '{node.id}': {where}: {first['msg']}",
+                           "field": where}
+
+    done = _in_thread(work, f"render-{node.id[:20]}", node.timeout, cancelled, stop)
+    if done:
+        return done[0]
+    return False, {"code": "template_error", "field": "config", "message": f"node '{node.id}': template error "
+                   f"in config: limit: rendering took longer than the node's timeout ({node.timeout:g} s)"}
+
+
+def _attempt(run: Callable[[Any, NodeContext], Any], config: Any, ctx: NodeContext, timeout: float,
+             cancelled: threading.Event) -> tuple[bool, Any]:
+    """(True, output) or (False, error dict); a node past its timeout, or of a cancelled run, is told to stop
+    (ctx.cancelled) and abandoned: node types check ctx and bound their I/O."""
+
+    def work() -> tuple[bool, Any]:
+        try:
+            return True, _json_ready(run(config, ctx), ctx.toolbox.max_output_bytes)
+        except NodeFailed as exc:
+            return False, {"code": exc.code, "message": f"node '{ctx.node_id}': {exc.message}",
+                           "terminal": exc.terminal}
+        except Exception as exc:  # a node type's own bug or a library error: recorded, retried
+            return False, {"code": "node_error", "message": f"node '{ctx.node_id}': {type(exc).__name__}: {exc}"}
+
+    done = _in_thread(work, f"node-{ctx.node_id[:20]}", timeout, cancelled, ctx.cancelled)
+    if done:
+        return done[0]
+    if cancelled.is_set():
+        return False, {"code": "cancelled", "message": f"node '{ctx.node_id}': the run was cancelled"}
+    return False, {"code": "timeout", "message": f"node '{ctx.node_id}': timed out after {timeout:g} s"}
 
 
 def _json_ready(value: Any, limit: int) -> Any:

@@ -4,6 +4,7 @@ FLOWGATE_MAX_OUTPUT_BYTES."""
 from __future__ import annotations
 
 import threading
+import time
 import tracemalloc
 
 import pytest
@@ -102,6 +103,19 @@ def test_a_template_that_would_build_a_huge_value_fails_naming_the_limit(client,
     assert "limit:" in body["error"]["message"]
     assert len(response.get_data()) < 10_000
     assert peak < 10 * 2**20, f"{peak / 2**20:.0f} MB allocated: the value was built before it was refused"
+
+
+def test_a_render_stuck_in_one_long_call_ends_at_the_node_timeout(monkeypatch):
+    """A call the checks cannot interrupt (here a filter that sleeps) is abandoned at the node's deadline, as a
+    node's own work is: rendering runs inside the node's time limit, not before it."""
+    from flows.templates import _environment
+
+    monkeypatch.setitem(_environment().filters, "sleep", lambda seconds: time.sleep(seconds) or seconds)
+    result = run_in_thread(WorkflowEngine(Toolbox()), one_node({"type": "transform", "timeout": 1,
+                                                                "config": {"value": "{{ 30|sleep }}"}}), deadline=20)
+    node = result.nodes["n"]
+    assert node.status == "failed" and node.error["code"] == "template_error"
+    assert "longer than the node's timeout (1 s)" in node.error["message"]
 
 
 @pytest.fixture
