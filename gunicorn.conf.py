@@ -6,6 +6,8 @@ import shutil
 import signal
 import socket
 
+from gateway_worker import HeaderTimeoutWorker
+
 # --- metrics -------------------------------------------------------------------------------------
 # prometheus_client's multiprocess mode: every worker writes its samples under this folder (set before
 # any worker imports prometheus_client), /metrics sums them; the folder is emptied when the master starts.
@@ -39,8 +41,11 @@ backlog = 2048
 # --- workers ---------------------------------------------------------------------------------
 # Threads serve requests (a `wait` trigger holds one); pipelines run on the executor's own threads.
 workers = int(os.environ.get("WEB_CONCURRENCY", min(multiprocessing.cpu_count() * 2 + 1, 8)))
-worker_class = "gthread"
 threads = int(os.environ.get("GUNICORN_THREADS", 8))
+# gthread, but a request's line and headers must arrive within GUNICORN_HEADER_TIMEOUT seconds, read without a
+# thread (gunicorn 27 has no such setting: a client sending a header every few seconds held a thread for ever).
+# See gateway_worker.py; in production a buffering proxy in front bounds slow clients first (README: Security).
+worker_class = HeaderTimeoutWorker.with_timeout(float(os.environ.get("GUNICORN_HEADER_TIMEOUT", 10)))
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", 60))
 graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", 30))
 
