@@ -1,6 +1,7 @@
 # flowgate: gunicorn serving the gateway. Build: docker build -t flowgate .
 # Run: docker run -p 5000:5000 -e FLOWGATE_API_KEYS="backend:<16+ characters>:read+trigger" flowgate
-# (without keys it refuses to listen beyond loopback, so it would not start in a container)
+# (without keys it refuses to listen beyond loopback, so it would not start in a container). In production, put a
+# buffering proxy in front (docker-compose.yml: nginx with deploy/nginx.conf) rather than publishing gunicorn.
 FROM python:3.11-slim AS build
 WORKDIR /build
 COPY requirements.txt .

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import yaml
@@ -11,8 +12,9 @@ COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
 
 
-def test_it_runs_postgresql_redis_the_prefect_server_a_worker_and_the_gateway():
-    assert set(SERVICES) == {"postgres", "redis", "prefect-server", "prefect-deploy", "prefect-worker", "gateway"}
+def test_it_runs_postgresql_redis_the_prefect_server_a_worker_the_gateway_and_a_proxy():
+    assert set(SERVICES) == {"postgres", "redis", "prefect-server", "prefect-deploy", "prefect-worker", "gateway",
+                             "proxy"}
     for name, service in SERVICES.items():
         for dependency in service.get("depends_on", {}):
             assert dependency in SERVICES, f"{name} depends on unknown {dependency}"
@@ -39,3 +41,32 @@ def test_commands_name_modules_that_exist():
     assert SERVICES["prefect-deploy"]["command"][:3] == ["python", "-m", "flows.prefect.deploy"]
     assert importlib.util.find_spec("flows.prefect.deploy") is not None
     assert SERVICES["prefect-worker"]["command"][:3] == ["prefect", "worker", "start"]
+
+
+def nginx_directives(text: str) -> dict[str, list[str]]:
+    """Every `name value;` of an nginx config, by name (comments dropped)."""
+    found: dict[str, list[str]] = {}
+    for name, value in re.findall(r"^\s*([a-z_]+)\s+([^;{]*);", re.sub(r"#.*", "", text), re.MULTILINE):
+        found.setdefault(name, []).append(value.strip())
+    return found
+
+
+def test_the_gateway_is_reached_only_through_a_buffering_proxy():
+    gateway, proxy = SERVICES["gateway"], SERVICES["proxy"]
+    assert "ports" not in gateway  # gunicorn is not published: slow clients would hold its threads
+    assert proxy["ports"] == ["5000:8080"] and proxy["image"].startswith("nginx:")
+    assert proxy["depends_on"]["gateway"]["condition"] == "service_healthy"
+    [config] = proxy["configs"]
+    assert config["target"] == "/etc/nginx/nginx.conf"
+    path = ROOT / COMPOSE["configs"][config["source"]]["file"]
+    directives = nginx_directives(path.read_text())
+    assert directives["listen"] == ["8080"]
+    assert directives["server"] == ["gateway:5000"] and directives["proxy_pass"] == ["http://flowgate"]
+    assert "upstream flowgate" in path.read_text()
+    for timeout in ("client_header_timeout", "client_body_timeout"):
+        [value] = directives[timeout]
+        assert value.endswith("s") and 0 < int(value[:-1]) <= 30, f"{timeout} {value}"
+    assert directives["proxy_buffering"] == ["on"] and directives["proxy_request_buffering"] == ["on"]
+    assert "X-Forwarded-For $remote_addr" in directives["proxy_set_header"]
+    # Longer than the longest wait the gateway may hold a request for (FLOWGATE_MAX_WAIT_SECONDS, 300 s by default).
+    assert int(directives["proxy_read_timeout"][0][:-1]) > 300

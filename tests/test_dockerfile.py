@@ -1,6 +1,7 @@
 """The Dockerfile, checked without a Docker daemon: slim base, non-root, health check, gunicorn, real paths."""
 from __future__ import annotations
 
+import ast
 import json
 import re
 import shlex
@@ -38,3 +39,16 @@ def test_every_copied_path_exists():
             sources = shlex.split(arg)[:-1]
             for source in sources:
                 assert (ROOT / source).exists(), f"COPY {source}: no such path"
+
+
+def test_every_repo_module_gunicorn_conf_imports_is_copied():
+    """gunicorn.conf.py names its worker class by import (gateway_worker): the image must hold that module."""
+    copied = {source for op, arg in instructions() if op == "COPY" and "--from" not in arg
+              for source in shlex.split(arg)[:-1]}
+    tree = ast.parse((ROOT / "gunicorn.conf.py").read_text())
+    modules = {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    modules |= {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    local = {name for name in modules if (ROOT / f"{name}.py").exists() or (ROOT / name).is_dir()}
+    assert "gateway_worker" in local
+    assert all(f"{name}.py" in copied or name in copied for name in local), (local, copied)

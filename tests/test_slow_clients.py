@@ -2,16 +2,22 @@
 time hold no request thread (/health keeps answering), and the server closes them at the header deadline."""
 from __future__ import annotations
 
+import os
 import select
+import shutil
+import signal
 import socket
+import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.gunicorn_server import GunicornServer
+from tests.gunicorn_server import ROOT, GunicornServer, free_port
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.long(seconds=30)  # started first in the parallel run (conftest.py)
@@ -19,6 +25,7 @@ pytestmark = pytest.mark.long(seconds=30)  # started first in the parallel run (
 SLOW_CLIENTS = 100
 HEAD = b"GET /health HTTP/1.1\r\nHost: flowgate\r\nX-Slow: " + b"a" * 1000  # never finished within the test
 PROBE_TIMEOUT = 5.0  # a liveness bound for each /health probe, not a benchmark
+NGINX = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
 
 
 class SlowClient:
@@ -51,10 +58,11 @@ class SlowClient:
         return self.closed
 
 
-def test_health_answers_while_100_clients_send_their_headers_a_byte_every_two_seconds(workdir: Path):
-    # Two workers of 8 threads: without a header deadline, 16 slow clients were enough to queue /health.
-    server = GunicornServer(workdir, workers=2, GUNICORN_THREADS="8").start()  # GUNICORN_HEADER_TIMEOUT: 10 s
-    clients = [SlowClient(server.port) for _ in range(SLOW_CLIENTS)]
+def hold_slow_clients(port: int, health_url: str) -> tuple[list[tuple[object, bool]], list[SlowClient]]:
+    """Open SLOW_CLIENTS connections to `port` that send a head a byte every two seconds; probe `health_url` for 5 s
+    meanwhile, then wait for the server to close every slow connection. Returns the probes (status or error, every
+    slow client still open when answered) and the clients."""
+    clients = [SlowClient(port) for _ in range(SLOW_CLIENTS)]
     stop = threading.Event()
 
     def drip_every_two_seconds() -> None:
@@ -65,12 +73,12 @@ def test_health_answers_while_100_clients_send_their_headers_a_byte_every_two_se
 
     dripper = threading.Thread(target=drip_every_two_seconds, daemon=True)
     dripper.start()
-    probes: list[tuple[object, bool]] = []  # (status or error, every slow client still open when answered)
+    probes: list[tuple[object, bool]] = []
     try:
         began = time.monotonic()
         while time.monotonic() < began + 5:
             try:
-                status: object = httpx.get(f"{server.url}/health", timeout=PROBE_TIMEOUT).status_code
+                status: object = httpx.get(health_url, timeout=PROBE_TIMEOUT).status_code
             except httpx.HTTPError as exc:
                 status = repr(exc)
             probes.append((status, not any(client.read() for client in clients)))
@@ -82,6 +90,15 @@ def test_health_answers_while_100_clients_send_their_headers_a_byte_every_two_se
         dripper.join(5)
         for client in clients:
             client.sock.close()
+    return probes, clients
+
+
+def test_health_answers_while_100_clients_send_their_headers_a_byte_every_two_seconds(workdir: Path):
+    # Two workers of 8 threads: without a header deadline, 16 slow clients were enough to queue /health.
+    server = GunicornServer(workdir, workers=2, GUNICORN_THREADS="8").start()  # GUNICORN_HEADER_TIMEOUT: 10 s
+    try:
+        probes, clients = hold_slow_clients(server.port, f"{server.url}/health")
+    finally:
         server.kill()
     assert [status for status, _ in probes if status != 200] == []
     assert sum(held for _, held in probes) >= 5, "the probes did not run while the slow clients were held"
@@ -104,3 +121,47 @@ def test_a_head_sent_in_pieces_within_the_deadline_is_served_and_kept_alive(work
     finally:
         server.kill()
     assert answers.startswith(b"HTTP/1.1 200 ") and b"HTTP/1.1 405 " in answers  # both requests answered
+
+
+@contextmanager
+def repo_nginx(folder: Path, gateway_port: int) -> Iterator[str]:
+    """deploy/nginx.conf in front of a gateway on 127.0.0.1 (only its upstream, port and pid file changed); yields
+    its URL."""
+    port = free_port()
+    text = (ROOT / "deploy" / "nginx.conf").read_text()
+    for old, new in {"server gateway:5000;": f"server 127.0.0.1:{gateway_port};",
+                     "listen 8080;": f"listen 127.0.0.1:{port};", "pid /tmp/nginx.pid;": f"pid {folder}/nginx.pid;"}.items():
+        assert old in text, f"deploy/nginx.conf no longer says {old!r}"
+        text = text.replace(old, new)
+    (folder / "nginx.conf").write_text(text)
+    with (folder / "nginx.log").open("ab") as log:
+        process = subprocess.Popen([NGINX, "-c", str(folder / "nginx.conf"), "-g", "daemon off;"], stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def answers() -> bool:
+            assert process.poll() is None, (folder / "nginx.log").read_text()
+            try:
+                return httpx.get(f"{url}/health", timeout=5).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(answers, timeout=30, what="nginx answering /health")
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)
+
+
+@pytest.mark.skipif(NGINX is None, reason="nginx is not installed (apt-get install nginx-light)")
+def test_behind_the_repo_nginx_config_slow_clients_never_reach_the_gateway(workdir: Path):
+    # One worker of two threads, with a header deadline of an hour: only nginx stands between them and the clients.
+    server = GunicornServer(workdir, workers=1, GUNICORN_THREADS="2", GUNICORN_HEADER_TIMEOUT="3600").start()
+    try:
+        with repo_nginx(workdir, server.port) as url:
+            probes, clients = hold_slow_clients(int(url.rsplit(":", 1)[1]), f"{url}/health")
+    finally:
+        server.kill()
+    assert [status for status, _ in probes if status != 200] == []
+    assert sum(held for _, held in probes) >= 5, "the probes did not run while the slow clients were held"
+    assert all(client.sent < len(HEAD) for client in clients)  # closed by nginx (client_header_timeout), mid-head
