@@ -103,8 +103,9 @@ def text_size(value: Any, limit: int | None = None) -> int:
 
 
 def check_text(value: Any, what: str) -> None:
-    """Refuse to turn a container into text past the budget (a str is already built: nothing to check)."""
-    if not isinstance(value, str):
+    """Refuse to turn a container into text past the budget (a string is already built, a number is at most
+    30,000 digits: nothing to check)."""
+    if not isinstance(value, (str, int, float)) and value is not None:
         current().check_size(text_size(value), what)
 
 

@@ -185,8 +185,17 @@ _FILTER_SIZES = {
 
 
 @functools.cache
-def _signature(function: Any) -> inspect.Signature:
-    return inspect.signature(function)
+def _parameters(function: Any) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """A filter's positional parameter names and its defaults (inspect's bind() is slow for every call)."""
+    parameters = inspect.signature(function).parameters.values()
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return (tuple(p.name for p in parameters if p.kind in positional),
+            {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty})
+
+
+def _named(function: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    names, defaults = _parameters(function)
+    return {**defaults, **dict(zip(names, args)), **kwargs}
 
 
 Arguments = tuple[tuple[Any, ...], dict[str, Any]]
@@ -203,12 +212,11 @@ def check_filter(name: str, function: Any, args: tuple[Any, ...], kwargs: dict[s
             check_text(value, f"a value given to the '{name}' filter")
     if name not in _FILTER_SIZES and name not in ("format", "join", "sum"):
         return args, kwargs
-    bound = _signature(function).bind(*args, **kwargs)
-    bound.apply_defaults()
-    a = bound.arguments
-    if name == "format":
-        check_percent(a["value"], a["kwargs"] or a["args"])
-    elif name == "join":
+    if name == "format":  # format(value, *args, **kwargs): `value % (kwargs or args)`
+        check_percent(args[0] if args else None, kwargs or tuple(args[1:]))
+        return args, kwargs
+    a = _named(function, args, kwargs)
+    if name == "join":
         items = a["value"]
         if a["attribute"] is not None:
             items = map(make_attrgetter(a["eval_ctx"].environment, a["attribute"]), items)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import re
+import types
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -162,13 +163,13 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
 
     def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
         """str.format and format_map (and Markup's), through a formatter that sizes each field first."""
-        if super().wrap_str_format(value) is None:
+        if not (isinstance(value, (types.MethodType, types.BuiltinMethodType))  # as jinja's own test
+                and value.__name__ in ("format", "format_map") and isinstance(value.__self__, str)):
             return None
         text, mapping = value.__self__, value.__name__ == "format_map"
         formatter = (limits.BoundedEscapeFormatter(self, escape=text.escape) if isinstance(text, Markup)
                      else limits.BoundedFormatter(self))
 
-        @functools.wraps(value)
         def bounded(*args: Any, **kwargs: Any) -> str:
             if mapping:
                 if kwargs or len(args) != 1:
