@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from jinja2.constants import LOREM_IPSUM_WORDS
@@ -21,6 +21,7 @@ from jinja2.utils import generate_lorem_ipsum
 from flows.template_budget import check_sizes, check_text, current, size, text_size
 
 _HUGE = 10**18  # the size of a number written with more than 9 digits: past any budget
+
 
 def _number(digits: str | None) -> int:
     if not digits:
@@ -122,7 +123,8 @@ def bounded_items(iterable: Any, separator: int, what: str) -> list[Any]:
 
 
 def _replaced_size(text: Any, old: Any, new: Any, count: Any = -1) -> int:
-    if not (isinstance(text, (str, bytes)) and isinstance(old, type(text)) and isinstance(new, type(text))):
+    kind = str if isinstance(text, str) else bytes  # Markup is a str
+    if not (isinstance(text, (str, bytes)) and isinstance(old, kind) and isinstance(new, kind)):
         return 0
     found = text.count(old) if old else len(text) + 1
     if isinstance(count, int) and count >= 0:

@@ -129,8 +129,9 @@ def repo_nginx(folder: Path, gateway_port: int) -> Iterator[str]:
     its URL."""
     port = free_port()
     text = (ROOT / "deploy" / "nginx.conf").read_text()
-    for old, new in {"server gateway:5000;": f"server 127.0.0.1:{gateway_port};",
-                     "listen 8080;": f"listen 127.0.0.1:{port};", "pid /tmp/nginx.pid;": f"pid {folder}/nginx.pid;"}.items():
+    changes = {"server gateway:5000;": f"server 127.0.0.1:{gateway_port};", "listen 8080;": f"listen 127.0.0.1:{port};",
+               "pid /tmp/nginx.pid;": f"pid {folder}/nginx.pid;"}
+    for old, new in changes.items():
         assert old in text, f"deploy/nginx.conf no longer says {old!r}"
         text = text.replace(old, new)
     (folder / "nginx.conf").write_text(text)
