@@ -24,7 +24,7 @@ COPY connectors ./connectors
 COPY flows ./flows
 COPY workflows ./workflows
 COPY data/products.csv ./data/products.csv
-COPY wsgi.py gunicorn.conf.py gateway_worker.py connectors.yaml ./
+COPY wsgi.py gunicorn.conf.py connectors.yaml ./
 RUN python -m connectors.demo data/demo_shop.db \
     && mkdir -p var \
     && chown -R flowgate:flowgate var data

@@ -6,7 +6,7 @@ import shutil
 import signal
 import socket
 
-from gateway_worker import HeaderTimeoutWorker
+from app.gunicorn_worker import HeaderTimeoutWorker
 
 # --- metrics -------------------------------------------------------------------------------------
 # prometheus_client's multiprocess mode: every worker writes its samples under this folder (set before
@@ -44,7 +44,7 @@ workers = int(os.environ.get("WEB_CONCURRENCY", min(multiprocessing.cpu_count() 
 threads = int(os.environ.get("GUNICORN_THREADS", 8))
 # gthread, but a request's line and headers must arrive within GUNICORN_HEADER_TIMEOUT seconds, read without a
 # thread (gunicorn 27 has no such setting: a client sending a header every few seconds held a thread for ever).
-# See gateway_worker.py; in production a buffering proxy in front bounds slow clients first (README: Security).
+# See app/gunicorn_worker.py; in production a buffering proxy in front bounds slow clients first (README: Security).
 worker_class = HeaderTimeoutWorker.with_timeout(float(os.environ.get("GUNICORN_HEADER_TIMEOUT", 10)))
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", 60))
 graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", 30))

@@ -42,7 +42,7 @@ def test_every_copied_path_exists():
 
 
 def test_every_repo_module_gunicorn_conf_imports_is_copied():
-    """gunicorn.conf.py names its worker class by import (gateway_worker): the image must hold that module."""
+    """gunicorn.conf.py imports its worker class (app.gunicorn_worker): the image must hold what it imports."""
     copied = {source for op, arg in instructions() if op == "COPY" and "--from" not in arg
               for source in shlex.split(arg)[:-1]}
     tree = ast.parse((ROOT / "gunicorn.conf.py").read_text())
@@ -50,5 +50,5 @@ def test_every_repo_module_gunicorn_conf_imports_is_copied():
     modules |= {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
                 for alias in node.names}
     local = {name for name in modules if (ROOT / f"{name}.py").exists() or (ROOT / name).is_dir()}
-    assert "gateway_worker" in local
+    assert "app" in local
     assert all(f"{name}.py" in copied or name in copied for name in local), (local, copied)
