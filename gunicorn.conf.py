@@ -1,41 +1,30 @@
-"""gunicorn settings for flowgate. GUNICORN_CMD_ARGS and the command line still override every value here."""
-import ipaddress
+"""gunicorn settings for flowgate. GUNICORN_CMD_ARGS and the command line still override every value here.
+
+flowgate's own variables (FLOWGATE_*, FLOW_SERVER_PORT) are read by its Settings only, here too: a bad value stops
+the master before any worker starts, naming the variable. GUNICORN_* and WEB_CONCURRENCY are gunicorn's."""
 import multiprocessing
 import os
 import shutil
 import signal
 import socket
 
+from app import exposure
+from app.config import load_settings
 from app.gunicorn_worker import HeaderTimeoutWorker
+
+_settings = load_settings()
 
 # --- metrics -------------------------------------------------------------------------------------
 # prometheus_client's multiprocess mode: every worker writes its samples under this folder (set before
 # any worker imports prometheus_client), /metrics sums them; the folder is emptied when the master starts.
-os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR",
-                      os.path.join(os.environ.get("FLOWGATE_VAR_DIR", "var"), "prometheus-multiproc"))
+os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(_settings.var_dir / "prometheus-multiproc"))
 os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
 
 # --- server socket ---------------------------------------------------------------------------
 # FLOWGATE_HOST (127.0.0.1 by default; the Docker image sets 0.0.0.0) and FLOW_SERVER_PORT, or FLOWGATE_BIND
 # for the whole address. Without API keys the gateway serves loopback only, whatever the address says,
-# unless FLOWGATE_ALLOW_UNAUTHENTICATED=true: an open gateway must be a decision, not an accident.
-_port = os.environ.get("FLOW_SERVER_PORT", "5000")
-bind = os.environ.get("FLOWGATE_BIND") or f"{os.environ.get('FLOWGATE_HOST', '127.0.0.1')}:{_port}"
-_keys_configured = bool(os.environ.get("FLOWGATE_API_KEYS") or os.environ.get("FLOWGATE_API_KEYS_FILE"))
-_allow_unauthenticated = os.environ.get("FLOWGATE_ALLOW_UNAUTHENTICATED", "").lower() in ("1", "true", "yes")
-
-
-def _loopback(address):
-    host = address.rsplit(":", 1)[0].strip("[]") if ":" in address else address
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost" or address.startswith("unix:")
-
-
-_requested_bind = bind
-if not _keys_configured and not _allow_unauthenticated and not _loopback(bind):
-    bind = f"127.0.0.1:{bind.rsplit(':', 1)[-1] if ':' in bind else _port}"
+# unless FLOWGATE_ALLOW_UNAUTHENTICATED=true (app/exposure.py).
+bind, _requested_bind = exposure.bind_address(_settings)
 backlog = 2048
 
 # --- workers ---------------------------------------------------------------------------------
@@ -50,14 +39,6 @@ timeout = int(os.environ.get("GUNICORN_TIMEOUT", 60))
 graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", 30))
 
 
-def _whole_seconds(name, default):
-    """A whole number of seconds from the environment; a bad value stops the start naming the variable."""
-    value = os.environ.get(name, str(default)).strip()
-    if not value.isdigit():
-        raise RuntimeError(f"flowgate: {name}={value!r} is not a whole number of seconds")
-    return int(value)
-
-
 # Idle connections stay open longer than the clients and load balancers in front keep theirs (AWS ALB: 60 s), so the
 # client side closes first. The other way round, a request sent just as the server closes dies with the connection
 # (with this at 5, 2 of 40 POSTs a JDK client sent every ~5 s failed: "HTTP/1.1 header parser received no bytes"),
@@ -66,7 +47,7 @@ def _whole_seconds(name, default):
 # thread only when the next request arrives. What bounds them is `worker_connections` (1000 per worker, idle ones
 # included): past 1000 minus `threads` kept alive, responses say `Connection: close`; at 1000 the worker stops
 # accepting until some close. A stopping worker closes its idle connections within 2 s, whatever this says.
-keepalive = _whole_seconds("FLOWGATE_KEEPALIVE_SECONDS", 75)
+keepalive = _settings.keepalive_seconds
 # gunicorn's control socket (gunicornc: scale, reload, stop) sits at one path per user: two gateways on a host
 # would take it from each other, and nothing of flowgate uses it. Signals (HUP, TERM, TTIN/TTOU) still work.
 control_socket_disable = True
@@ -81,7 +62,7 @@ errorlog = "-"
 loglevel = os.environ.get("GUNICORN_LOG_LEVEL", "info")
 # Plain lines: the path without its query string (a key sent as `?api_key=` must not reach the log).
 access_log_format = '%(h)s %(l)s %(u)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(b)s "%(f)s" "%(a)s"'
-if os.environ.get("FLOWGATE_LOG_FORMAT", "json") == "json":
+if _settings.log_format == "json":
     logconfig_dict = {
         "version": 1,
         "disable_existing_loggers": False,
@@ -104,46 +85,10 @@ if os.environ.get("FLOWGATE_LOG_FORMAT", "json") == "json":
 
 
 # --- hooks -----------------------------------------------------------------------------------
-def _serves_loopback_only(address):
-    """Whether a bind address (as gunicorn parsed it) is reachable from this host only: a unix socket, a loopback
-    address, or a name that resolves to loopback addresses only. An inherited fd (`fd://3`) is not known to be."""
-    if isinstance(address, (str, bytes)):
-        return True  # unix socket path
-    if not isinstance(address, tuple):
-        return False
-    try:
-        return ipaddress.ip_address(address[0].strip("[]").split("%")[0]).is_loopback
-    except ValueError:
-        try:
-            infos = socket.getaddrinfo(address[0], None)
-        except OSError:
-            return False
-        return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
-
-
-def _guard_unauthenticated(addresses, where):
-    """Without keys (and no FLOWGATE_ALLOW_UNAUTHENTICATED), refuse to serve on anything but loopback."""
-    if _keys_configured or _allow_unauthenticated:
-        return
-    exposed = [address for address in addresses if not _serves_loopback_only(address)]
-    if exposed:
-        raise RuntimeError(
-            f"flowgate: no API keys configured (FLOWGATE_API_KEYS) and {where} "
-            f"{', '.join(_shown(a) for a in exposed)}, which is not loopback (a --bind or GUNICORN_CMD_ARGS "
-            "overrides FLOWGATE_HOST): refusing to start. Set keys, bind 127.0.0.1, or set "
-            "FLOWGATE_ALLOW_UNAUTHENTICATED=true to serve openly")
-
-
-def _shown(address):
-    if isinstance(address, tuple):
-        return f"[{address[0]}]:{address[1]}" if ":" in str(address[0]) else f"{address[0]}:{address[1]}"
-    return str(address)
-
-
 def on_starting(server):
     """Refuse an exposed bind without keys, after every override; then a fresh metrics folder (samples of a
     previous master's workers must not be summed in)."""
-    _guard_unauthenticated(server.cfg.address, "gunicorn would listen on")
+    exposure.guard(_settings, server.cfg.address, "gunicorn would listen on")
     folder = os.environ["PROMETHEUS_MULTIPROC_DIR"]
     shutil.rmtree(folder, ignore_errors=True)
     os.makedirs(folder, exist_ok=True)
@@ -156,10 +101,9 @@ def child_exit(server, worker):
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)
-    from app.config import load_settings
     from app.runs.store import RunStore
 
-    store = RunStore(load_settings().run_store_url)
+    store = RunStore(_settings.run_store_url)
     try:
         crashed = store.crash_runs_of_process(socket.gethostname(), worker.pid)
     except Exception:  # the lease ends them all the same, a lease later
@@ -176,20 +120,20 @@ def when_ready(server):
     protected, once, naming those addresses."""
     listening = [listener.sock.getsockname() for listener in server.LISTENERS]
     try:
-        _guard_unauthenticated(listening, "it listens on")
-    except RuntimeError as exc:
+        exposure.guard(_settings, listening, "it listens on")
+    except exposure.Exposed as exc:
         server.log.error("%s", exc)
         server.halt(reason=str(exc), exit_status=1)
-    shown = ", ".join(_shown(a) for a in listening)
-    if _keys_configured:
+    shown = ", ".join(exposure.shown(a) for a in listening)
+    loopback_only = all(exposure.serves_loopback_only(a) for a in listening)
+    if _settings.api_keys or _settings.api_keys_file:
         server.log.info("flowgate: API keys required on every path but /health (listening on %s)", shown)
-    elif bind != _requested_bind and all(_serves_loopback_only(a) for a in listening):
+    elif bind != _requested_bind and loopback_only:
         server.log.warning("flowgate: no API keys configured (FLOWGATE_API_KEYS): serving on %s only, not %s; "
                            "set keys, or FLOWGATE_ALLOW_UNAUTHENTICATED=true to serve openly", shown, _requested_bind)
     else:
         server.log.warning("flowgate: no API keys configured (FLOWGATE_API_KEYS): anyone who reaches %s can "
-                           "trigger runs%s", shown, "" if all(_serves_loopback_only(a) for a in listening)
-                           else " (FLOWGATE_ALLOW_UNAUTHENTICATED)")
+                           "trigger runs%s", shown, "" if loopback_only else " (FLOWGATE_ALLOW_UNAUTHENTICATED)")
 
 
 def post_worker_init(worker):

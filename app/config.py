@@ -19,6 +19,20 @@ class Settings(RuntimeSettings):
 
     port: int = Field(5000, ge=1, le=65535, validation_alias="FLOW_SERVER_PORT",
                       description="Port gunicorn binds to.")
+    host: str = Field("127.0.0.1", min_length=1, validation_alias="FLOWGATE_HOST",
+                      description="Address gunicorn binds to (the Docker image sets 0.0.0.0).")
+    bind: str | None = Field(None, validation_alias="FLOWGATE_BIND",
+                             description="The whole bind address (host:port, or unix:path), instead of host and port.")
+    allow_unauthenticated: bool = Field(
+        False, validation_alias="FLOWGATE_ALLOW_UNAUTHENTICATED",
+        description="Serve beyond loopback without API keys (otherwise a keyless gateway binds 127.0.0.1 only).")
+    keepalive_seconds: int = Field(
+        75, ge=0, le=3600, validation_alias="FLOWGATE_KEEPALIVE_SECONDS",
+        description="How long gunicorn keeps an idle connection open: above the idle timeout of every client pool "
+                    "and load balancer in front.")
+    log_format: Literal["json", "text"] = Field(
+        "json", validation_alias="FLOWGATE_LOG_FORMAT",
+        description="One JSON object per log line (json), or gunicorn's plain lines (text).")
     backend: Literal["auto", "local", "prefect"] = Field(
         "auto", validation_alias="FLOWGATE_BACKEND",
         description="Where runs execute: Prefect when it can take them (auto), or one path forced.")

@@ -157,3 +157,36 @@ def test_the_runtime_settings_are_enough_for_what_a_prefect_flow_builds():
     settings = RuntimeSettings.of(max_output_bytes=4096, max_delay_seconds=5)
     toolbox = make_toolbox(settings)
     assert toolbox is not None and settings.run_store_url and settings.pipelines_dir and settings.duckdb_dir
+
+
+def environment_reads(path: Path) -> list[str]:
+    """The flowgate variables a file reads from the environment itself (os.environ[...], .get(...), getenv)."""
+    def ours(node: ast.AST) -> str | None:
+        value = node.value if isinstance(node, ast.Constant) else None
+        return value if isinstance(value, str) and (value.startswith("FLOWGATE_") or value == "FLOW_SERVER_PORT") \
+            else None
+
+    def environ(node: ast.AST) -> bool:
+        return (isinstance(node, ast.Attribute) and node.attr == "environ") or \
+            (isinstance(node, ast.Name) and node.id == "environ")
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Subscript) and environ(node.value) and ours(node.slice):
+            found.append(ours(node.slice))
+        elif isinstance(node, ast.Call) and node.args and ours(node.args[0]) and (
+                (isinstance(node.func, ast.Attribute) and node.func.attr in ("get", "setdefault", "pop")
+                 and environ(node.func.value))
+                or (isinstance(node.func, (ast.Attribute, ast.Name))
+                    and getattr(node.func, "attr", getattr(node.func, "id", "")) == "getenv")):
+            found.append(ours(node.args[0]))
+    return found
+
+
+def test_settings_are_the_only_reader_of_flowgate_variables_in_the_gateway():
+    """gunicorn.conf.py and app/ read FLOWGATE_* through Settings only (validated, named in errors): a second
+    reader drifts (gunicorn's loopback guard once missed keys the app saw)."""
+    readers = {str(path.relative_to(ROOT)): names for path in [ROOT / "gunicorn.conf.py", *(ROOT / "app").rglob("*.py")]
+               if path.name != "config.py" and (names := environment_reads(path))}
+    assert readers == {}
+
