@@ -16,11 +16,11 @@ from app.backends.executor import LocalExecutor
 from app.backends.local import LocalBackend
 from app.backends.prefect import PrefectBackend, make_prefect_route
 from app.backends.prefect_sync import PrefectSync
-from app.callbacks import CallbackSender
+from app.callback_sender import CallbackSender
 from app.config import ConfigError, Settings, load_settings
 from app.dispatch import Dispatcher
-from app.retention import Pruner
-from app.runlogs import RunLogCapture
+from app.pruner import Pruner
+from app.run_log_capture import RunLogCapture
 from app.runs.store import RunStore
 from connectors.pipeline import Workspace
 from connectors.registry import ConnectorRegistry, RegistryError

@@ -2,14 +2,13 @@
 
     FLOWGATE_API_KEYS="backend:<key>:read+trigger,ops:<key>:admin"
     FLOWGATE_API_KEYS_FILE=keys.txt     lines of `<name> sha256:<hex digest> <scope>[+<scope>]`
-    python -m app.auth hash <key>       prints the digest for such a file
+    python -m app keys hash <key>       prints the digest for such a file
 """
 from __future__ import annotations
 
 import hashlib
 import hmac
 import re
-import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -194,13 +193,3 @@ def init_app(app: Flask, keyring: KeyRing, failure_limit: str = "10/minute", sto
                             code="insufficient_scope", required_scope=scope)
         g.api_key = key
 
-
-def main() -> None:
-    if len(sys.argv) == 3 and sys.argv[1] == "hash":
-        print(f"sha256:{digest(sys.argv[2]).hex()}")
-        return
-    raise SystemExit("usage: python -m app.auth hash <key>")
-
-
-if __name__ == "__main__":
-    main()

@@ -82,7 +82,7 @@ class Settings(RuntimeSettings):
                                              "trigger, admin joined by '+'. Unset (and no file): no authentication.")
     api_keys_file: Path | None = Field(None, validation_alias="FLOWGATE_API_KEYS_FILE",
                                        description="File of `<name> sha256:<digest> <scopes>` lines (keys hashed "
-                                                   "at rest; `python -m app.auth hash <key>` prints a digest).")
+                                                   "at rest; `python -m app keys hash <key>` prints a digest).")
     callback_secret: str | None = Field(None, validation_alias="FLOWGATE_CALLBACK_SECRET", repr=False,
                                         description="HMAC-SHA256 key that signs run callbacks; unset: callbacks off.")
     callback_allowed_hosts: str = Field("", validation_alias="FLOWGATE_CALLBACK_ALLOWED_HOSTS",

@@ -70,7 +70,7 @@ def test_whoami_names_the_key_and_its_scopes_for_any_valid_key(client, app_confi
 
 
 def test_keys_from_a_file_are_kept_as_digests(tmp_path: Path):
-    hashed = subprocess.run([sys.executable, "-m", "app.auth", "hash", TRIGGERER], cwd=ROOT, capture_output=True,
+    hashed = subprocess.run([sys.executable, "-m", "app", "keys", "hash", TRIGGERER], cwd=ROOT, capture_output=True,
                             text=True, check=True).stdout.strip()
     assert hashed == f"sha256:{digest(TRIGGERER).hex()}"
     keys = tmp_path / "keys.txt"

@@ -7,7 +7,7 @@ from datetime import timedelta
 import pytest
 
 from app import create_app
-from app.callbacks import CallbackSender, verify
+from app.callback_sender import CallbackSender, verify
 from app.runs.models import utcnow
 from app.runs.store import NewRun
 from flows.outbound import OutboundPolicy

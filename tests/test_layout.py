@@ -190,3 +190,13 @@ def test_settings_are_the_only_reader_of_flowgate_variables_in_the_gateway():
                if path.name != "config.py" and (names := environment_reads(path))}
     assert readers == {}
 
+
+def test_no_two_product_modules_share_a_name():
+    """A name says what a module holds: two `logs` (or `schema`, `store`...) modules make a reader guess which."""
+    stems: dict[str, list[str]] = {}
+    for package in PACKAGES:
+        for path in (ROOT / package).rglob("*.py"):
+            if path.name not in ("__init__.py", "__main__.py") and "migrations" not in path.parts:
+                stems.setdefault(path.stem, []).append(str(path.relative_to(ROOT)))
+    assert {stem: paths for stem, paths in stems.items() if len(paths) > 1} == {}
+

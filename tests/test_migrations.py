@@ -16,7 +16,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-from app.runs import schema
+from app.runs import migrate
 from app.runs.store import NewRun, RunStore
 from flows.database import Database
 from flows.node_cache import SqlNodeCache
@@ -35,7 +35,7 @@ def database_url(request, tmp_path: Path) -> str:
 def schema_differences(database: Database) -> list:
     """What autogenerate would change to make the database match the models (empty when they agree)."""
     combined = sa.MetaData()
-    for metadata in schema.target_metadata():
+    for metadata in migrate.target_metadata():
         for table in metadata.sorted_tables:
             table.to_metadata(combined)
     with database.engine.connect() as connection:
@@ -59,18 +59,18 @@ def load_previous_schema(database: Database) -> None:
 
 
 def test_head_is_the_newest_migration():
-    assert ScriptDirectory(str(schema.MIGRATIONS)).get_current_head() == schema.HEAD
+    assert ScriptDirectory(str(migrate.MIGRATIONS)).get_current_head() == migrate.HEAD
 
 
 def test_upgrading_an_empty_database_makes_exactly_the_models_tables(database_url: str):
     database = Database(database_url)
     try:
-        assert schema.current_revision(database) is None
-        schema.upgrade(database)
-        assert schema.current_revision(database) == schema.HEAD
+        assert migrate.current_revision(database) is None
+        migrate.upgrade(database)
+        assert migrate.current_revision(database) == migrate.HEAD
         assert schema_differences(database) == []
-        schema.upgrade(database)  # a second start finds nothing to do
-        assert schema.current_revision(database) == schema.HEAD
+        migrate.upgrade(database)  # a second start finds nothing to do
+        assert migrate.current_revision(database) == migrate.HEAD
     finally:
         database.dispose()
 
@@ -95,11 +95,11 @@ def test_upgrading_the_previous_schema_keeps_every_run_and_its_parts(database_ur
                                    "VALUES ('run0', :at, 'INFO', 'x', 'loaded 100 rows')"), {"at": old})
         connection.execute(sa.text("INSERT INTO run_nodes (run_id, node_id, position, status, data, updated_at) "
                                    "VALUES ('run1', 'a', 0, 'completed', '{\"id\": \"a\"}', :at)"), {"at": old})
-    assert schema.current_revision(database) is None
+    assert migrate.current_revision(database) is None
     store = RunStore(database_url)
     try:
         store.create_schema()  # what the gateway's start does
-        assert schema.current_revision(store.db) == schema.HEAD
+        assert migrate.current_revision(store.db) == migrate.HEAD
         assert schema_differences(store.db) == []
         assert {"ix_runs_finished", "ix_runs_target_created"} <= index_names(store.db, "runs")
         assert not {"ix_runs_target", "ix_runs_status"} & index_names(store.db, "runs")
@@ -126,7 +126,7 @@ def test_a_node_cache_made_first_by_a_prefect_flow_is_adopted(database_url: str)
     try:
         database.create_tables(node_cache_metadata)  # what flows/prefect/workflow_flow.py does on its own
         SqlNodeCache(database).put("k", "http", {"ok": True}, 60)
-        schema.upgrade(database)
+        migrate.upgrade(database)
         assert schema_differences(database) == []
         assert SqlNodeCache(database).get("k") == (True, {"ok": True})
         database.create_tables(node_cache_metadata)  # and the flow keeps working on a migrated database
@@ -138,10 +138,10 @@ def test_a_node_cache_made_first_by_a_prefect_flow_is_adopted(database_url: str)
 def test_downgrade_to_the_baseline_and_up_again(database_url: str):
     database = Database(database_url)
     try:
-        schema.upgrade(database)
-        schema.downgrade(database, schema.BASELINE)
+        migrate.upgrade(database)
+        migrate.downgrade(database, migrate.BASELINE)
         assert {"ix_runs_target", "ix_runs_status"} <= index_names(database, "runs")
-        schema.upgrade(database)
+        migrate.upgrade(database)
         assert schema_differences(database) == []
     finally:
         database.dispose()
@@ -150,13 +150,13 @@ def test_downgrade_to_the_baseline_and_up_again(database_url: str):
 def test_the_command_line_upgrades_the_database_in_database_url(tmp_path: Path):
     url = f"sqlite:///{tmp_path / 'cli.db'}"
     env = {"PATH": "/usr/bin:/bin", "DATABASE_URL": url, "FLOWGATE_VAR_DIR": str(tmp_path / "var")}
-    done = subprocess.run([sys.executable, "-m", "app.store", "upgrade"], cwd=ROOT, env=env,
+    done = subprocess.run([sys.executable, "-m", "app", "store", "upgrade"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip() == f"run store at revision {schema.HEAD}"
-    done = subprocess.run([sys.executable, "-m", "app.store", "current"], cwd=ROOT, env=env,
+    assert done.stdout.strip() == f"run store at revision {migrate.HEAD}"
+    done = subprocess.run([sys.executable, "-m", "app", "store", "current"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
-    assert done.stdout.strip() == schema.HEAD
+    assert done.stdout.strip() == migrate.HEAD
 
 
 def _start_gateway(config: dict, start_at: float, results) -> None:
@@ -193,7 +193,7 @@ def test_two_gateways_started_in_the_same_second_on_a_fresh_postgres_database_bo
                 gateway.join(30)
             assert outcomes == ["up", "up"], f"round {round_}: {outcomes}"
             database = Database(url.render_as_string(hide_password=False))
-            assert schema.current_revision(database) == schema.HEAD
+            assert migrate.current_revision(database) == migrate.HEAD
             database.dispose()
             with admin.connect() as connection:
                 connection.execute(sa.text(f'DROP DATABASE "{url.database}" WITH (FORCE)'))

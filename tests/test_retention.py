@@ -7,7 +7,7 @@ from datetime import timedelta
 
 from sqlalchemy import func, select, update
 
-from app.retention import Pruner
+from app.pruner import Pruner
 from app.runs.models import Run, RunCallback, RunLog, RunNode, utcnow
 from app.runs.store import NewRun, RunStore
 from flows.outcome import COMPLETED, FAILED
@@ -107,7 +107,7 @@ def test_retention_zero_keeps_runs_forever(store: RunStore):
 
 
 def test_the_command_line_prunes_the_store_in_database_url(tmp_path, monkeypatch, capsys):
-    from app.store import main
+    from app.cli import main
 
     url = f"sqlite:///{tmp_path / 'runs.db'}"
     store = RunStore(url)
@@ -115,6 +115,6 @@ def test_the_command_line_prunes_the_store_in_database_url(tmp_path, monkeypatch
     make_run(store, "old", ended_days_ago=40)
     monkeypatch.setenv("DATABASE_URL", url)
     monkeypatch.setenv("FLOWGATE_RETENTION_DAYS", "30")
-    assert main(["prune"]) == 0
+    assert main(["store", "prune"]) == 0
     assert capsys.readouterr().out.strip() == "pruned 1 ended run(s) older than 30 days"
     store.dispose()

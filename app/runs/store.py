@@ -15,11 +15,11 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
 from app.runs.callbacks import CallbackStore
-from app.runs.executors import ExecutorStore
-from app.runs.logs import RunLogStore
-from app.runs import schema
+from app.runs.executor_registry import ExecutorStore
+from app.runs.log_lines import RunLogStore
+from app.runs import migrate
 from app.runs.models import ACTIVE_LOCAL, CALLBACK_PENDING, Run, RunCallback, RunLog, utcnow
-from app.runs.nodes import RunNodeStore
+from app.runs.node_states import RunNodeStore
 from flows.connector_lock import connector_locks, held_by_others, serialise_claims
 from app.runs.retention import RetentionStore
 from flows.database import Database
@@ -100,7 +100,7 @@ class RunStore:
 
     def create_schema(self) -> None:
         """Apply the pending migrations (the node cache's table too) under a lock: safe from every process at once."""
-        schema.upgrade(self.db)
+        migrate.upgrade(self.db)
 
     def dispose(self) -> None:
         """Close pooled connections (after a fork, or at exit)."""

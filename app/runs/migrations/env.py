@@ -1,11 +1,11 @@
-"""Alembic's entry point for the run store: migrations run on the locked connection app.runs.schema hands over,
+"""Alembic's entry point for the run store: migrations run on the locked connection app.runs.migrate hands over,
 or, from the `alembic` command line, on DATABASE_URL's database under the same lock."""
 from __future__ import annotations
 
 from alembic import context
 from sqlalchemy import Connection
 
-from app.runs.schema import locked, target_metadata
+from app.runs.migrate import locked, target_metadata
 
 
 def run_on(connection: Connection) -> None:
@@ -20,7 +20,7 @@ given = context.config.attributes.get("connection")
 if given is not None:
     run_on(given)
 elif context.is_offline_mode():
-    raise SystemExit("offline (--sql) migrations are not supported; run `python -m app.store upgrade`")
+    raise SystemExit("offline (--sql) migrations are not supported; run `python -m app store upgrade`")
 else:
     from app.config import load_settings
     from flows.database import Database

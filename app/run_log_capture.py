@@ -16,7 +16,7 @@ from connectors.secrets import public_error
 from flows.loop import Loop
 
 MAX_MESSAGE = 4000
-_IGNORED = ("sqlalchemy", "app.runlogs")  # the store's own lines, written while flushing, must not loop back
+_IGNORED = ("sqlalchemy", "app.run_log_capture")  # the store's own lines, written while flushing, must not loop back
 
 
 class RunLogCapture(Loop):
@@ -73,7 +73,7 @@ class RunLogCapture(Loop):
             try:
                 self.store.logs.add(lines)
             except Exception:  # a log sink must never break the run it records; the lines are lost, not the run
-                logging.getLogger("app.runlogs").exception("writing %d run log lines failed", len(lines))
+                logging.getLogger("app.run_log_capture").exception("writing %d run log lines failed", len(lines))
 
     def take(self, run: str) -> list[dict[str, Any]]:
         """A run ended: hand over its buffered lines (the executor writes them with the run's end) and stop
