@@ -50,7 +50,7 @@ def _first_line(exc: BaseException) -> str:
 # (flows/lease.py fences it on time) and the gateway a bounded wait, not minutes of a hung thread. The server
 # ends a statement or an open transaction that runs too long; the client's socket gives up on a connection that
 # stopped acknowledging (tcp_user_timeout) or answering keepalives. Runs store short transactions only; a
-# migration lifts the statement bound for itself (app/runs/schema.py).
+# migration lifts the statement bound for itself (app/runs/migrate.py).
 PG_CONNECT_TIMEOUT_SECONDS = 5
 PG_STATEMENT_TIMEOUT_MS = 30_000
 PG_IDLE_IN_TRANSACTION_TIMEOUT_MS = 60_000
