@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test test-fast stress-test browser fuzz chaos bench stack deploy clean
+.PHONY: run test test-fast lint stress-test browser fuzz chaos bench stack deploy clean
 
 # The suite runs in TEST_WORKERS processes (pytest-xdist), each test file whole in one of them (a file's
 # Prefect server or gunicorn is started once), the files marked `long` first (tests/conftest.py), the rest in a
@@ -20,6 +20,10 @@ test: $(VENV)/.dev data/demo_shop.db browser
 # The tier without external processes: no gunicorn, Prefect, PostgreSQL, browser or chaos (pytest.ini's markers).
 test-fast: $(VENV)/.dev data/demo_shop.db
 	$(BIN)/python -m pytest $(PYTEST_PARALLEL) -m "not (gunicorn or prefect or postgres or browser or chaos)"
+
+# ruff's lint (pyproject.toml): pyflakes, pycodestyle, import order, bugbear, pyupgrade.
+lint: $(VENV)/.dev
+	$(BIN)/ruff check .
 
 # The whole suite STRESS_ROUNDS times in a row (default 5), each beside one busy-looping process per core and
 # in a new random order; stops at the first red round.
