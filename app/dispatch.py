@@ -124,7 +124,10 @@ class Dispatcher:
                 raise Unavailable(f"Prefect failed to create the flow run: {exc.message}",
                                   code="prefect_unavailable", run_id=run.id) from None
             log.warning("creating a flow run for %s failed (%s); running it locally", run.id, exc.message)
-            return self.local.submit(self.store.fall_back_to_local(run.id, "prefect_create_failed") or run)
+            # A create refused at the connection (the server died since the last probe) says why: Prefect is
+            # unreachable; any other failure of the create itself is prefect_create_failed.
+            reason = "prefect_unreachable" if exc.reason == "prefect_unreachable" else "prefect_create_failed"
+            return self.local.submit(self.store.fall_back_to_local(run.id, reason) or run)
 
     def _accepted(self, run: Run) -> None:
         TRIGGERS.labels(run.kind, run.backend, "accepted").inc()

@@ -137,3 +137,21 @@ def test_a_closed_route_stops_re_probing(route):
     route.close()
     route._reprober.join(5)
     assert not route._reprober.is_alive()
+
+
+@respx.mock
+def test_a_create_refused_at_the_connection_goes_local_as_prefect_unreachable(app_config):
+    """The probe said Prefect can take it, then the server died before the create: the run goes local, and says
+    Prefect was unreachable (not a generic create failure)."""
+    from app import create_app
+
+    respx.get(f"{API}/deployments/name/flowgate-connector/numbers").respond(json={**DEPLOYMENT, "name": "numbers"})
+    respx.post(f"{API}/work_pools/flowgate/workers/filter").respond(json=[alive()])
+    respx.post(f"{API}/deployments/d-1/create_flow_run").mock(side_effect=httpx.ConnectError("connection refused"))
+    app = create_app({**app_config, "prefect_api_url": API})
+    try:
+        run = app.test_client().post("/trigger", json={"connector_id": "numbers"}).json
+        assert run["backend"] == "local" and run["fallback_reason"] == "prefect_unreachable", run
+    finally:
+        app.extensions["flowgate"].dispatcher.prefect.route.close()
+        app.extensions["flowgate"].store.dispose()
