@@ -126,7 +126,8 @@ class HttpConfig(NodeConfig):
     params: dict[str, Any] = Field(default_factory=dict, description="Query string parameters.")
     body: Any = Field(None, description="Sent as JSON when given.")
     timeout: float = Field(30.0, gt=0, le=300)
-    raise_for_status: bool = Field(True, description="Fail the node on a 4xx/5xx answer (5xx and 429 are retried).")
+    raise_for_status: bool = Field(True, description="Fail the node on a 4xx/5xx answer (5xx and 429 are retried "
+                                                     "when the node sets retries).")
     max_redirects: int = Field(5, ge=0, le=20)
 
 
