@@ -2,14 +2,16 @@
 
     python -m app store upgrade | current | downgrade REV | prune
     python -m app keys hash <key>        the digest a FLOWGATE_API_KEYS_FILE line keeps instead of the key
+    python -m app settings reference [--update FILE]   the table of every setting (docs/operations.md holds it)
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from app.auth import digest
-from app.config import ConfigError, load_settings
+from app.config import ConfigError, load_settings, reference_table, with_reference_table
 from app.pruner import Pruner
 from app.runs import migrate
 from app.runs.store import RunStore
@@ -28,9 +30,18 @@ def main(argv: list[str] | None = None) -> int:
     store.add_parser("prune", help="delete ended runs older than FLOWGATE_RETENTION_DAYS, in batches")
     keys = groups.add_parser("keys", help="API keys").add_subparsers(dest="command", required=True)
     keys.add_parser("hash", help="print a key's sha256 digest").add_argument("key")
+    settings = groups.add_parser("settings", help="flowgate's settings").add_subparsers(dest="command", required=True)
+    settings.add_parser("reference", help="print the Markdown table of every setting").add_argument(
+        "--update", type=Path, metavar="FILE", help="write it into FILE, between its settings markers, instead")
     args = parser.parse_args(argv)
     if args.group == "keys":
         print(f"sha256:{digest(args.key).hex()}")
+        return 0
+    if args.group == "settings":
+        if args.update is None:
+            print(reference_table(), end="")
+        else:
+            args.update.write_text(with_reference_table(args.update.read_text(), reference_table()))
         return 0
     return store_command(args.command, getattr(args, "revision", None))
 

@@ -5,8 +5,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
+from pydantic.fields import FieldInfo
 
 from flows.runtime import RuntimeSettings
+
+# Where docs/operations.md holds reference_table()'s output (tests/test_docs.py keeps the two equal).
+REFERENCE_BEGIN, REFERENCE_END = "<!-- settings:begin -->", "<!-- settings:end -->"
 
 
 class ConfigError(RuntimeError):
@@ -20,63 +24,78 @@ class Settings(RuntimeSettings):
     port: int = Field(5000, ge=1, le=65535, validation_alias="FLOW_SERVER_PORT",
                       description="Port gunicorn binds to.")
     host: str = Field("127.0.0.1", min_length=1, validation_alias="FLOWGATE_HOST",
-                      description="Address gunicorn binds to (the Docker image sets 0.0.0.0).")
+                      description="Address gunicorn binds to (the Docker image sets 0.0.0.0). Without API keys a "
+                                  "non-loopback address is narrowed to 127.0.0.1, unless "
+                                  "FLOWGATE_ALLOW_UNAUTHENTICATED.")
     bind: str | None = Field(None, validation_alias="FLOWGATE_BIND",
-                             description="The whole bind address (host:port, or unix:path), instead of host and port.")
+                             description="The whole bind address (host:port, or unix:path), instead of FLOWGATE_HOST "
+                                         "and FLOW_SERVER_PORT.")
     allow_unauthenticated: bool = Field(
         False, validation_alias="FLOWGATE_ALLOW_UNAUTHENTICATED",
-        description="Serve beyond loopback without API keys (otherwise a keyless gateway binds 127.0.0.1 only).")
+        description="Serve beyond loopback without API keys (otherwise a keyless gateway binds 127.0.0.1 only); "
+                    "true/false, 1/0, yes/no or on/off.")
     keepalive_seconds: int = Field(
         75, ge=0, le=3600, validation_alias="FLOWGATE_KEEPALIVE_SECONDS",
-        description="How long gunicorn keeps an idle connection open: above the idle timeout of every client pool "
-                    "and load balancer in front.")
+        description="Seconds gunicorn keeps an idle connection open: keep it above the idle timeout of every "
+                    "client pool and load balancer in front (docs/api.md, Calling from Spring).")
     log_format: Literal["json", "text"] = Field(
         "json", validation_alias="FLOWGATE_LOG_FORMAT",
-        description="One JSON object per log line (json), or gunicorn's plain lines (text).")
+        description="json: one JSON object per line on stdout, gunicorn's lines and access log included. text: "
+                    "gunicorn's own lines in its plain format, while flowgate's own lines stay JSON.")
     backend: Literal["auto", "local", "prefect"] = Field(
         "auto", validation_alias="FLOWGATE_BACKEND",
-        description="Where runs execute: Prefect when it can take them (auto), or one path forced.")
+        description="Where runs execute: Prefect when it can take them, else locally (auto), or one path forced "
+                    "(local, prefect); a trigger's `backend` overrides it.")
     prefect_api_url: str | None = Field(None, validation_alias="PREFECT_API_URL",
-                                        description="Prefect server API, e.g. http://127.0.0.1:4200/api; "
+                                        description="Prefect server API, e.g. `http://127.0.0.1:4200/api`; "
                                                     "unset means every run executes locally.")
     prefect_api_key: str | None = Field(None, validation_alias="PREFECT_API_KEY",
                                         description="Bearer token for a private Prefect server.", repr=False)
     prefect_pool: str = Field("flowgate", min_length=1,
                               validation_alias="FLOWGATE_PREFECT_POOL",
-                              description="The process work pool the connector deployments use.")
+                              description="The process work pool of the deployments (make deploy creates it if "
+                                          "missing).")
     prefect_pickup_seconds: float = Field(
         30.0, gt=0, le=86400, validation_alias="FLOWGATE_PREFECT_PICKUP_SECONDS",
         description="A run handed to Prefect that no worker has picked up this long after is taken back from "
-                    "Prefect (its flow run cancelled) and runs locally, under the same run id.")
+                    "Prefect (its flow run cancelled) and runs locally, under the same run id "
+                    "(prefect_not_picked_up).")
     prefect_worker_max_age_seconds: float = Field(
         65.0, gt=0, le=3600, validation_alias="FLOWGATE_PREFECT_WORKER_MAX_AGE_SECONDS",
-        description="A Prefect worker whose last heartbeat is older than this counts as gone (keep it above two "
-                    "of the workers' PREFECT_WORKER_HEARTBEAT_SECONDS, 30 s by default).")
+        description="A Prefect worker whose last heartbeat is older than this counts as gone: keep it above two "
+                    "of the workers' PREFECT_WORKER_HEARTBEAT_SECONDS (30 s by default; make stack uses 15 s and "
+                    "sets this to 35).")
     prefect_timeout_seconds: float = Field(
         2.0, gt=0, le=30, validation_alias="FLOWGATE_PREFECT_TIMEOUT",
-        description="Timeout of one call to Prefect's API.")
-    executor_threads: int = Field(2, ge=0, le=64,
-                                  validation_alias="FLOWGATE_EXECUTOR_THREADS",
-                                  description="Pipelines one gateway process runs at once (0: this process runs none).")
+        description="Seconds one call to Prefect's API may take.")
+    executor_threads: int = Field(
+        2, ge=0, le=64, validation_alias="FLOWGATE_EXECUTOR_THREADS",
+        description="Runs one gateway process executes at once, connectors and workflows together; each kind may "
+                    "take at most this less FLOWGATE_RESERVED_SLOTS (with the defaults, one connector and one "
+                    "workflow). 0: this process accepts triggers but runs none.")
     reserved_slots: int = Field(1, ge=0, le=32,
                                 validation_alias="FLOWGATE_RESERVED_SLOTS",
                                 description="Executor slots per process that connectors keep from workflows and "
-                                            "workflows from connectors (0: one shared pool).")
-    lease_seconds: float = Field(30.0, gt=0.5, le=3600,
-                                 validation_alias="FLOWGATE_LEASE_SECONDS",
-                                 description="How long a claimed run stays owned without a heartbeat.")
+                                            "workflows from connectors (0, or no more slots than this: one shared "
+                                            "pool).")
+    lease_seconds: float = Field(
+        30.0, gt=0.5, le=3600, validation_alias="FLOWGATE_LEASE_SECONDS",
+        description="How long a claimed run stays owned without a renewal. Renewals go every third of it (a cancel "
+                    "is heard then); a process none got through for two thirds of it stops the run.")
     poll_seconds: float = Field(0.5, gt=0, le=60,
                                 validation_alias="FLOWGATE_POLL_SECONDS",
                                 description="How often an idle executor looks for queued runs.")
     max_body_bytes: int = Field(1_048_576, ge=1024,
                                 validation_alias="FLOWGATE_MAX_BODY_BYTES",
-                                description="Largest request body accepted (413 above it).")
-    max_wait_seconds: float = Field(300.0, ge=0, le=3600,
-                                    validation_alias="FLOWGATE_MAX_WAIT_SECONDS",
-                                    description="Longest a trigger may block with `wait`.")
+                                description="Largest request body accepted, in bytes (413 above it).")
+    max_wait_seconds: float = Field(
+        300.0, ge=0, le=3600, validation_alias="FLOWGATE_MAX_WAIT_SECONDS",
+        description="Longest a trigger or execute may block with `wait` (a larger one is a 422; `Prefer: wait` is "
+                    "capped at it).")
     max_node_wait_seconds: float = Field(
         60.0, gt=0, le=600, validation_alias="FLOWGATE_MAX_NODE_SECONDS",
-        description="Longest execute-node may run one node inside a request.")
+        description="Largest `timeout` of a node sent to execute-node (a larger one is a 422). Nodes default "
+                    "to 60 s, so below 60 every node without its own `timeout` is refused.")
     api_keys: str | None = Field(None, validation_alias="FLOWGATE_API_KEYS", repr=False,
                                  description="`<name>:<key>:<scopes>` entries, comma-separated; scopes read, "
                                              "trigger, admin joined by '+'. Unset (and no file): no authentication.")
@@ -84,27 +103,32 @@ class Settings(RuntimeSettings):
                                        description="File of `<name> sha256:<digest> <scopes>` lines (keys hashed "
                                                    "at rest; `python -m app keys hash <key>` prints a digest).")
     callback_secret: str | None = Field(None, validation_alias="FLOWGATE_CALLBACK_SECRET", repr=False,
-                                        description="HMAC-SHA256 key that signs run callbacks; unset: callbacks off.")
+                                        description="HMAC-SHA256 key that signs run callbacks; unset: callbacks off "
+                                                    "(a callback_url is a 422).")
     callback_allowed_hosts: str = Field("", validation_alias="FLOWGATE_CALLBACK_ALLOWED_HOSTS",
                                         description="Hosts a callback_url may name, comma-separated, as for the "
                                                     "http node.")
-    callback_max_attempts: int = Field(5, ge=1, le=20, validation_alias="FLOWGATE_CALLBACK_MAX_ATTEMPTS", description="Deliveries tried per run.")
+    callback_max_attempts: int = Field(5, ge=1, le=20, validation_alias="FLOWGATE_CALLBACK_MAX_ATTEMPTS",
+                                       description="Deliveries tried per run (each times out after 10 s).")
     callback_backoff_seconds: float = Field(2.0, gt=0, le=3600, validation_alias="FLOWGATE_CALLBACK_BACKOFF_SECONDS",
         description="Wait before the second delivery; doubles after each failure.")
     rate_limit: str | None = Field(None, validation_alias="FLOWGATE_RATE_LIMIT",
-                                   description="Requests per caller (API key, else address), e.g. '600/minute' "
-                                               "or '20/second;600/minute'; unset: no limit.")
+                                   description="Requests per caller (API key name, else address), e.g. '600/minute' "
+                                               "or '20/second;600/minute', 429 past it; /health and the dashboard's "
+                                               "files are exempt. Unset: no limit.")
     rate_limit_storage: str | None = Field(None, validation_alias="FLOWGATE_RATE_LIMIT_STORAGE", repr=False,
                                            description="Where counts live, shared by every process (redis://…); "
                                                        "unset: each process counts its own.")
     max_params_bytes: int = Field(16_384, ge=256, le=1_048_576,
                                   validation_alias="FLOWGATE_MAX_PARAMS_BYTES",
-                                  description="Largest `params` (or workflow `inputs`) as JSON.")
+                                  description="Largest `params`, workflow `inputs` or execute-node `inputData`, "
+                                              "in bytes as JSON (422 above it).")
     max_queued_per_target: int = Field(100, ge=1, le=100_000, validation_alias="FLOWGATE_MAX_QUEUED_PER_TARGET",
-        description="Queued runs one connector or workflow may have; more triggers get 429.")
+        description="Queued runs one connector or workflow may have; more triggers get 429 (queue_full).")
     run_timeout_seconds: float = Field(
         6 * 3600, gt=0, le=7 * 86400, validation_alias="FLOWGATE_RUN_TIMEOUT_SECONDS",
-        description="A run still unfinished this long after it started (Prefect: was created) is ended as failed.")
+        description="A run still unfinished this long after it started (or, never started, was created) is ended "
+                    "as failed (run_timeout).")
     retention_days: float = Field(
         30.0, ge=0, le=36_500, validation_alias="FLOWGATE_RETENTION_DAYS",
         description="Ended runs (with their log lines, node states, callback and idempotency key) older than this "
@@ -160,3 +184,34 @@ def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
             field = str(err["loc"][0]) if err["loc"] else "?"
             problems.append(f"{names.get(field, field)}: {err['msg']} (got {err.get('input')!r})")
         raise ConfigError("invalid settings: " + "; ".join(problems)) from None
+
+
+def reference_table() -> str:
+    """The configuration reference: one Markdown row per setting (its variable, default and description), by
+    variable; `python -m app settings reference` prints it."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for field in sorted(Settings.model_fields.values(), key=lambda f: str(f.validation_alias)):
+        description = (field.description or "").replace("|", "\\|")
+        rows.append(f"| `{field.validation_alias}` | {_shown_default(field)} | {description} |")
+    return "\n".join(rows) + "\n"
+
+
+def with_reference_table(document: str, table: str) -> str:
+    """`document` with `table` between its REFERENCE_BEGIN and REFERENCE_END markers (ValueError without them)."""
+    start, end = document.find(REFERENCE_BEGIN), document.find(REFERENCE_END)
+    if start < 0 or end < start:
+        raise ValueError(f"no {REFERENCE_BEGIN} ... {REFERENCE_END} markers")
+    return document[:start + len(REFERENCE_BEGIN)] + "\n" + table + document[end:]
+
+
+def _shown_default(field: FieldInfo) -> str:
+    value = field.default
+    if value is None:
+        return "unset"
+    if value == "":
+        return "empty"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return f"`{value}`"

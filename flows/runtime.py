@@ -24,9 +24,13 @@ class RuntimeSettings(BaseSettings):
         return cls(**{aliases.get(name, name): value for name, value in fields.items()})
 
     var_dir: Path = Field(Path("var"), validation_alias="FLOWGATE_VAR_DIR",
-                          description="Folder for the SQLite run store, DuckDB files and dlt's working state.")
-    database_url: str | None = Field(None, validation_alias="DATABASE_URL",
-                                     description="Run store URL; unset means a SQLite file under var_dir.")
+                          description="Folder for the SQLite run store (flowgate.db), DuckDB files (duckdb/), dlt's "
+                                      "working state (dlt/) and gunicorn's metrics files (prometheus-multiproc/, "
+                                      "emptied at every start); make stack keeps Prefect's home in prefect/.")
+    database_url: str | None = Field(
+        None, validation_alias="DATABASE_URL",
+        description="The run store's SQLAlchemy URL, e.g. `postgresql+psycopg://user@host/db`; unset: "
+                    "`sqlite:///<FLOWGATE_VAR_DIR, absolute>/flowgate.db`.")
     connectors_file: Path = Field(Path("connectors.yaml"),
                                   validation_alias="FLOWGATE_CONNECTORS",
                                   description="The YAML file that declares the connectors.")
@@ -38,7 +42,8 @@ class RuntimeSettings(BaseSettings):
                                                 "empty: none.")
     llm_provider: Literal["offline", "openai"] = Field(
         "offline", validation_alias="FLOWGATE_LLM_PROVIDER",
-        description="The `llm` node's provider: offline (deterministic, no network) or an OpenAI-compatible API.")
+        description="The `llm` node's provider: offline (deterministic, no network) or openai (any "
+                    "OpenAI-compatible /chat/completions API).")
     llm_base_url: str = Field("https://api.openai.com/v1",
                               validation_alias="FLOWGATE_LLM_BASE_URL",
                               description="Base URL of the OpenAI-compatible API (…/v1).")
