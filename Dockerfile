@@ -1,7 +1,8 @@
 # flowgate: gunicorn serving the gateway. Build: docker build -t flowgate .
 # Run: docker run -p 5000:5000 -e FLOWGATE_API_KEYS="backend:<16+ characters>:read+trigger" flowgate
-# (without keys it refuses to listen beyond loopback, so it would not start in a container). In production, put a
-# buffering proxy in front (docker-compose.yml: nginx with deploy/nginx.conf) rather than publishing gunicorn.
+# (without keys it narrows its bind to 127.0.0.1: it starts, and its HEALTHCHECK passes, but nothing outside the
+# container reaches it). In production, put a buffering proxy in front (docker-compose.yml: nginx with
+# deploy/nginx.conf) rather than publishing gunicorn.
 FROM python:3.11-slim AS build
 WORKDIR /build
 COPY requirements.txt .
