@@ -33,7 +33,8 @@ workers = int(os.environ.get("WEB_CONCURRENCY", min(multiprocessing.cpu_count() 
 threads = int(os.environ.get("GUNICORN_THREADS", 8))
 # gthread, but a request's line and headers must arrive within GUNICORN_HEADER_TIMEOUT seconds, read without a
 # thread (gunicorn 27 has no such setting: a client sending a header every few seconds held a thread for ever).
-# See app/gunicorn_worker.py; in production a buffering proxy in front bounds slow clients first (README: Security).
+# See app/gunicorn_worker.py; in production a buffering proxy in front bounds slow clients first
+# (docs/operations.md: Security).
 worker_class = HeaderTimeoutWorker.with_timeout(float(os.environ.get("GUNICORN_HEADER_TIMEOUT", 10)))
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", 60))
 graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", 30))

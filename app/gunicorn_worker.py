@@ -9,7 +9,8 @@ slow client, so 100 of them would queue every other request behind them.
 Here the worker's event loop gathers the head itself, a few bytes at a time and without a thread, and hands the
 connection to a thread only once the head is complete (or malformed, for gunicorn to refuse). A connection whose
 head is not complete within `header_timeout` seconds (GUNICORN_HEADER_TIMEOUT in gunicorn.conf.py) is answered 408
-and closed. Bodies are read by the thread as before: bounding slow bodies is the reverse proxy's job (README).
+and closed. Bodies are read by the thread as before: bounding slow bodies is the reverse proxy's job
+(docs/operations.md, Security).
 TLS, HTTP/2 prior knowledge, the PROXY protocol and uwsgi are left to gunicorn as they are.
 """
 from __future__ import annotations

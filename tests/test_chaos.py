@@ -6,7 +6,7 @@ answering (a proxy holds every byte, connections stay open) for longer than a le
 
 Then: every run a caller got an answer for ends in a recorded state; no connector ever executes twice at once; no
 trigger's token executes twice, nor after its run was recorded ended; a completed run's token ran to its end;
-every ended run's callback is delivered (a repeat only ever as the same delivery). README: Guarantees.
+every ended run's callback is delivered (a repeat only ever as the same delivery). docs/operations.md: Guarantees.
 
 `make test` runs it for FLOWGATE_CHAOS_SECONDS (default 10 s; every kind of fault comes at least once),
 `make chaos` for 600 s.
@@ -376,7 +376,7 @@ def test_every_answered_run_executes_at_most_once_and_ends_recorded_under_chaos(
 
     # Every answered run ended, in a recorded state; a completed one's token ran to its end, exactly once.
     assert len({a.run_id for a in answered}) == len(answered)  # a token (idempotency key) names one run
-    # Never executed twice: a crashed run is not run again. The one exception (README, Guarantees): a create
+    # Never executed twice: a crashed run is not run again. The one exception (docs/operations.md, Guarantees): a create
     # whose answer was lost while Prefect stayed unreachable past the settle deadline (60 s) goes local.
     excused = {a.token for a in answered if docs[a.run_id]["fallback_reason"] == "prefect_create_failed"
                and faults.prefect_down_seconds > 55}

@@ -2,7 +2,7 @@
 
 Skipped with the reason when Playwright or a Chromium binary is missing, failed instead when
 FLOWGATE_REQUIRE_BROWSER=1 (CI sets it). Every wait is on a condition (Playwright's expect), never a sleep.
-Each page's screenshot lands in var/screenshots/ (FLOWGATE_SCREENSHOTS=docs/screenshots refreshes the README's).
+Each page's screenshot lands in var/screenshots/ (FLOWGATE_SCREENSHOTS=docs/screenshots refreshes docs/dashboard.md's).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from tests.fake_services import EchoService
 from tests.gunicorn_server import ROOT, GunicornServer
 
 READER, TRIGGERER = "ui-reader-key-0123456789", "ui-trigger-key-0123456789"
-# var/ (ignored by git) unless asked: FLOWGATE_SCREENSHOTS=docs/screenshots refreshes the README's pictures.
+# var/ (ignored by git) unless asked: FLOWGATE_SCREENSHOTS=docs/screenshots refreshes docs/dashboard.md's pictures.
 SCREENSHOTS = Path(os.environ.get("FLOWGATE_SCREENSHOTS", ROOT / "var" / "screenshots"))
 # `fetch` calls a gate the test opens once it has seen the node running (a timed delay could end before a busy
 # machine's browser had signed in and polled), then the rest fan out and join.
