@@ -8,17 +8,20 @@ import shutil
 import signal
 import socket
 
-from app import exposure
-from app.config import load_settings
-from app.gunicorn_worker import HeaderTimeoutWorker
-
-_settings = load_settings()
+from flows.runtime import RuntimeSettings
 
 # --- metrics -------------------------------------------------------------------------------------
-# prometheus_client's multiprocess mode: every worker writes its samples under this folder (set before
-# any worker imports prometheus_client), /metrics sums them; the folder is emptied when the master starts.
-os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(_settings.var_dir / "prometheus-multiproc"))
+# prometheus_client's multiprocess mode: every worker writes its samples under this folder, /metrics sums them;
+# the folder is emptied when the master starts. Set before anything imports app/ (its metrics module creates the
+# counters, in multiprocess mode only if this is set by then): flows.runtime's settings do not import app/.
+os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(RuntimeSettings().var_dir / "prometheus-multiproc"))
 os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+
+from app import exposure  # noqa: E402  (after the metrics folder: see above)
+from app.config import load_settings  # noqa: E402
+from app.gunicorn_worker import HeaderTimeoutWorker  # noqa: E402
+
+_settings = load_settings()
 
 # --- server socket ---------------------------------------------------------------------------
 # FLOWGATE_HOST (127.0.0.1 by default; the Docker image sets 0.0.0.0) and FLOW_SERVER_PORT, or FLOWGATE_BIND
