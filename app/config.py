@@ -140,6 +140,10 @@ class Settings(RuntimeSettings):
         500, ge=1, le=100_000, validation_alias="FLOWGATE_RETENTION_BATCH_SIZE",
         description="Runs deleted per transaction while pruning; small batches keep the write lock short.")
 
+    schedule_grace_seconds: float = Field(
+        60.0, gt=0, le=86400, validation_alias="FLOWGATE_SCHEDULE_GRACE_SECONDS",
+        description="A slot this late is one no gateway ran in time: with `catch_up: none` it is missed.")
+
     max_concurrent_waits: int = Field(
         4, ge=0, le=1000, validation_alias="FLOWGATE_MAX_CONCURRENT_WAITS",
         description="Requests one gateway process lets block on `wait` / `Prefer: wait` at once; beyond it a "

@@ -14,7 +14,7 @@ from app.backends import LogPage
 from app.backends.prefect_client import PrefectClient, PrefectError, PrefectUnavailable
 from app.backends.prefect_route import PrefectRoute
 from app.errors import Unavailable
-from app.metrics import observe_run_end
+from app.metrics import observe_run_end, observe_run_start
 from app.runs.models import Run, utcnow
 from app.runs.store import RunStore
 from flows.outcome import COMPLETED, QUEUED, TERMINAL, RunError
@@ -145,6 +145,8 @@ class PrefectBackend:
                                                   result, error)
         if updated is None:
             return self.store.get(run.id)
+        if started_at and not run.started_at:
+            observe_run_start(updated)
         if updated.is_terminal:
             observe_run_end(updated.kind, updated.target, updated.status, updated.started_at, updated.finished_at)
         return updated
