@@ -142,7 +142,8 @@ class Settings(RuntimeSettings):
 
     schedule_grace_seconds: float = Field(
         60.0, gt=0, le=86400, validation_alias="FLOWGATE_SCHEDULE_GRACE_SECONDS",
-        description="A slot this late is one no gateway ran in time: with `catch_up: none` it is missed.")
+        description="How late a schedule's slot may be and still run under `catch_up: none`; a later one (no "
+                    "gateway ran at its time) is counted missed.")
 
     max_concurrent_waits: int = Field(
         4, ge=0, le=1000, validation_alias="FLOWGATE_MAX_CONCURRENT_WAITS",
