@@ -22,12 +22,13 @@ from app.dispatch import Dispatcher
 from app.pruner import Pruner
 from app.run_log_capture import RunLogCapture
 from app.runs.store import RunStore
+from app.scheduler import Schedule, Scheduler, declared_schedules
 from connectors.pipeline import Workspace
 from connectors.registry import ConnectorRegistry, RegistryError
 from flows.engine import WorkflowEngine
 from flows.loop import Loop
 from flows.nodes import make_toolbox
-from flows.outbound import OutboundPolicy
+from flows.outbound import OutboundPolicy, OutboundRefused
 from flows.workflow_registry import WorkflowError, WorkflowRegistry
 
 __version__ = "0.1.0"
@@ -49,11 +50,12 @@ class Services:
     callbacks: CallbackSender
     pruner: Pruner  # deletes ended runs past FLOWGATE_RETENTION_DAYS
     run_logs: RunLogCapture  # keeps the lines a run logs in the store
+    scheduler: Scheduler  # fires the connectors' and workflows' schedules
 
     @property
     def loops(self) -> tuple[Loop, ...]:
         """Every background loop of a gateway process (readiness reports each by name)."""
-        return self.prefect_sync, self.callbacks, self.pruner, self.run_logs
+        return self.prefect_sync, self.callbacks, self.pruner, self.run_logs, self.scheduler
 
     def start(self) -> None:
         """Start this process's work (after gunicorn forks): every loop, then the executor."""
@@ -85,6 +87,21 @@ class JSONProvider(DefaultJSONProvider):
         if isinstance(o, Decimal):
             return str(o)
         return DefaultJSONProvider.default(o)
+
+
+def check_declared_callbacks(schedules: list[Schedule], policy: OutboundPolicy, settings: Settings) -> None:
+    """A scheduled run's `callback_url` (from the YAML) must be one a trigger could give: stop the start if not."""
+    for schedule in schedules:
+        if schedule.callback_url is None:
+            continue
+        where = (f"{settings.connectors_file}: connector '{schedule.target}'" if schedule.kind == "connector"
+                 else f"{settings.workflows_dir}: workflow '{schedule.target}'")
+        if not settings.callback_secret:
+            raise ConfigError(f"{where}: field 'callback_url': callbacks are off (FLOWGATE_CALLBACK_SECRET is not set)")
+        try:
+            policy.check(schedule.callback_url)
+        except OutboundRefused as exc:
+            raise ConfigError(f"{where}: field 'callback_url': {exc} (FLOWGATE_CALLBACK_ALLOWED_HOSTS)") from None
 
 
 def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
@@ -122,15 +139,18 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
                              reserved_slots=settings.reserved_slots)
     prefect = PrefectBackend(store, make_prefect_route(settings), settings.run_timeout_seconds)
     prefect_sync = PrefectSync(prefect, pickup_seconds=settings.prefect_pickup_seconds)
-    dispatcher = Dispatcher(settings, store, registry, workspace, LocalBackend(store, executor), prefect)
+    dispatcher = Dispatcher(settings, store, registry, workspace, LocalBackend(store, executor), prefect, workflows)
     engine = WorkflowEngine(replace(toolbox, run_connector=executor.connector_runner(
         owner=f"execute-node:{socket.gethostname()}:{os.getpid()}")))
     callbacks = CallbackSender(store, OutboundPolicy.parse(settings.callback_allowed_hosts), settings.callback_secret,
                                max_attempts=settings.callback_max_attempts,
                                backoff_seconds=settings.callback_backoff_seconds, poll_seconds=settings.poll_seconds)
     pruner = Pruner(store, settings.retention_days, settings.retention_interval_seconds, settings.retention_batch_size)
+    schedules = declared_schedules(registry, workflows)
+    check_declared_callbacks(schedules, callbacks.policy, settings)
+    scheduler = Scheduler(schedules, store, dispatcher, settings.schedule_grace_seconds)
     app.extensions["flowgate"] = Services(settings, registry, workflows, store, executor, dispatcher, engine, workspace,
-                                          prefect_sync, callbacks, pruner, run_logs)
+                                          prefect_sync, callbacks, pruner, run_logs, scheduler)
 
     from app import api, auth, errors, limits, metrics, openapi, waits
 

@@ -10,11 +10,12 @@ import hashlib
 import hmac
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
-from flask import Flask, g, request
+from flask import Flask, current_app, g, request
 
 from app.config import ConfigError
 from app.errors import Problem, TooManyRequests
@@ -25,6 +26,7 @@ OPEN_PATHS = frozenset({"/health"})
 OPEN_PREFIXES = ("/ui/",)
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 _DIGEST = re.compile(r"^sha256:([0-9a-f]{64})$")
+V = TypeVar("V", bound=Callable[..., object])
 
 
 class Unauthorized(Problem):
@@ -126,11 +128,24 @@ def presented_key() -> str | None:
 ANY_SCOPE_PATHS = frozenset({"/api/v1/whoami"})  # any valid key may ask what it may do
 
 
+def requires(scope: str) -> Callable[[V], V]:
+    """Mark a view as needing `scope` rather than what its method implies (`admin` to pause a schedule)."""
+    def mark(view: V) -> V:
+        view.required_scope = scope  # type: ignore[attr-defined]
+        return view
+
+    return mark
+
+
 def required_scope() -> str | None:
-    """Reading (GET, HEAD) needs `read`; anything that starts, cancels or runs something needs `trigger`; asking
-    what one's own key may do needs a valid key only (None)."""
+    """What the view says (`requires`); else reading (GET, HEAD) needs `read`, anything that starts, cancels or
+    runs something needs `trigger`, and asking what one's own key may do needs a valid key only (None)."""
     if request.path in ANY_SCOPE_PATHS:
         return None
+    view = current_app.view_functions.get(request.endpoint) if request.endpoint else None
+    marked = getattr(view, "required_scope", None)
+    if marked:
+        return marked
     return "read" if request.method in ("GET", "HEAD", "OPTIONS") else "trigger"
 
 

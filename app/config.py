@@ -140,6 +140,11 @@ class Settings(RuntimeSettings):
         500, ge=1, le=100_000, validation_alias="FLOWGATE_RETENTION_BATCH_SIZE",
         description="Runs deleted per transaction while pruning; small batches keep the write lock short.")
 
+    schedule_grace_seconds: float = Field(
+        60.0, gt=0, le=86400, validation_alias="FLOWGATE_SCHEDULE_GRACE_SECONDS",
+        description="How late a schedule's slot may be and still run under `catch_up: none`; a later one (no "
+                    "gateway ran at its time) is counted missed.")
+
     max_concurrent_waits: int = Field(
         4, ge=0, le=1000, validation_alias="FLOWGATE_MAX_CONCURRENT_WAITS",
         description="Requests one gateway process lets block on `wait` / `Prefer: wait` at once; beyond it a "

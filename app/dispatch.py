@@ -4,6 +4,8 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from dataclasses import dataclass, replace
+from datetime import datetime
 from typing import Any
 
 from app.backends import Backend
@@ -13,13 +15,14 @@ from app.backends.prefect_client import PrefectError
 from app.config import Settings
 from app.errors import Conflict, NotFound, TooManyRequests, Unavailable, ValidationFailed
 from app.metrics import FALLBACKS, TRIGGERS
-from app.runs.models import Run
-from app.runs.store import IdempotencyConflict, NewRun, QueueFull, RunStore
+from app.runs.models import SOURCE_SCHEDULE, Run
+from app.runs.store import CREATED, IdempotencyConflict, NewRun, QueueFull, RunStore
 from connectors.pipeline import Workspace, concurrency_key
 from connectors.registry import ConnectorRegistry
 from connectors.spec import ParamsError
 from flows.outcome import RunError
 from flows.prefect.contract import FLOW_NAME, WORKFLOW_DEPLOYMENT, WORKFLOW_FLOW_NAME
+from flows.workflow_registry import WorkflowRegistry
 from flows.workflow_spec import WorkflowSpec
 
 log = logging.getLogger(__name__)
@@ -31,12 +34,26 @@ NOT_CONFIGURED = "prefect_not_configured"
 WAIT_POLL_MAX_SECONDS = 0.25
 
 
+@dataclass(frozen=True)
+class SlotRun:
+    """A schedule's due slot, as the scheduler hands it over."""
+
+    kind: str  # connector or workflow
+    target: str
+    slot: datetime
+    record: dict[str, Any]  # the schedule it came from, as stored on the run
+    callback_url: str | None
+    done_until: datetime  # the schedule's progress as the scheduler read it
+    skip_if_waiting: bool  # catch_up latest/none: a slot coming while a run waits is skipped; all: it waits too
+
+
 class Dispatcher:
     """The one place that knows how a trigger becomes a run and which backend answers for it; views only call it."""
 
     def __init__(self, settings: Settings, store: RunStore, registry: ConnectorRegistry, workspace: Workspace,
-                 local: LocalBackend, prefect: PrefectBackend):
+                 local: LocalBackend, prefect: PrefectBackend, workflows: WorkflowRegistry | None = None):
         self.settings = settings
+        self.workflows = workflows or WorkflowRegistry({})
         self.store = store
         self.registry = registry
         self.workspace = workspace
@@ -48,20 +65,8 @@ class Dispatcher:
     def trigger_connector(self, connector_id: str, params: dict[str, Any], backend: str | None = None,
                           idempotency_key: str | None = None, callback_url: str | None = None) -> tuple[Run, bool]:
         """Validate, store and dispatch a connector run; returns the run and whether it is new."""
-        spec = self.registry.get(connector_id)
-        if spec is None:
-            raise NotFound(f"no connector '{connector_id}'", code="connector_not_found")
-        try:
-            spec.with_params(params)
-        except ParamsError as exc:
-            raise ValidationFailed.of_field(exc.field, exc.message) from None
         mode = backend or self.settings.backend
-        deployment_id, reason = self._choose(connector_id, mode)
-        new = NewRun(kind="connector", target=connector_id, params=params,
-                     backend="prefect" if deployment_id else "local",
-                     concurrency_key=concurrency_key(spec, self.workspace), fallback_reason=reason,
-                     idempotency_key=idempotency_key, callback_url=callback_url,
-                     max_queued=self.settings.max_queued_per_target)
+        new, deployment_id = self._connector_run(connector_id, params, mode, idempotency_key, callback_url)
         return self._store_and_dispatch(new, deployment_id, forced=mode == "prefect")
 
     def trigger_workflow(self, spec: WorkflowSpec, inputs: dict[str, Any], mode: str, backend: str | None = None,
@@ -71,14 +76,55 @@ class Dispatcher:
 
         `file_definition`: the workflow as its file says it (`${VAR}`s unresolved), stored instead of `spec`."""
         chosen = backend or self.settings.backend
-        deployment_id, reason = self._choose(WORKFLOW_DEPLOYMENT, chosen, flow_name=WORKFLOW_FLOW_NAME)
-        params = {"inputs": inputs, "mode": mode, "from_file": file_definition is not None,
-                  "workflow": file_definition or spec.model_dump(mode="json")}
-        new = NewRun(kind="workflow", target=spec.id, params=params, backend="prefect" if deployment_id else "local",
-                     concurrency_key=f"workflow-run:{uuid.uuid4().hex}", fallback_reason=reason,
-                     idempotency_key=idempotency_key, callback_url=callback_url,
-                     max_queued=self.settings.max_queued_per_target)
+        new, deployment_id = self._workflow_run(spec, inputs, mode, chosen, idempotency_key, callback_url,
+                                                file_definition)
         return self._store_and_dispatch(new, deployment_id, forced=chosen == "prefect")
+
+    def fire_slot(self, slot: SlotRun) -> tuple[str, Run | None]:
+        """Store and dispatch the run of a schedule's slot as a trigger would be (Prefect when it can take it,
+        local otherwise, the reason recorded), unless another process dealt with the slot: see
+        RunStore.create_slot_run for what the answer says."""
+        mode = self.settings.backend
+        if slot.kind == "connector":
+            new, deployment_id = self._connector_run(slot.target, {}, mode, None, slot.callback_url)
+        else:
+            spec = self.workflows.get(slot.target)
+            if spec is None:
+                raise NotFound(f"no workflow '{slot.target}'", code="workflow_not_found")
+            new, deployment_id = self._workflow_run(spec, {}, "optimized", mode, None, slot.callback_url,
+                                                    self.workflows.definition(spec.id))
+        new = replace(new, max_queued=None, source=SOURCE_SCHEDULE, scheduled_for=slot.slot, schedule=slot.record)
+        what, run = self.store.create_slot_run(new, slot.done_until, skip_if_waiting=slot.skip_if_waiting)
+        if what == CREATED:
+            run = self._dispatch(run, deployment_id, forced=mode == "prefect")
+        return what, run
+
+    def _connector_run(self, connector_id: str, params: dict[str, Any], mode: str, idempotency_key: str | None,
+                       callback_url: str | None) -> tuple[NewRun, str | None]:
+        spec = self.registry.get(connector_id)
+        if spec is None:
+            raise NotFound(f"no connector '{connector_id}'", code="connector_not_found")
+        try:
+            spec.with_params(params)
+        except ParamsError as exc:
+            raise ValidationFailed.of_field(exc.field, exc.message) from None
+        deployment_id, reason = self._choose(connector_id, mode)
+        return NewRun(kind="connector", target=connector_id, params=params,
+                      backend="prefect" if deployment_id else "local",
+                      concurrency_key=concurrency_key(spec, self.workspace), fallback_reason=reason,
+                      idempotency_key=idempotency_key, callback_url=callback_url,
+                      max_queued=self.settings.max_queued_per_target), deployment_id
+
+    def _workflow_run(self, spec: WorkflowSpec, inputs: dict[str, Any], mode: str, backend: str,
+                      idempotency_key: str | None, callback_url: str | None,
+                      file_definition: dict[str, Any] | None) -> tuple[NewRun, str | None]:
+        deployment_id, reason = self._choose(WORKFLOW_DEPLOYMENT, backend, flow_name=WORKFLOW_FLOW_NAME)
+        params = {"inputs": inputs, "mode": mode, "from_file": file_definition is not None,
+                  "workflow": file_definition or spec.model_dump(mode="json", exclude={"schedule", "callback_url"})}
+        return NewRun(kind="workflow", target=spec.id, params=params, backend="prefect" if deployment_id else "local",
+                      concurrency_key=f"workflow-run:{uuid.uuid4().hex}", fallback_reason=reason,
+                      idempotency_key=idempotency_key, callback_url=callback_url,
+                      max_queued=self.settings.max_queued_per_target), deployment_id
 
     def _choose(self, deployment: str, mode: str, flow_name: str = FLOW_NAME) -> tuple[str | None, str | None]:
         """(deployment id, None) to use Prefect, or (None, why not) to run locally."""
@@ -108,12 +154,16 @@ class Dispatcher:
         if not created:
             TRIGGERS.labels(run.kind, run.backend, "duplicate").inc()
             return run, False
+        return self._dispatch(run, deployment_id, forced), True
+
+    def _dispatch(self, run: Run, deployment_id: str | None, forced: bool) -> Run:
+        """Hand a new stored run to its backend."""
         if deployment_id:
             run = self._submit_to_prefect(run, deployment_id, forced)
         else:
             run = self.local.submit(run)
         self._accepted(run)
-        return run, True
+        return run
 
     def _submit_to_prefect(self, run: Run, deployment_id: str, forced: bool) -> Run:
         try:
@@ -133,8 +183,9 @@ class Dispatcher:
         TRIGGERS.labels(run.kind, run.backend, "accepted").inc()
         if run.fallback_reason:
             FALLBACKS.labels(run.fallback_reason).inc()
-        log.info("run %s accepted: %s %s on %s%s", run.id, run.kind, run.target, run.backend,
-                 f" ({run.fallback_reason})" if run.fallback_reason else "", extra={"run_id": run.id})
+        log.info("run %s accepted: %s %s on %s%s%s", run.id, run.kind, run.target, run.backend,
+                 f" ({run.fallback_reason})" if run.fallback_reason else "",
+                 f", the slot of {run.scheduled_for.isoformat()}" if run.scheduled_for else "", extra={"run_id": run.id})
 
     # --- following --------------------------------------------------------------------------
 

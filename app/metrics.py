@@ -32,7 +32,15 @@ PREFECT_PROBE = Gauge("flowgate_prefect_probe_latency_seconds", "Latency of the 
                       multiprocess_mode="livemostrecent")
 PREFECT_CIRCUIT = Gauge("flowgate_prefect_circuit_open", "1 while a worker's circuit to Prefect is open",
                         multiprocess_mode="livemax")
-ALL = (TRIGGERS, FALLBACKS, RUN_DURATION, HTTP_LATENCY, PREFECT_PROBE, PREFECT_CIRCUIT)
+SCHEDULE_LAG = Histogram("flowgate_schedule_fire_lag_seconds",
+                         "Scheduled runs: from the slot's time to the run's start (either path)", ["kind", "target"],
+                         buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 21600, float("inf")))
+SCHEDULE_MISSED = Counter("flowgate_schedule_missed_slots_total",
+                          "Slots that passed while no gateway ran them and catch_up did not run", ["kind", "target"])
+SCHEDULE_SKIPPED = Counter("flowgate_schedule_skipped_slots_total",
+                           "Slots that came while a run of the schedule was already waiting", ["kind", "target"])
+ALL = (TRIGGERS, FALLBACKS, RUN_DURATION, HTTP_LATENCY, PREFECT_PROBE, PREFECT_CIRCUIT, SCHEDULE_LAG, SCHEDULE_MISSED,
+       SCHEDULE_SKIPPED)
 
 
 class StoreCollector(Collector):
@@ -75,6 +83,13 @@ def observe_run_end(kind: str, target: str, status: str, started_at: Any, finish
     if started_at and finished_at:
         RUN_DURATION.labels(kind, target_label(target), status).observe(
             max((finished_at - started_at).total_seconds(), 0.0))
+
+
+def observe_run_start(run: Any) -> None:
+    """Record a scheduled run's fire lag when it starts (either path)."""
+    if getattr(run, "scheduled_for", None) and run.started_at:
+        SCHEDULE_LAG.labels(run.kind, target_label(run.target)).observe(
+            max((run.started_at - run.scheduled_for).total_seconds(), 0.0))
 
 
 def exposition(store: Any, stale_after_seconds: float) -> bytes:

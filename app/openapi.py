@@ -13,7 +13,8 @@ from app import __version__
 from app.schemas import (
     RUN_ID_PATTERN, ConnectorDetail, ConnectorList, ConnectorSchema, ExecuteNodeRequest, Health, NodeRunOut,
     PreviewOut, PreviewRequest, ProblemDetail, Readiness, RunLogs, RunLogsQuery, RunOptions, RunOut, RunPage, RunQuery,
-    TriggerRequest, WhoAmI, WorkflowAccepted, WorkflowExecuteRequest, WorkflowExecution,
+    ScheduleOut, TriggerRequest, WhoAmI, WorkflowAccepted, WorkflowDetail, WorkflowExecuteRequest, WorkflowExecution,
+    WorkflowList,
 )
 from connectors.spec import CONNECTOR_ID, ConnectorSpec, PythonSource, SqlDatabaseSource
 from flows.workflow_spec import NODE_ID
@@ -21,7 +22,8 @@ from flows.workflow_spec import NODE_ID
 _MODELS: list[type[BaseModel]] = [TriggerRequest, RunOptions, RunOut, RunPage, ConnectorList, ConnectorDetail,
                                   Health, Readiness, ProblemDetail, PreviewRequest, PreviewOut,
                                   ConnectorSchema, WorkflowExecuteRequest, WorkflowAccepted, WorkflowExecution,
-                                  ExecuteNodeRequest, NodeRunOut, RunLogs, WhoAmI]
+                                  ExecuteNodeRequest, NodeRunOut, RunLogs, WhoAmI, ScheduleOut, WorkflowList,
+                                  WorkflowDetail]
 _PROBLEMS = {"400": "Malformed JSON or a body that is not an object", "401": "No valid API key (when keys are set)",
              "403": "The API key lacks the scope", "404": "Unknown resource",
              "405": "Method not allowed", "413": "Body too large", "422": "A field is missing, mistyped or unknown",
@@ -59,6 +61,18 @@ def _run_started(*problems: str) -> dict[str, Any]:
     return {"200": _json(RunOut, "The run ended within `wait`"),
             "202": _json(RunOut, "The run is queued or running; poll status_url"),
             **_problems("400", "404", "409", "413", "422", "503", *problems)}
+
+
+def _schedule_switch(kind: str, parameter: dict[str, Any], paused: bool) -> dict[str, Any]:
+    verb = "pause" if paused else "resume"
+    return {"post": {
+        "operationId": f"{verb}{kind.capitalize()}Schedule",
+        "summary": (f"Fire none of the {kind}'s slots until resumed (admin scope); kept in the run store"
+                    if paused else f"Fire the {kind}'s slots again from now on (admin scope); paused slots never run"),
+        "parameters": [parameter],
+        "responses": {"200": _json(ScheduleOut, "The schedule as it is now"),
+                      "404": {**_problems("404")["404"], "description": f"Unknown {kind}, or it has no schedule"},
+                      "409": {**_problems("409")["409"], "description": "The schedule says `active: false`"}}}}
 
 
 def _query_parameters(model: type[BaseModel]) -> list[dict[str, Any]]:
@@ -140,11 +154,11 @@ def _describe_connectors(schemas: dict[str, Any], connectors: Sequence[Connector
 
 
 def build_document(max_wait_seconds: float | None = None, *, connectors: Sequence[ConnectorSpec] = (),
-                   api_keys: bool = False, callbacks: bool = False) -> dict[str, Any]:
+                   workflows: Sequence[str] = (), api_keys: bool = False, callbacks: bool = False) -> dict[str, Any]:
     """The whole OpenAPI document of the gateway as configured.
 
     `max_wait_seconds` becomes the documented maximum of `wait`; `connectors` name the connector ids and the
-    params each takes; security schemes (and 401/403) appear only with `api_keys`; `callback_url` only with
+    params each takes, `workflows` the workflow files' ids; security schemes (and 401/403) appear only with `api_keys`; `callback_url` only with
     `callbacks` (otherwise it is a 422, as for any field the document does not list).
     """
     _, schemas = models_json_schema([(m, "validation") for m in _MODELS],
@@ -159,6 +173,8 @@ def build_document(max_wait_seconds: float | None = None, *, connectors: Sequenc
     if connectors:
         _describe_connectors(defs, connectors)
         connector_id = _path_param("connector_id", enum=[spec.id for spec in connectors])
+    workflow_id = _path_param("workflow_id", enum=list(workflows)) if workflows else _path_param(
+        "workflow_id", pattern=NODE_ID)
     paths = {
         "/health": {"get": {"operationId": "health", "summary": "Liveness; never waits on anything",
                             "responses": {"200": _json(Health, "The process is serving")}}},
@@ -196,6 +212,16 @@ def build_document(max_wait_seconds: float | None = None, *, connectors: Sequenc
             "parameters": [connector_id],
             "responses": {"200": _json(ConnectorSchema, "The loaded tables"),
                           **_problems("404", "503")}}},
+        "/api/v1/connectors/{connector_id}/schedule/pause": _schedule_switch("connector", connector_id, True),
+        "/api/v1/connectors/{connector_id}/schedule/resume": _schedule_switch("connector", connector_id, False),
+        "/api/v1/workflows": {"get": {"operationId": "listWorkflows", "summary": "The workflow files",
+                                      "responses": {"200": _json(WorkflowList, "Workflows")}}},
+        "/api/v1/workflows/{workflow_id}": {"get": {
+            "operationId": "getWorkflow", "summary": "A workflow file: its layers, schedule and latest runs",
+            "parameters": [workflow_id],
+            "responses": {"200": _json(WorkflowDetail, "The workflow"), **_problems("404")}}},
+        "/api/v1/workflows/{workflow_id}/schedule/pause": _schedule_switch("workflow", workflow_id, True),
+        "/api/v1/workflows/{workflow_id}/schedule/resume": _schedule_switch("workflow", workflow_id, False),
         "/api/workflow/{workflow_id}/execute": {"post": {
             "operationId": "executeWorkflow",
             "summary": "Start a workflow (from the workflows folder, or inline in `workflow`); answers at once",
@@ -248,7 +274,7 @@ def build_document(max_wait_seconds: float | None = None, *, connectors: Sequenc
         document["components"]["securitySchemes"] = {
             "bearer": {"type": "http", "scheme": "bearer", "description": "An API key from FLOWGATE_API_KEYS"},
             "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}}
-        # `read` for GET, `trigger` for the rest, `admin` for all.
+        # `read` for GET, `trigger` for the rest, `admin` for all (and alone for pausing and resuming schedules).
         document["security"] = [{"bearer": []}, {"apiKey": []}]
     return document
 
@@ -256,6 +282,7 @@ def build_document(max_wait_seconds: float | None = None, *, connectors: Sequenc
 def init_app(app: Flask, api_keys: bool) -> None:
     """Serve the document of this gateway's configuration at /openapi.json (built once per process)."""
     svc = app.extensions["flowgate"]
-    document = build_document(svc.settings.max_wait_seconds, connectors=list(svc.registry), api_keys=api_keys,
+    document = build_document(svc.settings.max_wait_seconds, connectors=list(svc.registry),
+                              workflows=[spec.id for spec in svc.workflows], api_keys=api_keys,
                               callbacks=bool(svc.settings.callback_secret))
     app.add_url_rule("/openapi.json", "openapi", lambda: document)

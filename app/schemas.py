@@ -191,6 +191,8 @@ class RunQuery(_Query):
     connector_id: str | None = Field(None, pattern=CONNECTOR_ID)
     status: RunStatus | None = None
     backend: Literal["local", "prefect"] | None = Field(None, description="Only runs on this backend.")
+    source: Literal["api", "schedule"] | None = Field(
+        None, description="Only runs a caller started (api) or a schedule's slot started (schedule).")
     limit: QueryInt = Field(50, ge=1, le=200)
     cursor: str | None = Field(None, pattern=CURSOR_PATTERN, description="next_cursor from the previous page.")
 
@@ -218,6 +220,12 @@ class RunOut(BaseModel):
     callback: dict[str, Any] | None = Field(
         None, description="Where the run document is POSTed when it ends: url (no query), status "
                           "(pending, delivered, failed) and every attempt.")
+    source: Literal["api", "schedule"] = Field(
+        "api", description="Who started the run: a caller (api) or a schedule's slot (schedule).")
+    scheduled_for: datetime | None = Field(None, description="A scheduled run's slot: when it was due.")
+    schedule: dict[str, Any] | None = Field(
+        None, description="A scheduled run's rule as declared (cron, interval or rrule, timezone, catch_up) and "
+                          "late_seconds: how long after its slot the run was created (a caught-up slot's lateness).")
     status_url: str
 
     @classmethod
@@ -229,7 +237,8 @@ class RunOut(BaseModel):
                    fallback_reason=run.fallback_reason, prefect_flow_run_id=run.prefect_flow_run_id,
                    prefect_state=run.prefect_state, attempts=run.attempts, created_at=run.created_at,
                    started_at=run.started_at, finished_at=run.finished_at, result=scrub(run.result), error=public_error(run.error),
-                   callback=run.callback.to_dict() if run.callback else None, status_url=status_url)
+                   callback=run.callback.to_dict() if run.callback else None, source=run.source or "api",
+                   scheduled_for=run.scheduled_for, schedule=run.schedule, status_url=status_url)
 
 
 class RunLogsQuery(_Query):
@@ -275,13 +284,58 @@ class ConnectorOut(BaseModel):
     overridable: list[str]
 
 
+class ScheduleOut(BaseModel):
+    """A connector's or workflow's schedule as the gateway fires it, and what became of its slots."""
+
+    cron: str | None = None
+    interval: float | None = None
+    rrule: str | None = None
+    timezone: str
+    catch_up: Literal["latest", "all", "none"]
+    max_catch_up: int
+    state: Literal["active", "paused", "inactive"] = Field(
+        description="inactive: the YAML says `active: false`; paused: through POST .../schedule/pause.")
+    paused_at: datetime | None
+    paused_by: str | None = Field(description="The API key's name that paused it (null without keys).")
+    next_fire_times: list[datetime] = Field(
+        description="The next five slots in the schedule's time zone (empty while paused or inactive).")
+    missed_slots: int = Field(description="Slots that passed while no gateway ran and catch_up did not run.")
+    skipped_slots: int = Field(description="Slots that came while a run of the schedule was already waiting.")
+    last_skipped_for: datetime | None
+    last_run: RunOut | None = Field(description="The schedule's newest run (by slot).")
+
+
 class ConnectorDetail(BaseModel):
-    """A connector with its (redacted) spec and latest runs."""
+    """A connector with its (redacted) spec, its schedule and latest runs."""
 
     id: str
     description: str
     spec: dict[str, Any] = Field(description="The connector as declared, secrets replaced by ***.")
     overridable: list[str]
+    schedule: ScheduleOut | None = Field(description="Its schedule; null when it has none.")
+    latest_runs: list[RunOut]
+
+
+class WorkflowOut(BaseModel):
+    """A workflow file in the list."""
+
+    id: str
+    description: str
+    nodes: int
+    scheduled: bool = Field(description="Whether the file declares a schedule.")
+
+
+class WorkflowList(BaseModel):
+    items: list[WorkflowOut]
+
+
+class WorkflowDetail(BaseModel):
+    """A workflow file with its layers, its schedule and latest runs."""
+
+    id: str
+    description: str
+    layers: list[list[str]]
+    schedule: ScheduleOut | None = Field(description="Its schedule; null when it has none.")
     latest_runs: list[RunOut]
 
 

@@ -9,6 +9,7 @@ from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from connectors.recurrence import Recurrence, RecurrenceError, recurrence
 from connectors.secrets import redact
 
 CONNECTOR_ID = r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,99}$"
@@ -178,24 +179,55 @@ class DestinationSpec(BaseModel):
 
 
 class ScheduleSpec(_Strict):
-    """When Prefect runs the connector on its own: exactly one of cron, interval (seconds) or rrule."""
+    """When the gateway runs a connector or workflow on its own: exactly one of cron, interval (seconds) or rrule,
+    and what to do with slots that passed while no gateway ran (connectors/recurrence.py computes the slots)."""
 
-    cron: str | None = Field(None, description="Cron expression, e.g. '0 6 * * *'.")
-    interval: float | None = Field(None, gt=0, description="Seconds between runs.")
-    rrule: str | None = Field(None, description="RFC 5545 recurrence rule.")
+    cron: str | None = Field(None, description="Cron expression in `timezone`, e.g. '0 6 * * *' (6 fields: "
+                                               "seconds first).")
+    interval: float | None = Field(None, gt=0, le=366 * 86400,
+                                   description="Seconds between runs, counted from the Unix epoch (no time zone).")
+    rrule: str | None = Field(None, description="RFC 5545 recurrence rule in `timezone`, e.g. 'FREQ=WEEKLY;BYDAY=MO'.")
     timezone: str = Field("UTC", description="IANA time zone for cron and rrule.")
-    active: bool = True
+    active: bool = Field(True, description="False: declared but never fired (pausing is done through the API).")
+    catch_up: Literal["latest", "all", "none"] = Field(
+        "latest", description="Slots missed while no gateway ran: the newest runs once, late (latest); each runs, "
+                              "oldest first, at most max_catch_up (all); none runs (none).")
+    max_catch_up: int = Field(10, ge=1, le=1000, description="With catch_up: all, the most missed slots run.")
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, zone: str) -> str:
+        try:
+            ZoneInfo(zone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {zone!r}") from None
+        return zone
+
+    @field_validator("cron", "rrule")
+    @classmethod
+    def _readable(cls, text: str | None, info: ValidationInfo) -> str | None:
+        if text is not None:
+            try:
+                recurrence(**{info.field_name: text})
+            except RecurrenceError as exc:
+                raise ValueError(str(exc)) from None
+        return text
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ScheduleSpec:
         given = [name for name in ("cron", "interval", "rrule") if getattr(self, name) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of cron, interval or rrule (got {', '.join(given) or 'none'})")
-        try:
-            ZoneInfo(self.timezone)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown time zone {self.timezone!r}") from None
         return self
+
+    @property
+    def recurrence(self) -> Recurrence:
+        """The slots of this schedule."""
+        return recurrence(self.cron, self.interval, self.rrule, self.timezone)
+
+    def declared(self) -> dict[str, Any]:
+        """The rule as written (what a scheduled run records as the schedule it came from)."""
+        return self.model_dump(include={"cron", "interval", "rrule", "timezone", "catch_up"}, exclude_none=True)
 
 
 class ConnectorSpec(_Strict):
@@ -208,7 +240,10 @@ class ConnectorSpec(_Strict):
     dataset: str = Field("raw", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     write_disposition: Literal["append", "replace", "merge"] = "append"
     primary_key: str | list[str] | None = Field(None, description="Required by merge unless the source declares one.")
-    schedule: ScheduleSpec | None = Field(None, description="Run on a schedule on the Prefect worker.")
+    schedule: ScheduleSpec | None = Field(None, description="Run on a schedule, fired by the gateway.")
+    callback_url: str | None = Field(None, min_length=1, max_length=2000, description=(
+        "Where the runs no caller asked for (scheduled ones) POST their document when they end, as a trigger's "
+        "callback_url does."))
     full_refresh: bool = Field(False, description="Drop the connector's tables and incremental state, load all again.")
 
     @field_validator("primary_key")

@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from connectors.spec import ScheduleSpec
+
 NODE_ID = r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,99}$"
 MAX_NODES = 500
 MAX_CONNECTIONS = 5000
@@ -75,6 +77,10 @@ class WorkflowSpec(_Strict):
     connections: list[Connection] = Field(default_factory=list, max_length=MAX_CONNECTIONS,
                                           validation_alias=AliasChoices("connections", "edges"))
     max_parallel: int = Field(16, ge=1, le=64)
+    schedule: ScheduleSpec | None = Field(None, description="Run on a schedule, fired by the gateway (a workflow "
+                                                            "file's only).")
+    callback_url: str | None = Field(None, min_length=1, max_length=2000, description=(
+        "Where scheduled runs POST their document when they end (a workflow file's only)."))
 
     @model_validator(mode="after")
     def _valid_graph(self) -> WorkflowSpec:

@@ -182,7 +182,7 @@ UNDEPLOYED = """
 @contextmanager
 def deployed_stack(workdir: Path, database: str) -> Iterator[PrefectStack]:
     """A server (on PostgreSQL database `database`_<pid> where one answers), DEPLOYED deployed, and a worker."""
-    (workdir / "deployed.yaml").write_text(DEPLOYED)  # no schedule: a 5 s one keeps the worker busy
+    (workdir / "deployed.yaml").write_text(DEPLOYED)  # no ticker: only a test that fires its slots needs it
     (workdir / "with-ticker.yaml").write_text(DEPLOYED + TICKER)
     (workdir / "connectors.yaml").write_text(DEPLOYED + TICKER + UNDEPLOYED)
     stack = PrefectStack(workdir, database_url=fresh_postgres_database(database))

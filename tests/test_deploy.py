@@ -1,22 +1,28 @@
-"""How connectors.yaml schedules become Prefect schedules (no server needed)."""
+"""What `make deploy` registers about schedules: none in Prefect (no server needed)."""
 from __future__ import annotations
 
-from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
+from connectors.registry import ConnectorRegistry
 from connectors.spec import ScheduleSpec
-from flows.prefect.deploy import prefect_schedule
+from flows.prefect.deploy import schedule_note
 
 
-def test_cron_interval_and_rrule_keep_their_time_zone():
-    cron = prefect_schedule(ScheduleSpec(cron="0 6 * * 1-5", timezone="Europe/Berlin"))
-    assert (cron.cron, cron.timezone) == ("0 6 * * 1-5", "Europe/Berlin")
-    interval = prefect_schedule(ScheduleSpec(interval=900))
-    assert interval.interval == timedelta(seconds=900)
-    rrule = prefect_schedule(ScheduleSpec(rrule="FREQ=WEEKLY;BYDAY=MO", timezone="America/New_York", active=False))
-    assert (rrule.rrule, rrule.timezone, rrule.active) == ("FREQ=WEEKLY;BYDAY=MO", "America/New_York", False)
+def test_deploy_says_prefect_gets_no_schedule_and_who_fires_the_declared_ones(tmp_path: Path):
+    (tmp_path / "connectors.yaml").write_text("""
+connectors:
+  nightly:
+    source: {kind: python, ref: "connectors.demo:numbers"}
+    schedule: {cron: "0 2 * * *", timezone: Europe/Berlin}
+  on_demand:
+    source: {kind: python, ref: "connectors.demo:numbers"}
+""")
+    note = schedule_note(ConnectorRegistry.load(tmp_path / "connectors.yaml"))
+    assert note.startswith("schedules: none registered in Prefect (the gateway is the only scheduler)")
+    assert "fires the 1 declared (nightly)" in note and "flowgate-schedule" in note
 
 
 @pytest.mark.parametrize("fields", [{}, {"cron": "* * * * *", "interval": 60}, {"interval": -1},

@@ -44,22 +44,32 @@ def flow_runs(stack: PrefectStack, deployment: str) -> list[dict]:
     return stack.api("POST", "flow_runs/filter", json={"deployments": {"id": {"any_": [dep["id"]]}}})
 
 
-def test_deploy_is_idempotent_a_schedule_is_run_by_the_worker_and_a_removed_connector_is_undeployed(stack):
+def test_deploy_is_idempotent_registers_no_schedule_and_a_removed_connector_is_undeployed(stack, gateway):
     def deployments() -> dict[str, str]:
         found = stack.api("POST", "deployments/filter", json={"flows": {"name": {"any_": ["flowgate-connector"]}}})
         return {d["name"]: d["id"] for d in found}
 
     before = deployments()  # the module's deploy of deployed.yaml
     assert set(before) == {"numbers", "inc"}
-    stack.deploy(stack.workdir / "with-ticker.yaml")
+    said = stack.deploy(stack.workdir / "with-ticker.yaml")
     try:
+        assert "schedules: none registered in Prefect" in said and "(ticker)" in said
         assert set(deployments()) == {"numbers", "inc", "ticker"}
         ticker = stack.api("GET", "deployments/name/flowgate-connector/ticker")
         assert ticker["global_concurrency_limit"]["limit"] == 1
-        assert ticker["schedules"][0]["schedule"]["interval"] == 5
-        wait_until(lambda: any(r["state"]["type"] == "COMPLETED" for r in flow_runs(stack, "ticker")), 90,
-                   "a scheduled run completed")
-    finally:  # a 5 s schedule keeps the worker and the server's database busy: gone for the other tests
+        assert ticker["schedules"] == []  # the gateway fires ticker's 5 s schedule, so no slot can run twice
+        # The gateway's scheduler fires a slot: a flow run of the deployment, created by flowgate and tagged.
+        services = gateway.application.extensions["flowgate"]
+        services.scheduler.run_once()  # first seen now: from here on
+        run = wait_until(lambda: services.scheduler.run_once() or services.store.schedules.last_run(
+            "connector", "ticker"), 30, "a slot of ticker fired")
+        assert (run.source, run.backend, run.fallback_reason) == ("schedule", "prefect", None)
+        flow_run = stack.api("GET", f"flow_runs/{run.prefect_flow_run_id}")
+        assert {"flowgate", "flowgate-schedule", f"flowgate-schedule:{run.scheduled_for.isoformat()}"} <= \
+            set(flow_run["tags"])
+        done = poll_until_ended(gateway, f"/api/v1/runs/{run.id}", timeout=120)
+        assert done["status"] == "completed" and done["result"]["rows"] == {"numbers": 1}, done
+    finally:  # gone for the other tests
         removed = stack.deploy(stack.workdir / "deployed.yaml")
     assert "removed 1: ticker" in removed
     assert deployments() == before  # deployed twice: the same deployments, updated in place

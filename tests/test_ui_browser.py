@@ -18,7 +18,12 @@ from tests.conftest import CONNECTORS_YAML
 from tests.fake_services import EchoService
 from tests.gunicorn_server import ROOT, GunicornServer
 
-READER, TRIGGERER = "ui-reader-key-0123456789", "ui-trigger-key-0123456789"
+READER, TRIGGERER, ADMIN = "ui-reader-key-0123456789", "ui-trigger-key-0123456789", "ui-admin-key-0123456789"
+NIGHTLY = """
+  nightly:
+    source: {kind: python, ref: "connectors.demo:numbers", args: {n: 1}}
+    schedule: {cron: "0 2 * * *", timezone: Europe/Berlin}
+"""
 # var/ (ignored by git) unless asked: FLOWGATE_SCREENSHOTS=docs/screenshots refreshes docs/dashboard.md's pictures.
 SCREENSHOTS = Path(os.environ.get("FLOWGATE_SCREENSHOTS", ROOT / "var" / "screenshots"))
 # `fetch` calls a gate the test opens once it has seen the node running (a timed delay could end before a busy
@@ -89,10 +94,10 @@ def server(tmp_path_factory, gate):
     build_shop_db(workdir / "shop.db", customers=20, orders=100)
     (workdir / "files").mkdir()
     (workdir / "files" / "products.csv").write_text("sku,name,price_cents\nA-1,Apple,120\nB-2,Bread,250\n")
-    (workdir / "connectors.yaml").write_text(CONNECTORS_YAML)
+    (workdir / "connectors.yaml").write_text(CONNECTORS_YAML + NIGHTLY)
     (workdir / "workflows").mkdir()
     (workdir / "workflows" / "steps.yaml").write_text(WORKFLOW % {"gate": f"{gate.url}/gate"})
-    server = GunicornServer(workdir, workers=2, ready_headers={"X-API-Key": READER}, FLOWGATE_API_KEYS=f"dash:{READER}:read,ops:{TRIGGERER}:read+trigger",
+    server = GunicornServer(workdir, workers=2, ready_headers={"X-API-Key": READER}, FLOWGATE_API_KEYS=f"dash:{READER}:read,ops:{TRIGGERER}:read+trigger,root:{ADMIN}:admin",
                             FLOWGATE_EXECUTOR_THREADS="2",
                             FLOWGATE_HTTP_ALLOWED_HOSTS=f"127.0.0.1:{gate.port}").start()
     yield server
@@ -220,6 +225,8 @@ def test_a_read_key_sees_everything_but_no_run_or_preview_button(page, server):
     expect(page.locator("[data-connector=shop] dl")).to_contain_text("sql_database")
     expect(page.locator("[data-action=run]")).to_have_count(0)
     expect(page.locator("[data-action=preview]")).to_have_count(0)
+    expect(page.locator("[data-connector=nightly] dl")).to_contain_text("Europe/Berlin")
+    expect(page.locator("[data-action=pause]")).to_have_count(0)
     assert page.evaluate("document.cookie") == ""
     assert page.evaluate("sessionStorage.getItem('flowgate.apiKey')") == READER
 
@@ -228,3 +235,19 @@ def test_a_read_key_sees_everything_but_no_run_or_preview_button(page, server):
     expect(page.locator("[data-check=executor]")).to_contain_text("capacity")
     expect(page.locator("[data-check=prefect] .badge")).to_have_text("disabled")
     shoot(page, "health")
+
+
+def test_an_admin_pauses_and_resumes_a_schedule_and_sees_its_next_fire_time(page, server):
+    sign_in(page, ADMIN, "/ui/#/connectors")
+    expect(page.locator("#who")).to_have_text("key: admin")
+    card = page.locator("[data-connector=nightly]")
+    expect(card.locator("dl")).to_contain_text("cron 0 2 * * * (Europe/Berlin)")
+    expect(card.locator("dl")).to_contain_text(" 02:00:00+0")  # the next slot, in Berlin's own offset
+    card.locator("[data-action=pause]").click()
+    expect(card.locator("[data-schedule-state]")).to_have_attribute("data-schedule-state", "paused")
+    expect(card.locator("dl")).to_contain_text("paused by root")
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": READER}, timeout=30) as client:
+        assert client.get("/api/v1/connectors/nightly").json()["schedule"]["state"] == "paused"  # in the store
+    card.locator("[data-action=resume]").click()
+    expect(card.locator("[data-schedule-state]")).to_have_attribute("data-schedule-state", "active")
+    expect(card.locator("[data-action=pause]")).to_be_visible()

@@ -8,6 +8,7 @@ from flask import Blueprint
 from app import services
 from app.api.inputs import json_object, validated
 from app.api.runs import run_document
+from app.api.schedules import schedule_document
 from app.errors import NotFound, Unavailable, ValidationFailed
 from app.schemas import ConnectorOut, PreviewRequest
 from connectors.pipeline import ConnectorRunError
@@ -30,12 +31,13 @@ def list_connectors() -> dict[str, Any]:
 
 @bp.get("/<connector_id>")
 def get_connector(connector_id: str) -> dict[str, Any]:
-    """One connector: its redacted spec and its five latest runs."""
+    """One connector: its redacted spec, its schedule and its five latest runs."""
     svc = services()
     spec = get_connector_or_404(connector_id)
     latest = svc.store.list(target=connector_id, limit=5)
     return {"id": spec.id, "description": spec.description, "spec": spec.public_dict(),
-            "overridable": list(spec.overridable), "latest_runs": [run_document(run) for run in latest]}
+            "overridable": list(spec.overridable), "schedule": schedule_document("connector", spec.id),
+            "latest_runs": [run_document(run) for run in latest]}
 
 
 @bp.post("/<connector_id>/preview")

@@ -40,10 +40,10 @@ def get_run_or_404(run_id: str) -> Run:
 
 @bp.get("")
 def list_runs() -> dict[str, Any]:
-    """Runs newest first, filtered by connector (or workflow), status and backend, a page at a time."""
+    """Runs newest first, filtered by connector (or workflow), status, backend and source, a page at a time."""
     args = query(RunQuery)
     runs = services().store.list(target=args.connector_id, status=args.status, backend=args.backend,
-                                 limit=args.limit + 1,
+                                 source=args.source, limit=args.limit + 1,
                                  before=_decode_cursor(args.cursor) if args.cursor else None)
     page, more = runs[: args.limit], len(runs) > args.limit
     return {"items": [run_document(run) for run in page],

@@ -11,6 +11,8 @@ from app.api.inputs import (
     check_json_size, checked_callback_url, idempotency_key, json_object, preferred_wait, validated,
 )
 from app.errors import NotFound, ValidationFailed
+from app.api.runs import run_document
+from app.api.schedules import schedule_document
 from app.runs.models import Run
 from app.backends.workflow_runs import pending_nodes, stored_spec
 from app.schemas import RUN_ID_PATTERN, ExecuteNodeRequest, NodeExecutionOut, WorkflowExecuteRequest
@@ -21,6 +23,27 @@ from flows.workflow_registry import WorkflowError, node_problems, parse_workflow
 from flows.workflow_spec import NodeSpec, WorkflowSpec
 
 bp = Blueprint("workflows", __name__, url_prefix="/api/workflow")
+# The workflow files as configured, beside the seed's execute contract above.
+catalog = Blueprint("workflow_catalog", __name__, url_prefix="/api/v1/workflows")
+
+
+@catalog.get("")
+def list_workflows() -> dict[str, Any]:
+    """Every workflow file, by id."""
+    return {"items": [{"id": spec.id, "description": spec.description, "nodes": len(spec.nodes),
+                       "scheduled": spec.schedule is not None} for spec in services().workflows]}
+
+
+@catalog.get("/<workflow_id>")
+def get_workflow(workflow_id: str) -> dict[str, Any]:
+    """One workflow file: its layers, its schedule and its five latest runs."""
+    svc = services()
+    spec = svc.workflows.get(workflow_id)
+    if spec is None:
+        raise NotFound(f"no workflow '{workflow_id}'", code="workflow_not_found")
+    latest = svc.store.list(target=workflow_id, limit=5)
+    return {"id": spec.id, "description": spec.description, "layers": spec.layers(),
+            "schedule": schedule_document("workflow", spec.id), "latest_runs": [run_document(run) for run in latest]}
 
 
 @bp.post("/<workflow_id>/execute")
@@ -97,6 +120,12 @@ def _workflow(workflow_id: str, inline: dict[str, Any] | None) -> WorkflowSpec:
             raise NotFound(f"no workflow '{workflow_id}' (give a definition in `workflow` to run one inline)",
                            code="workflow_not_found")
         return spec
+    declared = [key for key in ("schedule", "callback_url") if key in inline]
+    if declared:  # a scheduled run's settings: only a workflow file's schedule fires
+        raise ValidationFailed(f"invalid workflow: workflow.{declared[0]}: only a workflow file may declare it",
+                               code="invalid_workflow", errors=[
+                                   {"field": f"workflow.{key}", "message": "only a workflow file may declare it"}
+                                   for key in declared])
     try:
         return parse_workflow(inline, workflow_id, [spec.id for spec in svc.registry])
     except WorkflowError as exc:

@@ -14,7 +14,7 @@ from dataclasses import replace
 
 from app.backends.workflow_runs import InlineConnectorRunner, record_pending_nodes, run_workflow, stored_spec
 from app.logs import run_id as current_run_id
-from app.metrics import observe_run_end
+from app.metrics import observe_run_end, observe_run_start
 from app.run_log_capture import RunLogCapture
 from app.runs.models import Run, utcnow
 from app.runs.slots import SlotClasses
@@ -175,6 +175,7 @@ class LocalExecutor:
             self.id, active, self.slots, stale_after_seconds=self.heartbeat_seconds * 3)
 
     def _launch(self, run: Run) -> None:
+        observe_run_start(run)
         cancel = threading.Event()
         with self._lock:
             self._running[run.id] = cancel

@@ -14,11 +14,13 @@ from app.backends import LogPage
 from app.backends.prefect_client import PrefectClient, PrefectError, PrefectUnavailable
 from app.backends.prefect_route import PrefectRoute
 from app.errors import Unavailable
-from app.metrics import observe_run_end
+from app.metrics import observe_run_end, observe_run_start
 from app.runs.models import Run, utcnow
 from app.runs.store import RunStore
 from flows.outcome import COMPLETED, QUEUED, TERMINAL, RunError
-from flows.prefect.contract import FLOW_NAME, STATE_TO_STATUS, SUMMARY_ARTIFACT_PREFIX, run_tag, workflow_artifact_key
+from flows.prefect.contract import (
+    FLOW_NAME, SCHEDULE_TAG, STATE_TO_STATUS, SUMMARY_ARTIFACT_PREFIX, run_tag, workflow_artifact_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +82,10 @@ class PrefectBackend:
     def _create(self, run: Run, deployment_id: str) -> Run:
         # Prefect scopes idempotency keys to the flow: prefix with the target so keys never collide.
         key = f"flowgate:{run.kind}:{run.target}:{run.idempotency_key or run.id}"
-        flow_run = self.client.create_flow_run(deployment_id, flow_parameters(run), key,
-                                               tags=["flowgate", run_tag(run.id)])
+        tags = ["flowgate", run_tag(run.id)]
+        if run.scheduled_for:  # a schedule's slot: the deployment has no schedule, the gateway fired it
+            tags += [SCHEDULE_TAG, f"{SCHEDULE_TAG}:{run.scheduled_for.isoformat()}"]
+        flow_run = self.client.create_flow_run(deployment_id, flow_parameters(run), key, tags=tags)
         return self.record_flow_run(run, flow_run)
 
     def record_flow_run(self, run: Run, flow_run: dict[str, Any]) -> Run:
@@ -145,6 +149,8 @@ class PrefectBackend:
                                                   result, error)
         if updated is None:
             return self.store.get(run.id)
+        if started_at and not run.started_at:
+            observe_run_start(updated)
         if updated.is_terminal:
             observe_run_end(updated.kind, updated.target, updated.status, updated.started_at, updated.finished_at)
         return updated

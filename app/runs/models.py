@@ -1,4 +1,5 @@
-"""Run store tables: every accepted run, its callback, nodes and log lines, and the executors that claim runs.
+"""Run store tables: every accepted run, its callback, nodes and log lines, the executors that claim runs, and the
+state of each schedule.
 
 The node cache's table belongs to the workflow engine (flows/node_cache.py). The schema changes only through the
 migrations in app/runs/migrations/ (a test checks that they end at exactly these tables)."""
@@ -45,6 +46,10 @@ class Base(DeclarativeBase):
 # ACTIVE_LOCAL word for word reads only them (SQLite and PostgreSQL match a partial index's predicate as written;
 # with bound parameters instead, SQLite's statistics of a store full of ended runs make it scan the table).
 ACTIVE_LOCAL = text(f"status IN ('{RUNNING}', '{CANCELLING}') AND backend = 'local'")
+# Runs of a schedule's slot; spelled once for the same reason (uq_runs_slot holds exactly these rows).
+SCHEDULED = text("scheduled_for IS NOT NULL")
+# Where a run came from: a caller, or a schedule's slot.
+SOURCE_API, SOURCE_SCHEDULE = "api", "schedule"
 
 
 class Run(Base):
@@ -74,6 +79,10 @@ class Run(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    source: Mapped[str] = mapped_column(String(16), default=SOURCE_API, server_default=SOURCE_API)
+    # A scheduled run's slot (the instant it was due) and the rule it came from, with how late it was created.
+    scheduled_for: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    schedule: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     # Loaded only where a run document is built (RunStore.get, list, cancel, the transitions): the claim and
     # finish paths, which hold SQLite's write lock, never pay for it. Not loaded reads as None.
     callback: Mapped[RunCallback | None] = relationship(lazy="noload", uselist=False)
@@ -91,12 +100,35 @@ class Run(Base):
         # The database itself refuses a second active local run under one concurrency key.
         Index("uq_runs_one_active_per_key", "concurrency_key", unique=True,
               sqlite_where=ACTIVE_LOCAL, postgresql_where=ACTIVE_LOCAL),
+        # One run per slot, whoever notices it (another process, another gateway): the database refuses a second.
+        Index("uq_runs_slot", "kind", "target", "scheduled_for", unique=True,
+              sqlite_where=SCHEDULED, postgresql_where=SCHEDULED),
+        Index("ix_runs_source_created", "source", "created_at", "id"),  # /api/v1/runs?source=
     )
 
     @property
     def is_terminal(self) -> bool:
         """True once the run has ended, whatever the outcome."""
         return self.status in TERMINAL
+
+
+class ScheduleState(Base):
+    """A schedule as every gateway sees it: paused or not, and how far its slots are dealt with."""
+
+    __tablename__ = "schedules"
+
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)
+    target: Mapped[str] = mapped_column(String(200), primary_key=True)
+    paused: Mapped[bool] = mapped_column(Boolean, default=False)
+    paused_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    paused_by: Mapped[str | None] = mapped_column(String(200))
+    # Every slot at or before this instant is dealt with (ran, skipped or missed); set to the moment the schedule
+    # was first seen, and to the moment it was resumed: slots before those are never run.
+    done_until: Mapped[datetime] = mapped_column(UTCDateTime())
+    missed: Mapped[int] = mapped_column(Integer, default=0)  # passed while no gateway ran, not run (catch_up)
+    skipped: Mapped[int] = mapped_column(Integer, default=0)  # came while a run of the schedule already waited
+    last_skipped_for: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class Executor(Base):

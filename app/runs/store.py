@@ -18,8 +18,9 @@ from app.runs.callbacks import CallbackStore
 from app.runs.executor_registry import ExecutorStore
 from app.runs.log_lines import RunLogStore
 from app.runs import migrate
-from app.runs.models import ACTIVE_LOCAL, CALLBACK_PENDING, Run, RunCallback, RunLog, utcnow
+from app.runs.models import ACTIVE_LOCAL, CALLBACK_PENDING, SCHEDULED, SOURCE_API, Run, RunCallback, RunLog, utcnow
 from app.runs.node_states import RunNodeStore
+from app.runs.schedule_states import ScheduleStore, advance
 from flows.connector_lock import connector_locks, held_by_others, serialise_claims
 from app.runs.retention import RetentionStore
 from flows.database import Database
@@ -43,6 +44,13 @@ _FIND_BY_KEY = select(Run.id).where(Run.kind == bindparam("kind"), Run.target ==
 # which the executor's heartbeat keeps renewing until the end is written.
 _END_TRIES = 6
 _QUEUE_LOCK_NAMESPACE = 0x666C6F71  # with a hash of kind:target, the advisory lock of one target's queue limit
+
+
+# What became of a schedule's slot (RunStore.create_slot_run).
+CREATED, SKIPPED, WAITING, TAKEN = "created", "skipped", "waiting", "taken"
+# A run of the schedule that has not started yet: the one that may wait behind a running one (ix_runs_target_status).
+_WAITING_SLOT_RUN = select(Run.id).where(Run.kind == bindparam("kind"), Run.target == bindparam("target"),
+                                         Run.status == QUEUED, SCHEDULED).limit(1)
 
 
 class QueueFull(Exception):
@@ -74,6 +82,9 @@ class NewRun:
     idempotency_key: str | None = None
     callback_url: str | None = None
     max_queued: int | None = None  # refuse (QueueFull) when the target already has this many queued runs
+    source: str = SOURCE_API
+    scheduled_for: datetime | None = None  # a schedule's slot: at most one run per (kind, target, slot)
+    schedule: dict[str, Any] | None = None  # the rule the slot came from, and how late its run was created
 
     @property
     def request_hash(self) -> str:
@@ -82,6 +93,28 @@ class NewRun:
         request = [self.kind, self.target, self.params] + ([self.callback_url] if self.callback_url else [])
         body = json.dumps(request, sort_keys=True, default=str)
         return hashlib.sha256(body.encode()).hexdigest()
+
+
+def _row(new: NewRun, now: datetime) -> dict[str, Any]:
+    """The runs row of a new queued run."""
+    return {**_EMPTY_ROW, "id": uuid.uuid4().hex, "kind": new.kind, "target": new.target, "params": new.params,
+            "status": QUEUED, "backend": new.backend, "fallback_reason": new.fallback_reason,
+            "idempotency_key": new.idempotency_key, "request_hash": new.request_hash,
+            "concurrency_key": new.concurrency_key, "cancel_requested": False, "attempts": 0, "created_at": now,
+            "source": new.source, "scheduled_for": new.scheduled_for, "schedule": new.schedule}
+
+
+def _insert(connection: Connection, new: NewRun, row: dict[str, Any]) -> Run:
+    """Insert the run and its callback in the caller's transaction: a run never exists without its callback."""
+    connection.execute(_INSERT_RUN, row)
+    callback = None
+    if new.callback_url:
+        callback = {"run_id": row["id"], "url": new.callback_url, "status": CALLBACK_PENDING, "attempts": [],
+                    "next_attempt_at": row["created_at"], "claimed_by": None, "claimed_until": None}
+        connection.execute(_INSERT_CALLBACK, callback)
+    run = Run(**row)
+    run.callback = RunCallback(**callback) if callback else None
+    return run
 
 
 class RunStore:
@@ -97,6 +130,7 @@ class RunStore:
         self.node_cache = SqlNodeCache(self.db)
         self.executors = ExecutorStore(self.db)
         self.retention = RetentionStore(self.db)
+        self.schedules = ScheduleStore(self.db)
 
     def create_schema(self) -> None:
         """Apply the pending migrations (the node cache's table too) under a lock: safe from every process at once."""
@@ -118,12 +152,7 @@ class RunStore:
         # Core statements on one connection, no ORM session: this is every trigger's write transaction, and on
         # SQLite it holds the one write lock; the ORM's unit of work cost 1.3 ms of CPU per trigger here.
         def attempt() -> tuple[Run | str, bool]:
-            now = utcnow()
-            row = {**_EMPTY_ROW, "id": uuid.uuid4().hex, "kind": new.kind, "target": new.target, "params": new.params,
-                   "status": QUEUED, "backend": new.backend, "fallback_reason": new.fallback_reason,
-                   "idempotency_key": new.idempotency_key, "request_hash": new.request_hash,
-                   "concurrency_key": new.concurrency_key, "cancel_requested": False, "attempts": 0, "created_at": now}
-            callback = None
+            row = _row(new, utcnow())
             with self.db.writer.begin() as connection:
                 if new.idempotency_key:
                     existing = connection.execute(_FIND_BY_KEY, {"kind": new.kind, "target": new.target,
@@ -132,13 +161,7 @@ class RunStore:
                         return existing, False
                 if new.max_queued is not None and self._count_queued(connection, new) >= new.max_queued:
                     raise QueueFull(new.kind, new.target, new.max_queued)
-                connection.execute(_INSERT_RUN, row)
-                if new.callback_url:  # in the same transaction: a run never exists without its callback
-                    callback = {"run_id": row["id"], "url": new.callback_url, "status": CALLBACK_PENDING,
-                                "attempts": [], "next_attempt_at": now, "claimed_by": None, "claimed_until": None}
-                    connection.execute(_INSERT_CALLBACK, callback)
-            run = Run(**row)
-            run.callback = RunCallback(**callback) if callback else None
+                run = _insert(connection, new, row)
             return run, True
 
         try:
@@ -162,6 +185,41 @@ class RunStore:
         connection.exec_driver_sql("SELECT pg_advisory_xact_lock(%(ns)s, hashtext(%(key)s))",
                                    {"ns": _QUEUE_LOCK_NAMESPACE, "key": f"{new.kind}:{new.target}"})
         return connection.exec_driver_sql(_COUNT_QUEUED_PG, {"target": new.target, "kind": new.kind}).scalar()
+
+    def create_slot_run(self, new: NewRun, done_until: datetime, skip_if_waiting: bool) -> tuple[str, Run | None]:
+        """The run of a schedule's slot (`new.scheduled_for`), created at most once whoever asks, with what
+        happened: CREATED (and the run), SKIPPED (a run of the schedule already waits: the slot is counted on
+        the schedule, no run), WAITING (one waits and the slot is to run after it: nothing changed) or TAKEN
+        (another process dealt with the slot, or the schedule is paused).
+
+        `done_until` is the schedule's progress as the caller read it. The run is inserted in the transaction
+        that moves the progress from there to the slot, and uq_runs_slot refuses a second run of the slot
+        whatever the progress says (a progress set back by a resume on a host whose clock is behind)."""
+        slot = new.scheduled_for
+        assert slot is not None and new.source != SOURCE_API
+
+        def attempt() -> tuple[str, Run | None]:
+            with self.db.writer.connect() as connection:
+                with connection.begin() as transaction:
+                    waiting = connection.execute(_WAITING_SLOT_RUN, {"kind": new.kind, "target": new.target}).first()
+                    if waiting and not skip_if_waiting:
+                        return WAITING, None
+                    if not advance(connection, new.kind, new.target, done_until, slot, skipped=bool(waiting)):
+                        transaction.rollback()
+                        return TAKEN, None
+                    if waiting:
+                        return SKIPPED, None
+                    return CREATED, _insert(connection, new, _row(new, utcnow()))
+
+        try:
+            return self.db.retry(attempt)
+        except IntegrityError:  # the slot has its run already: only its progress is behind
+            def catch_up() -> None:
+                with self.db.writer.begin() as connection:
+                    advance(connection, new.kind, new.target, done_until, slot)
+
+            self.db.retry(catch_up)
+            return TAKEN, None
 
     def start_inline(self, new: NewRun, owner: str, lease_seconds: float) -> Run | None:
         """Insert a run already `running` and held by `owner` (a connector node runs it in its own thread).
@@ -200,7 +258,8 @@ class RunStore:
             return session.get(Run, run_id, options=_WITH_CALLBACK)
 
     def list(self, target: str | None = None, status: str | None = None, limit: int = 50,
-             before: tuple[datetime, str] | None = None, backend: str | None = None) -> list[Run]:
+             before: tuple[datetime, str] | None = None, backend: str | None = None,
+             source: str | None = None) -> list[Run]:
         """Runs newest first; `before` is the (created_at, id) of the last run of the previous page."""
         query = select(Run).options(*_WITH_CALLBACK).order_by(Run.created_at.desc(), Run.id.desc()).limit(limit)
         if target:
@@ -209,6 +268,8 @@ class RunStore:
             query = query.where(Run.status == status)
         if backend:
             query = query.where(Run.backend == backend)
+        if source:
+            query = query.where(Run.source == source)
         if before:
             created_at, run_id = before
             query = query.where((Run.created_at < created_at) | ((Run.created_at == created_at) & (Run.id < run_id)))

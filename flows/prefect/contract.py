@@ -10,6 +10,7 @@ SUMMARY_ARTIFACT_PREFIX = "flowgate-summary"  # key prefix of the table artifact
 WORKFLOW_FLOW_NAME = "flowgate-workflow"  # the workflow flow in flows/prefect/workflow_flow.py
 WORKFLOW_DEPLOYMENT = "workflow"  # its one deployment: the definition is a parameter of each flow run
 WORKFLOW_ARTIFACT_PREFIX = "flowgate-workflow"  # key prefix of the artifact holding a workflow run's nodes
+SCHEDULE_TAG = "flowgate-schedule"  # on a flow run the gateway created for a schedule's slot (and `<tag>:<slot>`)
 RUN_TAG_PREFIX = "flowgate-run:"  # a flow run's tag naming its run, so a create whose answer was lost is found
 
 # Prefect state type -> flowgate status (SCHEDULED covers Late; PAUSED waits like a queued run).

@@ -1,22 +1,25 @@
-"""Register one Prefect deployment per connector (schedules, concurrency limit 1) and one for workflows; idempotent.
+"""Register one Prefect deployment per connector (concurrency limit 1) and one for workflows; idempotent.
 
     python -m flows.prefect.deploy [--pool flowgate]      (PREFECT_API_URL must point at the server)
+
+No deployment carries a schedule: the gateway is the only scheduler (app/scheduler.py). It creates one flow run
+per slot from these deployments when Prefect can take the run, and runs the slot locally when it cannot; a
+schedule in Prefect as well would run each slot twice. Deploying removes the schedules (and the runs they had
+scheduled) that earlier versions registered.
 """
 from __future__ import annotations
 
 import argparse
 import logging
-from datetime import timedelta
 from pathlib import Path
 
 from prefect import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 from prefect.exceptions import ObjectAlreadyExists
-from prefect.schedules import Cron, Interval, RRule, Schedule
 
 from connectors.registry import ConnectorRegistry
-from connectors.spec import ConnectorSpec, ScheduleSpec
+from connectors.spec import ConnectorSpec
 from flows.prefect.connector_flow import connector_flow
 from flows.prefect.contract import FLOW_NAME, WORKFLOW_DEPLOYMENT
 from flows.prefect.workflow_flow import workflow_flow
@@ -24,7 +27,7 @@ from flows.runtime import RuntimeSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 # Deployments registered from the old paths (flows/connector_flow.py, flows/workflow_flow.py) are updated in
-# place by the next `make deploy`: they keep their names, so schedules and the gateway's lookups carry on.
+# place by the next `make deploy`: they keep their names, so the gateway's lookups carry on.
 ENTRYPOINT = "flows/prefect/connector_flow.py:connector_flow"
 WORKFLOW_ENTRYPOINT = "flows/prefect/workflow_flow.py:workflow_flow"
 DEFAULT_POOL = "flowgate"
@@ -37,13 +40,12 @@ ENGINE_COMMAND = "python -m prefect.engine"
 log = logging.getLogger(__name__)
 
 
-def prefect_schedule(schedule: ScheduleSpec) -> Schedule:
-    """The Prefect schedule for a connector's `schedule`."""
-    if schedule.cron:
-        return Cron(schedule.cron, timezone=schedule.timezone, active=schedule.active)
-    if schedule.interval:
-        return Interval(timedelta(seconds=schedule.interval), timezone=schedule.timezone, active=schedule.active)
-    return RRule(schedule.rrule, timezone=schedule.timezone, active=schedule.active)
+def schedule_note(registry: ConnectorRegistry) -> str:
+    """What `make deploy` says about schedules: none in Prefect, and who fires the declared ones."""
+    scheduled = [spec.id for spec in registry if spec.schedule is not None]
+    fired = (f"; the gateway fires the {len(scheduled)} declared ({', '.join(scheduled)}) as flow runs of these "
+             "deployments, tagged flowgate-schedule, or locally when Prefect cannot take them") if scheduled else ""
+    return f"schedules: none registered in Prefect (the gateway is the only scheduler){fired}"
 
 
 def ensure_work_pool(pool: str) -> None:
@@ -67,7 +69,7 @@ def deploy_connector(spec: ConnectorSpec, pool: str, engine_command: str = ENGIN
         name=spec.id,
         work_pool_name=pool,
         parameters={"connector_id": spec.id, "params": {}},
-        schedules=[prefect_schedule(spec.schedule)] if spec.schedule else [],
+        schedules=[],  # the gateway fires schedules (see the module docstring); this also removes older ones
         concurrency_limit=1,  # a connector never runs twice at once on this path either
         job_variables=job_variables(engine_command),
         description=spec.description or f"flowgate connector {spec.id}",
@@ -129,6 +131,7 @@ def main() -> None:
     print(f"deployed {len(result['deployed'])}: {', '.join(result['deployed'])}")
     if result["removed"]:
         print(f"removed {len(result['removed'])}: {', '.join(result['removed'])}")
+    print(schedule_note(ConnectorRegistry.load(settings.connectors_file)))
 
 
 if __name__ == "__main__":

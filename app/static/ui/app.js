@@ -44,10 +44,10 @@ async function show() {
     return;
   }
   if (!scope.alive) return;
-  who.textContent = storedKey() ? (allowed.trigger ? "key: read + trigger" : "key: read only") : "";
+  who.textContent = !storedKey() ? "" : allowed.admin ? "key: admin" : allowed.trigger ? "key: read + trigger" : "key: read only";
   document.body.classList.toggle("can-trigger", allowed.trigger);
   try {
-    await view.render(main, { id, params, canTrigger: allowed.trigger }, scope);
+    await view.render(main, { id, params, canTrigger: allowed.trigger, canAdmin: allowed.admin }, scope);
   } catch (error) {
     if (!scope.alive) return;
     if (!(error instanceof ApiError) || error.status !== 401) {

@@ -1,11 +1,12 @@
-// Connectors as declared (secrets redacted) with their latest runs; Run and Preview for a key with `trigger`.
+// Connectors as declared (secrets redacted) with their schedule and latest runs; Run and Preview for a key with
+// `trigger`, Pause and Resume of a schedule for a key with `admin`.
 import { getJSON, postJSON } from "../api.js";
 import { badge, errorBox, h, replace, shortId, when } from "../dom.js";
 import { POLL_MS } from "../live.js";
 
-export async function render(root, { canTrigger }, scope) {
+export async function render(root, { canTrigger, canAdmin }, scope) {
   const { body } = await getJSON("/api/v1/connectors");
-  const cards = body.items.map((item) => connectorCard(item, canTrigger));
+  const cards = body.items.map((item) => connectorCard(item, canTrigger, canAdmin));
   replace(root, h("div", { class: "page-head" }, h("h1", {}, "Connectors")),
     cards.length ? h("div", { class: "cards" }, cards.map((card) => card.el))
       : h("p", { class: "muted" }, "No connectors are configured."));
@@ -13,8 +14,9 @@ export async function render(root, { canTrigger }, scope) {
   await scope.every(POLL_MS * 2, () => Promise.all(cards.map((card) => card.refresh())));
 }
 
-function connectorCard(item, canTrigger) {
+function connectorCard(item, canTrigger, canAdmin) {
   const facts = h("dl", { class: "facts" });
+  const scheduleSwitch = h("div", { class: "actions schedule-actions" });
   const latest = h("ul", { class: "latest" });
   const form = h("form", { class: "params", hidden: true });
   const output = h("div", { class: "output" });
@@ -23,7 +25,7 @@ function connectorCard(item, canTrigger) {
   const el = h("article", { class: "card connector", dataset: { connector: item.id } },
     h("h2", {}, h("span", { class: "mono" }, item.id)),
     item.description ? h("p", { class: "muted" }, item.description) : null,
-    facts,
+    facts, scheduleSwitch,
     h("h3", {}, "Latest runs"), latest,
     canTrigger ? h("div", { class: "actions" },
       h("button", { type: "button", dataset: { action: "run" }, onclick: () => open("run") }, "Run"),
@@ -67,20 +69,48 @@ function connectorCard(item, canTrigger) {
     }
   };
 
-  const refresh = async () => {
+  const refresh = async (force = false) => {
     const answer = await getJSON(`/api/v1/connectors/${encodeURIComponent(item.id)}`);
-    if (!answer.changed && detail) return;
-    detail = answer.body;
+    if (!answer.changed && detail && !force) return;
+    detail = answer.changed || !detail ? answer.body : detail;
     const spec = detail.spec;
     replace(facts,
       fact("source", `${spec.source.kind}: ${describeSource(spec.source)}`),
       fact("destination", `${spec.destination.kind}${spec.destination.bucket_url ? ` ${spec.destination.bucket_url}` : ""}`
         + ` → ${spec.dataset} (${spec.write_disposition})`),
-      fact("schedule", describeSchedule(spec.schedule)));
+      fact("schedule", describeSchedule(detail.schedule)),
+      detail.schedule ? fact("next", nextFire(detail.schedule)) : null,
+      detail.schedule?.last_run ? fact("last scheduled", h("span", {},
+        h("a", { href: `#/runs/${detail.schedule.last_run.run_id}`, class: "mono" }, shortId(detail.schedule.last_run.run_id)),
+        " ", badge(detail.schedule.last_run.status), " ",
+        h("span", { class: "muted small" }, `slot ${when(detail.schedule.last_run.scheduled_for)}`))) : null);
+    drawSwitch();
     replace(latest, detail.latest_runs.length ? detail.latest_runs.map((run) => h("li", {},
       h("a", { href: `#/runs/${run.run_id}`, class: "mono" }, shortId(run.run_id)), " ", badge(run.status), " ",
       h("span", { class: "muted small" }, `${run.backend} · ${when(run.created_at)}`)))
       : h("li", { class: "muted" }, "never run"));
+  };
+
+  // Pause / Resume for a key with `admin`: the answer is the schedule as it is now.
+  const drawSwitch = () => {
+    const schedule = detail?.schedule;
+    if (!canAdmin || !schedule || schedule.state === "inactive") return replace(scheduleSwitch);
+    const paused = schedule.state === "paused";
+    replace(scheduleSwitch, h("button", {
+      type: "button", class: "ghost", dataset: { action: paused ? "resume" : "pause" },
+      onclick: async (event) => {
+        event.target.disabled = true;
+        try {
+          const { body: now } = await postJSON(
+            `/api/v1/connectors/${encodeURIComponent(item.id)}/schedule/${paused ? "resume" : "pause"}`, {});
+          detail = { ...detail, schedule: now };
+          await refresh(true);
+        } catch (failure) {
+          replace(output, problemBox(failure));
+          event.target.disabled = false;
+        }
+      },
+    }, paused ? "Resume schedule" : "Pause schedule"));
   };
 
   return { el, refresh };
@@ -108,10 +138,21 @@ function describeSource(source) {
 
 function describeSchedule(schedule) {
   if (!schedule) return "none (on demand)";
-  if (schedule.cron) return `cron ${schedule.cron}${schedule.timezone ? ` (${schedule.timezone})` : ""}`;
-  if (schedule.interval) return `every ${schedule.interval} s`;
-  if (schedule.rrule) return `rrule ${schedule.rrule}`;
-  return JSON.stringify(schedule);
+  const rule = schedule.cron ? `cron ${schedule.cron} (${schedule.timezone})`
+    : schedule.interval ? `every ${schedule.interval} s` : `rrule ${schedule.rrule} (${schedule.timezone})`;
+  const counts = [schedule.missed_slots ? `${schedule.missed_slots} missed` : null,
+    schedule.skipped_slots ? `${schedule.skipped_slots} skipped` : null].filter(Boolean).join(", ");
+  return h("span", { dataset: { scheduleState: schedule.state } }, rule, " ", h("span", { class: `badge status-${
+    schedule.state === "active" ? "up" : "disabled"}` }, schedule.state), counts ? ` · ${counts}` : "");
+}
+
+// The next fire time as the schedule's own zone writes it (the API gives it with its offset).
+function nextFire(schedule) {
+  if (schedule.state !== "active") return schedule.state === "paused" ? `paused${schedule.paused_by
+    ? ` by ${schedule.paused_by}` : ""} ${when(schedule.paused_at)}` : "never (active: false)";
+  const next = schedule.next_fire_times[0];
+  return next ? h("span", { class: "mono", title: schedule.next_fire_times.join("\n") },
+    next.replace("T", " "), schedule.timezone !== "UTC" ? ` ${schedule.timezone}` : "") : "—";
 }
 
 function previewTable(name, resource) {

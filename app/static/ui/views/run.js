@@ -149,7 +149,9 @@ function timelineSteps(run) {
     h("strong", {}, name), h("span", { class: "muted small" }, at ? ` ${when(at)}` : ""), h("div", {}, ...text));
   const endState = !ended ? "pending" : run.status === "completed" ? "done" : "failed";
   return [
-    step("accepted", run.created_at, "done", run.kind, " ", run.connector_id || run.workflow_id),
+    step("accepted", run.created_at, "done", run.kind, " ", run.connector_id || run.workflow_id,
+      run.source === "schedule" ? ` by its schedule, slot ${when(run.scheduled_for)}${
+        run.schedule?.late_seconds >= 1 ? ` (${seconds(run.schedule.late_seconds)} late)` : ""}` : ""),
     step("queued", run.created_at, "done", "on ", h("span", { class: `backend backend-${run.backend}` }, run.backend),
       ": ", why),
     step("running", run.started_at, run.started_at ? (ended ? "done" : "current") : "pending",

@@ -15,12 +15,14 @@ export async function render(root, { params }, scope) {
   const target = params.get("target") || "";
   const status = params.get("status") || "";
   const backend = params.get("backend") || "";
+  const source = params.get("source") || "";
   const cursor = params.get("cursor") || "";
 
   const api = new URLSearchParams({ limit: String(PAGE) });
   if (target) api.set("connector_id", target);
   if (status) api.set("status", status);
   if (backend) api.set("backend", backend);
+  if (source) api.set("source", source);
   if (cursor) api.set("cursor", cursor);
   const url = `/api/v1/runs?${api}`;
 
@@ -33,7 +35,7 @@ export async function render(root, { params }, scope) {
     event.preventDefault();
     const form = new FormData(event.target);
     const next = new URLSearchParams();
-    for (const name of ["target", "status", "backend"]) if (form.get(name)) next.set(name, form.get(name));
+    for (const name of ["target", "status", "backend", "source"]) if (form.get(name)) next.set(name, form.get(name));
     location.hash = hashFor(next);
   } },
   h("label", {}, "Connector or workflow ",
@@ -41,8 +43,9 @@ export async function render(root, { params }, scope) {
   targets,
   h("label", {}, "Status ", select("status", status, STATUSES)),
   h("label", {}, "Backend ", select("backend", backend, ["local", "prefect"])),
+  h("label", {}, "Source ", select("source", source, ["api", "schedule"])),
   h("button", { type: "submit" }, "Filter"),
-  (target || status || backend) ? h("a", { href: "#/runs", class: "button ghost" }, "Clear") : null);
+  (target || status || backend || source) ? h("a", { href: "#/runs", class: "button ghost" }, "Clear") : null);
 
   const tbody = h("tbody");
   const pager = h("div", { class: "pager" });
@@ -86,7 +89,9 @@ function row(run) {
   const rows = totalRows(run.result);
   return h("tr", { dataset: { runId: run.run_id, status: run.status } },
     h("td", {}, h("a", { href: `#/runs/${run.run_id}`, class: "mono" }, shortId(run.run_id))),
-    h("td", {}, h("span", { class: "kind" }, run.kind), " ", h("a", { href: `#/runs?target=${encodeURIComponent(target)}` }, target)),
+    h("td", {}, h("span", { class: "kind" }, run.kind), " ", h("a", { href: `#/runs?target=${encodeURIComponent(target)}` }, target),
+      run.source === "schedule" ? h("div", { class: "muted small", dataset: { source: "schedule" } },
+        `scheduled for ${when(run.scheduled_for)}`) : null),
     h("td", {}, badge(run.status)),
     h("td", {}, h("span", { class: `backend backend-${run.backend}` }, run.backend),
       run.fallback_reason ? h("div", { class: "muted small", title: run.fallback_reason }, reasonText(run.fallback_reason)) : null),
