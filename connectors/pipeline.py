@@ -135,10 +135,11 @@ class ConnectorPipeline:
             self._load()
 
     def _extract(self) -> None:
-        self._pipeline.extract(build_source(self.spec), write_disposition=self.spec.write_disposition,
-                               primary_key=self.spec.primary_key,
-                               loader_file_format=self.spec.destination.loader_file_format,
-                               refresh="drop_sources" if self.spec.full_refresh else None)
+        self._pipeline.extract(
+            build_source(self.spec), write_disposition=self.spec.write_disposition,
+            primary_key=self.spec.primary_key, loader_file_format=self.spec.destination.loader_file_format,
+            schema_contract=self.spec.schema_contract.to_dlt() if self.spec.schema_contract else None,
+            refresh="drop_sources" if self.spec.full_refresh else None)
 
     def _normalize(self) -> None:
         self._pipeline.normalize(workers=1)  # in-process: forking inside a threaded gunicorn worker is unsafe
