@@ -1,6 +1,7 @@
-"""What flowgate adds to dlt so a killed run recovers: a DuckDB destination whose load jobs land rows once, and
-the repair of a package commit cut short. Everything flowgate knows of dlt's load and package internals is here
-(connectors/cursor_loader.py, an extract through dlt's `table_loader_class` hook, explains its own).
+"""What flowgate adds to dlt so a killed run recovers: a DuckDB destination whose load jobs land rows once, the
+repair of a package commit cut short, and the abort of a package a schema contract refused. Everything flowgate
+knows of dlt's load and package internals is here (connectors/cursor_loader.py, an extract through dlt's
+`table_loader_class` hook, explains its own).
 
 Checked against dlt 1.31.0 (the pin in requirements.txt). On a dlt upgrade, re-read this module against dlt's
 source. The kill tests in tests/test_faults.py ("committed") and tests/test_dlt_recovery.py fail when an
@@ -28,6 +29,11 @@ same rows from the same state (dlt advances a cursor only with a completed load)
 first folder, dlt restores the destination's newer (or equal) state but still loads the old package (it only
 warns): rows twice with append, older versions over newer with merge. `stale_packages` tells such packages by
 the state they were made on: one the destination already holds (or a newer one) belongs to a load made since.
+
+A package a schema contract refused. dlt's normalize stops on it and leaves the extracted package pending: every
+later run's recover would normalize it again, and fail again. `abort_refused_packages` aborts it as dlt's
+`abort_packages` does, which also rewinds the local state and schemas (an incremental cursor included) to where
+the package started: the next run extracts the same rows again, under the contract it has then.
 
 What this relies on in dlt, beyond its public API:
 - `Pipeline._restore_state_from_destination` returns the newest state a completed load stored (it joins
@@ -183,3 +189,14 @@ def stale_packages(pipeline: Any) -> bool:
         return False
     return remote is not None and remote["_state_version"] >= pipeline.state["_state_version"]
 
+
+def abort_refused_packages(pipeline: Any) -> bool:
+    """Abort the extracted packages of `pipeline` (a dlt Pipeline) after normalize refused one, rewinding its
+    state and schemas; False (nothing done) while a normalized package waits, as dlt would abort that one too
+    (recover loads such a package before it normalizes anything, so none waits here)."""
+    if pipeline.list_normalized_load_packages():
+        log.warning("pipeline %s: the refused package is left pending: a normalized package waits before it",
+                    pipeline.pipeline_name)
+        return False
+    pipeline.abort_packages()
+    return True

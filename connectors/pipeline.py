@@ -111,6 +111,11 @@ class ConnectorPipeline:
         except ConnectorRunError:
             raise
         except Exception as exc:  # dlt wraps failures in PipelineStepFailed; keep the step and the cause
+            from connectors.contract import contract_violation
+
+            refused = contract_violation(exc)
+            if refused is not None:
+                raise self._refused(getattr(exc, "step", step), refused) from exc
             cause = getattr(exc, "exception", None) or exc
             raise ConnectorRunError(self.spec.id, getattr(exc, "step", step),
                                     f"{type(cause).__name__}: {cause}") from exc
@@ -129,10 +134,14 @@ class ConnectorPipeline:
                 self._pipeline.drop_pending_packages()
             self._pipeline.sync_destination()
         # Finish the load packages a run killed mid-way left behind (a job of theirs that had committed in DuckDB
-        # finds its mark there and does not load again: connectors/dlt_recovery.py).
+        # finds its mark there and does not load again: connectors/dlt_recovery.py). A normalized one first: it is
+        # the older, and a refused extracted one is aborted only with none left (dlt's abort would take it too).
         if self._pipeline.has_pending_data:
-            self._normalize()
-            self._load()
+            if self._pipeline.list_normalized_load_packages():
+                self._load()
+            if self._pipeline.list_extracted_load_packages():
+                self._normalize()
+                self._load()
 
     def _extract(self) -> None:
         self._pipeline.extract(
@@ -150,6 +159,16 @@ class ConnectorPipeline:
 
     def _load(self) -> None:
         self.load_ids.extend(self._pipeline.load().loads_ids)
+
+    def _refused(self, step: str, refused: Any) -> ConnectorRunError:
+        """The violation dlt raised, after aborting the refused package (normalize leaves it pending)."""
+        from connectors.contract import SchemaContractViolation
+        from connectors.dlt_recovery import abort_refused_packages
+
+        if step == "normalize":
+            abort_refused_packages(self._pipeline)
+        return SchemaContractViolation(self.spec.id, step, refused.table_name, refused.column_name,
+                                       refused.schema_entity, refused.contract_mode)
 
     def summary(self) -> LoadSummary:
         """What the steps run so far did."""
