@@ -15,6 +15,7 @@ from connectors.registry import ConnectorRegistry
 from connectors.spec import CONTRACT_MODES, SchemaContractSpec
 from flows.outcome import RunError
 from tests.evolving_source import connectors_yaml
+from tests.test_api_triggers import poll_until_ended
 
 
 @pytest.fixture
@@ -93,3 +94,38 @@ def test_a_new_table_under_a_frozen_tables_contract_is_refused(workdir, workspac
     assert (info.value.table, info.value.column, info.value.entity) == ("customers", None, "tables")
     assert "new table 'customers'" in info.value.message
 
+
+def test_preview_names_what_the_contract_would_refuse_and_the_run_then_fails_with_its_code(app_config, workdir):
+    from app import create_app
+
+    connectors = connectors_yaml(workdir / "items.yaml", "items", "{columns: freeze}")
+    app = create_app({**app_config, "connectors_file": connectors})
+    services = app.extensions["flowgate"]
+    services.start()
+    try:
+        client = app.test_client()
+        first = {"rows": [{"id": 1, "name": "a"}]}
+        preview = client.post("/api/v1/connectors/items/preview", json={"params": first}).json
+        assert preview["changes"] == {"compared_with": "destination", "tables": {"items": {
+            "new_table": True, "new_columns": [{"name": "id", "type": "int"}, {"name": "name", "type": "str"}],
+            "refused": []}}}  # a new table takes its columns whatever the columns contract
+        done = client.post("/api/v1/connectors/items/runs", json={"params": first, "wait": 60}).json
+        assert done["status"] == "completed" and done["result"]["schema_changes"]["items"]["new_table"]
+
+        second = {"rows": [{"id": 2, "name": "b", "Extra Info": {"Source": "x"}}]}
+        preview = client.post("/api/v1/connectors/items/preview", json={"params": second}).json
+        assert preview["changes"]["tables"] == {"items": {
+            "new_table": False, "new_columns": [{"name": "extra_info__source", "type": "str"}],
+            "refused": [{"entity": "columns", "column": "extra_info__source", "mode": "freeze"}]}}
+        accepted = client.post("/api/v1/connectors/items/runs", json={"params": second}).json
+        failed = poll_until_ended(client, accepted["status_url"])
+        assert failed["status"] == "failed" and failed["result"] is None
+        assert failed["error"] == {"code": "schema_contract_violation", "step": "normalize", "terminal": True,
+                                   "message": failed["error"]["message"],
+                                   "contract": {"table": "items", "column": "extra_info__source",
+                                                "entity": "columns", "mode": "freeze"}}
+        assert "schema_contract.columns: freeze" in failed["error"]["message"]
+        assert table_state(done["result"]["location"], "items") == (["id", "name"], 1)
+    finally:
+        services.stop(timeout=10)
+        services.store.dispose()
