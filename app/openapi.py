@@ -11,9 +11,9 @@ from pydantic.json_schema import models_json_schema
 
 from app import __version__
 from app.schemas import (
-    RUN_ID_PATTERN, ConnectorDetail, ConnectorList, ConnectorSchema, ExecuteNodeRequest, Health, NodeRunOut,
-    PreviewOut, PreviewRequest, ProblemDetail, Readiness, RunLogs, RunLogsQuery, RunOptions, RunOut, RunPage, RunQuery,
-    TriggerRequest, WhoAmI, WorkflowAccepted, WorkflowExecuteRequest, WorkflowExecution,
+    RUN_ID_PATTERN, ConnectorDetail, ConnectorList, ConnectorSchema, ExecuteNodeRequest, Health, LoadResult,
+    NodeRunOut, PreviewOut, PreviewRequest, ProblemDetail, Readiness, RunLogs, RunLogsQuery, RunOptions, RunOut,
+    RunPage, RunQuery, TriggerRequest, WhoAmI, WorkflowAccepted, WorkflowExecuteRequest, WorkflowExecution,
 )
 from connectors.spec import CONNECTOR_ID, ConnectorSpec, PythonSource, SqlDatabaseSource
 from flows.workflow_spec import NODE_ID
@@ -21,7 +21,7 @@ from flows.workflow_spec import NODE_ID
 _MODELS: list[type[BaseModel]] = [TriggerRequest, RunOptions, RunOut, RunPage, ConnectorList, ConnectorDetail,
                                   Health, Readiness, ProblemDetail, PreviewRequest, PreviewOut,
                                   ConnectorSchema, WorkflowExecuteRequest, WorkflowAccepted, WorkflowExecution,
-                                  ExecuteNodeRequest, NodeRunOut, RunLogs, WhoAmI]
+                                  ExecuteNodeRequest, NodeRunOut, RunLogs, WhoAmI, LoadResult]
 _PROBLEMS = {"400": "Malformed JSON or a body that is not an object", "401": "No valid API key (when keys are set)",
              "403": "The API key lacks the scope", "404": "Unknown resource",
              "405": "Method not allowed", "413": "Body too large", "422": "A field is missing, mistyped or unknown",
@@ -155,6 +155,10 @@ def build_document(max_wait_seconds: float | None = None, *, connectors: Sequenc
             defs[model.__name__]["properties"]["wait"]["maximum"] = max_wait_seconds
         if not callbacks:
             del defs[model.__name__]["properties"]["callback_url"]
+    result = defs["RunOut"]["properties"]["result"]  # stored as a document: described here, not validated
+    result["anyOf"] = [_ref(LoadResult), {"type": "object", "title": "WorkflowResult",
+                                          "description": "workflow_id, mode, layers, duration_seconds, outputs"},
+                       {"type": "null"}]
     connector_id = _path_param("connector_id", pattern=CONNECTOR_ID)
     if connectors:
         _describe_connectors(defs, connectors)
