@@ -18,8 +18,8 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
-from connectors.contract import SchemaContractViolation
 from connectors.pipeline import ConnectorRunError, LoadSummary, RunCancelled, Workspace, run_connector
+from connectors.schema_contract import SchemaContractViolation
 from connectors.spec import ConnectorSpec, ParamsError
 
 log = logging.getLogger(__name__)

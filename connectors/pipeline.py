@@ -117,7 +117,7 @@ class ConnectorPipeline:
         except ConnectorRunError:
             raise
         except Exception as exc:  # dlt wraps failures in PipelineStepFailed; keep the step and the cause
-            from connectors.contract import contract_violation
+            from connectors.schema_contract import contract_violation
 
             refused = contract_violation(exc)
             if refused is not None:
@@ -173,7 +173,7 @@ class ConnectorPipeline:
 
     def _refused(self, step: str, refused: Any) -> ConnectorRunError:
         """The violation dlt raised, after aborting the refused package (normalize leaves it pending)."""
-        from connectors.contract import SchemaContractViolation
+        from connectors.schema_contract import SchemaContractViolation
         from connectors.dlt_recovery import abort_refused_packages
 
         if step == "normalize":

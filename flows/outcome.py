@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from connectors.contract import SchemaContractViolation
 from connectors.pipeline import ConnectorRunError, RunCancelled
+from connectors.schema_contract import SchemaContractViolation
 from connectors.secrets import scrub
 from connectors.spec import ParamsError
 

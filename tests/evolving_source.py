@@ -14,9 +14,11 @@ def items(rows: list[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
     yield rows
 
 
+BY_ID = dlt.sources.incremental("id")  # dlt finds a resource's cursor in its signature's defaults
+
+
 @dlt.resource(name="items")
-def tracked_items(rows: list[dict[str, Any]],
-                  cursor: Any = dlt.sources.incremental("id")) -> Iterator[list[dict[str, Any]]]:
+def tracked_items(rows: list[dict[str, Any]], cursor: Any = BY_ID) -> Iterator[list[dict[str, Any]]]:
     """`rows`, of which dlt loads those past the last run's largest id."""
     yield rows
 

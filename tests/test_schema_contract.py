@@ -9,9 +9,9 @@ from typing import get_args
 import duckdb
 import pytest
 
-from connectors.contract import SchemaContractViolation
 from connectors.pipeline import Workspace, run_connector
 from connectors.registry import ConnectorRegistry
+from connectors.schema_contract import SchemaContractViolation
 from connectors.spec import CONTRACT_MODES, SchemaContractSpec
 from flows.outcome import RunError
 from tests.evolving_source import connectors_yaml
