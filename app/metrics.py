@@ -39,8 +39,12 @@ SCHEDULE_MISSED = Counter("flowgate_schedule_missed_slots_total",
                           "Slots that passed while no gateway ran them and catch_up did not run", ["kind", "target"])
 SCHEDULE_SKIPPED = Counter("flowgate_schedule_skipped_slots_total",
                            "Slots that came while a run of the schedule was already waiting", ["kind", "target"])
+SCHEMA_CHANGES = Counter("flowgate_schema_changes_total", "Schema changes completed connector runs made, by target "
+                         "and kind (new_table, new_column, variant_column, type_change)", ["target", "kind"])
 ALL = (TRIGGERS, FALLBACKS, RUN_DURATION, HTTP_LATENCY, PREFECT_PROBE, PREFECT_CIRCUIT, SCHEDULE_LAG, SCHEDULE_MISSED,
-       SCHEDULE_SKIPPED)
+       SCHEDULE_SKIPPED, SCHEMA_CHANGES)
+# A run result's schema_changes entry (connectors/report.py) -> the `kind` label of each item it lists
+_CHANGE_KINDS = {"new_columns": "new_column", "variant_columns": "variant_column", "type_changes": "type_change"}
 
 
 class StoreCollector(Collector):
@@ -78,11 +82,19 @@ def target_label(target: str) -> str:
     return target if target in _configured_targets else INLINE
 
 
-def observe_run_end(kind: str, target: str, status: str, started_at: Any, finished_at: Any) -> None:
-    """Record a run's duration when it ends (either path)."""
+def observe_run_end(kind: str, target: str, status: str, started_at: Any, finished_at: Any,
+                    result: dict[str, Any] | None = None) -> None:
+    """Record a run's duration when it ends (either path), and the schema changes its result document lists."""
     if started_at and finished_at:
         RUN_DURATION.labels(kind, target_label(target), status).observe(
             max((finished_at - started_at).total_seconds(), 0.0))
+    if kind == "connector" and result:
+        for changes in (result.get("schema_changes") or {}).values():
+            if changes.get("new_table"):
+                SCHEMA_CHANGES.labels(target_label(target), "new_table").inc()
+            for entry, label in _CHANGE_KINDS.items():
+                if changes.get(entry):
+                    SCHEMA_CHANGES.labels(target_label(target), label).inc(len(changes[entry]))
 
 
 def observe_run_start(run: Any) -> None:

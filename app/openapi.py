@@ -11,10 +11,10 @@ from pydantic.json_schema import models_json_schema
 
 from app import __version__
 from app.schemas import (
-    RUN_ID_PATTERN, ConnectorDetail, ConnectorList, ConnectorSchema, ExecuteNodeRequest, Health, NodeRunOut,
-    PreviewOut, PreviewRequest, ProblemDetail, Readiness, RunLogs, RunLogsQuery, RunOptions, RunOut, RunPage, RunQuery,
-    ScheduleOut, TriggerRequest, WhoAmI, WorkflowAccepted, WorkflowDetail, WorkflowExecuteRequest, WorkflowExecution,
-    WorkflowList,
+    RUN_ID_PATTERN, ConnectorDetail, ConnectorList, ConnectorSchema, ExecuteNodeRequest, Health, LoadResult,
+    NodeRunOut, PreviewOut, PreviewRequest, ProblemDetail, Readiness, RunLogs, RunLogsQuery, RunOptions, RunOut,
+    RunPage, RunQuery, ScheduleOut, TriggerRequest, WhoAmI, WorkflowAccepted, WorkflowDetail, WorkflowExecuteRequest,
+    WorkflowExecution, WorkflowList,
 )
 from connectors.spec import CONNECTOR_ID, ConnectorSpec, PythonSource, SqlDatabaseSource
 from flows.workflow_spec import NODE_ID
@@ -23,7 +23,7 @@ _MODELS: list[type[BaseModel]] = [TriggerRequest, RunOptions, RunOut, RunPage, C
                                   Health, Readiness, ProblemDetail, PreviewRequest, PreviewOut,
                                   ConnectorSchema, WorkflowExecuteRequest, WorkflowAccepted, WorkflowExecution,
                                   ExecuteNodeRequest, NodeRunOut, RunLogs, WhoAmI, ScheduleOut, WorkflowList,
-                                  WorkflowDetail]
+                                  WorkflowDetail, LoadResult]
 _PROBLEMS = {"400": "Malformed JSON or a body that is not an object", "401": "No valid API key (when keys are set)",
              "403": "The API key lacks the scope", "404": "Unknown resource",
              "405": "Method not allowed", "413": "Body too large", "422": "A field is missing, mistyped or unknown",
@@ -169,6 +169,10 @@ def build_document(max_wait_seconds: float | None = None, *, connectors: Sequenc
             defs[model.__name__]["properties"]["wait"]["maximum"] = max_wait_seconds
         if not callbacks:
             del defs[model.__name__]["properties"]["callback_url"]
+    result = defs["RunOut"]["properties"]["result"]  # stored as a document: described here, not validated
+    result["anyOf"] = [_ref(LoadResult), {"type": "object", "title": "WorkflowResult",
+                                          "description": "workflow_id, mode, layers, duration_seconds, outputs"},
+                       {"type": "null"}]
     connector_id = _path_param("connector_id", pattern=CONNECTOR_ID)
     if connectors:
         _describe_connectors(defs, connectors)

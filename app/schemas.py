@@ -84,11 +84,99 @@ class PreviewRequest(_Request):
     params: dict[str, Any] = Field(default_factory=dict, description="The same overrides a trigger may give.")
 
 
-class PreviewOut(BaseModel):
-    """Sample rows and inferred columns per resource; nothing was loaded."""
+class ColumnOut(BaseModel):
+    """A column: its name as loaded, and its type (dlt's data type; in a preview, the sampled value's)."""
+
+    name: str
+    type: str
+
+
+class TypeChange(BaseModel):
+    """A column whose dlt data type changed (a full refresh recreated its table)."""
+
+    name: str
+    from_: str = Field(alias="from")
+    to: str
+
+
+class TableChanges(BaseModel):
+    """What a run changed in one table, against the schema the destination held before the run."""
+
+    new_table: bool
+    new_columns: list[ColumnOut]
+    variant_columns: list[ColumnOut] = Field(description="Columns dlt added for values of another type than "
+                                                         "their column's, named <column>__v_<type>.")
+    type_changes: list[TypeChange]
+
+
+class IncrementalWindow(BaseModel):
+    """An incremental table's window: where its cursor stood when the run started and where the run left it."""
+
+    cursor_path: str
+    from_: Any = Field(alias="from", description="The cursor's last value before the run (its initial value on a "
+                                                 "first run or a full refresh).")
+    to: Any = Field(description="The last cursor value loaded (`from` again when nothing new came).")
+    rows: int = Field(description="Rows the run loaded into the table.")
+
+
+class MergeCounts(BaseModel):
+    """A merge table's rows: how many the table gained, and how many of the rows loaded replaced a row."""
+
+    inserted: int
+    updated: int
+
+
+class LoadResult(BaseModel):
+    """A completed connector run's result, the same on either path (local, Prefect)."""
 
     connector_id: str
-    resources: dict[str, dict[str, Any]]
+    pipeline_name: str
+    destination: str
+    dataset: str
+    location: str | None
+    rows: dict[str, int] = Field(description="Rows per table of every load package the run loaded, a package an "
+                                             "interrupted run left included.")
+    load_ids: list[str]
+    duration_seconds: float
+    schema_changes: dict[str, TableChanges] = Field(
+        default_factory=dict, description="Tables the run created or changed; the first run lists every table.")
+    incremental: dict[str, IncrementalWindow] = Field(default_factory=dict,
+                                                      description="Per incremental table.")
+    merge: dict[str, MergeCounts] = Field(default_factory=dict,
+                                          description="Per merge table (DuckDB destinations only).")
+
+
+class RefusedChange(BaseModel):
+    """A new table or column the connector's schema contract would not take: freeze fails the run, discard_row
+    and discard_value drop the row or the value."""
+
+    entity: Literal["tables", "columns"]
+    column: str | None
+    mode: Literal["freeze", "discard_row", "discard_value"]
+
+
+class TablePreviewChanges(BaseModel):
+    new_table: bool
+    new_columns: list[ColumnOut]
+    refused: list[RefusedChange]
+
+
+class PreviewChanges(BaseModel):
+    """The sampled tables and columns the destination lacks (types not compared), by table."""
+
+    compared_with: Literal["destination", "dlt_schema"]
+    tables: dict[str, TablePreviewChanges]
+
+
+class PreviewOut(BaseModel):
+    """Sample rows and inferred columns per resource, and what would be new at the destination; nothing was
+    loaded."""
+
+    connector_id: str
+    resources: dict[str, dict[str, Any]] = Field(description="Per resource: the table it writes, its format "
+                                                             "(arrow, objects), sample rows and columns.")
+    changes: PreviewChanges | None
+    changes_unavailable: str | None = Field(description="Why `changes` is null: a load holds the destination.")
 
 
 class ConnectorSchema(BaseModel):
@@ -214,8 +302,9 @@ class RunOut(BaseModel):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
-    result: dict[str, Any] | None = Field(description="The load summary once completed: rows per table, "
-                                                      "load ids, destination, dataset, duration.")
+    result: dict[str, Any] | None = Field(description="Once completed: a connector's LoadResult (rows per table, "
+                                                      "schema changes, incremental windows, ...), a workflow's "
+                                                      "outputs.")
     error: dict[str, Any] | None
     callback: dict[str, Any] | None = Field(
         None, description="Where the run document is POSTed when it ends: url (no query), status "

@@ -1,6 +1,8 @@
-"""What flowgate adds to dlt so a killed run recovers: a DuckDB destination whose load jobs land rows once, and
-the repair of a package commit cut short. Everything flowgate knows of dlt's load and package internals is here
-(connectors/cursor_loader.py, an extract through dlt's `table_loader_class` hook, explains its own).
+"""What flowgate adds to dlt so a killed run recovers: a DuckDB destination whose load jobs land rows once, the
+repair of a package commit cut short, the row counts of a package loaded by another run than the one that made
+it, and the abort of a package a schema contract refused. Everything flowgate knows of dlt's load and package
+internals is here (connectors/cursor_loader.py, an extract through dlt's `table_loader_class` hook, explains its
+own).
 
 Checked against dlt 1.31.0 (the pin in requirements.txt). On a dlt upgrade, re-read this module against dlt's
 source. The kill tests in tests/test_faults.py ("committed") and tests/test_dlt_recovery.py fail when an
@@ -29,6 +31,17 @@ first folder, dlt restores the destination's newer (or equal) state but still lo
 warns): rows twice with append, older versions over newer with merge. `stale_packages` tells such packages by
 the state they were made on: one the destination already holds (or a newer one) belongs to a load made since.
 
+Rows a recovery loads. dlt knows a package's rows per table only in the process that made it (its ExtractInfo,
+NormalizeInfo); a run that loads a killed run's package would report none of its rows. `PackageRows` keeps them
+beside the packages, in the pipeline's working folder: written after extract and again after normalize (nested
+tables counted), taken when the package loads. dlt commits a package before its step returns; a process killed in
+between leaves the earlier count, or none after extract, and then recover normalizes the package itself.
+
+A package a schema contract refused. dlt's normalize stops on it and leaves the extracted package pending: every
+later run's recover would normalize it again, and fail again. `abort_refused_packages` aborts it as dlt's
+`abort_packages` does, which also rewinds the local state and schemas (an incremental cursor included) to where
+the package started: the next run extracts the same rows again, under the contract it has then.
+
 What this relies on in dlt, beyond its public API:
 - `Pipeline._restore_state_from_destination` returns the newest state a completed load stored (it joins
   `_dlt_loads` with status 0), as `sync_destination` reads it;
@@ -36,14 +49,19 @@ What this relies on in dlt, beyond its public API:
   `_job_client` is the worker thread's client (dlt's own job classes read it the same way);
 - `DuckDbCopyJob.run` opens no transaction; `InsertValuesLoadJob.run` iterates `_insert()` inside its one;
 - `complete_load` runs once every job of the package is noted done in its folder;
-- dlt commits a normalized package by renaming it into `load/normalized/`, then deleting `normalize/extracted/`.
+- dlt commits a normalized package by renaming it into `load/normalized/`, then deleting `normalize/extracted/`;
+- a package keeps its load id from extract to load, and `Pipeline.drop()` wipes the working folder as a whole;
+- incremental cursors live in the pipeline state at `sources.<source>.resources.<resource>.incremental.<cursor
+  path>`, as `{initial_value, last_value, ...}`.
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -183,3 +201,58 @@ def stale_packages(pipeline: Any) -> bool:
         return False
     return remote is not None and remote["_state_version"] >= pipeline.state["_state_version"]
 
+
+class PackageRows:
+    """Rows per table of each pending load package of one pipeline folder, until the package loads."""
+
+    FOLDER = "flowgate_rows"
+
+    def __init__(self, working_dir: Path):
+        self.folder = working_dir / self.FOLDER
+
+    def record(self, load_id: str, rows: dict[str, int]) -> None:
+        """Keep (or replace) the package's counts; written whole or not at all."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        partial = self.folder / f"{load_id}.json.partial"
+        partial.write_text(json.dumps(rows))
+        os.replace(partial, self.folder / f"{load_id}.json")
+
+    def take(self, load_id: str) -> dict[str, int] | None:
+        """The counts of a package that has loaded, forgotten from now on; None when none were kept."""
+        path = self.folder / f"{load_id}.json"
+        try:
+            rows = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        path.unlink()
+        return rows
+
+    def keep_only(self, load_ids: Iterable[str]) -> None:
+        """Forget the counts of packages no longer pending (dropped as stale, aborted)."""
+        keep = {f"{load_id}.json" for load_id in load_ids}
+        for path in (self.folder.iterdir() if self.folder.is_dir() else ()):
+            if path.name not in keep:
+                path.unlink(missing_ok=True)
+
+
+def abort_refused_packages(pipeline: Any) -> bool:
+    """Abort the extracted packages of `pipeline` (a dlt Pipeline) after normalize refused one, rewinding its
+    state and schemas; False (nothing done) while a normalized package waits, as dlt would abort that one too
+    (recover loads such a package before it normalizes anything, so none waits here)."""
+    if pipeline.list_normalized_load_packages():
+        log.warning("pipeline %s: the refused package is left pending: a normalized package waits before it",
+                    pipeline.pipeline_name)
+        return False
+    pipeline.abort_packages()
+    return True
+
+
+def incremental_cursors(state: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    """(resource, cursor path) -> `{initial_value, last_value}` of every incremental cursor in a pipeline state."""
+    cursors = {}
+    for source in (state.get("sources") or {}).values():
+        for resource, resource_state in (source.get("resources") or {}).items():
+            for cursor_path, cursor in (resource_state.get("incremental") or {}).items():
+                cursors[(resource, cursor_path)] = {"initial_value": cursor.get("initial_value"),
+                                                    "last_value": cursor.get("last_value")}
+    return cursors

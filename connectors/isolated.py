@@ -19,6 +19,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from connectors.pipeline import ConnectorRunError, LoadSummary, RunCancelled, Workspace, run_connector
+from connectors.schema_contract import SchemaContractViolation
 from connectors.spec import ConnectorSpec, ParamsError
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,8 @@ def _rebuilt(spec: ConnectorSpec, payload: dict[str, Any]) -> Exception:
         return RunCancelled(payload["step"])
     if kind == "params":
         return ParamsError(payload["field"], payload["message"])
+    if kind == "contract":
+        return SchemaContractViolation(spec.id, payload["step"], **payload["facts"])
     if kind == "connector":
         return ConnectorRunError(spec.id, payload["step"], payload["message"], terminal=payload["terminal"])
     return ConnectorRunError(spec.id, payload["step"], payload["message"])
@@ -178,6 +181,8 @@ def _child(spec: ConnectorSpec, workspace: Workspace, stop: Any, pipe: Connectio
         send(("failed", {"kind": "cancelled", "step": exc.step}))
     except ParamsError as exc:
         send(("failed", {"kind": "params", "field": exc.field, "message": exc.message}))
+    except SchemaContractViolation as exc:
+        send(("failed", {"kind": "contract", "step": exc.step, "facts": exc.facts()}))
     except ConnectorRunError as exc:
         send(("failed", {"kind": "connector", "step": exc.step, "message": exc.message, "terminal": exc.terminal}))
     except BaseException as exc:  # the parent must hear of anything at all

@@ -49,7 +49,9 @@ class Workspace:
 
 @dataclass(frozen=True)
 class LoadSummary:
-    """What a finished connector run did: rows per table, load ids, where the data went, how long it took."""
+    """What a finished connector run did: rows per table (of every package it loaded, a killed run's too), load
+    ids, where the data went, how long it took; the tables and columns it added or changed, each incremental
+    table's cursor window, and a merge table's inserted and updated rows (DuckDB only)."""
 
     connector_id: str
     pipeline_name: str
@@ -59,6 +61,9 @@ class LoadSummary:
     rows: dict[str, int] = field(default_factory=dict)
     load_ids: list[str] = field(default_factory=list)
     duration_seconds: float = 0.0
+    schema_changes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    incremental: dict[str, dict[str, Any]] = field(default_factory=dict)
+    merge: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -92,10 +97,10 @@ class ConnectorPipeline:
         _configure_dlt()
         import dlt
 
+        from connectors.report import RunReport
+
         self.spec = spec
         self.workspace = workspace
-        self.rows: dict[str, int] = {}
-        self.load_ids: list[str] = []
         self._started = time.monotonic()
         self._pipeline = dlt.pipeline(
             pipeline_name=spec.pipeline_name,
@@ -103,6 +108,7 @@ class ConnectorPipeline:
             destination=_destination(spec, workspace),
             dataset_name=spec.dataset,
         )
+        self.report = RunReport(Path(self._pipeline.working_dir), count_merges=duckdb_path(spec, workspace) is not None)
 
     def run_step(self, step: str) -> None:
         """Run one of `steps`; a failure becomes a ConnectorRunError naming the step and the cause."""
@@ -111,6 +117,11 @@ class ConnectorPipeline:
         except ConnectorRunError:
             raise
         except Exception as exc:  # dlt wraps failures in PipelineStepFailed; keep the step and the cause
+            from connectors.schema_contract import contract_violation
+
+            refused = contract_violation(exc)
+            if refused is not None:
+                raise self._refused(getattr(exc, "step", step), refused) from exc
             cause = getattr(exc, "exception", None) or exc
             raise ConnectorRunError(self.spec.id, getattr(exc, "step", step),
                                     f"{type(cause).__name__}: {cause}") from exc
@@ -128,27 +139,48 @@ class ConnectorPipeline:
                             "another folder has loaded since, from the same state", self.spec.id)
                 self._pipeline.drop_pending_packages()
             self._pipeline.sync_destination()
+        self.report.schema_before(self._pipeline)  # what the destination held: a killed run's changes count here
         # Finish the load packages a run killed mid-way left behind (a job of theirs that had committed in DuckDB
-        # finds its mark there and does not load again: connectors/dlt_recovery.py).
+        # finds its mark there and does not load again: connectors/dlt_recovery.py). A normalized one first: it is
+        # the older, and a refused extracted one is aborted only with none left (dlt's abort would take it too).
         if self._pipeline.has_pending_data:
-            self._normalize()
-            self._load()
+            if self._pipeline.list_normalized_load_packages():
+                self._load()
+            if self._pipeline.list_extracted_load_packages():
+                self._normalize()
+                self._load()
+        self.report.package_rows.keep_only(self._pending_load_ids())
 
     def _extract(self) -> None:
-        self._pipeline.extract(build_source(self.spec), write_disposition=self.spec.write_disposition,
-                               primary_key=self.spec.primary_key,
-                               loader_file_format=self.spec.destination.loader_file_format,
-                               refresh="drop_sources" if self.spec.full_refresh else None)
+        self.report.before_extract(self._pipeline, refresh=self.spec.full_refresh)
+        info = self._pipeline.extract(
+            build_source(self.spec), write_disposition=self.spec.write_disposition,
+            primary_key=self.spec.primary_key, loader_file_format=self.spec.destination.loader_file_format,
+            schema_contract=self.spec.schema_contract.to_dlt() if self.spec.schema_contract else None,
+            refresh="drop_sources" if self.spec.full_refresh else None)
+        self.report.extracted(self._pipeline, info)
 
     def _normalize(self) -> None:
-        self._pipeline.normalize(workers=1)  # in-process: forking inside a threaded gunicorn worker is unsafe
-        info = self._pipeline.last_trace.last_normalize_info
-        for table, count in (info.row_counts if info else {}).items():
-            if not table.startswith("_dlt"):
-                self.rows[table] = self.rows.get(table, 0) + count
+        # in-process: forking inside a threaded gunicorn worker is unsafe
+        self.report.normalized(self._pipeline.normalize(workers=1))
 
     def _load(self) -> None:
-        self.load_ids.extend(self._pipeline.load().loads_ids)
+        before = self.report.before_load(self._pipeline)
+        self.report.loaded(self._pipeline, self._pipeline.load(), before)
+
+    def _pending_load_ids(self) -> list[str]:
+        return [*self._pipeline.list_extracted_load_packages(), *self._pipeline.list_normalized_load_packages()]
+
+    def _refused(self, step: str, refused: Any) -> ConnectorRunError:
+        """The violation dlt raised, after aborting the refused package (normalize leaves it pending)."""
+        from connectors.schema_contract import SchemaContractViolation
+        from connectors.dlt_recovery import abort_refused_packages
+
+        if step == "normalize":
+            abort_refused_packages(self._pipeline)
+            self.report.package_rows.keep_only(self._pending_load_ids())
+        return SchemaContractViolation(self.spec.id, step, refused.table_name, refused.column_name,
+                                       refused.schema_entity, refused.contract_mode)
 
     def summary(self) -> LoadSummary:
         """What the steps run so far did."""
@@ -159,9 +191,12 @@ class ConnectorPipeline:
             destination=self.spec.destination.kind,
             dataset=self.spec.dataset,
             location=str(path) if path else None,
-            rows=dict(self.rows),
-            load_ids=list(self.load_ids),
+            rows=dict(self.report.rows),
+            load_ids=list(self.report.load_ids),
             duration_seconds=round(time.monotonic() - self._started, 3),
+            schema_changes=self.report.schema_changes(self._pipeline),
+            incremental=self.report.incremental_windows(),
+            merge=dict(self.report.merge),
         )
 
 

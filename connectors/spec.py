@@ -157,6 +157,37 @@ class RestApiSource(_Strict):
         return config
 
 
+ContractMode = Literal["evolve", "freeze", "discard_row", "discard_value"]  # dlt's TSchemaEvolutionMode
+CONTRACT_MODES: tuple[str, ...] = ContractMode.__args__  # type: ignore[attr-defined]
+
+
+class SchemaContractSpec(_Strict):
+    """dlt's schema contract: what may happen when data brings a new table, a new column or a new data type.
+    evolve: take it; freeze: fail the run; discard_row / discard_value: drop the row or the value. An entity
+    left out is dlt's default (evolve)."""
+
+    tables: ContractMode | None = Field(None, description="A new table.")
+    columns: ContractMode | None = Field(None, description="A new column in an existing table.")
+    data_type: ContractMode | None = Field(None, description="A value of another type (a variant column).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        # dlt's shorthand: one mode for all three entities (as dlt's Schema.expand_schema_contract_settings reads it)
+        if isinstance(value, str):
+            if value not in CONTRACT_MODES:
+                raise ValueError(f"'{value}' is not a contract mode: give one of {', '.join(CONTRACT_MODES)}, or a "
+                                 "mapping of tables, columns and data_type to one")
+            return {"tables": value, "columns": value, "data_type": value}
+        if isinstance(value, dict) and not value:
+            raise ValueError("give a mode for at least one of tables, columns, data_type")
+        return value
+
+    def to_dlt(self) -> dict[str, str]:
+        """As dlt's TSchemaContractDict: the entities given."""
+        return self.model_dump(exclude_none=True)
+
+
 SourceSpec = Annotated[Union[SqlDatabaseSource, FilesystemSource, PythonSource, RestApiSource],
                        Field(discriminator="kind")]
 
@@ -245,6 +276,9 @@ class ConnectorSpec(_Strict):
         "Where the runs no caller asked for (scheduled ones) POST their document when they end, as a trigger's "
         "callback_url does."))
     full_refresh: bool = Field(False, description="Drop the connector's tables and incremental state, load all again.")
+    schema_contract: SchemaContractSpec | None = Field(None, description=(
+        "dlt's schema contract: a mode (evolve, freeze, discard_row, discard_value) or one per entity "
+        "(tables, columns, data_type). dlt stores it with the schema: to lift it, set evolve."))
 
     @field_validator("primary_key")
     @classmethod

@@ -5,6 +5,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from connectors.pipeline import ConnectorRunError, RunCancelled
+from connectors.schema_contract import SchemaContractViolation
 from connectors.secrets import scrub
 from connectors.spec import ParamsError
 
@@ -21,7 +22,8 @@ STATUSES = (QUEUED, *ACTIVE, *TERMINAL)
 @dataclass(frozen=True)
 class RunError:
     """Why a run did not complete: a stable `code`, a message for people, the `step` it failed in and whether
-    running it again can help (`terminal`), plus the bad `field` or the failed workflow `nodes` when known."""
+    running it again can help (`terminal`), plus the bad `field`, the failed workflow `nodes` or the schema
+    `contract` that refused data (table, column, entity, mode) when known."""
 
     code: str
     message: str
@@ -29,6 +31,7 @@ class RunError:
     terminal: bool | None = None
     field: str | None = None
     nodes: list[str] | None = None
+    contract: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """As stored and shown on the run (unset facts left out)."""
@@ -42,6 +45,8 @@ class RunError:
         """The error for an exception a connector run raised."""
         if isinstance(exc, RunCancelled):
             return cls("cancelled", str(exc), step=exc.step)
+        if isinstance(exc, SchemaContractViolation):
+            return cls("schema_contract_violation", exc.message, step=exc.step, terminal=True, contract=exc.facts())
         if isinstance(exc, ConnectorRunError):
             return cls("connector_failed", exc.message, step=exc.step, terminal=exc.terminal)
         if isinstance(exc, ParamsError):

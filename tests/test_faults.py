@@ -226,8 +226,8 @@ def test_a_run_killed_before_its_load_is_completed_by_the_next_run_without_dupli
     with duckdb.connect(summary.location, read_only=True) as con:
         total, distinct = con.execute("SELECT count(*), count(DISTINCT id) FROM raw.events").fetchone()
     assert (total, distinct) == (48, 48)
-    # Two loads: the killed run's package (its 5 rows) first, then this run's own 3 new rows.
-    assert len(summary.load_ids) == 2 and summary.rows == {"events": 3}
+    # Two loads: the killed run's package (its 5 rows) first, then this run's own 3 new rows; both counted.
+    assert len(summary.load_ids) == 2 and summary.rows == {"events": 8}
     assert not list((workspace.pipelines_dir / "flowgate_inc" / "load" / "normalized").iterdir())
 
 
@@ -269,7 +269,8 @@ def test_a_run_killed_inside_normalizes_commit_does_not_poison_the_connector(wor
     first = run_connector(registry.get("inc"), workspace)
     _events_db(workdir / "events.db", [(i, "new", f"2025-01-04T00:00:{i - 48:02d}") for i in range(48, 50)])
     second = run_connector(registry.get("inc"), workspace)
-    assert first.rows == {"events": 3} and second.rows == {"events": 2}
+    # the killed run's 5 rows, counted at its extract (it died before its normalize's count), and 3 new ones
+    assert first.rows == {"events": 8} and second.rows == {"events": 2}
     with duckdb.connect(second.location, read_only=True) as con:
         total, distinct = con.execute("SELECT count(*), count(DISTINCT id) FROM raw.events").fetchone()
     assert (total, distinct) == (50, 50)
@@ -312,7 +313,8 @@ def test_a_run_killed_after_a_load_job_committed_does_not_land_its_rows_twice(wo
     with duckdb.connect(summary.location, read_only=True) as con:
         total, distinct = con.execute("SELECT count(*), count(DISTINCT id) FROM raw.events").fetchone()
     assert (total, distinct) == (45, 45)  # was (50, 45): the 5 rows of the killed run's job, loaded again
-    assert len(summary.load_ids) == 1 and summary.rows == {}  # its package finished; nothing new to extract
+    # its package finished, its 5 rows counted (first reported now: the killed run reported none); nothing new
+    assert len(summary.load_ids) == 1 and summary.rows == {"events": 5}
     assert not list((workspace.pipelines_dir / "flowgate_inc" / "load" / "normalized").iterdir())
 
 
@@ -327,7 +329,7 @@ def test_a_killed_runs_committed_insert_values_job_is_not_run_again_either(workd
     summary = run_connector(registry.get("numbers"), workspace)  # the killed run's 10 rows, then its own 10
     with duckdb.connect(summary.location, read_only=True) as con:
         assert con.execute("SELECT count(*) FROM raw.numbers").fetchone()[0] == 20  # 30: its job ran again
-    assert len(summary.load_ids) == 2
+    assert len(summary.load_ids) == 2 and summary.rows == {"numbers": 20}
 
 
 ISOLATED_RUN = """

@@ -38,6 +38,9 @@ def test_metrics_count_triggers_fallbacks_durations_requests_and_the_queue(runni
     assert delta("flowgate_triggers_total", kind="connector", backend="local", outcome="duplicate") == 1
     assert delta("flowgate_fallbacks_total", reason="prefect_not_configured") == 2
     assert delta("flowgate_run_duration_seconds_count", kind="connector", target="numbers", status="completed") >= 1
+    # the first run of `numbers` created its table (columns n, square); a second one appends, changing nothing
+    assert delta("flowgate_schema_changes_total", target="numbers", kind="new_table") == 1
+    assert delta("flowgate_schema_changes_total", target="numbers", kind="new_column") == 2
     assert delta("flowgate_http_request_duration_seconds_count", endpoint="/trigger", method="POST", status="202") == 3
     assert sample(after, "flowgate_executor_slots") == 2 and sample(after, "flowgate_executors") == 1
 

@@ -26,3 +26,24 @@ def test_every_reference_resolves_and_errors_are_problem_documents(client):
     assert set(trigger["responses"]) >= {"200", "202", "400", "404", "413", "422"}
     assert "application/problem+json" in trigger["responses"]["422"]["content"]
     assert all(set(variant["required"]) == {"connector_id"} for variant in schemas["TriggerRequest"]["oneOf"])
+
+
+def test_a_connector_runs_result_and_a_previews_changes_are_described(client):
+    schemas = client.get("/openapi.json").json["components"]["schemas"]
+    result = schemas["RunOut"]["properties"]["result"]
+    assert {"$ref": "#/components/schemas/LoadResult"} in result["anyOf"]
+    assert {"rows", "load_ids", "schema_changes", "incremental", "merge"} <= set(schemas["LoadResult"]["properties"])
+    assert set(schemas["TableChanges"]["properties"]) == {"new_table", "new_columns", "variant_columns", "type_changes"}
+    assert set(schemas["IncrementalWindow"]["properties"]) == {"cursor_path", "from", "to", "rows"}
+    assert set(schemas["MergeCounts"]["properties"]) == {"inserted", "updated"}
+    assert {"changes", "changes_unavailable"} <= set(schemas["PreviewOut"]["properties"])
+    assert set(schemas["TablePreviewChanges"]["properties"]) == {"new_table", "new_columns", "refused"}
+
+
+def test_a_load_summary_has_the_fields_its_documented_shape_lists():
+    from dataclasses import fields
+
+    from app.schemas import LoadResult
+    from connectors.pipeline import LoadSummary
+
+    assert {f.name for f in fields(LoadSummary)} == set(LoadResult.model_fields)

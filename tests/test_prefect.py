@@ -101,10 +101,13 @@ def test_a_trigger_becomes_a_prefect_flow_run_and_shows_its_summary(stack, gatew
 
 
 def test_incremental_state_carries_over_between_the_prefect_and_the_local_path(stack, gateway):
+    windows = []
+
     def run(backend: str) -> dict:
         accepted = gateway.post("/trigger", json={"connector_id": "inc", "backend": backend}).json
         done = poll_until_ended(gateway, accepted["status_url"], timeout=120)
         assert done["status"] == "completed" and done["backend"] == backend, done
+        windows.append(done["result"]["incremental"]["events"])  # the same result document on both paths
         return done["result"]["rows"]
 
     _events_db(stack.workdir / "events.db", [(i, "new", f"2025-01-01T00:00:{i:02d}") for i in range(20)])
@@ -113,6 +116,9 @@ def test_incremental_state_carries_over_between_the_prefect_and_the_local_path(s
     assert run("local") == {"events": 5}  # the cursor the worker left in the destination
     _events_db(stack.workdir / "events.db", [(25, "new", "2025-01-03T00:00:00")])
     assert run("prefect") == {"events": 1}
+    assert [(w["from"], w["to"], w["rows"]) for w in windows] == [
+        (None, "2025-01-01T00:00:19", 20), ("2025-01-01T00:00:19", "2025-01-02T00:00:24", 5),
+        ("2025-01-02T00:00:24", "2025-01-03T00:00:00", 1)]
 
 
 TERMINAL_STATUSES = ("completed", "failed", "cancelled", "crashed")

@@ -53,6 +53,12 @@ def test_a_missing_env_var_without_default_names_connector_and_field(tmp_path: P
     ("source: {kind: python, ref: 'connectors.demo:no_such_function'}", "source.ref"),
     ("source: {kind: python, ref: 'no_such_module:f'}", "source.ref"),
     ("description: no source", "source"),
+    ("source: {kind: python, ref: 'connectors.demo:numbers'}\n    schema_contract: frozen", "schema_contract"),
+    ("source: {kind: python, ref: 'connectors.demo:numbers'}\n    schema_contract: {colums: freeze}",
+     "schema_contract.colums"),
+    ("source: {kind: python, ref: 'connectors.demo:numbers'}\n    schema_contract: {tables: strict}",
+     "schema_contract.tables"),
+    ("source: {kind: python, ref: 'connectors.demo:numbers'}\n    schema_contract: {}", "schema_contract"),
 ])
 def test_an_invalid_connector_is_refused_naming_file_connector_and_field(tmp_path: Path, body: str, field: str):
     path = write(tmp_path, f"connectors:\n  good:\n    source: {{kind: python, ref: 'connectors.demo:numbers'}}\n"
@@ -119,3 +125,15 @@ def test_a_dataset_named_like_its_duckdb_file_is_refused_naming_the_field(tmp_pa
     with pytest.raises(RegistryError) as info:
         ConnectorRegistry.load(path)
     assert "connector 'orders'" in str(info.value) and "field 'dataset'" in str(info.value)
+
+
+def test_a_schema_contract_is_a_mode_or_a_mode_per_entity_and_a_wrong_mode_is_named(tmp_path: Path):
+    source = "source: {kind: python, ref: 'connectors.demo:numbers'}"
+    path = write(tmp_path, f"connectors:\n  a:\n    {source}\n    schema_contract: freeze\n"
+                           f"  b:\n    {source}\n    schema_contract: {{columns: discard_value}}\n")
+    registry = ConnectorRegistry.load(path)
+    assert registry.get("a").schema_contract.to_dlt() == {"tables": "freeze", "columns": "freeze",
+                                                          "data_type": "freeze"}
+    assert registry.get("b").schema_contract.to_dlt() == {"columns": "discard_value"}
+    with pytest.raises(RegistryError, match="'frozen' is not a contract mode: give one of evolve, freeze"):
+        ConnectorRegistry.load(write(tmp_path, f"connectors:\n  a:\n    {source}\n    schema_contract: frozen\n"))

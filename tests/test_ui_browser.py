@@ -154,6 +154,7 @@ def test_a_run_triggered_from_the_page_completes_and_shows_its_rows(page, server
     card.locator("[data-action=preview]").click()
     card.locator("[data-submit=preview]").click()
     expect(card.locator("[data-resource=orders] tbody tr")).to_have_count(20)
+    expect(card.locator(".notice.changes")).to_contain_text("orders new table")  # nothing loaded yet
     shoot(page, "connectors")
 
     card.locator("[data-action=run]").click()
@@ -163,6 +164,8 @@ def test_a_run_triggered_from_the_page_completes_and_shows_its_rows(page, server
     expect(page.locator("tr[data-table=orders] td.num")).to_have_text("100")
     expect(page.locator("tr[data-table=customers] td.num")).to_have_text("20")
     expect(page.locator(".steps li.step-done")).to_have_count(4)
+    expect(page.locator(".notice.changes li[data-changed=orders]")).to_contain_text("new table")  # the first load
+    expect(page.locator(".notice.changes li[data-changed=orders]")).to_contain_text("amount_cents bigint")
     expect(page.locator(".timeline")).to_contain_text("local")
     expect(page.locator(".logs")).not_to_contain_text("No log lines yet.")
     shoot(page, "run")

@@ -12,7 +12,7 @@ from app.api.schedules import schedule_document
 from app.errors import NotFound, Unavailable, ValidationFailed
 from app.schemas import ConnectorOut, PreviewRequest
 from connectors.pipeline import ConnectorRunError
-from connectors.preview import preview_connector
+from connectors.preview import preview_changes, preview_connector
 from connectors.schema import DestinationBusy, destination_schema
 from connectors.spec import ConnectorSpec, ParamsError
 
@@ -42,16 +42,22 @@ def get_connector(connector_id: str) -> dict[str, Any]:
 
 @bp.post("/<connector_id>/preview")
 def preview(connector_id: str) -> dict[str, Any]:
-    """Extract a few rows per resource with the connector's config; nothing is loaded, no state changes."""
+    """Extract a few rows per resource with the connector's config, and tell which tables and columns would be new
+    at the destination (and refused by the schema contract); nothing is loaded, no state changes."""
     spec = get_connector_or_404(connector_id)
     body = validated(PreviewRequest, json_object())
     try:
-        sample = preview_connector(spec.with_params(body.params), body.limit)
+        runnable = spec.with_params(body.params)
+        sample = preview_connector(runnable, body.limit)
     except ParamsError as exc:
         raise ValidationFailed.of_field(exc.field, exc.message) from None
     except ConnectorRunError as exc:
         raise ValidationFailed(f"the connector's source failed: {exc.message}", code="preview_failed") from None
-    return {"connector_id": spec.id, **sample}
+    try:
+        changes, unavailable = preview_changes(runnable, services().workspace, sample["resources"]), None
+    except DestinationBusy as exc:
+        changes, unavailable = None, f"the destination is being written right now: {exc}"
+    return {"connector_id": spec.id, **sample, "changes": changes, "changes_unavailable": unavailable}
 
 
 @bp.get("/<connector_id>/schema")

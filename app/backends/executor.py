@@ -282,7 +282,7 @@ class LocalExecutor:
                 return
             if self.store.finish(run_id, self.id, outcome.status, result=outcome.result, error=outcome.error,
                                  logs=logs):
-                observe_run_end(run.kind, run.target, outcome.status, run.started_at, utcnow())
+                observe_run_end(run.kind, run.target, outcome.status, run.started_at, utcnow(), outcome.result)
             else:
                 log.warning("run %s was no longer held by %s when it ended as %s", run_id, self.id, outcome.status)
         except Exception:

@@ -152,7 +152,8 @@ class PrefectBackend:
         if started_at and not run.started_at:
             observe_run_start(updated)
         if updated.is_terminal:
-            observe_run_end(updated.kind, updated.target, updated.status, updated.started_at, updated.finished_at)
+            observe_run_end(updated.kind, updated.target, updated.status, updated.started_at, updated.finished_at,
+                            updated.result)
         return updated
 
     def logs(self, run: Run, after: int, limit: int) -> LogPage:

@@ -65,7 +65,8 @@ function connectorCard(item, canTrigger, canAdmin) {
       replace(output, h("p", { class: "muted" }, "Extracting a sample…"));
       const { body: sample } = await postJSON(`/api/v1/connectors/${encodeURIComponent(item.id)}/preview`,
         { limit: 20, params });
-      replace(output, Object.entries(sample.resources).map(([name, resource]) => previewTable(name, resource)));
+      replace(output, previewChanges(sample),
+        Object.entries(sample.resources).map(([name, resource]) => previewTable(name, resource)));
     }
   };
 
@@ -162,6 +163,23 @@ function previewTable(name, resource) {
     h("div", { class: "scroll" }, h("table", { class: "sample" },
       h("thead", {}, h("tr", {}, columns.map((column) => h("th", { title: resource.columns[column] }, column)))),
       h("tbody", {}, resource.rows.map((row) => h("tr", {}, columns.map((column) => h("td", {}, cell(row[column])))))))));
+}
+
+// Tables and columns the sample would add at the destination, and what the schema contract would refuse.
+function previewChanges(sample) {
+  if (!sample.changes) {
+    return sample.changes_unavailable ? h("p", { class: "muted" }, sample.changes_unavailable) : null;
+  }
+  const tables = Object.entries(sample.changes.tables);
+  if (!tables.length) return h("p", { class: "muted" }, "Nothing new compared with the destination.");
+  return h("div", { class: "notice changes", role: "status" },
+    h("h3", {}, "New compared with the destination"),
+    h("ul", {}, tables.map(([table, change]) => h("li", { dataset: { changed: table } },
+      h("strong", { class: "mono" }, table), change.new_table ? " new table" : "",
+      change.new_columns.length ? [" · new columns: ", h("span", { class: "mono" },
+        change.new_columns.map((c) => c.name).join(", "))] : "",
+      change.refused.length ? [" · refused by the contract: ", h("span", { class: "mono" },
+        change.refused.map((r) => `${r.column || "the table"} (${r.entity}: ${r.mode})`).join(", "))] : ""))));
 }
 
 function cell(value) {

@@ -166,9 +166,15 @@ function errorPanel(error) {
     : error.terminal === false ? "A retry can help: the cause may be passing." : null;
   return h("div", { class: "notice error", role: "alert" },
     h("div", {}, h("strong", {}, error.code || "error"), error.step ? ` in step ${error.step}` : "",
-      error.field ? ` (field ${error.field})` : "", error.nodes ? ` (nodes ${error.nodes.join(", ")})` : ""),
+      error.field ? ` (field ${error.field})` : "", error.nodes ? ` (nodes ${error.nodes.join(", ")})` : "",
+      error.contract ? contractText(error.contract) : ""),
     h("div", { class: "error-message" }, error.message),
     retry ? h("div", { class: "small" }, retry) : null);
+}
+
+function contractText(contract) {
+  const column = contract.column ? `, column ${contract.column}` : "";
+  return ` (table ${contract.table}${column}; schema_contract.${contract.entity}: ${contract.mode})`;
 }
 
 function stepStates(run) {
@@ -194,10 +200,53 @@ function connectorDetail(run) {
       h("tbody", {}, rows.map(([table, count]) => h("tr", { dataset: { table } },
         h("td", { class: "mono" }, table), h("td", { class: "num" }, number(count))))))
       : h("p", { class: "muted" }, run.status === "completed" ? "No rows." : "Not loaded yet."),
+    schemaChanges(result.schema_changes),
+    incrementalWindows(result.incremental, result.merge),
     h("dl", { class: "facts" },
       fact("destination", result.destination), fact("dataset", result.dataset), fact("location", result.location),
       fact("load ids", (result.load_ids || []).join(", ")), fact("pipeline time", seconds(result.duration_seconds)),
       fact("params", Object.keys(run.params || {}).length ? JSON.stringify(run.params) : "")),
+  ];
+}
+
+// What the run changed in the destination's schema, highlighted: a new table, new or variant columns, a type change.
+function schemaChanges(changes) {
+  const tables = Object.entries(changes || {});
+  if (!tables.length) return null;
+  const column = (c) => h("span", { class: "mono" }, c.name, h("span", { class: "muted" }, ` ${c.type}`));
+  return h("div", { class: "notice changes", role: "status" },
+    h("h3", {}, "Schema changes"),
+    h("ul", {}, tables.map(([table, change]) => h("li", { dataset: { changed: table } },
+      h("strong", { class: "mono" }, table), change.new_table ? " new table" : "",
+      change.new_columns.length ? [" · new columns: ", list(change.new_columns, column)] : "",
+      change.variant_columns.length ? [" · variant columns: ", list(change.variant_columns, column)] : "",
+      change.type_changes.length ? [" · type changes: ", list(change.type_changes,
+        (c) => h("span", { class: "mono" }, `${c.name} ${c.from} → ${c.to}`))] : ""))));
+}
+
+function list(items, render) {
+  return items.map((item, i) => [i ? ", " : "", render(item)]);
+}
+
+// Each incremental table's cursor window and, for merge tables, rows inserted versus updated.
+function incrementalWindows(windows, merge) {
+  const tables = [...new Set([...Object.keys(windows || {}), ...Object.keys(merge || {})])];
+  if (!tables.length) return null;
+  const value = (v) => (v === null || v === undefined ? "—" : String(v));
+  return [
+    h("h2", {}, "Incremental and merge"),
+    h("table", { class: "rows" },
+      h("thead", {}, h("tr", {}, ["table", "cursor", "from", "to", "rows", "inserted", "updated"].map((name) =>
+        h("th", { class: ["rows", "inserted", "updated"].includes(name) ? "num" : null }, name)))),
+      h("tbody", {}, tables.map((table) => {
+        const w = windows?.[table];
+        const m = merge?.[table];
+        return h("tr", { dataset: { window: table } },
+          h("td", { class: "mono" }, table), h("td", { class: "mono" }, w ? w.cursor_path : "—"),
+          h("td", { class: "mono" }, w ? value(w.from) : "—"), h("td", { class: "mono" }, w ? value(w.to) : "—"),
+          h("td", { class: "num" }, w ? number(w.rows) : "—"), h("td", { class: "num" }, m ? number(m.inserted) : "—"),
+          h("td", { class: "num" }, m ? number(m.updated) : "—"));
+      }))),
   ];
 }
 
