@@ -180,6 +180,20 @@ UNDEPLOYED = """
 
 
 @contextmanager
+def served_stack(workdir: Path, database: str) -> Iterator[PrefectStack]:
+    """A server with DEPLOYED deployed and no worker: a test proposes a worker's states itself, in the order it
+    chooses (tests/test_prefect_states.py)."""
+    (workdir / "deployed.yaml").write_text(DEPLOYED)
+    stack = PrefectStack(workdir, database_url=fresh_postgres_database(database))
+    try:
+        stack.start_server()
+        stack.deploy(workdir / "deployed.yaml")
+        yield stack
+    finally:
+        stack.stop()
+
+
+@contextmanager
 def deployed_stack(workdir: Path, database: str) -> Iterator[PrefectStack]:
     """A server (on PostgreSQL database `database`_<pid> where one answers), DEPLOYED deployed, and a worker."""
     (workdir / "deployed.yaml").write_text(DEPLOYED)  # no schedule: a 5 s one keeps the worker busy

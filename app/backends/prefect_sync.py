@@ -7,7 +7,7 @@ from datetime import timedelta
 from typing import Any
 
 from app.backends.prefect import PrefectBackend
-from app.backends.prefect_client import RECLAIMED, PrefectError
+from app.backends.prefect_client import PrefectError, is_claim
 from app.runs.models import Run, utcnow
 from flows.loop import Loop
 from flows.outcome import QUEUED, RunError
@@ -83,10 +83,10 @@ class PrefectSync(Loop):
         would (PENDING, which Prefect grants once), close it, and run it locally under the same run id. When a
         worker wins the claim, the run stays on Prefect."""
         flow_run_id = run.prefect_flow_run_id
-        # A gateway claimed it, then died (or lost Prefect) before closing it: ours now (Prefect refuses PENDING
-        # from PENDING), unless the claim had come after a worker's whole run, whose end was never restored.
+        # A gateway claimed it, then died (or lost Prefect) before closing it: ours now (Prefect refuses a worker's
+        # PENDING over it), unless the claim had come after a worker's whole run, whose end was never restored.
         state = flow_run.get("state") or {}
-        if state.get("name") == RECLAIMED:
+        if is_claim(state):
             ours = self.backend.client.keep_claim(flow_run_id, state.get("id"))
         else:
             ours = self.backend.client.claim_flow_run(flow_run_id)
@@ -151,5 +151,5 @@ class PrefectSync(Loop):
 def _unpicked(flow_run: dict[str, Any]) -> bool:
     """Scheduled (Late included) and never claimed by a worker; or claimed by a gateway that then died."""
     state = flow_run.get("state") or {}
-    return state.get("type") == "SCHEDULED" or (state.get("type") == "PENDING" and state.get("name") == RECLAIMED)
+    return state.get("type") == "SCHEDULED" or is_claim(state)
 
