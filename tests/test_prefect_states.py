@@ -130,3 +130,39 @@ def test_a_claim_that_arrives_after_a_worker_ran_the_whole_flow_run_leaves_its_e
         worker_claims(stack, flow_run())
     assert gateway.dispatcher.prefect.client.claim_flow_run(flow_run_id) is False
     assert state(stack, flow_run_id)["type"] == "COMPLETED"
+
+
+# --- cancels ---------------------------------------------------------------------------------------------------
+
+
+def test_a_cancel_of_a_flow_run_no_worker_took_ends_it_at_once_and_no_worker_can_take_it_after(
+        stack, flow_run, gateway):
+    run = on_prefect(gateway, flow_run())
+    cancelled = gateway.dispatcher.prefect.cancel(run)
+    assert cancelled.status == "cancelled"
+    assert state(stack, run.prefect_flow_run_id)["type"] == "CANCELLED"
+    assert propose(stack, run.prefect_flow_run_id, "PENDING", "Pending")["status"] == "ABORT"
+
+
+@pytest.mark.parametrize("worker_state", ["PENDING", "RUNNING"])
+def test_a_cancel_of_a_flow_run_a_worker_has_waits_for_the_worker_to_stop_it(stack, flow_run, gateway, worker_state):
+    """Prefect 3.8.8 accepts a CANCELLED from PENDING or RUNNING: a run read as queued while a worker was starting it
+    was recorded cancelled while its flow went on to run. CANCELLING is what a worker stops a flow run on."""
+    run = on_prefect(gateway, flow_run())
+    worker_claims(stack, run.prefect_flow_run_id)
+    if worker_state == "RUNNING":
+        assert propose(stack, run.prefect_flow_run_id, "RUNNING", "Running")["status"] == "ACCEPT"
+    cancelled = gateway.dispatcher.prefect.cancel(run)
+    assert cancelled.status == "cancelling" and cancelled.cancel_requested
+    assert state(stack, run.prefect_flow_run_id)["type"] == "CANCELLING"
+    # ...and the flow cannot start after it (the worker marks it Cancelled once it has stopped it)
+    assert propose(stack, run.prefect_flow_run_id, "RUNNING", "Running")["status"] != "ACCEPT"
+
+
+def test_a_cancel_that_arrives_after_the_flow_run_ended_leaves_its_end(stack, flow_run, gateway):
+    """A forced CANCELLING is accepted over a COMPLETED flow run, which then never ends again (the gateway's
+    timeout cancels such a run, and a user's cancel can cross the end too)."""
+    flow_run_id = flow_run()
+    worker_runs(stack, flow_run_id)
+    assert gateway.dispatcher.prefect.client.cancel_flow_run(flow_run_id) is None
+    assert state(stack, flow_run_id)["type"] == "COMPLETED"

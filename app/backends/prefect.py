@@ -17,7 +17,7 @@ from app.errors import Unavailable
 from app.metrics import observe_run_end
 from app.runs.models import Run, utcnow
 from app.runs.store import RunStore
-from flows.outcome import COMPLETED, QUEUED, TERMINAL, RunError
+from flows.outcome import COMPLETED, TERMINAL, RunError
 from flows.prefect.contract import FLOW_NAME, STATE_TO_STATUS, SUMMARY_ARTIFACT_PREFIX, run_tag, workflow_artifact_key
 
 log = logging.getLogger(__name__)
@@ -189,21 +189,24 @@ class PrefectBackend:
         return live
 
     def cancel(self, run: Run) -> Run | None:
-        """Cancel in Prefect first; the store follows only what Prefect agreed to. A flow run no worker has taken
-        is cancelled at once; one a worker has (or may have) turns `cancelling` until Prefect reports its end.
-        A Prefect that does not answer changes nothing: 503, and the run is still followed."""
+        """Cancel in Prefect first; the store follows only what Prefect answered. A flow run no worker has taken
+        is cancelled at once; one a worker has turns `cancelling` until Prefect reports its end; one that ended
+        first keeps its end. A Prefect that does not answer changes nothing: 503, and the run is still followed."""
         run = self.refresh(run)
         if run.is_terminal:
             return run
         try:
-            if run.status == QUEUED and self.client.cancel_scheduled_flow_run(run.prefect_flow_run_id):
-                return self.store.cancel(run.id)
-            self.client.cancel_flow_run(run.prefect_flow_run_id)
+            after = self.client.cancel_flow_run(run.prefect_flow_run_id)
         except PrefectError as exc:
             self.note_failure(exc)
             raise Unavailable(f"Prefect did not confirm the cancellation ({exc.message}); the run goes on",
                               code="prefect_unavailable", headers={"Retry-After": "10"}) from None
+        if after == "CANCELLED":
+            return self.store.cancel(run.id)
+        if after is None:  # it ended before the cancel arrived
+            return self.refresh(self.store.get(run.id))
         return self.store.request_cancel(run.id) or self.store.get(run.id)  # it ended meanwhile
+
 
 def flow_parameters(run: Run) -> dict[str, Any]:
     """The flow run's parameters, from the run alone (so any process can create it)."""

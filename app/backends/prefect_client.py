@@ -203,19 +203,19 @@ class PrefectClient:
         self._request("POST", f"flow_runs/{flow_run_id}/set_state", json={
             "state": {"type": "CANCELLED", "name": "Cancelled", "message": message}, "force": True})
 
-    def cancel_scheduled_flow_run(self, flow_run_id: str) -> bool:
-        """Cancel a flow run no worker has taken yet; False when Prefect refuses (a worker already has it).
-        Not forced: Prefect's orchestration decides who wins against a worker picking it up."""
-        answer = self._request("POST", f"flow_runs/{flow_run_id}/set_state",
-                               json={"state": {"type": "CANCELLED", "name": "Cancelled",
-                                               "message": "cancelled through flowgate before it started"},
-                                     "force": False})
-        return (answer or {}).get("status") == "ACCEPT"
+    def cancel_flow_run(self, flow_run_id: str) -> str | None:
+        """Ask Prefect to cancel a flow run; returns the state type it is in after: CANCELLED when no worker had
+        taken it (Prefect ends it at once), CANCELLING when one has (the worker stops it; the flow cannot start
+        from there), None when Prefect refused because the flow run had ended (its end stands).
 
-    def cancel_flow_run(self, flow_run_id: str) -> None:
-        """Ask Prefect to cancel a flow run (the worker stops it)."""
-        self._request("POST", f"flow_runs/{flow_run_id}/set_state",
-                      json={"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": True})
+        Never forced, and never CANCELLED itself: Prefect 3.8.8 accepts a CANCELLED from PENDING or RUNNING, so
+        a flow run a worker was starting would be recorded cancelled and run anyway, and a forced CANCELLING is
+        accepted over a COMPLETED flow run, which then never ends again."""
+        answer = self._request("POST", f"flow_runs/{flow_run_id}/set_state",
+                               json={"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": False}) or {}
+        if answer.get("status") not in ("ACCEPT", "REJECT"):
+            return None
+        return (answer.get("state") or {}).get("type")
 
     def read_table_artifact(self, flow_run_id: str, key_prefix: str) -> list[dict[str, Any]] | None:
         """The rows of the flow run's table artifact whose key starts with `key_prefix`, or None."""
