@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import duckdb
 import pytest
 
 from app import create_app
+from app.runs.models import utcnow
 from app.runs.store import NewRun
 from tests.fake_services import SlowProxy
 from tests.prefect_stack import PrefectStack, deployed_stack
@@ -161,6 +163,24 @@ def test_the_same_idempotency_key_gives_one_flow_run(stack, gateway):
     tagged = stack.api("POST", "flow_runs/filter",
                        json={"flow_runs": {"tags": {"all_": [f"flowgate-run:{first['run_id']}"]}}})
     assert len(tagged) == 1
+
+
+def test_a_key_used_again_after_retention_pruned_its_run_makes_a_new_flow_run_that_executes(gateway):
+    """Prefect keeps a flow run's idempotency key for good, flowgate a caller's only as long as the run: a key
+    Prefect knew gave the new run the old flow run back, recorded completed without executing."""
+    trigger = {"connector_id": "numbers", "params": {"n": 3}, "wait": 120}
+    headers = {"Idempotency-Key": "nightly-numbers"}
+    first = gateway.post("/trigger", json=trigger, headers=headers).json
+    assert first["status"] == "completed" and first["backend"] == "prefect", first
+    services = gateway.application.extensions["flowgate"]
+    assert services.store.retention.prune(utcnow() + timedelta(seconds=1)) >= 1  # as FLOWGATE_RETENTION_DAYS would
+    again = gateway.post("/trigger", json=trigger, headers=headers).json
+    assert again["run_id"] != first["run_id"]
+    done = poll_until_ended(gateway, again["status_url"], timeout=120)
+    assert done["status"] == "completed" and done["backend"] == "prefect", done
+    assert done["prefect_flow_run_id"] != first["prefect_flow_run_id"]
+    assert done["result"]["rows"] == {"numbers": 3} and set(done["result"]["load_ids"]).isdisjoint(
+        first["result"]["load_ids"])  # it ran: a load of its own
 
 
 def test_a_connector_without_a_deployment_runs_locally_with_the_reason(gateway):

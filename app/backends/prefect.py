@@ -78,8 +78,9 @@ class PrefectBackend:
             return run
 
     def _create(self, run: Run, deployment_id: str) -> Run:
-        # Prefect scopes idempotency keys to the flow: prefix with the target so keys never collide.
-        key = f"flowgate:{run.kind}:{run.target}:{run.idempotency_key or run.id}"
+        # Keyed on the run, not the caller's key: Prefect keeps a key for good, and one flowgate had forgotten with
+        # its run (retention) gave a new run the old flow run back. Callers' keys are flowgate's to dedupe.
+        key = f"flowgate:{run.kind}:{run.target}:{run.id}"
         flow_run = self.client.create_flow_run(deployment_id, flow_parameters(run), key,
                                                tags=["flowgate", run_tag(run.id)])
         return self.record_flow_run(run, flow_run)
