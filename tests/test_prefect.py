@@ -30,7 +30,8 @@ def stack(tmp_path_factory) -> Iterator[PrefectStack]:
 
 @pytest.fixture
 def gateway(stack: PrefectStack, tmp_path: Path):
-    app = create_app({"var_dir": tmp_path / "var", "connectors_file": stack.workdir / "connectors.yaml",
+    app = create_app({"var_dir": tmp_path / "var", "database_url": stack.run_store_url,
+                      "connectors_file": stack.workdir / "connectors.yaml",
                       "workflows_dir": stack.workdir / "workflows",
                       "prefect_api_url": stack.api_url, "lease_seconds": 10.0, "poll_seconds": 0.05})
     services = app.extensions["flowgate"]
@@ -260,7 +261,8 @@ def tagged_flow_runs(stack: PrefectStack, run_id: str) -> list[dict]:
 def test_a_create_whose_answer_is_late_is_found_again_and_runs_once_on_prefect(stack, tmp_path):
     """Prefect creates the flow run but answers after the gateway's timeout: the run must not also run locally."""
     proxy = SlowProxy(stack.api_url.removesuffix("/api"), slow_path="/create_flow_run", delay=4.0)
-    app = create_app({"var_dir": tmp_path / "var", "connectors_file": stack.workdir / "connectors.yaml",
+    app = create_app({"var_dir": tmp_path / "var", "database_url": stack.run_store_url,
+                      "connectors_file": stack.workdir / "connectors.yaml",
                       "workflows_dir": stack.workdir / "workflows", "prefect_api_url": f"{proxy.url}/api",
                       "prefect_timeout_seconds": 1.5, "lease_seconds": 10.0, "poll_seconds": 0.05})
     services = app.extensions["flowgate"]
@@ -308,7 +310,8 @@ def test_a_run_accepted_but_never_handed_to_prefect_is_dispatched_by_the_sync(st
 
 def test_a_cancel_prefect_does_not_confirm_changes_nothing_and_the_run_is_still_followed(stack, tmp_path):
     proxy = SlowProxy(stack.api_url.removesuffix("/api"), fail_path="/set_state")
-    app = create_app({"var_dir": tmp_path / "var", "connectors_file": stack.workdir / "connectors.yaml",
+    app = create_app({"var_dir": tmp_path / "var", "database_url": stack.run_store_url,
+                      "connectors_file": stack.workdir / "connectors.yaml",
                       "workflows_dir": stack.workdir / "workflows", "prefect_api_url": f"{proxy.url}/api",
                       "lease_seconds": 10.0, "poll_seconds": 0.05})
     services = app.extensions["flowgate"]

@@ -14,7 +14,7 @@ from prefect.states import Cancelled
 
 from connectors.pipeline import ConnectorPipeline, Workspace, concurrency_key
 from connectors.registry import ConnectorRegistry
-from flows.connector_lock import ConnectorLock, LockLost, run_moved_off_prefect
+from flows.connector_lock import ConnectorLock, LockLost, run_moved_off_prefect, warn_unless_shared
 from flows.connector_lock import metadata as lock_metadata
 from flows.database import Database
 from flows.prefect.contract import FLOW_NAME, summary_artifact_key, tagged_run_id
@@ -37,15 +37,20 @@ def connector_flow(connector_id: str, params: dict[str, Any] | None = None) -> d
     workspace = Workspace(settings.pipelines_dir, settings.duckdb_dir)
     runnable = spec.with_params(params or {})
     database = Database(settings.run_store_url)  # shared with the gateways when DATABASE_URL is
-    database.create_tables(lock_metadata)
     try:
+        run_id = tagged_run_id(flow_run.tags)  # None: a flow run of a Prefect schedule
+        # Before anything is written there: a run store without this flow run's run is not the gateways'.
+        if run_id and (refused := run_moved_off_prefect(database, run_id)):
+            return Cancelled(message=f"not executed: {refused}")
+        if run_id is None:
+            warn_unless_shared(database)
+        database.create_tables(lock_metadata)
         # Never beside a local run (or another flow run) of the same destination: the key in the run store.
         holder = f"prefect:{flow_run.id}:{uuid.uuid4().hex[:8]}"  # one per execution, even of one flow run
         with ConnectorLock(database).hold(concurrency_key(spec, workspace), holder) as lost:
-            # Asked while holding the key: the gateway may have taken the run back while this flow run waited.
-            moved = (run_id := tagged_run_id(flow_run.tags)) and run_moved_off_prefect(database, run_id)
-            if moved:
-                return Cancelled(message=f"not executed: {moved}")
+            # Asked again holding the key: the gateway may have taken the run back while this flow run waited.
+            if run_id and (refused := run_moved_off_prefect(database, run_id)):
+                return Cancelled(message=f"not executed: {refused}")
             pipeline = ConnectorPipeline(runnable, workspace)
             for step in pipeline.steps:
                 if lost.is_set():

@@ -95,11 +95,13 @@ def workflow_flow(run_id: str, workflow: dict[str, Any], inputs: dict[str, Any] 
     settings = RuntimeSettings()
     spec = resolve_definition(workflow, from_file)
     database = Database(settings.run_store_url)  # node cache and connector keys: shared with the gateways
-    database.create_tables(metadata, lock_metadata)
     try:
-        moved = run_moved_off_prefect(database, run_id)  # taken back by the gateway: a worker's late claim
-        if moved:
-            return Cancelled(message=f"not executed: {moved}")
+        # Taken back or ended by the gateway, or a run store that is not the gateways': checked before anything
+        # is written there.
+        refused = run_moved_off_prefect(database, run_id)
+        if refused:
+            return Cancelled(message=f"not executed: {refused}")
+        database.create_tables(metadata, lock_metadata)
         runner = connector_runner(settings, database, f"prefect:{flow_run.id}:{run_id}")
         engine = WorkflowEngine(make_toolbox(settings, runner), cache=SqlNodeCache(database))
         result = engine.run(spec, inputs or {}, mode, submit=submit_as_task)
