@@ -137,6 +137,10 @@ def test_a_flow_run_whose_run_its_run_store_does_not_hold_does_not_execute(store
     on_prefect, _ = store.create_run(NewRun(kind="connector", target="numbers", params={}, backend="prefect",
                                             concurrency_key="connector:numbers"))
     assert run_moved_off_prefect(store.db, on_prefect.id) is None  # the gateways' store, the run on Prefect
+    cancelled, _ = store.create_run(NewRun(kind="connector", target="numbers", params={}, backend="prefect",
+                                           concurrency_key="connector:numbers"))
+    store.cancel(cancelled.id)  # a flow run a worker starts after its run was cancelled does not execute either
+    assert "it is cancelled on the prefect backend" in run_moved_off_prefect(store.db, cancelled.id)
     own = Database(f"sqlite:///{tmp_path / 'worker-own.db'}")  # a worker left on its default run store
     try:
         with caplog.at_level(logging.ERROR, logger="flows.connector_lock"):

@@ -144,19 +144,29 @@ def test_a_cancel_of_a_flow_run_no_worker_took_ends_it_at_once_and_no_worker_can
     assert propose(stack, run.prefect_flow_run_id, "PENDING", "Pending")["status"] == "ABORT"
 
 
-@pytest.mark.parametrize("worker_state", ["PENDING", "RUNNING"])
-def test_a_cancel_of_a_flow_run_a_worker_has_waits_for_the_worker_to_stop_it(stack, flow_run, gateway, worker_state):
-    """Prefect 3.8.8 accepts a CANCELLED from PENDING or RUNNING: a run read as queued while a worker was starting it
-    was recorded cancelled while its flow went on to run. CANCELLING is what a worker stops a flow run on."""
+def test_a_cancel_of_a_flow_run_a_worker_claimed_but_never_started_ends_it_and_frees_the_slot(
+        stack, flow_run, gateway):
+    """Prefect 3.8.8 accepts a CANCELLED from PENDING: a run read as queued while a worker was starting it was
+    recorded cancelled while its flow went on to run. CANCELLING first bars the flow from starting (Prefect refuses
+    RUNNING from it); a flow that never started then cannot have run, so the run is cancelled and the flow run
+    closed (the process a worker may still start finds its run ended in the run store). Left CANCELLING, it kept
+    the deployment's one slot until Prefect's own timeout (300 s)."""
     run = on_prefect(gateway, flow_run())
     worker_claims(stack, run.prefect_flow_run_id)
-    if worker_state == "RUNNING":
-        assert propose(stack, run.prefect_flow_run_id, "RUNNING", "Running")["status"] == "ACCEPT"
+    cancelled = gateway.dispatcher.prefect.cancel(run)
+    assert cancelled.status == "cancelled"
+    assert [s["type"] for s in history(stack, run.prefect_flow_run_id)][-2:] == ["CANCELLING", "CANCELLED"]
+    next_one = flow_run()
+    assert propose(stack, next_one, "PENDING", "Pending")["status"] == "ACCEPT"  # the slot is free
+
+
+def test_a_cancel_of_a_running_flow_run_waits_for_the_worker_to_stop_it(stack, flow_run, gateway):
+    run = on_prefect(gateway, flow_run())
+    worker_claims(stack, run.prefect_flow_run_id)
+    assert propose(stack, run.prefect_flow_run_id, "RUNNING", "Running")["status"] == "ACCEPT"
     cancelled = gateway.dispatcher.prefect.cancel(run)
     assert cancelled.status == "cancelling" and cancelled.cancel_requested
     assert state(stack, run.prefect_flow_run_id)["type"] == "CANCELLING"
-    # ...and the flow cannot start after it (the worker marks it Cancelled once it has stopped it)
-    assert propose(stack, run.prefect_flow_run_id, "RUNNING", "Running")["status"] != "ACCEPT"
 
 
 def test_a_cancel_that_arrives_after_the_flow_run_ended_leaves_its_end(stack, flow_run, gateway):

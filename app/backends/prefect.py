@@ -206,7 +206,33 @@ class PrefectBackend:
             return self.store.cancel(run.id)
         if after is None:  # it ended before the cancel arrived
             return self.refresh(self.store.get(run.id))
+        if after == "CANCELLING" and self._never_started(run):
+            return self._cancel_unstarted(run)
         return self.store.request_cancel(run.id) or self.store.get(run.id)  # it ended meanwhile
+
+    def _never_started(self, run: Run) -> bool:
+        """A CANCELLING flow run that never ran (a worker had claimed it): Prefect refuses RUNNING from CANCELLING,
+        so its flow cannot start now either. An unreadable flow run counts as started (the cautious answer)."""
+        try:
+            return not self.client.read_flow_run(run.prefect_flow_run_id).get("start_time")
+        except PrefectError as exc:
+            self.note_failure(exc)
+            return False
+
+    def _cancel_unstarted(self, run: Run) -> Run | None:
+        """Cancel a run whose flow run a worker claimed but never started. Nothing stops it in 3.8.8 once the
+        worker has handed it to its process (the flow only finds CANCELLING and exits), and it holds the
+        deployment's slot until Prefect's CANCELLING timeout (300 s). The run is recorded cancelled first, the flow
+        run closed second: a process that proposes RUNNING after the close (accepted from CANCELLED) finds its
+        run ended in the run store and does not execute."""
+        cancelled = self.store.cancel(run.id)
+        try:
+            self.client.end_cancelling_flow_run(run.prefect_flow_run_id, "cancelled through flowgate before it started")
+        except PrefectError as exc:
+            self.note_failure(exc)
+            log.info("closing cancelled flow run %s failed (%s); Prefect ends it after its CANCELLING timeout",
+                     run.prefect_flow_run_id, exc.message)
+        return cancelled
 
 
 def flow_parameters(run: Run) -> dict[str, Any]:

@@ -217,6 +217,11 @@ class PrefectClient:
             return None
         return (answer.get("state") or {}).get("type")
 
+    def end_cancelling_flow_run(self, flow_run_id: str, message: str) -> None:
+        """CANCELLED over a CANCELLING flow run (the only state Prefect lets it go to), freeing its slot."""
+        self._request("POST", f"flow_runs/{flow_run_id}/set_state", json={
+            "state": {"type": "CANCELLED", "name": "Cancelled", "message": message}, "force": False})
+
     def read_table_artifact(self, flow_run_id: str, key_prefix: str) -> list[dict[str, Any]] | None:
         """The rows of the flow run's table artifact whose key starts with `key_prefix`, or None."""
         artifacts = self._request("POST", "artifacts/filter", json={
