@@ -41,6 +41,9 @@ _LOCAL_RUN_HOLDS = text("SELECT 1 FROM runs WHERE concurrency_key = :key AND sta
 
 
 _RUN_STATE = text("SELECT backend, status FROM runs WHERE id = :id")
+# How a flow's refusal for want of its run begins: a gateway that holds the run knows from it that its workers'
+# run store is not its own (app/backends/prefect.py).
+NOT_IN_RUN_STORE = "the run store at this worker's DATABASE_URL"
 
 
 def run_moved_off_prefect(database: Database, run_id: str) -> str | None:
@@ -60,7 +63,7 @@ def run_moved_off_prefect(database: Database, run_id: str) -> str | None:
     if row is None:
         log.error("not executing the flow run of run %s: the run store at DATABASE_URL (%s) %s; a worker needs the "
                   "gateways' DATABASE_URL", run_id, database.url.render_as_string(hide_password=True), missing)
-        return f"the run store at this worker's DATABASE_URL {missing}"
+        return f"{NOT_IN_RUN_STORE} {missing}"
     if row.backend == "prefect" and row.status not in TERMINAL:
         return None
     return f"run {run_id} is no longer this flow run's: it is {row.status} on the {row.backend} backend"

@@ -17,10 +17,12 @@ from app.errors import Unavailable
 from app.metrics import observe_run_end
 from app.runs.models import Run, utcnow
 from app.runs.store import RunStore
+from flows.connector_lock import NOT_IN_RUN_STORE
 from flows.outcome import COMPLETED, TERMINAL, RunError
 from flows.prefect.contract import FLOW_NAME, STATE_TO_STATUS, SUMMARY_ARTIFACT_PREFIX, run_tag, workflow_artifact_key
 
 log = logging.getLogger(__name__)
+WORKER_RUN_STORE_MISMATCH = "worker_run_store_mismatch"  # the error code of such a run (see _error)
 
 # Prefect task run state -> workflow node status, while a Prefect workflow run is going.
 _NODE_STATUS = {"SCHEDULED": "pending", "PENDING": "pending", "RUNNING": "running", "COMPLETED": "completed",
@@ -119,8 +121,19 @@ class PrefectBackend:
             rows = self.client.read_table_artifact(run.prefect_flow_run_id, SUMMARY_ARTIFACT_PREFIX)
             result = rows[0] if rows else None
         else:
-            error = RunError(f"prefect_{status}", state.get("message") or state.get("name"))
+            error = self._error(run, status, state)
         return self._record(run, status, state, started_at, finished_at, result, error)
+
+    @staticmethod
+    def _error(run: Run, status: str, state: dict[str, Any], nodes: list[str] | None = None) -> RunError:
+        """Why a flow run did not complete; a flow that found no such run in its worker's run store, although
+        this gateway has it, says the workers' DATABASE_URL is not this gateway's (readiness shows it)."""
+        message = state.get("message") or state.get("name")
+        if NOT_IN_RUN_STORE in (message or ""):
+            log.error("run %s was not executed: its Prefect worker's run store does not hold it; the workers' "
+                      "DATABASE_URL is not this gateway's", run.id, extra={"run_id": run.id})
+            return RunError(WORKER_RUN_STORE_MISMATCH, message)
+        return RunError("node_failed" if nodes else f"prefect_{status}", message, nodes=nodes)
 
     def _apply_workflow(self, run: Run, status: str, state: dict[str, Any], started_at: datetime | None,
                         finished_at: datetime) -> Run:
@@ -134,8 +147,7 @@ class PrefectBackend:
             result = {key: document[key] for key in ("workflow_id", "mode", "layers", "duration_seconds", "outputs")}
         if status != COMPLETED:
             failed = [node["id"] for node in (document or {}).get("nodes", []) if node["status"] == "failed"]
-            error = RunError("node_failed" if failed else f"prefect_{status}",
-                             state.get("message") or state.get("name"), nodes=failed or None)
+            error = self._error(run, status, state, nodes=failed or None)
         return self._record(run, status, state, started_at, finished_at, result, error)
 
     def _record(self, run: Run, status: str, state: dict[str, Any], started_at: datetime | None,

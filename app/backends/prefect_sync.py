@@ -6,7 +6,7 @@ import logging
 from datetime import timedelta
 from typing import Any
 
-from app.backends.prefect import PrefectBackend
+from app.backends.prefect import WORKER_RUN_STORE_MISMATCH, PrefectBackend
 from app.backends.prefect_client import PrefectError, is_claim
 from app.runs.models import Run, utcnow
 from flows.loop import Loop
@@ -113,6 +113,16 @@ class PrefectSync(Loop):
         return {"runs_awaiting_pickup": len(waiting),
                 "oldest_wait_seconds": round((utcnow() - oldest).total_seconds(), 1) if oldest else None,
                 "pickup_deadline_seconds": self.pickup_seconds}
+
+    def run_store_warning(self) -> dict[str, Any]:
+        """For readiness: a warning when a flow run of the last hour found no run in its worker's run store, which
+        this gateway's holds: the workers' DATABASE_URL is not this gateway's, and their flows refuse every run."""
+        run = self.store.last_ended_with(WORKER_RUN_STORE_MISMATCH, utcnow() - timedelta(hours=1))
+        if run is None:
+            return {}
+        return {"warning": f"the Prefect workers' run store is not this gateway's (their DATABASE_URL): the flow run "
+                           f"of run {run.id} found no such run there and did not execute "
+                           f"({run.finished_at:%Y-%m-%d %H:%M:%S} UTC)"}
 
     def settle_undispatched(self, older_than_seconds: float) -> list[Run]:
         """Runs accepted for Prefect without a flow run on record (their create went unanswered, or the process
