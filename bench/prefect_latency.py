@@ -140,7 +140,8 @@ def main() -> None:
             stack.start_server()
             stack.deploy()
             stack.start_worker()
-            gateway = GunicornServer(workdir, workers=2, PREFECT_API_URL=stack.api_url).start()
+            gateway = GunicornServer(workdir, workers=2, PREFECT_API_URL=stack.api_url,
+                                     DATABASE_URL=stack.run_store_url).start()
             client = httpx.Client(base_url=gateway.url, timeout=150)
 
             local_run(client)  # the first run of a pipeline creates its DuckDB file and dlt's working state

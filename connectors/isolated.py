@@ -12,13 +12,14 @@ import logging
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
-from connectors.pipeline import ConnectorRunError, LoadSummary, RunCancelled, Workspace, run_connector
+from connectors.pipeline import ConnectorPipeline, ConnectorRunError, LoadSummary, RunCancelled, Workspace, run_connector
 from connectors.schema_contract import SchemaContractViolation
 from connectors.spec import ConnectorSpec, ParamsError
 
@@ -30,8 +31,17 @@ GRACE_SECONDS = 5.0  # after a stop is asked, how long a run may take to reach i
 @functools.cache
 def _context() -> Any:
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(PRELOAD)
+    context.set_forkserver_preload(PRELOAD + _main_module())
     return context
+
+
+def _main_module() -> list[str]:
+    """The module this process was started as (`python -m <module>`), to preload: multiprocessing runs it again in
+    every child before the child's work, and a module that imports much (`prefect.engine`, a Prefect flow run's
+    main) cost each child 4-8 s here, measured on this 2-core machine under load; preloaded, it runs on modules
+    already imported. A `__main__` module (`python -m gunicorn`) multiprocessing does not run again."""
+    name = getattr(getattr(sys.modules.get("__main__"), "__spec__", None), "name", None)
+    return [name] if name and name != "__main__" and not name.endswith(".__main__") else []
 
 
 def warm_up() -> None:
@@ -44,18 +54,20 @@ def warm_up() -> None:
 
 def run_connector_isolated(spec: ConnectorSpec, workspace: Workspace, should_stop: Callable[[], bool] = lambda: False,
                            grace_seconds: float = GRACE_SECONDS,
-                           must_end: Callable[[], bool] = lambda: False) -> LoadSummary:
-    """run_connector in a child process. When `should_stop` turns true the child stops at its next checkpoint;
-    one that has not within `grace_seconds` (stuck in a step) is killed, and the run ends as cancelled during
-    that step (a killed load leaves a pipeline folder the next run recovers from). When `must_end` turns true
-    (the calling process shuts down) the child is killed at once."""
+                           must_end: Callable[[], bool] = lambda: False,
+                           steps: Sequence[str] = ConnectorPipeline.steps) -> LoadSummary:
+    """run_connector (of `steps`) in a child process. When `should_stop` turns true the child stops at its next
+    checkpoint; one that has not within `grace_seconds` (stuck in a step) is killed, and the run ends as
+    cancelled during that step (a killed load leaves a pipeline folder the next run recovers from). When
+    `must_end` turns true (the calling process shuts down, or lost the lease on the run or its connector) the
+    child is killed at once."""
     context = _context()
     receive, send = context.Pipe(duplex=False)
     lifeline, held = context.Pipe(duplex=False)  # the child ends itself when `held` closes: this process died
     stop = context.Event()
-    child = context.Process(target=_child, args=(spec, workspace, stop, send, lifeline),
+    child = context.Process(target=_child, args=(spec, workspace, tuple(steps), stop, send, lifeline),
                             name=f"flowgate-connector-{spec.id}", daemon=True)
-    step, stop_asked_at = "recover", None
+    step, stop_asked_at = steps[0], None
     try:
         try:
             child.start()
@@ -84,7 +96,7 @@ def run_connector_isolated(spec: ConnectorSpec, workspace: Workspace, should_sto
             if must_end():
                 child.kill()
                 child.join(5)
-                raise RunCancelled(step, f"stopped during {step}: the process running it shut down")
+                raise RunCancelled(step, f"stopped at once during {step}")
             if stop_asked_at is None and should_stop():
                 stop.set()
                 stop_asked_at = time.monotonic()
@@ -154,7 +166,7 @@ def _watch_lifeline(lifeline: Connection) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _child(spec: ConnectorSpec, workspace: Workspace, stop: Any, pipe: Connection,
+def _child(spec: ConnectorSpec, workspace: Workspace, steps: tuple[str, ...], stop: Any, pipe: Connection,
            lifeline: Connection) -> None:
     threading.Thread(target=_watch_lifeline, args=(lifeline,), daemon=True).start()
     lock = threading.Lock()
@@ -167,7 +179,7 @@ def _child(spec: ConnectorSpec, workspace: Workspace, stop: Any, pipe: Connectio
     root.handlers[:] = [_PipeHandler(send)]
     root.setLevel(logging.INFO)
     log.info("connector %s runs in process %d", spec.id, os.getpid())
-    step = "recover"
+    step = steps[0]
 
     def on_step(name: str) -> None:
         nonlocal step
@@ -175,7 +187,7 @@ def _child(spec: ConnectorSpec, workspace: Workspace, stop: Any, pipe: Connectio
         send(("step", name))
 
     try:
-        summary = run_connector(spec, workspace, should_stop=stop.is_set, on_step=on_step)
+        summary = run_connector(spec, workspace, should_stop=stop.is_set, on_step=on_step, steps=steps)
         send(("done", summary.to_dict()))
     except RunCancelled as exc:
         send(("failed", {"kind": "cancelled", "step": exc.step}))

@@ -7,7 +7,7 @@ import functools
 import importlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -205,11 +205,13 @@ def run_connector(
     workspace: Workspace,
     should_stop: Callable[[], bool] = lambda: False,
     on_step: Callable[[str], None] = lambda step: None,
+    steps: Sequence[str] = ConnectorPipeline.steps,
 ) -> LoadSummary:
     """Recover, extract, normalize and load one connector; check `should_stop` between the steps. `on_step` hears
-    each step begin."""
+    each step begin. `steps`: only these, for a caller that runs each step apart (dlt keeps what a step made in
+    the pipeline's working folder, where the next step's process finds it); the summary is of these."""
     pipeline = ConnectorPipeline(spec, workspace)
-    for step in pipeline.steps:
+    for step in steps:
         on_step(step)
         pipeline.run_step(step)
         if step in ("extract", "normalize") and should_stop():

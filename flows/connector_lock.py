@@ -41,19 +41,43 @@ _LOCAL_RUN_HOLDS = text("SELECT 1 FROM runs WHERE concurrency_key = :key AND sta
 
 
 _RUN_STATE = text("SELECT backend, status FROM runs WHERE id = :id")
+# How a flow's refusal for want of its run begins: a gateway that holds the run knows from it that its workers'
+# run store is not its own (app/backends/prefect.py).
+NOT_IN_RUN_STORE = "the run store at this worker's DATABASE_URL"
 
 
 def run_moved_off_prefect(database: Database, run_id: str) -> str | None:
-    """Why a Prefect flow run of run `run_id` must not execute (None: it may). The gateway took the run back
-    (it runs locally) or ended it; Prefect still lets a worker whose claim was sent before that start the flow
-    run afterwards (it grants PENDING after a flow run ended), so the flow asks the run store itself."""
+    """Why a Prefect flow run of run `run_id` must not execute (None: it may). The gateway took the run back (it
+    runs locally: a create it could not confirm in time, whose flow run a worker picks up later) or ended it (its
+    timeout), so the flow asks the run store itself.
+
+    Fails closed: a run store without the run cannot say the run is still this flow run's. No runs table means
+    this worker's DATABASE_URL is not the gateways' (its connector locks would hold against nobody); no row
+    means the same, or that the run was pruned (a flow run left waiting past FLOWGATE_RETENTION_DAYS)."""
     with database.session() as session:
         if not ConnectorLock._runs_table(session):
-            return None  # a worker without the gateways' run store: nothing to ask
-        row = session.execute(_RUN_STATE, {"id": run_id}).first()
-    if row is None or (row.backend == "prefect" and row.status not in TERMINAL):
+            row, missing = None, "has no runs table: it is not the gateways' run store"
+        else:
+            row = session.execute(_RUN_STATE, {"id": run_id}).first()
+            missing = f"has no run {run_id}: it is not the gateways' run store, or the run was pruned"
+    if row is None:
+        log.error("not executing the flow run of run %s: the run store at DATABASE_URL (%s) %s; a worker needs the "
+                  "gateways' DATABASE_URL", run_id, database.url.render_as_string(hide_password=True), missing)
+        return f"{NOT_IN_RUN_STORE} {missing}"
+    if row.backend == "prefect" and row.status not in TERMINAL:
         return None
     return f"run {run_id} is no longer this flow run's: it is {row.status} on the {row.backend} backend"
+
+
+def warn_unless_shared(database: Database) -> None:
+    """For a flow run no gateway created (a Prefect schedule): log an ERROR when this worker's run store is not
+    the gateways' (no runs table), where its connector lock keeps out other flow runs but no local run."""
+    with database.session() as session:
+        if ConnectorLock._runs_table(session):
+            return
+    log.error("the run store at DATABASE_URL (%s) has no runs table: this worker does not share the gateways' run "
+              "store, so a local run of the same connector may run beside this flow run; set DATABASE_URL to "
+              "theirs", database.url.render_as_string(hide_password=True))
 
 
 class LockLost(RuntimeError):

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 
 from flows.prefect.stack import prefect_environment
+from flows.runtime import RuntimeSettings
 from tests.gunicorn_server import ROOT, free_port
 
 PREFECT = str(Path(sys.executable).with_name("prefect"))
@@ -100,6 +101,13 @@ class PrefectStack:
         self.server: subprocess.Popen | None = None
         self.worker: subprocess.Popen | None = None
 
+    @property
+    def run_store_url(self) -> str:
+        """The run store the worker's flow runs use: a gateway of this stack must use it too (as in production),
+        or every flow run of its runs finds no run there and ends Cancelled without executing."""
+        return RuntimeSettings.of(var_dir=self.env["FLOWGATE_VAR_DIR"], database_url=self.env.get("DATABASE_URL")
+                                  ).run_store_url
+
     def start_server(self, timeout: float = 90) -> None:
         self.server = _spawn([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
                              self.env, self.workdir / "prefect-server.log")
@@ -177,6 +185,20 @@ UNDEPLOYED = """
   undeployed:
     source: {kind: python, ref: "connectors.demo:numbers", args: {n: 2}}
 """
+
+
+@contextmanager
+def served_stack(workdir: Path, database: str) -> Iterator[PrefectStack]:
+    """A server with DEPLOYED deployed and no worker: a test proposes a worker's states itself, in the order it
+    chooses (tests/test_prefect_states.py)."""
+    (workdir / "deployed.yaml").write_text(DEPLOYED)
+    stack = PrefectStack(workdir, database_url=fresh_postgres_database(database))
+    try:
+        stack.start_server()
+        stack.deploy(workdir / "deployed.yaml")
+        yield stack
+    finally:
+        stack.stop()
 
 
 @contextmanager

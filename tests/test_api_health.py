@@ -97,3 +97,31 @@ def test_readiness_shows_a_background_loop_that_stopped(running_app, monkeypatch
     assert response.status_code == 503
     process = response.json["checks"]["process"]
     assert process["status"] == "down" and process["loops"]["claim"] is False and "claim" in process["reason"]
+
+
+def test_readiness_warns_when_a_flow_run_found_no_run_in_its_workers_run_store(app_config):
+    """The gateway holds the run its worker's flow said its run store has not: the workers' DATABASE_URL is not
+    the gateway's. Readiness says so (a warning: the gateway itself is ready)."""
+    from app import create_app
+    from app.runs.store import NewRun
+
+    app = create_app({**app_config, "prefect_api_url": "http://127.0.0.1:9/api"})  # nothing listens there
+    services = app.extensions["flowgate"]
+    backend = services.dispatcher.prefect
+    try:
+        client = app.test_client()
+        runs = [services.store.create_run(NewRun(kind="connector", target="numbers", params={}, backend="prefect",
+                                                 concurrency_key="connector:numbers"))[0] for _ in range(2)]
+        for run, flow_run_id in zip(runs, ("f-1", "f-2")):
+            services.store.record_flow_run(run.id, flow_run_id, "Scheduled")
+        backend.apply_flow_run(services.store.get(runs[0].id), {"id": "f-1", "state": {
+            "type": "CANCELLED", "name": "Cancelled", "message": "cancelled through the Prefect UI"}})
+        assert "warning" not in client.get("/api/v1/health/ready").json["checks"]["prefect"]
+        ended = backend.apply_flow_run(services.store.get(runs[1].id), {"id": "f-2", "state": {
+            "type": "CANCELLED", "name": "Cancelled", "message": "not executed: the run store at this worker's "
+            "DATABASE_URL has no runs table: it is not the gateways' run store"}})
+        assert ended.status == "cancelled" and ended.error["code"] == "worker_run_store_mismatch"
+        prefect = client.get("/api/v1/health/ready").json["checks"]["prefect"]
+        assert "DATABASE_URL" in prefect["warning"] and runs[1].id in prefect["warning"]
+    finally:
+        services.store.dispose()

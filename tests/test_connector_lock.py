@@ -2,10 +2,12 @@
 (flows/connector_lock.py with app/runs/store.py), on SQLite and PostgreSQL."""
 from __future__ import annotations
 
+import logging
 import threading
 
 from app.runs.store import NewRun, RunStore
-from flows.connector_lock import ConnectorLock, LockLost
+from flows.connector_lock import ConnectorLock, LockLost, run_moved_off_prefect
+from flows.database import Database
 from flows.outcome import COMPLETED
 from tests.waiting import wait_until
 
@@ -127,3 +129,23 @@ def test_a_flow_run_that_stops_waiting_gives_its_reservation_back(store: RunStor
     queued = _queued(store, "duckdb:/x.duckdb")
     store.finish(running.id, "executor", COMPLETED, result={})
     assert store.claim_next("executor", 30).id == queued.id
+
+
+def test_a_flow_run_whose_run_its_run_store_does_not_hold_does_not_execute(store: RunStore, tmp_path, caplog):
+    """Fail closed: a worker whose DATABASE_URL is not the gateways' (no runs table there, or not the run), or a
+    flow run whose run was pruned, must not execute: its lock would hold against nobody (it was: 'may execute')."""
+    on_prefect, _ = store.create_run(NewRun(kind="connector", target="numbers", params={}, backend="prefect",
+                                            concurrency_key="connector:numbers"))
+    assert run_moved_off_prefect(store.db, on_prefect.id) is None  # the gateways' store, the run on Prefect
+    cancelled, _ = store.create_run(NewRun(kind="connector", target="numbers", params={}, backend="prefect",
+                                           concurrency_key="connector:numbers"))
+    store.cancel(cancelled.id)  # a flow run a worker starts after its run was cancelled does not execute either
+    assert "it is cancelled on the prefect backend" in run_moved_off_prefect(store.db, cancelled.id)
+    own = Database(f"sqlite:///{tmp_path / 'worker-own.db'}")  # a worker left on its default run store
+    try:
+        with caplog.at_level(logging.ERROR, logger="flows.connector_lock"):
+            assert "DATABASE_URL has no runs table" in run_moved_off_prefect(own, on_prefect.id)
+        assert "DATABASE_URL has no run unknown-run" in run_moved_off_prefect(store.db, "unknown-run")
+    finally:
+        own.dispose()
+    assert "a worker needs the gateways' DATABASE_URL" in caplog.text

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import duckdb
 import pytest
 
 from app import create_app
+from app.runs.models import utcnow
 from app.runs.store import NewRun
 from tests.fake_services import SlowProxy
 from tests.prefect_stack import PrefectStack, deployed_stack
@@ -28,7 +30,8 @@ def stack(tmp_path_factory) -> Iterator[PrefectStack]:
 
 @pytest.fixture
 def gateway(stack: PrefectStack, tmp_path: Path):
-    app = create_app({"var_dir": tmp_path / "var", "connectors_file": stack.workdir / "connectors.yaml",
+    app = create_app({"var_dir": tmp_path / "var", "database_url": stack.run_store_url,
+                      "connectors_file": stack.workdir / "connectors.yaml",
                       "workflows_dir": stack.workdir / "workflows",
                       "prefect_api_url": stack.api_url, "lease_seconds": 10.0, "poll_seconds": 0.05})
     services = app.extensions["flowgate"]
@@ -179,6 +182,24 @@ def test_the_same_idempotency_key_gives_one_flow_run(stack, gateway):
     assert len(tagged) == 1
 
 
+def test_a_key_used_again_after_retention_pruned_its_run_makes_a_new_flow_run_that_executes(gateway):
+    """Prefect keeps a flow run's idempotency key for good, flowgate a caller's only as long as the run: a key
+    Prefect knew gave the new run the old flow run back, recorded completed without executing."""
+    trigger = {"connector_id": "numbers", "params": {"n": 3}, "wait": 120}
+    headers = {"Idempotency-Key": "nightly-numbers"}
+    first = gateway.post("/trigger", json=trigger, headers=headers).json
+    assert first["status"] == "completed" and first["backend"] == "prefect", first
+    services = gateway.application.extensions["flowgate"]
+    assert services.store.retention.prune(utcnow() + timedelta(seconds=1)) >= 1  # as FLOWGATE_RETENTION_DAYS would
+    again = gateway.post("/trigger", json=trigger, headers=headers).json
+    assert again["run_id"] != first["run_id"]
+    done = poll_until_ended(gateway, again["status_url"], timeout=120)
+    assert done["status"] == "completed" and done["backend"] == "prefect", done
+    assert done["prefect_flow_run_id"] != first["prefect_flow_run_id"]
+    assert done["result"]["rows"] == {"numbers": 3} and set(done["result"]["load_ids"]).isdisjoint(
+        first["result"]["load_ids"])  # it ran: a load of its own
+
+
 def test_a_connector_without_a_deployment_runs_locally_with_the_reason(gateway):
     done = gateway.post("/trigger", json={"connector_id": "undeployed", "wait": 60}).json
     assert done["backend"] == "local" and done["fallback_reason"] == "no_deployment"
@@ -256,7 +277,8 @@ def tagged_flow_runs(stack: PrefectStack, run_id: str) -> list[dict]:
 def test_a_create_whose_answer_is_late_is_found_again_and_runs_once_on_prefect(stack, tmp_path):
     """Prefect creates the flow run but answers after the gateway's timeout: the run must not also run locally."""
     proxy = SlowProxy(stack.api_url.removesuffix("/api"), slow_path="/create_flow_run", delay=4.0)
-    app = create_app({"var_dir": tmp_path / "var", "connectors_file": stack.workdir / "connectors.yaml",
+    app = create_app({"var_dir": tmp_path / "var", "database_url": stack.run_store_url,
+                      "connectors_file": stack.workdir / "connectors.yaml",
                       "workflows_dir": stack.workdir / "workflows", "prefect_api_url": f"{proxy.url}/api",
                       "prefect_timeout_seconds": 1.5, "lease_seconds": 10.0, "poll_seconds": 0.05})
     services = app.extensions["flowgate"]
@@ -304,7 +326,8 @@ def test_a_run_accepted_but_never_handed_to_prefect_is_dispatched_by_the_sync(st
 
 def test_a_cancel_prefect_does_not_confirm_changes_nothing_and_the_run_is_still_followed(stack, tmp_path):
     proxy = SlowProxy(stack.api_url.removesuffix("/api"), fail_path="/set_state")
-    app = create_app({"var_dir": tmp_path / "var", "connectors_file": stack.workdir / "connectors.yaml",
+    app = create_app({"var_dir": tmp_path / "var", "database_url": stack.run_store_url,
+                      "connectors_file": stack.workdir / "connectors.yaml",
                       "workflows_dir": stack.workdir / "workflows", "prefect_api_url": f"{proxy.url}/api",
                       "lease_seconds": 10.0, "poll_seconds": 0.05})
     services = app.extensions["flowgate"]

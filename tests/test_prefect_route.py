@@ -110,7 +110,7 @@ def test_a_claim_that_lands_after_a_worker_ran_the_whole_run_gives_it_back():
         httpx.Response(200, json={"status": "ACCEPT", "state": {"id": "s5", "type": "COMPLETED"}})])
     respx.get(f"{API}/flow_run_states/", params={"flow_run_id": "f-1"}).respond(json=[
         {"id": "s1", "type": "SCHEDULED", "name": "Scheduled", "timestamp": "2026-01-01T00:00:01Z"},
-        {"id": "s4", "type": "PENDING", "name": "Reclaimed", "timestamp": "2026-01-01T00:00:09Z"},
+        {"id": "s4", "type": "PENDING", "name": "Pending", "timestamp": "2026-01-01T00:00:09Z"},
         {"id": "s2", "type": "RUNNING", "name": "Running", "timestamp": "2026-01-01T00:00:03Z"},
         {"id": "s3", "type": "COMPLETED", "name": "Completed", "timestamp": "2026-01-01T00:00:05Z", "data": None}])
     assert client.claim_flow_run("f-1") is False
@@ -126,8 +126,21 @@ def test_a_claim_on_a_scheduled_run_is_ours():
         json={"status": "ACCEPT", "state": {"id": "s2", "type": "PENDING"}})
     respx.get(f"{API}/flow_run_states/", params={"flow_run_id": "f-2"}).respond(json=[
         {"id": "s1", "type": "SCHEDULED", "name": "Late", "timestamp": "2026-01-01T00:00:01Z"},
-        {"id": "s2", "type": "PENDING", "name": "Reclaimed", "timestamp": "2026-01-01T00:00:09Z"}])
+        {"id": "s2", "type": "PENDING", "name": "Pending", "timestamp": "2026-01-01T00:00:09Z"}])
     assert client.claim_flow_run("f-2") is True
+    client.close()
+
+
+@respx.mock
+def test_a_claim_not_found_in_the_flow_runs_history_is_not_ours_and_nothing_is_restored():
+    """Who ran the flow run before the claim cannot be told: it stays on Prefect (it was: position 0, ours)."""
+    client = PrefectClient(API, timeout=0.5)
+    set_state = respx.post(f"{API}/flow_runs/f-3/set_state").respond(
+        json={"status": "ACCEPT", "state": {"id": "s9", "type": "PENDING"}})
+    respx.get(f"{API}/flow_run_states/", params={"flow_run_id": "f-3"}).respond(json=[
+        {"id": "s1", "type": "SCHEDULED", "name": "Scheduled", "timestamp": "2026-01-01T00:00:01Z"}])
+    assert client.claim_flow_run("f-3") is False
+    assert set_state.call_count == 1  # the claim only
     client.close()
 
 

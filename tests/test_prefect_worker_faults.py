@@ -14,8 +14,8 @@ import httpx
 import pytest
 
 from app import create_app
+from app.backends.prefect_client import CLAIM_MESSAGE
 from app.runs.store import NewRun, RunStore
-from flows.runtime import RuntimeSettings
 from tests.prefect_stack import PrefectStack, deployed_stack
 from tests.test_api_triggers import poll_until_ended
 from tests.waiting import wait_until
@@ -70,8 +70,7 @@ def ran_on_prefect(stack: PrefectStack, flow_run_id: str) -> bool:
 def pickup_gateway(stack: PrefectStack, tmp_path: Path, **settings):
     """A gateway on the worker's run store, as in production: a flow run the worker starts after its run went
     local finds that there and does not execute (without it, one did: red in a stress round)."""
-    worker = RuntimeSettings.of(var_dir=stack.env["FLOWGATE_VAR_DIR"], database_url=stack.env.get("DATABASE_URL"))
-    app = create_app({"var_dir": tmp_path / "var", "database_url": worker.run_store_url,
+    app = create_app({"var_dir": tmp_path / "var", "database_url": stack.run_store_url,
                       "connectors_file": stack.workdir / "connectors.yaml",
                       "workflows_dir": stack.workdir / "workflows", "prefect_api_url": stack.api_url,
                       # a lease long enough for a machine this busy: a stalled heartbeat must not free the key
@@ -147,11 +146,12 @@ def test_triggers_go_local_once_the_workers_heartbeat_is_older_than_the_liveness
 
 
 def test_a_claim_left_on_a_flow_run_a_worker_had_already_run_does_not_run_it_again(stack, tmp_path):
-    """A gateway's claim (PENDING "Reclaimed") can be accepted after a worker ran the whole flow run; the claimant
-    then restores the run's end. When that restore never got through (Prefect gone, the gateway killed), the flow
-    run is left Reclaimed: the next sync must find the worker's end before the claim, restore it and follow it,
+    """A gateway's claim (PENDING, its message flowgate's) can be accepted after a worker ran the whole flow run;
+    the claimant then restores the run's end. When that restore never got through (Prefect gone, the gateway
+    killed), the flow run is left claimed: the next sync must find the worker's end before the claim, restore it and follow it,
     not take the run back and execute it a second time."""
-    app = create_app({"var_dir": tmp_path / "var", "connectors_file": stack.workdir / "connectors.yaml",
+    app = create_app({"var_dir": tmp_path / "var", "database_url": stack.run_store_url,
+                      "connectors_file": stack.workdir / "connectors.yaml",
                       "workflows_dir": stack.workdir / "workflows", "prefect_api_url": stack.api_url,
                       "prefect_pickup_seconds": 0.5, "prefect_timeout_seconds": 20})
     services = app.extensions["flowgate"]  # neither executor nor sync started: the test drives the sync
@@ -163,7 +163,7 @@ def test_a_claim_left_on_a_flow_run_a_worker_had_already_run_does_not_run_it_aga
             assert time.monotonic() < deadline, "the worker did not run the flow run"
             time.sleep(0.5)
         stack.api("POST", f"flow_runs/{flow_run_id}/set_state", json={"state": {
-            "type": "PENDING", "name": "Reclaimed", "message": "a claim whose restore never got through"},
+            "type": "PENDING", "name": "Pending", "message": CLAIM_MESSAGE},  # a claim whose restore never got through
             "force": True})
         services.prefect_sync.sync_once()
         after = services.store.get(run["run_id"])
@@ -186,30 +186,51 @@ WENT_LOCAL = {  # per kind: the run's target and params, the deployment, the flo
 }
 
 
+def executed_on(stack: PrefectStack, kind: str, run_id: str, store_url: str) -> tuple[dict, list]:
+    """A flow run of `kind` for run `run_id`, made as the gateway makes it, on a worker whose run store is
+    `store_url`: its end state and its artifacts (a load summary or a workflow document: what ran)."""
+    target, params, deployment_name, parameters = WENT_LOCAL[kind]
+    deployment = stack.api("GET", f"deployments/name/{deployment_name}")
+    flow_run = stack.api("POST", f"deployments/{deployment['id']}/create_flow_run", json={
+        "parameters": parameters(run_id), "tags": ["flowgate", f"flowgate-run:{run_id}"],
+        "job_variables": {"env": {"DATABASE_URL": store_url}}})
+    deadline = time.monotonic() + 120
+    while (state := stack.api("GET", f"flow_runs/{flow_run['id']}")["state"])["type"] not in (
+            "COMPLETED", "FAILED", "CANCELLED", "CRASHED") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return state, stack.api("POST", "artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [flow_run["id"]]}}})
+
+
 @pytest.mark.parametrize("kind", sorted(WENT_LOCAL))
 def test_a_flow_run_a_worker_starts_after_its_run_went_local_does_not_execute(stack, tmp_path, kind):
-    """The gateway claimed a flow run back (no worker in time), moved its run local and closed the flow run as
-    Cancelled; a worker's claim sent before and answered after (Prefect grants PENDING from an ended state) then
-    started it anyway: seen in the chaos test, one token executed twice. The flow must find its run elsewhere
-    and end without running the connector (or the workflow)."""
-    target, params, deployment_name, parameters = WENT_LOCAL[kind]
+    """The gateway took a flow run's run back and ran it locally (a claim, or a create left unconfirmed for a
+    minute); a worker then started the flow run anyway: seen in the chaos test, one token executed twice. The flow
+    must find its run elsewhere and end without running the connector (or the workflow)."""
+    target, params, _, _ = WENT_LOCAL[kind]
     store_url = f"sqlite:///{tmp_path / 'runs.db'}"
     store = RunStore(store_url)
     store.create_schema()
     run, _ = store.create_run(NewRun(kind=kind, target=target, params=params, backend="prefect",
                                      concurrency_key=f"{kind}:{target}"))
     store.fall_back_to_local(run.id, "prefect_not_picked_up", prefect_state="Cancelled")
-    deployment = stack.api("GET", f"deployments/name/{deployment_name}")
-    flow_run = stack.api("POST", f"deployments/{deployment['id']}/create_flow_run", json={
-        "parameters": parameters(run.id), "tags": ["flowgate", f"flowgate-run:{run.id}"],
-        "job_variables": {"env": {"DATABASE_URL": store_url}}})  # the worker shares this run store
     try:
-        deadline = time.monotonic() + 120
-        while (state := stack.api("GET", f"flow_runs/{flow_run['id']}")["state"])["type"] not in (
-                "COMPLETED", "FAILED", "CANCELLED", "CRASHED") and time.monotonic() < deadline:
-            time.sleep(0.5)
-        artifacts = stack.api("POST", "artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [flow_run["id"]]}}})
+        state, artifacts = executed_on(stack, kind, run.id, store_url)  # the worker shares this run store
     finally:
         store.dispose()
     assert state["type"] == "CANCELLED" and run.id in state["message"], state
     assert artifacts == []  # no load summary or workflow document: nothing ran
+
+
+@pytest.mark.parametrize(("kind", "store"), [("connector", "no runs table"), ("workflow", "no row for the run")])
+def test_a_flow_run_on_a_worker_whose_run_store_lacks_its_run_does_not_execute(stack, tmp_path, kind, store):
+    """A worker whose DATABASE_URL is not the gateways' (its own default SQLite file, another database), or a run
+    pruned while its flow run waited: the flow ends Cancelled naming DATABASE_URL, nothing runs (it did: a run
+    store without the run read as 'may execute', and the connector's lock held against nobody)."""
+    store_url = f"sqlite:///{tmp_path / 'worker-own.db'}"
+    if store == "no row for the run":
+        other = RunStore(store_url)
+        other.create_schema()
+        other.dispose()
+    state, artifacts = executed_on(stack, kind, "a-run-of-another-store", store_url)
+    assert state["type"] == "CANCELLED" and "DATABASE_URL" in state["message"], state
+    assert artifacts == []

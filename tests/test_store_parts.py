@@ -92,3 +92,13 @@ def test_prefect_transitions_change_only_an_unfinished_run_still_on_prefect(stor
     failed = store.fail(other.id, RunError("prefect_create_failed", "boom"))
     assert failed.status == "failed" and failed.error == {"code": "prefect_create_failed", "message": "boom"}
     assert store.fall_back_to_local(other.id, "late") is None  # it had ended
+
+
+def test_the_last_run_that_ended_with_an_error_code_is_found_by_its_code(store: RunStore):
+    since = datetime.now(timezone.utc).replace(tzinfo=None) - timedelta(minutes=1)
+    assert store.last_ended_with("worker_run_store_mismatch", since) is None
+    other, mismatch = _run(store, backend="prefect"), _run(store, "events", backend="prefect")
+    store.fail(other.id, RunError("prefect_failed", "boom"))
+    store.fail(mismatch.id, RunError("worker_run_store_mismatch", "no runs table"))
+    assert store.last_ended_with("worker_run_store_mismatch", since).id == mismatch.id
+    assert store.last_ended_with("worker_run_store_mismatch", since + timedelta(hours=1)) is None

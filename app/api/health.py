@@ -40,7 +40,8 @@ def ready() -> tuple[dict[str, Any], int]:
         checks["executor"] = {"status": "unknown", "reason": "the run store is unreachable"}
     checks["process"] = _background_loops(svc)
     route = svc.dispatcher.prefect.route
-    checks["prefect"] = {**route.status(), **svc.prefect_sync.awaiting_pickup()} if route else {
+    checks["prefect"] = {**route.status(), **svc.prefect_sync.awaiting_pickup(),
+                         **svc.prefect_sync.run_store_warning()} if route else {
         "status": "disabled", "reason": "PREFECT_API_URL is not set; runs execute locally"}
     # Work can run if either path can take it; Prefect being down alone is no reason to refuse work.
     ready = (checks["database"]["status"] == "up" and checks["process"]["status"] == "up"

@@ -17,12 +17,14 @@ from app.errors import Unavailable
 from app.metrics import observe_run_end, observe_run_start
 from app.runs.models import Run, utcnow
 from app.runs.store import RunStore
+from flows.connector_lock import NOT_IN_RUN_STORE
 from flows.outcome import COMPLETED, QUEUED, TERMINAL, RunError
 from flows.prefect.contract import (
     FLOW_NAME, SCHEDULE_TAG, STATE_TO_STATUS, SUMMARY_ARTIFACT_PREFIX, run_tag, workflow_artifact_key,
 )
 
 log = logging.getLogger(__name__)
+WORKER_RUN_STORE_MISMATCH = "worker_run_store_mismatch"  # the error code of such a run (see _error)
 
 # Prefect task run state -> workflow node status, while a Prefect workflow run is going.
 _NODE_STATUS = {"SCHEDULED": "pending", "PENDING": "pending", "RUNNING": "running", "COMPLETED": "completed",
@@ -80,8 +82,9 @@ class PrefectBackend:
             return run
 
     def _create(self, run: Run, deployment_id: str) -> Run:
-        # Prefect scopes idempotency keys to the flow: prefix with the target so keys never collide.
-        key = f"flowgate:{run.kind}:{run.target}:{run.idempotency_key or run.id}"
+        # Keyed on the run, not the caller's key: Prefect keeps a key for good, and one flowgate had forgotten with
+        # its run (retention) gave a new run the old flow run back. Callers' keys are flowgate's to dedupe.
+        key = f"flowgate:{run.kind}:{run.target}:{run.id}"
         tags = ["flowgate", run_tag(run.id)]
         if run.scheduled_for:  # a schedule's slot: the deployment has no schedule, the gateway fired it
             tags += [SCHEDULE_TAG, f"{SCHEDULE_TAG}:{run.scheduled_for.isoformat()}"]
@@ -122,8 +125,19 @@ class PrefectBackend:
             rows = self.client.read_table_artifact(run.prefect_flow_run_id, SUMMARY_ARTIFACT_PREFIX)
             result = rows[0] if rows else None
         else:
-            error = RunError(f"prefect_{status}", state.get("message") or state.get("name"))
+            error = self._error(run, status, state)
         return self._record(run, status, state, started_at, finished_at, result, error)
+
+    @staticmethod
+    def _error(run: Run, status: str, state: dict[str, Any], nodes: list[str] | None = None) -> RunError:
+        """Why a flow run did not complete; a flow that found no such run in its worker's run store, although
+        this gateway has it, says the workers' DATABASE_URL is not this gateway's (readiness shows it)."""
+        message = state.get("message") or state.get("name")
+        if NOT_IN_RUN_STORE in (message or ""):
+            log.error("run %s was not executed: its Prefect worker's run store does not hold it; the workers' "
+                      "DATABASE_URL is not this gateway's", run.id, extra={"run_id": run.id})
+            return RunError(WORKER_RUN_STORE_MISMATCH, message)
+        return RunError("node_failed" if nodes else f"prefect_{status}", message, nodes=nodes)
 
     def _apply_workflow(self, run: Run, status: str, state: dict[str, Any], started_at: datetime | None,
                         finished_at: datetime) -> Run:
@@ -137,8 +151,7 @@ class PrefectBackend:
             result = {key: document[key] for key in ("workflow_id", "mode", "layers", "duration_seconds", "outputs")}
         if status != COMPLETED:
             failed = [node["id"] for node in (document or {}).get("nodes", []) if node["status"] == "failed"]
-            error = RunError("node_failed" if failed else f"prefect_{status}",
-                             state.get("message") or state.get("name"), nodes=failed or None)
+            error = self._error(run, status, state, nodes=failed or None)
         return self._record(run, status, state, started_at, finished_at, result, error)
 
     def _record(self, run: Run, status: str, state: dict[str, Any], started_at: datetime | None,
@@ -196,21 +209,50 @@ class PrefectBackend:
         return live
 
     def cancel(self, run: Run) -> Run | None:
-        """Cancel in Prefect first; the store follows only what Prefect agreed to. A flow run no worker has taken
-        is cancelled at once; one a worker has (or may have) turns `cancelling` until Prefect reports its end.
-        A Prefect that does not answer changes nothing: 503, and the run is still followed."""
+        """Cancel in Prefect first; the store follows only what Prefect answered. A flow run no worker has taken
+        is cancelled at once; one a worker has turns `cancelling` until Prefect reports its end; one that ended
+        first keeps its end. A Prefect that does not answer changes nothing: 503, and the run is still followed."""
         run = self.refresh(run)
         if run.is_terminal:
             return run
         try:
-            if run.status == QUEUED and self.client.cancel_scheduled_flow_run(run.prefect_flow_run_id):
-                return self.store.cancel(run.id)
-            self.client.cancel_flow_run(run.prefect_flow_run_id)
+            after = self.client.cancel_flow_run(run.prefect_flow_run_id)
         except PrefectError as exc:
             self.note_failure(exc)
             raise Unavailable(f"Prefect did not confirm the cancellation ({exc.message}); the run goes on",
                               code="prefect_unavailable", headers={"Retry-After": "10"}) from None
+        if after == "CANCELLED":
+            return self.store.cancel(run.id)
+        if after is None:  # it ended before the cancel arrived
+            return self.refresh(self.store.get(run.id))
+        if after == "CANCELLING" and self._never_started(run):
+            return self._cancel_unstarted(run)
         return self.store.request_cancel(run.id) or self.store.get(run.id)  # it ended meanwhile
+
+    def _never_started(self, run: Run) -> bool:
+        """A CANCELLING flow run that never ran (a worker had claimed it): Prefect refuses RUNNING from CANCELLING,
+        so its flow cannot start now either. An unreadable flow run counts as started (the cautious answer)."""
+        try:
+            return not self.client.read_flow_run(run.prefect_flow_run_id).get("start_time")
+        except PrefectError as exc:
+            self.note_failure(exc)
+            return False
+
+    def _cancel_unstarted(self, run: Run) -> Run | None:
+        """Cancel a run whose flow run a worker claimed but never started. Nothing stops it in 3.8.8 once the
+        worker has handed it to its process (the flow only finds CANCELLING and exits), and it holds the
+        deployment's slot until Prefect's CANCELLING timeout (300 s). The run is recorded cancelled first, the flow
+        run closed second: a process that proposes RUNNING after the close (accepted from CANCELLED) finds its
+        run ended in the run store and does not execute."""
+        cancelled = self.store.cancel(run.id)
+        try:
+            self.client.end_cancelling_flow_run(run.prefect_flow_run_id, "cancelled through flowgate before it started")
+        except PrefectError as exc:
+            self.note_failure(exc)
+            log.info("closing cancelled flow run %s failed (%s); Prefect ends it after its CANCELLING timeout",
+                     run.prefect_flow_run_id, exc.message)
+        return cancelled
+
 
 def flow_parameters(run: Run) -> dict[str, Any]:
     """The flow run's parameters, from the run alone (so any process can create it)."""

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 
 
-RECLAIMED = "Reclaimed"  # the name of the PENDING state a gateway claims a flow run no worker picked up with
+CLAIM_MESSAGE = "taken back by flowgate: no worker picked it up"  # marks the PENDING state a gateway claims with
 
 
 def count_alive(workers: list[dict[str, Any]], max_age_seconds: float) -> int:
@@ -19,6 +19,12 @@ def count_alive(workers: list[dict[str, Any]], max_age_seconds: float) -> int:
     return sum(1 for worker in workers if worker.get("status") == "ONLINE" and worker.get("last_heartbeat_time")
                and now - datetime.fromisoformat(worker["last_heartbeat_time"].replace("Z", "+00:00")).timestamp()
                <= max_age_seconds)
+
+
+def is_claim(state: dict[str, Any]) -> bool:
+    """Whether `state` is a gateway's claim of its flow run (named "Reclaimed" by flowgate before 2026-12)."""
+    return state.get("type") == "PENDING" and (state.get("message") == CLAIM_MESSAGE
+                                               or state.get("name") == "Reclaimed")
 
 
 class PrefectError(Exception):
@@ -144,48 +150,77 @@ class PrefectClient:
     def claim_flow_run(self, flow_run_id: str) -> bool:
         """Take a scheduled flow run before any worker does; True when this caller has it.
 
-        PENDING is the state workers claim runs with, and Prefect refuses it from PENDING or RUNNING, so of two
-        claimants one wins. Prefect does accept it after a run's end (a manual retry), so a worker that ran the
-        whole run before this proposal arrived is told apart by the state before ours (`keep_claim`)."""
+        PENDING named "Pending" is what a worker claims a flow run with, and Prefect 3.8.8 refuses exactly that
+        over any PENDING (it accepts another name: Pending -> Submitting), RUNNING, CANCELLING or CANCELLED: of
+        two claimants one wins. It does accept it after a run's other ends (a manual retry), or reschedules the
+        ended run when the deployment's slot is taken: a worker that ran the whole run before this proposal
+        arrived is told apart by the state before ours, and its end put back (`keep_claim`)."""
         answer = self._request("POST", f"flow_runs/{flow_run_id}/set_state", json={
-            "state": {"type": "PENDING", "name": RECLAIMED, "message": "taken back by flowgate: no worker picked it up"},
-            "force": False}) or {}
-        if answer.get("status") != "ACCEPT":
-            return False
-        return self.keep_claim(flow_run_id, (answer.get("state") or {}).get("id"))
+            "state": {"type": "PENDING", "name": "Pending", "message": CLAIM_MESSAGE}, "force": False}) or {}
+        state_id = (answer.get("state") or {}).get("id")
+        if answer.get("status") == "ACCEPT":
+            return self.keep_claim(flow_run_id, state_id)
+        if answer.get("status") == "REJECT" and state_id:  # rescheduled (AwaitingConcurrencySlot) in our stead
+            self._restore_end_before(flow_run_id, state_id)
+        return False
 
     def keep_claim(self, flow_run_id: str, claim_state_id: str | None) -> bool:
-        """A flow run in our Reclaimed state: True when the state before it was SCHEDULED (no worker ran it: it
-        is ours). Otherwise a worker ran it before the claim arrived: its state before the claim is restored,
-        and False. Asked again of a run left Reclaimed (the restore did not get through), it restores then."""
+        """A flow run in our claim state: True when the state before it was SCHEDULED (no worker ran it: it is
+        ours). Otherwise a worker ran it before the claim arrived: its state before the claim is restored, and
+        False. Asked again of a run left claimed (the restore did not get through), it restores then. A claim
+        not found in the flow run's history is not ours (fail closed: who ran it cannot be told)."""
+        history, position = self._history_at(flow_run_id, claim_state_id)
+        if position is None or position == 0:
+            return False
+        if history[position - 1]["type"] == "SCHEDULED":
+            return True
+        self._restore(flow_run_id, history, position)
+        return False
+
+    def _restore_end_before(self, flow_run_id: str, state_id: str) -> None:
+        """Put back the end a run had before state `state_id` (made in answer to our claim), if it had one."""
+        history, position = self._history_at(flow_run_id, state_id)
+        if position and history[position - 1]["type"] in ("COMPLETED", "FAILED", "CANCELLED", "CRASHED"):
+            self._restore(flow_run_id, history, position)
+
+    def _history_at(self, flow_run_id: str, state_id: str | None) -> tuple[list[dict[str, Any]], int | None]:
+        """The flow run's states, oldest first, and the position of `state_id` among them (None: not there)."""
         history = sorted(self._request("GET", f"flow_run_states/?flow_run_id={flow_run_id}") or [],
                          key=lambda state: state["timestamp"])
-        position = next((i for i, state in enumerate(history) if state["id"] == claim_state_id), 0)
-        before = history[position - 1] if position else None
-        if before is None or before["type"] == "SCHEDULED":
-            return True
+        return history, next((i for i, state in enumerate(history) if state["id"] == state_id), None)
+
+    def _restore(self, flow_run_id: str, history: list[dict[str, Any]], position: int) -> None:
+        """Force the state before `history[position]` back, details (a concurrency lease) included; only while
+        `history[position]` is still the flow run's latest state: whatever came after it is someone else's."""
+        if position != len(history) - 1:
+            return
+        before = history[position - 1]
         self._request("POST", f"flow_runs/{flow_run_id}/set_state", json={"state": {
-            key: before.get(key) for key in ("type", "name", "message", "data")}, "force": True})
-        return False
+            key: before.get(key) for key in ("type", "name", "message", "data", "state_details")}, "force": True})
 
     def close_reclaimed_flow_run(self, flow_run_id: str, message: str) -> None:
         """End a flow run this gateway claimed (it runs locally instead)."""
         self._request("POST", f"flow_runs/{flow_run_id}/set_state", json={
             "state": {"type": "CANCELLED", "name": "Cancelled", "message": message}, "force": True})
 
-    def cancel_scheduled_flow_run(self, flow_run_id: str) -> bool:
-        """Cancel a flow run no worker has taken yet; False when Prefect refuses (a worker already has it).
-        Not forced: Prefect's orchestration decides who wins against a worker picking it up."""
-        answer = self._request("POST", f"flow_runs/{flow_run_id}/set_state",
-                               json={"state": {"type": "CANCELLED", "name": "Cancelled",
-                                               "message": "cancelled through flowgate before it started"},
-                                     "force": False})
-        return (answer or {}).get("status") == "ACCEPT"
+    def cancel_flow_run(self, flow_run_id: str) -> str | None:
+        """Ask Prefect to cancel a flow run; returns the state type it is in after: CANCELLED when no worker had
+        taken it (Prefect ends it at once), CANCELLING when one has (the worker stops it; the flow cannot start
+        from there), None when Prefect refused because the flow run had ended (its end stands).
 
-    def cancel_flow_run(self, flow_run_id: str) -> None:
-        """Ask Prefect to cancel a flow run (the worker stops it)."""
-        self._request("POST", f"flow_runs/{flow_run_id}/set_state",
-                      json={"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": True})
+        Never forced, and never CANCELLED itself: Prefect 3.8.8 accepts a CANCELLED from PENDING or RUNNING, so
+        a flow run a worker was starting would be recorded cancelled and run anyway, and a forced CANCELLING is
+        accepted over a COMPLETED flow run, which then never ends again."""
+        answer = self._request("POST", f"flow_runs/{flow_run_id}/set_state",
+                               json={"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": False}) or {}
+        if answer.get("status") not in ("ACCEPT", "REJECT"):
+            return None
+        return (answer.get("state") or {}).get("type")
+
+    def end_cancelling_flow_run(self, flow_run_id: str, message: str) -> None:
+        """CANCELLED over a CANCELLING flow run (the only state Prefect lets it go to), freeing its slot."""
+        self._request("POST", f"flow_runs/{flow_run_id}/set_state", json={
+            "state": {"type": "CANCELLED", "name": "Cancelled", "message": message}, "force": False})
 
     def read_table_artifact(self, flow_run_id: str, key_prefix: str) -> list[dict[str, Any]] | None:
         """The rows of the flow run's table artifact whose key starts with `key_prefix`, or None."""

@@ -6,8 +6,8 @@ import logging
 from datetime import timedelta
 from typing import Any
 
-from app.backends.prefect import PrefectBackend
-from app.backends.prefect_client import RECLAIMED, PrefectError
+from app.backends.prefect import WORKER_RUN_STORE_MISMATCH, PrefectBackend
+from app.backends.prefect_client import PrefectError, is_claim
 from app.runs.models import Run, utcnow
 from flows.loop import Loop
 from flows.outcome import QUEUED, RunError
@@ -83,10 +83,10 @@ class PrefectSync(Loop):
         would (PENDING, which Prefect grants once), close it, and run it locally under the same run id. When a
         worker wins the claim, the run stays on Prefect."""
         flow_run_id = run.prefect_flow_run_id
-        # A gateway claimed it, then died (or lost Prefect) before closing it: ours now (Prefect refuses PENDING
-        # from PENDING), unless the claim had come after a worker's whole run, whose end was never restored.
+        # A gateway claimed it, then died (or lost Prefect) before closing it: ours now (Prefect refuses a worker's
+        # PENDING over it), unless the claim had come after a worker's whole run, whose end was never restored.
         state = flow_run.get("state") or {}
-        if state.get("name") == RECLAIMED:
+        if is_claim(state):
             ours = self.backend.client.keep_claim(flow_run_id, state.get("id"))
         else:
             ours = self.backend.client.claim_flow_run(flow_run_id)
@@ -113,6 +113,16 @@ class PrefectSync(Loop):
         return {"runs_awaiting_pickup": len(waiting),
                 "oldest_wait_seconds": round((utcnow() - oldest).total_seconds(), 1) if oldest else None,
                 "pickup_deadline_seconds": self.pickup_seconds}
+
+    def run_store_warning(self) -> dict[str, Any]:
+        """For readiness: a warning when a flow run of the last hour found no run in its worker's run store, which
+        this gateway's holds: the workers' DATABASE_URL is not this gateway's, and their flows refuse every run."""
+        run = self.store.last_ended_with(WORKER_RUN_STORE_MISMATCH, utcnow() - timedelta(hours=1))
+        if run is None:
+            return {}
+        return {"warning": f"the Prefect workers' run store is not this gateway's (their DATABASE_URL): the flow run "
+                           f"of run {run.id} found no such run there and did not execute "
+                           f"({run.finished_at:%Y-%m-%d %H:%M:%S} UTC)"}
 
     def settle_undispatched(self, older_than_seconds: float) -> list[Run]:
         """Runs accepted for Prefect without a flow run on record (their create went unanswered, or the process
@@ -151,5 +161,5 @@ class PrefectSync(Loop):
 def _unpicked(flow_run: dict[str, Any]) -> bool:
     """Scheduled (Late included) and never claimed by a worker; or claimed by a gateway that then died."""
     state = flow_run.get("state") or {}
-    return state.get("type") == "SCHEDULED" or (state.get("type") == "PENDING" and state.get("name") == RECLAIMED)
+    return state.get("type") == "SCHEDULED" or is_claim(state)
 

@@ -292,6 +292,12 @@ class RunStore:
 
         return self.db.retry(attempt)
 
+    def last_ended_with(self, code: str, since: datetime) -> Run | None:
+        """The latest run that ended with error `code` since `since` (a range of ix_runs_finished), or None."""
+        with self.db.session() as session:
+            return session.scalars(select(Run).where(Run.finished_at >= since, Run.error["code"].as_string() == code)
+                                   .order_by(Run.finished_at.desc()).limit(1)).first()
+
     def count_by_status(self) -> dict[str, int]:
         """How many local runs are in each status that has not ended (queued, running, cancelling)."""
         with self.db.session() as session:

@@ -1,8 +1,12 @@
-"""The Prefect flow for a connector: the same ConnectorPipeline the local executor runs, one task per step, while
-holding the connector's key in the run store (flows/connector_lock.py), as a local run does."""
+"""The Prefect flow for a connector: the same ConnectorPipeline the local executor runs, one task per step (each in
+a child process, as a local run's), while holding the connector's key in the run store (flows/connector_lock.py)."""
 from __future__ import annotations
 
+import threading
+import time
 import uuid
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from prefect import flow, task
@@ -12,9 +16,11 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.states import Cancelled
 
-from connectors.pipeline import ConnectorPipeline, Workspace, concurrency_key
+from connectors.isolated import run_connector_isolated, warm_up
+from connectors.pipeline import ConnectorPipeline, LoadSummary, RunCancelled, Workspace, concurrency_key
 from connectors.registry import ConnectorRegistry
-from flows.connector_lock import ConnectorLock, LockLost, run_moved_off_prefect
+from connectors.spec import ConnectorSpec
+from flows.connector_lock import ConnectorLock, LockLost, run_moved_off_prefect, warn_unless_shared
 from flows.connector_lock import metadata as lock_metadata
 from flows.database import Database
 from flows.prefect.contract import FLOW_NAME, summary_artifact_key, tagged_run_id
@@ -22,9 +28,37 @@ from flows.runtime import RuntimeSettings
 
 
 @task(cache_policy=NO_CACHE, retries=0)
-def pipeline_step(pipeline: ConnectorPipeline, step: str) -> None:
-    """One dlt step (recover, extract, normalize, load) as a Prefect task."""
-    pipeline.run_step(step)
+def pipeline_step(spec: ConnectorSpec, workspace: Workspace, step: str, must_end: Callable[[], bool]) -> LoadSummary:
+    """One dlt step (recover, extract, normalize, load) as a Prefect task, in a child process of its own
+    (connectors/isolated.py), killed at once when `must_end` turns true."""
+    return run_connector_isolated(spec, workspace, must_end=must_end, steps=(step,))
+
+
+def run_steps(spec: ConnectorSpec, workspace: Workspace, lost: threading.Event,
+              run_step: Callable[..., LoadSummary] | None = None) -> LoadSummary:
+    """The connector's steps, each a task, while its key is held: the step in progress when the lease is lost
+    (`lost`) is killed at once, since a local run may take the key from then on (the local path does the same).
+
+    A process per step, not one for the run, keeps each step a task of its own in Prefect; dlt leaves what a step
+    made in the working folder for the next. `run_step(spec, workspace, step, must_end)`: the task by default."""
+    started = time.monotonic()
+    done: list[LoadSummary] = []
+    for step in ConnectorPipeline.steps:
+        if lost.is_set():
+            raise LockLost(f"the lease on connector {spec.id}'s key was lost before {step}")
+        try:
+            done.append((run_step or pipeline_step.with_options(name=step))(spec, workspace, step, lost.is_set))
+        except RunCancelled:
+            if lost.is_set():
+                raise LockLost(f"the lease on connector {spec.id}'s key was lost during {step}: its process was "
+                               f"killed") from None
+            raise
+    rows: dict[str, int] = {}
+    for summary in done:
+        for table, count in summary.rows.items():
+            rows[table] = rows.get(table, 0) + count
+    return replace(done[-1], rows=rows, load_ids=[load_id for summary in done for load_id in summary.load_ids],
+                   duration_seconds=round(time.monotonic() - started, 3))
 
 
 @flow(name=FLOW_NAME, log_prints=True)
@@ -36,22 +70,23 @@ def connector_flow(connector_id: str, params: dict[str, Any] | None = None) -> d
         raise ValueError(f"no connector '{connector_id}' in {settings.connectors_file}")
     workspace = Workspace(settings.pipelines_dir, settings.duckdb_dir)
     runnable = spec.with_params(params or {})
+    warm_up()  # the steps' forkserver imports dlt (and Prefect's engine) while the key is being taken
     database = Database(settings.run_store_url)  # shared with the gateways when DATABASE_URL is
-    database.create_tables(lock_metadata)
     try:
+        run_id = tagged_run_id(flow_run.tags)  # None: a flow run of a Prefect schedule
+        # Before anything is written there: a run store without this flow run's run is not the gateways'.
+        if run_id and (refused := run_moved_off_prefect(database, run_id)):
+            return Cancelled(message=f"not executed: {refused}")
+        if run_id is None:
+            warn_unless_shared(database)
+        database.create_tables(lock_metadata)
         # Never beside a local run (or another flow run) of the same destination: the key in the run store.
         holder = f"prefect:{flow_run.id}:{uuid.uuid4().hex[:8]}"  # one per execution, even of one flow run
         with ConnectorLock(database).hold(concurrency_key(spec, workspace), holder) as lost:
-            # Asked while holding the key: the gateway may have taken the run back while this flow run waited.
-            moved = (run_id := tagged_run_id(flow_run.tags)) and run_moved_off_prefect(database, run_id)
-            if moved:
-                return Cancelled(message=f"not executed: {moved}")
-            pipeline = ConnectorPipeline(runnable, workspace)
-            for step in pipeline.steps:
-                if lost.is_set():
-                    raise LockLost(f"the lease on connector {connector_id}'s key lapsed before {step}")
-                pipeline_step.with_options(name=step)(pipeline, step)
-            summary = pipeline.summary().to_dict()
+            # Asked again holding the key: the gateway may have taken the run back while this flow run waited.
+            if run_id and (refused := run_moved_off_prefect(database, run_id)):
+                return Cancelled(message=f"not executed: {refused}")
+            summary = run_steps(runnable, workspace, lost).to_dict()
     finally:
         database.dispose()
     create_table_artifact(

@@ -13,7 +13,8 @@ from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from prefect.states import Cancelled
 
-from connectors.pipeline import ConnectorRunError, RunCancelled, Workspace, concurrency_key, run_connector
+from connectors.isolated import run_connector_isolated
+from connectors.pipeline import ConnectorRunError, RunCancelled, Workspace, concurrency_key
 from connectors.registry import ConnectorRegistry
 from connectors.spec import ParamsError
 from flows.connector_lock import ConnectorLock, LockLost, run_moved_off_prefect
@@ -57,13 +58,13 @@ def submit_as_task(node: NodeSpec, work: Callable[[], NodeResult]) -> _Done:
     return _Done(node_task.with_options(name=f"{node.id} ({node.type})").submit(work))
 
 
-def connector_runner(settings: Any, database: Database,
-                     holder: str) -> Callable[[str, dict[str, Any], Callable[[], bool]], dict[str, Any]]:
+def connector_runner(settings: Any, database: Database, holder: str, lock: ConnectorLock | None = None
+                     ) -> Callable[[str, dict[str, Any], Callable[[], bool]], dict[str, Any]]:
     """Run a connector node's connector here, in the worker, from the worker's connectors.yaml, holding its key
     in the run store as any run of it does."""
     registry = ConnectorRegistry.load(settings.connectors_file)
     workspace = Workspace(settings.pipelines_dir, settings.duckdb_dir)
-    lock = ConnectorLock(database)
+    lock = lock or ConnectorLock(database)
 
     def run(connector_id: str, params: dict[str, Any], should_stop: Callable[[], bool]) -> dict[str, Any]:
         spec = registry.get(connector_id)
@@ -73,8 +74,9 @@ def connector_runner(settings: Any, database: Database,
             runnable = spec.with_params(params)
             # one holder per node run: two nodes of one workflow on one connector wait for each other too
             with lock.hold(concurrency_key(spec, workspace), f"{holder}:{uuid.uuid4().hex[:8]}", should_stop) as lost:
-                return run_connector(runnable, workspace,
-                                     should_stop=lambda: should_stop() or lost.is_set()).to_dict()
+                # In a child process, killed at once if the key's lease is lost: a local run may take it then.
+                return run_connector_isolated(runnable, workspace, should_stop=should_stop,
+                                              must_end=lost.is_set).to_dict()
         except (LockLost, RunCancelled) as exc:
             raise NodeFailed(str(exc), code="cancelled", terminal=True) from None
         except ParamsError as exc:
@@ -95,11 +97,13 @@ def workflow_flow(run_id: str, workflow: dict[str, Any], inputs: dict[str, Any] 
     settings = RuntimeSettings()
     spec = resolve_definition(workflow, from_file)
     database = Database(settings.run_store_url)  # node cache and connector keys: shared with the gateways
-    database.create_tables(metadata, lock_metadata)
     try:
-        moved = run_moved_off_prefect(database, run_id)  # taken back by the gateway: a worker's late claim
-        if moved:
-            return Cancelled(message=f"not executed: {moved}")
+        # Taken back or ended by the gateway, or a run store that is not the gateways': checked before anything
+        # is written there.
+        refused = run_moved_off_prefect(database, run_id)
+        if refused:
+            return Cancelled(message=f"not executed: {refused}")
+        database.create_tables(metadata, lock_metadata)
         runner = connector_runner(settings, database, f"prefect:{flow_run.id}:{run_id}")
         engine = WorkflowEngine(make_toolbox(settings, runner), cache=SqlNodeCache(database))
         result = engine.run(spec, inputs or {}, mode, submit=submit_as_task)

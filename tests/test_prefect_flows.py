@@ -1,0 +1,69 @@
+"""The Prefect flows' connector work below the Prefect tier: the functions the flows run, called here with a real
+run store and ConnectorLock, and each step's Prefect task as its plain function (tests/test_prefect.py runs the
+same code as real flow runs)."""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from app.runs.store import RunStore
+from connectors.pipeline import Workspace, duckdb_path
+from connectors.spec import ConnectorSpec
+from flows.connector_lock import ConnectorLock, LockLost
+from flows.nodes import NodeFailed
+from flows.prefect import connector_flow
+from flows.prefect.workflow_flow import connector_runner
+from flows.runtime import RuntimeSettings
+
+SLOW = {"id": "slow", "dataset": "raw",  # its extract takes 20 s: the step the lease is lost in
+        "source": {"kind": "python", "ref": "connectors.demo:numbers", "args": {"n": 5, "delay_seconds": 20}}}
+LEASE_SECONDS = 1.5  # fenced a second after the last renewal that got through: the step must end soon after
+
+
+@pytest.fixture
+def stalled_lock(store: RunStore):
+    """A connector lock whose renewals hang from the first one on (a database that stopped answering)."""
+    lock = ConnectorLock(store.db, lease_seconds=LEASE_SECONDS)
+    released = threading.Event()
+    lock.renew = lambda key, holder: released.wait(60) and False
+    yield lock
+    released.set()
+
+
+def test_a_flow_run_that_loses_its_connectors_key_mid_step_has_the_steps_process_killed_at_once(
+        stalled_lock: ConnectorLock, tmp_path: Path):
+    """A local run may take the key as soon as the lease lapses: the flow's step must not go on beside it (it
+    did: the lease was looked at between steps only, so the step in progress ran to its end)."""
+    spec = ConnectorSpec.model_validate(SLOW)
+    workspace = Workspace(tmp_path / "dlt", tmp_path / "duckdb")
+    started = time.monotonic()
+    with pytest.raises(LockLost, match="was lost during"):  # extract, or recover on a slow machine
+        with stalled_lock.hold("connector:slow", "prefect:flow-run-1:abcd") as lost:
+            connector_flow.run_steps(spec, workspace, lost, run_step=connector_flow.pipeline_step.fn)
+    took = time.monotonic() - started
+    assert took < 8, f"the step ran on for {took:.1f} s after the lease was lost"
+    assert not duckdb_path(spec, workspace).exists() or _tables(duckdb_path(spec, workspace)) == []
+
+
+def test_a_workflows_connector_node_that_loses_its_key_mid_step_is_killed_at_once(
+        stalled_lock: ConnectorLock, store: RunStore, tmp_path: Path):
+    (tmp_path / "connectors.yaml").write_text(
+        "connectors:\n  slow:\n    source: {kind: python, ref: 'connectors.demo:numbers', "
+        "args: {n: 5, delay_seconds: 20}}\n    dataset: raw\n")
+    settings = RuntimeSettings.of(var_dir=tmp_path / "var", connectors_file=tmp_path / "connectors.yaml")
+    run = connector_runner(settings, store.db, "prefect:flow-run-2:run-2", lock=stalled_lock)
+    started = time.monotonic()
+    with pytest.raises(NodeFailed) as failed:
+        run("slow", {}, lambda: False)
+    took = time.monotonic() - started
+    assert failed.value.code == "cancelled" and took < 8, (failed.value, f"{took:.1f} s")
+
+
+def _tables(path: Path) -> list[str]:
+    with duckdb.connect(str(path), read_only=True) as con:
+        return [row[0] for row in con.execute("SELECT table_name FROM information_schema.tables "
+                                               "WHERE table_schema = 'raw'").fetchall()]
