@@ -56,7 +56,10 @@ class Services:
         return self.prefect_sync, self.callbacks, self.pruner, self.run_logs
 
     def start(self) -> None:
-        """Start this process's work (after gunicorn forks): every loop, then the executor."""
+        """Start this process's work (after gunicorn forks): traces, every loop, then the executor."""
+        from app import tracing
+
+        tracing.instrument([self.store.engine])
         for loop in self.loops:
             loop.start()
         self.executor.start()
@@ -132,10 +135,12 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     app.extensions["flowgate"] = Services(settings, registry, workflows, store, executor, dispatcher, engine, workspace,
                                           prefect_sync, callbacks, pruner, run_logs)
 
-    from app import api, auth, errors, limits, metrics, openapi, waits
+    from app import api, auth, errors, limits, metrics, openapi, tracing, waits
+    from connectors.tracing import exporting
 
     errors.init_app(app)
     logs.init_app(app)  # before auth: a refused request still gets its id
+    tracing.init_app(app, exporting())  # before auth too: a refused request is in the caller's trace
     auth.init_app(app, keyring, settings.auth_failure_limit, settings.rate_limit_storage)
     limits.init_app(app, settings.rate_limit, settings.rate_limit_storage)
     metrics.init_app(app)

@@ -6,6 +6,8 @@ import time
 import uuid
 from typing import Any
 
+from opentelemetry import trace
+
 from app.backends import Backend
 from app.backends.local import LocalBackend
 from app.backends.prefect import PrefectBackend
@@ -16,6 +18,7 @@ from app.metrics import FALLBACKS, TRIGGERS
 from app.runs.models import Run
 from app.runs.store import IdempotencyConflict, NewRun, QueueFull, RunStore
 from connectors.pipeline import Workspace, concurrency_key
+from connectors import tracing
 from connectors.registry import ConnectorRegistry
 from connectors.spec import ParamsError
 from flows.outcome import RunError
@@ -48,6 +51,12 @@ class Dispatcher:
     def trigger_connector(self, connector_id: str, params: dict[str, Any], backend: str | None = None,
                           idempotency_key: str | None = None, callback_url: str | None = None) -> tuple[Run, bool]:
         """Validate, store and dispatch a connector run; returns the run and whether it is new."""
+        with tracing.tracer().start_as_current_span("dispatch", attributes={"flowgate.kind": "connector",
+                                                                            "flowgate.target": connector_id}):
+            return self._trigger_connector(connector_id, params, backend, idempotency_key, callback_url)
+
+    def _trigger_connector(self, connector_id: str, params: dict[str, Any], backend: str | None,
+                           idempotency_key: str | None, callback_url: str | None) -> tuple[Run, bool]:
         spec = self.registry.get(connector_id)
         if spec is None:
             raise NotFound(f"no connector '{connector_id}'", code="connector_not_found")
@@ -61,7 +70,7 @@ class Dispatcher:
                      backend="prefect" if deployment_id else "local",
                      concurrency_key=concurrency_key(spec, self.workspace), fallback_reason=reason,
                      idempotency_key=idempotency_key, callback_url=callback_url,
-                     max_queued=self.settings.max_queued_per_target)
+                     max_queued=self.settings.max_queued_per_target, trace_context=_trace_context())
         return self._store_and_dispatch(new, deployment_id, forced=mode == "prefect")
 
     def trigger_workflow(self, spec: WorkflowSpec, inputs: dict[str, Any], mode: str, backend: str | None = None,
@@ -70,6 +79,13 @@ class Dispatcher:
         """Store and dispatch a workflow run; the definition travels with the run, so any process can run it.
 
         `file_definition`: the workflow as its file says it (`${VAR}`s unresolved), stored instead of `spec`."""
+        with tracing.tracer().start_as_current_span("dispatch", attributes={"flowgate.kind": "workflow",
+                                                                            "flowgate.target": spec.id}):
+            return self._trigger_workflow(spec, inputs, mode, backend, idempotency_key, callback_url, file_definition)
+
+    def _trigger_workflow(self, spec: WorkflowSpec, inputs: dict[str, Any], mode: str, backend: str | None,
+                          idempotency_key: str | None, callback_url: str | None,
+                          file_definition: dict[str, Any] | None) -> tuple[Run, bool]:
         chosen = backend or self.settings.backend
         deployment_id, reason = self._choose(WORKFLOW_DEPLOYMENT, chosen, flow_name=WORKFLOW_FLOW_NAME)
         params = {"inputs": inputs, "mode": mode, "from_file": file_definition is not None,
@@ -77,7 +93,7 @@ class Dispatcher:
         new = NewRun(kind="workflow", target=spec.id, params=params, backend="prefect" if deployment_id else "local",
                      concurrency_key=f"workflow-run:{uuid.uuid4().hex}", fallback_reason=reason,
                      idempotency_key=idempotency_key, callback_url=callback_url,
-                     max_queued=self.settings.max_queued_per_target)
+                     max_queued=self.settings.max_queued_per_target, trace_context=_trace_context())
         return self._store_and_dispatch(new, deployment_id, forced=chosen == "prefect")
 
     def _choose(self, deployment: str, mode: str, flow_name: str = FLOW_NAME) -> tuple[str | None, str | None]:
@@ -105,13 +121,17 @@ class Dispatcher:
         except QueueFull as exc:
             raise TooManyRequests(f"{exc} (FLOWGATE_MAX_QUEUED_PER_TARGET)", code="queue_full",
                                   headers={"Retry-After": "30"}) from None
+        span = trace.get_current_span()  # the dispatch span
+        span.set_attribute(tracing.RUN_ID, run.id)
         if not created:
             TRIGGERS.labels(run.kind, run.backend, "duplicate").inc()
+            span.set_attribute("flowgate.duplicate", True)
             return run, False
         if deployment_id:
             run = self._submit_to_prefect(run, deployment_id, forced)
         else:
             run = self.local.submit(run)
+        span.set_attributes({"flowgate.backend": run.backend, "flowgate.fallback_reason": run.fallback_reason or ""})
         self._accepted(run)
         return run, True
 
@@ -161,3 +181,9 @@ class Dispatcher:
                 return run
             time.sleep(min(interval, max(deadline - time.monotonic(), 0)))
             interval = min(interval * 1.5, WAIT_POLL_MAX_SECONDS)
+
+
+def _trace_context() -> dict[str, str]:
+    """The context a new run continues: the dispatch span's (the request's trace), or a new trace when there is
+    none (a trigger from outside a request)."""
+    return tracing.carrier() or tracing.carrier(tracing.new_trace())

@@ -218,6 +218,8 @@ class RunOut(BaseModel):
     callback: dict[str, Any] | None = Field(
         None, description="Where the run document is POSTed when it ends: url (no query), status "
                           "(pending, delivered, failed) and every attempt.")
+    trace_id: str | None = Field(None, description="The W3C trace id the run belongs to: the caller's `traceparent`'s, "
+                                                   "or one flowgate started; on every log line of the run.")
     status_url: str
 
     @classmethod
@@ -229,7 +231,8 @@ class RunOut(BaseModel):
                    fallback_reason=run.fallback_reason, prefect_flow_run_id=run.prefect_flow_run_id,
                    prefect_state=run.prefect_state, attempts=run.attempts, created_at=run.created_at,
                    started_at=run.started_at, finished_at=run.finished_at, result=scrub(run.result), error=public_error(run.error),
-                   callback=run.callback.to_dict() if run.callback else None, status_url=status_url)
+                   callback=run.callback.to_dict() if run.callback else None, trace_id=run.trace_id,
+                   status_url=status_url)
 
 
 class RunLogsQuery(_Query):

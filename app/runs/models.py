@@ -74,6 +74,10 @@ class Run(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # The W3C trace the run belongs to (connectors/tracing.py): its id, shown and logged, and the context the
+    # run's spans, flow run, outbound calls and callback continue ({"traceparent": ..., "tracestate": ...}).
+    trace_id: Mapped[str | None] = mapped_column(String(32))
+    trace_context: Mapped[dict[str, str] | None] = mapped_column(JSON)
     # Loaded only where a run document is built (RunStore.get, list, cancel, the transitions): the claim and
     # finish paths, which hold SQLite's write lock, never pay for it. Not loaded reads as None.
     callback: Mapped[RunCallback | None] = relationship(lazy="noload", uselist=False)

@@ -22,6 +22,7 @@ from app.runs.models import ACTIVE_LOCAL, CALLBACK_PENDING, Run, RunCallback, Ru
 from app.runs.node_states import RunNodeStore
 from flows.connector_lock import connector_locks, held_by_others, serialise_claims
 from app.runs.retention import RetentionStore
+from connectors import tracing
 from flows.database import Database
 from flows.node_cache import SqlNodeCache
 from flows.outcome import ACTIVE, CANCELLED, CANCELLING, CRASHED, FAILED, QUEUED, RUNNING, TERMINAL, RunError
@@ -74,6 +75,12 @@ class NewRun:
     idempotency_key: str | None = None
     callback_url: str | None = None
     max_queued: int | None = None  # refuse (QueueFull) when the target already has this many queued runs
+    trace_context: dict[str, str] | None = None  # the W3C context the run continues (connectors/tracing.py)
+
+    @property
+    def trace_id(self) -> str | None:
+        """The trace id `trace_context` names."""
+        return tracing.trace_id_of(self.trace_context)
 
     @property
     def request_hash(self) -> str:
@@ -122,7 +129,8 @@ class RunStore:
             row = {**_EMPTY_ROW, "id": uuid.uuid4().hex, "kind": new.kind, "target": new.target, "params": new.params,
                    "status": QUEUED, "backend": new.backend, "fallback_reason": new.fallback_reason,
                    "idempotency_key": new.idempotency_key, "request_hash": new.request_hash,
-                   "concurrency_key": new.concurrency_key, "cancel_requested": False, "attempts": 0, "created_at": now}
+                   "concurrency_key": new.concurrency_key, "cancel_requested": False, "attempts": 0, "created_at": now,
+                   "trace_id": new.trace_id, "trace_context": new.trace_context}
             callback = None
             with self.db.writer.begin() as connection:
                 if new.idempotency_key:
@@ -180,7 +188,8 @@ class RunStore:
                 run = Run(id=uuid.uuid4().hex, kind=new.kind, target=new.target, params=new.params, status=RUNNING,
                           backend=new.backend, fallback_reason=new.fallback_reason, request_hash=new.request_hash,
                           concurrency_key=new.concurrency_key, created_at=now, started_at=now, attempts=1,
-                          lease_owner=owner, lease_expires_at=now + timedelta(seconds=lease_seconds))
+                          lease_owner=owner, lease_expires_at=now + timedelta(seconds=lease_seconds),
+                          trace_id=new.trace_id, trace_context=new.trace_context)
                 session.add(run)
             return run
 
