@@ -18,7 +18,9 @@ from app.metrics import observe_run_end
 from app.runs.models import Run, utcnow
 from app.runs.store import RunStore
 from flows.outcome import COMPLETED, QUEUED, TERMINAL, RunError
-from flows.prefect.contract import FLOW_NAME, STATE_TO_STATUS, SUMMARY_ARTIFACT_PREFIX, run_tag, workflow_artifact_key
+from flows.prefect.contract import (
+    FLOW_NAME, STATE_TO_STATUS, SUMMARY_ARTIFACT_PREFIX, TRACEPARENT_LABEL, run_tag, trace_tag, workflow_artifact_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +82,11 @@ class PrefectBackend:
     def _create(self, run: Run, deployment_id: str) -> Run:
         # Prefect scopes idempotency keys to the flow: prefix with the target so keys never collide.
         key = f"flowgate:{run.kind}:{run.target}:{run.idempotency_key or run.id}"
-        flow_run = self.client.create_flow_run(deployment_id, flow_parameters(run), key,
-                                               tags=["flowgate", run_tag(run.id)])
+        trace = run.trace_context or {}
+        flow_run = self.client.create_flow_run(
+            deployment_id, flow_parameters(run), key,
+            tags=["flowgate", run_tag(run.id), *([trace_tag(run.trace_id)] if run.trace_id else [])],
+            labels={TRACEPARENT_LABEL: trace["traceparent"]} if trace.get("traceparent") else None)
         return self.record_flow_run(run, flow_run)
 
     def record_flow_run(self, run: Run, flow_run: dict[str, Any]) -> Run:
