@@ -56,8 +56,10 @@ def configure(service: str = "flowgate") -> bool:
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
     from opentelemetry.sdk.trace.sampling import _get_from_env_or_default
 
-    # OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES win over `service` (Resource.create merges them in).
-    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME") or service})
+    # OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES win over `service` (Resource.create merges them in); the
+    # pid tells a gateway worker's spans from its connector processes' and flow runs'.
+    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME") or service,
+                                "process.pid": os.getpid()})
     provider = TracerProvider(resource=resource, sampler=_work_only(_get_from_env_or_default()))
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     trace.set_tracer_provider(provider)
