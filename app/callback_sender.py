@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 from opentelemetry.trace import StatusCode
 
+from app.metrics import CALLBACKS
 from app.runs.models import Run, RunCallback, utcnow
 from app.runs.store import RunStore
 from app.schemas import RunOut
@@ -142,6 +143,7 @@ class CallbackSender(Loop):
             self._record(run.id, attempt, delivered, retry_at)
         finally:
             claim.close()
+        CALLBACKS.labels("delivered" if delivered else "retrying" if retry_at else "failed").inc()
         log.log(logging.INFO if delivered else logging.WARNING, "callback of run %s attempt %d: %s", run.id, number,
                 "delivered" if delivered else attempt.get("error"), extra={"run_id": run.id})
         return delivered

@@ -28,11 +28,15 @@ RUN_DURATION = Histogram("flowgate_run_duration_seconds", "Run durations from st
 HTTP_LATENCY = Histogram("flowgate_http_request_duration_seconds", "HTTP latency by endpoint, method and status",
                          ["endpoint", "method", "status"],
                          buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, float("inf")))
+RUNS = Counter("flowgate_runs_total", "Runs ended, by kind, backend and status", ["kind", "backend", "status"])
+CALLBACKS = Counter("flowgate_callbacks_total", "Callback delivery attempts, by outcome: delivered, retrying "
+                    "(failed, another attempt follows) or failed (the last attempt failed, or the host is refused)",
+                    ["outcome"])
 PREFECT_PROBE = Gauge("flowgate_prefect_probe_latency_seconds", "Latency of the last Prefect health probe",
                       multiprocess_mode="livemostrecent")
 PREFECT_CIRCUIT = Gauge("flowgate_prefect_circuit_open", "1 while a worker's circuit to Prefect is open",
                         multiprocess_mode="livemax")
-ALL = (TRIGGERS, FALLBACKS, RUN_DURATION, HTTP_LATENCY, PREFECT_PROBE, PREFECT_CIRCUIT)
+ALL = (TRIGGERS, FALLBACKS, RUN_DURATION, RUNS, CALLBACKS, HTTP_LATENCY, PREFECT_PROBE, PREFECT_CIRCUIT)
 
 
 class StoreCollector(Collector):
@@ -70,8 +74,10 @@ def target_label(target: str) -> str:
     return target if target in _configured_targets else INLINE
 
 
-def observe_run_end(kind: str, target: str, status: str, started_at: Any, finished_at: Any) -> None:
-    """Record a run's duration when it ends (either path)."""
+def observe_run_end(kind: str, target: str, status: str, started_at: Any, finished_at: Any,
+                    backend: str = "local") -> None:
+    """Count a run's end and record its duration (either path)."""
+    RUNS.labels(kind, backend, status).inc()
     if started_at and finished_at:
         RUN_DURATION.labels(kind, target_label(target), status).observe(
             max((finished_at - started_at).total_seconds(), 0.0))

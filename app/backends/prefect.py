@@ -151,7 +151,8 @@ class PrefectBackend:
         if updated is None:
             return self.store.get(run.id)
         if updated.is_terminal:
-            observe_run_end(updated.kind, updated.target, updated.status, updated.started_at, updated.finished_at)
+            observe_run_end(updated.kind, updated.target, updated.status, updated.started_at, updated.finished_at,
+                            backend="prefect")
         return updated
 
     def logs(self, run: Run, after: int, limit: int) -> LogPage:
