@@ -23,6 +23,7 @@ from app.pruner import Pruner
 from app.run_log_capture import RunLogCapture
 from app.runs.store import RunStore
 from connectors.pipeline import Workspace
+from connectors.tracing import exporting, flush as flush_spans
 from connectors.registry import ConnectorRegistry, RegistryError
 from flows.engine import WorkflowEngine
 from flows.loop import Loop
@@ -57,9 +58,9 @@ class Services:
 
     def start(self) -> None:
         """Start this process's work (after gunicorn forks): traces, every loop, then the executor."""
-        from app import tracing
+        from app import gateway_tracing
 
-        tracing.instrument([self.store.engine])
+        gateway_tracing.instrument([self.store.engine])
         for loop in self.loops:
             loop.start()
         self.executor.start()
@@ -70,6 +71,7 @@ class Services:
         unfinished = self.executor.shutdown(timeout)
         for loop in self.loops:
             loop.stop()
+        flush_spans()  # the spans of the runs and callbacks that ended last
         return unfinished
 
 
@@ -135,12 +137,11 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     app.extensions["flowgate"] = Services(settings, registry, workflows, store, executor, dispatcher, engine, workspace,
                                           prefect_sync, callbacks, pruner, run_logs)
 
-    from app import api, auth, errors, limits, metrics, openapi, tracing, waits
-    from connectors.tracing import exporting
+    from app import api, auth, errors, gateway_tracing, limits, metrics, openapi, waits
 
     errors.init_app(app)
     logs.init_app(app)  # before auth: a refused request still gets its id
-    tracing.init_app(app, exporting())  # before auth too: a refused request is in the caller's trace
+    gateway_tracing.init_app(app, exporting())  # before auth too: a refused request is in the caller's trace
     auth.init_app(app, keyring, settings.auth_failure_limit, settings.rate_limit_storage)
     limits.init_app(app, settings.rate_limit, settings.rate_limit_storage)
     metrics.init_app(app)
