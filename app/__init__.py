@@ -23,8 +23,9 @@ from app.pruner import Pruner
 from app.run_log_capture import RunLogCapture
 from app.runs.store import RunStore
 from connectors.pipeline import Workspace
-from connectors.tracing import exporting, flush as flush_spans
 from connectors.registry import ConnectorRegistry, RegistryError
+from connectors.tracing import exporting
+from connectors.tracing import flush as flush_spans
 from flows.engine import WorkflowEngine
 from flows.loop import Loop
 from flows.nodes import make_toolbox

@@ -17,8 +17,8 @@ from app.errors import Conflict, NotFound, TooManyRequests, Unavailable, Validat
 from app.metrics import FALLBACKS, TRIGGERS
 from app.runs.models import Run
 from app.runs.store import IdempotencyConflict, NewRun, QueueFull, RunStore
-from connectors.pipeline import Workspace, concurrency_key
 from connectors import tracing
+from connectors.pipeline import Workspace, concurrency_key
 from connectors.registry import ConnectorRegistry
 from connectors.spec import ParamsError
 from flows.outcome import RunError

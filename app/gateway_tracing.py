@@ -19,7 +19,6 @@ from app.runs.models import Run
 from connectors import tracing
 
 
-
 def init_app(app: Flask, exporting: bool) -> None:
     """Put every request in a trace: the middleware's server span when `exporting`, else the caller's context
     (or a new trace) made current for the request. A malformed traceparent is ignored, never refused."""

@@ -213,8 +213,8 @@ class WorkflowEngine:
               upstream: dict[str, Any], inputs: dict[str, Any], observe: NodeObserver,
               cancelled: threading.Event) -> Callable[[], NodeResult]:
         def work() -> NodeResult:
-            with tracing.tracer().start_as_current_span(
-                    f"node {node.id}", attributes={"flowgate.node_id": node.id, "flowgate.node_type": node.type}) as span:
+            attributes = {"flowgate.node_id": node.id, "flowgate.node_type": node.type}
+            with tracing.tracer().start_as_current_span(f"node {node.id}", attributes=attributes) as span:
                 try:
                     self.execute(node, context, node_input, upstream, inputs, result, observe, cancelled)
                 except Exception as exc:  # the engine must record every node, whatever a node type does

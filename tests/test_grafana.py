@@ -50,7 +50,8 @@ def test_panels_have_unique_ids_and_do_not_overlap():
     cells = set()
     for panel in DASHBOARD["panels"]:
         grid = panel["gridPos"]
-        area = {(x, y) for x in range(grid["x"], grid["x"] + grid["w"]) for y in range(grid["y"], grid["y"] + grid["h"])}
+        area = {(x, y) for x in range(grid["x"], grid["x"] + grid["w"])
+                for y in range(grid["y"], grid["y"] + grid["h"])}
         assert not area & cells, panel["title"]
         assert grid["x"] + grid["w"] <= 24
         cells |= area

@@ -10,7 +10,7 @@ import subprocess
 import httpx
 import pytest
 
-from app.callbacks import CallbackSender
+from app.callback_sender import CallbackSender
 from app.runs.store import NewRun
 from connectors import tracing
 from flows.outbound import OutboundPolicy

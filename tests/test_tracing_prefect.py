@@ -16,6 +16,7 @@ from tests.test_tracing import CALLER_SPAN, CALLER_TRACE, TRACEPARENT
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.long(seconds=120)
+FLOW_RUN_SERVICE = "flowgate-flow-run"  # OTEL_SERVICE_NAME of the worker's flow runs
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,8 @@ def stack(tmp_path_factory, receiver: OtlpReceiver) -> Iterator[PrefectStack]:
         stack.start_server()
         stack.deploy()
         stack.env.update({"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_BSP_SCHEDULE_DELAY": "100",
-                          "OTEL_SERVICE_NAME": "flowgate-flow-run", "PREFECT_LOGGING_HANDLERS_CONSOLE_FORMATTER": "json"})
+                          "OTEL_SERVICE_NAME": FLOW_RUN_SERVICE,
+                          "PREFECT_LOGGING_HANDLERS_CONSOLE_FORMATTER": "json"})
         stack.start_worker()
         yield stack
     finally:
@@ -59,7 +61,7 @@ def test_a_prefect_flow_run_continues_the_callers_trace(stack: PrefectStack, rec
 
         def flow_run_spans() -> list:
             spans = receiver.trace(CALLER_TRACE)
-            names = {span.name for span in spans if span.resource["service.name"] == "flowgate-flow-run"}
+            names = {span.name for span in spans if span.resource["service.name"] == FLOW_RUN_SERVICE}
             return spans if {"run", "extract", "normalize", "load"} <= names else []
 
         spans = wait_until(flow_run_spans, 60, "the flow run's spans")
@@ -68,10 +70,11 @@ def test_a_prefect_flow_run_continues_the_callers_trace(stack: PrefectStack, rec
         dispatch = next(span for span in spans if span.name == "dispatch")
         assert dispatch.attributes["flowgate.backend"] == "prefect" and dispatch.parent_span_id == request.span_id
         assert flow_run["labels"]["__OTEL_TRACEPARENT"] == f"00-{CALLER_TRACE}-{dispatch.span_id}-01"
-        flow = next(span for span in spans if span.name == "run" and span.resource["service.name"] == "flowgate-flow-run")
+        in_flow_run = [span for span in spans if span.resource["service.name"] == FLOW_RUN_SERVICE]
+        flow = next(span for span in in_flow_run if span.name == "run")
         assert flow.parent_span_id == dispatch.span_id and flow.attributes["flowgate.run_id"] == run["run_id"]
         assert flow.resource["process.pid"] != request.resource["process.pid"]
-        load = next(span for span in spans if span.name == "load" and span.resource["service.name"] == "flowgate-flow-run")
+        load = next(span for span in in_flow_run if span.name == "load")
         assert load.attributes["flowgate.rows.numbers"] == 10
         lines = [json.loads(line) for line in (stack.workdir / "prefect-worker.log").read_text().splitlines()
                  if line.startswith("{")]

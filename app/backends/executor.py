@@ -13,9 +13,9 @@ import uuid
 from dataclasses import replace
 
 from app.backends.workflow_runs import InlineConnectorRunner, record_pending_nodes, run_workflow, stored_spec
+from app.gateway_tracing import run_span, run_span_ended
 from app.logs import run_id as current_run_id
 from app.metrics import observe_run_end
-from app.gateway_tracing import run_span, run_span_ended
 from app.run_log_capture import RunLogCapture
 from app.runs.models import Run, utcnow
 from app.runs.slots import SlotClasses

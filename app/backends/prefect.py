@@ -19,7 +19,13 @@ from app.runs.models import Run, utcnow
 from app.runs.store import RunStore
 from flows.outcome import COMPLETED, QUEUED, TERMINAL, RunError
 from flows.prefect.contract import (
-    FLOW_NAME, STATE_TO_STATUS, SUMMARY_ARTIFACT_PREFIX, TRACEPARENT_LABEL, run_tag, trace_tag, workflow_artifact_key,
+    FLOW_NAME,
+    STATE_TO_STATUS,
+    SUMMARY_ARTIFACT_PREFIX,
+    TRACEPARENT_LABEL,
+    run_tag,
+    trace_tag,
+    workflow_artifact_key,
 )
 
 log = logging.getLogger(__name__)
