@@ -14,14 +14,14 @@ from app.backends.prefect import PrefectBackend
 from app.backends.prefect_client import PrefectError
 from app.config import Settings
 from app.errors import Conflict, NotFound, TooManyRequests, Unavailable, ValidationFailed
-from app.metrics import FALLBACKS, TRIGGERS
+from app.metrics import FALLBACKS, TRIGGERS, observe_run_end
 from app.runs.models import Run
 from app.runs.store import IdempotencyConflict, NewRun, QueueFull, RunStore
 from connectors import tracing
 from connectors.pipeline import Workspace, concurrency_key
 from connectors.registry import ConnectorRegistry
 from connectors.spec import ParamsError
-from flows.outcome import RunError
+from flows.outcome import CANCELLED, QUEUED, RunError
 from flows.prefect.contract import FLOW_NAME, WORKFLOW_DEPLOYMENT, WORKFLOW_FLOW_NAME
 from flows.workflow_spec import WorkflowSpec
 
@@ -167,9 +167,15 @@ class Dispatcher:
         return self.backend_for(run).refresh(run)
 
     def cancel(self, run_id: str) -> Run | None:
-        """Cancel a run on its backend; None if unknown."""
+        """Cancel a run on its backend; None if unknown. A queued run ends here and now: counted as ended (a
+        running one is counted by whoever records its end)."""
         run = self.store.get(run_id)
-        return self.backend_for(run).cancel(run) if run is not None else None
+        if run is None:
+            return None
+        cancelled = self.backend_for(run).cancel(run)
+        if run.status == QUEUED and cancelled is not None and cancelled.status == CANCELLED:
+            observe_run_end(run.kind, run.target, CANCELLED, None, None, backend=run.backend)
+        return cancelled
 
     def wait_for_end(self, run_id: str, timeout: float) -> Run:
         """Poll until the run ends or `timeout` passes; returns the latest state either way."""

@@ -28,6 +28,7 @@ RUN_DURATION = Histogram("flowgate_run_duration_seconds", "Run durations from st
 HTTP_LATENCY = Histogram("flowgate_http_request_duration_seconds", "HTTP latency by endpoint, method and status",
                          ["endpoint", "method", "status"],
                          buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, float("inf")))
+# Not counted: a run recovered as crashed after its process died (the lease's end, or gunicorn's child_exit).
 RUNS = Counter("flowgate_runs_total", "Runs ended, by kind, backend and status", ["kind", "backend", "status"])
 CALLBACKS = Counter("flowgate_callbacks_total", "Callback delivery attempts, by outcome: delivered, retrying "
                     "(failed, another attempt follows) or failed (the last attempt failed, or the host is refused)",
