@@ -8,17 +8,28 @@ import shutil
 import signal
 import socket
 
-from app import exposure
-from app.config import load_settings
-from app.gunicorn_worker import HeaderTimeoutWorker
+from pydantic import ValidationError
 
-_settings = load_settings()
+from flows.runtime import RuntimeSettings
 
 # --- metrics -------------------------------------------------------------------------------------
-# prometheus_client's multiprocess mode: every worker writes its samples under this folder (set before
-# any worker imports prometheus_client), /metrics sums them; the folder is emptied when the master starts.
-os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(_settings.var_dir / "prometheus-multiproc"))
-os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+# prometheus_client's multiprocess mode: every worker writes its samples under this folder, /metrics sums them;
+# the folder is emptied when the master starts. Set before `app` is imported: importing it imports
+# prometheus_client, which picks its mode then, for the master and every worker forked from it (set after, each
+# worker counted in memory and /metrics summed empty files: zeros).
+try:
+    _var_dir = RuntimeSettings().var_dir
+except ValidationError:  # load_settings() below stops the start with a message naming the variable
+    _var_dir = None
+if _var_dir is not None:
+    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(_var_dir / "prometheus-multiproc"))
+    os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+
+from app import exposure  # noqa: E402
+from app.config import load_settings  # noqa: E402
+from app.gunicorn_worker import HeaderTimeoutWorker  # noqa: E402
+
+_settings = load_settings()
 
 # --- server socket ---------------------------------------------------------------------------
 # FLOWGATE_HOST (127.0.0.1 by default; the Docker image sets 0.0.0.0) and FLOW_SERVER_PORT, or FLOWGATE_BIND
