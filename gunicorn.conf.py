@@ -8,16 +8,24 @@ import shutil
 import signal
 import socket
 
+from pydantic import ValidationError
+
 from flows.runtime import RuntimeSettings
 
 # --- metrics -------------------------------------------------------------------------------------
 # prometheus_client's multiprocess mode: every worker writes its samples under this folder, /metrics sums them;
-# the folder is emptied when the master starts. Set before anything imports app/ (its metrics module creates the
-# counters, in multiprocess mode only if this is set by then): flows.runtime's settings do not import app/.
-os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(RuntimeSettings().var_dir / "prometheus-multiproc"))
-os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+# the folder is emptied when the master starts. Set before `app` is imported: importing it imports
+# prometheus_client, which picks its mode then, for the master and every worker forked from it (set after, each
+# worker counted in memory and /metrics summed empty files: zeros).
+try:
+    _var_dir = RuntimeSettings().var_dir
+except ValidationError:  # load_settings() below stops the start with a message naming the variable
+    _var_dir = None
+if _var_dir is not None:
+    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(_var_dir / "prometheus-multiproc"))
+    os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
 
-from app import exposure  # noqa: E402  (after the metrics folder: see above)
+from app import exposure  # noqa: E402
 from app.config import load_settings  # noqa: E402
 from app.gunicorn_worker import HeaderTimeoutWorker  # noqa: E402
 

@@ -25,6 +25,8 @@ from app.runs.store import RunStore
 from app.scheduler import Schedule, Scheduler, declared_schedules
 from connectors.pipeline import Workspace
 from connectors.registry import ConnectorRegistry, RegistryError
+from connectors.tracing import exporting
+from connectors.tracing import flush as flush_spans
 from flows.engine import WorkflowEngine
 from flows.loop import Loop
 from flows.nodes import make_toolbox
@@ -58,7 +60,10 @@ class Services:
         return self.prefect_sync, self.callbacks, self.pruner, self.run_logs, self.scheduler
 
     def start(self) -> None:
-        """Start this process's work (after gunicorn forks): every loop, then the executor."""
+        """Start this process's work (after gunicorn forks): traces, every loop, then the executor."""
+        from app import gateway_tracing
+
+        gateway_tracing.instrument([self.store.engine])
         for loop in self.loops:
             loop.start()
         self.executor.start()
@@ -69,6 +74,7 @@ class Services:
         unfinished = self.executor.shutdown(timeout)
         for loop in self.loops:
             loop.stop()
+        flush_spans()  # the spans of the runs and callbacks that ended last
         return unfinished
 
 
@@ -152,10 +158,11 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     app.extensions["flowgate"] = Services(settings, registry, workflows, store, executor, dispatcher, engine, workspace,
                                           prefect_sync, callbacks, pruner, run_logs, scheduler)
 
-    from app import api, auth, errors, limits, metrics, openapi, waits
+    from app import api, auth, errors, gateway_tracing, limits, metrics, openapi, waits
 
     errors.init_app(app)
     logs.init_app(app)  # before auth: a refused request still gets its id
+    gateway_tracing.init_app(app, exporting())  # before auth too: a refused request is in the caller's trace
     auth.init_app(app, keyring, settings.auth_failure_limit, settings.rate_limit_storage)
     limits.init_app(app, settings.rate_limit, settings.rate_limit_storage)
     metrics.init_app(app)

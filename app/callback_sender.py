@@ -5,7 +5,8 @@ each process's sender claims due deliveries, POSTs, records the attempt on the r
 backoff until the receiver answers 2xx or the attempts run out.
 
 Signature (like Stripe's): `X-Flowgate-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`.
-A receiver recomputes it over the raw body and refuses old timestamps.
+A receiver recomputes it over the raw body and refuses old timestamps. The POST carries the run's W3C
+`traceparent`, so the receiver's trace continues the caller's.
 """
 from __future__ import annotations
 
@@ -21,10 +22,13 @@ from datetime import timedelta
 from typing import Any
 
 import httpx
+from opentelemetry.trace import StatusCode
 
+from app.metrics import CALLBACKS
 from app.runs.models import Run, RunCallback, utcnow
 from app.runs.store import RunStore
 from app.schemas import RunOut
+from connectors import tracing
 from flows.lease import LeaseKeeper
 from flows.loop import Loop
 from flows.outbound import OutboundPolicy, OutboundRefused
@@ -90,13 +94,25 @@ class CallbackSender(Loop):
         return True
 
     def deliver(self, callback: RunCallback, run: Run) -> bool:
-        """One attempt; records it on the run. True when the receiver answered 2xx."""
+        """One attempt, in the run's trace (the POST carries its `traceparent`); records it on the run. True when
+        the receiver answered 2xx."""
+        attributes = {tracing.RUN_ID: run.id, "flowgate.callback.attempt": len(callback.attempts or []) + 1}
+        with tracing.tracer().start_as_current_span("callback", context=tracing.extract(run.trace_context),
+                                                    attributes=attributes) as span:
+            delivered = self._deliver(callback, run)
+            span.set_attribute("flowgate.callback.delivered", delivered)
+            if not delivered:
+                span.set_status(StatusCode.ERROR, "not delivered")
+            return delivered
+
+    def _deliver(self, callback: RunCallback, run: Run) -> bool:
         number = len(callback.attempts or []) + 1
         body = json.dumps(RunOut.from_run(run, f"/api/v1/runs/{run.id}").model_dump(mode="json")).encode()
         timestamp = int(time.time())
         headers = {"Content-Type": "application/json", "User-Agent": "flowgate-callback",
                    "X-Flowgate-Signature": signature(self.secret or "", timestamp, body),
-                   "X-Flowgate-Run-Id": run.id, "X-Flowgate-Delivery": run.id, "X-Flowgate-Attempt": str(number)}
+                   "X-Flowgate-Run-Id": run.id, "X-Flowgate-Delivery": run.id, "X-Flowgate-Attempt": str(number),
+                   **tracing.carrier()}
         started = time.perf_counter()
         attempt: dict[str, Any] = {"attempt": number, "at": utcnow().isoformat()}
         delivered = False
@@ -127,6 +143,7 @@ class CallbackSender(Loop):
             self._record(run.id, attempt, delivered, retry_at)
         finally:
             claim.close()
+        CALLBACKS.labels("delivered" if delivered else "retrying" if retry_at else "failed").inc()
         log.log(logging.INFO if delivered else logging.WARNING, "callback of run %s attempt %d: %s", run.id, number,
                 "delivered" if delivered else attempt.get("error"), extra={"run_id": run.id})
         return delivered

@@ -8,19 +8,22 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
+from opentelemetry import trace
+
 from app.backends import Backend
 from app.backends.local import LocalBackend
 from app.backends.prefect import PrefectBackend
 from app.backends.prefect_client import PrefectError
 from app.config import Settings
 from app.errors import Conflict, NotFound, TooManyRequests, Unavailable, ValidationFailed
-from app.metrics import FALLBACKS, TRIGGERS
+from app.metrics import FALLBACKS, TRIGGERS, observe_run_end
 from app.runs.models import SOURCE_SCHEDULE, Run
 from app.runs.store import CREATED, IdempotencyConflict, NewRun, QueueFull, RunStore
+from connectors import tracing
 from connectors.pipeline import Workspace, concurrency_key
 from connectors.registry import ConnectorRegistry
 from connectors.spec import ParamsError
-from flows.outcome import RunError
+from flows.outcome import CANCELLED, QUEUED, RunError
 from flows.prefect.contract import FLOW_NAME, WORKFLOW_DEPLOYMENT, WORKFLOW_FLOW_NAME
 from flows.workflow_registry import WorkflowRegistry
 from flows.workflow_spec import WorkflowSpec
@@ -65,9 +68,11 @@ class Dispatcher:
     def trigger_connector(self, connector_id: str, params: dict[str, Any], backend: str | None = None,
                           idempotency_key: str | None = None, callback_url: str | None = None) -> tuple[Run, bool]:
         """Validate, store and dispatch a connector run; returns the run and whether it is new."""
-        mode = backend or self.settings.backend
-        new, deployment_id = self._connector_run(connector_id, params, mode, idempotency_key, callback_url)
-        return self._store_and_dispatch(new, deployment_id, forced=mode == "prefect")
+        with tracing.tracer().start_as_current_span("dispatch", attributes={"flowgate.kind": "connector",
+                                                                            "flowgate.target": connector_id}):
+            mode = backend or self.settings.backend
+            new, deployment_id = self._connector_run(connector_id, params, mode, idempotency_key, callback_url)
+            return self._store_and_dispatch(new, deployment_id, forced=mode == "prefect")
 
     def trigger_workflow(self, spec: WorkflowSpec, inputs: dict[str, Any], mode: str, backend: str | None = None,
                          idempotency_key: str | None = None, callback_url: str | None = None,
@@ -75,6 +80,13 @@ class Dispatcher:
         """Store and dispatch a workflow run; the definition travels with the run, so any process can run it.
 
         `file_definition`: the workflow as its file says it (`${VAR}`s unresolved), stored instead of `spec`."""
+        with tracing.tracer().start_as_current_span("dispatch", attributes={"flowgate.kind": "workflow",
+                                                                            "flowgate.target": spec.id}):
+            return self._trigger_workflow(spec, inputs, mode, backend, idempotency_key, callback_url, file_definition)
+
+    def _trigger_workflow(self, spec: WorkflowSpec, inputs: dict[str, Any], mode: str, backend: str | None,
+                          idempotency_key: str | None, callback_url: str | None,
+                          file_definition: dict[str, Any] | None) -> tuple[Run, bool]:
         chosen = backend or self.settings.backend
         new, deployment_id = self._workflow_run(spec, inputs, mode, chosen, idempotency_key, callback_url,
                                                 file_definition)
@@ -113,7 +125,7 @@ class Dispatcher:
                       backend="prefect" if deployment_id else "local",
                       concurrency_key=concurrency_key(spec, self.workspace), fallback_reason=reason,
                       idempotency_key=idempotency_key, callback_url=callback_url,
-                      max_queued=self.settings.max_queued_per_target), deployment_id
+                      max_queued=self.settings.max_queued_per_target, trace_context=_trace_context()), deployment_id
 
     def _workflow_run(self, spec: WorkflowSpec, inputs: dict[str, Any], mode: str, backend: str,
                       idempotency_key: str | None, callback_url: str | None,
@@ -124,7 +136,7 @@ class Dispatcher:
         return NewRun(kind="workflow", target=spec.id, params=params, backend="prefect" if deployment_id else "local",
                       concurrency_key=f"workflow-run:{uuid.uuid4().hex}", fallback_reason=reason,
                       idempotency_key=idempotency_key, callback_url=callback_url,
-                      max_queued=self.settings.max_queued_per_target), deployment_id
+                      max_queued=self.settings.max_queued_per_target, trace_context=_trace_context()), deployment_id
 
     def _choose(self, deployment: str, mode: str, flow_name: str = FLOW_NAME) -> tuple[str | None, str | None]:
         """(deployment id, None) to use Prefect, or (None, why not) to run locally."""
@@ -151,8 +163,11 @@ class Dispatcher:
         except QueueFull as exc:
             raise TooManyRequests(f"{exc} (FLOWGATE_MAX_QUEUED_PER_TARGET)", code="queue_full",
                                   headers={"Retry-After": "30"}) from None
+        span = trace.get_current_span()  # the dispatch span
+        span.set_attribute(tracing.RUN_ID, run.id)
         if not created:
             TRIGGERS.labels(run.kind, run.backend, "duplicate").inc()
+            span.set_attribute("flowgate.duplicate", True)
             return run, False
         return self._dispatch(run, deployment_id, forced), True
 
@@ -162,6 +177,7 @@ class Dispatcher:
             run = self._submit_to_prefect(run, deployment_id, forced)
         else:
             run = self.local.submit(run)
+        trace.get_current_span().set_attributes({"flowgate.backend": run.backend, "flowgate.fallback_reason": run.fallback_reason or ""})
         self._accepted(run)
         return run
 
@@ -198,9 +214,15 @@ class Dispatcher:
         return self.backend_for(run).refresh(run)
 
     def cancel(self, run_id: str) -> Run | None:
-        """Cancel a run on its backend; None if unknown."""
+        """Cancel a run on its backend; None if unknown. A queued run ends here and now: counted as ended (a
+        running one is counted by whoever records its end)."""
         run = self.store.get(run_id)
-        return self.backend_for(run).cancel(run) if run is not None else None
+        if run is None:
+            return None
+        cancelled = self.backend_for(run).cancel(run)
+        if run.status == QUEUED and cancelled is not None and cancelled.status == CANCELLED:
+            observe_run_end(run.kind, run.target, CANCELLED, None, None, backend=run.backend)
+        return cancelled
 
     def wait_for_end(self, run_id: str, timeout: float) -> Run:
         """Poll until the run ends or `timeout` passes; returns the latest state either way."""
@@ -212,3 +234,9 @@ class Dispatcher:
                 return run
             time.sleep(min(interval, max(deadline - time.monotonic(), 0)))
             interval = min(interval * 1.5, WAIT_POLL_MAX_SECONDS)
+
+
+def _trace_context() -> dict[str, str]:
+    """The context a new run continues: the dispatch span's (the request's trace), or a new trace when there is
+    none (a trigger from outside a request)."""
+    return tracing.carrier() or tracing.carrier(tracing.new_trace())

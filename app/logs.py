@@ -1,7 +1,7 @@
-"""Logging: one JSON object per line on stdout, each with the request id and run id it belongs to.
+"""Logging: one JSON object per line on stdout, each with the request id, run id and trace id it belongs to.
 
 The ids live in context variables: a request sets its id for the request's thread, an executor thread sets
-the run id for the run it executes, and a filter copies both onto every record.
+the run id (and the run's trace) for the run it executes, and a filter copies them onto every record.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Any
 from flask import Flask, Response, g, request
 from pythonjsonlogger.json import JsonFormatter
 
-from connectors import secrets
+from connectors import secrets, tracing
 from connectors.secrets import redact_text
 
 request_id: ContextVar[str | None] = ContextVar("flowgate_request_id", default=None)
@@ -26,15 +26,16 @@ _INCOMING_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 FIELDS = "%(asctime)s %(levelname)s %(name)s %(process)d %(message)s"
 
 
-class ContextFilter(logging.Filter):
-    """Puts `request_id` and `run_id` on every record (None when there is none), and scrubs the secrets the
-    process resolved from `${VAR}`s out of its message and traceback (connectors.secrets)."""
+class ContextFilter(tracing.TraceIdFilter):
+    """Puts `request_id`, `run_id` and `trace_id` on every record (None when there is none), and scrubs the
+    secrets the process resolved from `${VAR}`s out of its message and traceback (connectors.secrets)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not hasattr(record, "request_id"):
             record.request_id = request_id.get()
         if not hasattr(record, "run_id"):
             record.run_id = run_id.get()
+        super().filter(record)
         scrub_record(record)
         return True
 

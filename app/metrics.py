@@ -28,6 +28,11 @@ RUN_DURATION = Histogram("flowgate_run_duration_seconds", "Run durations from st
 HTTP_LATENCY = Histogram("flowgate_http_request_duration_seconds", "HTTP latency by endpoint, method and status",
                          ["endpoint", "method", "status"],
                          buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, float("inf")))
+# Not counted: a run recovered as crashed after its process died (the lease's end, or gunicorn's child_exit).
+RUNS = Counter("flowgate_runs_total", "Runs ended, by kind, backend and status", ["kind", "backend", "status"])
+CALLBACKS = Counter("flowgate_callbacks_total", "Callback delivery attempts, by outcome: delivered, retrying "
+                    "(failed, another attempt follows) or failed (the last attempt failed, or the host is refused)",
+                    ["outcome"])
 PREFECT_PROBE = Gauge("flowgate_prefect_probe_latency_seconds", "Latency of the last Prefect health probe",
                       multiprocess_mode="livemostrecent")
 PREFECT_CIRCUIT = Gauge("flowgate_prefect_circuit_open", "1 while a worker's circuit to Prefect is open",
@@ -41,8 +46,8 @@ SCHEDULE_SKIPPED = Counter("flowgate_schedule_skipped_slots_total",
                            "Slots that came while a run of the schedule was already waiting", ["kind", "target"])
 SCHEMA_CHANGES = Counter("flowgate_schema_changes_total", "Schema changes completed connector runs made, by target "
                          "and kind (new_table, new_column, variant_column, type_change)", ["target", "kind"])
-ALL = (TRIGGERS, FALLBACKS, RUN_DURATION, HTTP_LATENCY, PREFECT_PROBE, PREFECT_CIRCUIT, SCHEDULE_LAG, SCHEDULE_MISSED,
-       SCHEDULE_SKIPPED, SCHEMA_CHANGES)
+ALL = (TRIGGERS, FALLBACKS, RUN_DURATION, RUNS, CALLBACKS, HTTP_LATENCY, PREFECT_PROBE, PREFECT_CIRCUIT, SCHEDULE_LAG,
+       SCHEDULE_MISSED, SCHEDULE_SKIPPED, SCHEMA_CHANGES)
 # A run result's schema_changes entry (connectors/report.py) -> the `kind` label of each item it lists
 _CHANGE_KINDS = {"new_columns": "new_column", "variant_columns": "variant_column", "type_changes": "type_change"}
 
@@ -83,8 +88,9 @@ def target_label(target: str) -> str:
 
 
 def observe_run_end(kind: str, target: str, status: str, started_at: Any, finished_at: Any,
-                    result: dict[str, Any] | None = None) -> None:
-    """Record a run's duration when it ends (either path), and the schema changes its result document lists."""
+                    result: dict[str, Any] | None = None, backend: str = "local") -> None:
+    """Count a run's end and record its duration (either path), and the schema changes its result lists."""
+    RUNS.labels(kind, backend, status).inc()
     if started_at and finished_at:
         RUN_DURATION.labels(kind, target_label(target), status).observe(
             max((finished_at - started_at).total_seconds(), 0.0))

@@ -315,6 +315,8 @@ class RunOut(BaseModel):
     schedule: dict[str, Any] | None = Field(
         None, description="A scheduled run's rule as declared (cron, interval or rrule, timezone, catch_up) and "
                           "late_seconds: how long after its slot the run was created (a caught-up slot's lateness).")
+    trace_id: str | None = Field(None, description="The W3C trace id the run belongs to: the caller's `traceparent`'s, "
+                                                   "or one flowgate started; on every log line of the run.")
     status_url: str
 
     @classmethod
@@ -327,7 +329,8 @@ class RunOut(BaseModel):
                    prefect_state=run.prefect_state, attempts=run.attempts, created_at=run.created_at,
                    started_at=run.started_at, finished_at=run.finished_at, result=scrub(run.result), error=public_error(run.error),
                    callback=run.callback.to_dict() if run.callback else None, source=run.source or "api",
-                   scheduled_for=run.scheduled_for, schedule=run.schedule, status_url=status_url)
+                   scheduled_for=run.scheduled_for, schedule=run.schedule, trace_id=run.trace_id,
+                   status_url=status_url)
 
 
 class RunLogsQuery(_Query):

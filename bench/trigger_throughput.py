@@ -46,13 +46,13 @@ def pct(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
-def load(name: str, url: str, clients: int, seconds: float) -> Result:
+def load(name: str, url: str, clients: int, seconds: float, headers: dict[str, str] | None = None) -> Result:
     result = Result(name, seconds)
     lock = threading.Lock()
     deadline = time.monotonic() + seconds
 
     def trigger(i: int) -> None:
-        with httpx.Client(base_url=url, timeout=120) as client:
+        with httpx.Client(base_url=url, timeout=120, headers=headers) as client:
             while time.monotonic() < deadline:
                 started = time.perf_counter()
                 try:

@@ -3,7 +3,9 @@ is (a source that never answers included) without taking the calling process dow
 
 Children come from a forkserver started once per process and preloaded with dlt, so a run starts in tens of
 milliseconds, and no process with threads (a gunicorn worker) ever forks. The child sends its log lines and
-its outcome back over a pipe; the caller re-emits the lines in its own thread, so they carry its context.
+its outcome back over a pipe; the caller re-emits the lines in its own thread, so they carry its context. The
+run's trace context goes to the child with its arguments; with an OTLP endpoint the child exports its own
+step spans, and flushes them before it reports the outcome (after which it is killed).
 """
 from __future__ import annotations
 
@@ -19,6 +21,9 @@ from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
+from opentelemetry import context as otel_context
+
+from connectors import tracing
 from connectors.pipeline import ConnectorPipeline, ConnectorRunError, LoadSummary, RunCancelled, Workspace, run_connector
 from connectors.schema_contract import SchemaContractViolation
 from connectors.spec import ConnectorSpec, ParamsError
@@ -55,17 +60,19 @@ def warm_up() -> None:
 def run_connector_isolated(spec: ConnectorSpec, workspace: Workspace, should_stop: Callable[[], bool] = lambda: False,
                            grace_seconds: float = GRACE_SECONDS,
                            must_end: Callable[[], bool] = lambda: False,
-                           steps: Sequence[str] = ConnectorPipeline.steps) -> LoadSummary:
+                           steps: Sequence[str] = ConnectorPipeline.steps,
+                           trace_context: tracing.Carrier | None = None) -> LoadSummary:
     """run_connector (of `steps`) in a child process. When `should_stop` turns true the child stops at its next
     checkpoint; one that has not within `grace_seconds` (stuck in a step) is killed, and the run ends as
     cancelled during that step (a killed load leaves a pipeline folder the next run recovers from). When
     `must_end` turns true (the calling process shuts down, or lost the lease on the run or its connector) the
-    child is killed at once."""
+    child is killed at once. The child's steps continue the trace `trace_context` names (connectors/tracing.py)."""
     context = _context()
     receive, send = context.Pipe(duplex=False)
     lifeline, held = context.Pipe(duplex=False)  # the child ends itself when `held` closes: this process died
     stop = context.Event()
-    child = context.Process(target=_child, args=(spec, workspace, tuple(steps), stop, send, lifeline),
+    child = context.Process(target=_child, args=(spec, workspace, tuple(steps), stop, send, lifeline,
+                                                 trace_context or {}),
                             name=f"flowgate-connector-{spec.id}", daemon=True)
     step, stop_asked_at = steps[0], None
     try:
@@ -151,7 +158,8 @@ class _PipeHandler(logging.Handler):
         try:
             self.send(("log", {"name": record.name, "levelno": record.levelno, "levelname": record.levelname,
                                "msg": message, "created": record.created, "pathname": record.pathname,
-                               "lineno": record.lineno, "funcName": record.funcName}))
+                               "lineno": record.lineno, "funcName": record.funcName,
+                               "trace_id": tracing.trace_id()}))
         except (OSError, ValueError):
             pass  # the parent is gone: nobody is listening
 
@@ -167,11 +175,17 @@ def _watch_lifeline(lifeline: Connection) -> None:
 
 
 def _child(spec: ConnectorSpec, workspace: Workspace, steps: tuple[str, ...], stop: Any, pipe: Connection,
-           lifeline: Connection) -> None:
+           lifeline: Connection, trace_context: tracing.Carrier) -> None:
     threading.Thread(target=_watch_lifeline, args=(lifeline,), daemon=True).start()
     lock = threading.Lock()
+    exporting = tracing.configure()  # this process's own exporter: its step spans join the run's trace
+    parent = tracing.extract(trace_context)
+    if parent is not None:
+        otel_context.attach(parent)
 
     def send(message: Any) -> None:
+        if exporting and message[0] in ("done", "failed"):
+            tracing.flush()  # the parent kills this process once it has the outcome: spans go first
         with lock:
             pipe.send(message)
 

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from connectors import tracing
 from connectors.secrets import public_error, redact_text
 from connectors.spec import ConnectorSpec, FilesystemSource, PythonSource, RestApiSource, SqlDatabaseSource
 
@@ -111,20 +112,26 @@ class ConnectorPipeline:
         self.report = RunReport(Path(self._pipeline.working_dir), count_merges=duckdb_path(spec, workspace) is not None)
 
     def run_step(self, step: str) -> None:
-        """Run one of `steps`; a failure becomes a ConnectorRunError naming the step and the cause."""
-        try:
-            getattr(self, f"_{step}")()
-        except ConnectorRunError:
-            raise
-        except Exception as exc:  # dlt wraps failures in PipelineStepFailed; keep the step and the cause
-            from connectors.schema_contract import contract_violation
+        """Run one of `steps` in a span of its own (normalize and load say the rows per table); a failure becomes
+        a ConnectorRunError naming the step and the cause."""
+        with tracing.tracer().start_as_current_span(step, attributes={"flowgate.connector_id": self.spec.id}) as span:
+            try:
+                getattr(self, f"_{step}")()
+            except ConnectorRunError:
+                raise
+            except Exception as exc:  # dlt wraps failures in PipelineStepFailed; keep the step and the cause
+                from connectors.schema_contract import contract_violation
 
-            refused = contract_violation(exc)
-            if refused is not None:
-                raise self._refused(getattr(exc, "step", step), refused) from exc
-            cause = getattr(exc, "exception", None) or exc
-            raise ConnectorRunError(self.spec.id, getattr(exc, "step", step),
-                                    f"{type(cause).__name__}: {cause}") from exc
+                refused = contract_violation(exc)
+                if refused is not None:
+                    raise self._refused(getattr(exc, "step", step), refused) from exc
+                cause = getattr(exc, "exception", None) or exc
+                raise ConnectorRunError(self.spec.id, getattr(exc, "step", step),
+                                        f"{type(cause).__name__}: {cause}") from exc
+            if step in ("normalize", "load") and span.is_recording():
+                span.set_attributes({f"flowgate.rows.{table}": count for table, count in self.rows.items()})
+                if step == "load":
+                    span.set_attribute("flowgate.load_ids", list(self.load_ids))
 
     def _recover(self) -> None:
         from connectors.dlt_recovery import complete_interrupted_commits, stale_packages
@@ -278,7 +285,11 @@ def build_source(spec: ConnectorSpec) -> Any:
     if isinstance(source, RestApiSource):
         from dlt.sources.rest_api import rest_api_source
 
-        return rest_api_source(source.config, name=spec.id)
+        config = source.config
+        if source.propagate_trace:  # the run's traceparent on every call to the API (its headers win)
+            client = config["client"]
+            config = {**config, "client": {**client, "headers": {**tracing.carrier(), **(client.get("headers") or {})}}}
+        return rest_api_source(config, name=spec.id)
     raise ConnectorRunError(spec.id, "extract", f"unsupported source kind {source.kind!r}", terminal=True)
 
 

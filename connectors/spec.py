@@ -144,6 +144,9 @@ class RestApiSource(_Strict):
 
     kind: Literal["rest_api"]
     config: dict[str, Any] = Field(description="dlt RESTAPIConfig: client (base_url, auth, paginator) and resources.")
+    propagate_trace: bool = Field(False, description="Send the run's W3C `traceparent` (and `tracestate`) to the API "
+                                                     "on every call: for APIs of your own, whose traces should "
+                                                     "continue the run's; a third party would learn trace ids.")
 
     overridable: ClassVar[tuple[str, ...]] = ()
 

@@ -15,8 +15,10 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
+from opentelemetry.trace import StatusCode
 from pydantic import ValidationError
 
+from connectors import tracing
 from connectors.secrets import scrub
 from flows.nodes import NODE_TYPES, NodeContext, NodeFailed, Toolbox
 from flows.templates import RenderBudget, TemplateFailed, render
@@ -211,12 +213,17 @@ class WorkflowEngine:
               upstream: dict[str, Any], inputs: dict[str, Any], observe: NodeObserver,
               cancelled: threading.Event) -> Callable[[], NodeResult]:
         def work() -> NodeResult:
-            try:
-                self.execute(node, context, node_input, upstream, inputs, result, observe, cancelled)
-            except Exception as exc:  # the engine must record every node, whatever a node type does
-                log.exception("node %s failed unexpectedly", node.id)
-                self._end(result, FAILED, observe, error={"code": "internal_error",
-                                                          "message": f"{type(exc).__name__}: {exc}"})
+            attributes = {"flowgate.node_id": node.id, "flowgate.node_type": node.type}
+            with tracing.tracer().start_as_current_span(f"node {node.id}", attributes=attributes) as span:
+                try:
+                    self.execute(node, context, node_input, upstream, inputs, result, observe, cancelled)
+                except Exception as exc:  # the engine must record every node, whatever a node type does
+                    log.exception("node %s failed unexpectedly", node.id)
+                    self._end(result, FAILED, observe, error={"code": "internal_error",
+                                                              "message": f"{type(exc).__name__}: {exc}"})
+                span.set_attributes({"flowgate.status": result.status, "flowgate.attempts": result.attempts})
+                if result.status == FAILED:
+                    span.set_status(StatusCode.ERROR, (result.error or {}).get("message", "failed"))
             return result
 
         return work

@@ -10,6 +10,8 @@ from urllib.parse import urljoin
 
 import httpx
 
+from connectors import tracing
+
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
@@ -124,6 +126,8 @@ class OutboundPolicy:
         The body is streamed: past `max_body_bytes` (decoded) the connection is dropped and ResponseTooLarge
         raised, so a huge answer never sits in memory."""
         target = self.check(url)
+        # The run's trace goes with the call (with the SDK, the httpx instrumentation's span replaces it)
+        kwargs["headers"] = {**tracing.carrier(), **(kwargs.get("headers") or {})}  # type: ignore[dict-item]
         for _ in range(max_redirects + 1):
             request = client.build_request(method, target, **kwargs)
             response = client.send(request, stream=True, follow_redirects=False)

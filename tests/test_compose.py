@@ -12,9 +12,9 @@ COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
 
 
-def test_it_runs_postgresql_redis_the_prefect_server_a_worker_the_gateway_and_a_proxy():
+def test_it_runs_postgresql_redis_the_prefect_server_a_worker_the_gateway_a_proxy_and_prometheus():
     assert set(SERVICES) == {"postgres", "redis", "prefect-server", "prefect-deploy", "prefect-worker", "gateway",
-                             "proxy"}
+                             "proxy", "prometheus"}
     for name, service in SERVICES.items():
         for dependency in service.get("depends_on", {}):
             assert dependency in SERVICES, f"{name} depends on unknown {dependency}"
@@ -70,3 +70,21 @@ def test_the_gateway_is_reached_only_through_a_buffering_proxy():
     assert "X-Forwarded-For $remote_addr" in directives["proxy_set_header"]
     # Longer than the longest wait the gateway may hold a request for (FLOWGATE_MAX_WAIT_SECONDS, 300 s by default).
     assert int(directives["proxy_read_timeout"][0][:-1]) > 300
+
+
+def test_prometheus_scrapes_every_gateway_replicas_metrics_with_a_read_key():
+    prometheus = SERVICES["prometheus"]
+    mount = next(c for c in prometheus["configs"] if c["source"] == "prometheus-config")
+    assert f"--config.file={mount['target']}" in prometheus["command"]
+    config = yaml.safe_load(COMPOSE["configs"]["prometheus-config"]["content"])
+    (job,) = config["scrape_configs"]
+    assert job["metrics_path"] == "/metrics"
+    assert job["authorization"] == {"type": "Bearer", "credentials": "${FLOWGATE_METRICS_KEY:-}"}
+    (discovery,) = job["dns_sd_configs"]
+    assert discovery["names"] == ["gateway"] and str(discovery["port"]) in SERVICES["gateway"]["expose"]
+
+
+def test_the_gateway_and_the_flow_runs_read_the_otlp_endpoint():
+    for name in ("gateway", "prefect-worker"):
+        assert SERVICES[name]["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"] == "${OTEL_EXPORTER_OTLP_ENDPOINT:-}"
+    assert SERVICES["prefect-worker"]["environment"]["PREFECT_LOGGING_HANDLERS_CONSOLE_FORMATTER"] == "json"

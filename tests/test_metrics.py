@@ -6,8 +6,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
+from app.callback_sender import CallbackSender
+from app.metrics import CALLBACKS
+from app.runs.store import NewRun
+from flows.outbound import OutboundPolicy
+from tests.fake_services import CallbackReceiver
 from tests.gunicorn_server import GunicornServer
 from tests.test_api_triggers import poll_until_ended
+from tests.waiting import wait_until
 
 
 def sample(text: str, name: str, **labels: str) -> float:
@@ -41,8 +47,40 @@ def test_metrics_count_triggers_fallbacks_durations_requests_and_the_queue(runni
     # the first run of `numbers` created its table (columns n, square); a second one appends, changing nothing
     assert delta("flowgate_schema_changes_total", target="numbers", kind="new_table") == 1
     assert delta("flowgate_schema_changes_total", target="numbers", kind="new_column") == 2
+    assert delta("flowgate_runs_total", kind="connector", backend="local", status="completed") >= 1
     assert delta("flowgate_http_request_duration_seconds_count", endpoint="/trigger", method="POST", status="202") == 3
     assert sample(after, "flowgate_executor_slots") == 2 and sample(after, "flowgate_executors") == 1
+
+
+def test_a_queued_run_cancelled_is_counted_as_ended(client):
+    before = client.get("/metrics").get_data(as_text=True)
+    run = client.post("/trigger", json={"connector_id": "numbers"}).json  # no executor here: it stays queued
+    assert client.post(f"/api/v1/runs/{run['run_id']}/cancel").json["status"] == "cancelled"
+    after = client.get("/metrics").get_data(as_text=True)
+    labels = {"kind": "connector", "backend": "local", "status": "cancelled"}
+    assert sample(after, "flowgate_runs_total", **labels) - sample(before, "flowgate_runs_total", **labels) == 1
+
+
+def test_callback_attempts_are_counted_by_outcome(app):
+    store = app.extensions["flowgate"].store
+    receiver = CallbackReceiver()
+    receiver.failures = 1
+    try:
+        run, _ = store.create_run(NewRun(kind="connector", target="numbers", params={}, backend="local",
+                                         concurrency_key="k", callback_url=f"{receiver.url}/hook"))
+        store.cancel(run.id)  # ended: its callback is due
+        before = {outcome: CALLBACKS.labels(outcome)._value.get() for outcome in ("delivered", "retrying", "failed")}
+        sender = CallbackSender(store, OutboundPolicy.parse(f"127.0.0.1:{receiver.port}"), "secret",
+                                backoff_seconds=0.05, poll_seconds=0.05)
+        sender.start()
+        try:
+            wait_until(lambda: CALLBACKS.labels("delivered")._value.get() > before["delivered"], 30, "a delivery")
+        finally:
+            sender.stop()
+        counted = {outcome: CALLBACKS.labels(outcome)._value.get() - before[outcome] for outcome in before}
+        assert counted == {"delivered": 1, "retrying": 1, "failed": 0}
+    finally:
+        receiver.stop()
 
 
 def test_every_gunicorn_worker_answers_the_same_sums(workdir):

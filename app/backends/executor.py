@@ -13,12 +13,14 @@ import uuid
 from dataclasses import replace
 
 from app.backends.workflow_runs import InlineConnectorRunner, record_pending_nodes, run_workflow, stored_spec
+from app.gateway_tracing import run_span, run_span_ended
 from app.logs import run_id as current_run_id
 from app.metrics import observe_run_end, observe_run_start
 from app.run_log_capture import RunLogCapture
 from app.runs.models import Run, utcnow
 from app.runs.slots import SlotClasses
 from app.runs.store import RunStore
+from connectors import tracing
 from connectors.isolated import run_connector_isolated, warm_up
 from connectors.pipeline import Workspace
 from connectors.registry import ConnectorRegistry
@@ -234,15 +236,18 @@ class LocalExecutor:
     def _execute(self, run: Run, cancel: threading.Event) -> None:
         current_run_id.set(run.id)  # this thread is the run's: every log line it writes carries the run id
         outcome = RunOutcome.failed(RunError("internal_error", "the run ended without an outcome"))
-        try:
-            outcome = (self._execute_workflow(run, cancel) if run.kind == "workflow"
-                       else self._execute_connector(run, cancel))
-        except Exception as exc:  # anything at all still ends the run in a recorded state
-            if not isinstance(exc, RunError.EXPECTED):
-                log.exception("run %s failed unexpectedly", run.id)
-            outcome = RunOutcome.failed(RunError.of(exc))
-        finally:
-            self._record(run, outcome)
+        # ... and its trace: the run's span continues the trigger's (a run stored before traces has none)
+        with run_span(run) as span:
+            try:
+                outcome = (self._execute_workflow(run, cancel) if run.kind == "workflow"
+                           else self._execute_connector(run, cancel))
+            except Exception as exc:  # anything at all still ends the run in a recorded state
+                if not isinstance(exc, RunError.EXPECTED):
+                    log.exception("run %s failed unexpectedly", run.id)
+                outcome = RunOutcome.failed(RunError.of(exc))
+            finally:
+                self._record(run, outcome)
+                run_span_ended(span, outcome.status, outcome.error.message if outcome.error else None)
 
     def _execute_connector(self, run: Run, cancel: threading.Event) -> RunOutcome:
         spec = self.registry.get(run.target)
@@ -251,7 +256,8 @@ class LocalExecutor:
                                               f"connector '{run.target}' is no longer configured", terminal=True))
         # A lost lease kills the run's process at once: another process may already run the connector's next run.
         summary = run_connector_isolated(spec.with_params(run.params), self.workspace, should_stop=cancel.is_set,
-                                         must_end=lambda: self._ending.is_set() or run.id in self._lost)
+                                         must_end=lambda: self._ending.is_set() or run.id in self._lost,
+                                         trace_context=tracing.carrier())
         return RunOutcome(COMPLETED, summary.to_dict())
 
     def _execute_workflow(self, run: Run, cancel: threading.Event) -> RunOutcome:

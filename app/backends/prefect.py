@@ -18,9 +18,10 @@ from app.metrics import observe_run_end, observe_run_start
 from app.runs.models import Run, utcnow
 from app.runs.store import RunStore
 from flows.connector_lock import NOT_IN_RUN_STORE
-from flows.outcome import COMPLETED, QUEUED, TERMINAL, RunError
+from flows.outcome import COMPLETED, TERMINAL, RunError
 from flows.prefect.contract import (
-    FLOW_NAME, SCHEDULE_TAG, STATE_TO_STATUS, SUMMARY_ARTIFACT_PREFIX, run_tag, workflow_artifact_key,
+    FLOW_NAME, SCHEDULE_TAG, STATE_TO_STATUS, SUMMARY_ARTIFACT_PREFIX, TRACEPARENT_LABEL, run_tag, trace_tag,
+    workflow_artifact_key,
 )
 
 log = logging.getLogger(__name__)
@@ -85,10 +86,13 @@ class PrefectBackend:
         # Keyed on the run, not the caller's key: Prefect keeps a key for good, and one flowgate had forgotten with
         # its run (retention) gave a new run the old flow run back. Callers' keys are flowgate's to dedupe.
         key = f"flowgate:{run.kind}:{run.target}:{run.id}"
-        tags = ["flowgate", run_tag(run.id)]
+        tags = ["flowgate", run_tag(run.id), *([trace_tag(run.trace_id)] if run.trace_id else [])]
         if run.scheduled_for:  # a schedule's slot: the deployment has no schedule, the gateway fired it
             tags += [SCHEDULE_TAG, f"{SCHEDULE_TAG}:{run.scheduled_for.isoformat()}"]
-        flow_run = self.client.create_flow_run(deployment_id, flow_parameters(run), key, tags=tags)
+        trace = run.trace_context or {}
+        flow_run = self.client.create_flow_run(
+            deployment_id, flow_parameters(run), key, tags=tags,
+            labels={TRACEPARENT_LABEL: trace["traceparent"]} if trace.get("traceparent") else None)
         return self.record_flow_run(run, flow_run)
 
     def record_flow_run(self, run: Run, flow_run: dict[str, Any]) -> Run:
@@ -166,7 +170,7 @@ class PrefectBackend:
             observe_run_start(updated)
         if updated.is_terminal:
             observe_run_end(updated.kind, updated.target, updated.status, updated.started_at, updated.finished_at,
-                            updated.result)
+                            updated.result, backend="prefect")
         return updated
 
     def logs(self, run: Run, after: int, limit: int) -> LogPage:

@@ -117,10 +117,12 @@ class PrefectClient:
 
 
     def create_flow_run(self, deployment_id: str, parameters: dict[str, Any], idempotency_key: str,
-                        tags: list[str]) -> dict[str, Any]:
+                        tags: list[str], labels: dict[str, str] | None = None) -> dict[str, Any]:
         """Create a flow run from a deployment; the same idempotency key returns the same flow run."""
-        return self._request("POST", f"deployments/{deployment_id}/create_flow_run",
-                             json={"parameters": parameters, "idempotency_key": idempotency_key, "tags": tags})
+        body = {"parameters": parameters, "idempotency_key": idempotency_key, "tags": tags}
+        if labels:
+            body["labels"] = labels
+        return self._request("POST", f"deployments/{deployment_id}/create_flow_run", json=body)
 
     def find_flow_run(self, tag: str) -> dict[str, Any] | None:
         """The flow run carrying `tag`, or None (how a create whose answer was lost is found again)."""

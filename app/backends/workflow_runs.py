@@ -9,6 +9,7 @@ from typing import Any
 
 from app.runs.models import Run
 from app.runs.store import NewRun, RunStore
+from connectors import tracing
 from connectors.isolated import run_connector_isolated
 from connectors.pipeline import ConnectorRunError, RunCancelled, Workspace, concurrency_key
 from connectors.registry import ConnectorRegistry
@@ -50,7 +51,8 @@ class InlineConnectorRunner:
         except ParamsError as exc:
             raise NodeFailed(f"{exc.field}: {exc.message}", code="invalid_params", terminal=True) from None
         new = NewRun(kind="connector", target=connector_id, params=params, backend="local",
-                     concurrency_key=concurrency_key(spec, self.workspace), fallback_reason="workflow_node")
+                     concurrency_key=concurrency_key(spec, self.workspace), fallback_reason="workflow_node",
+                     trace_context=tracing.carrier() or None)  # the node's: in the workflow run's trace
         asked = time.monotonic()  # the lease runs from no earlier than this
         run = self.store.start_inline(new, self.owner, self.lease_seconds)
         while run is None:  # another run holds the connector's destination: wait for it, as a queued run would
@@ -66,7 +68,8 @@ class InlineConnectorRunner:
             try:
                 summary = run_connector_isolated(runnable, self.workspace, should_stop=should_stop,
                                                  # lost: another run may start at once; ending: shutdown's last second
-                                                 must_end=lambda: lost.is_set() or self.must_end())
+                                                 must_end=lambda: lost.is_set() or self.must_end(),
+                                                 trace_context=tracing.carrier())
             finally:
                 lease.close()  # the end's record decides from here on
         except Exception as exc:

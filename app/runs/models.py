@@ -83,6 +83,10 @@ class Run(Base):
     # A scheduled run's slot (the instant it was due) and the rule it came from, with how late it was created.
     scheduled_for: Mapped[datetime | None] = mapped_column(UTCDateTime())
     schedule: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # The W3C trace the run belongs to (connectors/tracing.py): its id, shown and logged, and the context the
+    # run's spans, flow run, outbound calls and callback continue ({"traceparent": ..., "tracestate": ...}).
+    trace_id: Mapped[str | None] = mapped_column(String(32))
+    trace_context: Mapped[dict[str, str] | None] = mapped_column(JSON)
     # Loaded only where a run document is built (RunStore.get, list, cancel, the transitions): the claim and
     # finish paths, which hold SQLite's write lock, never pay for it. Not loaded reads as None.
     callback: Mapped[RunCallback | None] = relationship(lazy="noload", uselist=False)

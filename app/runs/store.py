@@ -23,6 +23,7 @@ from app.runs.node_states import RunNodeStore
 from app.runs.schedule_states import ScheduleStore, advance
 from flows.connector_lock import connector_locks, held_by_others, serialise_claims
 from app.runs.retention import RetentionStore
+from connectors import tracing
 from flows.database import Database
 from flows.node_cache import SqlNodeCache
 from flows.outcome import ACTIVE, CANCELLED, CANCELLING, CRASHED, FAILED, QUEUED, RUNNING, TERMINAL, RunError
@@ -85,6 +86,12 @@ class NewRun:
     source: str = SOURCE_API
     scheduled_for: datetime | None = None  # a schedule's slot: at most one run per (kind, target, slot)
     schedule: dict[str, Any] | None = None  # the rule the slot came from, and how late its run was created
+    trace_context: dict[str, str] | None = None  # the W3C context the run continues (connectors/tracing.py)
+
+    @property
+    def trace_id(self) -> str | None:
+        """The trace id `trace_context` names."""
+        return tracing.trace_id_of(self.trace_context)
 
     @property
     def request_hash(self) -> str:
@@ -101,7 +108,8 @@ def _row(new: NewRun, now: datetime) -> dict[str, Any]:
             "status": QUEUED, "backend": new.backend, "fallback_reason": new.fallback_reason,
             "idempotency_key": new.idempotency_key, "request_hash": new.request_hash,
             "concurrency_key": new.concurrency_key, "cancel_requested": False, "attempts": 0, "created_at": now,
-            "source": new.source, "scheduled_for": new.scheduled_for, "schedule": new.schedule}
+            "source": new.source, "scheduled_for": new.scheduled_for, "schedule": new.schedule,
+            "trace_id": new.trace_id, "trace_context": new.trace_context}
 
 
 def _insert(connection: Connection, new: NewRun, row: dict[str, Any]) -> Run:
@@ -238,7 +246,8 @@ class RunStore:
                 run = Run(id=uuid.uuid4().hex, kind=new.kind, target=new.target, params=new.params, status=RUNNING,
                           backend=new.backend, fallback_reason=new.fallback_reason, request_hash=new.request_hash,
                           concurrency_key=new.concurrency_key, created_at=now, started_at=now, attempts=1,
-                          lease_owner=owner, lease_expires_at=now + timedelta(seconds=lease_seconds))
+                          lease_owner=owner, lease_expires_at=now + timedelta(seconds=lease_seconds),
+                          trace_id=new.trace_id, trace_context=new.trace_context)
                 session.add(run)
             return run
 

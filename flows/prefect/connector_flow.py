@@ -24,6 +24,7 @@ from flows.connector_lock import ConnectorLock, LockLost, run_moved_off_prefect,
 from flows.connector_lock import metadata as lock_metadata
 from flows.database import Database
 from flows.prefect.contract import FLOW_NAME, summary_artifact_key, tagged_run_id
+from flows.prefect.run_trace import run_span
 from flows.runtime import RuntimeSettings
 
 
@@ -64,6 +65,11 @@ def run_steps(spec: ConnectorSpec, workspace: Workspace, lost: threading.Event,
 @flow(name=FLOW_NAME, log_prints=True)
 def connector_flow(connector_id: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run one connector from connectors.yaml; publish its load summary as an artifact and return it."""
+    with run_span("connector", connector_id):
+        return _connector_flow(connector_id, params)
+
+
+def _connector_flow(connector_id: str, params: dict[str, Any] | None) -> dict[str, Any]:
     settings = RuntimeSettings()
     spec = ConnectorRegistry.load(settings.connectors_file).get(connector_id)
     if spec is None:

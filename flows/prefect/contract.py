@@ -12,6 +12,10 @@ WORKFLOW_DEPLOYMENT = "workflow"  # its one deployment: the definition is a para
 WORKFLOW_ARTIFACT_PREFIX = "flowgate-workflow"  # key prefix of the artifact holding a workflow run's nodes
 SCHEDULE_TAG = "flowgate-schedule"  # on a flow run the gateway created for a schedule's slot (and `<tag>:<slot>`)
 RUN_TAG_PREFIX = "flowgate-run:"  # a flow run's tag naming its run, so a create whose answer was lost is found
+TRACE_TAG_PREFIX = "trace:"  # a flow run's tag naming the W3C trace id of its run, to find it in Prefect's UI
+# Prefect's own label for a flow run's parent span (prefect.telemetry.run_telemetry): Prefect's engine starts
+# the flow run's span under it, and the flow continues the run's trace from it.
+TRACEPARENT_LABEL = "__OTEL_TRACEPARENT"
 
 # Prefect state type -> flowgate status (SCHEDULED covers Late; PAUSED waits like a queued run).
 STATE_TO_STATUS = {
@@ -33,6 +37,11 @@ def workflow_artifact_key(run_id: str) -> str:
 def run_tag(run_id: str) -> str:
     """The tag a run's flow run carries."""
     return f"{RUN_TAG_PREFIX}{run_id}"
+
+
+def trace_tag(trace_id: str) -> str:
+    """The tag naming a flow run's trace."""
+    return f"{TRACE_TAG_PREFIX}{trace_id}"
 
 
 def tagged_run_id(tags: list[str]) -> str | None:

@@ -25,6 +25,7 @@ from flows.node_cache import SqlNodeCache, metadata
 from flows.nodes import NodeFailed, make_toolbox
 from flows.outcome import COMPLETED, RunOutcome
 from flows.prefect.contract import WORKFLOW_FLOW_NAME, workflow_artifact_key
+from flows.prefect.run_trace import run_span
 from flows.runtime import RuntimeSettings
 from flows.workflow_registry import resolve_definition
 from flows.workflow_spec import NodeSpec
@@ -94,6 +95,12 @@ def workflow_flow(run_id: str, workflow: dict[str, Any], inputs: dict[str, Any] 
 
     A definition from a workflow file arrives with its `${VAR}`s unresolved: they are filled in here, from the
     worker's environment, so Prefect never holds the secrets."""
+    with run_span("workflow", str(workflow.get("id", ""))):
+        return _workflow_flow(run_id, workflow, inputs, mode, from_file)
+
+
+def _workflow_flow(run_id: str, workflow: dict[str, Any], inputs: dict[str, Any] | None, mode: str,
+                   from_file: bool) -> dict[str, Any]:
     settings = RuntimeSettings()
     spec = resolve_definition(workflow, from_file)
     database = Database(settings.run_store_url)  # node cache and connector keys: shared with the gateways

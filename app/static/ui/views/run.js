@@ -43,6 +43,8 @@ export async function render(root, { id, canTrigger }, scope) {
       h("h1", {}, isWorkflow ? "Workflow " : "Connector ", h("span", { class: "mono" }, run.connector_id || run.workflow_id),
         " ", badge(run.status)),
       h("span", { class: "muted mono small" }, run.run_id),
+      run.trace_id ? h("span", { class: "muted mono small trace-id", title: "W3C trace id: search it in Jaeger or Tempo" },
+        "trace ", run.trace_id) : null,
       canTrigger && !TERMINAL.has(run.status) && run.status !== "cancelling"
         ? h("button", { type: "button", class: "danger", onclick: cancel }, "Cancel") : null);
     replace(timeline, timelineSteps(run));
