@@ -177,7 +177,8 @@ class Dispatcher:
             run = self._submit_to_prefect(run, deployment_id, forced)
         else:
             run = self.local.submit(run)
-        trace.get_current_span().set_attributes({"flowgate.backend": run.backend, "flowgate.fallback_reason": run.fallback_reason or ""})
+        trace.get_current_span().set_attributes({"flowgate.backend": run.backend,
+                                                 "flowgate.fallback_reason": run.fallback_reason or ""})
         self._accepted(run)
         return run
 
@@ -201,7 +202,8 @@ class Dispatcher:
             FALLBACKS.labels(run.fallback_reason).inc()
         log.info("run %s accepted: %s %s on %s%s%s", run.id, run.kind, run.target, run.backend,
                  f" ({run.fallback_reason})" if run.fallback_reason else "",
-                 f", the slot of {run.scheduled_for.isoformat()}" if run.scheduled_for else "", extra={"run_id": run.id})
+                 f", the slot of {run.scheduled_for.isoformat()}" if run.scheduled_for else "",
+                 extra={"run_id": run.id})
 
     # --- following --------------------------------------------------------------------------
 
