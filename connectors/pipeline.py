@@ -1,4 +1,7 @@
-"""run_connector: one connector run as a dlt pipeline, the same code on every execution path."""
+"""run_connector: one connector run as a dlt pipeline, the same code on every execution path.
+
+Over 300 lines because the steps, their recovery, the summary and the destinations a spec names are one pipeline's
+life, read top to bottom; what flowgate knows of dlt's internals is in dlt_recovery.py, the report in report.py."""
 from __future__ import annotations
 
 import logging
@@ -129,9 +132,9 @@ class ConnectorPipeline:
                 raise ConnectorRunError(self.spec.id, getattr(exc, "step", step),
                                         f"{type(cause).__name__}: {cause}") from exc
             if step in ("normalize", "load") and span.is_recording():
-                span.set_attributes({f"flowgate.rows.{table}": count for table, count in self.rows.items()})
+                span.set_attributes({f"flowgate.rows.{table}": count for table, count in self.report.rows.items()})
                 if step == "load":
-                    span.set_attribute("flowgate.load_ids", list(self.load_ids))
+                    span.set_attribute("flowgate.load_ids", list(self.report.load_ids))
 
     def _recover(self) -> None:
         from connectors.dlt_recovery import complete_interrupted_commits, stale_packages
