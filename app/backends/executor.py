@@ -1,8 +1,8 @@
 """LocalExecutor: threads in one gateway process that claim queued runs from the store and run them.
 
 The leases of the runs it executes are kept by one LeaseKeeper (flows/lease.py): renewed every lease/3, and a
-run whose lease was taken, or not renewed in time however the renewal hangs, is stopped at once. Just over 300
-lines: a run's span and its start's metric joined the claim, launch and record paths they belong to."""
+run whose lease was taken, or not renewed in time however the renewal hangs, is stopped at once.
+Just over 300 lines: a run's span and its start's metric joined the claim, launch and record paths they belong to."""
 from __future__ import annotations
 
 import logging
