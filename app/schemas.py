@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
@@ -13,6 +14,7 @@ from pydantic_core import PydanticCustomError
 from app.runs.models import Run
 from connectors.secrets import public_error, scrub
 from connectors.secrets import redact
+from connectors.shown_paths import shown_path
 from connectors.spec import CONNECTOR_ID
 from flows.nodes import NODE_TYPES
 from flows.outcome import STATUSES
@@ -303,8 +305,9 @@ class RunOut(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     result: dict[str, Any] | None = Field(description="Once completed: a connector's LoadResult (rows per table, "
-                                                      "schema changes, incremental windows, ...), a workflow's "
-                                                      "outputs.")
+                                                      "schema changes, incremental windows, the DuckDB file's "
+                                                      "location relative to the gateway's project folder, ...), a "
+                                                      "workflow's outputs.")
     error: dict[str, Any] | None
     callback: dict[str, Any] | None = Field(
         None, description="Where the run document is POSTed when it ends: url (no query), status "
@@ -320,14 +323,17 @@ class RunOut(BaseModel):
     status_url: str
 
     @classmethod
-    def from_run(cls, run: Run, status_url: str) -> RunOut:
-        """Build from a stored run."""
+    def from_run(cls, run: Run, status_url: str, project: Path | None = None) -> RunOut:
+        """Build from a stored run; with `project` (the gateway's folder) the DuckDB file's location relative to it."""
+        result = scrub(run.result)
+        if project is not None and result and isinstance(result.get("location"), str):
+            result = {**result, "location": shown_path(result["location"], project)}
         return cls(run_id=run.id, kind=run.kind, connector_id=run.target if run.kind == "connector" else None,
                    workflow_id=run.target if run.kind == "workflow" else None,
                    status=run.status, backend=run.backend, params=redact(run.params or {}),
                    fallback_reason=run.fallback_reason, prefect_flow_run_id=run.prefect_flow_run_id,
                    prefect_state=run.prefect_state, attempts=run.attempts, created_at=run.created_at,
-                   started_at=run.started_at, finished_at=run.finished_at, result=scrub(run.result), error=public_error(run.error),
+                   started_at=run.started_at, finished_at=run.finished_at, result=result, error=public_error(run.error),
                    callback=run.callback.to_dict() if run.callback else None, source=run.source or "api",
                    scheduled_for=run.scheduled_for, schedule=run.schedule, trace_id=run.trace_id,
                    status_url=status_url)

@@ -102,3 +102,42 @@ def test_schema_is_a_503_destination_busy_while_this_process_writes_the_file_or_
 def test_preview_of_a_python_source_with_a_huge_count_reads_only_its_first_page(client):
     response = client.post("/api/v1/connectors/numbers/preview", json={"limit": 3, "params": {"n": 10**15}})
     assert response.status_code == 200 and len(response.json["resources"]["numbers"]["rows"]) == 3
+
+
+def test_no_connector_or_run_answer_names_the_projects_absolute_path(running_app, workdir):
+    """Paths show relative to the project (connectors.yaml's folder): the source's file and folder, the DuckDB file
+    of a load, the schema's location; nothing a caller reads says where the gateway lives on the server."""
+    from tests.test_api_triggers import poll_until_ended
+
+    client = running_app.test_client()
+    done = poll_until_ended(client, client.post("/trigger", json={"connector_id": "shop"}).json["status_url"])
+    assert done["status"] == "completed" and done["result"]["location"] == "var/duckdb/shop.duckdb"
+    failed = poll_until_ended(client, client.post("/trigger", json={"connector_id": "broken"}).json["status_url"])
+    assert failed["status"] == "failed"
+    shop = client.get("/api/v1/connectors/shop").json
+    assert shop["spec"]["source"]["url"] == "sqlite:///shop.db"
+    assert client.get("/api/v1/connectors/products").json["spec"]["source"]["bucket_url"] == "files"
+    assert client.get("/api/v1/connectors/shop/schema").json["location"] == "var/duckdb/shop.duckdb"
+    answers = [client.get(path) for path in (
+        "/api/v1/connectors", *(f"/api/v1/connectors/{c}" for c in ("shop", "products", "events", "numbers", "broken")),
+        "/api/v1/connectors/shop/schema", "/api/v1/runs", done["status_url"], failed["status_url"], "/openapi.json")]
+    root = str(workdir.resolve())
+    assert all(answer.status_code == 200 for answer in answers)
+    assert [answer.request.path for answer in answers if root in answer.get_data(as_text=True)] == []
+
+
+def test_a_path_outside_the_project_shows_only_its_name(tmp_path):
+    from connectors.shown_paths import shown_path, shown_spec
+
+    project = tmp_path / "project"
+    assert shown_path(str(project / "data" / "shop.db"), project) == "data/shop.db"
+    assert shown_path("/srv/elsewhere/shop.db", project) == "…/shop.db"
+    assert shown_path(f"sqlite:///{project}/data/shop.db", project) == "sqlite:///data/shop.db"
+    assert shown_path("sqlite:///relative.db", project) == "sqlite:///relative.db"
+    assert shown_path("s3://bucket/folder", project) == "s3://bucket/folder"
+    spec = {"source": {"kind": "filesystem", "bucket_url": "/mnt/share/files"},
+            "destination": {"kind": "duckdb", "path": str(project / "out.duckdb")},
+            "description": f"reads {project}/files"}
+    assert shown_spec(spec, project) == {"source": {"kind": "filesystem", "bucket_url": "…/files"},
+                                         "destination": {"kind": "duckdb", "path": "out.duckdb"},
+                                         "description": "reads files"}
