@@ -1,7 +1,8 @@
 """Benchmark: the run store with 1M historic runs against the same store empty, measured in the same run.
 
 For SQLite (a file) and PostgreSQL (when FLOWGATE_TEST_POSTGRES_URL answers): the latency of a trigger (insert
-with idempotency key and queue-limit count), a claim + finish, list pages (all, one target, one status) and the
+with idempotency key and queue-limit count), a claim + finish, list pages (all, one target, one status), one
+target's last 50 runs as the dashboard's charts read them (GET /api/v1/connectors/<id>/stats) and the
 periodic queries (overdue runs, lease recovery, queue depth for metrics, unsent callbacks, a target's last run),
 on a store of 1,000 runs (an empty one would return empty pages) and on one with 1M ended runs more (100k of them with a delivered callback, made in SQL); the
 ratio is printed per operation. The two stores sit side by side and calls alternate between them, so a shared
@@ -95,6 +96,7 @@ def operations(store: RunStore) -> dict[str, Callable[[], object]]:
         "list: newest 50": lambda: store.list(limit=50),
         "list: one target, newest 50": lambda: store.list(target="t7", limit=50),
         "list: failed, newest 50": lambda: store.list(status="failed", limit=50),
+        "history: one target, newest 50 (stats)": lambda: store.history.recent("connector", "t7", 50),
         "queue depth (metrics, readiness)": store.count_by_status,
         "lease recovery": store.recover_expired,
         "overdue Prefect runs": lambda: store.fail_overdue("prefect", long_ago, RunError("bench", "bench")),
