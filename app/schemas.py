@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
+from app.runs.history import RunPoint
 from app.runs.models import Run
 from connectors.secrets import public_error, scrub
 from connectors.secrets import redact
@@ -435,6 +436,57 @@ class WorkflowDetail(BaseModel):
     layers: list[list[str]]
     schedule: ScheduleOut | None = Field(description="Its schedule; null when it has none.")
     latest_runs: list[RunOut]
+
+
+class StatsQuery(_Query):
+    """Query parameters of GET /api/v1/connectors/<id>/stats."""
+
+    window: QueryInt = Field(50, ge=1, le=200, description="How many of the connector's newest runs.")
+
+
+class RunPointOut(BaseModel):
+    """One run of a connector's history, as its charts draw it."""
+
+    run_id: str
+    status: RunStatus
+    backend: str
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    duration_seconds: float | None = Field(description="From start to end; null until the run ended.")
+    rows: dict[str, int] = Field(description="Rows loaded per table (empty unless the run completed).")
+    scheduled_for: datetime | None = Field(description="A scheduled run's slot; null for a caller's run.")
+    fire_lag_seconds: float | None = Field(description="How long after its slot a scheduled run started.")
+
+
+class ConnectorStats(BaseModel):
+    """A connector's newest runs, oldest first, with what the window adds up to."""
+
+    connector_id: str
+    window: int = Field(description="How many runs were asked for; `runs` holds at most as many.")
+    runs: list[RunPointOut]
+    tables: list[str] = Field(description="Every table the runs loaded, in the order they first appear.")
+    counts: dict[str, int] = Field(description="Runs in the window per status.")
+    success_rate: float | None = Field(
+        description="completed / (completed + failed + crashed) in the window: cancelled and unfinished runs "
+                    "count for neither side; null when no run ended so.")
+
+    @classmethod
+    def of(cls, connector_id: str, window: int, points: list[RunPoint]) -> ConnectorStats:
+        """Sum up the points of a window."""
+        counts: dict[str, int] = {}
+        tables: dict[str, None] = {}
+        for point in points:
+            counts[point.status] = counts.get(point.status, 0) + 1
+            tables.update(dict.fromkeys(point.rows))
+        ended = sum(counts.get(status, 0) for status in ("completed", "failed", "crashed"))
+        return cls(connector_id=connector_id, window=window, tables=list(tables), counts=counts,
+                   success_rate=round(counts.get("completed", 0) / ended, 4) if ended else None,
+                   runs=[RunPointOut(run_id=p.id, status=p.status, backend=p.backend, created_at=p.created_at,
+                                     started_at=p.started_at, finished_at=p.finished_at,
+                                     duration_seconds=p.duration_seconds, rows=p.rows,
+                                     scheduled_for=p.scheduled_for, fire_lag_seconds=p.fire_lag_seconds)
+                         for p in points])
 
 
 class ConnectorList(BaseModel):

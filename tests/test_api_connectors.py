@@ -141,3 +141,33 @@ def test_a_path_outside_the_project_shows_only_its_name(tmp_path):
     assert shown_spec(spec, project) == {"source": {"kind": "filesystem", "bucket_url": "…/files"},
                                          "destination": {"kind": "duckdb", "path": "out.duckdb"},
                                          "description": "reads files"}
+
+
+def test_stats_give_a_connectors_newest_runs_oldest_first_with_counts_and_success_rate(app, client):
+    from tests.run_history import PastRun, add_past_runs
+
+    store = app.extensions["flowgate"].store
+    ids = add_past_runs(store, "shop", [PastRun(10, rows={"orders": 100, "customers": 20}),
+                                        PastRun(4, "failed", "prefect"), PastRun(12, "cancelled"),
+                                        PastRun(8, rows={"orders": 3}), PastRun(6, rows={"refunds": 1})])
+    body = client.get("/api/v1/connectors/shop/stats").json
+    assert body["window"] == 50 and [r["run_id"] for r in body["runs"]] == ids
+    assert [(r["status"], r["backend"], r["duration_seconds"]) for r in body["runs"]] == [
+        ("completed", "local", 10.0), ("failed", "prefect", 4.0), ("cancelled", "local", 12.0),
+        ("completed", "local", 8.0), ("completed", "local", 6.0)]
+    assert body["runs"][0]["rows"] == {"orders": 100, "customers": 20} and body["runs"][1]["rows"] == {}
+    assert body["tables"] == ["orders", "customers", "refunds"]
+    assert body["counts"] == {"completed": 3, "failed": 1, "cancelled": 1}
+    assert body["success_rate"] == 0.75  # the cancelled run counts for neither side
+    assert all(r["scheduled_for"] is None and r["fire_lag_seconds"] is None for r in body["runs"])
+    last_two = client.get("/api/v1/connectors/shop/stats?window=2").json
+    assert [r["run_id"] for r in last_two["runs"]] == ids[-2:] and last_two["success_rate"] == 1.0
+    empty = client.get("/api/v1/connectors/numbers/stats").json
+    assert empty["runs"] == [] and empty["success_rate"] is None and empty["counts"] == {}
+
+
+def test_stats_refuse_an_unbounded_window_and_an_unknown_connector(client):
+    for window in ("0", "201", "ten", "2.5"):
+        refused = client.get(f"/api/v1/connectors/shop/stats?window={window}")
+        assert refused.status_code == 422 and refused.json["errors"][0]["field"] == "window", window
+    assert client.get("/api/v1/connectors/nope/stats").json["code"] == "connector_not_found"

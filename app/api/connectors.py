@@ -6,11 +6,11 @@ from typing import Any
 from flask import Blueprint
 
 from app import services
-from app.api.inputs import json_object, validated
+from app.api.inputs import json_object, query, validated
 from app.api.runs import run_document
 from app.api.schedules import schedule_document
 from app.errors import NotFound, Unavailable, ValidationFailed
-from app.schemas import ConnectorOut, PreviewRequest
+from app.schemas import ConnectorOut, ConnectorStats, PreviewRequest, StatsQuery
 from connectors.pipeline import ConnectorRunError
 from connectors.preview import preview_changes, preview_connector
 from connectors.schema import DestinationBusy, destination_schema
@@ -40,6 +40,16 @@ def get_connector(connector_id: str) -> dict[str, Any]:
             "spec": shown_spec(spec.public_dict(), svc.settings.project_dir),
             "overridable": list(spec.overridable), "schedule": schedule_document("connector", spec.id),
             "latest_runs": [run_document(run) for run in latest]}
+
+
+@bp.get("/<connector_id>/stats")
+def stats(connector_id: str) -> dict[str, Any]:
+    """The connector's newest `window` runs as points to draw (duration, backend, rows per table, fire lag),
+    oldest first, with their counts per status and success rate."""
+    spec = get_connector_or_404(connector_id)
+    window = query(StatsQuery).window
+    points = services().store.history.recent("connector", spec.id, window)
+    return ConnectorStats.of(spec.id, window, points).model_dump(mode="json")
 
 
 @bp.post("/<connector_id>/preview")
