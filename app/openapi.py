@@ -158,8 +158,9 @@ def build_document(max_wait_seconds: float | None = None, *, connectors: Sequenc
     """The whole OpenAPI document of the gateway as configured.
 
     `max_wait_seconds` becomes the documented maximum of `wait`; `connectors` name the connector ids and the
-    params each takes, `workflows` the workflow files' ids; security schemes (and 401/403) appear only with `api_keys`; `callback_url` only with
-    `callbacks` (otherwise it is a 422, as for any field the document does not list).
+    params each takes, `workflows` the workflow files' ids; security schemes (and 401/403) appear only with
+    `api_keys`; `callback_url` only with `callbacks` (otherwise it is a 422, as for any field the document does
+    not list).
     """
     _, schemas = models_json_schema([(m, "validation") for m in _MODELS],
                                     ref_template="#/components/schemas/{model}")
@@ -221,7 +222,7 @@ def build_document(max_wait_seconds: float | None = None, *, connectors: Sequenc
         "/api/v1/workflows": {"get": {"operationId": "listWorkflows", "summary": "The workflow files",
                                       "responses": {"200": _json(WorkflowList, "Workflows")}}},
         "/api/v1/workflows/{workflow_id}": {"get": {
-            "operationId": "getWorkflow", "summary": "A workflow file: its layers, schedule and latest runs",
+            "operationId": "getWorkflow", "summary": "A workflow file: its graph, layers, inputs, schedule and latest runs",
             "parameters": [workflow_id],
             "responses": {"200": _json(WorkflowDetail, "The workflow"), **_problems("404")}}},
         "/api/v1/workflows/{workflow_id}/schedule/pause": _schedule_switch("workflow", workflow_id, True),

@@ -428,12 +428,22 @@ class WorkflowList(BaseModel):
     items: list[WorkflowOut]
 
 
+class WorkflowGraph(BaseModel):
+    """A workflow's nodes (id, type, name) and connections (from, to, branch), as its file declares them."""
+
+    nodes: list[dict[str, Any]]
+    connections: list[dict[str, Any]]
+
+
 class WorkflowDetail(BaseModel):
-    """A workflow file with its layers, its schedule and latest runs."""
+    """A workflow file: its graph and layers, the inputs a caller may give, its schedule and latest runs."""
 
     id: str
     description: str
     layers: list[list[str]]
+    graph: WorkflowGraph
+    inputs: dict[str, Any] = Field(description="Each input the workflow reads, with its default (null: none; the "
+                                               "trigger node's `defaults` give them).")
     schedule: ScheduleOut | None = Field(description="Its schedule; null when it has none.")
     latest_runs: list[RunOut]
 
