@@ -46,12 +46,16 @@ async function show() {
   if (!scope.alive) return;
   who.textContent = !storedKey() ? "" : allowed.admin ? "key: admin" : allowed.trigger ? "key: read + trigger" : "key: read only";
   document.body.classList.toggle("can-trigger", allowed.trigger);
+  // Each view draws into a box of its own: one left behind while it loaded (the hash changed meanwhile) draws
+  // into a box no longer on the page, never over the view that replaced it.
+  const box = h("div", { class: "view" }, h("p", { class: "muted" }, "Loading…"));
+  replace(main, box);
   try {
-    await view.render(main, { id, params, canTrigger: allowed.trigger, canAdmin: allowed.admin }, scope);
+    await view.render(box, { id, params, canTrigger: allowed.trigger, canAdmin: allowed.admin }, scope);
   } catch (error) {
     if (!scope.alive) return;
     if (!(error instanceof ApiError) || error.status !== 401) {
-      replace(main, errorBox({ code: error.code || "error", message: error.message }));
+      replace(box, errorBox({ code: error.code || "error", message: error.message }));
     }
   }
 }
