@@ -7,16 +7,19 @@ Each page's screenshot lands in var/screenshots/ (FLOWGATE_SCREENSHOTS=docs/scre
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
 import httpx
 import pytest
 
+from app.runs.store import RunStore
 from connectors.demo import build_shop_db
 from tests.conftest import CONNECTORS_YAML
 from tests.fake_services import EchoService
 from tests.gunicorn_server import ROOT, GunicornServer
+from tests.run_history import PastRun, add_past_runs
 
 READER, TRIGGERER, ADMIN = "ui-reader-key-0123456789", "ui-trigger-key-0123456789", "ui-admin-key-0123456789"
 NIGHTLY = """
@@ -45,6 +48,13 @@ connections:
   - {from: count, to: combine}
   - {from: combine, to: result}
 """
+# The `events` connector's history, written straight into the store (nothing else in this module runs it): what
+# its charts must show, point for point.
+HISTORY = [PastRun(12, rows={"events": 400, "sessions": 30}), PastRun(18, rows={"events": 420, "sessions": 28}),
+           PastRun(9, "failed", "prefect"), PastRun(15, rows={"events": 390}, backend="prefect"),
+           PastRun(40, "crashed"), PastRun(14, rows={"events": 410, "sessions": 31}), PastRun(3, "cancelled"),
+           PastRun(16, rows={"events": 450, "sessions": 35}, backend="prefect"), PastRun(11, rows={"events": 380}),
+           PastRun(13, rows={"events": 405, "sessions": 33})]
 
 
 def chromium_path() -> str | None:
@@ -100,6 +110,9 @@ def server(tmp_path_factory, gate):
     server = GunicornServer(workdir, workers=2, ready_headers={"X-API-Key": READER}, FLOWGATE_API_KEYS=f"dash:{READER}:read,ops:{TRIGGERER}:read+trigger,root:{ADMIN}:admin",
                             FLOWGATE_EXECUTOR_THREADS="2",
                             FLOWGATE_HTTP_ALLOWED_HOSTS=f"127.0.0.1:{gate.port}").start()
+    store = RunStore(f"sqlite:///{workdir / 'var' / 'flowgate.db'}")  # the gateway's own store: created by now
+    add_past_runs(store, "events", HISTORY)
+    store.dispose()
     yield server
     server.kill()
 
@@ -254,3 +267,40 @@ def test_an_admin_pauses_and_resumes_a_schedule_and_sees_its_next_fire_time(page
     card.locator("[data-action=resume]").click()
     expect(card.locator("[data-schedule-state]")).to_have_attribute("data-schedule-state", "active")
     expect(card.locator("[data-action=pause]")).to_be_visible()
+
+
+def test_a_connectors_history_is_drawn_a_point_per_run_with_status_and_backend_readable_without_colour(page):
+    sign_in(page, READER, "/ui/#/connectors/events")
+    history = page.locator("[data-history=events]")
+    duration = history.locator("svg.chart-duration")
+    expect(duration.locator(".point")).to_have_count(len(HISTORY))
+    expect(history.locator("svg.chart-strip .point")).to_have_count(len(HISTORY))
+    statuses = [run.status for run in HISTORY]
+    assert duration.locator(".point").evaluate_all("points => points.map(p => p.dataset.status)") == statuses
+    # a bar's height is its duration: the 40 s crash is the tallest, the 3 s cancel the shortest of the ended
+    heights = duration.locator("rect.bar").evaluate_all("bars => bars.map(b => b.height.baseVal.value)")
+    assert heights.index(max(heights)) == 4 and heights.index(min(heights)) == 6
+    # status as a glyph and a title, backend as a shape: nothing needs colour to be read
+    assert duration.locator(".point .glyph").all_text_contents() == ["✕", "!", "–"]
+    expect(duration.locator(".backend-mark.backend-prefect")).to_have_count(3)
+    expect(duration.locator(".backend-mark.backend-local")).to_have_count(7)
+    expect(duration.locator(".point").nth(2).locator("title")).to_have_text(re.compile(r"failed · prefect · .* · 9\.0 s$"))
+    # 7 completed of the 9 that ended so (the cancelled one counts for neither side)
+    expect(history.locator("[data-rate]")).to_have_text("78% of 9 ended runs succeeded")
+    expect(history.locator("svg.chart-rows [data-table=events] .point")).to_have_count(7)
+    expect(history.locator("svg.chart-rows [data-table=sessions] .point")).to_have_count(5)
+    expect(history.locator("svg.chart-lag")).to_have_count(0)  # no run came from a schedule
+    shoot(page, "connector")
+
+    history.locator(".windows a[href$='window=20']").click()
+    expect(page).to_have_url(re.compile(r"#/connectors/events\?window=20$"))
+    expect(page.locator("[data-history=events] .windows a.active")).to_have_text("20")
+    expect(page.locator("[data-history=events] svg.chart-duration .point")).to_have_count(len(HISTORY))
+    page.evaluate("location.hash = '#/runs?target=events'")  # the run list filtered to it: the same history on top
+    expect(page.locator("[data-history=events] svg.chart-duration .point")).to_have_count(len(HISTORY))
+    expect(page.locator("table.runs tbody tr")).to_have_count(len(HISTORY))
+    page.evaluate("location.hash = '#/runs?target=steps'")  # a workflow has no connector history: no card, no error
+    expect(page.locator("table.runs")).to_be_visible()
+    expect(page.locator("[data-history]")).to_be_hidden()
+    expect(page.locator("[role=alert]")).to_have_count(0)
+

@@ -1,7 +1,8 @@
-// The dashboard's entry: a hash router over four views, and the API-key prompt.
+// The dashboard's entry: a hash router over the views, and the API-key prompt.
 import { ApiError, onKeyNeeded, scopes, storedKey, storeKey } from "./api.js";
 import { errorBox, h, replace } from "./dom.js";
 import { ViewScope } from "./live.js";
+import * as connectorView from "./views/connector.js";
 import * as connectorsView from "./views/connectors.js";
 import * as healthView from "./views/health.js";
 import * as runView from "./views/run.js";
@@ -20,6 +21,9 @@ function route() {
   const params = new URLSearchParams(query);
   const parts = path.split("/").filter(Boolean);
   if (parts[0] === "runs" && parts[1]) return { name: "runs", view: runView, id: decodeURIComponent(parts[1]), params };
+  if (parts[0] === "connectors" && parts[1]) {
+    return { name: "connectors", view: connectorView, id: decodeURIComponent(parts[1]), params };
+  }
   if (parts[0] === "connectors") return { name: "connectors", view: connectorsView, params };
   if (parts[0] === "health") return { name: "health", view: healthView, params };
   return { name: "runs", view: runsView, params };
