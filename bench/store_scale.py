@@ -8,7 +8,7 @@ on a store of 1,000 runs (an empty one would return empty pages) and on one with
 ratio is printed per operation. The two stores sit side by side and calls alternate between them, so a shared
 machine's load weighs on both alike. Then retention prunes the 50k runs past its cutoff, timed.
 
-    .venv/bin/python -m bench.store_scale [--runs 1000000]
+    .venv/bin/python -m bench.store_scale [--runs 1000000] [--database sqlite|postgresql|both]
 """
 from __future__ import annotations
 
@@ -173,10 +173,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=1_000_000)
     parser.add_argument("--repeat", type=int, default=50)
+    parser.add_argument("--database", choices=("sqlite", "postgresql", "both"), default="both")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="flowgate-scale-") as tmp:
-        run_one("SQLite", f"sqlite:///{Path(tmp) / 'small.db'}", f"sqlite:///{Path(tmp) / 'big.db'}", args.runs,
-                args.repeat)
+    if args.database != "postgresql":
+        with tempfile.TemporaryDirectory(prefix="flowgate-scale-") as tmp:
+            run_one("SQLite", f"sqlite:///{Path(tmp) / 'small.db'}", f"sqlite:///{Path(tmp) / 'big.db'}", args.runs,
+                    args.repeat)
+    if args.database == "sqlite":
+        return
     reason = postgres_available()
     if reason:
         print(f"\nPostgreSQL skipped: {reason}")
