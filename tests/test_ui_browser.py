@@ -48,6 +48,16 @@ connections:
   - {from: count, to: combine}
   - {from: combine, to: result}
 """
+GREET = """
+description: Says hello to whoever the caller names
+nodes:
+  - {id: start, type: trigger, config: {defaults: {name: world}}}
+  - {id: shout, type: transform, config: {value: "hello {{ inputs.name | upper }}{{ inputs.punctuation or '' }}"}}
+  - {id: result, type: output, config: {value: "{{ nodes.shout.output }}"}}
+connections:
+  - {from: start, to: shout}
+  - {from: shout, to: result}
+"""
 # The `events` connector's history, written straight into the store (nothing else in this module runs it): what
 # its charts must show, point for point.
 HISTORY = [PastRun(12, rows={"events": 400, "sessions": 30}), PastRun(18, rows={"events": 420, "sessions": 28}),
@@ -107,6 +117,7 @@ def server(tmp_path_factory, gate):
     (workdir / "connectors.yaml").write_text(CONNECTORS_YAML + NIGHTLY)
     (workdir / "workflows").mkdir()
     (workdir / "workflows" / "steps.yaml").write_text(WORKFLOW % {"gate": f"{gate.url}/gate"})
+    (workdir / "workflows" / "greet.yaml").write_text(GREET)
     server = GunicornServer(workdir, workers=2, ready_headers={"X-API-Key": READER}, FLOWGATE_API_KEYS=f"dash:{READER}:read,ops:{TRIGGERER}:read+trigger,root:{ADMIN}:admin",
                             FLOWGATE_EXECUTOR_THREADS="2",
                             FLOWGATE_HTTP_ALLOWED_HOSTS=f"127.0.0.1:{gate.port}").start()
@@ -246,6 +257,10 @@ def test_a_read_key_sees_everything_but_no_run_or_preview_button(page, server):
     assert page.evaluate("document.cookie") == ""
     assert page.evaluate("sessionStorage.getItem('flowgate.apiKey')") == READER
 
+    page.click("a[data-nav=workflows]")
+    expect(page.locator("[data-workflow=greet] svg.dag")).to_be_visible()
+    expect(page.locator("[data-action=run]")).to_have_count(0)
+
     page.click("a[data-nav=health]")
     expect(page.locator("[data-check=database] .badge")).to_have_text("up")
     expect(page.locator("[data-check=executor]")).to_contain_text("capacity")
@@ -304,3 +319,24 @@ def test_a_connectors_history_is_drawn_a_point_per_run_with_status_and_backend_r
     expect(page.locator("[data-history]")).to_be_hidden()
     expect(page.locator("[role=alert]")).to_have_count(0)
 
+
+def test_the_workflows_page_draws_each_graph_and_runs_one_with_its_inputs(page):
+    sign_in(page, TRIGGERER, "/ui/#/workflows")
+    steps = page.locator("[data-workflow=steps]")
+    expect(steps.locator(".dag-node")).to_have_count(6)
+    expect(steps.locator("svg.dag path.edge")).to_have_count(6)
+    expect(steps.locator(".dag-node[data-status]")).to_have_count(0)  # a file, not a run: no states
+    card = page.locator("[data-workflow=greet]")
+    expect(card.locator(".dag-node")).to_have_count(3)
+    expect(card.locator("dl")).to_contain_text("name, punctuation")
+    card.locator("[data-action=run]").click()
+    expect(card.locator("input[name=name]")).to_have_attribute("placeholder", '"world"')
+    card.locator("input[name=name]").fill("flowgate")
+    card.locator("input[name=punctuation]").fill("!")
+    shoot(page, "workflows")
+    card.locator("[data-submit=run]").click()
+    expect(card.locator(".latest li a")).to_have_count(1)
+    card.locator(".output a").click()
+    expect(page.locator(".page-head .badge")).to_have_text("completed")
+    page.locator("[data-node=shout]").click()
+    expect(page.locator(".node-panel")).to_contain_text("hello FLOWGATE!")

@@ -7,6 +7,7 @@ import * as connectorsView from "./views/connectors.js";
 import * as healthView from "./views/health.js";
 import * as runView from "./views/run.js";
 import * as runsView from "./views/runs.js";
+import * as workflowsView from "./views/workflows.js";
 
 const main = document.getElementById("view");
 const dialog = document.getElementById("key-dialog");
@@ -25,6 +26,7 @@ function route() {
     return { name: "connectors", view: connectorView, id: decodeURIComponent(parts[1]), params };
   }
   if (parts[0] === "connectors") return { name: "connectors", view: connectorsView, params };
+  if (parts[0] === "workflows") return { name: "workflows", view: workflowsView, params };
   if (parts[0] === "health") return { name: "health", view: healthView, params };
   return { name: "runs", view: runsView, params };
 }

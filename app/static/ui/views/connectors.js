@@ -139,7 +139,7 @@ function describeSource(source) {
   }
 }
 
-function describeSchedule(schedule) {
+export function describeSchedule(schedule) {
   if (!schedule) return "none (on demand)";
   const rule = schedule.cron ? `cron ${schedule.cron} (${schedule.timezone})`
     : schedule.interval ? `every ${schedule.interval} s` : `rrule ${schedule.rrule} (${schedule.timezone})`;
