@@ -299,7 +299,8 @@ def test_a_connectors_history_is_drawn_a_point_per_run_with_status_and_backend_r
     assert duration.locator(".point .glyph").all_text_contents() == ["✕", "!", "–"]
     expect(duration.locator(".backend-mark.backend-prefect")).to_have_count(3)
     expect(duration.locator(".backend-mark.backend-local")).to_have_count(7)
-    expect(duration.locator(".point").nth(2).locator("title")).to_have_text(re.compile(r"failed · prefect · .* · 9\.0 s$"))
+    failed_title = duration.locator(".point").nth(2).locator("title")
+    expect(failed_title).to_have_text(re.compile(r"failed · prefect · .* · 9\.0 s$"))
     # 7 completed of the 9 that ended so (the cancelled one counts for neither side)
     expect(history.locator("[data-rate]")).to_have_text("78% of 9 ended runs succeeded")
     expect(history.locator("svg.chart-rows [data-table=events] .point")).to_have_count(7)
