@@ -222,7 +222,8 @@ def build_document(max_wait_seconds: float | None = None, *, connectors: Sequenc
         "/api/v1/workflows": {"get": {"operationId": "listWorkflows", "summary": "The workflow files",
                                       "responses": {"200": _json(WorkflowList, "Workflows")}}},
         "/api/v1/workflows/{workflow_id}": {"get": {
-            "operationId": "getWorkflow", "summary": "A workflow file: its graph, layers, inputs, schedule and latest runs",
+            "operationId": "getWorkflow",
+            "summary": "A workflow file: its graph, layers, inputs, schedule and latest runs",
             "parameters": [workflow_id],
             "responses": {"200": _json(WorkflowDetail, "The workflow"), **_problems("404")}}},
         "/api/v1/workflows/{workflow_id}/schedule/pause": _schedule_switch("workflow", workflow_id, True),

@@ -14,12 +14,14 @@ START = datetime(2025, 3, 1, 6, 0, tzinfo=timezone.utc)
 
 @dataclass(frozen=True)
 class PastRun:
-    """A run that took `seconds` and ended `status` on `backend`, having loaded `rows` per table."""
+    """A run that took `seconds` and ended `status` on `backend`, having loaded `rows` per table; with `late`, a
+    schedule's run that started that many seconds after its slot."""
 
     seconds: float
     status: str = "completed"
     backend: str = "local"
     rows: dict[str, int] = field(default_factory=dict)
+    late: float | None = None
 
 
 def add_past_runs(store: RunStore, target: str, runs: list[PastRun], kind: str = "connector",
@@ -29,12 +31,14 @@ def add_past_runs(store: RunStore, target: str, runs: list[PastRun], kind: str =
     with store.db.session(write=True) as session:
         for index, past in enumerate(runs):
             created = start + index * every
+            slot = None if past.late is None else created + timedelta(seconds=1 - past.late)
             run = Run(id=uuid.uuid4().hex, kind=kind, target=target, params={}, status=past.status,
                       backend=past.backend, concurrency_key=f"{kind}:{target}", attempts=1, created_at=created,
                       started_at=created + timedelta(seconds=1),
                       finished_at=created + timedelta(seconds=1 + past.seconds),
                       result={"rows": past.rows} if past.status == "completed" else None,
-                      error=None if past.status == "completed" else {"code": "connector_failed", "message": "boom"})
+                      error=None if past.status == "completed" else {"code": "connector_failed", "message": "boom"},
+                      source="api" if slot is None else "schedule", scheduled_for=slot)
             session.add(run)
             ids.append(run.id)
     return ids

@@ -149,7 +149,7 @@ def test_stats_give_a_connectors_newest_runs_oldest_first_with_counts_and_succes
     store = app.extensions["flowgate"].store
     ids = add_past_runs(store, "shop", [PastRun(10, rows={"orders": 100, "customers": 20}),
                                         PastRun(4, "failed", "prefect"), PastRun(12, "cancelled"),
-                                        PastRun(8, rows={"orders": 3}), PastRun(6, rows={"refunds": 1})])
+                                        PastRun(8, rows={"orders": 3}), PastRun(6, rows={"refunds": 1}, late=4)])
     body = client.get("/api/v1/connectors/shop/stats").json
     assert body["window"] == 50 and [r["run_id"] for r in body["runs"]] == ids
     assert [(r["status"], r["backend"], r["duration_seconds"]) for r in body["runs"]] == [
@@ -159,7 +159,8 @@ def test_stats_give_a_connectors_newest_runs_oldest_first_with_counts_and_succes
     assert body["tables"] == ["orders", "customers", "refunds"]
     assert body["counts"] == {"completed": 3, "failed": 1, "cancelled": 1}
     assert body["success_rate"] == 0.75  # the cancelled run counts for neither side
-    assert all(r["scheduled_for"] is None and r["fire_lag_seconds"] is None for r in body["runs"])
+    assert [r["fire_lag_seconds"] for r in body["runs"]] == [None, None, None, None, 4.0]  # the last, scheduled
+    assert body["runs"][-1]["scheduled_for"] and body["runs"][0]["scheduled_for"] is None
     last_two = client.get("/api/v1/connectors/shop/stats?window=2").json
     assert [r["run_id"] for r in last_two["runs"]] == ids[-2:] and last_two["success_rate"] == 1.0
     empty = client.get("/api/v1/connectors/numbers/stats").json

@@ -118,6 +118,9 @@ def test_a_targets_recent_runs_come_oldest_first_with_durations_rows_and_backend
     assert all(p.fire_lag_seconds is None for p in points)  # none came from a schedule
     assert [p.duration_seconds for p in store.history.recent("connector", "shop", limit=2)] == [7.0, 3.0]
     assert store.history.recent("connector", "nobody", limit=50) == []
+    add_past_runs(store, "nightly", [PastRun(2, late=2.5)])  # a schedule's run: started 2.5 s after its slot
+    [scheduled] = store.history.recent("connector", "nightly", limit=50)
+    assert scheduled.fire_lag_seconds == 2.5 and scheduled.scheduled_for is not None
 
 
 def test_a_targets_recent_runs_are_one_backward_range_of_an_index(tmp_path):

@@ -60,11 +60,12 @@ connections:
 """
 # The `events` connector's history, written straight into the store (nothing else in this module runs it): what
 # its charts must show, point for point.
-HISTORY = [PastRun(12, rows={"events": 400, "sessions": 30}), PastRun(18, rows={"events": 420, "sessions": 28}),
+HISTORY = [PastRun(12, rows={"events": 400, "sessions": 30}),
+           PastRun(18, rows={"events": 420, "sessions": 28}, late=2),  # three came from a schedule
            PastRun(9, "failed", "prefect"), PastRun(15, rows={"events": 390}, backend="prefect"),
-           PastRun(40, "crashed"), PastRun(14, rows={"events": 410, "sessions": 31}), PastRun(3, "cancelled"),
-           PastRun(16, rows={"events": 450, "sessions": 35}, backend="prefect"), PastRun(11, rows={"events": 380}),
-           PastRun(13, rows={"events": 405, "sessions": 33})]
+           PastRun(40, "crashed"), PastRun(14, rows={"events": 410, "sessions": 31}, late=30),
+           PastRun(3, "cancelled"), PastRun(16, rows={"events": 450, "sessions": 35}, backend="prefect"),
+           PastRun(11, rows={"events": 380}), PastRun(13, rows={"events": 405, "sessions": 33}, late=0.5)]
 
 
 def chromium_path() -> str | None:
@@ -305,7 +306,12 @@ def test_a_connectors_history_is_drawn_a_point_per_run_with_status_and_backend_r
     expect(history.locator("[data-rate]")).to_have_text("78% of 9 ended runs succeeded")
     expect(history.locator("svg.chart-rows [data-table=events] .point")).to_have_count(7)
     expect(history.locator("svg.chart-rows [data-table=sessions] .point")).to_have_count(5)
-    expect(history.locator("svg.chart-lag")).to_have_count(0)  # no run came from a schedule
+    lag = history.locator("svg.chart-lag")  # only the three scheduled runs, the 30 s late one the tallest
+    expect(lag.locator(".point")).to_have_count(3)
+    assert lag.locator(".point").evaluate_all("points => points.map(p => p.dataset.run)") == \
+        duration.locator(".point").evaluate_all("points => [1, 5, 9].map(i => points[i].dataset.run)")
+    lags = lag.locator("rect.bar").evaluate_all("bars => bars.map(b => b.height.baseVal.value)")
+    assert lags.index(max(lags)) == 1
     shoot(page, "connector")
 
     history.locator(".windows a[href$='window=20']").click()

@@ -14,10 +14,8 @@ from sqlalchemy import Select, select
 from app.runs.models import Run
 from flows.database import Database
 
-# The slot a scheduled run was due at, where the store records it; without the column no run has a fire lag.
-_SCHEDULED_FOR = getattr(Run, "scheduled_for", None)
 _COLUMNS = (Run.id, Run.status, Run.backend, Run.created_at, Run.started_at, Run.finished_at, Run.result,
-            *((_SCHEDULED_FOR,) if _SCHEDULED_FOR is not None else ()))
+            Run.scheduled_for)
 
 
 @dataclass(frozen=True)
@@ -73,4 +71,4 @@ def _point(row: Any) -> RunPoint:
     return RunPoint(id=row.id, status=row.status, backend=row.backend, created_at=row.created_at,
                     started_at=row.started_at, finished_at=row.finished_at,
                     rows={str(table): int(count) for table, count in loaded.items() if isinstance(count, (int, float))},
-                    scheduled_for=getattr(row, "scheduled_for", None))
+                    scheduled_for=row.scheduled_for)
