@@ -150,7 +150,8 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
         owner=f"execute-node:{socket.gethostname()}:{os.getpid()}")))
     callbacks = CallbackSender(store, OutboundPolicy.parse(settings.callback_allowed_hosts), settings.callback_secret,
                                max_attempts=settings.callback_max_attempts,
-                               backoff_seconds=settings.callback_backoff_seconds, poll_seconds=settings.poll_seconds)
+                               backoff_seconds=settings.callback_backoff_seconds, poll_seconds=settings.poll_seconds,
+                               project=settings.project_dir)
     pruner = Pruner(store, settings.retention_days, settings.retention_interval_seconds, settings.retention_batch_size)
     schedules = declared_schedules(registry, workflows)
     check_declared_callbacks(schedules, callbacks.policy, settings)

@@ -19,6 +19,7 @@ import socket
 import time
 import uuid
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -58,11 +59,13 @@ class CallbackSender(Loop):
     """One per gateway process: a loop that delivers due callbacks from the store."""
 
     def __init__(self, store: RunStore, policy: OutboundPolicy, secret: str | None, max_attempts: int = 5,
-                 backoff_seconds: float = 2.0, poll_seconds: float = 0.5, timeout_seconds: float = 10.0):
+                 backoff_seconds: float = 2.0, poll_seconds: float = 0.5, timeout_seconds: float = 10.0,
+                 project: Path | None = None):
         super().__init__("callbacks", every=poll_seconds)
         self.store = store
         self.policy = policy
         self.secret = secret
+        self.project = project  # paths in the run document are shown relative to it, as the API shows them
         self.max_attempts = max_attempts
         self.backoff_seconds = backoff_seconds
         self.timeout_seconds = timeout_seconds
@@ -107,7 +110,7 @@ class CallbackSender(Loop):
 
     def _deliver(self, callback: RunCallback, run: Run) -> bool:
         number = len(callback.attempts or []) + 1
-        body = json.dumps(RunOut.from_run(run, f"/api/v1/runs/{run.id}").model_dump(mode="json")).encode()
+        body = json.dumps(RunOut.from_run(run, f"/api/v1/runs/{run.id}", self.project).model_dump(mode="json")).encode()
         timestamp = int(time.time())
         headers = {"Content-Type": "application/json", "User-Agent": "flowgate-callback",
                    "X-Flowgate-Signature": signature(self.secret or "", timestamp, body),

@@ -154,6 +154,12 @@ class Settings(RuntimeSettings):
         description="Failed authentications allowed per client address (e.g. '10/minute'); past it every request "
                     "from that address is a 429 until the window passes. Shared like FLOWGATE_RATE_LIMIT_STORAGE.")
 
+    @property
+    def project_dir(self) -> Path:
+        """The folder of connectors.yaml: what relative paths in it are relative to, and what answers show paths
+        relative to (connectors.shown_paths)."""
+        return self.connectors_file.resolve().parent
+
     @field_validator("auth_failure_limit")
     @classmethod
     def _parseable_auth_limit(cls, value: str) -> str:

@@ -11,10 +11,10 @@ from pydantic.json_schema import models_json_schema
 
 from app import __version__
 from app.schemas import (
-    RUN_ID_PATTERN, ConnectorDetail, ConnectorList, ConnectorSchema, ExecuteNodeRequest, Health, LoadResult,
-    NodeRunOut, PreviewOut, PreviewRequest, ProblemDetail, Readiness, RunLogs, RunLogsQuery, RunOptions, RunOut,
-    RunPage, RunQuery, ScheduleOut, TriggerRequest, WhoAmI, WorkflowAccepted, WorkflowDetail, WorkflowExecuteRequest,
-    WorkflowExecution, WorkflowList,
+    RUN_ID_PATTERN, ConnectorDetail, ConnectorList, ConnectorSchema, ConnectorStats, ExecuteNodeRequest, Health,
+    LoadResult, NodeRunOut, PreviewOut, PreviewRequest, ProblemDetail, Readiness, RunLogs, RunLogsQuery, RunOptions,
+    RunOut, RunPage, RunQuery, ScheduleOut, StatsQuery, TriggerRequest, WhoAmI, WorkflowAccepted, WorkflowDetail,
+    WorkflowExecuteRequest, WorkflowExecution, WorkflowList,
 )
 from connectors.spec import CONNECTOR_ID, ConnectorSpec, PythonSource, SqlDatabaseSource
 from flows.workflow_spec import NODE_ID
@@ -23,7 +23,7 @@ _MODELS: list[type[BaseModel]] = [TriggerRequest, RunOptions, RunOut, RunPage, C
                                   Health, Readiness, ProblemDetail, PreviewRequest, PreviewOut,
                                   ConnectorSchema, WorkflowExecuteRequest, WorkflowAccepted, WorkflowExecution,
                                   ExecuteNodeRequest, NodeRunOut, RunLogs, WhoAmI, ScheduleOut, WorkflowList,
-                                  WorkflowDetail, LoadResult]
+                                  WorkflowDetail, LoadResult, ConnectorStats]
 _PROBLEMS = {"400": "Malformed JSON or a body that is not an object", "401": "No valid API key (when keys are set)",
              "403": "The API key lacks the scope", "404": "Unknown resource",
              "405": "Method not allowed", "413": "Body too large", "422": "A field is missing, mistyped or unknown",
@@ -158,8 +158,9 @@ def build_document(max_wait_seconds: float | None = None, *, connectors: Sequenc
     """The whole OpenAPI document of the gateway as configured.
 
     `max_wait_seconds` becomes the documented maximum of `wait`; `connectors` name the connector ids and the
-    params each takes, `workflows` the workflow files' ids; security schemes (and 401/403) appear only with `api_keys`; `callback_url` only with
-    `callbacks` (otherwise it is a 422, as for any field the document does not list).
+    params each takes, `workflows` the workflow files' ids; security schemes (and 401/403) appear only with
+    `api_keys`; `callback_url` only with `callbacks` (otherwise it is a 422, as for any field the document does
+    not list).
     """
     _, schemas = models_json_schema([(m, "validation") for m in _MODELS],
                                     ref_template="#/components/schemas/{model}")
@@ -221,11 +222,18 @@ def build_document(max_wait_seconds: float | None = None, *, connectors: Sequenc
         "/api/v1/workflows": {"get": {"operationId": "listWorkflows", "summary": "The workflow files",
                                       "responses": {"200": _json(WorkflowList, "Workflows")}}},
         "/api/v1/workflows/{workflow_id}": {"get": {
-            "operationId": "getWorkflow", "summary": "A workflow file: its layers, schedule and latest runs",
+            "operationId": "getWorkflow",
+            "summary": "A workflow file: its graph, layers, inputs, schedule and latest runs",
             "parameters": [workflow_id],
             "responses": {"200": _json(WorkflowDetail, "The workflow"), **_problems("404")}}},
         "/api/v1/workflows/{workflow_id}/schedule/pause": _schedule_switch("workflow", workflow_id, True),
         "/api/v1/workflows/{workflow_id}/schedule/resume": _schedule_switch("workflow", workflow_id, False),
+        "/api/v1/connectors/{connector_id}/stats": {"get": {
+            "operationId": "getConnectorStats",
+            "summary": "The connector's newest runs as points to draw (duration, backend, rows per table, fire lag)",
+            "parameters": [connector_id, *_query_parameters(StatsQuery)],
+            "responses": {"200": _json(ConnectorStats, "The runs, oldest first, and their counts"),
+                          **_problems("404", "422")}}},
         "/api/workflow/{workflow_id}/execute": {"post": {
             "operationId": "executeWorkflow",
             "summary": "Start a workflow (from the workflows folder, or inline in `workflow`); answers at once",

@@ -5,14 +5,17 @@ from __future__ import annotations
 import re
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
+from app.runs.history import RunPoint
 from app.runs.models import Run
 from connectors.secrets import public_error, scrub
 from connectors.secrets import redact
+from connectors.shown_paths import shown_path
 from connectors.spec import CONNECTOR_ID
 from flows.nodes import NODE_TYPES
 from flows.outcome import STATUSES
@@ -303,8 +306,9 @@ class RunOut(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     result: dict[str, Any] | None = Field(description="Once completed: a connector's LoadResult (rows per table, "
-                                                      "schema changes, incremental windows, ...), a workflow's "
-                                                      "outputs.")
+                                                      "schema changes, incremental windows, the DuckDB file's "
+                                                      "location relative to the gateway's project folder, ...), a "
+                                                      "workflow's outputs.")
     error: dict[str, Any] | None
     callback: dict[str, Any] | None = Field(
         None, description="Where the run document is POSTed when it ends: url (no query), status "
@@ -320,14 +324,17 @@ class RunOut(BaseModel):
     status_url: str
 
     @classmethod
-    def from_run(cls, run: Run, status_url: str) -> RunOut:
-        """Build from a stored run."""
+    def from_run(cls, run: Run, status_url: str, project: Path | None = None) -> RunOut:
+        """Build from a stored run; with `project` (the gateway's folder) the DuckDB file's location relative to it."""
+        result = scrub(run.result)
+        if project is not None and result and isinstance(result.get("location"), str):
+            result = {**result, "location": shown_path(result["location"], project)}
         return cls(run_id=run.id, kind=run.kind, connector_id=run.target if run.kind == "connector" else None,
                    workflow_id=run.target if run.kind == "workflow" else None,
                    status=run.status, backend=run.backend, params=redact(run.params or {}),
                    fallback_reason=run.fallback_reason, prefect_flow_run_id=run.prefect_flow_run_id,
                    prefect_state=run.prefect_state, attempts=run.attempts, created_at=run.created_at,
-                   started_at=run.started_at, finished_at=run.finished_at, result=scrub(run.result), error=public_error(run.error),
+                   started_at=run.started_at, finished_at=run.finished_at, result=result, error=public_error(run.error),
                    callback=run.callback.to_dict() if run.callback else None, source=run.source or "api",
                    scheduled_for=run.scheduled_for, schedule=run.schedule, trace_id=run.trace_id,
                    status_url=status_url)
@@ -421,14 +428,75 @@ class WorkflowList(BaseModel):
     items: list[WorkflowOut]
 
 
+class WorkflowGraph(BaseModel):
+    """A workflow's nodes (id, type, name) and connections (from, to, branch), as its file declares them."""
+
+    nodes: list[dict[str, Any]]
+    connections: list[dict[str, Any]]
+
+
 class WorkflowDetail(BaseModel):
-    """A workflow file with its layers, its schedule and latest runs."""
+    """A workflow file: its graph and layers, the inputs a caller may give, its schedule and latest runs."""
 
     id: str
     description: str
     layers: list[list[str]]
+    graph: WorkflowGraph
+    inputs: dict[str, Any] = Field(description="Each input the workflow reads, with its default (null: none; the "
+                                               "trigger node's `defaults` give them).")
     schedule: ScheduleOut | None = Field(description="Its schedule; null when it has none.")
     latest_runs: list[RunOut]
+
+
+class StatsQuery(_Query):
+    """Query parameters of GET /api/v1/connectors/<id>/stats."""
+
+    window: QueryInt = Field(50, ge=1, le=200, description="How many of the connector's newest runs.")
+
+
+class RunPointOut(BaseModel):
+    """One run of a connector's history, as its charts draw it."""
+
+    run_id: str
+    status: RunStatus
+    backend: str
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    duration_seconds: float | None = Field(description="From start to end; null until the run ended.")
+    rows: dict[str, int] = Field(description="Rows loaded per table (empty unless the run completed).")
+    scheduled_for: datetime | None = Field(description="A scheduled run's slot; null for a caller's run.")
+    fire_lag_seconds: float | None = Field(description="How long after its slot a scheduled run started.")
+
+
+class ConnectorStats(BaseModel):
+    """A connector's newest runs, oldest first, with what the window adds up to."""
+
+    connector_id: str
+    window: int = Field(description="How many runs were asked for; `runs` holds at most as many.")
+    runs: list[RunPointOut]
+    tables: list[str] = Field(description="Every table the runs loaded, in the order they first appear.")
+    counts: dict[str, int] = Field(description="Runs in the window per status.")
+    success_rate: float | None = Field(
+        description="completed / (completed + failed + crashed) in the window: cancelled and unfinished runs "
+                    "count for neither side; null when no run ended so.")
+
+    @classmethod
+    def of(cls, connector_id: str, window: int, points: list[RunPoint]) -> ConnectorStats:
+        """Sum up the points of a window."""
+        counts: dict[str, int] = {}
+        tables: dict[str, None] = {}
+        for point in points:
+            counts[point.status] = counts.get(point.status, 0) + 1
+            tables.update(dict.fromkeys(point.rows))
+        ended = sum(counts.get(status, 0) for status in ("completed", "failed", "crashed"))
+        return cls(connector_id=connector_id, window=window, tables=list(tables), counts=counts,
+                   success_rate=round(counts.get("completed", 0) / ended, 4) if ended else None,
+                   runs=[RunPointOut(run_id=p.id, status=p.status, backend=p.backend, created_at=p.created_at,
+                                     started_at=p.started_at, finished_at=p.finished_at,
+                                     duration_seconds=p.duration_seconds, rows=p.rows,
+                                     scheduled_for=p.scheduled_for, fire_lag_seconds=p.fire_lag_seconds)
+                         for p in points])
 
 
 class ConnectorList(BaseModel):

@@ -1,7 +1,9 @@
 """Workflow definitions: nodes and connections, validated by pydantic, and the graph checks (ids, cycles, layers)."""
 from __future__ import annotations
 
+import re
 from collections import defaultdict
+from collections.abc import Iterator
 from functools import cached_property
 from typing import Any, Literal
 
@@ -106,12 +108,40 @@ class WorkflowSpec(_Strict):
         """Nodes grouped by depth: a node's layer is one more than its deepest parent's (Kahn's algorithm)."""
         return layers_of(self)
 
+    def declared_inputs(self) -> dict[str, Any]:
+        """The inputs a caller may give, in the order they appear: each trigger node's `defaults` with their values,
+        then every other name a template reads as `inputs.<name>` or `inputs['<name>']`, without a default."""
+        found: dict[str, Any] = {}
+        for node in self.nodes:
+            if node.type == "trigger" and isinstance(node.config.get("defaults"), dict):
+                for name, value in node.config["defaults"].items():
+                    found.setdefault(str(name), value)
+        for node in self.nodes:
+            for text in _strings(node.config):
+                for match in _INPUT_REFERENCE.finditer(text):
+                    found.setdefault(match.group(1) or match.group(2), None)
+        return found
+
     def topological_order(self) -> list[str]:
         """Every node after all of its parents (the order `legacy` mode runs them in)."""
         return [node_id for layer in self.layers() for node_id in layer]
 
 
 Mode = Literal["optimized", "legacy"]
+# `inputs.name` or `inputs['name']` in a template: a name the workflow reads from its caller.
+_INPUT_REFERENCE = re.compile(r"""\binputs\s*(?:\.\s*([A-Za-z_]\w*)|\[\s*['"]([^'"]+)['"]\s*\])""")
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """Every string inside a node's config (keys aside)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
 
 
 def check_graph(spec: WorkflowSpec) -> None:

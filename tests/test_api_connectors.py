@@ -102,3 +102,73 @@ def test_schema_is_a_503_destination_busy_while_this_process_writes_the_file_or_
 def test_preview_of_a_python_source_with_a_huge_count_reads_only_its_first_page(client):
     response = client.post("/api/v1/connectors/numbers/preview", json={"limit": 3, "params": {"n": 10**15}})
     assert response.status_code == 200 and len(response.json["resources"]["numbers"]["rows"]) == 3
+
+
+def test_no_connector_or_run_answer_names_the_projects_absolute_path(running_app, workdir):
+    """Paths show relative to the project (connectors.yaml's folder): the source's file and folder, the DuckDB file
+    of a load, the schema's location; nothing a caller reads says where the gateway lives on the server."""
+    from tests.test_api_triggers import poll_until_ended
+
+    client = running_app.test_client()
+    done = poll_until_ended(client, client.post("/trigger", json={"connector_id": "shop"}).json["status_url"])
+    assert done["status"] == "completed" and done["result"]["location"] == "var/duckdb/shop.duckdb"
+    failed = poll_until_ended(client, client.post("/trigger", json={"connector_id": "broken"}).json["status_url"])
+    assert failed["status"] == "failed"
+    shop = client.get("/api/v1/connectors/shop").json
+    assert shop["spec"]["source"]["url"] == "sqlite:///shop.db"
+    assert client.get("/api/v1/connectors/products").json["spec"]["source"]["bucket_url"] == "files"
+    assert client.get("/api/v1/connectors/shop/schema").json["location"] == "var/duckdb/shop.duckdb"
+    answers = [client.get(path) for path in (
+        "/api/v1/connectors", *(f"/api/v1/connectors/{c}" for c in ("shop", "products", "events", "numbers", "broken")),
+        "/api/v1/connectors/shop/schema", "/api/v1/runs", done["status_url"], failed["status_url"], "/openapi.json")]
+    root = str(workdir.resolve())
+    assert all(answer.status_code == 200 for answer in answers)
+    assert [answer.request.path for answer in answers if root in answer.get_data(as_text=True)] == []
+
+
+def test_a_path_outside_the_project_shows_only_its_name(tmp_path):
+    from connectors.shown_paths import shown_path, shown_spec
+
+    project = tmp_path / "project"
+    assert shown_path(str(project / "data" / "shop.db"), project) == "data/shop.db"
+    assert shown_path("/srv/elsewhere/shop.db", project) == "…/shop.db"
+    assert shown_path(f"sqlite:///{project}/data/shop.db", project) == "sqlite:///data/shop.db"
+    assert shown_path("sqlite:///relative.db", project) == "sqlite:///relative.db"
+    assert shown_path("s3://bucket/folder", project) == "s3://bucket/folder"
+    spec = {"source": {"kind": "filesystem", "bucket_url": "/mnt/share/files"},
+            "destination": {"kind": "duckdb", "path": str(project / "out.duckdb")},
+            "description": f"reads {project}/files"}
+    assert shown_spec(spec, project) == {"source": {"kind": "filesystem", "bucket_url": "…/files"},
+                                         "destination": {"kind": "duckdb", "path": "out.duckdb"},
+                                         "description": "reads files"}
+
+
+def test_stats_give_a_connectors_newest_runs_oldest_first_with_counts_and_success_rate(app, client):
+    from tests.run_history import PastRun, add_past_runs
+
+    store = app.extensions["flowgate"].store
+    ids = add_past_runs(store, "shop", [PastRun(10, rows={"orders": 100, "customers": 20}),
+                                        PastRun(4, "failed", "prefect"), PastRun(12, "cancelled"),
+                                        PastRun(8, rows={"orders": 3}), PastRun(6, rows={"refunds": 1}, late=4)])
+    body = client.get("/api/v1/connectors/shop/stats").json
+    assert body["window"] == 50 and [r["run_id"] for r in body["runs"]] == ids
+    assert [(r["status"], r["backend"], r["duration_seconds"]) for r in body["runs"]] == [
+        ("completed", "local", 10.0), ("failed", "prefect", 4.0), ("cancelled", "local", 12.0),
+        ("completed", "local", 8.0), ("completed", "local", 6.0)]
+    assert body["runs"][0]["rows"] == {"orders": 100, "customers": 20} and body["runs"][1]["rows"] == {}
+    assert body["tables"] == ["orders", "customers", "refunds"]
+    assert body["counts"] == {"completed": 3, "failed": 1, "cancelled": 1}
+    assert body["success_rate"] == 0.75  # the cancelled run counts for neither side
+    assert [r["fire_lag_seconds"] for r in body["runs"]] == [None, None, None, None, 4.0]  # the last, scheduled
+    assert body["runs"][-1]["scheduled_for"] and body["runs"][0]["scheduled_for"] is None
+    last_two = client.get("/api/v1/connectors/shop/stats?window=2").json
+    assert [r["run_id"] for r in last_two["runs"]] == ids[-2:] and last_two["success_rate"] == 1.0
+    empty = client.get("/api/v1/connectors/numbers/stats").json
+    assert empty["runs"] == [] and empty["success_rate"] is None and empty["counts"] == {}
+
+
+def test_stats_refuse_an_unbounded_window_and_an_unknown_connector(client):
+    for window in ("0", "201", "ten", "2.5"):
+        refused = client.get(f"/api/v1/connectors/shop/stats?window={window}")
+        assert refused.status_code == 422 and refused.json["errors"][0]["field"] == "window", window
+    assert client.get("/api/v1/connectors/nope/stats").json["code"] == "connector_not_found"

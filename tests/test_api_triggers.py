@@ -34,7 +34,7 @@ def test_a_trigger_answers_202_at_once_with_a_queued_local_run(client):
     assert client.get(body["status_url"]).json["status"] == "queued"  # no executor started in this app
 
 
-def test_a_triggered_run_completes_with_its_load_summary_and_data(running_app):
+def test_a_triggered_run_completes_with_its_load_summary_and_data(running_app, workdir):
     client = running_app.test_client()
     body = client.post("/trigger", json={"connector_id": "slow"}).json
     assert body["status"] == "queued"  # as accepted; an executor may claim it before the first poll
@@ -44,7 +44,8 @@ def test_a_triggered_run_completes_with_its_load_summary_and_data(running_app):
     assert result["rows"] == {"numbers": 5} and result["dataset"] == "raw" and result["destination"] == "duckdb"
     assert len(result["load_ids"]) == 1 and result["duration_seconds"] >= 1.0
     assert done["started_at"] and done["finished_at"] and done["attempts"] == 1
-    with duckdb.connect(result["location"], read_only=True) as con:
+    assert result["location"] == "var/duckdb/slow.duckdb"  # relative to the project: connectors.yaml's folder
+    with duckdb.connect(str(workdir / result["location"]), read_only=True) as con:
         assert con.execute("SELECT count(*) FROM raw.numbers").fetchone()[0] == 5
 
 

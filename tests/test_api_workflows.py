@@ -324,3 +324,24 @@ def test_a_workflow_file_naming_an_unset_variable_stops_the_start(app_config, mo
         "nodes: [{id: a, type: transform, config: {value: '${NOT_SET_ANYWHERE}'}}]\n")
     with pytest.raises(ConfigError, match="NOT_SET_ANYWHERE is not set"):
         create_app(app_config)
+
+
+def test_the_workflow_files_are_listed_with_graph_inputs_and_latest_runs(client):
+    assert [(w["id"], w["nodes"], w["scheduled"]) for w in client.get("/api/v1/workflows").json["items"]] == [
+        ("cached", 1, False), ("pipeline", 6, False), ("sleepy", 2, False), ("with_connector", 2, False)]
+    execution = client.post("/api/workflow/pipeline/execute", json={"inputs": {"text": "yo"}}).json
+    body = client.get("/api/v1/workflows/pipeline").json
+    assert body["layers"] == [["start"], ["a", "b", "shout"], ["join"], ["out"]]
+    assert body["graph"]["nodes"][0] == {"id": "start", "type": "trigger", "name": None}
+    assert {"from": "start", "to": "shout", "branch": None} in body["graph"]["connections"]
+    assert len(body["graph"]["connections"]) == 7
+    assert body["inputs"] == {"text": "hi"}  # the trigger's defaults
+    assert body["schedule"] is None
+    assert [run["run_id"] for run in body["latest_runs"]] == [execution["executionId"]]
+    # a name only a template reads is an input without a default
+    assert client.get("/api/v1/workflows/with_connector").json["inputs"] == {"n": None}
+
+
+def test_an_unknown_workflow_file_is_a_404_problem(client):
+    missing = client.get("/api/v1/workflows/nope")
+    assert missing.status_code == 404 and missing.json["code"] == "workflow_not_found"

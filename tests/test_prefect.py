@@ -88,7 +88,7 @@ def test_a_trigger_becomes_a_prefect_flow_run_and_shows_its_summary(stack, gatew
     for finished, rows in ((first, 4), (done, 6)):
         assert finished["status"] == "completed" and finished["prefect_state"] == "Completed", finished
         assert finished["result"]["rows"] == {"numbers": rows} and finished["result"]["load_ids"]
-    with duckdb.connect(done["result"]["location"], read_only=True) as con:
+    with duckdb.connect(str(stack.workdir / done["result"]["location"]), read_only=True) as con:
         assert con.execute("SELECT count(*) FROM raw.numbers").fetchone()[0] >= 10
     flow_run = stack.api("GET", f"flow_runs/{run['prefect_flow_run_id']}")
     task_runs = stack.api("POST", "task_runs/filter", json={"flow_runs": {"id": {"any_": [flow_run["id"]]}}})

@@ -102,3 +102,38 @@ def test_the_last_run_that_ended_with_an_error_code_is_found_by_its_code(store: 
     store.fail(mismatch.id, RunError("worker_run_store_mismatch", "no runs table"))
     assert store.last_ended_with("worker_run_store_mismatch", since).id == mismatch.id
     assert store.last_ended_with("worker_run_store_mismatch", since + timedelta(hours=1)) is None
+
+
+def test_a_targets_recent_runs_come_oldest_first_with_durations_rows_and_backends(store: RunStore):
+    from tests.run_history import PastRun, add_past_runs
+
+    add_past_runs(store, "shop", [PastRun(5, rows={"orders": 100}), PastRun(7, "failed", "prefect"),
+                                  PastRun(3, rows={"orders": 2, "customers": 1})])
+    add_past_runs(store, "shop", [PastRun(99)], kind="workflow")  # a workflow of the same name is not its history
+    add_past_runs(store, "other", [PastRun(1)])
+    points = store.history.recent("connector", "shop", limit=50)
+    assert [(p.status, p.backend, p.duration_seconds, p.rows) for p in points] == [
+        ("completed", "local", 5.0, {"orders": 100}), ("failed", "prefect", 7.0, {}),
+        ("completed", "local", 3.0, {"orders": 2, "customers": 1})]
+    assert all(p.fire_lag_seconds is None for p in points)  # none came from a schedule
+    assert [p.duration_seconds for p in store.history.recent("connector", "shop", limit=2)] == [7.0, 3.0]
+    assert store.history.recent("connector", "nobody", limit=50) == []
+    add_past_runs(store, "nightly", [PastRun(2, late=2.5)])  # a schedule's run: started 2.5 s after its slot
+    [scheduled] = store.history.recent("connector", "nightly", limit=50)
+    assert scheduled.fire_lag_seconds == 2.5 and scheduled.scheduled_for is not None
+
+
+def test_a_targets_recent_runs_are_one_backward_range_of_an_index(tmp_path):
+    """On SQLite the plan reads ix_runs_target_created backwards and sorts nothing, whatever the table holds."""
+    from sqlalchemy.dialects import sqlite
+
+    from app.runs.history import recent_query
+
+    store = RunStore(f"sqlite:///{tmp_path / 'runs.db'}")
+    store.create_schema()
+    query = recent_query("connector", "t", 50)
+    sql = str(query.compile(dialect=sqlite.dialect(), compile_kwargs={"literal_binds": True}))
+    with store.engine.connect() as connection:
+        plan = " | ".join(row[-1] for row in connection.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}"))
+    store.dispose()
+    assert "USING INDEX ix_runs_target_created" in plan and "TEMP B-TREE" not in plan, plan

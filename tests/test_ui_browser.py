@@ -7,16 +7,19 @@ Each page's screenshot lands in var/screenshots/ (FLOWGATE_SCREENSHOTS=docs/scre
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
 import httpx
 import pytest
 
+from app.runs.store import RunStore
 from connectors.demo import build_shop_db
 from tests.conftest import CONNECTORS_YAML
 from tests.fake_services import EchoService
 from tests.gunicorn_server import ROOT, GunicornServer
+from tests.run_history import PastRun, add_past_runs
 
 READER, TRIGGERER, ADMIN = "ui-reader-key-0123456789", "ui-trigger-key-0123456789", "ui-admin-key-0123456789"
 NIGHTLY = """
@@ -45,6 +48,24 @@ connections:
   - {from: count, to: combine}
   - {from: combine, to: result}
 """
+GREET = """
+description: Says hello to whoever the caller names
+nodes:
+  - {id: start, type: trigger, config: {defaults: {name: world}}}
+  - {id: shout, type: transform, config: {value: "hello {{ inputs.name | upper }}{{ inputs.punctuation or '' }}"}}
+  - {id: result, type: output, config: {value: "{{ nodes.shout.output }}"}}
+connections:
+  - {from: start, to: shout}
+  - {from: shout, to: result}
+"""
+# The `events` connector's history, written straight into the store (nothing else in this module runs it): what
+# its charts must show, point for point.
+HISTORY = [PastRun(12, rows={"events": 400, "sessions": 30}),
+           PastRun(18, rows={"events": 420, "sessions": 28}, late=2),  # three came from a schedule
+           PastRun(9, "failed", "prefect"), PastRun(15, rows={"events": 390}, backend="prefect"),
+           PastRun(40, "crashed"), PastRun(14, rows={"events": 410, "sessions": 31}, late=30),
+           PastRun(3, "cancelled"), PastRun(16, rows={"events": 450, "sessions": 35}, backend="prefect"),
+           PastRun(11, rows={"events": 380}), PastRun(13, rows={"events": 405, "sessions": 33}, late=0.5)]
 
 
 def chromium_path() -> str | None:
@@ -97,9 +118,13 @@ def server(tmp_path_factory, gate):
     (workdir / "connectors.yaml").write_text(CONNECTORS_YAML + NIGHTLY)
     (workdir / "workflows").mkdir()
     (workdir / "workflows" / "steps.yaml").write_text(WORKFLOW % {"gate": f"{gate.url}/gate"})
+    (workdir / "workflows" / "greet.yaml").write_text(GREET)
     server = GunicornServer(workdir, workers=2, ready_headers={"X-API-Key": READER}, FLOWGATE_API_KEYS=f"dash:{READER}:read,ops:{TRIGGERER}:read+trigger,root:{ADMIN}:admin",
                             FLOWGATE_EXECUTOR_THREADS="2",
                             FLOWGATE_HTTP_ALLOWED_HOSTS=f"127.0.0.1:{gate.port}").start()
+    store = RunStore(f"sqlite:///{workdir / 'var' / 'flowgate.db'}")  # the gateway's own store: created by now
+    add_past_runs(store, "events", HISTORY)
+    store.dispose()
     yield server
     server.kill()
 
@@ -233,6 +258,10 @@ def test_a_read_key_sees_everything_but_no_run_or_preview_button(page, server):
     assert page.evaluate("document.cookie") == ""
     assert page.evaluate("sessionStorage.getItem('flowgate.apiKey')") == READER
 
+    page.click("a[data-nav=workflows]")
+    expect(page.locator("[data-workflow=greet] svg.dag")).to_be_visible()
+    expect(page.locator("[data-action=run]")).to_have_count(0)
+
     page.click("a[data-nav=health]")
     expect(page.locator("[data-check=database] .badge")).to_have_text("up")
     expect(page.locator("[data-check=executor]")).to_contain_text("capacity")
@@ -254,3 +283,67 @@ def test_an_admin_pauses_and_resumes_a_schedule_and_sees_its_next_fire_time(page
     card.locator("[data-action=resume]").click()
     expect(card.locator("[data-schedule-state]")).to_have_attribute("data-schedule-state", "active")
     expect(card.locator("[data-action=pause]")).to_be_visible()
+
+
+def test_a_connectors_history_is_drawn_a_point_per_run_with_status_and_backend_readable_without_colour(page):
+    sign_in(page, READER, "/ui/#/connectors/events")
+    history = page.locator("[data-history=events]")
+    duration = history.locator("svg.chart-duration")
+    expect(duration.locator(".point")).to_have_count(len(HISTORY))
+    expect(history.locator("svg.chart-strip .point")).to_have_count(len(HISTORY))
+    statuses = [run.status for run in HISTORY]
+    assert duration.locator(".point").evaluate_all("points => points.map(p => p.dataset.status)") == statuses
+    # a bar's height is its duration: the 40 s crash is the tallest, the 3 s cancel the shortest of the ended
+    heights = duration.locator("rect.bar").evaluate_all("bars => bars.map(b => b.height.baseVal.value)")
+    assert heights.index(max(heights)) == 4 and heights.index(min(heights)) == 6
+    # status as a glyph and a title, backend as a shape: nothing needs colour to be read
+    assert duration.locator(".point .glyph").all_text_contents() == ["✕", "!", "–"]
+    expect(duration.locator(".backend-mark.backend-prefect")).to_have_count(3)
+    expect(duration.locator(".backend-mark.backend-local")).to_have_count(7)
+    failed_title = duration.locator(".point").nth(2).locator("title")
+    expect(failed_title).to_have_text(re.compile(r"failed · prefect · .* · 9\.0 s$"))
+    # 7 completed of the 9 that ended so (the cancelled one counts for neither side)
+    expect(history.locator("[data-rate]")).to_have_text("78% of 9 ended runs succeeded")
+    expect(history.locator("svg.chart-rows [data-table=events] .point")).to_have_count(7)
+    expect(history.locator("svg.chart-rows [data-table=sessions] .point")).to_have_count(5)
+    lag = history.locator("svg.chart-lag")  # only the three scheduled runs, the 30 s late one the tallest
+    expect(lag.locator(".point")).to_have_count(3)
+    assert lag.locator(".point").evaluate_all("points => points.map(p => p.dataset.run)") == \
+        duration.locator(".point").evaluate_all("points => [1, 5, 9].map(i => points[i].dataset.run)")
+    lags = lag.locator("rect.bar").evaluate_all("bars => bars.map(b => b.height.baseVal.value)")
+    assert lags.index(max(lags)) == 1
+    shoot(page, "connector")
+
+    history.locator(".windows a[href$='window=20']").click()
+    expect(page).to_have_url(re.compile(r"#/connectors/events\?window=20$"))
+    expect(page.locator("[data-history=events] .windows a.active")).to_have_text("20")
+    expect(page.locator("[data-history=events] svg.chart-duration .point")).to_have_count(len(HISTORY))
+    page.evaluate("location.hash = '#/runs?target=events'")  # the run list filtered to it: the same history on top
+    expect(page.locator("[data-history=events] svg.chart-duration .point")).to_have_count(len(HISTORY))
+    expect(page.locator("table.runs tbody tr")).to_have_count(len(HISTORY))
+    page.evaluate("location.hash = '#/runs?target=steps'")  # a workflow has no connector history: no card, no error
+    expect(page.locator("table.runs")).to_be_visible()
+    expect(page.locator("[data-history]")).to_be_hidden()
+    expect(page.locator("[role=alert]")).to_have_count(0)
+
+
+def test_the_workflows_page_draws_each_graph_and_runs_one_with_its_inputs(page):
+    sign_in(page, TRIGGERER, "/ui/#/workflows")
+    steps = page.locator("[data-workflow=steps]")
+    expect(steps.locator(".dag-node")).to_have_count(6)
+    expect(steps.locator("svg.dag path.edge")).to_have_count(6)
+    expect(steps.locator(".dag-node[data-status]")).to_have_count(0)  # a file, not a run: no states
+    card = page.locator("[data-workflow=greet]")
+    expect(card.locator(".dag-node")).to_have_count(3)
+    expect(card.locator("dl")).to_contain_text("name, punctuation")
+    card.locator("[data-action=run]").click()
+    expect(card.locator("input[name=name]")).to_have_attribute("placeholder", '"world"')
+    card.locator("input[name=name]").fill("flowgate")
+    card.locator("input[name=punctuation]").fill("!")
+    shoot(page, "workflows")
+    card.locator("[data-submit=run]").click()
+    expect(card.locator(".latest li a")).to_have_count(1)
+    card.locator(".output a").click()
+    expect(page.locator(".page-head .badge")).to_have_text("completed")
+    page.locator("[data-node=shout]").click()
+    expect(page.locator(".node-panel")).to_contain_text("hello FLOWGATE!")

@@ -6,14 +6,15 @@ from typing import Any
 from flask import Blueprint
 
 from app import services
-from app.api.inputs import json_object, validated
+from app.api.inputs import json_object, query, validated
 from app.api.runs import run_document
 from app.api.schedules import schedule_document
 from app.errors import NotFound, Unavailable, ValidationFailed
-from app.schemas import ConnectorOut, PreviewRequest
+from app.schemas import ConnectorOut, ConnectorStats, PreviewRequest, StatsQuery
 from connectors.pipeline import ConnectorRunError
 from connectors.preview import preview_changes, preview_connector
 from connectors.schema import DestinationBusy, destination_schema
+from connectors.shown_paths import shown_path, shown_spec, without_project
 from connectors.spec import ConnectorSpec, ParamsError
 
 bp = Blueprint("connectors", __name__, url_prefix="/api/v1/connectors")
@@ -31,13 +32,24 @@ def list_connectors() -> dict[str, Any]:
 
 @bp.get("/<connector_id>")
 def get_connector(connector_id: str) -> dict[str, Any]:
-    """One connector: its redacted spec, its schedule and its five latest runs."""
+    """One connector: its redacted spec (paths relative to the project), its schedule and its five latest runs."""
     svc = services()
     spec = get_connector_or_404(connector_id)
     latest = svc.store.list(target=connector_id, limit=5)
-    return {"id": spec.id, "description": spec.description, "spec": spec.public_dict(),
+    return {"id": spec.id, "description": spec.description,
+            "spec": shown_spec(spec.public_dict(), svc.settings.project_dir),
             "overridable": list(spec.overridable), "schedule": schedule_document("connector", spec.id),
             "latest_runs": [run_document(run) for run in latest]}
+
+
+@bp.get("/<connector_id>/stats")
+def stats(connector_id: str) -> dict[str, Any]:
+    """The connector's newest `window` runs as points to draw (duration, backend, rows per table, fire lag),
+    oldest first, with their counts per status and success rate."""
+    spec = get_connector_or_404(connector_id)
+    window = query(StatsQuery).window
+    points = services().store.history.recent("connector", spec.id, window)
+    return ConnectorStats.of(spec.id, window, points).model_dump(mode="json")
 
 
 @bp.post("/<connector_id>/preview")
@@ -64,12 +76,16 @@ def preview(connector_id: str) -> dict[str, Any]:
 def schema(connector_id: str) -> dict[str, Any]:
     """The tables and columns (with types) the connector has loaded, read from its destination."""
     spec = get_connector_or_404(connector_id)
+    svc = services()
     try:
-        return {"connector_id": spec.id, "dataset": spec.dataset, "destination": spec.destination.kind,
-                **destination_schema(spec, services().workspace)}
-    except DestinationBusy as exc:
-        raise Unavailable(f"the destination is being written right now: {exc}", code="destination_busy",
+        found = destination_schema(spec, svc.workspace)
+    except DestinationBusy as exc:  # DuckDB's message names the file
+        reason = without_project(str(exc), svc.settings.project_dir)
+        raise Unavailable(f"the destination is being written right now: {reason}", code="destination_busy",
                           headers={"Retry-After": "5"}) from None
+    if found["location"]:
+        found["location"] = shown_path(found["location"], svc.settings.project_dir)
+    return {"connector_id": spec.id, "dataset": spec.dataset, "destination": spec.destination.kind, **found}
 
 
 def get_connector_or_404(connector_id: str) -> ConnectorSpec:

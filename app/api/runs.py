@@ -19,7 +19,8 @@ bp = Blueprint("runs", __name__, url_prefix="/api/v1/runs")
 
 def run_document(run: Run) -> dict[str, Any]:
     """A run as the API shows it."""
-    return RunOut.from_run(run, url_for("runs.get_run", run_id=run.id)).model_dump(mode="json")
+    return RunOut.from_run(run, url_for("runs.get_run", run_id=run.id),
+                           services().settings.project_dir).model_dump(mode="json")
 
 
 def run_response(run: Run, status: int) -> Response:

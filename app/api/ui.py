@@ -21,7 +21,8 @@ bp = Blueprint("ui", __name__, url_prefix="/ui", static_folder=STATIC_DIR, stati
 
 @bp.get("/")
 def index() -> Response:
-    """The single page; the hash (#/runs, #/runs/<id>, #/connectors, #/health) picks the view."""
+    """The single page; the hash (#/runs, #/runs/<id>, #/connectors, #/connectors/<id>, #/workflows, #/health)
+    picks the view."""
     return send_from_directory(STATIC_DIR, "index.html")
 
 

@@ -1,4 +1,5 @@
-"""Workflows: execute (the seed's contract), follow an execution node by node, run one node by itself."""
+"""Workflows: the files as configured (graph, inputs, latest runs), execute (the seed's contract), follow an
+execution node by node, run one node by itself."""
 from __future__ import annotations
 
 import re
@@ -10,12 +11,15 @@ from app import services
 from app.api.inputs import (
     check_json_size, checked_callback_url, idempotency_key, json_object, preferred_wait, validated,
 )
-from app.errors import NotFound, ValidationFailed
 from app.api.runs import run_document
 from app.api.schedules import schedule_document
+from app.errors import NotFound, ValidationFailed
 from app.runs.models import Run
 from app.backends.workflow_runs import pending_nodes, stored_spec
-from app.schemas import RUN_ID_PATTERN, ExecuteNodeRequest, NodeExecutionOut, WorkflowExecuteRequest
+from app.schemas import (
+    RUN_ID_PATTERN, ExecuteNodeRequest, NodeExecutionOut, WorkflowDetail, WorkflowExecuteRequest, WorkflowGraph,
+    WorkflowOut,
+)
 from app.waits import wait_for_end
 from connectors.secrets import public_error, scrub
 from flows.engine import COMPLETED
@@ -30,20 +34,25 @@ catalog = Blueprint("workflow_catalog", __name__, url_prefix="/api/v1/workflows"
 @catalog.get("")
 def list_workflows() -> dict[str, Any]:
     """Every workflow file, by id."""
-    return {"items": [{"id": spec.id, "description": spec.description, "nodes": len(spec.nodes),
-                       "scheduled": spec.schedule is not None} for spec in services().workflows]}
+    return {"items": [WorkflowOut(id=spec.id, description=spec.description, nodes=len(spec.nodes),
+                                  scheduled=spec.schedule is not None).model_dump()
+                      for spec in services().workflows]}
 
 
 @catalog.get("/<workflow_id>")
 def get_workflow(workflow_id: str) -> dict[str, Any]:
-    """One workflow file: its layers, its schedule and its five latest runs."""
+    """One workflow file: its graph and layers, its inputs, its schedule and its five latest runs."""
     svc = services()
     spec = svc.workflows.get(workflow_id)
     if spec is None:
         raise NotFound(f"no workflow '{workflow_id}'", code="workflow_not_found")
     latest = svc.store.list(target=workflow_id, limit=5)
-    return {"id": spec.id, "description": spec.description, "layers": spec.layers(),
-            "schedule": schedule_document("workflow", spec.id), "latest_runs": [run_document(run) for run in latest]}
+    graph = WorkflowGraph(
+        nodes=[{"id": node.id, "type": node.type, "name": node.name} for node in spec.nodes],
+        connections=[{"from": edge.source, "to": edge.target, "branch": edge.branch} for edge in spec.connections])
+    return WorkflowDetail(id=spec.id, description=spec.description, layers=spec.layers(), graph=graph,
+                          inputs=scrub(spec.declared_inputs()), schedule=schedule_document("workflow", spec.id),
+                          latest_runs=[run_document(run) for run in latest]).model_dump(mode="json")
 
 
 @bp.post("/<workflow_id>/execute")

@@ -1,6 +1,7 @@
 """RunStore: runs in SQLite or PostgreSQL, their named transitions, atomic claims and leases, so any process can
-run any run; the other concerns (callbacks, log lines, node states, the node cache, executors) hang off it as
-parts in modules of their own. Over 300 lines because every way a run's row changes is here, side by side."""
+run any run; the other concerns (callbacks, log lines, node states, the node cache, executors, a target's recent
+runs as points to draw) hang off it as parts in modules of their own. Over 300 lines because every way a run's
+row changes is here, side by side."""
 from __future__ import annotations
 
 import hashlib
@@ -16,6 +17,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from app.runs.callbacks import CallbackStore
 from app.runs.executor_registry import ExecutorStore
+from app.runs.history import RunHistory
 from app.runs.log_lines import RunLogStore
 from app.runs import migrate
 from app.runs.models import ACTIVE_LOCAL, CALLBACK_PENDING, SCHEDULED, SOURCE_API, Run, RunCallback, RunLog, utcnow
@@ -139,6 +141,7 @@ class RunStore:
         self.executors = ExecutorStore(self.db)
         self.retention = RetentionStore(self.db)
         self.schedules = ScheduleStore(self.db)
+        self.history = RunHistory(self.db)
 
     def create_schema(self) -> None:
         """Apply the pending migrations (the node cache's table too) under a lock: safe from every process at once."""

@@ -1,11 +1,13 @@
-// The dashboard's entry: a hash router over four views, and the API-key prompt.
+// The dashboard's entry: a hash router over the views, and the API-key prompt.
 import { ApiError, onKeyNeeded, scopes, storedKey, storeKey } from "./api.js";
 import { errorBox, h, replace } from "./dom.js";
 import { ViewScope } from "./live.js";
+import * as connectorView from "./views/connector.js";
 import * as connectorsView from "./views/connectors.js";
 import * as healthView from "./views/health.js";
 import * as runView from "./views/run.js";
 import * as runsView from "./views/runs.js";
+import * as workflowsView from "./views/workflows.js";
 
 const main = document.getElementById("view");
 const dialog = document.getElementById("key-dialog");
@@ -20,7 +22,11 @@ function route() {
   const params = new URLSearchParams(query);
   const parts = path.split("/").filter(Boolean);
   if (parts[0] === "runs" && parts[1]) return { name: "runs", view: runView, id: decodeURIComponent(parts[1]), params };
+  if (parts[0] === "connectors" && parts[1]) {
+    return { name: "connectors", view: connectorView, id: decodeURIComponent(parts[1]), params };
+  }
   if (parts[0] === "connectors") return { name: "connectors", view: connectorsView, params };
+  if (parts[0] === "workflows") return { name: "workflows", view: workflowsView, params };
   if (parts[0] === "health") return { name: "health", view: healthView, params };
   return { name: "runs", view: runsView, params };
 }
@@ -46,12 +52,16 @@ async function show() {
   if (!scope.alive) return;
   who.textContent = !storedKey() ? "" : allowed.admin ? "key: admin" : allowed.trigger ? "key: read + trigger" : "key: read only";
   document.body.classList.toggle("can-trigger", allowed.trigger);
+  // Each view draws into a box of its own: one left behind while it loaded (the hash changed meanwhile) draws
+  // into a box no longer on the page, never over the view that replaced it.
+  const box = h("div", { class: "view" }, h("p", { class: "muted" }, "Loading…"));
+  replace(main, box);
   try {
-    await view.render(main, { id, params, canTrigger: allowed.trigger, canAdmin: allowed.admin }, scope);
+    await view.render(box, { id, params, canTrigger: allowed.trigger, canAdmin: allowed.admin }, scope);
   } catch (error) {
     if (!scope.alive) return;
     if (!(error instanceof ApiError) || error.status !== 401) {
-      replace(main, errorBox({ code: error.code || "error", message: error.message }));
+      replace(box, errorBox({ code: error.code || "error", message: error.message }));
     }
   }
 }

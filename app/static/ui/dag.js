@@ -1,9 +1,10 @@
-// A workflow's DAG as SVG: layers left to right, one box per node coloured by its state, edges as curves.
+// A workflow's DAG as SVG: layers left to right, one box per node coloured by its state, edges as curves. Nodes
+// without a status (a workflow file, not a run of it) are drawn plain, and without `onSelect` nothing is clickable.
 import { svg } from "./dom.js";
 
 const W = 150, H = 46, GAP_X = 70, GAP_Y = 22, PAD = 16;
 
-// `layers`: lists of node ids; `connections`: [{from, to}] (or source/target); `onSelect(id)` on a click.
+// `layers`: lists of node ids; `connections`: [{from, to}] (or source/target); `onSelect(id)` on a click (optional).
 export function drawDag(layers, nodes, connections, onSelect) {
   const tallest = Math.max(1, ...layers.map((layer) => layer.length));
   const height = PAD * 2 + tallest * H + (tallest - 1) * GAP_Y;
@@ -26,14 +27,16 @@ export function drawDag(layers, nodes, connections, onSelect) {
       d: `M${x1},${y1} C${x1 + bend},${y1} ${x2 - bend},${y2} ${x2},${y2}` }));
   }
   for (const [id, pos] of at) {
-    const node = byId.get(id) || { id, type: "?", status: "pending" };
-    const group = svg("g", { class: `dag-node status-${node.status}`, "data-node": id, "data-status": node.status,
-      transform: `translate(${pos.x},${pos.y})`, tabindex: 0, role: "button", onclick: () => onSelect(id),
-      onkeydown: (event) => { if (event.key === "Enter") onSelect(id); } },
-    svg("title", {}, `${id} (${node.type}): ${node.status}`),
+    const node = byId.get(id) || { id, type: "?", status: onSelect ? "pending" : undefined };
+    const state = node.status;
+    const select = onSelect ? { tabindex: 0, role: "button", onclick: () => onSelect(id),
+      onkeydown: (event) => { if (event.key === "Enter") onSelect(id); } } : {};
+    const group = svg("g", { class: state ? `dag-node status-${state}` : "dag-node plain", "data-node": id,
+      "data-status": state, transform: `translate(${pos.x},${pos.y})`, ...select },
+    svg("title", {}, state ? `${id} (${node.type}): ${state}` : `${id} (${node.type})`),
     svg("rect", { width: W, height: H, rx: 8 }),
     svg("text", { x: 12, y: 20, class: "node-id" }, id.length > 18 ? `${id.slice(0, 17)}…` : id),
-    svg("text", { x: 12, y: 36, class: "node-type" }, `${node.type} · ${node.status}`));
+    svg("text", { x: 12, y: 36, class: "node-type" }, state ? `${node.type} · ${state}` : node.type));
     root.append(group);
   }
   return root;

@@ -1,5 +1,6 @@
-// Connectors as declared (secrets redacted) with their schedule and latest runs; Run and Preview for a key with
-// `trigger`, Pause and Resume of a schedule for a key with `admin`.
+// Connectors as declared (secrets redacted, paths relative to the project) with their schedule and latest runs; Run
+// and Preview for a key with `trigger`, Pause and Resume of a schedule for a key with `admin`. Each card links to
+// the connector's page (views/connector.js) with its history drawn.
 import { getJSON, postJSON } from "../api.js";
 import { badge, errorBox, h, replace, shortId, when } from "../dom.js";
 import { POLL_MS } from "../live.js";
@@ -14,7 +15,7 @@ export async function render(root, { canTrigger, canAdmin }, scope) {
   await scope.every(POLL_MS * 2, () => Promise.all(cards.map((card) => card.refresh())));
 }
 
-function connectorCard(item, canTrigger, canAdmin) {
+export function connectorCard(item, canTrigger, canAdmin) {
   const facts = h("dl", { class: "facts" });
   const scheduleSwitch = h("div", { class: "actions schedule-actions" });
   const latest = h("ul", { class: "latest" });
@@ -23,10 +24,11 @@ function connectorCard(item, canTrigger, canAdmin) {
   let detail = null;
 
   const el = h("article", { class: "card connector", dataset: { connector: item.id } },
-    h("h2", {}, h("span", { class: "mono" }, item.id)),
+    h("h2", {}, h("a", { href: `#/connectors/${encodeURIComponent(item.id)}`, class: "mono" }, item.id)),
     item.description ? h("p", { class: "muted" }, item.description) : null,
     facts, scheduleSwitch,
-    h("h3", {}, "Latest runs"), latest,
+    h("h3", {}, "Latest runs ", h("a", { href: `#/connectors/${encodeURIComponent(item.id)}`, class: "small",
+      dataset: { action: "history" } }, "history →")), latest,
     canTrigger ? h("div", { class: "actions" },
       h("button", { type: "button", dataset: { action: "run" }, onclick: () => open("run") }, "Run"),
       h("button", { type: "button", class: "ghost", dataset: { action: "preview" }, onclick: () => open("preview") },
@@ -137,7 +139,7 @@ function describeSource(source) {
   }
 }
 
-function describeSchedule(schedule) {
+export function describeSchedule(schedule) {
   if (!schedule) return "none (on demand)";
   const rule = schedule.cron ? `cron ${schedule.cron} (${schedule.timezone})`
     : schedule.interval ? `every ${schedule.interval} s` : `rrule ${schedule.rrule} (${schedule.timezone})`;

@@ -1,7 +1,9 @@
-// Every run of both engines, newest first, a page at a time, filtered, refreshed while the page is open.
+// Every run of both engines, newest first, a page at a time, filtered, refreshed while the page is open; filtered
+// to one connector, its history drawn above the list.
 import { getJSON } from "../api.js";
 import { badge, h, number, reasonText, replace, runSeconds, seconds, shortId, totalRows, when } from "../dom.js";
 import { POLL_MS } from "../live.js";
+import { historySection, WINDOWS } from "./connector.js";
 
 const STATUSES = ["queued", "running", "cancelling", "completed", "failed", "cancelled", "crashed"];
 const PAGE = 50;
@@ -50,9 +52,20 @@ export async function render(root, { params }, scope) {
   const tbody = h("tbody");
   const pager = h("div", { class: "pager" });
   const stamp = h("span", { class: "muted small" });
+  // A connector's history (a workflow has none: its stats are a 404 and the card stays hidden).
+  const asked = Number(params.get("window"));
+  const unsized = new URLSearchParams(params);
+  unsized.delete("window");
+  unsized.delete("cursor");
+  const history = target ? historySection(target, WINDOWS.includes(asked) ? asked : PAGE, hashFor(unsized), {
+    title: `History of ${target}`,
+    more: h("a", { href: `#/connectors/${encodeURIComponent(target)}`, class: "small" }, "connector page →") }) : null;
+  let hasHistory = Boolean(history);
+  if (history) history.el.hidden = true;
   replace(root,
     h("div", { class: "page-head" }, h("h1", {}, "Runs"), stamp),
     filters,
+    history?.el,
     h("table", { class: "runs" },
       h("thead", {}, h("tr", {}, ["Run", "Target", "Status", "Backend", "Created", "Duration", "Rows"].map(
         (name) => h("th", {}, name)))),
@@ -61,6 +74,15 @@ export async function render(root, { params }, scope) {
 
   let last = null;
   await scope.every(POLL_MS, async () => {
+    if (hasHistory) {
+      try {
+        await history.refresh();
+        history.el.hidden = false;
+      } catch (error) {
+        if (error.status !== 404) throw error;
+        hasHistory = false;
+      }
+    }
     const { body, changed } = await getJSON(url);
     stamp.textContent = `updated ${new Date().toLocaleTimeString()}`;
     // Durations of running runs tick even when nothing else changed.
