@@ -19,6 +19,7 @@ from opentelemetry.trace import StatusCode
 from pydantic import ValidationError
 
 from connectors import tracing
+from connectors.failures import TRANSIENT, classify
 from connectors.secrets import scrub
 from flows.nodes import NODE_TYPES, NodeContext, NodeFailed, Toolbox
 from flows.templates import RenderBudget, TemplateFailed, render
@@ -359,16 +360,18 @@ def _attempt(run: Callable[[Any, NodeContext], Any], config: Any, ctx: NodeConte
             return True, _json_ready(run(config, ctx), ctx.toolbox.max_output_bytes)
         except NodeFailed as exc:
             return False, {"code": exc.code, "message": f"node '{ctx.node_id}': {exc.message}",
-                           "terminal": exc.terminal}
+                           "terminal": exc.terminal, "failure_class": exc.failure_class}
         except Exception as exc:  # a node type's own bug or a library error: recorded, retried
-            return False, {"code": "node_error", "message": f"node '{ctx.node_id}': {type(exc).__name__}: {exc}"}
+            return False, {"code": "node_error", "message": f"node '{ctx.node_id}': {type(exc).__name__}: {exc}",
+                           "failure_class": classify(exc).failure_class}
 
     done = _in_thread(work, f"node-{ctx.node_id[:20]}", timeout, cancelled, ctx.cancelled)
     if done:
         return done[0]
     if cancelled.is_set():
         return False, {"code": "cancelled", "message": f"node '{ctx.node_id}': the run was cancelled"}
-    return False, {"code": "timeout", "message": f"node '{ctx.node_id}': timed out after {timeout:g} s"}
+    return False, {"code": "timeout", "message": f"node '{ctx.node_id}': timed out after {timeout:g} s",
+                   "failure_class": TRANSIENT}
 
 
 def _json_ready(value: Any, limit: int) -> Any:

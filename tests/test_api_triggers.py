@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import duckdb
 
@@ -71,6 +72,13 @@ def test_a_failing_connector_ends_failed_with_the_step_and_cause(running_app):
     done = client.post("/trigger", json={"connector_id": "broken", "wait": 60}).json
     assert done["status"] == "failed" and done["result"] is None
     assert done["error"]["code"] == "connector_failed" and done["error"]["step"] == "extract"
+    # a SQLite file that is not there: a retry cannot help, and nothing was created in its place
+    assert done["error"]["failure_class"] == "terminal" and done["error"]["terminal"] is True
+    assert "missing.db does not exist" in done["error"]["message"]
+    assert not (Path(running_app.extensions["flowgate"].settings.connectors_file).parent / "missing.db").exists()
+    lines = client.get(f"{done['status_url']}/logs").json["items"]
+    errors = [line["message"] for line in lines if line["level"] == "ERROR"]
+    assert len(errors) == 1 and "in step extract" in errors[0] and "missing.db does not exist" in errors[0], lines
 
 
 def test_the_versioned_route_starts_the_same_kind_of_run(client):

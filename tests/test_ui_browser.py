@@ -210,7 +210,8 @@ def test_a_failed_run_shows_its_error_step_and_whether_a_retry_helps(page, serve
     alert = page.locator("[role=alert]").first
     expect(alert).to_contain_text("connector_failed")
     expect(alert).to_contain_text("in step extract")
-    expect(alert).to_contain_text("retry")
+    expect(alert).to_contain_text("missing.db does not exist")
+    expect(alert.locator("[data-failure-class=terminal]")).to_contain_text("A retry will not help")
     expect(page.locator(".steps li.step-failed")).to_have_text("extract")
 
 

@@ -276,6 +276,8 @@ class LocalExecutor:
             outcome = RunOutcome(FAILED, outcome.result, RunError.timed_out(self.run_timeout_seconds))
         elif interrupted and outcome.status == CANCELLED:
             outcome = RunOutcome(CRASHED, outcome.result, RunError.interrupted())
+        if outcome.error is not None and outcome.status in (FAILED, CRASHED):  # the run's own log says why
+            log.error("%s %s", run.kind, outcome.error.describe(), extra={"run_id": run_id})
         logs = self.log_sink.take(run_id) if self.log_sink is not None else None  # stored with the run's end
         with self._lock:
             lost = run_id in self._lost

@@ -80,7 +80,7 @@ class InlineConnectorRunner:
                 raise NodeFailed(str(exc), code="cancelled", terminal=True) from None
             if isinstance(exc, ConnectorRunError):
                 raise NodeFailed(f"connector '{connector_id}' failed in {exc.step}: {exc.message}",
-                                 code="connector_failed", terminal=exc.terminal) from None
+                                 code="connector_failed", failure_class=exc.failure_class) from None
             raise
         result = {**summary.to_dict(), "run_id": run.id}
         self.store.finish(run.id, self.owner, COMPLETED, result=summary.to_dict())

@@ -83,7 +83,7 @@ def connector_runner(settings: Any, database: Database, holder: str, lock: Conne
         except ParamsError as exc:
             raise NodeFailed(f"{exc.field}: {exc.message}", code="invalid_params", terminal=True) from None
         except ConnectorRunError as exc:
-            raise NodeFailed(str(exc), code="connector_failed", terminal=exc.terminal) from None
+            raise NodeFailed(str(exc), code="connector_failed", failure_class=exc.failure_class) from None
 
     return run
 

@@ -163,15 +163,22 @@ function timelineSteps(run) {
   ];
 }
 
+// What each failure class means for a retry (connectors/failures.py).
+const CLASSES = {
+  transient: "A retry can help: the cause may pass (network, timeout, HTTP 429/5xx, a locked or unreachable database).",
+  crashed: "A retry can help: the run was cut off from outside (its process died, a shutdown, a lapsed lease).",
+  terminal: "A retry will not help: fix the cause first.",
+};
+
 function errorPanel(error) {
-  const retry = error.terminal === true ? "A retry will not help: fix the cause first."
-    : error.terminal === false ? "A retry can help: the cause may be passing." : null;
+  const failureClass = error.failure_class || (error.terminal === true ? "terminal" : null);
   return h("div", { class: "notice error", role: "alert" },
     h("div", {}, h("strong", {}, error.code || "error"), error.step ? ` in step ${error.step}` : "",
       error.field ? ` (field ${error.field})` : "", error.nodes ? ` (nodes ${error.nodes.join(", ")})` : "",
       error.contract ? contractText(error.contract) : ""),
     h("div", { class: "error-message" }, error.message),
-    retry ? h("div", { class: "small" }, retry) : null);
+    failureClass ? h("div", { class: "small", dataset: { failureClass } },
+      h("strong", {}, failureClass), `: ${CLASSES[failureClass] || ""}`) : null);
 }
 
 function contractText(contract) {
