@@ -20,6 +20,7 @@ from app.metrics import FALLBACKS, TRIGGERS, observe_run_end
 from app.runs.models import SOURCE_SCHEDULE, Run
 from app.runs.store import CREATED, IdempotencyConflict, NewRun, QueueFull, RunStore
 from connectors import tracing
+from connectors.failures import RetryPolicy
 from connectors.pipeline import Workspace, concurrency_key
 from connectors.registry import ConnectorRegistry
 from connectors.spec import ParamsError
@@ -66,30 +67,36 @@ class Dispatcher:
     # --- triggering -------------------------------------------------------------------------
 
     def trigger_connector(self, connector_id: str, params: dict[str, Any], backend: str | None = None,
-                          idempotency_key: str | None = None, callback_url: str | None = None) -> tuple[Run, bool]:
-        """Validate, store and dispatch a connector run; returns the run and whether it is new."""
+                          idempotency_key: str | None = None, callback_url: str | None = None,
+                          retry: RetryPolicy | None = None) -> tuple[Run, bool]:
+        """Validate, store and dispatch a connector run; returns the run and whether it is new. `retry`: this call's
+        policy, else the connector's."""
         with tracing.tracer().start_as_current_span("dispatch", attributes={"flowgate.kind": "connector",
                                                                             "flowgate.target": connector_id}):
             mode = backend or self.settings.backend
             new, deployment_id = self._connector_run(connector_id, params, mode, idempotency_key, callback_url)
+            new = replace(new, retry=retry) if retry else new
             return self._store_and_dispatch(new, deployment_id, forced=mode == "prefect")
 
     def trigger_workflow(self, spec: WorkflowSpec, inputs: dict[str, Any], mode: str, backend: str | None = None,
                          idempotency_key: str | None = None, callback_url: str | None = None,
-                         file_definition: dict[str, Any] | None = None) -> tuple[Run, bool]:
+                         file_definition: dict[str, Any] | None = None,
+                         retry: RetryPolicy | None = None) -> tuple[Run, bool]:
         """Store and dispatch a workflow run; the definition travels with the run, so any process can run it.
 
         `file_definition`: the workflow as its file says it (`${VAR}`s unresolved), stored instead of `spec`."""
         with tracing.tracer().start_as_current_span("dispatch", attributes={"flowgate.kind": "workflow",
                                                                             "flowgate.target": spec.id}):
-            return self._trigger_workflow(spec, inputs, mode, backend, idempotency_key, callback_url, file_definition)
+            return self._trigger_workflow(spec, inputs, mode, backend, idempotency_key, callback_url, file_definition,
+                                          retry)
 
     def _trigger_workflow(self, spec: WorkflowSpec, inputs: dict[str, Any], mode: str, backend: str | None,
                           idempotency_key: str | None, callback_url: str | None,
-                          file_definition: dict[str, Any] | None) -> tuple[Run, bool]:
+                          file_definition: dict[str, Any] | None, retry: RetryPolicy | None) -> tuple[Run, bool]:
         chosen = backend or self.settings.backend
         new, deployment_id = self._workflow_run(spec, inputs, mode, chosen, idempotency_key, callback_url,
                                                 file_definition)
+        new = replace(new, retry=retry) if retry else new
         return self._store_and_dispatch(new, deployment_id, forced=chosen == "prefect")
 
     def fire_slot(self, slot: SlotRun) -> tuple[str, Run | None]:
@@ -125,7 +132,8 @@ class Dispatcher:
                       backend="prefect" if deployment_id else "local",
                       concurrency_key=concurrency_key(spec, self.workspace), fallback_reason=reason,
                       idempotency_key=idempotency_key, callback_url=callback_url,
-                      max_queued=self.settings.max_queued_per_target, trace_context=_trace_context()), deployment_id
+                      max_queued=self.settings.max_queued_per_target, trace_context=_trace_context(),
+                      retry=spec.retry), deployment_id
 
     def _workflow_run(self, spec: WorkflowSpec, inputs: dict[str, Any], mode: str, backend: str,
                       idempotency_key: str | None, callback_url: str | None,
@@ -136,7 +144,8 @@ class Dispatcher:
         return NewRun(kind="workflow", target=spec.id, params=params, backend="prefect" if deployment_id else "local",
                       concurrency_key=f"workflow-run:{uuid.uuid4().hex}", fallback_reason=reason,
                       idempotency_key=idempotency_key, callback_url=callback_url,
-                      max_queued=self.settings.max_queued_per_target, trace_context=_trace_context()), deployment_id
+                      max_queued=self.settings.max_queued_per_target, trace_context=_trace_context(),
+                      retry=spec.retry), deployment_id
 
     def _choose(self, deployment: str, mode: str, flow_name: str = FLOW_NAME) -> tuple[str | None, str | None]:
         """(deployment id, None) to use Prefect, or (None, why not) to run locally."""

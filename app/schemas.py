@@ -11,6 +11,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
 from app.runs.models import Run
+from connectors.failures import RetryPolicy
 from connectors.secrets import public_error, scrub
 from connectors.secrets import redact
 from connectors.spec import CONNECTOR_ID
@@ -69,6 +70,8 @@ class RunOptions(_Request):
                                         description="Same key, same run (also read from the Idempotency-Key header).")
     callback_url: str | None = Field(None, min_length=1, max_length=2000,
                                      description="POSTed the run document, signed, when the run ends.")
+    retry: RetryPolicy | None = Field(None, description="Run it again after a failure of these classes, under the "
+                                                        "same run id (overrides the connector's `retry`).")
 
 
 class TriggerRequest(RunOptions):
@@ -203,6 +206,8 @@ class WorkflowExecuteRequest(_Request):
     wait: float = Field(0, ge=0, description="Seconds to block for the execution to end (0: answer at once).")
     callback_url: str | None = Field(None, min_length=1, max_length=2000,
                                      description="POSTed the run document, signed, when the execution ends.")
+    retry: RetryPolicy | None = Field(None, description="Run it again after a failure of these classes, under the "
+                                                        "same id (overrides the workflow's `retry`).")
 
 
 class WorkflowAccepted(BaseModel):
@@ -285,6 +290,18 @@ class RunQuery(_Query):
     cursor: str | None = Field(None, pattern=CURSOR_PATTERN, description="next_cursor from the previous page.")
 
 
+class AttemptOut(BaseModel):
+    """One attempt of a run: where it ran, when, and how it ended (`status` of the run while it goes on)."""
+
+    attempt: int
+    backend: str
+    started_at: datetime | None
+    ended_at: datetime | None
+    status: RunStatus
+    error: dict[str, Any] | None = Field(None, description="Why it failed, with its `failure_class`.")
+    prefect_flow_run_id: str | None = None
+
+
 class RunOut(BaseModel):
     """A run as callers see it."""
 
@@ -298,7 +315,11 @@ class RunOut(BaseModel):
     fallback_reason: str | None
     prefect_flow_run_id: str | None
     prefect_state: str | None
-    attempts: int
+    attempt: int = Field(description="The number of the current (or last) attempt, from 1.")
+    attempts: list[AttemptOut] = Field(description="Every attempt so far, oldest first (the last one is the run's "
+                                                   "own state); a run never started has none.")
+    next_attempt_at: datetime | None = Field(description="A retry waiting to start: not before this time.")
+    retry: RetryPolicy | None = Field(description="The retry policy in effect (null: a failure ends the run).")
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -326,11 +347,23 @@ class RunOut(BaseModel):
                    workflow_id=run.target if run.kind == "workflow" else None,
                    status=run.status, backend=run.backend, params=redact(run.params or {}),
                    fallback_reason=run.fallback_reason, prefect_flow_run_id=run.prefect_flow_run_id,
-                   prefect_state=run.prefect_state, attempts=run.attempts, created_at=run.created_at,
+                   prefect_state=run.prefect_state, attempt=run.attempt or 1, attempts=_attempts(run),
+                   next_attempt_at=run.next_attempt_at if run.status == "queued" else None,
+                   retry=run.retry_policy, created_at=run.created_at,
                    started_at=run.started_at, finished_at=run.finished_at, result=scrub(run.result), error=public_error(run.error),
                    callback=run.callback.to_dict() if run.callback else None, source=run.source or "api",
                    scheduled_for=run.scheduled_for, schedule=run.schedule, trace_id=run.trace_id,
                    status_url=status_url)
+
+
+def _attempts(run: Run) -> list[dict[str, Any]]:
+    """The attempts that ended before this one, and this one once it has started (or failed without starting)."""
+    attempts = [{**entry, "error": public_error(entry.get("error"))} for entry in run.attempt_log or ()]
+    if run.started_at is not None or run.status in ("failed", "crashed"):
+        attempts.append({"attempt": run.attempt or 1, "backend": run.backend, "started_at": run.started_at,
+                         "ended_at": run.finished_at, "status": run.status, "error": public_error(run.error),
+                         "prefect_flow_run_id": run.prefect_flow_run_id})
+    return attempts
 
 
 class RunLogsQuery(_Query):

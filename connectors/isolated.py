@@ -24,7 +24,7 @@ from typing import Any
 from opentelemetry import context as otel_context
 
 from connectors import tracing
-from connectors.failures import classify
+from connectors.failures import CRASHED, classify
 from connectors.pipeline import (
     ConnectorPipeline, ConnectorRunError, LoadSummary, RunCancelled, Workspace, run_connector,
 )
@@ -101,8 +101,8 @@ def run_connector_isolated(spec: ConnectorSpec, workspace: Workspace, should_sto
                 if kind == "failed":
                     raise _rebuilt(spec, payload)
                 child.join(5)
-                raise ConnectorRunError.crashed(spec.id, step, f"the run's process ended without an outcome "
-                                                               f"(exit code {child.exitcode})")
+                raise ConnectorRunError(spec.id, step, f"the run's process ended without an outcome "
+                                                       f"(exit code {child.exitcode})", failure_class=CRASHED)
             if must_end():
                 child.kill()
                 child.join(5)
@@ -116,7 +116,8 @@ def run_connector_isolated(spec: ConnectorSpec, workspace: Workspace, should_sto
                 raise RunCancelled(step, f"stopped by force during {step}: it reached no checkpoint within "
                                          f"{grace_seconds:g} s")
             elif not child.is_alive() and not receive.poll():
-                raise ConnectorRunError.crashed(spec.id, step, f"the run's process died (exit code {child.exitcode})")
+                raise ConnectorRunError(spec.id, step, f"the run's process died (exit code {child.exitcode})",
+                                        failure_class=CRASHED)
     finally:
         receive.close()
         if child.pid is not None:

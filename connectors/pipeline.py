@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from connectors import tracing
-from connectors.failures import CRASHED, TERMINAL, TRANSIENT, classify
+from connectors.failures import TERMINAL, TRANSIENT, classify
 from connectors.secrets import public_error, redact_text
 from connectors.spec import ConnectorSpec, FilesystemSource, PythonSource, RestApiSource, SqlDatabaseSource
 
@@ -42,11 +42,6 @@ class ConnectorRunError(RuntimeError):
         failure = classify(exc)
         return cls(connector_id, getattr(exc, "step", step), f"{type(cause).__name__}: {cause} ({failure.reason})",
                    failure_class=failure.failure_class)
-
-    @classmethod
-    def crashed(cls, connector_id: str, step: str, message: str) -> ConnectorRunError:
-        """The run's process was cut off from outside: nothing is known to be wrong with the run itself."""
-        return cls(connector_id, step, message, failure_class=CRASHED)
 
 
 class RunCancelled(RuntimeError):

@@ -44,7 +44,7 @@ def test_a_triggered_run_completes_with_its_load_summary_and_data(running_app):
     result = done["result"]
     assert result["rows"] == {"numbers": 5} and result["dataset"] == "raw" and result["destination"] == "duckdb"
     assert len(result["load_ids"]) == 1 and result["duration_seconds"] >= 1.0
-    assert done["started_at"] and done["finished_at"] and done["attempts"] == 1
+    assert done["started_at"] and done["finished_at"] and done["attempt"] == 1 and len(done["attempts"]) == 1
     with duckdb.connect(result["location"], read_only=True) as con:
         assert con.execute("SELECT count(*) FROM raw.numbers").fetchone()[0] == 5
 

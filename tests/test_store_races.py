@@ -125,7 +125,7 @@ def test_a_cancel_that_read_the_run_running_does_not_reopen_it_once_its_owner_fi
     run = claimed(store)
     outcome = race(store, held=lambda: store.cancel(run.id),
                    other=lambda: store.finish(run.id, "executor-a", COMPLETED, result={"rows": {"t": 1}}))
-    assert outcome.other is True
+    assert outcome.other == COMPLETED
     after = store.get(run.id)
     assert (after.status, after.lease_expires_at, after.result) == (COMPLETED, None, {"rows": {"t": 1}})
     assert outcome.held.status == (COMPLETED if outcome.other_ended_first else CANCELLING)
@@ -167,7 +167,7 @@ def test_recovery_that_read_a_lapsed_lease_does_not_crash_a_run_its_owner_finish
         assert outcome.held == [] and after.status == COMPLETED and after.error is None
     else:
         assert outcome.held == [run.id] and after.status == CRASHED
-    assert outcome.other is outcome.other_ended_first
+    assert bool(outcome.other) is outcome.other_ended_first
 
 
 def test_a_cancel_that_read_the_run_queued_stops_it_once_an_executor_claimed_it(store: RunStore):

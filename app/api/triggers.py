@@ -36,7 +36,8 @@ def _start(connector_id: str, options: RunOptions) -> Response:
     check_json_size("params", options.params, svc.settings.max_params_bytes)
     key = idempotency_key(options.idempotency_key)
     callback_url = checked_callback_url(options.callback_url)
-    run, _ = svc.dispatcher.trigger_connector(connector_id, options.params, options.backend, key, callback_url)
+    run, _ = svc.dispatcher.trigger_connector(connector_id, options.params, options.backend, key, callback_url,
+                                              retry=options.retry)
     run, applied = wait_for_end(run, wait, applied)
     response = run_response(run, 200 if run.is_terminal else 202)
     if applied:

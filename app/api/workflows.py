@@ -60,7 +60,7 @@ def execute(workflow_id: str) -> Response:
     callback_url = checked_callback_url(body.callback_url)
     run, created = svc.dispatcher.trigger_workflow(
         spec, body.inputs, body.mode, body.backend, key, callback_url,
-        file_definition=svc.workflows.definition(spec.id) if body.workflow is None else None)
+        file_definition=svc.workflows.definition(spec.id) if body.workflow is None else None, retry=body.retry)
     run, applied = wait_for_end(run, wait, applied)
     status_url = url_for("workflows.get_execution", execution_id=run.id)
     message = (f"Workflow execution {'started' if created else 'already accepted'} in background "

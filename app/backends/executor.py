@@ -27,7 +27,7 @@ from connectors.registry import ConnectorRegistry
 from flows.lease import TAKEN, LeaseKeeper
 from flows.loop import Loop
 from flows.nodes import Toolbox
-from flows.outcome import CANCELLED, COMPLETED, CRASHED, FAILED, RunError, RunOutcome
+from flows.outcome import CANCELLED, COMPLETED, CRASHED, FAILED, QUEUED, RunError, RunOutcome
 
 log = logging.getLogger(__name__)
 
@@ -288,10 +288,11 @@ class LocalExecutor:
             if lost:
                 log.warning("run %s ended as %s after its lease was lost; nothing recorded", run_id, outcome.status)
                 return
-            if self.store.finish(run_id, self.id, outcome.status, result=outcome.result, error=outcome.error,
-                                 logs=logs):
+            written = self.store.finish(run_id, self.id, outcome.status, result=outcome.result, error=outcome.error,
+                                        logs=logs)
+            if written and written != QUEUED:  # queued: retried (the store's line on the run says when)
                 observe_run_end(run.kind, run.target, outcome.status, run.started_at, utcnow(), outcome.result)
-            else:
+            elif not written:
                 log.warning("run %s was no longer held by %s when it ended as %s", run_id, self.id, outcome.status)
         except Exception:
             log.exception("recording the end of run %s failed; its lease will lapse and mark it crashed", run_id)

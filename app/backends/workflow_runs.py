@@ -17,7 +17,7 @@ from connectors.spec import ParamsError
 from flows.engine import NodeResult, WorkflowEngine, WorkflowResult
 from flows.lease import keep_one
 from flows.nodes import NodeFailed, Toolbox
-from flows.outcome import CANCELLED, COMPLETED, FAILED, RunError
+from flows.outcome import CANCELLED, COMPLETED, CRASHED, FAILED, RunError
 from flows.workflow_registry import resolve_definition
 from flows.workflow_spec import WorkflowSpec
 
@@ -74,8 +74,11 @@ class InlineConnectorRunner:
                 lease.close()  # the end's record decides from here on
         except Exception as exc:
             error = RunError.of(exc)
+            status = CANCELLED if error.code == "cancelled" else FAILED
+            if status == CANCELLED and self.must_end():  # nobody cancelled it: its process shuts down
+                status, error = CRASHED, RunError.interrupted()
             if not lost.is_set():  # a lost lease writes nothing: the run was recovered elsewhere
-                self.store.finish(run.id, self.owner, CANCELLED if error.code == "cancelled" else FAILED, error=error)
+                self.store.finish(run.id, self.owner, status, error=error)
             if isinstance(exc, RunCancelled):
                 raise NodeFailed(str(exc), code="cancelled", terminal=True) from None
             if isinstance(exc, ConnectorRunError):

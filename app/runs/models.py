@@ -87,6 +87,12 @@ class Run(Base):
     # run's spans, flow run, outbound calls and callback continue ({"traceparent": ..., "tracestate": ...}).
     trace_id: Mapped[str | None] = mapped_column(String(32))
     trace_context: Mapped[dict[str, str] | None] = mapped_column(JSON)
+    # Retries (connectors.failures.RetryPolicy): the policy in effect, this attempt's number, the attempts that
+    # ended before it ({attempt, backend, started_at, ended_at, status, error}) and when this one may start.
+    retry_policy: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    attempt: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    attempt_log: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     # Loaded only where a run document is built (RunStore.get, list, cancel, the transitions): the claim and
     # finish paths, which hold SQLite's write lock, never pay for it. Not loaded reads as None.
     callback: Mapped[RunCallback | None] = relationship(lazy="noload", uselist=False)

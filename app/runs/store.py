@@ -24,6 +24,7 @@ from app.runs.schedule_states import ScheduleStore, advance
 from flows.connector_lock import connector_locks, held_by_others, serialise_claims
 from app.runs.retention import RetentionStore
 from connectors import tracing
+from connectors.failures import RetryPolicy
 from flows.database import Database
 from flows.node_cache import SqlNodeCache
 from flows.outcome import ACTIVE, CANCELLED, CANCELLING, CRASHED, FAILED, QUEUED, RUNNING, TERMINAL, RunError
@@ -45,6 +46,12 @@ _FIND_BY_KEY = select(Run.id).where(Run.kind == bindparam("kind"), Run.target ==
 # which the executor's heartbeat keeps renewing until the end is written.
 _END_TRIES = 6
 _QUEUE_LOCK_NAMESPACE = 0x666C6F71  # with a hash of kind:target, the advisory lock of one target's queue limit
+_RETRYABLE = ("transient", "crashed")  # failure classes a policy may retry (connectors.failures)
+
+
+def _due(now: datetime) -> Any:
+    """A queued run that may start now: a first attempt, or a retry whose wait is over."""
+    return or_(Run.next_attempt_at.is_(None), Run.next_attempt_at <= now)
 
 
 # What became of a schedule's slot (RunStore.create_slot_run).
@@ -92,12 +99,15 @@ class NewRun:
     def trace_id(self) -> str | None:
         """The trace id `trace_context` names."""
         return tracing.trace_id_of(self.trace_context)
+    retry: RetryPolicy | None = None  # None: a failure ends the run
 
     @property
     def request_hash(self) -> str:
         """A fingerprint of the request, to tell a retry from a different call under the same key."""
-        # The callback URL counts only when there is one, so the runs stored before it counted keep their hash.
+        # What was added later counts only when given, so the runs stored before it counted keep their hash.
         request = [self.kind, self.target, self.params] + ([self.callback_url] if self.callback_url else [])
+        if self.retry is not None:
+            request.append({"retry": self.retry.model_dump(mode="json")})
         body = json.dumps(request, sort_keys=True, default=str)
         return hashlib.sha256(body.encode()).hexdigest()
 
@@ -109,7 +119,8 @@ def _row(new: NewRun, now: datetime) -> dict[str, Any]:
             "idempotency_key": new.idempotency_key, "request_hash": new.request_hash,
             "concurrency_key": new.concurrency_key, "cancel_requested": False, "attempts": 0, "created_at": now,
             "source": new.source, "scheduled_for": new.scheduled_for, "schedule": new.schedule,
-            "trace_id": new.trace_id, "trace_context": new.trace_context}
+            "trace_id": new.trace_id, "trace_context": new.trace_context,
+            "attempt": 1, "retry_policy": new.retry.model_dump(mode="json") if new.retry else None}
 
 
 def _insert(connection: Connection, new: NewRun, row: dict[str, Any]) -> Run:
@@ -295,7 +306,7 @@ class RunStore:
                 # meanwhile (its completion just recorded) keeps its end.
                 return list(session.scalars(update(Run).where(
                     Run.backend == backend, Run.status.in_(_UNFINISHED),
-                    func.coalesce(Run.started_at, Run.created_at) < started_before)
+                    func.coalesce(Run.started_at, Run.next_attempt_at, Run.created_at) < started_before)
                     .values(status=FAILED, finished_at=utcnow(), error=error.to_dict(), lease_expires_at=None)
                     .returning(Run)))
 
@@ -322,18 +333,18 @@ class RunStore:
             with self.db.session(write=True) as session:
                 serialise_claims(session, self.is_sqlite)
                 while True:
+                    now = self._now(session)
                     busy_keys = select(Run.concurrency_key).where(ACTIVE_LOCAL)  # uq_runs_one_active_per_key
                     run_id = session.scalars(
                         select(Run.id)
                         .where(Run.status == QUEUED, Run.backend == "local", Run.concurrency_key.not_in(busy_keys),
                                Run.concurrency_key.not_in(held_by_others(session, self.is_sqlite)),
-                               *((Run.kind.in_(kinds),) if kinds is not None else ()))
+                               _due(now), *((Run.kind.in_(kinds),) if kinds is not None else ()))
                         .order_by(Run.created_at, Run.id)
                         .limit(1)
                     ).first()
                     if run_id is None:
                         return None
-                    now = self._now(session)
                     # Still queued? A cancel (which does not take the claim lock) may have ended it since the read:
                     # then the next one is looked for.
                     lease_expires_at = now + timedelta(seconds=lease_seconds)
@@ -383,29 +394,72 @@ class RunStore:
             synchronize_session=False)
 
     def finish(self, run_id: str, owner: str, status: str, result: dict[str, Any] | None = None,
-               error: RunError | None = None, logs: list[dict[str, Any]] | None = None) -> bool:
-        """Record how a run ended (and its last log lines, in the same transaction); only while `owner` still
-        holds it (a recovered run stays recovered). Tried again after a transient error (a dropped connection, a
-        failover): given up, a run that completed would be recorded crashed once its lease lapsed."""
+               error: RunError | None = None, logs: list[dict[str, Any]] | None = None) -> str | None:
+        """Record how a run's attempt ended (and its last log lines, in the same transaction); only while `owner`
+        still holds it (a recovered run stays recovered). Returns the status written: `status`, or `queued` when its
+        retry policy takes the failure (_end_attempt); None when the run was no longer `owner`'s. Tried again after
+        a transient error (a dropped connection, a failover): given up, a run that completed would be recorded
+        crashed once its lease lapsed."""
         tries = 0
 
-        def attempt() -> bool:
+        def attempt() -> str | None:
             nonlocal tries
             tries += 1
             with self.db.session(write=True) as session:
-                changed = session.execute(
-                    update(Run).where(Run.id == run_id, Run.lease_owner == owner, Run.status.in_(ACTIVE))
-                    .values(status=status, result=result, error=error.to_dict() if error else None,
-                            finished_at=utcnow(), lease_expires_at=None)).rowcount
-                if logs and changed:
-                    session.add_all(RunLog(**line) for line in logs)
-                if not changed and tries > 1:  # the try before may have committed, its answer lost with its connection
-                    changed = session.scalar(select(func.count()).where(
+                written = self._end_attempt(session, run_id, ACTIVE, status, result, error, Run.lease_owner == owner,
+                                            logs=logs)
+                if written is None and tries > 1:  # the try before may have committed, its answer lost with it
+                    written = status if session.scalar(select(func.count()).where(
                         Run.id == run_id, Run.lease_owner == owner, Run.status == status,
-                        Run.lease_expires_at.is_(None)))
-            return changed == 1
+                        Run.lease_expires_at.is_(None))) else None
+            return written
 
         return self.db.retry(attempt, attempts=_END_TRIES, transient=True, first_wait=0.1)
+
+    def _end_attempt(self, session: Session, run_id: str, statuses: tuple[str, ...], status: str,
+                     result: dict[str, Any] | None, error: RunError | None, *also: Any,
+                     now: datetime | None = None, log_error: bool = False,
+                     logs: list[dict[str, Any]] | None = None, **ended: Any) -> str | None:
+        """End the run's current attempt as `status` (a compare-and-set on `statuses` and `also`); returns the status
+        written, None when the run had moved on.
+
+        A failure of a class the run's retry policy takes, with attempts left, does not end the run: the attempt
+        goes to the run's `attempt_log` and the run back to `queued` under the same id, to be claimed (or handed to
+        Prefect) no earlier than `next_attempt_at`. The run never passes through an ended status on the way, so its
+        callback fires once, after the last attempt. A run someone asked to cancel is not retried.
+
+        `logs` are written before its own lines (an ERROR line with `log_error`, a WARNING naming the next attempt),
+        `ended` only when the run ends."""
+        now = now or utcnow()
+        values: dict[str, Any] = {"status": status, "result": result, "error": error.to_dict() if error else None,
+                                  "finished_at": now, "lease_expires_at": None, **ended}
+        retry_line = None
+        if status in (FAILED, CRASHED) and error is not None and error.failure_class in _RETRYABLE:
+            row = session.execute(select(Run.retry_policy, Run.attempt, Run.attempt_log, Run.backend, Run.started_at,
+                                         Run.cancel_requested, Run.prefect_flow_run_id)
+                                  .where(Run.id == run_id)).first()
+            policy = RetryPolicy.model_validate(row.retry_policy) if row is not None and row.retry_policy else None
+            if policy is not None and not row.cancel_requested and policy.retries(error.failure_class, row.attempt):
+                entry = {"attempt": row.attempt, "backend": row.backend, "status": status, "error": values["error"],
+                         "started_at": row.started_at.isoformat() if row.started_at else None,
+                         "ended_at": now.isoformat(), "prefect_flow_run_id": row.prefect_flow_run_id}
+                next_at = now + timedelta(seconds=policy.delay_after(row.attempt))
+                values = {"status": QUEUED, "attempt": row.attempt + 1, "next_attempt_at": next_at,
+                          "attempt_log": [*(row.attempt_log or []), entry], "started_at": None, "finished_at": None,
+                          "lease_owner": None, "lease_expires_at": None, "result": None, "error": None,
+                          "prefect_flow_run_id": None, "prefect_state": None}
+                also = (*also, Run.attempt == row.attempt)
+                retry_line = (f"attempt {row.attempt} of {policy.max_attempts} ended {status} "
+                              f"({error.failure_class}); attempt {row.attempt + 1} starts at {next_at.isoformat()}")
+        if not session.execute(self._when(run_id, statuses, *also).values(**values)).rowcount:
+            return None
+        lines = [RunLog(**line) for line in logs or ()]
+        if log_error and error is not None:
+            lines.append(RunLog(run_id=run_id, at=now, level="ERROR", logger="flowgate.runs", message=error.describe()))
+        if retry_line:
+            lines.append(RunLog(run_id=run_id, at=now, level="WARNING", logger="flowgate.runs", message=retry_line))
+        session.add_all(lines)
+        return values["status"]
 
     # --- transitions of a run that has not ended (None when it had ended meanwhile) ---------------
 
@@ -432,9 +486,19 @@ class RunStore:
         values: dict[str, Any] = {"status": status, "prefect_state": prefect_state}
         if started_at:
             values["started_at"] = started_at
-        if finished_at:
-            values.update(finished_at=finished_at, result=result, error=error.to_dict() if error else None)
-        return self._change_unfinished(run_id, "prefect", **values)
+        if not finished_at:
+            return self._change_unfinished(run_id, "prefect", **values)
+
+        def attempt() -> Run | None:  # the end of an attempt: perhaps a retry (_end_attempt)
+            with self.db.session(write=True) as session:
+                if started_at:
+                    session.execute(self._when(run_id, _UNFINISHED, Run.backend == "prefect")
+                                    .values(started_at=started_at))
+                written = self._end_attempt(session, run_id, _UNFINISHED, status, result, error,
+                                            Run.backend == "prefect", now=finished_at, prefect_state=prefect_state)
+                return session.get(Run, run_id, options=_WITH_CALLBACK) if written else None
+
+        return self.db.retry(attempt)
 
     def _change_unfinished(self, run_id: str, on_backend: str, statuses: tuple[str, ...] = _UNFINISHED,
                            **values: Any) -> Run | None:
@@ -454,7 +518,8 @@ class RunStore:
         with self.db.session() as session:
             return list(session.scalars(select(Run).where(
                 Run.status == QUEUED, Run.backend == backend, Run.prefect_flow_run_id.is_(None),
-                Run.created_at < created_before).order_by(Run.created_at).limit(limit)))
+                or_(Run.created_at < created_before, Run.attempt > 1), _due(utcnow()))
+                .order_by(Run.created_at).limit(limit)))
 
     def unfinished(self, backend: str, limit: int = 100) -> list[Run]:
         """Runs on `backend` that have not ended, oldest first."""
@@ -497,9 +562,10 @@ class RunStore:
         def attempt() -> list[str]:
             with self.db.session(write=True) as session:
                 now = self._now(session)
-                return list(session.scalars(update(Run).where(ACTIVE_LOCAL, owned).values(
-                    status=CRASHED, finished_at=now, lease_expires_at=None,
-                    error=RunError.process_died(pid).to_dict()).returning(Run.id)))
+                held = session.scalars(select(Run.id).where(ACTIVE_LOCAL, owned)).all()
+                return [run_id for run_id in held if self._end_attempt(
+                    session, run_id, ACTIVE, CRASHED, None, RunError.process_died(pid), owned, Run.backend == "local",
+                    now=now, log_error=True)]
 
         return self.db.retry(attempt)
 
@@ -519,8 +585,8 @@ class RunStore:
                     error = RunError.lease_expired(owner) if lease_expires_at else RunError.no_lease(owner)
                     # Only if its lease is still lapsed: an owner that was late, not dead, may have finished it
                     # (or renewed) since the read, and its end stands.
-                    if session.execute(self._when(run_id, ACTIVE, Run.backend == "local", lapsed).values(
-                            status=CRASHED, finished_at=now, lease_expires_at=None, error=error.to_dict())).rowcount:
+                    if self._end_attempt(session, run_id, ACTIVE, CRASHED, None, error, Run.backend == "local",
+                                         lapsed, now=now, log_error=True):
                         recovered.append(run_id)
                 return recovered
 

@@ -49,7 +49,7 @@ export async function render(root, { id, canTrigger }, scope) {
         ? h("button", { type: "button", class: "danger", onclick: cancel }, "Cancel") : null);
     replace(timeline, timelineSteps(run));
     replace(error, run.error ? errorPanel(run.error) : null);
-    replace(detail, isWorkflow ? workflowDetail(run, execution) : connectorDetail(run));
+    replace(detail, isWorkflow ? workflowDetail(run, execution) : connectorDetail(run), attemptsPanel(run));
     callback.hidden = !run.callback;
     if (run.callback) replace(callback, callbackPanel(run.callback));
   };
@@ -157,7 +157,9 @@ function timelineSteps(run) {
     step("queued", run.created_at, "done", "on ", h("span", { class: `backend backend-${run.backend}` }, run.backend),
       ": ", why),
     step("running", run.started_at, run.started_at ? (ended ? "done" : "current") : "pending",
-      run.started_at ? `attempt ${run.attempts}` : "waiting for an executor"),
+      run.started_at ? `attempt ${run.attempt}${run.retry ? ` of ${run.retry.max_attempts}` : ""}`
+        : run.next_attempt_at ? `attempt ${run.attempt} waits until ${when(run.next_attempt_at)}`
+          : "waiting for an executor"),
     step("ended", run.finished_at, endState, ended ? badge(run.status) : run.status === "cancelling" ? "cancelling…" : "",
       ended && run.started_at ? ` after ${seconds(runSeconds(run))}` : ""),
   ];
@@ -169,6 +171,23 @@ const CLASSES = {
   crashed: "A retry can help: the run was cut off from outside (its process died, a shutdown, a lapsed lease).",
   terminal: "A retry will not help: fix the cause first.",
 };
+
+function attemptsPanel(run) {
+  if (run.attempts.length < 2 && !run.retry) return null;
+  return [
+    h("h2", {}, "Attempts"),
+    run.retry ? h("p", { class: "muted small" }, `Retried on ${run.retry.on.join(", ")}, at most ${
+      run.retry.max_attempts} attempts, waiting ${seconds(run.retry.backoff_seconds)} doubling up to ${
+      seconds(run.retry.max_backoff_seconds)}.`) : null,
+    h("table", { class: "attempts" },
+      h("thead", {}, h("tr", {}, ["#", "backend", "started", "ended", "status", "class", "error"]
+        .map((name) => h("th", {}, name)))),
+      h("tbody", {}, run.attempts.map((a) => h("tr", { dataset: { attempt: a.attempt, status: a.status } },
+        h("td", {}, a.attempt), h("td", {}, a.backend), h("td", {}, when(a.started_at)), h("td", {}, when(a.ended_at)),
+        h("td", {}, badge(a.status)), h("td", {}, a.error?.failure_class || "—"),
+        h("td", { class: "error-message" }, a.error?.message || ""))))),
+  ];
+}
 
 function errorPanel(error) {
   const failureClass = error.failure_class || (error.terminal === true ? "terminal" : null);
