@@ -18,7 +18,7 @@ from app.config import Settings
 from app.errors import Conflict, NotFound, TooManyRequests, Unavailable, ValidationFailed
 from app.metrics import FALLBACKS, TRIGGERS, observe_run_end
 from app.runs.models import SOURCE_SCHEDULE, Run
-from app.runs.store import CREATED, IdempotencyConflict, NewRun, QueueFull, RunStore
+from app.runs.store import CREATED, IdempotencyConflict, NewRun, QueueFull, RunStore, TargetBusy
 from connectors import tracing
 from connectors.failures import RetryPolicy
 from connectors.pipeline import Workspace, concurrency_key
@@ -51,6 +51,14 @@ class SlotRun:
     skip_if_waiting: bool  # catch_up latest/none: a slot coming while a run waits is skipped; all: it waits too
 
 
+class Skipped(Exception):
+    """A trigger with `on_conflict: skip` found its target busy: nothing was started (not an error: a 200)."""
+
+    def __init__(self, busy: TargetBusy):
+        super().__init__(str(busy))
+        self.run_id = busy.run_id
+
+
 class Dispatcher:
     """The one place that knows how a trigger becomes a run and which backend answers for it; views only call it."""
 
@@ -68,14 +76,14 @@ class Dispatcher:
 
     def trigger_connector(self, connector_id: str, params: dict[str, Any], backend: str | None = None,
                           idempotency_key: str | None = None, callback_url: str | None = None,
-                          retry: RetryPolicy | None = None) -> tuple[Run, bool]:
-        """Validate, store and dispatch a connector run; returns the run and whether it is new. `retry`: this call's
-        policy, else the connector's."""
+                          retry: RetryPolicy | None = None, on_conflict: str | None = None) -> tuple[Run, bool]:
+        """Validate, store and dispatch a connector run; returns the run and whether it is new (a run its conflict
+        policy joined is not; Skipped when it skips). `retry`, `on_conflict`: this call's, else the connector's."""
         with tracing.tracer().start_as_current_span("dispatch", attributes={"flowgate.kind": "connector",
                                                                             "flowgate.target": connector_id}):
             mode = backend or self.settings.backend
             new, deployment_id = self._connector_run(connector_id, params, mode, idempotency_key, callback_url)
-            new = replace(new, retry=retry) if retry else new
+            new = replace(new, retry=retry or new.retry, on_conflict=on_conflict or new.on_conflict)
             return self._store_and_dispatch(new, deployment_id, forced=mode == "prefect")
 
     def trigger_workflow(self, spec: WorkflowSpec, inputs: dict[str, Any], mode: str, backend: str | None = None,
@@ -133,7 +141,7 @@ class Dispatcher:
                       concurrency_key=concurrency_key(spec, self.workspace), fallback_reason=reason,
                       idempotency_key=idempotency_key, callback_url=callback_url,
                       max_queued=self.settings.max_queued_per_target, trace_context=_trace_context(),
-                      retry=spec.retry), deployment_id
+                      retry=spec.retry, on_conflict=spec.on_conflict), deployment_id
 
     def _workflow_run(self, spec: WorkflowSpec, inputs: dict[str, Any], mode: str, backend: str,
                       idempotency_key: str | None, callback_url: str | None,
@@ -172,11 +180,17 @@ class Dispatcher:
         except QueueFull as exc:
             raise TooManyRequests(f"{exc} (FLOWGATE_MAX_QUEUED_PER_TARGET)", code="queue_full",
                                   headers={"Retry-After": "30"}) from None
+        except TargetBusy as exc:
+            TRIGGERS.labels(new.kind, new.backend, exc.policy).inc()
+            if exc.policy == "skip":
+                raise Skipped(exc) from None
+            raise Conflict(str(exc), code="run_active", run_id=exc.run_id) from None
         span = trace.get_current_span()  # the dispatch span
         span.set_attribute(tracing.RUN_ID, run.id)
         if not created:
-            TRIGGERS.labels(run.kind, run.backend, "duplicate").inc()
-            span.set_attribute("flowgate.duplicate", True)
+            duplicate = bool(new.idempotency_key) and run.idempotency_key == new.idempotency_key
+            TRIGGERS.labels(run.kind, run.backend, "duplicate" if duplicate else "joined").inc()
+            span.set_attribute("flowgate.duplicate" if duplicate else "flowgate.joined", True)
             return run, False
         return self._dispatch(run, deployment_id, forced), True
 

@@ -13,8 +13,8 @@ from app import __version__
 from app.schemas import (
     RUN_ID_PATTERN, ConnectorDetail, ConnectorList, ConnectorSchema, ExecuteNodeRequest, Health, LoadResult,
     NodeRunOut, PreviewOut, PreviewRequest, ProblemDetail, Readiness, RunLogs, RunLogsQuery, RunOptions, RunOut,
-    RunPage, RunQuery, ScheduleOut, TriggerRequest, WhoAmI, WorkflowAccepted, WorkflowDetail, WorkflowExecuteRequest,
-    WorkflowExecution, WorkflowList,
+    RunPage, RunQuery, ScheduleOut, TriggerRequest, TriggerSkipped, WhoAmI, WorkflowAccepted, WorkflowDetail,
+    WorkflowExecuteRequest, WorkflowExecution, WorkflowList,
 )
 from connectors.spec import CONNECTOR_ID, ConnectorSpec, PythonSource, SqlDatabaseSource
 from flows.workflow_spec import NODE_ID
@@ -23,10 +23,12 @@ _MODELS: list[type[BaseModel]] = [TriggerRequest, RunOptions, RunOut, RunPage, C
                                   Health, Readiness, ProblemDetail, PreviewRequest, PreviewOut,
                                   ConnectorSchema, WorkflowExecuteRequest, WorkflowAccepted, WorkflowExecution,
                                   ExecuteNodeRequest, NodeRunOut, RunLogs, WhoAmI, ScheduleOut, WorkflowList,
-                                  WorkflowDetail, LoadResult]
+                                  WorkflowDetail, LoadResult, TriggerSkipped]
 _PROBLEMS = {"400": "Malformed JSON or a body that is not an object", "401": "No valid API key (when keys are set)",
              "403": "The API key lacks the scope", "404": "Unknown resource",
-             "405": "Method not allowed", "413": "Body too large", "422": "A field is missing, mistyped or unknown",
+             "405": "Method not allowed", "409": "Conflict with the state of things; `code` says which (idempotency_key_reused, "
+             "run_active with the active run's `run_id`, run_already_ended)",
+             "413": "Body too large", "422": "A field is missing, mistyped or unknown",
              "429": "Too many requests: the caller's rate limit, or too many wrong API keys from this address"}
 
 
@@ -58,8 +60,12 @@ _RUN_ID = {"pattern": RUN_ID_PATTERN}
 
 
 def _run_started(*problems: str) -> dict[str, Any]:
-    return {"200": _json(RunOut, "The run ended within `wait`"),
-            "202": _json(RunOut, "The run is queued or running; poll status_url"),
+    ended = {"oneOf": [_ref(RunOut), _ref(TriggerSkipped)]}
+    return {"200": {"description": "The run ended within `wait`; or, with `on_conflict: skip` and a run active, "
+                                   "nothing was started (TriggerSkipped)",
+                    "content": {"application/json": {"schema": ended}}},
+            "202": _json(RunOut, "The run is queued or running (with `on_conflict: join` or `queue_one`, perhaps an "
+                                 "earlier trigger's); poll status_url"),
             **_problems("400", "404", "409", "413", "422", "503", *problems)}
 
 

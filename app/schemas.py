@@ -72,12 +72,26 @@ class RunOptions(_Request):
                                      description="POSTed the run document, signed, when the run ends.")
     retry: RetryPolicy | None = Field(None, description="Run it again after a failure of these classes, under the "
                                                         "same run id (overrides the connector's `retry`).")
+    on_conflict: Literal["queue", "join", "skip", "reject", "queue_one"] | None = Field(
+        None, description="When the connector has a queued or running run: `queue` another (the default), `join` "
+                          "it (its document is the answer), `skip` (200, nothing started), `reject` (409 naming it), "
+                          "`queue_one` (at most one queued behind the running one; later triggers join it). "
+                          "Overrides the connector's `on_conflict`.")
 
 
 class TriggerRequest(RunOptions):
     """Body of POST /trigger, the contract the existing callers use."""
 
     connector_id: str = Field(min_length=1, max_length=200, description="Id of a connector in connectors.yaml.")
+
+
+class TriggerSkipped(BaseModel):
+    """The answer to a trigger with `on_conflict: skip` while its connector had an active run: nothing started."""
+
+    skipped: Literal[True]
+    detail: str
+    active_run_id: str
+    active_run_url: str
 
 
 class PreviewRequest(_Request):

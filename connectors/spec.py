@@ -285,6 +285,9 @@ class ConnectorSpec(_Strict):
         "(tables, columns, data_type). dlt stores it with the schema: to lift it, set evolve."))
     retry: RetryPolicy | None = Field(None, description="Run a failed run again, by failure class (a trigger's "
                                                         "`retry` overrides it); none by default.")
+    on_conflict: Literal["queue", "join", "skip", "reject", "queue_one"] = Field(
+        "queue", description="A trigger while a run is queued or running: queue behind it, join it, skip, reject "
+                             "(409), or keep at most one queued behind the running one (a trigger's overrides it).")
 
     @field_validator("primary_key")
     @classmethod

@@ -34,16 +34,17 @@ class Race:
     other_ended_first: bool
 
 
-def race(store: RunStore, held: Callable[[], Any], other: Callable[[], Any], table: str = "runs") -> Race:
-    """Run `held` until it is about to send its first UPDATE of `table` (its reads done), then `other` until it ends
-    or waits for a lock `held` has, then let `held` write."""
+def race(store: RunStore, held: Callable[[], Any], other: Callable[[], Any], table: str = "runs",
+         verb: str = "UPDATE") -> Race:
+    """Run `held` until it is about to send its first UPDATE of `table` (its reads done; or `verb`: INSERT INTO),
+    then `other` until it ends or waits for a lock `held` has, then let `held` write."""
     at_write, go = threading.Event(), threading.Event()
     other_began_writing, other_pids = threading.Event(), set()
     results: dict[str, Any] = {}
 
     def hook(connection, cursor, statement, parameters, context, executemany) -> None:
         name = threading.current_thread().name
-        if name == HELD and statement.lstrip().upper().startswith(f"UPDATE {table.upper()} ") \
+        if name == HELD and statement.lstrip().upper().startswith(f"{verb} {table.upper()} ") \
                 and not at_write.is_set():
             at_write.set()
             assert go.wait(30), "the test never let the held call write"

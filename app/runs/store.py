@@ -33,6 +33,12 @@ from flows.outcome import ACTIVE, CANCELLED, CANCELLING, CRASHED, FAILED, QUEUED
 # one write lock for every other writer (the ORM query took 5x as long). Covered by ix_runs_target_status.
 _COUNT_QUEUED_SQLITE = f"SELECT count(*) FROM runs WHERE target = ? AND kind = ? AND status = '{QUEUED}'"
 _COUNT_QUEUED_PG = f"SELECT count(*) FROM runs WHERE target = %(target)s AND kind = %(kind)s AND status = '{QUEUED}'"
+# A target's queued and running runs, newest first (ix_runs_target_status), for its conflict policy.
+_ACTIVE_OF_TARGET = (f"SELECT id, status FROM runs WHERE target = {{target}} AND kind = {{kind}} "
+                     f"AND status IN ('{QUEUED}', '{RUNNING}') ORDER BY created_at DESC, id DESC")
+_ACTIVE_SQLITE = _ACTIVE_OF_TARGET.format(target="?", kind="?")
+_ACTIVE_PG = _ACTIVE_OF_TARGET.format(target="%(target)s", kind="%(kind)s")
+ON_CONFLICT = ("queue", "join", "skip", "reject", "queue_one")  # what a trigger does when its target is busy
 _WITH_CALLBACK = (selectinload(Run.callback),)
 # The statuses of a run that has not ended, named rather than "not terminal": an IN over them reads ix_runs_queue
 # and touches only the few live rows, where NOT IN scans every run ever kept.
@@ -69,6 +75,15 @@ class QueueFull(Exception):
         self.limit = limit
 
 
+class TargetBusy(Exception):
+    """The target has a queued or running run, and the trigger's conflict policy (`skip`, `reject`) starts none."""
+
+    def __init__(self, kind: str, target: str, run_id: str, policy: str):
+        super().__init__(f"{kind} '{target}' already has an active run ({run_id}); on_conflict: {policy}")
+        self.run_id = run_id
+        self.policy = policy
+
+
 class IdempotencyConflict(Exception):
     """An Idempotency-Key was used before with a different request."""
 
@@ -100,6 +115,9 @@ class NewRun:
         """The trace id `trace_context` names."""
         return tracing.trace_id_of(self.trace_context)
     retry: RetryPolicy | None = None  # None: a failure ends the run
+    # When the target has a queued or running run: queue behind it, join it (the newest), skip, reject, or keep at
+    # most one queued behind the running one (queue_one: later triggers join the queued one).
+    on_conflict: str = "queue"
 
     @property
     def request_hash(self) -> str:
@@ -166,7 +184,8 @@ class RunStore:
     # --- runs -------------------------------------------------------------------------------
 
     def create_run(self, new: NewRun) -> tuple[Run, bool]:
-        """Insert a queued run; with an idempotency key already used, return that run instead (created=False)."""
+        """Insert a queued run; with an idempotency key already used, return that run instead (created=False), and
+        so for an active run its conflict policy joins. TargetBusy when it skips or rejects."""
 
         # Core statements on one connection, no ORM session: this is every trigger's write transaction, and on
         # SQLite it holds the one write lock; the ORM's unit of work cost 1.3 ms of CPU per trigger here.
@@ -178,6 +197,12 @@ class RunStore:
                                                                  "key": new.idempotency_key}).scalar()
                     if existing is not None:
                         return existing, False
+                if new.max_queued is not None or new.on_conflict != "queue":
+                    self._lock_target(connection, new)
+                if new.on_conflict != "queue":
+                    joined = self._resolve_conflict(connection, new)
+                    if joined is not None:
+                        return joined, False
                 if new.max_queued is not None and self._count_queued(connection, new) >= new.max_queued:
                     raise QueueFull(new.kind, new.target, new.max_queued)
                 run = _insert(connection, new, row)
@@ -190,19 +215,23 @@ class RunStore:
             with self.db.session() as session:
                 found, created = self._by_idempotency_key(session, new), False
         run = found if isinstance(found, Run) else self.get(found)
-        if not created and run.request_hash != new.request_hash:
+        duplicate = bool(new.idempotency_key) and run.idempotency_key == new.idempotency_key
+        if not created and duplicate and run.request_hash != new.request_hash:
             raise IdempotencyConflict(run)
         return run, created
 
+    def _lock_target(self, connection: Connection, new: NewRun) -> None:
+        """Until this transaction ends, no concurrent trigger of the new run's target can add a run: SQLite's one
+        write lock is held already; PostgreSQL takes an advisory lock per target (triggers of other targets pass),
+        and each statement after it reads a fresh snapshot that sees the last holder's insert."""
+        if not self.is_sqlite:
+            connection.exec_driver_sql("SELECT pg_advisory_xact_lock(%(ns)s, hashtext(%(key)s))",
+                                       {"ns": _QUEUE_LOCK_NAMESPACE, "key": f"{new.kind}:{new.target}"})
+
     def _count_queued(self, connection: Connection, new: NewRun) -> int:
-        """Queued runs of the new run's target, counted where no concurrent trigger of that target can add one
-        before this transaction ends: SQLite's one write lock is held already; PostgreSQL takes an advisory lock
-        per target (triggers of other targets pass), then counts in a fresh snapshot that sees the last holder's
-        insert."""
+        """Queued runs of the new run's target (under _lock_target)."""
         if self.is_sqlite:
             return connection.exec_driver_sql(_COUNT_QUEUED_SQLITE, (new.target, new.kind)).scalar()
-        connection.exec_driver_sql("SELECT pg_advisory_xact_lock(%(ns)s, hashtext(%(key)s))",
-                                   {"ns": _QUEUE_LOCK_NAMESPACE, "key": f"{new.kind}:{new.target}"})
         return connection.exec_driver_sql(_COUNT_QUEUED_PG, {"target": new.target, "kind": new.kind}).scalar()
 
     def create_slot_run(self, new: NewRun, done_until: datetime, skip_if_waiting: bool) -> tuple[str, Run | None]:
@@ -239,6 +268,18 @@ class RunStore:
 
             self.db.retry(catch_up)
             return TAKEN, None
+    def _resolve_conflict(self, connection: Connection, new: NewRun) -> str | None:
+        """Under _lock_target: the id of the active run the trigger joins, None to insert one; TargetBusy to start
+        none (skip, reject)."""
+        active = (connection.exec_driver_sql(_ACTIVE_SQLITE, (new.target, new.kind)) if self.is_sqlite else
+                  connection.exec_driver_sql(_ACTIVE_PG, {"target": new.target, "kind": new.kind})).all()
+        if not active:
+            return None
+        if new.on_conflict == "join":
+            return active[0].id
+        if new.on_conflict == "queue_one":
+            return next((row.id for row in active if row.status == QUEUED), None)
+        raise TargetBusy(new.kind, new.target, active[0].id, new.on_conflict)
 
     def start_inline(self, new: NewRun, owner: str, lease_seconds: float) -> Run | None:
         """Insert a run already `running` and held by `owner` (a connector node runs it in its own thread).
