@@ -11,7 +11,8 @@ from pydantic.json_schema import models_json_schema
 
 from app import __version__
 from app.schemas import (
-    RUN_ID_PATTERN, ConnectorDetail, ConnectorList, ConnectorSchema, ExecuteNodeRequest, Health, LoadResult,
+    RUN_ID_PATTERN, BulkRerunOut, BulkRerunRequest, ConnectorDetail, ConnectorList, ConnectorSchema,
+    ExecuteNodeRequest, Health, LoadResult, RerunRequest,
     NodeRunOut, PreviewOut, PreviewRequest, ProblemDetail, Readiness, RunLogs, RunLogsQuery, RunOptions, RunOut,
     RunPage, RunQuery, ScheduleOut, TriggerRequest, TriggerSkipped, WhoAmI, WorkflowAccepted, WorkflowDetail,
     WorkflowExecuteRequest, WorkflowExecution, WorkflowList,
@@ -23,7 +24,8 @@ _MODELS: list[type[BaseModel]] = [TriggerRequest, RunOptions, RunOut, RunPage, C
                                   Health, Readiness, ProblemDetail, PreviewRequest, PreviewOut,
                                   ConnectorSchema, WorkflowExecuteRequest, WorkflowAccepted, WorkflowExecution,
                                   ExecuteNodeRequest, NodeRunOut, RunLogs, WhoAmI, ScheduleOut, WorkflowList,
-                                  WorkflowDetail, LoadResult, TriggerSkipped]
+                                  WorkflowDetail, LoadResult, TriggerSkipped, RerunRequest, BulkRerunRequest,
+                                  BulkRerunOut]
 _PROBLEMS = {"400": "Malformed JSON or a body that is not an object", "401": "No valid API key (when keys are set)",
              "403": "The API key lacks the scope", "404": "Unknown resource",
              "405": "Method not allowed", "409": "Conflict with the state of things; `code` says which (idempotency_key_reused, "
@@ -260,6 +262,18 @@ def build_document(max_wait_seconds: float | None = None, *, connectors: Sequenc
             "operationId": "getRunLogs", "summary": "A run's log lines (local: captured; Prefect: from Prefect)",
             "parameters": [_path_param("run_id", **_RUN_ID), *_query_parameters(RunLogsQuery)],
             "responses": {"200": _json(RunLogs, "Log lines, oldest first"), **_problems("404", "422", "503")}}},
+        "/api/v1/runs/rerun": {"post": {
+            "operationId": "rerunRuns",
+            "summary": "Rerun the ended runs a filter matches (newest first, at most `limit`, each at most once)",
+            "requestBody": {**_body(BulkRerunRequest), "required": True},
+            "responses": {"200": _json(BulkRerunOut, "What matched, and each rerun (none with dry_run)"),
+                          **_problems("400", "413", "422")}}},
+        "/api/v1/runs/{run_id}/rerun": {"post": {
+            "operationId": "rerunRun", "summary": "A new run of what an ended run ran (`source: rerun`)",
+            "parameters": [_path_param("run_id", **_RUN_ID), _IDEMPOTENCY_HEADER], "requestBody": _body(RerunRequest),
+            "responses": {"200": _json(RunOut, "The rerun (an earlier one, by Idempotency-Key) has ended"),
+                          "202": _json(RunOut, "The rerun is queued"),
+                          **_problems("400", "404", "409", "413", "422", "503")}}},
         "/api/v1/runs/{run_id}/cancel": {"post": {
             "operationId": "cancelRun", "summary": "Cancel a queued or running run",
             "parameters": [_path_param("run_id", **_RUN_ID)],

@@ -244,6 +244,7 @@ class NodeExecutionOut(BaseModel):
     status: Literal["pending", "running", "completed", "failed", "skipped", "upstream_failed", "cancelled"]
     attempts: int
     cached: bool
+    reused: bool = Field(False, description="A rerun from the failed nodes took this output from the run it reruns.")
     started_at: str | None
     finished_at: str | None
     duration_seconds: float | None
@@ -298,8 +299,9 @@ class RunQuery(_Query):
     connector_id: str | None = Field(None, pattern=CONNECTOR_ID)
     status: RunStatus | None = None
     backend: Literal["local", "prefect"] | None = Field(None, description="Only runs on this backend.")
-    source: Literal["api", "schedule"] | None = Field(
-        None, description="Only runs a caller started (api) or a schedule's slot started (schedule).")
+    source: Literal["api", "schedule", "rerun", "workflow"] | None = Field(
+        None, description="Only runs a caller started (api), a schedule's slot (schedule), a rerun (rerun) or a "
+                          "workflow's connector node (workflow) started.")
     limit: QueryInt = Field(50, ge=1, le=200)
     cursor: str | None = Field(None, pattern=CURSOR_PATTERN, description="next_cursor from the previous page.")
 
@@ -333,6 +335,7 @@ class RunOut(BaseModel):
     attempts: list[AttemptOut] = Field(description="Every attempt so far, oldest first (the last one is the run's "
                                                    "own state); a run never started has none.")
     next_attempt_at: datetime | None = Field(description="A retry waiting to start: not before this time.")
+    rerun_of: str | None = Field(description="The run this one reruns.")
     retry: RetryPolicy | None = Field(description="The retry policy in effect (null: a failure ends the run).")
     created_at: datetime
     started_at: datetime | None
@@ -344,8 +347,9 @@ class RunOut(BaseModel):
     callback: dict[str, Any] | None = Field(
         None, description="Where the run document is POSTed when it ends: url (no query), status "
                           "(pending, delivered, failed) and every attempt.")
-    source: Literal["api", "schedule"] = Field(
-        "api", description="Who started the run: a caller (api) or a schedule's slot (schedule).")
+    source: Literal["api", "schedule", "rerun", "workflow"] = Field(
+        "api", description="Who started the run: a caller (api), a schedule's slot (schedule), a rerun (of "
+                           "`rerun_of`), a workflow's connector node (workflow).")
     scheduled_for: datetime | None = Field(None, description="A scheduled run's slot: when it was due.")
     schedule: dict[str, Any] | None = Field(
         None, description="A scheduled run's rule as declared (cron, interval or rrule, timezone, catch_up) and "
@@ -363,7 +367,7 @@ class RunOut(BaseModel):
                    fallback_reason=run.fallback_reason, prefect_flow_run_id=run.prefect_flow_run_id,
                    prefect_state=run.prefect_state, attempt=run.attempt or 1, attempts=_attempts(run),
                    next_attempt_at=run.next_attempt_at if run.status == "queued" else None,
-                   retry=run.retry_policy, created_at=run.created_at,
+                   retry=run.retry_policy, rerun_of=run.rerun_of, created_at=run.created_at,
                    started_at=run.started_at, finished_at=run.finished_at, result=scrub(run.result), error=public_error(run.error),
                    callback=run.callback.to_dict() if run.callback else None, source=run.source or "api",
                    scheduled_for=run.scheduled_for, schedule=run.schedule, trace_id=run.trace_id,
@@ -378,6 +382,53 @@ def _attempts(run: Run) -> list[dict[str, Any]]:
                          "ended_at": run.finished_at, "status": run.status, "error": public_error(run.error),
                          "prefect_flow_run_id": run.prefect_flow_run_id})
     return attempts
+
+
+class RerunRequest(_Request):
+    """Body of POST /api/v1/runs/<id>/rerun: what to change, and (a workflow) where to start."""
+
+    params: dict[str, Any] | None = Field(None, description="A connector run: overrides over the run's params.")
+    inputs: dict[str, Any] | None = Field(None, description="A workflow run: inputs over the run's inputs.")
+    from_: Literal["start", "failed"] = Field(
+        "start", alias="from", description="A workflow run: `failed` reuses the completed nodes' outputs and runs "
+                                           "only the failed and the nodes after them.")
+
+
+class RerunFilter(_Request):
+    """Which ended runs a bulk rerun takes, newest first."""
+
+    connector_id: str | None = Field(None, pattern=CONNECTOR_ID, description="A connector's runs.")
+    workflow_id: str | None = Field(None, pattern=CONNECTOR_ID, description="A workflow's runs.")
+    status: Literal["failed", "crashed", "cancelled", "completed"] = Field("failed", description="How they ended.")
+    backend: Literal["local", "prefect"] | None = None
+
+
+class BulkRerunRequest(_Request):
+    """Body of POST /api/v1/runs/rerun."""
+
+    filter: RerunFilter = Field(description="Which runs; each is rerun at most once, however often asked.")
+    dry_run: bool = Field(False, description="Only list what would rerun.")
+    limit: JsonInt = Field(20, ge=1, le=100, description="At most this many source runs (the newest).")
+
+
+class BulkRerunItem(BaseModel):
+    """One matched run and its rerun (none in a dry run, or with `error` when it could not be started)."""
+
+    run_id: str
+    kind: str
+    target: str
+    status: RunStatus
+    rerun_run_id: str | None
+    created: bool = Field(description="This call started the rerun (false: an earlier call had, or a dry run).")
+    error: dict[str, Any] | None = None
+
+
+class BulkRerunOut(BaseModel):
+    """What a bulk rerun matched and did."""
+
+    dry_run: bool
+    items: list[BulkRerunItem]
+    more: bool = Field(description="More runs matched than `limit`: ask again for the next ones (older).")
 
 
 class RunLogsQuery(_Query):

@@ -42,6 +42,7 @@ class NodeResult:
     status: str = PENDING
     attempts: int = 0
     cached: bool = False
+    reused: bool = False  # a rerun from the failed nodes took this completed node's output from the run it reruns
     started_at: datetime | None = None
     finished_at: datetime | None = None
     duration_seconds: float | None = None
@@ -118,8 +119,10 @@ class WorkflowEngine:
 
     def run(self, spec: WorkflowSpec, inputs: dict[str, Any], mode: Mode = "optimized",
             observe: NodeObserver = lambda result: None, should_stop: Callable[[], bool] = lambda: False,
-            submit: Submit | None = None) -> WorkflowResult:
-        """Run every node; `optimized` runs each layer's nodes in parallel, `legacy` one at a time in order."""
+            submit: Submit | None = None, reuse: dict[str, Any] | None = None) -> WorkflowResult:
+        """Run every node; `optimized` runs each layer's nodes in parallel, `legacy` one at a time in order.
+        A node in `reuse` (node id -> output: a rerun from the failed nodes) completes with that output, unexecuted."""
+        reuse = reuse or {}
         started = time.monotonic()
         layers = spec.layers()
         layer_of = {node_id: index for index, layer in enumerate(layers) for node_id in layer}
@@ -141,6 +144,10 @@ class WorkflowEngine:
                 futures = []
                 for node_id in batch:
                     node = spec.node(node_id)
+                    if node_id in reuse:
+                        results[node_id].output, results[node_id].reused = reuse[node_id], True
+                        self._end(results[node_id], COMPLETED, observe)
+                        continue
                     fate, upstream = self._fate(node_id, incoming[node_id], results)
                     if fate is not None:
                         self._end(results[node_id], fate, observe, error=upstream)

@@ -8,10 +8,10 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, url_for
 
 from app import services
-from app.api.inputs import query
-from app.errors import Conflict, NotFound
+from app.api.inputs import idempotency_key, json_object, query, validated
+from app.errors import Conflict, NotFound, Problem, ValidationFailed
 from app.runs.models import Run
-from app.schemas import RUN_ID_PATTERN, RunLogsQuery, RunOut, RunQuery
+from app.schemas import RUN_ID_PATTERN, BulkRerunRequest, RerunRequest, RunLogsQuery, RunOut, RunQuery
 from connectors.secrets import public_error
 
 bp = Blueprint("runs", __name__, url_prefix="/api/v1/runs")
@@ -64,6 +64,33 @@ def get_run_logs(run_id: str) -> dict[str, Any]:
     page = services().dispatcher.backend_for(run).logs(run, args.after, args.limit)
     items = [{**item, "message": public_error(item["message"])} for item in page.items]
     return {"run_id": run.id, "source": page.source, "items": items, "next_after": page.next_after}
+
+
+@bp.post("/rerun")
+def rerun_runs() -> dict[str, Any]:
+    """Rerun the ended runs a filter matches, newest first, each at most once however often asked (dry_run: list)."""
+    body = validated(BulkRerunRequest, json_object())
+    where = body.filter
+    if where.connector_id and where.workflow_id:
+        raise ValidationFailed.of_field("filter.workflow_id", "give connector_id or workflow_id, not both")
+    kind = "connector" if where.connector_id else "workflow" if where.workflow_id else None
+    matched = services().store.list(target=where.connector_id or where.workflow_id, kind=kind, status=where.status,
+                                    backend=where.backend, limit=body.limit + 1)
+    done = services().dispatcher.rerun_many(matched[: body.limit], body.dry_run)
+    return {"dry_run": body.dry_run, "more": len(matched) > body.limit, "items": [
+        {"run_id": source.id, "kind": source.kind, "target": source.target, "status": source.status,
+         "rerun_run_id": rerun.id if isinstance(rerun, Run) else None, "created": created,
+         "error": {"code": rerun.code, "detail": rerun.detail} if isinstance(rerun, Problem) else None}
+        for source, rerun, created in done]}
+
+
+@bp.post("/<run_id>/rerun")
+def rerun_run(run_id: str) -> Response:
+    """A new run of what this ended run ran (`source: rerun`); a workflow from its failed nodes with `from`."""
+    body = validated(RerunRequest, json_object())
+    source = get_run_or_404(run_id)
+    run, _ = services().dispatcher.rerun(source, body.params, body.inputs, body.from_ == "failed", idempotency_key())
+    return run_response(run, 200 if run.is_terminal else 202)
 
 
 @bp.post("/<run_id>/cancel")

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from app.runs.models import Run
+from app.runs.models import SOURCE_WORKFLOW, Run
 from app.runs.store import NewRun, RunStore
 from connectors import tracing
 from connectors.isolated import run_connector_isolated
@@ -52,7 +52,8 @@ class InlineConnectorRunner:
             raise NodeFailed(f"{exc.field}: {exc.message}", code="invalid_params", terminal=True) from None
         new = NewRun(kind="connector", target=connector_id, params=params, backend="local",
                      concurrency_key=concurrency_key(spec, self.workspace), fallback_reason="workflow_node",
-                     trace_context=tracing.carrier() or None)  # the node's: in the workflow run's trace
+                     trace_context=tracing.carrier() or None,  # the node's: in the workflow run's trace
+                     source=SOURCE_WORKFLOW)
         asked = time.monotonic()  # the lease runs from no earlier than this
         run = self.store.start_inline(new, self.owner, self.lease_seconds)
         while run is None:  # another run holds the connector's destination: wait for it, as a queued run would
@@ -161,6 +162,6 @@ def run_workflow(run: Run, store: RunStore, toolbox: Toolbox, should_stop: Calla
     recorder = NodeRecorder(store, run.id, spec)
     try:
         return engine.run(spec, run.params.get("inputs") or {}, run.params.get("mode", "optimized"),
-                          observe=recorder, should_stop=should_stop)
+                          observe=recorder, should_stop=should_stop, reuse=run.params.get("reuse"))
     finally:
         recorder.close()

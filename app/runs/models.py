@@ -48,8 +48,8 @@ class Base(DeclarativeBase):
 ACTIVE_LOCAL = text(f"status IN ('{RUNNING}', '{CANCELLING}') AND backend = 'local'")
 # Runs of a schedule's slot; spelled once for the same reason (uq_runs_slot holds exactly these rows).
 SCHEDULED = text("scheduled_for IS NOT NULL")
-# Where a run came from: a caller, or a schedule's slot.
-SOURCE_API, SOURCE_SCHEDULE = "api", "schedule"
+# Where a run came from: a trigger or execute, a schedule's slot, a rerun (of `rerun_of`), a workflow's connector node.
+SOURCE_API, SOURCE_SCHEDULE, SOURCE_RERUN, SOURCE_WORKFLOW = "api", "schedule", "rerun", "workflow"
 
 
 class Run(Base):
@@ -73,7 +73,7 @@ class Run(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(128))
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # claims, internal (callers see `attempt`)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
@@ -93,6 +93,7 @@ class Run(Base):
     attempt: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     attempt_log: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
     next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    rerun_of: Mapped[str | None] = mapped_column(String(32))  # the run this one reruns (`source`: rerun)
     # Loaded only where a run document is built (RunStore.get, list, cancel, the transitions): the claim and
     # finish paths, which hold SQLite's write lock, never pay for it. Not loaded reads as None.
     callback: Mapped[RunCallback | None] = relationship(lazy="noload", uselist=False)

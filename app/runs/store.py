@@ -109,15 +109,16 @@ class NewRun:
     scheduled_for: datetime | None = None  # a schedule's slot: at most one run per (kind, target, slot)
     schedule: dict[str, Any] | None = None  # the rule the slot came from, and how late its run was created
     trace_context: dict[str, str] | None = None  # the W3C context the run continues (connectors/tracing.py)
+    retry: RetryPolicy | None = None  # None: a failure ends the run
+    # When the target has a queued or running run: queue behind it, join it (the newest), skip, reject, or keep at
+    # most one queued behind the running one (queue_one: later triggers join the queued one).
+    on_conflict: str = "queue"
+    rerun_of: str | None = None  # with source `rerun`
 
     @property
     def trace_id(self) -> str | None:
         """The trace id `trace_context` names."""
         return tracing.trace_id_of(self.trace_context)
-    retry: RetryPolicy | None = None  # None: a failure ends the run
-    # When the target has a queued or running run: queue behind it, join it (the newest), skip, reject, or keep at
-    # most one queued behind the running one (queue_one: later triggers join the queued one).
-    on_conflict: str = "queue"
 
     @property
     def request_hash(self) -> str:
@@ -138,7 +139,8 @@ def _row(new: NewRun, now: datetime) -> dict[str, Any]:
             "concurrency_key": new.concurrency_key, "cancel_requested": False, "attempts": 0, "created_at": now,
             "source": new.source, "scheduled_for": new.scheduled_for, "schedule": new.schedule,
             "trace_id": new.trace_id, "trace_context": new.trace_context,
-            "attempt": 1, "retry_policy": new.retry.model_dump(mode="json") if new.retry else None}
+            "attempt": 1, "retry_policy": new.retry.model_dump(mode="json") if new.retry else None,
+            "rerun_of": new.rerun_of}
 
 
 def _insert(connection: Connection, new: NewRun, row: dict[str, Any]) -> Run:
@@ -296,6 +298,7 @@ class RunStore:
                     return None
                 now = self._now(session)
                 run = Run(id=uuid.uuid4().hex, kind=new.kind, target=new.target, params=new.params, status=RUNNING,
+                          source=new.source,
                           backend=new.backend, fallback_reason=new.fallback_reason, request_hash=new.request_hash,
                           concurrency_key=new.concurrency_key, created_at=now, started_at=now, attempts=1,
                           lease_owner=owner, lease_expires_at=now + timedelta(seconds=lease_seconds),
@@ -320,11 +323,13 @@ class RunStore:
 
     def list(self, target: str | None = None, status: str | None = None, limit: int = 50,
              before: tuple[datetime, str] | None = None, backend: str | None = None,
-             source: str | None = None) -> list[Run]:
+             source: str | None = None, kind: str | None = None) -> list[Run]:
         """Runs newest first; `before` is the (created_at, id) of the last run of the previous page."""
         query = select(Run).options(*_WITH_CALLBACK).order_by(Run.created_at.desc(), Run.id.desc()).limit(limit)
         if target:
             query = query.where(Run.target == target)
+        if kind:
+            query = query.where(Run.kind == kind)
         if status:
             query = query.where(Run.status == status)
         if backend:

@@ -90,7 +90,8 @@ def connector_runner(settings: Any, database: Database, holder: str, lock: Conne
 
 @flow(name=WORKFLOW_FLOW_NAME, log_prints=True)
 def workflow_flow(run_id: str, workflow: dict[str, Any], inputs: dict[str, Any] | None = None,
-                  mode: str = "optimized", from_file: bool = False) -> dict[str, Any]:
+                  mode: str = "optimized", from_file: bool = False,
+                  reuse: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run a workflow definition; publish every node's result as an artifact the gateway reads back.
 
     A definition from a workflow file arrives with its `${VAR}`s unresolved: they are filled in here, from the
@@ -113,7 +114,7 @@ def _workflow_flow(run_id: str, workflow: dict[str, Any], inputs: dict[str, Any]
         database.create_tables(metadata, lock_metadata)
         runner = connector_runner(settings, database, f"prefect:{flow_run.id}:{run_id}")
         engine = WorkflowEngine(make_toolbox(settings, runner), cache=SqlNodeCache(database))
-        result = engine.run(spec, inputs or {}, mode, submit=submit_as_task)
+        result = engine.run(spec, inputs or {}, mode, submit=submit_as_task, reuse=reuse)
     finally:
         database.dispose()
     document = result.to_dict()

@@ -1,5 +1,5 @@
 """The run model: a run's retry policy, its attempt number, the attempts it ended before this one and when the next
-may start.
+may start; the run it reruns (`rerun_of`).
 
 Revision ID: 0007
 Revises: 0006
@@ -23,10 +23,11 @@ def upgrade() -> None:
         batch.add_column(sa.Column("attempt", sa.Integer, nullable=False, server_default="1"))
         batch.add_column(sa.Column("attempt_log", sa.JSON))
         batch.add_column(sa.Column("next_attempt_at", sa.DateTime))
+        batch.add_column(sa.Column("rerun_of", sa.String(32)))
 
 
 def downgrade() -> None:
     """Drop them."""
     with op.batch_alter_table("runs") as batch:
-        for column in ("next_attempt_at", "attempt_log", "attempt", "retry_policy"):
+        for column in ("rerun_of", "next_attempt_at", "attempt_log", "attempt", "retry_policy"):
             batch.drop_column(column)

@@ -46,7 +46,14 @@ export async function render(root, { id, canTrigger }, scope) {
       run.trace_id ? h("span", { class: "muted mono small trace-id", title: "W3C trace id: search it in Jaeger or Tempo" },
         "trace ", run.trace_id) : null,
       canTrigger && !TERMINAL.has(run.status) && run.status !== "cancelling"
-        ? h("button", { type: "button", class: "danger", onclick: cancel }, "Cancel") : null);
+        ? h("button", { type: "button", class: "danger", onclick: cancel }, "Cancel") : null,
+      canTrigger && TERMINAL.has(run.status)
+        ? h("button", { type: "button", dataset: { action: "rerun" }, onclick: rerun({}) }, "Rerun") : null,
+      canTrigger && isWorkflow && TERMINAL.has(run.status) && run.status !== "completed"
+        ? h("button", { type: "button", dataset: { action: "rerun-failed" }, onclick: rerun({ from: "failed" }) },
+          "Rerun from failed") : null,
+      run.rerun_of ? h("a", { class: "small", href: `#/runs/${encodeURIComponent(run.rerun_of)}` },
+        `rerun of ${shortId(run.rerun_of)}`) : null);
     replace(timeline, timelineSteps(run));
     replace(error, run.error ? errorPanel(run.error) : null);
     replace(detail, isWorkflow ? workflowDetail(run, execution) : connectorDetail(run), attemptsPanel(run));
@@ -59,6 +66,18 @@ export async function render(root, { id, canTrigger }, scope) {
     try {
       run = (await postJSON(`${runUrl}/cancel`, {}, { accept: [409] })).body;
     } catch (failure) {
+      replace(error, errorBox({ code: failure.code, message: failure.message }));
+    }
+  };
+
+  // A new run of this one (source: rerun); the page moves to it.
+  const rerun = (body) => async (event) => {
+    event.target.disabled = true;
+    try {
+      const started = (await postJSON(`${runUrl}/rerun`, body)).body;
+      location.hash = `#/runs/${encodeURIComponent(started.run_id)}`;
+    } catch (failure) {
+      event.target.disabled = false;
       replace(error, errorBox({ code: failure.code, message: failure.message }));
     }
   };
@@ -87,7 +106,8 @@ export async function render(root, { id, canTrigger }, scope) {
       h("h3", {}, node.id, " ", badge(node.status)),
       h("dl", { class: "facts" },
         fact("type", node.type), fact("layer", node.layer), fact("attempts", node.attempts),
-        fact("cached", node.cached ? "yes" : "no"), fact("started", when(node.started_at)),
+        fact("cached", node.cached ? "yes" : "no"), fact("reused", node.reused ? "yes, from the rerun run" : "no"),
+        fact("started", when(node.started_at)),
         fact("finished", when(node.finished_at)), fact("duration", seconds(node.duration_seconds))),
       node.error ? errorPanel(node.error) : null,
       h("h4", {}, "Output"), node.output === null || node.output === undefined ? h("p", { class: "muted" }, "none yet")
