@@ -92,22 +92,23 @@ class Dispatcher:
     def trigger_workflow(self, spec: WorkflowSpec, inputs: dict[str, Any], mode: str, backend: str | None = None,
                          idempotency_key: str | None = None, callback_url: str | None = None,
                          file_definition: dict[str, Any] | None = None,
-                         retry: RetryPolicy | None = None) -> tuple[Run, bool]:
+                         retry: RetryPolicy | None = None, **origin: Any) -> tuple[Run, bool]:
         """Store and dispatch a workflow run; the definition travels with the run, so any process can run it.
 
         `file_definition`: the workflow as its file says it (`${VAR}`s unresolved), stored instead of `spec`."""
         with tracing.tracer().start_as_current_span("dispatch", attributes={"flowgate.kind": "workflow",
                                                                             "flowgate.target": spec.id}):
             return self._trigger_workflow(spec, inputs, mode, backend, idempotency_key, callback_url, file_definition,
-                                          retry)
+                                          retry, **origin)
 
     def _trigger_workflow(self, spec: WorkflowSpec, inputs: dict[str, Any], mode: str, backend: str | None,
                           idempotency_key: str | None, callback_url: str | None,
-                          file_definition: dict[str, Any] | None, retry: RetryPolicy | None) -> tuple[Run, bool]:
+                          file_definition: dict[str, Any] | None, retry: RetryPolicy | None,
+                          **origin: Any) -> tuple[Run, bool]:
         chosen = backend or self.settings.backend
         new, deployment_id = self._workflow_run(spec, inputs, mode, chosen, idempotency_key, callback_url,
                                                 file_definition)
-        new = replace(new, retry=retry) if retry else new
+        new = replace(new, retry=retry or new.retry, **origin)
         return self._store_and_dispatch(new, deployment_id, forced=chosen == "prefect")
 
     def fire_slot(self, slot: SlotRun) -> tuple[str, Run | None]:
@@ -167,15 +168,16 @@ class Dispatcher:
     # --- reruns -----------------------------------------------------------------------------
 
     def rerun(self, source: Run, params: dict[str, Any] | None = None, inputs: dict[str, Any] | None = None,
-              from_failed: bool = False, idempotency_key: str | None = None) -> tuple[Run, bool]:
-        """A new run (`source: rerun`, `rerun_of`) of what an ended run ran, with its retry policy: a connector's
-        params (`params` over them), a workflow's definition and inputs (`inputs` over them). With `from_failed`,
-        a workflow's completed nodes are not executed again: their outputs are the source run's."""
+              from_failed: bool = False, idempotency_key: str | None = None,
+              triggered_by: str | None = None) -> tuple[Run, bool]:
+        """A new run (`source: rerun`, `rerun_of`) of what an ended run ran, with its retry policy and labels: a
+        connector's params (`params` over them), a workflow's definition and inputs (`inputs` over them). With
+        `from_failed`, a workflow's completed nodes are not executed again: their outputs are the source run's."""
         if not source.is_terminal:
             raise Conflict(f"run '{source.id}' has not ended ({source.status}): nothing to rerun yet",
                            code="run_not_ended", run_status=source.status)
         retry = RetryPolicy.model_validate(source.retry_policy) if source.retry_policy else None
-        origin = {"source": SOURCE_RERUN, "rerun_of": source.id}
+        origin = {"source": SOURCE_RERUN, "rerun_of": source.id, "triggered_by": triggered_by, "labels": source.labels}
         if source.kind == "connector":
             if inputs is not None or from_failed:
                 field = "inputs" if inputs is not None else "from"
@@ -201,7 +203,8 @@ class Dispatcher:
                                      retry=retry, **origin)
         return self._store_and_dispatch(new, deployment_id, forced=mode == "prefect")
 
-    def rerun_many(self, runs: list[Run], dry_run: bool) -> list[tuple[Run, Run | Problem | None, bool]]:
+    def rerun_many(self, runs: list[Run], dry_run: bool,
+                   triggered_by: str | None = None) -> list[tuple[Run, Run | Problem | None, bool]]:
         """Rerun each of `runs` (dry_run: none), at most once per source run, however often asked: the rerun's
         idempotency key names its source. Returns (source, its rerun, or why it could not be, or None; whether
         this call started it)."""
@@ -211,7 +214,8 @@ class Dispatcher:
                 done.append((source, None, False))
                 continue
             try:
-                rerun, created = self.rerun(source, idempotency_key=f"rerun-of:{source.id}")
+                rerun, created = self.rerun(source, idempotency_key=f"rerun-of:{source.id}",
+                                            triggered_by=triggered_by)
             except Problem as problem:  # e.g. its connector is no longer configured: the others still rerun
                 done.append((source, problem, False))
                 continue

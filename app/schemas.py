@@ -7,7 +7,7 @@ from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 from pydantic_core import PydanticCustomError
 
 from app.runs.models import Run
@@ -24,6 +24,9 @@ INT32_MAX = 2**31 - 1  # an Integer column on PostgreSQL (run log line ids)
 RUN_ID_PATTERN = r"^[0-9a-f]{32}$"  # the run store's ids (uuid4 hex); anything else is no run
 CURSOR_PATTERN = r"^[0-9]{1,16}\.[0-9a-f]{32}$"  # microseconds since the epoch, then a run id
 IDEMPOTENCY_KEY_PATTERN = r"^[\x20-\x7e]{1,255}$"  # printable ASCII, as an HTTP header value can carry it
+LABEL_KEY_PATTERN = r"^[a-z][a-z0-9_.-]{0,62}$"
+MAX_LABELS, MAX_LABEL_VALUE = 16, 256
+LABEL_QUERY_PATTERN = r"^[a-z][a-z0-9_.-]{0,62}:[\s\S]{0,256}$"  # key:value
 
 
 def _integral_float(value: Any) -> Any:
@@ -45,6 +48,12 @@ def _query_integer(value: Any) -> Any:
 
 
 JsonInt = Annotated[int, BeforeValidator(_integral_float)]
+LabelKey = Annotated[str, StringConstraints(pattern=LABEL_KEY_PATTERN)]
+LabelValue = Annotated[str, StringConstraints(max_length=MAX_LABEL_VALUE)]
+Labels = Annotated[dict[LabelKey, LabelValue], Field(
+    max_length=MAX_LABELS, json_schema_extra={"additionalProperties": False},
+    description=f"Up to {MAX_LABELS} labels (`{{\"tenant\": \"acme\"}}`): keys {LABEL_KEY_PATTERN}, values at most "
+                f"{MAX_LABEL_VALUE} characters. On the run, in its callback, and tags of its Prefect flow run.")]
 QueryInt = Annotated[int, BeforeValidator(_query_integer)]
 
 
@@ -72,6 +81,7 @@ class RunOptions(_Request):
                                      description="POSTed the run document, signed, when the run ends.")
     retry: RetryPolicy | None = Field(None, description="Run it again after a failure of these classes, under the "
                                                         "same run id (overrides the connector's `retry`).")
+    labels: Labels = Field(default_factory=dict)
     on_conflict: Literal["queue", "join", "skip", "reject", "queue_one"] | None = Field(
         None, description="When the connector has a queued or running run: `queue` another (the default), `join` "
                           "it (its document is the answer), `skip` (200, nothing started), `reject` (409 naming it), "
@@ -222,6 +232,7 @@ class WorkflowExecuteRequest(_Request):
                                      description="POSTed the run document, signed, when the execution ends.")
     retry: RetryPolicy | None = Field(None, description="Run it again after a failure of these classes, under the "
                                                         "same id (overrides the workflow's `retry`).")
+    labels: Labels = Field(default_factory=dict)
 
 
 class WorkflowAccepted(BaseModel):
@@ -302,6 +313,8 @@ class RunQuery(_Query):
     source: Literal["api", "schedule", "rerun", "workflow"] | None = Field(
         None, description="Only runs a caller started (api), a schedule's slot (schedule), a rerun (rerun) or a "
                           "workflow's connector node (workflow) started.")
+    label: str | None = Field(None, pattern=LABEL_QUERY_PATTERN, description="Only runs with this label, "
+                                                                             "as `key:value` (`tenant:acme`).")
     limit: QueryInt = Field(50, ge=1, le=200)
     cursor: str | None = Field(None, pattern=CURSOR_PATTERN, description="next_cursor from the previous page.")
 
@@ -336,6 +349,8 @@ class RunOut(BaseModel):
                                                    "own state); a run never started has none.")
     next_attempt_at: datetime | None = Field(description="A retry waiting to start: not before this time.")
     rerun_of: str | None = Field(description="The run this one reruns.")
+    triggered_by: str = Field(description="The name of the API key that started it, or `anonymous`.")
+    labels: dict[str, str] = Field(description="The labels it was started with.")
     retry: RetryPolicy | None = Field(description="The retry policy in effect (null: a failure ends the run).")
     created_at: datetime
     started_at: datetime | None
@@ -367,7 +382,8 @@ class RunOut(BaseModel):
                    fallback_reason=run.fallback_reason, prefect_flow_run_id=run.prefect_flow_run_id,
                    prefect_state=run.prefect_state, attempt=run.attempt or 1, attempts=_attempts(run),
                    next_attempt_at=run.next_attempt_at if run.status == "queued" else None,
-                   retry=run.retry_policy, rerun_of=run.rerun_of, created_at=run.created_at,
+                   retry=run.retry_policy, rerun_of=run.rerun_of, triggered_by=run.triggered_by or "anonymous",
+                   labels=run.labels or {}, created_at=run.created_at,
                    started_at=run.started_at, finished_at=run.finished_at, result=scrub(run.result), error=public_error(run.error),
                    callback=run.callback.to_dict() if run.callback else None, source=run.source or "api",
                    scheduled_for=run.scheduled_for, schedule=run.schedule, trace_id=run.trace_id,
@@ -401,6 +417,8 @@ class RerunFilter(_Request):
     workflow_id: str | None = Field(None, pattern=CONNECTOR_ID, description="A workflow's runs.")
     status: Literal["failed", "crashed", "cancelled", "completed"] = Field("failed", description="How they ended.")
     backend: Literal["local", "prefect"] | None = None
+    label: str | None = Field(None, pattern=LABEL_QUERY_PATTERN, description="Only runs with this label "
+                                                                             "(`key:value`).")
 
 
 class BulkRerunRequest(_Request):

@@ -8,7 +8,7 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, url_for
 
 from app import services
-from app.api.inputs import idempotency_key, json_object, query, validated
+from app.api.inputs import caller_name, idempotency_key, json_object, query, validated
 from app.errors import Conflict, NotFound, Problem, ValidationFailed
 from app.runs.models import Run
 from app.schemas import RUN_ID_PATTERN, BulkRerunRequest, RerunRequest, RunLogsQuery, RunOut, RunQuery
@@ -43,7 +43,7 @@ def list_runs() -> dict[str, Any]:
     """Runs newest first, filtered by connector (or workflow), status, backend and source, a page at a time."""
     args = query(RunQuery)
     runs = services().store.list(target=args.connector_id, status=args.status, backend=args.backend,
-                                 source=args.source, limit=args.limit + 1,
+                                 source=args.source, limit=args.limit + 1, label=_label(args.label),
                                  before=_decode_cursor(args.cursor) if args.cursor else None)
     page, more = runs[: args.limit], len(runs) > args.limit
     return {"items": [run_document(run) for run in page],
@@ -75,8 +75,8 @@ def rerun_runs() -> dict[str, Any]:
         raise ValidationFailed.of_field("filter.workflow_id", "give connector_id or workflow_id, not both")
     kind = "connector" if where.connector_id else "workflow" if where.workflow_id else None
     matched = services().store.list(target=where.connector_id or where.workflow_id, kind=kind, status=where.status,
-                                    backend=where.backend, limit=body.limit + 1)
-    done = services().dispatcher.rerun_many(matched[: body.limit], body.dry_run)
+                                    backend=where.backend, label=_label(where.label), limit=body.limit + 1)
+    done = services().dispatcher.rerun_many(matched[: body.limit], body.dry_run, triggered_by=caller_name())
     return {"dry_run": body.dry_run, "more": len(matched) > body.limit, "items": [
         {"run_id": source.id, "kind": source.kind, "target": source.target, "status": source.status,
          "rerun_run_id": rerun.id if isinstance(rerun, Run) else None, "created": created,
@@ -89,7 +89,8 @@ def rerun_run(run_id: str) -> Response:
     """A new run of what this ended run ran (`source: rerun`); a workflow from its failed nodes with `from`."""
     body = validated(RerunRequest, json_object())
     source = get_run_or_404(run_id)
-    run, _ = services().dispatcher.rerun(source, body.params, body.inputs, body.from_ == "failed", idempotency_key())
+    run, _ = services().dispatcher.rerun(source, body.params, body.inputs, body.from_ == "failed", idempotency_key(),
+                                         triggered_by=caller_name())
     return run_response(run, 200 if run.is_terminal else 202)
 
 
@@ -110,6 +111,14 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 # (app.schemas.CURSOR_PATTERN) decodes to a position, so the document says exactly which cursors are accepted.
 def _encode_cursor(run: Run) -> str:
     return f"{(run.created_at - _EPOCH) // timedelta(microseconds=1)}.{run.id}"
+
+
+def _label(text: str | None) -> tuple[str, str] | None:
+    """`key:value` (app.schemas.LABEL_QUERY_PATTERN) as (key, value)."""
+    if text is None:
+        return None
+    key, _, value = text.partition(":")
+    return key, value
 
 
 def _decode_cursor(cursor: str) -> tuple[datetime, str]:

@@ -5,7 +5,7 @@ from flask import Blueprint, Response, jsonify, url_for
 
 from app import services
 from app.api.inputs import (
-    check_json_size, checked_callback_url, idempotency_key, json_object, preferred_wait, validated,
+    caller_name, check_json_size, checked_callback_url, idempotency_key, json_object, preferred_wait, validated,
 )
 from app.api.runs import run_response
 from app.dispatch import Skipped
@@ -39,7 +39,8 @@ def _start(connector_id: str, options: RunOptions) -> Response:
     callback_url = checked_callback_url(options.callback_url)
     try:
         run, _ = svc.dispatcher.trigger_connector(connector_id, options.params, options.backend, key, callback_url,
-                                                  retry=options.retry, on_conflict=options.on_conflict)
+                                                  retry=options.retry, on_conflict=options.on_conflict,
+                                                  labels=options.labels, triggered_by=caller_name())
     except Skipped as skipped:
         return jsonify({"skipped": True, "detail": f"nothing was started: {skipped}", "active_run_id": skipped.run_id,
                         "active_run_url": url_for("runs.get_run", run_id=skipped.run_id)})

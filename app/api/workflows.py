@@ -8,7 +8,7 @@ from flask import Blueprint, Response, jsonify, url_for
 
 from app import services
 from app.api.inputs import (
-    check_json_size, checked_callback_url, idempotency_key, json_object, preferred_wait, validated,
+    caller_name, check_json_size, checked_callback_url, idempotency_key, json_object, preferred_wait, validated,
 )
 from app.errors import NotFound, ValidationFailed
 from app.api.runs import run_document
@@ -60,7 +60,8 @@ def execute(workflow_id: str) -> Response:
     callback_url = checked_callback_url(body.callback_url)
     run, created = svc.dispatcher.trigger_workflow(
         spec, body.inputs, body.mode, body.backend, key, callback_url,
-        file_definition=svc.workflows.definition(spec.id) if body.workflow is None else None, retry=body.retry)
+        file_definition=svc.workflows.definition(spec.id) if body.workflow is None else None, retry=body.retry,
+        labels=body.labels, triggered_by=caller_name())
     run, applied = wait_for_end(run, wait, applied)
     status_url = url_for("workflows.get_execution", execution_id=run.id)
     message = (f"Workflow execution {'started' if created else 'already accepted'} in background "

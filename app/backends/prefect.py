@@ -87,7 +87,8 @@ class PrefectBackend:
         # Keyed on the run, not the caller's key: Prefect keeps a key for good, and one flowgate had forgotten with
         # its run (retention) gave a new run the old flow run back. Callers' keys are flowgate's to dedupe.
         key = f"flowgate:{run.kind}:{run.target}:{run.id}"
-        tags = ["flowgate", run_tag(run.id), *([trace_tag(run.trace_id)] if run.trace_id else [])]
+        tags = ["flowgate", run_tag(run.id), *([trace_tag(run.trace_id)] if run.trace_id else []),
+                *(f"label:{name}={value}" for name, value in (run.labels or {}).items())]
         if run.scheduled_for:  # a schedule's slot: the deployment has no schedule, the gateway fired it
             tags += [SCHEDULE_TAG, f"{SCHEDULE_TAG}:{run.scheduled_for.isoformat()}"]
         if (run.attempt or 1) > 1:  # a retry is a new flow run: its attempt in its key and a tag of its own

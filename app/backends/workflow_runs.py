@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from app.logs import run_id as current_run_id
 from app.runs.models import SOURCE_WORKFLOW, Run
 from app.runs.store import NewRun, RunStore
 from connectors import tracing
@@ -50,10 +51,14 @@ class InlineConnectorRunner:
             runnable = spec.with_params(params)
         except ParamsError as exc:
             raise NodeFailed(f"{exc.field}: {exc.message}", code="invalid_params", terminal=True) from None
+        parent_id = current_run_id.get()  # the workflow run this node belongs to (None: execute-node)
+        parent = self.store.get(parent_id) if parent_id else None
         new = NewRun(kind="connector", target=connector_id, params=params, backend="local",
                      concurrency_key=concurrency_key(spec, self.workspace), fallback_reason="workflow_node",
                      trace_context=tracing.carrier() or None,  # the node's: in the workflow run's trace
-                     source=SOURCE_WORKFLOW)
+                     # the workflow's caller and labels: a tenant's runs include its workflows' connector runs
+                     source=SOURCE_WORKFLOW, triggered_by=parent.triggered_by if parent else None,
+                     labels=parent.labels if parent else None)
         asked = time.monotonic()  # the lease runs from no earlier than this
         run = self.store.start_inline(new, self.owner, self.lease_seconds)
         while run is None:  # another run holds the connector's destination: wait for it, as a queued run would

@@ -18,7 +18,9 @@ from app.runs.callbacks import CallbackStore
 from app.runs.executor_registry import ExecutorStore
 from app.runs.log_lines import RunLogStore
 from app.runs import migrate
-from app.runs.models import ACTIVE_LOCAL, CALLBACK_PENDING, SCHEDULED, SOURCE_API, Run, RunCallback, RunLog, utcnow
+from app.runs.models import (
+    ACTIVE_LOCAL, CALLBACK_PENDING, SCHEDULED, SOURCE_API, Run, RunCallback, RunLabel, RunLog, utcnow,
+)
 from app.runs.node_states import RunNodeStore
 from app.runs.schedule_states import ScheduleStore, advance
 from flows.connector_lock import connector_locks, held_by_others, serialise_claims
@@ -45,6 +47,7 @@ _WITH_CALLBACK = (selectinload(Run.callback),)
 _UNFINISHED = (QUEUED, *ACTIVE)
 _INSERT_RUN = Run.__table__.insert()
 _INSERT_CALLBACK = RunCallback.__table__.insert()
+_INSERT_LABEL = RunLabel.__table__.insert()
 _EMPTY_ROW = {column.name: None for column in Run.__table__.columns}
 _FIND_BY_KEY = select(Run.id).where(Run.kind == bindparam("kind"), Run.target == bindparam("target"),
                                     Run.idempotency_key == bindparam("key"))
@@ -114,6 +117,8 @@ class NewRun:
     # most one queued behind the running one (queue_one: later triggers join the queued one).
     on_conflict: str = "queue"
     rerun_of: str | None = None  # with source `rerun`
+    triggered_by: str | None = None  # the API key's name
+    labels: dict[str, str] | None = None
 
     @property
     def trace_id(self) -> str | None:
@@ -127,6 +132,8 @@ class NewRun:
         request = [self.kind, self.target, self.params] + ([self.callback_url] if self.callback_url else [])
         if self.retry is not None:
             request.append({"retry": self.retry.model_dump(mode="json")})
+        if self.labels:
+            request.append({"labels": self.labels})
         body = json.dumps(request, sort_keys=True, default=str)
         return hashlib.sha256(body.encode()).hexdigest()
 
@@ -140,12 +147,15 @@ def _row(new: NewRun, now: datetime) -> dict[str, Any]:
             "source": new.source, "scheduled_for": new.scheduled_for, "schedule": new.schedule,
             "trace_id": new.trace_id, "trace_context": new.trace_context,
             "attempt": 1, "retry_policy": new.retry.model_dump(mode="json") if new.retry else None,
-            "rerun_of": new.rerun_of}
+            "rerun_of": new.rerun_of, "triggered_by": new.triggered_by, "labels": new.labels or None}
 
 
 def _insert(connection: Connection, new: NewRun, row: dict[str, Any]) -> Run:
     """Insert the run and its callback in the caller's transaction: a run never exists without its callback."""
     connection.execute(_INSERT_RUN, row)
+    if new.labels:
+        connection.execute(_INSERT_LABEL, [{"run_id": row["id"], "key": key, "value": value,
+                                            "created_at": row["created_at"]} for key, value in new.labels.items()])
     callback = None
     if new.callback_url:
         callback = {"run_id": row["id"], "url": new.callback_url, "status": CALLBACK_PENDING, "attempts": [],
@@ -298,12 +308,14 @@ class RunStore:
                     return None
                 now = self._now(session)
                 run = Run(id=uuid.uuid4().hex, kind=new.kind, target=new.target, params=new.params, status=RUNNING,
-                          source=new.source,
+                          source=new.source, triggered_by=new.triggered_by, labels=new.labels or None,
                           backend=new.backend, fallback_reason=new.fallback_reason, request_hash=new.request_hash,
                           concurrency_key=new.concurrency_key, created_at=now, started_at=now, attempts=1,
                           lease_owner=owner, lease_expires_at=now + timedelta(seconds=lease_seconds),
                           trace_id=new.trace_id, trace_context=new.trace_context)
                 session.add(run)
+                session.add_all(RunLabel(run_id=run.id, key=key, value=value, created_at=now)
+                                for key, value in (new.labels or {}).items())
             return run
 
         try:
@@ -323,9 +335,14 @@ class RunStore:
 
     def list(self, target: str | None = None, status: str | None = None, limit: int = 50,
              before: tuple[datetime, str] | None = None, backend: str | None = None,
-             source: str | None = None, kind: str | None = None) -> list[Run]:
-        """Runs newest first; `before` is the (created_at, id) of the last run of the previous page."""
-        query = select(Run).options(*_WITH_CALLBACK).order_by(Run.created_at.desc(), Run.id.desc()).limit(limit)
+             source: str | None = None, kind: str | None = None, label: tuple[str, str] | None = None) -> list[Run]:
+        """Runs newest first; `before` is the (created_at, id) of the last run of the previous page. With a `label`
+        (key, value), the label's index gives the order, and the other filters apply to the runs it names."""
+        created_at, run_id = (RunLabel.created_at, RunLabel.run_id) if label else (Run.created_at, Run.id)
+        query = select(Run).options(*_WITH_CALLBACK).order_by(created_at.desc(), run_id.desc()).limit(limit)
+        if label:
+            query = query.join(RunLabel, RunLabel.run_id == Run.id).where(RunLabel.key == label[0],
+                                                                          RunLabel.value == label[1])
         if target:
             query = query.where(Run.target == target)
         if kind:
@@ -337,8 +354,7 @@ class RunStore:
         if source:
             query = query.where(Run.source == source)
         if before:
-            created_at, run_id = before
-            query = query.where((Run.created_at < created_at) | ((Run.created_at == created_at) & (Run.id < run_id)))
+            query = query.where((created_at < before[0]) | ((created_at == before[0]) & (run_id < before[1])))
         with self.db.session() as session:
             return list(session.scalars(query))
 
