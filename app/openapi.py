@@ -61,13 +61,24 @@ _IDEMPOTENCY_HEADER = {"name": "Idempotency-Key", "in": "header", "required": Fa
 _RUN_ID = {"pattern": RUN_ID_PATTERN}
 
 
+_RETRY_AFTER = {"Retry-After": {
+    "description": "While the run has not ended: seconds until it is worth asking again, from its connector's or "
+                   "workflow's recent durations (absent once it has ended)",
+    "schema": {"type": "string", "pattern": "^([1-9]|[12][0-9]|30)$"}}}
+
+
+def _polled(response: dict[str, Any]) -> dict[str, Any]:
+    """A response that carries Retry-After while its run has not ended."""
+    return {**response, "headers": _RETRY_AFTER}
+
+
 def _run_started(*problems: str) -> dict[str, Any]:
     ended = {"oneOf": [_ref(RunOut), _ref(TriggerSkipped)]}
     return {"200": {"description": "The run ended within `wait`; or, with `on_conflict: skip` and a run active, "
                                    "nothing was started (TriggerSkipped)",
                     "content": {"application/json": {"schema": ended}}},
-            "202": _json(RunOut, "The run is queued or running (with `on_conflict: join` or `queue_one`, perhaps an "
-                                 "earlier trigger's); poll status_url"),
+            "202": _polled(_json(RunOut, "The run is queued or running (with `on_conflict: join` or `queue_one`, "
+                                         "perhaps an earlier trigger's); poll status_url")),
             **_problems("400", "404", "409", "413", "422", "503", *problems)}
 
 
@@ -240,12 +251,13 @@ def build_document(max_wait_seconds: float | None = None, *, connectors: Sequenc
             "parameters": [_path_param("workflow_id", pattern=NODE_ID), _IDEMPOTENCY_HEADER],
             "requestBody": _body(WorkflowExecuteRequest),
             "responses": {"200": _json(WorkflowAccepted, "The execution ended within `wait`"),
-                          "202": _json(WorkflowAccepted, "The execution is queued or running; poll statusUrl"),
+                          "202": _polled(_json(WorkflowAccepted, "The execution is queued or running; poll "
+                                                                     "statusUrl")),
                           **_problems("400", "404", "409", "413", "422", "503")}}},
         "/api/workflow/execution/{execution_id}": {"get": {
             "operationId": "getWorkflowExecution", "summary": "A workflow execution, node by node",
             "parameters": [_path_param("execution_id", **_RUN_ID)],
-            "responses": {"200": _json(WorkflowExecution, "The execution"), **_problems("404")}}},
+            "responses": {"200": _polled(_json(WorkflowExecution, "The execution")), **_problems("404")}}},
         "/api/workflow/{workflow_id}/execute-node": {"post": {
             "operationId": "executeNode", "summary": "Run one node now with `inputData`; answers with its output",
             # The node runs on its own: the workflow id is the seed's path shape, not looked up, so any text will do.
@@ -257,7 +269,7 @@ def build_document(max_wait_seconds: float | None = None, *, connectors: Sequenc
             "responses": {"200": _json(RunPage, "A page of runs"), **_problems("422")}}},
         "/api/v1/runs/{run_id}": {"get": {
             "operationId": "getRun", "summary": "A run", "parameters": [_path_param("run_id", **_RUN_ID)],
-            "responses": {"200": _json(RunOut, "The run"), **_problems("404")}}},
+            "responses": {"200": _polled(_json(RunOut, "The run")), **_problems("404")}}},
         "/api/v1/runs/{run_id}/logs": {"get": {
             "operationId": "getRunLogs", "summary": "A run's log lines (local: captured; Prefect: from Prefect)",
             "parameters": [_path_param("run_id", **_RUN_ID), *_query_parameters(RunLogsQuery)],
@@ -272,12 +284,12 @@ def build_document(max_wait_seconds: float | None = None, *, connectors: Sequenc
             "operationId": "rerunRun", "summary": "A new run of what an ended run ran (`source: rerun`)",
             "parameters": [_path_param("run_id", **_RUN_ID), _IDEMPOTENCY_HEADER], "requestBody": _body(RerunRequest),
             "responses": {"200": _json(RunOut, "The rerun (an earlier one, by Idempotency-Key) has ended"),
-                          "202": _json(RunOut, "The rerun is queued"),
+                          "202": _polled(_json(RunOut, "The rerun is queued")),
                           **_problems("400", "404", "409", "413", "422", "503")}}},
         "/api/v1/runs/{run_id}/cancel": {"post": {
             "operationId": "cancelRun", "summary": "Cancel a queued or running run",
             "parameters": [_path_param("run_id", **_RUN_ID)],
-            "responses": {"200": _json(RunOut, "Cancelled"), "202": _json(RunOut, "Cancelling at the next checkpoint"),
+            "responses": {"200": _json(RunOut, "Cancelled"), "202": _polled(_json(RunOut, "Cancelling at the next checkpoint")),
                           **_problems("404", "409")}}},
     }
     document: dict[str, Any] = {

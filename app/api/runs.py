@@ -10,6 +10,7 @@ from flask import Blueprint, Response, jsonify, url_for
 from app import services
 from app.api.inputs import caller_name, idempotency_key, json_object, query, validated
 from app.errors import Conflict, NotFound, Problem, ValidationFailed
+from app.polls import with_hint
 from app.runs.models import Run
 from app.schemas import RUN_ID_PATTERN, BulkRerunRequest, RerunRequest, RunLogsQuery, RunOut, RunQuery
 from connectors.secrets import public_error
@@ -23,11 +24,11 @@ def run_document(run: Run) -> dict[str, Any]:
 
 
 def run_response(run: Run, status: int) -> Response:
-    """A run document with its status code and a Location header pointing at it."""
+    """A run document with its status code, a Location header pointing at it, and (not ended) Retry-After."""
     response = jsonify(run_document(run))
     response.status_code = status
     response.headers["Location"] = url_for("runs.get_run", run_id=run.id)
-    return response
+    return with_hint(response, run)
 
 
 def get_run_or_404(run_id: str) -> Run:
@@ -51,9 +52,10 @@ def list_runs() -> dict[str, Any]:
 
 
 @bp.get("/<run_id>")
-def get_run(run_id: str) -> dict[str, Any]:
-    """One run: status, backend, timings, result or error."""
-    return run_document(get_run_or_404(run_id))
+def get_run(run_id: str) -> Response:
+    """One run: status, backend, timings, result or error; Retry-After while it has not ended."""
+    run = get_run_or_404(run_id)
+    return with_hint(jsonify(run_document(run)), run)
 
 
 @bp.get("/<run_id>/logs")

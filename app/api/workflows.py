@@ -13,6 +13,7 @@ from app.api.inputs import (
 from app.errors import NotFound, ValidationFailed
 from app.api.runs import run_document
 from app.api.schedules import schedule_document
+from app.polls import with_hint
 from app.runs.models import Run
 from app.backends.workflow_runs import pending_nodes, stored_spec
 from app.schemas import RUN_ID_PATTERN, ExecuteNodeRequest, NodeExecutionOut, WorkflowExecuteRequest
@@ -72,11 +73,11 @@ def execute(workflow_id: str) -> Response:
     response.headers["Location"] = status_url
     if applied:
         response.headers["Preference-Applied"] = applied
-    return response
+    return with_hint(response, run)
 
 
 @bp.get("/execution/<execution_id>")
-def get_execution(execution_id: str) -> dict[str, Any]:
+def get_execution(execution_id: str) -> Response:
     """The execution's status and every node's status, timing, attempts and output."""
     svc = services()
     run = svc.store.get(execution_id) if re.fullmatch(RUN_ID_PATTERN, execution_id) else None
@@ -85,7 +86,7 @@ def get_execution(execution_id: str) -> dict[str, Any]:
     run = svc.dispatcher.refresh(run)
     nodes = svc.store.nodes.read(run.id) or pending_nodes(stored_spec(run))
     nodes = svc.dispatcher.backend_for(run).live_nodes(run, nodes)
-    return execution_document(run, nodes)
+    return with_hint(jsonify(execution_document(run, nodes)), run)
 
 
 @bp.post("/<workflow_id>/execute-node")

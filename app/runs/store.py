@@ -358,6 +358,14 @@ class RunStore:
         with self.db.session() as session:
             return list(session.scalars(query))
 
+    def recent_durations(self, kind: str, target: str, count: int = 10) -> list[float]:
+        """Seconds from start to end of the target's last `count` ended runs that started (ix_runs_target_finished)."""
+        with self.db.session() as session:
+            rows = session.execute(select(Run.started_at, Run.finished_at).where(
+                Run.target == target, Run.kind == kind, Run.finished_at.is_not(None))
+                .order_by(Run.finished_at.desc()).limit(count)).all()
+        return [(row.finished_at - row.started_at).total_seconds() for row in rows if row.started_at]
+
     def fail_overdue(self, backend: str, started_before: datetime, error: RunError) -> list[Run]:
         """End as failed every unfinished run on `backend` that started before `started_before` (one that has not
         started, created before it); returns them. Waiting behind the connector's other runs does not count."""
