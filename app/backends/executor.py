@@ -276,8 +276,6 @@ class LocalExecutor:
             outcome = RunOutcome(FAILED, outcome.result, RunError.timed_out(self.run_timeout_seconds))
         elif interrupted and outcome.status == CANCELLED:
             outcome = RunOutcome(CRASHED, outcome.result, RunError.interrupted())
-        if outcome.error is not None and outcome.status in (FAILED, CRASHED):  # the run's own log says why
-            log.error("%s %s", run.kind, outcome.error.describe(), extra={"run_id": run_id})
         logs = self.log_sink.take(run_id) if self.log_sink is not None else None  # stored with the run's end
         with self._lock:
             lost = run_id in self._lost
@@ -288,6 +286,8 @@ class LocalExecutor:
             if lost:
                 log.warning("run %s ended as %s after its lease was lost; nothing recorded", run_id, outcome.status)
                 return
+            # A failure is an ERROR line of the run's own log, written with its end by the store (a failed run is
+            # an outcome, not an error of this process: nothing at ERROR on its stdout).
             written = self.store.finish(run_id, self.id, outcome.status, result=outcome.result, error=outcome.error,
                                         logs=logs)
             if written and written != QUEUED:  # queued: retried (the store's line on the run says when)

@@ -477,7 +477,7 @@ class RunStore:
             tries += 1
             with self.db.session(write=True) as session:
                 written = self._end_attempt(session, run_id, ACTIVE, status, result, error, Run.lease_owner == owner,
-                                            logs=logs)
+                                            logs=logs, log_error=status in (FAILED, CRASHED))
                 if written is None and tries > 1:  # the try before may have committed, its answer lost with it
                     written = status if session.scalar(select(func.count()).where(
                         Run.id == run_id, Run.lease_owner == owner, Run.status == status,
