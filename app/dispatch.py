@@ -1,4 +1,5 @@
-"""Dispatcher: turns an accepted trigger into a stored run, chooses its backend (Prefect or local) and records why."""
+"""Dispatcher: turns an accepted trigger into a stored run, chooses its backend (Prefect or local) and records why.
+Over 300 lines because every way a run comes to be (a trigger, an execute, a schedule's slot, a rerun) is here."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
-"""run_connector: one connector run as a dlt pipeline, the same code on every execution path."""
+"""run_connector: one connector run as a dlt pipeline, the same code on every execution path. Over 300 lines
+because the steps, the error a failed step becomes (with its class) and the sources the steps build are one unit."""
 from __future__ import annotations
 
 import logging

@@ -7,7 +7,6 @@ import socket
 from datetime import datetime, timedelta
 from pathlib import Path
 
-import httpx
 import pytest
 import respx
 from sqlalchemy import update
@@ -156,7 +155,8 @@ def test_a_dead_workers_run_is_queued_again_and_not_claimed_before_its_time(stor
     again = store.get(run.id)
     assert (again.status, again.attempt, again.lease_owner, again.started_at) == (QUEUED, 2, None, None)
     assert again.next_attempt_at > utcnow() + timedelta(seconds=500)
-    assert [(a["attempt"], a["status"], a["error"]["code"]) for a in again.attempt_log] == [(1, CRASHED, "process_died")]
+    assert [(a["attempt"], a["status"], a["error"]["code"]) for a in again.attempt_log] == [
+        (1, CRASHED, "process_died")]
     assert claim(store) is None  # not before next_attempt_at
     make_due(store, run.id)
     second = claim(store)

@@ -1,7 +1,8 @@
 """LocalExecutor: threads in one gateway process that claim queued runs from the store and run them.
 
 The leases of the runs it executes are kept by one LeaseKeeper (flows/lease.py): renewed every lease/3, and a
-run whose lease was taken, or not renewed in time however the renewal hangs, is stopped at once."""
+run whose lease was taken, or not renewed in time however the renewal hangs, is stopped at once. Over 300 lines
+because claiming, leases, shutdown and the record of each run's end share the executor's state."""
 from __future__ import annotations
 
 import logging
@@ -286,8 +287,7 @@ class LocalExecutor:
             if lost:
                 log.warning("run %s ended as %s after its lease was lost; nothing recorded", run_id, outcome.status)
                 return
-            # A failure is an ERROR line of the run's own log, written with its end by the store (a failed run is
-            # an outcome, not an error of this process: nothing at ERROR on its stdout).
+            # The store writes a failure's ERROR line on the run's own log (not on stdout: it is the run's outcome).
             written = self.store.finish(run_id, self.id, outcome.status, result=outcome.result, error=outcome.error,
                                         logs=logs)
             if written and written != QUEUED:  # queued: retried (the store's line on the run says when)

@@ -2,7 +2,8 @@
 (the background follower of every unfinished run, PrefectSync, is a loop of its own: prefect_sync.py).
 
 Everything here talks to Prefect through PrefectClient (the one HTTP boundary) and PrefectRoute (probes and the
-circuit breaker); the dispatcher decides whether a run comes here at all.
+circuit breaker); the dispatcher decides whether a run comes here at all. Over 300 lines because a flow run's every
+end (with its error and failure class) and a cancel's every answer are read here, side by side.
 """
 from __future__ import annotations
 

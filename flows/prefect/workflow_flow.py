@@ -97,11 +97,11 @@ def workflow_flow(run_id: str, workflow: dict[str, Any], inputs: dict[str, Any] 
     A definition from a workflow file arrives with its `${VAR}`s unresolved: they are filled in here, from the
     worker's environment, so Prefect never holds the secrets."""
     with run_span("workflow", str(workflow.get("id", ""))):
-        return _workflow_flow(run_id, workflow, inputs, mode, from_file)
+        return _workflow_flow(run_id, workflow, inputs, mode, from_file, reuse)
 
 
 def _workflow_flow(run_id: str, workflow: dict[str, Any], inputs: dict[str, Any] | None, mode: str,
-                   from_file: bool) -> dict[str, Any]:
+                   from_file: bool, reuse: dict[str, Any] | None) -> dict[str, Any]:
     settings = RuntimeSettings()
     spec = resolve_definition(workflow, from_file)
     database = Database(settings.run_store_url)  # node cache and connector keys: shared with the gateways
