@@ -159,7 +159,7 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     app.extensions["flowgate"] = Services(settings, registry, workflows, store, executor, dispatcher, engine, workspace,
                                           prefect_sync, callbacks, pruner, run_logs, scheduler)
 
-    from app import api, auth, errors, gateway_tracing, limits, metrics, openapi, waits
+    from app import api, auth, errors, gateway_tracing, limits, metrics, openapi, polls, waits
 
     errors.init_app(app)
     logs.init_app(app)  # before auth: a refused request still gets its id
@@ -168,6 +168,7 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     limits.init_app(app, settings.rate_limit, settings.rate_limit_storage)
     metrics.init_app(app)
     waits.init_app(app, settings.max_concurrent_waits)
+    polls.init_app(app)
     api.init_app(app)
     openapi.init_app(app, api_keys=keyring.enabled)
     return app

@@ -1,6 +1,8 @@
-"""Dispatcher: turns an accepted trigger into a stored run, chooses its backend (Prefect or local) and records why."""
+"""Dispatcher: turns an accepted trigger into a stored run, chooses its backend (Prefect or local) and records why.
+Over 300 lines because every way a run comes to be (a trigger, an execute, a schedule's slot, a rerun) is here."""
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -15,15 +17,16 @@ from app.backends.local import LocalBackend
 from app.backends.prefect import PrefectBackend
 from app.backends.prefect_client import PrefectError
 from app.config import Settings
-from app.errors import Conflict, NotFound, TooManyRequests, Unavailable, ValidationFailed
+from app.errors import Conflict, NotFound, Problem, TooManyRequests, Unavailable, ValidationFailed
 from app.metrics import FALLBACKS, TRIGGERS, observe_run_end
-from app.runs.models import SOURCE_SCHEDULE, Run
-from app.runs.store import CREATED, IdempotencyConflict, NewRun, QueueFull, RunStore
+from app.runs.models import SOURCE_RERUN, SOURCE_SCHEDULE, Run
+from app.runs.store import CREATED, IdempotencyConflict, NewRun, QueueFull, RunStore, TargetBusy
 from connectors import tracing
+from connectors.failures import RetryPolicy
 from connectors.pipeline import Workspace, concurrency_key
 from connectors.registry import ConnectorRegistry
 from connectors.spec import ParamsError
-from flows.outcome import CANCELLED, QUEUED, RunError
+from flows.outcome import CANCELLED, COMPLETED, QUEUED, RunError
 from flows.prefect.contract import FLOW_NAME, WORKFLOW_DEPLOYMENT, WORKFLOW_FLOW_NAME
 from flows.workflow_registry import WorkflowRegistry
 from flows.workflow_spec import WorkflowSpec
@@ -50,6 +53,14 @@ class SlotRun:
     skip_if_waiting: bool  # catch_up latest/none: a slot coming while a run waits is skipped; all: it waits too
 
 
+class Skipped(Exception):
+    """A trigger with `on_conflict: skip` found its target busy: nothing was started (not an error: a 200)."""
+
+    def __init__(self, busy: TargetBusy):
+        super().__init__(str(busy))
+        self.run_id = busy.run_id
+
+
 class Dispatcher:
     """The one place that knows how a trigger becomes a run and which backend answers for it; views only call it."""
 
@@ -66,30 +77,39 @@ class Dispatcher:
     # --- triggering -------------------------------------------------------------------------
 
     def trigger_connector(self, connector_id: str, params: dict[str, Any], backend: str | None = None,
-                          idempotency_key: str | None = None, callback_url: str | None = None) -> tuple[Run, bool]:
-        """Validate, store and dispatch a connector run; returns the run and whether it is new."""
+                          idempotency_key: str | None = None, callback_url: str | None = None,
+                          retry: RetryPolicy | None = None, on_conflict: str | None = None,
+                          **origin: Any) -> tuple[Run, bool]:
+        """Validate, store and dispatch a connector run; returns the run and whether it is new (a run its conflict
+        policy joined is not; Skipped when it skips). `retry`, `on_conflict`: this call's, else the connector's;
+        `origin`: NewRun's `source` and `rerun_of`."""
         with tracing.tracer().start_as_current_span("dispatch", attributes={"flowgate.kind": "connector",
                                                                             "flowgate.target": connector_id}):
             mode = backend or self.settings.backend
             new, deployment_id = self._connector_run(connector_id, params, mode, idempotency_key, callback_url)
+            new = replace(new, retry=retry or new.retry, on_conflict=on_conflict or new.on_conflict, **origin)
             return self._store_and_dispatch(new, deployment_id, forced=mode == "prefect")
 
     def trigger_workflow(self, spec: WorkflowSpec, inputs: dict[str, Any], mode: str, backend: str | None = None,
                          idempotency_key: str | None = None, callback_url: str | None = None,
-                         file_definition: dict[str, Any] | None = None) -> tuple[Run, bool]:
+                         file_definition: dict[str, Any] | None = None,
+                         retry: RetryPolicy | None = None, **origin: Any) -> tuple[Run, bool]:
         """Store and dispatch a workflow run; the definition travels with the run, so any process can run it.
 
         `file_definition`: the workflow as its file says it (`${VAR}`s unresolved), stored instead of `spec`."""
         with tracing.tracer().start_as_current_span("dispatch", attributes={"flowgate.kind": "workflow",
                                                                             "flowgate.target": spec.id}):
-            return self._trigger_workflow(spec, inputs, mode, backend, idempotency_key, callback_url, file_definition)
+            return self._trigger_workflow(spec, inputs, mode, backend, idempotency_key, callback_url, file_definition,
+                                          retry, **origin)
 
     def _trigger_workflow(self, spec: WorkflowSpec, inputs: dict[str, Any], mode: str, backend: str | None,
                           idempotency_key: str | None, callback_url: str | None,
-                          file_definition: dict[str, Any] | None) -> tuple[Run, bool]:
+                          file_definition: dict[str, Any] | None, retry: RetryPolicy | None,
+                          **origin: Any) -> tuple[Run, bool]:
         chosen = backend or self.settings.backend
         new, deployment_id = self._workflow_run(spec, inputs, mode, chosen, idempotency_key, callback_url,
                                                 file_definition)
+        new = replace(new, retry=retry or new.retry, **origin)
         return self._store_and_dispatch(new, deployment_id, forced=chosen == "prefect")
 
     def fire_slot(self, slot: SlotRun) -> tuple[str, Run | None]:
@@ -125,7 +145,8 @@ class Dispatcher:
                       backend="prefect" if deployment_id else "local",
                       concurrency_key=concurrency_key(spec, self.workspace), fallback_reason=reason,
                       idempotency_key=idempotency_key, callback_url=callback_url,
-                      max_queued=self.settings.max_queued_per_target, trace_context=_trace_context()), deployment_id
+                      max_queued=self.settings.max_queued_per_target, trace_context=_trace_context(),
+                      retry=spec.retry, on_conflict=spec.on_conflict), deployment_id
 
     def _workflow_run(self, spec: WorkflowSpec, inputs: dict[str, Any], mode: str, backend: str,
                       idempotency_key: str | None, callback_url: str | None,
@@ -133,10 +154,74 @@ class Dispatcher:
         deployment_id, reason = self._choose(WORKFLOW_DEPLOYMENT, backend, flow_name=WORKFLOW_FLOW_NAME)
         params = {"inputs": inputs, "mode": mode, "from_file": file_definition is not None,
                   "workflow": file_definition or spec.model_dump(mode="json", exclude={"schedule", "callback_url"})}
-        return NewRun(kind="workflow", target=spec.id, params=params, backend="prefect" if deployment_id else "local",
+        return self._new_workflow_run(spec.id, params, deployment_id, reason, idempotency_key, callback_url,
+                                      retry=spec.retry), deployment_id
+
+    def _new_workflow_run(self, workflow_id: str, params: dict[str, Any], deployment_id: str | None,
+                          reason: str | None, idempotency_key: str | None, callback_url: str | None,
+                          **more: Any) -> NewRun:
+        return NewRun(kind="workflow", target=workflow_id, params=params,
+                      backend="prefect" if deployment_id else "local",
                       concurrency_key=f"workflow-run:{uuid.uuid4().hex}", fallback_reason=reason,
                       idempotency_key=idempotency_key, callback_url=callback_url,
-                      max_queued=self.settings.max_queued_per_target, trace_context=_trace_context()), deployment_id
+                      max_queued=self.settings.max_queued_per_target, trace_context=_trace_context(), **more)
+
+    # --- reruns -----------------------------------------------------------------------------
+
+    def rerun(self, source: Run, params: dict[str, Any] | None = None, inputs: dict[str, Any] | None = None,
+              from_failed: bool = False, idempotency_key: str | None = None,
+              triggered_by: str | None = None) -> tuple[Run, bool]:
+        """A new run (`source: rerun`, `rerun_of`) of what an ended run ran, with its retry policy and labels: a
+        connector's params (`params` over them), a workflow's definition and inputs (`inputs` over them). With
+        `from_failed`, a workflow's completed nodes are not executed again: their outputs are the source run's."""
+        if not source.is_terminal:
+            raise Conflict(f"run '{source.id}' has not ended ({source.status}): nothing to rerun yet",
+                           code="run_not_ended", run_status=source.status)
+        retry = RetryPolicy.model_validate(source.retry_policy) if source.retry_policy else None
+        origin = {"source": SOURCE_RERUN, "rerun_of": source.id, "triggered_by": triggered_by, "labels": source.labels}
+        if source.kind == "connector":
+            if inputs is not None or from_failed:
+                field = "inputs" if inputs is not None else "from"
+                raise ValidationFailed.of_field(field, "is for a workflow run; a connector run takes `params`")
+            return self.trigger_connector(source.target, {**source.params, **(params or {})},
+                                          idempotency_key=idempotency_key, retry=retry, on_conflict="queue", **origin)
+        if params is not None:
+            raise ValidationFailed.of_field("params", "is for a connector run; a workflow run takes `inputs`")
+        run_params = {key: value for key, value in source.params.items() if key != "reuse"}
+        run_params["inputs"] = {**(source.params.get("inputs") or {}), **(inputs or {})}
+        if from_failed:
+            if source.status == COMPLETED:
+                raise Conflict(f"run '{source.id}' completed: no failed node to rerun from", code="run_not_failed")
+            run_params["reuse"] = {node["id"]: node.get("output") for node in self.store.nodes.read(source.id) or ()
+                                   if node.get("status") == COMPLETED}
+            size = len(json.dumps(run_params["reuse"], default=str))
+            if size > self.settings.max_output_bytes:
+                raise ValidationFailed.of_field("from", f"the completed nodes' outputs are {size} bytes as JSON, more "
+                                                        "than FLOWGATE_MAX_OUTPUT_BYTES: rerun from the start")
+        mode = self.settings.backend
+        deployment_id, reason = self._choose(WORKFLOW_DEPLOYMENT, mode, flow_name=WORKFLOW_FLOW_NAME)
+        new = self._new_workflow_run(source.target, run_params, deployment_id, reason, idempotency_key, None,
+                                     retry=retry, **origin)
+        return self._store_and_dispatch(new, deployment_id, forced=mode == "prefect")
+
+    def rerun_many(self, runs: list[Run], dry_run: bool,
+                   triggered_by: str | None = None) -> list[tuple[Run, Run | Problem | None, bool]]:
+        """Rerun each of `runs` (dry_run: none), at most once per source run, however often asked: the rerun's
+        idempotency key names its source. Returns (source, its rerun, or why it could not be, or None; whether
+        this call started it)."""
+        done: list[tuple[Run, Run | Problem | None, bool]] = []
+        for source in runs:
+            if dry_run:
+                done.append((source, None, False))
+                continue
+            try:
+                rerun, created = self.rerun(source, idempotency_key=f"rerun-of:{source.id}",
+                                            triggered_by=triggered_by)
+            except Problem as problem:  # e.g. its connector is no longer configured: the others still rerun
+                done.append((source, problem, False))
+                continue
+            done.append((source, rerun, created))
+        return done
 
     def _choose(self, deployment: str, mode: str, flow_name: str = FLOW_NAME) -> tuple[str | None, str | None]:
         """(deployment id, None) to use Prefect, or (None, why not) to run locally."""
@@ -163,11 +248,17 @@ class Dispatcher:
         except QueueFull as exc:
             raise TooManyRequests(f"{exc} (FLOWGATE_MAX_QUEUED_PER_TARGET)", code="queue_full",
                                   headers={"Retry-After": "30"}) from None
+        except TargetBusy as exc:
+            TRIGGERS.labels(new.kind, new.backend, exc.policy).inc()
+            if exc.policy == "skip":
+                raise Skipped(exc) from None
+            raise Conflict(str(exc), code="run_active", run_id=exc.run_id) from None
         span = trace.get_current_span()  # the dispatch span
         span.set_attribute(tracing.RUN_ID, run.id)
         if not created:
-            TRIGGERS.labels(run.kind, run.backend, "duplicate").inc()
-            span.set_attribute("flowgate.duplicate", True)
+            duplicate = bool(new.idempotency_key) and run.idempotency_key == new.idempotency_key
+            TRIGGERS.labels(run.kind, run.backend, "duplicate" if duplicate else "joined").inc()
+            span.set_attribute("flowgate.duplicate" if duplicate else "flowgate.joined", True)
             return run, False
         return self._dispatch(run, deployment_id, forced), True
 

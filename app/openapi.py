@@ -1,4 +1,5 @@
-"""The OpenAPI 3.1 document of the HTTP API, built from the same pydantic models the views validate with."""
+"""The OpenAPI 3.1 document of the HTTP API, built from the same pydantic models the views validate with.
+Over 300 lines because every path of the API is described in the one table of build_document."""
 from __future__ import annotations
 
 import copy
@@ -11,9 +12,10 @@ from pydantic.json_schema import models_json_schema
 
 from app import __version__
 from app.schemas import (
-    RUN_ID_PATTERN, ConnectorDetail, ConnectorList, ConnectorSchema, ConnectorStats, ExecuteNodeRequest, Health,
-    LoadResult, NodeRunOut, PreviewOut, PreviewRequest, ProblemDetail, Readiness, RunLogs, RunLogsQuery, RunOptions,
-    RunOut, RunPage, RunQuery, ScheduleOut, StatsQuery, TriggerRequest, WhoAmI, WorkflowAccepted, WorkflowDetail,
+    RUN_ID_PATTERN, BulkRerunOut, BulkRerunRequest, ConnectorDetail, ConnectorList, ConnectorSchema, ConnectorStats,
+    ExecuteNodeRequest, Health, LoadResult, NodeRunOut, PreviewOut, PreviewRequest, ProblemDetail, Readiness,
+    RerunRequest, RunLogs, RunLogsQuery, RunOptions, RunOut, RunPage, RunQuery, ScheduleOut, StatsQuery,
+    TriggerRequest, TriggerSkipped, WhoAmI, WorkflowAccepted, WorkflowDetail,
     WorkflowExecuteRequest, WorkflowExecution, WorkflowList,
 )
 from connectors.spec import CONNECTOR_ID, ConnectorSpec, PythonSource, SqlDatabaseSource
@@ -23,10 +25,14 @@ _MODELS: list[type[BaseModel]] = [TriggerRequest, RunOptions, RunOut, RunPage, C
                                   Health, Readiness, ProblemDetail, PreviewRequest, PreviewOut,
                                   ConnectorSchema, WorkflowExecuteRequest, WorkflowAccepted, WorkflowExecution,
                                   ExecuteNodeRequest, NodeRunOut, RunLogs, WhoAmI, ScheduleOut, WorkflowList,
-                                  WorkflowDetail, LoadResult, ConnectorStats]
+                                  WorkflowDetail, LoadResult, ConnectorStats, TriggerSkipped, RerunRequest,
+                                  BulkRerunRequest, BulkRerunOut]
 _PROBLEMS = {"400": "Malformed JSON or a body that is not an object", "401": "No valid API key (when keys are set)",
              "403": "The API key lacks the scope", "404": "Unknown resource",
-             "405": "Method not allowed", "413": "Body too large", "422": "A field is missing, mistyped or unknown",
+             "405": "Method not allowed",
+             "409": "Conflict with the state of things; `code` says which (idempotency_key_reused, run_active with "
+                    "the active run's `run_id`, run_already_ended, run_not_ended, run_not_failed)",
+             "413": "Body too large", "422": "A field is missing, mistyped or unknown",
              "429": "Too many requests: the caller's rate limit, or too many wrong API keys from this address"}
 
 
@@ -57,9 +63,24 @@ _IDEMPOTENCY_HEADER = {"name": "Idempotency-Key", "in": "header", "required": Fa
 _RUN_ID = {"pattern": RUN_ID_PATTERN}
 
 
+_RETRY_AFTER = {"Retry-After": {
+    "description": "While the run has not ended: seconds until it is worth asking again, from its connector's or "
+                   "workflow's recent durations (absent once it has ended)",
+    "schema": {"type": "string", "pattern": "^([1-9]|[12][0-9]|30)$"}}}
+
+
+def _polled(response: dict[str, Any]) -> dict[str, Any]:
+    """A response that carries Retry-After while its run has not ended."""
+    return {**response, "headers": _RETRY_AFTER}
+
+
 def _run_started(*problems: str) -> dict[str, Any]:
-    return {"200": _json(RunOut, "The run ended within `wait`"),
-            "202": _json(RunOut, "The run is queued or running; poll status_url"),
+    ended = {"oneOf": [_ref(RunOut), _ref(TriggerSkipped)]}
+    return {"200": {"description": "The run ended within `wait`; or, with `on_conflict: skip` and a run active, "
+                                   "nothing was started (TriggerSkipped)",
+                    "content": {"application/json": {"schema": ended}}},
+            "202": _polled(_json(RunOut, "The run is queued or running (with `on_conflict: join` or `queue_one`, "
+                                         "perhaps an earlier trigger's); poll status_url")),
             **_problems("400", "404", "409", "413", "422", "503", *problems)}
 
 
@@ -240,12 +261,13 @@ def build_document(max_wait_seconds: float | None = None, *, connectors: Sequenc
             "parameters": [_path_param("workflow_id", pattern=NODE_ID), _IDEMPOTENCY_HEADER],
             "requestBody": _body(WorkflowExecuteRequest),
             "responses": {"200": _json(WorkflowAccepted, "The execution ended within `wait`"),
-                          "202": _json(WorkflowAccepted, "The execution is queued or running; poll statusUrl"),
+                          "202": _polled(_json(WorkflowAccepted, "The execution is queued or running; poll "
+                                                                     "statusUrl")),
                           **_problems("400", "404", "409", "413", "422", "503")}}},
         "/api/workflow/execution/{execution_id}": {"get": {
             "operationId": "getWorkflowExecution", "summary": "A workflow execution, node by node",
             "parameters": [_path_param("execution_id", **_RUN_ID)],
-            "responses": {"200": _json(WorkflowExecution, "The execution"), **_problems("404")}}},
+            "responses": {"200": _polled(_json(WorkflowExecution, "The execution")), **_problems("404")}}},
         "/api/workflow/{workflow_id}/execute-node": {"post": {
             "operationId": "executeNode", "summary": "Run one node now with `inputData`; answers with its output",
             # The node runs on its own: the workflow id is the seed's path shape, not looked up, so any text will do.
@@ -257,15 +279,28 @@ def build_document(max_wait_seconds: float | None = None, *, connectors: Sequenc
             "responses": {"200": _json(RunPage, "A page of runs"), **_problems("422")}}},
         "/api/v1/runs/{run_id}": {"get": {
             "operationId": "getRun", "summary": "A run", "parameters": [_path_param("run_id", **_RUN_ID)],
-            "responses": {"200": _json(RunOut, "The run"), **_problems("404")}}},
+            "responses": {"200": _polled(_json(RunOut, "The run")), **_problems("404")}}},
         "/api/v1/runs/{run_id}/logs": {"get": {
             "operationId": "getRunLogs", "summary": "A run's log lines (local: captured; Prefect: from Prefect)",
             "parameters": [_path_param("run_id", **_RUN_ID), *_query_parameters(RunLogsQuery)],
             "responses": {"200": _json(RunLogs, "Log lines, oldest first"), **_problems("404", "422", "503")}}},
+        "/api/v1/runs/rerun": {"post": {
+            "operationId": "rerunRuns",
+            "summary": "Rerun the ended runs a filter matches (newest first, at most `limit`, each at most once)",
+            "requestBody": {**_body(BulkRerunRequest), "required": True},
+            "responses": {"200": _json(BulkRerunOut, "What matched, and each rerun (none with dry_run)"),
+                          **_problems("400", "413", "422")}}},
+        "/api/v1/runs/{run_id}/rerun": {"post": {
+            "operationId": "rerunRun", "summary": "A new run of what an ended run ran (`source: rerun`)",
+            "parameters": [_path_param("run_id", **_RUN_ID), _IDEMPOTENCY_HEADER], "requestBody": _body(RerunRequest),
+            "responses": {"200": _json(RunOut, "The rerun (an earlier one, by Idempotency-Key) has ended"),
+                          "202": _polled(_json(RunOut, "The rerun is queued")),
+                          **_problems("400", "404", "409", "413", "422", "503")}}},
         "/api/v1/runs/{run_id}/cancel": {"post": {
             "operationId": "cancelRun", "summary": "Cancel a queued or running run",
             "parameters": [_path_param("run_id", **_RUN_ID)],
-            "responses": {"200": _json(RunOut, "Cancelled"), "202": _json(RunOut, "Cancelling at the next checkpoint"),
+            "responses": {"200": _json(RunOut, "Cancelled"),
+                          "202": _polled(_json(RunOut, "Cancelling at the next checkpoint")),
                           **_problems("404", "409")}}},
     }
     document: dict[str, Any] = {

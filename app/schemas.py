@@ -8,11 +8,12 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 from pydantic_core import PydanticCustomError
 
 from app.runs.history import RunPoint
 from app.runs.models import Run
+from connectors.failures import RetryPolicy
 from connectors.secrets import public_error, scrub
 from connectors.secrets import redact
 from connectors.shown_paths import shown_path
@@ -26,6 +27,9 @@ INT32_MAX = 2**31 - 1  # an Integer column on PostgreSQL (run log line ids)
 RUN_ID_PATTERN = r"^[0-9a-f]{32}$"  # the run store's ids (uuid4 hex); anything else is no run
 CURSOR_PATTERN = r"^[0-9]{1,16}\.[0-9a-f]{32}$"  # microseconds since the epoch, then a run id
 IDEMPOTENCY_KEY_PATTERN = r"^[\x20-\x7e]{1,255}$"  # printable ASCII, as an HTTP header value can carry it
+LABEL_KEY_PATTERN = r"^[a-z][a-z0-9_.-]{0,62}$"
+MAX_LABELS, MAX_LABEL_VALUE = 16, 256
+LABEL_QUERY_PATTERN = r"^[a-z][a-z0-9_.-]{0,62}:[\s\S]{0,256}$"  # key:value
 
 
 def _integral_float(value: Any) -> Any:
@@ -47,6 +51,12 @@ def _query_integer(value: Any) -> Any:
 
 
 JsonInt = Annotated[int, BeforeValidator(_integral_float)]
+LabelKey = Annotated[str, StringConstraints(pattern=LABEL_KEY_PATTERN)]
+LabelValue = Annotated[str, StringConstraints(max_length=MAX_LABEL_VALUE)]
+Labels = Annotated[dict[LabelKey, LabelValue], Field(
+    max_length=MAX_LABELS, json_schema_extra={"additionalProperties": False},
+    description=f"Up to {MAX_LABELS} labels (`{{\"tenant\": \"acme\"}}`): keys {LABEL_KEY_PATTERN}, values at most "
+                f"{MAX_LABEL_VALUE} characters. On the run, in its callback, and tags of its Prefect flow run.")]
 QueryInt = Annotated[int, BeforeValidator(_query_integer)]
 
 
@@ -72,12 +82,29 @@ class RunOptions(_Request):
                                         description="Same key, same run (also read from the Idempotency-Key header).")
     callback_url: str | None = Field(None, min_length=1, max_length=2000,
                                      description="POSTed the run document, signed, when the run ends.")
+    retry: RetryPolicy | None = Field(None, description="Run it again after a failure of these classes, under the "
+                                                        "same run id (overrides the connector's `retry`).")
+    labels: Labels = Field(default_factory=dict)
+    on_conflict: Literal["queue", "join", "skip", "reject", "queue_one"] | None = Field(
+        None, description="When the connector has a queued or running run: `queue` another (the default), `join` "
+                          "it (its document is the answer), `skip` (200, nothing started), `reject` (409 naming it), "
+                          "`queue_one` (at most one queued behind the running one; later triggers join it). "
+                          "Overrides the connector's `on_conflict`.")
 
 
 class TriggerRequest(RunOptions):
     """Body of POST /trigger, the contract the existing callers use."""
 
     connector_id: str = Field(min_length=1, max_length=200, description="Id of a connector in connectors.yaml.")
+
+
+class TriggerSkipped(BaseModel):
+    """The answer to a trigger with `on_conflict: skip` while its connector had an active run: nothing started."""
+
+    skipped: Literal[True]
+    detail: str
+    active_run_id: str
+    active_run_url: str
 
 
 class PreviewRequest(_Request):
@@ -206,6 +233,9 @@ class WorkflowExecuteRequest(_Request):
     wait: float = Field(0, ge=0, description="Seconds to block for the execution to end (0: answer at once).")
     callback_url: str | None = Field(None, min_length=1, max_length=2000,
                                      description="POSTed the run document, signed, when the execution ends.")
+    retry: RetryPolicy | None = Field(None, description="Run it again after a failure of these classes, under the "
+                                                        "same id (overrides the workflow's `retry`).")
+    labels: Labels = Field(default_factory=dict)
 
 
 class WorkflowAccepted(BaseModel):
@@ -228,6 +258,7 @@ class NodeExecutionOut(BaseModel):
     status: Literal["pending", "running", "completed", "failed", "skipped", "upstream_failed", "cancelled"]
     attempts: int
     cached: bool
+    reused: bool = Field(False, description="A rerun from the failed nodes took this output from the run it reruns.")
     started_at: str | None
     finished_at: str | None
     duration_seconds: float | None
@@ -282,10 +313,25 @@ class RunQuery(_Query):
     connector_id: str | None = Field(None, pattern=CONNECTOR_ID)
     status: RunStatus | None = None
     backend: Literal["local", "prefect"] | None = Field(None, description="Only runs on this backend.")
-    source: Literal["api", "schedule"] | None = Field(
-        None, description="Only runs a caller started (api) or a schedule's slot started (schedule).")
+    source: Literal["api", "schedule", "rerun", "workflow"] | None = Field(
+        None, description="Only runs a caller started (api), a schedule's slot (schedule), a rerun (rerun) or a "
+                          "workflow's connector node (workflow) started.")
+    label: str | None = Field(None, pattern=LABEL_QUERY_PATTERN, description="Only runs with this label, "
+                                                                             "as `key:value` (`tenant:acme`).")
     limit: QueryInt = Field(50, ge=1, le=200)
     cursor: str | None = Field(None, pattern=CURSOR_PATTERN, description="next_cursor from the previous page.")
+
+
+class AttemptOut(BaseModel):
+    """One attempt of a run: where it ran, when, and how it ended (`status` of the run while it goes on)."""
+
+    attempt: int
+    backend: str
+    started_at: datetime | None
+    ended_at: datetime | None
+    status: RunStatus
+    error: dict[str, Any] | None = Field(None, description="Why it failed, with its `failure_class`.")
+    prefect_flow_run_id: str | None = None
 
 
 class RunOut(BaseModel):
@@ -301,7 +347,14 @@ class RunOut(BaseModel):
     fallback_reason: str | None
     prefect_flow_run_id: str | None
     prefect_state: str | None
-    attempts: int
+    attempt: int = Field(description="The number of the current (or last) attempt, from 1.")
+    attempts: list[AttemptOut] = Field(description="Every attempt so far, oldest first (the last one is the run's "
+                                                   "own state); a run never started has none.")
+    next_attempt_at: datetime | None = Field(description="A retry waiting to start: not before this time.")
+    rerun_of: str | None = Field(description="The run this one reruns.")
+    triggered_by: str = Field(description="The name of the API key that started it, or `anonymous`.")
+    labels: dict[str, str] = Field(description="The labels it was started with.")
+    retry: RetryPolicy | None = Field(description="The retry policy in effect (null: a failure ends the run).")
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -313,8 +366,9 @@ class RunOut(BaseModel):
     callback: dict[str, Any] | None = Field(
         None, description="Where the run document is POSTed when it ends: url (no query), status "
                           "(pending, delivered, failed) and every attempt.")
-    source: Literal["api", "schedule"] = Field(
-        "api", description="Who started the run: a caller (api) or a schedule's slot (schedule).")
+    source: Literal["api", "schedule", "rerun", "workflow"] = Field(
+        "api", description="Who started the run: a caller (api), a schedule's slot (schedule), a rerun (of "
+                           "`rerun_of`), a workflow's connector node (workflow).")
     scheduled_for: datetime | None = Field(None, description="A scheduled run's slot: when it was due.")
     schedule: dict[str, Any] | None = Field(
         None, description="A scheduled run's rule as declared (cron, interval or rrule, timezone, catch_up) and "
@@ -333,11 +387,73 @@ class RunOut(BaseModel):
                    workflow_id=run.target if run.kind == "workflow" else None,
                    status=run.status, backend=run.backend, params=redact(run.params or {}),
                    fallback_reason=run.fallback_reason, prefect_flow_run_id=run.prefect_flow_run_id,
-                   prefect_state=run.prefect_state, attempts=run.attempts, created_at=run.created_at,
+                   prefect_state=run.prefect_state, attempt=run.attempt or 1, attempts=_attempts(run),
+                   next_attempt_at=run.next_attempt_at if run.status == "queued" else None,
+                   retry=run.retry_policy, rerun_of=run.rerun_of, triggered_by=run.triggered_by or "anonymous",
+                   labels=run.labels or {}, created_at=run.created_at,
                    started_at=run.started_at, finished_at=run.finished_at, result=result, error=public_error(run.error),
                    callback=run.callback.to_dict() if run.callback else None, source=run.source or "api",
                    scheduled_for=run.scheduled_for, schedule=run.schedule, trace_id=run.trace_id,
                    status_url=status_url)
+
+
+def _attempts(run: Run) -> list[dict[str, Any]]:
+    """The attempts that ended before this one, and this one once it has started (or failed without starting)."""
+    attempts = [{**entry, "error": public_error(entry.get("error"))} for entry in run.attempt_log or ()]
+    if run.started_at is not None or run.status in ("failed", "crashed"):
+        attempts.append({"attempt": run.attempt or 1, "backend": run.backend, "started_at": run.started_at,
+                         "ended_at": run.finished_at, "status": run.status, "error": public_error(run.error),
+                         "prefect_flow_run_id": run.prefect_flow_run_id})
+    return attempts
+
+
+class RerunRequest(_Request):
+    """Body of POST /api/v1/runs/<id>/rerun: what to change, and (a workflow) where to start."""
+
+    params: dict[str, Any] | None = Field(None, description="A connector run: overrides over the run's params.")
+    inputs: dict[str, Any] | None = Field(None, description="A workflow run: inputs over the run's inputs.")
+    from_: Literal["start", "failed"] = Field(
+        "start", alias="from", description="A workflow run: `failed` reuses the completed nodes' outputs and runs "
+                                           "only the failed and the nodes after them.")
+
+
+class RerunFilter(_Request):
+    """Which ended runs a bulk rerun takes, newest first."""
+
+    connector_id: str | None = Field(None, pattern=CONNECTOR_ID, description="A connector's runs.")
+    workflow_id: str | None = Field(None, pattern=CONNECTOR_ID, description="A workflow's runs.")
+    status: Literal["failed", "crashed", "cancelled", "completed"] = Field("failed", description="How they ended.")
+    backend: Literal["local", "prefect"] | None = None
+    label: str | None = Field(None, pattern=LABEL_QUERY_PATTERN, description="Only runs with this label "
+                                                                             "(`key:value`).")
+
+
+class BulkRerunRequest(_Request):
+    """Body of POST /api/v1/runs/rerun."""
+
+    filter: RerunFilter = Field(description="Which runs; each is rerun at most once, however often asked.")
+    dry_run: bool = Field(False, description="Only list what would rerun.")
+    limit: JsonInt = Field(20, ge=1, le=100, description="At most this many source runs (the newest).")
+
+
+class BulkRerunItem(BaseModel):
+    """One matched run and its rerun (none in a dry run, or with `error` when it could not be started)."""
+
+    run_id: str
+    kind: str
+    target: str
+    status: RunStatus
+    rerun_run_id: str | None
+    created: bool = Field(description="This call started the rerun (false: an earlier call had, or a dry run).")
+    error: dict[str, Any] | None = None
+
+
+class BulkRerunOut(BaseModel):
+    """What a bulk rerun matched and did."""
+
+    dry_run: bool
+    items: list[BulkRerunItem]
+    more: bool = Field(description="More runs matched than `limit`: ask again for the next ones (older).")
 
 
 class RunLogsQuery(_Query):

@@ -24,7 +24,10 @@ from typing import Any
 from opentelemetry import context as otel_context
 
 from connectors import tracing
-from connectors.pipeline import ConnectorPipeline, ConnectorRunError, LoadSummary, RunCancelled, Workspace, run_connector
+from connectors.failures import CRASHED, classify
+from connectors.pipeline import (
+    ConnectorPipeline, ConnectorRunError, LoadSummary, RunCancelled, Workspace, run_connector,
+)
 from connectors.schema_contract import SchemaContractViolation
 from connectors.spec import ConnectorSpec, ParamsError
 
@@ -99,7 +102,7 @@ def run_connector_isolated(spec: ConnectorSpec, workspace: Workspace, should_sto
                     raise _rebuilt(spec, payload)
                 child.join(5)
                 raise ConnectorRunError(spec.id, step, f"the run's process ended without an outcome "
-                                                       f"(exit code {child.exitcode})")
+                                                       f"(exit code {child.exitcode})", failure_class=CRASHED)
             if must_end():
                 child.kill()
                 child.join(5)
@@ -113,7 +116,8 @@ def run_connector_isolated(spec: ConnectorSpec, workspace: Workspace, should_sto
                 raise RunCancelled(step, f"stopped by force during {step}: it reached no checkpoint within "
                                          f"{grace_seconds:g} s")
             elif not child.is_alive() and not receive.poll():
-                raise ConnectorRunError(spec.id, step, f"the run's process died (exit code {child.exitcode})")
+                raise ConnectorRunError(spec.id, step, f"the run's process died (exit code {child.exitcode})",
+                                        failure_class=CRASHED)
     finally:
         receive.close()
         if child.pid is not None:
@@ -139,9 +143,7 @@ def _rebuilt(spec: ConnectorSpec, payload: dict[str, Any]) -> Exception:
         return ParamsError(payload["field"], payload["message"])
     if kind == "contract":
         return SchemaContractViolation(spec.id, payload["step"], **payload["facts"])
-    if kind == "connector":
-        return ConnectorRunError(spec.id, payload["step"], payload["message"], terminal=payload["terminal"])
-    return ConnectorRunError(spec.id, payload["step"], payload["message"])
+    return ConnectorRunError(spec.id, payload["step"], payload["message"], failure_class=payload["failure_class"])
 
 
 class _PipeHandler(logging.Handler):
@@ -210,8 +212,11 @@ def _child(spec: ConnectorSpec, workspace: Workspace, steps: tuple[str, ...], st
     except SchemaContractViolation as exc:
         send(("failed", {"kind": "contract", "step": exc.step, "facts": exc.facts()}))
     except ConnectorRunError as exc:
-        send(("failed", {"kind": "connector", "step": exc.step, "message": exc.message, "terminal": exc.terminal}))
+        send(("failed", {"kind": "connector", "step": exc.step, "message": exc.message,
+                         "failure_class": exc.failure_class}))
     except BaseException as exc:  # the parent must hear of anything at all
-        send(("failed", {"kind": "internal", "step": step, "message": f"{type(exc).__name__}: {exc}"}))
+        failure = classify(exc)
+        send(("failed", {"kind": "internal", "step": step, "message": f"{type(exc).__name__}: {exc} ({failure.reason})",
+                         "failure_class": failure.failure_class}))
     finally:
         pipe.close()

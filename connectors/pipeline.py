@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from connectors import tracing
+from connectors.failures import TERMINAL, TRANSIENT, classify
 from connectors.secrets import public_error, redact_text
 from connectors.spec import ConnectorSpec, FilesystemSource, PythonSource, RestApiSource, SqlDatabaseSource
 
@@ -24,15 +25,26 @@ log = logging.getLogger(__name__)
 
 
 class ConnectorRunError(RuntimeError):
-    """A connector run failed in `step`; `terminal` says whether running it again can help."""
+    """A connector run failed in `step`; `failure_class` (connectors.failures) says whether running it again can
+    help, `terminal` that it cannot."""
 
-    def __init__(self, connector_id: str, step: str, message: str, terminal: bool = False):
+    def __init__(self, connector_id: str, step: str, message: str, terminal: bool = False,
+                 failure_class: str | None = None):
         message = public_error(redact_text(message))  # read by callers: no secrets, no server folders
         super().__init__(f"connector '{connector_id}' failed in {step}: {message}")
         self.connector_id = connector_id
         self.step = step
         self.message = message
-        self.terminal = terminal
+        self.failure_class = failure_class or (TERMINAL if terminal else TRANSIENT)
+        self.terminal = self.failure_class == TERMINAL
+
+    @classmethod
+    def of(cls, connector_id: str, step: str, exc: BaseException) -> ConnectorRunError:
+        """The error for an exception a step raised, classified by its cause (connectors.failures.classify)."""
+        cause = getattr(exc, "exception", None) or exc  # dlt wraps failures in PipelineStepFailed
+        failure = classify(exc)
+        return cls(connector_id, getattr(exc, "step", step), f"{type(cause).__name__}: {cause} ({failure.reason})",
+                   failure_class=failure.failure_class)
 
 
 class RunCancelled(RuntimeError):
@@ -116,21 +128,19 @@ class ConnectorPipeline:
 
     def run_step(self, step: str) -> None:
         """Run one of `steps` in a span of its own (normalize and load say the rows per table); a failure becomes
-        a ConnectorRunError naming the step and the cause."""
+        a ConnectorRunError naming the step, the cause and its class."""
         with tracing.tracer().start_as_current_span(step, attributes={"flowgate.connector_id": self.spec.id}) as span:
             try:
                 getattr(self, f"_{step}")()
             except ConnectorRunError:
                 raise
-            except Exception as exc:  # dlt wraps failures in PipelineStepFailed; keep the step and the cause
+            except Exception as exc:  # dlt wraps failures in PipelineStepFailed; keep the step, the cause, its class
                 from connectors.schema_contract import contract_violation
 
                 refused = contract_violation(exc)
                 if refused is not None:
                     raise self._refused(getattr(exc, "step", step), refused) from exc
-                cause = getattr(exc, "exception", None) or exc
-                raise ConnectorRunError(self.spec.id, getattr(exc, "step", step),
-                                        f"{type(cause).__name__}: {cause}") from exc
+                raise ConnectorRunError.of(self.spec.id, step, exc) from exc
             if step in ("normalize", "load") and span.is_recording():
                 span.set_attributes({f"flowgate.rows.{table}": count for table, count in self.report.rows.items()})
                 if step == "load":
@@ -254,6 +264,7 @@ def build_source(spec: ConnectorSpec) -> Any:
     import dlt
 
     source = spec.source
+    check_source_exists(spec)
     if isinstance(source, SqlDatabaseSource):
         from dlt.sources.sql_database import sql_database
 
@@ -294,6 +305,31 @@ def build_source(spec: ConnectorSpec) -> Any:
             config = {**config, "client": {**client, "headers": {**tracing.carrier(), **(client.get("headers") or {})}}}
         return rest_api_source(config, name=spec.id)
     raise ConnectorRunError(spec.id, "extract", f"unsupported source kind {source.kind!r}", terminal=True)
+
+
+def check_source_exists(spec: ConnectorSpec) -> None:
+    """A local source that is not there fails terminal, naming it, before anything touches it: SQLAlchemy would
+    create an empty SQLite file on connect (and then find no table), and a missing folder would read as no files."""
+    source = spec.source
+    if isinstance(source, SqlDatabaseSource):
+        from sqlalchemy.engine import make_url
+
+        try:
+            url = make_url(source.url)
+        except Exception:  # an unparseable URL is SQLAlchemy's to report, with its own words
+            return
+        if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:" \
+                and not url.database.startswith("file:") and not Path(url.database).is_file():
+            raise ConnectorRunError(spec.id, "extract", f"the SQLite database file {url.database} does not exist",
+                                    failure_class=TERMINAL)
+    elif isinstance(source, FilesystemSource) and "://" not in source.bucket_url:
+        folder = Path(source.bucket_url)
+        if not folder.is_dir():
+            raise ConnectorRunError(spec.id, "extract", f"the folder {folder} does not exist",
+                                    failure_class=TERMINAL)
+        if not any(char in source.file_glob for char in "*?[") and not (folder / source.file_glob).is_file():
+            raise ConnectorRunError(spec.id, "extract", f"the file {folder / source.file_glob} does not exist",
+                                    failure_class=TERMINAL)
 
 
 def _inside_folder(folder: Path, item: Any) -> bool:

@@ -23,7 +23,7 @@ def preview_connector(spec: ConnectorSpec, limit: int) -> dict[str, Any]:
     except ConnectorRunError:
         raise
     except Exception as exc:  # any source failure is the answer a connector author needs
-        raise ConnectorRunError(spec.id, "extract", f"{type(exc).__name__}: {exc}") from exc
+        raise ConnectorRunError.of(spec.id, "extract", exc) from exc
 
 
 def _sample(resource: Any, limit: int) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from connectors.failures import RetryPolicy
 from connectors.recurrence import Recurrence, RecurrenceError, recurrence
 from connectors.secrets import redact
 
@@ -282,6 +283,11 @@ class ConnectorSpec(_Strict):
     schema_contract: SchemaContractSpec | None = Field(None, description=(
         "dlt's schema contract: a mode (evolve, freeze, discard_row, discard_value) or one per entity "
         "(tables, columns, data_type). dlt stores it with the schema: to lift it, set evolve."))
+    retry: RetryPolicy | None = Field(None, description="Run a failed run again, by failure class (a trigger's "
+                                                        "`retry` overrides it); none by default.")
+    on_conflict: Literal["queue", "join", "skip", "reject", "queue_one"] = Field(
+        "queue", description="A trigger while a run is queued or running: queue behind it, join it, skip, reject "
+                             "(409), or keep at most one queued behind the running one (a trigger's overrides it).")
 
     @field_validator("primary_key")
     @classmethod

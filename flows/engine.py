@@ -19,6 +19,7 @@ from opentelemetry.trace import StatusCode
 from pydantic import ValidationError
 
 from connectors import tracing
+from connectors.failures import TRANSIENT, classify
 from connectors.secrets import scrub
 from flows.nodes import NODE_TYPES, NodeContext, NodeFailed, Toolbox
 from flows.templates import RenderBudget, TemplateFailed, render
@@ -41,6 +42,7 @@ class NodeResult:
     status: str = PENDING
     attempts: int = 0
     cached: bool = False
+    reused: bool = False  # a rerun from the failed nodes took this completed node's output from the run it reruns
     started_at: datetime | None = None
     finished_at: datetime | None = None
     duration_seconds: float | None = None
@@ -117,8 +119,10 @@ class WorkflowEngine:
 
     def run(self, spec: WorkflowSpec, inputs: dict[str, Any], mode: Mode = "optimized",
             observe: NodeObserver = lambda result: None, should_stop: Callable[[], bool] = lambda: False,
-            submit: Submit | None = None) -> WorkflowResult:
-        """Run every node; `optimized` runs each layer's nodes in parallel, `legacy` one at a time in order."""
+            submit: Submit | None = None, reuse: dict[str, Any] | None = None) -> WorkflowResult:
+        """Run every node; `optimized` runs each layer's nodes in parallel, `legacy` one at a time in order.
+        A node in `reuse` (node id -> output: a rerun from the failed nodes) completes with that output, unexecuted."""
+        reuse = reuse or {}
         started = time.monotonic()
         layers = spec.layers()
         layer_of = {node_id: index for index, layer in enumerate(layers) for node_id in layer}
@@ -140,6 +144,10 @@ class WorkflowEngine:
                 futures = []
                 for node_id in batch:
                     node = spec.node(node_id)
+                    if node_id in reuse:
+                        results[node_id].output, results[node_id].reused = reuse[node_id], True
+                        self._end(results[node_id], COMPLETED, observe)
+                        continue
                     fate, upstream = self._fate(node_id, incoming[node_id], results)
                     if fate is not None:
                         self._end(results[node_id], fate, observe, error=upstream)
@@ -359,16 +367,18 @@ def _attempt(run: Callable[[Any, NodeContext], Any], config: Any, ctx: NodeConte
             return True, _json_ready(run(config, ctx), ctx.toolbox.max_output_bytes)
         except NodeFailed as exc:
             return False, {"code": exc.code, "message": f"node '{ctx.node_id}': {exc.message}",
-                           "terminal": exc.terminal}
+                           "terminal": exc.terminal, "failure_class": exc.failure_class}
         except Exception as exc:  # a node type's own bug or a library error: recorded, retried
-            return False, {"code": "node_error", "message": f"node '{ctx.node_id}': {type(exc).__name__}: {exc}"}
+            return False, {"code": "node_error", "message": f"node '{ctx.node_id}': {type(exc).__name__}: {exc}",
+                           "failure_class": classify(exc).failure_class}
 
     done = _in_thread(work, f"node-{ctx.node_id[:20]}", timeout, cancelled, ctx.cancelled)
     if done:
         return done[0]
     if cancelled.is_set():
         return False, {"code": "cancelled", "message": f"node '{ctx.node_id}': the run was cancelled"}
-    return False, {"code": "timeout", "message": f"node '{ctx.node_id}': timed out after {timeout:g} s"}
+    return False, {"code": "timeout", "message": f"node '{ctx.node_id}': timed out after {timeout:g} s",
+                   "failure_class": TRANSIENT}
 
 
 def _json_ready(value: Any, limit: int) -> Any:

@@ -17,6 +17,7 @@ from jsonpath_ng.exceptions import JsonPathParserError
 from jsonpath_ng.ext import parse as parse_jsonpath
 from pydantic import BaseModel, ConfigDict, Field
 
+from connectors.failures import TERMINAL, TRANSIENT, classify
 from flows.llm import OfflineProvider, Provider, ProviderError
 from flows.outbound import OutboundPolicy, OutboundRefused, ResponseTooLarge
 from flows.templates import DEFAULT_MAX_CHARS
@@ -26,13 +27,16 @@ ConnectorRunner = Callable[[str, dict[str, Any], Callable[[], bool]], dict[str, 
 
 
 class NodeFailed(RuntimeError):
-    """A node attempt failed; `terminal` means a retry cannot help (bad config, refused host, 4xx)."""
+    """A node attempt failed; `terminal` means a retry cannot help (bad config, refused host, 4xx), and
+    `failure_class` says so in the words of connectors.failures (transient unless told otherwise)."""
 
-    def __init__(self, message: str, *, code: str = "node_failed", terminal: bool = False):
+    def __init__(self, message: str, *, code: str = "node_failed", terminal: bool = False,
+                 failure_class: str | None = None):
         super().__init__(message)
         self.message = message
         self.code = code
-        self.terminal = terminal
+        self.failure_class = failure_class or (TERMINAL if terminal else TRANSIENT)
+        self.terminal = self.failure_class == TERMINAL
 
 
 @dataclass
@@ -151,9 +155,11 @@ def http(config: HttpConfig, ctx: NodeContext) -> Any:
     except OutboundRefused as exc:
         raise NodeFailed(str(exc), code="outbound_refused", terminal=True) from None
     except httpx.TransportError as exc:
-        raise NodeFailed(f"{config.method} {config.url}: {type(exc).__name__}: {exc}", code="http_error") from None
+        failure = classify(exc)  # a refused connection may pass; a host that does not exist will not
+        raise NodeFailed(f"{config.method} {config.url}: {type(exc).__name__}: {exc} ({failure.reason})",
+                         code="http_error", failure_class=failure.failure_class) from None
     if config.raise_for_status and response.status_code >= 400:
-        retryable = response.status_code == 429 or response.status_code >= 500
+        retryable = response.status_code in (408, 429) or response.status_code >= 500
         raise NodeFailed(f"{config.method} {config.url} answered HTTP {response.status_code}", code="http_status",
                          terminal=not retryable)
     try:

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from connectors import failures
+from connectors.failures import classify
 from connectors.pipeline import ConnectorRunError, RunCancelled
 from connectors.schema_contract import SchemaContractViolation
 from connectors.secrets import scrub
@@ -17,13 +19,17 @@ COMPLETED, FAILED, CANCELLED, CRASHED = "completed", "failed", "cancelled", "cra
 ACTIVE = (RUNNING, CANCELLING)
 TERMINAL = (COMPLETED, FAILED, CANCELLED, CRASHED)
 STATUSES = (QUEUED, *ACTIVE, *TERMINAL)
+# Error codes of a run cut off from outside (connectors.failures.CRASHED), and of one that lost its hold for now.
+CRASH_CODES = frozenset({"process_died", "interrupted", "lease_expired", "cut_off", "executor_failed"})
+TRANSIENT_CODES = frozenset({"lock_lost"})
 
 
 @dataclass(frozen=True)
 class RunError:
-    """Why a run did not complete: a stable `code`, a message for people, the `step` it failed in and whether
-    running it again can help (`terminal`), plus the bad `field`, the failed workflow `nodes` or the schema
-    `contract` that refused data (table, column, entity, mode) when known."""
+    """Why a run did not complete: a stable `code`, a message for people, the `step` it failed in, its
+    `failure_class` (transient, crashed, terminal: connectors.failures) and whether running it again can help
+    (`terminal`), plus the bad `field`, the failed workflow `nodes` or the schema `contract` that refused data
+    (table, column, entity, mode) when known. A cancel has no class."""
 
     code: str
     message: str
@@ -32,6 +38,22 @@ class RunError:
     field: str | None = None
     nodes: list[str] | None = None
     contract: dict[str, Any] | None = None
+    failure_class: str | None = None
+
+    def __post_init__(self) -> None:
+        failure_class = self.failure_class
+        if failure_class is None and self.code != "cancelled":
+            failure_class = (failures.CRASHED if self.code in CRASH_CODES
+                             else failures.TRANSIENT if self.code in TRANSIENT_CODES
+                             else failures.TERMINAL if self.terminal is not False else None)
+        object.__setattr__(self, "failure_class", failure_class)
+        if self.terminal is None and failure_class is not None:
+            object.__setattr__(self, "terminal", failure_class == failures.TERMINAL)
+
+    def describe(self) -> str:
+        """One line for the run's log: where it failed, the cause and its class."""
+        where = f" in step {self.step}" if self.step else f" in node(s) {', '.join(self.nodes)}" if self.nodes else ""
+        return f"failed{where} ({self.failure_class or 'no class'}, {self.code}): {self.message}"
 
     def to_dict(self) -> dict[str, Any]:
         """As stored and shown on the run (unset facts left out)."""
@@ -48,10 +70,10 @@ class RunError:
         if isinstance(exc, SchemaContractViolation):
             return cls("schema_contract_violation", exc.message, step=exc.step, terminal=True, contract=exc.facts())
         if isinstance(exc, ConnectorRunError):
-            return cls("connector_failed", exc.message, step=exc.step, terminal=exc.terminal)
+            return cls("connector_failed", exc.message, step=exc.step, failure_class=exc.failure_class)
         if isinstance(exc, ParamsError):
             return cls("invalid_params", exc.message, field=exc.field, terminal=True)
-        return cls("internal_error", f"{type(exc).__name__}: {exc}")
+        return cls("internal_error", f"{type(exc).__name__}: {exc}", failure_class=classify(exc).failure_class)
 
     @classmethod
     def timed_out(cls, seconds: float) -> RunError:
@@ -99,6 +121,8 @@ class RunOutcome:
         if result.status == FAILED:
             failed = result.failed_nodes
             first = result.nodes[failed[0]].error or {}
+            # The workflow's class is its first failed node's: a node that gave up on a 503 may pass next time.
+            failure_class = first.get("failure_class", failures.TERMINAL)
             return cls(FAILED, summary, RunError("node_failed", first.get("message", f"node '{failed[0]}' failed"),
-                                                 nodes=failed))
+                                                 nodes=failed, failure_class=failure_class))
         return cls(result.status, summary, RunError("cancelled", "the workflow was cancelled"))

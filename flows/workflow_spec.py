@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from connectors.failures import RetryPolicy
 from connectors.spec import ScheduleSpec
 
 NODE_ID = r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,99}$"
@@ -83,6 +84,8 @@ class WorkflowSpec(_Strict):
                                                             "file's only).")
     callback_url: str | None = Field(None, min_length=1, max_length=2000, description=(
         "Where scheduled runs POST their document when they end (a workflow file's only)."))
+    retry: RetryPolicy | None = Field(None, description="Run a failed execution again, by failure class (an "
+                                                        "execute's `retry` overrides it); none by default.")
 
     @model_validator(mode="after")
     def _valid_graph(self) -> WorkflowSpec:

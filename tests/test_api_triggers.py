@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import duckdb
 
@@ -43,7 +44,7 @@ def test_a_triggered_run_completes_with_its_load_summary_and_data(running_app, w
     result = done["result"]
     assert result["rows"] == {"numbers": 5} and result["dataset"] == "raw" and result["destination"] == "duckdb"
     assert len(result["load_ids"]) == 1 and result["duration_seconds"] >= 1.0
-    assert done["started_at"] and done["finished_at"] and done["attempts"] == 1
+    assert done["started_at"] and done["finished_at"] and done["attempt"] == 1 and len(done["attempts"]) == 1
     assert result["location"] == "var/duckdb/slow.duckdb"  # relative to the project: connectors.yaml's folder
     with duckdb.connect(str(workdir / result["location"]), read_only=True) as con:
         assert con.execute("SELECT count(*) FROM raw.numbers").fetchone()[0] == 5
@@ -72,6 +73,13 @@ def test_a_failing_connector_ends_failed_with_the_step_and_cause(running_app):
     done = client.post("/trigger", json={"connector_id": "broken", "wait": 60}).json
     assert done["status"] == "failed" and done["result"] is None
     assert done["error"]["code"] == "connector_failed" and done["error"]["step"] == "extract"
+    # a SQLite file that is not there: a retry cannot help, and nothing was created in its place
+    assert done["error"]["failure_class"] == "terminal" and done["error"]["terminal"] is True
+    assert "missing.db does not exist" in done["error"]["message"]
+    assert not (Path(running_app.extensions["flowgate"].settings.connectors_file).parent / "missing.db").exists()
+    lines = client.get(f"{done['status_url']}/logs").json["items"]
+    errors = [line["message"] for line in lines if line["level"] == "ERROR"]
+    assert len(errors) == 1 and "in step extract" in errors[0] and "missing.db does not exist" in errors[0], lines
 
 
 def test_the_versioned_route_starts_the_same_kind_of_run(client):

@@ -178,7 +178,8 @@ def test_retries_run_out_and_the_last_error_is_kept(engine):
             "retry_backoff_seconds": 0}
     result = engine.run(spec([node]), {})
     assert result.nodes["f"].status == "failed" and result.nodes["f"].attempts == 2
-    assert result.nodes["f"].error == {"code": "node_failed", "message": "node 'f': not yet"}
+    assert result.nodes["f"].error == {"code": "node_failed", "message": "node 'f': not yet",
+                                       "failure_class": "transient"}
 
 
 def test_a_node_past_its_timeout_fails_and_is_told_to_stop(engine, nodes):

@@ -8,7 +8,7 @@ from datetime import timedelta
 from sqlalchemy import func, select, update
 
 from app.pruner import Pruner
-from app.runs.models import Run, RunCallback, RunLog, RunNode, utcnow
+from app.runs.models import Run, RunCallback, RunLabel, RunLog, RunNode, utcnow
 from app.runs.store import NewRun, RunStore
 from flows.outcome import COMPLETED, FAILED
 
@@ -17,7 +17,7 @@ def make_run(store: RunStore, key: str, ended_days_ago: float | None, status: st
              created_days_ago: float = 0) -> str:
     """A run with a callback, a log line and a node; ended `ended_days_ago` (None: still in `status`)."""
     run, _ = store.create_run(NewRun(kind="connector", target="shop", params={}, backend="local",
-                                     concurrency_key=f"k-{key}", idempotency_key=key,
+                                     concurrency_key=f"k-{key}", idempotency_key=key, labels={"key": key},
                                      callback_url="https://example.com/hook"))
     store.logs.add([{"run_id": run.id, "at": utcnow(), "level": "INFO", "logger": "t", "message": "line"}])
     store.nodes.save(run.id, [(0, {"id": "a", "status": "completed"})])
@@ -30,12 +30,13 @@ def make_run(store: RunStore, key: str, ended_days_ago: float | None, status: st
     return run.id
 
 
-def counts(store: RunStore, run_id: str) -> tuple[int, int, int, int]:
-    """Rows of the run, its callback, log lines and nodes."""
+def counts(store: RunStore, run_id: str) -> tuple[int, int, int, int, int]:
+    """Rows of the run, its callback, log lines, nodes and labels."""
     with store.db.session() as session:
         return tuple(session.scalar(select(func.count()).select_from(table).where(column == run_id))
                      for table, column in ((Run, Run.id), (RunCallback, RunCallback.run_id),
-                                           (RunLog, RunLog.run_id), (RunNode, RunNode.run_id)))
+                                           (RunLog, RunLog.run_id), (RunNode, RunNode.run_id),
+                                           (RunLabel, RunLabel.run_id)))
 
 
 def test_pruning_deletes_only_ended_runs_past_the_cutoff_with_everything_they_own(store: RunStore):
@@ -47,15 +48,15 @@ def test_pruning_deletes_only_ended_runs_past_the_cutoff_with_everything_they_ow
     assert store.retention.prune(utcnow() - timedelta(days=30), batch_size=2) == 5  # three batches
 
     for run_id in old:
-        assert counts(store, run_id) == (0, 0, 0, 0)
+        assert counts(store, run_id) == (0, 0, 0, 0, 0)
     for run_id in (recent, old_queued, old_running):
-        assert counts(store, run_id) == (1, 1, 1, 1)
+        assert counts(store, run_id) == (1, 1, 1, 1, 1)
     # The idempotency key of a pruned run is free again; the kept ones still answer.
     again, created = store.create_run(NewRun(kind="connector", target="shop", params={}, backend="local",
                                              concurrency_key="k", idempotency_key="old-0"))
     assert created and again.id not in old
     kept, created = store.create_run(NewRun(kind="connector", target="shop", params={}, backend="local",
-                                            concurrency_key="k", idempotency_key="recent",
+                                            concurrency_key="k", idempotency_key="recent", labels={"key": "recent"},
                                             callback_url="https://example.com/hook"))  # the same request
     assert (kept.id, created) == (recent, False)
     assert store.retention.prune(utcnow() - timedelta(days=30)) == 0
@@ -91,7 +92,7 @@ def test_two_pruners_racing_delete_each_run_once(store: RunStore):
     for own in stores:
         own.dispose()
     assert sum(result or 0 for result in results) == 20
-    assert all(counts(store, run_id) == (0, 0, 0, 0) for run_id in ids)
+    assert all(counts(store, run_id) == (0, 0, 0, 0, 0) for run_id in ids)
 
 
 def test_the_pruner_keeps_runs_for_retention_days(store: RunStore):

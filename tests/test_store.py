@@ -233,7 +233,7 @@ def test_the_end_of_a_run_is_recorded_though_the_database_dropped_its_connection
         store.claim_next("w1", lease_seconds=600)
         line = {"run_id": run.id, "at": utcnow(), "level": "INFO", "logger": "test", "message": "loaded"}
         event.listen(store.engine, "before_cursor_execute", drop_the_connection)
-        assert store.finish(run.id, "w1", COMPLETED, result={"rows": {"t": 1}}, logs=[line]) is True
+        assert store.finish(run.id, "w1", COMPLETED, result={"rows": {"t": 1}}, logs=[line]) == COMPLETED
         event.remove(store.engine, "before_cursor_execute", drop_the_connection)
         ended = store.get(run.id)
         assert len(dropped) == 2

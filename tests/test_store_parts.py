@@ -90,7 +90,8 @@ def test_prefect_transitions_change_only_an_unfinished_run_still_on_prefect(stor
 
     other = _run(store, "events", backend="prefect")
     failed = store.fail(other.id, RunError("prefect_create_failed", "boom"))
-    assert failed.status == "failed" and failed.error == {"code": "prefect_create_failed", "message": "boom"}
+    assert failed.status == "failed" and failed.error == {"code": "prefect_create_failed", "message": "boom",
+                                                          "terminal": True, "failure_class": "terminal"}
     assert store.fall_back_to_local(other.id, "late") is None  # it had ended
 
 

@@ -34,16 +34,17 @@ class Race:
     other_ended_first: bool
 
 
-def race(store: RunStore, held: Callable[[], Any], other: Callable[[], Any], table: str = "runs") -> Race:
-    """Run `held` until it is about to send its first UPDATE of `table` (its reads done), then `other` until it ends
-    or waits for a lock `held` has, then let `held` write."""
+def race(store: RunStore, held: Callable[[], Any], other: Callable[[], Any], table: str = "runs",
+         verb: str = "UPDATE") -> Race:
+    """Run `held` until it is about to send its first UPDATE of `table` (its reads done; or `verb`: INSERT INTO),
+    then `other` until it ends or waits for a lock `held` has, then let `held` write."""
     at_write, go = threading.Event(), threading.Event()
     other_began_writing, other_pids = threading.Event(), set()
     results: dict[str, Any] = {}
 
     def hook(connection, cursor, statement, parameters, context, executemany) -> None:
         name = threading.current_thread().name
-        if name == HELD and statement.lstrip().upper().startswith(f"UPDATE {table.upper()} ") \
+        if name == HELD and statement.lstrip().upper().startswith(f"{verb} {table.upper()} ") \
                 and not at_write.is_set():
             at_write.set()
             assert go.wait(30), "the test never let the held call write"
@@ -125,7 +126,7 @@ def test_a_cancel_that_read_the_run_running_does_not_reopen_it_once_its_owner_fi
     run = claimed(store)
     outcome = race(store, held=lambda: store.cancel(run.id),
                    other=lambda: store.finish(run.id, "executor-a", COMPLETED, result={"rows": {"t": 1}}))
-    assert outcome.other is True
+    assert outcome.other == COMPLETED
     after = store.get(run.id)
     assert (after.status, after.lease_expires_at, after.result) == (COMPLETED, None, {"rows": {"t": 1}})
     assert outcome.held.status == (COMPLETED if outcome.other_ended_first else CANCELLING)
@@ -167,7 +168,7 @@ def test_recovery_that_read_a_lapsed_lease_does_not_crash_a_run_its_owner_finish
         assert outcome.held == [] and after.status == COMPLETED and after.error is None
     else:
         assert outcome.held == [run.id] and after.status == CRASHED
-    assert outcome.other is outcome.other_ended_first
+    assert bool(outcome.other) is outcome.other_ended_first
 
 
 def test_a_cancel_that_read_the_run_queued_stops_it_once_an_executor_claimed_it(store: RunStore):

@@ -235,8 +235,25 @@ def test_a_failed_run_shows_its_error_step_and_whether_a_retry_helps(page, serve
     alert = page.locator("[role=alert]").first
     expect(alert).to_contain_text("connector_failed")
     expect(alert).to_contain_text("in step extract")
-    expect(alert).to_contain_text("retry")
+    expect(alert).to_contain_text("missing.db does not exist")
+    expect(alert.locator("[data-failure-class=terminal]")).to_contain_text("A retry will not help")
+    expect(page.locator(".page-head")).to_contain_text("failed")
+    expect(page.locator("[data-action=rerun]")).to_have_count(0)  # a read key: no Rerun button
     expect(page.locator(".steps li.step-failed")).to_have_text("extract")
+
+
+def test_a_trigger_key_reruns_a_run_from_its_page(page, server):
+    with api(server) as client:
+        run = client.post("/trigger", json={"connector_id": "numbers", "labels": {"tenant": "acme"},
+                                            "wait": 60}).json()
+    sign_in(page, TRIGGERER, f"/ui/#/runs/{run['run_id']}")
+    expect(page.locator(".page-head .badge")).to_have_text("completed")
+    expect(page.locator(".timeline")).to_contain_text("by ops")
+    expect(page.locator("[data-label=tenant]")).to_contain_text("acme")
+    page.locator("[data-action=rerun]").click()
+    expect(page.locator(".page-head")).to_contain_text(f"rerun of {run['run_id'][:8]}")
+    expect(page.locator(".page-head .badge")).to_have_text("completed")
+    assert run["run_id"] not in page.url
 
 
 def test_a_read_key_sees_everything_but_no_run_or_preview_button(page, server):

@@ -119,3 +119,9 @@ def idempotency_key(body_key: str | None = None) -> str | None:
         return key
     scoped = f"{caller.name}:{key}"
     return scoped if len(scoped) <= 255 else f"{caller.name}:sha256:{hashlib.sha256(key.encode()).hexdigest()}"
+
+
+def caller_name() -> str | None:
+    """The name of the API key this request came with (None without keys): a run's `triggered_by`."""
+    caller = g.get("api_key")
+    return caller.name if caller is not None else None

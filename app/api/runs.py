@@ -8,10 +8,11 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, url_for
 
 from app import services
-from app.api.inputs import query
-from app.errors import Conflict, NotFound
+from app.api.inputs import caller_name, idempotency_key, json_object, query, validated
+from app.errors import Conflict, NotFound, Problem
+from app.polls import with_hint
 from app.runs.models import Run
-from app.schemas import RUN_ID_PATTERN, RunLogsQuery, RunOut, RunQuery
+from app.schemas import RUN_ID_PATTERN, BulkRerunRequest, RerunRequest, RunLogsQuery, RunOut, RunQuery
 from connectors.secrets import public_error
 
 bp = Blueprint("runs", __name__, url_prefix="/api/v1/runs")
@@ -24,11 +25,11 @@ def run_document(run: Run) -> dict[str, Any]:
 
 
 def run_response(run: Run, status: int) -> Response:
-    """A run document with its status code and a Location header pointing at it."""
+    """A run document with its status code, a Location header pointing at it, and (not ended) Retry-After."""
     response = jsonify(run_document(run))
     response.status_code = status
     response.headers["Location"] = url_for("runs.get_run", run_id=run.id)
-    return response
+    return with_hint(response, run)
 
 
 def get_run_or_404(run_id: str) -> Run:
@@ -44,17 +45,18 @@ def list_runs() -> dict[str, Any]:
     """Runs newest first, filtered by connector (or workflow), status, backend and source, a page at a time."""
     args = query(RunQuery)
     runs = services().store.list(target=args.connector_id, status=args.status, backend=args.backend,
-                                 source=args.source, limit=args.limit + 1,
+                                 source=args.source, limit=args.limit + 1, label=_label(args.label),
                                  before=_decode_cursor(args.cursor) if args.cursor else None)
     page, more = runs[: args.limit], len(runs) > args.limit
     return {"items": [run_document(run) for run in page],
             "next_cursor": _encode_cursor(page[-1]) if more else None}
 
 
-@bp.get("/<run_id>")
-def get_run(run_id: str) -> dict[str, Any]:
-    """One run: status, backend, timings, result or error."""
-    return run_document(get_run_or_404(run_id))
+@bp.get("/<run_id:run_id>")
+def get_run(run_id: str) -> Response:
+    """One run: status, backend, timings, result or error; Retry-After while it has not ended."""
+    run = get_run_or_404(run_id)
+    return with_hint(jsonify(run_document(run)), run)
 
 
 @bp.get("/<run_id>/logs")
@@ -65,6 +67,34 @@ def get_run_logs(run_id: str) -> dict[str, Any]:
     page = services().dispatcher.backend_for(run).logs(run, args.after, args.limit)
     items = [{**item, "message": public_error(item["message"])} for item in page.items]
     return {"run_id": run.id, "source": page.source, "items": items, "next_after": page.next_after}
+
+
+@bp.post("/rerun")
+def rerun_runs() -> dict[str, Any]:
+    """Rerun the ended runs a filter matches, newest first, each at most once however often asked (dry_run: list)."""
+    body = validated(BulkRerunRequest, json_object())
+    where = body.filter
+    kind = "connector" if where.connector_id else "workflow" if where.workflow_id else None
+    # Both: runs of a connector and of a workflow at once, which no run is (each condition narrows the match).
+    matched = [] if where.connector_id and where.workflow_id else services().store.list(
+        target=where.connector_id or where.workflow_id, kind=kind, status=where.status, backend=where.backend,
+        label=_label(where.label), limit=body.limit + 1)
+    done = services().dispatcher.rerun_many(matched[: body.limit], body.dry_run, triggered_by=caller_name())
+    return {"dry_run": body.dry_run, "more": len(matched) > body.limit, "items": [
+        {"run_id": source.id, "kind": source.kind, "target": source.target, "status": source.status,
+         "rerun_run_id": rerun.id if isinstance(rerun, Run) else None, "created": created,
+         "error": {"code": rerun.code, "detail": rerun.detail} if isinstance(rerun, Problem) else None}
+        for source, rerun, created in done]}
+
+
+@bp.post("/<run_id>/rerun")
+def rerun_run(run_id: str) -> Response:
+    """A new run of what this ended run ran (`source: rerun`); a workflow from its failed nodes with `from`."""
+    body = validated(RerunRequest, json_object())
+    source = get_run_or_404(run_id)
+    run, _ = services().dispatcher.rerun(source, body.params, body.inputs, body.from_ == "failed", idempotency_key(),
+                                         triggered_by=caller_name())
+    return run_response(run, 200 if run.is_terminal else 202)
 
 
 @bp.post("/<run_id>/cancel")
@@ -84,6 +114,14 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 # (app.schemas.CURSOR_PATTERN) decodes to a position, so the document says exactly which cursors are accepted.
 def _encode_cursor(run: Run) -> str:
     return f"{(run.created_at - _EPOCH) // timedelta(microseconds=1)}.{run.id}"
+
+
+def _label(text: str | None) -> tuple[str, str] | None:
+    """`key:value` (app.schemas.LABEL_QUERY_PATTERN) as (key, value)."""
+    if text is None:
+        return None
+    key, _, value = text.partition(":")
+    return key, value
 
 
 def _decode_cursor(cursor: str) -> tuple[datetime, str]:

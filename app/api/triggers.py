@@ -1,13 +1,14 @@
 """Triggers: POST /trigger (the existing callers' contract) and POST /api/v1/connectors/<id>/runs."""
 from __future__ import annotations
 
-from flask import Blueprint, Response
+from flask import Blueprint, Response, jsonify, url_for
 
 from app import services
 from app.api.inputs import (
-    check_json_size, checked_callback_url, idempotency_key, json_object, preferred_wait, validated,
+    caller_name, check_json_size, checked_callback_url, idempotency_key, json_object, preferred_wait, validated,
 )
 from app.api.runs import run_response
+from app.dispatch import Skipped
 from app.errors import ValidationFailed
 from app.waits import wait_for_end
 from app.schemas import RunOptions, TriggerRequest
@@ -36,7 +37,13 @@ def _start(connector_id: str, options: RunOptions) -> Response:
     check_json_size("params", options.params, svc.settings.max_params_bytes)
     key = idempotency_key(options.idempotency_key)
     callback_url = checked_callback_url(options.callback_url)
-    run, _ = svc.dispatcher.trigger_connector(connector_id, options.params, options.backend, key, callback_url)
+    try:
+        run, _ = svc.dispatcher.trigger_connector(connector_id, options.params, options.backend, key, callback_url,
+                                                  retry=options.retry, on_conflict=options.on_conflict,
+                                                  labels=options.labels, triggered_by=caller_name())
+    except Skipped as skipped:
+        return jsonify({"skipped": True, "detail": f"nothing was started: {skipped}", "active_run_id": skipped.run_id,
+                        "active_run_url": url_for("runs.get_run", run_id=skipped.run_id)})
     run, applied = wait_for_end(run, wait, applied)
     response = run_response(run, 200 if run.is_terminal else 202)
     if applied:

@@ -9,11 +9,12 @@ from flask import Blueprint, Response, jsonify, url_for
 
 from app import services
 from app.api.inputs import (
-    check_json_size, checked_callback_url, idempotency_key, json_object, preferred_wait, validated,
+    caller_name, check_json_size, checked_callback_url, idempotency_key, json_object, preferred_wait, validated,
 )
 from app.api.runs import run_document
 from app.api.schedules import schedule_document
 from app.errors import NotFound, ValidationFailed
+from app.polls import with_hint
 from app.runs.models import Run
 from app.backends.workflow_runs import pending_nodes, stored_spec
 from app.schemas import (
@@ -69,7 +70,8 @@ def execute(workflow_id: str) -> Response:
     callback_url = checked_callback_url(body.callback_url)
     run, created = svc.dispatcher.trigger_workflow(
         spec, body.inputs, body.mode, body.backend, key, callback_url,
-        file_definition=svc.workflows.definition(spec.id) if body.workflow is None else None)
+        file_definition=svc.workflows.definition(spec.id) if body.workflow is None else None, retry=body.retry,
+        labels=body.labels, triggered_by=caller_name())
     run, applied = wait_for_end(run, wait, applied)
     status_url = url_for("workflows.get_execution", execution_id=run.id)
     message = (f"Workflow execution {'started' if created else 'already accepted'} in background "
@@ -80,11 +82,11 @@ def execute(workflow_id: str) -> Response:
     response.headers["Location"] = status_url
     if applied:
         response.headers["Preference-Applied"] = applied
-    return response
+    return with_hint(response, run)
 
 
 @bp.get("/execution/<execution_id>")
-def get_execution(execution_id: str) -> dict[str, Any]:
+def get_execution(execution_id: str) -> Response:
     """The execution's status and every node's status, timing, attempts and output."""
     svc = services()
     run = svc.store.get(execution_id) if re.fullmatch(RUN_ID_PATTERN, execution_id) else None
@@ -93,7 +95,7 @@ def get_execution(execution_id: str) -> dict[str, Any]:
     run = svc.dispatcher.refresh(run)
     nodes = svc.store.nodes.read(run.id) or pending_nodes(stored_spec(run))
     nodes = svc.dispatcher.backend_for(run).live_nodes(run, nodes)
-    return execution_document(run, nodes)
+    return with_hint(jsonify(execution_document(run, nodes)), run)
 
 
 @bp.post("/<workflow_id>/execute-node")

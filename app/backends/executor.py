@@ -1,8 +1,8 @@
 """LocalExecutor: threads in one gateway process that claim queued runs from the store and run them.
 
 The leases of the runs it executes are kept by one LeaseKeeper (flows/lease.py): renewed every lease/3, and a
-run whose lease was taken, or not renewed in time however the renewal hangs, is stopped at once.
-Just over 300 lines: a run's span and its start's metric joined the claim, launch and record paths they belong to."""
+run whose lease was taken, or not renewed in time however the renewal hangs, is stopped at once. Over 300 lines
+because claiming, leases, shutdown and the record of each run's end share the executor's state."""
 from __future__ import annotations
 
 import logging
@@ -28,7 +28,7 @@ from connectors.registry import ConnectorRegistry
 from flows.lease import TAKEN, LeaseKeeper
 from flows.loop import Loop
 from flows.nodes import Toolbox
-from flows.outcome import CANCELLED, COMPLETED, CRASHED, FAILED, RunError, RunOutcome
+from flows.outcome import CANCELLED, COMPLETED, CRASHED, FAILED, QUEUED, RunError, RunOutcome
 
 log = logging.getLogger(__name__)
 
@@ -287,10 +287,12 @@ class LocalExecutor:
             if lost:
                 log.warning("run %s ended as %s after its lease was lost; nothing recorded", run_id, outcome.status)
                 return
-            if self.store.finish(run_id, self.id, outcome.status, result=outcome.result, error=outcome.error,
-                                 logs=logs):
+            # The store writes a failure's ERROR line on the run's own log (not on stdout: it is the run's outcome).
+            written = self.store.finish(run_id, self.id, outcome.status, result=outcome.result, error=outcome.error,
+                                        logs=logs)
+            if written and written != QUEUED:  # queued: retried (the store's line on the run says when)
                 observe_run_end(run.kind, run.target, outcome.status, run.started_at, utcnow(), outcome.result)
-            else:
+            elif not written:
                 log.warning("run %s was no longer held by %s when it ended as %s", run_id, self.id, outcome.status)
         except Exception:
             log.exception("recording the end of run %s failed; its lease will lapse and mark it crashed", run_id)

@@ -2,7 +2,8 @@
 (the background follower of every unfinished run, PrefectSync, is a loop of its own: prefect_sync.py).
 
 Everything here talks to Prefect through PrefectClient (the one HTTP boundary) and PrefectRoute (probes and the
-circuit breaker); the dispatcher decides whether a run comes here at all.
+circuit breaker); the dispatcher decides whether a run comes here at all. Over 300 lines because a flow run's every
+end (with its error and failure class) and a cancel's every answer are read here, side by side.
 """
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ from app.metrics import observe_run_end, observe_run_start
 from app.runs.models import Run, utcnow
 from app.runs.store import RunStore
 from flows.connector_lock import NOT_IN_RUN_STORE
-from flows.outcome import COMPLETED, TERMINAL, RunError
+from flows.outcome import CANCELLED, COMPLETED, CRASHED, FAILED, TERMINAL, RunError
 from flows.prefect.contract import (
-    FLOW_NAME, SCHEDULE_TAG, STATE_TO_STATUS, SUMMARY_ARTIFACT_PREFIX, TRACEPARENT_LABEL, run_tag, trace_tag,
+    ERROR_ARTIFACT_PREFIX, FLOW_NAME, SCHEDULE_TAG, STATE_TO_STATUS, SUMMARY_ARTIFACT_PREFIX, TRACEPARENT_LABEL,
+    attempt_tag, run_tag, trace_tag,
     workflow_artifact_key,
 )
 
@@ -86,9 +88,12 @@ class PrefectBackend:
         # Keyed on the run, not the caller's key: Prefect keeps a key for good, and one flowgate had forgotten with
         # its run (retention) gave a new run the old flow run back. Callers' keys are flowgate's to dedupe.
         key = f"flowgate:{run.kind}:{run.target}:{run.id}"
-        tags = ["flowgate", run_tag(run.id), *([trace_tag(run.trace_id)] if run.trace_id else [])]
+        tags = ["flowgate", run_tag(run.id), *([trace_tag(run.trace_id)] if run.trace_id else []),
+                *(f"label:{name}={value}" for name, value in (run.labels or {}).items())]
         if run.scheduled_for:  # a schedule's slot: the deployment has no schedule, the gateway fired it
             tags += [SCHEDULE_TAG, f"{SCHEDULE_TAG}:{run.scheduled_for.isoformat()}"]
+        if (run.attempt or 1) > 1:  # a retry is a new flow run: its attempt in its key and a tag of its own
+            key, tags = f"{key}:attempt-{run.attempt}", [*tags, attempt_tag(run.id, run.attempt)]
         trace = run.trace_context or {}
         flow_run = self.client.create_flow_run(
             deployment_id, flow_parameters(run), key, tags=tags,
@@ -122,6 +127,15 @@ class PrefectBackend:
         if status not in TERMINAL:
             return self._record(run, status, state, started_at)
         finished_at = _parse_time(flow_run.get("end_time")) or utcnow()
+        if status == CANCELLED and not run.cancel_requested:
+            # Nobody asked flowgate: its flow refused to run (failed), or Prefect, a worker's shutdown, a lost
+            # concurrency slot or someone in Prefect's UI cut it off (crashed, saying so). Never `cancelled`.
+            error = self._error(run, status, state)
+            if error.code != WORKER_RUN_STORE_MISMATCH:
+                error = RunError("cut_off", f"Prefect ended the flow run {state.get('name') or 'Cancelled'} without "
+                                            f"a cancel from flowgate: {state.get('message') or 'no reason given'}")
+            return self._record(run, CRASHED if error.code == "cut_off" else FAILED, state, started_at, finished_at,
+                                None, error)
         if run.kind == "workflow":
             return self._apply_workflow(run, status, state, started_at, finished_at)
         result, error = None, None
@@ -130,18 +144,33 @@ class PrefectBackend:
             result = rows[0] if rows else None
         else:
             error = self._error(run, status, state)
+            if error.code == "lock_lost":  # cut off by its lease on the connector's key, not failed by itself
+                status = CRASHED
         return self._record(run, status, state, started_at, finished_at, result, error)
 
-    @staticmethod
-    def _error(run: Run, status: str, state: dict[str, Any], nodes: list[str] | None = None) -> RunError:
-        """Why a flow run did not complete; a flow that found no such run in its worker's run store, although
-        this gateway has it, says the workers' DATABASE_URL is not this gateway's (readiness shows it)."""
+    def _error(self, run: Run, status: str, state: dict[str, Any], nodes: list[dict[str, Any]] | None = None
+               ) -> RunError:
+        """Why a flow run did not complete, with its class: a workflow's first failed node's (`nodes`), the error a
+        connector's flow published, crashed for a crash; else Prefect's state, terminal (never retried). A flow
+        that found no such run in its worker's run store, although this gateway has it, says the workers'
+        DATABASE_URL is not this gateway's (readiness shows it)."""
         message = state.get("message") or state.get("name")
         if NOT_IN_RUN_STORE in (message or ""):
             log.error("run %s was not executed: its Prefect worker's run store does not hold it; the workers' "
                       "DATABASE_URL is not this gateway's", run.id, extra={"run_id": run.id})
             return RunError(WORKER_RUN_STORE_MISMATCH, message)
-        return RunError("node_failed" if nodes else f"prefect_{status}", message, nodes=nodes)
+        if nodes:
+            return RunError("node_failed", message, nodes=[node["id"] for node in nodes],
+                            failure_class=(nodes[0].get("error") or {}).get("failure_class", "terminal"))
+        if status == CRASHED:
+            return RunError("prefect_crashed", message, failure_class="crashed")
+        rows = self.client.read_table_artifact(run.prefect_flow_run_id, ERROR_ARTIFACT_PREFIX) \
+            if status == FAILED and run.kind == "connector" else None
+        if rows:
+            published = rows[0]
+            return RunError(published.get("code") or "connector_failed", published.get("message") or message,
+                            step=published.get("step"), failure_class=published.get("failure_class"))
+        return RunError(f"prefect_{status}", message)
 
     def _apply_workflow(self, run: Run, status: str, state: dict[str, Any], started_at: datetime | None,
                         finished_at: datetime) -> Run:
@@ -154,7 +183,7 @@ class PrefectBackend:
             self.store.nodes.save(run.id, [(spec_order.get(node["id"], 0), node) for node in document["nodes"]])
             result = {key: document[key] for key in ("workflow_id", "mode", "layers", "duration_seconds", "outputs")}
         if status != COMPLETED:
-            failed = [node["id"] for node in (document or {}).get("nodes", []) if node["status"] == "failed"]
+            failed = [node for node in (document or {}).get("nodes", []) if node["status"] == "failed"]
             error = self._error(run, status, state, nodes=failed or None)
         return self._record(run, status, state, started_at, finished_at, result, error)
 

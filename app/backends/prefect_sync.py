@@ -72,7 +72,8 @@ class PrefectSync(Loop):
             run = runs.get(str(flow_run["id"]))
             if run is None:
                 continue
-            if run.status == QUEUED and run.created_at < picked_up_before and _unpicked(flow_run):
+            waiting_since = run.next_attempt_at or run.created_at  # a retry's flow run is made when it is due
+            if run.status == QUEUED and waiting_since < picked_up_before and _unpicked(flow_run):
                 changed += self._reclaim(run, flow_run)
             elif self.backend.apply_flow_run(run, flow_run) is not run:
                 changed += 1
@@ -131,8 +132,11 @@ class PrefectSync(Loop):
         settled = []
         now = utcnow()
         for run in self.store.undispatched("prefect", now - timedelta(seconds=older_than_seconds)):
+            # A retry's flow run carries its attempt's tag: the run's own tag also finds the failed attempts'.
+            tag = contract.attempt_tag(run.id, run.attempt) if (run.attempt or 1) > 1 else contract.run_tag(run.id)
+            waited_since = run.next_attempt_at or run.created_at
             try:
-                flow_run = self.backend.client.find_flow_run(contract.run_tag(run.id)) if self.backend.route is not None else None
+                flow_run = self.backend.client.find_flow_run(tag) if self.backend.route is not None else None
                 if flow_run is not None:
                     settled.append(self.backend.record_flow_run(run, flow_run))
                     continue
@@ -143,11 +147,11 @@ class PrefectSync(Loop):
                     settled.append(self.backend.submit(run, deployment_id=route.deployment_id))
                     continue
                 reason = route.reason if route is not None else "prefect_not_configured"
-                if (now - run.created_at).total_seconds() < self.give_up_seconds:
+                if (now - waited_since).total_seconds() < self.give_up_seconds:
                     continue  # a create still in flight may yet land: only a run this old goes local
             except PrefectError as exc:
                 self.backend.note_failure(exc)
-                if (now - run.created_at).total_seconds() < self.give_up_seconds:
+                if (now - waited_since).total_seconds() < self.give_up_seconds:
                     continue  # Prefect may hold it: ask again on the next sync
                 reason = "prefect_create_failed"
             log.warning("run %s was never handed to Prefect (%s); running it locally", run.id, reason,

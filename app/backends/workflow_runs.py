@@ -7,7 +7,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from app.runs.models import Run
+from app.logs import run_id as current_run_id
+from app.runs.models import SOURCE_WORKFLOW, Run
 from app.runs.store import NewRun, RunStore
 from connectors import tracing
 from connectors.isolated import run_connector_isolated
@@ -17,7 +18,7 @@ from connectors.spec import ParamsError
 from flows.engine import NodeResult, WorkflowEngine, WorkflowResult
 from flows.lease import keep_one
 from flows.nodes import NodeFailed, Toolbox
-from flows.outcome import CANCELLED, COMPLETED, FAILED, RunError
+from flows.outcome import CANCELLED, COMPLETED, CRASHED, FAILED, RunError
 from flows.workflow_registry import resolve_definition
 from flows.workflow_spec import WorkflowSpec
 
@@ -50,9 +51,14 @@ class InlineConnectorRunner:
             runnable = spec.with_params(params)
         except ParamsError as exc:
             raise NodeFailed(f"{exc.field}: {exc.message}", code="invalid_params", terminal=True) from None
+        parent_id = current_run_id.get()  # the workflow run this node belongs to (None: execute-node)
+        parent = self.store.get(parent_id) if parent_id else None
         new = NewRun(kind="connector", target=connector_id, params=params, backend="local",
                      concurrency_key=concurrency_key(spec, self.workspace), fallback_reason="workflow_node",
-                     trace_context=tracing.carrier() or None)  # the node's: in the workflow run's trace
+                     trace_context=tracing.carrier() or None,  # the node's: in the workflow run's trace
+                     # the workflow's caller and labels: a tenant's runs include its workflows' connector runs
+                     source=SOURCE_WORKFLOW, triggered_by=parent.triggered_by if parent else None,
+                     labels=parent.labels if parent else None)
         asked = time.monotonic()  # the lease runs from no earlier than this
         run = self.store.start_inline(new, self.owner, self.lease_seconds)
         while run is None:  # another run holds the connector's destination: wait for it, as a queued run would
@@ -74,13 +80,16 @@ class InlineConnectorRunner:
                 lease.close()  # the end's record decides from here on
         except Exception as exc:
             error = RunError.of(exc)
+            status = CANCELLED if error.code == "cancelled" else FAILED
+            if status == CANCELLED and self.must_end():  # nobody cancelled it: its process shuts down
+                status, error = CRASHED, RunError.interrupted()
             if not lost.is_set():  # a lost lease writes nothing: the run was recovered elsewhere
-                self.store.finish(run.id, self.owner, CANCELLED if error.code == "cancelled" else FAILED, error=error)
+                self.store.finish(run.id, self.owner, status, error=error)
             if isinstance(exc, RunCancelled):
                 raise NodeFailed(str(exc), code="cancelled", terminal=True) from None
             if isinstance(exc, ConnectorRunError):
                 raise NodeFailed(f"connector '{connector_id}' failed in {exc.step}: {exc.message}",
-                                 code="connector_failed", terminal=exc.terminal) from None
+                                 code="connector_failed", failure_class=exc.failure_class) from None
             raise
         result = {**summary.to_dict(), "run_id": run.id}
         self.store.finish(run.id, self.owner, COMPLETED, result=summary.to_dict())
@@ -158,6 +167,6 @@ def run_workflow(run: Run, store: RunStore, toolbox: Toolbox, should_stop: Calla
     recorder = NodeRecorder(store, run.id, spec)
     try:
         return engine.run(spec, run.params.get("inputs") or {}, run.params.get("mode", "optimized"),
-                          observe=recorder, should_stop=should_stop)
+                          observe=recorder, should_stop=should_stop, reuse=run.params.get("reuse"))
     finally:
         recorder.close()

@@ -1,5 +1,5 @@
-"""Run store tables: every accepted run, its callback, nodes and log lines, the executors that claim runs, and the
-state of each schedule.
+"""Run store tables: every accepted run, its labels, callback, nodes and log lines, the executors that claim runs,
+and the state of each schedule.
 
 The node cache's table belongs to the workflow engine (flows/node_cache.py). The schema changes only through the
 migrations in app/runs/migrations/ (a test checks that they end at exactly these tables)."""
@@ -48,8 +48,8 @@ class Base(DeclarativeBase):
 ACTIVE_LOCAL = text(f"status IN ('{RUNNING}', '{CANCELLING}') AND backend = 'local'")
 # Runs of a schedule's slot; spelled once for the same reason (uq_runs_slot holds exactly these rows).
 SCHEDULED = text("scheduled_for IS NOT NULL")
-# Where a run came from: a caller, or a schedule's slot.
-SOURCE_API, SOURCE_SCHEDULE = "api", "schedule"
+# Where a run came from: a trigger or execute, a schedule's slot, a rerun (of `rerun_of`), a workflow's connector node.
+SOURCE_API, SOURCE_SCHEDULE, SOURCE_RERUN, SOURCE_WORKFLOW = "api", "schedule", "rerun", "workflow"
 
 
 class Run(Base):
@@ -73,7 +73,7 @@ class Run(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(128))
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # claims, internal (callers see `attempt`)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
@@ -87,6 +87,15 @@ class Run(Base):
     # run's spans, flow run, outbound calls and callback continue ({"traceparent": ..., "tracestate": ...}).
     trace_id: Mapped[str | None] = mapped_column(String(32))
     trace_context: Mapped[dict[str, str] | None] = mapped_column(JSON)
+    # Retries (connectors.failures.RetryPolicy): the policy in effect, this attempt's number, the attempts that
+    # ended before it ({attempt, backend, started_at, ended_at, status, error}) and when this one may start.
+    retry_policy: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    attempt: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    attempt_log: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    rerun_of: Mapped[str | None] = mapped_column(String(32))  # the run this one reruns (`source`: rerun)
+    triggered_by: Mapped[str | None] = mapped_column(String(100))  # the API key's name; None: anonymous
+    labels: Mapped[dict[str, str] | None] = mapped_column(JSON)  # also in run_labels, to find runs by one
     # Loaded only where a run document is built (RunStore.get, list, cancel, the transitions): the claim and
     # finish paths, which hold SQLite's write lock, never pay for it. Not loaded reads as None.
     callback: Mapped[RunCallback | None] = relationship(lazy="noload", uselist=False)
@@ -133,6 +142,20 @@ class ScheduleState(Base):
     skipped: Mapped[int] = mapped_column(Integer, default=0)  # came while a run of the schedule already waited
     last_skipped_for: Mapped[datetime | None] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class RunLabel(Base):
+    """One label of a run (`tenant: acme`): one label's runs are read newest first from the index, on the same
+    keyset cursor as every page of runs."""
+
+    __tablename__ = "run_labels"
+
+    run_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    key: Mapped[str] = mapped_column(String(63), primary_key=True)
+    value: Mapped[str] = mapped_column(String(256))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())  # the run's
+
+    __table_args__ = (Index("ix_run_labels_key_value_created", "key", "value", "created_at", "run_id"),)
 
 
 class Executor(Base):

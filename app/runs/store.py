@@ -20,12 +20,15 @@ from app.runs.executor_registry import ExecutorStore
 from app.runs.history import RunHistory
 from app.runs.log_lines import RunLogStore
 from app.runs import migrate
-from app.runs.models import ACTIVE_LOCAL, CALLBACK_PENDING, SCHEDULED, SOURCE_API, Run, RunCallback, RunLog, utcnow
+from app.runs.models import (
+    ACTIVE_LOCAL, CALLBACK_PENDING, SCHEDULED, SOURCE_API, Run, RunCallback, RunLabel, RunLog, utcnow,
+)
 from app.runs.node_states import RunNodeStore
 from app.runs.schedule_states import ScheduleStore, advance
 from flows.connector_lock import connector_locks, held_by_others, serialise_claims
 from app.runs.retention import RetentionStore
 from connectors import tracing
+from connectors.failures import RetryPolicy
 from flows.database import Database
 from flows.node_cache import SqlNodeCache
 from flows.outcome import ACTIVE, CANCELLED, CANCELLING, CRASHED, FAILED, QUEUED, RUNNING, TERMINAL, RunError
@@ -34,12 +37,19 @@ from flows.outcome import ACTIVE, CANCELLED, CANCELLING, CRASHED, FAILED, QUEUED
 # one write lock for every other writer (the ORM query took 5x as long). Covered by ix_runs_target_status.
 _COUNT_QUEUED_SQLITE = f"SELECT count(*) FROM runs WHERE target = ? AND kind = ? AND status = '{QUEUED}'"
 _COUNT_QUEUED_PG = f"SELECT count(*) FROM runs WHERE target = %(target)s AND kind = %(kind)s AND status = '{QUEUED}'"
+# A target's queued and running runs, newest first (ix_runs_target_status), for its conflict policy.
+_ACTIVE_OF_TARGET = (f"SELECT id, status FROM runs WHERE target = {{target}} AND kind = {{kind}} "
+                     f"AND status IN ('{QUEUED}', '{RUNNING}') ORDER BY created_at DESC, id DESC")
+_ACTIVE_SQLITE = _ACTIVE_OF_TARGET.format(target="?", kind="?")
+_ACTIVE_PG = _ACTIVE_OF_TARGET.format(target="%(target)s", kind="%(kind)s")
+ON_CONFLICT = ("queue", "join", "skip", "reject", "queue_one")  # what a trigger does when its target is busy
 _WITH_CALLBACK = (selectinload(Run.callback),)
 # The statuses of a run that has not ended, named rather than "not terminal": an IN over them reads ix_runs_queue
 # and touches only the few live rows, where NOT IN scans every run ever kept.
 _UNFINISHED = (QUEUED, *ACTIVE)
 _INSERT_RUN = Run.__table__.insert()
 _INSERT_CALLBACK = RunCallback.__table__.insert()
+_INSERT_LABEL = RunLabel.__table__.insert()
 _EMPTY_ROW = {column.name: None for column in Run.__table__.columns}
 _FIND_BY_KEY = select(Run.id).where(Run.kind == bindparam("kind"), Run.target == bindparam("target"),
                                     Run.idempotency_key == bindparam("key"))
@@ -47,6 +57,12 @@ _FIND_BY_KEY = select(Run.id).where(Run.kind == bindparam("kind"), Run.target ==
 # which the executor's heartbeat keeps renewing until the end is written.
 _END_TRIES = 6
 _QUEUE_LOCK_NAMESPACE = 0x666C6F71  # with a hash of kind:target, the advisory lock of one target's queue limit
+_RETRYABLE = ("transient", "crashed")  # failure classes a policy may retry (connectors.failures)
+
+
+def _due(now: datetime) -> Any:
+    """A queued run that may start now: a first attempt, or a retry whose wait is over."""
+    return or_(Run.next_attempt_at.is_(None), Run.next_attempt_at <= now)
 
 
 # What became of a schedule's slot (RunStore.create_slot_run).
@@ -62,6 +78,15 @@ class QueueFull(Exception):
     def __init__(self, kind: str, target: str, limit: int):
         super().__init__(f"{kind} '{target}' already has {limit} queued runs")
         self.limit = limit
+
+
+class TargetBusy(Exception):
+    """The target has a queued or running run, and the trigger's conflict policy (`skip`, `reject`) starts none."""
+
+    def __init__(self, kind: str, target: str, run_id: str, policy: str):
+        super().__init__(f"{kind} '{target}' already has an active run ({run_id}); on_conflict: {policy}")
+        self.run_id = run_id
+        self.policy = policy
 
 
 class IdempotencyConflict(Exception):
@@ -89,6 +114,13 @@ class NewRun:
     scheduled_for: datetime | None = None  # a schedule's slot: at most one run per (kind, target, slot)
     schedule: dict[str, Any] | None = None  # the rule the slot came from, and how late its run was created
     trace_context: dict[str, str] | None = None  # the W3C context the run continues (connectors/tracing.py)
+    retry: RetryPolicy | None = None  # None: a failure ends the run
+    # When the target has a queued or running run: queue behind it, join it (the newest), skip, reject, or keep at
+    # most one queued behind the running one (queue_one: later triggers join the queued one).
+    on_conflict: str = "queue"
+    rerun_of: str | None = None  # with source `rerun`
+    triggered_by: str | None = None  # the API key's name
+    labels: dict[str, str] | None = None
 
     @property
     def trace_id(self) -> str | None:
@@ -98,8 +130,12 @@ class NewRun:
     @property
     def request_hash(self) -> str:
         """A fingerprint of the request, to tell a retry from a different call under the same key."""
-        # The callback URL counts only when there is one, so the runs stored before it counted keep their hash.
+        # What was added later counts only when given, so the runs stored before it counted keep their hash.
         request = [self.kind, self.target, self.params] + ([self.callback_url] if self.callback_url else [])
+        if self.retry is not None:
+            request.append({"retry": self.retry.model_dump(mode="json")})
+        if self.labels:
+            request.append({"labels": self.labels})
         body = json.dumps(request, sort_keys=True, default=str)
         return hashlib.sha256(body.encode()).hexdigest()
 
@@ -111,12 +147,17 @@ def _row(new: NewRun, now: datetime) -> dict[str, Any]:
             "idempotency_key": new.idempotency_key, "request_hash": new.request_hash,
             "concurrency_key": new.concurrency_key, "cancel_requested": False, "attempts": 0, "created_at": now,
             "source": new.source, "scheduled_for": new.scheduled_for, "schedule": new.schedule,
-            "trace_id": new.trace_id, "trace_context": new.trace_context}
+            "trace_id": new.trace_id, "trace_context": new.trace_context,
+            "attempt": 1, "retry_policy": new.retry.model_dump(mode="json") if new.retry else None,
+            "rerun_of": new.rerun_of, "triggered_by": new.triggered_by, "labels": new.labels or None}
 
 
 def _insert(connection: Connection, new: NewRun, row: dict[str, Any]) -> Run:
     """Insert the run and its callback in the caller's transaction: a run never exists without its callback."""
     connection.execute(_INSERT_RUN, row)
+    if new.labels:
+        connection.execute(_INSERT_LABEL, [{"run_id": row["id"], "key": key, "value": value,
+                                            "created_at": row["created_at"]} for key, value in new.labels.items()])
     callback = None
     if new.callback_url:
         callback = {"run_id": row["id"], "url": new.callback_url, "status": CALLBACK_PENDING, "attempts": [],
@@ -158,7 +199,8 @@ class RunStore:
     # --- runs -------------------------------------------------------------------------------
 
     def create_run(self, new: NewRun) -> tuple[Run, bool]:
-        """Insert a queued run; with an idempotency key already used, return that run instead (created=False)."""
+        """Insert a queued run; with an idempotency key already used, return that run instead (created=False), and
+        so for an active run its conflict policy joins. TargetBusy when it skips or rejects."""
 
         # Core statements on one connection, no ORM session: this is every trigger's write transaction, and on
         # SQLite it holds the one write lock; the ORM's unit of work cost 1.3 ms of CPU per trigger here.
@@ -170,6 +212,12 @@ class RunStore:
                                                                  "key": new.idempotency_key}).scalar()
                     if existing is not None:
                         return existing, False
+                if new.max_queued is not None or new.on_conflict != "queue":
+                    self._lock_target(connection, new)
+                if new.on_conflict != "queue":
+                    joined = self._resolve_conflict(connection, new)
+                    if joined is not None:
+                        return joined, False
                 if new.max_queued is not None and self._count_queued(connection, new) >= new.max_queued:
                     raise QueueFull(new.kind, new.target, new.max_queued)
                 run = _insert(connection, new, row)
@@ -182,19 +230,23 @@ class RunStore:
             with self.db.session() as session:
                 found, created = self._by_idempotency_key(session, new), False
         run = found if isinstance(found, Run) else self.get(found)
-        if not created and run.request_hash != new.request_hash:
+        duplicate = bool(new.idempotency_key) and run.idempotency_key == new.idempotency_key
+        if not created and duplicate and run.request_hash != new.request_hash:
             raise IdempotencyConflict(run)
         return run, created
 
+    def _lock_target(self, connection: Connection, new: NewRun) -> None:
+        """Until this transaction ends, no concurrent trigger of the new run's target can add a run: SQLite's one
+        write lock is held already; PostgreSQL takes an advisory lock per target (triggers of other targets pass),
+        and each statement after it reads a fresh snapshot that sees the last holder's insert."""
+        if not self.is_sqlite:
+            connection.exec_driver_sql("SELECT pg_advisory_xact_lock(%(ns)s, hashtext(%(key)s))",
+                                       {"ns": _QUEUE_LOCK_NAMESPACE, "key": f"{new.kind}:{new.target}"})
+
     def _count_queued(self, connection: Connection, new: NewRun) -> int:
-        """Queued runs of the new run's target, counted where no concurrent trigger of that target can add one
-        before this transaction ends: SQLite's one write lock is held already; PostgreSQL takes an advisory lock
-        per target (triggers of other targets pass), then counts in a fresh snapshot that sees the last holder's
-        insert."""
+        """Queued runs of the new run's target (under _lock_target)."""
         if self.is_sqlite:
             return connection.exec_driver_sql(_COUNT_QUEUED_SQLITE, (new.target, new.kind)).scalar()
-        connection.exec_driver_sql("SELECT pg_advisory_xact_lock(%(ns)s, hashtext(%(key)s))",
-                                   {"ns": _QUEUE_LOCK_NAMESPACE, "key": f"{new.kind}:{new.target}"})
         return connection.exec_driver_sql(_COUNT_QUEUED_PG, {"target": new.target, "kind": new.kind}).scalar()
 
     def create_slot_run(self, new: NewRun, done_until: datetime, skip_if_waiting: bool) -> tuple[str, Run | None]:
@@ -231,6 +283,18 @@ class RunStore:
 
             self.db.retry(catch_up)
             return TAKEN, None
+    def _resolve_conflict(self, connection: Connection, new: NewRun) -> str | None:
+        """Under _lock_target: the id of the active run the trigger joins, None to insert one; TargetBusy to start
+        none (skip, reject)."""
+        active = (connection.exec_driver_sql(_ACTIVE_SQLITE, (new.target, new.kind)) if self.is_sqlite else
+                  connection.exec_driver_sql(_ACTIVE_PG, {"target": new.target, "kind": new.kind})).all()
+        if not active:
+            return None
+        if new.on_conflict == "join":
+            return active[0].id
+        if new.on_conflict == "queue_one":
+            return next((row.id for row in active if row.status == QUEUED), None)
+        raise TargetBusy(new.kind, new.target, active[0].id, new.on_conflict)
 
     def start_inline(self, new: NewRun, owner: str, lease_seconds: float) -> Run | None:
         """Insert a run already `running` and held by `owner` (a connector node runs it in its own thread).
@@ -247,11 +311,14 @@ class RunStore:
                     return None
                 now = self._now(session)
                 run = Run(id=uuid.uuid4().hex, kind=new.kind, target=new.target, params=new.params, status=RUNNING,
+                          source=new.source, triggered_by=new.triggered_by, labels=new.labels or None,
                           backend=new.backend, fallback_reason=new.fallback_reason, request_hash=new.request_hash,
                           concurrency_key=new.concurrency_key, created_at=now, started_at=now, attempts=1,
                           lease_owner=owner, lease_expires_at=now + timedelta(seconds=lease_seconds),
                           trace_id=new.trace_id, trace_context=new.trace_context)
                 session.add(run)
+                session.add_all(RunLabel(run_id=run.id, key=key, value=value, created_at=now)
+                                for key, value in (new.labels or {}).items())
             return run
 
         try:
@@ -271,11 +338,18 @@ class RunStore:
 
     def list(self, target: str | None = None, status: str | None = None, limit: int = 50,
              before: tuple[datetime, str] | None = None, backend: str | None = None,
-             source: str | None = None) -> list[Run]:
-        """Runs newest first; `before` is the (created_at, id) of the last run of the previous page."""
-        query = select(Run).options(*_WITH_CALLBACK).order_by(Run.created_at.desc(), Run.id.desc()).limit(limit)
+             source: str | None = None, kind: str | None = None, label: tuple[str, str] | None = None) -> list[Run]:
+        """Runs newest first; `before` is the (created_at, id) of the last run of the previous page. With a `label`
+        (key, value), the label's index gives the order, and the other filters apply to the runs it names."""
+        created_at, run_id = (RunLabel.created_at, RunLabel.run_id) if label else (Run.created_at, Run.id)
+        query = select(Run).options(*_WITH_CALLBACK).order_by(created_at.desc(), run_id.desc()).limit(limit)
+        if label:
+            query = query.join(RunLabel, RunLabel.run_id == Run.id).where(RunLabel.key == label[0],
+                                                                          RunLabel.value == label[1])
         if target:
             query = query.where(Run.target == target)
+        if kind:
+            query = query.where(Run.kind == kind)
         if status:
             query = query.where(Run.status == status)
         if backend:
@@ -283,10 +357,17 @@ class RunStore:
         if source:
             query = query.where(Run.source == source)
         if before:
-            created_at, run_id = before
-            query = query.where((Run.created_at < created_at) | ((Run.created_at == created_at) & (Run.id < run_id)))
+            query = query.where((created_at < before[0]) | ((created_at == before[0]) & (run_id < before[1])))
         with self.db.session() as session:
             return list(session.scalars(query))
+
+    def recent_durations(self, kind: str, target: str, count: int = 10) -> list[float]:
+        """Seconds from start to end of the target's last `count` ended runs that started (ix_runs_target_finished)."""
+        with self.db.session() as session:
+            rows = session.execute(select(Run.started_at, Run.finished_at).where(
+                Run.target == target, Run.kind == kind, Run.finished_at.is_not(None))
+                .order_by(Run.finished_at.desc()).limit(count)).all()
+        return [(row.finished_at - row.started_at).total_seconds() for row in rows if row.started_at]
 
     def fail_overdue(self, backend: str, started_before: datetime, error: RunError) -> list[Run]:
         """End as failed every unfinished run on `backend` that started before `started_before` (one that has not
@@ -298,7 +379,7 @@ class RunStore:
                 # meanwhile (its completion just recorded) keeps its end.
                 return list(session.scalars(update(Run).where(
                     Run.backend == backend, Run.status.in_(_UNFINISHED),
-                    func.coalesce(Run.started_at, Run.created_at) < started_before)
+                    func.coalesce(Run.started_at, Run.next_attempt_at, Run.created_at) < started_before)
                     .values(status=FAILED, finished_at=utcnow(), error=error.to_dict(), lease_expires_at=None)
                     .returning(Run)))
 
@@ -325,18 +406,18 @@ class RunStore:
             with self.db.session(write=True) as session:
                 serialise_claims(session, self.is_sqlite)
                 while True:
+                    now = self._now(session)
                     busy_keys = select(Run.concurrency_key).where(ACTIVE_LOCAL)  # uq_runs_one_active_per_key
                     run_id = session.scalars(
                         select(Run.id)
                         .where(Run.status == QUEUED, Run.backend == "local", Run.concurrency_key.not_in(busy_keys),
                                Run.concurrency_key.not_in(held_by_others(session, self.is_sqlite)),
-                               *((Run.kind.in_(kinds),) if kinds is not None else ()))
+                               _due(now), *((Run.kind.in_(kinds),) if kinds is not None else ()))
                         .order_by(Run.created_at, Run.id)
                         .limit(1)
                     ).first()
                     if run_id is None:
                         return None
-                    now = self._now(session)
                     # Still queued? A cancel (which does not take the claim lock) may have ended it since the read:
                     # then the next one is looked for.
                     lease_expires_at = now + timedelta(seconds=lease_seconds)
@@ -386,29 +467,72 @@ class RunStore:
             synchronize_session=False)
 
     def finish(self, run_id: str, owner: str, status: str, result: dict[str, Any] | None = None,
-               error: RunError | None = None, logs: list[dict[str, Any]] | None = None) -> bool:
-        """Record how a run ended (and its last log lines, in the same transaction); only while `owner` still
-        holds it (a recovered run stays recovered). Tried again after a transient error (a dropped connection, a
-        failover): given up, a run that completed would be recorded crashed once its lease lapsed."""
+               error: RunError | None = None, logs: list[dict[str, Any]] | None = None) -> str | None:
+        """Record how a run's attempt ended (and its last log lines, in the same transaction); only while `owner`
+        still holds it (a recovered run stays recovered). Returns the status written: `status`, or `queued` when its
+        retry policy takes the failure (_end_attempt); None when the run was no longer `owner`'s. Tried again after
+        a transient error (a dropped connection, a failover): given up, a run that completed would be recorded
+        crashed once its lease lapsed."""
         tries = 0
 
-        def attempt() -> bool:
+        def attempt() -> str | None:
             nonlocal tries
             tries += 1
             with self.db.session(write=True) as session:
-                changed = session.execute(
-                    update(Run).where(Run.id == run_id, Run.lease_owner == owner, Run.status.in_(ACTIVE))
-                    .values(status=status, result=result, error=error.to_dict() if error else None,
-                            finished_at=utcnow(), lease_expires_at=None)).rowcount
-                if logs and changed:
-                    session.add_all(RunLog(**line) for line in logs)
-                if not changed and tries > 1:  # the try before may have committed, its answer lost with its connection
-                    changed = session.scalar(select(func.count()).where(
+                written = self._end_attempt(session, run_id, ACTIVE, status, result, error, Run.lease_owner == owner,
+                                            logs=logs, log_error=status in (FAILED, CRASHED))
+                if written is None and tries > 1:  # the try before may have committed, its answer lost with it
+                    written = status if session.scalar(select(func.count()).where(
                         Run.id == run_id, Run.lease_owner == owner, Run.status == status,
-                        Run.lease_expires_at.is_(None)))
-            return changed == 1
+                        Run.lease_expires_at.is_(None))) else None
+            return written
 
         return self.db.retry(attempt, attempts=_END_TRIES, transient=True, first_wait=0.1)
+
+    def _end_attempt(self, session: Session, run_id: str, statuses: tuple[str, ...], status: str,
+                     result: dict[str, Any] | None, error: RunError | None, *also: Any,
+                     now: datetime | None = None, log_error: bool = False,
+                     logs: list[dict[str, Any]] | None = None, **ended: Any) -> str | None:
+        """End the run's current attempt as `status` (a compare-and-set on `statuses` and `also`); returns the status
+        written, None when the run had moved on.
+
+        A failure of a class the run's retry policy takes, with attempts left, does not end the run: the attempt
+        goes to the run's `attempt_log` and the run back to `queued` under the same id, to be claimed (or handed to
+        Prefect) no earlier than `next_attempt_at`. The run never passes through an ended status on the way, so its
+        callback fires once, after the last attempt. A run someone asked to cancel is not retried.
+
+        `logs` are written before its own lines (an ERROR line with `log_error`, a WARNING naming the next attempt),
+        `ended` only when the run ends."""
+        now = now or utcnow()
+        values: dict[str, Any] = {"status": status, "result": result, "error": error.to_dict() if error else None,
+                                  "finished_at": now, "lease_expires_at": None, **ended}
+        retry_line = None
+        if status in (FAILED, CRASHED) and error is not None and error.failure_class in _RETRYABLE:
+            row = session.execute(select(Run.retry_policy, Run.attempt, Run.attempt_log, Run.backend, Run.started_at,
+                                         Run.cancel_requested, Run.prefect_flow_run_id)
+                                  .where(Run.id == run_id)).first()
+            policy = RetryPolicy.model_validate(row.retry_policy) if row is not None and row.retry_policy else None
+            if policy is not None and not row.cancel_requested and policy.retries(error.failure_class, row.attempt):
+                entry = {"attempt": row.attempt, "backend": row.backend, "status": status, "error": values["error"],
+                         "started_at": row.started_at.isoformat() if row.started_at else None,
+                         "ended_at": now.isoformat(), "prefect_flow_run_id": row.prefect_flow_run_id}
+                next_at = now + timedelta(seconds=policy.delay_after(row.attempt))
+                values = {"status": QUEUED, "attempt": row.attempt + 1, "next_attempt_at": next_at,
+                          "attempt_log": [*(row.attempt_log or []), entry], "started_at": None, "finished_at": None,
+                          "lease_owner": None, "lease_expires_at": None, "result": None, "error": None,
+                          "prefect_flow_run_id": None, "prefect_state": None}
+                also = (*also, Run.attempt == row.attempt)
+                retry_line = (f"attempt {row.attempt} of {policy.max_attempts} ended {status} "
+                              f"({error.failure_class}); attempt {row.attempt + 1} starts at {next_at.isoformat()}")
+        if not session.execute(self._when(run_id, statuses, *also).values(**values)).rowcount:
+            return None
+        lines = [RunLog(**line) for line in logs or ()]
+        if log_error and error is not None:
+            lines.append(RunLog(run_id=run_id, at=now, level="ERROR", logger="flowgate.runs", message=error.describe()))
+        if retry_line:
+            lines.append(RunLog(run_id=run_id, at=now, level="WARNING", logger="flowgate.runs", message=retry_line))
+        session.add_all(lines)
+        return values["status"]
 
     # --- transitions of a run that has not ended (None when it had ended meanwhile) ---------------
 
@@ -435,9 +559,19 @@ class RunStore:
         values: dict[str, Any] = {"status": status, "prefect_state": prefect_state}
         if started_at:
             values["started_at"] = started_at
-        if finished_at:
-            values.update(finished_at=finished_at, result=result, error=error.to_dict() if error else None)
-        return self._change_unfinished(run_id, "prefect", **values)
+        if not finished_at:
+            return self._change_unfinished(run_id, "prefect", **values)
+
+        def attempt() -> Run | None:  # the end of an attempt: perhaps a retry (_end_attempt)
+            with self.db.session(write=True) as session:
+                if started_at:
+                    session.execute(self._when(run_id, _UNFINISHED, Run.backend == "prefect")
+                                    .values(started_at=started_at))
+                written = self._end_attempt(session, run_id, _UNFINISHED, status, result, error,
+                                            Run.backend == "prefect", now=finished_at, prefect_state=prefect_state)
+                return session.get(Run, run_id, options=_WITH_CALLBACK) if written else None
+
+        return self.db.retry(attempt)
 
     def _change_unfinished(self, run_id: str, on_backend: str, statuses: tuple[str, ...] = _UNFINISHED,
                            **values: Any) -> Run | None:
@@ -457,7 +591,8 @@ class RunStore:
         with self.db.session() as session:
             return list(session.scalars(select(Run).where(
                 Run.status == QUEUED, Run.backend == backend, Run.prefect_flow_run_id.is_(None),
-                Run.created_at < created_before).order_by(Run.created_at).limit(limit)))
+                or_(Run.created_at < created_before, Run.attempt > 1), _due(utcnow()))
+                .order_by(Run.created_at).limit(limit)))
 
     def unfinished(self, backend: str, limit: int = 100) -> list[Run]:
         """Runs on `backend` that have not ended, oldest first."""
@@ -500,9 +635,10 @@ class RunStore:
         def attempt() -> list[str]:
             with self.db.session(write=True) as session:
                 now = self._now(session)
-                return list(session.scalars(update(Run).where(ACTIVE_LOCAL, owned).values(
-                    status=CRASHED, finished_at=now, lease_expires_at=None,
-                    error=RunError.process_died(pid).to_dict()).returning(Run.id)))
+                held = session.scalars(select(Run.id).where(ACTIVE_LOCAL, owned)).all()
+                return [run_id for run_id in held if self._end_attempt(
+                    session, run_id, ACTIVE, CRASHED, None, RunError.process_died(pid), owned, Run.backend == "local",
+                    now=now, log_error=True)]
 
         return self.db.retry(attempt)
 
@@ -522,8 +658,8 @@ class RunStore:
                     error = RunError.lease_expired(owner) if lease_expires_at else RunError.no_lease(owner)
                     # Only if its lease is still lapsed: an owner that was late, not dead, may have finished it
                     # (or renewed) since the read, and its end stands.
-                    if session.execute(self._when(run_id, ACTIVE, Run.backend == "local", lapsed).values(
-                            status=CRASHED, finished_at=now, lease_expires_at=None, error=error.to_dict())).rowcount:
+                    if self._end_attempt(session, run_id, ACTIVE, CRASHED, None, error, Run.backend == "local",
+                                         lapsed, now=now, log_error=True):
                         recovered.append(run_id)
                 return recovered
 

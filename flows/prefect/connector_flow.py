@@ -17,13 +17,16 @@ from prefect.runtime import flow_run
 from prefect.states import Cancelled
 
 from connectors.isolated import run_connector_isolated, warm_up
-from connectors.pipeline import ConnectorPipeline, LoadSummary, RunCancelled, Workspace, concurrency_key
+from connectors.pipeline import (
+    ConnectorPipeline, ConnectorRunError, LoadSummary, RunCancelled, Workspace, concurrency_key,
+)
 from connectors.registry import ConnectorRegistry
 from connectors.spec import ConnectorSpec
 from flows.connector_lock import ConnectorLock, LockLost, run_moved_off_prefect, warn_unless_shared
 from flows.connector_lock import metadata as lock_metadata
 from flows.database import Database
-from flows.prefect.contract import FLOW_NAME, summary_artifact_key, tagged_run_id
+from flows.outcome import RunError
+from flows.prefect.contract import FLOW_NAME, error_artifact_key, summary_artifact_key, tagged_run_id
 from flows.prefect.run_trace import run_span
 from flows.runtime import RuntimeSettings
 
@@ -62,6 +65,14 @@ def run_steps(spec: ConnectorSpec, workspace: Workspace, lost: threading.Event,
                    duration_seconds=round(time.monotonic() - started, 3))
 
 
+def publish_error(connector_id: str, exc: Exception) -> None:
+    """The failure as the gateway records it (code, step, message, class), so a retry policy can act on its class:
+    Prefect's state only has the message."""
+    error = RunError.of(exc) if isinstance(exc, ConnectorRunError) else RunError("lock_lost", str(exc))
+    create_table_artifact(key=error_artifact_key(connector_id), table=[error.to_dict()],
+                          description=f"Why connector {connector_id} failed, and whether a retry can help.")
+
+
 @flow(name=FLOW_NAME, log_prints=True)
 def connector_flow(connector_id: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run one connector from connectors.yaml; publish its load summary as an artifact and return it."""
@@ -92,7 +103,11 @@ def _connector_flow(connector_id: str, params: dict[str, Any] | None) -> dict[st
             # Asked again holding the key: the gateway may have taken the run back while this flow run waited.
             if run_id and (refused := run_moved_off_prefect(database, run_id)):
                 return Cancelled(message=f"not executed: {refused}")
-            summary = run_steps(runnable, workspace, lost).to_dict()
+            try:
+                summary = run_steps(runnable, workspace, lost).to_dict()
+            except (ConnectorRunError, LockLost) as exc:
+                publish_error(connector_id, exc)
+                raise
     finally:
         database.dispose()
     create_table_artifact(

@@ -16,6 +16,7 @@ TRACE_TAG_PREFIX = "trace:"  # a flow run's tag naming the W3C trace id of its r
 # Prefect's own label for a flow run's parent span (prefect.telemetry.run_telemetry): Prefect's engine starts
 # the flow run's span under it, and the flow continues the run's trace from it.
 TRACEPARENT_LABEL = "__OTEL_TRACEPARENT"
+ERROR_ARTIFACT_PREFIX = "flowgate-error"  # key prefix of the table artifact holding a failed run's error and class
 
 # Prefect state type -> flowgate status (SCHEDULED covers Late; PAUSED waits like a queued run).
 STATE_TO_STATUS = {
@@ -42,6 +43,14 @@ def run_tag(run_id: str) -> str:
 def trace_tag(trace_id: str) -> str:
     """The tag naming a flow run's trace."""
     return f"{TRACE_TAG_PREFIX}{trace_id}"
+def attempt_tag(run_id: str, attempt: int) -> str:
+    """The tag that tells the flow runs of one run's attempts apart (a retry is a new flow run of the same run)."""
+    return f"flowgate-attempt:{run_id}:{attempt}"
+
+
+def error_artifact_key(connector_id: str) -> str:
+    """The key of the artifact a failed connector flow run publishes its error (code, step, class) under."""
+    return f"{ERROR_ARTIFACT_PREFIX}-{re.sub(r'[^a-z0-9-]+', '-', connector_id.lower())}"
 
 
 def tagged_run_id(tags: list[str]) -> str | None:

@@ -83,24 +83,25 @@ def connector_runner(settings: Any, database: Database, holder: str, lock: Conne
         except ParamsError as exc:
             raise NodeFailed(f"{exc.field}: {exc.message}", code="invalid_params", terminal=True) from None
         except ConnectorRunError as exc:
-            raise NodeFailed(str(exc), code="connector_failed", terminal=exc.terminal) from None
+            raise NodeFailed(str(exc), code="connector_failed", failure_class=exc.failure_class) from None
 
     return run
 
 
 @flow(name=WORKFLOW_FLOW_NAME, log_prints=True)
 def workflow_flow(run_id: str, workflow: dict[str, Any], inputs: dict[str, Any] | None = None,
-                  mode: str = "optimized", from_file: bool = False) -> dict[str, Any]:
+                  mode: str = "optimized", from_file: bool = False,
+                  reuse: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run a workflow definition; publish every node's result as an artifact the gateway reads back.
 
     A definition from a workflow file arrives with its `${VAR}`s unresolved: they are filled in here, from the
     worker's environment, so Prefect never holds the secrets."""
     with run_span("workflow", str(workflow.get("id", ""))):
-        return _workflow_flow(run_id, workflow, inputs, mode, from_file)
+        return _workflow_flow(run_id, workflow, inputs, mode, from_file, reuse)
 
 
 def _workflow_flow(run_id: str, workflow: dict[str, Any], inputs: dict[str, Any] | None, mode: str,
-                   from_file: bool) -> dict[str, Any]:
+                   from_file: bool, reuse: dict[str, Any] | None) -> dict[str, Any]:
     settings = RuntimeSettings()
     spec = resolve_definition(workflow, from_file)
     database = Database(settings.run_store_url)  # node cache and connector keys: shared with the gateways
@@ -113,7 +114,7 @@ def _workflow_flow(run_id: str, workflow: dict[str, Any], inputs: dict[str, Any]
         database.create_tables(metadata, lock_metadata)
         runner = connector_runner(settings, database, f"prefect:{flow_run.id}:{run_id}")
         engine = WorkflowEngine(make_toolbox(settings, runner), cache=SqlNodeCache(database))
-        result = engine.run(spec, inputs or {}, mode, submit=submit_as_task)
+        result = engine.run(spec, inputs or {}, mode, submit=submit_as_task, reuse=reuse)
     finally:
         database.dispose()
     document = result.to_dict()

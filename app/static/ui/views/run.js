@@ -46,10 +46,17 @@ export async function render(root, { id, canTrigger }, scope) {
       run.trace_id ? h("span", { class: "muted mono small trace-id", title: "W3C trace id: search it in Jaeger or Tempo" },
         "trace ", run.trace_id) : null,
       canTrigger && !TERMINAL.has(run.status) && run.status !== "cancelling"
-        ? h("button", { type: "button", class: "danger", onclick: cancel }, "Cancel") : null);
+        ? h("button", { type: "button", class: "danger", onclick: cancel }, "Cancel") : null,
+      canTrigger && TERMINAL.has(run.status)
+        ? h("button", { type: "button", dataset: { action: "rerun" }, onclick: rerun({}) }, "Rerun") : null,
+      canTrigger && isWorkflow && TERMINAL.has(run.status) && run.status !== "completed"
+        ? h("button", { type: "button", dataset: { action: "rerun-failed" }, onclick: rerun({ from: "failed" }) },
+          "Rerun from failed") : null,
+      run.rerun_of ? h("a", { class: "small", href: `#/runs/${encodeURIComponent(run.rerun_of)}` },
+        `rerun of ${shortId(run.rerun_of)}`) : null);
     replace(timeline, timelineSteps(run));
     replace(error, run.error ? errorPanel(run.error) : null);
-    replace(detail, isWorkflow ? workflowDetail(run, execution) : connectorDetail(run));
+    replace(detail, isWorkflow ? workflowDetail(run, execution) : connectorDetail(run), attemptsPanel(run));
     callback.hidden = !run.callback;
     if (run.callback) replace(callback, callbackPanel(run.callback));
   };
@@ -59,6 +66,18 @@ export async function render(root, { id, canTrigger }, scope) {
     try {
       run = (await postJSON(`${runUrl}/cancel`, {}, { accept: [409] })).body;
     } catch (failure) {
+      replace(error, errorBox({ code: failure.code, message: failure.message }));
+    }
+  };
+
+  // A new run of this one (source: rerun); the page moves to it.
+  const rerun = (body) => async (event) => {
+    event.target.disabled = true;
+    try {
+      const started = (await postJSON(`${runUrl}/rerun`, body)).body;
+      location.hash = `#/runs/${encodeURIComponent(started.run_id)}`;
+    } catch (failure) {
+      event.target.disabled = false;
       replace(error, errorBox({ code: failure.code, message: failure.message }));
     }
   };
@@ -87,7 +106,8 @@ export async function render(root, { id, canTrigger }, scope) {
       h("h3", {}, node.id, " ", badge(node.status)),
       h("dl", { class: "facts" },
         fact("type", node.type), fact("layer", node.layer), fact("attempts", node.attempts),
-        fact("cached", node.cached ? "yes" : "no"), fact("started", when(node.started_at)),
+        fact("cached", node.cached ? "yes" : "no"), fact("reused", node.reused ? "yes, from the rerun run" : "no"),
+        fact("started", when(node.started_at)),
         fact("finished", when(node.finished_at)), fact("duration", seconds(node.duration_seconds))),
       node.error ? errorPanel(node.error) : null,
       h("h4", {}, "Output"), node.output === null || node.output === undefined ? h("p", { class: "muted" }, "none yet")
@@ -153,25 +173,54 @@ function timelineSteps(run) {
   return [
     step("accepted", run.created_at, "done", run.kind, " ", run.connector_id || run.workflow_id,
       run.source === "schedule" ? ` by its schedule, slot ${when(run.scheduled_for)}${
-        run.schedule?.late_seconds >= 1 ? ` (${seconds(run.schedule.late_seconds)} late)` : ""}` : ""),
+        run.schedule?.late_seconds >= 1 ? ` (${seconds(run.schedule.late_seconds)} late)` : ""}`
+        : ` from ${run.source}, by ${run.triggered_by}`,
+      Object.entries(run.labels || {}).map(([key, value]) => h("span", { class: "label mono small", dataset: { label: key } },
+        ` ${key}: ${value}`))),
     step("queued", run.created_at, "done", "on ", h("span", { class: `backend backend-${run.backend}` }, run.backend),
       ": ", why),
     step("running", run.started_at, run.started_at ? (ended ? "done" : "current") : "pending",
-      run.started_at ? `attempt ${run.attempts}` : "waiting for an executor"),
+      run.started_at ? `attempt ${run.attempt}${run.retry ? ` of ${run.retry.max_attempts}` : ""}`
+        : run.next_attempt_at ? `attempt ${run.attempt} waits until ${when(run.next_attempt_at)}`
+          : "waiting for an executor"),
     step("ended", run.finished_at, endState, ended ? badge(run.status) : run.status === "cancelling" ? "cancelling…" : "",
       ended && run.started_at ? ` after ${seconds(runSeconds(run))}` : ""),
   ];
 }
 
+// What each failure class means for a retry (connectors/failures.py).
+const CLASSES = {
+  transient: "A retry can help: the cause may pass (network, timeout, HTTP 429/5xx, a locked or unreachable database).",
+  crashed: "A retry can help: the run was cut off from outside (its process died, a shutdown, a lapsed lease).",
+  terminal: "A retry will not help: fix the cause first.",
+};
+
+function attemptsPanel(run) {
+  if (run.attempts.length < 2 && !run.retry) return null;
+  return [
+    h("h2", {}, "Attempts"),
+    run.retry ? h("p", { class: "muted small" }, `Retried on ${run.retry.on.join(", ")}, at most ${
+      run.retry.max_attempts} attempts, waiting ${seconds(run.retry.backoff_seconds)} doubling up to ${
+      seconds(run.retry.max_backoff_seconds)}.`) : null,
+    h("table", { class: "attempts" },
+      h("thead", {}, h("tr", {}, ["#", "backend", "started", "ended", "status", "class", "error"]
+        .map((name) => h("th", {}, name)))),
+      h("tbody", {}, run.attempts.map((a) => h("tr", { dataset: { attempt: a.attempt, status: a.status } },
+        h("td", {}, a.attempt), h("td", {}, a.backend), h("td", {}, when(a.started_at)), h("td", {}, when(a.ended_at)),
+        h("td", {}, badge(a.status)), h("td", {}, a.error?.failure_class || "—"),
+        h("td", { class: "error-message" }, a.error?.message || ""))))),
+  ];
+}
+
 function errorPanel(error) {
-  const retry = error.terminal === true ? "A retry will not help: fix the cause first."
-    : error.terminal === false ? "A retry can help: the cause may be passing." : null;
+  const failureClass = error.failure_class || (error.terminal === true ? "terminal" : null);
   return h("div", { class: "notice error", role: "alert" },
     h("div", {}, h("strong", {}, error.code || "error"), error.step ? ` in step ${error.step}` : "",
       error.field ? ` (field ${error.field})` : "", error.nodes ? ` (nodes ${error.nodes.join(", ")})` : "",
       error.contract ? contractText(error.contract) : ""),
     h("div", { class: "error-message" }, error.message),
-    retry ? h("div", { class: "small" }, retry) : null);
+    failureClass ? h("div", { class: "small", dataset: { failureClass } },
+      h("strong", {}, failureClass), `: ${CLASSES[failureClass] || ""}`) : null);
 }
 
 function contractText(contract) {
