@@ -119,6 +119,11 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call is noise
 
     app = Flask(__name__)
+    if settings.trusted_proxies:
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        # Only the entries the trusted proxies added: anything further left the client wrote itself.
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies, x_proto=settings.trusted_proxies)
     app.json = JSONProvider(app)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False

@@ -155,9 +155,12 @@ def is_open(path: str) -> bool:
 
 
 class FailedAuthLimit:
-    """Wrong keys per client address (FLOWGATE_AUTH_FAILURE_LIMIT): past the limit, every request from that
-    address is refused before its key is even looked at, so guessing keys gets no answers. Counts live in
-    FLOWGATE_RATE_LIMIT_STORAGE when set (shared by every process), else in this process."""
+    """Wrong keys per client address (FLOWGATE_AUTH_FAILURE_LIMIT): past the limit, a request from that address
+    without a right key is a 429. A right key is always served: callers behind one proxy or NAT share an address,
+    and one of them sending wrong keys must not lock out the others. (What stops guessing is a key's 16+
+    characters; the limit keeps a misconfigured or hostile client's failures cheap and tells it to back off.)
+    The address is the socket's, or with FLOWGATE_TRUSTED_PROXIES the one the outermost trusted proxy saw.
+    Counts live in FLOWGATE_RATE_LIMIT_STORAGE when set (shared by every process), else in this process."""
 
     def __init__(self, limit: str, storage_uri: str | None):
         from limits import parse_many, storage, strategies
@@ -183,7 +186,7 @@ class FailedAuthLimit:
 
 def init_app(app: Flask, keyring: KeyRing, failure_limit: str = "10/minute", storage_uri: str | None = None) -> None:
     """Check every request but /health and the dashboard's files against the keyring (when it has keys); limit
-    wrong keys per address."""
+    wrong keys per client address."""
     failures = FailedAuthLimit(failure_limit, storage_uri) if keyring.enabled else None
 
     @app.before_request
@@ -191,15 +194,15 @@ def init_app(app: Flask, keyring: KeyRing, failure_limit: str = "10/minute", sto
         g.api_key = None
         if not keyring.enabled or is_open(request.path):
             return
-        address = request.remote_addr or "unknown"
-        failures.refuse_if_over(address)
-        challenge = {"WWW-Authenticate": 'Bearer realm="flowgate"'}
         presented = presented_key()
-        if presented is None:
-            raise Unauthorized("an API key is required: Authorization: Bearer <key> or X-API-Key",
-                               code="missing_api_key", headers=challenge)
-        key = keyring.identify(presented)
+        key = keyring.identify(presented) if presented is not None else None
         if key is None:
+            address = request.remote_addr or "unknown"
+            failures.refuse_if_over(address)
+            challenge = {"WWW-Authenticate": 'Bearer realm="flowgate"'}
+            if presented is None:
+                raise Unauthorized("an API key is required: Authorization: Bearer <key> or X-API-Key",
+                                   code="missing_api_key", headers=challenge)
             failures.failed(address)
             raise Unauthorized("the API key is not valid", code="invalid_api_key", headers=challenge)
         scope = required_scope()

@@ -151,8 +151,14 @@ class Settings(RuntimeSettings):
                     "trigger answers 202 at once (keep it below GUNICORN_THREADS so /health always has a thread).")
     auth_failure_limit: str = Field(
         "10/minute", validation_alias="FLOWGATE_AUTH_FAILURE_LIMIT",
-        description="Failed authentications allowed per client address (e.g. '10/minute'); past it every request "
-                    "from that address is a 429 until the window passes. Shared like FLOWGATE_RATE_LIMIT_STORAGE.")
+        description="Failed authentications allowed per client address (e.g. '10/minute'); past it a request "
+                    "from that address without a right key is a 429 until the window passes (a right key is "
+                    "always served). Shared like FLOWGATE_RATE_LIMIT_STORAGE.")
+    trusted_proxies: int = Field(
+        0, ge=0, le=5, validation_alias="FLOWGATE_TRUSTED_PROXIES",
+        description="How many proxies in front of the gateway append to X-Forwarded-For (docker-compose.yml's "
+                    "nginx: 1); the client address is then the one the outermost of them saw. 0: the header "
+                    "is ignored, as any client could write it.")
 
     @property
     def project_dir(self) -> Path:

@@ -9,11 +9,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from app import create_app
 from app.auth import KeyRing, digest
 from app.config import ConfigError
 from tests.gunicorn_server import ROOT, GunicornServer
+from tests.nginx_proxy import NGINX, repo_nginx
 from tests.waiting import wait_until
 
 READER, TRIGGERER, ADMIN = "reader-key-0123456789", "trigger-key-0123456789", "admin-key-0123456789"
@@ -111,17 +113,66 @@ def test_without_keys_gunicorn_serves_loopback_only_and_says_so_in_json_lines(wo
     assert access and access[0]["path"] == "/health" and access[0]["status"] == 200, lines[-3:]
 
 
-def test_wrong_keys_from_one_address_are_limited_before_any_key_is_checked(client):
+def test_wrong_keys_from_one_address_are_limited_but_a_right_key_from_it_is_always_served(client):
     wrong = [client.get("/api/v1/runs", headers=bearer("not-a-key-0123456789")).status_code for _ in range(10)]
     assert wrong == [401] * 10
     limited = client.get("/api/v1/runs", headers=bearer("not-a-key-0123456789"))
     assert limited.status_code == 429 and limited.mimetype == "application/problem+json"
     assert limited.json["code"] == "too_many_failed_authentications" and int(limited.headers["Retry-After"]) > 0
-    # While limited, the address gets no answer about any key, not even a right one: guessing learns nothing.
-    assert client.get("/api/v1/runs", headers=bearer(READER)).status_code == 429
-    elsewhere = client.get("/api/v1/runs", headers=bearer(READER), environ_base={"REMOTE_ADDR": "10.1.2.3"})
-    assert elsewhere.status_code == 200
+    assert client.get("/api/v1/runs").status_code == 429  # no key at all: limited too
+    # Callers behind one proxy or NAT share the address: one caller's wrong keys lock out no one else's right key.
+    assert [client.get("/api/v1/runs", headers=bearer(key)).status_code for key in (READER, ADMIN)] == [200, 200]
+    assert client.post("/trigger", json={"connector_id": "numbers"}, headers=bearer(TRIGGERER)).status_code == 202
+    elsewhere = client.get("/api/v1/runs", headers=bearer("not-a-key-0123456789"),
+                           environ_base={"REMOTE_ADDR": "10.1.2.3"})
+    assert elsewhere.status_code == 401
     assert client.get("/health").status_code == 200
+
+
+def test_x_forwarded_for_is_ignored_unless_trusted_proxies_are_configured(client):
+    # Without FLOWGATE_TRUSTED_PROXIES anyone can write the header: a wrong-key sender cannot escape its count by
+    # naming a new address each time.
+    for number in range(11):
+        client.get("/api/v1/runs", headers={**bearer("not-a-key-0123456789"), "X-Forwarded-For": f"10.0.0.{number}"})
+    assert client.get("/api/v1/runs", headers={"X-Forwarded-For": "10.9.9.9"}).status_code == 429
+
+
+def test_behind_a_trusted_proxy_wrong_keys_count_against_the_address_it_saw(app_config):
+    app = create_app({**app_config, "trusted_proxies": 1})
+    client = app.test_client()
+    proxy = {"REMOTE_ADDR": "172.18.0.5"}  # every request arrives from the proxy
+    # What the client wrote itself (left) is not trusted; the proxy's entry (right) is the address.
+    for number in range(11):
+        client.get("/api/v1/runs", environ_base=proxy, headers={**bearer("not-a-key-0123456789"),
+                                                                "X-Forwarded-For": f"1.1.1.{number}, 203.0.113.7"})
+    attacker = client.get("/api/v1/runs", environ_base=proxy, headers={"X-Forwarded-For": "9.9.9.9, 203.0.113.7"})
+    assert attacker.status_code == 429
+    other = client.get("/api/v1/runs", environ_base=proxy, headers={"X-Forwarded-For": "203.0.113.8"})
+    assert other.status_code == 401 and other.json["code"] == "missing_api_key"
+    app.extensions["flowgate"].store.dispose()
+
+
+@pytest.mark.skipif(NGINX is None, reason="nginx is not installed (apt-get install nginx-light)")
+def test_behind_the_compose_nginx_one_clients_wrong_keys_limit_only_that_client(workdir):
+    """docker-compose.yml's gateway settings behind deploy/nginx.conf: two clients on two loopback addresses."""
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    trusted = compose["services"]["gateway"]["environment"]["FLOWGATE_TRUSTED_PROXIES"]
+    server = GunicornServer(workdir, workers=1, FLOWGATE_API_KEYS=f"dash:{READER}:read",
+                            FLOWGATE_TRUSTED_PROXIES=str(trusted), ready_headers=bearer(READER)).start()
+    try:
+        with repo_nginx(workdir, server.port) as url, \
+                httpx.Client(base_url=url, transport=httpx.HTTPTransport(local_address="127.0.0.2")) as attacker, \
+                httpx.Client(base_url=url, transport=httpx.HTTPTransport(local_address="127.0.0.1")) as caller:
+            wrong = [attacker.get("/api/v1/runs", headers={**bearer("not-a-key-0123456789"),
+                                                           "X-Forwarded-For": f"10.0.0.{n}"}).status_code
+                     for n in range(11)]
+            forged = attacker.get("/api/v1/runs", headers={"X-Forwarded-For": "127.0.0.1"}).status_code
+            mistyped = caller.get("/api/v1/runs", headers=bearer("not-a-key-0123456789")).status_code
+            right = caller.get("/api/v1/runs", headers=bearer(READER)).status_code
+    finally:
+        server.kill()
+    assert wrong == [401] * 10 + [429] and forged == 429  # nginx replaces the header the client wrote
+    assert mistyped == 401 and right == 200  # the other client's count is its own
 
 
 def test_idempotency_keys_are_scoped_to_the_caller(app_config):

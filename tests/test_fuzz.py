@@ -51,7 +51,7 @@ def test_every_schemathesis_phase_finds_nothing_on_a_real_gunicorn(tmp_path, key
            # The document carries these limits, so generated waits stay short and the run stays bounded.
            "FLOWGATE_MAX_WAIT_SECONDS": "2", "GUNICORN_LOG_LEVEL": "warning",
            # schemathesis sends wrong keys to every operation: more than the default limit allows one address,
-           # after which even the right key is refused (tests/test_auth.py checks that limit)
+           # after which they are 429s the document does not list for them (tests/test_auth.py checks that limit)
            "FLOWGATE_AUTH_FAILURE_LIMIT": "100000/minute"}
     if keys:
         env["FLOWGATE_API_KEYS"] = f"fuzz:{KEY}:admin"

@@ -2,22 +2,17 @@
 time hold no request thread (/health keeps answering), and the server closes them at the header deadline."""
 from __future__ import annotations
 
-import os
 import select
-import shutil
-import signal
 import socket
-import subprocess
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.gunicorn_server import ROOT, GunicornServer, free_port
+from tests.gunicorn_server import GunicornServer
+from tests.nginx_proxy import NGINX, repo_nginx
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.long(seconds=30)  # started first in the parallel run (conftest.py)
@@ -25,7 +20,6 @@ pytestmark = pytest.mark.long(seconds=30)  # started first in the parallel run (
 SLOW_CLIENTS = 100
 HEAD = b"GET /health HTTP/1.1\r\nHost: flowgate\r\nX-Slow: " + b"a" * 1000  # never finished within the test
 PROBE_TIMEOUT = 5.0  # a liveness bound for each /health probe, not a benchmark
-NGINX = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
 
 
 class SlowClient:
@@ -121,37 +115,6 @@ def test_a_head_sent_in_pieces_within_the_deadline_is_served_and_kept_alive(work
     finally:
         server.kill()
     assert answers.startswith(b"HTTP/1.1 200 ") and b"HTTP/1.1 405 " in answers  # both requests answered
-
-
-@contextmanager
-def repo_nginx(folder: Path, gateway_port: int) -> Iterator[str]:
-    """deploy/nginx.conf in front of a gateway on 127.0.0.1 (only its upstream, port and pid file changed); yields
-    its URL."""
-    port = free_port()
-    text = (ROOT / "deploy" / "nginx.conf").read_text()
-    changes = {"server gateway:5000;": f"server 127.0.0.1:{gateway_port};", "listen 8080;": f"listen 127.0.0.1:{port};",
-               "pid /tmp/nginx.pid;": f"pid {folder}/nginx.pid;"}
-    for old, new in changes.items():
-        assert old in text, f"deploy/nginx.conf no longer says {old!r}"
-        text = text.replace(old, new)
-    (folder / "nginx.conf").write_text(text)
-    with (folder / "nginx.log").open("ab") as log:
-        process = subprocess.Popen([NGINX, "-c", str(folder / "nginx.conf"), "-g", "daemon off;"], stdout=log,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        def answers() -> bool:
-            assert process.poll() is None, (folder / "nginx.log").read_text()
-            try:
-                return httpx.get(f"{url}/health", timeout=5).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_until(answers, timeout=30, what="nginx answering /health")
-        yield url
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(10)
 
 
 @pytest.mark.skipif(NGINX is None, reason="nginx is not installed (apt-get install nginx-light)")
