@@ -46,7 +46,9 @@ def stack(tmp_path_factory, receiver: OtlpReceiver) -> Iterator[PrefectStack]:
 
 def test_a_prefect_flow_run_continues_the_callers_trace(stack: PrefectStack, receiver: OtlpReceiver, tmp_path: Path):
     (tmp_path / "connectors.yaml").write_text(DEPLOYED)
+    # The gateway's run store is the worker's: a flow run of a run its worker cannot find is not executed.
     gateway = GunicornServer(tmp_path, workers=1, PREFECT_API_URL=stack.api_url, FLOWGATE_PREFECT_POOL=stack.pool,
+                             DATABASE_URL=stack.run_store_url,
                              OTEL_EXPORTER_OTLP_ENDPOINT=receiver.url, OTEL_BSP_SCHEDULE_DELAY="100")
     try:
         gateway.start()
