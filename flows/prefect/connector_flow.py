@@ -12,13 +12,18 @@ from typing import Any
 from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
-
 from prefect.runtime import flow_run
 from prefect.states import Cancelled
 
+from connectors import tracing
 from connectors.isolated import run_connector_isolated, warm_up
 from connectors.pipeline import (
-    ConnectorPipeline, ConnectorRunError, LoadSummary, RunCancelled, Workspace, concurrency_key,
+    ConnectorPipeline,
+    ConnectorRunError,
+    LoadSummary,
+    RunCancelled,
+    Workspace,
+    concurrency_key,
 )
 from connectors.registry import ConnectorRegistry
 from connectors.spec import ConnectorSpec
@@ -35,7 +40,8 @@ from flows.runtime import RuntimeSettings
 def pipeline_step(spec: ConnectorSpec, workspace: Workspace, step: str, must_end: Callable[[], bool]) -> LoadSummary:
     """One dlt step (recover, extract, normalize, load) as a Prefect task, in a child process of its own
     (connectors/isolated.py), killed at once when `must_end` turns true."""
-    return run_connector_isolated(spec, workspace, must_end=must_end, steps=(step,))
+    # The child continues the flow run's trace: its step's span under the run's (flows/prefect/run_trace.py)
+    return run_connector_isolated(spec, workspace, must_end=must_end, steps=(step,), trace_context=tracing.carrier())
 
 
 def run_steps(spec: ConnectorSpec, workspace: Workspace, lost: threading.Event,
