@@ -11,6 +11,7 @@ import duckdb
 import pytest
 
 from app.runs.store import RunStore
+from connectors.isolated import run_connector_isolated
 from connectors.pipeline import Workspace, duckdb_path
 from connectors.spec import ConnectorSpec
 from flows.connector_lock import ConnectorLock, LockLost
@@ -24,12 +25,26 @@ SLOW = {"id": "slow", "dataset": "raw",  # its extract takes 20 s: the step the 
 LEASE_SECONDS = 1.5  # fenced a second after the last renewal that got through: the step must end soon after
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _forkserver_ready(tmp_path_factory) -> None:
+    """The forkserver up and its imports done (seconds on a loaded machine), so the times below are the kill's."""
+    folder = tmp_path_factory.mktemp("warm")
+    spec = ConnectorSpec.model_validate({**SLOW, "source": {**SLOW["source"], "args": {"n": 1}}})
+    run_connector_isolated(spec, Workspace(folder / "dlt", folder / "duckdb"), steps=("recover",))
+
+
 @pytest.fixture
 def stalled_lock(store: RunStore):
-    """A connector lock whose renewals hang from the first one on (a database that stopped answering)."""
+    """A connector lock whose renewals hang from the first one on (a database that stopped answering); its
+    `stalled_at` is when the first one was sent (the lease is lost a third of a lease later)."""
     lock = ConnectorLock(store.db, lease_seconds=LEASE_SECONDS)
     released = threading.Event()
-    lock.renew = lambda key, holder: released.wait(60) and False
+
+    def renew(key: str, holder: str) -> bool:
+        lock.stalled_at = getattr(lock, "stalled_at", None) or time.monotonic()
+        return released.wait(60) and False
+
+    lock.renew = renew
     yield lock
     released.set()
 
@@ -40,12 +55,11 @@ def test_a_flow_run_that_loses_its_connectors_key_mid_step_has_the_steps_process
     did: the lease was looked at between steps only, so the step in progress ran to its end)."""
     spec = ConnectorSpec.model_validate(SLOW)
     workspace = Workspace(tmp_path / "dlt", tmp_path / "duckdb")
-    started = time.monotonic()
     with pytest.raises(LockLost, match="was lost during"):  # extract, or recover on a slow machine
         with stalled_lock.hold("connector:slow", "prefect:flow-run-1:abcd") as lost:
             connector_flow.run_steps(spec, workspace, lost, run_step=connector_flow.pipeline_step.fn)
-    took = time.monotonic() - started
-    assert took < 8, f"the step ran on for {took:.1f} s after the lease was lost"
+    took = time.monotonic() - stalled_lock.stalled_at
+    assert took < 5, f"the step ran on for {took:.1f} s after the renewals stalled"
     assert not duckdb_path(spec, workspace).exists() or _tables(duckdb_path(spec, workspace)) == []
 
 
@@ -56,11 +70,10 @@ def test_a_workflows_connector_node_that_loses_its_key_mid_step_is_killed_at_onc
         "args: {n: 5, delay_seconds: 20}}\n    dataset: raw\n")
     settings = RuntimeSettings.of(var_dir=tmp_path / "var", connectors_file=tmp_path / "connectors.yaml")
     run = connector_runner(settings, store.db, "prefect:flow-run-2:run-2", lock=stalled_lock)
-    started = time.monotonic()
     with pytest.raises(NodeFailed) as failed:
         run("slow", {}, lambda: False)
-    took = time.monotonic() - started
-    assert failed.value.code == "cancelled" and took < 8, (failed.value, f"{took:.1f} s")
+    took = time.monotonic() - stalled_lock.stalled_at
+    assert failed.value.code == "cancelled" and took < 5, (failed.value, f"{took:.1f} s after the renewals stalled")
 
 
 def _tables(path: Path) -> list[str]:
