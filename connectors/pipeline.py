@@ -11,7 +11,7 @@ import importlib
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +84,24 @@ class LoadSummary:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
         return asdict(self)
+
+    @classmethod
+    def of_steps(cls, steps: list[LoadSummary], duration_seconds: float) -> LoadSummary:
+        """One run's summary from the summaries of its steps, each run in a process of its own (the Prefect
+        flow's): rows, loads and merge counts added up; schema changes and incremental windows as the last step
+        saw them (it took up the earlier steps' notes), each window with the run's rows."""
+        rows: dict[str, int] = {}
+        merge: dict[str, dict[str, int]] = {}
+        for step in steps:
+            for table, count in step.rows.items():
+                rows[table] = rows.get(table, 0) + count
+            for table, counts in step.merge.items():
+                merge[table] = {key: merge.get(table, {}).get(key, 0) + value for key, value in counts.items()}
+        last = steps[-1]
+        return replace(last, rows=rows, load_ids=[load_id for step in steps for load_id in step.load_ids],
+                       duration_seconds=round(duration_seconds, 3), merge=merge,
+                       incremental={table: {**window, "rows": rows.get(table, 0)}
+                                    for table, window in last.incremental.items()})
 
 
 def duckdb_path(spec: ConnectorSpec, workspace: Workspace) -> Path | None:

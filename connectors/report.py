@@ -32,12 +32,19 @@ class RunReport:
         self.incremental: dict[str, dict[str, Any]] = {}
         self._tables_before: dict[str, Any] | None = None
         self._cursors_before: dict[tuple[str, str], dict[str, Any]] = {}
+        # What a later step needs of an earlier one (the schema recover found, the windows extract saw), kept in
+        # the working folder: the Prefect flow runs each step in a process of its own. Recover starts it afresh.
+        self._notes = working_dir / "flowgate_report.json"
+        self._take_up_notes()
 
     # --- the steps tell --------------------------------------------------------------------------------
 
     def schema_before(self, pipeline: Any) -> None:
-        """Remember the tables the destination's stored schema holds now (after recover synced with it)."""
+        """Remember the tables the destination's stored schema holds now (after recover synced with it); a run's
+        notes start here."""
         self._tables_before = stored_tables(pipeline)
+        self.incremental = {}
+        self._write_notes()
 
     def before_extract(self, pipeline: Any, refresh: bool) -> None:
         """Remember where every incremental cursor stands (nowhere, when a full refresh drops the state)."""
@@ -59,6 +66,7 @@ class RunReport:
             for table in _root_tables_of(resource, edges, pipeline):
                 self.incremental[table] = {"cursor_path": cursor_path, "from": _json_value(start),
                                            "to": _json_value(cursor["last_value"])}
+        self._write_notes()
 
     def normalized(self, info: Any) -> None:
         """Replace each package's extracted counts with the normalized ones (nested tables included)."""
@@ -88,6 +96,19 @@ class RunReport:
                 previous = self.merge.get(table, {"inserted": 0, "updated": 0})
                 self.merge[table] = {"inserted": previous["inserted"] + inserted,
                                      "updated": previous["updated"] + max(loaded.get(table, 0) - inserted, 0)}
+
+    def _write_notes(self) -> None:
+        written = self._notes.with_suffix(".tmp")
+        written.parent.mkdir(parents=True, exist_ok=True)
+        written.write_text(json.dumps({"tables_before": self._tables_before, "incremental": self.incremental}))
+        written.replace(self._notes)
+
+    def _take_up_notes(self) -> None:
+        try:
+            notes = json.loads(self._notes.read_text())
+        except (FileNotFoundError, ValueError):
+            return
+        self._tables_before, self.incremental = notes.get("tables_before"), notes.get("incremental") or {}
 
     # --- the summary asks -------------------------------------------------------------------------------
 

@@ -80,3 +80,27 @@ def _tables(path: Path) -> list[str]:
     with duckdb.connect(str(path), read_only=True) as con:
         return [row[0] for row in con.execute("SELECT table_name FROM information_schema.tables "
                                                "WHERE table_schema = 'raw'").fetchall()]
+
+
+def test_the_flows_steps_each_in_a_process_of_its_own_sum_up_to_a_whole_runs_summary(tmp_path: Path):
+    """Incremental windows are noted at extract and schema changes against what recover found, each in a process
+    of its own on the Prefect path: the summary must still say them (it said neither: test_prefect red)."""
+    from connectors.pipeline import run_connector
+    from tests.test_pipeline import _events_db
+
+    _events_db(tmp_path / "events.db", [(i, "new", f"2025-01-01T00:00:{i:02d}") for i in range(5)])
+    summaries = {}
+    for path in ("steps", "whole"):
+        spec = ConnectorSpec.model_validate({
+            "id": "inc", "dataset": "raw", "destination": {"kind": "duckdb", "path": str(tmp_path / f"{path}.duckdb")},
+            "source": {"kind": "sql_database", "url": f"sqlite:///{tmp_path / 'events.db'}", "tables": ["events"],
+                       "incremental": {"cursor": "updated_at"}}})
+        workspace = Workspace(tmp_path / path / "dlt", tmp_path / path / "duckdb")
+        summaries[path] = (connector_flow.run_steps(spec, workspace, threading.Event(),
+                                                    run_step=connector_flow.pipeline_step.fn)
+                           if path == "steps" else run_connector(spec, workspace))
+    steps, whole = (summaries[path].to_dict() for path in ("steps", "whole"))
+    assert steps["incremental"]["events"] == whole["incremental"]["events"] == {
+        "cursor_path": "updated_at", "from": None, "to": "2025-01-01T00:00:04", "rows": 5}
+    assert steps["schema_changes"] == whole["schema_changes"] and "events" in whole["schema_changes"]
+    assert (steps["rows"], len(steps["load_ids"]), steps["merge"]) == (whole["rows"], 1, whole["merge"])

@@ -6,7 +6,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 from prefect import flow, task
@@ -63,12 +62,7 @@ def run_steps(spec: ConnectorSpec, workspace: Workspace, lost: threading.Event,
                 raise LockLost(f"the lease on connector {spec.id}'s key was lost during {step}: its process was "
                                f"killed") from None
             raise
-    rows: dict[str, int] = {}
-    for summary in done:
-        for table, count in summary.rows.items():
-            rows[table] = rows.get(table, 0) + count
-    return replace(done[-1], rows=rows, load_ids=[load_id for summary in done for load_id in summary.load_ids],
-                   duration_seconds=round(time.monotonic() - started, 3))
+    return LoadSummary.of_steps(done, time.monotonic() - started)
 
 
 def publish_error(connector_id: str, exc: Exception) -> None:
