@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 
 from pydantic import ValidationError
 
@@ -99,11 +100,28 @@ if _settings.log_format == "json":
 # --- hooks -----------------------------------------------------------------------------------
 def on_starting(server):
     """Refuse an exposed bind without keys, after every override; then a fresh metrics folder (samples of a
-    previous master's workers must not be summed in)."""
+    previous master's workers must not be summed in); then the run store's migrations, once, before any worker."""
     exposure.guard(_settings, server.cfg.address, "gunicorn would listen on")
     folder = os.environ["PROMETHEUS_MULTIPROC_DIR"]
     shutil.rmtree(folder, ignore_errors=True)
     os.makedirs(folder, exist_ok=True)
+    _migrate(server)
+
+
+def _migrate(server):
+    """Bring the run store to the newest schema here, so the workers forked from this process know it is (they boot
+    without the database: one restarting while the database hangs would otherwise fail to boot, and gunicorn stops
+    the whole gateway when a worker fails to boot). A database that cannot be reached now stops the start."""
+    from app.runs.store import RunStore
+
+    store = RunStore(_settings.run_store_url)
+    try:
+        store.create_schema()
+    except Exception as exc:
+        server.log.error("flowgate: the run store could not be brought to the newest schema: %s", exc)
+        sys.exit(1)
+    finally:
+        store.dispose()  # nothing of the run store stays open in the master that forks the workers
 
 
 def child_exit(server, worker):

@@ -3,16 +3,22 @@ lease can no longer be renewed stops within its lease, while another gateway tha
 recovers it. Real PostgreSQL behind a proxy that holds every byte once told to."""
 from __future__ import annotations
 
+import os
+import signal
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from app.backends.executor import LocalExecutor
 from app.runs.store import NewRun, RunStore
 from connectors.pipeline import Workspace, concurrency_key
 from connectors.registry import ConnectorRegistry
+from flows.database import PG_CONNECT_TIMEOUT_SECONDS
 from flows.outcome import CRASHED
 from tests.fake_services import Blackhole
+from tests.gunicorn_server import GunicornServer
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.long(seconds=30)
@@ -45,3 +51,29 @@ def test_a_run_whose_database_stops_answering_is_stopped_within_its_lease(postgr
         proxy.close()
         behind.dispose()
         direct.dispose()
+
+
+
+def test_a_worker_that_restarts_while_the_database_hangs_does_not_take_the_gateway_down(postgres_url, workdir: Path):
+    """A worker killed while the run store stopped answering boots again; before, its boot ran the migrations, timed
+    out connecting, and gunicorn's master, seeing a worker fail to boot, stopped the whole gateway."""
+    proxy = Blackhole(("127.0.0.1", 5432))
+    gateway = GunicornServer(workdir, workers=1,
+                             DATABASE_URL=postgres_url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}"))
+    gateway.start()
+    try:
+        worker = int(Path(f"/proc/{gateway.process.pid}/task/{gateway.process.pid}/children").read_text().split()[0])
+        proxy.hold.set()
+        os.kill(worker, signal.SIGKILL)
+        wait_until(lambda: gateway.log().count("Booting worker with pid") >= 2, what="the master booted a new worker")
+        time.sleep(PG_CONNECT_TIMEOUT_SECONDS * 4)  # longer than a boot waits on the database: the boot met the hang
+        assert gateway.process.poll() is None, gateway.log()[-3000:]
+        proxy.hold.clear()
+        wait_until(lambda: httpx.get(f"{gateway.url}/api/v1/health/ready", timeout=5).status_code == 200,
+                   timeout=60, what="the gateway ready again once the database answers")
+        done = httpx.post(f"{gateway.url}/api/v1/connectors/numbers/runs", json={"wait": 60}, timeout=70).json()
+        assert done["status"] == "completed"
+    finally:
+        proxy.hold.clear()
+        gateway.kill()
+        proxy.close()

@@ -121,7 +121,7 @@ def test_preview_names_what_the_contract_would_refuse_and_the_run_then_fails_wit
         failed = poll_until_ended(client, accepted["status_url"])
         assert failed["status"] == "failed" and failed["result"] is None
         assert failed["error"] == {"code": "schema_contract_violation", "step": "normalize", "terminal": True,
-                                   "message": failed["error"]["message"],
+                                   "failure_class": "terminal", "message": failed["error"]["message"],
                                    "contract": {"table": "items", "column": "extra_info__source",
                                                 "entity": "columns", "mode": "freeze"}}
         assert "schema_contract.columns: freeze" in failed["error"]["message"]

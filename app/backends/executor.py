@@ -13,6 +13,8 @@ import time
 import uuid
 from dataclasses import replace
 
+from sqlalchemy.exc import DBAPIError
+
 from app.backends.workflow_runs import InlineConnectorRunner, record_pending_nodes, run_workflow, stored_spec
 from app.gateway_tracing import run_span, run_span_ended
 from app.logs import run_id as current_run_id
@@ -95,7 +97,11 @@ class LocalExecutor:
             return
         self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         warm_up()  # connector runs start from a forkserver: start it before the first trigger waits for it
-        self._heartbeat()
+        try:  # registered before the first claim, when the database answers
+            self._heartbeat()
+        except DBAPIError as exc:  # a worker still boots (gunicorn's master stops when one cannot): the loop retries
+            log.warning("executor %s could not register yet (%s); its heartbeat tries again in %.0f s", self.id,
+                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__, self.heartbeat_seconds)
         self.leases.start()
         self.heartbeat.start()
         self._threads.append(threading.Thread(target=self._claim_loop, name="flowgate-claim", daemon=True))

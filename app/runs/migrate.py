@@ -17,6 +17,10 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 BASELINE = "0001"
 HEAD = "0007"  # the newest revision under migrations/versions (a test checks they agree)
 _MIGRATION_LOCK_ID = 0x666C6F78  # PostgreSQL advisory lock held while one process migrates ("flox")
+# The databases this process brought to HEAD, or its parent did before forking it: gunicorn's master migrates
+# before it forks a worker (gunicorn.conf.py), so a worker boots without asking the database anything. A worker
+# that had to ask would fail to boot while the database hangs, and a worker failing to boot stops the master.
+_at_head: set[str] = set()
 
 
 def target_metadata() -> list[MetaData]:
@@ -66,18 +70,24 @@ def alembic_config(connection: Connection | None = None) -> Any:
 def upgrade(database: Database, revision: str = "head") -> None:
     """Bring the schema to `revision`: nothing to do costs one query; otherwise migrate under the lock, where a
     second process waits, then finds the work done."""
-    if revision in ("head", HEAD) and current_revision(database) == HEAD:
+    to_head = revision in ("head", HEAD)
+    key = database.url.render_as_string(hide_password=False)
+    if to_head and (key in _at_head or current_revision(database) == HEAD):
+        _at_head.add(key)
         return
     from alembic import command
 
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # a line per plugin at INFO is noise
     with locked(database) as connection:
         command.upgrade(alembic_config(connection), revision)
+    if to_head:
+        _at_head.add(key)
 
 
 def downgrade(database: Database, revision: str) -> None:
     """Take the schema back to `revision` (under the same lock)."""
     from alembic import command
 
+    _at_head.discard(database.url.render_as_string(hide_password=False))
     with locked(database) as connection:
         command.downgrade(alembic_config(connection), revision)
