@@ -84,6 +84,11 @@ class PrefectStack:
         self.api_url = f"http://127.0.0.1:{self.port}/api"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
         self.env.update(prefect_environment(self.env))  # as `make stack` runs them
+        # Started as an operator would, `.venv/bin/prefect worker start` without activating the venv: its PATH
+        # holds no interpreter with flowgate's requirements (the deployments' command must not need one there).
+        venv_bin = str(Path(sys.executable).parent)
+        self.env["PATH"] = os.pathsep.join(p for p in self.env.get("PATH", os.defpath).split(os.pathsep)
+                                           if p != venv_bin)
         self.env.update({
             "PREFECT_HOME": str(workdir / "prefect-home"), "PREFECT_API_URL": self.api_url,
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",

@@ -21,7 +21,7 @@ from tests.fake_services import Blackhole
 from tests.gunicorn_server import GunicornServer
 from tests.waiting import wait_until
 
-pytestmark = pytest.mark.long(seconds=30)
+pytestmark = pytest.mark.long(seconds=60)
 
 
 def test_a_run_whose_database_stops_answering_is_stopped_within_its_lease(postgres_url, workdir: Path):

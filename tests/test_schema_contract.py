@@ -125,7 +125,7 @@ def test_preview_names_what_the_contract_would_refuse_and_the_run_then_fails_wit
                                    "contract": {"table": "items", "column": "extra_info__source",
                                                 "entity": "columns", "mode": "freeze"}}
         assert "schema_contract.columns: freeze" in failed["error"]["message"]
-        assert table_state(done["result"]["location"], "items") == (["id", "name"], 1)
+        assert table_state(str(workdir / done["result"]["location"]), "items") == (["id", "name"], 1)
     finally:
         services.stop(timeout=10)
         services.store.dispose()

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
+import sys
 from pathlib import Path
 
 from prefect import get_client
@@ -31,12 +33,14 @@ ROOT = Path(__file__).resolve().parents[2]
 ENTRYPOINT = "flows/prefect/connector_flow.py:connector_flow"
 WORKFLOW_ENTRYPOINT = "flows/prefect/workflow_flow.py:workflow_flow"
 DEFAULT_POOL = "flowgate"
-# How the process worker starts a flow run: one `python -m prefect.engine`, which runs the pull step and imports
+# How the process worker starts a flow run: one `<python> -m prefect.engine`, which runs the pull step and imports
 # the flow itself. Left unset, Prefect 3.8 starts a workspace supervisor first (a second Python process that
 # imports Prefect, prepares the workspace, then execs the engine): 1-2 s more CPU per flow run on this 2-core
-# machine, for dependency installs flowgate does not use. `python` must be the worker's interpreter with
-# flowgate's requirements (the stack and the Docker image put their venv first on PATH).
-ENGINE_COMMAND = "python -m prefect.engine"
+# machine, for dependency installs flowgate does not use. <python> is the interpreter this deploy runs on, by its
+# path: a worker started as `.venv/bin/prefect worker start` keeps the system's PATH, where a bare `python` is
+# another interpreter without flowgate's requirements, and every flow run crashed. The stack and the Docker image
+# deploy from the interpreter their workers run on; a worker elsewhere takes `--engine-command`.
+ENGINE_COMMAND = f"{shlex.quote(sys.executable)} -m prefect.engine"
 log = logging.getLogger(__name__)
 
 

@@ -32,8 +32,6 @@ def prefect_environment(environ: dict[str, str]) -> dict[str, str]:
     """The settings the stack gives Prefect's worker and the flow runs it starts (the tests' and benchmarks'
     Prefect stack takes the same): on-demand runs first."""
     return {
-        # The deployments start each flow run as `python -m prefect.engine` (flows/prefect/deploy.py): the venv's.
-        "PATH": os.pathsep.join([str(BIN), environ.get("PATH", os.defpath)]),
         # The worker asks for work every second (Prefect's default: 10 s), so a trigger waits half a second on
         # average for its flow run to be picked up; it says it is alive every 15 s, and the gateway counts it gone
         # after 35 s without a heartbeat (Prefect itself: ~90 s).
