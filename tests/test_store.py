@@ -64,6 +64,18 @@ def test_concurrent_claims_take_each_run_exactly_once(store: RunStore):
     assert all(r.status == RUNNING for r in store.list())
 
 
+def test_a_schedules_slot_is_claimed_before_triggers_queued_ahead_of_it(store: RunStore):
+    """A slot's time is the promise: at capacity it does not wait behind the backlog of triggers (at most one run
+    per schedule waits), then the oldest goes first as before."""
+    from dataclasses import replace
+
+    triggered = [store.create_run(new_run(target=f"t{i}"))[0].id for i in range(3)]
+    slot, _ = store.create_run(replace(new_run(target="nightly"), source="schedule",
+                                       scheduled_for=utcnow().replace(microsecond=0)))
+    order = [store.claim_next("w", lease_seconds=30).id for _ in range(4)]
+    assert order == [slot.id, *triggered]
+
+
 def test_runs_with_one_concurrency_key_never_run_at_once(store: RunStore):
     a, _ = store.create_run(new_run(target="a", lock="duckdb:/same.duckdb"))
     b, _ = store.create_run(new_run(target="b", lock="duckdb:/same.duckdb"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import Connection, select, update
+from sqlalchemy import Connection, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import selectinload
 
@@ -33,10 +33,13 @@ class ScheduleStore:
     def __init__(self, database: Database):
         self.database = database
 
-    def states(self) -> dict[tuple[str, str], ScheduleState]:
-        """Every schedule's state by (kind, target): one query per scheduler pass."""
+    def states(self, keys: list[tuple[str, str]] | None = None) -> dict[tuple[str, str], ScheduleState]:
+        """The states of the schedules `keys` (kind, target), every one's by default: one query per scheduler pass."""
+        query = select(ScheduleState)
+        if keys is not None:
+            query = query.where(tuple_(ScheduleState.kind, ScheduleState.target).in_(keys))
         with self.database.session() as session:
-            return {(state.kind, state.target): state for state in session.scalars(select(ScheduleState))}
+            return {(state.kind, state.target): state for state in session.scalars(query)}
 
     def get(self, kind: str, target: str) -> ScheduleState | None:
         """One schedule's state (None: no gateway has seen it yet)."""

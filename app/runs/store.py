@@ -399,8 +399,8 @@ class RunStore:
             return {status: count for status, count in rows}
 
     def claim_next(self, owner: str, lease_seconds: float, kinds: tuple[str, ...] | None = None) -> Run | None:
-        """Atomically take the oldest queued local run (of `kinds`, default any) whose concurrency key is free;
-        None when there is none."""
+        """Atomically take the oldest queued local run (of `kinds`, default any) whose concurrency key is free, a
+        scheduled one before any triggered; None when there is none."""
 
         def attempt() -> Run | None:
             with self.db.session(write=True) as session:
@@ -413,7 +413,9 @@ class RunStore:
                         .where(Run.status == QUEUED, Run.backend == "local", Run.concurrency_key.not_in(busy_keys),
                                Run.concurrency_key.not_in(held_by_others(session, self.is_sqlite)),
                                _due(now), *((Run.kind.in_(kinds),) if kinds is not None else ()))
-                        .order_by(Run.created_at, Run.id)
+                        # A schedule's slot first (its time is the promise; at most one per schedule waits),
+                        # then the oldest.
+                        .order_by(Run.scheduled_for.is_(None), Run.created_at, Run.id)
                         .limit(1)
                     ).first()
                     if run_id is None:

@@ -1,0 +1,164 @@
+"""Benchmark: how late a schedule fires, and what a thousand schedules cost the gateway.
+
+1. Fire lag (a scheduled run's start minus its slot, what `flowgate_schedule_fire_lag_seconds` observes) on a real
+   gunicorn (2 workers of 4 executor slots, SQLite run store): two connectors scheduled every 2 s, first on a quiet machine, then at
+   capacity: 16 callers each triggering one of eight connectors that run 0.3 s, again as soon as its run ended, beside one busy-looping process per core.
+   The baseline is a triggered run's lag (its start minus its trigger's answer) in the same phase: what a run
+   waits for an executor anyway. Printed: p50/p99 of both per phase, and the busy/quiet ratios.
+2. The cost of 1,000 schedules (interval 60 s, all on the same second: the worst burst) in one gateway process:
+   its scheduler loop for --window seconds, CPU seconds per wall second (share of one core), against the same
+   gateway with the same 1,000 connectors unscheduled, in this run. No executor runs: the slots' runs queue (and a
+   schedule's next slot is skipped while its run waits), so this is the scheduler's own cost, not the runs'.
+
+    .venv/bin/python -m bench.schedules [--seconds 20] [--window 65]
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import statistics
+import tempfile
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+
+from tests.gunicorn_server import GunicornServer
+
+SCHEDULED = 2
+
+
+def pct(values: list[float], q: int) -> float:
+    if len(values) < 2:
+        return values[0] if values else float("nan")
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
+
+
+def _at(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def _spin(stop) -> None:
+    while not stop.is_set():
+        pass
+
+
+def fire_lag(seconds: float) -> None:
+    folder = Path(tempfile.mkdtemp(prefix="flowgate-bench-schedules-"))
+    (folder / "workflows").mkdir()
+    (folder / "connectors.yaml").write_text("connectors:\n" + "".join(
+        f"  tick_{i}:\n    source: {{kind: python, ref: 'connectors.demo:numbers', args: {{n: 3}}}}\n"
+        f"    schedule: {{interval: 2, catch_up: none}}\n" for i in range(SCHEDULED)) +
+        "".join(f"  busy_{i}:\n    source: {{kind: python, ref: 'connectors.demo:numbers', "
+                f"args: {{n: 3, delay_seconds: 0.3}}}}\n" for i in range(8)))
+    server = GunicornServer(folder, workers=2, FLOWGATE_EXECUTOR_THREADS="4").start()
+    phases: dict[str, tuple[list[float], list[float]]] = {}
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            for phase in ("quiet", "at capacity"):
+                began = time.time()
+                triggered: list[tuple[str, float]] = []
+                stop = multiprocessing.Event()
+                spinners, callers = [], []
+                if phase == "at capacity":
+                    spinners = [multiprocessing.Process(target=_spin, args=(stop,)) for _ in range(
+                        multiprocessing.cpu_count())]
+                    lock = threading.Lock()
+
+                    def flood(i: int) -> None:
+                        with httpx.Client(base_url=server.url, timeout=60) as caller:
+                            while not stop.is_set():
+                                answer = caller.post("/trigger", json={"connector_id": f"busy_{i % 8}"})
+                                if answer.status_code not in (200, 202):
+                                    continue
+                                with lock:
+                                    triggered.append((answer.json()["run_id"], time.time()))
+                                while caller.get(answer.json()["status_url"]).json()["status"] in ("queued",
+                                                                                                   "running"):
+                                    time.sleep(0.1)  # the next once this one ended: a steady backlog, not a growing one
+
+                    callers = [threading.Thread(target=flood, args=(i,)) for i in range(16)]
+                else:
+                    def pace() -> None:  # a trigger every second: the quiet phase's baseline
+                        while not stop.is_set():
+                            answer = client.post("/trigger", json={"connector_id": f"busy_{len(triggered) % 8}"})
+                            triggered.append((answer.json()["run_id"], time.time()))
+                            time.sleep(1)
+
+                    callers = [threading.Thread(target=pace)]
+                for worker in [*spinners, *callers]:
+                    worker.start()
+                time.sleep(seconds)
+                stop.set()
+                for worker in [*callers, *spinners]:
+                    worker.join()
+                while client.get("/api/v1/runs", params={"status": "queued", "limit": 1}).json()["items"]:
+                    time.sleep(1)  # the backlog drains, the phase's last slots start
+                runs = client.get("/api/v1/runs", params={"source": "schedule", "limit": 200}).json()["items"]
+                scheduled = [_at(r["started_at"]) - _at(r["scheduled_for"]) for r in runs
+                             if r.get("started_at") and _at(r["scheduled_for"]) >= began]
+                started = [client.get(f"/api/v1/runs/{run_id}").json().get("started_at") for run_id, _ in triggered]
+                waited = [_at(at) - answered for (_, answered), at in zip(triggered, started) if at]
+                phases[phase] = (scheduled, waited)
+    finally:
+        server.kill()
+    print(f"fire lag, {SCHEDULED} connectors every 2 s, {seconds:.0f} s per phase (gunicorn, 2 workers x 4 slots, SQLite)")
+    print(f"{'phase':<14}{'slots':>7}{'lag p50':>10}{'lag p99':>10}{'triggers':>10}{'wait p50':>10}{'wait p99':>10}")
+    for phase, (lag, wait) in phases.items():
+        print(f"{phase:<14}{len(lag):>7}{pct(lag, 50) * 1000:>8.0f}ms{pct(lag, 99) * 1000:>8.0f}ms"
+              f"{len(wait):>10}{pct(wait, 50) * 1000:>8.0f}ms{pct(wait, 99) * 1000:>8.0f}ms")
+    (quiet, _), (busy, busy_wait) = phases["quiet"], phases["at capacity"]
+    print(f"at capacity / quiet, fire lag p99: {pct(busy, 99) / pct(quiet, 99):.2f}x; at capacity, fire lag p99 / "
+          f"a triggered run's wait p99: {pct(busy, 99) / pct(busy_wait, 99):.2f}x")
+
+
+def scheduler_cost(window: float, count: int = 1000) -> None:
+    from app import create_app
+
+    shares = {}
+    for scheduled in (False, True):
+        folder = Path(tempfile.mkdtemp(prefix="flowgate-bench-scheduler-"))
+        (folder / "workflows").mkdir()
+        schedule = "    schedule: {interval: 60}\n" if scheduled else ""
+        (folder / "connectors.yaml").write_text("connectors:\n" + "".join(
+            f"  c{i}:\n    source: {{kind: python, ref: 'connectors.demo:numbers', args: {{n: 3}}}}\n{schedule}"
+            for i in range(count)))
+        app = create_app({"var_dir": folder / "var", "connectors_file": folder / "connectors.yaml",
+                          "workflows_dir": folder / "workflows", "executor_threads": 0})
+        services = app.extensions["flowgate"]
+        cpu, wall = time.process_time(), time.monotonic()
+        for loop in services.loops:  # the loops a gateway process runs, the scheduler among them when scheduled
+            loop.start()
+        seconds = []  # CPU per wall second: the slot's burst apart from the passes between slots
+        while time.monotonic() - wall < window:
+            before = time.process_time()
+            time.sleep(1)
+            seconds.append(time.process_time() - before)
+        used, elapsed = time.process_time() - cpu, time.monotonic() - wall
+        for loop in services.loops:
+            loop.stop(timeout=10)
+        made = len(services.store.list(limit=count * 3))
+        services.store.dispose()
+        shares[scheduled] = used / elapsed
+        burst = sorted(seconds)[-3:]  # the slot's second(s): 1,000 runs made
+        between = sorted(seconds)[:-3]
+        print(f"{count} connectors {'each scheduled every 60 s' if scheduled else 'unscheduled':<28}: "
+              f"{used:.2f} s CPU in {elapsed:.0f} s = {used / elapsed:.2%} of a core ({made} runs made); "
+              f"the busiest 3 s {sum(burst):.2f} s CPU, the other seconds {statistics.mean(between):.3%} of a core")
+    print(f"the {count} schedules' own cost: {shares[True] - shares[False]:.2%} of a core "
+          f"({shares[True] / max(shares[False], 1e-9):.1f}x the unscheduled gateway's background work)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=20, help="length of each fire-lag phase")
+    parser.add_argument("--window", type=float, default=65, help="seconds the 1,000 schedules are measured")
+    args = parser.parse_args()
+    fire_lag(args.seconds)
+    scheduler_cost(args.window)
+
+
+if __name__ == "__main__":
+    main()
