@@ -306,8 +306,8 @@ def build_source(spec: ConnectorSpec) -> Any:
         from dlt.sources.filesystem import filesystem, read_csv_duckdb, read_jsonl
 
         files = filesystem(bucket_url=source.bucket_url, file_glob=source.file_glob)
-        if "://" not in source.bucket_url:
-            files.add_filter(functools.partial(_inside_folder, Path(source.bucket_url).resolve()))
+        if source.folder is not None:
+            files.add_filter(functools.partial(_inside_folder, source.folder))
         if source.incremental:
             files.apply_hints(incremental=dlt.sources.incremental("modification_date"))
         reader = read_csv_duckdb(use_pyarrow=True) if source.file_format == "csv" else read_jsonl()
@@ -340,8 +340,8 @@ def check_source_exists(spec: ConnectorSpec) -> None:
                 and not url.database.startswith("file:") and not Path(url.database).is_file():
             raise ConnectorRunError(spec.id, "extract", f"the SQLite database file {url.database} does not exist",
                                     failure_class=TERMINAL)
-    elif isinstance(source, FilesystemSource) and "://" not in source.bucket_url:
-        folder = Path(source.bucket_url)
+    elif isinstance(source, FilesystemSource) and source.folder is not None:
+        folder = source.folder
         if not folder.is_dir():
             raise ConnectorRunError(spec.id, "extract", f"the folder {folder} does not exist",
                                     failure_class=TERMINAL)

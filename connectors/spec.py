@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from typing import Annotated, Any, ClassVar, Literal, Union
 
@@ -18,6 +19,27 @@ CONNECTOR_ID = r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,99}$"
 # no backslash or NUL, none starting with '~'. The field validator says which rule a refused glob broke.
 _SEGMENT = r"(?:[^/\\\x00:.~][^/\\\x00:]*|\.|\.[^/\\\x00:.][^/\\\x00:]*|\.\.[^/\\\x00:]+)"
 _RELATIVE_GLOB = rf"^{_SEGMENT}(?:/{_SEGMENT})*$"
+
+
+_LOCAL_SCHEMES = ("file", "local")  # fsspec's names of the local filesystem
+
+
+def local_folder(bucket_url: str) -> str | None:
+    """The folder a bucket_url names on this machine, however it is written (`files`, `/srv/files`,
+    `file:///srv/files`, `file:/srv/files`, `file://localhost/srv/files`, `local:///srv/files`), or None for a remote
+    URL. ValueError for a file URL that names another host, a query or a fragment: readers disagree on what it means
+    (fsspec reads `file://files/x` as the relative path files/x, dlt as the UNC path //files/x)."""
+    parsed = urlsplit(bucket_url)
+    if len(parsed.scheme) <= 1:  # a path (a drive letter is no scheme)
+        return bucket_url
+    if parsed.scheme.lower() not in _LOCAL_SCHEMES:
+        return None
+    if parsed.netloc not in ("", "localhost"):
+        raise ValueError(f"a file URL names no host ('{parsed.netloc}' here): write file:///absolute/path, or the "
+                         "folder as a path")
+    if parsed.query or parsed.fragment or not parsed.path:
+        raise ValueError("a file URL must be file:///absolute/path, without '?' or '#'")
+    return unquote(parsed.path)
 
 
 class ParamsError(ValueError):
@@ -70,6 +92,18 @@ class FilesystemSource(_Strict):
     incremental: bool = Field(False, description="Read only files modified since the last run.")
 
     overridable: ClassVar[tuple[str, ...]] = ("file_glob",)
+
+    @field_validator("bucket_url")
+    @classmethod
+    def _local_folder_as_a_path(cls, bucket_url: str) -> str:
+        # Every spelling of a local folder becomes its path, so the one symlink check (connectors.pipeline) sees it.
+        return local_folder(bucket_url) or bucket_url
+
+    @property
+    def folder(self) -> Path | None:
+        """The local folder read, resolved (symlinks followed); None when bucket_url is a remote URL."""
+        path = local_folder(self.bucket_url)
+        return Path(path).resolve() if path is not None else None
 
     @field_validator("file_glob", mode="before")
     @classmethod
@@ -390,8 +424,12 @@ def resolve_relative(spec_data: dict[str, Any], base: Path) -> dict[str, Any]:
         if rel and rel != ":memory:":
             source["url"] = f"sqlite:///{(base / rel).resolve()}"
     bucket = source.get("bucket_url")
-    if isinstance(bucket, str) and "://" not in bucket and not Path(bucket).is_absolute():
-        source["bucket_url"] = str((base / bucket).resolve())
+    try:
+        folder = local_folder(bucket) if isinstance(bucket, str) else None
+    except ValueError:
+        folder = None  # the field's validator says why
+    if folder is not None and not Path(folder).is_absolute():
+        source["bucket_url"] = str((base / folder).resolve())
     destination = spec_data.get("destination")
     if isinstance(destination, dict) and isinstance(destination.get("path"), str):
         path = Path(destination["path"])
