@@ -190,6 +190,9 @@ class ConnectorPipeline:
         self.report.package_rows.keep_only(self._pending_load_ids())
 
     def _extract(self) -> None:
+        if self.spec.full_refresh:  # in the run's log: the run's params say who asked, this what it did
+            log.warning("connector %s: full refresh: dropping its tables and incremental state, loading everything "
+                        "again", self.spec.id)
         self.report.before_extract(self._pipeline, refresh=self.spec.full_refresh)
         info = self._pipeline.extract(
             build_source(self.spec), write_disposition=self.spec.write_disposition,

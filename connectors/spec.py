@@ -314,6 +314,9 @@ class ConnectorSpec(_Strict):
         "Where the runs no caller asked for (scheduled ones) POST their document when they end, as a trigger's "
         "callback_url does."))
     full_refresh: bool = Field(False, description="Drop the connector's tables and incremental state, load all again.")
+    allow_full_refresh: bool = Field(False, description=(
+        "Let a trigger's params ask for what replaces loaded data: `full_refresh` and an incremental "
+        "`initial_value`. Off: either is a 422 naming the field."))
     schema_contract: SchemaContractSpec | None = Field(None, description=(
         "dlt's schema contract: a mode (evolve, freeze, discard_row, discard_value) or one per entity "
         "(tables, columns, data_type). dlt stores it with the schema: to lift it, set evolve."))
@@ -347,14 +350,30 @@ class ConnectorSpec(_Strict):
         return f"flowgate_{self.id}"
 
     @property
+    def destructive_params(self) -> tuple[str, ...]:
+        """The params that replace what the connector loaded: `full_refresh` drops its tables and incremental
+        state, and an incremental sql_database source's `initial_value` then says where the new history starts."""
+        incremental = isinstance(self.source, SqlDatabaseSource) and self.source.incremental is not None
+        return ("full_refresh", "initial_value") if incremental else ("full_refresh",)
+
+    @property
     def overridable(self) -> tuple[str, ...]:
-        """What a trigger's params may set: the source's overridable fields and `full_refresh`."""
-        return (*self.source.overridable, "full_refresh")
+        """What a trigger's params may set: the source's overridable fields, and `full_refresh`; the destructive
+        ones only where the connector allows them (`allow_full_refresh`)."""
+        if self.allow_full_refresh:
+            return (*self.source.overridable, "full_refresh")
+        return tuple(key for key in self.source.overridable if key not in self.destructive_params)
 
     def with_params(self, params: dict[str, Any]) -> ConnectorSpec:
         """This spec with a trigger's params applied; only the overridable fields may change."""
         params = dict(params)
         update: dict[str, Any] = {}
+        if not self.allow_full_refresh:
+            # any trigger key could otherwise replace a connector's history with almost nothing
+            for key in (key for key in self.destructive_params if key in params):
+                raise ParamsError(f"params.{key}", f"'{key}' would drop or rewind the data this connector loaded, "
+                                                   "which it does not allow (allow_full_refresh: true in "
+                                                   "connectors.yaml)")
         if "full_refresh" in params:
             update["full_refresh"] = params.pop("full_refresh")
             if not isinstance(update["full_refresh"], bool):
