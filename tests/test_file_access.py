@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from connectors.outbound import OutboundPolicy
 from connectors.preview import preview_connector
 from connectors.registry import ConnectorRegistry, RegistryError
 from connectors.spec import ParamsError
@@ -86,9 +87,10 @@ def test_a_symlink_out_of_the_folder_is_never_read_whichever_way_the_folder_is_w
                                       f"bucket_url: '{bucket}', file_glob: '*.csv'}}\n")
     spec = ConnectorRegistry.load(workdir / "url.yaml").get("files_url")
     for glob in ("*.csv", "**/*.csv", "linked.csv", "linked_dir/*.csv"):
-        rows = preview_connector(spec.with_params({"file_glob": glob}), 10)["resources"]["files_url"]["rows"]
+        preview = preview_connector(spec.with_params({"file_glob": glob}), 10, OutboundPolicy())
+        rows = preview["resources"]["files_url"]["rows"]
         assert "leaked" not in [row["name"] for row in rows], glob
-    rows = preview_connector(spec, 10)["resources"]["files_url"]["rows"]
+    rows = preview_connector(spec, 10, OutboundPolicy())["resources"]["files_url"]["rows"]
     assert [row["name"] for row in rows] == ["Apple", "Bread", "Cheese"]  # the folder itself is read
 
 

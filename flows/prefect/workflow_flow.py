@@ -14,7 +14,7 @@ from prefect.runtime import flow_run
 from prefect.states import Cancelled
 
 from connectors.isolated import run_connector_isolated
-from connectors.pipeline import ConnectorRunError, RunCancelled, Workspace, concurrency_key
+from connectors.pipeline import ConnectorRunError, RunCancelled, concurrency_key
 from connectors.registry import ConnectorRegistry
 from connectors.spec import ParamsError
 from flows.connector_lock import ConnectorLock, LockLost, run_moved_off_prefect
@@ -64,7 +64,7 @@ def connector_runner(settings: Any, database: Database, holder: str, lock: Conne
     """Run a connector node's connector here, in the worker, from the worker's connectors.yaml, holding its key
     in the run store as any run of it does."""
     registry = ConnectorRegistry.load(settings.connectors_file)
-    workspace = Workspace(settings.pipelines_dir, settings.duckdb_dir)
+    workspace = settings.workspace
     lock = lock or ConnectorLock(database)
 
     def run(connector_id: str, params: dict[str, Any], should_stop: Callable[[], bool]) -> dict[str, Any]:
