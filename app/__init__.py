@@ -23,6 +23,7 @@ from app.pruner import Pruner
 from app.run_log_capture import RunLogCapture
 from app.runs.store import RunStore
 from app.scheduler import Schedule, Scheduler, declared_schedules
+from connectors.outbound import OutboundPolicy, OutboundRefused
 from connectors.pipeline import Workspace
 from connectors.registry import ConnectorRegistry, RegistryError
 from connectors.tracing import exporting
@@ -30,7 +31,6 @@ from connectors.tracing import flush as flush_spans
 from flows.engine import WorkflowEngine
 from flows.loop import Loop
 from flows.nodes import make_toolbox
-from flows.outbound import OutboundPolicy, OutboundRefused
 from flows.workflow_registry import WorkflowError, WorkflowRegistry
 
 __version__ = "0.1.0"
@@ -141,7 +141,7 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
         raise ConfigError(str(exc)) from None
     store = RunStore(settings.run_store_url)
     store.create_schema()  # pending migrations, under a lock: replicas may start together
-    workspace = Workspace(pipelines_dir=settings.pipelines_dir, duckdb_dir=settings.duckdb_dir)
+    workspace = settings.workspace
     toolbox = make_toolbox(settings)
     run_logs = RunLogCapture(store)
     executor = LocalExecutor(store, registry, workspace, slots=settings.executor_threads,

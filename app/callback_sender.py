@@ -30,9 +30,9 @@ from app.runs.models import Run, RunCallback, utcnow
 from app.runs.store import RunStore
 from app.schemas import RunOut
 from connectors import tracing
+from connectors.outbound import OutboundPolicy, OutboundRefused
 from flows.lease import LeaseKeeper
 from flows.loop import Loop
-from flows.outbound import OutboundPolicy, OutboundRefused
 
 log = logging.getLogger(__name__)
 

@@ -117,7 +117,8 @@ def params_schema(spec: ConnectorSpec) -> dict[str, Any]:
     """What a trigger's `params` may hold for this connector, as ConnectorSpec.with_params checks it.
 
     Source fields come from the source model's own schema; a python source's args take the JSON type of their
-    declared value (or null, which with_params lets through); `full_refresh` is a boolean for every connector.
+    declared value (or null, which with_params lets through); `full_refresh` is a boolean where the connector
+    allows it (`allow_full_refresh`).
     """
     properties: dict[str, Any] = {}
     if isinstance(spec.source, PythonSource):
@@ -131,14 +132,15 @@ def params_schema(spec: ConnectorSpec) -> dict[str, Any]:
                     ("maxLength" if kind == "string" else "maxItems", bound.max_length)) if value is not None})
     else:
         fields = type(spec.source).model_json_schema(by_alias=True)["properties"]
-        for key in spec.source.overridable:
+        for key in (key for key in spec.source.overridable if key in spec.overridable):
             properties[key] = {} if key == "initial_value" else {
                 k: v for k, v in fields[key].items() if k not in ("default", "title")}
         if isinstance(spec.source, SqlDatabaseSource) and spec.source.tables:
             # a declared table list is the set a trigger may choose from
             properties["tables"] = {"type": ["array", "null"], "minItems": 1,
                                     "items": {"enum": list(spec.source.tables)}}
-    properties["full_refresh"] = {"type": "boolean", "description": "Drop the tables and incremental state first."}
+    if "full_refresh" in spec.overridable:
+        properties["full_refresh"] = {"type": "boolean", "description": "Drop the tables and incremental state first."}
     return {"type": "object", "properties": properties, "additionalProperties": False,
             "description": f"Overrides {spec.id} allows: {', '.join(spec.overridable)}."}
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from connectors import tracing
 from connectors.failures import TERMINAL, TRANSIENT, classify
+from connectors.outbound import OutboundPolicy
 from connectors.secrets import public_error, redact_text
 from connectors.spec import ConnectorSpec, FilesystemSource, PythonSource, RestApiSource, SqlDatabaseSource
 
@@ -57,10 +58,12 @@ class RunCancelled(RuntimeError):
 
 @dataclass(frozen=True)
 class Workspace:
-    """Where pipelines keep their working state and, by default, their DuckDB files."""
+    """Where pipelines keep their working state and, by default, their DuckDB files; and the hosts their sources
+    may call (rest_api: FLOWGATE_HTTP_ALLOWED_HOSTS, as for http nodes; none unless given)."""
 
     pipelines_dir: Path
     duckdb_dir: Path
+    outbound: OutboundPolicy = field(default_factory=OutboundPolicy)
 
 
 @dataclass(frozen=True)
@@ -190,9 +193,12 @@ class ConnectorPipeline:
         self.report.package_rows.keep_only(self._pending_load_ids())
 
     def _extract(self) -> None:
+        if self.spec.full_refresh:  # in the run's log: the run's params say who asked, this what it did
+            log.warning("connector %s: full refresh: dropping its tables and incremental state, loading everything "
+                        "again", self.spec.id)
         self.report.before_extract(self._pipeline, refresh=self.spec.full_refresh)
         info = self._pipeline.extract(
-            build_source(self.spec), write_disposition=self.spec.write_disposition,
+            build_source(self.spec, self.workspace.outbound), write_disposition=self.spec.write_disposition,
             primary_key=self.spec.primary_key, loader_file_format=self.spec.destination.loader_file_format,
             schema_contract=self.spec.schema_contract.to_dlt() if self.spec.schema_contract else None,
             refresh="drop_sources" if self.spec.full_refresh else None)
@@ -277,8 +283,9 @@ def _destination(spec: ConnectorSpec, workspace: Workspace) -> Any:
     return Destination.from_reference(spec.destination.kind, **options)
 
 
-def build_source(spec: ConnectorSpec) -> Any:
-    """The dlt source (or resource) a connector reads from, built from its spec."""
+def build_source(spec: ConnectorSpec, outbound: OutboundPolicy) -> Any:
+    """The dlt source (or resource) a connector reads from, built from its spec; a rest_api source calls only the
+    hosts `outbound` allows, with its credentials only to its base_url's origin (connectors/rest_session.py)."""
     import dlt
 
     source = spec.source
@@ -306,8 +313,8 @@ def build_source(spec: ConnectorSpec) -> Any:
         from dlt.sources.filesystem import filesystem, read_csv_duckdb, read_jsonl
 
         files = filesystem(bucket_url=source.bucket_url, file_glob=source.file_glob)
-        if "://" not in source.bucket_url:
-            files.add_filter(functools.partial(_inside_folder, Path(source.bucket_url).resolve()))
+        if source.folder is not None:
+            files.add_filter(functools.partial(_inside_folder, source.folder))
         if source.incremental:
             files.apply_hints(incremental=dlt.sources.incremental("modification_date"))
         reader = read_csv_duckdb(use_pyarrow=True) if source.file_format == "csv" else read_jsonl()
@@ -317,10 +324,13 @@ def build_source(spec: ConnectorSpec) -> Any:
     if isinstance(source, RestApiSource):
         from dlt.sources.rest_api import rest_api_source
 
+        from connectors.rest_session import guarded_session
+
         config = source.config
         if source.propagate_trace:  # the run's traceparent on every call to the API (its headers win)
             client = config["client"]
             config = {**config, "client": {**client, "headers": {**tracing.carrier(), **(client.get("headers") or {})}}}
+        config = {**config, "client": {**config["client"], "session": guarded_session(config, outbound)}}
         return rest_api_source(config, name=spec.id)
     raise ConnectorRunError(spec.id, "extract", f"unsupported source kind {source.kind!r}", terminal=True)
 
@@ -340,8 +350,8 @@ def check_source_exists(spec: ConnectorSpec) -> None:
                 and not url.database.startswith("file:") and not Path(url.database).is_file():
             raise ConnectorRunError(spec.id, "extract", f"the SQLite database file {url.database} does not exist",
                                     failure_class=TERMINAL)
-    elif isinstance(source, FilesystemSource) and "://" not in source.bucket_url:
-        folder = Path(source.bucket_url)
+    elif isinstance(source, FilesystemSource) and source.folder is not None:
+        folder = source.folder
         if not folder.is_dir():
             raise ConnectorRunError(spec.id, "extract", f"the folder {folder} does not exist",
                                     failure_class=TERMINAL)

@@ -6,17 +6,19 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+from connectors.outbound import OutboundPolicy
 from connectors.pipeline import ConnectorRunError, Workspace, build_source
 from connectors.schema import destination_schema
 from connectors.spec import ConnectorSpec, SqlDatabaseSource
 
 
-def preview_connector(spec: ConnectorSpec, limit: int) -> dict[str, Any]:
-    """Up to `limit` sample rows per resource and the columns inferred from them; no pipeline is created."""
+def preview_connector(spec: ConnectorSpec, limit: int, outbound: OutboundPolicy) -> dict[str, Any]:
+    """Up to `limit` sample rows per resource and the columns inferred from them; no pipeline is created. A rest_api
+    source calls only the hosts `outbound` allows."""
     if isinstance(spec.source, SqlDatabaseSource):  # read no more than needed from the database
         spec = spec.model_copy(update={"source": spec.source.model_copy(update={"chunk_size": limit})})
     try:
-        source = build_source(spec)
+        source = build_source(spec, outbound)
         resources = source.selected_resources.values() if hasattr(source, "selected_resources") else [source]
         return {"resources": {resource.name: {"table": _table_name(resource), **_sample(resource, limit)}
                               for resource in resources}}

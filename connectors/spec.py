@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from typing import Annotated, Any, ClassVar, Literal, Union
 
@@ -18,6 +19,27 @@ CONNECTOR_ID = r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,99}$"
 # no backslash or NUL, none starting with '~'. The field validator says which rule a refused glob broke.
 _SEGMENT = r"(?:[^/\\\x00:.~][^/\\\x00:]*|\.|\.[^/\\\x00:.][^/\\\x00:]*|\.\.[^/\\\x00:]+)"
 _RELATIVE_GLOB = rf"^{_SEGMENT}(?:/{_SEGMENT})*$"
+
+
+_LOCAL_SCHEMES = ("file", "local")  # fsspec's names of the local filesystem
+
+
+def local_folder(bucket_url: str) -> str | None:
+    """The folder a bucket_url names on this machine, however it is written (`files`, `/srv/files`,
+    `file:///srv/files`, `file:/srv/files`, `file://localhost/srv/files`, `local:///srv/files`), or None for a remote
+    URL. ValueError for a file URL that names another host, a query or a fragment: readers disagree on what it means
+    (fsspec reads `file://files/x` as the relative path files/x, dlt as the UNC path //files/x)."""
+    parsed = urlsplit(bucket_url)
+    if len(parsed.scheme) <= 1:  # a path (a drive letter is no scheme)
+        return bucket_url
+    if parsed.scheme.lower() not in _LOCAL_SCHEMES:
+        return None
+    if parsed.netloc not in ("", "localhost"):
+        raise ValueError(f"a file URL names no host ('{parsed.netloc}' here): write file:///absolute/path, or the "
+                         "folder as a path")
+    if parsed.query or parsed.fragment or not parsed.path:
+        raise ValueError("a file URL must be file:///absolute/path, without '?' or '#'")
+    return unquote(parsed.path)
 
 
 class ParamsError(ValueError):
@@ -70,6 +92,18 @@ class FilesystemSource(_Strict):
     incremental: bool = Field(False, description="Read only files modified since the last run.")
 
     overridable: ClassVar[tuple[str, ...]] = ("file_glob",)
+
+    @field_validator("bucket_url")
+    @classmethod
+    def _local_folder_as_a_path(cls, bucket_url: str) -> str:
+        # Every spelling of a local folder becomes its path, so the one symlink check (connectors.pipeline) sees it.
+        return local_folder(bucket_url) or bucket_url
+
+    @property
+    def folder(self) -> Path | None:
+        """The local folder read, resolved (symlinks followed); None when bucket_url is a remote URL."""
+        path = local_folder(self.bucket_url)
+        return Path(path).resolve() if path is not None else None
 
     @field_validator("file_glob", mode="before")
     @classmethod
@@ -280,6 +314,9 @@ class ConnectorSpec(_Strict):
         "Where the runs no caller asked for (scheduled ones) POST their document when they end, as a trigger's "
         "callback_url does."))
     full_refresh: bool = Field(False, description="Drop the connector's tables and incremental state, load all again.")
+    allow_full_refresh: bool = Field(False, description=(
+        "Let a trigger's params ask for what replaces loaded data: `full_refresh` and an incremental "
+        "`initial_value`. Off: either is a 422 naming the field."))
     schema_contract: SchemaContractSpec | None = Field(None, description=(
         "dlt's schema contract: a mode (evolve, freeze, discard_row, discard_value) or one per entity "
         "(tables, columns, data_type). dlt stores it with the schema: to lift it, set evolve."))
@@ -313,14 +350,30 @@ class ConnectorSpec(_Strict):
         return f"flowgate_{self.id}"
 
     @property
+    def destructive_params(self) -> tuple[str, ...]:
+        """The params that replace what the connector loaded: `full_refresh` drops its tables and incremental
+        state, and an incremental sql_database source's `initial_value` then says where the new history starts."""
+        incremental = isinstance(self.source, SqlDatabaseSource) and self.source.incremental is not None
+        return ("full_refresh", "initial_value") if incremental else ("full_refresh",)
+
+    @property
     def overridable(self) -> tuple[str, ...]:
-        """What a trigger's params may set: the source's overridable fields and `full_refresh`."""
-        return (*self.source.overridable, "full_refresh")
+        """What a trigger's params may set: the source's overridable fields, and `full_refresh`; the destructive
+        ones only where the connector allows them (`allow_full_refresh`)."""
+        if self.allow_full_refresh:
+            return (*self.source.overridable, "full_refresh")
+        return tuple(key for key in self.source.overridable if key not in self.destructive_params)
 
     def with_params(self, params: dict[str, Any]) -> ConnectorSpec:
         """This spec with a trigger's params applied; only the overridable fields may change."""
         params = dict(params)
         update: dict[str, Any] = {}
+        if not self.allow_full_refresh:
+            # any trigger key could otherwise replace a connector's history with almost nothing
+            for key in (key for key in self.destructive_params if key in params):
+                raise ParamsError(f"params.{key}", f"'{key}' would drop or rewind the data this connector loaded, "
+                                                   "which it does not allow (allow_full_refresh: true in "
+                                                   "connectors.yaml)")
         if "full_refresh" in params:
             update["full_refresh"] = params.pop("full_refresh")
             if not isinstance(update["full_refresh"], bool):
@@ -390,8 +443,12 @@ def resolve_relative(spec_data: dict[str, Any], base: Path) -> dict[str, Any]:
         if rel and rel != ":memory:":
             source["url"] = f"sqlite:///{(base / rel).resolve()}"
     bucket = source.get("bucket_url")
-    if isinstance(bucket, str) and "://" not in bucket and not Path(bucket).is_absolute():
-        source["bucket_url"] = str((base / bucket).resolve())
+    try:
+        folder = local_folder(bucket) if isinstance(bucket, str) else None
+    except ValueError:
+        folder = None  # the field's validator says why
+    if folder is not None and not Path(folder).is_absolute():
+        source["bucket_url"] = str((base / folder).resolve())
     destination = spec_data.get("destination")
     if isinstance(destination, dict) and isinstance(destination.get("path"), str):
         path = Path(destination["path"])

@@ -8,6 +8,7 @@ SQLite: its write lock), so neither starts beside the other.
 """
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -41,6 +42,7 @@ _LOCAL_RUN_HOLDS = text("SELECT 1 FROM runs WHERE concurrency_key = :key AND sta
 
 
 _RUN_STATE = text("SELECT backend, status FROM runs WHERE id = :id")
+_RUN_PARAMS = text("SELECT kind, params FROM runs WHERE id = :id")
 # How a flow's refusal for want of its run begins: a gateway that holds the run knows from it that its workers'
 # run store is not its own (app/backends/prefect.py).
 NOT_IN_RUN_STORE = "the run store at this worker's DATABASE_URL"
@@ -67,6 +69,18 @@ def run_moved_off_prefect(database: Database, run_id: str) -> str | None:
     if row.backend == "prefect" and row.status not in TERMINAL:
         return None
     return f"run {run_id} is no longer this flow run's: it is {row.status} on the {row.backend} backend"
+
+
+def stored_params(database: Database, run_id: str, kind: str) -> dict[str, Any] | None:
+    """The params the gateway validated and stored for run `run_id` of `kind`; None when the run store holds no
+    such run."""
+    with database.session() as session:
+        if not ConnectorLock._runs_table(session):
+            return None
+        row = session.execute(_RUN_PARAMS, {"id": run_id}).first()
+    if row is None or row.kind != kind:
+        return None
+    return json.loads(row.params) if isinstance(row.params, str) else row.params  # SQLite: the JSON text
 
 
 def warn_unless_shared(database: Database) -> None:

@@ -18,8 +18,8 @@ from jsonpath_ng.ext import parse as parse_jsonpath
 from pydantic import BaseModel, ConfigDict, Field
 
 from connectors.failures import TERMINAL, TRANSIENT, classify
+from connectors.outbound import OutboundPolicy, OutboundRefused, ResponseTooLarge
 from flows.llm import OfflineProvider, Provider, ProviderError
-from flows.outbound import OutboundPolicy, OutboundRefused, ResponseTooLarge
 from flows.templates import DEFAULT_MAX_CHARS
 
 # Runs a connector by id with params and a stop check; returns its load summary (the executor records it as a run).

@@ -7,6 +7,9 @@ from typing import Literal, Self
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from connectors.outbound import OutboundPolicy
+from connectors.pipeline import Workspace
+
 
 class RuntimeSettings(BaseSettings):
     """What a connector or workflow run needs from the environment: files, folders, the run store, outbound
@@ -37,7 +40,8 @@ class RuntimeSettings(BaseSettings):
     workflows_dir: Path = Field(Path("workflows"), validation_alias="FLOWGATE_WORKFLOWS",
                                 description="Folder of workflow YAML files (one workflow per file).")
     http_allowed_hosts: str = Field("", validation_alias="FLOWGATE_HTTP_ALLOWED_HOSTS",
-                                    description="Hosts the workflow `http` node may call, comma-separated "
+                                    description="Hosts the workflow `http` node and the rest_api connectors (each "
+                                                "page, each redirect) may call, comma-separated "
                                                 "(`api.example.com`, `*.example.com`, `127.0.0.1:8080`); "
                                                 "empty: none.")
     llm_provider: Literal["offline", "openai"] = Field(
@@ -73,3 +77,8 @@ class RuntimeSettings(BaseSettings):
     def pipelines_dir(self) -> Path:
         """dlt's working directory (pipeline state, pending load packages)."""
         return (self.var_dir / "dlt").resolve()
+
+    @property
+    def workspace(self) -> Workspace:
+        """Where connector runs keep their state, and the hosts their sources may call."""
+        return Workspace(self.pipelines_dir, self.duckdb_dir, OutboundPolicy.parse(self.http_allowed_hosts))

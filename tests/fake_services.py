@@ -238,3 +238,20 @@ class Blackhole:
 
     def close(self) -> None:
         self._listen.close()
+
+
+class LinkedPages(_Server):
+    """A paginated API: each path answers one row `{"id", "served_by"}` and, while `next_url` is set, a
+    `Link: <next_url>; rel="next"` header (or, with `redirect`, a 302 to it), as an upstream pointing elsewhere
+    would. Records every request with its headers and query."""
+
+    def __init__(self, next_url: str | None = None, redirect: bool = False) -> None:
+        self.next_url = next_url
+        self.redirect = redirect
+        super().__init__()
+
+    def handle(self, method, path, query, headers, body):
+        if self.next_url and self.redirect:
+            return 302, {}, {"Location": self.next_url}
+        link = {"Link": f'<{self.next_url}>; rel="next"'} if self.next_url else {}
+        return 200, [{"id": len(self.requests), "served_by": self.url}], link

@@ -9,7 +9,7 @@ def test_connectors_are_listed_in_file_order(client):
     assert [c["id"] for c in items] == ["shop", "products", "events", "numbers", "slow", "broken"]
     shop = items[0]
     assert shop["source_kind"] == "sql_database" and shop["destination_kind"] == "duckdb"
-    assert shop["overridable"] == ["tables", "full_refresh"] and shop["write_disposition"] == "replace"
+    assert shop["overridable"] == ["tables"] and shop["write_disposition"] == "replace"
 
 
 def test_a_connector_shows_its_spec_and_latest_runs(client):

@@ -9,9 +9,9 @@ import tracemalloc
 
 import pytest
 
+from connectors.outbound import OutboundPolicy
 from flows.engine import WorkflowEngine
 from flows.nodes import Toolbox
-from flows.outbound import OutboundPolicy
 from flows.workflow_spec import WorkflowSpec
 from tests.fake_services import EchoService
 

@@ -10,7 +10,7 @@ from app import create_app
 from app.callback_sender import CallbackSender, verify
 from app.runs.models import utcnow
 from app.runs.store import NewRun
-from flows.outbound import OutboundPolicy
+from connectors.outbound import OutboundPolicy
 from tests.fake_services import CallbackReceiver
 from tests.test_api_triggers import poll_until_ended
 from tests.waiting import wait_until

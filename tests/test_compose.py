@@ -88,3 +88,15 @@ def test_the_gateway_and_the_flow_runs_read_the_otlp_endpoint():
     for name in ("gateway", "prefect-worker"):
         assert SERVICES[name]["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"] == "${OTEL_EXPORTER_OTLP_ENDPOINT:-}"
     assert SERVICES["prefect-worker"]["environment"]["PREFECT_LOGGING_HANDLERS_CONSOLE_FORMATTER"] == "json"
+
+
+def test_only_the_proxy_is_published_beyond_the_host():
+    """Prefect's API and Prometheus have no authentication (review C1: anyone reaching Prefect's could start flow
+    runs): the host reaches them on loopback, the other services on the compose network."""
+    published = {name: service.get("ports", []) for name, service in SERVICES.items() if service.get("ports")}
+    assert set(published) == {"prefect-server", "proxy", "prometheus"}
+    for name, ports in published.items():
+        for port in ports:
+            if name != "proxy":
+                assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} on every interface"
+    assert SERVICES["gateway"]["environment"]["PREFECT_API_URL"] == "http://prefect-server:4200/api"

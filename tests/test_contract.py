@@ -125,11 +125,10 @@ def test_trigger_params_are_documented_per_connector_from_what_each_declares(cli
     assert set(variants) == {"shop", "products", "events", "numbers", "slow", "broken"}
     numbers = variants["numbers"]["properties"]["params"]
     assert numbers["additionalProperties"] is False
-    assert set(numbers["properties"]) == {"n", "delay_seconds", "full_refresh"}
+    assert set(numbers["properties"]) == {"n", "delay_seconds"}  # full_refresh: only where a connector allows it
     assert numbers["properties"]["n"]["type"] == ["number", "null"]
-    assert numbers["properties"]["full_refresh"]["type"] == "boolean"
-    assert set(variants["shop"]["properties"]["params"]["properties"]) == {"tables", "full_refresh"}
-    assert set(variants["products"]["properties"]["params"]["properties"]) == {"file_glob", "full_refresh"}
+    assert set(variants["shop"]["properties"]["params"]["properties"]) == {"tables"}
+    assert set(variants["products"]["properties"]["params"]["properties"]) == {"file_glob"}
     runs = document["paths"]["/api/v1/connectors/{connector_id}/runs"]["post"]
     connector_id = next(p for p in runs["parameters"] if p["name"] == "connector_id")
     assert connector_id["schema"]["enum"] == list(variants)

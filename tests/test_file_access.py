@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from connectors.registry import ConnectorRegistry
+from connectors.outbound import OutboundPolicy
+from connectors.preview import preview_connector
+from connectors.registry import ConnectorRegistry, RegistryError
 from connectors.spec import ParamsError
 
 ESCAPES = ["../../../etc/passwd", "../*", "../**/*.py", "/etc/passwd", "~/.bashrc", "sub/../../x.csv",
@@ -70,3 +72,30 @@ def test_a_symlink_inside_the_folder_to_a_file_outside_is_never_read(workdir, cl
         names = [row["name"] for row in preview.json["resources"]["products"]["rows"]]
         assert "leaked" not in names, glob
     assert Path(workdir / "files" / "linked.csv").read_text().count("leaked") == 1  # the link itself works
+
+
+@pytest.mark.parametrize("spelling", ["{folder}", "file://{folder}", "file:{folder}", "file://localhost{folder}",
+                                      "local://{folder}"])
+def test_a_symlink_out_of_the_folder_is_never_read_whichever_way_the_folder_is_written(workdir, spelling):
+    outside = workdir / "outside"
+    outside.mkdir()
+    (outside / "secret.csv").write_text("sku,name,price_cents\nS-1,leaked,1\n")
+    os.symlink(outside / "secret.csv", workdir / "files" / "linked.csv")
+    os.symlink(outside, workdir / "files" / "linked_dir")
+    bucket = spelling.format(folder=(workdir / "files").as_posix())
+    (workdir / "url.yaml").write_text(f"connectors:\n  files_url:\n    source: {{kind: filesystem, "
+                                      f"bucket_url: '{bucket}', file_glob: '*.csv'}}\n")
+    spec = ConnectorRegistry.load(workdir / "url.yaml").get("files_url")
+    for glob in ("*.csv", "**/*.csv", "linked.csv", "linked_dir/*.csv"):
+        preview = preview_connector(spec.with_params({"file_glob": glob}), 10, OutboundPolicy())
+        rows = preview["resources"]["files_url"]["rows"]
+        assert "leaked" not in [row["name"] for row in rows], glob
+    rows = preview_connector(spec, 10, OutboundPolicy())["resources"]["files_url"]["rows"]
+    assert [row["name"] for row in rows] == ["Apple", "Bread", "Cheese"]  # the folder itself is read
+
+
+def test_a_file_url_naming_another_host_is_refused_at_start_up(workdir):
+    (workdir / "url.yaml").write_text("connectors:\n  files_url:\n    source: {kind: filesystem, "
+                                      "bucket_url: 'file://files/public'}\n")
+    with pytest.raises(RegistryError, match=r"connector 'files_url': field 'source.bucket_url'.*host"):
+        ConnectorRegistry.load(workdir / "url.yaml")

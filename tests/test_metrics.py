@@ -9,7 +9,7 @@ import httpx
 from app.callback_sender import CallbackSender
 from app.metrics import CALLBACKS
 from app.runs.store import NewRun
-from flows.outbound import OutboundPolicy
+from connectors.outbound import OutboundPolicy
 from tests.fake_services import CallbackReceiver
 from tests.gunicorn_server import GunicornServer
 from tests.test_api_triggers import poll_until_ended

@@ -5,7 +5,7 @@ import ipaddress
 
 import pytest
 
-from flows.outbound import OutboundPolicy, OutboundRefused, literal_ip
+from connectors.outbound import OutboundPolicy, OutboundRefused, literal_ip
 
 
 @pytest.mark.parametrize("spelling", ["127.0.0.1", "2130706433", "0x7f000001", "0177.0.0.1", "127.1",

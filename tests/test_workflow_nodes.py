@@ -5,10 +5,10 @@ import threading
 
 import pytest
 
+from connectors.outbound import OutboundPolicy, OutboundRefused
 from flows.engine import WorkflowEngine
 from flows.llm import OfflineProvider, OpenAICompatibleProvider
 from flows.nodes import Toolbox
-from flows.outbound import OutboundPolicy, OutboundRefused
 from flows.workflow_spec import NodeSpec, WorkflowSpec
 from tests.fake_services import EchoService, FakeOpenAI
 

@@ -60,7 +60,7 @@ def preview(connector_id: str) -> dict[str, Any]:
     body = validated(PreviewRequest, json_object())
     try:
         runnable = spec.with_params(body.params)
-        sample = preview_connector(runnable, body.limit)
+        sample = preview_connector(runnable, body.limit, services().workspace.outbound)
     except ParamsError as exc:
         raise ValidationFailed.of_field(exc.field, exc.message) from None
     except ConnectorRunError as exc:

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ValidationError
 
 from app.errors import BadRequest, ValidationFailed, field_error
 from app.schemas import IDEMPOTENCY_KEY_PATTERN
-from flows.outbound import OutboundRefused
+from connectors.outbound import OutboundRefused
 
 M = TypeVar("M", bound=BaseModel)
 

@@ -85,7 +85,7 @@ def _connector_flow(connector_id: str, params: dict[str, Any] | None) -> dict[st
     spec = ConnectorRegistry.load(settings.connectors_file).get(connector_id)
     if spec is None:
         raise ValueError(f"no connector '{connector_id}' in {settings.connectors_file}")
-    workspace = Workspace(settings.pipelines_dir, settings.duckdb_dir)
+    workspace = settings.workspace
     runnable = spec.with_params(params or {})
     warm_up()  # the steps' forkserver imports dlt (and Prefect's engine) while the key is being taken
     database = Database(settings.run_store_url)  # shared with the gateways when DATABASE_URL is

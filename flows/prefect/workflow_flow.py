@@ -1,6 +1,7 @@
 """The Prefect flow for a workflow: the same engine the local executor runs, each node a task submitted in its layer."""
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -14,10 +15,10 @@ from prefect.runtime import flow_run
 from prefect.states import Cancelled
 
 from connectors.isolated import run_connector_isolated
-from connectors.pipeline import ConnectorRunError, RunCancelled, Workspace, concurrency_key
+from connectors.pipeline import ConnectorRunError, RunCancelled, concurrency_key
 from connectors.registry import ConnectorRegistry
 from connectors.spec import ParamsError
-from flows.connector_lock import ConnectorLock, LockLost, run_moved_off_prefect
+from flows.connector_lock import NOT_IN_RUN_STORE, ConnectorLock, LockLost, run_moved_off_prefect, stored_params
 from flows.connector_lock import metadata as lock_metadata
 from flows.database import Database
 from flows.engine import FAILED, NodeResult, WorkflowEngine
@@ -29,6 +30,8 @@ from flows.prefect.run_trace import run_span
 from flows.runtime import RuntimeSettings
 from flows.workflow_registry import resolve_definition
 from flows.workflow_spec import NodeSpec
+
+log = logging.getLogger(__name__)
 
 
 class NodeTaskFailed(RuntimeError):
@@ -64,7 +67,7 @@ def connector_runner(settings: Any, database: Database, holder: str, lock: Conne
     """Run a connector node's connector here, in the worker, from the worker's connectors.yaml, holding its key
     in the run store as any run of it does."""
     registry = ConnectorRegistry.load(settings.connectors_file)
-    workspace = Workspace(settings.pipelines_dir, settings.duckdb_dir)
+    workspace = settings.workspace
     lock = lock or ConnectorLock(database)
 
     def run(connector_id: str, params: dict[str, Any], should_stop: Callable[[], bool]) -> dict[str, Any]:
@@ -88,6 +91,25 @@ def connector_runner(settings: Any, database: Database, holder: str, lock: Conne
     return run
 
 
+def not_as_accepted(database: Database, run_id: str, given: dict[str, Any]) -> str | None:
+    """Why a flow run's parameters must not execute: they are not what the gateway validated and stored for run
+    `run_id` (None: they are). Anyone who can reach Prefect's API can create a flow run of this deployment; the
+    run store, which only gateways write, says what was accepted. Without this check a definition sent straight to
+    Prefect with `from_file: true` would have its ${VAR}s filled in from this worker's environment."""
+    stored = stored_params(database, run_id, "workflow")
+    if stored is None:
+        return f"{NOT_IN_RUN_STORE} has no workflow run {run_id}"
+    accepted = {"workflow": stored.get("workflow"), "inputs": stored.get("inputs") or {},
+                "mode": stored.get("mode", "optimized"), "from_file": bool(stored.get("from_file")),
+                "reuse": stored.get("reuse")}
+    differing = [key for key, value in accepted.items() if given.get(key) != value]
+    if differing:
+        log.error("not executing a flow run of workflow run %s: its %s differ from what the gateway accepted (a "
+                  "flow run created through Prefect's API, not by a gateway?)", run_id, ", ".join(differing))
+        return f"its {', '.join(differing)} are not what the gateway accepted for run {run_id}"
+    return None
+
+
 @flow(name=WORKFLOW_FLOW_NAME, log_prints=True)
 def workflow_flow(run_id: str, workflow: dict[str, Any], inputs: dict[str, Any] | None = None,
                   mode: str = "optimized", from_file: bool = False,
@@ -103,14 +125,15 @@ def workflow_flow(run_id: str, workflow: dict[str, Any], inputs: dict[str, Any] 
 def _workflow_flow(run_id: str, workflow: dict[str, Any], inputs: dict[str, Any] | None, mode: str,
                    from_file: bool, reuse: dict[str, Any] | None) -> dict[str, Any]:
     settings = RuntimeSettings()
-    spec = resolve_definition(workflow, from_file)
     database = Database(settings.run_store_url)  # node cache and connector keys: shared with the gateways
     try:
-        # Taken back or ended by the gateway, or a run store that is not the gateways': checked before anything
-        # is written there.
-        refused = run_moved_off_prefect(database, run_id)
+        # Taken back or ended by the gateway, a run store that is not the gateways', or a definition the gateway
+        # did not accept: checked before anything is written there, or a ${VAR} read.
+        given = {"workflow": workflow, "inputs": inputs or {}, "mode": mode, "from_file": from_file, "reuse": reuse}
+        refused = run_moved_off_prefect(database, run_id) or not_as_accepted(database, run_id, given)
         if refused:
             return Cancelled(message=f"not executed: {refused}")
+        spec = resolve_definition(workflow, from_file)
         database.create_tables(metadata, lock_metadata)
         runner = connector_runner(settings, database, f"prefect:{flow_run.id}:{run_id}")
         engine = WorkflowEngine(make_toolbox(settings, runner), cache=SqlNodeCache(database))

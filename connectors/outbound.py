@@ -1,5 +1,5 @@
-"""Outbound HTTP (workflow `http` nodes, run callbacks): allow-listed hosts only, never a way into the internal
-network, checked again on every redirect hop."""
+"""Outbound HTTP (workflow `http` nodes, rest_api connectors, run callbacks): allow-listed hosts only, never a way
+into the internal network, checked again on every redirect hop. On the lowest floor: connectors call out too."""
 from __future__ import annotations
 
 import ipaddress
