@@ -61,6 +61,10 @@ class ValidationFailed(Problem):
         return cls(f"{field}: {message}", errors=[field_error(field, message)])
 
 
+class UnsupportedMediaType(Problem):
+    status, code, title = 415, "unsupported_media_type", "Unsupported Media Type"
+
+
 class TooManyRequests(Problem):
     status, code, title = 429, "too_many_requests", "Too Many Requests"
 

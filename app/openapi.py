@@ -32,7 +32,10 @@ _PROBLEMS = {"400": "Malformed JSON or a body that is not an object", "401": "No
              "405": "Method not allowed",
              "409": "Conflict with the state of things; `code` says which (idempotency_key_reused, run_active with "
                     "the active run's `run_id`, run_already_ended, run_not_ended, run_not_failed)",
-             "413": "Body too large", "422": "A field is missing, mistyped or unknown",
+             "413": "Body too large", "415": "A body whose Content-Type is not application/json",
+             "421": "A Host this gateway does not answer to (without API keys: loopback names, IP addresses and "
+                    "FLOWGATE_SERVER_NAMES)",
+             "422": "A field is missing, mistyped or unknown",
              "429": "Too many requests: the caller's rate limit, or too many wrong API keys from this address"}
 
 
@@ -310,6 +313,15 @@ def build_document(max_wait_seconds: float | None = None, *, connectors: Sequenc
         "paths": paths,
         "components": {"schemas": defs},
     }
+    for path, operations in paths.items():
+        for method, operation in operations.items():
+            if "requestBody" in operation:
+                operation["responses"].update(_problems("415"))
+            if not api_keys and path != "/health":  # app/same_origin.py
+                operation["responses"].update(_problems("421"))
+                if method != "get":
+                    operation["responses"]["403"] = {**_problems("403")["403"], "description": (
+                        "A request from another web page (an Origin other than the gateway's): cross_origin_refused")}
     if api_keys:
         for path, operations in paths.items():
             for operation in operations.values():
