@@ -11,7 +11,12 @@ from pydantic import BaseModel, ValidationError
 
 from app.errors import BadRequest, UnsupportedMediaType, ValidationFailed, field_error
 from app.schemas import IDEMPOTENCY_KEY_PATTERN
+from connectors.nesting import NestedTooDeep, check_depth
 from flows.outbound import OutboundRefused
+
+# How deep a body's field may nest. Far below what the walkers follow (connectors.nesting.MAX_DEPTH), so whatever is
+# stored from a request can be shown, scrubbed and sent in a callback; no workflow definition needs more.
+MAX_FIELD_DEPTH = 32
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -37,7 +42,18 @@ def json_object() -> dict[str, Any]:
                          code="malformed_json") from None
     if not isinstance(data, dict):
         raise BadRequest(f"request body must be a JSON object, got {type(data).__name__}", code="body_not_object")
+    for field, value in data.items():
+        check_field_depth(field, value)
     return data
+
+
+def check_field_depth(field: str, value: Any, limit: int = MAX_FIELD_DEPTH) -> None:
+    """A 422 naming `field` (and the key under it) when `value` nests more than `limit` levels."""
+    try:
+        check_depth(value, limit)
+    except NestedTooDeep as exc:
+        name = ".".join(str(part) for part in (field, *exc.path[:1]))
+        raise ValidationFailed.of_field(name, str(exc)) from None
 
 
 def require_json_content_type() -> None:
