@@ -173,7 +173,7 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     auth.init_app(app, keyring, settings.auth_failure_limit, settings.rate_limit_storage)
     limits.init_app(app, settings.rate_limit, settings.rate_limit_storage)
     metrics.init_app(app)
-    waits.init_app(app, settings.max_concurrent_waits)
+    waits.init_app(app, settings.max_concurrent_waits, settings.max_concurrent_inline)
     polls.init_app(app)
     api.init_app(app)
     openapi.init_app(app, api_keys=keyring.enabled)

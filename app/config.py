@@ -155,6 +155,15 @@ class Settings(RuntimeSettings):
         4, ge=0, le=1000, validation_alias="FLOWGATE_MAX_CONCURRENT_WAITS",
         description="Requests one gateway process lets block on `wait` / `Prefer: wait` at once; beyond it a "
                     "trigger answers 202 at once (keep it below GUNICORN_THREADS so /health always has a thread).")
+    max_concurrent_inline: int = Field(
+        2, ge=0, le=1000, validation_alias="FLOWGATE_MAX_CONCURRENT_INLINE",
+        description="execute-node and preview calls one gateway process runs at once inside their request (each "
+                    "holds a request thread); beyond it they are a 429 (inline_slots_full) with Retry-After. Keep it "
+                    "and FLOWGATE_MAX_CONCURRENT_WAITS together below GUNICORN_THREADS. 0: both are always refused.")
+    preview_timeout_seconds: float = Field(
+        30.0, gt=0, le=600, validation_alias="FLOWGATE_PREVIEW_TIMEOUT_SECONDS",
+        description="Longest a preview's source may take to give its sample; past it the preview's process is killed "
+                    "and the call is a 504 (preview_timeout).")
     auth_failure_limit: str = Field(
         "10/minute", validation_alias="FLOWGATE_AUTH_FAILURE_LIMIT",
         description="Failed authentications allowed per client address (e.g. '10/minute'); past it a request "

@@ -73,6 +73,10 @@ class Unavailable(Problem):
     status, code, title = 503, "unavailable", "Service Unavailable"
 
 
+class GatewayTimeout(Problem):
+    status, code, title = 504, "gateway_timeout", "Gateway Timeout"
+
+
 def problem_response(status: int, code: str, title: str, detail: str, *,
                      headers: dict[str, str] | None = None, **members: Any) -> Response:
     """Build an application/problem+json response."""

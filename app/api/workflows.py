@@ -21,7 +21,7 @@ from app.schemas import (
     RUN_ID_PATTERN, ExecuteNodeRequest, NodeExecutionOut, WorkflowDetail, WorkflowExecuteRequest, WorkflowGraph,
     WorkflowOut,
 )
-from app.waits import wait_for_end
+from app.waits import inline_slot, wait_for_end
 from connectors.nesting import NestedTooDeep, check_depth
 from connectors.secrets import public_error, scrub
 from flows.engine import COMPLETED
@@ -122,7 +122,8 @@ def execute_node(workflow_id: str) -> dict[str, Any]:
     limit = svc.settings.max_node_wait_seconds
     if node.timeout > limit:
         raise ValidationFailed.of_field("node.timeout", f"must be at most {limit:g} seconds for execute-node")
-    result = svc.engine.run_node(node, body.inputData)
+    with inline_slot("execute-node"):
+        result = svc.engine.run_node(node, body.inputData)
     ok = result.status == COMPLETED
     return {"success": ok, "nodeId": node.id, "output": scrub(result.output) if ok else None,
             "error": None if ok else public_error(result.error), "mode": "local", "durationSeconds": result.duration_seconds}
