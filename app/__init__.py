@@ -164,15 +164,16 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     app.extensions["flowgate"] = Services(settings, registry, workflows, store, executor, dispatcher, engine, workspace,
                                           prefect_sync, callbacks, pruner, run_logs, scheduler)
 
-    from app import api, auth, errors, gateway_tracing, limits, metrics, openapi, polls, waits
+    from app import api, auth, errors, gateway_tracing, limits, metrics, openapi, polls, same_origin, waits
 
     errors.init_app(app)
     logs.init_app(app)  # before auth: a refused request still gets its id
     gateway_tracing.init_app(app, exporting())  # before auth too: a refused request is in the caller's trace
+    same_origin.init_app(app, keyring.enabled, settings.server_name_list)  # keyless: no DNS rebinding, no CSRF
     auth.init_app(app, keyring, settings.auth_failure_limit, settings.rate_limit_storage)
     limits.init_app(app, settings.rate_limit, settings.rate_limit_storage)
     metrics.init_app(app)
-    waits.init_app(app, settings.max_concurrent_waits)
+    waits.init_app(app, settings.max_concurrent_waits, settings.max_concurrent_inline)
     polls.init_app(app)
     api.init_app(app)
     openapi.init_app(app, api_keys=keyring.enabled)

@@ -30,6 +30,7 @@ from app.runs.models import Run, RunCallback, utcnow
 from app.runs.store import RunStore
 from app.schemas import RunOut
 from connectors import tracing
+from connectors.nesting import NestedTooDeep
 from connectors.outbound import OutboundPolicy, OutboundRefused
 from flows.lease import LeaseKeeper
 from flows.loop import Loop
@@ -53,6 +54,10 @@ def verify(secret: str, header: str, body: bytes, tolerance_seconds: float = 300
     if abs(time.time() - timestamp) > tolerance_seconds:
         return False
     return hmac.compare_digest(signature(secret, timestamp, body), header)
+
+
+class Unsendable(Exception):
+    """The run's document cannot be built (it nests deeper than can be shown): the callback is given up."""
 
 
 class CallbackSender(Loop):
@@ -110,12 +115,6 @@ class CallbackSender(Loop):
 
     def _deliver(self, callback: RunCallback, run: Run) -> bool:
         number = len(callback.attempts or []) + 1
-        body = json.dumps(RunOut.from_run(run, f"/api/v1/runs/{run.id}", self.project).model_dump(mode="json")).encode()
-        timestamp = int(time.time())
-        headers = {"Content-Type": "application/json", "User-Agent": "flowgate-callback",
-                   "X-Flowgate-Signature": signature(self.secret or "", timestamp, body),
-                   "X-Flowgate-Run-Id": run.id, "X-Flowgate-Delivery": run.id, "X-Flowgate-Attempt": str(number),
-                   **tracing.carrier()}
         started = time.perf_counter()
         attempt: dict[str, Any] = {"attempt": number, "at": utcnow().isoformat()}
         delivered = False
@@ -126,6 +125,12 @@ class CallbackSender(Loop):
         claim.hold(run.id)
         claim.start()
         try:
+            body = self._document(run)
+            timestamp = int(time.time())
+            headers = {"Content-Type": "application/json", "User-Agent": "flowgate-callback",
+                       "X-Flowgate-Signature": signature(self.secret or "", timestamp, body),
+                       "X-Flowgate-Run-Id": run.id, "X-Flowgate-Delivery": run.id, "X-Flowgate-Attempt": str(number),
+                       **tracing.carrier()}
             self.policy.check(callback.url)  # again at send time: the allow-list may have changed since
             # Only the status line and headers are read: a receiver dripping a body cannot hold the sender.
             with self._http.stream("POST", callback.url, content=body, headers=headers) as response:
@@ -136,6 +141,9 @@ class CallbackSender(Loop):
         except OutboundRefused as exc:
             attempt["error"] = f"refused: {exc}"
             number = self.max_attempts  # a refused host will not become allowed by retrying
+        except Unsendable as exc:
+            attempt["error"] = str(exc)
+            number = self.max_attempts  # nor a stored run become readable
         except httpx.HTTPError as exc:
             attempt["error"] = f"{type(exc).__name__}: {exc}"
         attempt["duration_ms"] = round((time.perf_counter() - started) * 1000, 1)
@@ -150,6 +158,14 @@ class CallbackSender(Loop):
         log.log(logging.INFO if delivered else logging.WARNING, "callback of run %s attempt %d: %s", run.id, number,
                 "delivered" if delivered else attempt.get("error"), extra={"run_id": run.id})
         return delivered
+
+    def _document(self, run: Run) -> bytes:
+        """The run document the callback POSTs; Unsendable when the stored run nests too deeply to show."""
+        try:
+            document = RunOut.from_run(run, f"/api/v1/runs/{run.id}", self.project).model_dump(mode="json")
+        except (NestedTooDeep, RecursionError) as exc:
+            raise Unsendable(f"the run document cannot be built: {exc}") from None
+        return json.dumps(document).encode()
 
     def _record(self, run_id: str, attempt: dict[str, Any], delivered: bool, retry_at: Any) -> None:
         """Record the attempt; a store error is retried while the claim is still held (the receiver has it)."""

@@ -1,6 +1,7 @@
 """Typed settings for the gateway, read once from the environment at start-up."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,6 +35,11 @@ class Settings(RuntimeSettings):
         False, validation_alias="FLOWGATE_ALLOW_UNAUTHENTICATED",
         description="Serve beyond loopback without API keys (otherwise a keyless gateway binds 127.0.0.1 only); "
                     "true/false, 1/0, yes/no or on/off.")
+    server_names: str = Field(
+        "", validation_alias="FLOWGATE_SERVER_NAMES",
+        description="Without API keys, the host names (comma-separated; `*.example.com` for the names under one) "
+                    "the gateway answers to besides `localhost`, `*.localhost` and IP addresses: a request whose "
+                    "Host is another name is a 421 (a DNS-rebinding page). Unused with keys.")
     keepalive_seconds: int = Field(
         75, ge=0, le=3600, validation_alias="FLOWGATE_KEEPALIVE_SECONDS",
         description="Seconds gunicorn keeps an idle connection open: keep it above the idle timeout of every "
@@ -149,6 +155,15 @@ class Settings(RuntimeSettings):
         4, ge=0, le=1000, validation_alias="FLOWGATE_MAX_CONCURRENT_WAITS",
         description="Requests one gateway process lets block on `wait` / `Prefer: wait` at once; beyond it a "
                     "trigger answers 202 at once (keep it below GUNICORN_THREADS so /health always has a thread).")
+    max_concurrent_inline: int = Field(
+        2, ge=0, le=1000, validation_alias="FLOWGATE_MAX_CONCURRENT_INLINE",
+        description="execute-node and preview calls one gateway process runs at once inside their request (each "
+                    "holds a request thread); beyond it they are a 429 (inline_slots_full) with Retry-After. Keep it "
+                    "and FLOWGATE_MAX_CONCURRENT_WAITS together below GUNICORN_THREADS. 0: both are always refused.")
+    preview_timeout_seconds: float = Field(
+        30.0, gt=0, le=600, validation_alias="FLOWGATE_PREVIEW_TIMEOUT_SECONDS",
+        description="Longest a preview's source may take to give its sample; past it the preview's process is killed "
+                    "and the call is a 504 (preview_timeout).")
     auth_failure_limit: str = Field(
         "10/minute", validation_alias="FLOWGATE_AUTH_FAILURE_LIMIT",
         description="Failed authentications allowed per client address (e.g. '10/minute'); past it a request "
@@ -165,6 +180,21 @@ class Settings(RuntimeSettings):
         """The folder of connectors.yaml: what relative paths in it are relative to, and what answers show paths
         relative to (connectors.shown_paths)."""
         return self.connectors_file.resolve().parent
+
+    @property
+    def server_name_list(self) -> tuple[str, ...]:
+        """FLOWGATE_SERVER_NAMES as lower-case names."""
+        return tuple(name.strip().lower().rstrip(".") for name in self.server_names.split(",") if name.strip())
+
+    @field_validator("server_names")
+    @classmethod
+    def _host_names(cls, value: str) -> str:
+        for name in (n.strip() for n in value.split(",") if n.strip()):
+            bare = name[2:] if name.startswith("*.") else name
+            if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*\.?",
+                                bare):
+                raise ValueError(f"{name!r} is not a host name (or *.<host name>)")
+        return value
 
     @field_validator("auth_failure_limit")
     @classmethod

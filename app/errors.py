@@ -61,12 +61,20 @@ class ValidationFailed(Problem):
         return cls(f"{field}: {message}", errors=[field_error(field, message)])
 
 
+class UnsupportedMediaType(Problem):
+    status, code, title = 415, "unsupported_media_type", "Unsupported Media Type"
+
+
 class TooManyRequests(Problem):
     status, code, title = 429, "too_many_requests", "Too Many Requests"
 
 
 class Unavailable(Problem):
     status, code, title = 503, "unavailable", "Service Unavailable"
+
+
+class GatewayTimeout(Problem):
+    status, code, title = 504, "gateway_timeout", "Gateway Timeout"
 
 
 def problem_response(status: int, code: str, title: str, detail: str, *,

@@ -75,6 +75,10 @@ class StoreCollector(Collector):
 # else (an inline workflow's caller-chosen id) is counted as `inline`.
 _configured_targets: set[str] = set()
 INLINE = "inline"
+# HTTP methods are a token the client chooses (`ZZWORG /health` reaches the app, no key needed): the ones flowgate
+# serves keep their name, any other is `other`. Paths no route matches are already one label, `(unmatched)`.
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+OTHER_METHOD, UNMATCHED = "other", "(unmatched)"
 
 
 def configure_targets(names: Any) -> None:
@@ -85,6 +89,11 @@ def configure_targets(names: Any) -> None:
 def target_label(target: str) -> str:
     """`target` when it is configured, else `inline`: a caller must not be able to add series at will."""
     return target if target in _configured_targets else INLINE
+
+
+def method_label(method: str) -> str:
+    """`method` when it is a standard one flowgate could serve, else `other`."""
+    return method if method in KNOWN_METHODS else OTHER_METHOD
 
 
 def observe_run_end(kind: str, target: str, status: str, started_at: Any, finished_at: Any,
@@ -135,8 +144,8 @@ def init_app(app: Flask) -> None:
     def observe(response: Response) -> Response:
         started = g.pop("metrics_started", None)
         if started is not None:
-            endpoint = request.url_rule.rule if request.url_rule is not None else "(unmatched)"
-            HTTP_LATENCY.labels(endpoint, request.method, str(response.status_code)).observe(
+            endpoint = request.url_rule.rule if request.url_rule is not None else UNMATCHED
+            HTTP_LATENCY.labels(endpoint, method_label(request.method), str(response.status_code)).observe(
                 time.perf_counter() - started)
         return response
 

@@ -32,8 +32,13 @@ _PROBLEMS = {"400": "Malformed JSON or a body that is not an object", "401": "No
              "405": "Method not allowed",
              "409": "Conflict with the state of things; `code` says which (idempotency_key_reused, run_active with "
                     "the active run's `run_id`, run_already_ended, run_not_ended, run_not_failed)",
-             "413": "Body too large", "422": "A field is missing, mistyped or unknown",
-             "429": "Too many requests: the caller's rate limit, or too many wrong API keys from this address"}
+             "413": "Body too large", "415": "A body whose Content-Type is not application/json",
+             "421": "A Host this gateway does not answer to (without API keys: loopback names, IP addresses and "
+                    "FLOWGATE_SERVER_NAMES)",
+             "422": "A field is missing, mistyped or unknown",
+             "429": "Too many requests: the caller's rate limit, too many wrong API keys from this address, or "
+                    "(execute-node, preview) every inline slot of the process taken (inline_slots_full)",
+             "504": "The preview's source gave no sample within FLOWGATE_PREVIEW_TIMEOUT_SECONDS (preview_timeout)"}
 
 
 def _ref(model: type[BaseModel]) -> dict[str, str]:
@@ -234,7 +239,7 @@ def build_document(max_wait_seconds: float | None = None, *, connectors: Sequenc
             "operationId": "previewConnector", "summary": "Sample rows per resource; nothing is loaded",
             "parameters": [connector_id], "requestBody": _body(PreviewRequest),
             "responses": {"200": _json(PreviewOut, "Sample rows and inferred columns"),
-                          **_problems("400", "404", "413", "422")}}},
+                          **_problems("400", "404", "413", "422", "429", "504")}}},
         "/api/v1/connectors/{connector_id}/schema": {"get": {
             "operationId": "getConnectorSchema", "summary": "Tables and columns loaded, read from the destination",
             "parameters": [connector_id],
@@ -275,7 +280,7 @@ def build_document(max_wait_seconds: float | None = None, *, connectors: Sequenc
             # The node runs on its own: the workflow id is the seed's path shape, not looked up, so any text will do.
             "parameters": [_path_param("workflow_id")], "requestBody": {**_body(ExecuteNodeRequest), "required": True},
             "responses": {"200": _json(NodeRunOut, "The node ran: `success` says whether it completed"),
-                          **_problems("400", "413", "422")}}},
+                          **_problems("400", "413", "422", "429")}}},
         "/api/v1/runs": {"get": {
             "operationId": "listRuns", "summary": "Runs, newest first", "parameters": _query_parameters(RunQuery),
             "responses": {"200": _json(RunPage, "A page of runs"), **_problems("422")}}},
@@ -312,6 +317,15 @@ def build_document(max_wait_seconds: float | None = None, *, connectors: Sequenc
         "paths": paths,
         "components": {"schemas": defs},
     }
+    for path, operations in paths.items():
+        for method, operation in operations.items():
+            if "requestBody" in operation:
+                operation["responses"].update(_problems("415"))
+            if not api_keys and path != "/health":  # app/same_origin.py
+                operation["responses"].update(_problems("421"))
+                if method != "get":
+                    operation["responses"]["403"] = {**_problems("403")["403"], "description": (
+                        "A request from another web page (an Origin other than the gateway's): cross_origin_refused")}
     if api_keys:
         for path, operations in paths.items():
             for operation in operations.values():

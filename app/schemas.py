@@ -14,6 +14,7 @@ from pydantic_core import PydanticCustomError
 from app.runs.history import RunPoint
 from app.runs.models import Run
 from connectors.failures import RetryPolicy
+from connectors.nesting import MAX_DEPTH, NestedTooDeep, check_depth
 from connectors.secrets import public_error, scrub
 from connectors.secrets import redact
 from connectors.shown_paths import shown_path
@@ -285,6 +286,9 @@ class WorkflowExecution(BaseModel):
     outputs: dict[str, Any]
     error: dict[str, Any] | None
     nodes: list[NodeExecutionOut]
+    unreadable: bool = Field(False, description="The stored run nests deeper than the gateway shows: its layers, "
+                                                "outputs and nodes are left out, and `error` says so "
+                                                "(`unreadable_run`).")
 
 
 class ExecuteNodeRequest(_Request):
@@ -376,10 +380,18 @@ class RunOut(BaseModel):
     trace_id: str | None = Field(None, description="The W3C trace id the run belongs to: the caller's `traceparent`'s, "
                                                    "or one flowgate started; on every log line of the run.")
     status_url: str
+    unreadable: bool = Field(
+        False, description="The stored run nests deeper than the gateway shows (more than "
+                           f"{MAX_DEPTH} levels): its params, result, labels and attempts are left out, and `error` "
+                           "says so (`unreadable_run`). Runs stored before inputs were bounded may be such.")
 
     @classmethod
     def from_run(cls, run: Run, status_url: str, project: Path | None = None) -> RunOut:
-        """Build from a stored run; with `project` (the gateway's folder) the DuckDB file's location relative to it."""
+        """Build from a stored run; with `project` (the gateway's folder) the DuckDB file's location relative to it.
+        NestedTooDeep when a stored document nests deeper than MAX_DEPTH (scrub walks nothing while no secret is
+        known, so the depth is checked first, whatever the walkers do)."""
+        for document in (run.params, run.result, run.error, run.attempt_log, run.schedule):
+            check_depth(document)
         result = scrub(run.result)
         if project is not None and result and isinstance(result.get("location"), str):
             result = {**result, "location": shown_path(result["location"], project)}
@@ -395,6 +407,30 @@ class RunOut(BaseModel):
                    callback=run.callback.to_dict() if run.callback else None, source=run.source or "api",
                    scheduled_for=run.scheduled_for, schedule=run.schedule, trace_id=run.trace_id,
                    status_url=status_url)
+
+
+    @classmethod
+    def unreadable_run(cls, run: Run, status_url: str, reason: Exception) -> RunOut:
+        """What can be shown of a run whose stored documents cannot be (`reason`): its columns, not its JSON."""
+        return cls(run_id=run.id, kind=run.kind, connector_id=run.target if run.kind == "connector" else None,
+                   workflow_id=run.target if run.kind == "workflow" else None, status=run.status, backend=run.backend,
+                   params={}, fallback_reason=run.fallback_reason, prefect_flow_run_id=run.prefect_flow_run_id,
+                   prefect_state=run.prefect_state, attempt=run.attempt or 1, attempts=[],
+                   next_attempt_at=run.next_attempt_at if run.status == "queued" else None, retry=None,
+                   rerun_of=run.rerun_of, triggered_by=run.triggered_by or "anonymous", labels={},
+                   created_at=run.created_at, started_at=run.started_at, finished_at=run.finished_at, result=None,
+                   error={"code": "unreadable_run", "message": f"the stored run cannot be shown: {reason}"},
+                   source=run.source or "api", scheduled_for=run.scheduled_for, trace_id=run.trace_id,
+                   status_url=status_url, unreadable=True)
+
+
+def run_document(run: Run, status_url: str, project: Path | None = None) -> dict[str, Any]:
+    """A run as the API shows it (RunOut, as JSON); a run stored too deeply nested to show is shown as
+    `unreadable`, so a page listing it still works."""
+    try:
+        return RunOut.from_run(run, status_url, project).model_dump(mode="json")
+    except (NestedTooDeep, RecursionError) as exc:
+        return RunOut.unreadable_run(run, status_url, exc).model_dump(mode="json")
 
 
 def _attempts(run: Run) -> list[dict[str, Any]]:

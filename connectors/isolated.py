@@ -1,5 +1,5 @@
-"""A connector run in a child process of its own, so a cancel or a timeout stops it within seconds wherever it
-is (a source that never answers included) without taking the calling process down with it.
+"""A connector run (or a preview) in a child process of its own, so a cancel or a timeout stops it within seconds
+wherever it is (a source that never answers included) without taking the calling process down with it.
 
 Children come from a forkserver started once per process and preloaded with dlt, so a run starts in tens of
 milliseconds, and no process with threads (a gunicorn worker) ever forks. The child sends its log lines and
@@ -28,6 +28,8 @@ from connectors.failures import CRASHED, classify
 from connectors.pipeline import (
     ConnectorPipeline, ConnectorRunError, LoadSummary, RunCancelled, Workspace, run_connector,
 )
+from connectors.outbound import OutboundPolicy
+from connectors.preview import preview_connector
 from connectors.schema_contract import SchemaContractViolation
 from connectors.spec import ConnectorSpec, ParamsError
 
@@ -218,5 +220,65 @@ def _child(spec: ConnectorSpec, workspace: Workspace, steps: tuple[str, ...], st
         failure = classify(exc)
         send(("failed", {"kind": "internal", "step": step, "message": f"{type(exc).__name__}: {exc} ({failure.reason})",
                          "failure_class": failure.failure_class}))
+    finally:
+        pipe.close()
+
+
+class PreviewTimedOut(Exception):
+    """A preview's source gave no sample within the deadline; its process was killed."""
+
+    def __init__(self, seconds: float):
+        super().__init__(f"the source gave no sample within {seconds:g} s")
+        self.seconds = seconds
+
+
+def preview_isolated(spec: ConnectorSpec, limit: int, outbound: OutboundPolicy,
+                     deadline_seconds: float) -> dict[str, Any]:
+    """preview_connector in a child process, killed past `deadline_seconds` (PreviewTimedOut): a source that hangs
+    holds neither the calling thread nor anything else once the deadline passed."""
+    context = _context()
+    receive, send = context.Pipe(duplex=False)
+    lifeline, held = context.Pipe(duplex=False)
+    child = context.Process(target=_preview_child, args=(spec, limit, outbound, send, lifeline),
+                            name=f"flowgate-preview-{spec.id}", daemon=True)
+    try:
+        try:
+            child.start()
+        finally:
+            send.close()
+            lifeline.close()
+        if not receive.poll(deadline_seconds):
+            raise PreviewTimedOut(deadline_seconds)
+        try:
+            kind, payload = receive.recv()
+        except EOFError:
+            child.join(5)
+            raise ConnectorRunError(spec.id, "extract", f"the preview's process ended without an outcome "
+                                                        f"(exit code {child.exitcode})", failure_class=CRASHED) from None
+        if kind == "done":
+            return payload
+        raise _rebuilt(spec, payload)
+    finally:
+        receive.close()
+        if child.pid is not None:
+            if child.is_alive():
+                child.kill()
+            child.join(5)
+        held.close()
+
+
+def _preview_child(spec: ConnectorSpec, limit: int, outbound: OutboundPolicy, pipe: Connection,
+                   lifeline: Connection) -> None:
+    threading.Thread(target=_watch_lifeline, args=(lifeline,), daemon=True).start()
+    try:
+        pipe.send(("done", preview_connector(spec, limit, outbound)))
+    except ParamsError as exc:
+        pipe.send(("failed", {"kind": "params", "field": exc.field, "message": exc.message}))
+    except ConnectorRunError as exc:
+        pipe.send(("failed", {"kind": "connector", "step": exc.step, "message": exc.message,
+                              "failure_class": exc.failure_class}))
+    except BaseException as exc:  # the parent must hear of anything at all (a sample that does not pickle)
+        pipe.send(("failed", {"kind": "connector", "step": "extract", "message": f"{type(exc).__name__}: {exc}",
+                              "failure_class": classify(exc).failure_class}))
     finally:
         pipe.close()

@@ -12,6 +12,8 @@ import threading
 from typing import Any
 from urllib.parse import quote, quote_plus
 
+from connectors.nesting import MAX_DEPTH, NestedTooDeep
+
 REDACTED = "***"
 MIN_LENGTH = 4  # shorter values ("1", "on") would blank out ordinary text; they are no secret worth the name
 
@@ -45,16 +47,19 @@ def scrub_text(text: str) -> str:
     return text
 
 
-def scrub(value: Any) -> Any:
-    """`value` (a JSON-like structure) with every remembered secret in its strings (and keys) replaced."""
+def scrub(value: Any, _depth: int = 1) -> Any:
+    """`value` (a JSON-like structure) with every remembered secret in its strings (and keys) replaced;
+    NestedTooDeep past connectors.nesting.MAX_DEPTH levels."""
     if not _values:
         return value
     if isinstance(value, str):
         return scrub_text(value)
+    if isinstance(value, (dict, list, tuple)) and _depth > MAX_DEPTH:
+        raise NestedTooDeep(MAX_DEPTH)
     if isinstance(value, dict):
-        return {scrub_text(k) if isinstance(k, str) else k: scrub(v) for k, v in value.items()}
+        return {scrub_text(k) if isinstance(k, str) else k: scrub(v, _depth + 1) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [scrub(v) for v in value]
+        return [scrub(v, _depth + 1) for v in value]
     return value
 
 
@@ -69,14 +74,17 @@ def hide_paths(text: str) -> str:
     return _FOLDERS.sub("…/", text)
 
 
-def public_error(value: Any) -> Any:
-    """An error document (or message) as a caller may see it: secrets scrubbed, server folders left out."""
+def public_error(value: Any, _depth: int = 1) -> Any:
+    """An error document (or message) as a caller may see it: secrets scrubbed, server folders left out;
+    NestedTooDeep past connectors.nesting.MAX_DEPTH levels."""
     if isinstance(value, str):
         return hide_paths(scrub_text(value))
+    if isinstance(value, (dict, list)) and _depth > MAX_DEPTH:
+        raise NestedTooDeep(MAX_DEPTH)
     if isinstance(value, dict):
-        return {k: public_error(v) for k, v in value.items()}
+        return {k: public_error(v, _depth + 1) for k, v in value.items()}
     if isinstance(value, list):
-        return [public_error(v) for v in value]
+        return [public_error(v, _depth + 1) for v in value]
     return value
 
 
@@ -144,13 +152,16 @@ def redact_text(text: str) -> str:
     return _AUTH_SCHEME.sub(lambda m: f"{m['scheme']} {REDACTED}", text)
 
 
-def redact(value: Any, key: str = "") -> Any:
+def redact(value: Any, key: str = "", _depth: int = 1) -> Any:
     """Replace secret values with ***: anything under a secret-looking name (`is_secret_name`), and inside
-    every string what `redact_text` finds (`${VAR}` values, URL passwords, `password=` pairs...)."""
+    every string what `redact_text` finds (`${VAR}` values, URL passwords, `password=` pairs...);
+    NestedTooDeep past connectors.nesting.MAX_DEPTH levels."""
+    if isinstance(value, (dict, list)) and _depth > MAX_DEPTH:
+        raise NestedTooDeep(MAX_DEPTH)
     if isinstance(value, dict):
-        return {k: redact(v, k) for k, v in value.items()}
+        return {k: redact(v, k, _depth + 1) for k, v in value.items()}
     if isinstance(value, list):
-        return [redact(v, key) for v in value]
+        return [redact(v, key, _depth + 1) for v in value]
     if key and value is not None and not isinstance(value, bool) and is_secret_name(key):
         return REDACTED
     if isinstance(value, str):

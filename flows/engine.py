@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from connectors import tracing
 from connectors.failures import TRANSIENT, classify
+from connectors.nesting import MAX_OUTPUT_DEPTH, NestedTooDeep, check_depth
 from connectors.secrets import scrub
 from flows.nodes import NODE_TYPES, NodeContext, NodeFailed, Toolbox
 from flows.templates import RenderBudget, TemplateFailed, render
@@ -388,4 +389,9 @@ def _json_ready(value: Any, limit: int) -> Any:
     if len(text) > limit:
         raise NodeFailed(f"output is {len(text)} bytes as JSON; the limit is {limit} (FLOWGATE_MAX_OUTPUT_BYTES)",
                          code="output_too_large", terminal=True)
-    return json.loads(text)
+    output = json.loads(text)
+    try:  # what the run stores must be what its pages can show (the run's result holds outputs 2 levels down)
+        check_depth(output, MAX_OUTPUT_DEPTH)
+    except NestedTooDeep as exc:
+        raise NodeFailed(f"output is {exc}", code="output_too_deep", terminal=True) from None
+    return output

@@ -21,6 +21,7 @@ from jinja2.nodes import Concat
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from markupsafe import Markup
 
+from connectors.nesting import MAX_DEPTH, NestedTooDeep
 from flows import template_budget as budgets
 from flows import template_limits as limits
 from flows.template_budget import DEFAULT_MAX_CHARS, MAX_INT_BITS, RenderBudget, TemplateLimit
@@ -191,14 +192,17 @@ def _environment() -> BoundedSandbox:
     return BoundedSandbox()
 
 
-def has_template(value: Any) -> bool:
-    """True when `value` (or anything inside it) contains a template."""
+def has_template(value: Any, _depth: int = 1) -> bool:
+    """True when `value` (or anything inside it) contains a template; NestedTooDeep past
+    connectors.nesting.MAX_DEPTH levels."""
     if isinstance(value, str):
         return "{{" in value or "{%" in value
+    if isinstance(value, (dict, list)) and _depth > MAX_DEPTH:
+        raise NestedTooDeep(MAX_DEPTH)
     if isinstance(value, dict):
-        return any(has_template(v) for v in value.values())
+        return any(has_template(v, _depth + 1) for v in value.values())
     if isinstance(value, list):
-        return any(has_template(v) for v in value)
+        return any(has_template(v, _depth + 1) for v in value)
     return False
 
 

@@ -124,3 +124,22 @@ def test_inline_workflows_add_no_series_whatever_their_ids(running_app):
     count = {"kind": "workflow", "target": "inline", "status": "completed"}
     assert sample(after, "flowgate_run_duration_seconds_count", **count) - sample(
         before, "flowgate_run_duration_seconds_count", **count) == 20
+
+
+def test_made_up_methods_and_paths_add_no_series(client):
+    # Without a key on the open paths: each made-up method or path must not become a series of its own.
+    for i in range(3):  # every series these calls touch exists from here on
+        client.open("/health", method=f"ZZWORG{i}")
+        client.get(f"/no-such-path-{i}")
+    client.get("/metrics")
+    before = client.get("/metrics").get_data(as_text=True)
+    for i in range(3, 23):
+        assert client.open("/health", method=f"ZZWORG{i}").status_code == 405
+        assert client.open(f"/ui/made-up-{i}", method=f"QQ{i}").status_code == 405
+        assert client.get(f"/no-such-path-{i}").status_code == 404
+    after = client.get("/metrics").get_data(as_text=True)
+    assert "ZZWORG" not in after and "made-up" not in after and "no-such-path" not in after
+    assert series(after) == series(before)
+    assert sample(after, "flowgate_http_request_duration_seconds_count", endpoint="(unmatched)", method="other",
+                  status="405") - sample(before, "flowgate_http_request_duration_seconds_count",
+                                         endpoint="(unmatched)", method="other", status="405") == 40

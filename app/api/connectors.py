@@ -9,10 +9,12 @@ from app import services
 from app.api.inputs import json_object, query, validated
 from app.api.runs import run_document
 from app.api.schedules import schedule_document
-from app.errors import NotFound, Unavailable, ValidationFailed
+from app.errors import GatewayTimeout, NotFound, Unavailable, ValidationFailed
 from app.schemas import ConnectorOut, ConnectorStats, PreviewRequest, StatsQuery
+from app.waits import inline_slot
+from connectors.isolated import PreviewTimedOut, preview_isolated
 from connectors.pipeline import ConnectorRunError
-from connectors.preview import preview_changes, preview_connector
+from connectors.preview import preview_changes
 from connectors.schema import DestinationBusy, destination_schema
 from connectors.shown_paths import shown_path, shown_spec, without_project
 from connectors.spec import ConnectorSpec, ParamsError
@@ -58,13 +60,19 @@ def preview(connector_id: str) -> dict[str, Any]:
     at the destination (and refused by the schema contract); nothing is loaded, no state changes."""
     spec = get_connector_or_404(connector_id)
     body = validated(PreviewRequest, json_object())
+    settings = services().settings
     try:
         runnable = spec.with_params(body.params)
-        sample = preview_connector(runnable, body.limit, services().workspace.outbound)
+        with inline_slot("preview"):
+            sample = preview_isolated(runnable, body.limit, services().workspace.outbound,
+                                      settings.preview_timeout_seconds)
     except ParamsError as exc:
         raise ValidationFailed.of_field(exc.field, exc.message) from None
     except ConnectorRunError as exc:
         raise ValidationFailed(f"the connector's source failed: {exc.message}", code="preview_failed") from None
+    except PreviewTimedOut as exc:
+        raise GatewayTimeout(f"the preview was stopped: {exc} (FLOWGATE_PREVIEW_TIMEOUT_SECONDS)",
+                             code="preview_timeout") from None
     try:
         changes, unavailable = preview_changes(runnable, services().workspace, sample["resources"]), None
     except DestinationBusy as exc:

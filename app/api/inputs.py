@@ -9,15 +9,22 @@ from typing import Any, TypeVar
 from flask import g, request
 from pydantic import BaseModel, ValidationError
 
-from app.errors import BadRequest, ValidationFailed, field_error
+from app.errors import BadRequest, UnsupportedMediaType, ValidationFailed, field_error
 from app.schemas import IDEMPOTENCY_KEY_PATTERN
+from connectors.nesting import NestedTooDeep, check_depth
 from connectors.outbound import OutboundRefused
+
+# How deep a body's field may nest. Far below what the walkers follow (connectors.nesting.MAX_DEPTH), so whatever is
+# stored from a request can be shown, scrubbed and sent in a callback; no workflow definition needs more.
+MAX_FIELD_DEPTH = 32
 
 M = TypeVar("M", bound=BaseModel)
 
 
 def json_object() -> dict[str, Any]:
-    """The request body as a JSON object; an empty body is {}. Malformed JSON or a non-object is a 400."""
+    """The request body as a JSON object; an empty body is {}. A Content-Type other than JSON is a 415, malformed
+    JSON or a non-object a 400."""
+    require_json_content_type()
     raw = request.get_data(cache=True)  # werkzeug raises 413 past MAX_CONTENT_LENGTH
     if not raw.strip():
         return {}
@@ -35,7 +42,32 @@ def json_object() -> dict[str, Any]:
                          code="malformed_json") from None
     if not isinstance(data, dict):
         raise BadRequest(f"request body must be a JSON object, got {type(data).__name__}", code="body_not_object")
+    for field, value in data.items():
+        check_field_depth(field, value)
     return data
+
+
+def check_field_depth(field: str, value: Any, limit: int = MAX_FIELD_DEPTH) -> None:
+    """A 422 naming `field` (and the key under it) when `value` nests more than `limit` levels."""
+    try:
+        check_depth(value, limit)
+    except NestedTooDeep as exc:
+        name = ".".join(str(part) for part in (field, *exc.path[:1]))
+        raise ValidationFailed.of_field(name, str(exc)) from None
+
+
+def require_json_content_type() -> None:
+    """A 415 naming Content-Type unless the request says JSON (`application/json`, `application/*+json`) or sends
+    no Content-Type and no body. A browser sends text/plain, a form type or none without asking the gateway first
+    (no CORS preflight): taking those as JSON let any web page start runs on a gateway without keys."""
+    mimetype = request.mimetype
+    if mimetype == "application/json" or (mimetype.startswith("application/") and mimetype.endswith("+json")):
+        return
+    if not mimetype and not request.get_data(cache=True).strip():
+        return
+    shown = request.headers.get("Content-Type", "")[:100] or "none"
+    message = f"must be application/json (got {shown})"
+    raise UnsupportedMediaType(f"Content-Type: {message}", errors=[field_error("Content-Type", message)])
 
 
 def _not_json(name: str) -> Any:

@@ -7,21 +7,20 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify, url_for
 
-from app import services
-from app.api.inputs import caller_name, idempotency_key, json_object, query, validated
+from app import schemas, services
+from app.api.inputs import caller_name, check_json_size, idempotency_key, json_object, query, validated
 from app.errors import Conflict, NotFound, Problem
 from app.polls import with_hint
 from app.runs.models import Run
-from app.schemas import RUN_ID_PATTERN, BulkRerunRequest, RerunRequest, RunLogsQuery, RunOut, RunQuery
+from app.schemas import RUN_ID_PATTERN, BulkRerunRequest, RerunRequest, RunLogsQuery, RunQuery
 from connectors.secrets import public_error
 
 bp = Blueprint("runs", __name__, url_prefix="/api/v1/runs")
 
 
 def run_document(run: Run) -> dict[str, Any]:
-    """A run as the API shows it."""
-    return RunOut.from_run(run, url_for("runs.get_run", run_id=run.id),
-                           services().settings.project_dir).model_dump(mode="json")
+    """A run as the API shows it (`unreadable` when its stored documents cannot be shown)."""
+    return schemas.run_document(run, url_for("runs.get_run", run_id=run.id), services().settings.project_dir)
 
 
 def run_response(run: Run, status: int) -> Response:
@@ -91,6 +90,8 @@ def rerun_runs() -> dict[str, Any]:
 def rerun_run(run_id: str) -> Response:
     """A new run of what this ended run ran (`source: rerun`); a workflow from its failed nodes with `from`."""
     body = validated(RerunRequest, json_object())
+    for field in ("params", "inputs"):
+        check_json_size(field, getattr(body, field), services().settings.max_params_bytes)
     source = get_run_or_404(run_id)
     run, _ = services().dispatcher.rerun(source, body.params, body.inputs, body.from_ == "failed", idempotency_key(),
                                          triggered_by=caller_name())

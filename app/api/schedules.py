@@ -10,7 +10,7 @@ from app import services
 from app.auth import requires
 from app.errors import Conflict, NotFound
 from app.runs.models import utcnow
-from app.schemas import RunOut, ScheduleOut
+from app.schemas import ScheduleOut, run_document
 
 bp = Blueprint("schedules", __name__)
 
@@ -32,7 +32,7 @@ def schedule_document(kind: str, target: str) -> dict[str, Any] | None:
         next_fire_times=svc.scheduler.upcoming(schedule) if spec.active and not paused else [],
         missed_slots=state.missed if state else 0, skipped_slots=state.skipped if state else 0,
         last_skipped_for=state.last_skipped_for if state else None,
-        last_run=RunOut.from_run(last, url_for("runs.get_run", run_id=last.id), svc.settings.project_dir)
+        last_run=run_document(last, url_for("runs.get_run", run_id=last.id), svc.settings.project_dir)
         if last else None,
     ).model_dump(mode="json")
 

@@ -21,7 +21,8 @@ from app.schemas import (
     RUN_ID_PATTERN, ExecuteNodeRequest, NodeExecutionOut, WorkflowDetail, WorkflowExecuteRequest, WorkflowGraph,
     WorkflowOut,
 )
-from app.waits import wait_for_end
+from app.waits import inline_slot, wait_for_end
+from connectors.nesting import NestedTooDeep, check_depth
 from connectors.secrets import public_error, scrub
 from flows.engine import COMPLETED
 from flows.workflow_registry import WorkflowError, node_problems, parse_workflow
@@ -93,9 +94,13 @@ def get_execution(execution_id: str) -> Response:
     if run is None or run.kind != "workflow":
         raise NotFound(f"no workflow execution '{execution_id}'", code="execution_not_found")
     run = svc.dispatcher.refresh(run)
-    nodes = svc.store.nodes.read(run.id) or pending_nodes(stored_spec(run))
-    nodes = svc.dispatcher.backend_for(run).live_nodes(run, nodes)
-    return with_hint(jsonify(execution_document(run, nodes)), run)
+    try:
+        nodes = svc.store.nodes.read(run.id) or pending_nodes(stored_spec(run))
+        nodes = svc.dispatcher.backend_for(run).live_nodes(run, nodes)
+        document = execution_document(run, nodes)
+    except (NestedTooDeep, RecursionError) as exc:
+        document = unreadable_execution_document(run, exc)
+    return with_hint(jsonify(document), run)
 
 
 @bp.post("/<workflow_id>/execute-node")
@@ -117,7 +122,8 @@ def execute_node(workflow_id: str) -> dict[str, Any]:
     limit = svc.settings.max_node_wait_seconds
     if node.timeout > limit:
         raise ValidationFailed.of_field("node.timeout", f"must be at most {limit:g} seconds for execute-node")
-    result = svc.engine.run_node(node, body.inputData)
+    with inline_slot("execute-node"):
+        result = svc.engine.run_node(node, body.inputData)
     ok = result.status == COMPLETED
     return {"success": ok, "nodeId": node.id, "output": scrub(result.output) if ok else None,
             "error": None if ok else public_error(result.error), "mode": "local", "durationSeconds": result.duration_seconds}
@@ -146,14 +152,27 @@ def _workflow(workflow_id: str, inline: dict[str, Any] | None) -> WorkflowSpec:
 
 
 def execution_document(run: Run, nodes: list[dict[str, Any]]) -> dict[str, Any]:
-    """A workflow run as GET /api/workflow/execution/<id> shows it."""
+    """A workflow run as GET /api/workflow/execution/<id> shows it (NestedTooDeep when its stored documents nest
+    deeper than can be shown)."""
     result = run.result or {}
+    for document in (result, run.error, nodes):
+        check_depth(document)  # scrub walks nothing while no secret is known
+    return {**_execution_columns(run), "layers": result.get("layers") or stored_spec(run).layers(),
+            "outputs": scrub(result.get("outputs") or {}), "error": public_error(run.error),
+            "nodes": [NodeExecutionOut.model_validate({**scrub(node), "error": public_error(node.get("error"))})
+                      .model_dump(mode="json") for node in nodes]}
+
+
+def unreadable_execution_document(run: Run, reason: Exception) -> dict[str, Any]:
+    """What can be shown of a workflow run whose stored documents cannot be: its columns, no nodes or outputs."""
+    return {**_execution_columns(run), "layers": [], "outputs": {}, "nodes": [], "unreadable": True,
+            "error": {"code": "unreadable_run", "message": f"the stored run cannot be shown: {reason}"}}
+
+
+def _execution_columns(run: Run) -> dict[str, Any]:
     duration = (run.finished_at - run.started_at).total_seconds() if run.finished_at and run.started_at else None
     return {"success": run.status not in ("failed", "crashed"), "executionId": run.id, "workflowId": run.target,
             "status": run.status, "mode": (run.params or {}).get("mode", "optimized"), "backend": run.backend,
             "fallbackReason": run.fallback_reason, "prefectFlowRunId": run.prefect_flow_run_id,
             "createdAt": run.created_at, "startedAt": run.started_at, "finishedAt": run.finished_at,
-            "durationSeconds": duration, "layers": result.get("layers") or stored_spec(run).layers(),
-            "outputs": scrub(result.get("outputs") or {}), "error": public_error(run.error),
-            "nodes": [NodeExecutionOut.model_validate({**scrub(node), "error": public_error(node.get("error"))})
-                      .model_dump(mode="json") for node in nodes]}
+            "durationSeconds": duration, "unreadable": False}
