@@ -1,5 +1,6 @@
 """`make stack` (flows/prefect/stack.py) for real: the gateway keeps serving when Prefect's server dies, runs go
-local, and the stack brings the server back and the gateway uses it again."""
+local, and the stack brings the server back and the gateway uses it again; a schedule keeps firing throughout, each
+slot once, on whichever path could take it."""
 from __future__ import annotations
 
 import os
@@ -22,6 +23,9 @@ connectors:
   numbers:
     source: {kind: python, ref: "connectors.demo:numbers", args: {n: 3}}
     dataset: raw
+  ticker:
+    source: {kind: python, ref: "tests.chaos_source:recorded", args: {connector: ticker, path: "%s", seconds: 0.1}}
+    schedule: {interval: 3}
 """
 
 
@@ -51,7 +55,8 @@ def _until(condition, timeout: float, what: str):
 
 
 def test_the_stack_keeps_the_gateway_serving_while_prefect_is_down_and_brings_prefect_back(tmp_path):
-    (tmp_path / "connectors.yaml").write_text(CONNECTORS)
+    executions = tmp_path / "executions.log"
+    (tmp_path / "connectors.yaml").write_text(CONNECTORS % executions)
     gateway_port, prefect_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "FLOWGATE_"))}
     env.update({"FLOW_SERVER_PORT": str(gateway_port), "PREFECT_PORT": str(prefect_port),
@@ -75,11 +80,24 @@ def test_the_stack_keeps_the_gateway_serving_while_prefect_is_down_and_brings_pr
 
     try:
         _until(lambda: gateway.get("/health").status_code == 200, 120, "the gateway")
+        # The schedule fires from the first Prefect run until Prefect has been killed and is back (each of its
+        # flow runs costs a process on the worker, so not longer).
+        assert gateway.post("/api/v1/connectors/ticker/schedule/pause").status_code == 200
         on_prefect = _until(lambda: (run := trigger())["backend"] == "prefect" and run, 120, "a run on Prefect")
         assert _until(lambda: ended(on_prefect), 120, "the Prefect run's end")["status"] == "completed"
 
+        def slots() -> list[dict]:
+            return gateway.get("/api/v1/runs", params={"connector_id": "ticker", "limit": 200}).json()["items"]
+
+        assert gateway.post("/api/v1/connectors/ticker/schedule/resume").status_code == 200
+        _until(lambda: any(r["backend"] == "prefect" for r in slots()), 60, "a slot on Prefect")
+        # Paused again until Prefect is gone: while a slot's run still waits on Prefect, the next slots are
+        # skipped, not run (at most one run of a schedule waits), and none would fire locally.
+        assert gateway.post("/api/v1/connectors/ticker/schedule/pause").status_code == 200
+        _until(lambda: all(ended(r) for r in slots()), 120, "the slots on Prefect ended")
         (server,) = _pids_running(f"server start --host 127.0.0.1 --port {prefect_port}")
         os.killpg(server, signal.SIGKILL)  # Prefect's server dies
+        assert gateway.post("/api/v1/connectors/ticker/schedule/resume").status_code == 200  # a slot within 3 s
         _until(lambda: not _pids_running(f"--port {prefect_port}"), 30, "the server gone")
         assert gateway.get("/health").status_code == 200
         # A trigger racing the kill may have sent its create before the server died: its answer is lost, so the
@@ -94,6 +112,7 @@ def test_the_stack_keeps_the_gateway_serving_while_prefect_is_down_and_brings_pr
             return None
 
         local = _until(gone_local, 60, "a run gone local")
+        _until(lambda: any(r["backend"] == "local" for r in slots()), 60, "a slot fired locally while Prefect is down")
         assert local["fallback_reason"] in ("prefect_unreachable", "prefect_circuit_open"), local
         assert _until(lambda: ended(local), 60, "the local run's end")["status"] == "completed"
 
@@ -101,6 +120,22 @@ def test_the_stack_keeps_the_gateway_serving_while_prefect_is_down_and_brings_pr
         assert _until(lambda: ended(back), 120, "the Prefect run's end")["status"] == "completed"
         for run in unsettled:
             assert _until(lambda: ended(run), 120, f"the end of {run['run_id']}")["status"] == "completed"
+
+        # The schedule fired all along, through the gateway: to Prefect while it could take its slots, locally
+        # (saying why) while it could not, to Prefect again once it was back; each slot one run, executed once.
+        restarted = gateway.get(back["status_url"]).json()["created_at"]
+        _until(lambda: any(r["backend"] == "prefect" and r["created_at"] > restarted for r in slots()), 120,
+               "a slot on Prefect after its restart")
+        assert gateway.post("/api/v1/connectors/ticker/schedule/pause").status_code == 200  # no slot after these
+        scheduled = [_until(lambda: ended(r), 120, f"the end of slot {r['scheduled_for']}") for r in slots()]
+        assert all(r["source"] == "schedule" for r in scheduled)
+        assert len({r["scheduled_for"] for r in scheduled}) == len(scheduled)
+        assert {r["status"] for r in scheduled} <= {"completed", "cancelled"}, scheduled
+        local = [r for r in scheduled if r["backend"] == "local"]
+        assert local and all(r["fallback_reason"] for r in local), local  # Prefect down: fired locally
+        assert sum(r["backend"] == "prefect" for r in scheduled) >= 2  # before the kill and after the restart
+        starts = [line for line in executions.read_text().splitlines() if line.startswith("start ")]
+        assert len(starts) == sum(r["status"] == "completed" for r in scheduled), (starts, scheduled)
         assert stack.poll() is None
     finally:
         gateway.close()
