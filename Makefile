@@ -14,14 +14,14 @@ PYTEST_PARALLEL = -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 run: $(VENV)/.runtime data/demo_shop.db
 	$(BIN)/gunicorn -c gunicorn.conf.py wsgi:app
 
-test: $(VENV)/.dev data/demo_shop.db browser
+test: $(VENV)/.dev data/demo_shop.db browser lint
 	$(BIN)/python -m pytest $(PYTEST_PARALLEL)
 
 # The tier without external processes: no gunicorn, Prefect, PostgreSQL, browser or chaos (pytest.ini's markers).
 test-fast: $(VENV)/.dev data/demo_shop.db
 	$(BIN)/python -m pytest $(PYTEST_PARALLEL) -m "not (gunicorn or prefect or postgres or browser or chaos)"
 
-# ruff's lint (pyproject.toml): pyflakes, pycodestyle, import order, bugbear, pyupgrade.
+# ruff's lint (pyproject.toml): pyflakes, pycodestyle, import order, bugbear, pyupgrade; `make test` runs it first.
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .
 

@@ -15,8 +15,7 @@ from app.runs.history import RunPoint
 from app.runs.models import Run
 from connectors.failures import RetryPolicy
 from connectors.nesting import MAX_DEPTH, NestedTooDeep, check_depth
-from connectors.secrets import public_error, scrub
-from connectors.secrets import redact
+from connectors.secrets import public_error, redact, scrub
 from connectors.shown_paths import shown_path
 from connectors.spec import CONNECTOR_ID
 from flows.nodes import NODE_TYPES

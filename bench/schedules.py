@@ -45,6 +45,28 @@ def _spin(stop) -> None:
         pass
 
 
+def _flood(url: str, i: int, stop, triggered: list, lock: threading.Lock) -> None:
+    """Trigger one of the eight busy connectors, again as soon as its run ended: a steady backlog."""
+    with httpx.Client(base_url=url, timeout=60) as caller:
+        while not stop.is_set():
+            answer = caller.post("/trigger", json={"connector_id": f"busy_{i % 8}"})
+            if answer.status_code not in (200, 202):
+                continue
+            with lock:
+                triggered.append((answer.json()["run_id"], time.time()))
+            while caller.get(answer.json()["status_url"]).json()["status"] in ("queued", "running"):
+                time.sleep(0.1)
+
+
+def _pace(url: str, stop, triggered: list) -> None:
+    """A trigger every second: the quiet phase's baseline."""
+    with httpx.Client(base_url=url, timeout=60) as caller:
+        while not stop.is_set():
+            answer = caller.post("/trigger", json={"connector_id": f"busy_{len(triggered) % 8}"})
+            triggered.append((answer.json()["run_id"], time.time()))
+            time.sleep(1)
+
+
 def fire_lag(seconds: float) -> None:
     folder = Path(tempfile.mkdtemp(prefix="flowgate-bench-schedules-"))
     (folder / "workflows").mkdir()
@@ -66,28 +88,10 @@ def fire_lag(seconds: float) -> None:
                     spinners = [multiprocessing.Process(target=_spin, args=(stop,)) for _ in range(
                         multiprocessing.cpu_count())]
                     lock = threading.Lock()
-
-                    def flood(i: int) -> None:
-                        with httpx.Client(base_url=server.url, timeout=60) as caller:
-                            while not stop.is_set():
-                                answer = caller.post("/trigger", json={"connector_id": f"busy_{i % 8}"})
-                                if answer.status_code not in (200, 202):
-                                    continue
-                                with lock:
-                                    triggered.append((answer.json()["run_id"], time.time()))
-                                while caller.get(answer.json()["status_url"]).json()["status"] in ("queued",
-                                                                                                   "running"):
-                                    time.sleep(0.1)  # the next once this one ended: a steady backlog, not a growing one
-
-                    callers = [threading.Thread(target=flood, args=(i,)) for i in range(16)]
+                    callers = [threading.Thread(target=_flood, args=(server.url, i, stop, triggered, lock))
+                               for i in range(16)]
                 else:
-                    def pace() -> None:  # a trigger every second: the quiet phase's baseline
-                        while not stop.is_set():
-                            answer = client.post("/trigger", json={"connector_id": f"busy_{len(triggered) % 8}"})
-                            triggered.append((answer.json()["run_id"], time.time()))
-                            time.sleep(1)
-
-                    callers = [threading.Thread(target=pace)]
+                    callers = [threading.Thread(target=_pace, args=(server.url, stop, triggered))]
                 for worker in [*spinners, *callers]:
                     worker.start()
                 time.sleep(seconds)
@@ -146,7 +150,7 @@ def scheduler_cost(window: float, count: int = 1000) -> None:
         between = sorted(seconds)[:-3]
         print(f"{count} connectors {'each scheduled every 60 s' if scheduled else 'unscheduled':<28}: "
               f"{used:.2f} s CPU in {elapsed:.0f} s = {used / elapsed:.2%} of a core ({made} runs made); "
-              f"the busiest 3 s {sum(burst):.2f} s CPU, the other seconds {statistics.mean(between):.3%} of a core")
+              f"the busiest 3 s {sum(burst):.2f} s CPU, the other seconds {statistics.mean(between or [0.0]):.3%} of a core")
     print(f"the {count} schedules' own cost: {shares[True] - shares[False]:.2%} of a core "
           f"({shares[True] / max(shares[False], 1e-9):.1f}x the unscheduled gateway's background work)")
 

@@ -25,10 +25,15 @@ from opentelemetry import context as otel_context
 
 from connectors import tracing
 from connectors.failures import CRASHED, classify
-from connectors.pipeline import (
-    ConnectorPipeline, ConnectorRunError, LoadSummary, RunCancelled, Workspace, run_connector,
-)
 from connectors.outbound import OutboundPolicy
+from connectors.pipeline import (
+    ConnectorPipeline,
+    ConnectorRunError,
+    LoadSummary,
+    RunCancelled,
+    Workspace,
+    run_connector,
+)
 from connectors.preview import preview_connector
 from connectors.schema_contract import SchemaContractViolation
 from connectors.spec import ConnectorSpec, ParamsError
@@ -254,7 +259,7 @@ def preview_isolated(spec: ConnectorSpec, limit: int, outbound: OutboundPolicy,
         except EOFError:
             child.join(5)
             raise ConnectorRunError(spec.id, "extract", f"the preview's process ended without an outcome "
-                                                        f"(exit code {child.exitcode})", failure_class=CRASHED) from None
+                                    f"(exit code {child.exitcode})", failure_class=CRASHED) from None
         if kind == "done":
             return payload
         raise _rebuilt(spec, payload)

@@ -104,7 +104,8 @@ class OutboundPolicy:
         except (httpx.InvalidURL, TypeError) as exc:
             raise OutboundRefused(f"not a valid URL: {url!r} ({exc})") from None
         if parsed.scheme not in self.schemes:
-            raise OutboundRefused(f"scheme {parsed.scheme or '(none)'!r} is not allowed (allowed: {', '.join(self.schemes)})")
+            raise OutboundRefused(f"scheme {parsed.scheme or '(none)'!r} is not allowed "
+                                  f"(allowed: {', '.join(self.schemes)})")
         host = (parsed.host or "").lower().rstrip(".")
         if not host:
             raise OutboundRefused(f"URL {url!r} has no host")

@@ -4,10 +4,9 @@ Over 300 lines because the steps, their recovery, the summary and the destinatio
 life, read top to bottom; what flowgate knows of dlt's internals is in dlt_recovery.py, the report in report.py."""
 from __future__ import annotations
 
-import logging
-
 import functools
 import importlib
+import logging
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -20,7 +19,6 @@ from connectors.failures import TERMINAL, TRANSIENT, classify
 from connectors.outbound import OutboundPolicy
 from connectors.secrets import public_error, redact_text
 from connectors.spec import ConnectorSpec, FilesystemSource, PythonSource, RestApiSource, SqlDatabaseSource
-
 
 log = logging.getLogger(__name__)
 
@@ -217,8 +215,8 @@ class ConnectorPipeline:
 
     def _refused(self, step: str, refused: Any) -> ConnectorRunError:
         """The violation dlt raised, after aborting the refused package (normalize leaves it pending)."""
-        from connectors.schema_contract import SchemaContractViolation
         from connectors.dlt_recovery import abort_refused_packages
+        from connectors.schema_contract import SchemaContractViolation
 
         if step == "normalize":
             abort_refused_packages(self._pipeline)

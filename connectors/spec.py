@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import unquote, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
@@ -226,7 +226,7 @@ class SchemaContractSpec(_Strict):
         return self.model_dump(exclude_none=True)
 
 
-SourceSpec = Annotated[Union[SqlDatabaseSource, FilesystemSource, PythonSource, RestApiSource],
+SourceSpec = Annotated[SqlDatabaseSource | FilesystemSource | PythonSource | RestApiSource,
                        Field(discriminator="kind")]
 
 
@@ -236,7 +236,8 @@ class DestinationSpec(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True)
 
     kind: str = Field("duckdb", min_length=1, description="A dlt destination name: duckdb, postgres, filesystem, ...")
-    path: str | None = Field(None, description="DuckDB only: the database file; var/duckdb/<connector>.duckdb when omitted.")
+    path: str | None = Field(None, description="DuckDB only: the database file; var/duckdb/<connector>.duckdb when "
+                                               "omitted.")
     credentials: str | dict[str, Any] | None = Field(None, description="Passed to the dlt destination.")
     file_format: Literal["parquet", "jsonl", "csv", "insert_values"] | None = Field(
         None, description="dlt's loader file format; the filesystem destination writes Parquet unless told otherwise.")

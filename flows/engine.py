@@ -282,7 +282,8 @@ class WorkflowEngine:
                 break
             log.info("node %s attempt %d failed: %s", node.id, attempt + 1, error["message"])
         if cancelled.is_set():
-            return self._end(result, CANCELLED, observe, error={"code": "cancelled", "message": "the run was cancelled"})
+            return self._end(result, CANCELLED, observe,
+                             error={"code": "cancelled", "message": "the run was cancelled"})
         if error.get("code") == "cancelled":  # stopped from outside before the run's stop reached the engine
             return self._end(result, CANCELLED, observe, error=error)
         return self._end(result, FAILED, observe, error=error)

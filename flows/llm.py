@@ -52,7 +52,8 @@ class OfflineProvider:
         words = prompt.split()
         if max_tokens:
             words = words[:max_tokens]
-        return Completion(response=f"[offline {digest}] {' '.join(words)}", model=model or "offline", provider=self.name,
+        return Completion(response=f"[offline {digest}] {' '.join(words)}", model=model or "offline",
+                          provider=self.name,
                           usage={"prompt_tokens": len(prompt.split()), "completion_tokens": len(words) + 2})
 
 

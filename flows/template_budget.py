@@ -49,8 +49,17 @@ class _Buffered:
     chars: int = 0
 
 
-_budget: ContextVar[RenderBudget] = ContextVar("flowgate_render_budget", default=RenderBudget())
-_buffered: ContextVar[_Buffered] = ContextVar("flowgate_render_buffered", default=_Buffered())
+_budget: ContextVar[RenderBudget] = ContextVar("flowgate_render_budget", default=RenderBudget())  # noqa: B039 (frozen)
+# None outside budget_scope: a render there counts in its own context's, never in one shared by every thread.
+_buffered: ContextVar[_Buffered | None] = ContextVar("flowgate_render_buffered", default=None)
+
+
+def _held() -> _Buffered:
+    held = _buffered.get()
+    if held is None:
+        held = _Buffered()
+        _buffered.set(held)
+    return held
 
 
 @contextmanager
@@ -138,12 +147,12 @@ class OutputBuffer(list):
     def _count(self, pieces: tuple[Any, ...]) -> None:
         added = sum(max(size(piece), 1) for piece in pieces)
         self.chars += added
-        held = _buffered.get()
+        held = _held()
         held.chars += added
         current().check_size(held.chars, "the output held in blocks")
 
     def release(self) -> None:
-        _buffered.get().chars -= self.chars
+        _held().chars -= self.chars
         self.chars = 0
 
 

@@ -16,7 +16,8 @@ from flows.workflow_spec import GraphError, NodeSpec, WorkflowSpec
 
 
 class WorkflowError(ValueError):
-    """A workflow definition cannot be used; `errors` name each field (`nodes[2].config.url`, `connections[0].target`)."""
+    """A workflow definition cannot be used; `errors` name each field (`nodes[2].config.url`,
+    `connections[0].target`)."""
 
     def __init__(self, where: str, errors: list[dict[str, str]]):
         super().__init__(f"{where}: " + "; ".join(f"{e['field']}: {e['message']}" for e in errors))

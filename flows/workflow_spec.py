@@ -162,7 +162,8 @@ def check_graph(spec: WorkflowSpec) -> None:
                 errors.append({"field": f"connections[{index}].{end}",
                                "message": f"dangling connection: no node '{node_id}'"})
         if connection.source == connection.target:
-            errors.append({"field": f"connections[{index}]", "message": f"node '{connection.source}' connects to itself"})
+            errors.append({"field": f"connections[{index}]",
+                           "message": f"node '{connection.source}' connects to itself"})
     if errors:
         raise GraphError(errors)
     cycle = find_cycle(spec)

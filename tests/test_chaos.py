@@ -134,7 +134,7 @@ class Load:
                     pending = self._unfinished(client, pending)
                 kind, path, body = self._request(rng)
                 token = (body.get("params") or body.get("inputs"))["token"]
-                for attempt in range(3):
+                for _attempt in range(3):
                     try:
                         response = client.post(path, json=body, headers={"Idempotency-Key": token})
                         outcome: int | str = response.status_code

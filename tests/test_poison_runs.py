@@ -9,9 +9,9 @@ import pytest
 from app.callback_sender import CallbackSender
 from app.runs.store import NewRun
 from connectors import secrets
+from connectors.outbound import OutboundPolicy
 from flows.engine import _json_ready
 from flows.nodes import NodeFailed
-from connectors.outbound import OutboundPolicy
 from tests.fake_services import CallbackReceiver
 from tests.waiting import wait_until
 

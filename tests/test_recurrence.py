@@ -88,7 +88,7 @@ def test_backwards_and_forwards_agree():
                  recurrence(rrule="FREQ=WEEKLY;BYDAY=MO,TH;BYHOUR=9", zone="America/New_York"),
                  recurrence(interval=5400)):
         start, end = utc(2025, 10, 20), utc(2025, 11, 10)
-        forwards = list(takewhile(lambda slot: slot <= end, rule.forwards(start)))
+        forwards = list(takewhile(lambda slot, end=end: slot <= end, rule.forwards(start)))
         assert rule.newest(start, end, 10_000) == forwards
         assert rule.count(start, end, 10_000) == len(forwards)
         assert rule.newest(start, end, 2) == forwards[-2:]

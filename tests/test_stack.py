@@ -119,7 +119,7 @@ def test_the_stack_keeps_the_gateway_serving_while_prefect_is_down_and_brings_pr
         back = _until(lambda: (run := trigger())["backend"] == "prefect" and run, 180, "runs on Prefect again")
         assert _until(lambda: ended(back), 120, "the Prefect run's end")["status"] == "completed"
         for run in unsettled:
-            assert _until(lambda: ended(run), 120, f"the end of {run['run_id']}")["status"] == "completed"
+            assert _until(lambda run=run: ended(run), 120, f"the end of {run['run_id']}")["status"] == "completed"
 
         # The schedule fired all along, through the gateway: to Prefect while it could take its slots, locally
         # (saying why) while it could not, to Prefect again once it was back; each slot one run, executed once.
@@ -127,7 +127,7 @@ def test_the_stack_keeps_the_gateway_serving_while_prefect_is_down_and_brings_pr
         _until(lambda: any(r["backend"] == "prefect" and r["created_at"] > restarted for r in slots()), 120,
                "a slot on Prefect after its restart")
         assert gateway.post("/api/v1/connectors/ticker/schedule/pause").status_code == 200  # no slot after these
-        scheduled = [_until(lambda: ended(r), 120, f"the end of slot {r['scheduled_for']}") for r in slots()]
+        scheduled = [_until(lambda r=r: ended(r), 120, f"the end of slot {r['scheduled_for']}") for r in slots()]
         assert all(r["source"] == "schedule" for r in scheduled)
         assert len({r["scheduled_for"] for r in scheduled}) == len(scheduled)
         assert {r["status"] for r in scheduled} <= {"completed", "cancelled"}, scheduled

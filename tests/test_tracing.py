@@ -133,7 +133,7 @@ def test_one_trace_from_a_jdk_caller_through_the_gateway_the_connector_process_a
         try:
             spans = wait_until(whole_trace, 60, "every span of the trace")
         except AssertionError:
-            raise AssertionError(f"spans seen: {sorted({span.name for span in receiver.trace(CALLER_TRACE)})}")
+            raise AssertionError(f"spans seen: {sorted({span.name for span in receiver.trace(CALLER_TRACE)})}") from None
         by_name = {span.name: span for span in spans}
         request = by_name["POST /trigger"]
         assert request.parent_span_id == CALLER_SPAN and request.kind == 2  # SERVER, under the caller's span

@@ -5,13 +5,19 @@ from flask import Blueprint, Response, jsonify, url_for
 
 from app import services
 from app.api.inputs import (
-    caller_name, check_json_size, checked_callback_url, idempotency_key, json_object, preferred_wait, validated,
+    caller_name,
+    check_json_size,
+    checked_callback_url,
+    idempotency_key,
+    json_object,
+    preferred_wait,
+    validated,
 )
 from app.api.runs import run_response
 from app.dispatch import Skipped
 from app.errors import ValidationFailed
-from app.waits import wait_for_end
 from app.schemas import RunOptions, TriggerRequest
+from app.waits import wait_for_end
 
 bp = Blueprint("triggers", __name__)
 

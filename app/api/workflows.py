@@ -9,16 +9,27 @@ from flask import Blueprint, Response, jsonify, url_for
 
 from app import services
 from app.api.inputs import (
-    caller_name, check_json_size, checked_callback_url, idempotency_key, json_object, preferred_wait, validated,
+    caller_name,
+    check_json_size,
+    checked_callback_url,
+    idempotency_key,
+    json_object,
+    preferred_wait,
+    validated,
 )
 from app.api.runs import run_document
 from app.api.schedules import schedule_document
+from app.backends.workflow_runs import pending_nodes, stored_spec
 from app.errors import NotFound, ValidationFailed
 from app.polls import with_hint
 from app.runs.models import Run
-from app.backends.workflow_runs import pending_nodes, stored_spec
 from app.schemas import (
-    RUN_ID_PATTERN, ExecuteNodeRequest, NodeExecutionOut, WorkflowDetail, WorkflowExecuteRequest, WorkflowGraph,
+    RUN_ID_PATTERN,
+    ExecuteNodeRequest,
+    NodeExecutionOut,
+    WorkflowDetail,
+    WorkflowExecuteRequest,
+    WorkflowGraph,
     WorkflowOut,
 )
 from app.waits import inline_slot, wait_for_end
@@ -126,7 +137,8 @@ def execute_node(workflow_id: str) -> dict[str, Any]:
         result = svc.engine.run_node(node, body.inputData)
     ok = result.status == COMPLETED
     return {"success": ok, "nodeId": node.id, "output": scrub(result.output) if ok else None,
-            "error": None if ok else public_error(result.error), "mode": "local", "durationSeconds": result.duration_seconds}
+            "error": None if ok else public_error(result.error), "mode": "local",
+            "durationSeconds": result.duration_seconds}
 
 
 def _workflow(workflow_id: str, inline: dict[str, Any] | None) -> WorkflowSpec:

@@ -21,8 +21,15 @@ from app.runs.store import RunStore
 from flows.connector_lock import NOT_IN_RUN_STORE
 from flows.outcome import CANCELLED, COMPLETED, CRASHED, FAILED, TERMINAL, RunError
 from flows.prefect.contract import (
-    ERROR_ARTIFACT_PREFIX, FLOW_NAME, SCHEDULE_TAG, STATE_TO_STATUS, SUMMARY_ARTIFACT_PREFIX, TRACEPARENT_LABEL,
-    attempt_tag, run_tag, trace_tag,
+    ERROR_ARTIFACT_PREFIX,
+    FLOW_NAME,
+    SCHEDULE_TAG,
+    STATE_TO_STATUS,
+    SUMMARY_ARTIFACT_PREFIX,
+    TRACEPARENT_LABEL,
+    attempt_tag,
+    run_tag,
+    trace_tag,
     workflow_artifact_key,
 )
 

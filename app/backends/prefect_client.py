@@ -8,7 +8,6 @@ from typing import Any
 
 import httpx
 
-
 CLAIM_MESSAGE = "taken back by flowgate: no worker picked it up"  # marks the PENDING state a gateway claims with
 
 

@@ -7,10 +7,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from app.backends.prefect_client import PrefectClient, PrefectError, PrefectNotFound, PrefectUnavailable, count_alive
 from app.metrics import PREFECT_CIRCUIT, PREFECT_PROBE
-from app.backends.prefect_client import (
-    PrefectClient, PrefectError, PrefectNotFound, PrefectUnavailable, count_alive,
-)
 
 log = logging.getLogger(__name__)
 

@@ -15,20 +15,28 @@ from sqlalchemy import Connection, Update, bindparam, func, or_, select, text, u
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
+from app.runs import migrate
 from app.runs.callbacks import CallbackStore
 from app.runs.executor_registry import ExecutorStore
 from app.runs.history import RunHistory
 from app.runs.log_lines import RunLogStore
-from app.runs import migrate
 from app.runs.models import (
-    ACTIVE_LOCAL, CALLBACK_PENDING, SCHEDULED, SOURCE_API, Run, RunCallback, RunLabel, RunLog, utcnow,
+    ACTIVE_LOCAL,
+    CALLBACK_PENDING,
+    SCHEDULED,
+    SOURCE_API,
+    Run,
+    RunCallback,
+    RunLabel,
+    RunLog,
+    utcnow,
 )
 from app.runs.node_states import RunNodeStore
-from app.runs.schedule_states import ScheduleStore, advance
-from flows.connector_lock import connector_locks, held_by_others, serialise_claims
 from app.runs.retention import RetentionStore
+from app.runs.schedule_states import ScheduleStore, advance
 from connectors import tracing
 from connectors.failures import RetryPolicy
+from flows.connector_lock import connector_locks, held_by_others, serialise_claims
 from flows.database import Database
 from flows.node_cache import SqlNodeCache
 from flows.outcome import ACTIVE, CANCELLED, CANCELLING, CRASHED, FAILED, QUEUED, RUNNING, TERMINAL, RunError

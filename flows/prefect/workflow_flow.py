@@ -10,7 +10,6 @@ from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture
-
 from prefect.runtime import flow_run
 from prefect.states import Cancelled
 
