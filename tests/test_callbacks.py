@@ -240,3 +240,13 @@ def test_prefer_wait_is_the_header_form_of_wait(running_app):
     assert capped.headers["Preference-Applied"] == "wait=300"
     bad = client.post("/trigger", json={"connector_id": "numbers"}, headers={"Prefer": "wait=soon"})
     assert bad.status_code == 422 and bad.json["errors"][0]["field"] == "Prefer"
+
+
+@pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-inf", "Infinity", "-1", '"nan"'])
+def test_prefer_wait_that_is_not_a_finite_wait_is_a_422_naming_the_header(running_app, value):
+    # A NaN passed min/max untouched and made the wait endless, past FLOWGATE_MAX_WAIT_SECONDS.
+    client = running_app.test_client()
+    response = client.post("/trigger", json={"connector_id": "numbers"}, headers={"Prefer": f"wait={value}"})
+    assert response.status_code == 422 and response.mimetype == "application/problem+json"
+    assert response.json["errors"][0]["field"] == "Prefer"
+    assert "Preference-Applied" not in response.headers

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from typing import Any, TypeVar
 
@@ -124,9 +125,14 @@ def preferred_wait(body_wait: float, limit: float) -> tuple[float, str | None]:
         name, _, value = preference.split(";")[0].strip().partition("=")
         if name.lower() == "wait":
             try:
-                seconds = min(max(float(value.strip('" ')), 0.0), limit)
+                asked = float(value.strip('" '))
             except ValueError:
-                raise ValidationFailed.of_field("Prefer", f"wait must be a number of seconds, got {value!r}") from None
+                asked = math.nan
+            # float() also reads "nan", "inf" and "-1"; a NaN survived min/max and made the wait endless.
+            if not math.isfinite(asked) or asked < 0:
+                raise ValidationFailed.of_field("Prefer",
+                                                f"wait must be a finite number of seconds, 0 or more, got {value!r}")
+            seconds = min(asked, limit)
             return seconds, f"wait={seconds:g}"
     return 0.0, None
 
