@@ -190,6 +190,28 @@ def test_bad_execute_input_is_a_422_naming_the_field_and_stores_nothing(client, 
     assert client.get("/api/v1/runs").json["items"] == []
 
 
+@pytest.mark.parametrize("path_id, definition, field", [
+    ("pipeline", {"nodes": [{"id": "a", "type": "trigger"}]}, "workflow_id"),  # a workflow file's id
+    ("numbers", {"nodes": [{"id": "a", "type": "trigger"}]}, "workflow_id"),  # a connector's id
+    ("anything", {"id": "pipeline", "nodes": [{"id": "a", "type": "trigger"}]}, "workflow.id"),
+    ("anything", {"id": "other", "nodes": [{"id": "a", "type": "trigger"}]}, "workflow.id"),
+])
+def test_an_inline_definition_cannot_take_a_configured_id(client, path_id, definition, field):
+    # Its run, metrics and gateway-signed callback would pass for the configured workflow's or connector's.
+    response = client.post(f"/api/workflow/{path_id}/execute", json={"workflow": definition})
+    assert response.status_code == 422 and response.mimetype == "application/problem+json", response.json
+    assert response.json["code"] == "invalid_workflow"
+    assert [e["field"] for e in response.json["errors"]] == [field]
+    assert client.get("/api/v1/runs").json["items"] == []
+
+
+def test_an_inline_definition_may_repeat_the_path_id(client):
+    response = client.post("/api/workflow/adhoc/execute",
+                           json={"workflow": {"id": "adhoc", "nodes": [{"id": "a", "type": "trigger"}]}})
+    assert response.status_code == 202
+    assert client.get(response.json["statusUrl"]).json["workflowId"] == "adhoc"
+
+
 def test_a_cycle_is_named_in_the_problem(client):
     cyclic = {"nodes": [{"id": n, "type": "transform"} for n in "abc"],
               "connections": [{"from": "a", "to": "b"}, {"from": "b", "to": "c"}, {"from": "c", "to": "a"}]}

@@ -37,7 +37,7 @@ def get_connector(connector_id: str) -> dict[str, Any]:
     """One connector: its redacted spec (paths relative to the project), its schedule and its five latest runs."""
     svc = services()
     spec = get_connector_or_404(connector_id)
-    latest = svc.store.list(target=connector_id, limit=5)
+    latest = svc.store.list(target=connector_id, kind="connector", limit=5)
     return {"id": spec.id, "description": spec.description,
             "spec": shown_spec(spec.public_dict(), svc.settings.project_dir),
             "overridable": list(spec.overridable), "schedule": schedule_document("connector", spec.id),

@@ -3,7 +3,7 @@ execution node by node, run one node by itself."""
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, NoReturn
 
 from flask import Blueprint, Response, jsonify, url_for
 
@@ -59,7 +59,7 @@ def get_workflow(workflow_id: str) -> dict[str, Any]:
     spec = svc.workflows.get(workflow_id)
     if spec is None:
         raise NotFound(f"no workflow '{workflow_id}'", code="workflow_not_found")
-    latest = svc.store.list(target=workflow_id, limit=5)
+    latest = svc.store.list(target=workflow_id, kind="workflow", limit=5)
     graph = WorkflowGraph(
         nodes=[{"id": node.id, "type": node.type, "name": node.name} for node in spec.nodes],
         connections=[{"from": edge.source, "to": edge.target, "branch": edge.branch} for edge in spec.connections])
@@ -156,11 +156,23 @@ def _workflow(workflow_id: str, inline: dict[str, Any] | None) -> WorkflowSpec:
                                    {"field": f"workflow.{key}", "message": "only a workflow file may declare it"}
                                    for key in declared])
     try:
-        return parse_workflow(inline, workflow_id, [spec.id for spec in svc.registry])
+        spec = parse_workflow(inline, workflow_id, [connector.id for connector in svc.registry])
     except WorkflowError as exc:
         errors = [{"field": f"workflow.{e['field']}", "message": e["message"]} for e in exc.errors]
         raise ValidationFailed(f"invalid workflow: {'; '.join(e['field'] + ': ' + e['message'] for e in errors)}",
                                code="invalid_workflow", errors=errors) from None
+    # An inline run under a configured id would pass for that one's runs, metrics and signed callbacks.
+    if svc.workflows.get(workflow_id) is not None or svc.registry.get(workflow_id) is not None:
+        _invalid_workflow("workflow_id", f"'{workflow_id}' is a configured workflow or connector: an inline "
+                                         "definition needs an id of its own")
+    if "id" in inline and inline["id"] != workflow_id:
+        _invalid_workflow("workflow.id", f"must be the path's workflow id '{workflow_id}', or left out")
+    return spec
+
+
+def _invalid_workflow(field: str, message: str) -> NoReturn:
+    raise ValidationFailed(f"invalid workflow: {field}: {message}", code="invalid_workflow",
+                           errors=[{"field": field, "message": message}])
 
 
 def execution_document(run: Run, nodes: list[dict[str, Any]]) -> dict[str, Any]:
