@@ -130,7 +130,8 @@ class Settings(RuntimeSettings):
                                   description="Largest `params`, workflow `inputs` or execute-node `inputData`, "
                                               "in bytes as JSON (422 above it).")
     max_queued_per_target: int = Field(100, ge=1, le=100_000, validation_alias="FLOWGATE_MAX_QUEUED_PER_TARGET",
-        description="Queued runs one connector or workflow may have; more triggers get 429 (queue_full).")
+        description="Queued runs one connector or workflow may have (every inline workflow counts as one); "
+                    "more triggers get 429 (queue_full).")
     run_timeout_seconds: float = Field(
         6 * 3600, gt=0, le=7 * 86400, validation_alias="FLOWGATE_RUN_TIMEOUT_SECONDS",
         description="A run still unfinished this long after it started (or, never started, was created) is ended "

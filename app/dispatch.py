@@ -20,7 +20,15 @@ from app.config import Settings
 from app.errors import Conflict, NotFound, Problem, TooManyRequests, Unavailable, ValidationFailed
 from app.metrics import FALLBACKS, TRIGGERS, observe_run_end
 from app.runs.models import SOURCE_RERUN, SOURCE_SCHEDULE, Run
-from app.runs.store import CREATED, IdempotencyConflict, NewRun, QueueFull, RunStore, TargetBusy
+from app.runs.store import (
+    CREATED,
+    INLINE_WORKFLOW_KEY,
+    IdempotencyConflict,
+    NewRun,
+    QueueFull,
+    RunStore,
+    TargetBusy,
+)
 from connectors import tracing
 from connectors.failures import RetryPolicy
 from connectors.pipeline import Workspace, concurrency_key
@@ -160,9 +168,11 @@ class Dispatcher:
     def _new_workflow_run(self, workflow_id: str, params: dict[str, Any], deployment_id: str | None,
                           reason: str | None, idempotency_key: str | None, callback_url: str | None,
                           **more: Any) -> NewRun:
+        # Workflow runs do not wait for each other: a key of their own. An inline one's says so (the queue limit).
+        prefix = "workflow-run:" if params.get("from_file") else INLINE_WORKFLOW_KEY
         return NewRun(kind="workflow", target=workflow_id, params=params,
                       backend="prefect" if deployment_id else "local",
-                      concurrency_key=f"workflow-run:{uuid.uuid4().hex}", fallback_reason=reason,
+                      concurrency_key=f"{prefix}{uuid.uuid4().hex}", fallback_reason=reason,
                       idempotency_key=idempotency_key, callback_url=callback_url,
                       max_queued=self.settings.max_queued_per_target, trace_context=_trace_context(), **more)
 

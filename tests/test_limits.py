@@ -86,6 +86,21 @@ def test_a_full_queue_answers_429_with_retry_after(app_config):
     app.extensions["flowgate"].store.dispose()
 
 
+def test_inline_workflows_share_one_queue_limit_whatever_their_ids(app_config):
+    # A new inline id per trigger got past FLOWGATE_MAX_QUEUED_PER_TARGET: every inline run counts as one target's.
+    app = create_app({**app_config, "max_queued_per_target": 2})  # executor not started: runs stay queued
+    client = app.test_client()
+    inline = {"nodes": [{"id": "a", "type": "trigger"}]}
+    statuses = [client.post(f"/api/workflow/adhoc{i}/execute", json={"workflow": inline}).status_code
+                for i in range(4)]
+    assert statuses == [202, 202, 429, 429]
+    full = client.post("/api/workflow/another/execute", json={"workflow": inline})
+    assert full.json["code"] == "queue_full" and "inline workflows" in full.json["detail"]
+    assert client.post("/trigger", json={"connector_id": "numbers"}).status_code == 202  # a configured target's own
+    assert len(client.get("/api/v1/runs").json["items"]) == 3
+    app.extensions["flowgate"].store.dispose()
+
+
 def test_a_workflow_deeper_than_the_limit_is_refused(client):
     chain = [{"id": f"n{i}", "type": "transform"} for i in range(101)]
     edges = [{"from": f"n{i}", "to": f"n{i + 1}"} for i in range(100)]

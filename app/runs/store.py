@@ -45,6 +45,11 @@ from flows.outcome import ACTIVE, CANCELLED, CANCELLING, CRASHED, FAILED, QUEUED
 # one write lock for every other writer (the ORM query took 5x as long). Covered by ix_runs_target_status.
 _COUNT_QUEUED_SQLITE = f"SELECT count(*) FROM runs WHERE target = ? AND kind = ? AND status = '{QUEUED}'"
 _COUNT_QUEUED_PG = f"SELECT count(*) FROM runs WHERE target = %(target)s AND kind = %(kind)s AND status = '{QUEUED}'"
+# An inline workflow run's concurrency_key starts with this. Its caller picks the id at will, so the queue limit
+# counts every queued inline run as one target's: a new id per trigger got past the limit (security review L3).
+INLINE_WORKFLOW_KEY = "inline-workflow:"
+_COUNT_QUEUED_INLINE = (f"SELECT count(*) FROM runs WHERE status = '{QUEUED}' AND kind = 'workflow' "
+                        f"AND substr(concurrency_key, 1, {len(INLINE_WORKFLOW_KEY)}) = '{INLINE_WORKFLOW_KEY}'")
 # A target's queued and running runs, newest first (ix_runs_target_status), for its conflict policy.
 _ACTIVE_OF_TARGET = (f"SELECT id, status FROM runs WHERE target = {{target}} AND kind = {{kind}} "
                      f"AND status IN ('{QUEUED}', '{RUNNING}') ORDER BY created_at DESC, id DESC")
@@ -81,10 +86,11 @@ _WAITING_SLOT_RUN = select(Run.id).where(Run.kind == bindparam("kind"), Run.targ
 
 
 class QueueFull(Exception):
-    """The target already has `limit` queued runs."""
+    """The target (every inline workflow counts as one) already has `limit` queued runs."""
 
-    def __init__(self, kind: str, target: str, limit: int):
-        super().__init__(f"{kind} '{target}' already has {limit} queued runs")
+    def __init__(self, new: NewRun, limit: int):
+        super().__init__(f"inline workflows (counted as one target) already have {limit} queued runs"
+                         if new.is_inline_workflow else f"{new.kind} '{new.target}' already has {limit} queued runs")
         self.limit = limit
 
 
@@ -134,6 +140,16 @@ class NewRun:
     def trace_id(self) -> str | None:
         """The trace id `trace_context` names."""
         return tracing.trace_id_of(self.trace_context)
+
+    @property
+    def is_inline_workflow(self) -> bool:
+        """A workflow run of a definition given in the request, not of a workflow file."""
+        return self.kind == "workflow" and self.concurrency_key.startswith(INLINE_WORKFLOW_KEY)
+
+    @property
+    def queue(self) -> str:
+        """What the queue limit counts under: the target, or one name for every inline workflow."""
+        return "workflow:(inline)" if self.is_inline_workflow else f"{self.kind}:{self.target}"
 
     @property
     def request_hash(self) -> str:
@@ -227,7 +243,7 @@ class RunStore:
                     if joined is not None:
                         return joined, False
                 if new.max_queued is not None and self._count_queued(connection, new) >= new.max_queued:
-                    raise QueueFull(new.kind, new.target, new.max_queued)
+                    raise QueueFull(new, new.max_queued)
                 run = _insert(connection, new, row)
             return run, True
 
@@ -249,10 +265,12 @@ class RunStore:
         and each statement after it reads a fresh snapshot that sees the last holder's insert."""
         if not self.is_sqlite:
             connection.exec_driver_sql("SELECT pg_advisory_xact_lock(%(ns)s, hashtext(%(key)s))",
-                                       {"ns": _QUEUE_LOCK_NAMESPACE, "key": f"{new.kind}:{new.target}"})
+                                       {"ns": _QUEUE_LOCK_NAMESPACE, "key": new.queue})
 
     def _count_queued(self, connection: Connection, new: NewRun) -> int:
-        """Queued runs of the new run's target (under _lock_target)."""
+        """Queued runs of the new run's target, or of every inline workflow (under _lock_target)."""
+        if new.is_inline_workflow:
+            return connection.exec_driver_sql(_COUNT_QUEUED_INLINE).scalar()
         if self.is_sqlite:
             return connection.exec_driver_sql(_COUNT_QUEUED_SQLITE, (new.target, new.kind)).scalar()
         return connection.exec_driver_sql(_COUNT_QUEUED_PG, {"target": new.target, "kind": new.kind}).scalar()
