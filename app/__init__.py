@@ -23,6 +23,7 @@ from app.pruner import Pruner
 from app.run_log_capture import RunLogCapture
 from app.runs.store import RunStore
 from app.scheduler import Schedule, Scheduler, declared_schedules
+from connectors import secrets
 from connectors.outbound import OutboundPolicy, OutboundRefused
 from connectors.pipeline import Workspace
 from connectors.registry import ConnectorRegistry, RegistryError
@@ -113,6 +114,8 @@ def check_declared_callbacks(schedules: list[Schedule], policy: OutboundPolicy, 
 def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     """Build the gateway: settings, connectors, workflows, run store, executor (not started), blueprints."""
     settings = config if isinstance(config, Settings) else load_settings(config)
+    for value in settings.secret_values():
+        secrets.remember(value)
     from app import logs
 
     logs.configure()

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 
-from flows.runtime import RuntimeSettings
+from flows.runtime import RuntimeSettings, url_password
 
 # Where docs/operations.md holds reference_table()'s output (tests/test_docs.py keeps the two equal).
 REFERENCE_BEGIN, REFERENCE_END = "<!-- settings:begin -->", "<!-- settings:end -->"
@@ -175,6 +175,13 @@ class Settings(RuntimeSettings):
         description="How many proxies in front of the gateway append to X-Forwarded-For (docker-compose.yml's "
                     "nginx: 1); the client address is then the one the outermost of them saw. 0: the header "
                     "is ignored, as any client could write it.")
+
+    def secret_values(self) -> list[str]:
+        """The runtime's secrets, Prefect's key, the callback secret, every plain API key and the rate-limit
+        store's password."""
+        api_keys = [entry.split(":")[1] for entry in (self.api_keys or "").split(",") if entry.count(":") == 2]
+        more = (self.prefect_api_key, self.callback_secret, *api_keys, url_password(self.rate_limit_storage))
+        return [*super().secret_values(), *(value for value in more if value)]
 
     @property
     def project_dir(self) -> Path:

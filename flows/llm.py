@@ -7,6 +7,8 @@ from typing import Any, Protocol
 
 import httpx
 
+from connectors.secrets import redact_text
+
 
 class ProviderError(RuntimeError):
     """The provider failed; `retryable` says whether another attempt may succeed (429, 5xx, timeouts)."""
@@ -82,7 +84,9 @@ class OpenAICompatibleProvider:
             raise ProviderError(f"LLM provider unreachable: {type(exc).__name__}: {exc}", retryable=True) from None
         if response.status_code >= 400:
             retryable = response.status_code == 429 or response.status_code >= 500
-            raise ProviderError(f"LLM provider answered HTTP {response.status_code}: {response.text[:200]}", retryable)
+            # redact_text: an upstream may echo the request's Authorization header in its error body.
+            raise ProviderError(f"LLM provider answered HTTP {response.status_code}: "
+                                f"{redact_text(response.text[:200])}", retryable)
         try:
             data = response.json()
             text = data["choices"][0]["message"]["content"]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal, Self
+from urllib.parse import unquote, urlsplit
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -63,6 +64,11 @@ class RuntimeSettings(BaseSettings):
         300.0, ge=0, le=3600, validation_alias="FLOWGATE_MAX_DELAY_SECONDS",
         description="Longest a workflow `delay` node may wait.")
 
+    def secret_values(self) -> list[str]:
+        """The values of these settings that are secrets (a key, a URL's password), for connectors.secrets to
+        scrub: an upstream that echoes its Authorization header must not pass the key on to a caller."""
+        return [value for value in (self.llm_api_key, url_password(self.database_url)) if value]
+
     @property
     def run_store_url(self) -> str:
         """The SQLAlchemy URL of the run store."""
@@ -82,3 +88,14 @@ class RuntimeSettings(BaseSettings):
     def workspace(self) -> Workspace:
         """Where connector runs keep their state, and the hosts their sources may call."""
         return Workspace(self.pipelines_dir, self.duckdb_dir, OutboundPolicy.parse(self.http_allowed_hosts))
+
+
+def url_password(url: str | None) -> str | None:
+    """The password in `url` (`scheme://user:password@host/…`), percent-decoded; None without one."""
+    if not url:
+        return None
+    try:
+        password = urlsplit(url).password
+    except ValueError:  # a malformed port or netloc: the URL's own reader names the problem
+        return None
+    return unquote(password) if password else None

@@ -106,8 +106,9 @@ class FakeOpenAI(_Server):
     def handle(self, method, path, query, headers, body):
         if path != "/v1/chat/completions" or method != "POST":
             return 404, {"error": {"message": "not found"}}, {}
-        if headers.get("authorization") != f"Bearer {self.api_key}":
-            return 401, {"error": {"message": "bad key"}}, {}
+        if headers.get("authorization") != f"Bearer {self.api_key}":  # echoed, as some upstreams do
+            presented = headers.get("authorization", "")
+            return 401, {"error": {"message": f"bad key: {presented}", "got": presented.removeprefix("Bearer ")}}, {}
         if self.fail_next > 0:
             self.fail_next -= 1
             return 429, {"error": {"message": "rate limited"}}, {"Retry-After": "0"}

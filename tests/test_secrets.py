@@ -10,8 +10,10 @@ import pytest
 
 from app import create_app
 from app.logs import ContextFilter, JsonLines
+from connectors import secrets
 from connectors.secrets import is_secret_name, redact, redact_text
-from tests.fake_services import EchoService
+from flows.runtime import RuntimeSettings
+from tests.fake_services import EchoService, FakeOpenAI
 from tests.test_api_triggers import poll_until_ended
 
 WF_SECRET = "wf-s3cret-9f8e7d6c"
@@ -171,3 +173,36 @@ def test_a_log_line_carrying_a_resolved_secret_is_scrubbed(tmp_path: Path, monke
     line = json.loads(stdout_lines[-1])
     assert "l0g-line-s3cret" not in stdout_lines[-1]
     assert line["message"] == "boom with ***" and "key=***" in line["exc_info"]
+
+
+LLM_KEY = "sk-llm-SECRET-0123456789"
+
+
+def test_the_settings_secrets_are_remembered_when_the_app_is_built(app_config):
+    app = create_app({**app_config, "llm_api_key": LLM_KEY, "prefect_api_key": "pf-key-0123456789",
+                      "callback_secret": "cb-secret-0123456789", "api_keys": "ops:ops-key-0123456789abc:read",
+                      "rate_limit_storage": "redis://:redis-pass-0123@127.0.0.1:6379/0"})
+    for value in (LLM_KEY, "pf-key-0123456789", "cb-secret-0123456789", "ops-key-0123456789abc", "redis-pass-0123"):
+        assert value in secrets.known()
+    app.extensions["flowgate"].store.dispose()
+
+
+def test_a_database_urls_password_is_a_secret_of_the_runtime():
+    settings = RuntimeSettings.of(database_url="postgresql+psycopg://flow:p%40ss-word-1@db/flowgate", llm_api_key=None)
+    assert settings.secret_values() == ["p@ss-word-1"]
+
+
+def test_an_llm_upstream_echoing_the_key_passes_it_to_no_caller(app_config, stdout_lines):
+    upstream = FakeOpenAI(api_key="the-right-key")
+    try:
+        app = create_app({**app_config, "llm_provider": "openai", "llm_base_url": upstream.url + "/v1",
+                          "llm_api_key": LLM_KEY})
+        answer = app.test_client().post("/api/workflow/any/execute-node", json={
+            "nodeId": "ask", "nodeType": "llm", "node": {"config": {"prompt": "hi"}}, "inputData": {}})
+        app.extensions["flowgate"].store.dispose()
+    finally:
+        upstream.stop()
+    assert answer.status_code == 200 and answer.json["success"] is False
+    assert "HTTP 401" in answer.json["error"]["message"]
+    assert LLM_KEY not in answer.get_data(as_text=True)
+    assert not [line for line in stdout_lines if LLM_KEY in line]

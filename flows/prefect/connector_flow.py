@@ -14,7 +14,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.states import Cancelled
 
-from connectors import tracing
+from connectors import secrets, tracing
 from connectors.isolated import run_connector_isolated, warm_up
 from connectors.pipeline import (
     ConnectorPipeline,
@@ -82,6 +82,8 @@ def connector_flow(connector_id: str, params: dict[str, Any] | None = None) -> d
 
 def _connector_flow(connector_id: str, params: dict[str, Any] | None) -> dict[str, Any]:
     settings = RuntimeSettings()
+    for value in settings.secret_values():  # scrubbed from what this worker reports, as in the gateway
+        secrets.remember(value)
     spec = ConnectorRegistry.load(settings.connectors_file).get(connector_id)
     if spec is None:
         raise ValueError(f"no connector '{connector_id}' in {settings.connectors_file}")

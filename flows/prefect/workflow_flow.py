@@ -13,6 +13,7 @@ from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from prefect.states import Cancelled
 
+from connectors import secrets
 from connectors.isolated import run_connector_isolated
 from connectors.pipeline import ConnectorRunError, RunCancelled, concurrency_key
 from connectors.registry import ConnectorRegistry
@@ -124,6 +125,8 @@ def workflow_flow(run_id: str, workflow: dict[str, Any], inputs: dict[str, Any] 
 def _workflow_flow(run_id: str, workflow: dict[str, Any], inputs: dict[str, Any] | None, mode: str,
                    from_file: bool, reuse: dict[str, Any] | None) -> dict[str, Any]:
     settings = RuntimeSettings()
+    for value in settings.secret_values():  # scrubbed from what this worker reports, as in the gateway
+        secrets.remember(value)
     database = Database(settings.run_store_url)  # node cache and connector keys: shared with the gateways
     try:
         # Taken back or ended by the gateway, a run store that is not the gateways', or a definition the gateway
