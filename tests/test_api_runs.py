@@ -54,3 +54,15 @@ def test_an_unknown_run_is_a_404_problem(client):
     for response in (client.get("/api/v1/runs/nope"), client.post("/api/v1/runs/nope/cancel")):
         assert response.status_code == 404 and response.json["code"] == "run_not_found"
         assert response.mimetype == "application/problem+json"
+
+
+
+def test_every_cursor_of_the_documented_pattern_is_a_page_not_a_500(client):
+    # Security review L6 (an out-of-range cursor was a 500): the pattern's 16 digits of microseconds end in 2286.
+    trigger(client, "numbers")
+    for cursor in ("9999999999999999.ffffffffffffffffffffffffffffffff", "0.00000000000000000000000000000000"):
+        response = client.get(f"/api/v1/runs?cursor={cursor}")
+        assert response.status_code == 200, response.json
+    assert len(client.get("/api/v1/runs?cursor=9999999999999999.ffffffffffffffffffffffffffffffff").json["items"]) == 1
+    too_long = client.get("/api/v1/runs?cursor=99999999999999999.ffffffffffffffffffffffffffffffff")
+    assert too_long.status_code == 422 and [e["field"] for e in too_long.json["errors"]] == ["cursor"]
