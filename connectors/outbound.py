@@ -39,10 +39,37 @@ def literal_ip(host: str) -> Address | None:
     return address
 
 
+# Ranges `is_global` leaves to the internet that reach it only through a relay or translator a network may run
+# itself: 6to4 (2002::/16 carries an IPv4 address, 2002:a9fe:a9fe:: is the metadata service's) and its relays'
+# anycast (192.88.99.0/24), both deprecated by RFC 7526.
+_RELAYED = (ipaddress.ip_network("2002::/16"), ipaddress.ip_network("192.88.99.0/24"))
+# NAT64 prefixes (RFC 6052, RFC 8215): the last 32 bits are the IPv4 address the translator connects to.
+_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+
+
+def embedded_ipv4(address: Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one stands for: mapped, 6to4, Teredo's client, NAT64 or IPv4-compatible."""
+    if not isinstance(address, ipaddress.IPv6Address):
+        return None
+    if address.ipv4_mapped or address.sixtofour:
+        return address.ipv4_mapped or address.sixtofour
+    if address.teredo:
+        return address.teredo[1]
+    if any(address in network for network in _NAT64) or int(address) >> 32 == 0:
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
+
+
 def internal(address: Address) -> bool:
-    """Loopback, private, link-local (cloud metadata), unspecified, reserved or multicast: not the internet."""
-    return (address.is_loopback or address.is_private or address.is_link_local or address.is_unspecified
-            or address.is_reserved or address.is_multicast)
+    """Anything but the public internet: loopback, private, shared (100.64.0.0/10: Alibaba Cloud's metadata at
+    100.100.100.200), link-local (cloud metadata), unspecified, reserved, multicast, 6to4, and an IPv6 address
+    whose embedded IPv4 address is one of those."""
+    embedded = embedded_ipv4(address)
+    if embedded is not None and internal(embedded):
+        return True
+    return (not address.is_global or address.is_loopback or address.is_private or address.is_link_local
+            or address.is_unspecified or address.is_reserved or address.is_multicast
+            or any(address in network for network in _RELAYED))
 
 
 def _resolve(host: str) -> list[Address]:

@@ -28,11 +28,22 @@ def test_literal_ips_are_read_the_way_a_resolver_reads_them():
 
 
 @pytest.mark.parametrize("resolved", ["10.0.0.5", "192.168.1.10", "169.254.169.254", "127.0.0.1", "::1",
-                                      "fd00::1", "0.0.0.0"])
+                                      "fd00::1", "0.0.0.0",
+                                      # security review L7: shared space, 6to4 and its relays, embedded IPv4
+                                      "100.100.100.200", "100.64.0.1", "2002:a9fe:a9fe::", "2002:7f00:1::",
+                                      "2002:808:808::", "192.88.99.1", "64:ff9b::a9fe:a9fe",
+                                      "64:ff9b:1::7f00:1", "::a9fe:a9fe", "::ffff:10.0.0.1",
+                                      "2001:0:4136:e378:8000:63bf:80ff:fefe"])
 def test_an_allowed_name_that_resolves_inside_the_network_is_refused(resolved):
     policy = OutboundPolicy(("api.example.com",), resolve=lambda host: [ipaddress.ip_address(resolved)])
     with pytest.raises(OutboundRefused, match="resolves to an internal address"):
         policy.check("https://api.example.com/items")
+
+
+@pytest.mark.parametrize("resolved", ["93.184.216.34", "8.8.8.8", "2606:4700::1111"])
+def test_a_public_address_stays_allowed(resolved):
+    policy = OutboundPolicy(("api.example.com",), resolve=lambda host: [ipaddress.ip_address(resolved)])
+    assert policy.check("https://api.example.com/").host == "api.example.com"
 
 
 def test_an_internal_address_is_allowed_when_it_is_listed_itself():
