@@ -51,7 +51,8 @@ class ApiKey:
     scopes: frozenset[str]
 
     def allows(self, scope: str) -> bool:
-        return "admin" in self.scopes or scope in self.scopes
+        """Whether the key holds `scope` (several joined by '+': each of them)."""
+        return "admin" in self.scopes or all(one in self.scopes for one in scope.split("+"))
 
 
 def _scopes(text: str, where: str) -> frozenset[str]:
@@ -129,7 +130,8 @@ ANY_SCOPE_PATHS = frozenset({"/api/v1/whoami"})  # any valid key may ask what it
 
 
 def requires(scope: str) -> Callable[[V], V]:
-    """Mark a view as needing `scope` rather than what its method implies (`admin` to pause a schedule)."""
+    """Mark a view as needing `scope` rather than what its method implies (`admin` to pause a schedule;
+    `read+trigger`, both, to run a source and see its rows)."""
     def mark(view: V) -> V:
         view.required_scope = scope  # type: ignore[attr-defined]
         return view

@@ -196,3 +196,24 @@ def test_idempotency_keys_are_scoped_to_the_caller(app_config):
             "workflow": {"nodes": [{"id": "o", "type": "output"}]}}).json["executionId"] for _ in range(2)]
         assert executed[0] == executed[1]
     app.extensions["flowgate"].store.dispose()
+
+
+def test_reading_source_data_needs_read_as_well_as_trigger(app_config):
+    """A preview answers the source's rows and execute-node a node's output: a trigger-only key may start runs
+    but not read data through them (before: it read raw rows through preview)."""
+    from app import create_app
+
+    runner = "runner-key-0123456789"
+    app = create_app({**app_config, "api_keys": f"dash:{READER}:read, runner:{runner}:trigger, "
+                                                f"backend:{TRIGGERER}:read+trigger"})
+    client = app.test_client()
+    node = {"nodeId": "n", "nodeType": "transform", "node": {"id": "n", "type": "transform", "config": {"value": "x"}},
+            "inputData": {}}
+    for key in (runner, READER):
+        refused = client.post("/api/v1/connectors/numbers/preview", json={}, headers=bearer(key))
+        assert refused.status_code == 403 and refused.json["required_scope"] == "read+trigger"
+        assert client.post("/api/workflow/any/execute-node", json=node, headers=bearer(key)).status_code == 403
+    assert client.post("/trigger", json={"connector_id": "numbers"}, headers=bearer(runner)).status_code == 202
+    assert client.post("/api/v1/connectors/numbers/preview", json={}, headers=bearer(TRIGGERER)).status_code == 200
+    assert client.post("/api/workflow/any/execute-node", json=node, headers=bearer(TRIGGERER)).status_code == 200
+    app.extensions["flowgate"].store.dispose()

@@ -9,6 +9,7 @@ from app import services
 from app.api.inputs import json_object, query, validated
 from app.api.runs import run_document
 from app.api.schedules import schedule_document
+from app.auth import requires
 from app.errors import GatewayTimeout, NotFound, Unavailable, ValidationFailed
 from app.schemas import ConnectorOut, ConnectorStats, PreviewRequest, StatsQuery
 from app.waits import inline_slot
@@ -55,6 +56,7 @@ def stats(connector_id: str) -> dict[str, Any]:
 
 
 @bp.post("/<connector_id>/preview")
+@requires("read+trigger")  # it runs the source and answers its rows: reading source data needs `read` too
 def preview(connector_id: str) -> dict[str, Any]:
     """Extract a few rows per resource with the connector's config, and tell which tables and columns would be new
     at the destination (and refused by the schema contract); nothing is loaded, no state changes."""

@@ -19,6 +19,7 @@ from app.api.inputs import (
 )
 from app.api.runs import run_document
 from app.api.schedules import schedule_document
+from app.auth import requires
 from app.backends.workflow_runs import pending_nodes, stored_spec
 from app.errors import NotFound, ValidationFailed
 from app.polls import with_hint
@@ -115,6 +116,7 @@ def get_execution(execution_id: str) -> Response:
 
 
 @bp.post("/<workflow_id>/execute-node")
+@requires("read+trigger")  # it runs a node and answers its output (an http node's body): `read` too
 def execute_node(workflow_id: str) -> dict[str, Any]:
     """Run one node now with `inputData` and answer with its output (nothing is cached or retried)."""
     svc = services()
