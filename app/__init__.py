@@ -122,6 +122,8 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call is noise
 
     app = Flask(__name__)
+    # `//` in a path is not redirected: Werkzeug's redirect would name the request's Host in an absolute Location.
+    app.url_map.merge_slashes = False
     if settings.trusted_proxies:
         from werkzeug.middleware.proxy_fix import ProxyFix
 

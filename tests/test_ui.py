@@ -31,6 +31,13 @@ def test_the_page_and_its_modules_are_served_without_a_key_under_a_self_only_pol
     assert client.get("/ui").status_code == 308
 
 
+def test_no_redirect_names_the_requests_host(client):
+    """Werkzeug's own redirects (`/ui` to `/ui/`, a merged `//`) built an absolute Location from the Host header."""
+    to_index = client.get("/ui", headers={"Host": "evil.example"})
+    assert to_index.status_code == 308 and to_index.headers["Location"] == "/ui/"
+    assert client.get("/ui//app.js", headers={"Host": "evil.example"}).status_code == 404
+
+
 def test_no_module_reaches_outside_the_gateway_or_writes_html_from_strings():
     for path in STATIC_DIR.rglob("*.js"):
         source = path.read_text()

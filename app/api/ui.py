@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flask import Blueprint, Response, send_from_directory
+from flask import Blueprint, Response, redirect, send_from_directory
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static" / "ui"
 
@@ -17,6 +17,12 @@ CONTENT_SECURITY_POLICY = ("default-src 'none'; script-src 'self'; style-src 'se
                            "form-action 'none'; frame-ancestors 'none'")
 
 bp = Blueprint("ui", __name__, url_prefix="/ui", static_folder=STATIC_DIR, static_url_path="")
+
+
+@bp.get("", strict_slashes=True)
+def to_index() -> Response:
+    """`/ui` to `/ui/` by a relative Location (Werkzeug's own redirect names the request's Host)."""
+    return redirect("/ui/", 308)
 
 
 @bp.get("/")
