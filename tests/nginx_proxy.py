@@ -15,6 +15,8 @@ from tests.gunicorn_server import ROOT, free_port
 from tests.waiting import wait_until
 
 NGINX = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
+if NGINX is None and os.environ.get("FLOWGATE_REQUIRE_TOOLS"):  # .ci/run installs it: its tests must not skip
+    raise RuntimeError("nginx is required here (FLOWGATE_REQUIRE_TOOLS) but not installed")
 
 
 @contextmanager

@@ -3,6 +3,7 @@ as docker-compose.yml's does, and answers flowgate's series and every query of t
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -22,6 +23,8 @@ DASHBOARD = json.loads((ROOT / "deploy" / "grafana" / "flowgate.json").read_text
 def prometheus_binary() -> str:
     found = shutil.which("prometheus")
     if found is None:
+        if os.environ.get("FLOWGATE_REQUIRE_TOOLS"):
+            pytest.fail("prometheus is required here (FLOWGATE_REQUIRE_TOOLS) but not installed")
         pytest.skip("no prometheus binary (apt-get install prometheus)")
     return found
 
