@@ -69,6 +69,14 @@ def test_prometheus_scrapes_flowgate_and_answers_the_dashboards_queries(workdir,
                               headers=headers, timeout=90).json()["status"] == "completed"
         prometheus, url = start_prometheus(prometheus_binary, workdir, gateway.url.removeprefix("http://"))
 
+        def ready() -> bool:  # until then its API answers a plain-text 503 (seen on a loaded machine)
+            try:
+                return httpx.get(f"{url}/-/ready", timeout=5).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(ready, 60, "Prometheus ready")
+
         def completed_runs() -> float:
             try:
                 result = query(url, 'sum(flowgate_runs_total{job="flowgate", status="completed"})')["result"]
