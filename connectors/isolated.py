@@ -126,12 +126,17 @@ def run_connector_isolated(spec: ConnectorSpec, workspace: Workspace, should_sto
                 raise ConnectorRunError(spec.id, step, f"the run's process died (exit code {child.exitcode})",
                                         failure_class=CRASHED)
     finally:
-        receive.close()
-        if child.pid is not None:
-            if child.is_alive():
-                child.kill()
-            child.join(5)
-        held.close()
+        _reap(child, receive, held)
+
+
+def _reap(child: Any, receive: Connection, held: Connection) -> None:
+    """Close the parent's ends and make sure the child is gone (killed if it still runs)."""
+    receive.close()
+    if child.pid is not None:
+        if child.is_alive():
+            child.kill()
+        child.join(5)
+    held.close()
 
 
 def _relay(line: dict[str, Any]) -> None:
@@ -264,12 +269,7 @@ def preview_isolated(spec: ConnectorSpec, limit: int, outbound: OutboundPolicy,
             return payload
         raise _rebuilt(spec, payload)
     finally:
-        receive.close()
-        if child.pid is not None:
-            if child.is_alive():
-                child.kill()
-            child.join(5)
-        held.close()
+        _reap(child, receive, held)
 
 
 def _preview_child(spec: ConnectorSpec, limit: int, outbound: OutboundPolicy, pipe: Connection,
