@@ -152,7 +152,7 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     executor = LocalExecutor(store, registry, workspace, slots=settings.executor_threads,
                              lease_seconds=settings.lease_seconds, poll_seconds=settings.poll_seconds, toolbox=toolbox,
                              run_timeout_seconds=settings.run_timeout_seconds, log_sink=run_logs,
-                             reserved_slots=settings.reserved_slots)
+                             reserved_slots=settings.reserved_slots, schedule_slots=settings.schedule_slots)
     prefect = PrefectBackend(store, make_prefect_route(settings), settings.run_timeout_seconds)
     prefect_sync = PrefectSync(prefect, pickup_seconds=settings.prefect_pickup_seconds)
     dispatcher = Dispatcher(settings, store, registry, workspace, LocalBackend(store, executor), prefect, workflows)

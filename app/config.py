@@ -84,6 +84,12 @@ class Settings(RuntimeSettings):
                                 description="Executor slots per process that connectors keep from workflows and "
                                             "workflows from connectors (0, or no more slots than this: one shared "
                                             "pool).")
+    schedule_slots: int = Field(
+        1, ge=0, le=32, validation_alias="FLOWGATE_SCHEDULE_SLOTS",
+        description="Executor slots per process, on top of FLOWGATE_EXECUTOR_THREADS, that only scheduled runs take: "
+                    "a schedule's slot starts on time while triggers keep every other slot busy. 0: scheduled runs "
+                    "share the slots (still claimed before triggered ones). A process with no executor threads runs "
+                    "none.")
     lease_seconds: float = Field(
         30.0, gt=0.5, le=3600, validation_alias="FLOWGATE_LEASE_SECONDS",
         description="How long a claimed run stays owned without a renewal. Renewals go every third of it (a cancel "

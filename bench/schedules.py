@@ -67,55 +67,62 @@ def _pace(url: str, stop, triggered: list) -> None:
             time.sleep(1)
 
 
+def _phase(url: str, phase: str, seconds: float) -> tuple[list[float], list[float]]:
+    """One phase on a running gateway: the scheduled runs' fire lags and the triggered runs' waits."""
+    began = time.time()
+    triggered: list[tuple[str, float]] = []
+    stop = multiprocessing.Event()
+    spinners, callers = [], []
+    if phase == "quiet":
+        callers = [threading.Thread(target=_pace, args=(url, stop, triggered))]
+    else:
+        spinners = [multiprocessing.Process(target=_spin, args=(stop,)) for _ in range(multiprocessing.cpu_count())]
+        lock = threading.Lock()
+        callers = [threading.Thread(target=_flood, args=(url, i, stop, triggered, lock)) for i in range(16)]
+    for worker in [*spinners, *callers]:
+        worker.start()
+    time.sleep(seconds)
+    stop.set()
+    for worker in [*callers, *spinners]:
+        worker.join()
+    with httpx.Client(base_url=url, timeout=60) as client:
+        while client.get("/api/v1/runs", params={"status": "queued", "limit": 1}).json()["items"]:
+            time.sleep(1)  # the backlog drains, the phase's last slots start
+        runs = client.get("/api/v1/runs", params={"source": "schedule", "limit": 200}).json()["items"]
+        scheduled = [_at(r["started_at"]) - _at(r["scheduled_for"]) for r in runs
+                     if r.get("started_at") and _at(r["scheduled_for"]) >= began]
+        started = [client.get(f"/api/v1/runs/{run_id}").json().get("started_at") for run_id, _ in triggered]
+    return scheduled, [_at(at) - answered for (_, answered), at in zip(triggered, started) if at]
+
+
 def fire_lag(seconds: float) -> None:
-    folder = Path(tempfile.mkdtemp(prefix="flowgate-bench-schedules-"))
-    (folder / "workflows").mkdir()
-    (folder / "connectors.yaml").write_text("connectors:\n" + "".join(
-        f"  tick_{i}:\n    source: {{kind: python, ref: 'connectors.demo:numbers', args: {{n: 3}}}}\n"
-        f"    schedule: {{interval: 2, catch_up: none}}\n" for i in range(SCHEDULED)) +
-        "".join(f"  busy_{i}:\n    source: {{kind: python, ref: 'connectors.demo:numbers', "
-                f"args: {{n: 3, delay_seconds: 0.3}}}}\n" for i in range(8)))
-    server = GunicornServer(folder, workers=2, FLOWGATE_EXECUTOR_THREADS="4").start()
+    """Quiet and at capacity with the schedule lane (FLOWGATE_SCHEDULE_SLOTS=1, the default), and at capacity
+    without it (0: scheduled runs only claimed first), each gateway new on a new store."""
     phases: dict[str, tuple[list[float], list[float]]] = {}
-    try:
-        with httpx.Client(base_url=server.url, timeout=60) as client:
-            for phase in ("quiet", "at capacity"):
-                began = time.time()
-                triggered: list[tuple[str, float]] = []
-                stop = multiprocessing.Event()
-                spinners, callers = [], []
-                if phase == "at capacity":
-                    spinners = [multiprocessing.Process(target=_spin, args=(stop,)) for _ in range(
-                        multiprocessing.cpu_count())]
-                    lock = threading.Lock()
-                    callers = [threading.Thread(target=_flood, args=(server.url, i, stop, triggered, lock))
-                               for i in range(16)]
-                else:
-                    callers = [threading.Thread(target=_pace, args=(server.url, stop, triggered))]
-                for worker in [*spinners, *callers]:
-                    worker.start()
-                time.sleep(seconds)
-                stop.set()
-                for worker in [*callers, *spinners]:
-                    worker.join()
-                while client.get("/api/v1/runs", params={"status": "queued", "limit": 1}).json()["items"]:
-                    time.sleep(1)  # the backlog drains, the phase's last slots start
-                runs = client.get("/api/v1/runs", params={"source": "schedule", "limit": 200}).json()["items"]
-                scheduled = [_at(r["started_at"]) - _at(r["scheduled_for"]) for r in runs
-                             if r.get("started_at") and _at(r["scheduled_for"]) >= began]
-                started = [client.get(f"/api/v1/runs/{run_id}").json().get("started_at") for run_id, _ in triggered]
-                waited = [_at(at) - answered for (_, answered), at in zip(triggered, started) if at]
-                phases[phase] = (scheduled, waited)
-    finally:
-        server.kill()
+    for lane, names in (("0", ("at capacity, no lane",)), ("1", ("quiet", "at capacity"))):
+        folder = Path(tempfile.mkdtemp(prefix="flowgate-bench-schedules-"))
+        (folder / "workflows").mkdir()
+        (folder / "connectors.yaml").write_text("connectors:\n" + "".join(
+            f"  tick_{i}:\n    source: {{kind: python, ref: 'connectors.demo:numbers', args: {{n: 3}}}}\n"
+            f"    schedule: {{interval: 2, catch_up: none}}\n" for i in range(SCHEDULED)) +
+            "".join(f"  busy_{i}:\n    source: {{kind: python, ref: 'connectors.demo:numbers', "
+                    f"args: {{n: 3, delay_seconds: 0.3}}}}\n" for i in range(8)))
+        server = GunicornServer(folder, workers=2, FLOWGATE_EXECUTOR_THREADS="4", FLOWGATE_SCHEDULE_SLOTS=lane).start()
+        try:
+            for name in names:
+                phases[name] = _phase(server.url, "quiet" if name == "quiet" else "busy", seconds)
+        finally:
+            server.kill()
     print(f"fire lag, {SCHEDULED} connectors every 2 s, {seconds:.0f} s per phase (gunicorn, 2 workers x 4 slots, SQLite)")
-    print(f"{'phase':<14}{'slots':>7}{'lag p50':>10}{'lag p99':>10}{'triggers':>10}{'wait p50':>10}{'wait p99':>10}")
+    print(f"{'phase':<22}{'slots':>7}{'lag p50':>10}{'lag p99':>10}{'triggers':>10}{'wait p50':>10}{'wait p99':>10}")
     for phase, (lag, wait) in phases.items():
-        print(f"{phase:<14}{len(lag):>7}{pct(lag, 50) * 1000:>8.0f}ms{pct(lag, 99) * 1000:>8.0f}ms"
+        print(f"{phase:<22}{len(lag):>7}{pct(lag, 50) * 1000:>8.0f}ms{pct(lag, 99) * 1000:>8.0f}ms"
               f"{len(wait):>10}{pct(wait, 50) * 1000:>8.0f}ms{pct(wait, 99) * 1000:>8.0f}ms")
     (quiet, _), (busy, busy_wait) = phases["quiet"], phases["at capacity"]
+    no_lane, _ = phases["at capacity, no lane"]
     print(f"at capacity / quiet, fire lag p99: {pct(busy, 99) / pct(quiet, 99):.2f}x; at capacity, fire lag p99 / "
-          f"a triggered run's wait p99: {pct(busy, 99) / pct(busy_wait, 99):.2f}x")
+          f"a triggered run's wait p99: {pct(busy, 99) / pct(busy_wait, 99):.2f}x; lane / no lane, fire lag p99: "
+          f"{pct(busy, 99) / pct(no_lane, 99):.2f}x")
 
 
 def scheduler_cost(window: float, count: int = 1000) -> None:
@@ -159,9 +166,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=20, help="length of each fire-lag phase")
     parser.add_argument("--window", type=float, default=65, help="seconds the 1,000 schedules are measured")
+    parser.add_argument("--only", choices=("lag", "cost"), help="run one of the two parts")
     args = parser.parse_args()
-    fire_lag(args.seconds)
-    scheduler_cost(args.window)
+    if args.only != "cost":
+        fire_lag(args.seconds)
+    if args.only != "lag":
+        scheduler_cost(args.window)
 
 
 if __name__ == "__main__":

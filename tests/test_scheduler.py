@@ -16,6 +16,7 @@ from app.scheduler import plan
 from connectors.recurrence import recurrence
 from connectors.spec import ScheduleSpec
 from tests.conftest import CONNECTORS_YAML
+from tests.waiting import wait_until
 
 UTC = timezone.utc
 GRACE = timedelta(seconds=60)
@@ -72,9 +73,11 @@ def test_none_runs_only_a_slot_due_within_the_grace():
 
 # --- the scheduler on a store ----------------------------------------------------------------------------------
 
-def gateway(workdir: Path, config: dict, schedule: str, clock: Clock, name: str = "ticking", **extra: str):
-    """A gateway (not started) whose connector `name` has `schedule`, its scheduler on `clock`."""
-    (workdir / "connectors.yaml").write_text(CONNECTORS_YAML + f"""
+def gateway(workdir: Path, config: dict, schedule: str, clock: Clock, name: str = "ticking", also: str = "",
+            **extra: str):
+    """A gateway (not started) whose connector `name` has `schedule` (beside the connectors `also` declares), its
+    scheduler on `clock`."""
+    (workdir / "connectors.yaml").write_text(CONNECTORS_YAML + also + f"""
   {name}:
     source: {{kind: python, ref: "connectors.demo:numbers", args: {{n: 1}}}}
     schedule: {schedule}
@@ -237,3 +240,27 @@ def test_an_inactive_schedule_never_fires(workdir, app_config, clock):
         clock.advance(seconds=60)
     assert runs_of(services) == [] and services.store.schedules.get("connector", "ticking") is None
     services.store.dispose()
+
+
+def test_a_slot_starts_at_once_while_a_triggered_run_holds_every_slot(workdir, app_config, clock):
+    """FLOWGATE_SCHEDULE_SLOTS: the executor's one slot runs a minute-long triggered run; the schedule's slot is
+    not held behind it, it runs beside it in the lane kept for scheduled runs."""
+    app, services = gateway(workdir, {**app_config, "executor_threads": 1}, "{interval: 60}", clock, also="""
+  held:
+    source: {kind: python, ref: "connectors.demo:numbers", args: {n: 5, delay_seconds: 60}}
+""")
+    client = app.test_client()
+    services.executor.start()
+    try:
+        held = client.post("/trigger", json={"connector_id": "held"}).json["run_id"]
+        wait_until(lambda: services.store.get(held).status == "running", 30, "the triggered run holds the slot")
+        services.scheduler.run_once()
+        clock.advance(seconds=31)
+        services.scheduler.run_once()
+        [slot] = runs_of(services)
+        wait_until(lambda: services.store.get(slot.id).status == "completed", 30, "the slot's run completed")
+        assert services.store.get(held).status == "running"
+        client.post(f"/api/v1/runs/{held}/cancel")
+    finally:
+        services.executor.shutdown(timeout=10)
+        services.store.dispose()

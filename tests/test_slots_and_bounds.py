@@ -107,3 +107,20 @@ def test_bounds_are_checked_when_the_file_is_loaded(tmp_path: Path, bounds: str,
         "bounds: {n: {minimum: 1, maximum: 1000}, delay_seconds: {minimum: 0, maximum: 5}}", f"bounds: {bounds}"))
     with pytest.raises(RegistryError, match=message):
         ConnectorRegistry.load(tmp_path / "c.yaml")
+
+
+def test_the_schedule_lane_takes_only_scheduled_runs_and_only_when_the_slots_are_full():
+    classes = SlotClasses(slots=2, reserved=1, schedule_lane=1)
+    classes.started("slot", "connector", scheduled=True)  # a scheduled run takes the lane first
+    assert classes.room() == "any" and classes.claimable() is None  # both slots still free
+    classes.started("c", "connector")
+    classes.started("w", "workflow")
+    assert classes.room() is None
+    classes.ended("slot")
+    assert classes.room() == "scheduled"  # the slots are full: only a scheduled run may start
+    classes.started("next-slot", "workflow", scheduled=True)
+    assert classes.room() is None
+    assert SlotClasses(slots=1, reserved=0).room() == "any"
+    full = SlotClasses(slots=1, reserved=0)
+    full.started("c", "connector")
+    assert full.room() is None  # no lane (FLOWGATE_SCHEDULE_SLOTS=0): scheduled runs share the slots

@@ -44,7 +44,7 @@ class LocalExecutor:
     def __init__(self, store: RunStore, registry: ConnectorRegistry, workspace: Workspace,
                  slots: int, lease_seconds: float, poll_seconds: float, toolbox: Toolbox | None = None,
                  run_timeout_seconds: float = 6 * 3600, log_sink: RunLogCapture | None = None,
-                 reserved_slots: int = 0):
+                 reserved_slots: int = 0, schedule_slots: int = 0):
         self.store = store
         self.registry = registry
         self.workspace = workspace
@@ -54,7 +54,7 @@ class LocalExecutor:
         self._deadlines: dict[str, float] = {}
         self._timed_out: set[str] = set()
         self.slots = slots
-        self.slot_classes = SlotClasses(slots, reserved_slots)
+        self.slot_classes = SlotClasses(slots, reserved_slots, schedule_slots)
         self.lease_seconds, self.poll_seconds = lease_seconds, poll_seconds
         self.heartbeat_seconds = max(lease_seconds / 3, 0.1)  # the registry row, timeouts, recovery of others' runs
         self.id = ""
@@ -158,14 +158,16 @@ class LocalExecutor:
         while not self._stopping.is_set():
             run = None
             try:
-                if self.active < self.slots:
-                    if not yielded and self._others_less_busy():
+                room = self.slot_classes.room()
+                if room is not None:
+                    if room == "any" and not yielded and self._others_less_busy():
                         yielded = True  # their next poll takes the queued run; ours takes it if nobody did
                         self._stopping.wait(self.poll_seconds)  # a wake (a trigger, a run's end) does not cut it
                         continue
                     yielded = False
                     asked = time.monotonic()  # the lease runs from no earlier than this
-                    run = self.store.claim_next(self.id, self.lease_seconds, kinds=self.slot_classes.claimable())
+                    run = self.store.claim_next(self.id, self.lease_seconds, scheduled_only=room == "scheduled",
+                                                kinds=self.slot_classes.claimable() if room == "any" else None)
                     if run is not None:
                         self.leases.hold(run.id, since=asked)
                 if run is not None:
@@ -188,7 +190,7 @@ class LocalExecutor:
         cancel = threading.Event()
         with self._lock:
             self._running[run.id] = cancel
-            self.slot_classes.started(run.id, run.kind)
+            self.slot_classes.started(run.id, run.kind, scheduled=run.scheduled_for is not None)
             self._deadlines[run.id] = time.monotonic() + self.run_timeout_seconds
         try:
             threading.Thread(target=self._execute, args=(run, cancel), name=f"flowgate-run-{run.id[:8]}",

@@ -424,9 +424,11 @@ class RunStore:
                 Run.status.in_(_UNFINISHED), Run.backend == "local").group_by(Run.status))
             return {status: count for status, count in rows}
 
-    def claim_next(self, owner: str, lease_seconds: float, kinds: tuple[str, ...] | None = None) -> Run | None:
-        """Atomically take the oldest queued local run (of `kinds`, default any) whose concurrency key is free, a
-        scheduled one before any triggered; None when there is none."""
+    def claim_next(self, owner: str, lease_seconds: float, kinds: tuple[str, ...] | None = None,
+                   scheduled_only: bool = False) -> Run | None:
+        """Atomically take the oldest queued local run (of `kinds`, default any; only a schedule's with
+        `scheduled_only`) whose concurrency key is free, a scheduled one before any triggered; None when there is
+        none."""
 
         def attempt() -> Run | None:
             with self.db.session(write=True) as session:
@@ -438,7 +440,8 @@ class RunStore:
                         select(Run.id)
                         .where(Run.status == QUEUED, Run.backend == "local", Run.concurrency_key.not_in(busy_keys),
                                Run.concurrency_key.not_in(held_by_others(session, self.is_sqlite)),
-                               _due(now), *((Run.kind.in_(kinds),) if kinds is not None else ()))
+                               _due(now), *((Run.kind.in_(kinds),) if kinds is not None else ()),
+                               *((Run.scheduled_for.is_not(None),) if scheduled_only else ()))
                         # A schedule's slot first (its time is the promise; at most one per schedule waits),
                         # then the oldest.
                         .order_by(Run.scheduled_for.is_(None), Run.created_at, Run.id)
