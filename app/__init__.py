@@ -154,8 +154,9 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
                              run_timeout_seconds=settings.run_timeout_seconds, log_sink=run_logs,
                              reserved_slots=settings.reserved_slots, schedule_slots=settings.schedule_slots)
     prefect = PrefectBackend(store, make_prefect_route(settings), settings.run_timeout_seconds)
-    prefect_sync = PrefectSync(prefect, pickup_seconds=settings.prefect_pickup_seconds)
     dispatcher = Dispatcher(settings, store, registry, workspace, LocalBackend(store, executor), prefect, workflows)
+    prefect_sync = PrefectSync(prefect, pickup_seconds=settings.prefect_pickup_seconds,
+                               adopt=dispatcher.adopt_flow_run)
     engine = WorkflowEngine(replace(toolbox, run_connector=executor.connector_runner(
         owner=f"execute-node:{socket.gethostname()}:{os.getpid()}")))
     callbacks = CallbackSender(store, OutboundPolicy.parse(settings.callback_allowed_hosts), settings.callback_secret,

@@ -19,7 +19,7 @@ from app.backends.prefect_client import PrefectError
 from app.config import Settings
 from app.errors import Conflict, NotFound, Problem, TooManyRequests, Unavailable, ValidationFailed
 from app.metrics import FALLBACKS, TRIGGERS, observe_run_end
-from app.runs.models import SOURCE_RERUN, SOURCE_SCHEDULE, Run
+from app.runs.models import SOURCE_PREFECT, SOURCE_RERUN, SOURCE_SCHEDULE, Run
 from app.runs.store import (
     CREATED,
     INLINE_WORKFLOW_KEY,
@@ -35,6 +35,7 @@ from connectors.pipeline import Workspace, concurrency_key
 from connectors.registry import ConnectorRegistry
 from connectors.spec import ParamsError
 from flows.outcome import CANCELLED, COMPLETED, QUEUED, RunError
+from flows.prefect import contract
 from flows.prefect.contract import FLOW_NAME, WORKFLOW_DEPLOYMENT, WORKFLOW_FLOW_NAME
 from flows.workflow_registry import WorkflowRegistry
 from flows.workflow_spec import WorkflowSpec
@@ -138,6 +139,30 @@ class Dispatcher:
         if what == CREATED:
             run = self._dispatch(run, deployment_id, forced=mode == "prefect")
         return what, run
+
+    def adopt_flow_run(self, flow_run: dict[str, Any]) -> Run | None:
+        """A run for a connector flow run someone started in Prefect (its UI, CLI or API), not the gateway: found by
+        its flow run id from then on, followed to its end like any Prefect run. None when it is the gateway's
+        (tagged with its run), was adopted before, or names no connector this gateway has.
+
+        The flow run's id is the run's idempotency key: two processes adopting it at once make one run."""
+        if contract.tagged_run_id(list(flow_run.get("tags") or [])):
+            return None
+        parameters = flow_run.get("parameters") or {}
+        spec = self.registry.get(str(parameters.get("connector_id")))
+        if spec is None:
+            return None
+        flow_run_id = str(flow_run["id"])
+        run, created = self.store.create_run(NewRun(
+            kind="connector", target=spec.id, params=parameters.get("params") or {}, backend="prefect",
+            concurrency_key=concurrency_key(spec, self.workspace), callback_url=spec.callback_url,
+            idempotency_key=contract.adopted_run_key(flow_run_id), source=SOURCE_PREFECT, triggered_by="prefect",
+            prefect_flow_run_id=flow_run_id))
+        if not created:
+            return None
+        log.info("adopted flow run %s (%s), started in Prefect, as run %s", flow_run["id"], flow_run.get("name"),
+                 run.id, extra={"run_id": run.id})
+        return self.prefect.apply_flow_run(run, flow_run)
 
     def _connector_run(self, connector_id: str, params: dict[str, Any], mode: str, idempotency_key: str | None,
                        callback_url: str | None) -> tuple[NewRun, str | None]:

@@ -316,9 +316,9 @@ class RunQuery(_Query):
     connector_id: str | None = Field(None, pattern=CONNECTOR_ID)
     status: RunStatus | None = None
     backend: Literal["local", "prefect"] | None = Field(None, description="Only runs on this backend.")
-    source: Literal["api", "schedule", "rerun", "workflow"] | None = Field(
-        None, description="Only runs a caller started (api), a schedule's slot (schedule), a rerun (rerun) or a "
-                          "workflow's connector node (workflow) started.")
+    source: Literal["api", "schedule", "rerun", "workflow", "prefect"] | None = Field(
+        None, description="Only runs a caller started (api), a schedule's slot (schedule), a rerun (rerun), a "
+                          "workflow's connector node (workflow) or someone in Prefect (prefect: adopted) started.")
     label: str | None = Field(None, pattern=LABEL_QUERY_PATTERN, description="Only runs with this label, "
                                                                              "as `key:value` (`tenant:acme`).")
     limit: QueryInt = Field(50, ge=1, le=200)
@@ -369,9 +369,11 @@ class RunOut(BaseModel):
     callback: dict[str, Any] | None = Field(
         None, description="Where the run document is POSTed when it ends: url (no query), status "
                           "(pending, delivered, failed) and every attempt.")
-    source: Literal["api", "schedule", "rerun", "workflow"] = Field(
+    source: Literal["api", "schedule", "rerun", "workflow", "prefect"] = Field(
         "api", description="Who started the run: a caller (api), a schedule's slot (schedule), a rerun (of "
-                           "`rerun_of`), a workflow's connector node (workflow).")
+                           "`rerun_of`), a workflow's connector node (workflow), someone in Prefect's UI, CLI or "
+                           "API (prefect: a flow run of a flowgate deployment the gateway did not create, adopted "
+                           "by its flow run id).")
     scheduled_for: datetime | None = Field(None, description="A scheduled run's slot: when it was due.")
     schedule: dict[str, Any] | None = Field(
         None, description="A scheduled run's rule as declared (cron, interval or rrule, timezone, catch_up) and "

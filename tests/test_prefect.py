@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 
@@ -170,6 +171,29 @@ def test_a_workflow_runs_as_a_prefect_flow_with_a_task_per_node_and_the_same_res
             break
         time.sleep(0.5)
     assert names == expected
+
+
+def test_a_flow_run_started_by_hand_in_prefect_becomes_one_run_followed_to_its_end(stack, gateway, tmp_path):
+    """As Prefect's UI ("Quick run") or `prefect deployment run flowgate-connector/numbers` start one: a flow run of
+    a flowgate deployment that no gateway created. Two gateway processes look for it at once; it is adopted once
+    (source `prefect`), and its run ends with the flow run's result."""
+    deployment = stack.api("GET", "deployments/name/flowgate-connector/numbers")
+    flow_run = stack.api("POST", f"deployments/{deployment['id']}/create_flow_run", json={})
+    other = create_app({"var_dir": tmp_path / "other", "database_url": stack.run_store_url,
+                        "connectors_file": stack.workdir / "connectors.yaml", "workflows_dir": stack.workdir / "workflows",
+                        "prefect_api_url": stack.api_url})
+    syncs = [gateway.application.extensions["flowgate"].prefect_sync, other.extensions["flowgate"].prefect_sync]
+    with ThreadPoolExecutor(2) as pool:
+        adopted = [run for made in pool.map(lambda sync: sync.adopt_once(), syncs) for run in made]
+    other.extensions["flowgate"].store.dispose()
+    [run] = [run for run in adopted if run.prefect_flow_run_id == flow_run["id"]]
+    assert (run.kind, run.target, run.source, run.backend, run.triggered_by) == (
+        "connector", "numbers", "prefect", "prefect", "prefect")
+    listed = gateway.get("/api/v1/runs", query_string={"source": "prefect", "connector_id": "numbers"}).json["items"]
+    assert [item["run_id"] for item in listed if item.get("prefect_flow_run_id") == flow_run["id"]] == [run.id]
+    done = poll_until_ended(gateway, f"/api/v1/runs/{run.id}", timeout=120)
+    assert done["status"] == "completed" and done["result"]["rows"] == {"numbers": 10}, done
+    assert syncs[0].adopt_once() == []  # seen again: already a run
 
 
 def test_the_same_idempotency_key_gives_one_flow_run(stack, gateway):

@@ -3,6 +3,7 @@ worker picked up are taken back, runs whose flow run is unconfirmed are settled,
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -22,13 +23,20 @@ class PrefectSync(Loop):
     store transition."""
 
     def __init__(self, backend: PrefectBackend, pickup_seconds: float = 30.0, give_up_seconds: float = 60.0,
-                 every: float = 2.0):
+                 every: float = 2.0, adopt: Callable[[dict[str, Any]], Run | None] | None = None,
+                 adopt_every: int = 5, adopt_within_seconds: float = 3600.0):
         super().__init__("prefect-sync", every)
         self.backend = backend
         self.store = backend.store
         self.pickup_seconds = pickup_seconds
         # A run whose flow run Prefect neither confirms nor denies for this long (it is unreachable) runs locally.
         self.give_up_seconds = give_up_seconds
+        # Flow runs of the connector flow that someone started in Prefect: looked for every `adopt_every` passes,
+        # among those due in the last `adopt_within_seconds` (a gateway down longer does not adopt older ones).
+        self.adopt = adopt
+        self.adopt_every = adopt_every
+        self.adopt_within = timedelta(seconds=adopt_within_seconds)
+        self._passes = 0
 
     @property
     def enabled(self) -> bool:
@@ -38,9 +46,26 @@ class PrefectSync(Loop):
 
     def run_once(self) -> None:
         try:
+            self._passes += 1
+            if (self._passes - 1) % self.adopt_every == 0:  # the first pass, then every adopt_every-th
+                self.adopt_once()
             self.sync_once()
         except PrefectError as exc:
             log.info("syncing Prefect runs failed: %s", exc.message)
+
+    def adopt_once(self) -> list[Run]:
+        """A run for each connector flow run started in Prefect (not by a gateway) that has none yet; returns the
+        runs made. A flow run due later (scheduled ahead in Prefect's UI) is adopted once it is due."""
+        if self.adopt is None or not self.backend.available:
+            return []
+        now = utcnow()
+        flow_runs = [flow_run for flow_run in self.backend.client.flow_runs_due_between(
+            FLOW_NAME, now - self.adopt_within, now) if not contract.tagged_run_id(list(flow_run.get("tags") or []))]
+        keyed = {(str((flow_run.get("parameters") or {}).get("connector_id")),
+                  contract.adopted_run_key(str(flow_run["id"]))): flow_run for flow_run in flow_runs}
+        taken = self.store.keys_taken("connector", list(keyed))
+        adopted = [self.adopt(flow_run) for (_, key), flow_run in keyed.items() if key not in taken]
+        return [run for run in adopted if run is not None]
 
     def end_overdue_runs(self) -> list[Run]:
         """Prefect runs unfinished past FLOWGATE_RUN_TIMEOUT_SECONDS end as failed here (and are cancelled there,

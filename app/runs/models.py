@@ -50,6 +50,7 @@ ACTIVE_LOCAL = text(f"status IN ('{RUNNING}', '{CANCELLING}') AND backend = 'loc
 SCHEDULED = text("scheduled_for IS NOT NULL")
 # Where a run came from: a trigger or execute, a schedule's slot, a rerun (of `rerun_of`), a workflow's connector node.
 SOURCE_API, SOURCE_SCHEDULE, SOURCE_RERUN, SOURCE_WORKFLOW = "api", "schedule", "rerun", "workflow"
+SOURCE_PREFECT = "prefect"  # a flow run someone started in Prefect (its UI, CLI or API), adopted by the gateway
 
 
 class Run(Base):

@@ -135,6 +135,7 @@ class NewRun:
     rerun_of: str | None = None  # with source `rerun`
     triggered_by: str | None = None  # the API key's name
     labels: dict[str, str] | None = None
+    prefect_flow_run_id: str | None = None  # an adopted flow run's: the run exists because the flow run does
 
     @property
     def trace_id(self) -> str | None:
@@ -173,7 +174,8 @@ def _row(new: NewRun, now: datetime) -> dict[str, Any]:
             "source": new.source, "scheduled_for": new.scheduled_for, "schedule": new.schedule,
             "trace_id": new.trace_id, "trace_context": new.trace_context,
             "attempt": 1, "retry_policy": new.retry.model_dump(mode="json") if new.retry else None,
-            "rerun_of": new.rerun_of, "triggered_by": new.triggered_by, "labels": new.labels or None}
+            "rerun_of": new.rerun_of, "triggered_by": new.triggered_by, "labels": new.labels or None,
+            "prefect_flow_run_id": new.prefect_flow_run_id}
 
 
 def _insert(connection: Connection, new: NewRun, row: dict[str, Any]) -> Run:
@@ -356,6 +358,16 @@ class RunStore:
     def _by_idempotency_key(session: Session, new: NewRun) -> Run | None:
         return session.scalars(select(Run).options(*_WITH_CALLBACK).where(
             Run.kind == new.kind, Run.target == new.target, Run.idempotency_key == new.idempotency_key)).first()
+
+    def keys_taken(self, kind: str, keyed: list[tuple[str, str]]) -> set[str]:
+        """Which of the (target, idempotency key) pairs of `kind` a run already has (read through the unique index
+        of idempotency keys)."""
+        if not keyed:
+            return set()
+        with self.db.session() as session:
+            return set(session.scalars(select(Run.idempotency_key).where(
+                Run.kind == kind, Run.target.in_({target for target, _ in keyed}),
+                Run.idempotency_key.in_({key for _, key in keyed}))))
 
     def get(self, run_id: str) -> Run | None:
         """The run with this id, or None."""

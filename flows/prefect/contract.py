@@ -53,6 +53,11 @@ def error_artifact_key(connector_id: str) -> str:
     return f"{ERROR_ARTIFACT_PREFIX}-{re.sub(r'[^a-z0-9-]+', '-', connector_id.lower())}"
 
 
+def adopted_run_key(flow_run_id: str) -> str:
+    """The idempotency key of the run a gateway makes for a flow run someone started in Prefect (adopted)."""
+    return f"prefect-flow-run:{flow_run_id}"
+
+
 def tagged_run_id(tags: list[str]) -> str | None:
     """The run id a flow run's tags name (None for a flow run flowgate did not create, e.g. a scheduled one)."""
     return next((tag.removeprefix(RUN_TAG_PREFIX) for tag in tags if tag.startswith(RUN_TAG_PREFIX)), None)
