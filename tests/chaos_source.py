@@ -12,11 +12,12 @@ from typing import Any
 
 import dlt
 
+NO_TOKEN = "-"  # in the file, for an execution without a token (a scheduled run's: its params are the connector's)
 TICK_SECONDS = 0.05  # an execution killed mid-way was alive until its last line, and at most this much longer
 
 
 def _write(path: str, event: str, token: str, connector: str) -> None:
-    line = f"{event} {token} {connector} {os.getpid()} {time.time():.6f}\n".encode()
+    line = f"{event} {token or NO_TOKEN} {connector} {os.getpid()} {time.time():.6f}\n".encode()
     descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(descriptor, line)  # one write of a short line with O_APPEND: lines never interleave
@@ -53,6 +54,7 @@ def read_executions(path: Path) -> list[Execution]:
     executions: dict[tuple[str, int], Execution] = {}
     for line in path.read_text().splitlines() if path.exists() else []:
         event, token, connector, pid, at = line.split()
+        token = "" if token == NO_TOKEN else token
         key = (token, int(pid))
         if event == "start":
             executions[key] = Execution(token, connector, int(pid), float(at), float(at), False)

@@ -40,6 +40,7 @@ pytestmark = [pytest.mark.long(seconds=150), pytest.mark.chaos]  # long: started
 CHAOS_SECONDS = float(os.environ.get("FLOWGATE_CHAOS_SECONDS", "10"))
 LONG = CHAOS_SECONDS > 60
 CONNECTORS = ("c0", "c1", "c2", "c3")
+SCHEDULED = "s0"  # fired by the gateways' schedulers every 2 s, to Prefect or locally, its callback connector-level
 SECRET = "chaos-callback-secret"
 CREATE_TIMEOUT = 1.5  # the gateways' FLOWGATE_PREFECT_TIMEOUT; slowed creates answer later than two of them
 FAULTS = ("kill_worker", "sigterm_gateway", "kill_worker", "kill_prefect", "kill_worker", "slow_creates",
@@ -55,7 +56,7 @@ connections: [{from: start, to: load}, {from: load, to: out}]
 """
 
 
-def connectors_yaml(executions: Path) -> str:
+def connectors_yaml(executions: Path, callback_url: str) -> str:
     # Each connector's DuckDB file named outright: the gateways and the Prefect worker (its own var/) share it,
     # and with it the connector's key.
     return "connectors:\n" + "".join(
@@ -63,7 +64,14 @@ def connectors_yaml(executions: Path) -> str:
         f"    source: {{kind: python, ref: 'tests.chaos_source:recorded', "
         f"args: {{token: '', connector: {name}, path: '{executions}', seconds: 1.0}}}}\n"
         f"    destination: {{path: shared/{name}.duckdb}}\n"
-        f"    dataset: chaos\n" for name in CONNECTORS)
+        f"    dataset: chaos\n" for name in CONNECTORS) + (
+        f"  {SCHEDULED}:\n"
+        f"    source: {{kind: python, ref: 'tests.chaos_source:recorded', "
+        f"args: {{token: '', connector: {SCHEDULED}, path: '{executions}', seconds: 0.3}}}}\n"
+        f"    destination: {{path: shared/{SCHEDULED}.duckdb}}\n"
+        f"    dataset: chaos\n"
+        f"    schedule: {{interval: 2}}\n"
+        f"    callback_url: {callback_url}\n")
 
 
 @dataclass
@@ -277,13 +285,13 @@ def chaos_stack(workdir: Path, postgres_url: str):
     receiver; the test deploys and starts the worker (sharing the run store, for the connector keys) while its
     gateways start."""
     executions = workdir / "executions.log"
-    (workdir / "connectors.yaml").write_text(connectors_yaml(executions))
+    receiver = CallbackReceiver()
+    (workdir / "connectors.yaml").write_text(connectors_yaml(executions, f"{receiver.url}/hook"))
     (workdir / "workflows").mkdir()
     (workdir / "workflows" / "chaos.yaml").write_text(WORKFLOW)
     prefect_db = f"flowgate_test_chaos_{os.getpid()}"
     stack = PrefectStack(workdir, database_url=fresh_postgres_database(prefect_db))
     stack.env["DATABASE_URL"] = postgres_url
-    receiver = CallbackReceiver()
     proxy = SlowProxy(stack.api_url.removesuffix("/api"))
     try:
         stack.start_server()
@@ -338,8 +346,14 @@ def test_every_answered_run_executes_at_most_once_and_ends_recorded_under_chaos(
         progress(f"faults and load stopped: {dict(faults.injected)}; waiting for {len(answered)} runs to end")
         with httpx.Client(base_url=gateways["a"].url, timeout=30) as client:
             docs = wait_until_ended(client, [a.run_id for a in answered], timeout=240 if not LONG else 900)
-            progress("every answered run ended; waiting for their callbacks")
-            wait_until_delivered(client, docs, timeout=120)
+            # No slot fires after this: every gateway reads the pause at the schedule's next due slot.
+            assert client.post(f"/api/v1/connectors/{SCHEDULED}/schedule/pause").status_code == 200
+            time.sleep(3)  # a pass that read the state just before the pause fires at most one more slot
+            slots = client.get("/api/v1/runs", params={"connector_id": SCHEDULED, "limit": 200}).json()["items"]
+            progress(f"every answered run ended, and {len(slots)} slots of {SCHEDULED}; waiting for their ends "
+                     "and callbacks")
+            slot_docs = wait_until_ended(client, [slot["run_id"] for slot in slots], timeout=240)
+            wait_until_delivered(client, {**docs, **slot_docs}, timeout=120)
             # The senders' next sweep: a run ended now on each gateway has its callback delivered, after every
             # delivery that was still due before it.
             sweep = [httpx.post(f"{gateway.url}/trigger", timeout=30, json={
@@ -355,7 +369,8 @@ def test_every_answered_run_executes_at_most_once_and_ends_recorded_under_chaos(
     executions = read_executions(executions_log)
     by_token = defaultdict(list)
     for execution in executions:
-        by_token[execution.token].append(execution)
+        if execution.connector != SCHEDULED:  # a slot's execution has no token (counted per slot below)
+            by_token[execution.token].append(execution)
     deliveries = defaultdict(list)
     for headers, _ in receiver.raw:
         deliveries[headers["x-flowgate-run-id"]].append(headers["x-flowgate-delivery"])
@@ -411,3 +426,21 @@ def test_every_answered_run_executes_at_most_once_and_ends_recorded_under_chaos(
     # Every ended run's callback delivered; a repeat (its sender died before recording it) only as the same delivery.
     for a in answered:
         assert len(set(deliveries[a.run_id])) == 1, (a, deliveries[a.run_id])
+
+    # The schedule: one run per slot, whoever fired it (four gateway processes, workers killed, a gateway
+    # SIGTERMed, Prefect gone and back), each a scheduled run; each slot executed at most once, a completed one
+    # exactly once to its end; its callback delivered once.
+    fired = sorted(slot_docs.values(), key=lambda doc: doc["scheduled_for"])
+    assert fired and all(doc["source"] == "schedule" for doc in fired), fired
+    assert len({doc["scheduled_for"] for doc in fired}) == len(fired), [doc["scheduled_for"] for doc in fired]
+    scheduled_runs = [e for e in executions if e.connector == SCHEDULED]
+    completed = sum(doc["status"] == "completed" for doc in fired)
+    excused_slots = sum(doc["fallback_reason"] == "prefect_create_failed" for doc in fired) \
+        if faults.prefect_down_seconds > 55 else 0  # as for the answered runs above
+    assert completed <= sum(e.ended for e in scheduled_runs) <= len(scheduled_runs) <= len(fired) + excused_slots, (
+        completed, scheduled_runs, fired)
+    for doc in fired:
+        assert len(set(deliveries[doc["run_id"]])) == 1, (doc, deliveries[doc["run_id"]])
+    request.config.pluginmanager.get_plugin("terminalreporter").write_line(
+        f"schedule {SCHEDULED}: {len(fired)} slots, by (backend, status): "
+        f"{dict(Counter((doc['backend'], doc['status']) for doc in fired))}; executions: {len(scheduled_runs)}")
