@@ -172,7 +172,8 @@ class RetryPolicy(BaseModel):
     def _integral_numbers(cls, data: Any) -> Any:
         # Strict, as every request model: but JSON Schema counts 2.0 as an integer, and YAML's 30 as a number.
         if isinstance(data, dict):
-            data = dict(data)
+            # YAML 1.1 (PyYAML) reads a bare `on:` key as the boolean true: `retry: {on: [transient]}` means "on".
+            data = {"on" if key is True and "on" not in data else key: value for key, value in data.items()}
             if isinstance(data.get("max_attempts"), float) and data["max_attempts"].is_integer():
                 data["max_attempts"] = int(data["max_attempts"])
             for key in ("backoff_seconds", "max_backoff_seconds"):

@@ -175,3 +175,17 @@ def test_a_policy_retries_only_its_classes_and_backs_off_to_its_cap():
     assert not policy.retries(TRANSIENT, 1) and not policy.retries(TERMINAL, 1) and not policy.retries(None, 1)
     with pytest.raises(ValueError):
         RetryPolicy.model_validate({"on": ["terminal"]})
+
+
+def test_a_policy_written_in_yaml_with_a_bare_on_key_reads_as_written(tmp_path: Path):
+    """PyYAML (YAML 1.1) reads `on:` as the boolean true: the policy a user writes in a connector file still means
+    what it says (it was refused as "field 'retry.1': Keys should be strings")."""
+    from connectors.registry import ConnectorRegistry
+
+    (tmp_path / "connectors.yaml").write_text("""
+connectors:
+  numbers:
+    source: {kind: python, ref: "connectors.demo:numbers", args: {n: 1}}
+    retry: {max_attempts: 2, on: [transient]}
+""")
+    assert ConnectorRegistry.load(tmp_path / "connectors.yaml").get("numbers").retry.on == ["transient"]
