@@ -114,6 +114,30 @@ def test_runs_no_worker_picks_up_go_local_once_even_when_the_worker_resumes_at_t
           f"{sum(r['backend'] == 'prefect' for r in raced)} on the resumed worker")
 
 
+def test_a_schedules_slot_no_worker_picks_up_runs_locally_once_under_its_run(stack, tmp_path):
+    """A slot is dispatched as a trigger is: with the worker frozen, its flow run waits past the pickup deadline,
+    is taken back and runs here under the same run; the slot has that one run, executed once, never on Prefect."""
+    stack.deploy(stack.workdir / "with-ticker.yaml")
+    app, services = pickup_gateway(stack, tmp_path, prefect_pickup_seconds=4.0, prefect_worker_max_age_seconds=60)
+    try:
+        with frozen_worker(stack):
+            services.scheduler.run_once()  # first seen now: the next slot (within 5 s) fires
+            fired = wait_until(lambda: services.scheduler.run_once() or services.store.schedules.last_run(
+                "connector", "ticker"), 30, "a slot of ticker fired")
+            assert (fired.source, fired.backend, fired.fallback_reason) == ("schedule", "prefect", None)
+            done = poll_until_ended(app.test_client(), f"/api/v1/runs/{fired.id}", timeout=90)
+        slot_runs = [run.id for run in services.store.list(target="ticker") if run.scheduled_for == fired.scheduled_for]
+    finally:
+        services.prefect_sync.stop()
+        services.executor.shutdown(timeout=10)
+        services.store.dispose()
+        stack.deploy(stack.workdir / "deployed.yaml")
+    assert done["status"] == "completed" and done["backend"] == "local", done
+    assert done["fallback_reason"] == "prefect_not_picked_up" and done["source"] == "schedule"
+    assert done["prefect_flow_run_id"] and not ran_on_prefect(stack, done["prefect_flow_run_id"])
+    assert slot_runs == [fired.id]
+
+
 def test_triggers_go_local_once_the_workers_heartbeat_is_older_than_the_liveness_age(stack, tmp_path):
     app, services = pickup_gateway(stack, tmp_path, prefect_pickup_seconds=5.0, prefect_worker_max_age_seconds=12)
     services.dispatcher.prefect.route.cache_seconds = 0.5  # a trigger sees what readiness saw, half a second late
