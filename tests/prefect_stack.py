@@ -179,6 +179,10 @@ connectors:
   inc:
     source: {kind: sql_database, url: "sqlite:///events.db", tables: [events], incremental: {cursor: updated_at}}
     destination: {path: shared/inc.duckdb}  # one file both paths write (never at once: one run at a time)
+  flaky:  # refuses its first connection (transient); a trigger gives `counter`, the file that counts its runs
+    source: {kind: python, ref: "tests.test_retries:flaky", args: {counter: "", fail_times: 1}}
+    dataset: raw
+    retry: {max_attempts: 3, backoff_seconds: 0, on: [transient]}  # YAML reads a bare on as true
 """
 TICKER = """
   ticker:

@@ -54,11 +54,11 @@ def test_deploy_is_idempotent_registers_no_schedule_and_a_removed_connector_is_u
         return {d["name"]: d["id"] for d in found}
 
     before = deployments()  # the module's deploy of deployed.yaml
-    assert set(before) == {"numbers", "inc"}
+    assert set(before) == {"numbers", "inc", "flaky"}
     said = stack.deploy(stack.workdir / "with-ticker.yaml")
     try:
         assert "schedules: none registered in Prefect" in said and "(ticker)" in said
-        assert set(deployments()) == {"numbers", "inc", "ticker"}
+        assert set(deployments()) == {"numbers", "inc", "flaky", "ticker"}
         ticker = stack.api("GET", "deployments/name/flowgate-connector/ticker")
         assert ticker["global_concurrency_limit"]["limit"] == 1
         assert ticker["schedules"] == []  # the gateway fires ticker's 5 s schedule, so no slot can run twice
@@ -194,6 +194,26 @@ def test_a_flow_run_started_by_hand_in_prefect_becomes_one_run_followed_to_its_e
     done = poll_until_ended(gateway, f"/api/v1/runs/{run.id}", timeout=120)
     assert done["status"] == "completed" and done["result"]["rows"] == {"numbers": 10}, done
     assert syncs[0].adopt_once() == []  # seen again: already a run
+
+
+def test_a_transient_failure_on_prefect_is_retried_as_a_new_flow_run_of_the_same_run(stack, gateway, tmp_path):
+    """The connector's source refuses its first connection (transient) on the Prefect worker; its policy retries
+    it: attempt 2 is a new flow run of the same run id, made by the sync when due, and completes there."""
+    services = gateway.application.extensions["flowgate"]
+    services.prefect_sync.every = 0.5
+    services.prefect_sync.start()
+    try:
+        run = gateway.post("/trigger", json={"connector_id": "flaky",
+                                             "params": {"counter": str(tmp_path / "runs.count")}}).json
+        assert run["backend"] == "prefect", run
+        done = poll_until_ended(gateway, run["status_url"], timeout=180)
+    finally:
+        services.prefect_sync.stop()
+    assert (done["status"], done["attempt"], done["backend"]) == ("completed", 2, "prefect"), done
+    first, second = done["attempts"]
+    assert (first["status"], first["backend"], first["error"]["failure_class"]) == ("failed", "prefect", "transient")
+    assert second["status"] == "completed" and second["prefect_flow_run_id"] not in (None, first["prefect_flow_run_id"])
+    assert (tmp_path / "runs.count").read_text() == "2"  # the source ran twice: once per attempt
 
 
 def test_the_same_idempotency_key_gives_one_flow_run(stack, gateway):
