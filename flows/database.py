@@ -79,7 +79,8 @@ class Database:
     def _make_engine(self, busy_timeout_ms: int) -> Engine:
         if not self.is_sqlite:
             idle = PG_IDLE_IN_TRANSACTION_TIMEOUT_MS
-            options = " ".join(filter(None, [self.url.query.get("options"),  # the URL's own (a search_path) kept
+            own = self.url.query.get("options")  # the URL's own (a search_path) kept; a tuple when repeated
+            options = " ".join(filter(None, [*((own,) if isinstance(own, str) else own or ()),
                                              f"-c statement_timeout={PG_STATEMENT_TIMEOUT_MS}",
                                              f"-c idle_in_transaction_session_timeout={idle}"]))
             return create_engine(self.url, pool_pre_ping=True, pool_size=10, max_overflow=20, pool_timeout=10,
