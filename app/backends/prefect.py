@@ -251,10 +251,14 @@ class PrefectBackend:
     def cancel(self, run: Run) -> Run | None:
         """Cancel in Prefect first; the store follows only what Prefect answered. A flow run no worker has taken
         is cancelled at once; one a worker has turns `cancelling` until Prefect reports its end; one that ended
-        first keeps its end. A Prefect that does not answer changes nothing: 503, and the run is still followed."""
+        first keeps its end. A Prefect that does not answer changes nothing: 503, and the run is still followed.
+        A run with no flow run (waiting for its next attempt, or its create unconfirmed) is cancelled in the store:
+        a flow run of it that Prefect created after all finds it ended there and does not execute."""
         run = self.refresh(run)
         if run.is_terminal:
             return run
+        if run.prefect_flow_run_id is None:
+            return self.store.cancel(run.id)
         try:
             after = self.client.cancel_flow_run(run.prefect_flow_run_id)
         except PrefectError as exc:
