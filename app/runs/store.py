@@ -259,7 +259,7 @@ class RunStore:
             if by_key is None:
                 raise  # not the key's (nothing else of a new run is unique): the error as it was
             found, created = by_key, False
-        run = found if isinstance(found, Run) else self._read(found)
+        run = found if isinstance(found, Run) else self.get_one(found)
         duplicate = bool(new.idempotency_key) and run.idempotency_key == new.idempotency_key
         if not created and duplicate and run.request_hash != new.request_hash:
             raise IdempotencyConflict(run)
@@ -363,8 +363,8 @@ class RunStore:
         return session.scalars(select(Run).options(*_WITH_CALLBACK).where(
             Run.kind == new.kind, Run.target == new.target, Run.idempotency_key == new.idempotency_key)).first()
 
-    def _read(self, run_id: str) -> Run:
-        """A run a transaction of this store just saw (joined, or found by its key)."""
+    def get_one(self, run_id: str) -> Run:
+        """A run known to exist (one a transaction just wrote or saw); NoResultFound otherwise."""
         with self.db.session() as session:
             return session.get_one(Run, run_id, options=_WITH_CALLBACK)
 
