@@ -256,6 +256,23 @@ def test_a_prefect_run_waiting_for_its_next_attempt_is_cancelled_without_asking_
         route.close()
 
 
+def test_a_prefect_run_with_no_flow_run_yet_has_no_log_lines_and_prefect_is_not_asked(store: RunStore):
+    """A run on Prefect whose flow run is not created yet (its create unconfirmed) has logged nothing there: an
+    empty page. It asked Prefect for the logs of flow run `None` before, which Prefect refuses (422): a 503."""
+    api = "http://prefect.test/api"
+    run = with_policy(store, backend="prefect")
+    route = PrefectRoute(PrefectClient(api, timeout=0.5), "flowgate-connector", "flowgate", reprobe_seconds=60)
+    backend = PrefectBackend(store, route, run_timeout_seconds=3600)
+    try:
+        with respx.mock(assert_all_called=False) as prefect:
+            asked = prefect.post(f"{api}/logs/filter").respond(422, json={"detail": "flow_run_id: not a valid UUID"})
+            page = backend.logs(run, after=0, limit=50)
+        assert not asked.called
+        assert (page.source, page.items, page.next_after) == ("prefect", [], None)
+    finally:
+        route.close()
+
+
 def test_a_prefect_run_cut_off_without_a_cancel_is_crashed_not_cancelled(store: RunStore):
     run = with_policy(store, backend="prefect", on=["transient"])  # crashed is not retried here
     store.record_flow_run(run.id, "fr-1", "Running")

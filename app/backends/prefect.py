@@ -214,7 +214,10 @@ class PrefectBackend:
         return updated
 
     def logs(self, run: Run, after: int, limit: int) -> LogPage:
-        """A Prefect run's log lines from Prefect; a 503 problem while Prefect cannot be asked."""
+        """A Prefect run's log lines from Prefect; a 503 problem while Prefect cannot be asked. A run with no flow run
+        (its create unconfirmed, or waiting for its next attempt) has none there."""
+        if run.prefect_flow_run_id is None:
+            return LogPage("prefect", [], None)
         if not self.available:
             raise Unavailable("Prefect cannot be reached for this run's logs right now", code="prefect_unavailable",
                               headers={"Retry-After": "10"})
