@@ -68,7 +68,7 @@ class PrefectBackend:
 
     # --- submitting -------------------------------------------------------------------------
 
-    def submit(self, run: Run, deployment_id: str) -> Run:
+    def submit(self, run: Run, deployment_id: str | None = None) -> Run:
         """Create the run's flow run from `deployment_id`.
 
         Raises PrefectError only when Prefect certainly did not create it (then it may run elsewhere). When the
@@ -76,6 +76,8 @@ class PrefectBackend:
         idempotency key, and if that is lost too the run stays queued here, awaiting dispatch, for the sync to
         settle. It never runs locally while a flow run of it may exist.
         """
+        if deployment_id is None:  # the dispatcher and the sync route a run to a deployment first
+            raise PrefectError(f"run {run.id} has no deployment to create its flow run from")
         try:
             return self._create(run, deployment_id)
         except PrefectUnavailable as exc:
