@@ -21,9 +21,11 @@ test: $(VENV)/.dev data/demo_shop.db browser lint
 test-fast: $(VENV)/.dev data/demo_shop.db
 	$(BIN)/python -m pytest $(PYTEST_PARALLEL) -m "not (gunicorn or prefect or postgres or browser or chaos)"
 
-# ruff's lint (pyproject.toml): pyflakes, pycodestyle, import order, bugbear, pyupgrade; `make test` runs it first.
+# ruff's lint and mypy's types on app, flows and connectors (both configured in pyproject.toml): pyflakes,
+# pycodestyle, import order, bugbear, pyupgrade, then the types; `make test` runs it first and stops on a finding.
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 # The whole suite STRESS_ROUNDS times in a row (default 5), each beside one busy-looping process per core and
 # in a new random order; stops at the first red round.

@@ -128,7 +128,8 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
         from werkzeug.middleware.proxy_fix import ProxyFix
 
         # Only the entries the trusted proxies added: anything further left the client wrote itself.
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies, x_proto=settings.trusted_proxies)
+        app.wsgi_app = ProxyFix(  # type: ignore[method-assign]  # Flask's documented way to wrap its WSGI app
+            app.wsgi_app, x_for=settings.trusted_proxies, x_proto=settings.trusted_proxies)
     app.json = JSONProvider(app)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False

@@ -84,9 +84,15 @@ class CallbackSender(Loop):
 
     def start(self) -> None:
         """Start delivering (after gunicorn forks)."""
-        if self._http is None and self.enabled:
-            self._http = httpx.Client(timeout=self.timeout_seconds, follow_redirects=False)
+        if self.enabled:
+            self._client()
         super().start()
+
+    def _client(self) -> httpx.Client:
+        """The pooled client of every delivery, made once (by start, after gunicorn forks)."""
+        if self._http is None:
+            self._http = httpx.Client(timeout=self.timeout_seconds, follow_redirects=False)
+        return self._http
 
     @property
     def claim_seconds(self) -> float:
@@ -104,7 +110,8 @@ class CallbackSender(Loop):
     def deliver(self, callback: RunCallback, run: Run) -> bool:
         """One attempt, in the run's trace (the POST carries its `traceparent`); records it on the run. True when
         the receiver answered 2xx."""
-        attributes = {tracing.RUN_ID: run.id, "flowgate.callback.attempt": len(callback.attempts or []) + 1}
+        attributes: dict[str, str | int] = {tracing.RUN_ID: run.id,
+                                            "flowgate.callback.attempt": len(callback.attempts or []) + 1}
         with tracing.tracer().start_as_current_span("callback", context=tracing.extract(run.trace_context),
                                                     attributes=attributes) as span:
             delivered = self._deliver(callback, run)
@@ -133,7 +140,7 @@ class CallbackSender(Loop):
                        **tracing.carrier()}
             self.policy.check(callback.url)  # again at send time: the allow-list may have changed since
             # Only the status line and headers are read: a receiver dripping a body cannot hold the sender.
-            with self._http.stream("POST", callback.url, content=body, headers=headers) as response:
+            with self._client().stream("POST", callback.url, content=body, headers=headers) as response:
                 attempt["status_code"] = response.status_code
             delivered = 200 <= response.status_code < 300
             if not delivered:

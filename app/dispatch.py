@@ -136,7 +136,7 @@ class Dispatcher:
                                                     self.workflows.definition(spec.id))
         new = replace(new, max_queued=None, source=SOURCE_SCHEDULE, scheduled_for=slot.slot, schedule=slot.record)
         what, run = self.store.create_slot_run(new, slot.done_until, skip_if_waiting=slot.skip_if_waiting)
-        if what == CREATED:
+        if what == CREATED and run is not None:  # CREATED comes with its run
             run = self._dispatch(run, deployment_id, forced=mode == "prefect")
         return what, run
 
@@ -213,7 +213,8 @@ class Dispatcher:
             raise Conflict(f"run '{source.id}' has not ended ({source.status}): nothing to rerun yet",
                            code="run_not_ended", run_status=source.status)
         retry = RetryPolicy.model_validate(source.retry_policy) if source.retry_policy else None
-        origin = {"source": SOURCE_RERUN, "rerun_of": source.id, "triggered_by": triggered_by, "labels": source.labels}
+        origin: dict[str, Any] = {"source": SOURCE_RERUN, "rerun_of": source.id, "triggered_by": triggered_by,
+                                  "labels": source.labels}
         if source.kind == "connector":
             if inputs is not None or from_failed:
                 field = "inputs" if inputs is not None else "from"
@@ -357,7 +358,7 @@ class Dispatcher:
         deadline = time.monotonic() + timeout
         interval = 0.05
         while True:
-            run = self.refresh(self.store.get(run_id))
+            run = self.refresh(self.store.get_one(run_id))
             if run.is_terminal or time.monotonic() >= deadline:
                 return run
             time.sleep(min(interval, max(deadline - time.monotonic(), 0)))

@@ -6,13 +6,14 @@ an unchanged answer costs a 304 with no body instead of the whole document.
 from __future__ import annotations
 
 from flask import Flask, Response, request
+from werkzeug.wrappers import Response as BaseResponse
 
 
 def init_app(app: Flask) -> None:
     """Tag every successful JSON answer to a GET or HEAD, and answer 304 when the tag matches."""
 
     @app.after_request
-    def conditional(response: Response) -> Response:
+    def conditional(response: Response) -> BaseResponse:
         if (request.method not in ("GET", "HEAD") or response.status_code != 200
                 or response.mimetype != "application/json" or response.direct_passthrough):
             return response

@@ -59,7 +59,8 @@ def serves_loopback_only(address: Any) -> bool:
             infos = socket.getaddrinfo(address[0], None)
         except OSError:
             return False
-        return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+        # an IP family's socket address starts with the address as text (typeshed allows AF_PACKET's int too)
+        return bool(infos) and all(ipaddress.ip_address(str(info[4][0]).split("%")[0]).is_loopback for info in infos)
 
 
 def shown(address: Any) -> str:

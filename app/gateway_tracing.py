@@ -35,7 +35,10 @@ def init_app(app: Flask, exporting: bool) -> None:
                 span.update_name(f"{request.method} {request.url_rule.rule}")
                 span.set_attribute("http.route", request.url_rule.rule)
             return
-        g.trace_token = otel_context.attach(tracing.extract(request.headers) or tracing.new_trace())
+        headers: dict[str, str] = {}  # Headers is no Mapping to the propagator's types; the first of a name wins
+        for name, value in request.headers.items():
+            headers.setdefault(name.lower(), value)
+        g.trace_token = otel_context.attach(tracing.extract(headers) or tracing.new_trace())
 
     @app.teardown_request
     def leave_trace(_exc: BaseException | None) -> None:

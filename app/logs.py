@@ -66,7 +66,7 @@ class JsonLines(JsonFormatter):
         self.default_time_format = "%Y-%m-%dT%H:%M:%S"
         self.default_msec_format = "%s.%03dZ"
 
-    converter = time.gmtime
+    converter = staticmethod(time.gmtime)
 
 
 class AccessJsonLines(JsonLines):
@@ -92,9 +92,9 @@ def configure(level: int = logging.INFO) -> None:
     """JSON lines on stdout for the root logger, unless someone (gunicorn's logconfig, pytest) configured it."""
     root = logging.getLogger()
     if not root.handlers:
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(JsonLines())
-        root.addHandler(handler)
+        stdout = logging.StreamHandler(sys.stdout)
+        stdout.setFormatter(JsonLines())
+        root.addHandler(stdout)
         root.setLevel(level)
     for handler in root.handlers:
         if not any(isinstance(f, ContextFilter) for f in handler.filters):

@@ -235,7 +235,7 @@ def build_document(max_wait_seconds: float | None = None, *, connectors: Sequenc
         connector_id = _path_param("connector_id", enum=[spec.id for spec in connectors])
     workflow_id = _path_param("workflow_id", enum=list(workflows)) if workflows else _path_param(
         "workflow_id", pattern=NODE_ID)
-    paths = {
+    paths: dict[str, dict[str, Any]] = {
         "/health": {"get": {"operationId": "health", "summary": "Liveness; never waits on anything",
                             "responses": {"200": _json(Health, "The process is serving")}}},
         "/metrics": {"get": {

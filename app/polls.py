@@ -33,6 +33,7 @@ class PollHints:
             return None
         typical = self.typical(run.kind, run.target)
         now = utcnow()
+        remaining: float
         if typical is None:
             remaining = DEFAULT_SECONDS
         elif run.started_at is not None:

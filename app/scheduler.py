@@ -111,7 +111,7 @@ class Scheduler(Loop):
         if any(at is None for at in self._due_at.values()):
             return 0.01  # a schedule whose state no pass has read yet
         now = self.clock()  # a slot that must wait (due now) is looked at again within max_wait
-        later = [at for at in self._due_at.values() if at > now]
+        later = [at for at in self._due_at.values() if at is not None and at > now]
         return max(min((min(later) - now).total_seconds(), self.max_wait), 0.01) if later else self.max_wait
 
     def run_once(self) -> bool:
@@ -142,7 +142,7 @@ class Scheduler(Loop):
         spec, done_until = schedule.spec, state.done_until
         soon = now, False  # the next pass
         step = plan(schedule.rule, spec, done_until, now, self.grace)
-        if step.missed:
+        if step.missed_until is not None:  # `missed` slots, up to it
             if not self.store.schedules.miss(schedule.kind, schedule.target, done_until, step.missed_until,
                                              step.missed):
                 return soon  # another process dealt with them: read again next pass

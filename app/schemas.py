@@ -6,7 +6,7 @@ import re
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 from pydantic_core import PydanticCustomError
@@ -22,7 +22,10 @@ from flows.nodes import NODE_TYPES
 from flows.outcome import STATUSES
 
 RunStatus = Literal[STATUSES]  # type: ignore[valid-type]
-NodeTypeName = Literal[tuple(sorted(NODE_TYPES))]  # type: ignore[valid-type]
+if TYPE_CHECKING:  # a Literal built at run time is no type to a checker: there, a node type's name is a str
+    NodeTypeName = str
+else:  # the node types this gateway knows, an enum in the OpenAPI document
+    NodeTypeName = Literal[tuple(sorted(NODE_TYPES))]
 INT32_MAX = 2**31 - 1  # an Integer column on PostgreSQL (run log line ids)
 RUN_ID_PATTERN = r"^[0-9a-f]{32}$"  # the run store's ids (uuid4 hex); anything else is no run
 CURSOR_PATTERN = r"^[0-9]{1,16}\.[0-9a-f]{32}$"  # microseconds since the epoch, then a run id

@@ -9,7 +9,7 @@ dates and decimals arrive as text and must still become dates and decimals).
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from dlt.sources.sql_database import TableLoader
@@ -26,7 +26,7 @@ class CursorArrowLoader(TableLoader):
         positional = compiled.positiontup
         bound = [parameters[name] for name in positional] if positional is not None else parameters
         with self.engine.connect() as connection:
-            cursor = connection.connection.dbapi_connection.cursor()
+            cursor = connection.connection.cursor()
             try:
                 cursor.execute(str(compiled), bound)
                 names = [description[0] for description in cursor.description]
@@ -49,7 +49,7 @@ class CursorArrowLoader(TableLoader):
         return column.type.dialect_impl(dialect).result_processor(dialect, type_code)
 
 
-def _processed(rows: list[tuple[Any, ...]], processors: list[Callable[[Any], Any] | None]) -> list[tuple[Any, ...]]:
+def _processed(rows: Sequence[Any], processors: list[Callable[[Any], Any] | None]) -> Sequence[Any]:
     """`rows` with each column passed through its processor; unchanged when no column has one."""
     if not any(processors):
         return rows

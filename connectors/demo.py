@@ -11,7 +11,6 @@ import time
 from collections.abc import Iterator
 from datetime import date, timedelta
 from pathlib import Path
-from typing import Any
 
 import dlt
 
@@ -19,7 +18,7 @@ DEFAULT_SHOP_DB = Path(__file__).resolve().parent.parent / "data" / "demo_shop.d
 
 
 @dlt.resource(name="numbers", write_disposition="append")
-def numbers(n: int = 100, delay_seconds: float = 0.0) -> Iterator[dict[str, Any]]:
+def numbers(n: int = 100, delay_seconds: float = 0.0) -> Iterator[list[dict[str, int]]]:
     """`n` rows of squares; sleeps `delay_seconds` first, to stand in for a slow source."""
     if delay_seconds:
         time.sleep(delay_seconds)

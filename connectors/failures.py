@@ -17,13 +17,16 @@ import re
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-TRANSIENT, CRASHED, TERMINAL = "transient", "crashed", "terminal"
+TRANSIENT: Final = "transient"
+CRASHED: Final = "crashed"
+TERMINAL: Final = "terminal"
 FAILURE_CLASSES = (TRANSIENT, CRASHED, TERMINAL)
 RetryableClass = Literal["transient", "crashed"]
+_RETRIED_BY_DEFAULT: tuple[RetryableClass, ...] = (TRANSIENT, CRASHED)
 
 
 @dataclass(frozen=True)
@@ -164,7 +167,7 @@ class RetryPolicy(BaseModel):
     max_attempts: int = Field(3, ge=1, le=10, description="Attempts in all, the first included (1: no retry).")
     backoff_seconds: float = Field(30.0, ge=0, le=3600, description="Wait before the second attempt; doubles.")
     max_backoff_seconds: float = Field(600.0, ge=0, le=86400, description="Longest wait between two attempts.")
-    on: list[RetryableClass] = Field(default_factory=lambda: [TRANSIENT, CRASHED], min_length=1, max_length=2,
+    on: list[RetryableClass] = Field(default_factory=lambda: list(_RETRIED_BY_DEFAULT), min_length=1, max_length=2,
                                      description="Failure classes that are retried: transient, crashed.")
 
     @model_validator(mode="before")

@@ -7,6 +7,7 @@ walked whole; MAX_DEPTH is for what the gateway stores from elsewhere (node outp
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 # Two frames per level in the walkers (the function and its comprehension), under Python's 1,000 with a request's
@@ -33,6 +34,7 @@ def check_depth(value: Any, limit: int = MAX_DEPTH) -> None:
     stack: list[tuple[Any, int, tuple[Any, ...]]] = [(value, 1, ())]
     while stack:
         item, depth, path = stack.pop()
+        children: Iterable[tuple[Any, Any]]
         if isinstance(item, dict):
             children = item.items()
         elif isinstance(item, (list, tuple)):

@@ -6,6 +6,7 @@ import ipaddress
 import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urljoin
 
 import httpx
@@ -77,7 +78,8 @@ def _resolve(host: str) -> list[Address]:
         infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
     except socket.gaierror:
         return []
-    return [a for a in (literal_ip(info[4][0].split("%")[0]) for info in infos) if a is not None]
+    # an IP family's socket address starts with the address as text (typeshed allows AF_PACKET's int too)
+    return [a for a in (literal_ip(str(info[4][0]).split("%")[0]) for info in infos) if a is not None]
 
 
 def _split(allowed: str) -> tuple[str, int | None]:
@@ -148,14 +150,14 @@ class OutboundPolicy:
         return parsed
 
     def request(self, client: httpx.Client, method: str, url: str, max_redirects: int = 5,
-                max_body_bytes: int | None = None, **kwargs: object) -> httpx.Response:
+                max_body_bytes: int | None = None, **kwargs: Any) -> httpx.Response:
         """Send the request, following redirects by hand so every hop's host is checked before it is called.
 
         The body is streamed: past `max_body_bytes` (decoded) the connection is dropped and ResponseTooLarge
         raised, so a huge answer never sits in memory."""
         target = self.check(url)
         # The run's trace goes with the call (with the SDK, the httpx instrumentation's span replaces it)
-        kwargs["headers"] = {**tracing.carrier(), **(kwargs.get("headers") or {})}  # type: ignore[dict-item]
+        kwargs["headers"] = {**tracing.carrier(), **(kwargs.get("headers") or {})}
         for _ in range(max_redirects + 1):
             request = client.build_request(method, target, **kwargs)
             response = client.send(request, stream=True, follow_redirects=False)

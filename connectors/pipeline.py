@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from connectors import tracing
 from connectors.failures import TERMINAL, TRANSIENT, classify
@@ -320,7 +320,7 @@ def build_source(spec: ConnectorSpec, outbound: OutboundPolicy) -> Any:
     if isinstance(source, PythonSource):
         return load_factory(source.ref, spec.id)(**source.args)
     if isinstance(source, RestApiSource):
-        from dlt.sources.rest_api import rest_api_source
+        from dlt.sources.rest_api import RESTAPIConfig, rest_api_source
 
         from connectors.rest_session import guarded_session
 
@@ -329,7 +329,8 @@ def build_source(spec: ConnectorSpec, outbound: OutboundPolicy) -> Any:
             client = config["client"]
             config = {**config, "client": {**client, "headers": {**tracing.carrier(), **(client.get("headers") or {})}}}
         config = {**config, "client": {**config["client"], "session": guarded_session(config, outbound)}}
-        return rest_api_source(config, name=spec.id)
+        # The connector's `config` as written in YAML: rest_api_source validates it against RESTAPIConfig itself
+        return rest_api_source(cast(RESTAPIConfig, config), name=spec.id)
     raise ConnectorRunError(spec.id, "extract", f"unsupported source kind {source.kind!r}", terminal=True)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from cronsim import CronSim, CronSimError
@@ -64,7 +65,7 @@ class Recurrence(ABC):
 
     def newest(self, start: datetime | None, end: datetime, limit: int) -> list[datetime]:
         """The newest `limit` slots in (start, end], oldest first (start None: no lower bound)."""
-        found = []
+        found: list[datetime] = []
         for slot in self.backwards(end):
             if (start is not None and slot <= start) or len(found) == limit:
                 break
@@ -145,16 +146,18 @@ class RRuleRecurrence(Recurrence):
             self.rule = rr.rrulestr(text, dtstart=RRULE_DEFAULT_START, ignoretz=True)
         except (ValueError, TypeError) as exc:
             raise RecurrenceError(f"not an RFC 5545 rule: {exc}") from None
-        single = isinstance(self.rule, rr.rrule)
-        if not single and not self.rule._rrule:  # noqa: SLF001
+        # The parts are private attributes of dateutil's rule and rule set, which its stubs leave out
+        rule: Any = self.rule
+        single = isinstance(rule, rr.rrule)
+        if not single and not rule._rrule:  # noqa: SLF001
             raise RecurrenceError("needs an RRULE line (RDATE alone is not a recurrence)")
-        self.start = self.rule._dtstart if single else min(r._dtstart for r in self.rule._rrule)  # noqa: SLF001
-        freq = self.rule._freq if single else min(r._freq for r in self.rule._rrule)  # noqa: SLF001
-        interval = self.rule._interval if single else 1  # noqa: SLF001
+        self.start = rule._dtstart if single else min(r._dtstart for r in rule._rrule)  # noqa: SLF001
+        freq = rule._freq if single else min(r._freq for r in rule._rrule)  # noqa: SLF001
+        interval = rule._interval if single else 1  # noqa: SLF001
         self.window = _ROUGH_STEPS[freq] * interval * 64
         # Restartable later without changing an instant: fixed-length steps, and no COUNT counted from the start.
         self.period = (_FIXED_STEPS[freq] * interval
-                       if single and freq in _FIXED_STEPS and self.rule._count is None else None)  # noqa: SLF001
+                       if single and freq in _FIXED_STEPS and rule._count is None else None)  # noqa: SLF001
 
     def _local(self, moment: datetime) -> datetime:
         return moment.astimezone(self.zone).replace(tzinfo=None)
@@ -166,7 +169,7 @@ class RRuleRecurrence(Recurrence):
 
     def _rule_from(self, wall: datetime) -> rr.rrule | rr.rruleset:
         """The same rule, restarted at the last whole period before `wall` when that is safe."""
-        if self.period is None or wall <= self.start:
+        if self.period is None or wall <= self.start or not isinstance(self.rule, rr.rrule):  # a period: one rule
             return self.rule
         periods = (wall - self.start) // self.period
         return self.rule.replace(dtstart=self.start + self.period * max(periods - 1, 0))

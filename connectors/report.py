@@ -129,7 +129,9 @@ def schema_changes(before: dict[str, Any], after: list[dict[str, Any]]) -> dict[
     for table in after:
         old = before.get(table["name"])
         old_columns = (old or {}).get("columns", {})
-        new, variants, retyped = [], [], []
+        new: list[dict[str, Any]] = []
+        variants: list[dict[str, Any]] = []
+        retyped: list[dict[str, Any]] = []
         for column in table.get("columns", {}).values():
             name, data_type = column["name"], column.get("data_type")
             if not data_type or name.startswith("_dlt"):
@@ -172,7 +174,7 @@ def count_rows(pipeline: Any, tables: list[str]) -> dict[str, int]:
     """Rows in each of `tables` at the destination (0 for a table not created yet)."""
     from dlt.destinations.exceptions import DatabaseUndefinedRelation
 
-    counts = {}
+    counts: dict[str, int] = {}
     if not tables:
         return counts
     with pipeline.sql_client() as client:

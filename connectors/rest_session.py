@@ -65,7 +65,8 @@ def guarded_session(config: dict[str, Any], policy: OutboundPolicy) -> Any:
     from dlt.sources.helpers.requests.retry import Client
 
     client = config["client"]
-    headers, params = set(client.get("headers") or {}), set()
+    headers: set[str] = set(client.get("headers") or {})
+    params: set[str] = set()
     for auth in _auths(config):
         if isinstance(auth, dict) and auth.get("type") == "api_key":
             (params if auth.get("location") in ("query", "param") else headers).add(auth.get("name", "Authorization"))

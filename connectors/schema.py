@@ -52,9 +52,10 @@ def _dlt_tables(spec: ConnectorSpec, workspace: Workspace) -> dict[str, list[dic
         pipeline = dlt.attach(spec.pipeline_name, pipelines_dir=str(workspace.pipelines_dir))
     except CannotRestorePipelineException:
         return {}
-    schema = pipeline.default_schema if pipeline.default_schema_name else None
-    tables = {}
-    for name, table in (schema.data_tables() and {t["name"]: t for t in schema.data_tables()} or {}).items():
-        tables[name] = [{"name": c, "type": column.get("data_type"), "nullable": column.get("nullable", True)}
-                        for c, column in table.get("columns", {}).items() if not c.startswith("_dlt")]
+    if not pipeline.default_schema_name:  # a first run that failed before extracting anything
+        return {}
+    tables: dict[str, list[dict[str, Any]]] = {}
+    for table in pipeline.default_schema.data_tables():
+        tables[table["name"]] = [{"name": c, "type": column.get("data_type"), "nullable": column.get("nullable", True)}
+                                 for c, column in table.get("columns", {}).items() if not c.startswith("_dlt")]
     return tables

@@ -26,7 +26,7 @@ class SchemaContractViolation(ConnectorRunError):
         return {"table": self.table, "column": self.column, "entity": self.entity, "mode": self.mode}
 
 
-def contract_violation(exc: BaseException) -> Any:
+def contract_violation(exc: BaseException | None) -> Any:
     """The DataValidationError (dlt's schema contract refusing data) behind a step's failure, or None."""
     from dlt.common.schema.exceptions import DataValidationError
 

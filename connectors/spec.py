@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 from urllib.parse import unquote, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -13,6 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from connectors.failures import RetryPolicy
 from connectors.recurrence import Recurrence, RecurrenceError, recurrence
 from connectors.secrets import redact
+
+if TYPE_CHECKING:  # dlt is imported where a run needs it, not with the specs
+    from dlt.common.schema.typing import TSchemaContractDict
 
 CONNECTOR_ID = r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,99}$"
 # A glob that names nothing outside its folder: segments joined by '/', none of them '..', no ':' (no drive, no URL),
@@ -221,11 +224,19 @@ class SchemaContractSpec(_Strict):
             raise ValueError("give a mode for at least one of tables, columns, data_type")
         return value
 
-    def to_dlt(self) -> dict[str, str]:
+    def to_dlt(self) -> TSchemaContractDict:
         """As dlt's TSchemaContractDict: the entities given."""
-        return self.model_dump(exclude_none=True)
+        contract: TSchemaContractDict = {}
+        if self.tables is not None:
+            contract["tables"] = self.tables
+        if self.columns is not None:
+            contract["columns"] = self.columns
+        if self.data_type is not None:
+            contract["data_type"] = self.data_type
+        return contract
 
 
+FileFormat = Literal["parquet", "jsonl", "csv", "insert_values"]  # among dlt's TLoaderFileFormat
 SourceSpec = Annotated[SqlDatabaseSource | FilesystemSource | PythonSource | RestApiSource,
                        Field(discriminator="kind")]
 
@@ -239,11 +250,11 @@ class DestinationSpec(BaseModel):
     path: str | None = Field(None, description="DuckDB only: the database file; var/duckdb/<connector>.duckdb when "
                                                "omitted.")
     credentials: str | dict[str, Any] | None = Field(None, description="Passed to the dlt destination.")
-    file_format: Literal["parquet", "jsonl", "csv", "insert_values"] | None = Field(
+    file_format: FileFormat | None = Field(
         None, description="dlt's loader file format; the filesystem destination writes Parquet unless told otherwise.")
 
     @property
-    def loader_file_format(self) -> str | None:
+    def loader_file_format(self) -> FileFormat | None:
         """The file format to normalize into (None: dlt's choice for the destination)."""
         return self.file_format or ("parquet" if self.kind == "filesystem" else None)
 
@@ -278,7 +289,7 @@ class ScheduleSpec(_Strict):
     def _readable(cls, text: str | None, info: ValidationInfo) -> str | None:
         if text is not None:
             try:
-                recurrence(**{info.field_name: text})
+                recurrence(cron=text) if info.field_name == "cron" else recurrence(rrule=text)
             except RecurrenceError as exc:
                 raise ValueError(str(exc)) from None
         return text
@@ -403,7 +414,7 @@ class ConnectorSpec(_Strict):
                 if problem:
                     raise ParamsError(f"params.{key}", f"{problem} (the connector's bounds.{key})")
             source_update = {"args": {**self.source.args, **params}}
-        elif isinstance(self.source, SqlDatabaseSource) and "initial_value" in params:
+        elif isinstance(self.source, SqlDatabaseSource) and self.source.incremental and "initial_value" in params:
             incremental = self.source.incremental.model_dump() | {"initial_value": params.pop("initial_value")}
             source_update = {**params, "incremental": incremental}
         else:

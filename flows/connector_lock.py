@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import Column, DateTime, MetaData, String, Table, delete, insert, select, text, update
 from sqlalchemy.orm import Session
 
-from flows.database import Database
+from flows.database import Database, rowcount
 from flows.lease import keep_one
 from flows.outcome import TERMINAL
 
@@ -157,10 +157,10 @@ class ConnectorLock:
         def attempt() -> bool:
             with self.database.session(write=True) as session:
                 now = now_utc(session, self.database.is_sqlite)
-                return session.execute(update(connector_locks).where(
+                return rowcount(session.execute(update(connector_locks).where(
                     connector_locks.c.key == key, connector_locks.c.holder == holder,
                     connector_locks.c.expires_at > now)
-                    .values(expires_at=now + timedelta(seconds=self.lease_seconds))).rowcount == 1
+                    .values(expires_at=now + timedelta(seconds=self.lease_seconds)))) == 1
 
         return self.database.retry(attempt)
 

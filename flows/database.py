@@ -10,10 +10,11 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
-from sqlalchemy import Engine, MetaData, create_engine, event, text
+from sqlalchemy import CursorResult, Engine, MetaData, Result, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, InterfaceError, OperationalError, ProgrammingError
 from sqlalchemy.orm import Session
@@ -41,6 +42,12 @@ def is_transient(exc: DBAPIError) -> bool:
     if state:
         return state[:2] in _TRANSIENT_SQLSTATE_CLASSES
     return isinstance(exc, (OperationalError, InterfaceError))  # no SQLSTATE: the driver lost the server
+
+
+def rowcount(result: Result[Any]) -> int:
+    """The rows an UPDATE or DELETE run through a Session changed. Session.execute is typed to return a Result; for
+    those statements it returns a CursorResult, which has the count (SQLAlchemy's typing leaves the cast to us)."""
+    return cast(CursorResult[Any], result).rowcount
 
 
 def _first_line(exc: BaseException) -> str:
@@ -72,7 +79,8 @@ class Database:
     def _make_engine(self, busy_timeout_ms: int) -> Engine:
         if not self.is_sqlite:
             idle = PG_IDLE_IN_TRANSACTION_TIMEOUT_MS
-            options = " ".join(filter(None, [self.url.query.get("options"),  # the URL's own (a search_path) kept
+            own = self.url.query.get("options")  # the URL's own (a search_path) kept; a tuple when repeated
+            options = " ".join(filter(None, [*((own,) if isinstance(own, str) else own or ()),
                                              f"-c statement_timeout={PG_STATEMENT_TIMEOUT_MS}",
                                              f"-c idle_in_transaction_session_timeout={idle}"]))
             return create_engine(self.url, pool_pre_ping=True, pool_size=10, max_overflow=20, pool_timeout=10,
@@ -103,11 +111,11 @@ class Database:
     def create_tables(self, *metadatas: MetaData) -> None:
         """Create missing tables, and indexes added since a table was made (safe from every process)."""
         for metadata in metadatas:
-            self.retry(lambda metadata=metadata: metadata.create_all(self.writer))
+            self.retry(partial(metadata.create_all, self.writer))
             for table in metadata.sorted_tables:
                 for index in table.indexes:
                     try:
-                        self.retry(lambda index=index: index.create(self.writer, checkfirst=True))
+                        self.retry(partial(index.create, self.writer, checkfirst=True))
                     except (OperationalError, IntegrityError, ProgrammingError):
                         pass  # another process created it between the check and the create
 

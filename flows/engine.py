@@ -257,9 +257,10 @@ class WorkflowEngine:
                                                                     "message": "the run was cancelled"})
             return self._end(result, FAILED, observe, error=value)
         resolved, config = value
-        key = cache_key(node.type, resolved, node_input) if node.cache and self.cache else None
-        if key:
-            hit, value = self.cache.get(key)
+        store, ttl = (self.cache, node.cache.ttl_seconds) if node.cache and self.cache else (None, 0.0)
+        key = cache_key(node.type, resolved, node_input) if store else None
+        if store and key:
+            hit, value = store.get(key)
             if hit:
                 result.cached, result.output = True, value
                 return self._end(result, COMPLETED, observe)
@@ -274,8 +275,8 @@ class WorkflowEngine:
             ok, value = _attempt(node_type.run, config, ctx, node.timeout, cancelled)
             if ok:
                 result.output = value
-                if key:
-                    self.cache.put(key, node.type, value, node.cache.ttl_seconds)
+                if store and key:
+                    store.put(key, node.type, value, ttl)
                 return self._end(result, COMPLETED, observe)
             error = value
             if error.pop("terminal", False) or cancelled.is_set():
@@ -284,6 +285,7 @@ class WorkflowEngine:
         if cancelled.is_set():
             return self._end(result, CANCELLED, observe,
                              error={"code": "cancelled", "message": "the run was cancelled"})
+        assert error is not None  # the first attempt always runs (retries >= 0): it returned or set `error`
         if error.get("code") == "cancelled":  # stopped from outside before the run's stop reached the engine
             return self._end(result, CANCELLED, observe, error=error)
         return self._end(result, FAILED, observe, error=error)

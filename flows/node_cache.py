@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import JSON, Column, DateTime, MetaData, String, Table, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from flows.database import Database
+from flows.database import Database, rowcount
 
 metadata = MetaData()
 
@@ -50,7 +50,7 @@ class SqlNodeCache:
                       "expires_at": now + timedelta(seconds=ttl_seconds)}
             with self.database.session(write=True) as session:
                 session.execute(delete(node_cache).where(node_cache.c.expires_at <= now))
-                if not session.execute(update(node_cache).where(node_cache.c.key == key).values(**values)).rowcount:
+                if not rowcount(session.execute(update(node_cache).where(node_cache.c.key == key).values(**values))):
                     session.execute(insert(node_cache).values(key=key, **values))
 
         try:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Self
+from typing import Any, Literal, Self
 from urllib.parse import unquote, urlsplit
 
 from pydantic import Field
@@ -22,9 +22,10 @@ class RuntimeSettings(BaseSettings):
     model_config = SettingsConfigDict(extra="ignore", frozen=True)
 
     @classmethod
-    def of(cls, **fields: object) -> Self:
+    def of(cls, **fields: Any) -> Self:
         """Settings from the environment, with `fields` (by field name) taking precedence."""
-        aliases = {name: field.validation_alias or name for name, field in cls.model_fields.items()}
+        aliases = {name: field.validation_alias if isinstance(field.validation_alias, str) else name
+                   for name, field in cls.model_fields.items()}
         return cls(**{aliases.get(name, name): value for name, value in fields.items()})
 
     var_dir: Path = Field(Path("var"), validation_alias="FLOWGATE_VAR_DIR",

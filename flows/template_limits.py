@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import re
+import string
 from collections.abc import Mapping
 from typing import Any
 
@@ -70,8 +71,9 @@ def check_percent(template: Any, values: Any) -> None:
         budget.check_size(total, "the formatted value")
 
 
-class _SizedFields:
-    """str.format that adds up each field's width, precision and text before formatting it."""
+class _SizedFields(string.Formatter):
+    """str.format that adds up each field's width, precision and text before formatting it (mixed in before the
+    sandbox's formatters, which are string.Formatters too)."""
 
     def vformat(self, format_string: str, args: Any, kwargs: Any) -> str:
         self._total = len(format_string)
@@ -123,8 +125,8 @@ def bounded_items(iterable: Any, separator: int, what: str) -> list[Any]:
 
 
 def _replaced_size(text: Any, old: Any, new: Any, count: Any = -1) -> int:
-    kind = str if isinstance(text, str) else bytes  # Markup is a str
-    if not (isinstance(text, (str, bytes)) and isinstance(old, kind) and isinstance(new, kind)):
+    if not (all(isinstance(v, str) for v in (text, old, new))  # Markup is a str
+            or all(isinstance(v, bytes) for v in (text, old, new))):
         return 0
     found = text.count(old) if old else len(text) + 1
     if isinstance(count, int) and count >= 0:
@@ -143,8 +145,8 @@ def check_method(method: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
         elif name == "expandtabs":
             tabsize = args[0] if args else kwargs.get("tabsize", 8)
             if isinstance(tabsize, int):
-                budget.check_size(len(owner) + owner.count("\t" if isinstance(owner, str) else b"\t") * tabsize,
-                                  "the expanded value")
+                tabs = owner.count("\t") if isinstance(owner, str) else owner.count(b"\t")
+                budget.check_size(len(owner) + tabs * tabsize, "the expanded value")
         elif name == "replace" and len(args) >= 2:
             budget.check_size(_replaced_size(owner, *args[:3]), "the replaced value")
         elif name == "join" and len(args) == 1:

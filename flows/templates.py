@@ -129,7 +129,7 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         self.globals[_LOOP_GUARD] = _loop_guard
         self.globals["lipsum"] = limits.lipsum
 
-    def concat(self, pieces: Any) -> str:  # type: ignore[override]  # jinja's `"".join`, for block buffers
+    def concat(self, pieces: Any) -> str:  # jinja's `"".join`, for block buffers
         return budgets.join_output(pieces)
 
     def call_binop(self, context: Any, operator_: str, left: Any, right: Any) -> Any:
@@ -175,7 +175,7 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
             if mapping:
                 if kwargs or len(args) != 1:
                     raise TypeError("format_map() takes exactly one argument")
-                args, kwargs = (), args[0]
+                kwargs, args = args[0], ()
             return type(text)(formatter.vformat(text, args, kwargs))
 
         return bounded

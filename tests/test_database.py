@@ -6,9 +6,10 @@ import sqlite3
 import psycopg
 import pytest
 from psycopg import errors as pg
+from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError, ProgrammingError
 
-from flows.database import is_transient
+from flows.database import Database, is_transient
 
 
 @pytest.mark.parametrize("error, transient", [
@@ -27,3 +28,19 @@ from flows.database import is_transient
     else str(value))
 def test_only_errors_another_try_may_get_past_are_transient(error, transient):
     assert is_transient(error) is transient
+
+
+def test_a_postgresql_url_keeps_every_options_parameter_it_repeats(postgres_url):
+    """libpq takes `options` once; a URL may give it twice (a search_path, a work_mem): both reach the server,
+    beside flowgate's own timeouts."""
+    database = Database(f"{postgres_url}&options=-cwork_mem%3D7MB")
+    try:
+        with database.session() as session:
+            search_path = session.execute(text("SHOW search_path")).scalar()
+            work_mem = session.execute(text("SHOW work_mem")).scalar()
+            statement_timeout = session.execute(text("SHOW statement_timeout")).scalar()
+    finally:
+        database.dispose()
+    assert search_path == postgres_url.rsplit("%3D", 1)[1]
+    assert work_mem == "7MB"
+    assert statement_timeout == "30s"

@@ -107,6 +107,22 @@ def test_a_filesystem_destination_gets_parquet_files_and_a_schema(workdir, works
     assert {c["name"] for c in schema["tables"]["orders"]} >= {"id", "customer_id", "status", "amount_cents"}
 
 
+def test_a_schema_read_after_a_first_run_that_loaded_nothing_is_empty(workdir, workspace):
+    """A first run that failed before extracting leaves a pipeline folder without a schema: reading the
+    connector's schema then answers no tables (it raised AttributeError on the missing schema)."""
+    from connectors.schema import destination_schema
+
+    path = workdir / "lake.yaml"
+    path.write_text("connectors:\n  lake:\n    source: {kind: sql_database, url: 'sqlite:///missing.db', "
+                    "tables: [orders]}\n"
+                    f"    destination: {{kind: filesystem, bucket_url: '{workdir / 'lake'}'}}\n")
+    spec = ConnectorRegistry.load(path).get("lake")
+    with pytest.raises(ConnectorRunError):
+        run_connector(spec, workspace)
+    assert (workspace.pipelines_dir / spec.pipeline_name / "state.json").exists()
+    assert destination_schema(spec, workspace) == {"source": "dlt_schema", "location": None, "tables": {}}
+
+
 def test_a_postgresql_destination_receives_the_rows(workdir, workspace, postgres_url):
     import uuid
 

@@ -18,7 +18,7 @@ from app.backends.prefect_sync import PrefectSync
 from app.runs.models import Run, utcnow
 from app.runs.store import NewRun, RunStore
 from connectors.failures import RetryPolicy
-from flows.outcome import COMPLETED, CRASHED, FAILED, QUEUED, RUNNING, RunError
+from flows.outcome import CANCELLED, COMPLETED, CRASHED, FAILED, QUEUED, RUNNING, RunError
 from tests.fake_services import CallbackReceiver
 from tests.test_api_triggers import poll_until_ended
 from tests.test_callbacks import SECRET, wait_for_callback
@@ -223,6 +223,52 @@ def test_a_retry_on_prefect_is_a_new_flow_run_with_its_own_tag_and_key(store: Ru
         sent = json.loads(created.calls[0].request.content)
         assert sent["idempotency_key"].endswith(":attempt-2") and f"flowgate-attempt:{run.id}:2" in sent["tags"]
         assert store.get(run.id).prefect_flow_run_id == "fr-2"
+    finally:
+        route.close()
+
+
+def test_a_prefect_run_waiting_for_its_next_attempt_is_cancelled_without_asking_prefect(store: RunStore):
+    """Between two attempts (or after a create that went unanswered) a run on Prefect has no flow run: a cancel
+    ends it in the store, where a flow run of it created late finds it ended. It asked Prefect to cancel flow run
+    `None` before, which Prefect refuses (422), and answered 503."""
+    api = "http://prefect.test/api"
+    run = with_policy(store, backend="prefect", backoff_seconds=0)
+    store.record_flow_run(run.id, "fr-1", "Scheduled")
+    route = PrefectRoute(PrefectClient(api, timeout=0.5), "flowgate-connector", "flowgate", reprobe_seconds=60)
+    backend = PrefectBackend(store, route, run_timeout_seconds=3600)
+    try:
+        with respx.mock:
+            respx.post(f"{api}/artifacts/filter").respond(json=[{"key": "flowgate-error-shop", "data": [
+                {"code": "connector_failed", "message": "HTTP 503 from the source", "step": "extract",
+                 "failure_class": "transient"}]}])
+            waiting = backend.apply_flow_run(store.get(run.id), {"id": "fr-1", "state": {
+                "type": "FAILED", "name": "Failed", "message": "Flow run encountered an exception"},
+                "start_time": utcnow().isoformat(), "end_time": utcnow().isoformat()})
+        assert (waiting.status, waiting.prefect_flow_run_id) == (QUEUED, None)
+        with respx.mock(assert_all_called=False) as prefect:
+            asked = prefect.post(path__regex=r"/api/flow_runs/[^/]+/set_state").respond(
+                422, json={"detail": "flow_run_id: not a valid UUID"})
+            cancelled = backend.cancel(waiting)
+        assert not asked.called
+        assert cancelled is not None and cancelled.status == CANCELLED
+        assert store.get(run.id).status == CANCELLED
+    finally:
+        route.close()
+
+
+def test_a_prefect_run_with_no_flow_run_yet_has_no_log_lines_and_prefect_is_not_asked(store: RunStore):
+    """A run on Prefect whose flow run is not created yet (its create unconfirmed) has logged nothing there: an
+    empty page. It asked Prefect for the logs of flow run `None` before, which Prefect refuses (422): a 503."""
+    api = "http://prefect.test/api"
+    run = with_policy(store, backend="prefect")
+    route = PrefectRoute(PrefectClient(api, timeout=0.5), "flowgate-connector", "flowgate", reprobe_seconds=60)
+    backend = PrefectBackend(store, route, run_timeout_seconds=3600)
+    try:
+        with respx.mock(assert_all_called=False) as prefect:
+            asked = prefect.post(f"{api}/logs/filter").respond(422, json={"detail": "flow_run_id: not a valid UUID"})
+            page = backend.logs(run, after=0, limit=50)
+        assert not asked.called
+        assert (page.source, page.items, page.next_after) == ("prefect", [], None)
     finally:
         route.close()
 

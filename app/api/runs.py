@@ -102,7 +102,7 @@ def rerun_run(run_id: str) -> Response:
 def cancel_run(run_id: str) -> Response:
     """Cancel: a queued run at once (200), a running one at its next checkpoint (202, `cancelling`)."""
     get_run_or_404(run_id)
-    run = services().dispatcher.cancel(run_id)
+    run = services().dispatcher.cancel(run_id) or get_run_or_404(run_id)  # None: pruned meanwhile (404)
     if run.is_terminal and run.status != "cancelled":
         raise Conflict(f"run '{run_id}' already ended as {run.status}", code="run_already_ended", run_status=run.status)
     return run_response(run, 200 if run.is_terminal else 202)

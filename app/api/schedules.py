@@ -10,6 +10,7 @@ from app import services
 from app.auth import requires
 from app.errors import Conflict, NotFound
 from app.runs.models import utcnow
+from app.scheduler import Schedule
 from app.schemas import ScheduleOut, run_document
 
 bp = Blueprint("schedules", __name__)
@@ -17,10 +18,12 @@ bp = Blueprint("schedules", __name__)
 
 def schedule_document(kind: str, target: str) -> dict[str, Any] | None:
     """The schedule of a connector or workflow with its state, next fire times and last run; None without one."""
+    schedule = services().scheduler.get(kind, target)
+    return _document(kind, target, schedule) if schedule is not None else None
+
+
+def _document(kind: str, target: str, schedule: Schedule) -> dict[str, Any]:
     svc = services()
-    schedule = svc.scheduler.get(kind, target)
-    if schedule is None:
-        return None
     state = svc.store.schedules.get(kind, target)
     paused = bool(state and state.paused)
     last = svc.store.schedules.last_run(kind, target)
@@ -82,4 +85,4 @@ def _set_paused(kind: str, target: str, paused: bool) -> dict[str, Any]:
     else:
         svc.store.schedules.resume(kind, target, utcnow())
     svc.scheduler.wake()  # this process's next pass comes now; the others see it within a second
-    return schedule_document(kind, target)
+    return _document(kind, target, schedule)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from flask import Blueprint, Response, redirect, send_from_directory
+from werkzeug.wrappers import Response as BaseResponse
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static" / "ui"
 
@@ -20,7 +21,7 @@ bp = Blueprint("ui", __name__, url_prefix="/ui", static_folder=STATIC_DIR, stati
 
 
 @bp.get("", strict_slashes=True)
-def to_index() -> Response:
+def to_index() -> BaseResponse:
     """`/ui` to `/ui/` by a relative Location (Werkzeug's own redirect names the request's Host)."""
     return redirect("/ui/", 308)
 

@@ -76,6 +76,8 @@ class PrefectBackend:
         idempotency key, and if that is lost too the run stays queued here, awaiting dispatch, for the sync to
         settle. It never runs locally while a flow run of it may exist.
         """
+        if deployment_id is None:  # the dispatcher and the sync route a run to a deployment first
+            raise PrefectError(f"run {run.id} has no deployment to create its flow run from")
         try:
             return self._create(run, deployment_id)
         except PrefectUnavailable as exc:
@@ -109,7 +111,7 @@ class PrefectBackend:
 
     def record_flow_run(self, run: Run, flow_run: dict[str, Any]) -> Run:
         state = flow_run.get("state") or {}
-        return self.store.record_flow_run(run.id, str(flow_run["id"]), state.get("name")) or self.store.get(run.id)
+        return self.store.record_flow_run(run.id, str(flow_run["id"]), state.get("name")) or self.store.get_one(run.id)
 
     # --- following --------------------------------------------------------------------------
 
@@ -127,42 +129,45 @@ class PrefectBackend:
     def apply_flow_run(self, run: Run, flow_run: dict[str, Any]) -> Run:
         """Record a flow run's state on its run (and, once completed, the load summary artifact)."""
         state = flow_run.get("state") or {}
-        status = STATE_TO_STATUS.get(state.get("type"), run.status)
+        status = STATE_TO_STATUS.get(state.get("type") or "", run.status)
         if status == run.status and state.get("name") == run.prefect_state:
             return run
         started_at = _parse_time(flow_run.get("start_time")) if not run.started_at else None
         if status not in TERMINAL:
             return self._record(run, status, state, started_at)
         finished_at = _parse_time(flow_run.get("end_time")) or utcnow()
+        flow_run_id = str(flow_run["id"])
         if status == CANCELLED and not run.cancel_requested:
             # Nobody asked flowgate: its flow refused to run (failed), or Prefect, a worker's shutdown, a lost
             # concurrency slot or someone in Prefect's UI cut it off (crashed, saying so). Never `cancelled`.
-            error = self._error(run, status, state)
-            if error.code != WORKER_RUN_STORE_MISMATCH:
-                error = RunError("cut_off", f"Prefect ended the flow run {state.get('name') or 'Cancelled'} without "
-                                            f"a cancel from flowgate: {state.get('message') or 'no reason given'}")
-            return self._record(run, CRASHED if error.code == "cut_off" else FAILED, state, started_at, finished_at,
-                                None, error)
+            refused = self._error(run, flow_run_id, status, state)
+            if refused.code != WORKER_RUN_STORE_MISMATCH:
+                refused = RunError("cut_off", f"Prefect ended the flow run {state.get('name') or 'Cancelled'} "
+                                              f"without a cancel from flowgate: "
+                                              f"{state.get('message') or 'no reason given'}")
+            return self._record(run, CRASHED if refused.code == "cut_off" else FAILED, state, started_at,
+                                finished_at, None, refused)
         if run.kind == "workflow":
-            return self._apply_workflow(run, status, state, started_at, finished_at)
-        result, error = None, None
+            return self._apply_workflow(run, flow_run_id, status, state, started_at, finished_at)
+        result: dict[str, Any] | None = None
+        error: RunError | None = None
         if status == COMPLETED:
-            rows = self.client.read_table_artifact(run.prefect_flow_run_id, SUMMARY_ARTIFACT_PREFIX)
+            rows = self.client.read_table_artifact(flow_run_id, SUMMARY_ARTIFACT_PREFIX)
             result = rows[0] if rows else None
         else:
-            error = self._error(run, status, state)
+            error = self._error(run, flow_run_id, status, state)
             if error.code == "lock_lost":  # cut off by its lease on the connector's key, not failed by itself
                 status = CRASHED
         return self._record(run, status, state, started_at, finished_at, result, error)
 
-    def _error(self, run: Run, status: str, state: dict[str, Any], nodes: list[dict[str, Any]] | None = None
-               ) -> RunError:
+    def _error(self, run: Run, flow_run_id: str, status: str, state: dict[str, Any],
+               nodes: list[dict[str, Any]] | None = None) -> RunError:
         """Why a flow run did not complete, with its class: a workflow's first failed node's (`nodes`), the error a
         connector's flow published, crashed for a crash; else Prefect's state, terminal (never retried). A flow
         that found no such run in its worker's run store, although this gateway has it, says the workers'
         DATABASE_URL is not this gateway's (readiness shows it)."""
-        message = state.get("message") or state.get("name")
-        if NOT_IN_RUN_STORE in (message or ""):
+        message = state.get("message") or state.get("name") or ""
+        if NOT_IN_RUN_STORE in message:
             log.error("run %s was not executed: its Prefect worker's run store does not hold it; the workers' "
                       "DATABASE_URL is not this gateway's", run.id, extra={"run_id": run.id})
             return RunError(WORKER_RUN_STORE_MISMATCH, message)
@@ -171,7 +176,7 @@ class PrefectBackend:
                             failure_class=(nodes[0].get("error") or {}).get("failure_class", "terminal"))
         if status == CRASHED:
             return RunError("prefect_crashed", message, failure_class="crashed")
-        rows = self.client.read_table_artifact(run.prefect_flow_run_id, ERROR_ARTIFACT_PREFIX) \
+        rows = self.client.read_table_artifact(flow_run_id, ERROR_ARTIFACT_PREFIX) \
             if status == FAILED and run.kind == "connector" else None
         if rows:
             published = rows[0]
@@ -179,19 +184,20 @@ class PrefectBackend:
                             step=published.get("step"), failure_class=published.get("failure_class"))
         return RunError(f"prefect_{status}", message)
 
-    def _apply_workflow(self, run: Run, status: str, state: dict[str, Any], started_at: datetime | None,
-                        finished_at: datetime) -> Run:
+    def _apply_workflow(self, run: Run, flow_run_id: str, status: str, state: dict[str, Any],
+                        started_at: datetime | None, finished_at: datetime) -> Run:
         """A finished Prefect workflow run: its nodes and outputs from the artifact the flow published."""
-        rows = self.client.read_table_artifact(run.prefect_flow_run_id, workflow_artifact_key(run.id))
+        rows = self.client.read_table_artifact(flow_run_id, workflow_artifact_key(run.id))
         document = rows[0] if rows else None
-        result, error = None, None
+        result: dict[str, Any] | None = None
+        error: RunError | None = None
         if document:
             spec_order = {node["id"]: index for index, node in enumerate(run.params["workflow"]["nodes"])}
             self.store.nodes.save(run.id, [(spec_order.get(node["id"], 0), node) for node in document["nodes"]])
             result = {key: document[key] for key in ("workflow_id", "mode", "layers", "duration_seconds", "outputs")}
         if status != COMPLETED:
             failed = [node for node in (document or {}).get("nodes", []) if node["status"] == "failed"]
-            error = self._error(run, status, state, nodes=failed or None)
+            error = self._error(run, flow_run_id, status, state, nodes=failed or None)
         return self._record(run, status, state, started_at, finished_at, result, error)
 
     def _record(self, run: Run, status: str, state: dict[str, Any], started_at: datetime | None,
@@ -201,7 +207,7 @@ class PrefectBackend:
         updated = self.store.record_prefect_state(run.id, status, state.get("name"), started_at, finished_at,
                                                   result, error)
         if updated is None:
-            return self.store.get(run.id)
+            return self.store.get_one(run.id)
         if started_at and not run.started_at:
             observe_run_start(updated)
         if updated.is_terminal:
@@ -210,7 +216,10 @@ class PrefectBackend:
         return updated
 
     def logs(self, run: Run, after: int, limit: int) -> LogPage:
-        """A Prefect run's log lines from Prefect; a 503 problem while Prefect cannot be asked."""
+        """A Prefect run's log lines from Prefect; a 503 problem while Prefect cannot be asked. A run with no flow run
+        (its create unconfirmed, or waiting for its next attempt) has none there."""
+        if run.prefect_flow_run_id is None:
+            return LogPage("prefect", [], None)
         if not self.available:
             raise Unavailable("Prefect cannot be reached for this run's logs right now", code="prefect_unavailable",
                               headers={"Retry-After": "10"})
@@ -242,7 +251,7 @@ class PrefectBackend:
             task_run = by_id.get(node["id"])
             if task_run is not None:
                 state = (task_run.get("state") or {}).get("type")
-                node = {**node, "status": _NODE_STATUS.get(state, node["status"]),
+                node = {**node, "status": _NODE_STATUS.get(state or "", node["status"]),
                         "attempts": task_run.get("run_count") or 0,
                         "started_at": task_run.get("start_time"), "finished_at": task_run.get("end_time")}
             live.append(node)
@@ -251,10 +260,14 @@ class PrefectBackend:
     def cancel(self, run: Run) -> Run | None:
         """Cancel in Prefect first; the store follows only what Prefect answered. A flow run no worker has taken
         is cancelled at once; one a worker has turns `cancelling` until Prefect reports its end; one that ended
-        first keeps its end. A Prefect that does not answer changes nothing: 503, and the run is still followed."""
+        first keeps its end. A Prefect that does not answer changes nothing: 503, and the run is still followed.
+        A run with no flow run (waiting for its next attempt, or its create unconfirmed) is cancelled in the store:
+        a flow run of it that Prefect created after all finds it ended there and does not execute."""
         run = self.refresh(run)
         if run.is_terminal:
             return run
+        if run.prefect_flow_run_id is None:
+            return self.store.cancel(run.id)
         try:
             after = self.client.cancel_flow_run(run.prefect_flow_run_id)
         except PrefectError as exc:
@@ -264,33 +277,33 @@ class PrefectBackend:
         if after == "CANCELLED":
             return self.store.cancel(run.id)
         if after is None:  # it ended before the cancel arrived
-            return self.refresh(self.store.get(run.id))
-        if after == "CANCELLING" and self._never_started(run):
-            return self._cancel_unstarted(run)
+            return self.refresh(self.store.get_one(run.id))
+        if after == "CANCELLING" and self._never_started(run.prefect_flow_run_id):
+            return self._cancel_unstarted(run.id, run.prefect_flow_run_id)
         return self.store.request_cancel(run.id) or self.store.get(run.id)  # it ended meanwhile
 
-    def _never_started(self, run: Run) -> bool:
+    def _never_started(self, flow_run_id: str) -> bool:
         """A CANCELLING flow run that never ran (a worker had claimed it): Prefect refuses RUNNING from CANCELLING,
         so its flow cannot start now either. An unreadable flow run counts as started (the cautious answer)."""
         try:
-            return not self.client.read_flow_run(run.prefect_flow_run_id).get("start_time")
+            return not self.client.read_flow_run(flow_run_id).get("start_time")
         except PrefectError as exc:
             self.note_failure(exc)
             return False
 
-    def _cancel_unstarted(self, run: Run) -> Run | None:
+    def _cancel_unstarted(self, run_id: str, flow_run_id: str) -> Run | None:
         """Cancel a run whose flow run a worker claimed but never started. Nothing stops it in 3.8.8 once the
         worker has handed it to its process (the flow only finds CANCELLING and exits), and it holds the
         deployment's slot until Prefect's CANCELLING timeout (300 s). The run is recorded cancelled first, the flow
         run closed second: a process that proposes RUNNING after the close (accepted from CANCELLED) finds its
         run ended in the run store and does not execute."""
-        cancelled = self.store.cancel(run.id)
+        cancelled = self.store.cancel(run_id)
         try:
-            self.client.end_cancelling_flow_run(run.prefect_flow_run_id, "cancelled through flowgate before it started")
+            self.client.end_cancelling_flow_run(flow_run_id, "cancelled through flowgate before it started")
         except PrefectError as exc:
             self.note_failure(exc)
             log.info("closing cancelled flow run %s failed (%s); Prefect ends it after its CANCELLING timeout",
-                     run.prefect_flow_run_id, exc.message)
+                     flow_run_id, exc.message)
         return cancelled
 
 

@@ -147,8 +147,8 @@ class PrefectRoute:
             return {"status": "down", "circuit": "open", "reason": self._last_error,
                     "open_for_seconds": round(time.monotonic() - (self._open_since or 0), 1)}
         try:
-            self._latency_ms = self.client.health()
-            PREFECT_PROBE.set(self._latency_ms / 1000)
+            latency_ms = self._latency_ms = self.client.health()
+            PREFECT_PROBE.set(latency_ms / 1000)
             workers = self.client.workers(self.work_pool)
         except PrefectNotFound:
             workers = None
@@ -156,7 +156,7 @@ class PrefectRoute:
             self.record_failure(exc)
             return {"status": "down", "circuit": "open" if self.circuit_open else "closed", "reason": exc.message}
         return {"status": "up", "circuit": "closed", "api_url": self.client.api_url,
-                "latency_ms": round(self._latency_ms, 2), "work_pool": self.work_pool,
+                "latency_ms": round(latency_ms, 2), "work_pool": self.work_pool,
                 "workers_online": count_alive(workers or [], self.worker_max_age_seconds),
                 "worker_max_age_seconds": self.worker_max_age_seconds,
                 "workers": [{"name": w.get("name"), "status": w.get("status"),

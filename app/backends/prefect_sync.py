@@ -108,7 +108,7 @@ class PrefectSync(Loop):
         """No worker picked the flow run up within FLOWGATE_PREFECT_PICKUP_SECONDS: claim it the way a worker
         would (PENDING, which Prefect grants once), close it, and run it locally under the same run id. When a
         worker wins the claim, the run stays on Prefect."""
-        flow_run_id = run.prefect_flow_run_id
+        flow_run_id = str(flow_run["id"])  # the run's
         # A gateway claimed it, then died (or lost Prefect) before closing it: ours now (Prefect refuses a worker's
         # PENDING over it), unless the claim had come after a worker's whole run, whose end was never restored.
         state = flow_run.get("state") or {}
@@ -168,10 +168,10 @@ class PrefectSync(Loop):
                 deployment, flow_name = (run.target, FLOW_NAME) if run.kind == "connector" else \
                     (WORKFLOW_DEPLOYMENT, WORKFLOW_FLOW_NAME)
                 route = self.backend.route.route(deployment, flow_name) if self.backend.route is not None else None
-                if route is not None and route.ok:
+                if route is not None and route.deployment_id is not None:  # route.ok
                     settled.append(self.backend.submit(run, deployment_id=route.deployment_id))
                     continue
-                reason = route.reason if route is not None else "prefect_not_configured"
+                reason = (route.reason if route is not None else None) or "prefect_not_configured"
                 if (now - waited_since).total_seconds() < self.give_up_seconds:
                     continue  # a create still in flight may yet land: only a run this old goes local
             except PrefectError as exc:

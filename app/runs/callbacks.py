@@ -7,7 +7,7 @@ from typing import Any
 from sqlalchemy import select, update
 
 from app.runs.models import CALLBACK_DELIVERED, CALLBACK_FAILED, CALLBACK_PENDING, Run, RunCallback, utcnow
-from flows.database import Database
+from flows.database import Database, rowcount
 from flows.outcome import TERMINAL
 
 
@@ -43,9 +43,9 @@ class CallbackStore:
 
         def attempt() -> bool:
             with self.database.session(write=True) as session:
-                return session.execute(update(RunCallback).where(
+                return rowcount(session.execute(update(RunCallback).where(
                     RunCallback.run_id == run_id, RunCallback.claimed_by == owner)
-                    .values(claimed_until=utcnow() + timedelta(seconds=lease_seconds))).rowcount == 1
+                    .values(claimed_until=utcnow() + timedelta(seconds=lease_seconds)))) == 1
 
         return self.database.retry(attempt)
 

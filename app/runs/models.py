@@ -6,10 +6,10 @@ migrations in app/runs/migrations/ (a test checks that they end at exactly these
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlsplit, urlunsplit
 
-from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Index, Integer, String, Text, TypeDecorator, text
+from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Index, Integer, String, Table, Text, TypeDecorator, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from flows.outcome import CANCELLING, RUNNING, TERMINAL
@@ -40,6 +40,9 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 class Base(DeclarativeBase):
     """Declarative base of the run store."""
+
+    if TYPE_CHECKING:  # each model maps one Table (DeclarativeBase types __table__ as any FromClause)
+        __table__: ClassVar[Table]
 
 
 # Active local runs, in SQL spelled once: the partial index below holds exactly these rows, and a query that says

@@ -62,12 +62,12 @@ class RetentionStore:
                 yield held
             return
         with self.database.engine.connect() as connection:
-            held = connection.execute(text("SELECT pg_try_advisory_lock(:id)"), {"id": _PRUNE_LOCK_ID}).scalar()
+            locked = bool(connection.execute(text("SELECT pg_try_advisory_lock(:id)"), {"id": _PRUNE_LOCK_ID}).scalar())
             connection.commit()
             try:
-                yield bool(held)
+                yield locked
             finally:
-                if held:
+                if locked:
                     connection.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": _PRUNE_LOCK_ID})
                     connection.commit()
 

@@ -4,6 +4,7 @@ is a compare-and-set on the value read, so a slot is counted, skipped or run by 
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import Connection, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -17,7 +18,7 @@ def advance(connection: Connection, kind: str, target: str, done_until: datetime
             skipped: bool = False, missed: int = 0) -> bool:
     """Move a schedule's progress from `done_until` (as read) to `slot`, counting a skipped slot or missed ones;
     False when another process moved it first or the schedule is paused."""
-    values = {"done_until": slot, "updated_at": utcnow()}
+    values: dict[str, Any] = {"done_until": slot, "updated_at": utcnow()}
     if skipped:
         values.update(skipped=ScheduleState.skipped + 1, last_skipped_for=slot)
     if missed:
@@ -56,7 +57,7 @@ class ScheduleStore:
         def attempt() -> ScheduleState:
             with self.database.session(write=True) as session:
                 session.execute(insert.values(**row).on_conflict_do_nothing(index_elements=["kind", "target"]))
-                return session.get(ScheduleState, (kind, target))
+                return session.get_one(ScheduleState, (kind, target))
 
         return self.database.retry(attempt)
 
@@ -64,7 +65,7 @@ class ScheduleStore:
         """Fire no slot of the schedule until it is resumed (kept across restarts, seen by every gateway)."""
         def attempt() -> ScheduleState:
             with self.database.session(write=True) as session:
-                state = session.get(ScheduleState, (kind, target))
+                state = session.get_one(ScheduleState, (kind, target))  # made by ensure, below
                 if not state.paused:
                     state.paused, state.paused_at, state.paused_by, state.updated_at = True, utcnow(), by, utcnow()
                 return state
@@ -76,7 +77,7 @@ class ScheduleStore:
         """Fire its slots again from `now` on: the slots that passed while it was paused are not run."""
         def attempt() -> ScheduleState:
             with self.database.session(write=True) as session:
-                state = session.get(ScheduleState, (kind, target))
+                state = session.get_one(ScheduleState, (kind, target))
                 if state.paused:
                     state.paused, state.paused_at, state.paused_by, state.updated_at = False, None, None, utcnow()
                     state.done_until = max(state.done_until, now)

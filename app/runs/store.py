@@ -4,6 +4,7 @@ runs as points to draw) hang off it as parts in modules of their own. Over 300 l
 row changes is here, side by side."""
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 import uuid
@@ -37,7 +38,7 @@ from app.runs.schedule_states import ScheduleStore, advance
 from connectors import tracing
 from connectors.failures import RetryPolicy
 from flows.connector_lock import connector_locks, held_by_others, serialise_claims
-from flows.database import Database
+from flows.database import Database, rowcount
 from flows.node_cache import SqlNodeCache
 from flows.outcome import ACTIVE, CANCELLED, CANCELLING, CRASHED, FAILED, QUEUED, RUNNING, TERMINAL, RunError
 
@@ -197,6 +198,8 @@ def _insert(connection: Connection, new: NewRun, row: dict[str, Any]) -> Run:
 class RunStore:
     """Reads and writes runs; every state change is one short transaction."""
 
+    # In this class's annotations `list` is the method RunStore.list: the type is spelled builtins.list.
+
     def __init__(self, url: str, busy_timeout_ms: int = 15_000):
         self.db = Database(url, busy_timeout_ms)
         self.is_sqlite = self.db.is_sqlite
@@ -254,8 +257,11 @@ class RunStore:
         except IntegrityError:
             # Another process inserted the same key between our check and our insert.
             with self.db.session() as session:
-                found, created = self._by_idempotency_key(session, new), False
-        run = found if isinstance(found, Run) else self.get(found)
+                by_key = self._by_idempotency_key(session, new)
+            if by_key is None:
+                raise  # not the key's (nothing else of a new run is unique): the error as it was
+            found, created = by_key, False
+        run = found if isinstance(found, Run) else self.get_one(found)
         duplicate = bool(new.idempotency_key) and run.idempotency_key == new.idempotency_key
         if not created and duplicate and run.request_hash != new.request_hash:
             raise IdempotencyConflict(run)
@@ -272,10 +278,10 @@ class RunStore:
     def _count_queued(self, connection: Connection, new: NewRun) -> int:
         """Queued runs of the new run's target, or of every inline workflow (under _lock_target)."""
         if new.is_inline_workflow:
-            return connection.exec_driver_sql(_COUNT_QUEUED_INLINE).scalar()
+            return connection.exec_driver_sql(_COUNT_QUEUED_INLINE).scalar_one()
         if self.is_sqlite:
-            return connection.exec_driver_sql(_COUNT_QUEUED_SQLITE, (new.target, new.kind)).scalar()
-        return connection.exec_driver_sql(_COUNT_QUEUED_PG, {"target": new.target, "kind": new.kind}).scalar()
+            return connection.exec_driver_sql(_COUNT_QUEUED_SQLITE, (new.target, new.kind)).scalar_one()
+        return connection.exec_driver_sql(_COUNT_QUEUED_PG, {"target": new.target, "kind": new.kind}).scalar_one()
 
     def create_slot_run(self, new: NewRun, done_until: datetime, skip_if_waiting: bool) -> tuple[str, Run | None]:
         """The run of a schedule's slot (`new.scheduled_for`), created at most once whoever asks, with what
@@ -369,6 +375,11 @@ class RunStore:
                 Run.kind == kind, Run.target.in_({target for target, _ in keyed}),
                 Run.idempotency_key.in_({key for _, key in keyed}))))
 
+    def get_one(self, run_id: str) -> Run:
+        """A run known to exist (one a transaction just wrote or saw); NoResultFound otherwise."""
+        with self.db.session() as session:
+            return session.get_one(Run, run_id, options=_WITH_CALLBACK)
+
     def get(self, run_id: str) -> Run | None:
         """The run with this id, or None."""
         with self.db.session() as session:
@@ -376,7 +387,8 @@ class RunStore:
 
     def list(self, target: str | None = None, status: str | None = None, limit: int = 50,
              before: tuple[datetime, str] | None = None, backend: str | None = None,
-             source: str | None = None, kind: str | None = None, label: tuple[str, str] | None = None) -> list[Run]:
+             source: str | None = None, kind: str | None = None,
+             label: tuple[str, str] | None = None) -> builtins.list[Run]:
         """Runs newest first; `before` is the (created_at, id) of the last run of the previous page. With a `label`
         (key, value), the label's index gives the order, and the other filters apply to the runs it names."""
         created_at, run_id = (RunLabel.created_at, RunLabel.run_id) if label else (Run.created_at, Run.id)
@@ -399,7 +411,7 @@ class RunStore:
         with self.db.session() as session:
             return list(session.scalars(query))
 
-    def recent_durations(self, kind: str, target: str, count: int = 10) -> list[float]:
+    def recent_durations(self, kind: str, target: str, count: int = 10) -> builtins.list[float]:
         """Seconds from start to end of the target's last `count` ended runs that started (ix_runs_target_finished)."""
         with self.db.session() as session:
             rows = session.execute(select(Run.started_at, Run.finished_at).where(
@@ -407,7 +419,7 @@ class RunStore:
                 .order_by(Run.finished_at.desc()).limit(count)).all()
         return [(row.finished_at - row.started_at).total_seconds() for row in rows if row.started_at]
 
-    def fail_overdue(self, backend: str, started_before: datetime, error: RunError) -> list[Run]:
+    def fail_overdue(self, backend: str, started_before: datetime, error: RunError) -> builtins.list[Run]:
         """End as failed every unfinished run on `backend` that started before `started_before` (one that has not
         started, created before it); returns them. Waiting behind the connector's other runs does not count."""
 
@@ -474,7 +486,8 @@ class RunStore:
 
         return self.db.retry(attempt)
 
-    def renew_leases(self, owner: str, run_ids: list[str], lease_seconds: float) -> tuple[set[str], set[str]]:
+    def renew_leases(self, owner: str, run_ids: builtins.list[str],
+                     lease_seconds: float) -> tuple[set[str], set[str]]:
         """Extend the leases `owner` still holds: returns (the ids it holds, those among them asked to cancel).
         An id missing from the first set was taken from `owner` (recovered as crashed): it must stop."""
         if not run_ids:
@@ -510,7 +523,7 @@ class RunStore:
             synchronize_session=False)
 
     def finish(self, run_id: str, owner: str, status: str, result: dict[str, Any] | None = None,
-               error: RunError | None = None, logs: list[dict[str, Any]] | None = None) -> str | None:
+               error: RunError | None = None, logs: builtins.list[dict[str, Any]] | None = None) -> str | None:
         """Record how a run's attempt ended (and its last log lines, in the same transaction); only while `owner`
         still holds it (a recovered run stays recovered). Returns the status written: `status`, or `queued` when its
         retry policy takes the failure (_end_attempt); None when the run was no longer `owner`'s. Tried again after
@@ -535,7 +548,7 @@ class RunStore:
     def _end_attempt(self, session: Session, run_id: str, statuses: tuple[str, ...], status: str,
                      result: dict[str, Any] | None, error: RunError | None, *also: Any,
                      now: datetime | None = None, log_error: bool = False,
-                     logs: list[dict[str, Any]] | None = None, **ended: Any) -> str | None:
+                     logs: builtins.list[dict[str, Any]] | None = None, **ended: Any) -> str | None:
         """End the run's current attempt as `status` (a compare-and-set on `statuses` and `also`); returns the status
         written, None when the run had moved on.
 
@@ -555,7 +568,8 @@ class RunStore:
                                          Run.cancel_requested, Run.prefect_flow_run_id)
                                   .where(Run.id == run_id)).first()
             policy = RetryPolicy.model_validate(row.retry_policy) if row is not None and row.retry_policy else None
-            if policy is not None and not row.cancel_requested and policy.retries(error.failure_class, row.attempt):
+            if (row is not None and policy is not None and not row.cancel_requested
+                    and policy.retries(error.failure_class, row.attempt)):
                 entry = {"attempt": row.attempt, "backend": row.backend, "status": status, "error": values["error"],
                          "started_at": row.started_at.isoformat() if row.started_at else None,
                          "ended_at": now.isoformat(), "prefect_flow_run_id": row.prefect_flow_run_id}
@@ -567,7 +581,7 @@ class RunStore:
                 also = (*also, Run.attempt == row.attempt)
                 retry_line = (f"attempt {row.attempt} of {policy.max_attempts} ended {status} "
                               f"({error.failure_class}); attempt {row.attempt + 1} starts at {next_at.isoformat()}")
-        if not session.execute(self._when(run_id, statuses, *also).values(**values)).rowcount:
+        if not rowcount(session.execute(self._when(run_id, statuses, *also).values(**values))):
             return None
         lines = [RunLog(**line) for line in logs or ()]
         if log_error and error is not None:
@@ -623,13 +637,13 @@ class RunStore:
         def attempt() -> Run | None:
             with self.db.session(write=True) as session:
                 changed = session.execute(self._when(run_id, statuses, Run.backend == on_backend).values(**values))
-                if not changed.rowcount:
+                if not rowcount(changed):
                     return None
                 return session.get(Run, run_id, options=_WITH_CALLBACK)
 
         return self.db.retry(attempt)
 
-    def undispatched(self, backend: str, created_before: datetime, limit: int = 50) -> list[Run]:
+    def undispatched(self, backend: str, created_before: datetime, limit: int = 50) -> builtins.list[Run]:
         """Queued runs on `backend` (Prefect) with no flow run on record yet, created before `created_before`."""
         with self.db.session() as session:
             return list(session.scalars(select(Run).where(
@@ -637,7 +651,7 @@ class RunStore:
                 or_(Run.created_at < created_before, Run.attempt > 1), _due(utcnow()))
                 .order_by(Run.created_at).limit(limit)))
 
-    def unfinished(self, backend: str, limit: int = 100) -> list[Run]:
+    def unfinished(self, backend: str, limit: int = 100) -> builtins.list[Run]:
         """Runs on `backend` that have not ended, oldest first."""
         # One ordered range of ix_runs_queue per status: an IN with ORDER BY tempts planners into walking
         # ix_runs_created, every run ever kept, to skip a sort of the few live ones.
@@ -660,7 +674,7 @@ class RunStore:
                                   "error": RunError("cancelled", "cancelled before it started").to_dict()}
                     else:
                         change = {"status": CANCELLING}
-                    if session.execute(self._when(run_id, status).values(cancel_requested=True, **change)).rowcount:
+                    if rowcount(session.execute(self._when(run_id, status).values(cancel_requested=True, **change))):
                         break
                 return session.get(Run, run_id, options=_WITH_CALLBACK)
 
@@ -670,7 +684,7 @@ class RunStore:
         """Ask an unfinished run to stop, whatever its status (`cancelling` until its backend reports the end)."""
         return self._change_unfinished(run_id, "prefect", cancel_requested=True, status=CANCELLING)
 
-    def crash_runs_of_process(self, host: str, pid: int) -> list[str]:
+    def crash_runs_of_process(self, host: str, pid: int) -> builtins.list[str]:
         """End as crashed the active local runs a dead process held (its executor's and its inline ones: their
         owners name `host` and `pid`); returns their ids. For a process known dead, not one late with its lease."""
         owned = or_(Run.lease_owner.like(f"{host}:{pid}:%"), Run.lease_owner == f"execute-node:{host}:{pid}")
@@ -685,7 +699,7 @@ class RunStore:
 
         return self.db.retry(attempt)
 
-    def recover_expired(self) -> list[str]:
+    def recover_expired(self) -> builtins.list[str]:
         """Mark local runs whose lease lapsed (their process died) `crashed`; return their ids. An active local run
         without a lease (left by a lost update before transitions were compare-and-sets) is ended too: nothing
         renews it, and it would hold its connector's key for good."""

@@ -12,7 +12,7 @@ from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
-from prefect.states import Cancelled
+from prefect.states import Cancelled, State
 
 from connectors import secrets, tracing
 from connectors.isolated import run_connector_isolated, warm_up
@@ -74,13 +74,14 @@ def publish_error(connector_id: str, exc: Exception) -> None:
 
 
 @flow(name=FLOW_NAME, log_prints=True)
-def connector_flow(connector_id: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run one connector from connectors.yaml; publish its load summary as an artifact and return it."""
+def connector_flow(connector_id: str, params: dict[str, Any] | None = None) -> dict[str, Any] | State[Any]:
+    """Run one connector from connectors.yaml; publish its load summary as an artifact and return it (a Cancelled
+    state instead when the run is no longer Prefect's to execute)."""
     with run_span("connector", connector_id):
         return _connector_flow(connector_id, params)
 
 
-def _connector_flow(connector_id: str, params: dict[str, Any] | None) -> dict[str, Any]:
+def _connector_flow(connector_id: str, params: dict[str, Any] | None) -> dict[str, Any] | State[Any]:
     settings = RuntimeSettings()
     for value in settings.secret_values():  # scrubbed from what this worker reports, as in the gateway
         secrets.remember(value)

@@ -69,7 +69,9 @@ def job_variables(engine_command: str) -> dict[str, str]:
 
 def deploy_connector(spec: ConnectorSpec, pool: str, engine_command: str = ENGINE_COMMAND) -> str:
     """Create or update the deployment `<flow>/<connector id>`; returns its id."""
-    deployment_id = connector_flow.from_source(source=str(ROOT), entrypoint=ENTRYPOINT).deploy(
+    # from_source is sync_compatible, typed Flow | Coroutine: outside an event loop it returns the Flow
+    deployment_id = connector_flow.from_source(  # type: ignore[union-attr]
+        source=str(ROOT), entrypoint=ENTRYPOINT).deploy(
         name=spec.id,
         work_pool_name=pool,
         parameters={"connector_id": spec.id, "params": {}},
@@ -88,7 +90,8 @@ def deploy_connector(spec: ConnectorSpec, pool: str, engine_command: str = ENGIN
 
 def deploy_workflows(pool: str, engine_command: str = ENGINE_COMMAND) -> str:
     """Create or update `flowgate-workflow/workflow`: every workflow run is a flow run of it, definition included."""
-    deployment_id = workflow_flow.from_source(source=str(ROOT), entrypoint=WORKFLOW_ENTRYPOINT).deploy(
+    deployment_id = workflow_flow.from_source(  # type: ignore[union-attr]  # sync_compatible, as above
+        source=str(ROOT), entrypoint=WORKFLOW_ENTRYPOINT).deploy(
         name=WORKFLOW_DEPLOYMENT,
         work_pool_name=pool,
         description="flowgate workflows: the gateway passes the definition, inputs and mode of each run",

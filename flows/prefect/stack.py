@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +28,7 @@ DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/prefect"
 WORKER_HEARTBEAT_SECONDS = 15  # the gateway counts a worker gone after two of these and a margin
 
 
-def prefect_environment(environ: dict[str, str]) -> dict[str, str]:
+def prefect_environment(environ: Mapping[str, str]) -> dict[str, str]:
     """The settings the stack gives Prefect's worker and the flow runs it starts (the tests' and benchmarks'
     Prefect stack takes the same): on-demand runs first."""
     return {
@@ -109,7 +109,7 @@ class Component:
         return self.process is not None and self.process.poll() is None
 
     def stop(self) -> None:
-        if self.running:
+        if self.process is not None and self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
 
     def wait(self) -> None:
@@ -198,7 +198,7 @@ def supervise(components: list[Component], gateway: Component, env: dict[str, st
                 component.next_start = 0.0
                 component.start(env)
                 say(f"{component.name} started again")
-    say(f"the gateway exited (code {gateway.process.returncode}); stopping the stack")
+    say(f"the gateway exited (code {gateway.process.returncode if gateway.process else None}); stopping the stack")
 
 
 if __name__ == "__main__":

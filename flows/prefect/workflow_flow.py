@@ -11,7 +11,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
-from prefect.states import Cancelled
+from prefect.states import Cancelled, State
 
 from connectors import secrets
 from connectors.isolated import run_connector_isolated
@@ -29,7 +29,7 @@ from flows.prefect.contract import WORKFLOW_FLOW_NAME, workflow_artifact_key
 from flows.prefect.run_trace import run_span
 from flows.runtime import RuntimeSettings
 from flows.workflow_registry import resolve_definition
-from flows.workflow_spec import NodeSpec
+from flows.workflow_spec import Mode, NodeSpec
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +112,8 @@ def not_as_accepted(database: Database, run_id: str, given: dict[str, Any]) -> s
 
 @flow(name=WORKFLOW_FLOW_NAME, log_prints=True)
 def workflow_flow(run_id: str, workflow: dict[str, Any], inputs: dict[str, Any] | None = None,
-                  mode: str = "optimized", from_file: bool = False,
-                  reuse: dict[str, Any] | None = None) -> dict[str, Any]:
+                  mode: Mode = "optimized", from_file: bool = False,
+                  reuse: dict[str, Any] | None = None) -> dict[str, Any] | State[Any]:
     """Run a workflow definition; publish every node's result as an artifact the gateway reads back.
 
     A definition from a workflow file arrives with its `${VAR}`s unresolved: they are filled in here, from the
@@ -122,8 +122,8 @@ def workflow_flow(run_id: str, workflow: dict[str, Any], inputs: dict[str, Any] 
         return _workflow_flow(run_id, workflow, inputs, mode, from_file, reuse)
 
 
-def _workflow_flow(run_id: str, workflow: dict[str, Any], inputs: dict[str, Any] | None, mode: str,
-                   from_file: bool, reuse: dict[str, Any] | None) -> dict[str, Any]:
+def _workflow_flow(run_id: str, workflow: dict[str, Any], inputs: dict[str, Any] | None, mode: Mode,
+                   from_file: bool, reuse: dict[str, Any] | None) -> dict[str, Any] | State[Any]:
     settings = RuntimeSettings()
     for value in settings.secret_values():  # scrubbed from what this worker reports, as in the gateway
         secrets.remember(value)
