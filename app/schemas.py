@@ -17,7 +17,7 @@ from connectors.failures import RetryPolicy
 from connectors.nesting import MAX_DEPTH, NestedTooDeep, check_depth
 from connectors.secrets import public_error, redact, scrub
 from connectors.shown_paths import shown_path
-from connectors.spec import CONNECTOR_ID
+from connectors.spec import CONNECTOR_ID, OnConflict
 from flows.nodes import NODE_TYPES
 from flows.outcome import STATUSES
 
@@ -85,7 +85,7 @@ class RunOptions(_Request):
     retry: RetryPolicy | None = Field(None, description="Run it again after a failure of these classes, under the "
                                                         "same run id (overrides the connector's `retry`).")
     labels: Labels = Field(default_factory=dict)
-    on_conflict: Literal["queue", "join", "skip", "reject", "queue_one"] | None = Field(
+    on_conflict: OnConflict | None = Field(
         None, description="When the connector has a queued or running run: `queue` another (the default), `join` "
                           "it (its document is the answer), `skip` (200, nothing started), `reject` (409 naming it), "
                           "`queue_one` (at most one queued behind the running one; later triggers join it). "

@@ -55,7 +55,6 @@ _ACTIVE_OF_TARGET = (f"SELECT id, status FROM runs WHERE target = {{target}} AND
                      f"AND status IN ('{QUEUED}', '{RUNNING}') ORDER BY created_at DESC, id DESC")
 _ACTIVE_SQLITE = _ACTIVE_OF_TARGET.format(target="?", kind="?")
 _ACTIVE_PG = _ACTIVE_OF_TARGET.format(target="%(target)s", kind="%(kind)s")
-ON_CONFLICT = ("queue", "join", "skip", "reject", "queue_one")  # what a trigger does when its target is busy
 _WITH_CALLBACK = (selectinload(Run.callback),)
 # The statuses of a run that has not ended, named rather than "not terminal": an IN over them reads ix_runs_queue
 # and touches only the few live rows, where NOT IN scans every run ever kept.
