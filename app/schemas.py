@@ -236,6 +236,11 @@ class WorkflowExecuteRequest(_Request):
     retry: RetryPolicy | None = Field(None, description="Run it again after a failure of these classes, under the "
                                                         "same id (overrides the workflow's `retry`).")
     labels: Labels = Field(default_factory=dict)
+    on_conflict: OnConflict | None = Field(
+        None, description="When the workflow has a queued or running execution: `queue` another (the default), "
+                          "`join` it (its executionId is the answer), `skip` (200, nothing started), `reject` (409 "
+                          "naming it), `queue_one` (at most one queued behind the running one; later executes join "
+                          "it). Overrides the workflow's `on_conflict`.")
 
 
 class WorkflowAccepted(BaseModel):
@@ -247,6 +252,16 @@ class WorkflowAccepted(BaseModel):
     message: str
     backend: str
     statusUrl: str
+
+
+class WorkflowSkipped(BaseModel):
+    """The answer to execute with `on_conflict: skip` while the workflow had an active execution: nothing started."""
+
+    success: Literal[True]
+    skipped: Literal[True]
+    message: str
+    activeExecutionId: str
+    statusUrl: str = Field(description="The active execution's.")
 
 
 class NodeExecutionOut(BaseModel):
