@@ -58,6 +58,17 @@ Labels = Annotated[dict[LabelKey, LabelValue], Field(
     description=f"Up to {MAX_LABELS} labels (`{{\"tenant\": \"acme\"}}`): keys {LABEL_KEY_PATTERN}, values at most "
                 f"{MAX_LABEL_VALUE} characters. On the run, in its callback, and tags of its Prefect flow run.")]
 QueryInt = Annotated[int, BeforeValidator(_query_integer)]
+LabelMatch = Annotated[str, StringConstraints(pattern=LABEL_QUERY_PATTERN)]  # `tenant:acme`
+
+
+def _one_or_more(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+# A filter's labels: one `key:value`, or a list of them that a run must all have.
+_LabelMatchList = Annotated[list[LabelMatch], Field(max_length=MAX_LABELS)]
+LabelMatches = Annotated[_LabelMatchList, BeforeValidator(_one_or_more,
+                                                          json_schema_input_type=LabelMatch | _LabelMatchList)]
 
 
 class _Request(BaseModel):
@@ -334,8 +345,10 @@ class RunQuery(_Query):
     source: Literal["api", "schedule", "rerun", "workflow"] | None = Field(
         None, description="Only runs a caller started (api), a schedule's slot (schedule), a rerun (rerun) or a "
                           "workflow's connector node (workflow) started.")
-    label: str | None = Field(None, pattern=LABEL_QUERY_PATTERN, description="Only runs with this label, "
-                                                                             "as `key:value` (`tenant:acme`).")
+    label: list[LabelMatch] = Field(
+        default_factory=list, max_length=MAX_LABELS,
+        description="Only runs with this label, as `key:value` (`tenant:acme`); repeated, only runs with every one "
+                    "of them (`label=tenant:acme&label=batch:7`).")
     limit: QueryInt = Field(50, ge=1, le=200)
     cursor: str | None = Field(None, pattern=CURSOR_PATTERN, description="next_cursor from the previous page.")
 
@@ -474,8 +487,8 @@ class RerunFilter(_Request):
     workflow_id: str | None = Field(None, pattern=CONNECTOR_ID, description="A workflow's runs.")
     status: Literal["failed", "crashed", "cancelled", "completed"] = Field("failed", description="How they ended.")
     backend: Literal["local", "prefect"] | None = None
-    label: str | None = Field(None, pattern=LABEL_QUERY_PATTERN, description="Only runs with this label "
-                                                                             "(`key:value`).")
+    label: LabelMatches | None = Field(None, description="Only runs with this label (`key:value`), or with every "
+                                                          "label of a list of them.")
 
 
 class BulkRerunRequest(_Request):

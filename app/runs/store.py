@@ -7,13 +7,14 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Update, bindparam, func, or_, select, text, update
+from sqlalchemy import Connection, Update, bindparam, exists, func, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session, aliased, selectinload
 
 from app.runs import migrate
 from app.runs.callbacks import CallbackStore
@@ -363,14 +364,21 @@ class RunStore:
 
     def list(self, target: str | None = None, status: str | None = None, limit: int = 50,
              before: tuple[datetime, str] | None = None, backend: str | None = None,
-             source: str | None = None, kind: str | None = None, label: tuple[str, str] | None = None) -> list[Run]:
-        """Runs newest first; `before` is the (created_at, id) of the last run of the previous page. With a `label`
-        (key, value), the label's index gives the order, and the other filters apply to the runs it names."""
-        created_at, run_id = (RunLabel.created_at, RunLabel.run_id) if label else (Run.created_at, Run.id)
+             source: str | None = None, kind: str | None = None,
+             labels: Sequence[tuple[str, str]] = ()) -> list[Run]:
+        """Runs newest first; `before` is the (created_at, id) of the last run of the previous page. With `labels`
+        ((key, value) pairs, every one a run must have), the first label's index gives the order, and the other
+        labels and filters are checked on the runs it names, one by one: the cost is the first label's runs read
+        until the page is full, so the rarest label first reads fewest."""
+        created_at, run_id = (RunLabel.created_at, RunLabel.run_id) if labels else (Run.created_at, Run.id)
         query = select(Run).options(*_WITH_CALLBACK).order_by(created_at.desc(), run_id.desc()).limit(limit)
-        if label:
-            query = query.join(RunLabel, RunLabel.run_id == Run.id).where(RunLabel.key == label[0],
-                                                                          RunLabel.value == label[1])
+        if labels:
+            (key, value), *others = labels
+            query = query.join(RunLabel, RunLabel.run_id == Run.id).where(RunLabel.key == key, RunLabel.value == value)
+            for key, value in others:  # each a lookup of run_labels' primary key (run_id, key)
+                other = aliased(RunLabel)
+                query = query.where(exists().where(other.run_id == RunLabel.run_id, other.key == key,
+                                                   other.value == value))
         if target:
             query = query.where(Run.target == target)
         if kind:
