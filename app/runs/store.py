@@ -368,8 +368,9 @@ class RunStore:
              labels: Sequence[tuple[str, str]] = ()) -> list[Run]:
         """Runs newest first; `before` is the (created_at, id) of the last run of the previous page. With `labels`
         ((key, value) pairs, every one a run must have), the first label's index gives the order, and the other
-        labels and filters are checked on the runs it names, one by one: the cost is the first label's runs read
-        until the page is full, so the rarest label first reads fewest."""
+        labels and filters are checked on the runs it names. SQLite checks them run by run, so a page costs the
+        first label's runs read until it is full (the rarest first reads fewest); PostgreSQL's planner hashes the
+        other labels' runs instead, reading the commoner label's index through (docs/benchmarks.md, measured)."""
         created_at, run_id = (RunLabel.created_at, RunLabel.run_id) if labels else (Run.created_at, Run.id)
         query = select(Run).options(*_WITH_CALLBACK).order_by(created_at.desc(), run_id.desc()).limit(limit)
         if labels:
