@@ -102,23 +102,25 @@ class Dispatcher:
     def trigger_workflow(self, spec: WorkflowSpec, inputs: dict[str, Any], mode: str, backend: str | None = None,
                          idempotency_key: str | None = None, callback_url: str | None = None,
                          file_definition: dict[str, Any] | None = None,
-                         retry: RetryPolicy | None = None, **origin: Any) -> tuple[Run, bool]:
+                         retry: RetryPolicy | None = None, on_conflict: str | None = None,
+                         **origin: Any) -> tuple[Run, bool]:
         """Store and dispatch a workflow run; the definition travels with the run, so any process can run it.
+        Returns the run and whether it is new, as trigger_connector does (Skipped when its conflict policy skips).
 
         `file_definition`: the workflow as its file says it (`${VAR}`s unresolved), stored instead of `spec`."""
         with tracing.tracer().start_as_current_span("dispatch", attributes={"flowgate.kind": "workflow",
                                                                             "flowgate.target": spec.id}):
             return self._trigger_workflow(spec, inputs, mode, backend, idempotency_key, callback_url, file_definition,
-                                          retry, **origin)
+                                          retry, on_conflict, **origin)
 
     def _trigger_workflow(self, spec: WorkflowSpec, inputs: dict[str, Any], mode: str, backend: str | None,
                           idempotency_key: str | None, callback_url: str | None,
                           file_definition: dict[str, Any] | None, retry: RetryPolicy | None,
-                          **origin: Any) -> tuple[Run, bool]:
+                          on_conflict: str | None, **origin: Any) -> tuple[Run, bool]:
         chosen = backend or self.settings.backend
         new, deployment_id = self._workflow_run(spec, inputs, mode, chosen, idempotency_key, callback_url,
                                                 file_definition)
-        new = replace(new, retry=retry or new.retry, **origin)
+        new = replace(new, retry=retry or new.retry, on_conflict=on_conflict or new.on_conflict, **origin)
         return self._store_and_dispatch(new, deployment_id, forced=chosen == "prefect")
 
     def fire_slot(self, slot: SlotRun) -> tuple[str, Run | None]:
@@ -185,10 +187,13 @@ class Dispatcher:
                       idempotency_key: str | None, callback_url: str | None,
                       file_definition: dict[str, Any] | None) -> tuple[NewRun, str | None]:
         deployment_id, reason = self._choose(WORKFLOW_DEPLOYMENT, backend, flow_name=WORKFLOW_FLOW_NAME)
+        # on_conflict says how this trigger meets an active run, not what runs: an inline definition is stored (and
+        # fingerprinted for its Idempotency-Key) as it was before workflows had one.
         params = {"inputs": inputs, "mode": mode, "from_file": file_definition is not None,
-                  "workflow": file_definition or spec.model_dump(mode="json", exclude={"schedule", "callback_url"})}
+                  "workflow": file_definition or spec.model_dump(mode="json",
+                                                                 exclude={"schedule", "callback_url", "on_conflict"})}
         return self._new_workflow_run(spec.id, params, deployment_id, reason, idempotency_key, callback_url,
-                                      retry=spec.retry), deployment_id
+                                      retry=spec.retry, on_conflict=spec.on_conflict), deployment_id
 
     def _new_workflow_run(self, workflow_id: str, params: dict[str, Any], deployment_id: str | None,
                           reason: str | None, idempotency_key: str | None, callback_url: str | None,

@@ -44,6 +44,7 @@ from app.schemas import (
     WorkflowExecuteRequest,
     WorkflowExecution,
     WorkflowList,
+    WorkflowSkipped,
 )
 from connectors.spec import CONNECTOR_ID, ConnectorSpec, PythonSource, SqlDatabaseSource
 from flows.workflow_spec import NODE_ID
@@ -53,7 +54,7 @@ _MODELS: list[type[BaseModel]] = [TriggerRequest, RunOptions, RunOut, RunPage, C
                                   ConnectorSchema, WorkflowExecuteRequest, WorkflowAccepted, WorkflowExecution,
                                   ExecuteNodeRequest, NodeRunOut, RunLogs, WhoAmI, ScheduleOut, WorkflowList,
                                   WorkflowDetail, LoadResult, ConnectorStats, TriggerSkipped, RerunRequest,
-                                  BulkRerunRequest, BulkRerunOut]
+                                  BulkRerunRequest, BulkRerunOut, WorkflowSkipped]
 _PROBLEMS = {"400": "Malformed JSON or a body that is not an object", "401": "No valid API key (when keys are set)",
              "403": "The API key lacks the scope", "404": "Unknown resource",
              "405": "Method not allowed",
@@ -294,9 +295,13 @@ def build_document(max_wait_seconds: float | None = None, *, connectors: Sequenc
             "summary": "Start a workflow (from the workflows folder, or inline in `workflow`); answers at once",
             "parameters": [_path_param("workflow_id", pattern=NODE_ID), _IDEMPOTENCY_HEADER],
             "requestBody": _body(WorkflowExecuteRequest),
-            "responses": {"200": _json(WorkflowAccepted, "The execution ended within `wait`"),
-                          "202": _polled(_json(WorkflowAccepted, "The execution is queued or running; poll "
-                                                                     "statusUrl")),
+            "responses": {"200": {"description": "The execution ended within `wait`; or, with `on_conflict: skip` "
+                                                 "and an execution active, nothing was started (WorkflowSkipped)",
+                                  "content": {"application/json": {"schema": {
+                                      "oneOf": [_ref(WorkflowAccepted), _ref(WorkflowSkipped)]}}}},
+                          "202": _polled(_json(WorkflowAccepted, "The execution is queued or running (with "
+                                                                 "`on_conflict: join` or `queue_one`, perhaps an "
+                                                                 "earlier execute's); poll statusUrl")),
                           **_problems("400", "404", "409", "413", "422", "503")}}},
         "/api/workflow/execution/{execution_id}": {"get": {
             "operationId": "getWorkflowExecution", "summary": "A workflow execution, node by node",

@@ -17,7 +17,7 @@ from connectors.failures import RetryPolicy
 from connectors.nesting import MAX_DEPTH, NestedTooDeep, check_depth
 from connectors.secrets import public_error, redact, scrub
 from connectors.shown_paths import shown_path
-from connectors.spec import CONNECTOR_ID
+from connectors.spec import CONNECTOR_ID, OnConflict
 from flows.nodes import NODE_TYPES
 from flows.outcome import STATUSES
 
@@ -61,6 +61,17 @@ Labels = Annotated[dict[LabelKey, LabelValue], Field(
     description=f"Up to {MAX_LABELS} labels (`{{\"tenant\": \"acme\"}}`): keys {LABEL_KEY_PATTERN}, values at most "
                 f"{MAX_LABEL_VALUE} characters. On the run, in its callback, and tags of its Prefect flow run.")]
 QueryInt = Annotated[int, BeforeValidator(_query_integer)]
+LabelMatch = Annotated[str, StringConstraints(pattern=LABEL_QUERY_PATTERN)]  # `tenant:acme`
+
+
+def _one_or_more(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+# A filter's labels: one `key:value`, or a list of them that a run must all have.
+_LabelMatchList = Annotated[list[LabelMatch], Field(max_length=MAX_LABELS)]
+LabelMatches = Annotated[_LabelMatchList, BeforeValidator(_one_or_more,
+                                                          json_schema_input_type=LabelMatch | _LabelMatchList)]
 
 
 class _Request(BaseModel):
@@ -88,7 +99,7 @@ class RunOptions(_Request):
     retry: RetryPolicy | None = Field(None, description="Run it again after a failure of these classes, under the "
                                                         "same run id (overrides the connector's `retry`).")
     labels: Labels = Field(default_factory=dict)
-    on_conflict: Literal["queue", "join", "skip", "reject", "queue_one"] | None = Field(
+    on_conflict: OnConflict | None = Field(
         None, description="When the connector has a queued or running run: `queue` another (the default), `join` "
                           "it (its document is the answer), `skip` (200, nothing started), `reject` (409 naming it), "
                           "`queue_one` (at most one queued behind the running one; later triggers join it). "
@@ -239,6 +250,11 @@ class WorkflowExecuteRequest(_Request):
     retry: RetryPolicy | None = Field(None, description="Run it again after a failure of these classes, under the "
                                                         "same id (overrides the workflow's `retry`).")
     labels: Labels = Field(default_factory=dict)
+    on_conflict: OnConflict | None = Field(
+        None, description="When the workflow has a queued or running execution: `queue` another (the default), "
+                          "`join` it (its executionId is the answer), `skip` (200, nothing started), `reject` (409 "
+                          "naming it), `queue_one` (at most one queued behind the running one; later executes join "
+                          "it). Overrides the workflow's `on_conflict`.")
 
 
 class WorkflowAccepted(BaseModel):
@@ -250,6 +266,16 @@ class WorkflowAccepted(BaseModel):
     message: str
     backend: str
     statusUrl: str
+
+
+class WorkflowSkipped(BaseModel):
+    """The answer to execute with `on_conflict: skip` while the workflow had an active execution: nothing started."""
+
+    success: Literal[True]
+    skipped: Literal[True]
+    message: str
+    activeExecutionId: str
+    statusUrl: str = Field(description="The active execution's.")
 
 
 class NodeExecutionOut(BaseModel):
@@ -322,8 +348,10 @@ class RunQuery(_Query):
     source: Literal["api", "schedule", "rerun", "workflow", "prefect"] | None = Field(
         None, description="Only runs a caller started (api), a schedule's slot (schedule), a rerun (rerun), a "
                           "workflow's connector node (workflow) or someone in Prefect (prefect: adopted) started.")
-    label: str | None = Field(None, pattern=LABEL_QUERY_PATTERN, description="Only runs with this label, "
-                                                                             "as `key:value` (`tenant:acme`).")
+    label: list[LabelMatch] = Field(
+        default_factory=list, max_length=MAX_LABELS,
+        description="Only runs with this label, as `key:value` (`tenant:acme`); repeated, only runs with every one "
+                    "of them (`label=tenant:acme&label=batch:7`).")
     limit: QueryInt = Field(50, ge=1, le=200)
     cursor: str | None = Field(None, pattern=CURSOR_PATTERN, description="next_cursor from the previous page.")
 
@@ -464,8 +492,8 @@ class RerunFilter(_Request):
     workflow_id: str | None = Field(None, pattern=CONNECTOR_ID, description="A workflow's runs.")
     status: Literal["failed", "crashed", "cancelled", "completed"] = Field("failed", description="How they ended.")
     backend: Literal["local", "prefect"] | None = None
-    label: str | None = Field(None, pattern=LABEL_QUERY_PATTERN, description="Only runs with this label "
-                                                                             "(`key:value`).")
+    label: LabelMatches | None = Field(None, description="Only runs with this label (`key:value`), or with every "
+                                                          "label of a list of them.")
 
 
 class BulkRerunRequest(_Request):

@@ -2,7 +2,8 @@
 
 For SQLite (a file) and PostgreSQL (when FLOWGATE_TEST_POSTGRES_URL answers): the latency of a trigger (insert
 with idempotency key and queue-limit count), a claim + finish, list pages (all, one target, one status), one
-target's last 50 runs as the dashboard's charts read them (GET /api/v1/connectors/<id>/stats) and the
+target's last 50 runs as the dashboard's charts read them (GET /api/v1/connectors/<id>/stats), pages by one label and
+by two (every run has a `tenant` of 20 and a `batch` of 1,000 consecutive runs) and the
 periodic queries (overdue runs, lease recovery, queue depth for metrics, unsent callbacks, a target's last run),
 on a store of 1,000 runs (an empty one would return empty pages) and on one with 1M ended runs more (100k of them with a delivered callback, made in SQL); the
 ratio is printed per operation. The two stores sit side by side and calls alternate between them, so a shared
@@ -56,6 +57,21 @@ SELECT CAST(:prefix AS text) || lpad(to_hex(i), 31, '0'), 'connector', 't' || (i
        '{"rows": {"t": 100}}'
 FROM generate_series(0, :n - 1) AS i
 """
+# Two labels per run, created_at the run's: `tenant` c0..c19 (i % 20), `batch` b<i / 1000> (b0: the newest 1,000).
+FILL_LABELS_SQLITE = """
+WITH RECURSIVE seq(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM seq WHERE i + 1 < :n)
+INSERT INTO run_labels (run_id, key, value, created_at)
+SELECT printf(:prefix || '%031x', i), k.key, CASE k.key WHEN 'tenant' THEN 'c' || (i % 20) ELSE 'b' || (i / 1000) END,
+       datetime(:now, printf('-%d seconds', CASE WHEN i >= :old_from THEN 3000000 + i ELSE i * 2 END))
+FROM seq, (SELECT 'tenant' AS key UNION ALL SELECT 'batch') AS k
+"""
+FILL_LABELS_PG = """
+INSERT INTO run_labels (run_id, key, value, created_at)
+SELECT CAST(:prefix AS text) || lpad(to_hex(i), 31, '0'), k.key,
+       CASE k.key WHEN 'tenant' THEN 'c' || (i % 20) ELSE 'b' || (i / 1000) END,
+       CAST(:now AS timestamp) - make_interval(secs => CASE WHEN i >= :old_from THEN 3000000 + i ELSE i * 2 END)
+FROM generate_series(0, :n - 1) AS i, (VALUES ('tenant'), ('batch')) AS k(key)
+"""
 FILL_CALLBACKS = """
 INSERT INTO run_callbacks (run_id, url, status, attempts, next_attempt_at)
 SELECT id, 'https://example.com/hook', 'delivered', '[]', created_at FROM runs WHERE id LIKE :prefix || '%'
@@ -97,6 +113,14 @@ def operations(store: RunStore) -> dict[str, Callable[[], object]]:
         "list: one target, newest 50": lambda: store.list(target="t7", limit=50),
         "list: failed, newest 50": lambda: store.list(status="failed", limit=50),
         "history: one target, newest 50 (stats)": lambda: store.history.recent("connector", "t7", 50),
+        "list: one label, newest 50": lambda: store.list(labels=[("tenant", "c3")], limit=50),
+        "list: two labels, newest 50": lambda: store.list(labels=[("tenant", "c3"), ("batch", "b0")], limit=50),
+        # the same two labels for an old batch (9 days back): the rarer first reads 1,000 index entries; the
+        # commoner first reads the tenant's runs back to that batch, 20,000 of them (docs/api.md, Labels)
+        "list: old batch label first, tenant": lambda: store.list(labels=[("batch", "b400"), ("tenant", "c3")],
+                                                                  limit=50),
+        "list: tenant label first, old batch": lambda: store.list(labels=[("tenant", "c3"), ("batch", "b400")],
+                                                                  limit=50),
         "queue depth (metrics, readiness)": store.count_by_status,
         "lease recovery": store.recover_expired,
         "overdue Prefect runs": lambda: store.fail_overdue("prefect", long_ago, RunError("bench", "bench")),
@@ -124,15 +148,16 @@ def measure(small: RunStore, big: RunStore, repeat: int) -> dict[str, tuple[floa
 
 
 def fill(store: RunStore, runs: int, prefix: str) -> tuple[float, int]:
-    """Add `runs` ended runs (5% past a 30-day cutoff) and their callbacks; (seconds taken, runs past cutoff)."""
+    """Add `runs` ended runs (5% past a 30-day cutoff), their labels and their callbacks; (seconds taken, runs past
+    cutoff)."""
     old_from = runs - runs // 20
     started = time.perf_counter()
     with store.db.writer.begin() as connection:
         if not store.is_sqlite:  # one statement of a million rows: the store's per-request timeout is not for it
             connection.exec_driver_sql("SET LOCAL statement_timeout = 0")
-        sql = FILL_SQLITE if store.is_sqlite else FILL_PG
-        connection.execute(sa.text(sql), {"n": runs, "old_from": old_from, "prefix": prefix,
-                                          "now": utcnow().replace(tzinfo=None).isoformat(" ")})
+        values = {"n": runs, "old_from": old_from, "prefix": prefix, "now": utcnow().replace(tzinfo=None).isoformat(" ")}
+        for sql in (FILL_SQLITE, FILL_LABELS_SQLITE) if store.is_sqlite else (FILL_PG, FILL_LABELS_PG):
+            connection.execute(sa.text(sql), values)
         connection.execute(sa.text(FILL_CALLBACKS), {"prefix": prefix})
     if store.is_sqlite:  # the fill's WAL is written back now, not by the first measured write
         with store.db.engine.connect() as connection:

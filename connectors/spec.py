@@ -18,6 +18,8 @@ if TYPE_CHECKING:  # dlt is imported where a run needs it, not with the specs
     from dlt.common.schema.typing import TSchemaContractDict
 
 CONNECTOR_ID = r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,99}$"
+# What a trigger does while its target (a connector or a workflow) has a queued or running run.
+OnConflict = Literal["queue", "join", "skip", "reject", "queue_one"]
 # A glob that names nothing outside its folder: segments joined by '/', none of them '..', no ':' (no drive, no URL),
 # no backslash or NUL, none starting with '~'. The field validator says which rule a refused glob broke.
 _SEGMENT = r"(?:[^/\\\x00:.~][^/\\\x00:]*|\.|\.[^/\\\x00:.][^/\\\x00:]*|\.\.[^/\\\x00:]+)"
@@ -334,7 +336,7 @@ class ConnectorSpec(_Strict):
         "(tables, columns, data_type). dlt stores it with the schema: to lift it, set evolve."))
     retry: RetryPolicy | None = Field(None, description="Run a failed run again, by failure class (a trigger's "
                                                         "`retry` overrides it); none by default.")
-    on_conflict: Literal["queue", "join", "skip", "reject", "queue_one"] = Field(
+    on_conflict: OnConflict = Field(
         "queue", description="A trigger while a run is queued or running: queue behind it, join it, skip, reject "
                              "(409), or keep at most one queued behind the running one (a trigger's overrides it).")
 

@@ -10,7 +10,7 @@ from typing import Any, Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from connectors.failures import RetryPolicy
-from connectors.spec import ScheduleSpec
+from connectors.spec import OnConflict, ScheduleSpec
 
 NODE_ID = r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,99}$"
 MAX_NODES = 500
@@ -86,6 +86,10 @@ class WorkflowSpec(_Strict):
         "Where scheduled runs POST their document when they end (a workflow file's only)."))
     retry: RetryPolicy | None = Field(None, description="Run a failed execution again, by failure class (an "
                                                         "execute's `retry` overrides it); none by default.")
+    on_conflict: OnConflict = Field(
+        "queue", description="An execute while an execution of this workflow is queued or running: queue behind it, "
+                             "join it, skip, reject (409), or keep at most one queued behind the running one (an "
+                             "execute's `on_conflict` overrides it).")
 
     @model_validator(mode="after")
     def _valid_graph(self) -> WorkflowSpec:

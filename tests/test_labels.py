@@ -76,16 +76,93 @@ def test_runs_are_listed_by_label_and_status_a_page_at_a_time(app, client):
     assert "ix_run_labels_key_value_created" in plan and "TEMP B-TREE" not in plan, plan
 
 
+def test_runs_with_every_label_given_are_listed_a_page_at_a_time(client):
+    def trigger(**labels: str) -> str:
+        return client.post("/trigger", json={"connector_id": "shop", "labels": labels}).json["run_id"]
+
+    both = [trigger(tenant="acme", batch="7", team="data")]
+    trigger(tenant="acme", batch="8")
+    trigger(tenant="other", batch="7")
+    both.append(trigger(tenant="acme", batch="7"))
+    trigger(tenant="acme")
+    both.append(trigger(batch="7", tenant="acme"))
+    client.post(f"/api/v1/runs/{both[0]}/cancel")
+    seen, cursor = [], None
+    while True:
+        page = client.get("/api/v1/runs", query_string=[("label", "tenant:acme"), ("label", "batch:7"), ("limit", 1),
+                                                         *([("cursor", cursor)] if cursor else [])])
+        assert page.status_code == 200, page.json
+        seen += [run["run_id"] for run in page.json["items"]]
+        if not (cursor := page.json["next_cursor"]):
+            break
+    assert seen == both[::-1]
+    three = [("label", "batch:7"), ("label", "team:data"), ("label", "tenant:acme"), ("status", "cancelled")]
+    assert [run["run_id"] for run in client.get("/api/v1/runs", query_string=three).json["items"]] == [both[0]]
+    none = [("label", "tenant:acme"), ("label", "tenant:other")]  # one key, one value per run: no run has both
+    assert client.get("/api/v1/runs", query_string=none).json["items"] == []
+    bad = client.get("/api/v1/runs", query_string=[("label", "tenant:acme"), ("label", "Batch=7")])
+    assert bad.status_code == 422 and bad.json["errors"][0]["field"] == "label", bad.json
+    many = client.get("/api/v1/runs", query_string=[("label", f"k{i}:v") for i in range(17)])
+    assert many.status_code == 422 and many.json["errors"][0]["field"] == "label", many.json
+    assert client.get("/api/v1/runs", query_string=[("status", "failed"), ("status", "queued")]).status_code == 422
+
+
+def test_a_bulk_rerun_takes_the_runs_with_every_label_given(client):
+    acme_7, acme_8 = (client.post("/trigger", json={"connector_id": "shop", "labels": {"tenant": "acme", "batch": b}})
+                      .json["run_id"] for b in ("7", "8"))
+    for run_id in (acme_7, acme_8):
+        client.post(f"/api/v1/runs/{run_id}/cancel")
+
+    def matched(label) -> list[str]:
+        answer = client.post("/api/v1/runs/rerun", json={"filter": {"status": "cancelled", "label": label},
+                                                         "dry_run": True})
+        assert answer.status_code == 200, answer.json
+        return [item["run_id"] for item in answer.json["items"]]
+
+    assert matched("tenant:acme") == [acme_8, acme_7]
+    assert matched(["tenant:acme"]) == [acme_8, acme_7]
+    assert matched(["tenant:acme", "batch:7"]) == [acme_7]
+    assert matched(["batch:8", "tenant:other"]) == []
+    bad = client.post("/api/v1/runs/rerun", json={"filter": {"label": ["tenant:acme", "Batch=7"]}, "dry_run": True})
+    assert bad.status_code == 422 and bad.json["errors"][0]["field"] == "filter.label.1", bad.json
+
+
 def test_paging_by_label_on_both_databases(store: RunStore):
     ids = [store.create_run(NewRun(kind="connector", target=f"t{i % 2}", params={}, backend="local",
                                    concurrency_key="k", labels={"tenant": "acme" if i != 2 else "other"}))[0].id
            for i in range(5)]
-    first = store.list(label=("tenant", "acme"), limit=2)
-    rest = store.list(label=("tenant", "acme"), limit=10, before=(first[-1].created_at, first[-1].id))
+    first = store.list(labels=[("tenant", "acme")], limit=2)
+    rest = store.list(labels=[("tenant", "acme")], limit=10, before=(first[-1].created_at, first[-1].id))
     assert [run.id for run in first + rest] == [ids[4], ids[3], ids[1], ids[0]]
-    assert [run.id for run in store.list(label=("tenant", "acme"), target="t1")] == [ids[3], ids[1]]
+    assert [run.id for run in store.list(labels=[("tenant", "acme")], target="t1")] == [ids[3], ids[1]]
     with store.db.session() as session:
         assert session.execute(sa.text("SELECT count(*) FROM run_labels")).scalar() == 5
+
+
+def test_paging_by_two_labels_on_both_databases(store: RunStore):
+    def create(**labels: str) -> str:
+        return store.create_run(NewRun(kind="connector", target="t", params={}, backend="local", concurrency_key="k",
+                                       labels=labels))[0].id
+
+    both = [create(tenant="acme", batch="7")]
+    create(tenant="acme", batch="8"), create(tenant="other", batch="7"), create(tenant="acme")
+    both += [create(batch="7", tenant="acme", team="data"), create(tenant="acme", batch="7")]
+    wanted = [("tenant", "acme"), ("batch", "7")]
+    first = store.list(labels=wanted, limit=2)
+    rest = store.list(labels=wanted, limit=10, before=(first[-1].created_at, first[-1].id))
+    assert [run.id for run in first + rest] == both[::-1]
+    assert [run.id for run in store.list(labels=wanted[::-1])] == both[::-1]  # either label may drive
+    assert [run.id for run in store.list(labels=[*wanted, ("team", "data")])] == [both[1]]
+    assert store.list(labels=[("tenant", "acme"), ("tenant", "other")]) == []
+    if store.is_sqlite:  # the first label's index gives the order, the second is a primary-key lookup: no sort
+        with store.engine.connect() as connection:
+            plan = " ".join(str(row) for row in connection.exec_driver_sql(
+                "EXPLAIN QUERY PLAN SELECT runs.id FROM runs JOIN run_labels ON run_labels.run_id = runs.id "
+                "WHERE run_labels.key = 'tenant' AND run_labels.value = 'acme' AND EXISTS (SELECT 1 FROM run_labels "
+                "AS other WHERE other.run_id = run_labels.run_id AND other.key = 'batch' AND other.value = '7') "
+                "ORDER BY run_labels.created_at DESC, run_labels.run_id DESC LIMIT 51"))
+        assert "ix_run_labels_key_value_created" in plan and "TEMP B-TREE" not in plan, plan
+        assert "sqlite_autoindex_run_labels_1 (run_id=? AND key=?)" in plan, plan
 
 
 def test_a_workflows_connector_node_runs_with_its_labels_and_caller(running_app):

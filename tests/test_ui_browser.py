@@ -256,6 +256,31 @@ def test_a_trigger_key_reruns_a_run_from_its_page(page, server):
     assert run["run_id"] not in page.url
 
 
+def test_the_runs_page_filters_by_every_label_given_and_a_runs_label_links_to_its_runs(page, server):
+    with api(server) as client:
+        seven, eight, other = (client.post("/trigger", json={"connector_id": "numbers", "labels": labels}).json()["run_id"]
+                               for labels in ({"tenant": "ui-acme", "batch": "7"}, {"tenant": "ui-acme", "batch": "8"},
+                                              {"tenant": "ui-other", "batch": "7"}))
+    rows = page.locator("table.runs tbody tr[data-run-id]")
+    sign_in(page, READER, "/ui/#/runs")
+    page.locator("input[name=label]").last.fill("tenant:ui-acme")
+    page.click(".filters button[type=submit]")
+    expect(rows).to_have_count(2)
+    assert [rows.nth(i).get_attribute("data-run-id") for i in range(2)] == [eight, seven]
+    page.locator("input[name=label]").last.fill("batch:7")  # a second field came with the first label
+    page.click(".filters button[type=submit]")
+    expect(rows).to_have_count(1)
+    assert rows.first.get_attribute("data-run-id") == seven and other not in page.url
+    page.locator("input[name=label]").last.fill("Batch=7")  # not a label: the browser does not send it
+    page.click(".filters button[type=submit]")
+    expect(page.locator("input[name=label]:invalid")).to_have_count(1)
+    expect(rows).to_have_count(1)
+    page.goto(f"/ui/#/runs/{eight}")
+    page.locator("[data-label=tenant]").click()
+    expect(rows).to_have_count(2)
+    expect(page.locator("input[name=label]").first).to_have_value("tenant:ui-acme")
+
+
 def test_a_read_key_sees_everything_but_no_run_or_preview_button(page, server):
     page.goto("/ui/#/connectors")
     expect(page.locator("#key-dialog")).to_be_visible()

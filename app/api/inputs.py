@@ -5,7 +5,7 @@ import hashlib
 import json
 import math
 import re
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_origin
 
 from flask import g, request
 from pydantic import BaseModel, ValidationError
@@ -87,13 +87,21 @@ def validated(model: type[M], data: dict[str, Any], prefix: str = "") -> M:
 
 
 def query(model: type[M]) -> M:
-    """The query string as `model`; repeated or unknown parameters are a 422."""
+    """The query string as `model`: a list field from its parameter given any number of times; another parameter
+    given more than once, or an unknown one, is a 422. Errors name the parameter as it is sent (`label`, not
+    `label.1` for the second of several)."""
     args = request.args
-    repeated = [key for key in args if len(args.getlist(key)) > 1]
+    lists = {name for name, field in model.model_fields.items() if get_origin(field.annotation) is list}
+    repeated = [key for key in args if key not in lists and len(args.getlist(key)) > 1]
     if repeated:
         raise ValidationFailed(f"parameter(s) given more than once: {', '.join(repeated)}",
                                errors=[field_error(key, "given more than once") for key in repeated])
-    return validated(model, args.to_dict())
+    try:
+        return model.model_validate({key: args.getlist(key) if key in lists else args[key] for key in args})
+    except ValidationError as exc:
+        errors = [field_error(str(e["loc"][0]) if e["loc"] else "", e["msg"]) for e in exc.errors()]
+        raise ValidationFailed(f"invalid field(s): {', '.join(dict.fromkeys(e['field'] for e in errors))}",
+                               errors=errors) from None
 
 
 

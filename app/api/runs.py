@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -41,10 +42,11 @@ def get_run_or_404(run_id: str) -> Run:
 
 @bp.get("")
 def list_runs() -> dict[str, Any]:
-    """Runs newest first, filtered by connector (or workflow), status, backend and source, a page at a time."""
+    """Runs newest first, filtered by connector (or workflow), status, backend, source and labels (all of those
+    given), a page at a time."""
     args = query(RunQuery)
     runs = services().store.list(target=args.connector_id, status=args.status, backend=args.backend,
-                                 source=args.source, limit=args.limit + 1, label=_label(args.label),
+                                 source=args.source, limit=args.limit + 1, labels=_labels(args.label),
                                  before=_decode_cursor(args.cursor) if args.cursor else None)
     page, more = runs[: args.limit], len(runs) > args.limit
     return {"items": [run_document(run) for run in page],
@@ -77,7 +79,7 @@ def rerun_runs() -> dict[str, Any]:
     # Both: runs of a connector and of a workflow at once, which no run is (each condition narrows the match).
     matched = [] if where.connector_id and where.workflow_id else services().store.list(
         target=where.connector_id or where.workflow_id, kind=kind, status=where.status, backend=where.backend,
-        label=_label(where.label), limit=body.limit + 1)
+        labels=_labels(where.label or ()), limit=body.limit + 1)
     done = services().dispatcher.rerun_many(matched[: body.limit], body.dry_run, triggered_by=caller_name())
     return {"dry_run": body.dry_run, "more": len(matched) > body.limit, "items": [
         {"run_id": source.id, "kind": source.kind, "target": source.target, "status": source.status,
@@ -117,12 +119,9 @@ def _encode_cursor(run: Run) -> str:
     return f"{(run.created_at - _EPOCH) // timedelta(microseconds=1)}.{run.id}"
 
 
-def _label(text: str | None) -> tuple[str, str] | None:
-    """`key:value` (app.schemas.LABEL_QUERY_PATTERN) as (key, value)."""
-    if text is None:
-        return None
-    key, _, value = text.partition(":")
-    return key, value
+def _labels(texts: Sequence[str]) -> list[tuple[str, str]]:
+    """Each `key:value` (app.schemas.LABEL_QUERY_PATTERN) as (key, value)."""
+    return [(key, value) for key, _, value in (text.partition(":") for text in texts)]
 
 
 def _decode_cursor(cursor: str) -> tuple[datetime, str]:

@@ -21,6 +21,7 @@ from app.api.runs import run_document
 from app.api.schedules import schedule_document
 from app.auth import requires
 from app.backends.workflow_runs import pending_nodes, stored_spec
+from app.dispatch import Skipped
 from app.errors import NotFound, ValidationFailed
 from app.polls import with_hint
 from app.runs.models import Run
@@ -71,7 +72,8 @@ def get_workflow(workflow_id: str) -> dict[str, Any]:
 
 @bp.post("/<workflow_id>/execute")
 def execute(workflow_id: str) -> Response:
-    """Start an execution: 202 with its id at once (200 when it ended within `wait`)."""
+    """Start an execution: 202 with its id at once (200 when it ended within `wait`); its conflict policy may join
+    an active one, skip (200 naming it) or reject (409)."""
     svc = services()
     body = validated(WorkflowExecuteRequest, json_object())
     if body.wait > svc.settings.max_wait_seconds:
@@ -81,10 +83,15 @@ def execute(workflow_id: str) -> Response:
     spec = _workflow(workflow_id, body.workflow)
     key = idempotency_key()
     callback_url = checked_callback_url(body.callback_url)
-    run, created = svc.dispatcher.trigger_workflow(
-        spec, body.inputs, body.mode, body.backend, key, callback_url,
-        file_definition=svc.workflows.definition(spec.id) if body.workflow is None else None, retry=body.retry,
-        labels=body.labels, triggered_by=caller_name())
+    try:
+        run, created = svc.dispatcher.trigger_workflow(
+            spec, body.inputs, body.mode, body.backend, key, callback_url,
+            file_definition=svc.workflows.definition(spec.id) if body.workflow is None else None, retry=body.retry,
+            on_conflict=body.on_conflict, labels=body.labels, triggered_by=caller_name())
+    except Skipped as skipped:
+        return jsonify({"success": True, "skipped": True, "message": f"nothing was started: {skipped}",
+                        "activeExecutionId": skipped.run_id,
+                        "statusUrl": url_for("workflows.get_execution", execution_id=skipped.run_id)})
     run, applied = wait_for_end(run, wait, applied)
     status_url = url_for("workflows.get_execution", execution_id=run.id)
     message = (f"Workflow execution {'started' if created else 'already accepted'} in background "

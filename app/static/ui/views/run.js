@@ -175,8 +175,10 @@ function timelineSteps(run) {
       run.source === "schedule" ? ` by its schedule, slot ${when(run.scheduled_for)}${
         run.schedule?.late_seconds >= 1 ? ` (${seconds(run.schedule.late_seconds)} late)` : ""}`
         : ` from ${run.source}, by ${run.triggered_by}`,
-      Object.entries(run.labels || {}).map(([key, value]) => h("span", { class: "label mono small", dataset: { label: key } },
-        ` ${key}: ${value}`))),
+      // Each label links to the runs that carry it.
+      Object.entries(run.labels || {}).map(([key, value]) => h("a", {
+        class: "label mono small", dataset: { label: key }, title: "runs with this label",
+        href: `#/runs?${new URLSearchParams({ label: `${key}:${value}` })}` }, ` ${key}: ${value}`))),
     step("queued", run.created_at, "done", "on ", h("span", { class: `backend backend-${run.backend}` }, run.backend),
       ": ", why),
     step("running", run.started_at, run.started_at ? (ended ? "done" : "current") : "pending",

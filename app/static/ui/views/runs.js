@@ -1,5 +1,5 @@
-// Every run of both engines, newest first, a page at a time, filtered, refreshed while the page is open; filtered
-// to one connector, its history drawn above the list.
+// Every run of both engines, newest first, a page at a time, filtered (by labels too: a run has every one given),
+// refreshed while the page is open; filtered to one connector, its history drawn above the list.
 import { getJSON } from "../api.js";
 import { badge, h, number, reasonText, replace, runSeconds, seconds, shortId, totalRows, when } from "../dom.js";
 import { POLL_MS } from "../live.js";
@@ -7,6 +7,8 @@ import { historySection, WINDOWS } from "./connector.js";
 
 const STATUSES = ["queued", "running", "cancelling", "completed", "failed", "cancelled", "crashed"];
 const PAGE = 50;
+// A label as the API's `label` parameter takes it (app.schemas.LABEL_QUERY_PATTERN): the browser refuses another.
+const LABEL_PATTERN = "[a-z][a-z0-9_.\\-]{0,62}:[\\s\\S]{0,256}";
 
 function hashFor(params) {
   const query = params.toString();
@@ -19,12 +21,14 @@ export async function render(root, { params }, scope) {
   const backend = params.get("backend") || "";
   const source = params.get("source") || "";
   const cursor = params.get("cursor") || "";
+  const labels = params.getAll("label").filter(Boolean);
 
   const api = new URLSearchParams({ limit: String(PAGE) });
   if (target) api.set("connector_id", target);
   if (status) api.set("status", status);
   if (backend) api.set("backend", backend);
   if (source) api.set("source", source);
+  for (const label of labels) api.append("label", label);
   if (cursor) api.set("cursor", cursor);
   const url = `/api/v1/runs?${api}`;
 
@@ -38,6 +42,7 @@ export async function render(root, { params }, scope) {
     const form = new FormData(event.target);
     const next = new URLSearchParams();
     for (const name of ["target", "status", "backend", "source"]) if (form.get(name)) next.set(name, form.get(name));
+    for (const label of form.getAll("label")) if (label) next.append("label", label);
     location.hash = hashFor(next);
   } },
   h("label", {}, "Connector or workflow ",
@@ -45,9 +50,14 @@ export async function render(root, { params }, scope) {
   targets,
   h("label", {}, "Status ", select("status", status, STATUSES)),
   h("label", {}, "Backend ", select("backend", backend, ["local", "prefect"])),
-  h("label", {}, "Source ", select("source", source, ["api", "schedule"])),
+  h("label", {}, "Source ", select("source", source, ["api", "schedule", "rerun", "workflow", "prefect"])),
+  // One field per label in the filter, and an empty one to add another.
+  [...labels, ""].map((label) => h("label", {}, "Label ", h("input", {
+    name: "label", value: label, placeholder: "key:value", size: 16, pattern: LABEL_PATTERN,
+    title: "key:value, e.g. tenant:acme (a run must have every label given)" }))),
   h("button", { type: "submit" }, "Filter"),
-  (target || status || backend || source) ? h("a", { href: "#/runs", class: "button ghost" }, "Clear") : null);
+  (target || status || backend || source || labels.length)
+    ? h("a", { href: "#/runs", class: "button ghost" }, "Clear") : null);
 
   const tbody = h("tbody");
   const pager = h("div", { class: "pager" });
