@@ -1,8 +1,8 @@
 """GET /api/v1/runs (filters, pages), GET /api/v1/runs/<id>, POST /api/v1/runs/<id>/cancel."""
 from __future__ import annotations
 
+from tests.support.waiting import wait_until
 from tests.test_api_triggers import poll_until_ended
-from tests.waiting import wait_until
 
 
 def trigger(client, connector_id: str, **extra) -> dict:

@@ -9,7 +9,7 @@ import pytest
 from app import create_app
 from app.config import ConfigError
 from flows.workflow_registry import WorkflowError, WorkflowRegistry
-from tests.waiting import wait_until
+from tests.support.waiting import wait_until
 
 PIPELINE = """
 description: fan out and join

@@ -15,7 +15,7 @@ from app.runs.store import NewRun, RunStore
 from connectors.pipeline import Workspace, concurrency_key
 from connectors.registry import ConnectorRegistry
 from flows.outcome import COMPLETED, CRASHED, TERMINAL
-from tests.waiting import wait_until
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.long(seconds=40)  # started first in the parallel run (conftest.py)
 

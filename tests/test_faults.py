@@ -19,9 +19,9 @@ import httpx
 import pytest
 
 from tests.gunicorn_server import ROOT, GunicornServer
+from tests.support.waiting import wait_until
 from tests.test_gunicorn import TERMINAL, run_store, wait_for
 from tests.test_pipeline import _events_db, _incremental_registry
-from tests.waiting import wait_until
 
 pytestmark = pytest.mark.long(seconds=110)  # started first in the parallel run (conftest.py)
 

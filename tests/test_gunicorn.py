@@ -16,7 +16,7 @@ import pytest
 
 from app.runs.store import RunStore
 from tests.gunicorn_server import GunicornServer
-from tests.waiting import wait_until
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.long(seconds=110)  # started first in the parallel run (conftest.py)
 

@@ -12,8 +12,8 @@ from app.runs.store import NewRun
 from connectors.outbound import OutboundPolicy
 from tests.fake_services import CallbackReceiver
 from tests.gunicorn_server import GunicornServer
+from tests.support.waiting import wait_until
 from tests.test_api_triggers import poll_until_ended
-from tests.waiting import wait_until
 
 
 def sample(text: str, name: str, **labels: str) -> float:

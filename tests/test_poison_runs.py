@@ -13,7 +13,7 @@ from connectors.outbound import OutboundPolicy
 from flows.engine import _json_ready
 from flows.nodes import NodeFailed
 from tests.fake_services import CallbackReceiver
-from tests.waiting import wait_until
+from tests.support.waiting import wait_until
 
 
 def nested(levels: int, leaf: Any = 1) -> Any:

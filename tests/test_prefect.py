@@ -15,9 +15,9 @@ from app.runs.models import utcnow
 from app.runs.store import NewRun
 from tests.fake_services import SlowProxy
 from tests.prefect_stack import PrefectStack, deployed_stack
+from tests.support.waiting import wait_until
 from tests.test_api_triggers import poll_until_ended
 from tests.test_pipeline import _events_db
-from tests.waiting import wait_until
 
 pytestmark = pytest.mark.long(seconds=250)  # started first in the parallel run (conftest.py)
 

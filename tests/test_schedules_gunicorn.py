@@ -17,7 +17,7 @@ from app.runs.models import Run, ScheduleState
 from app.runs.store import RunStore
 from connectors.recurrence import recurrence
 from tests.gunicorn_server import GunicornServer
-from tests.waiting import wait_until
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.long(seconds=90)  # started first in the parallel run (conftest.py)
 

@@ -13,7 +13,7 @@ import pytest
 
 from tests.gunicorn_server import GunicornServer
 from tests.nginx_proxy import NGINX, repo_nginx
-from tests.waiting import wait_until
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.long(seconds=30)  # started first in the parallel run (conftest.py)
 

@@ -19,7 +19,7 @@ from sqlalchemy import event, update
 from app.runs.models import Run, RunCallback, utcnow
 from app.runs.store import NewRun, RunStore
 from flows.outcome import CANCELLED, CANCELLING, COMPLETED, CRASHED, FAILED, QUEUED, RUNNING, RunError
-from tests.waiting import wait_until
+from tests.support.waiting import wait_until
 
 HELD, OTHER = "flowgate-test-held", "flowgate-test-other"
 

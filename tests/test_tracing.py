@@ -17,8 +17,8 @@ from connectors.outbound import OutboundPolicy
 from tests.fake_services import CallbackReceiver, EchoService
 from tests.gunicorn_server import ROOT, GunicornServer
 from tests.otlp_receiver import OtlpReceiver
+from tests.support.waiting import wait_until
 from tests.test_api_triggers import poll_until_ended
-from tests.waiting import wait_until
 
 CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"
