@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.gunicorn_server import ROOT, GunicornServer, free_port
+from tests.support.gunicorn_server import ROOT, GunicornServer, free_port
 
 
 @dataclass

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.gunicorn_server import ROOT, free_port
+from tests.support.gunicorn_server import ROOT, free_port
 from tests.support.waiting import wait_until
 
 NGINX = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")

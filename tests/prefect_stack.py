@@ -15,7 +15,7 @@ import httpx
 
 from flows.prefect.stack import prefect_environment
 from flows.runtime import RuntimeSettings
-from tests.gunicorn_server import ROOT, free_port
+from tests.support.gunicorn_server import ROOT, free_port
 
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 

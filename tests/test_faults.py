@@ -18,7 +18,7 @@ import duckdb
 import httpx
 import pytest
 
-from tests.gunicorn_server import ROOT, GunicornServer
+from tests.support.gunicorn_server import ROOT, GunicornServer
 from tests.support.waiting import wait_until
 from tests.test_gunicorn import TERMINAL, run_store, wait_for
 from tests.test_pipeline import _events_db, _incremental_registry

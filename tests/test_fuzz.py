@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.gunicorn_server import ROOT, GunicornServer
+from tests.support.gunicorn_server import ROOT, GunicornServer
 
 pytestmark = pytest.mark.long(seconds=60)  # started first in the parallel run (conftest.py)
 

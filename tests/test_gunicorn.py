@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from app.runs.store import RunStore
-from tests.gunicorn_server import GunicornServer
+from tests.support.gunicorn_server import GunicornServer
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.long(seconds=110)  # started first in the parallel run (conftest.py)
@@ -135,7 +135,7 @@ def test_sigterm_lets_a_short_run_finish_and_records_a_long_one(server, workdir)
 
 
 def test_gunicorn_cmd_args_win_over_the_config_file(workdir):
-    from tests.gunicorn_server import free_port
+    from tests.support.gunicorn_server import free_port
 
     port = free_port()
     server = GunicornServer(workdir, workers=1, GUNICORN_CMD_ARGS=f"--bind 127.0.0.1:{port} --workers 2")

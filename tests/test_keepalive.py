@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.gunicorn_server import ROOT, GunicornServer
+from tests.support.gunicorn_server import ROOT, GunicornServer
 
 pytestmark = pytest.mark.long(seconds=60)
 

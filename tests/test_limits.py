@@ -13,7 +13,7 @@ from app import create_app
 from app.config import ConfigError
 from app.runs.models import Run, utcnow
 from app.runs.store import NewRun
-from tests.gunicorn_server import GunicornServer
+from tests.support.gunicorn_server import GunicornServer
 from tests.test_api_triggers import poll_until_ended
 
 KEY_A, KEY_B = "caller-a-key-0123456789", "caller-b-key-0123456789"

@@ -11,7 +11,7 @@ from app.metrics import CALLBACKS
 from app.runs.store import NewRun
 from connectors.outbound import OutboundPolicy
 from tests.fake_services import CallbackReceiver
-from tests.gunicorn_server import GunicornServer
+from tests.support.gunicorn_server import GunicornServer
 from tests.support.waiting import wait_until
 from tests.test_api_triggers import poll_until_ended
 

@@ -21,7 +21,7 @@ from app.runs.store import NewRun, RunStore
 from flows.database import Database
 from flows.node_cache import SqlNodeCache
 from flows.node_cache import metadata as node_cache_metadata
-from tests.gunicorn_server import ROOT
+from tests.support.gunicorn_server import ROOT
 
 DATA = Path(__file__).parent / "data"
 

@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 from app.runs.models import Run, ScheduleState
 from app.runs.store import RunStore
 from connectors.recurrence import recurrence
-from tests.gunicorn_server import GunicornServer
+from tests.support.gunicorn_server import GunicornServer
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.long(seconds=90)  # started first in the parallel run (conftest.py)

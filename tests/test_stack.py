@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.gunicorn_server import free_port
+from tests.support.gunicorn_server import free_port
 
 pytestmark = [pytest.mark.long(seconds=60), pytest.mark.prefect]  # long: started first in the parallel run
 

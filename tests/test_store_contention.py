@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.gunicorn_server import GunicornServer
+from tests.support.gunicorn_server import GunicornServer
 from tests.test_gunicorn import TERMINAL, run_store, wait_for
 
 pytestmark = pytest.mark.long(seconds=45)  # started first in the parallel run (conftest.py)

@@ -15,8 +15,8 @@ from app.runs.store import NewRun
 from connectors import tracing
 from connectors.outbound import OutboundPolicy
 from tests.fake_services import CallbackReceiver, EchoService
-from tests.gunicorn_server import ROOT, GunicornServer
 from tests.otlp_receiver import OtlpReceiver
+from tests.support.gunicorn_server import ROOT, GunicornServer
 from tests.support.waiting import wait_until
 from tests.test_api_triggers import poll_until_ended
 
