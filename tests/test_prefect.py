@@ -14,7 +14,7 @@ from app import create_app
 from app.runs.models import utcnow
 from app.runs.store import NewRun
 from tests.fake_services import SlowProxy
-from tests.prefect_stack import PrefectStack, deployed_stack
+from tests.support.prefect_stack import PrefectStack, deployed_stack
 from tests.support.waiting import wait_until
 from tests.test_api_triggers import poll_until_ended
 from tests.test_pipeline import _events_db

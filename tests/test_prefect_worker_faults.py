@@ -16,7 +16,7 @@ import pytest
 from app import create_app
 from app.backends.prefect_client import CLAIM_MESSAGE
 from app.runs.store import NewRun, RunStore
-from tests.prefect_stack import PrefectStack, deployed_stack
+from tests.support.prefect_stack import PrefectStack, deployed_stack
 from tests.support.waiting import wait_until
 from tests.test_api_triggers import poll_until_ended
 
