@@ -30,7 +30,7 @@ import httpx
 import pytest
 
 from tests.chaos_source import read_executions
-from tests.fake_services import Blackhole, CallbackReceiver, SlowProxy
+from tests.support.fake_services import Blackhole, CallbackReceiver, SlowProxy
 from tests.support.gunicorn_server import GunicornServer
 from tests.support.prefect_stack import POSTGRES_ADMIN_URL, PrefectStack, fresh_postgres_database
 from tests.test_gunicorn import TERMINAL

@@ -10,7 +10,7 @@ from app.callback_sender import CallbackSender
 from app.metrics import CALLBACKS
 from app.runs.store import NewRun
 from connectors.outbound import OutboundPolicy
-from tests.fake_services import CallbackReceiver
+from tests.support.fake_services import CallbackReceiver
 from tests.support.gunicorn_server import GunicornServer
 from tests.support.waiting import wait_until
 from tests.test_api_triggers import poll_until_ended

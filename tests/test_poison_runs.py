@@ -12,7 +12,7 @@ from connectors import secrets
 from connectors.outbound import OutboundPolicy
 from flows.engine import _json_ready
 from flows.nodes import NodeFailed
-from tests.fake_services import CallbackReceiver
+from tests.support.fake_services import CallbackReceiver
 from tests.support.waiting import wait_until
 
 

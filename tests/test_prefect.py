@@ -13,7 +13,7 @@ import pytest
 from app import create_app
 from app.runs.models import utcnow
 from app.runs.store import NewRun
-from tests.fake_services import SlowProxy
+from tests.support.fake_services import SlowProxy
 from tests.support.prefect_stack import PrefectStack, deployed_stack
 from tests.support.waiting import wait_until
 from tests.test_api_triggers import poll_until_ended

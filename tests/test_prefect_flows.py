@@ -19,7 +19,7 @@ from flows.nodes import NodeFailed
 from flows.prefect import connector_flow
 from flows.prefect.workflow_flow import connector_runner, not_as_accepted, workflow_flow
 from flows.runtime import RuntimeSettings
-from tests.fake_services import EchoService
+from tests.support.fake_services import EchoService
 
 SLOW = {"id": "slow", "dataset": "raw",  # its extract takes 20 s: the step the lease is lost in
         "source": {"kind": "python", "ref": "connectors.demo:numbers", "args": {"n": 5, "delay_seconds": 20}}}

@@ -19,7 +19,7 @@ from app.runs.models import Run, utcnow
 from app.runs.store import NewRun, RunStore
 from connectors.failures import RetryPolicy
 from flows.outcome import COMPLETED, CRASHED, FAILED, QUEUED, RUNNING, RunError
-from tests.fake_services import CallbackReceiver
+from tests.support.fake_services import CallbackReceiver
 from tests.support.waiting import wait_until
 from tests.test_api_triggers import poll_until_ended
 from tests.test_callbacks import SECRET, wait_for_callback

@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 
 from app import create_app
-from tests.fake_services import EchoService
+from tests.support.fake_services import EchoService
 from tests.test_api_triggers import poll_until_ended
 from tests.test_api_workflows import poll_execution
 

@@ -13,7 +13,7 @@ from app.logs import ContextFilter, JsonLines
 from connectors import secrets
 from connectors.secrets import is_secret_name, redact, redact_text
 from flows.runtime import RuntimeSettings
-from tests.fake_services import EchoService, FakeOpenAI
+from tests.support.fake_services import EchoService, FakeOpenAI
 from tests.test_api_triggers import poll_until_ended
 
 WF_SECRET = "wf-s3cret-9f8e7d6c"

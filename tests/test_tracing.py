@@ -14,9 +14,9 @@ from app.callback_sender import CallbackSender
 from app.runs.store import NewRun
 from connectors import tracing
 from connectors.outbound import OutboundPolicy
-from tests.fake_services import CallbackReceiver, EchoService
-from tests.otlp_receiver import OtlpReceiver
+from tests.support.fake_services import CallbackReceiver, EchoService
 from tests.support.gunicorn_server import ROOT, GunicornServer
+from tests.support.otlp_receiver import OtlpReceiver
 from tests.support.waiting import wait_until
 from tests.test_api_triggers import poll_until_ended
 

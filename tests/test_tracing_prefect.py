@@ -9,8 +9,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.otlp_receiver import OtlpReceiver
 from tests.support.gunicorn_server import GunicornServer
+from tests.support.otlp_receiver import OtlpReceiver
 from tests.support.prefect_stack import DEPLOYED, PrefectStack, fresh_postgres_database
 from tests.support.waiting import wait_until
 from tests.test_tracing import CALLER_SPAN, CALLER_TRACE, TRACEPARENT
