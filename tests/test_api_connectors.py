@@ -144,7 +144,7 @@ def test_a_path_outside_the_project_shows_only_its_name(tmp_path):
 
 
 def test_stats_give_a_connectors_newest_runs_oldest_first_with_counts_and_success_rate(app, client):
-    from tests.run_history import PastRun, add_past_runs
+    from tests.support.run_history import PastRun, add_past_runs
 
     store = app.extensions["flowgate"].store
     ids = add_past_runs(store, "shop", [PastRun(10, rows={"orders": 100, "customers": 20}),

@@ -29,7 +29,7 @@ import duckdb
 import httpx
 import pytest
 
-from tests.chaos_source import read_executions
+from tests.support.chaos_source import read_executions
 from tests.support.fake_services import Blackhole, CallbackReceiver, SlowProxy
 from tests.support.gunicorn_server import GunicornServer
 from tests.support.prefect_stack import POSTGRES_ADMIN_URL, PrefectStack, fresh_postgres_database
@@ -60,7 +60,7 @@ def connectors_yaml(executions: Path) -> str:
     # and with it the connector's key.
     return "connectors:\n" + "".join(
         f"  {name}:\n"
-        f"    source: {{kind: python, ref: 'tests.chaos_source:recorded', "
+        f"    source: {{kind: python, ref: 'tests.support.chaos_source:recorded', "
         f"args: {{token: '', connector: {name}, path: '{executions}', seconds: 1.0}}}}\n"
         f"    destination: {{path: shared/{name}.duckdb}}\n"
         f"    dataset: chaos\n" for name in CONNECTORS)

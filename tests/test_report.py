@@ -10,7 +10,7 @@ import pytest
 
 from connectors.pipeline import ConnectorPipeline, Workspace, run_connector
 from connectors.registry import ConnectorRegistry
-from tests.evolving_source import connectors_yaml
+from tests.support.evolving_source import connectors_yaml
 from tests.test_pipeline import _events_db, _incremental_registry
 
 

@@ -14,7 +14,7 @@ from connectors.registry import ConnectorRegistry
 from connectors.schema_contract import SchemaContractViolation
 from connectors.spec import CONTRACT_MODES, SchemaContractSpec
 from flows.outcome import RunError
-from tests.evolving_source import connectors_yaml
+from tests.support.evolving_source import connectors_yaml
 from tests.test_api_triggers import poll_until_ended
 
 

@@ -24,7 +24,7 @@ connectors:
     source: {kind: python, ref: "connectors.demo:numbers", args: {n: 3}}
     dataset: raw
   ticker:
-    source: {kind: python, ref: "tests.chaos_source:recorded", args: {connector: ticker, path: "%s", seconds: 0.1}}
+    source: {kind: python, ref: "tests.support.chaos_source:recorded", args: {connector: ticker, path: "%s", seconds: 0.1}}
     schedule: {interval: 3}
 """
 
