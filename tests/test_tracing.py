@@ -99,11 +99,11 @@ def test_a_local_runs_log_lines_carry_its_trace_id_from_the_gateway_and_the_conn
 
 @pytest.fixture(scope="module")
 def java_trigger(tmp_path_factory) -> list[str]:
-    """The command that runs tests/TracedTrigger.java, compiled here with javac."""
+    """The command that runs tests/support/TracedTrigger.java, compiled here with javac."""
     if not (shutil.which("javac") and shutil.which("java")):
         pytest.skip("javac/java not found: the JDK client test needs a JDK 11 or later")
     classes = tmp_path_factory.mktemp("java")
-    subprocess.run(["javac", "-d", str(classes), str(ROOT / "tests" / "TracedTrigger.java")], check=True, timeout=120)
+    subprocess.run(["javac", "-d", str(classes), str(ROOT / "tests" / "support" / "TracedTrigger.java")], check=True, timeout=120)
     return ["java", "-cp", str(classes), "TracedTrigger"]
 
 
