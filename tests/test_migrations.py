@@ -23,7 +23,7 @@ from flows.node_cache import SqlNodeCache
 from flows.node_cache import metadata as node_cache_metadata
 from tests.support.gunicorn_server import ROOT
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parent / "support" / "data"
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
