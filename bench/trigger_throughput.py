@@ -130,7 +130,7 @@ def run_flowgate_on_postgres(workdir: Path, clients: int, seconds: float, worker
 
     import sqlalchemy as sa
 
-    from tests.conftest import POSTGRES_URL, postgres_available
+    from tests.support.postgres import POSTGRES_URL, postgres_available
 
     if postgres_available():
         return None

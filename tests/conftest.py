@@ -14,8 +14,7 @@ from app import create_app
 from app.runs.store import RunStore
 from connectors import secrets
 from connectors.demo import build_shop_db
-
-POSTGRES_URL = os.environ.get("FLOWGATE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+from tests.support.postgres import POSTGRES_URL, postgres_available
 
 CONNECTORS_YAML = """
 connectors:
@@ -122,18 +121,6 @@ def running_app(app):
     services.start()
     yield app
     services.stop(timeout=10)
-
-
-def postgres_available() -> str | None:
-    """None when PostgreSQL answers at FLOWGATE_TEST_POSTGRES_URL, else why not."""
-    try:
-        engine = sa.create_engine(POSTGRES_URL, connect_args={"connect_timeout": 2})
-        with engine.connect() as connection:
-            connection.execute(sa.text("SELECT 1"))
-        engine.dispose()
-        return None
-    except Exception as exc:  # any failure to connect means: skip (or fail where CI requires it)
-        return f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
 
 
 @pytest.fixture

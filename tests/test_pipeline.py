@@ -112,7 +112,7 @@ def test_a_postgresql_destination_receives_the_rows(workdir, workspace, postgres
 
     import sqlalchemy as sa
 
-    from tests.conftest import POSTGRES_URL
+    from tests.support.postgres import POSTGRES_URL
 
     dataset = f"flowgate_dest_{uuid.uuid4().hex[:8]}"
     url = sa.engine.make_url(POSTGRES_URL)
