@@ -15,7 +15,7 @@ from app.runs.store import TAKEN, NewRun
 from app.scheduler import plan
 from connectors.recurrence import recurrence
 from connectors.spec import ScheduleSpec
-from tests.conftest import CONNECTORS_YAML
+from tests.support.workdir import CONNECTORS_YAML
 
 UTC = timezone.utc
 GRACE = timedelta(seconds=60)
