@@ -29,11 +29,11 @@ import duckdb
 import httpx
 import pytest
 
+from flows.outcome import TERMINAL
 from tests.support.chaos_source import read_executions
 from tests.support.fake_services import Blackhole, CallbackReceiver, SlowProxy
 from tests.support.gunicorn_server import GunicornServer
 from tests.support.prefect_stack import POSTGRES_ADMIN_URL, PrefectStack, fresh_postgres_database
-from tests.test_gunicorn import TERMINAL
 
 pytestmark = [pytest.mark.long(seconds=150), pytest.mark.chaos]  # long: started first in the parallel run
 

@@ -19,8 +19,8 @@ import httpx
 import pytest
 
 from tests.support.gunicorn_server import ROOT, GunicornServer
-from tests.support.waiting import wait_until
-from tests.test_gunicorn import TERMINAL, run_store, wait_for
+from tests.support.waiting import wait_until, wait_until_ended
+from tests.test_gunicorn import run_store
 from tests.test_pipeline import _events_db, _incremental_registry
 
 pytestmark = pytest.mark.long(seconds=110)  # started first in the parallel run (conftest.py)
@@ -114,7 +114,7 @@ def test_sighup_reloads_under_load_without_a_single_failed_request(workdir):
             reloaded = load.accepted()
             wait_until(lambda: load.accepted() >= reloaded + 6, what="triggers accepted after the reload")
         with httpx.Client(base_url=server.url, timeout=10) as client:
-            docs = [wait_for(client, run_id, TERMINAL, timeout=120) for run_id in load.run_ids]
+            docs = [wait_until_ended(client, f"/api/v1/runs/{run_id}", timeout=120) for run_id in load.run_ids]
     finally:
         server.kill()
     ended = [doc["status"] for doc in docs]
@@ -146,7 +146,7 @@ def test_sigterm_under_load_answers_every_request_and_a_restart_ends_every_accep
     again = GunicornServer(workdir, workers=2).start()  # runs still queued are taken up by the next gateway
     try:
         with httpx.Client(base_url=again.url, timeout=10) as client:
-            ended = Counter(wait_for(client, run_id, TERMINAL, timeout=180)["status"] for run_id in load.run_ids)
+            ended = Counter(wait_until_ended(client, f"/api/v1/runs/{run_id}", timeout=180)["status"] for run_id in load.run_ids)
     finally:
         again.kill()
     print(f"accepted {len(load.run_ids)} runs, after the restart: {dict(ended)}")

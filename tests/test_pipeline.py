@@ -206,7 +206,7 @@ def test_an_incremental_filesystem_source_reads_only_files_modified_since_the_la
 def _run_through_a_gateway(app_config: dict, connectors_file: Path) -> dict:
     """Start a gateway process's worth of services, trigger `inc` once, wait for it, shut everything down."""
     from app import create_app
-    from tests.test_api_triggers import poll_until_ended
+    from tests.support.waiting import wait_until_ended
 
     app = create_app({**app_config, "connectors_file": connectors_file})
     services = app.extensions["flowgate"]
@@ -214,7 +214,7 @@ def _run_through_a_gateway(app_config: dict, connectors_file: Path) -> dict:
     try:
         client = app.test_client()
         accepted = client.post("/trigger", json={"connector_id": "inc"})
-        return poll_until_ended(client, accepted.json["status_url"])
+        return wait_until_ended(client, accepted.json["status_url"])
     finally:
         services.stop(timeout=10)
         services.store.dispose()

@@ -20,8 +20,7 @@ from app.runs.store import NewRun, RunStore
 from connectors.failures import RetryPolicy
 from flows.outcome import COMPLETED, CRASHED, FAILED, QUEUED, RUNNING, RunError
 from tests.support.fake_services import CallbackReceiver
-from tests.support.waiting import wait_until
-from tests.test_api_triggers import poll_until_ended
+from tests.support.waiting import wait_until, wait_until_ended
 from tests.test_callbacks import SECRET, wait_for_callback
 
 pytestmark = pytest.mark.long(seconds=30)
@@ -82,7 +81,7 @@ def test_a_transient_failure_is_retried_under_the_same_run_id_and_the_callback_f
     assert accepted["retry"]["max_attempts"] == 3 and accepted["attempt"] == 1 and accepted["attempts"] == []
     waiting = wait_until(lambda: (doc := client.get(accepted["status_url"]).json)["attempt"] == 2 and doc, 60,
                          "the second attempt")
-    done = poll_until_ended(client, accepted["status_url"])
+    done = wait_until_ended(client, accepted["status_url"])
     assert done["run_id"] == accepted["run_id"] and done["status"] == "completed" and done["attempt"] == 3
     attempts = done["attempts"]
     assert [a["attempt"] for a in attempts] == [1, 2, 3]

@@ -5,14 +5,13 @@ import time
 
 from app import create_app
 from tests.support.fake_services import EchoService
-from tests.test_api_triggers import poll_until_ended
-from tests.test_api_workflows import poll_execution
+from tests.support.waiting import wait_until_ended
 
 
 def test_a_local_runs_lines_are_kept_and_paged(running_app):
     client = running_app.test_client()
     run = client.post("/trigger", json={"connector_id": "numbers"}).json
-    poll_until_ended(client, run["status_url"])
+    wait_until_ended(client, run["status_url"])
     logs = client.get(f"/api/v1/runs/{run['run_id']}/logs").json
     assert logs["source"] == "flowgate" and logs["next_after"] is None
     assert any(line["message"].startswith(f"run {run['run_id']} accepted") for line in logs["items"]), logs
@@ -35,7 +34,7 @@ def run_a_retried_http_node(app_config: dict) -> tuple[dict, list[dict]]:
         inline = {"nodes": [{"id": "call", "type": "http", "retries": 1, "retry_backoff_seconds": 0,
                              "config": {"url": f"{echo.url}/flaky"}}]}
         accepted = client.post("/api/workflow/logged/execute", json={"workflow": inline}).json
-        done = poll_execution(client, accepted["statusUrl"])
+        done = wait_until_ended(client, accepted["statusUrl"])
         return done, client.get(f"/api/v1/runs/{accepted['executionId']}/logs").json["items"]
     finally:
         services.stop(timeout=5)

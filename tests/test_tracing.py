@@ -17,8 +17,7 @@ from connectors.outbound import OutboundPolicy
 from tests.support.fake_services import CallbackReceiver, EchoService
 from tests.support.gunicorn_server import ROOT, GunicornServer
 from tests.support.otlp_receiver import OtlpReceiver
-from tests.support.waiting import wait_until
-from tests.test_api_triggers import poll_until_ended
+from tests.support.waiting import wait_until, wait_until_ended
 
 CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"
@@ -88,7 +87,7 @@ def test_a_local_runs_log_lines_carry_its_trace_id_from_the_gateway_and_the_conn
     client = running_app.test_client()
     with caplog.at_level("INFO"):
         run = client.post("/trigger", json={"connector_id": "numbers"}, headers={"traceparent": TRACEPARENT}).json
-        assert poll_until_ended(client, f"/api/v1/runs/{run['run_id']}")["status"] == "completed"
+        assert wait_until_ended(client, f"/api/v1/runs/{run['run_id']}")["status"] == "completed"
     lines = [record for record in caplog.records if getattr(record, "run_id", None) == run["run_id"]]
     assert any(record.message.startswith("connector numbers runs in process") for record in lines)  # relayed
     assert lines and {tracing.TraceIdFilter().filter(record) and record.trace_id for record in lines} == {CALLER_TRACE}

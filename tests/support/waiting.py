@@ -1,9 +1,12 @@
-"""Waiting in tests: on a condition with a generous deadline, never for a fixed time."""
+"""Waiting in tests: on a condition with a generous deadline, never for a fixed time; and for a run's end."""
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
+
+from flows.outcome import TERMINAL
 
 T = TypeVar("T")
 
@@ -19,3 +22,23 @@ def wait_until(condition: Callable[[], T], timeout: float = 60, what: str = "con
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not met within {timeout:g} s")
         time.sleep(every)
+
+
+def wait_until_ended(client: Any, url: str, timeout: float = 60) -> dict:
+    """GET `url`, a run's or a workflow execution's status URL, until its status is an ended one
+    (flows.outcome.TERMINAL); the document, with the statuses seen on the way in "seen". `client` is a Flask test
+    client or an httpx.Client. Every 50 ms at first, backing off to every half second: a Prefect run's GET reads
+    its flow run from Prefect."""
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    interval = 0.05
+    while time.monotonic() < deadline:
+        doc = json.loads(client.get(url).text)
+        if not seen or seen[-1] != doc["status"]:
+            seen.append(doc["status"])
+        if doc["status"] in TERMINAL:
+            doc["seen"] = seen
+            return doc
+        time.sleep(interval)
+        interval = min(interval * 1.5, 0.5)
+    raise AssertionError(f"{url} did not end within {timeout:g} s; statuses seen: {seen}")
