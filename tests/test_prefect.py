@@ -13,6 +13,7 @@ import pytest
 from app import create_app
 from app.runs.models import utcnow
 from app.runs.store import NewRun
+from flows.outcome import TERMINAL
 from tests.support.fake_services import SlowProxy
 from tests.support.prefect_stack import PrefectStack, deployed_stack
 from tests.support.waiting import wait_until, wait_until_ended
@@ -123,7 +124,6 @@ def test_incremental_state_carries_over_between_the_prefect_and_the_local_path(s
         ("2025-01-02T00:00:24", "2025-01-03T00:00:00", 1)]
 
 
-TERMINAL_STATUSES = ("completed", "failed", "cancelled", "crashed")
 FAN_OUT = {
     # `pause` is long enough for its task run's state to reach Prefect's server (through its event stream, seconds
     # late on a busy machine) while it still runs: the test checks that progress shows while a run goes on.
@@ -146,7 +146,7 @@ def test_a_workflow_runs_as_a_prefect_flow_with_a_task_per_node_and_the_same_res
         assert accepted.status_code == 202 and accepted.json["backend"] == backend, accepted.json
         live = []  # node states seen while the execution was running
         deadline = time.monotonic() + 120
-        while (doc := gateway.get(accepted.json["statusUrl"]).json)["status"] not in TERMINAL_STATUSES:
+        while (doc := gateway.get(accepted.json["statusUrl"]).json)["status"] not in TERMINAL:
             if doc["status"] == "running":
                 live.append({n["id"]: n["status"] for n in doc["nodes"]})
             assert time.monotonic() < deadline, doc

@@ -11,12 +11,16 @@ from flows.outcome import TERMINAL
 T = TypeVar("T")
 
 
-def wait_until(condition: Callable[[], T], timeout: float = 60, what: str = "condition", every: float = 0.05) -> T:
+def wait_until(condition: Callable[[], T], timeout: float = 60, what: str = "condition", every: float = 0.05,
+               ignoring: tuple[type[Exception], ...] = ()) -> T:
     """Poll `condition` every `every` seconds until it returns something truthy (returned) or `timeout` seconds
-    pass (AssertionError)."""
+    pass (AssertionError). An exception of a type in `ignoring` (a server not answering yet) counts as not yet."""
     deadline = time.monotonic() + timeout
     while True:
-        value = condition()
+        try:
+            value = condition()
+        except ignoring:
+            value = None
         if value:
             return value
         if time.monotonic() > deadline:
