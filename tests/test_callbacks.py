@@ -12,7 +12,7 @@ from app.runs.models import utcnow
 from app.runs.store import NewRun
 from connectors.outbound import OutboundPolicy
 from tests.support.fake_services import CallbackReceiver
-from tests.support.waiting import wait_until, wait_until_ended
+from tests.support.waiting import wait_for_callback, wait_until, wait_until_ended
 
 pytestmark = pytest.mark.long(seconds=30)  # started first in the parallel run (conftest.py)
 
@@ -38,14 +38,6 @@ def sending_app(running_app):
     callbacks.start()
     yield running_app
     callbacks.stop()
-
-
-def wait_for_callback(client, run_id: str, status: str, timeout: float = 60) -> dict:
-    def callback() -> dict | None:
-        found = client.get(f"/api/v1/runs/{run_id}").json["callback"]
-        return found if found["status"] == status else None
-
-    return wait_until(callback, timeout, f"the callback of {run_id} {status}")
 
 
 class Sweeps:

@@ -20,10 +20,11 @@ from app.runs.store import NewRun, RunStore
 from connectors.failures import RetryPolicy
 from flows.outcome import COMPLETED, CRASHED, FAILED, QUEUED, RUNNING, RunError
 from tests.support.fake_services import CallbackReceiver
-from tests.support.waiting import wait_until, wait_until_ended
-from tests.test_callbacks import SECRET, wait_for_callback
+from tests.support.waiting import wait_for_callback, wait_until, wait_until_ended
 
 pytestmark = pytest.mark.long(seconds=30)
+
+SECRET = "callback-secret-for-the-retry-tests"
 
 FLAKY = """
   flaky:

@@ -46,3 +46,12 @@ def wait_until_ended(client: Any, url: str, timeout: float = 60) -> dict:
         time.sleep(interval)
         interval = min(interval * 1.5, 0.5)
     raise AssertionError(f"{url} did not end within {timeout:g} s; statuses seen: {seen}")
+
+
+def wait_for_callback(client: Any, run_id: str, status: str, timeout: float = 60) -> dict:
+    """The run's callback, as the run's document shows it, once its delivery status is `status`."""
+    def callback() -> dict | None:
+        found = json.loads(client.get(f"/api/v1/runs/{run_id}").text)["callback"]
+        return found if found["status"] == status else None
+
+    return wait_until(callback, timeout, f"the callback of {run_id} {status}")
