@@ -18,9 +18,8 @@ import duckdb
 import httpx
 import pytest
 
-from tests.support.gunicorn_server import ROOT, GunicornServer
+from tests.support.gunicorn_server import ROOT, GunicornServer, run_store
 from tests.support.waiting import wait_until, wait_until_ended
-from tests.test_gunicorn import run_store
 from tests.test_pipeline import _events_db, _incremental_registry
 
 pytestmark = pytest.mark.long(seconds=110)  # started first in the parallel run (conftest.py)

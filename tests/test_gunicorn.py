@@ -16,7 +16,7 @@ import pytest
 
 from app.runs.store import RunStore
 from flows.outcome import TERMINAL
-from tests.support.gunicorn_server import GunicornServer
+from tests.support.gunicorn_server import GunicornServer, run_store
 from tests.support.waiting import wait_until, wait_until_ended
 
 pytestmark = pytest.mark.long(seconds=110)  # started first in the parallel run (conftest.py)
@@ -36,10 +36,6 @@ def status(client: httpx.Client, run_id: str) -> str:
 
 def parse_time(value: str) -> datetime:
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
-
-
-def run_store(workdir: Path) -> RunStore:
-    return RunStore(f"sqlite:///{(workdir / 'var' / 'flowgate.db').resolve()}")
 
 
 def test_forty_concurrent_triggers_all_complete_and_health_stays_fast(server, workdir):

@@ -9,9 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.support.gunicorn_server import GunicornServer
+from tests.support.gunicorn_server import GunicornServer, run_store
 from tests.support.waiting import wait_until_ended
-from tests.test_gunicorn import run_store
 
 pytestmark = pytest.mark.long(seconds=45)  # started first in the parallel run (conftest.py)
 
