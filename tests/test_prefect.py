@@ -15,9 +15,9 @@ from app.runs.models import utcnow
 from app.runs.store import NewRun
 from flows.outcome import TERMINAL
 from tests.support.fake_services import SlowProxy
+from tests.support.incremental import events_db
 from tests.support.prefect_stack import PrefectStack, deployed_stack
 from tests.support.waiting import wait_until, wait_until_ended
-from tests.test_pipeline import _events_db
 
 pytestmark = pytest.mark.long(seconds=250)  # started first in the parallel run (conftest.py)
 
@@ -113,11 +113,11 @@ def test_incremental_state_carries_over_between_the_prefect_and_the_local_path(s
         windows.append(done["result"]["incremental"]["events"])  # the same result document on both paths
         return done["result"]["rows"]
 
-    _events_db(stack.workdir / "events.db", [(i, "new", f"2025-01-01T00:00:{i:02d}") for i in range(20)])
+    events_db(stack.workdir / "events.db", [(i, "new", f"2025-01-01T00:00:{i:02d}") for i in range(20)])
     assert run("prefect") == {"events": 20}
-    _events_db(stack.workdir / "events.db", [(i, "new", f"2025-01-02T00:00:{i:02d}") for i in range(20, 25)])
+    events_db(stack.workdir / "events.db", [(i, "new", f"2025-01-02T00:00:{i:02d}") for i in range(20, 25)])
     assert run("local") == {"events": 5}  # the cursor the worker left in the destination
-    _events_db(stack.workdir / "events.db", [(25, "new", "2025-01-03T00:00:00")])
+    events_db(stack.workdir / "events.db", [(25, "new", "2025-01-03T00:00:00")])
     assert run("prefect") == {"events": 1}
     assert [(w["from"], w["to"], w["rows"]) for w in windows] == [
         (None, "2025-01-01T00:00:19", 20), ("2025-01-01T00:00:19", "2025-01-02T00:00:24", 5),
