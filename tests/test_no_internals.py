@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.support.problems import assert_problem
 from tests.support.waiting import wait_until_ended
-from tests.test_errors import assert_problem
 
 WRONG_KIND = "{{ 'a'|wordwrap(5, wrapstring=inputs) }}"
 
