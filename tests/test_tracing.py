@@ -17,11 +17,9 @@ from connectors.outbound import OutboundPolicy
 from tests.support.fake_services import CallbackReceiver, EchoService
 from tests.support.gunicorn_server import ROOT, GunicornServer
 from tests.support.otlp_receiver import OtlpReceiver
+from tests.support.trace_context import CALLER_SPAN, CALLER_TRACE, TRACEPARENT
 from tests.support.waiting import wait_until, wait_until_ended
 
-CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
-CALLER_SPAN = "00f067aa0ba902b7"
-TRACEPARENT = f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"
 SECRET = "callback-secret-for-tests"
 
 
