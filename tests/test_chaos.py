@@ -243,7 +243,7 @@ def progress(message: str) -> None:
     print(f"[chaos {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def wait_until_ended(client: httpx.Client, run_ids: list[str], timeout: float) -> dict[str, dict]:
+def wait_until_all_ended(client: httpx.Client, run_ids: list[str], timeout: float) -> dict[str, dict]:
     """GET every run until each has an ended status; the documents by run id."""
     docs: dict[str, dict] = {}
     deadline = time.monotonic() + timeout
@@ -337,7 +337,7 @@ def test_every_answered_run_executes_at_most_once_and_ends_recorded_under_chaos(
         answered = [a for load in loads for a in load.answered]
         progress(f"faults and load stopped: {dict(faults.injected)}; waiting for {len(answered)} runs to end")
         with httpx.Client(base_url=gateways["a"].url, timeout=30) as client:
-            docs = wait_until_ended(client, [a.run_id for a in answered], timeout=240 if not LONG else 900)
+            docs = wait_until_all_ended(client, [a.run_id for a in answered], timeout=240 if not LONG else 900)
             progress("every answered run ended; waiting for their callbacks")
             wait_until_delivered(client, docs, timeout=120)
             # The senders' next sweep: a run ended now on each gateway has its callback delivered, after every
@@ -345,7 +345,7 @@ def test_every_answered_run_executes_at_most_once_and_ends_recorded_under_chaos(
             sweep = [httpx.post(f"{gateway.url}/trigger", timeout=30, json={
                 "connector_id": "c0", "backend": "local", "params": {"token": uuid.uuid4().hex},
                 "callback_url": callback_url}).json()["run_id"] for gateway in gateways.values()]
-            wait_until_delivered(client, wait_until_ended(client, sweep, timeout=120), timeout=60)
+            wait_until_delivered(client, wait_until_all_ended(client, sweep, timeout=120), timeout=60)
     finally:
         database.hold.clear()
         for gateway in gateways.values():
