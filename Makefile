@@ -30,7 +30,7 @@ lint: $(VENV)/.dev
 # The whole suite STRESS_ROUNDS times in a row (default 5), each beside one busy-looping process per core and
 # in a new random order; stops at the first red round.
 stress-test: $(VENV)/.dev data/demo_shop.db browser
-	$(BIN)/python -m tests.stress -- $(PYTEST_PARALLEL)
+	$(BIN)/python -m tests.support.stress -- $(PYTEST_PARALLEL)
 
 # The dashboard's browser tests drive Debian's chromium (Playwright's own browser download is not used):
 # installed here when missing and we are root with apt; otherwise those tests skip and say why.

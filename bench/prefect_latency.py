@@ -28,8 +28,8 @@ from pathlib import Path
 import httpx
 
 from app.backends.prefect_client import PrefectClient
-from tests.gunicorn_server import GunicornServer
-from tests.prefect_stack import PrefectStack, fresh_postgres_database
+from tests.support.gunicorn_server import GunicornServer
+from tests.support.prefect_stack import PrefectStack, fresh_postgres_database
 
 CONNECTORS = """
 connectors:

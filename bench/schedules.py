@@ -25,7 +25,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.gunicorn_server import GunicornServer
+from tests.support.gunicorn_server import GunicornServer
 
 SCHEDULED = 2
 

@@ -27,7 +27,7 @@ import sqlalchemy as sa
 from app.runs.models import utcnow
 from app.runs.store import NewRun, RunStore
 from flows.outcome import RunError
-from tests.conftest import POSTGRES_URL, postgres_available
+from tests.support.postgres import POSTGRES_URL, postgres_available
 
 TARGETS = 50
 BASELINE_RUNS = 1_000  # the "empty" store: a day's worth, so that every page read is full

@@ -16,8 +16,8 @@ import tempfile
 from pathlib import Path
 
 from bench.trigger_throughput import Result, load, pct, write_connectors
-from tests.gunicorn_server import GunicornServer
-from tests.otlp_receiver import OtlpReceiver
+from tests.support.gunicorn_server import GunicornServer
+from tests.support.otlp_receiver import OtlpReceiver
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.gunicorn_server import ROOT, GunicornServer, free_port
+from tests.support.gunicorn_server import ROOT, GunicornServer, free_port
 
 
 @dataclass
@@ -130,7 +130,7 @@ def run_flowgate_on_postgres(workdir: Path, clients: int, seconds: float, worker
 
     import sqlalchemy as sa
 
-    from tests.conftest import POSTGRES_URL, postgres_available
+    from tests.support.postgres import POSTGRES_URL, postgres_available
 
     if postgres_available():
         return None

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.nodes import NODE_TYPES, NodeContext, node_type
-from tests.fake_services import EchoService, FakeOpenAI
+from tests.support.fake_services import EchoService, FakeOpenAI
 
 CRITICAL_PATH = 0.1 + 0.2 + 0.5 + 0.1 + 0.1
 

@@ -1,7 +1,6 @@
 """Shared fixtures: each test gets its own var/ folder, demo data and connectors.yaml in a temp dir."""
 from __future__ import annotations
 
-import json
 import os
 import uuid
 from collections.abc import Iterator
@@ -13,33 +12,8 @@ import sqlalchemy as sa
 from app import create_app
 from app.runs.store import RunStore
 from connectors import secrets
-from connectors.demo import build_shop_db
-
-POSTGRES_URL = os.environ.get("FLOWGATE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-
-CONNECTORS_YAML = """
-connectors:
-  shop:
-    description: Orders and customers from the test shop
-    source: {kind: sql_database, url: "sqlite:///shop.db", tables: [orders, customers]}
-    dataset: shop_raw
-    write_disposition: replace
-  products:
-    source: {kind: filesystem, bucket_url: files, file_glob: "*.csv", table: products}
-    dataset: catalogue
-    write_disposition: replace
-  events:
-    source: {kind: filesystem, bucket_url: files, file_glob: "*.jsonl"}
-    dataset: raw
-  numbers:
-    source: {kind: python, ref: "connectors.demo:numbers", args: {n: 10, delay_seconds: 0}}
-    dataset: raw
-  slow:
-    source: {kind: python, ref: "connectors.demo:numbers", args: {n: 5, delay_seconds: 1.0}}
-    dataset: raw
-  broken:
-    source: {kind: sql_database, url: "sqlite:///missing.db", tables: [nothing_here]}
-"""
+from tests.support.postgres import POSTGRES_URL, postgres_available
+from tests.support.workdir import fill_workdir
 
 
 @pytest.hookimpl(trylast=True)
@@ -86,13 +60,7 @@ def _secrets_remembered_by_the_test_are_forgotten_after_it(monkeypatch):
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     """A folder with a small shop database, CSV and JSONL files, and a connectors.yaml that uses them."""
-    build_shop_db(tmp_path / "shop.db", customers=20, orders=100)
-    files = tmp_path / "files"
-    files.mkdir()
-    (files / "products.csv").write_text("sku,name,price_cents\nA-1,Apple,120\nB-2,Bread,250\nC-3,Cheese,899\n")
-    (files / "events.jsonl").write_text("\n".join(json.dumps({"id": i, "kind": "click"}) for i in range(4)) + "\n")
-    (tmp_path / "connectors.yaml").write_text(CONNECTORS_YAML)
-    return tmp_path
+    return fill_workdir(tmp_path)
 
 
 @pytest.fixture
@@ -122,18 +90,6 @@ def running_app(app):
     services.start()
     yield app
     services.stop(timeout=10)
-
-
-def postgres_available() -> str | None:
-    """None when PostgreSQL answers at FLOWGATE_TEST_POSTGRES_URL, else why not."""
-    try:
-        engine = sa.create_engine(POSTGRES_URL, connect_args={"connect_timeout": 2})
-        with engine.connect() as connection:
-            connection.execute(sa.text("SELECT 1"))
-        engine.dispose()
-        return None
-    except Exception as exc:  # any failure to connect means: skip (or fail where CI requires it)
-        return f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
 
 
 @pytest.fixture

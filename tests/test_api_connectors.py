@@ -107,12 +107,12 @@ def test_preview_of_a_python_source_with_a_huge_count_reads_only_its_first_page(
 def test_no_connector_or_run_answer_names_the_projects_absolute_path(running_app, workdir):
     """Paths show relative to the project (connectors.yaml's folder): the source's file and folder, the DuckDB file
     of a load, the schema's location; nothing a caller reads says where the gateway lives on the server."""
-    from tests.test_api_triggers import poll_until_ended
+    from tests.support.waiting import wait_until_ended
 
     client = running_app.test_client()
-    done = poll_until_ended(client, client.post("/trigger", json={"connector_id": "shop"}).json["status_url"])
+    done = wait_until_ended(client, client.post("/trigger", json={"connector_id": "shop"}).json["status_url"])
     assert done["status"] == "completed" and done["result"]["location"] == "var/duckdb/shop.duckdb"
-    failed = poll_until_ended(client, client.post("/trigger", json={"connector_id": "broken"}).json["status_url"])
+    failed = wait_until_ended(client, client.post("/trigger", json={"connector_id": "broken"}).json["status_url"])
     assert failed["status"] == "failed"
     shop = client.get("/api/v1/connectors/shop").json
     assert shop["spec"]["source"]["url"] == "sqlite:///shop.db"
@@ -144,7 +144,7 @@ def test_a_path_outside_the_project_shows_only_its_name(tmp_path):
 
 
 def test_stats_give_a_connectors_newest_runs_oldest_first_with_counts_and_success_rate(app, client):
-    from tests.run_history import PastRun, add_past_runs
+    from tests.support.run_history import PastRun, add_past_runs
 
     store = app.extensions["flowgate"].store
     ids = add_past_runs(store, "shop", [PastRun(10, rows={"orders": 100, "customers": 20}),

@@ -1,8 +1,7 @@
 """GET /api/v1/runs (filters, pages), GET /api/v1/runs/<id>, POST /api/v1/runs/<id>/cancel."""
 from __future__ import annotations
 
-from tests.test_api_triggers import poll_until_ended
-from tests.waiting import wait_until
+from tests.support.waiting import wait_until, wait_until_ended
 
 
 def trigger(client, connector_id: str, **extra) -> dict:
@@ -38,7 +37,7 @@ def test_a_running_run_is_cancelling_then_cancelled_at_its_next_checkpoint(runni
     wait_until(lambda: client.get(run["status_url"]).json["status"] == "running", what="the run started")
     response = client.post(f"/api/v1/runs/{run['run_id']}/cancel")
     assert response.status_code == 202 and response.json["status"] == "cancelling"
-    done = poll_until_ended(client, run["status_url"])
+    done = wait_until_ended(client, run["status_url"])
     assert done["status"] == "cancelled" and done["error"]["code"] == "cancelled"
 
 

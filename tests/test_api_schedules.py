@@ -9,8 +9,8 @@ import pytest
 
 from app import create_app
 from app.config import ConfigError
-from tests.conftest import CONNECTORS_YAML
-from tests.test_scheduler import Clock
+from tests.support.clock import Clock
+from tests.support.workdir import CONNECTORS_YAML
 
 READER, TRIGGERER, ADMIN = "reader-key-0123456789", "trigger-key-0123456789", "admin-key-0123456789"
 SCHEDULED = CONNECTORS_YAML + """

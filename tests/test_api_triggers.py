@@ -1,28 +1,11 @@
 """POST /trigger and POST /api/v1/connectors/<id>/runs: accepted at once, tracked in the store, optional wait."""
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import duckdb
 
-
-def poll_until_ended(client, url: str, timeout: float = 60) -> dict:
-    """GET `url` until the run ends, every 50 ms at first and backing off to every half second (a Prefect run's
-    GET reads its flow run from Prefect); the document, with the statuses seen on the way in "seen"."""
-    seen = []
-    deadline = time.monotonic() + timeout
-    interval = 0.05
-    while time.monotonic() < deadline:
-        doc = client.get(url).json
-        if not seen or seen[-1] != doc["status"]:
-            seen.append(doc["status"])
-        if doc["status"] in ("completed", "failed", "cancelled", "crashed"):
-            doc["seen"] = seen
-            return doc
-        time.sleep(interval)
-        interval = min(interval * 1.5, 0.5)
-    raise AssertionError(f"run did not end within {timeout}s; statuses seen: {seen}")
+from tests.support.waiting import wait_until_ended
 
 
 def test_a_trigger_answers_202_at_once_with_a_queued_local_run(client):
@@ -39,7 +22,7 @@ def test_a_triggered_run_completes_with_its_load_summary_and_data(running_app, w
     client = running_app.test_client()
     body = client.post("/trigger", json={"connector_id": "slow"}).json
     assert body["status"] == "queued"  # as accepted; an executor may claim it before the first poll
-    done = poll_until_ended(client, body["status_url"])
+    done = wait_until_ended(client, body["status_url"])
     assert done["status"] == "completed" and set(done["seen"]) <= {"queued", "running", "completed"}
     result = done["result"]
     assert result["rows"] == {"numbers": 5} and result["dataset"] == "raw" and result["destination"] == "duckdb"

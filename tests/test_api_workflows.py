@@ -1,7 +1,6 @@
 """The workflow endpoints: execute, follow an execution, execute-node, and their bad input."""
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -9,7 +8,7 @@ import pytest
 from app import create_app
 from app.config import ConfigError
 from flows.workflow_registry import WorkflowError, WorkflowRegistry
-from tests.waiting import wait_until
+from tests.support.waiting import wait_until, wait_until_ended
 
 PIPELINE = """
 description: fan out and join
@@ -57,17 +56,6 @@ def app_config(app_config: dict) -> dict:
     return app_config
 
 
-def poll_execution(client, url: str, timeout: float = 60) -> dict:
-    """GET the execution until it ends."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        doc = client.get(url).json
-        if doc["status"] in ("completed", "failed", "cancelled", "crashed"):
-            return doc
-        time.sleep(0.05)
-    raise AssertionError(f"execution did not end within {timeout}s: {doc}")
-
-
 def test_execute_answers_at_once_and_the_execution_shows_every_node(running_app):
     client = running_app.test_client()
     accepted = client.post("/api/workflow/pipeline/execute", json={"inputs": {"text": "hello"}, "mode": "optimized"})
@@ -76,7 +64,7 @@ def test_execute_answers_at_once_and_the_execution_shows_every_node(running_app)
     assert body["success"] is True and body["status"] in ("queued", "running") and body["executionId"]
     assert body["message"].startswith("Workflow execution started in background")
     assert accepted.headers["Location"] == body["statusUrl"]
-    done = poll_execution(client, body["statusUrl"])
+    done = wait_until_ended(client, body["statusUrl"])
     assert done["status"] == "completed" and done["success"] is True and done["workflowId"] == "pipeline"
     assert done["layers"] == [["start"], ["a", "b", "shout"], ["join"], ["out"]]
     assert done["outputs"] == {"out": {"text": "HELLO", "joined": 3}}
@@ -95,7 +83,7 @@ def test_execute_answers_at_once_and_the_execution_shows_every_node(running_app)
 def test_legacy_mode_runs_the_nodes_one_after_another(running_app):
     client = running_app.test_client()
     accepted = client.post("/api/workflow/pipeline/execute", json={"mode": "legacy"})
-    done = poll_execution(client, accepted.json["statusUrl"])
+    done = wait_until_ended(client, accepted.json["statusUrl"])
     assert done["status"] == "completed" and done["mode"] == "legacy"
     nodes = sorted(done["nodes"], key=lambda n: n["started_at"])
     assert [n["id"] for n in nodes] == ["start", "a", "b", "shout", "join", "out"]
@@ -116,7 +104,7 @@ def test_an_inline_definition_runs_without_a_file(running_app):
 def test_a_connector_node_runs_the_connector_as_a_recorded_run(running_app):
     client = running_app.test_client()
     accepted = client.post("/api/workflow/with_connector/execute", json={"inputs": {"n": 4}})
-    done = poll_execution(client, accepted.json["statusUrl"])
+    done = wait_until_ended(client, accepted.json["statusUrl"])
     assert done["status"] == "completed", done
     load = next(n for n in done["nodes"] if n["id"] == "load")
     assert load["output"]["rows"] == {"numbers": 4} and done["outputs"] == {"out": 4}
@@ -135,7 +123,7 @@ def test_the_node_cache_is_shared_through_the_run_store(app_config):
         try:
             client = app.test_client()
             accepted = client.post("/api/workflow/cached/execute", json={"inputs": {"k": 1}})
-            executions.append(poll_execution(client, accepted.json["statusUrl"]))
+            executions.append(wait_until_ended(client, accepted.json["statusUrl"]))
         finally:
             services.stop(timeout=5)
             services.store.dispose()
@@ -149,7 +137,7 @@ def test_cancelling_an_execution_stops_its_nodes(running_app):
     wait_until(lambda: client.get(accepted.json["statusUrl"]).json["status"] == "running", what="the execution ran")
     cancel = client.post(f"/api/v1/runs/{accepted.json['executionId']}/cancel")
     assert cancel.status_code == 202
-    done = poll_execution(client, accepted.json["statusUrl"])
+    done = wait_until_ended(client, accepted.json["statusUrl"])
     assert done["status"] == "cancelled"
     assert [n["status"] for n in done["nodes"]] == ["cancelled", "cancelled"]
 
@@ -331,10 +319,10 @@ def test_a_file_workflows_variables_are_resolved_where_it_runs(app_config, monke
         client = app.test_client()
         accepted = client.post("/api/workflow/greet/execute", json={"inputs": {"name": "mundo"}}).json
         # Resolved here (not "${GREETING} mundo"), and, as every resolved ${VAR} is a secret, scrubbed where shown.
-        assert poll_execution(client, accepted["statusUrl"])["outputs"] == {"say": "*** mundo"}
+        assert wait_until_ended(client, accepted["statusUrl"])["outputs"] == {"say": "*** mundo"}
         inline = {"nodes": [{"id": "say", "type": "output", "config": {"value": "${GREETING}"}}]}
         leaked = client.post("/api/workflow/x/execute", json={"workflow": inline}).json
-        assert poll_execution(client, leaked["statusUrl"])["outputs"] == {"say": "${GREETING}"}  # inline: no env
+        assert wait_until_ended(client, leaked["statusUrl"])["outputs"] == {"say": "${GREETING}"}  # inline: no env
     finally:
         services.stop(timeout=5)
         services.store.dispose()

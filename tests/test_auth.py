@@ -14,9 +14,9 @@ import yaml
 from app import create_app
 from app.auth import KeyRing, digest
 from app.config import ConfigError
-from tests.gunicorn_server import ROOT, GunicornServer
-from tests.nginx_proxy import NGINX, repo_nginx
-from tests.waiting import wait_until
+from tests.support.gunicorn_server import ROOT, GunicornServer
+from tests.support.nginx_proxy import NGINX, repo_nginx
+from tests.support.waiting import wait_until
 
 READER, TRIGGERER, ADMIN = "reader-key-0123456789", "trigger-key-0123456789", "admin-key-0123456789"
 

@@ -13,7 +13,7 @@ from connectors.outbound import OutboundPolicy
 from flows.engine import WorkflowEngine
 from flows.nodes import Toolbox
 from flows.workflow_spec import WorkflowSpec
-from tests.fake_services import EchoService
+from tests.support.fake_services import EchoService
 
 NESTED_LOOPS = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}done"
 

@@ -11,9 +11,8 @@ from app.callback_sender import CallbackSender, verify
 from app.runs.models import utcnow
 from app.runs.store import NewRun
 from connectors.outbound import OutboundPolicy
-from tests.fake_services import CallbackReceiver
-from tests.test_api_triggers import poll_until_ended
-from tests.waiting import wait_until
+from tests.support.fake_services import CallbackReceiver
+from tests.support.waiting import wait_for_callback, wait_until, wait_until_ended
 
 pytestmark = pytest.mark.long(seconds=30)  # started first in the parallel run (conftest.py)
 
@@ -39,14 +38,6 @@ def sending_app(running_app):
     callbacks.start()
     yield running_app
     callbacks.stop()
-
-
-def wait_for_callback(client, run_id: str, status: str, timeout: float = 60) -> dict:
-    def callback() -> dict | None:
-        found = client.get(f"/api/v1/runs/{run_id}").json["callback"]
-        return found if found["status"] == status else None
-
-    return wait_until(callback, timeout, f"the callback of {run_id} {status}")
 
 
 class Sweeps:
@@ -80,7 +71,7 @@ def test_an_ended_run_is_posted_signed_to_its_callback_url(sending_app, receiver
     url = f"{receiver.url}/hook?token=receiver-secret"
     run = client.post("/trigger", json={"connector_id": "numbers", "callback_url": url}).json
     assert run["callback"] == {"url": f"{receiver.url}/hook", "status": "pending", "attempts": []}  # no query shown
-    done = poll_until_ended(client, run["status_url"])
+    done = wait_until_ended(client, run["status_url"])
     callback = wait_for_callback(client, run["run_id"], "delivered")
     assert [a["status_code"] for a in callback["attempts"]] == [204]
     headers, body = receiver.raw[0]

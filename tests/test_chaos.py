@@ -29,11 +29,11 @@ import duckdb
 import httpx
 import pytest
 
-from tests.chaos_source import read_executions
-from tests.fake_services import Blackhole, CallbackReceiver, SlowProxy
-from tests.gunicorn_server import GunicornServer
-from tests.prefect_stack import POSTGRES_ADMIN_URL, PrefectStack, fresh_postgres_database
-from tests.test_gunicorn import TERMINAL
+from flows.outcome import TERMINAL
+from tests.support.chaos_source import read_executions
+from tests.support.fake_services import Blackhole, CallbackReceiver, SlowProxy
+from tests.support.gunicorn_server import GunicornServer
+from tests.support.prefect_stack import POSTGRES_ADMIN_URL, PrefectStack, fresh_postgres_database
 
 pytestmark = [pytest.mark.long(seconds=150), pytest.mark.chaos]  # long: started first in the parallel run
 
@@ -61,12 +61,12 @@ def connectors_yaml(executions: Path, callback_url: str) -> str:
     # and with it the connector's key.
     return "connectors:\n" + "".join(
         f"  {name}:\n"
-        f"    source: {{kind: python, ref: 'tests.chaos_source:recorded', "
+        f"    source: {{kind: python, ref: 'tests.support.chaos_source:recorded', "
         f"args: {{token: '', connector: {name}, path: '{executions}', seconds: 1.0}}}}\n"
         f"    destination: {{path: shared/{name}.duckdb}}\n"
         f"    dataset: chaos\n" for name in CONNECTORS) + (
         f"  {SCHEDULED}:\n"
-        f"    source: {{kind: python, ref: 'tests.chaos_source:recorded', "
+        f"    source: {{kind: python, ref: 'tests.support.chaos_source:recorded', "
         f"args: {{token: '', connector: {SCHEDULED}, path: '{executions}', seconds: 0.3}}}}\n"
         f"    destination: {{path: shared/{SCHEDULED}.duckdb}}\n"
         f"    dataset: chaos\n"
@@ -251,7 +251,7 @@ def progress(message: str) -> None:
     print(f"[chaos {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def wait_until_ended(client: httpx.Client, run_ids: list[str], timeout: float) -> dict[str, dict]:
+def wait_until_all_ended(client: httpx.Client, run_ids: list[str], timeout: float) -> dict[str, dict]:
     """GET every run until each has an ended status; the documents by run id."""
     docs: dict[str, dict] = {}
     deadline = time.monotonic() + timeout
@@ -345,21 +345,21 @@ def test_every_answered_run_executes_at_most_once_and_ends_recorded_under_chaos(
         answered = [a for load in loads for a in load.answered]
         progress(f"faults and load stopped: {dict(faults.injected)}; waiting for {len(answered)} runs to end")
         with httpx.Client(base_url=gateways["a"].url, timeout=30) as client:
-            docs = wait_until_ended(client, [a.run_id for a in answered], timeout=240 if not LONG else 900)
+            docs = wait_until_all_ended(client, [a.run_id for a in answered], timeout=240 if not LONG else 900)
             # No slot fires after this: every gateway reads the pause at the schedule's next due slot.
             assert client.post(f"/api/v1/connectors/{SCHEDULED}/schedule/pause").status_code == 200
             time.sleep(3)  # a pass that read the state just before the pause fires at most one more slot
             slots = client.get("/api/v1/runs", params={"connector_id": SCHEDULED, "limit": 200}).json()["items"]
             progress(f"every answered run ended, and {len(slots)} slots of {SCHEDULED}; waiting for their ends "
                      "and callbacks")
-            slot_docs = wait_until_ended(client, [slot["run_id"] for slot in slots], timeout=240)
+            slot_docs = wait_until_all_ended(client, [slot["run_id"] for slot in slots], timeout=240)
             wait_until_delivered(client, {**docs, **slot_docs}, timeout=120)
             # The senders' next sweep: a run ended now on each gateway has its callback delivered, after every
             # delivery that was still due before it.
             sweep = [httpx.post(f"{gateway.url}/trigger", timeout=30, json={
                 "connector_id": "c0", "backend": "local", "params": {"token": uuid.uuid4().hex},
                 "callback_url": callback_url}).json()["run_id"] for gateway in gateways.values()]
-            wait_until_delivered(client, wait_until_ended(client, sweep, timeout=120), timeout=60)
+            wait_until_delivered(client, wait_until_all_ended(client, sweep, timeout=120), timeout=60)
     finally:
         database.hold.clear()
         for gateway in gateways.values():

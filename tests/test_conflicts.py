@@ -10,8 +10,8 @@ import pytest
 
 from app import create_app
 from app.runs.store import NewRun, RunStore
-from tests.gunicorn_server import GunicornServer
-from tests.test_store_races import race
+from tests.support.gunicorn_server import GunicornServer
+from tests.support.races import race
 
 pytestmark = pytest.mark.long(seconds=40)
 

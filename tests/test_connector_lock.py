@@ -9,7 +9,7 @@ from app.runs.store import NewRun, RunStore
 from flows.connector_lock import ConnectorLock, LockLost, run_moved_off_prefect
 from flows.database import Database
 from flows.outcome import COMPLETED
-from tests.waiting import wait_until
+from tests.support.waiting import wait_until
 
 
 def _queued(store: RunStore, key: str, target: str = "numbers"):

@@ -17,9 +17,9 @@ from connectors.pipeline import Workspace, concurrency_key
 from connectors.registry import ConnectorRegistry
 from flows.database import PG_CONNECT_TIMEOUT_SECONDS
 from flows.outcome import CRASHED
-from tests.fake_services import Blackhole
-from tests.gunicorn_server import GunicornServer
-from tests.waiting import wait_until
+from tests.support.fake_services import Blackhole
+from tests.support.gunicorn_server import GunicornServer
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.long(seconds=60)
 

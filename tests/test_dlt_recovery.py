@@ -13,7 +13,7 @@ import pytest
 
 from connectors.pipeline import Workspace, run_connector
 from connectors.registry import ConnectorRegistry
-from tests.gunicorn_server import ROOT
+from tests.support.gunicorn_server import ROOT
 
 DLTS_OWN_RUN = """
 import json, sys

@@ -3,15 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-
-def assert_problem(response, status: int, code: str) -> dict:
-    assert response.status_code == status, response.get_data(as_text=True)
-    assert response.mimetype == "application/problem+json"
-    body = response.json
-    assert body["status"] == status and body["code"] == code and body["title"] and body["detail"]
-    assert body["type"].endswith(code)
-    assert "Traceback" not in response.get_data(as_text=True)
-    return body
+from tests.support.problems import assert_problem
 
 
 @pytest.mark.parametrize("data, code", [

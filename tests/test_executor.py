@@ -15,7 +15,7 @@ from app.runs.store import NewRun, RunStore
 from connectors.pipeline import Workspace, concurrency_key
 from connectors.registry import ConnectorRegistry
 from flows.outcome import COMPLETED, CRASHED, TERMINAL
-from tests.waiting import wait_until
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.long(seconds=40)  # started first in the parallel run (conftest.py)
 
@@ -44,13 +44,12 @@ def enqueue(parts, connector_id: str, params: dict | None = None) -> str:
 
 
 def wait_all(store: RunStore, ids: list[str], timeout: float = 60) -> list:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    """The stored runs once every one of them has ended."""
+    def ended() -> list | None:
         runs = [store.get(i) for i in ids]
-        if all(r.status in TERMINAL for r in runs):
-            return runs
-        time.sleep(0.05)
-    raise AssertionError(f"runs not ended: {[(r.id, r.status) for r in runs]}")
+        return runs if all(r.status in TERMINAL for r in runs) else None
+
+    return wait_until(ended, timeout, f"the end of runs {ids}")
 
 
 def test_runs_of_one_connector_never_overlap_while_others_run_beside_them(parts):

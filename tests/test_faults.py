@@ -18,10 +18,9 @@ import duckdb
 import httpx
 import pytest
 
-from tests.gunicorn_server import ROOT, GunicornServer
-from tests.test_gunicorn import TERMINAL, run_store, wait_for
-from tests.test_pipeline import _events_db, _incremental_registry
-from tests.waiting import wait_until
+from tests.support.gunicorn_server import ROOT, GunicornServer, run_store
+from tests.support.incremental import events_db, incremental_registry
+from tests.support.waiting import wait_until, wait_until_ended
 
 pytestmark = pytest.mark.long(seconds=110)  # started first in the parallel run (conftest.py)
 
@@ -114,7 +113,7 @@ def test_sighup_reloads_under_load_without_a_single_failed_request(workdir):
             reloaded = load.accepted()
             wait_until(lambda: load.accepted() >= reloaded + 6, what="triggers accepted after the reload")
         with httpx.Client(base_url=server.url, timeout=10) as client:
-            docs = [wait_for(client, run_id, TERMINAL, timeout=120) for run_id in load.run_ids]
+            docs = [wait_until_ended(client, f"/api/v1/runs/{run_id}", timeout=120) for run_id in load.run_ids]
     finally:
         server.kill()
     ended = [doc["status"] for doc in docs]
@@ -146,7 +145,7 @@ def test_sigterm_under_load_answers_every_request_and_a_restart_ends_every_accep
     again = GunicornServer(workdir, workers=2).start()  # runs still queued are taken up by the next gateway
     try:
         with httpx.Client(base_url=again.url, timeout=10) as client:
-            ended = Counter(wait_for(client, run_id, TERMINAL, timeout=180)["status"] for run_id in load.run_ids)
+            ended = Counter(wait_until_ended(client, f"/api/v1/runs/{run_id}", timeout=180)["status"] for run_id in load.run_ids)
     finally:
         again.kill()
     print(f"accepted {len(load.run_ids)} runs, after the restart: {dict(ended)}")
@@ -210,18 +209,18 @@ os.kill(os.getpid(), signal.SIGKILL)  # dies with a normalized load package on d
 def test_a_run_killed_before_its_load_is_completed_by_the_next_run_without_duplicates(workdir: Path):
     from connectors.pipeline import Workspace, run_connector
 
-    _events_db(workdir / "events.db", [(i, "new", f"2025-01-01T00:00:{i:02d}") for i in range(40)])
-    registry = _incremental_registry(workdir, "append")
+    events_db(workdir / "events.db", [(i, "new", f"2025-01-01T00:00:{i:02d}") for i in range(40)])
+    registry = incremental_registry(workdir, "append")
     workspace = Workspace(workdir / "var" / "dlt", workdir / "var" / "duckdb")
     assert run_connector(registry.get("inc"), workspace).rows == {"events": 40}
     # (Before any load, dlt's sync with the destination drops a pending package along with the local state,
     # as its own run() does, and extracts again from the start: no duplicates either.)
-    _events_db(workdir / "events.db", [(i, "new", f"2025-01-02T00:00:{i - 40:02d}") for i in range(40, 45)])
+    events_db(workdir / "events.db", [(i, "new", f"2025-01-02T00:00:{i - 40:02d}") for i in range(40, 45)])
     run_until_killed(KILL_AFTER_NORMALIZE, registry, workspace)
     pending = list((workspace.pipelines_dir / "flowgate_inc" / "load" / "normalized").iterdir())
     assert pending, "the killed run left no pending load package"
 
-    _events_db(workdir / "events.db", [(i, "new", f"2025-01-03T00:00:{i - 45:02d}") for i in range(45, 48)])
+    events_db(workdir / "events.db", [(i, "new", f"2025-01-03T00:00:{i - 45:02d}") for i in range(45, 48)])
     summary = run_connector(registry.get("inc"), workspace)  # recover loads the package, then only new rows
     with duckdb.connect(summary.location, read_only=True) as con:
         total, distinct = con.execute("SELECT count(*), count(DISTINCT id) FROM raw.events").fetchone()
@@ -255,19 +254,19 @@ def test_a_run_killed_inside_normalizes_commit_does_not_poison_the_connector(wor
     normalized): every later normalize failed with 'Directory not empty'. The next run finishes the commit."""
     from connectors.pipeline import Workspace, run_connector
 
-    _events_db(workdir / "events.db", [(i, "new", f"2025-01-01T00:00:{i:02d}") for i in range(40)])
-    registry = _incremental_registry(workdir, "append")
+    events_db(workdir / "events.db", [(i, "new", f"2025-01-01T00:00:{i:02d}") for i in range(40)])
+    registry = incremental_registry(workdir, "append")
     workspace = Workspace(workdir / "var" / "dlt", workdir / "var" / "duckdb")
     assert run_connector(registry.get("inc"), workspace).rows == {"events": 40}
-    _events_db(workdir / "events.db", [(i, "new", f"2025-01-02T00:00:{i - 40:02d}") for i in range(40, 45)])
+    events_db(workdir / "events.db", [(i, "new", f"2025-01-02T00:00:{i - 40:02d}") for i in range(40, 45)])
     run_until_killed(KILL_DURING_NORMALIZE_COMMIT, registry, workspace)
     folder = workspace.pipelines_dir / "flowgate_inc"
     (package,) = [p.name for p in (folder / "load" / "normalized").iterdir()]
     assert (folder / "normalize" / "extracted" / package).exists()  # the package is there twice
 
-    _events_db(workdir / "events.db", [(i, "new", f"2025-01-03T00:00:{i - 45:02d}") for i in range(45, 48)])
+    events_db(workdir / "events.db", [(i, "new", f"2025-01-03T00:00:{i - 45:02d}") for i in range(45, 48)])
     first = run_connector(registry.get("inc"), workspace)
-    _events_db(workdir / "events.db", [(i, "new", f"2025-01-04T00:00:{i - 48:02d}") for i in range(48, 50)])
+    events_db(workdir / "events.db", [(i, "new", f"2025-01-04T00:00:{i - 48:02d}") for i in range(48, 50)])
     second = run_connector(registry.get("inc"), workspace)
     # the killed run's 5 rows, counted at its extract (it died before its normalize's count), and 3 new ones
     assert first.rows == {"events": 8} and second.rows == {"events": 2}
@@ -303,11 +302,11 @@ def test_a_run_killed_after_a_load_job_committed_does_not_land_its_rows_twice(wo
     commit in the destination and the note of it in the package, which restore reads (connectors/dlt_recovery.py)."""
     from connectors.pipeline import Workspace, run_connector
 
-    _events_db(workdir / "events.db", [(i, "new", f"2025-01-01T00:00:{i:02d}") for i in range(40)])
-    registry = _incremental_registry(workdir, "append")
+    events_db(workdir / "events.db", [(i, "new", f"2025-01-01T00:00:{i:02d}") for i in range(40)])
+    registry = incremental_registry(workdir, "append")
     workspace = Workspace(workdir / "var" / "dlt", workdir / "var" / "duckdb")
     assert run_connector(registry.get("inc"), workspace).rows == {"events": 40}
-    _events_db(workdir / "events.db", [(i, "new", f"2025-01-02T00:00:{i - 40:02d}") for i in range(40, 45)])
+    events_db(workdir / "events.db", [(i, "new", f"2025-01-02T00:00:{i - 40:02d}") for i in range(40, 45)])
     run_until_killed(KILL_AFTER_A_JOB_COMMITTED, registry, workspace, "inc", "events")  # a Parquet copy job
     summary = run_connector(registry.get("inc"), workspace)  # recover finishes the killed run's package
     with duckdb.connect(summary.location, read_only=True) as con:

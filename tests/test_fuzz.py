@@ -4,7 +4,7 @@ shipped connectors.yaml, with API keys off and on.
 It fails on any 5xx but a documented 503, any status, content type, header or body the document does not describe,
 any schema-violating request accepted (a boolean or a string taken as a number included), any schema-valid request
 refused where the document says exactly what is accepted, and, with keys on, any request accepted without one.
-tests/schemathesis.toml holds the settings and says why each relaxation is there. `make test` runs
+tests/support/schemathesis.toml holds the settings and says why each relaxation is there. `make test` runs
 FLOWGATE_FUZZ_EXAMPLES (default 5) examples per operation; `make fuzz` runs many more. Generation is deterministic
 (`--generation-deterministic`: the same cases every run), so a failure reproduces with the same command.
 """
@@ -17,18 +17,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.gunicorn_server import ROOT, GunicornServer
+from tests.support.gunicorn_server import ROOT, GunicornServer
 
 pytestmark = pytest.mark.long(seconds=60)  # started first in the parallel run (conftest.py)
 
 KEY = "fuzz-admin-key-0123456789"
 EXAMPLES = int(os.environ.get("FLOWGATE_FUZZ_EXAMPLES", "5"))
-CONFIG = Path(__file__).with_name("schemathesis.toml")
+CONFIG = Path(__file__).parent / "support" / "schemathesis.toml"
 PHASES = "examples,coverage,fuzzing,stateful"
 
 
 def schemathesis_command(url: str, api_key: str | None) -> list[str]:
-    """The CLI run, as a user would type it (`schemathesis --config-file tests/schemathesis.toml run ...`).
+    """The CLI run, as a user would type it (`schemathesis --config-file tests/support/schemathesis.toml run ...`).
 
     Every built-in check is on by default; `--checks all` is not passed because on the command line it would
     override the per-operation settings of the config file. One worker: hypothesis describes its strategies with

@@ -15,12 +15,11 @@ import httpx
 import pytest
 
 from app.runs.store import RunStore
-from tests.gunicorn_server import GunicornServer
-from tests.waiting import wait_until
+from flows.outcome import TERMINAL
+from tests.support.gunicorn_server import GunicornServer, run_store
+from tests.support.waiting import wait_until, wait_until_ended
 
 pytestmark = pytest.mark.long(seconds=110)  # started first in the parallel run (conftest.py)
-
-TERMINAL = {"completed", "failed", "cancelled", "crashed"}
 
 
 @pytest.fixture
@@ -31,22 +30,12 @@ def server(workdir: Path, request):
     server.kill()
 
 
-def wait_for(client: httpx.Client, run_id: str, statuses: set[str], timeout: float) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        doc = client.get(f"/api/v1/runs/{run_id}").json()
-        if doc["status"] in statuses:
-            return doc
-        time.sleep(0.1)
-    raise AssertionError(f"run {run_id} is {doc['status']} after {timeout}s, expected one of {statuses}")
+def status(client: httpx.Client, run_id: str) -> str:
+    return client.get(f"/api/v1/runs/{run_id}").json()["status"]
 
 
 def parse_time(value: str) -> datetime:
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
-
-
-def run_store(workdir: Path) -> RunStore:
-    return RunStore(f"sqlite:///{(workdir / 'var' / 'flowgate.db').resolve()}")
 
 
 def test_forty_concurrent_triggers_all_complete_and_health_stays_fast(server, workdir):
@@ -75,7 +64,7 @@ def test_forty_concurrent_triggers_all_complete_and_health_stays_fast(server, wo
             responses = list(pool.map(trigger, range(40)))
         assert [r.status_code for r in responses] == [202] * 40
         with httpx.Client(base_url=server.url, timeout=10) as client:
-            done = [wait_for(client, r.json()["run_id"], TERMINAL, timeout=240) for r in responses]
+            done = [wait_until_ended(client, f"/api/v1/runs/{r.json()['run_id']}", timeout=240) for r in responses]
     finally:
         stop.set()
         prober.join()
@@ -100,7 +89,7 @@ def test_a_sigkilled_worker_leaves_its_run_crashed_at_once_not_after_its_lease(s
     before the 600 s lease would have lapsed."""
     with httpx.Client(base_url=server.url, timeout=10) as client:
         run = client.post("/trigger", json={"connector_id": "numbers", "params": {"delay_seconds": 60.0}}).json()
-        wait_for(client, run["run_id"], {"running"}, timeout=30)
+        wait_until(lambda: status(client, run["run_id"]) == "running", 30, "the run running")
         store = run_store(workdir)
         pid = int(store.get(run["run_id"]).lease_owner.split(":")[1])
         store.dispose()
@@ -108,7 +97,7 @@ def test_a_sigkilled_worker_leaves_its_run_crashed_at_once_not_after_its_lease(s
         killed_at = time.monotonic()
     # A keep-alive connection may have been held by the killed process: start fresh ones.
     with httpx.Client(base_url=server.url, timeout=90) as client:  # longer than the wait asked for below
-        crashed = wait_for(client, run["run_id"], TERMINAL, timeout=30)
+        crashed = wait_until_ended(client, f"/api/v1/runs/{run['run_id']}", timeout=30)
         print(f"\nrun marked {crashed['status']} {time.monotonic() - killed_at:.1f} s after SIGKILL (lease 600 s)")
         assert crashed["status"] == "crashed" and crashed["error"]["code"] == "process_died", crashed["error"]
         # gunicorn replaced the worker; the gateway still runs pipelines
@@ -122,8 +111,8 @@ def test_sigterm_lets_a_short_run_finish_and_records_a_long_one(server, workdir)
     with httpx.Client(base_url=server.url, timeout=10) as client:
         short = client.post("/trigger", json={"connector_id": "slow", "params": {"delay_seconds": 2.0}}).json()
         long = client.post("/trigger", json={"connector_id": "numbers", "params": {"delay_seconds": 600.0}}).json()
-        wait_for(client, short["run_id"], {"running"}, timeout=30)
-        wait_for(client, long["run_id"], {"running"}, timeout=30)
+        wait_until(lambda: status(client, short["run_id"]) == "running", 30, "the run running")
+        wait_until(lambda: status(client, long["run_id"]) == "running", 30, "the run running")
     started = time.monotonic()
     assert server.terminate(timeout=30) == 0
     print(f"\ngunicorn exited {time.monotonic() - started:.1f} s after SIGTERM (graceful timeout 25 s)")
@@ -135,7 +124,7 @@ def test_sigterm_lets_a_short_run_finish_and_records_a_long_one(server, workdir)
 
 
 def test_gunicorn_cmd_args_win_over_the_config_file(workdir):
-    from tests.gunicorn_server import free_port
+    from tests.support.gunicorn_server import free_port
 
     port = free_port()
     server = GunicornServer(workdir, workers=1, GUNICORN_CMD_ARGS=f"--bind 127.0.0.1:{port} --workers 2")
@@ -221,7 +210,7 @@ def test_two_gateways_on_one_store_share_a_backlog(workdir, request, database):
         with httpx.Client(base_url=a.url, timeout=30) as client:
             accepted = [client.post("/trigger", json={"connector_id": target}).json()["run_id"]
                         for _ in range(6) for target in ("tick_a", "tick_b", "tick_c")]
-            ended = [wait_for(client, run_id, TERMINAL, timeout=300)["status"] for run_id in accepted]
+            ended = [wait_until_ended(client, f"/api/v1/runs/{run_id}", timeout=300)["status"] for run_id in accepted]
     finally:
         a.kill()
         b.kill()

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.gunicorn_server import GunicornServer
+from tests.support.gunicorn_server import GunicornServer
 
 DELAY_NODE = {"nodeId": "d0", "nodeType": "delay", "node": {"timeout": 30, "config": {"seconds": 6}}, "inputData": {}}
 

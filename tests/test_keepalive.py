@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.gunicorn_server import ROOT, GunicornServer
+from tests.support.gunicorn_server import ROOT, GunicornServer
 
 pytestmark = pytest.mark.long(seconds=60)
 
@@ -77,11 +77,11 @@ def test_fifty_idle_keep_alive_connections_hold_no_thread_and_health_still_answe
 
 @pytest.fixture(scope="module")
 def jdk_triggers(tmp_path_factory) -> list[str]:
-    """The command that runs tests/KeepAliveTriggers.java, compiled here with javac."""
+    """The command that runs tests/support/KeepAliveTriggers.java, compiled here with javac."""
     if not (shutil.which("javac") and shutil.which("java")):
         pytest.skip("javac/java not found: the JDK HttpClient keep-alive test needs a JDK 11 or later")
     classes = tmp_path_factory.mktemp("java")
-    subprocess.run(["javac", "-d", str(classes), str(ROOT / "tests" / "KeepAliveTriggers.java")], check=True,
+    subprocess.run(["javac", "-d", str(classes), str(ROOT / "tests" / "support" / "KeepAliveTriggers.java")], check=True,
                    timeout=120)
     return ["java", "-cp", str(classes), "KeepAliveTriggers"]
 

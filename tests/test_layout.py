@@ -3,6 +3,7 @@
 connectors/ (floor 1) imports neither flows/ nor app/; flows/ (floor 2) does not import app/; only flows/prefect/
 and the gateway's Prefect backend may import `prefect`; views (app/api/) import no dlt. No two product modules
 import each other, however indirectly (imports inside functions aside: Flask's factory imports its blueprints).
+No test file imports another or conftest.py: what tests share is in tests/support/ (fixtures: conftest.py).
 """
 from __future__ import annotations
 
@@ -200,3 +201,48 @@ def test_no_two_product_modules_share_a_name():
                 stems.setdefault(path.stem, []).append(str(path.relative_to(ROOT)))
     assert {stem: paths for stem, paths in stems.items() if len(paths) > 1} == {}
 
+
+def imports_of_test_modules(root: Path) -> list[str]:
+    """Every import of a test module or of conftest.py by a file under tests/ or bench/, as "<file>: imports
+    tests.<module>" (a test file's own module aside: a connector's `ref` may name it)."""
+    found = set()
+    for path in [*(root / "tests").rglob("*.py"), *(root / "bench").rglob("*.py")]:
+        relative = path.relative_to(root)
+        itself = ".".join(relative.with_suffix("").parts)
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                package = relative.parent.parts[:len(relative.parent.parts) + 1 - node.level] if node.level else ()
+                base = ".".join([*package, *([node.module] if node.module else [])])
+                modules = [base, *(f"{base}.{alias.name}" for alias in node.names)]
+            else:
+                continue
+            for parts in (module.split(".") for module in modules):
+                named = ".".join(parts[:2])
+                if parts[0] == "tests" and len(parts) > 1 and named != itself \
+                        and (parts[1].startswith("test_") or parts[1] == "conftest"):
+                    found.add(f"{relative.as_posix()}: imports {named}")
+    return sorted(found)
+
+
+def test_no_test_file_imports_another_or_conftest():
+    """A test file reads alone: what it needs from elsewhere is in tests/support/, and fixtures come from
+    conftest.py by name, not by import."""
+    assert imports_of_test_modules(ROOT) == []
+
+
+def test_the_test_import_rule_catches_a_test_that_imports_another(tmp_path):
+    (tmp_path / "tests" / "support").mkdir(parents=True)
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "tests" / "test_one.py").write_text("from tests.support.waiting import wait_until\n"
+                                                   "REF = 'tests.test_one:source'\n")
+    (tmp_path / "tests" / "test_two.py").write_text("import tests.test_one\nfrom tests.conftest import X\n"
+                                                   "from . import test_one\nfrom .test_one import source\n")
+    (tmp_path / "tests" / "support" / "helper.py").write_text("from tests.test_one import source\n")
+    (tmp_path / "bench" / "run.py").write_text("from tests import conftest\n")
+    assert imports_of_test_modules(tmp_path) == [
+        "bench/run.py: imports tests.conftest",
+        "tests/support/helper.py: imports tests.test_one",
+        "tests/test_two.py: imports tests.conftest",
+        "tests/test_two.py: imports tests.test_one"]

@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from flows.lease import LAPSED, TAKEN, LeaseKeeper, keep_one
-from tests.waiting import wait_until
+from tests.support.waiting import wait_until
 
 
 class Clock:

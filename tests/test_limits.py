@@ -13,8 +13,8 @@ from app import create_app
 from app.config import ConfigError
 from app.runs.models import Run, utcnow
 from app.runs.store import NewRun
-from tests.gunicorn_server import GunicornServer
-from tests.test_api_triggers import poll_until_ended
+from tests.support.gunicorn_server import GunicornServer
+from tests.support.waiting import wait_until_ended
 
 KEY_A, KEY_B = "caller-a-key-0123456789", "caller-b-key-0123456789"
 REDIS_URL = os.environ.get("FLOWGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
@@ -117,7 +117,7 @@ def test_a_local_run_past_the_run_timeout_ends_failed(app_config):
     try:
         client = app.test_client()
         run = client.post("/trigger", json={"connector_id": "slow", "params": {"delay_seconds": 30.0}}).json
-        done = poll_until_ended(client, run["status_url"], timeout=60)
+        done = wait_until_ended(client, run["status_url"], timeout=60)
     finally:
         services.stop(timeout=10)
         services.store.dispose()

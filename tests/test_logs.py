@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from app.logs import ContextFilter, JsonLines
-from tests.test_run_logs import run_a_retried_http_node
+from tests.support.retried_workflow import run_a_retried_http_node
 
 
 class Capture(logging.Handler):

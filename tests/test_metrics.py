@@ -10,10 +10,9 @@ from app.callback_sender import CallbackSender
 from app.metrics import CALLBACKS
 from app.runs.store import NewRun
 from connectors.outbound import OutboundPolicy
-from tests.fake_services import CallbackReceiver
-from tests.gunicorn_server import GunicornServer
-from tests.test_api_triggers import poll_until_ended
-from tests.waiting import wait_until
+from tests.support.fake_services import CallbackReceiver
+from tests.support.gunicorn_server import GunicornServer
+from tests.support.waiting import wait_until, wait_until_ended
 
 
 def sample(text: str, name: str, **labels: str) -> float:
@@ -30,7 +29,7 @@ def test_metrics_count_triggers_fallbacks_durations_requests_and_the_queue(runni
     client = running_app.test_client()
     before = client.get("/metrics").get_data(as_text=True)
     run = client.post("/trigger", json={"connector_id": "numbers"}).json
-    poll_until_ended(client, run["status_url"])
+    wait_until_ended(client, run["status_url"])
     client.post("/trigger", json={"connector_id": "numbers"}, headers={"Idempotency-Key": "m-1"})
     client.post("/trigger", json={"connector_id": "numbers"}, headers={"Idempotency-Key": "m-1"})
     response = client.get("/metrics")
@@ -112,7 +111,7 @@ def test_inline_workflows_add_no_series_whatever_their_ids(running_app):
         runs = [client.post(f"/api/workflow/caller-chosen-{i}/execute", json={"workflow": inline}).json["executionId"]
                 for i in ids]
         for run_id in runs:
-            poll_until_ended(client, f"/api/v1/runs/{run_id}")
+            wait_until_ended(client, f"/api/v1/runs/{run_id}")
 
     execute(range(3))  # every series these calls touch exists from here on...
     client.get("/metrics")  # ...and the scrape's own (its first request's series appears after it answered)

@@ -21,9 +21,9 @@ from app.runs.store import NewRun, RunStore
 from flows.database import Database
 from flows.node_cache import SqlNodeCache
 from flows.node_cache import metadata as node_cache_metadata
-from tests.gunicorn_server import ROOT
+from tests.support.gunicorn_server import ROOT
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parent / "support" / "data"
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -174,7 +174,7 @@ def _start_gateway(config: dict, start_at: float, results) -> None:
 
 def test_two_gateways_started_in_the_same_second_on_a_fresh_postgres_database_both_come_up(
         postgres_url: str, app_config: dict):
-    from tests.prefect_stack import POSTGRES_ADMIN_URL, fresh_postgres_database
+    from tests.support.prefect_stack import POSTGRES_ADMIN_URL, fresh_postgres_database
 
     context = multiprocessing.get_context("fork")
     admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")

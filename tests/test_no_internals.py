@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.test_api_triggers import poll_until_ended
-from tests.test_errors import assert_problem
+from tests.support.problems import assert_problem
+from tests.support.waiting import wait_until_ended
 
 WRONG_KIND = "{{ 'a'|wordwrap(5, wrapstring=inputs) }}"
 
@@ -33,7 +33,7 @@ def test_run_logs_and_run_errors_carry_no_traceback_and_no_server_folders(runnin
         {"id": "t", "type": "transform", "config": {"value": WRONG_KIND}}]}}).json["executionId"]
     broken = client.post("/trigger", json={"connector_id": "broken"}).json["run_id"]
     for run_id in (workflow, broken):
-        doc = poll_until_ended(client, f"/api/v1/runs/{run_id}")
+        doc = wait_until_ended(client, f"/api/v1/runs/{run_id}")
         assert doc["status"] == "failed"
     read = "\n".join(client.get(path).get_data(as_text=True) for path in (
         f"/api/v1/runs/{workflow}", f"/api/v1/runs/{workflow}/logs", f"/api/workflow/execution/{workflow}",

@@ -9,6 +9,7 @@ import pytest
 from connectors.pipeline import ConnectorRunError, RunCancelled, Workspace, concurrency_key, run_connector
 from connectors.registry import ConnectorRegistry
 from connectors.spec import ParamsError
+from tests.support.incremental import events_db, incremental_registry
 
 
 @pytest.fixture
@@ -128,7 +129,7 @@ def test_a_postgresql_destination_receives_the_rows(workdir, workspace, postgres
 
     import sqlalchemy as sa
 
-    from tests.conftest import POSTGRES_URL
+    from tests.support.postgres import POSTGRES_URL
 
     dataset = f"flowgate_dest_{uuid.uuid4().hex[:8]}"
     url = sa.engine.make_url(POSTGRES_URL)
@@ -150,27 +151,11 @@ def test_a_postgresql_destination_receives_the_rows(workdir, workspace, postgres
         engine.dispose()
 
 
-def _events_db(path: Path, rows: list[tuple[int, str, str]]) -> None:
-    import sqlite3
-
-    with sqlite3.connect(path) as con:
-        con.execute("CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY, status TEXT, updated_at TEXT)")
-        con.executemany("INSERT OR REPLACE INTO events VALUES (?, ?, ?)", rows)
-
-
-def _incremental_registry(workdir: Path, disposition: str) -> ConnectorRegistry:
-    path = workdir / f"inc-{disposition}.yaml"
-    path.write_text("connectors:\n  inc:\n    source:\n      kind: sql_database\n      url: 'sqlite:///events.db'\n"
-                    "      tables: [events]\n      incremental: {cursor: updated_at}\n"
-                    f"    write_disposition: {disposition}\n    allow_full_refresh: true\n")
-    return ConnectorRegistry.load(path)
-
-
 def test_an_incremental_sql_load_takes_only_new_rows_on_the_second_run(workdir, workspace):
-    _events_db(workdir / "events.db", [(i, "new", f"2025-01-01T00:00:{i:02d}") for i in range(50)])
-    spec = _incremental_registry(workdir, "append").get("inc")
+    events_db(workdir / "events.db", [(i, "new", f"2025-01-01T00:00:{i:02d}") for i in range(50)])
+    spec = incremental_registry(workdir, "append").get("inc")
     assert run_connector(spec, workspace).rows == {"events": 50}
-    _events_db(workdir / "events.db", [(i, "new", f"2025-01-02T00:00:{i - 50:02d}") for i in range(50, 60)])
+    events_db(workdir / "events.db", [(i, "new", f"2025-01-02T00:00:{i - 50:02d}") for i in range(50, 60)])
     second = run_connector(spec, workspace)
     assert second.rows == {"events": 10}
     assert count(second.location, "raw.events") == 60
@@ -178,10 +163,10 @@ def test_an_incremental_sql_load_takes_only_new_rows_on_the_second_run(workdir, 
 
 
 def test_merge_with_the_primary_key_updates_rows_in_place(workdir, workspace):
-    _events_db(workdir / "events.db", [(i, "new", f"2025-01-01T00:00:{i:02d}") for i in range(20)])
-    spec = _incremental_registry(workdir, "merge").get("inc")
+    events_db(workdir / "events.db", [(i, "new", f"2025-01-01T00:00:{i:02d}") for i in range(20)])
+    spec = incremental_registry(workdir, "merge").get("inc")
     first = run_connector(spec, workspace)
-    _events_db(workdir / "events.db", [(3, "shipped", "2025-02-01T00:00:00")])
+    events_db(workdir / "events.db", [(3, "shipped", "2025-02-01T00:00:00")])
     assert run_connector(spec, workspace).rows == {"events": 1}
     with duckdb.connect(first.location, read_only=True) as con:
         assert con.execute("SELECT count(*) FROM raw.events").fetchone()[0] == 20
@@ -189,8 +174,8 @@ def test_merge_with_the_primary_key_updates_rows_in_place(workdir, workspace):
 
 
 def test_params_move_the_initial_value_or_force_a_full_refresh(workdir, workspace):
-    _events_db(workdir / "events.db", [(i, "new", f"2025-01-{1 + i:02d}T00:00:00") for i in range(10)])
-    spec = _incremental_registry(workdir, "append").get("inc")
+    events_db(workdir / "events.db", [(i, "new", f"2025-01-{1 + i:02d}T00:00:00") for i in range(10)])
+    spec = incremental_registry(workdir, "append").get("inc")
     assert run_connector(spec.with_params({"initial_value": "2025-01-06T00:00:00"}), workspace).rows == {"events": 5}
     assert run_connector(spec, workspace).rows == {}  # the state remembers where the last run stopped
     refreshed = run_connector(spec.with_params({"full_refresh": True}), workspace)
@@ -222,7 +207,7 @@ def test_an_incremental_filesystem_source_reads_only_files_modified_since_the_la
 def _run_through_a_gateway(app_config: dict, connectors_file: Path) -> dict:
     """Start a gateway process's worth of services, trigger `inc` once, wait for it, shut everything down."""
     from app import create_app
-    from tests.test_api_triggers import poll_until_ended
+    from tests.support.waiting import wait_until_ended
 
     app = create_app({**app_config, "connectors_file": connectors_file})
     services = app.extensions["flowgate"]
@@ -230,7 +215,7 @@ def _run_through_a_gateway(app_config: dict, connectors_file: Path) -> dict:
     try:
         client = app.test_client()
         accepted = client.post("/trigger", json={"connector_id": "inc"})
-        return poll_until_ended(client, accepted.json["status_url"])
+        return wait_until_ended(client, accepted.json["status_url"])
     finally:
         services.stop(timeout=10)
         services.store.dispose()
@@ -239,17 +224,17 @@ def _run_through_a_gateway(app_config: dict, connectors_file: Path) -> dict:
 def test_incremental_state_survives_a_gateway_restart_and_the_loss_of_dlts_working_dir(workdir, app_config):
     import shutil
 
-    _events_db(workdir / "events.db", [(i, "new", f"2025-01-01T00:00:{i:02d}") for i in range(30)])
-    connectors_file = _incremental_registry(workdir, "append").path
+    events_db(workdir / "events.db", [(i, "new", f"2025-01-01T00:00:{i:02d}") for i in range(30)])
+    connectors_file = incremental_registry(workdir, "append").path
     assert _run_through_a_gateway(app_config, connectors_file)["result"]["rows"] == {"events": 30}
 
-    _events_db(workdir / "events.db", [(i, "new", f"2025-01-02T00:00:{i - 30:02d}") for i in range(30, 35)])
+    events_db(workdir / "events.db", [(i, "new", f"2025-01-02T00:00:{i - 30:02d}") for i in range(30, 35)])
     second = _run_through_a_gateway(app_config, connectors_file)  # a new gateway on the same var/
     assert second["result"]["rows"] == {"events": 5}
 
     # A new machine with only the destination: dlt restores the cursor from the DuckDB file itself.
     shutil.rmtree(Path(app_config["var_dir"]) / "dlt")
-    _events_db(workdir / "events.db", [(35, "new", "2025-01-03T00:00:00")])
+    events_db(workdir / "events.db", [(35, "new", "2025-01-03T00:00:00")])
     third = _run_through_a_gateway(app_config, connectors_file)
     assert third["status"] == "completed", third["error"]
     assert third["result"]["rows"] == {"events": 1}

@@ -12,8 +12,8 @@ from connectors import secrets
 from connectors.outbound import OutboundPolicy
 from flows.engine import _json_ready
 from flows.nodes import NodeFailed
-from tests.fake_services import CallbackReceiver
-from tests.waiting import wait_until
+from tests.support.fake_services import CallbackReceiver
+from tests.support.waiting import wait_until
 
 
 def nested(levels: int, leaf: Any = 1) -> Any:

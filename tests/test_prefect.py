@@ -14,11 +14,11 @@ import pytest
 from app import create_app
 from app.runs.models import utcnow
 from app.runs.store import NewRun
-from tests.fake_services import SlowProxy
-from tests.prefect_stack import PrefectStack, deployed_stack
-from tests.test_api_triggers import poll_until_ended
-from tests.test_pipeline import _events_db
-from tests.waiting import wait_until
+from flows.outcome import TERMINAL
+from tests.support.fake_services import SlowProxy
+from tests.support.incremental import events_db
+from tests.support.prefect_stack import PrefectStack, deployed_stack
+from tests.support.waiting import wait_until, wait_until_ended
 
 pytestmark = pytest.mark.long(seconds=250)  # started first in the parallel run (conftest.py)
 
@@ -71,7 +71,7 @@ def test_deploy_is_idempotent_registers_no_schedule_and_a_removed_connector_is_u
         flow_run = stack.api("GET", f"flow_runs/{run.prefect_flow_run_id}")
         assert {"flowgate", "flowgate-schedule", f"flowgate-schedule:{run.scheduled_for.isoformat()}"} <= \
             set(flow_run["tags"])
-        done = poll_until_ended(gateway, f"/api/v1/runs/{run.id}", timeout=120)
+        done = wait_until_ended(gateway, f"/api/v1/runs/{run.id}", timeout=120)
         assert done["status"] == "completed" and done["result"]["rows"] == {"numbers": 1}, done
     finally:  # gone for the other tests
         removed = stack.deploy(stack.workdir / "deployed.yaml")
@@ -85,7 +85,7 @@ def test_a_trigger_becomes_a_prefect_flow_run_and_shows_its_summary(stack, gatew
     run = accepted.json
     assert run["backend"] == "prefect" and run["prefect_flow_run_id"] and run["fallback_reason"] is None, run
     done = gateway.post("/trigger", json={"connector_id": "numbers", "params": {"n": 6}, "wait": 120}).json
-    first = poll_until_ended(gateway, run["status_url"], timeout=120)  # Prefect may have run the other first
+    first = wait_until_ended(gateway, run["status_url"], timeout=120)  # Prefect may have run the other first
     for finished, rows in ((first, 4), (done, 6)):
         assert finished["status"] == "completed" and finished["prefect_state"] == "Completed", finished
         assert finished["result"]["rows"] == {"numbers": rows} and finished["result"]["load_ids"]
@@ -109,23 +109,22 @@ def test_incremental_state_carries_over_between_the_prefect_and_the_local_path(s
 
     def run(backend: str) -> dict:
         accepted = gateway.post("/trigger", json={"connector_id": "inc", "backend": backend}).json
-        done = poll_until_ended(gateway, accepted["status_url"], timeout=120)
+        done = wait_until_ended(gateway, accepted["status_url"], timeout=120)
         assert done["status"] == "completed" and done["backend"] == backend, done
         windows.append(done["result"]["incremental"]["events"])  # the same result document on both paths
         return done["result"]["rows"]
 
-    _events_db(stack.workdir / "events.db", [(i, "new", f"2025-01-01T00:00:{i:02d}") for i in range(20)])
+    events_db(stack.workdir / "events.db", [(i, "new", f"2025-01-01T00:00:{i:02d}") for i in range(20)])
     assert run("prefect") == {"events": 20}
-    _events_db(stack.workdir / "events.db", [(i, "new", f"2025-01-02T00:00:{i:02d}") for i in range(20, 25)])
+    events_db(stack.workdir / "events.db", [(i, "new", f"2025-01-02T00:00:{i:02d}") for i in range(20, 25)])
     assert run("local") == {"events": 5}  # the cursor the worker left in the destination
-    _events_db(stack.workdir / "events.db", [(25, "new", "2025-01-03T00:00:00")])
+    events_db(stack.workdir / "events.db", [(25, "new", "2025-01-03T00:00:00")])
     assert run("prefect") == {"events": 1}
     assert [(w["from"], w["to"], w["rows"]) for w in windows] == [
         (None, "2025-01-01T00:00:19", 20), ("2025-01-01T00:00:19", "2025-01-02T00:00:24", 5),
         ("2025-01-02T00:00:24", "2025-01-03T00:00:00", 1)]
 
 
-TERMINAL_STATUSES = ("completed", "failed", "cancelled", "crashed")
 FAN_OUT = {
     # `pause` is long enough for its task run's state to reach Prefect's server (through its event stream, seconds
     # late on a busy machine) while it still runs: the test checks that progress shows while a run goes on.
@@ -148,7 +147,7 @@ def test_a_workflow_runs_as_a_prefect_flow_with_a_task_per_node_and_the_same_res
         assert accepted.status_code == 202 and accepted.json["backend"] == backend, accepted.json
         live = []  # node states seen while the execution was running
         deadline = time.monotonic() + 120
-        while (doc := gateway.get(accepted.json["statusUrl"]).json)["status"] not in TERMINAL_STATUSES:
+        while (doc := gateway.get(accepted.json["statusUrl"]).json)["status"] not in TERMINAL:
             if doc["status"] == "running":
                 live.append({n["id"]: n["status"] for n in doc["nodes"]})
             assert time.monotonic() < deadline, doc
@@ -191,7 +190,7 @@ def test_a_flow_run_started_by_hand_in_prefect_becomes_one_run_followed_to_its_e
         "connector", "numbers", "prefect", "prefect", "prefect")
     listed = gateway.get("/api/v1/runs", query_string={"source": "prefect", "connector_id": "numbers"}).json["items"]
     assert [item["run_id"] for item in listed if item.get("prefect_flow_run_id") == flow_run["id"]] == [run.id]
-    done = poll_until_ended(gateway, f"/api/v1/runs/{run.id}", timeout=120)
+    done = wait_until_ended(gateway, f"/api/v1/runs/{run.id}", timeout=120)
     assert done["status"] == "completed" and done["result"]["rows"] == {"numbers": 10}, done
     assert syncs[0].adopt_once() == []  # seen again: already a run
 
@@ -206,7 +205,7 @@ def test_a_transient_failure_on_prefect_is_retried_as_a_new_flow_run_of_the_same
         run = gateway.post("/trigger", json={"connector_id": "flaky",
                                              "params": {"counter": str(tmp_path / "runs.count")}}).json
         assert run["backend"] == "prefect", run
-        done = poll_until_ended(gateway, run["status_url"], timeout=180)
+        done = wait_until_ended(gateway, run["status_url"], timeout=180)
     finally:
         services.prefect_sync.stop()
     assert (done["status"], done["attempt"], done["backend"]) == ("completed", 2, "prefect"), done
@@ -237,7 +236,7 @@ def test_a_key_used_again_after_retention_pruned_its_run_makes_a_new_flow_run_th
     assert services.store.retention.prune(utcnow() + timedelta(seconds=1)) >= 1  # as FLOWGATE_RETENTION_DAYS would
     again = gateway.post("/trigger", json=trigger, headers=headers).json
     assert again["run_id"] != first["run_id"]
-    done = poll_until_ended(gateway, again["status_url"], timeout=120)
+    done = wait_until_ended(gateway, again["status_url"], timeout=120)
     assert done["status"] == "completed" and done["backend"] == "prefect", done
     assert done["prefect_flow_run_id"] != first["prefect_flow_run_id"]
     assert done["result"]["rows"] == {"numbers": 3} and set(done["result"]["load_ids"]).isdisjoint(
@@ -262,7 +261,7 @@ def test_cancel_goes_to_prefects_cancellation(gateway):
     wait_until(lambda: gateway.get(run["status_url"]).json["status"] == "running", 90, "the flow run ran")
     cancel = gateway.post(f"/api/v1/runs/{run['run_id']}/cancel")
     assert cancel.status_code == 202 and cancel.json["status"] == "cancelling"
-    done = poll_until_ended(gateway, run["status_url"], timeout=90)
+    done = wait_until_ended(gateway, run["status_url"], timeout=90)
     assert done["status"] == "cancelled" and done["prefect_state"] == "Cancelled"
 
 
@@ -337,7 +336,7 @@ def test_a_create_whose_answer_is_late_is_found_again_and_runs_once_on_prefect(s
             assert accepted.status_code == 202, accepted.json
             run = accepted.json
             assert run["backend"] == "prefect" and run["fallback_reason"] is None, run
-            done = poll_until_ended(client, run["status_url"], timeout=120)
+            done = wait_until_ended(client, run["status_url"], timeout=120)
             assert done["status"] == "completed" and done["backend"] == "prefect", done
             assert done["result"]["rows"] == {"numbers": 3}
             assert len(tagged_flow_runs(stack, run["run_id"])) == 1
@@ -386,7 +385,7 @@ def test_a_cancel_prefect_does_not_confirm_changes_nothing_and_the_run_is_still_
         proxy.fail_path = None  # Prefect answers again
         cancel = client.post(f"/api/v1/runs/{run['run_id']}/cancel")
         assert cancel.status_code in (200, 202), cancel.json
-        done = poll_until_ended(client, run["status_url"], timeout=120)
+        done = wait_until_ended(client, run["status_url"], timeout=120)
         assert done["status"] == "cancelled", done
         flow_run = stack.api("GET", f"flow_runs/{run['prefect_flow_run_id']}")
         assert flow_run["state"]["type"] in ("CANCELLED", "CANCELLING")

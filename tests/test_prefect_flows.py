@@ -19,7 +19,7 @@ from flows.nodes import NodeFailed
 from flows.prefect import connector_flow
 from flows.prefect.workflow_flow import connector_runner, not_as_accepted, workflow_flow
 from flows.runtime import RuntimeSettings
-from tests.fake_services import EchoService
+from tests.support.fake_services import EchoService
 
 SLOW = {"id": "slow", "dataset": "raw",  # its extract takes 20 s: the step the lease is lost in
         "source": {"kind": "python", "ref": "connectors.demo:numbers", "args": {"n": 5, "delay_seconds": 20}}}
@@ -87,9 +87,9 @@ def test_the_flows_steps_each_in_a_process_of_its_own_sum_up_to_a_whole_runs_sum
     """Incremental windows are noted at extract and schema changes against what recover found, each in a process
     of its own on the Prefect path: the summary must still say them (it said neither: test_prefect red)."""
     from connectors.pipeline import run_connector
-    from tests.test_pipeline import _events_db
+    from tests.support.incremental import events_db
 
-    _events_db(tmp_path / "events.db", [(i, "new", f"2025-01-01T00:00:{i:02d}") for i in range(5)])
+    events_db(tmp_path / "events.db", [(i, "new", f"2025-01-01T00:00:{i:02d}") for i in range(5)])
     summaries = {}
     for path in ("steps", "whole"):
         spec = ConnectorSpec.model_validate({

@@ -12,7 +12,7 @@ from app import create_app
 from app.backends.prefect_client import CLAIM_MESSAGE
 from app.runs.models import Run
 from app.runs.store import NewRun
-from tests.prefect_stack import PrefectStack, served_stack
+from tests.support.prefect_stack import PrefectStack, served_stack
 
 pytestmark = pytest.mark.long(seconds=40)  # started first in the parallel run (conftest.py)
 

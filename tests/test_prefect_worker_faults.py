@@ -16,9 +16,8 @@ import pytest
 from app import create_app
 from app.backends.prefect_client import CLAIM_MESSAGE
 from app.runs.store import NewRun, RunStore
-from tests.prefect_stack import PrefectStack, deployed_stack
-from tests.test_api_triggers import poll_until_ended
-from tests.waiting import wait_until
+from tests.support.prefect_stack import PrefectStack, deployed_stack
+from tests.support.waiting import wait_until, wait_until_ended
 
 pytestmark = pytest.mark.long(seconds=100)  # started first in the parallel run (conftest.py)
 
@@ -90,12 +89,12 @@ def test_runs_no_worker_picks_up_go_local_once_even_when_the_worker_resumes_at_t
             stranded = [client.post("/trigger", json={"connector_id": "numbers", "params": {"n": i + 1}}).json
                         for i in range(2)]
             assert all(run["backend"] == "prefect" for run in stranded)
-            moved = [poll_until_ended(client, run["status_url"], timeout=90) for run in stranded]
+            moved = [wait_until_ended(client, run["status_url"], timeout=90) for run in stranded]
             ready = client.get("/api/v1/health/ready").json["checks"]["prefect"]
             raced = [client.post("/trigger", json={"connector_id": "numbers", "params": {"n": i + 5}}).json
                      for i in range(3)]
             time.sleep(3.7)  # the worker comes back just as their pickup deadline (4 s) passes
-        raced = [poll_until_ended(client, run["status_url"], timeout=120) for run in raced]
+        raced = [wait_until_ended(client, run["status_url"], timeout=120) for run in raced]
     finally:
         services.prefect_sync.stop()
         services.executor.shutdown(timeout=10)
@@ -125,7 +124,7 @@ def test_a_schedules_slot_no_worker_picks_up_runs_locally_once_under_its_run(sta
             fired = wait_until(lambda: services.scheduler.run_once() or services.store.schedules.last_run(
                 "connector", "ticker"), 30, "a slot of ticker fired")
             assert (fired.source, fired.backend, fired.fallback_reason) == ("schedule", "prefect", None)
-            done = poll_until_ended(app.test_client(), f"/api/v1/runs/{fired.id}", timeout=90)
+            done = wait_until_ended(app.test_client(), f"/api/v1/runs/{fired.id}", timeout=90)
         slot_runs = [run.id for run in services.store.list(target="ticker") if run.scheduled_for == fired.scheduled_for]
     finally:
         services.prefect_sync.stop()

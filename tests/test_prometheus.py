@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.gunicorn_server import ROOT, GunicornServer, free_port
-from tests.waiting import wait_until
+from tests.support.gunicorn_server import ROOT, GunicornServer, free_port
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.long(seconds=40)
 KEY = "prometheus-test-key-0123456789abcdef"

@@ -10,8 +10,8 @@ import pytest
 
 from connectors.pipeline import ConnectorPipeline, Workspace, run_connector
 from connectors.registry import ConnectorRegistry
-from tests.evolving_source import connectors_yaml
-from tests.test_pipeline import _events_db, _incremental_registry
+from tests.support.evolving_source import connectors_yaml
+from tests.support.incremental import events_db, incremental_registry
 
 
 @pytest.fixture
@@ -71,12 +71,12 @@ def test_a_table_loaded_for_the_first_time_is_reported_new_and_the_others_not(wo
 
 
 def test_an_incremental_window_runs_from_the_last_cursor_to_the_new_one_over_three_runs(workdir, workspace):
-    _events_db(workdir / "events.db", [(i, "new", f"2025-01-01T00:00:{i:02d}") for i in range(50)])
-    spec = _incremental_registry(workdir, "append").get("inc")
+    events_db(workdir / "events.db", [(i, "new", f"2025-01-01T00:00:{i:02d}") for i in range(50)])
+    spec = incremental_registry(workdir, "append").get("inc")
     first = run_connector(spec, workspace)
     assert first.incremental == {"events": {"cursor_path": "updated_at", "from": None,
                                             "to": "2025-01-01T00:00:49", "rows": 50}}
-    _events_db(workdir / "events.db", [(i, "new", f"2025-01-02T00:00:{i - 50:02d}") for i in range(50, 60)])
+    events_db(workdir / "events.db", [(i, "new", f"2025-01-02T00:00:{i - 50:02d}") for i in range(50, 60)])
     second = run_connector(spec, workspace)
     assert second.incremental == {"events": {"cursor_path": "updated_at", "from": "2025-01-01T00:00:49",
                                              "to": "2025-01-02T00:00:09", "rows": 10}}
@@ -87,10 +87,10 @@ def test_an_incremental_window_runs_from_the_last_cursor_to_the_new_one_over_thr
 
 
 def test_a_merge_load_tells_rows_inserted_from_rows_updated(workdir, workspace):
-    _events_db(workdir / "events.db", [(i, "new", f"2025-01-01T00:00:{i:02d}") for i in range(20)])
-    spec = _incremental_registry(workdir, "merge").get("inc")
+    events_db(workdir / "events.db", [(i, "new", f"2025-01-01T00:00:{i:02d}") for i in range(20)])
+    spec = incremental_registry(workdir, "merge").get("inc")
     assert run_connector(spec, workspace).merge == {"events": {"inserted": 20, "updated": 0}}
-    _events_db(workdir / "events.db", [(3, "shipped", "2025-02-01T00:00:00"), (20, "new", "2025-02-01T00:00:01")])
+    events_db(workdir / "events.db", [(3, "shipped", "2025-02-01T00:00:00"), (20, "new", "2025-02-01T00:00:01")])
     second = run_connector(spec, workspace)
     assert second.rows == {"events": 2} and second.merge == {"events": {"inserted": 1, "updated": 1}}
     with duckdb.connect(second.location, read_only=True) as con:
@@ -100,17 +100,17 @@ def test_a_merge_load_tells_rows_inserted_from_rows_updated(workdir, workspace):
 @pytest.mark.parametrize("left_after", [("recover", "extract", "normalize"), ("recover", "extract")])
 def test_the_rows_of_a_package_an_interrupted_run_left_are_counted_by_the_run_that_loads_it(
         workdir, workspace, left_after):
-    _events_db(workdir / "events.db", [(i, "new", f"2025-01-01T00:00:{i:02d}") for i in range(40)])
-    spec = _incremental_registry(workdir, "append").get("inc")
+    events_db(workdir / "events.db", [(i, "new", f"2025-01-01T00:00:{i:02d}") for i in range(40)])
+    spec = incremental_registry(workdir, "append").get("inc")
     run_connector(spec, workspace)
-    _events_db(workdir / "events.db", [(i, "new", f"2025-01-02T00:00:{i - 40:02d}") for i in range(40, 45)])
+    events_db(workdir / "events.db", [(i, "new", f"2025-01-02T00:00:{i - 40:02d}") for i in range(40, 45)])
     interrupted = ConnectorPipeline(spec, workspace)  # a run that stopped after these steps (killed, in effect)
     for step in left_after:
         interrupted.run_step(step)
 
     recovering = run_connector(spec, workspace)
     assert recovering.rows == {"events": 5} and len(recovering.load_ids) == 1  # nothing new of its own
-    _events_db(workdir / "events.db", [(i, "new", f"2025-01-03T00:00:{i - 45:02d}") for i in range(45, 48)])
+    events_db(workdir / "events.db", [(i, "new", f"2025-01-03T00:00:{i - 45:02d}") for i in range(45, 48)])
     assert run_connector(spec, workspace).rows == {"events": 3}
     with duckdb.connect(recovering.location, read_only=True) as con:
         assert con.execute("SELECT count(*) FROM raw.events").fetchone()[0] == 48

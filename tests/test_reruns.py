@@ -8,7 +8,7 @@ import pytest
 
 from app import create_app
 from flows.nodes import NODE_TYPES, NodeConfig, NodeContext, NodeFailed, node_type
-from tests.test_api_triggers import poll_until_ended
+from tests.support.waiting import wait_until_ended
 
 pytestmark = pytest.mark.long(seconds=30)
 
@@ -48,7 +48,7 @@ def test_a_connector_run_is_rerun_with_its_params_and_the_overrides(running_app)
     again = client.post(f"/api/v1/runs/{first['run_id']}/rerun", json={"params": {"n": 4}})
     assert again.status_code == 202 and again.json["run_id"] != first["run_id"]
     assert again.json["source"] == "rerun" and again.json["rerun_of"] == first["run_id"]
-    done = poll_until_ended(client, again.json["status_url"])
+    done = wait_until_ended(client, again.json["status_url"])
     assert done["status"] == "completed" and done["params"] == {"n": 4} and done["result"]["rows"] == {"numbers": 4}
     plain = client.post(f"/api/v1/runs/{first['run_id']}/rerun").json  # the body is optional
     assert plain["params"] == {"n": 3} and first["source"] == "api" and first["rerun_of"] is None
@@ -74,13 +74,13 @@ def test_a_workflow_rerun_from_failed_executes_only_the_failed_nodes_and_after(r
     assert CALLS == Counter({"a": 1, "b": 1, "d": 1})
     BROKEN.clear()
     rerun = client.post(f"/api/v1/runs/{first['executionId']}/rerun", json={"from": "failed"}).json
-    done = poll_until_ended(client, rerun["status_url"])
+    done = wait_until_ended(client, rerun["status_url"])
     assert done["status"] == "completed" and done["rerun_of"] == first["executionId"]
     assert CALLS == Counter({"a": 1, "b": 2, "c": 1, "d": 1})  # a and d were not executed again
     nodes = {node["id"]: node for node in client.get(f"/api/workflow/execution/{rerun['run_id']}").json["nodes"]}
     assert {key for key, node in nodes.items() if node["reused"]} == {"a", "d"}
     assert nodes["a"]["output"] == {"key": "a", "input": {"x": 1}} and nodes["c"]["output"]["input"]["key"] == "b"
-    whole = poll_until_ended(client, client.post(f"/api/v1/runs/{first['executionId']}/rerun").json["status_url"])
+    whole = wait_until_ended(client, client.post(f"/api/v1/runs/{first['executionId']}/rerun").json["status_url"])
     assert whole["status"] == "completed" and CALLS == Counter({"a": 2, "b": 3, "c": 2, "d": 2})
     again = client.post(f"/api/v1/runs/{done['run_id']}/rerun", json={"from": "failed"})
     assert again.status_code == 409 and again.json["code"] == "run_not_failed"

@@ -12,8 +12,8 @@ from connectors.outbound import OutboundPolicy
 from connectors.pipeline import ConnectorRunError, Workspace, run_connector
 from connectors.registry import ConnectorRegistry
 from connectors.spec import ConnectorSpec
-from tests.api_server import TOKEN, ApiServer
-from tests.fake_services import LinkedPages
+from tests.support.api_server import TOKEN, ApiServer
+from tests.support.fake_services import LinkedPages
 
 YAML = """
 connectors:

@@ -19,42 +19,23 @@ from app.runs.models import Run, utcnow
 from app.runs.store import NewRun, RunStore
 from connectors.failures import RetryPolicy
 from flows.outcome import CANCELLED, COMPLETED, CRASHED, FAILED, QUEUED, RUNNING, RunError
-from tests.fake_services import CallbackReceiver
-from tests.test_api_triggers import poll_until_ended
-from tests.test_callbacks import SECRET, wait_for_callback
-from tests.waiting import wait_until
+from tests.support.fake_services import CallbackReceiver
+from tests.support.waiting import wait_for_callback, wait_until, wait_until_ended
 
 pytestmark = pytest.mark.long(seconds=30)
 
+SECRET = "callback-secret-for-the-retry-tests"
+
 FLAKY = """
   flaky:
-    source: {kind: python, ref: "tests.test_retries:flaky", args: {counter: "%(counter)s", fail_times: 2}}
+    source: {kind: python, ref: "tests.support.flaky_source:flaky", args: {counter: "%(counter)s", fail_times: 2}}
     dataset: raw
   buggy:
-    source: {kind: python, ref: "tests.test_retries:flaky", args: {counter: "%(counter)s", fail_times: 9,
+    source: {kind: python, ref: "tests.support.flaky_source:flaky", args: {counter: "%(counter)s", fail_times: 9,
              error: zero}}
     dataset: raw
     retry: {max_attempts: 3, backoff_seconds: 0}
 """
-
-
-def flaky(counter: str, fail_times: int, error: str = "refused"):
-    """A source that fails its first `fail_times` runs (the count kept in a file: each run is a process of its
-    own), with a refused connection (transient) or a ZeroDivisionError (a bug: terminal)."""
-    import dlt
-
-    @dlt.resource(name="numbers")
-    def rows():
-        path = Path(counter)
-        runs = int(path.read_text()) if path.exists() else 0
-        path.write_text(str(runs + 1))
-        if runs < fail_times:
-            if error == "zero":
-                yield {"n": 1 / 0}
-            raise ConnectionRefusedError(111, "Connection refused")
-        yield {"n": runs}
-
-    return rows
 
 
 @pytest.fixture
@@ -82,7 +63,7 @@ def test_a_transient_failure_is_retried_under_the_same_run_id_and_the_callback_f
     assert accepted["retry"]["max_attempts"] == 3 and accepted["attempt"] == 1 and accepted["attempts"] == []
     waiting = wait_until(lambda: (doc := client.get(accepted["status_url"]).json)["attempt"] == 2 and doc, 60,
                          "the second attempt")
-    done = poll_until_ended(client, accepted["status_url"])
+    done = wait_until_ended(client, accepted["status_url"])
     assert done["run_id"] == accepted["run_id"] and done["status"] == "completed" and done["attempt"] == 3
     attempts = done["attempts"]
     assert [a["attempt"] for a in attempts] == [1, 2, 3]

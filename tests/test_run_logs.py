@@ -3,16 +3,14 @@ from __future__ import annotations
 
 import time
 
-from app import create_app
-from tests.fake_services import EchoService
-from tests.test_api_triggers import poll_until_ended
-from tests.test_api_workflows import poll_execution
+from tests.support.retried_workflow import run_a_retried_http_node
+from tests.support.waiting import wait_until_ended
 
 
 def test_a_local_runs_lines_are_kept_and_paged(running_app):
     client = running_app.test_client()
     run = client.post("/trigger", json={"connector_id": "numbers"}).json
-    poll_until_ended(client, run["status_url"])
+    wait_until_ended(client, run["status_url"])
     logs = client.get(f"/api/v1/runs/{run['run_id']}/logs").json
     assert logs["source"] == "flowgate" and logs["next_after"] is None
     assert any(line["message"].startswith(f"run {run['run_id']} accepted") for line in logs["items"]), logs
@@ -20,27 +18,6 @@ def test_a_local_runs_lines_are_kept_and_paged(running_app):
     assert len(first["items"]) == 1 and first["next_after"] is not None
     rest = client.get(f"/api/v1/runs/{run['run_id']}/logs?after={first['next_after']}").json
     assert first["items"] + rest["items"] == logs["items"]
-
-
-def run_a_retried_http_node(app_config: dict) -> tuple[dict, list[dict]]:
-    """A workflow whose http node fails once and is retried (the engine logs the retry from the node's thread);
-    returns the finished execution and the run's stored log lines."""
-    echo = EchoService()
-    echo.failures = 1
-    app = create_app({**app_config, "http_allowed_hosts": f"127.0.0.1:{echo.port}"})
-    services = app.extensions["flowgate"]
-    services.start()
-    try:
-        client = app.test_client()
-        inline = {"nodes": [{"id": "call", "type": "http", "retries": 1, "retry_backoff_seconds": 0,
-                             "config": {"url": f"{echo.url}/flaky"}}]}
-        accepted = client.post("/api/workflow/logged/execute", json={"workflow": inline}).json
-        done = poll_execution(client, accepted["statusUrl"])
-        return done, client.get(f"/api/v1/runs/{accepted['executionId']}/logs").json["items"]
-    finally:
-        services.stop(timeout=5)
-        services.store.dispose()
-        echo.stop()
 
 
 def test_workflow_node_lines_are_kept_on_the_workflow_run(app_config):

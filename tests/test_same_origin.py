@@ -9,7 +9,7 @@ import pytest
 
 from app import create_app
 from app.config import ConfigError
-from tests.gunicorn_server import GunicornServer
+from tests.support.gunicorn_server import GunicornServer
 
 TRIGGER = '{"connector_id": "numbers"}'
 

@@ -15,8 +15,9 @@ from app.runs.store import TAKEN, NewRun
 from app.scheduler import plan
 from connectors.recurrence import recurrence
 from connectors.spec import ScheduleSpec
-from tests.conftest import CONNECTORS_YAML
-from tests.waiting import wait_until
+from tests.support.clock import Clock
+from tests.support.waiting import wait_until
+from tests.support.workdir import CONNECTORS_YAML
 
 UTC = timezone.utc
 GRACE = timedelta(seconds=60)
@@ -24,19 +25,6 @@ GRACE = timedelta(seconds=60)
 
 def at(*args: int) -> datetime:
     return datetime(*args, tzinfo=UTC)
-
-
-class Clock:
-    """The scheduler's clock, moved by the test."""
-
-    def __init__(self, now: datetime):
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, **delta: float) -> None:
-        self.now += timedelta(**delta)
 
 
 # --- the plan of one pass (pure) -------------------------------------------------------------------------------

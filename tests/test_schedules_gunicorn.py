@@ -16,12 +16,11 @@ from sqlalchemy import func, select
 from app.runs.models import Run, ScheduleState
 from app.runs.store import RunStore
 from connectors.recurrence import recurrence
-from tests.gunicorn_server import GunicornServer
-from tests.waiting import wait_until
+from flows.outcome import TERMINAL
+from tests.support.gunicorn_server import GunicornServer
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.long(seconds=90)  # started first in the parallel run (conftest.py)
-
-TERMINAL = {"completed", "failed", "cancelled", "crashed"}
 
 
 def add_ticker(workdir: Path, seconds: int) -> None:

@@ -14,8 +14,8 @@ from connectors.registry import ConnectorRegistry
 from connectors.schema_contract import SchemaContractViolation
 from connectors.spec import CONTRACT_MODES, SchemaContractSpec
 from flows.outcome import RunError
-from tests.evolving_source import connectors_yaml
-from tests.test_api_triggers import poll_until_ended
+from tests.support.evolving_source import connectors_yaml
+from tests.support.waiting import wait_until_ended
 
 
 @pytest.fixture
@@ -118,7 +118,7 @@ def test_preview_names_what_the_contract_would_refuse_and_the_run_then_fails_wit
             "new_table": False, "new_columns": [{"name": "extra_info__source", "type": "str"}],
             "refused": [{"entity": "columns", "column": "extra_info__source", "mode": "freeze"}]}}
         accepted = client.post("/api/v1/connectors/items/runs", json={"params": second}).json
-        failed = poll_until_ended(client, accepted["status_url"])
+        failed = wait_until_ended(client, accepted["status_url"])
         assert failed["status"] == "failed" and failed["result"] is None
         assert failed["error"] == {"code": "schema_contract_violation", "step": "normalize", "terminal": True,
                                    "failure_class": "terminal", "message": failed["error"]["message"],

@@ -13,8 +13,8 @@ from app.logs import ContextFilter, JsonLines
 from connectors import secrets
 from connectors.secrets import is_secret_name, redact, redact_text
 from flows.runtime import RuntimeSettings
-from tests.fake_services import EchoService, FakeOpenAI
-from tests.test_api_triggers import poll_until_ended
+from tests.support.fake_services import EchoService, FakeOpenAI
+from tests.support.waiting import wait_until_ended
 
 WF_SECRET = "wf-s3cret-9f8e7d6c"
 
@@ -73,7 +73,7 @@ def test_a_workflow_files_resolved_secret_never_reaches_a_reader(app_config, mon
     try:
         client = app.test_client()
         run_id = client.post("/api/workflow/leaky/execute", json={"inputs": inputs}).json["executionId"]
-        doc = poll_until_ended(client, f"/api/v1/runs/{run_id}")
+        doc = wait_until_ended(client, f"/api/v1/runs/{run_id}")
         assert doc["status"] == "failed"
         seen = everything_a_reader_sees(client, run_id)
         assert "key=***" in seen  # the failure is still explained

@@ -9,8 +9,8 @@ import pytest
 from app.runs.slots import SlotClasses
 from connectors.registry import ConnectorRegistry, RegistryError
 from connectors.spec import ParamsError
-from tests.gunicorn_server import ROOT
-from tests.waiting import wait_until
+from tests.support.gunicorn_server import ROOT
+from tests.support.waiting import wait_until
 
 LONG_WORKFLOW = {"nodes": [{"id": "wait", "type": "delay", "timeout": 120, "config": {"seconds": 60}}]}
 

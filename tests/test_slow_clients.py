@@ -11,9 +11,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.gunicorn_server import GunicornServer
-from tests.nginx_proxy import NGINX, repo_nginx
-from tests.waiting import wait_until
+from tests.support.gunicorn_server import GunicornServer
+from tests.support.nginx_proxy import NGINX, repo_nginx
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.long(seconds=30)  # started first in the parallel run (conftest.py)
 

@@ -7,13 +7,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.gunicorn_server import free_port
+from flows.outcome import TERMINAL
+from tests.support.gunicorn_server import free_port
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.long(seconds=60), pytest.mark.prefect]  # long: started first in the parallel run
 
@@ -24,7 +25,7 @@ connectors:
     source: {kind: python, ref: "connectors.demo:numbers", args: {n: 3}}
     dataset: raw
   ticker:
-    source: {kind: python, ref: "tests.chaos_source:recorded", args: {connector: ticker, path: "%s", seconds: 0.1}}
+    source: {kind: python, ref: "tests.support.chaos_source:recorded", args: {connector: ticker, path: "%s", seconds: 0.1}}
     schedule: {interval: 3}
 """
 
@@ -42,16 +43,8 @@ def _pids_running(fragment: str) -> list[int]:
 
 
 def _until(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            value = condition()
-        except httpx.HTTPError:
-            value = None
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"{what} not within {timeout:.0f} s")
+    """wait_until every half second, a gateway or Prefect server that does not answer counting as not yet."""
+    return wait_until(condition, timeout, what, every=0.5, ignoring=(httpx.HTTPError,))
 
 
 def test_the_stack_keeps_the_gateway_serving_while_prefect_is_down_and_brings_prefect_back(tmp_path):
@@ -76,7 +69,7 @@ def test_the_stack_keeps_the_gateway_serving_while_prefect_is_down_and_brings_pr
 
     def ended(run: dict) -> dict | None:
         doc = gateway.get(run["status_url"]).json()
-        return doc if doc["status"] in ("completed", "failed", "cancelled", "crashed") else None
+        return doc if doc["status"] in TERMINAL else None
 
     try:
         _until(lambda: gateway.get("/health").status_code == 200, 120, "the gateway")

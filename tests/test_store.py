@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from app.runs.models import Run, utcnow
 from app.runs.store import IdempotencyConflict, NewRun, RunStore
 from flows.outcome import CANCELLED, CANCELLING, COMPLETED, CRASHED, QUEUED, RUNNING
-from tests.waiting import wait_until
+from tests.support.waiting import wait_until
 
 
 def new_run(target: str = "shop", key: str | None = None, params: dict | None = None, lock: str | None = None) -> NewRun:

@@ -9,8 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.gunicorn_server import GunicornServer
-from tests.test_gunicorn import TERMINAL, run_store, wait_for
+from tests.support.gunicorn_server import GunicornServer, run_store
+from tests.support.waiting import wait_until_ended
 
 pytestmark = pytest.mark.long(seconds=45)  # started first in the parallel run (conftest.py)
 
@@ -25,7 +25,7 @@ def test_a_sqlite_store_under_four_workers_never_surfaces_database_is_locked(wor
         with ThreadPoolExecutor(16) as pool:
             responses = list(pool.map(trigger, range(30)))
         with httpx.Client(base_url=server.url, timeout=30) as client:
-            ended = Counter(wait_for(client, r.json()["run_id"], TERMINAL, timeout=240)["status"] for r in responses)
+            ended = Counter(wait_until_ended(client, f"/api/v1/runs/{r.json()['run_id']}", timeout=240)["status"] for r in responses)
         log = server.log()
     finally:
         server.kill()

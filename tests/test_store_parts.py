@@ -106,7 +106,7 @@ def test_the_last_run_that_ended_with_an_error_code_is_found_by_its_code(store: 
 
 
 def test_a_targets_recent_runs_come_oldest_first_with_durations_rows_and_backends(store: RunStore):
-    from tests.run_history import PastRun, add_past_runs
+    from tests.support.run_history import PastRun, add_past_runs
 
     add_past_runs(store, "shop", [PastRun(5, rows={"orders": 100}), PastRun(7, "failed", "prefect"),
                                   PastRun(3, rows={"orders": 2, "customers": 1})])

@@ -14,15 +14,12 @@ from app.callback_sender import CallbackSender
 from app.runs.store import NewRun
 from connectors import tracing
 from connectors.outbound import OutboundPolicy
-from tests.fake_services import CallbackReceiver, EchoService
-from tests.gunicorn_server import ROOT, GunicornServer
-from tests.otlp_receiver import OtlpReceiver
-from tests.test_api_triggers import poll_until_ended
-from tests.waiting import wait_until
+from tests.support.fake_services import CallbackReceiver, EchoService
+from tests.support.gunicorn_server import ROOT, GunicornServer
+from tests.support.otlp_receiver import OtlpReceiver
+from tests.support.trace_context import CALLER_SPAN, CALLER_TRACE, TRACEPARENT
+from tests.support.waiting import wait_until, wait_until_ended
 
-CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
-CALLER_SPAN = "00f067aa0ba902b7"
-TRACEPARENT = f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"
 SECRET = "callback-secret-for-tests"
 
 
@@ -88,7 +85,7 @@ def test_a_local_runs_log_lines_carry_its_trace_id_from_the_gateway_and_the_conn
     client = running_app.test_client()
     with caplog.at_level("INFO"):
         run = client.post("/trigger", json={"connector_id": "numbers"}, headers={"traceparent": TRACEPARENT}).json
-        assert poll_until_ended(client, f"/api/v1/runs/{run['run_id']}")["status"] == "completed"
+        assert wait_until_ended(client, f"/api/v1/runs/{run['run_id']}")["status"] == "completed"
     lines = [record for record in caplog.records if getattr(record, "run_id", None) == run["run_id"]]
     assert any(record.message.startswith("connector numbers runs in process") for record in lines)  # relayed
     assert lines and {tracing.TraceIdFilter().filter(record) and record.trace_id for record in lines} == {CALLER_TRACE}
@@ -99,11 +96,11 @@ def test_a_local_runs_log_lines_carry_its_trace_id_from_the_gateway_and_the_conn
 
 @pytest.fixture(scope="module")
 def java_trigger(tmp_path_factory) -> list[str]:
-    """The command that runs tests/TracedTrigger.java, compiled here with javac."""
+    """The command that runs tests/support/TracedTrigger.java, compiled here with javac."""
     if not (shutil.which("javac") and shutil.which("java")):
         pytest.skip("javac/java not found: the JDK client test needs a JDK 11 or later")
     classes = tmp_path_factory.mktemp("java")
-    subprocess.run(["javac", "-d", str(classes), str(ROOT / "tests" / "TracedTrigger.java")], check=True, timeout=120)
+    subprocess.run(["javac", "-d", str(classes), str(ROOT / "tests" / "support" / "TracedTrigger.java")], check=True, timeout=120)
     return ["java", "-cp", str(classes), "TracedTrigger"]
 
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.gunicorn_server import GunicornServer
-from tests.otlp_receiver import OtlpReceiver
-from tests.prefect_stack import DEPLOYED, PrefectStack, fresh_postgres_database
-from tests.test_tracing import CALLER_SPAN, CALLER_TRACE, TRACEPARENT
-from tests.waiting import wait_until
+from tests.support.gunicorn_server import GunicornServer
+from tests.support.otlp_receiver import OtlpReceiver
+from tests.support.prefect_stack import DEPLOYED, PrefectStack, fresh_postgres_database
+from tests.support.trace_context import CALLER_SPAN, CALLER_TRACE, TRACEPARENT
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.long(seconds=120)
 FLOW_RUN_SERVICE = "flowgate-flow-run"  # OTEL_SERVICE_NAME of the worker's flow runs

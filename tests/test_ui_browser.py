@@ -16,10 +16,10 @@ import pytest
 
 from app.runs.store import RunStore
 from connectors.demo import build_shop_db
-from tests.conftest import CONNECTORS_YAML
-from tests.fake_services import EchoService
-from tests.gunicorn_server import ROOT, GunicornServer
-from tests.run_history import PastRun, add_past_runs
+from tests.support.fake_services import EchoService
+from tests.support.gunicorn_server import ROOT, GunicornServer
+from tests.support.run_history import PastRun, add_past_runs
+from tests.support.workdir import CONNECTORS_YAML
 
 READER, TRIGGERER, ADMIN = "ui-reader-key-0123456789", "ui-trigger-key-0123456789", "ui-admin-key-0123456789"
 NIGHTLY = """

@@ -10,7 +10,7 @@ from flows.engine import WorkflowEngine
 from flows.llm import OfflineProvider, OpenAICompatibleProvider
 from flows.nodes import Toolbox
 from flows.workflow_spec import NodeSpec, WorkflowSpec
-from tests.fake_services import EchoService, FakeOpenAI
+from tests.support.fake_services import EchoService, FakeOpenAI
 
 
 @pytest.fixture

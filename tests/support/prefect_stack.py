@@ -15,7 +15,7 @@ import httpx
 
 from flows.prefect.stack import prefect_environment
 from flows.runtime import RuntimeSettings
-from tests.gunicorn_server import ROOT, free_port
+from tests.support.gunicorn_server import ROOT, free_port
 
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 
@@ -180,7 +180,7 @@ connectors:
     source: {kind: sql_database, url: "sqlite:///events.db", tables: [events], incremental: {cursor: updated_at}}
     destination: {path: shared/inc.duckdb}  # one file both paths write (never at once: one run at a time)
   flaky:  # refuses its first connection (transient); a trigger gives `counter`, the file that counts its runs
-    source: {kind: python, ref: "tests.test_retries:flaky", args: {counter: "", fail_times: 1}}
+    source: {kind: python, ref: "tests.support.flaky_source:flaky", args: {counter: "", fail_times: 1}}
     dataset: raw
     retry: {max_attempts: 3, backoff_seconds: 0, on: [transient]}  # YAML reads a bare on as true
 """

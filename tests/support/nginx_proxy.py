@@ -11,8 +11,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.gunicorn_server import ROOT, free_port
-from tests.waiting import wait_until
+from tests.support.gunicorn_server import ROOT, free_port
+from tests.support.waiting import wait_until
 
 NGINX = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
 if NGINX is None and os.environ.get("FLOWGATE_REQUIRE_TOOLS"):  # .ci/run installs it: its tests must not skip

@@ -11,7 +11,14 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
+from app.runs.store import RunStore
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_store(workdir: Path) -> RunStore:
+    """The run store of a GunicornServer run in `workdir`: its SQLite file under var/, as the gateway defaults."""
+    return RunStore(f"sqlite:///{(workdir / 'var' / 'flowgate.db').resolve()}")
 
 
 def free_port() -> int:

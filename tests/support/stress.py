@@ -1,7 +1,7 @@
 """`make stress-test`: the whole suite, several rounds in a row, each beside busy-looping processes that keep
 every core loaded, each in a new random order. Stops at the first red round; prints each round's figures.
 
-    .venv/bin/python -m tests.stress [--rounds 5] [--burners 2] [-- extra pytest arguments]
+    .venv/bin/python -m tests.support.stress [--rounds 5] [--burners 2] [-- extra pytest arguments]
 """
 from __future__ import annotations
 

@@ -26,6 +26,6 @@ def tracked_items(rows: list[dict[str, Any]], cursor: Any = BY_ID) -> Iterator[l
 def connectors_yaml(path: Any, ref: str = "items", contract: str | None = None) -> Any:
     """A connectors.yaml at `path` with one connector `items` reading `ref` (its rows from params)."""
     contract_line = f"    schema_contract: {contract}\n" if contract else ""
-    path.write_text(f"connectors:\n  items:\n    source: {{kind: python, ref: 'tests.evolving_source:{ref}', "
+    path.write_text(f"connectors:\n  items:\n    source: {{kind: python, ref: 'tests.support.evolving_source:{ref}', "
                     f"args: {{rows: []}}}}\n{contract_line}")
     return path

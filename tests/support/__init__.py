@@ -1,0 +1,1 @@
+"""What the tests share: waiting on conditions and runs, real servers on loopback, test data and sources."""
