@@ -123,14 +123,14 @@ class PrefectClient:
             body["labels"] = labels
         return self._request("POST", f"deployments/{deployment_id}/create_flow_run", json=body)
 
-    def flow_runs_due_between(self, flow_name: str, since: datetime, until: datetime,
-                              limit: int = 200) -> list[dict[str, Any]]:
-        """The top-level flow runs of `flow_name` expected to start in [since, until], newest first."""
+    def flow_runs_due_between(self, flow_name: str, since: datetime, until: datetime, limit: int = 200,
+                              offset: int = 0) -> list[dict[str, Any]]:
+        """The top-level flow runs of `flow_name` expected to start in [since, until], newest first (a page)."""
         return self._request("POST", "flow_runs/filter", json={
             "flows": {"name": {"any_": [flow_name]}},
             "flow_runs": {"expected_start_time": {"after_": since.isoformat(), "before_": until.isoformat()},
                           "parent_task_run_id": {"is_null_": True}},
-            "sort": "EXPECTED_START_TIME_DESC", "limit": limit})
+            "sort": "EXPECTED_START_TIME_DESC", "limit": limit, "offset": offset})
 
     def find_flow_run(self, tag: str) -> dict[str, Any] | None:
         """The flow run carrying `tag`, or None (how a create whose answer was lost is found again)."""

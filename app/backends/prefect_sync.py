@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from app.backends.prefect import WORKER_RUN_STORE_MISMATCH, PrefectBackend
@@ -16,6 +16,9 @@ from flows.prefect import contract
 from flows.prefect.contract import FLOW_NAME, WORKFLOW_DEPLOYMENT, WORKFLOW_FLOW_NAME
 
 log = logging.getLogger(__name__)
+
+ADOPT_PAGE, ADOPT_PAGES = 200, 10  # flow runs read per call, and calls at most per adoption pass
+ADOPT_OVERLAP = timedelta(seconds=60)
 
 
 class PrefectSync(Loop):
@@ -37,6 +40,7 @@ class PrefectSync(Loop):
         self.adopt_every = adopt_every
         self.adopt_within = timedelta(seconds=adopt_within_seconds)
         self._passes = 0
+        self._adopted_until: datetime | None = None  # flow runs due before this were looked at
 
     @property
     def enabled(self) -> bool:
@@ -59,12 +63,22 @@ class PrefectSync(Loop):
         if self.adopt is None or not self.backend.available:
             return []
         now = utcnow()
-        flow_runs = [flow_run for flow_run in self.backend.client.flow_runs_due_between(
-            FLOW_NAME, now - self.adopt_within, now) if not contract.tagged_run_id(list(flow_run.get("tags") or []))]
+        # After the first pass, only what came due since the last one (a minute's overlap for a slow pass); paged,
+        # so a busy hour of the gateway's own flow runs cannot hide one started by hand.
+        since = max(now - self.adopt_within, self._adopted_until - ADOPT_OVERLAP) if self._adopted_until else \
+            now - self.adopt_within
+        flow_runs = []
+        for page in range(ADOPT_PAGES):
+            found = self.backend.client.flow_runs_due_between(FLOW_NAME, since, now, limit=ADOPT_PAGE,
+                                                              offset=page * ADOPT_PAGE)
+            flow_runs += [run for run in found if not contract.tagged_run_id(list(run.get("tags") or []))]
+            if len(found) < ADOPT_PAGE:
+                break
         keyed = {(str((flow_run.get("parameters") or {}).get("connector_id")),
                   contract.adopted_run_key(str(flow_run["id"]))): flow_run for flow_run in flow_runs}
         taken = self.store.keys_taken("connector", list(keyed))
         adopted = [self.adopt(flow_run) for (_, key), flow_run in keyed.items() if key not in taken]
+        self._adopted_until = now
         return [run for run in adopted if run is not None]
 
     def end_overdue_runs(self) -> list[Run]:
