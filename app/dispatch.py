@@ -8,7 +8,7 @@ import time
 import uuid
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from opentelemetry import trace
 
@@ -62,6 +62,15 @@ class SlotRun:
     skip_if_waiting: bool  # catch_up latest/none: a slot coming while a run waits is skipped; all: it waits too
 
 
+class Triggered(NamedTuple):
+    """What a trigger came to: its run, whether this call created it, and whether its conflict policy joined it
+    to an active run (neither: its idempotency key named a run already stored)."""
+
+    run: Run
+    created: bool
+    joined: bool = False
+
+
 class Skipped(Exception):
     """A trigger with `on_conflict: skip` found its target busy: nothing was started (not an error: a 200)."""
 
@@ -88,10 +97,9 @@ class Dispatcher:
     def trigger_connector(self, connector_id: str, params: dict[str, Any], backend: str | None = None,
                           idempotency_key: str | None = None, callback_url: str | None = None,
                           retry: RetryPolicy | None = None, on_conflict: str | None = None,
-                          **origin: Any) -> tuple[Run, bool]:
-        """Validate, store and dispatch a connector run; returns the run and whether it is new (a run its conflict
-        policy joined is not; Skipped when it skips). `retry`, `on_conflict`: this call's, else the connector's;
-        `origin`: NewRun's `source` and `rerun_of`."""
+                          **origin: Any) -> Triggered:
+        """Validate, store and dispatch a connector run; what it came to (Skipped when its conflict policy skips).
+        `retry`, `on_conflict`: this call's, else the connector's; `origin`: NewRun's `source` and `rerun_of`."""
         with tracing.tracer().start_as_current_span("dispatch", attributes={"flowgate.kind": "connector",
                                                                             "flowgate.target": connector_id}):
             mode = backend or self.settings.backend
@@ -103,9 +111,9 @@ class Dispatcher:
                          idempotency_key: str | None = None, callback_url: str | None = None,
                          file_definition: dict[str, Any] | None = None,
                          retry: RetryPolicy | None = None, on_conflict: str | None = None,
-                         **origin: Any) -> tuple[Run, bool]:
+                         **origin: Any) -> Triggered:
         """Store and dispatch a workflow run; the definition travels with the run, so any process can run it.
-        Returns the run and whether it is new, as trigger_connector does (Skipped when its conflict policy skips).
+        What it came to, as trigger_connector says (Skipped when its conflict policy skips).
 
         `file_definition`: the workflow as its file says it (`${VAR}`s unresolved), stored instead of `spec`."""
         with tracing.tracer().start_as_current_span("dispatch", attributes={"flowgate.kind": "workflow",
@@ -116,7 +124,7 @@ class Dispatcher:
     def _trigger_workflow(self, spec: WorkflowSpec, inputs: dict[str, Any], mode: str, backend: str | None,
                           idempotency_key: str | None, callback_url: str | None,
                           file_definition: dict[str, Any] | None, retry: RetryPolicy | None,
-                          on_conflict: str | None, **origin: Any) -> tuple[Run, bool]:
+                          on_conflict: str | None, **origin: Any) -> Triggered:
         chosen = backend or self.settings.backend
         new, deployment_id = self._workflow_run(spec, inputs, mode, chosen, idempotency_key, callback_url,
                                                 file_definition)
@@ -224,8 +232,10 @@ class Dispatcher:
             if inputs is not None or from_failed:
                 field = "inputs" if inputs is not None else "from"
                 raise ValidationFailed.of_field(field, "is for a workflow run; a connector run takes `params`")
-            return self.trigger_connector(source.target, {**source.params, **(params or {})},
-                                          idempotency_key=idempotency_key, retry=retry, on_conflict="queue", **origin)
+            run, created, _ = self.trigger_connector(source.target, {**source.params, **(params or {})},
+                                                     idempotency_key=idempotency_key, retry=retry,
+                                                     on_conflict="queue", **origin)
+            return run, created
         if params is not None:
             raise ValidationFailed.of_field("params", "is for a connector run; a workflow run takes `inputs`")
         run_params = {key: value for key, value in source.params.items() if key != "reuse"}
@@ -243,7 +253,8 @@ class Dispatcher:
         deployment_id, reason = self._choose(WORKFLOW_DEPLOYMENT, mode, flow_name=WORKFLOW_FLOW_NAME)
         new = self._new_workflow_run(source.target, run_params, deployment_id, reason, idempotency_key, None,
                                      retry=retry, **origin)
-        return self._store_and_dispatch(new, deployment_id, forced=mode == "prefect")
+        run, created, _ = self._store_and_dispatch(new, deployment_id, forced=mode == "prefect")
+        return run, created
 
     def rerun_many(self, runs: list[Run], dry_run: bool,
                    triggered_by: str | None = None) -> list[tuple[Run, Run | Problem | None, bool]]:
@@ -280,8 +291,9 @@ class Dispatcher:
                               code="prefect_unavailable", reason=chosen.reason)
         return chosen.deployment_id, chosen.reason
 
-    def _store_and_dispatch(self, new: NewRun, deployment_id: str | None, forced: bool) -> tuple[Run, bool]:
-        """Store the run (or find the one its idempotency key names), then hand a new one to its backend."""
+    def _store_and_dispatch(self, new: NewRun, deployment_id: str | None, forced: bool) -> Triggered:
+        """Store the run (or find the one its idempotency key names, or the active one its conflict policy joins),
+        then hand a new one to its backend."""
         try:
             run, created = self.store.create_run(new)
         except IdempotencyConflict as exc:
@@ -290,18 +302,19 @@ class Dispatcher:
             raise TooManyRequests(f"{exc} (FLOWGATE_MAX_QUEUED_PER_TARGET)", code="queue_full",
                                   headers={"Retry-After": "30"}) from None
         except TargetBusy as exc:
-            TRIGGERS.labels(new.kind, new.backend, exc.policy).inc()
-            if exc.policy == "skip":
+            skipped = exc.policy == "skip"
+            TRIGGERS.labels(new.kind, new.backend, "skipped" if skipped else "rejected").inc()
+            if skipped:
                 raise Skipped(exc) from None
-            raise Conflict(str(exc), code="run_active", run_id=exc.run_id) from None
+            raise Conflict(str(exc), code="run_in_progress", run_id=exc.run_id) from None
         span = trace.get_current_span()  # the dispatch span
         span.set_attribute(tracing.RUN_ID, run.id)
         if not created:
             duplicate = bool(new.idempotency_key) and run.idempotency_key == new.idempotency_key
             TRIGGERS.labels(run.kind, run.backend, "duplicate" if duplicate else "joined").inc()
             span.set_attribute("flowgate.duplicate" if duplicate else "flowgate.joined", True)
-            return run, False
-        return self._dispatch(run, deployment_id, forced), True
+            return Triggered(run, created=False, joined=not duplicate)
+        return Triggered(self._dispatch(run, deployment_id, forced), created=True)
 
     def _dispatch(self, run: Run, deployment_id: str | None, forced: bool) -> Run:
         """Hand a new stored run to its backend."""

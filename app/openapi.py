@@ -28,6 +28,7 @@ from app.schemas import (
     ProblemDetail,
     Readiness,
     RerunRequest,
+    RunJoined,
     RunLogs,
     RunLogsQuery,
     RunOptions,
@@ -43,6 +44,7 @@ from app.schemas import (
     WorkflowDetail,
     WorkflowExecuteRequest,
     WorkflowExecution,
+    WorkflowJoined,
     WorkflowList,
     WorkflowSkipped,
 )
@@ -54,12 +56,14 @@ _MODELS: list[type[BaseModel]] = [TriggerRequest, RunOptions, RunOut, RunPage, C
                                   ConnectorSchema, WorkflowExecuteRequest, WorkflowAccepted, WorkflowExecution,
                                   ExecuteNodeRequest, NodeRunOut, RunLogs, WhoAmI, ScheduleOut, WorkflowList,
                                   WorkflowDetail, LoadResult, ConnectorStats, TriggerSkipped, RerunRequest,
-                                  BulkRerunRequest, BulkRerunOut, WorkflowSkipped]
+                                  BulkRerunRequest, BulkRerunOut, WorkflowSkipped,
+                                  RunJoined, WorkflowJoined]
 _PROBLEMS = {"400": "Malformed JSON or a body that is not an object", "401": "No valid API key (when keys are set)",
              "403": "The API key lacks the scope", "404": "Unknown resource",
              "405": "Method not allowed",
-             "409": "Conflict with the state of things; `code` says which (idempotency_key_reused, run_active with "
-                    "the active run's `run_id`, run_already_ended, run_not_ended, run_not_failed)",
+             "409": "Conflict with the state of things; `code` says which (idempotency_key_reused, run_in_progress "
+                    "with the active run's `run_id` (`on_conflict: reject`), run_already_ended, run_not_ended, "
+                    "run_not_failed)",
              "413": "Body too large", "415": "A body whose Content-Type is not application/json",
              "421": "A Host this gateway does not answer to (without API keys: loopback names, IP addresses and "
                     "FLOWGATE_SERVER_NAMES)",
@@ -108,12 +112,14 @@ def _polled(response: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run_started(*problems: str) -> dict[str, Any]:
-    ended = {"oneOf": [_ref(RunOut), _ref(TriggerSkipped)]}
-    return {"200": {"description": "The run ended within `wait`; or, with `on_conflict: skip` and a run active, "
-                                   "nothing was started (TriggerSkipped)",
-                    "content": {"application/json": {"schema": ended}}},
-            "202": _polled(_json(RunOut, "The run is queued or running (with `on_conflict: join` or `queue_one`, "
-                                         "perhaps an earlier trigger's); poll status_url")),
+    # anyOf, not oneOf: a RunJoined is a RunOut with one field more, so it matches both
+    answered = {"anyOf": [_ref(RunOut), _ref(RunJoined), _ref(TriggerSkipped)]}
+    return {"200": _polled({"description": "The run ended within `wait`; or the conflict policy answered: with "
+                                           "`on_conflict: join` (or `queue_one` finding one queued) the active "
+                                           "run, `joined: true` (RunJoined, perhaps not ended); with `skip`, "
+                                           "nothing was started (TriggerSkipped)",
+                            "content": {"application/json": {"schema": answered}}}),
+            "202": _polled(_json(RunOut, "The run is queued or running; poll status_url")),
             **_problems("400", "404", "409", "413", "422", "503", *problems)}
 
 
@@ -295,13 +301,15 @@ def build_document(max_wait_seconds: float | None = None, *, connectors: Sequenc
             "summary": "Start a workflow (from the workflows folder, or inline in `workflow`); answers at once",
             "parameters": [_path_param("workflow_id", pattern=NODE_ID), _IDEMPOTENCY_HEADER],
             "requestBody": _body(WorkflowExecuteRequest),
-            "responses": {"200": {"description": "The execution ended within `wait`; or, with `on_conflict: skip` "
-                                                 "and an execution active, nothing was started (WorkflowSkipped)",
-                                  "content": {"application/json": {"schema": {
-                                      "oneOf": [_ref(WorkflowAccepted), _ref(WorkflowSkipped)]}}}},
-                          "202": _polled(_json(WorkflowAccepted, "The execution is queued or running (with "
-                                                                 "`on_conflict: join` or `queue_one`, perhaps an "
-                                                                 "earlier execute's); poll statusUrl")),
+            "responses": {"200": _polled({
+                              "description": "The execution ended within `wait`; or the conflict policy answered: "
+                                             "with `on_conflict: join` (or `queue_one` finding one queued) the "
+                                             "active execution, `joined: true` (WorkflowJoined, perhaps not ended); "
+                                             "with `skip`, nothing was started (WorkflowSkipped)",
+                              "content": {"application/json": {"schema": {"anyOf": [
+                                  _ref(WorkflowAccepted), _ref(WorkflowJoined), _ref(WorkflowSkipped)]}}}}),
+                          "202": _polled(_json(WorkflowAccepted, "The execution is queued or running; poll "
+                                                                 "statusUrl")),
                           **_problems("400", "404", "409", "413", "422", "503")}}},
         "/api/workflow/execution/{execution_id}": {"get": {
             "operationId": "getWorkflowExecution", "summary": "A workflow execution, node by node",

@@ -115,7 +115,8 @@ class TriggerRequest(RunOptions):
 class TriggerSkipped(BaseModel):
     """The answer to a trigger with `on_conflict: skip` while its connector had an active run: nothing started."""
 
-    skipped: Literal[True]
+    skipped: Literal["already_active"] = Field(description="Why nothing was started: the connector had a queued or "
+                                                         "running run (`active_run_id`).")
     detail: str
     active_run_id: str
     active_run_url: str
@@ -268,11 +269,19 @@ class WorkflowAccepted(BaseModel):
     statusUrl: str
 
 
+class WorkflowJoined(WorkflowAccepted):
+    """The answer to execute whose conflict policy (`join`, or `queue_one` finding one queued) joined an active
+    execution: that execution's id and status, marked so."""
+
+    joined: Literal[True]
+
+
 class WorkflowSkipped(BaseModel):
     """The answer to execute with `on_conflict: skip` while the workflow had an active execution: nothing started."""
 
     success: Literal[True]
-    skipped: Literal[True]
+    skipped: Literal["already_active"] = Field(description="Why nothing was started: the workflow had a queued or "
+                                                         "running execution (`activeExecutionId`).")
     message: str
     activeExecutionId: str
     statusUrl: str = Field(description="The active execution's.")
@@ -388,6 +397,9 @@ class RunOut(BaseModel):
     rerun_of: str | None = Field(description="The run this one reruns.")
     triggered_by: str = Field(description="The name of the API key that started it, or `anonymous`.")
     labels: dict[str, str] = Field(description="The labels it was started with.")
+    joined_count: int = Field(description="Triggers that got this run as their answer through their conflict "
+                                             "policy (`join`, or `queue_one` finding it queued); the one that "
+                                             "started it is not counted.")
     retry: RetryPolicy | None = Field(description="The retry policy in effect (null: a failure ends the run).")
     created_at: datetime
     started_at: datetime | None
@@ -434,7 +446,7 @@ class RunOut(BaseModel):
                    prefect_state=run.prefect_state, attempt=run.attempt or 1, attempts=_attempts(run),
                    next_attempt_at=run.next_attempt_at if run.status == "queued" else None,
                    retry=run.retry_policy, rerun_of=run.rerun_of, triggered_by=run.triggered_by or "anonymous",
-                   labels=run.labels or {}, created_at=run.created_at,
+                   labels=run.labels or {}, joined_count=run.joined_count or 0, created_at=run.created_at,
                    started_at=run.started_at, finished_at=run.finished_at, result=result, error=public_error(run.error),
                    callback=run.callback.to_dict() if run.callback else None, source=run.source or "api",
                    scheduled_for=run.scheduled_for, schedule=run.schedule, trace_id=run.trace_id,
@@ -450,10 +462,18 @@ class RunOut(BaseModel):
                    prefect_state=run.prefect_state, attempt=run.attempt or 1, attempts=[],
                    next_attempt_at=run.next_attempt_at if run.status == "queued" else None, retry=None,
                    rerun_of=run.rerun_of, triggered_by=run.triggered_by or "anonymous", labels={},
-                   created_at=run.created_at, started_at=run.started_at, finished_at=run.finished_at, result=None,
+                   joined_count=run.joined_count or 0, created_at=run.created_at, started_at=run.started_at,
+                   finished_at=run.finished_at, result=None,
                    error={"code": "unreadable_run", "message": f"the stored run cannot be shown: {reason}"},
                    source=run.source or "api", scheduled_for=run.scheduled_for, trace_id=run.trace_id,
                    status_url=status_url, unreadable=True)
+
+
+class RunJoined(RunOut):
+    """The answer to a trigger whose conflict policy (`join`, or `queue_one` finding one queued) joined an active
+    run: that run's document, marked so."""
+
+    joined: Literal[True]
 
 
 def run_document(run: Run, status_url: str, project: Path | None = None) -> dict[str, Any]:

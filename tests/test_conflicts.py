@@ -7,10 +7,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client import REGISTRY
 
 from app import create_app
 from app.runs.store import NewRun, RunStore
 from tests.support.gunicorn_server import GunicornServer
+from tests.support.problems import assert_problem
 from tests.support.races import race
 
 pytestmark = pytest.mark.long(seconds=40)
@@ -20,19 +22,41 @@ def ids(client) -> list[str]:
     return [run["run_id"] for run in client.get("/api/v1/runs").json["items"]]
 
 
-def test_join_answers_with_the_active_run_and_starts_none(client):
+def triggers_counted(outcome: str, kind: str = "connector") -> float:
+    """flowgate_triggers_total for one outcome of this process's local triggers so far."""
+    return REGISTRY.get_sample_value("flowgate_triggers_total",
+                                     {"kind": kind, "backend": "local", "outcome": outcome}) or 0.0
+
+
+def test_join_answers_200_with_the_active_run_marked_joined_and_counts_it(client):
     first = client.post("/trigger", json={"connector_id": "shop"}).json
-    joined = client.post("/trigger", json={"connector_id": "shop", "on_conflict": "join"})
-    assert joined.status_code == 202 and joined.json["run_id"] == first["run_id"]
+    assert first["joined_count"] == 0 and "joined" not in first
+    joined_before = triggers_counted("joined")
+    for count in (1, 2):
+        joined = client.post("/trigger", json={"connector_id": "shop", "on_conflict": "join"})
+        assert joined.status_code == 200 and joined.json["joined"] is True
+        assert joined.json["run_id"] == first["run_id"] and joined.json["joined_count"] == count
+        assert joined.headers["Location"] == first["status_url"]
+    assert client.get(first["status_url"]).json["joined_count"] == 2
+    assert triggers_counted("joined") - joined_before == 2
     assert ids(client) == [first["run_id"]]
     other = client.post("/trigger", json={"connector_id": "numbers", "on_conflict": "join"})  # another target
-    assert other.status_code == 202 and other.json["run_id"] != first["run_id"]
+    assert other.status_code == 202 and other.json["run_id"] != first["run_id"] and "joined" not in other.json
+
+
+def test_a_retried_trigger_finds_its_run_by_its_key_and_is_no_join(client):
+    first = client.post("/trigger", json={"connector_id": "shop"}, headers={"Idempotency-Key": "k-1"}).json
+    again = client.post("/trigger", json={"connector_id": "shop"}, headers={"Idempotency-Key": "k-1"})
+    assert again.status_code == 202 and again.json["run_id"] == first["run_id"] and "joined" not in again.json
+    assert again.json["joined_count"] == 0
 
 
 def test_skip_answers_200_saying_nothing_was_started(client):
     first = client.post("/trigger", json={"connector_id": "shop"}).json
+    skipped_before = triggers_counted("skipped")
     skipped = client.post("/trigger", json={"connector_id": "shop", "on_conflict": "skip"})
-    assert skipped.status_code == 200 and skipped.json["skipped"] is True
+    assert skipped.status_code == 200 and skipped.json["skipped"] == "already_active"
+    assert triggers_counted("skipped") - skipped_before == 1
     assert skipped.json["active_run_id"] == first["run_id"] and "nothing was started" in skipped.json["detail"]
     assert skipped.json["active_run_url"] == first["status_url"]
     assert ids(client) == [first["run_id"]]
@@ -40,9 +64,11 @@ def test_skip_answers_200_saying_nothing_was_started(client):
 
 def test_reject_is_a_409_naming_the_active_run(client):
     first = client.post("/trigger", json={"connector_id": "shop"}).json
+    rejected_before = triggers_counted("rejected")
     rejected = client.post("/api/v1/connectors/shop/runs", json={"on_conflict": "reject"})
-    assert rejected.status_code == 409 and rejected.json["code"] == "run_active"
+    assert_problem(rejected, 409, "run_in_progress")
     assert rejected.json["run_id"] == first["run_id"] and first["run_id"] in rejected.json["detail"]
+    assert triggers_counted("rejected") - rejected_before == 1
     assert ids(client) == [first["run_id"]]
 
 
@@ -50,12 +76,16 @@ def test_queue_one_keeps_one_queued_behind_the_running_run(app, client):
     store = app.extensions["flowgate"].store
     running = client.post("/trigger", json={"connector_id": "shop"}).json
     assert store.claim_next("executor-a", lease_seconds=600).id == running["run_id"]
-    queued = client.post("/trigger", json={"connector_id": "shop", "on_conflict": "queue_one"}).json
+    queued = client.post("/trigger", json={"connector_id": "shop", "on_conflict": "queue_one"})
+    assert queued.status_code == 202 and "joined" not in queued.json  # a new run, answered as any trigger
+    queued = queued.json
     assert queued["run_id"] != running["run_id"] and queued["status"] == "queued"
-    for _ in range(3):
-        again = client.post("/trigger", json={"connector_id": "shop", "on_conflict": "queue_one"}).json
-        assert again["run_id"] == queued["run_id"]
+    for count in (1, 2, 3):
+        again = client.post("/trigger", json={"connector_id": "shop", "on_conflict": "queue_one"})
+        assert again.status_code == 200 and again.json["joined"] is True
+        assert again.json["run_id"] == queued["run_id"] and again.json["joined_count"] == count
     assert sorted(ids(client)) == sorted([running["run_id"], queued["run_id"]])
+    assert client.get(running["status_url"]).json["joined_count"] == 0
 
 
 def test_a_connectors_own_policy_applies_unless_the_trigger_says_otherwise(app_config, workdir: Path):
@@ -82,17 +112,22 @@ def test_a_join_held_between_its_read_and_its_insert_is_joined_by_the_next(store
     (first, created), (second, created_again) = outcome.held, outcome.other
     assert created and not created_again and second.id == first.id
     assert [run.id for run in store.list()] == [first.id]
+    assert second.joined_count == 1 and store.get(first.id).joined_count == 1
 
 
 def test_thirty_concurrent_joins_make_one_run_on_sqlite(app):
-    def trigger(_: int) -> str:
+    """The first trigger creates the run, the other 29 join it: joined_count counts the joins, so 29."""
+    def trigger(_: int) -> tuple[int, str, bool]:
         answer = app.test_client().post("/trigger", json={"connector_id": "shop", "on_conflict": "join"})
-        assert answer.status_code == 202, answer.json
-        return answer.json["run_id"]
+        assert answer.status_code in (200, 202), answer.json
+        return answer.status_code, answer.json["run_id"], answer.json.get("joined", False)
 
     with ThreadPoolExecutor(30) as pool:
-        run_ids = set(pool.map(trigger, range(30)))
+        answers = list(pool.map(trigger, range(30)))
+    run_ids = {run_id for _, run_id, _ in answers}
     assert len(run_ids) == 1 and ids(app.test_client()) == list(run_ids)
+    assert sorted((status, joined) for status, _, joined in answers) == [(200, True)] * 29 + [(202, False)]
+    assert app.test_client().get(f"/api/v1/runs/{run_ids.pop()}").json["joined_count"] == 29
 
 
 def test_thirty_concurrent_joins_across_two_gateways_on_postgresql_make_one_run(workdir: Path, postgres_url: str):
@@ -102,17 +137,19 @@ def test_thirty_concurrent_joins_across_two_gateways_on_postgresql_make_one_run(
         for gateway in gateways:
             gateway.start()
 
-        def trigger(i: int) -> str:
+        def trigger(i: int) -> tuple[int, str]:
             answer = httpx.post(f"{gateways[i % 2].url}/trigger", json={"connector_id": "shop", "on_conflict": "join"},
                                 timeout=60)
-            assert answer.status_code == 202, answer.text
-            return answer.json()["run_id"]
+            assert answer.status_code in (200, 202), answer.text
+            assert answer.json().get("joined", False) is (answer.status_code == 200)
+            return answer.status_code, answer.json()["run_id"]
 
         with ThreadPoolExecutor(30) as pool:
-            run_ids = set(pool.map(trigger, range(30)))
-        assert len(run_ids) == 1
+            answers = list(pool.map(trigger, range(30)))
+        run_ids = {run_id for _, run_id in answers}
+        assert len(run_ids) == 1 and sorted(status for status, _ in answers) == [200] * 29 + [202]
         listed = httpx.get(f"{gateways[1].url}/api/v1/runs", timeout=30).json()["items"]
-        assert [run["run_id"] for run in listed] == list(run_ids)
+        assert [run["run_id"] for run in listed] == list(run_ids) and listed[0]["joined_count"] == 29
     finally:
         for gateway in gateways:
             gateway.kill()
@@ -136,21 +173,27 @@ def executions(client) -> list[str]:
     return [run["run_id"] for run in client.get("/api/v1/runs", query_string={"connector_id": "slow"}).json["items"]]
 
 
-def test_an_execute_with_join_answers_with_the_active_execution(client):
+def test_an_execute_with_join_answers_200_with_the_active_execution_marked_joined(client):
     first = client.post("/api/workflow/slow/execute", json={}).json
+    assert "joined" not in first
+    joined_before = triggers_counted("joined", kind="workflow")
     joined = client.post("/api/workflow/slow/execute", json={"on_conflict": "join"})
-    assert joined.status_code == 202 and joined.json["executionId"] == first["executionId"]
+    assert joined.status_code == 200 and joined.json["joined"] is True and joined.json["success"] is True
+    assert joined.json["executionId"] == first["executionId"] and joined.json["status"] == "queued"
     assert joined.json["statusUrl"] == first["statusUrl"] and joined.headers["Location"] == first["statusUrl"]
+    assert {"message", "backend"} <= joined.json.keys()
+    assert triggers_counted("joined", kind="workflow") - joined_before == 1
+    assert client.get(f"/api/v1/runs/{first['executionId']}").json["joined_count"] == 1
     assert executions(client) == [first["executionId"]]
     # a connector's active run is not a workflow's, whatever their ids
     other = client.post("/api/workflow/once/execute", json={"on_conflict": "join"})
-    assert other.status_code == 202 and other.json["executionId"] != first["executionId"]
+    assert other.status_code == 202 and other.json["executionId"] != first["executionId"] and "joined" not in other.json
 
 
 def test_an_execute_with_skip_answers_200_saying_nothing_was_started(client):
     first = client.post("/api/workflow/slow/execute", json={}).json
     skipped = client.post("/api/workflow/slow/execute", json={"on_conflict": "skip"})
-    assert skipped.status_code == 200 and skipped.json["skipped"] is True and skipped.json["success"] is True
+    assert skipped.status_code == 200 and skipped.json["skipped"] == "already_active" and skipped.json["success"]
     assert skipped.json["activeExecutionId"] == first["executionId"] and skipped.json["statusUrl"] == first["statusUrl"]
     assert "nothing was started" in skipped.json["message"] and "executionId" not in skipped.json
     assert executions(client) == [first["executionId"]]
@@ -159,9 +202,8 @@ def test_an_execute_with_skip_answers_200_saying_nothing_was_started(client):
 def test_an_execute_with_reject_is_a_409_naming_the_active_execution(client):
     first = client.post("/api/workflow/slow/execute", json={}).json
     rejected = client.post("/api/workflow/slow/execute", json={"on_conflict": "reject"})
-    assert rejected.status_code == 409 and rejected.json["code"] == "run_active"
+    assert_problem(rejected, 409, "run_in_progress")
     assert rejected.json["run_id"] == first["executionId"] and first["executionId"] in rejected.json["detail"]
-    assert rejected.headers["Content-Type"] == "application/problem+json"
     assert executions(client) == [first["executionId"]]
 
 
@@ -169,12 +211,16 @@ def test_an_execute_with_queue_one_keeps_one_queued_behind_the_running_execution
     store = app.extensions["flowgate"].store
     running = client.post("/api/workflow/slow/execute", json={}).json["executionId"]
     assert store.claim_next("executor-a", lease_seconds=600).id == running
-    queued = client.post("/api/workflow/slow/execute", json={"on_conflict": "queue_one"}).json
+    queued = client.post("/api/workflow/slow/execute", json={"on_conflict": "queue_one"})
+    assert queued.status_code == 202 and "joined" not in queued.json  # a new execution, answered as any execute
+    queued = queued.json
     assert queued["executionId"] != running and queued["status"] == "queued"
     for _ in range(3):
-        again = client.post("/api/workflow/slow/execute", json={"on_conflict": "queue_one"}).json
-        assert again["executionId"] == queued["executionId"]
+        again = client.post("/api/workflow/slow/execute", json={"on_conflict": "queue_one"})
+        assert again.status_code == 200 and again.json["joined"] is True
+        assert again.json["executionId"] == queued["executionId"]
     assert sorted(executions(client)) == sorted([running, queued["executionId"]])
+    assert client.get(f"/api/v1/runs/{queued['executionId']}").json["joined_count"] == 3
 
 
 def test_a_workflow_files_own_policy_applies_unless_the_execute_says_otherwise(client):
@@ -201,17 +247,19 @@ def test_thirty_concurrent_executes_with_join_across_two_gateways_make_one_run(r
         for gateway in gateways:
             gateway.start()
 
-        def execute(i: int) -> str:
+        def execute(i: int) -> tuple[int, str]:
             answer = httpx.post(f"{gateways[i % 2].url}/api/workflow/slow/execute", json={"on_conflict": "join"},
                                 timeout=60)
-            assert answer.status_code == 202, answer.text
-            return answer.json()["executionId"]
+            assert answer.status_code in (200, 202), answer.text
+            assert answer.json().get("joined", False) is (answer.status_code == 200)
+            return answer.status_code, answer.json()["executionId"]
 
         with ThreadPoolExecutor(30) as pool:
-            run_ids = set(pool.map(execute, range(30)))
-        assert len(run_ids) == 1
+            answers = list(pool.map(execute, range(30)))
+        run_ids = {run_id for _, run_id in answers}
+        assert len(run_ids) == 1 and sorted(status for status, _ in answers) == [200] * 29 + [202]
         listed = httpx.get(f"{gateways[1].url}/api/v1/runs", timeout=30).json()["items"]
-        assert [run["run_id"] for run in listed] == list(run_ids)
+        assert [run["run_id"] for run in listed] == list(run_ids) and listed[0]["joined_count"] == 29
     finally:
         for gateway in gateways:
             gateway.kill()

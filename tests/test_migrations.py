@@ -108,6 +108,7 @@ def test_upgrading_the_previous_schema_keeps_every_run_and_its_parts(database_ur
         assert (run.status, run.params, run.result, run.created_at.replace(tzinfo=None)) == (
             "completed", {"n": 1}, {"rows": {"orders": 100}}, old)
         assert run.callback.status == "delivered"
+        assert run.joined_count == 0  # no trigger joined a run kept from before the count
         assert [line["message"] for line in store.logs.read("run0")] == ["loaded 100 rows"]
         assert store.nodes.read("run1") == [{"id": "a"}]
         again, created = store.create_run(NewRun(kind="connector", target="shop", params={"n": 1}, backend="local",

@@ -47,3 +47,22 @@ def test_a_load_summary_has_the_fields_its_documented_shape_lists():
     from connectors.pipeline import LoadSummary
 
     assert {f.name for f in fields(LoadSummary)} == set(LoadResult.model_fields)
+
+
+def test_a_conflict_policys_answers_are_described(client):
+    document = client.get("/openapi.json").json
+    schemas = document["components"]["schemas"]
+    for path, answers in (("/trigger", {"RunOut", "RunJoined", "TriggerSkipped"}),
+                          ("/api/v1/connectors/{connector_id}/runs", {"RunOut", "RunJoined", "TriggerSkipped"}),
+                          ("/api/workflow/{workflow_id}/execute",
+                           {"WorkflowAccepted", "WorkflowJoined", "WorkflowSkipped"})):
+        responses = document["paths"][path]["post"]["responses"]
+        variants = responses["200"]["content"]["application/json"]["schema"]["anyOf"]
+        assert {variant["$ref"].rsplit("/", 1)[1] for variant in variants} == answers
+        assert "Retry-After" in responses["200"]["headers"]  # a joined run that has not ended
+        assert "run_in_progress" in responses["409"]["description"]
+    for joined in ("RunJoined", "WorkflowJoined"):
+        assert "joined" in schemas[joined]["required"] and schemas[joined]["properties"]["joined"]["const"] is True
+    for skipped in ("TriggerSkipped", "WorkflowSkipped"):
+        assert schemas[skipped]["properties"]["skipped"]["const"] == "already_active"
+    assert "joined_count" in schemas["RunOut"]["required"]

@@ -58,6 +58,8 @@ connections:
   - {from: start, to: shout}
   - {from: shout, to: result}
 """
+# An execution that stays running until cancelled (the node's own timeout is longer), for triggers to join.
+HELD = {"nodes": [{"id": "hold", "type": "delay", "timeout": 400, "config": {"seconds": 300}}]}  # 300: the limit
 # The `events` connector's history, written straight into the store (nothing else in this module runs it): what
 # its charts must show, point for point.
 HISTORY = [PastRun(12, rows={"events": 400, "sessions": 30}),
@@ -250,10 +252,27 @@ def test_a_trigger_key_reruns_a_run_from_its_page(page, server):
     expect(page.locator(".page-head .badge")).to_have_text("completed")
     expect(page.locator(".timeline")).to_contain_text("by ops")
     expect(page.locator("[data-label=tenant]")).to_contain_text("acme")
+    expect(page.locator("[data-joined-count]")).to_have_count(0)  # no trigger joined it: nothing said
     page.locator("[data-action=rerun]").click()
     expect(page.locator(".page-head")).to_contain_text(f"rerun of {run['run_id'][:8]}")
     expect(page.locator(".page-head .badge")).to_have_text("completed")
     assert run["run_id"] not in page.url
+
+
+def test_a_run_page_says_how_many_triggers_joined_the_run(page, server):
+    with api(server) as client:
+        execute = {"workflow": HELD, "on_conflict": "join"}
+        first = client.post("/api/workflow/held/execute", json=execute).json()
+        try:
+            for _ in range(2):
+                joined = client.post("/api/workflow/held/execute", json=execute)
+                assert joined.status_code == 200 and joined.json()["joined"] is True, joined.text
+                assert joined.json()["executionId"] == first["executionId"]
+            sign_in(page, READER, f"/ui/#/runs/{first['executionId']}")
+            expect(page.locator(".timeline [data-joined-count]")).to_have_attribute("data-joined-count", "2")
+            expect(page.locator(".timeline [data-joined-count]")).to_contain_text("joined by 2 later triggers")
+        finally:
+            client.post(f"/api/v1/runs/{first['executionId']}/cancel")
 
 
 def test_the_runs_page_filters_by_every_label_given_and_a_runs_label_links_to_its_runs(page, server):

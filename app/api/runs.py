@@ -24,9 +24,10 @@ def run_document(run: Run) -> dict[str, Any]:
     return schemas.run_document(run, url_for("runs.get_run", run_id=run.id), services().settings.project_dir)
 
 
-def run_response(run: Run, status: int) -> Response:
-    """A run document with its status code, a Location header pointing at it, and (not ended) Retry-After."""
-    response = jsonify(run_document(run))
+def run_response(run: Run, status: int, joined: bool = False) -> Response:
+    """A run document with its status code, a Location header pointing at it, and (not ended) Retry-After;
+    `joined: true` in it when a trigger's conflict policy answered with it (RunJoined)."""
+    response = jsonify({**run_document(run), "joined": True} if joined else run_document(run))
     response.status_code = status
     response.headers["Location"] = url_for("runs.get_run", run_id=run.id)
     return with_hint(response, run)

@@ -44,14 +44,16 @@ def _start(connector_id: str, options: RunOptions) -> Response:
     key = idempotency_key(options.idempotency_key)
     callback_url = checked_callback_url(options.callback_url)
     try:
-        run, _ = svc.dispatcher.trigger_connector(connector_id, options.params, options.backend, key, callback_url,
-                                                  retry=options.retry, on_conflict=options.on_conflict,
-                                                  labels=options.labels, triggered_by=caller_name())
+        run, _, joined = svc.dispatcher.trigger_connector(
+            connector_id, options.params, options.backend, key, callback_url, retry=options.retry,
+            on_conflict=options.on_conflict, labels=options.labels, triggered_by=caller_name())
     except Skipped as skipped:
-        return jsonify({"skipped": True, "detail": f"nothing was started: {skipped}", "active_run_id": skipped.run_id,
+        return jsonify({"skipped": "already_active", "detail": f"nothing was started: {skipped}",
+                        "active_run_id": skipped.run_id,
                         "active_run_url": url_for("runs.get_run", run_id=skipped.run_id)})
     run, applied = wait_for_end(run, wait, applied)
-    response = run_response(run, 200 if run.is_terminal else 202)
+    # A joined run is an answer, not an acceptance: 200 whatever its status (issue 28)
+    response = run_response(run, 200 if run.is_terminal or joined else 202, joined=joined)
     if applied:
         response.headers["Preference-Applied"] = applied
     return response

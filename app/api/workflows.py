@@ -84,21 +84,23 @@ def execute(workflow_id: str) -> Response:
     key = idempotency_key()
     callback_url = checked_callback_url(body.callback_url)
     try:
-        run, created = svc.dispatcher.trigger_workflow(
+        run, created, joined = svc.dispatcher.trigger_workflow(
             spec, body.inputs, body.mode, body.backend, key, callback_url,
             file_definition=svc.workflows.definition(spec.id) if body.workflow is None else None, retry=body.retry,
             on_conflict=body.on_conflict, labels=body.labels, triggered_by=caller_name())
     except Skipped as skipped:
-        return jsonify({"success": True, "skipped": True, "message": f"nothing was started: {skipped}",
+        return jsonify({"success": True, "skipped": "already_active", "message": f"nothing was started: {skipped}",
                         "activeExecutionId": skipped.run_id,
                         "statusUrl": url_for("workflows.get_execution", execution_id=skipped.run_id)})
     run, applied = wait_for_end(run, wait, applied)
     status_url = url_for("workflows.get_execution", execution_id=run.id)
-    message = (f"Workflow execution {'started' if created else 'already accepted'} in background "
+    message = (f"Joined the active execution of workflow '{spec.id}' ({run.backend})" if joined else
+               f"Workflow execution {'started' if created else 'already accepted'} in background "
                f"({run.backend}, {body.mode} mode)")
-    response = jsonify({"success": True, "executionId": run.id, "status": run.status, "message": message,
-                        "backend": run.backend, "statusUrl": status_url})
-    response.status_code = 200 if run.is_terminal else 202
+    document = {"success": True, "executionId": run.id, "status": run.status, "message": message,
+                "backend": run.backend, "statusUrl": status_url}
+    response = jsonify({**document, "joined": True} if joined else document)
+    response.status_code = 200 if run.is_terminal or joined else 202  # a joined execution is an answer (issue 28)
     response.headers["Location"] = status_url
     if applied:
         response.headers["Preference-Applied"] = applied

@@ -100,6 +100,9 @@ class Run(Base):
     rerun_of: Mapped[str | None] = mapped_column(String(32))  # the run this one reruns (`source`: rerun)
     triggered_by: Mapped[str | None] = mapped_column(String(100))  # the API key's name; None: anonymous
     labels: Mapped[dict[str, str] | None] = mapped_column(JSON)  # also in run_labels, to find runs by one
+    # Triggers that got this run for their own through their conflict policy (join, or queue_one finding it queued),
+    # counted in the transaction that decided it (RunStore.create_run); the trigger that created it is not one.
+    joined_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # Loaded only where a run document is built (RunStore.get, list, cancel, the transitions): the claim and
     # finish paths, which hold SQLite's write lock, never pay for it. Not loaded reads as None.
     callback: Mapped[RunCallback | None] = relationship(lazy="noload", uselist=False)

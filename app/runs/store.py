@@ -57,6 +57,7 @@ _ACTIVE_OF_TARGET = (f"SELECT id, status FROM runs WHERE target = {{target}} AND
                      f"AND status IN ('{QUEUED}', '{RUNNING}') ORDER BY created_at DESC, id DESC")
 _ACTIVE_SQLITE = _ACTIVE_OF_TARGET.format(target="?", kind="?")
 _ACTIVE_PG = _ACTIVE_OF_TARGET.format(target="%(target)s", kind="%(kind)s")
+_COUNT_JOIN = update(Run).where(Run.id == bindparam("run_id")).values(joined_count=Run.joined_count + 1)
 _WITH_CALLBACK = (selectinload(Run.callback),)
 # The statuses of a run that has not ended, named rather than "not terminal": an IN over them reads ix_runs_queue
 # and touches only the few live rows, where NOT IN scans every run ever kept.
@@ -176,7 +177,7 @@ def _row(new: NewRun, now: datetime) -> dict[str, Any]:
             "trace_id": new.trace_id, "trace_context": new.trace_context,
             "attempt": 1, "retry_policy": new.retry.model_dump(mode="json") if new.retry else None,
             "rerun_of": new.rerun_of, "triggered_by": new.triggered_by, "labels": new.labels or None,
-            "prefect_flow_run_id": new.prefect_flow_run_id}
+            "prefect_flow_run_id": new.prefect_flow_run_id, "joined_count": 0}
 
 
 def _insert(connection: Connection, new: NewRun, row: dict[str, Any]) -> Run:
@@ -318,17 +319,21 @@ class RunStore:
             self.db.retry(catch_up)
             return TAKEN, None
     def _resolve_conflict(self, connection: Connection, new: NewRun) -> str | None:
-        """Under _lock_target: the id of the active run the trigger joins, None to insert one; TargetBusy to start
-        none (skip, reject)."""
+        """Under _lock_target: the id of the active run the trigger joins, its joined_count counted in the same
+        transaction; None to insert one; TargetBusy to start none (skip, reject)."""
         active = (connection.exec_driver_sql(_ACTIVE_SQLITE, (new.target, new.kind)) if self.is_sqlite else
                   connection.exec_driver_sql(_ACTIVE_PG, {"target": new.target, "kind": new.kind})).all()
         if not active:
             return None
         if new.on_conflict == "join":
-            return active[0].id
-        if new.on_conflict == "queue_one":
-            return next((row.id for row in active if row.status == QUEUED), None)
-        raise TargetBusy(new.kind, new.target, active[0].id, new.on_conflict)
+            joined = active[0].id
+        elif new.on_conflict == "queue_one":
+            joined = next((row.id for row in active if row.status == QUEUED), None)
+        else:
+            raise TargetBusy(new.kind, new.target, active[0].id, new.on_conflict)
+        if joined is not None:
+            connection.execute(_COUNT_JOIN, {"run_id": joined})
+        return joined
 
     def start_inline(self, new: NewRun, owner: str, lease_seconds: float) -> Run | None:
         """Insert a run already `running` and held by `owner` (a connector node runs it in its own thread).

@@ -178,7 +178,8 @@ function timelineSteps(run) {
       // Each label links to the runs that carry it.
       Object.entries(run.labels || {}).map(([key, value]) => h("a", {
         class: "label mono small", dataset: { label: key }, title: "runs with this label",
-        href: `#/runs?${new URLSearchParams({ label: `${key}:${value}` })}` }, ` ${key}: ${value}`))),
+        href: `#/runs?${new URLSearchParams({ label: `${key}:${value}` })}` }, ` ${key}: ${value}`)),
+      joinedNote(run.joined_count)),
     step("queued", run.created_at, "done", "on ", h("span", { class: `backend backend-${run.backend}` }, run.backend),
       ": ", why),
     step("running", run.started_at, run.started_at ? (ended ? "done" : "current") : "pending",
@@ -188,6 +189,14 @@ function timelineSteps(run) {
     step("ended", run.finished_at, endState, ended ? badge(run.status) : run.status === "cancelling" ? "cancelling…" : "",
       ended && run.started_at ? ` after ${seconds(runSeconds(run))}` : ""),
   ];
+}
+
+// Triggers whose on_conflict (join, or queue_one finding it queued) got this run instead of starting one.
+function joinedNote(count) {
+  if (!count) return null;
+  return h("div", { class: "muted small", dataset: { joinedCount: count },
+    title: "triggers answered with this run by their conflict policy (on_conflict: join or queue_one)" },
+  `joined by ${count} later trigger${count === 1 ? "" : "s"}`);
 }
 
 // What each failure class means for a retry (connectors/failures.py).
