@@ -7,11 +7,11 @@ from flask import Blueprint
 
 from app import services
 from app.api.inputs import json_object, query, validated
-from app.api.runs import run_document
-from app.api.schedules import schedule_document
+from app.api.runs import run_out
+from app.api.schedules import schedule_out
 from app.auth import requires
 from app.errors import GatewayTimeout, NotFound, Unavailable, ValidationFailed
-from app.schemas import ConnectorOut, ConnectorStats, PreviewRequest, StatsQuery
+from app.schemas import ConnectorDetail, ConnectorOut, ConnectorStats, PreviewRequest, StatsQuery
 from app.waits import inline_slot
 from connectors.isolated import PreviewTimedOut, preview_isolated
 from connectors.pipeline import ConnectorRunError
@@ -39,10 +39,10 @@ def get_connector(connector_id: str) -> dict[str, Any]:
     svc = services()
     spec = get_connector_or_404(connector_id)
     latest = svc.store.list(target=connector_id, kind="connector", limit=5)
-    return {"id": spec.id, "description": spec.description,
-            "spec": shown_spec(spec.public_dict(), svc.settings.project_dir),
-            "overridable": list(spec.overridable), "schedule": schedule_document("connector", spec.id),
-            "latest_runs": [run_document(run) for run in latest]}
+    return ConnectorDetail(id=spec.id, description=spec.description,
+                           spec=shown_spec(spec.public_dict(), svc.settings.project_dir),
+                           overridable=list(spec.overridable), schedule=schedule_out("connector", spec.id),
+                           latest_runs=[run_out(run) for run in latest]).model_dump(mode="json")
 
 
 @bp.get("/<connector_id>/stats")

@@ -8,20 +8,25 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify, url_for
 
-from app import schemas, services
+from app import services
 from app.api.inputs import caller_name, check_json_size, idempotency_key, json_object, query, validated
 from app.errors import Conflict, NotFound, Problem
 from app.polls import with_hint
 from app.runs.models import Run
-from app.schemas import RUN_ID_PATTERN, BulkRerunRequest, RerunRequest, RunLogsQuery, RunQuery
+from app.schemas import RUN_ID_PATTERN, BulkRerunRequest, RerunRequest, RunLogsQuery, RunOut, RunPage, RunQuery
 from connectors.secrets import public_error
 
 bp = Blueprint("runs", __name__, url_prefix="/api/v1/runs")
 
 
-def run_document(run: Run) -> dict[str, Any]:
+def run_out(run: Run) -> RunOut:
     """A run as the API shows it (`unreadable` when its stored documents cannot be shown)."""
-    return schemas.run_document(run, url_for("runs.get_run", run_id=run.id), services().settings.project_dir)
+    return RunOut.shown(run, url_for("runs.get_run", run_id=run.id), services().settings.project_dir)
+
+
+def run_document(run: Run) -> dict[str, Any]:
+    """run_out as JSON."""
+    return run_out(run).model_dump(mode="json")
 
 
 def run_response(run: Run, status: int) -> Response:
@@ -49,8 +54,8 @@ def list_runs() -> dict[str, Any]:
                                  source=args.source, limit=args.limit + 1, labels=_labels(args.label),
                                  before=_decode_cursor(args.cursor) if args.cursor else None)
     page, more = runs[: args.limit], len(runs) > args.limit
-    return {"items": [run_document(run) for run in page],
-            "next_cursor": _encode_cursor(page[-1]) if more else None}
+    return RunPage(items=[run_out(run) for run in page],
+                   next_cursor=_encode_cursor(page[-1]) if more else None).model_dump(mode="json")
 
 
 @bp.get("/<run_id:run_id>")

@@ -17,8 +17,8 @@ from app.api.inputs import (
     preferred_wait,
     validated,
 )
-from app.api.runs import run_document
-from app.api.schedules import schedule_document
+from app.api.runs import run_out
+from app.api.schedules import schedule_out
 from app.auth import requires
 from app.backends.workflow_runs import pending_nodes, stored_spec
 from app.dispatch import Skipped
@@ -66,8 +66,8 @@ def get_workflow(workflow_id: str) -> dict[str, Any]:
         nodes=[{"id": node.id, "type": node.type, "name": node.name} for node in spec.nodes],
         connections=[{"from": edge.source, "to": edge.target, "branch": edge.branch} for edge in spec.connections])
     return WorkflowDetail(id=spec.id, description=spec.description, layers=spec.layers(), graph=graph,
-                          inputs=scrub(spec.declared_inputs()), schedule=schedule_document("workflow", spec.id),
-                          latest_runs=[run_document(run) for run in latest]).model_dump(mode="json")
+                          inputs=scrub(spec.declared_inputs()), schedule=schedule_out("workflow", spec.id),
+                          latest_runs=[run_out(run) for run in latest]).model_dump(mode="json")
 
 
 @bp.post("/<workflow_id>/execute")
