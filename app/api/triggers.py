@@ -16,7 +16,7 @@ from app.api.inputs import (
 from app.api.runs import run_response
 from app.dispatch import Skipped
 from app.errors import ValidationFailed
-from app.schemas import RunOptions, TriggerRequest
+from app.schemas import RunOptions, TriggerRequest, TriggerSkipped
 from app.waits import wait_for_end
 
 bp = Blueprint("triggers", __name__)
@@ -48,8 +48,9 @@ def _start(connector_id: str, options: RunOptions) -> Response:
                                                   retry=options.retry, on_conflict=options.on_conflict,
                                                   labels=options.labels, triggered_by=caller_name())
     except Skipped as skipped:
-        return jsonify({"skipped": True, "detail": f"nothing was started: {skipped}", "active_run_id": skipped.run_id,
-                        "active_run_url": url_for("runs.get_run", run_id=skipped.run_id)})
+        answer = TriggerSkipped(skipped=True, detail=f"nothing was started: {skipped}", active_run_id=skipped.run_id,
+                                active_run_url=url_for("runs.get_run", run_id=skipped.run_id))
+        return jsonify(answer.model_dump(mode="json"))
     run, applied = wait_for_end(run, wait, applied)
     response = run_response(run, 200 if run.is_terminal else 202)
     if applied:
