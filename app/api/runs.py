@@ -13,7 +13,17 @@ from app.api.inputs import caller_name, check_json_size, idempotency_key, json_o
 from app.errors import Conflict, NotFound, Problem
 from app.polls import with_hint
 from app.runs.models import Run
-from app.schemas import RUN_ID_PATTERN, BulkRerunRequest, RerunRequest, RunLogsQuery, RunOut, RunPage, RunQuery
+from app.schemas import (
+    RUN_ID_PATTERN,
+    BulkRerunItem,
+    BulkRerunOut,
+    BulkRerunRequest,
+    RerunRequest,
+    RunLogsQuery,
+    RunOut,
+    RunPage,
+    RunQuery,
+)
 from connectors.secrets import public_error
 
 bp = Blueprint("runs", __name__, url_prefix="/api/v1/runs")
@@ -86,11 +96,11 @@ def rerun_runs() -> dict[str, Any]:
         target=where.connector_id or where.workflow_id, kind=kind, status=where.status, backend=where.backend,
         labels=_labels(where.label or ()), limit=body.limit + 1)
     done = services().dispatcher.rerun_many(matched[: body.limit], body.dry_run, triggered_by=caller_name())
-    return {"dry_run": body.dry_run, "more": len(matched) > body.limit, "items": [
-        {"run_id": source.id, "kind": source.kind, "target": source.target, "status": source.status,
-         "rerun_run_id": rerun.id if isinstance(rerun, Run) else None, "created": created,
-         "error": {"code": rerun.code, "detail": rerun.detail} if isinstance(rerun, Problem) else None}
-        for source, rerun, created in done]}
+    items = [BulkRerunItem(run_id=source.id, kind=source.kind, target=source.target, status=source.status,
+                           rerun_run_id=rerun.id if isinstance(rerun, Run) else None, created=created,
+                           error={"code": rerun.code, "detail": rerun.detail} if isinstance(rerun, Problem) else None)
+             for source, rerun, created in done]
+    return BulkRerunOut(dry_run=body.dry_run, items=items, more=len(matched) > body.limit).model_dump(mode="json")
 
 
 @bp.post("/<run_id>/rerun")
