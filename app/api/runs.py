@@ -19,6 +19,8 @@ from app.schemas import (
     BulkRerunOut,
     BulkRerunRequest,
     RerunRequest,
+    RunLogLine,
+    RunLogs,
     RunLogsQuery,
     RunOut,
     RunPage,
@@ -81,8 +83,9 @@ def get_run_logs(run_id: str) -> dict[str, Any]:
     args = query(RunLogsQuery)
     run = get_run_or_404(run_id)
     page = services().dispatcher.backend_for(run).logs(run, args.after, args.limit)
-    items = [{**item, "message": public_error(item["message"])} for item in page.items]
-    return {"run_id": run.id, "source": page.source, "items": items, "next_after": page.next_after}
+    items = [RunLogLine.model_validate({**item, "message": public_error(item["message"])}) for item in page.items]
+    answer = RunLogs(run_id=run.id, source=page.source, items=items, next_after=page.next_after)
+    return answer.model_dump()  # Python mode: each time as Flask's JSON provider writes it (app.JSONProvider)
 
 
 @bp.post("/rerun")
