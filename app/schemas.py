@@ -468,21 +468,21 @@ class RunOut(BaseModel):
                    source=run.source or "api", scheduled_for=run.scheduled_for, trace_id=run.trace_id,
                    status_url=status_url, unreadable=True)
 
+    @classmethod
+    def shown(cls, run: Run, status_url: str, project: Path | None = None) -> RunOut:
+        """A run as the API shows it; a run stored too deeply nested to show is shown as `unreadable`, so a page
+        listing it still works."""
+        try:
+            return cls.from_run(run, status_url, project)
+        except (NestedTooDeep, RecursionError) as exc:
+            return cls.unreadable_run(run, status_url, exc)
+
 
 class RunJoined(RunOut):
     """The answer to a trigger whose conflict policy (`join`, or `queue_one` finding one queued) joined an active
     run: that run's document, marked so."""
 
     joined: Literal[True]
-
-
-def run_document(run: Run, status_url: str, project: Path | None = None) -> dict[str, Any]:
-    """A run as the API shows it (RunOut, as JSON); a run stored too deeply nested to show is shown as
-    `unreadable`, so a page listing it still works."""
-    try:
-        return RunOut.from_run(run, status_url, project).model_dump(mode="json")
-    except (NestedTooDeep, RecursionError) as exc:
-        return RunOut.unreadable_run(run, status_url, exc).model_dump(mode="json")
 
 
 def _attempts(run: Run) -> list[dict[str, Any]]:

@@ -158,7 +158,7 @@ def test_the_openapi_document_describes_schedules(client):
     assert "next_fire_times" in schemas["ScheduleOut"]["properties"]
     assert schemas["ConnectorDetail"]["properties"]["schedule"]
     source = next(p for p in document["paths"]["/api/v1/runs"]["get"]["parameters"] if p["name"] == "source")
-    assert source["schema"]["enum"] == ["api", "schedule", "rerun", "workflow"]
+    assert source["schema"]["enum"] == ["api", "schedule", "rerun", "workflow", "prefect"]
     pause = document["paths"]["/api/v1/connectors/{connector_id}/schedule/pause"]["post"]
     assert "admin scope" in pause["summary"] and {"200", "403", "404", "409"} <= set(pause["responses"])
     assert document["paths"]["/api/v1/workflows/{workflow_id}"]["get"]["parameters"][0]["schema"]["enum"] == ["hello"]

@@ -7,11 +7,20 @@ from flask import Blueprint
 
 from app import services
 from app.api.inputs import json_object, query, validated
-from app.api.runs import run_document
-from app.api.schedules import schedule_document
+from app.api.runs import run_out
+from app.api.schedules import schedule_out
 from app.auth import requires
 from app.errors import GatewayTimeout, NotFound, Unavailable, ValidationFailed
-from app.schemas import ConnectorOut, ConnectorStats, PreviewRequest, StatsQuery
+from app.schemas import (
+    ConnectorDetail,
+    ConnectorList,
+    ConnectorOut,
+    ConnectorSchema,
+    ConnectorStats,
+    PreviewOut,
+    PreviewRequest,
+    StatsQuery,
+)
 from app.waits import inline_slot
 from connectors.isolated import PreviewTimedOut, preview_isolated
 from connectors.pipeline import ConnectorRunError
@@ -26,11 +35,11 @@ bp = Blueprint("connectors", __name__, url_prefix="/api/v1/connectors")
 @bp.get("")
 def list_connectors() -> dict[str, Any]:
     """Every configured connector, in file order."""
-    return {"items": [ConnectorOut(id=spec.id, description=spec.description, source_kind=spec.source.kind,
-                                   destination_kind=spec.destination.kind, dataset=spec.dataset,
-                                   write_disposition=spec.write_disposition,
-                                   overridable=list(spec.overridable)).model_dump()
-                      for spec in services().registry]}
+    items = [ConnectorOut(id=spec.id, description=spec.description, source_kind=spec.source.kind,
+                          destination_kind=spec.destination.kind, dataset=spec.dataset,
+                          write_disposition=spec.write_disposition, overridable=list(spec.overridable))
+             for spec in services().registry]
+    return ConnectorList(items=items).model_dump(mode="json")
 
 
 @bp.get("/<connector_id>")
@@ -39,10 +48,10 @@ def get_connector(connector_id: str) -> dict[str, Any]:
     svc = services()
     spec = get_connector_or_404(connector_id)
     latest = svc.store.list(target=connector_id, kind="connector", limit=5)
-    return {"id": spec.id, "description": spec.description,
-            "spec": shown_spec(spec.public_dict(), svc.settings.project_dir),
-            "overridable": list(spec.overridable), "schedule": schedule_document("connector", spec.id),
-            "latest_runs": [run_document(run) for run in latest]}
+    return ConnectorDetail(id=spec.id, description=spec.description,
+                           spec=shown_spec(spec.public_dict(), svc.settings.project_dir),
+                           overridable=list(spec.overridable), schedule=schedule_out("connector", spec.id),
+                           latest_runs=[run_out(run) for run in latest]).model_dump(mode="json")
 
 
 @bp.get("/<connector_id>/stats")
@@ -79,7 +88,8 @@ def preview(connector_id: str) -> dict[str, Any]:
         changes, unavailable = preview_changes(runnable, services().workspace, sample["resources"]), None
     except DestinationBusy as exc:
         changes, unavailable = None, f"the destination is being written right now: {exc}"
-    return {"connector_id": spec.id, **sample, "changes": changes, "changes_unavailable": unavailable}
+    answer = PreviewOut(connector_id=spec.id, **sample, changes=changes, changes_unavailable=unavailable)
+    return answer.model_dump()  # Python mode: the rows as Flask's JSON provider writes data (app.JSONProvider)
 
 
 @bp.get("/<connector_id>/schema")
@@ -95,7 +105,8 @@ def schema(connector_id: str) -> dict[str, Any]:
                           headers={"Retry-After": "5"}) from None
     if found["location"]:
         found["location"] = shown_path(found["location"], svc.settings.project_dir)
-    return {"connector_id": spec.id, "dataset": spec.dataset, "destination": spec.destination.kind, **found}
+    return ConnectorSchema(connector_id=spec.id, dataset=spec.dataset, destination=spec.destination.kind,
+                           **found).model_dump(mode="json")
 
 
 def get_connector_or_404(connector_id: str) -> ConnectorSpec:

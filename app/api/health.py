@@ -6,6 +6,7 @@ from typing import Any
 from flask import Blueprint
 
 from app import __version__, services
+from app.schemas import Health, Readiness
 
 bp = Blueprint("health", __name__)
 
@@ -13,7 +14,7 @@ bp = Blueprint("health", __name__)
 @bp.get("/health")
 def health() -> dict[str, Any]:
     """Answer at once: this process serves requests. Nothing here may block on the database or a pipeline."""
-    return {"status": "healthy", "service": "flowgate", "version": __version__}
+    return Health(status="healthy", service="flowgate", version=__version__).model_dump(mode="json")
 
 
 @bp.get("/api/v1/health/ready")
@@ -46,7 +47,8 @@ def ready() -> tuple[dict[str, Any], int]:
     # Work can run if either path can take it; Prefect being down alone is no reason to refuse work.
     ready = (checks["database"]["status"] == "up" and checks["process"]["status"] == "up"
              and "up" in (checks["executor"]["status"], checks["prefect"]["status"]))
-    return {"status": "ready" if ready else "not_ready", "checks": checks}, 200 if ready else 503
+    answer = Readiness(status="ready" if ready else "not_ready", checks=checks)
+    return answer.model_dump(mode="json"), 200 if ready else 503
 
 
 def _background_loops(svc: Any) -> dict[str, Any]:

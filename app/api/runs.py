@@ -8,26 +8,45 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify, url_for
 
-from app import schemas, services
+from app import services
 from app.api.inputs import caller_name, check_json_size, idempotency_key, json_object, query, validated
 from app.errors import Conflict, NotFound, Problem
 from app.polls import with_hint
 from app.runs.models import Run
-from app.schemas import RUN_ID_PATTERN, BulkRerunRequest, RerunRequest, RunLogsQuery, RunQuery
+from app.schemas import (
+    RUN_ID_PATTERN,
+    BulkRerunItem,
+    BulkRerunOut,
+    BulkRerunRequest,
+    RerunRequest,
+    RunJoined,
+    RunLogLine,
+    RunLogs,
+    RunLogsQuery,
+    RunOut,
+    RunPage,
+    RunQuery,
+)
 from connectors.secrets import public_error
 
 bp = Blueprint("runs", __name__, url_prefix="/api/v1/runs")
 
 
-def run_document(run: Run) -> dict[str, Any]:
+def run_out(run: Run) -> RunOut:
     """A run as the API shows it (`unreadable` when its stored documents cannot be shown)."""
-    return schemas.run_document(run, url_for("runs.get_run", run_id=run.id), services().settings.project_dir)
+    return RunOut.shown(run, url_for("runs.get_run", run_id=run.id), services().settings.project_dir)
+
+
+def run_document(run: Run) -> dict[str, Any]:
+    """run_out as JSON."""
+    return run_out(run).model_dump(mode="json")
 
 
 def run_response(run: Run, status: int, joined: bool = False) -> Response:
     """A run document with its status code, a Location header pointing at it, and (not ended) Retry-After;
     `joined: true` in it when a trigger's conflict policy answered with it (RunJoined)."""
-    response = jsonify({**run_document(run), "joined": True} if joined else run_document(run))
+    shown = run_out(run)
+    response = jsonify((RunJoined(**dict(shown), joined=True) if joined else shown).model_dump(mode="json"))
     response.status_code = status
     response.headers["Location"] = url_for("runs.get_run", run_id=run.id)
     return with_hint(response, run)
@@ -50,8 +69,8 @@ def list_runs() -> dict[str, Any]:
                                  source=args.source, limit=args.limit + 1, labels=_labels(args.label),
                                  before=_decode_cursor(args.cursor) if args.cursor else None)
     page, more = runs[: args.limit], len(runs) > args.limit
-    return {"items": [run_document(run) for run in page],
-            "next_cursor": _encode_cursor(page[-1]) if more else None}
+    return RunPage(items=[run_out(run) for run in page],
+                   next_cursor=_encode_cursor(page[-1]) if more else None).model_dump(mode="json")
 
 
 @bp.get("/<run_id:run_id>")
@@ -67,8 +86,9 @@ def get_run_logs(run_id: str) -> dict[str, Any]:
     args = query(RunLogsQuery)
     run = get_run_or_404(run_id)
     page = services().dispatcher.backend_for(run).logs(run, args.after, args.limit)
-    items = [{**item, "message": public_error(item["message"])} for item in page.items]
-    return {"run_id": run.id, "source": page.source, "items": items, "next_after": page.next_after}
+    items = [RunLogLine.model_validate({**item, "message": public_error(item["message"])}) for item in page.items]
+    answer = RunLogs(run_id=run.id, source=page.source, items=items, next_after=page.next_after)
+    return answer.model_dump()  # Python mode: each time as Flask's JSON provider writes it (app.JSONProvider)
 
 
 @bp.post("/rerun")
@@ -82,11 +102,11 @@ def rerun_runs() -> dict[str, Any]:
         target=where.connector_id or where.workflow_id, kind=kind, status=where.status, backend=where.backend,
         labels=_labels(where.label or ()), limit=body.limit + 1)
     done = services().dispatcher.rerun_many(matched[: body.limit], body.dry_run, triggered_by=caller_name())
-    return {"dry_run": body.dry_run, "more": len(matched) > body.limit, "items": [
-        {"run_id": source.id, "kind": source.kind, "target": source.target, "status": source.status,
-         "rerun_run_id": rerun.id if isinstance(rerun, Run) else None, "created": created,
-         "error": {"code": rerun.code, "detail": rerun.detail} if isinstance(rerun, Problem) else None}
-        for source, rerun, created in done]}
+    items = [BulkRerunItem(run_id=source.id, kind=source.kind, target=source.target, status=source.status,
+                           rerun_run_id=rerun.id if isinstance(rerun, Run) else None, created=created,
+                           error={"code": rerun.code, "detail": rerun.detail} if isinstance(rerun, Problem) else None)
+             for source, rerun, created in done]
+    return BulkRerunOut(dry_run=body.dry_run, items=items, more=len(matched) > body.limit).model_dump(mode="json")
 
 
 @bp.post("/<run_id>/rerun")

@@ -4,25 +4,26 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, g, url_for
+from flask import Blueprint, g
 
 from app import services
+from app.api.runs import run_out
 from app.auth import requires
 from app.errors import Conflict, NotFound
 from app.runs.models import utcnow
 from app.scheduler import Schedule
-from app.schemas import ScheduleOut, run_document
+from app.schemas import ScheduleOut
 
 bp = Blueprint("schedules", __name__)
 
 
-def schedule_document(kind: str, target: str) -> dict[str, Any] | None:
+def schedule_out(kind: str, target: str) -> ScheduleOut | None:
     """The schedule of a connector or workflow with its state, next fire times and last run; None without one."""
     schedule = services().scheduler.get(kind, target)
-    return _document(kind, target, schedule) if schedule is not None else None
+    return _schedule_out(kind, target, schedule) if schedule is not None else None
 
 
-def _document(kind: str, target: str, schedule: Schedule) -> dict[str, Any]:
+def _schedule_out(kind: str, target: str, schedule: Schedule) -> ScheduleOut:
     svc = services()
     state = svc.store.schedules.get(kind, target)
     paused = bool(state and state.paused)
@@ -35,9 +36,8 @@ def _document(kind: str, target: str, schedule: Schedule) -> dict[str, Any]:
         next_fire_times=svc.scheduler.upcoming(schedule) if spec.active and not paused else [],
         missed_slots=state.missed if state else 0, skipped_slots=state.skipped if state else 0,
         last_skipped_for=state.last_skipped_for if state else None,
-        last_run=run_document(last, url_for("runs.get_run", run_id=last.id), svc.settings.project_dir)
-        if last else None,
-    ).model_dump(mode="json")
+        last_run=run_out(last) if last else None,
+    )
 
 
 @bp.post("/api/v1/connectors/<connector_id>/schedule/pause")
@@ -85,4 +85,4 @@ def _set_paused(kind: str, target: str, paused: bool) -> dict[str, Any]:
     else:
         svc.store.schedules.resume(kind, target, utcnow())
     svc.scheduler.wake()  # this process's next pass comes now; the others see it within a second
-    return _document(kind, target, schedule)
+    return _schedule_out(kind, target, schedule).model_dump(mode="json")

@@ -16,7 +16,7 @@ from app.api.inputs import (
 from app.api.runs import run_response
 from app.dispatch import Skipped
 from app.errors import ValidationFailed
-from app.schemas import RunOptions, TriggerRequest
+from app.schemas import RunOptions, TriggerRequest, TriggerSkipped
 from app.waits import wait_for_end
 
 bp = Blueprint("triggers", __name__)
@@ -48,9 +48,10 @@ def _start(connector_id: str, options: RunOptions) -> Response:
             connector_id, options.params, options.backend, key, callback_url, retry=options.retry,
             on_conflict=options.on_conflict, labels=options.labels, triggered_by=caller_name())
     except Skipped as skipped:
-        return jsonify({"skipped": "already_active", "detail": f"nothing was started: {skipped}",
-                        "active_run_id": skipped.run_id,
-                        "active_run_url": url_for("runs.get_run", run_id=skipped.run_id)})
+        answer = TriggerSkipped(skipped="already_active", detail=f"nothing was started: {skipped}",
+                                active_run_id=skipped.run_id,
+                                active_run_url=url_for("runs.get_run", run_id=skipped.run_id))
+        return jsonify(answer.model_dump(mode="json"))
     run, applied = wait_for_end(run, wait, applied)
     # A joined run is an answer, not an acceptance: 200 whatever its status (issue 28)
     response = run_response(run, 200 if run.is_terminal or joined else 202, joined=joined)

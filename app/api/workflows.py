@@ -17,8 +17,8 @@ from app.api.inputs import (
     preferred_wait,
     validated,
 )
-from app.api.runs import run_document
-from app.api.schedules import schedule_document
+from app.api.runs import run_out
+from app.api.schedules import schedule_out
 from app.auth import requires
 from app.backends.workflow_runs import pending_nodes, stored_spec
 from app.dispatch import Skipped
@@ -29,10 +29,16 @@ from app.schemas import (
     RUN_ID_PATTERN,
     ExecuteNodeRequest,
     NodeExecutionOut,
+    NodeRunOut,
+    WorkflowAccepted,
     WorkflowDetail,
     WorkflowExecuteRequest,
+    WorkflowExecution,
     WorkflowGraph,
+    WorkflowJoined,
+    WorkflowList,
     WorkflowOut,
+    WorkflowSkipped,
 )
 from app.waits import inline_slot, wait_for_end
 from connectors.nesting import NestedTooDeep, check_depth
@@ -49,9 +55,9 @@ catalog = Blueprint("workflow_catalog", __name__, url_prefix="/api/v1/workflows"
 @catalog.get("")
 def list_workflows() -> dict[str, Any]:
     """Every workflow file, by id."""
-    return {"items": [WorkflowOut(id=spec.id, description=spec.description, nodes=len(spec.nodes),
-                                  scheduled=spec.schedule is not None).model_dump()
-                      for spec in services().workflows]}
+    items = [WorkflowOut(id=spec.id, description=spec.description, nodes=len(spec.nodes),
+                         scheduled=spec.schedule is not None) for spec in services().workflows]
+    return WorkflowList(items=items).model_dump(mode="json")
 
 
 @catalog.get("/<workflow_id>")
@@ -66,8 +72,8 @@ def get_workflow(workflow_id: str) -> dict[str, Any]:
         nodes=[{"id": node.id, "type": node.type, "name": node.name} for node in spec.nodes],
         connections=[{"from": edge.source, "to": edge.target, "branch": edge.branch} for edge in spec.connections])
     return WorkflowDetail(id=spec.id, description=spec.description, layers=spec.layers(), graph=graph,
-                          inputs=scrub(spec.declared_inputs()), schedule=schedule_document("workflow", spec.id),
-                          latest_runs=[run_document(run) for run in latest]).model_dump(mode="json")
+                          inputs=scrub(spec.declared_inputs()), schedule=schedule_out("workflow", spec.id),
+                          latest_runs=[run_out(run) for run in latest]).model_dump(mode="json")
 
 
 @bp.post("/<workflow_id>/execute")
@@ -89,17 +95,18 @@ def execute(workflow_id: str) -> Response:
             file_definition=svc.workflows.definition(spec.id) if body.workflow is None else None, retry=body.retry,
             on_conflict=body.on_conflict, labels=body.labels, triggered_by=caller_name())
     except Skipped as skipped:
-        return jsonify({"success": True, "skipped": "already_active", "message": f"nothing was started: {skipped}",
-                        "activeExecutionId": skipped.run_id,
-                        "statusUrl": url_for("workflows.get_execution", execution_id=skipped.run_id)})
+        answer = WorkflowSkipped(success=True, skipped="already_active", message=f"nothing was started: {skipped}",
+                                 activeExecutionId=skipped.run_id,
+                                 statusUrl=url_for("workflows.get_execution", execution_id=skipped.run_id))
+        return jsonify(answer.model_dump(mode="json"))
     run, applied = wait_for_end(run, wait, applied)
     status_url = url_for("workflows.get_execution", execution_id=run.id)
     message = (f"Joined the active execution of workflow '{spec.id}' ({run.backend})" if joined else
                f"Workflow execution {'started' if created else 'already accepted'} in background "
                f"({run.backend}, {body.mode} mode)")
-    document = {"success": True, "executionId": run.id, "status": run.status, "message": message,
-                "backend": run.backend, "statusUrl": status_url}
-    response = jsonify({**document, "joined": True} if joined else document)
+    accepted = WorkflowAccepted(success=True, executionId=run.id, status=run.status, message=message,
+                                backend=run.backend, statusUrl=status_url)
+    response = jsonify((WorkflowJoined(**dict(accepted), joined=True) if joined else accepted).model_dump(mode="json"))
     response.status_code = 200 if run.is_terminal or joined else 202  # a joined execution is an answer (issue 28)
     response.headers["Location"] = status_url
     if applied:
@@ -118,10 +125,11 @@ def get_execution(execution_id: str) -> Response:
     try:
         nodes = svc.store.nodes.read(run.id) or pending_nodes(stored_spec(run))
         nodes = svc.dispatcher.backend_for(run).live_nodes(run, nodes)
-        document = execution_document(run, nodes)
+        execution = execution_out(run, nodes)
     except (NestedTooDeep, RecursionError) as exc:
-        document = unreadable_execution_document(run, exc)
-    return with_hint(jsonify(document), run)
+        execution = unreadable_execution_out(run, exc)
+    # Python mode: the times and node outputs as Flask's JSON provider writes them (app.JSONProvider), as ever.
+    return with_hint(jsonify(execution.model_dump()), run)
 
 
 @bp.post("/<workflow_id>/execute-node")
@@ -147,9 +155,10 @@ def execute_node(workflow_id: str) -> dict[str, Any]:
     with inline_slot("execute-node"):
         result = svc.engine.run_node(node, body.inputData)
     ok = result.status == COMPLETED
-    return {"success": ok, "nodeId": node.id, "output": scrub(result.output) if ok else None,
-            "error": None if ok else public_error(result.error), "mode": "local",
-            "durationSeconds": result.duration_seconds}
+    answer = NodeRunOut(success=ok, nodeId=node.id, output=scrub(result.output) if ok else None,
+                        error=None if ok else public_error(result.error), mode="local",
+                        durationSeconds=result.duration_seconds)
+    return answer.model_dump()  # Python mode: the output as Flask's JSON provider writes it (app.JSONProvider)
 
 
 def _workflow(workflow_id: str, inline: dict[str, Any] | None) -> WorkflowSpec:
@@ -186,22 +195,23 @@ def _invalid_workflow(field: str, message: str) -> NoReturn:
                            errors=[{"field": field, "message": message}])
 
 
-def execution_document(run: Run, nodes: list[dict[str, Any]]) -> dict[str, Any]:
+def execution_out(run: Run, nodes: list[dict[str, Any]]) -> WorkflowExecution:
     """A workflow run as GET /api/workflow/execution/<id> shows it (NestedTooDeep when its stored documents nest
     deeper than can be shown)."""
     result = run.result or {}
     for document in (result, run.error, nodes):
         check_depth(document)  # scrub walks nothing while no secret is known
-    return {**_execution_columns(run), "layers": result.get("layers") or stored_spec(run).layers(),
-            "outputs": scrub(result.get("outputs") or {}), "error": public_error(run.error),
-            "nodes": [NodeExecutionOut.model_validate({**scrub(node), "error": public_error(node.get("error"))})
-                      .model_dump(mode="json") for node in nodes]}
+    return WorkflowExecution(
+        **_execution_columns(run), layers=result.get("layers") or stored_spec(run).layers(),
+        outputs=scrub(result.get("outputs") or {}), error=public_error(run.error),
+        nodes=[NodeExecutionOut.model_validate({**scrub(node), "error": public_error(node.get("error"))})
+               for node in nodes])
 
 
-def unreadable_execution_document(run: Run, reason: Exception) -> dict[str, Any]:
+def unreadable_execution_out(run: Run, reason: Exception) -> WorkflowExecution:
     """What can be shown of a workflow run whose stored documents cannot be: its columns, no nodes or outputs."""
-    return {**_execution_columns(run), "layers": [], "outputs": {}, "nodes": [], "unreadable": True,
-            "error": {"code": "unreadable_run", "message": f"the stored run cannot be shown: {reason}"}}
+    return WorkflowExecution(**_execution_columns(run), layers=[], outputs={}, nodes=[], unreadable=True,
+                             error={"code": "unreadable_run", "message": f"the stored run cannot be shown: {reason}"})
 
 
 def _execution_columns(run: Run) -> dict[str, Any]:
@@ -210,4 +220,4 @@ def _execution_columns(run: Run) -> dict[str, Any]:
             "status": run.status, "mode": (run.params or {}).get("mode", "optimized"), "backend": run.backend,
             "fallbackReason": run.fallback_reason, "prefectFlowRunId": run.prefect_flow_run_id,
             "createdAt": run.created_at, "startedAt": run.started_at, "finishedAt": run.finished_at,
-            "durationSeconds": duration, "unreadable": False}
+            "durationSeconds": duration}
