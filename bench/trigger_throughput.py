@@ -84,6 +84,19 @@ def tree_cpu_seconds(pid: int) -> float:
     return sum(times.get(p, 0.0) for p in tree)
 
 
+def settle(pid: int, busy_below: float = 0.1, timeout: float = 120) -> None:
+    """Wait until the process tree of `pid` spends less than `busy_below` of a core: a gateway is ready before each
+    worker's forkserver has imported dlt (seconds of CPU each), which must not fall into the measured load."""
+    deadline = time.monotonic() + timeout
+    before = tree_cpu_seconds(pid)
+    while time.monotonic() < deadline:
+        time.sleep(1)
+        now = tree_cpu_seconds(pid)
+        if now - before < busy_below:
+            return
+        before = now
+
+
 def _probe(url: str, seconds: float, results: object) -> None:
     """In a process of its own: GET /health every 50 ms for `seconds`, put the latencies on `results`."""
     latencies = []
@@ -178,6 +191,7 @@ def run_flowgate(workdir: Path, clients: int, seconds: float, workers: int, data
     server = GunicornServer(workdir, workers=workers, ready_path="/api/v1/health/ready" if executing else "/health",
                             root=root, FLOWGATE_VAR_DIR=str(var), **env).start()
     try:
+        settle(server.process.pid)
         store = "PostgreSQL" if database_url else "SQLite"
         return load(f"{label} ({workers} workers, {store}{'' if executing else ', accepting only'})", server.url,
                     clients, seconds, server_pid=server.process.pid)
