@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -189,7 +190,7 @@ class Settings(RuntimeSettings):
         more = (self.prefect_api_key, self.callback_secret, *api_keys, url_password(self.rate_limit_storage))
         return [*super().secret_values(), *(value for value in more if value)]
 
-    @property
+    @cached_property  # every run's answer shows paths relative to it: resolved once, not a syscall per part each time
     def project_dir(self) -> Path:
         """The folder of connectors.yaml: what relative paths in it are relative to, and what answers show paths
         relative to (connectors.shown_paths)."""

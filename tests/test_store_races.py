@@ -2,8 +2,8 @@
 
 On PostgreSQL (READ COMMITTED) the held call's write then meets a row another transaction changed since the read;
 every transition must see that change, not write the row back as it read it. On SQLite the held call holds the
-write lock (BEGIN IMMEDIATE), so the other waits for it: the same tests show the store's answers agree with its rows
-there too. The interleavings are the review's (shared/reviews/exactly-once-2026-12.md, finding 1).
+write lock (BEGIN IMMEDIATE) and its process's write turn, so the other waits for it: the same tests show the store's
+answers agree with its rows there too. The interleavings are the review's (shared/reviews/exactly-once-2026-12.md, finding 1).
 """
 from __future__ import annotations
 

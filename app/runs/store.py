@@ -191,8 +191,14 @@ def _insert(connection: Connection, new: NewRun, row: dict[str, Any]) -> Run:
         callback = {"run_id": row["id"], "url": new.callback_url, "status": CALLBACK_PENDING, "attempts": [],
                     "next_attempt_at": row["created_at"], "claimed_by": None, "claimed_until": None}
         connection.execute(_INSERT_CALLBACK, callback)
-    run = Run(**row)
-    run.callback = RunCallback(**callback) if callback else None
+    # The answer's Run is built as the ORM builds a loaded one, straight into its __dict__: the constructor's 34
+    # instrumented attribute sets were 6% of a trigger's CPU (cProfile, 2026-12-03). It is never added to a session.
+    run = Run.__mapper__.class_manager.new_instance()
+    run.__dict__.update(row)
+    if callback:
+        run.callback = RunCallback(**callback)
+    else:
+        run.__dict__["callback"] = None
     return run
 
 

@@ -31,7 +31,8 @@ class GunicornServer:
     """`gunicorn -c gunicorn.conf.py wsgi:app` with the test's settings; stop() or kill() ends it."""
 
     def __init__(self, workdir: Path, workers: int = 3, ready_headers: dict[str, str] | None = None,
-                 ready_path: str = "/api/v1/health/ready", **env: str):
+                 ready_path: str = "/api/v1/health/ready", root: Path = ROOT, **env: str):
+        self.root = root  # the checkout whose code it serves (a benchmark may compare another one)
         self.port = free_port()
         self.ready_headers = ready_headers or {}  # e.g. an API key, when the gateway has keys
         self.ready_path = ready_path
@@ -47,7 +48,7 @@ class GunicornServer:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
-            cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            cwd=self.root, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -40,8 +40,6 @@ def race(store: RunStore, held: Callable[[], Any], other: Callable[[], Any], tab
                 and not at_write.is_set():
             at_write.set()
             assert go.wait(30), "the test never let the held call write"
-        elif name == OTHER and store.is_sqlite and statement.startswith("BEGIN IMMEDIATE"):
-            other_began_writing.set()
         elif name == OTHER and not store.is_sqlite:
             other_pids.add(connection.connection.dbapi_connection.info.backend_pid)
 
@@ -55,8 +53,15 @@ def race(store: RunStore, held: Callable[[], Any], other: Callable[[], Any], tab
         thread.start()
         return thread
 
+    take_write_turn = store.db._take_write_turn
+
+    def taking_write_turn(*args: Any) -> None:
+        if threading.current_thread().name == OTHER:
+            other_began_writing.set()
+        take_write_turn(*args)
+
     def other_waits_for_a_lock() -> bool:
-        if store.is_sqlite:  # its BEGIN IMMEDIATE waits on the held call's write lock
+        if store.is_sqlite:  # its write waits for the process's write turn, which the held call has
             return other_began_writing.is_set()
         if not other_pids:
             return False
@@ -66,6 +71,7 @@ def race(store: RunStore, held: Callable[[], Any], other: Callable[[], Any], tab
                 {"pids": list(other_pids)}).scalar_one() > 0
 
     event.listen(store.engine, "before_cursor_execute", hook)
+    store.db._take_write_turn = taking_write_turn  # observed, not replaced: it still waits for the turn
     try:
         held_thread = run(HELD, held)
         wait_until(lambda: at_write.is_set() or not held_thread.is_alive(), what="the held call at its write")
@@ -78,6 +84,7 @@ def race(store: RunStore, held: Callable[[], Any], other: Callable[[], Any], tab
         other_thread.join(30)
     finally:
         go.set()
+        del store.db._take_write_turn
         event.remove(store.engine, "before_cursor_execute", hook)
     for name in (HELD, OTHER):
         if isinstance(results.get(name), BaseException):
