@@ -130,6 +130,23 @@ def test_thirty_concurrent_joins_make_one_run_on_sqlite(app):
     assert app.test_client().get(f"/api/v1/runs/{run_ids.pop()}").json["joined_count"] == 29
 
 
+def thirty_joins_make_one_run(gateways: list[GunicornServer], path: str, body: dict, id_field: str) -> None:
+    """30 concurrent requests with `join`, spread over the gateways: one makes the run (202), the 29 others are
+    answered with it (200, `joined: true`), and the run counts 29 joins."""
+    def ask(i: int) -> tuple[int, str]:
+        answer = httpx.post(f"{gateways[i % 2].url}{path}", json=body, timeout=60)
+        assert answer.status_code in (200, 202), answer.text
+        assert answer.json().get("joined", False) is (answer.status_code == 200)
+        return answer.status_code, answer.json()[id_field]
+
+    with ThreadPoolExecutor(30) as pool:
+        answers = list(pool.map(ask, range(30)))
+    run_ids = {run_id for _, run_id in answers}
+    assert len(run_ids) == 1 and sorted(status for status, _ in answers) == [200] * 29 + [202]
+    listed = httpx.get(f"{gateways[1].url}/api/v1/runs", timeout=30).json()["items"]
+    assert [run["run_id"] for run in listed] == list(run_ids) and listed[0]["joined_count"] == 29
+
+
 def test_thirty_concurrent_joins_across_two_gateways_on_postgresql_make_one_run(workdir: Path, postgres_url: str):
     env = {"DATABASE_URL": postgres_url, "FLOWGATE_EXECUTOR_THREADS": "0"}  # the run stays queued: all must join
     gateways = [GunicornServer(workdir, workers=2, ready_path="/health", **env) for _ in range(2)]
@@ -137,19 +154,7 @@ def test_thirty_concurrent_joins_across_two_gateways_on_postgresql_make_one_run(
         for gateway in gateways:
             gateway.start()
 
-        def trigger(i: int) -> tuple[int, str]:
-            answer = httpx.post(f"{gateways[i % 2].url}/trigger", json={"connector_id": "shop", "on_conflict": "join"},
-                                timeout=60)
-            assert answer.status_code in (200, 202), answer.text
-            assert answer.json().get("joined", False) is (answer.status_code == 200)
-            return answer.status_code, answer.json()["run_id"]
-
-        with ThreadPoolExecutor(30) as pool:
-            answers = list(pool.map(trigger, range(30)))
-        run_ids = {run_id for _, run_id in answers}
-        assert len(run_ids) == 1 and sorted(status for status, _ in answers) == [200] * 29 + [202]
-        listed = httpx.get(f"{gateways[1].url}/api/v1/runs", timeout=30).json()["items"]
-        assert [run["run_id"] for run in listed] == list(run_ids) and listed[0]["joined_count"] == 29
+        thirty_joins_make_one_run(gateways, "/trigger", {"connector_id": "shop", "on_conflict": "join"}, "run_id")
     finally:
         for gateway in gateways:
             gateway.kill()
@@ -247,19 +252,7 @@ def test_thirty_concurrent_executes_with_join_across_two_gateways_make_one_run(r
         for gateway in gateways:
             gateway.start()
 
-        def execute(i: int) -> tuple[int, str]:
-            answer = httpx.post(f"{gateways[i % 2].url}/api/workflow/slow/execute", json={"on_conflict": "join"},
-                                timeout=60)
-            assert answer.status_code in (200, 202), answer.text
-            assert answer.json().get("joined", False) is (answer.status_code == 200)
-            return answer.status_code, answer.json()["executionId"]
-
-        with ThreadPoolExecutor(30) as pool:
-            answers = list(pool.map(execute, range(30)))
-        run_ids = {run_id for _, run_id in answers}
-        assert len(run_ids) == 1 and sorted(status for status, _ in answers) == [200] * 29 + [202]
-        listed = httpx.get(f"{gateways[1].url}/api/v1/runs", timeout=30).json()["items"]
-        assert [run["run_id"] for run in listed] == list(run_ids) and listed[0]["joined_count"] == 29
+        thirty_joins_make_one_run(gateways, "/api/workflow/slow/execute", {"on_conflict": "join"}, "executionId")
     finally:
         for gateway in gateways:
             gateway.kill()

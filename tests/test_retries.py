@@ -171,22 +171,28 @@ def test_only_the_policys_classes_are_retried_and_a_cancel_is_never_undone(store
     assert store.finish(cancelled.id, "executor-a", CRASHED, error=RunError.interrupted()) == CRASHED
 
 
+def failed_transiently_on_prefect(store: RunStore, backend: PrefectBackend, api: str) -> tuple[Run, Run]:
+    """A run with a retry policy whose first flow run failed with a transient error its flow published (Prefect's
+    artifacts answered by respx): the run, and the run as that failure left it."""
+    run = with_policy(store, backend="prefect", backoff_seconds=0)
+    store.record_flow_run(run.id, "fr-1", "Scheduled")
+    with respx.mock:
+        respx.post(f"{api}/artifacts/filter").respond(json=[{"key": "flowgate-error-shop", "data": [
+            {"code": "connector_failed", "message": "HTTP 503 from the source", "step": "extract",
+             "failure_class": "transient"}]}])
+        return run, backend.apply_flow_run(store.get(run.id), {"id": "fr-1", "state": {
+            "type": "FAILED", "name": "Failed", "message": "Flow run encountered an exception"},
+            "start_time": utcnow().isoformat(), "end_time": utcnow().isoformat()})
+
+
 def test_a_retry_on_prefect_is_a_new_flow_run_with_its_own_tag_and_key(store: RunStore):
     """Prefect answers (respx): attempt 1's flow run failed with a transient error its flow published; the sync
     creates attempt 2's flow run when it is due, tagged and keyed by attempt, never finding attempt 1's."""
     api = "http://prefect.test/api"
-    run = with_policy(store, backend="prefect", backoff_seconds=0)
-    store.record_flow_run(run.id, "fr-1", "Scheduled")
     route = PrefectRoute(PrefectClient(api, timeout=0.5), "flowgate-connector", "flowgate", reprobe_seconds=60)
     backend = PrefectBackend(store, route, run_timeout_seconds=3600)
     try:
-        with respx.mock:
-            respx.post(f"{api}/artifacts/filter").respond(json=[{"key": "flowgate-error-shop", "data": [
-                {"code": "connector_failed", "message": "HTTP 503 from the source", "step": "extract",
-                 "failure_class": "transient"}]}])
-            failed = backend.apply_flow_run(store.get(run.id), {"id": "fr-1", "state": {
-                "type": "FAILED", "name": "Failed", "message": "Flow run encountered an exception"},
-                "start_time": utcnow().isoformat(), "end_time": utcnow().isoformat()})
+        run, failed = failed_transiently_on_prefect(store, backend, api)
         assert (failed.status, failed.attempt, failed.prefect_flow_run_id) == (QUEUED, 2, None)
         assert failed.attempt_log[0]["prefect_flow_run_id"] == "fr-1"
         assert failed.attempt_log[0]["error"]["failure_class"] == "transient"
@@ -213,18 +219,10 @@ def test_a_prefect_run_waiting_for_its_next_attempt_is_cancelled_without_asking_
     ends it in the store, where a flow run of it created late finds it ended. It asked Prefect to cancel flow run
     `None` before, which Prefect refuses (422), and answered 503."""
     api = "http://prefect.test/api"
-    run = with_policy(store, backend="prefect", backoff_seconds=0)
-    store.record_flow_run(run.id, "fr-1", "Scheduled")
     route = PrefectRoute(PrefectClient(api, timeout=0.5), "flowgate-connector", "flowgate", reprobe_seconds=60)
     backend = PrefectBackend(store, route, run_timeout_seconds=3600)
     try:
-        with respx.mock:
-            respx.post(f"{api}/artifacts/filter").respond(json=[{"key": "flowgate-error-shop", "data": [
-                {"code": "connector_failed", "message": "HTTP 503 from the source", "step": "extract",
-                 "failure_class": "transient"}]}])
-            waiting = backend.apply_flow_run(store.get(run.id), {"id": "fr-1", "state": {
-                "type": "FAILED", "name": "Failed", "message": "Flow run encountered an exception"},
-                "start_time": utcnow().isoformat(), "end_time": utcnow().isoformat()})
+        run, waiting = failed_transiently_on_prefect(store, backend, api)
         assert (waiting.status, waiting.prefect_flow_run_id) == (QUEUED, None)
         with respx.mock(assert_all_called=False) as prefect:
             asked = prefect.post(path__regex=r"/api/flow_runs/[^/]+/set_state").respond(
