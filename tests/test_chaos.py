@@ -40,7 +40,7 @@ pytestmark = [pytest.mark.long(seconds=150), pytest.mark.chaos]  # long: started
 CHAOS_SECONDS = float(os.environ.get("FLOWGATE_CHAOS_SECONDS", "10"))
 LONG = CHAOS_SECONDS > 60
 CONNECTORS = ("c0", "c1", "c2", "c3")
-SCHEDULED = "s0"  # fired by the gateways' schedulers every 2 s, to Prefect or locally, its callback and retries
+SCHEDULED = "s0"  # fired by the gateways' schedulers every 3 s, to Prefect or locally, its callback and retries
 # connector-level (its runs are the ones a fault hits most: a slot every 2 s, whatever the load does)
 SECRET = "chaos-callback-secret"
 CREATE_TIMEOUT = 1.5  # the gateways' FLOWGATE_PREFECT_TIMEOUT; slowed creates answer later than two of them
@@ -73,7 +73,7 @@ def connectors_yaml(executions: Path, callback_url: str) -> str:
         f"args: {{token: '', connector: {SCHEDULED}, path: '{executions}', seconds: 0.3}}}}\n"
         f"    destination: {{path: shared/{SCHEDULED}.duckdb}}\n"
         f"    dataset: chaos\n"
-        f"    schedule: {{interval: 2}}\n"
+        f"    schedule: {{interval: 3}}\n"
         f"    retry: {{max_attempts: 6, backoff_seconds: 0.5, max_backoff_seconds: 2, on: [transient, crashed]}}\n"
         f"    callback_url: {callback_url}\n")
 
