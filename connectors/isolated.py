@@ -2,12 +2,10 @@
 wherever it is (a source that never answers included) without taking the calling process down with it.
 
 Children come from a forkserver started once per process and preloaded with dlt, so a run starts in tens of
-milliseconds, and no process with threads (a gunicorn worker) ever forks. A child runs at a lower scheduling priority
-(RUN_NICENESS) than the gateway that started it. The child sends its log lines and its outcome back over a pipe; the
-caller re-emits the lines in its own thread, so they carry its context. The run's trace context goes to the child
-with its arguments; with an OTLP endpoint the child exports its own step spans, and flushes them before it reports
-the outcome (after which it is killed). Over 300 lines because both ends of that pipe (the child's and the caller's)
-read best side by side.
+milliseconds, and no process with threads (a gunicorn worker) ever forks. The child sends its log lines and
+its outcome back over a pipe; the caller re-emits the lines in its own thread, so they carry its context. The
+run's trace context goes to the child with its arguments; with an OTLP endpoint the child exports its own
+step spans, and flushes them before it reports the outcome (after which it is killed).
 """
 from __future__ import annotations
 
@@ -43,10 +41,6 @@ from connectors.spec import ConnectorSpec, ParamsError
 log = logging.getLogger(__name__)
 PRELOAD = ["connectors.preload", "connectors.isolated"]
 GRACE_SECONDS = 5.0  # after a stop is asked, how long a run may take to reach its next checkpoint before it is killed
-# A run's (and a preview's) process gives way to the gateway's request threads when both want the CPU: at nice +10
-# the kernel's fair scheduler weighs it 110 against a worker's 1024, and it still has every idle cycle. Nothing of
-# a run's guarantees lives in it: its lease is renewed by the process that started it, at the gateway's priority.
-RUN_NICENESS = 10
 
 
 @functools.cache
@@ -184,14 +178,6 @@ class _PipeHandler(logging.Handler):
             pass  # the parent is gone: nobody is listening
 
 
-def _lower_priority() -> None:
-    """In the child: RUN_NICENESS below the process that started it (at most 19, as the kernel caps it)."""
-    try:
-        os.nice(RUN_NICENESS)
-    except OSError:  # a platform without priorities: the run goes on at the caller's
-        pass
-
-
 def _watch_lifeline(lifeline: Connection) -> None:
     """In the child: when the process that started this run dies (SIGKILL, OOM), stop at once. A run nobody
     holds a lease for must not go on writing its pipeline folder beside the next run of its connector."""
@@ -204,7 +190,6 @@ def _watch_lifeline(lifeline: Connection) -> None:
 
 def _child(spec: ConnectorSpec, workspace: Workspace, steps: tuple[str, ...], stop: Any, pipe: Connection,
            lifeline: Connection, trace_context: tracing.Carrier) -> None:
-    _lower_priority()
     threading.Thread(target=_watch_lifeline, args=(lifeline,), daemon=True).start()
     lock = threading.Lock()
     exporting = tracing.configure()  # this process's own exporter: its step spans join the run's trace
@@ -289,7 +274,6 @@ def preview_isolated(spec: ConnectorSpec, limit: int, outbound: OutboundPolicy,
 
 def _preview_child(spec: ConnectorSpec, limit: int, outbound: OutboundPolicy, pipe: Connection,
                    lifeline: Connection) -> None:
-    _lower_priority()
     threading.Thread(target=_watch_lifeline, args=(lifeline,), daemon=True).start()
     try:
         pipe.send(("done", preview_connector(spec, limit, outbound)))

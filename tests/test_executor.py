@@ -363,21 +363,6 @@ def test_a_new_run_wakes_the_claim_loop_only_when_a_slot_could_take_its_kind(par
         executor.shutdown(timeout=8)
 
 
-def test_a_runs_process_runs_at_a_lower_priority_than_the_gateway(parts, caplog):
-    """On a busy host the pipelines give way to the request threads (/health, triggers), not the other way round."""
-    from connectors.isolated import RUN_NICENESS
-
-    caplog.set_level(logging.INFO, logger="connectors.isolated")
-    executor = make_executor(parts)
-    enqueue(parts, "slow", {"delay_seconds": 3600.0})
-    executor.start()
-    try:
-        pid = run_process(caplog)
-        assert os.getpriority(os.PRIO_PROCESS, pid) == min(os.getpriority(os.PRIO_PROCESS, 0) + RUN_NICENESS, 19)
-    finally:
-        executor.shutdown(timeout=8)
-
-
 def test_shutdown_stops_a_workflow_connector_nodes_process_before_recording_it_too(parts, caplog):
     """A workflow's connector node runs its connector in a process of its own too; at shutdown's last second that
     process is killed at once like any run's (it had a cancel's grace of seconds, outliving the record)."""
