@@ -61,6 +61,7 @@ class LocalExecutor:
         self._running: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
+        self._scheduled_queued = False  # a scheduled run was queued here since the last claim: claim, don't yield
         self._stopping = threading.Event()  # claim no more runs
         self._closed = threading.Event()  # shutdown done: leases are no longer renewed
         self._lost: set[str] = set()  # runs whose lease was taken from this executor: their outcome is dropped
@@ -108,12 +109,17 @@ class LocalExecutor:
         self._threads[0].start()
         log.info("local executor %s started with %d slots", self.id, self.slots)
 
-    def wake(self, kind: str | None = None) -> None:
+    def wake(self, kind: str | None = None, scheduled: bool = False) -> None:
         """Look for queued runs now instead of at the next poll; for a new run of `kind`, only when this executor has
-        a slot that kind may take. Otherwise the claim would find nothing it may start, and the end of one of its runs
-        wakes it anyway: with the connector slots busy, every trigger cost a claim query (py-spy, 16 clients
-        flooding triggers: the claim loop was 11% of the gateway workers' CPU)."""
-        if kind is None or self._has_slot_for(kind):
+        a slot that kind may take (for a `scheduled` one, the schedule lane counts too). Otherwise the claim would find
+        nothing it may start, and the end of one of its runs wakes it anyway: with the connector slots busy, every
+        trigger cost a claim query (py-spy, 16 clients flooding triggers: the claim loop was 11% of the gateway
+        workers' CPU). The claim a scheduled run wakes does not leave it to a less busy executor's next poll: that
+        cost a slot up to a poll of fire lag."""
+        if scheduled and self.slot_classes.room() is not None:
+            self._scheduled_queued = True
+            self._wake.set()
+        elif kind is None or self._has_slot_for(kind):
             self._wake.set()
 
     def _has_slot_for(self, kind: str) -> bool:
@@ -169,8 +175,9 @@ class LocalExecutor:
             run = None
             try:
                 room = self.slot_classes.room()
-                if room is not None:
-                    if room == "any" and not yielded and self._others_less_busy():
+                scheduled, self._scheduled_queued = self._scheduled_queued, False
+                if room is not None:  # fair shares are for triggered runs: a slot's run is claimed where it was made
+                    if room == "any" and not yielded and not scheduled and self._others_less_busy():
                         yielded = True  # their next poll takes the queued run; ours takes it if nobody did
                         self._stopping.wait(self.poll_seconds)  # a wake (a trigger, a run's end) does not cut it
                         continue

@@ -20,7 +20,7 @@ class LocalBackend:
 
     def submit(self, run: Run, deployment_id: str | None = None) -> Run:
         """The run is already queued in the store: wake this process's executor to claim it now."""
-        self.executor.wake(run.kind)
+        self.executor.wake(run.kind, scheduled=run.scheduled_for is not None)
         return run
 
     def refresh(self, run: Run) -> Run:
