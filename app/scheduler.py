@@ -121,10 +121,12 @@ class Scheduler(Loop):
         if not due:
             return False
         states = self.store.schedules.states(None if len(due) == len(self._due_at) else due)
+        if missing := [key for key in due if key not in states]:  # schedules no gateway has seen yet
+            states.update(self.store.schedules.ensure_all(missing, now))
         more = False
         for key in due:
             schedule = self.schedules[key]
-            state = states.get(key) or self.store.schedules.ensure(schedule.kind, schedule.target, now)
+            state = states[key]
             try:  # a paused schedule is looked at again at its next slot (resuming runs none before it)
                 self._due_at[key], again = (self._next_slot(schedule, now), False) if state.paused else \
                     self.tick(schedule, state, now)

@@ -1,7 +1,8 @@
 """Benchmark: how late a schedule fires, and what a thousand schedules cost the gateway.
 
 1. Fire lag (a scheduled run's start minus its slot, what `flowgate_schedule_fire_lag_seconds` observes) on a real
-   gunicorn (2 workers of 4 executor slots, SQLite run store): two connectors scheduled every 2 s, first on a quiet machine, then at
+   gunicorn (2 workers of 4 executor slots, SQLite run store; at capacity on PostgreSQL too where one is at
+   127.0.0.1): two connectors scheduled every 5 s, first on a quiet machine, then at
    capacity: 16 callers each triggering one of eight connectors that run 0.3 s, again as soon as its run ended, beside one busy-looping process per core.
    The baseline is a triggered run's lag (its start minus its trigger's answer) in the same phase: what a run
    waits for an executor anyway. Printed: p50/p99 of both per phase, and the busy/quiet ratios.
@@ -10,7 +11,7 @@
    gateway with the same 1,000 connectors unscheduled, in this run. No executor runs: the slots' runs queue (and a
    schedule's next slot is skipped while its run waits), so this is the scheduler's own cost, not the runs'.
 
-    .venv/bin/python -m bench.schedules [--seconds 20] [--window 65]
+    .venv/bin/python -m bench.schedules [--seconds 40] [--window 65]
 """
 from __future__ import annotations
 
@@ -20,14 +21,20 @@ import statistics
 import tempfile
 import threading
 import time
+import uuid
 from datetime import datetime
 from pathlib import Path
 
 import httpx
+import sqlalchemy as sa
 
 from tests.support.gunicorn_server import GunicornServer
+from tests.support.postgres import POSTGRES_URL, postgres_available
 
 SCHEDULED = 2
+INTERVAL = 5  # longer than a trivial run takes at capacity (1-4 s here), so most slots find their previous run ended
+PARTS: dict[str, list[tuple[float, float, float]]] = {}  # per phase, per free slot: made, claimed, ran (seconds)
+OWN: dict[str, list[float]] = {}  # per phase: fire lags of the slots not behind their schedule's previous run
 
 
 def pct(values: list[float], q: int) -> float:
@@ -67,57 +74,109 @@ def _pace(url: str, stop, triggered: list) -> None:
             time.sleep(1)
 
 
-def _phase(url: str, phase: str, seconds: float) -> tuple[list[float], list[float]]:
-    """One phase on a running gateway: the scheduled runs' fire lags and the triggered runs' waits."""
+def _phase(url: str, phase: str, seconds: float, phase_name: str, spinners: int) -> tuple[list[float], list[float]]:
+    """One phase on a running gateway: the scheduled runs' fire lags and the triggered runs' waits; the lags of the
+    slots whose previous run of the same schedule had ended by the slot go to OWN[phase_name] too (a slot behind its
+    own still-running run waits for it by design, so only these measure how late the gateway itself fires)."""
     began = time.time()
     triggered: list[tuple[str, float]] = []
     stop = multiprocessing.Event()
-    spinners, callers = [], []
+    spinning: list[multiprocessing.Process] = []
+    callers: list[threading.Thread] = []
     if phase == "quiet":
         callers = [threading.Thread(target=_pace, args=(url, stop, triggered))]
     else:
-        spinners = [multiprocessing.Process(target=_spin, args=(stop,)) for _ in range(multiprocessing.cpu_count())]
+        spinning = [multiprocessing.Process(target=_spin, args=(stop,)) for _ in range(spinners)]
         lock = threading.Lock()
         callers = [threading.Thread(target=_flood, args=(url, i, stop, triggered, lock)) for i in range(16)]
-    for worker in [*spinners, *callers]:
+    for worker in [*spinning, *callers]:
         worker.start()
     time.sleep(seconds)
     stop.set()
-    for worker in [*callers, *spinners]:
+    for worker in [*callers, *spinning]:
         worker.join()
     with httpx.Client(base_url=url, timeout=60) as client:
         while client.get("/api/v1/runs", params={"status": "queued", "limit": 1}).json()["items"]:
             time.sleep(1)  # the backlog drains, the phase's last slots start
         runs = client.get("/api/v1/runs", params={"source": "schedule", "limit": 200}).json()["items"]
-        scheduled = [_at(r["started_at"]) - _at(r["scheduled_for"]) for r in runs
-                     if r.get("started_at") and _at(r["scheduled_for"]) >= began]
         started = [client.get(f"/api/v1/runs/{run_id}").json().get("started_at") for run_id, _ in triggered]
+    runs = sorted((r for r in runs if r.get("started_at") and _at(r["scheduled_for"]) >= began),
+                  key=lambda r: r["scheduled_for"])
+    ended: dict[str, float] = {}  # each schedule's previous run's end, as the slots go by
+    scheduled, own = [], []
+    for run in runs:
+        slot, target = _at(run["scheduled_for"]), run["connector_id"]
+        lag = _at(run["started_at"]) - slot
+        scheduled.append(lag)
+        if ended.get(target, 0.0) <= slot:  # its previous run had ended by the slot: nothing of its own to wait for
+            own.append(lag)
+            PARTS.setdefault(phase_name, []).append((_at(run["created_at"]) - slot, _at(run["started_at"]) - _at(run["created_at"]),
+                                                     _at(run["finished_at"]) - _at(run["started_at"]) if run.get("finished_at") else float("nan")))
+        ended[target] = _at(run["finished_at"]) if run.get("finished_at") else float("inf")
+    OWN[phase_name] = own
     return scheduled, [_at(at) - answered for (_, answered), at in zip(triggered, started) if at]
 
 
-def fire_lag(seconds: float) -> None:
+def _postgres_schema() -> str | None:
+    """A fresh schema on the test PostgreSQL for the PostgreSQL phase, or None without a server."""
+    if postgres_available():
+        return None
+    schema = f"flowgate_bench_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    admin.dispose()
+    return schema
+
+
+def _drop_schema(schema: str) -> None:
+    admin = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+    admin.dispose()
+
+
+def fire_lag(seconds: float, spinners: int) -> None:
     """Quiet and at capacity with the schedule lane (FLOWGATE_SCHEDULE_SLOTS=1, the default), and at capacity
     without it (0: scheduled runs only claimed first), each gateway new on a new store."""
     phases: dict[str, tuple[list[float], list[float]]] = {}
-    for lane, names in (("0", ("at capacity, no lane",)), ("1", ("quiet", "at capacity"))):
+    runs = [("0", None, ("at capacity, no lane",)), ("1", None, ("quiet", "at capacity"))]
+    schema = _postgres_schema()
+    if schema:
+        runs.append(("1", f"{POSTGRES_URL}?options=-csearch_path%3D{schema}", ("at capacity, PostgreSQL",)))
+    for lane, database_url, names in runs:
         folder = Path(tempfile.mkdtemp(prefix="flowgate-bench-schedules-"))
         (folder / "workflows").mkdir()
         (folder / "connectors.yaml").write_text("connectors:\n" + "".join(
             f"  tick_{i}:\n    source: {{kind: python, ref: 'connectors.demo:numbers', args: {{n: 3}}}}\n"
-            f"    schedule: {{interval: 2, catch_up: none}}\n" for i in range(SCHEDULED)) +
+            f"    schedule: {{interval: {INTERVAL}, catch_up: none}}\n" for i in range(SCHEDULED)) +
             "".join(f"  busy_{i}:\n    source: {{kind: python, ref: 'connectors.demo:numbers', "
                     f"args: {{n: 3, delay_seconds: 0.3}}}}\n" for i in range(8)))
-        server = GunicornServer(folder, workers=2, FLOWGATE_EXECUTOR_THREADS="4", FLOWGATE_SCHEDULE_SLOTS=lane).start()
+        server = GunicornServer(folder, workers=2, FLOWGATE_EXECUTOR_THREADS="4", FLOWGATE_SCHEDULE_SLOTS=lane,
+                                **({"DATABASE_URL": database_url} if database_url else {})).start()
         try:
             for name in names:
-                phases[name] = _phase(server.url, "quiet" if name == "quiet" else "busy", seconds)
+                phases[name] = _phase(server.url, "quiet" if name == "quiet" else "busy", seconds, name,
+                                      spinners)
         finally:
             server.kill()
-    print(f"fire lag, {SCHEDULED} connectors every 2 s, {seconds:.0f} s per phase (gunicorn, 2 workers x 4 slots, SQLite)")
-    print(f"{'phase':<22}{'slots':>7}{'lag p50':>10}{'lag p99':>10}{'triggers':>10}{'wait p50':>10}{'wait p99':>10}")
+    if schema:
+        _drop_schema(schema)
+    print(f"fire lag, {SCHEDULED} connectors every {INTERVAL} s, {seconds:.0f} s per phase (gunicorn, 2 workers x 4 "
+          f"slots, SQLite unless named; {spinners} busy-looping processes at capacity)")
+    print(f"{'phase':<22}{'slots':>7}{'lag p50':>10}{'lag p99':>10}{'free':>6}{'free p50':>10}{'free p99':>10}"
+          f"{'triggers':>10}{'wait p50':>10}{'wait p99':>10}")
     for phase, (lag, wait) in phases.items():
+        free = OWN[phase]
         print(f"{phase:<22}{len(lag):>7}{pct(lag, 50) * 1000:>8.0f}ms{pct(lag, 99) * 1000:>8.0f}ms"
+              f"{len(free):>6}{pct(free, 50) * 1000:>8.0f}ms{pct(free, 99) * 1000:>8.0f}ms"
               f"{len(wait):>10}{pct(wait, 50) * 1000:>8.0f}ms{pct(wait, 99) * 1000:>8.0f}ms")
+    for phase, parts in PARTS.items():  # where a free slot's lag goes
+        fired, claimed, ran = ([p[i] for p in parts if p[i] == p[i]] for i in range(3))
+        print(f"  {phase}: made (created - slot) p50 {pct(fired, 50) * 1000:.0f} ms p99 {pct(fired, 99) * 1000:.0f} ms; "
+              f"claimed (started - created) p50 {pct(claimed, 50) * 1000:.0f} ms p99 {pct(claimed, 99) * 1000:.0f} ms; "
+              f"the run itself p50 {pct(ran, 50) * 1000:.0f} ms")
+    print("free: the slots whose previous run of the same schedule had ended by the slot (the others wait for it)")
     (quiet, _), (busy, busy_wait) = phases["quiet"], phases["at capacity"]
     no_lane, _ = phases["at capacity, no lane"]
     print(f"at capacity / quiet, fire lag p99: {pct(busy, 99) / pct(quiet, 99):.2f}x; at capacity, fire lag p99 / "
@@ -164,12 +223,14 @@ def scheduler_cost(window: float, count: int = 1000) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=20, help="length of each fire-lag phase")
+    parser.add_argument("--seconds", type=float, default=40, help="length of each fire-lag phase")
     parser.add_argument("--window", type=float, default=65, help="seconds the 1,000 schedules are measured")
     parser.add_argument("--only", choices=("lag", "cost"), help="run one of the two parts")
+    parser.add_argument("--spinners", type=int, default=multiprocessing.cpu_count(),
+                        help="busy-looping processes beside the flood at capacity (default: one per core)")
     args = parser.parse_args()
     if args.only != "cost":
-        fire_lag(args.seconds)
+        fire_lag(args.seconds, args.spinners)
     if args.only != "lag":
         scheduler_cost(args.window)
 

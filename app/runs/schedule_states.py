@@ -6,18 +6,27 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, select, tuple_, update
+from sqlalchemy import Connection, bindparam, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import selectinload
 
 from app.runs.models import SCHEDULED, Run, ScheduleState, utcnow
 from flows.database import Database
 
+_ADVANCE = update(ScheduleState).where(
+    ScheduleState.kind == bindparam("the_kind"), ScheduleState.target == bindparam("the_target"),
+    ScheduleState.done_until == bindparam("read"), ScheduleState.paused.is_(False)).values(
+    done_until=bindparam("slot"), updated_at=bindparam("now"))
+
 
 def advance(connection: Connection, kind: str, target: str, done_until: datetime, slot: datetime,
             skipped: bool = False, missed: int = 0) -> bool:
     """Move a schedule's progress from `done_until` (as read) to `slot`, counting a skipped slot or missed ones;
     False when another process moved it first or the schedule is paused."""
+    if not skipped and not missed:  # each slot of each schedule: one statement built once (1,000 schedules' slot
+        # made this statement anew 1,000 times: a third of the slot's CPU, bench/schedules.py)
+        return connection.execute(_ADVANCE, {"the_kind": kind, "the_target": target, "read": done_until,
+                                             "slot": slot, "now": utcnow()}).rowcount == 1
     values: dict[str, Any] = {"done_until": slot, "updated_at": utcnow()}
     if skipped:
         values.update(skipped=ScheduleState.skipped + 1, last_skipped_for=slot)
@@ -50,16 +59,23 @@ class ScheduleStore:
     def ensure(self, kind: str, target: str, first_seen: datetime) -> ScheduleState:
         """The schedule's state, made when missing with its slots dealt with until `first_seen`: a schedule runs
         none of the slots before a gateway first saw it."""
+        return self.ensure_all([(kind, target)], first_seen)[(kind, target)]
+
+    def ensure_all(self, keys: list[tuple[str, str]], first_seen: datetime) -> dict[tuple[str, str], ScheduleState]:
+        """`ensure` for many schedules in one transaction (a gateway's first pass over a thousand new schedules was
+        a thousand transactions)."""
         insert = (sqlite.insert if self.database.is_sqlite else postgresql.insert)(ScheduleState)
-        row = {"kind": kind, "target": target, "paused": False, "done_until": first_seen, "missed": 0, "skipped": 0,
-               "updated_at": utcnow()}
+        now = utcnow()
+        rows = [{"kind": kind, "target": target, "paused": False, "done_until": first_seen, "missed": 0,
+                 "skipped": 0, "updated_at": now} for kind, target in keys]
 
-        def attempt() -> ScheduleState:
+        def attempt() -> dict[tuple[str, str], ScheduleState]:
             with self.database.session(write=True) as session:
-                session.execute(insert.values(**row).on_conflict_do_nothing(index_elements=["kind", "target"]))
-                return session.get_one(ScheduleState, (kind, target))
+                session.execute(insert.on_conflict_do_nothing(index_elements=["kind", "target"]), rows)
+                return {(state.kind, state.target): state for state in session.scalars(
+                    select(ScheduleState).where(tuple_(ScheduleState.kind, ScheduleState.target).in_(keys)))}
 
-        return self.database.retry(attempt)
+        return self.database.retry(attempt) if keys else {}
 
     def pause(self, kind: str, target: str, by: str | None) -> ScheduleState:
         """Fire no slot of the schedule until it is resumed (kept across restarts, seen by every gateway)."""
