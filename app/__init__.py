@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 from dataclasses import dataclass, replace
@@ -85,7 +86,9 @@ def services() -> Services:
 
 
 class JSONProvider(DefaultJSONProvider):
-    """Flask's JSON with ISO 8601 dates (not RFC 822) and exact decimals, as data rows need."""
+    """Flask's JSON with ISO 8601 dates (not RFC 822) and exact decimals, as data rows need; a NaN or an infinity
+    (a data row's float) is written as null: Python writes `NaN`, which is not JSON, and a strict parser (Jackson,
+    JSON.parse) refuses the whole answer."""
 
     @staticmethod
     def default(o: Any) -> Any:
@@ -94,6 +97,23 @@ class JSONProvider(DefaultJSONProvider):
         if isinstance(o, Decimal):
             return str(o)
         return DefaultJSONProvider.default(o)
+
+    def dumps(self, obj: Any, **kwargs: Any) -> str:
+        try:
+            return super().dumps(obj, allow_nan=False, **kwargs)
+        except ValueError:  # a float out of JSON's range somewhere: the rare answer pays for a second pass
+            return super().dumps(_finite(obj), allow_nan=False, **kwargs)
+
+
+def _finite(value: Any) -> Any:
+    """`value` with every NaN or infinite float in it replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
 
 
 def check_declared_callbacks(schedules: list[Schedule], policy: OutboundPolicy, settings: Settings) -> None:

@@ -172,3 +172,24 @@ def test_stats_refuse_an_unbounded_window_and_an_unknown_connector(client):
         refused = client.get(f"/api/v1/connectors/shop/stats?window={window}")
         assert refused.status_code == 422 and refused.json["errors"][0]["field"] == "window", window
     assert client.get("/api/v1/connectors/nope/stats").json["code"] == "connector_not_found"
+
+
+def test_a_preview_of_non_finite_floats_is_valid_json_with_nulls_for_them(tmp_path):
+    """Flask wrote a NaN as `NaN` and an infinity as `Infinity`, which no strict JSON parser (Jackson, the browser's
+    JSON.parse) reads: the whole answer was unreadable to a Spring client for one odd value in one row."""
+    import json
+
+    from app import create_app
+
+    (tmp_path / "c.yaml").write_text(
+        "connectors:\n  sensors:\n    source: {kind: python, ref: 'tests.support.odd_values:readings'}\n")
+    app = create_app({"var_dir": tmp_path / "var", "connectors_file": tmp_path / "c.yaml",
+                      "workflows_dir": tmp_path / "workflows"})
+    response = app.test_client().post("/api/v1/connectors/sensors/preview", json={})
+    assert response.status_code == 200, response.get_data(as_text=True)
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{constant} is not JSON")
+
+    body = json.loads(response.get_data(as_text=True), parse_constant=refuse)
+    assert [row["value"] for row in body["resources"]["readings"]["rows"]] == [None, None, None, 1.5]
