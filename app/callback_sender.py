@@ -88,6 +88,13 @@ class CallbackSender(Loop):
             self._client()
         super().start()
 
+    def stop(self, timeout: float | None = None) -> None:
+        """End the loop; once its pass under way has ended, close the pooled client (its kept-alive connections)."""
+        super().stop(timeout)
+        if self._http is not None and not self.alive:
+            self._http.close()
+            self._http = None
+
     def _client(self) -> httpx.Client:
         """The pooled client of every delivery, made once (by start, after gunicorn forks)."""
         if self._http is None:

@@ -196,9 +196,10 @@ def test_a_store_error_after_a_delivery_does_not_end_the_sender_or_send_twice(ap
         sweeps.mark()
         sweeps.wait_for_one_each([sender])
     finally:
-        sender.stop()
+        sender.stop(timeout=5)
     assert [store.get(r.id).callback.status for r in runs] == ["delivered", "delivered"]
     assert len(receiver.raw) == 2 and failures
+    assert sender._http is None  # its pooled client, and the connection kept alive to the receiver, closed with it
 
 
 @pytest.mark.parametrize("url, message", [
