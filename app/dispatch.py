@@ -23,6 +23,10 @@ from app.runs.models import SOURCE_PREFECT, SOURCE_RERUN, SOURCE_SCHEDULE, Run
 from app.runs.store import (
     CREATED,
     INLINE_WORKFLOW_KEY,
+    JOINED,
+    REJOINED,
+    STORED_BY_KEY,
+    STORED_NEW,
     IdempotencyConflict,
     NewRun,
     QueueFull,
@@ -295,9 +299,9 @@ class Dispatcher:
         """Store the run (or find the one its idempotency key names, or the active one its conflict policy joins),
         then hand a new one to its backend."""
         try:
-            run, created = self.store.create_run(new)
+            run, how = self.store.store_run(new)
         except IdempotencyConflict as exc:
-            raise Conflict(str(exc), code="idempotency_key_reused", run_id=exc.run.id) from None
+            raise Conflict(str(exc), code="idempotency_key_reused", run_id=exc.run_id) from None
         except QueueFull as exc:
             raise TooManyRequests(f"{exc} (FLOWGATE_MAX_QUEUED_PER_TARGET)", code="queue_full",
                                   headers={"Retry-After": "30"}) from None
@@ -309,11 +313,11 @@ class Dispatcher:
             raise Conflict(str(exc), code="run_in_progress", run_id=exc.run_id) from None
         span = trace.get_current_span()  # the dispatch span
         span.set_attribute(tracing.RUN_ID, run.id)
-        if not created:
-            duplicate = bool(new.idempotency_key) and run.idempotency_key == new.idempotency_key
+        if how != STORED_NEW:
+            duplicate = how in (STORED_BY_KEY, REJOINED)  # a retry: its first answer counted it already
             TRIGGERS.labels(run.kind, run.backend, "duplicate" if duplicate else "joined").inc()
             span.set_attribute("flowgate.duplicate" if duplicate else "flowgate.joined", True)
-            return Triggered(run, created=False, joined=not duplicate)
+            return Triggered(run, created=False, joined=how in (JOINED, REJOINED))
         return Triggered(self._dispatch(run, deployment_id, forced), created=True)
 
     def _dispatch(self, run: Run, deployment_id: str | None, forced: bool) -> Run:

@@ -51,6 +51,23 @@ def test_a_retried_trigger_finds_its_run_by_its_key_and_is_no_join(client):
     assert again.json["joined_count"] == 0
 
 
+def test_a_retried_join_is_answered_with_its_run_again_and_counted_once(client):
+    """A caller whose join's answer was lost retries it with the same Idempotency-Key: the same answer, not one more
+    join (the key was not kept for a join, so each retry counted again); the key with another body is a 409."""
+    first = client.post("/trigger", json={"connector_id": "shop"}).json
+    joined_before = triggers_counted("joined")
+    for _ in range(3):
+        joined = client.post("/trigger", json={"connector_id": "shop", "on_conflict": "join"},
+                             headers={"Idempotency-Key": "join-1"})
+        assert joined.status_code == 200 and joined.json["joined"] is True, joined.json
+        assert joined.json["run_id"] == first["run_id"] and joined.json["joined_count"] == 1
+    assert triggers_counted("joined") - joined_before == 1
+    other = client.post("/trigger", json={"connector_id": "shop", "on_conflict": "join", "params": {"tables": ["orders"]}},
+                        headers={"Idempotency-Key": "join-1"})
+    assert_problem(other, 409, "idempotency_key_reused")
+    assert client.get(first["status_url"]).json["joined_count"] == 1 and ids(client) == [first["run_id"]]
+
+
 def test_skip_answers_200_saying_nothing_was_started(client):
     first = client.post("/trigger", json={"connector_id": "shop"}).json
     skipped_before = triggers_counted("skipped")

@@ -15,7 +15,7 @@ from flows.database import Database
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 BASELINE = "0001"
-HEAD = "0008"  # the newest revision under migrations/versions (a test checks they agree)
+HEAD = "0009"  # the newest revision under migrations/versions (a test checks they agree)
 _MIGRATION_LOCK_ID = 0x666C6F78  # PostgreSQL advisory lock held while one process migrates ("flox")
 # The databases this process brought to HEAD, or its parent did before forking it: gunicorn's master migrates
 # before it forks a worker (gunicorn.conf.py), so a worker boots without asking the database anything. A worker

@@ -165,6 +165,22 @@ class RunLabel(Base):
     __table_args__ = (Index("ix_run_labels_key_value_created", "key", "value", "created_at", "run_id"),)
 
 
+class RunJoin(Base):
+    """A trigger that joined an active run (its conflict policy) under an Idempotency-Key: a retry of it finds the
+    run by the key as a retried trigger finds the run it created, and is not counted as one more join."""
+
+    __tablename__ = "run_joins"
+
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)
+    target: Mapped[str] = mapped_column(String(200), primary_key=True)
+    idempotency_key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    run_id: Mapped[str] = mapped_column(String(32))
+    request_hash: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    __table_args__ = (Index("ix_run_joins_run", "run_id"),)  # pruned with their run
+
+
 class Executor(Base):
     """A local executor (one per gateway process) and its last heartbeat: the shared view of capacity."""
 

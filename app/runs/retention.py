@@ -11,7 +11,7 @@ from pathlib import Path
 
 from sqlalchemy import delete, select, text
 
-from app.runs.models import Run, RunCallback, RunLabel, RunLog, RunNode
+from app.runs.models import Run, RunCallback, RunJoin, RunLabel, RunLog, RunNode
 from flows.database import Database
 from flows.outcome import TERMINAL
 
@@ -49,7 +49,7 @@ class RetentionStore:
             ids = [row.id for row in rows if row.status in TERMINAL]
             if ids:
                 for table, column in ((RunLog, RunLog.run_id), (RunNode, RunNode.run_id), (RunLabel, RunLabel.run_id),
-                                      (RunCallback, RunCallback.run_id), (Run, Run.id)):
+                                      (RunJoin, RunJoin.run_id), (RunCallback, RunCallback.run_id), (Run, Run.id)):
                     session.execute(delete(table).where(column.in_(ids)))
             return len(ids) if len(ids) < len(rows) else len(rows)
 

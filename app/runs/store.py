@@ -29,6 +29,7 @@ from app.runs.models import (
     SOURCE_API,
     Run,
     RunCallback,
+    RunJoin,
     RunLabel,
     RunLog,
     utcnow,
@@ -68,6 +69,10 @@ _INSERT_LABEL = RunLabel.__table__.insert()
 _EMPTY_ROW = {column.name: None for column in Run.__table__.columns}
 _FIND_BY_KEY = select(Run.id).where(Run.kind == bindparam("kind"), Run.target == bindparam("target"),
                                     Run.idempotency_key == bindparam("key"))
+_FIND_JOIN_BY_KEY = select(RunJoin.run_id, RunJoin.request_hash).where(
+    RunJoin.kind == bindparam("kind"), RunJoin.target == bindparam("target"),
+    RunJoin.idempotency_key == bindparam("key"))
+_INSERT_JOIN = RunJoin.__table__.insert()
 # A run's end is tried this often: waits of 0.1 s doubling, 3.1 s in all, well inside a lease (30 s by default),
 # which the executor's heartbeat keeps renewing until the end is written.
 _END_TRIES = 6
@@ -105,12 +110,16 @@ class TargetBusy(Exception):
         self.policy = policy
 
 
+# How a trigger's run came (RunStore.store_run).
+STORED_NEW, STORED_BY_KEY, JOINED, REJOINED = "new", "by_key", "joined", "rejoined"
+
+
 class IdempotencyConflict(Exception):
     """An Idempotency-Key was used before with a different request."""
 
-    def __init__(self, run: Run):
-        super().__init__(f"idempotency key already used by run {run.id} with a different request")
-        self.run = run
+    def __init__(self, run_id: str):
+        super().__init__(f"idempotency key already used by run {run_id} with a different request")
+        self.run_id = run_id
 
 
 @dataclass(frozen=True)
@@ -237,42 +246,49 @@ class RunStore:
     def create_run(self, new: NewRun) -> tuple[Run, bool]:
         """Insert a queued run; with an idempotency key already used, return that run instead (created=False), and
         so for an active run its conflict policy joins. TargetBusy when it skips or rejects."""
+        run, how = self.store_run(new)
+        return run, how == STORED_NEW
+
+    def store_run(self, new: NewRun) -> tuple[Run, str]:
+        """`create_run`, saying how the run came: STORED_NEW, STORED_BY_KEY (an earlier trigger's with the same
+        idempotency key), JOINED (its conflict policy joined an active run) or REJOINED (a join retried with its
+        key: the run it joined, counted once)."""
 
         # Core statements on one connection, no ORM session: this is every trigger's write transaction, and on
         # SQLite it holds the one write lock; the ORM's unit of work cost 1.3 ms of CPU per trigger here.
-        def attempt() -> tuple[Run | str, bool]:
+        def attempt() -> tuple[Run | str, str]:
             row = _row(new, utcnow())
             with self.db.writer.begin() as connection:
                 if new.idempotency_key:
                     existing = connection.execute(_FIND_BY_KEY, {"kind": new.kind, "target": new.target,
                                                                  "key": new.idempotency_key}).scalar()
                     if existing is not None:
-                        return existing, False
+                        return existing, STORED_BY_KEY
                 if new.max_queued is not None or new.on_conflict != "queue":
                     self._lock_target(connection, new)
                 if new.on_conflict != "queue":
-                    joined = self._resolve_conflict(connection, new)
-                    if joined is not None:
-                        return joined, False
+                    if rejoined := self._join_of_key(connection, new):
+                        return rejoined, REJOINED
+                    if joined := self._resolve_conflict(connection, new):
+                        return joined, JOINED
                 if new.max_queued is not None and self._count_queued(connection, new) >= new.max_queued:
                     raise QueueFull(new, new.max_queued)
                 run = _insert(connection, new, row)
-            return run, True
+            return run, STORED_NEW
 
         try:
-            found, created = self.db.retry(attempt)
+            found, how = self.db.retry(attempt)
         except IntegrityError:
             # Another process inserted the same key between our check and our insert.
             with self.db.session() as session:
                 by_key = self._by_idempotency_key(session, new)
             if by_key is None:
                 raise  # not the key's (nothing else of a new run is unique): the error as it was
-            found, created = by_key, False
+            found, how = by_key, STORED_BY_KEY
         run = found if isinstance(found, Run) else self.get_one(found)
-        duplicate = bool(new.idempotency_key) and run.idempotency_key == new.idempotency_key
-        if not created and duplicate and run.request_hash != new.request_hash:
-            raise IdempotencyConflict(run)
-        return run, created
+        if how == STORED_BY_KEY and run.request_hash != new.request_hash:
+            raise IdempotencyConflict(run.id)
+        return run, how
 
     def _lock_target(self, connection: Connection, new: NewRun) -> None:
         """Until this transaction ends, no concurrent trigger of the new run's target can add a run: SQLite's one
@@ -339,7 +355,25 @@ class RunStore:
             raise TargetBusy(new.kind, new.target, active[0].id, new.on_conflict)
         if joined is not None:
             connection.execute(_COUNT_JOIN, {"run_id": joined})
+            if new.idempotency_key:  # its retry finds the run by the key (_join_of_key), not joining it once more
+                connection.execute(_INSERT_JOIN, {"kind": new.kind, "target": new.target, "run_id": joined,
+                                                  "idempotency_key": new.idempotency_key,
+                                                  "request_hash": new.request_hash, "created_at": utcnow()})
         return joined
+
+    @staticmethod
+    def _join_of_key(connection: Connection, new: NewRun) -> str | None:
+        """Under _lock_target: the run an earlier trigger with the new one's Idempotency-Key joined (its retry,
+        answered with that run again); IdempotencyConflict when the key came with another request."""
+        if not new.idempotency_key:
+            return None
+        join = connection.execute(_FIND_JOIN_BY_KEY, {"kind": new.kind, "target": new.target,
+                                                      "key": new.idempotency_key}).first()
+        if join is None:
+            return None
+        if join.request_hash != new.request_hash:
+            raise IdempotencyConflict(join.run_id)
+        return str(join.run_id)
 
     def start_inline(self, new: NewRun, owner: str, lease_seconds: float) -> Run | None:
         """Insert a run already `running` and held by `owner` (a connector node runs it in its own thread).
