@@ -51,6 +51,11 @@ What this relies on in dlt, beyond its public API:
 - `complete_load` runs once every job of the package is noted done in its folder;
 - dlt commits a normalized package by renaming it into `load/normalized/`, then deleting `normalize/extracted/`;
 - a package keeps its load id from extract to load, and `Pipeline.drop()` wipes the working folder as a whole;
+- a resolved credentials instance passed to a destination factory is used as it is by every configuration dlt
+  resolves from it (so the run's clients share one `DuckDbConnectionPool`), and while a connection of the pool is
+  borrowed, the pool hands the clients made meanwhile duplicates of it (one DuckDB instance);
+- `Destination.capabilities()` without a config resolves the one `flowgate_duckdb._explicit_config` makes, and
+  DuckDB's capabilities adjust to the naming only (tests/test_dlt_recovery.py compares them with dlt's own);
 - incremental cursors live in the pipeline state at `sources.<source>.resources.<resource>.incremental.<cursor
   path>`, as `{initial_value, last_value, ...}`.
 """
@@ -67,6 +72,7 @@ from pathlib import Path
 from typing import Any
 
 import dlt
+from dlt.common.configuration.specs import BaseConfiguration
 from dlt.common.storages import LoadStorage, NormalizeStorage
 from dlt.destinations.exceptions import DatabaseTransientException
 from dlt.destinations.impl.duckdb.duck import DuckDbClient, DuckDbCopyJob
@@ -79,7 +85,56 @@ MARKS_KEPT_SECONDS = 30 * 24 * 3600
 
 
 class flowgate_duckdb(dlt.destinations.duckdb):  # noqa: N801 (dlt names its destination factories so)
-    """dlt's DuckDB destination whose copy and INSERT VALUES load jobs land their rows once."""
+    """dlt's DuckDB destination whose copy and INSERT VALUES load jobs land their rows once; made once per run
+    (`for_run`), with its credentials resolved once and its capabilities' configuration too."""
+
+    @classmethod
+    def for_run(cls, path: str, pipeline_name: str) -> flowgate_duckdb:
+        """The destination of one run into the DuckDB file at `path`. dlt resolves a destination's credentials
+        from every config provider each time it makes a client or asks its capabilities (12 times in a trivial
+        run); here they are resolved once, as dlt would in the pipeline's sections, and every client of the run
+        then shares them, and with them dlt's connection pool (`pipeline.sql_client()` held open: one DuckDB
+        instance for the clients made meanwhile, connectors/pipeline.py)."""
+        from dlt.common.configuration import inject_section
+        from dlt.common.configuration.specs import ConfigSectionContext
+
+        unresolved = cls(credentials=path, destination_name="duckdb")
+        with inject_section(ConfigSectionContext(pipeline_name=pipeline_name)):
+            credentials = unresolved.configuration(unresolved.spec(), accept_partial=True).credentials
+        if credentials is None or not credentials.is_resolved():
+            return unresolved  # dlt will say what is missing when a client needs it
+        return cls(credentials=credentials, destination_name="duckdb")
+
+    def capabilities(self, config: Any = None, naming: Any = None) -> Any:
+        # Without a config, dlt resolves one from every provider on each call (~2 ms of CPU; 12 calls in a trivial
+        # run). That configuration is the same all run long (DuckDB's capabilities only adjust to the naming):
+        # resolved once, here, as dlt does it.
+        if config is None:
+            config = self.__dict__.get("_capabilities_config")
+            if config is None:
+                config = self.__dict__["_capabilities_config"] = self._explicit_config()
+        return super().capabilities(config, naming)
+
+    def _explicit_config(self) -> Any:
+        """The configuration dlt's `capabilities()` resolves when given none (dlt 1.31.0's, line for line): the
+        factory's explicit parameters, completed from the providers as far as they go, on a copy of its
+        credentials."""
+        init_config = self.spec()
+        init_config.update(self.config_params)
+        credentials: Any
+        if not init_config.credentials:
+            credentials = self.spec.credentials_type(init_config)()
+            credentials.__is_resolved__ = True
+        else:
+            credentials = init_config.credentials
+            if isinstance(credentials, BaseConfiguration):
+                credentials = credentials.copy()
+        config = self.spec(credentials=credentials)
+        try:
+            config = self.configuration(config, accept_partial=True)
+        except Exception:  # as dlt: an explicit value that does not parse leaves the configuration empty
+            pass
+        return config
 
     @property
     def client_class(self) -> type[MarkedDuckDbClient]:

@@ -4,6 +4,7 @@ Over 300 lines because the steps, their recovery, the summary and the destinatio
 life, read top to bottom; what flowgate knows of dlt's internals is in dlt_recovery.py, the report in report.py."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import logging
@@ -178,7 +179,10 @@ class ConnectorPipeline:
                             "another folder has loaded since, from the same state", self.spec.id)
                 self._pipeline.drop_pending_packages()
             self._pipeline.sync_destination()
-        self.report.schema_before(self._pipeline)  # what the destination held: a killed run's changes count here
+        # What the destination held: a killed run's changes count here. Its own open of the file, after the state's:
+        # one open for both would hold the file through sync's work in between (measured: recover's locked time
+        # up 10-45%, though one open less; docs/benchmarks.md, issue 31).
+        self.report.schema_before(self._pipeline)
         # Finish the load packages a run killed mid-way left behind (a job of theirs that had committed in DuckDB
         # finds its mark there and does not load again: connectors/dlt_recovery.py). A normalized one first: it is
         # the older, and a refused extracted one is aborted only with none left (dlt's abort would take it too).
@@ -207,8 +211,20 @@ class ConnectorPipeline:
         self.report.normalized(self._pipeline.normalize(workers=1))
 
     def _load(self) -> None:
-        before = self.report.before_load(self._pipeline)
-        self.report.loaded(self._pipeline, self._pipeline.load(), before)
+        with self._one_connection():
+            before = self.report.before_load(self._pipeline)
+            self.report.loaded(self._pipeline, self._pipeline.load(), before)
+
+    def _one_connection(self) -> Any:
+        """Into DuckDB, a dlt client held open for the load: the clients dlt makes meanwhile (the package's, each
+        job's, the completion's; the merge counts') share its database instance (dlt's connection pool, through
+        the run's one credentials: dlt_recovery.flowgate_duckdb.for_run) instead of each opening the file anew
+        (~20 ms of CPU an open, most of it DuckDB starting an instance). The file is then locked from the load's
+        start to its end in one hold instead of three, for less time in all (measured: docs/benchmarks.md, issue
+        31); it stays free for other processes between the steps."""
+        if duckdb_path(self.spec, self.workspace) is None:
+            return contextlib.nullcontext()
+        return self._pipeline.sql_client()
 
     def _pending_load_ids(self) -> list[str]:
         return [*self._pipeline.list_extracted_load_packages(), *self._pipeline.list_normalized_load_packages()]
@@ -276,7 +292,7 @@ def _destination(spec: ConnectorSpec, workspace: Workspace) -> Any:
 
         path.parent.mkdir(parents=True, exist_ok=True)
         # dlt's DuckDB with load jobs that land rows once; its name (config section, logs) stays dlt's "duckdb"
-        return flowgate_duckdb(credentials=str(path), destination_name="duckdb")
+        return flowgate_duckdb.for_run(str(path), spec.pipeline_name)
     options = spec.destination.model_dump(exclude={"kind", "path", "file_format"}, exclude_none=True)
     return Destination.from_reference(spec.destination.kind, **options)
 

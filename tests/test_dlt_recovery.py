@@ -97,3 +97,45 @@ def test_other_destinations_keep_dlts_own_factory(workdir: Path, workspace: Work
     motherduck = destination(kind="motherduck", credentials="md:///db?motherduck_token=t")
     assert type(motherduck) is dlt.destinations.motherduck
     assert type(destination(kind="postgres", credentials="postgresql://u:p@localhost/db")) is dlt.destinations.postgres
+
+
+def test_a_runs_destination_resolves_its_credentials_once_as_dlt_would_and_keeps_dlts_capabilities(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """flowgate_duckdb.for_run: credentials taken from the providers once (a setting in the environment still
+    counts), one object every client of the run shares; capabilities as dlt's own DuckDB factory gives them."""
+    import dlt
+    from dlt.common.normalizers.naming import snake_case, sql_cs_v1
+
+    from connectors.dlt_recovery import flowgate_duckdb
+
+    monkeypatch.setenv("DESTINATION__DUCKDB__CREDENTIALS__SESSION_TIMEZONE", "Europe/Berlin")
+    path = str(tmp_path / "x.duckdb")
+    destination = flowgate_duckdb.for_run(path, "p")
+    dlts = dlt.destinations.duckdb(credentials=path, destination_name="duckdb")
+    first, second = (destination.configuration(destination.spec(), accept_partial=True) for _ in range(2))
+    assert first.credentials is second.credentials  # and with them, dlt's connection pool
+    assert first.credentials.session_timezone == "Europe/Berlin"
+    assert first.credentials.database == dlts.configuration(dlts.spec(), accept_partial=True).credentials.database
+    for naming in (None, snake_case.NamingConvention(), sql_cs_v1.NamingConvention()):
+        for _ in range(2):  # the second from the configuration kept
+            assert dict(destination.capabilities(naming=naming)) == dict(dlts.capabilities(naming=naming))
+
+
+def test_a_load_into_duckdb_opens_the_file_once(workdir: Path, workspace: Workspace, monkeypatch: pytest.MonkeyPatch):
+    """dlt opens the file for the package, for each job and for the completion; the run's one client held open
+    makes them share one DuckDB instance (bench/isolation_overhead.py measures what that saves)."""
+    from connectors.pipeline import ConnectorPipeline
+
+    spec = ConnectorRegistry.load(workdir / "connectors.yaml").get("shop")
+    run_connector(spec, workspace)
+    opened: list[str] = []
+    connect = duckdb.connect
+    monkeypatch.setattr(duckdb, "connect", lambda *args, **kwargs: opened.append(str(args[:1])) or
+                        connect(*args, **kwargs))
+    pipeline = ConnectorPipeline(spec, workspace)
+    for step in ("recover", "extract", "normalize"):
+        pipeline.run_step(step)
+    opened.clear()
+    pipeline.run_step("load")
+    assert len(opened) == 1
+    assert pipeline.summary().rows == {"orders": 100, "customers": 20}
