@@ -154,6 +154,7 @@ def when_ready(server):
     except exposure.Exposed as exc:
         server.log.error("%s", exc)
         server.halt(reason=str(exc), exit_status=1)
+    _share_forkserver(server)
     shown = ", ".join(exposure.shown(a) for a in listening)
     loopback_only = all(exposure.serves_loopback_only(a) for a in listening)
     if _settings.api_keys or _settings.api_keys_file:
@@ -164,6 +165,25 @@ def when_ready(server):
     else:
         server.log.warning("flowgate: no API keys configured (FLOWGATE_API_KEYS): anyone who reaches %s can "
                            "trigger runs%s", shown, "" if loopback_only else " (FLOWGATE_ALLOW_UNAUTHENTICATED)")
+
+
+def _share_forkserver(server):
+    """One forkserver (and resource tracker) for every worker's connector runs, started here before the first fork
+    and adopted by each worker (post_fork): a forkserver holds ~120 MB of dlt, DuckDB and pyarrow, one per worker
+    was most of the gateway's memory (docs/benchmarks.md). Not with FLOWGATE_EXECUTOR_THREADS=0 (no runs here)."""
+    if _settings.executor_threads <= 0:
+        return
+    from connectors.shared_forkserver import share_forkserver
+
+    server.log.info("flowgate: connector runs fork from one forkserver (pid %s) shared by the workers",
+                    share_forkserver())
+
+
+def post_fork(server, worker):
+    """Before the worker imports the app: use the master's forkserver, not one of its own."""
+    from connectors.shared_forkserver import adopt_forkserver
+
+    adopt_forkserver()
 
 
 def post_worker_init(worker):
