@@ -59,6 +59,8 @@ class HeaderTimeoutWorker(ThreadWorker):
         super().__init__(*args, **kwargs)
         self.heads: dict[TConn, tuple[float, bytearray]] = {}  # still sending their head; oldest deadline first
         self.health_answer: HealthAnswer | None = None  # Flask's first answer to a plain GET /health, to replay
+        self.in_threads = 0  # connections handed to the request threads and not back yet
+        self.last_finished = time.monotonic()  # when a request thread last gave a connection back
         # The largest head gunicorn's parser accepts (its limit_request_* settings, as it applies them).
         line = self.cfg.limit_request_line
         fields = self.cfg.limit_request_fields
@@ -80,7 +82,7 @@ class HeaderTimeoutWorker(ThreadWorker):
         if (conn.is_http2 or self.cfg.is_ssl or self.cfg.proxy_protocol != "off"
                 or getattr(self.cfg, "protocol", "http") != "http"
                 or negotiation.prior_knowledge_allowed(self.cfg, conn.client)):
-            super().enqueue_req(conn)
+            self._to_thread(conn)
             return
         self._gather(conn, bytearray(conn.parser.unreader.take_buffered() if conn.parser else b""))
 
@@ -125,7 +127,7 @@ class HeaderTimeoutWorker(ThreadWorker):
         """A complete head: a plain /health is answered here, then the next request on the connection is read (a
         pipelined one included); anything else goes to a thread."""
         for _ in range(MAX_PIPELINED_IN_LOOP):
-            if self.health_answer is None or not head.startswith(HEALTH_HEADS):
+            if self.health_answer is None or not head.startswith(HEALTH_HEADS) or self.threads_stalled():
                 break
             after = self._answer_health(conn, head)
             if after is None:  # not one the loop answers: Flask does
@@ -218,7 +220,23 @@ class HeaderTimeoutWorker(ThreadWorker):
             conn.parser = http.get_parser(self.cfg, conn.sock, conn.client)  # as TConn.init() would, for HTTP/1
         conn.parser.unreader.unread(bytes(head))
         conn.data_ready = True  # the bytes are read: the thread must not wait for the socket to be readable
+        self._to_thread(conn)
+
+    def _to_thread(self, conn):
+        self.in_threads += 1
         super().enqueue_req(conn)
+
+    def finish_request(self, conn, fs):
+        """A request thread gave a connection back (gunicorn's, in the event loop)."""
+        self.in_threads -= 1
+        self.last_finished = time.monotonic()
+        super().finish_request(conn, fs)
+
+    def threads_stalled(self) -> bool:
+        """Every request thread busy and none has finished a request for `timeout` seconds (GUNICORN_TIMEOUT): the
+        worker serves nothing. /health then goes to Flask, queued behind them, so that a liveness probe fails as it
+        did before the event loop answered it (the loop itself stays alive, and gunicorn only watches the loop)."""
+        return self.in_threads >= self.cfg.threads and time.monotonic() - self.last_finished > self.cfg.timeout
 
     def _close(self, conn, answer: bytes = b""):
         self.heads.pop(conn, None)

@@ -9,7 +9,10 @@ app/logs.py gives), through gunicorn's own request parser, Response (status line
 and access log, and counted in the request latency metric as Flask counts it. "Plain": exactly `/health` (a query
 string goes to Flask), HTTP/1.0 or 1.1, no body, no conditional or range header (Flask answers those 304/200), no
 Expect or Upgrade, no X-Forwarded-*/Forwarded header (with FLOWGATE_TRUSTED_PROXIES they change the access log's
-address). Anything else, or anything that goes wrong before the answer is sent, goes to a thread as before.
+address). Anything else, or anything that goes wrong before the answer is sent, goes to a thread as before. So does
+every /health while the worker's request threads are all busy and none has finished a request for GUNICORN_TIMEOUT
+seconds: such a worker serves nothing, and its liveness probe must fail as it did before (gunicorn watches only the
+event loop, which stays alive).
 Readiness (/api/v1/health/ready) stays in Flask. Not kept: a span per /health (with an OTLP endpoint, the event
 loop's answers are not traced).
 """

@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from tests.support.gunicorn_server import GunicornServer
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.long(seconds=20)
 
@@ -134,3 +135,34 @@ def test_health_is_answered_while_the_only_request_thread_is_held_with_the_bytes
     finally:
         server.kill()
 
+
+
+def test_a_worker_whose_threads_all_hang_past_the_timeout_leaves_health_to_flask(workdir: Path):
+    """The event loop answers /health whatever its threads do; a worker whose every request thread has been stuck
+    for GUNICORN_TIMEOUT seconds serves nothing, so its liveness probe must fail as it did before: /health then
+    queues for a thread like any request."""
+    server = GunicornServer(workdir, workers=1, GUNICORN_THREADS="1", GUNICORN_TIMEOUT="8").start()
+    get = b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    probes: list[socket.socket] = []
+
+    def probe_unanswered() -> bool:
+        sock = connect(server)
+        sock.sendall(get)
+        probes.append(sock)
+        return select.select([sock], [], [], 1.0)[0] == []
+
+    try:
+        assert ask(server, get).startswith(b"HTTP/1.1 200 ")  # Flask's, kept
+        holder = connect(server)
+        holder.sendall(b"POST /trigger HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: 40\r\n\r\n{\"connector_id\": ")
+        assert not probe_unanswered()  # the event loop's, the thread held for less than the timeout
+        wait_until(probe_unanswered, timeout=60, what="/health left to the stuck thread", every=1.0)
+        holder.sendall(b'"nope"}' + b" " * 16)
+        assert answer(holder).startswith(b"HTTP/1.1 4")
+        assert all(answer(sock).startswith(b"HTTP/1.1 200 ") for sock in probes)  # the queued ones, by Flask
+        assert ask(server, get).startswith(b"HTTP/1.1 200 ")
+    finally:
+        for sock in probes:
+            sock.close()
+        server.kill()
