@@ -2,7 +2,6 @@
 
 flowgate's own variables (FLOWGATE_*, FLOW_SERVER_PORT) are read by its Settings only, here too: a bad value stops
 the master before any worker starts, naming the variable. GUNICORN_* and WEB_CONCURRENCY are gunicorn's."""
-import multiprocessing
 import os
 import shutil
 import signal
@@ -40,8 +39,12 @@ bind, _requested_bind = exposure.bind_address(_settings)
 backlog = 2048
 
 # --- workers ---------------------------------------------------------------------------------
-# Threads serve requests (a `wait` trigger holds one); pipelines run on the executor's own threads.
-workers = int(os.environ.get("WEB_CONCURRENCY", min(multiprocessing.cpu_count() * 2 + 1, 8)))
+# Threads serve requests (a `wait` trigger holds one); pipelines run on the executor's own threads, each in a
+# process forked from the one forkserver, so a running pipeline holds no request thread and no worker. 2 workers by
+# default, whatever the cores (gunicorn's 2 x cores + 1 is for workers that block on each request): two use two
+# cores for requests and one answers while the other restarts, and a 1 GB container holds them (~275 MB PSS for the
+# gateway with 3 at rest, docs/benchmarks.md) with room for their runs. More cores, more traffic: WEB_CONCURRENCY.
+workers = int(os.environ.get("WEB_CONCURRENCY", 2))
 threads = int(os.environ.get("GUNICORN_THREADS", 8))
 # gthread, but a request's line and headers must arrive within GUNICORN_HEADER_TIMEOUT seconds, read without a
 # thread (gunicorn 27 has no such setting: a client sending a header every few seconds held a thread for ever).
@@ -154,6 +157,7 @@ def when_ready(server):
     except exposure.Exposed as exc:
         server.log.error("%s", exc)
         server.halt(reason=str(exc), exit_status=1)
+    _share_forkserver(server)
     shown = ", ".join(exposure.shown(a) for a in listening)
     loopback_only = all(exposure.serves_loopback_only(a) for a in listening)
     if _settings.api_keys or _settings.api_keys_file:
@@ -164,6 +168,25 @@ def when_ready(server):
     else:
         server.log.warning("flowgate: no API keys configured (FLOWGATE_API_KEYS): anyone who reaches %s can "
                            "trigger runs%s", shown, "" if loopback_only else " (FLOWGATE_ALLOW_UNAUTHENTICATED)")
+
+
+def _share_forkserver(server):
+    """One forkserver (and resource tracker) for every worker's connector runs, started here before the first fork
+    and adopted by each worker (post_fork): a forkserver holds ~120 MB of dlt, DuckDB and pyarrow, one per worker
+    was most of the gateway's memory (docs/benchmarks.md). Not with FLOWGATE_EXECUTOR_THREADS=0 (no runs here)."""
+    if _settings.executor_threads <= 0:
+        return
+    from connectors.shared_forkserver import share_forkserver
+
+    server.log.info("flowgate: connector runs fork from one forkserver (pid %s) shared by the workers",
+                    share_forkserver())
+
+
+def post_fork(server, worker):
+    """Before the worker imports the app: use the master's forkserver, not one of its own."""
+    from connectors.shared_forkserver import adopt_forkserver
+
+    adopt_forkserver()
 
 
 def post_worker_init(worker):

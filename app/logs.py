@@ -6,6 +6,7 @@ the run id (and the run's trace) for the run it executes, and a filter copies th
 from __future__ import annotations
 
 import logging
+import random
 import re
 import sys
 import time
@@ -104,13 +105,19 @@ def configure(level: int = logging.INFO) -> None:
             logging.getLogger(name).setLevel(level)
 
 
+def request_id_for(incoming: str) -> str:
+    """A request's id: the caller's X-Request-ID when it is sane, else a new one (a uuid4's 32 hex digits, from
+    `random`: an id is no secret, and os.urandom's system call lets the GIL go, which a request answered in
+    gunicorn's event loop, app/gunicorn_worker.py, must not wait to take back under load)."""
+    return incoming if _INCOMING_ID.match(incoming) else uuid.UUID(int=random.getrandbits(128), version=4).hex
+
+
 def init_app(app: Flask) -> None:
     """Give every request an id: the caller's X-Request-ID when it is sane, a new one otherwise; echo it back."""
 
     @app.before_request
     def assign_request_id() -> None:
-        incoming = request.headers.get("X-Request-ID", "")
-        g.request_id = incoming if _INCOMING_ID.match(incoming) else uuid.uuid4().hex
+        g.request_id = request_id_for(request.headers.get("X-Request-ID", ""))
         g.request_id_token = request_id.set(g.request_id)
 
     @app.after_request

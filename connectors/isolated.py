@@ -1,7 +1,8 @@
 """A connector run (or a preview) in a child process of its own, so a cancel or a timeout stops it within seconds
 wherever it is (a source that never answers included) without taking the calling process down with it.
 
-Children come from a forkserver started once per process and preloaded with dlt, so a run starts in tens of
+Children come from a forkserver started once per process (under gunicorn: once by the master, for every worker,
+connectors/shared_forkserver.py) and preloaded with dlt, so a run starts in tens of
 milliseconds, and no process with threads (a gunicorn worker) ever forks. The child sends its log lines and
 its outcome back over a pipe; the caller re-emits the lines in its own thread, so they carry its context. The
 run's trace context goes to the child with its arguments; with an OTLP endpoint the child exports its own
@@ -60,7 +61,8 @@ def _main_module() -> list[str]:
 
 
 def warm_up() -> None:
-    """Start the forkserver now (it imports dlt once), so the first run does not wait for it."""
+    """Start the forkserver now (it imports dlt once), so the first run does not wait for it; in a gunicorn worker
+    that adopted its master's (connectors/shared_forkserver.py), check that one is still there."""
     from multiprocessing import forkserver
 
     _context()

@@ -11,7 +11,7 @@ import yaml
 from pydantic import ValidationError
 
 from connectors import secrets
-from connectors.pipeline import ConnectorRunError, load_factory
+from connectors.factory_ref import check_factory_ref
 from connectors.spec import ConnectorSpec, PythonSource, resolve_relative
 
 _ENV_REF = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::(?P<default>[^}]*))?\}")
@@ -83,9 +83,10 @@ class ConnectorRegistry:
                 raise RegistryError(f"{where}: " + "; ".join(_describe(e) for e in exc.errors())) from None
             if isinstance(spec.source, PythonSource):
                 try:
-                    load_factory(spec.source.ref, spec.id)
-                except ConnectorRunError as exc:
-                    raise RegistryError(f"{where}: field 'source.ref': {exc.message}") from None
+                    check_factory_ref(spec.source.ref)  # without importing it when its source says (no dlt here)
+                except (ImportError, AttributeError) as exc:
+                    raise RegistryError(
+                        f"{where}: field 'source.ref': cannot import {spec.source.ref}: {exc}") from None
             connectors[spec.id] = spec
         return cls(connectors, path)
 

@@ -167,12 +167,8 @@ class Load:
 
 
 def worker_pids(server: GunicornServer) -> list[int]:
-    """The gunicorn workers: the master's children."""
-    try:
-        children = Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children").read_text()
-    except OSError:
-        return []
-    return [int(pid) for pid in children.split()]
+    """The gunicorn workers (not the forkserver and resource tracker the master also starts)."""
+    return server.worker_pids()
 
 
 class Faults:

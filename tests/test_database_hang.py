@@ -62,7 +62,7 @@ def test_a_worker_that_restarts_while_the_database_hangs_does_not_take_the_gatew
                              DATABASE_URL=postgres_url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}"))
     gateway.start()
     try:
-        worker = int(Path(f"/proc/{gateway.process.pid}/task/{gateway.process.pid}/children").read_text().split()[0])
+        worker = gateway.worker_pids()[0]
         proxy.hold.set()
         os.kill(worker, signal.SIGKILL)
         wait_until(lambda: gateway.log().count("Booting worker with pid") >= 2, what="the master booted a new worker")

@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 import signal
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -16,7 +18,7 @@ import pytest
 
 from app.runs.store import RunStore
 from flows.outcome import TERMINAL
-from tests.support.gunicorn_server import GunicornServer, run_store
+from tests.support.gunicorn_server import ROOT, GunicornServer, run_store
 from tests.support.waiting import wait_until, wait_until_ended
 
 pytestmark = pytest.mark.long(seconds=110)  # started first in the parallel run (conftest.py)
@@ -121,6 +123,18 @@ def test_sigterm_lets_a_short_run_finish_and_records_a_long_one(server, workdir)
     store.dispose()
     assert short_run.status == "completed" and short_run.result["rows"] == {"numbers": 5}
     assert long_run.status == "crashed" and long_run.error["code"] == "interrupted"
+
+
+@pytest.mark.parametrize("web_concurrency, workers", [(None, "2"), ("5", "5")])
+def test_two_workers_by_default_whatever_the_cores_and_web_concurrency_overrides(tmp_path, web_concurrency, workers):
+    """Sized for a laptop or a 1 GB container (docs/operations.md, Sizing), not 2 x cores + 1."""
+    env = {name: value for name, value in os.environ.items() if name != "WEB_CONCURRENCY"}
+    env.update({"FLOWGATE_VAR_DIR": str(tmp_path / "var"), **({"WEB_CONCURRENCY": web_concurrency}
+                                                              if web_concurrency else {})})
+    code = "import runpy; print(runpy.run_path('gunicorn.conf.py')['workers'])"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == workers
 
 
 def test_gunicorn_cmd_args_win_over_the_config_file(workdir):

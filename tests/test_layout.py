@@ -139,6 +139,42 @@ def test_a_prefect_flow_run_loads_nothing_of_the_gateway():
     assert json.loads(done.stdout.strip().splitlines()[-1]) == []
 
 
+# A gateway process: the app created, a request of each kind served (a trigger queued, no executor started)
+GATEWAY_PROCESS = """
+import json, sys
+from app import create_app
+app = create_app({"var_dir": sys.argv[1], "connectors_file": sys.argv[2], "workflows_dir": sys.argv[3]})
+client = app.test_client()
+run = client.post("/trigger", json={"connector_id": "numbers"})
+answers = [run.status_code] + [client.get(path).status_code for path in (
+    "/health", "/api/v1/health/ready", "/api/v1/connectors", "/api/v1/runs/" + run.json["run_id"], "/metrics")]
+exec(sys.argv[4])
+print(json.dumps([answers, sorted(m for m in sys.modules if m.split(".")[0] in ("dlt", "duckdb", "pyarrow"))]))
+"""
+
+
+def gateway_imports(workdir: Path, extra: str = "") -> tuple[list[int], list[str]]:
+    done = subprocess.run([sys.executable, "-c", GATEWAY_PROCESS, str(workdir / "var"),
+                           str(workdir / "connectors.yaml"), str(workdir / "workflows"), extra],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    answers, modules = json.loads(done.stdout.strip().splitlines()[-1])
+    return answers, modules
+
+
+def test_a_gateway_process_imports_no_dlt_until_a_run_needs_it(workdir):
+    """A gunicorn worker holds no dlt, DuckDB or pyarrow (issue 31: tens of MB per worker): only a run's process
+    needs them, and it forks from a forkserver that imported them once (connectors/isolated.py)."""
+    answers, modules = gateway_imports(workdir)
+    assert answers[0] == 202 and answers[1] == 200 and answers[3:] == [200, 200, 200]
+    assert modules == []
+
+
+def test_the_gateway_import_check_sees_dlt(workdir):
+    _, modules = gateway_imports(workdir, extra="import connectors.preload")
+    assert "dlt" in modules and "duckdb" in modules
+
+
 def test_a_module_over_300_lines_says_why_in_its_docstring():
     long = []
     for package in PACKAGES:

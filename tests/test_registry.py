@@ -1,6 +1,7 @@
 """connectors.yaml: validation with errors that name file, connector and field; env substitution; redaction."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -137,3 +138,22 @@ def test_a_schema_contract_is_a_mode_or_a_mode_per_entity_and_a_wrong_mode_is_na
     assert registry.get("b").schema_contract.to_dlt() == {"columns": "discard_value"}
     with pytest.raises(RegistryError, match="'frozen' is not a contract mode: give one of evolve, freeze"):
         ConnectorRegistry.load(write(tmp_path, f"connectors:\n  a:\n    {source}\n    schema_contract: frozen\n"))
+
+
+def test_a_python_source_is_checked_from_its_source_without_importing_it(tmp_path: Path, monkeypatch):
+    """Loading connectors.yaml in a gateway worker does not run a python source's module (a source imports dlt,
+    which only a run's process needs): its source says the function is there. A module whose source cannot say
+    (here: it binds names through globals()) is imported to check, as before."""
+    modules = tmp_path / "modules"
+    modules.mkdir()
+    (modules / "quiet_source.py").write_text("raise RuntimeError('imported')\n\n\ndef rows():\n    yield {'n': 1}\n")
+    (modules / "dynamic_source.py").write_text("globals()['rows'] = lambda: iter([{'n': 1}])\n")
+    monkeypatch.syspath_prepend(str(modules))
+    path = write(tmp_path, "connectors:\n  quiet: {source: {kind: python, ref: 'quiet_source:rows'}}\n"
+                           "  dynamic: {source: {kind: python, ref: 'dynamic_source:rows'}}\n")
+    assert {spec.id for spec in ConnectorRegistry.load(path)} == {"quiet", "dynamic"}
+    assert "quiet_source" not in sys.modules and "dynamic_source" in sys.modules
+    monkeypatch.delitem(sys.modules, "dynamic_source")
+    with pytest.raises(RegistryError, match=r"connector 'q': field 'source.ref': cannot import quiet_source:nothing: "
+                                            r"module 'quiet_source' has no attribute 'nothing'"):
+        ConnectorRegistry.load(write(tmp_path, "connectors:\n  q: {source: {kind: python, ref: 'quiet_source:nothing'}}\n"))

@@ -62,6 +62,23 @@ class GunicornServer:
         self.kill()
         raise RuntimeError(f"gunicorn did not become ready in {timeout}s:\n{self.log()}")
 
+    def worker_pids(self) -> list[int]:
+        """The gunicorn workers: the master's children but the forkserver and the resource tracker it starts for
+        their runs (connectors/shared_forkserver.py)."""
+        pid = self.process.pid if self.process else None
+        try:
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            return []
+        workers = []
+        for child in children:
+            try:
+                if b"multiprocessing." not in Path(f"/proc/{child}/cmdline").read_bytes():
+                    workers.append(int(child))
+            except OSError:
+                continue
+        return workers
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
