@@ -213,3 +213,19 @@ def test_a_flow_run_taking_its_run_and_the_gateway_taking_it_back_never_both_win
         assert (after.backend, after.lease_owner, after.status) == ("local", None, QUEUED)
         assert "local backend" in took
         assert store.claim_next("executor-a", lease_seconds=600).id == run.id
+
+
+def test_a_flow_run_whose_lease_lapsed_is_ended_and_one_renewing_it_is_not(store: RunStore):
+    """The gateway ends a Prefect run whose flow run's process is gone by its lease on the run: never while the
+    lease is live (the process renews it), and a lapsed lease cannot be renewed back (it is nobody's)."""
+    run = queued(store, backend="prefect")
+    lease = RunLease(store.db, run.id, holder_of("flow-run-1", "a"), lease_seconds=600)
+    assert lease.take() is None and lease.renew()
+    gone = RunError("prefect_crashed", "the flow run's process is gone", failure_class="crashed")
+    assert store.end_lapsed_flow_run(run.id, "prefect:flow-run-1:a", gone) is None  # alive: untouched
+    assert store.get(run.id).status == QUEUED
+    lapse_lease(store, run.id)
+    assert not lease.renew()
+    assert store.end_lapsed_flow_run(run.id, "prefect:flow-run-2:a", gone) is None  # another flow run's: not ours
+    ended = store.end_lapsed_flow_run(run.id, "prefect:flow-run-1:a", gone)
+    assert (ended.status, ended.error["code"], ended.prefect_state) == (CRASHED, "prefect_crashed", "Crashed")

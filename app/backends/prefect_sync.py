@@ -13,7 +13,7 @@ from app.backends.prefect_client import PrefectError, is_claim
 from app.metrics import FALLBACKS, observe_run_end
 from app.runs.models import Run, utcnow
 from flows.loop import Loop
-from flows.outcome import QUEUED, RunError
+from flows.outcome import CANCELLED, CRASHED, QUEUED, RunError
 from flows.prefect import contract
 from flows.prefect.contract import FLOW_NAME, WORKFLOW_DEPLOYMENT, WORKFLOW_FLOW_NAME
 from flows.run_lease import held_by_flow_run
@@ -133,25 +133,32 @@ class PrefectSync(Loop):
     def _end_gone(self, run: Run, flow_run: dict[str, Any]) -> int:
         """The flow run took its run's lease and let it lapse, and Prefect still shows it unfinished: its process
         is gone (killed, or exited while the Prefect server was down), and nobody will report its end. The run ends
-        crashed, as a flow run Prefect saw crash does (or its retry policy queues the next attempt); Prefect is
-        told, best effort. Only a fresh read of the flow run counts (a Prefect that cannot be read leaves the run
-        as it is: only Prefect knows whether it completed before its process went)."""
+        crashed, as a flow run Prefect saw crash does (or its retry policy queues the next attempt; one asked to
+        cancel ends cancelled); Prefect is told, best effort. Only a fresh read of the flow run counts (a Prefect
+        that cannot be read leaves the run as it is: only Prefect knows whether it completed before its process
+        went)."""
         flow_run_id = str(flow_run["id"])
         state = flow_run.get("state") or {}
         message = (f"the flow run's process is gone: its lease on the run lapsed at {run.lease_expires_at:%H:%M:%S} "
                    f"UTC while Prefect still showed it {state.get('name') or state.get('type')}, and nobody reported "
                    f"its end")
-        ended = self.store.end_lapsed_flow_run(run.id, str(run.lease_owner), RunError(
-            "prefect_crashed", message, failure_class="crashed"))
+        cancelled = run.cancel_requested or state.get("type") == "CANCELLING"  # asked to stop, and stopped
+        ended = self.store.end_lapsed_flow_run(run.id, str(run.lease_owner), RunError("cancelled", message)
+                                               if cancelled else RunError("prefect_crashed", message,
+                                                                          failure_class="crashed"),
+                                               status=CANCELLED if cancelled else CRASHED)
         if ended is None:  # renewed, ended or moved meanwhile
             return 0
         log.warning("run %s: %s; %s", run.id, message, "its next attempt is queued" if ended.status == QUEUED
-                    else "ended crashed", extra={"run_id": run.id})
+                    else f"ended {ended.status}", extra={"run_id": run.id})
         if ended.is_terminal:
             observe_run_end(ended.kind, ended.target, ended.status, ended.started_at, ended.finished_at,
                             backend="prefect")
         try:
-            self.backend.client.crash_flow_run(flow_run_id, f"flowgate: {message}")
+            if state.get("type") == "CANCELLING":  # the only way Prefect lets it go
+                self.backend.client.end_cancelling_flow_run(flow_run_id, f"flowgate: {message}")
+            else:
+                self.backend.client.crash_flow_run(flow_run_id, f"flowgate: {message}")
         except PrefectError as exc:
             log.info("marking flow run %s crashed failed: %s", flow_run_id, exc.message)
         return 1

@@ -625,18 +625,19 @@ class RunStore:
         return self._change_unfinished(run_id, "prefect", (QUEUED,), (Run.lease_owner.is_(None),), backend="local",
                                        fallback_reason=reason, **values)
 
-    def end_lapsed_flow_run(self, run_id: str, owner: str, error: RunError) -> Run | None:
-        """End as crashed (or queue the next attempt, when its retry policy takes crashes) a Prefect run whose flow
-        run took its lease as `owner` and let it lapse: that flow run's process is gone (flows/run_lease.py). Only
-        while the lease is still `owner`'s and lapsed, by the database's clock. The run as written, or None."""
+    def end_lapsed_flow_run(self, run_id: str, owner: str, error: RunError, status: str = CRASHED) -> Run | None:
+        """End as `status` (crashed, or cancelled for a run asked to cancel; a crash its retry policy takes queues
+        the next attempt) a Prefect run whose flow run took its lease as `owner` and let it lapse: that flow run's
+        process is gone (flows/run_lease.py). Only while the lease is still `owner`'s and lapsed, by the database's
+        clock. The run as written, or None."""
 
         def attempt() -> Run | None:
             with self.db.session(write=True) as session:
                 now = self._now(session)
-                written = self._end_attempt(session, run_id, _UNFINISHED, CRASHED, None, error,
+                written = self._end_attempt(session, run_id, _UNFINISHED, status, None, error,
                                             Run.backend == "prefect", Run.lease_owner == owner,
-                                            Run.lease_expires_at < now, now=now, log_error=True,
-                                            prefect_state="Crashed")
+                                            Run.lease_expires_at < now, now=now, log_error=status == CRASHED,
+                                            prefect_state=status.capitalize())
                 return session.get(Run, run_id, options=_WITH_CALLBACK) if written else None
 
         return self.db.retry(attempt)
