@@ -11,7 +11,7 @@ from typing import Any
 from app.backends.prefect import WORKER_RUN_STORE_MISMATCH, PrefectBackend
 from app.backends.prefect_client import PrefectError, is_claim
 from app.metrics import FALLBACKS, observe_run_end
-from app.runs.models import Run, utcnow
+from app.runs.models import SOURCE_PREFECT, Run, utcnow
 from flows.loop import Loop
 from flows.outcome import CANCELLED, CRASHED, QUEUED, RunError
 from flows.prefect import contract
@@ -124,7 +124,8 @@ class PrefectSync(Loop):
                 changed += self._reclaim(run, flow_run)
             elif _process_gone(run, flow_run, now):
                 changed += self._end_gone(run, flow_run)
-            elif run.status == QUEUED and run.lease_owner is None and _unstarted(flow_run, started_before):
+            elif (run.status == QUEUED and run.lease_owner is None and run.source != SOURCE_PREFECT
+                  and _unstarted(flow_run, started_before)):  # an adopted flow run takes no lease: no fence
                 changed += self._take_back_unstarted(run, flow_run)
             elif self.backend.apply_flow_run(run, flow_run) is not run:
                 changed += 1
