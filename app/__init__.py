@@ -177,7 +177,7 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     prefect = PrefectBackend(store, make_prefect_route(settings), settings.run_timeout_seconds)
     dispatcher = Dispatcher(settings, store, registry, workspace, LocalBackend(store, executor), prefect, workflows)
     prefect_sync = PrefectSync(prefect, pickup_seconds=settings.prefect_pickup_seconds,
-                               adopt=dispatcher.adopt_flow_run)
+                               adopt=dispatcher.adopt_flow_run, start_seconds=settings.prefect_start_seconds)
     engine = WorkflowEngine(replace(toolbox, run_connector=executor.connector_runner(
         owner=f"execute-node:{socket.gethostname()}:{os.getpid()}")))
     callbacks = CallbackSender(store, OutboundPolicy.parse(settings.callback_allowed_hosts), settings.callback_secret,

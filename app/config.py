@@ -67,6 +67,12 @@ class Settings(RuntimeSettings):
         description="A run handed to Prefect that no worker has picked up this long after is taken back from "
                     "Prefect (its flow run cancelled) and runs locally, under the same run id "
                     "(prefect_not_picked_up).")
+    prefect_start_seconds: float = Field(
+        300.0, gt=0, le=86400, validation_alias="FLOWGATE_PREFECT_START_SECONDS",
+        description="A flow run a Prefect worker claimed (Pending) that has not started running this long after (its "
+                    "worker died or froze, or the Prefect server lost the submission) is taken back and runs "
+                    "locally, under the same run id (prefect_not_started); keep it well above a flow run's start "
+                    "(a process and its imports: seconds).")
     prefect_worker_max_age_seconds: float = Field(
         65.0, gt=0, le=3600, validation_alias="FLOWGATE_PREFECT_WORKER_MAX_AGE_SECONDS",
         description="A Prefect worker whose last heartbeat is older than this counts as gone: keep it above two "
@@ -91,10 +97,6 @@ class Settings(RuntimeSettings):
                     "a schedule's slot starts on time while triggers keep every other slot busy. 0: scheduled runs "
                     "share the slots (still claimed before triggered ones). A process with no executor threads runs "
                     "none.")
-    lease_seconds: float = Field(
-        30.0, gt=0.5, le=3600, validation_alias="FLOWGATE_LEASE_SECONDS",
-        description="How long a claimed run stays owned without a renewal. Renewals go every third of it (a cancel "
-                    "is heard then); a process none got through for two thirds of it stops the run.")
     poll_seconds: float = Field(0.5, gt=0, le=60,
                                 validation_alias="FLOWGATE_POLL_SECONDS",
                                 description="How often an idle executor looks for queued runs.")

@@ -175,10 +175,12 @@ class ConnectorLock:
         self.database.retry(attempt)
 
     @contextmanager
-    def hold(self, key: str, holder: str, should_stop: Callable[[], bool] = lambda: False) -> Iterator[threading.Event]:
+    def hold(self, key: str, holder: str, should_stop: Callable[[], bool] = lambda: False,
+             lost: threading.Event | None = None) -> Iterator[threading.Event]:
         """Wait for `key`, hold it while the block runs (kept by a LeaseKeeper), release it after.
 
-        Yields an event that is set if the lease is lost (taken, or not renewed in time): stop (LockLost)."""
+        Yields an event (`lost`, when given: a flow run's, which its lease on its run sets too) that is set if the
+        lease is lost (taken, or not renewed in time): stop (LockLost)."""
         waited = False
         asked = time.monotonic()  # the lease runs from no earlier than this
         while not self.try_acquire(key, holder):
@@ -190,7 +192,7 @@ class ConnectorLock:
                 waited = True
             time.sleep(self.poll_seconds)
             asked = time.monotonic()
-        lost = threading.Event()
+        lost = lost or threading.Event()
         lease = keep_one(key, lambda: self.renew(key, holder), self.lease_seconds, lost, since=asked)
         try:
             yield lost

@@ -65,6 +65,12 @@ class RuntimeSettings(BaseSettings):
         300.0, ge=0, le=3600, validation_alias="FLOWGATE_MAX_DELAY_SECONDS",
         description="Longest a workflow `delay` node may wait.")
 
+    lease_seconds: float = Field(
+        30.0, gt=0.5, le=3600, validation_alias="FLOWGATE_LEASE_SECONDS",
+        description="How long a claimed run stays owned without a renewal (a local run's, and a Prefect flow run's "
+                    "on its run: give workers the gateways' value). Renewals go every third of it (a cancel is heard "
+                    "then); a process none got through for two thirds of it stops the run.")
+
     def secret_values(self) -> list[str]:
         """The values of these settings that are secrets (a key, a URL's password), for connectors.secrets to
         scrub: an upstream that echoes its Authorization header must not pass the key on to a caller."""

@@ -3,20 +3,16 @@ Prefect server and worker of this module's own: runs no worker picks up go local
 once the worker's heartbeat is too old, and a flow run taken back or already run is never executed twice."""
 from __future__ import annotations
 
-import os
-import signal
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 import pytest
 
 from app import create_app
 from app.backends.prefect_client import CLAIM_MESSAGE
 from app.runs.store import NewRun, RunStore
-from tests.support.prefect_stack import PrefectStack, deployed_stack
+from tests.support.prefect_stack import PrefectStack, deployed_stack, frozen_worker, ran_on_prefect
 from tests.support.waiting import wait_until, wait_until_ended
 
 pytestmark = pytest.mark.long(seconds=100)  # started first in the parallel run (conftest.py)
@@ -26,44 +22,6 @@ pytestmark = pytest.mark.long(seconds=100)  # started first in the parallel run 
 def stack(tmp_path_factory) -> Iterator[PrefectStack]:
     with deployed_stack(tmp_path_factory.mktemp("prefect"), "flowgate_test_prefect_worker") as stack:
         yield stack
-
-
-@contextmanager
-def frozen_worker(stack: PrefectStack):
-    """The process worker hung (SIGSTOP): Prefect still counts it online until its heartbeat ages out.
-
-    Frozen only once no earlier test's flow run is still to run or running: one it had just picked up would hold
-    the deployment's concurrency slot while frozen, and Prefect refuses every claim of the deployment's runs
-    (PENDING) until the slot frees, so no run could be taken back. A scheduled one counts too: a worker frozen in
-    the middle of picking it up holds the slot as well (the likely cause of a red run, where every claim of both
-    stranded runs was refused for 90 s). Those that do not end within a minute are cancelled."""
-    def active() -> list[dict]:
-        return stack.api("POST", "flow_runs/filter", json={"flow_runs": {"state": {"type": {"any_": [
-            "SCHEDULED", "PENDING", "RUNNING", "CANCELLING"]}}}})
-
-    deadline = time.monotonic() + 60
-    while active() and time.monotonic() < deadline:
-        time.sleep(0.5)
-    for flow_run in active():
-        try:
-            stack.api("POST", f"flow_runs/{flow_run['id']}/set_state", json={"state": {
-                "type": "CANCELLED", "name": "Cancelled", "message": "left active by an earlier test"}, "force": True})
-        except httpx.HTTPStatusError:  # Prefect refused (500 seen): the test goes on, as it did before this cleanup
-            pass
-    os.killpg(stack.worker.pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.killpg(stack.worker.pid, signal.SIGCONT)
-
-
-def ran_on_prefect(stack: PrefectStack, flow_run_id: str) -> bool:
-    """The flow run executed its connector, all or part: it completed, or started a step (a task run). One a
-    worker started after its run went local is RUNNING for a moment, finds that in the run store and ends
-    Cancelled before its first step."""
-    states = stack.api("GET", f"flow_run_states/?flow_run_id={flow_run_id}")
-    return any(state["type"] == "COMPLETED" for state in states) or bool(
-        stack.api("POST", "task_runs/filter", json={"flow_runs": {"id": {"any_": [flow_run_id]}}}))
 
 
 def pickup_gateway(stack: PrefectStack, tmp_path: Path, **settings):

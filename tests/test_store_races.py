@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
 from sqlalchemy import update
 
 from app.runs.models import Run, RunCallback, utcnow
 from app.runs.store import NewRun, RunStore
 from flows.outcome import CANCELLED, CANCELLING, COMPLETED, CRASHED, FAILED, QUEUED, RUNNING, RunError
+from flows.run_lease import RunLease, holder_of
 from tests.support.races import race
 
 
@@ -190,3 +192,40 @@ def test_the_race_harness_lets_the_other_call_end_between_the_held_calls_read_an
                    other=lambda: store.renew_leases("executor-a", [run.id], 600))
     assert outcome.other_ended_first is (not store.is_sqlite)
     assert outcome.held.status == CANCELLING and outcome.other[1] == ({run.id} if store.is_sqlite else set())
+
+
+@pytest.mark.parametrize("held", ["the flow run's take", "the gateway's take-back"])
+def test_a_flow_run_taking_its_run_and_the_gateway_taking_it_back_never_both_win(store: RunStore, held: str):
+    """A worker's flow run starts just as the gateway takes its unstarted run back to run it locally: whichever
+    compare-and-set on the run commits first wins, and the other changes nothing (Prefect accepts RUNNING over the
+    gateway's CANCELLED, so the run store is the only fence)."""
+    run = queued(store, backend="prefect")
+    lease = RunLease(store.db, run.id, holder_of("flow-run-1", "a"))
+    take, take_back = lease.take, lambda: store.fall_back_to_local(run.id, "prefect_not_started",
+                                                                   prefect_state="Cancelled")
+    outcome = race(store, *((take, take_back) if held == "the flow run's take" else (take_back, take)))
+    took, moved = (outcome.held, outcome.other) if held == "the flow run's take" else (outcome.other, outcome.held)
+    after = store.get(run.id)
+    assert (took is None) != (moved is not None), (took, moved)  # exactly one of them won
+    if took is None:  # the flow run executes it; the gateway left it on Prefect
+        assert (after.backend, after.lease_owner, after.fallback_reason) == ("prefect", "prefect:flow-run-1:a", None)
+    else:  # it runs locally; the flow run ends Cancelled without executing, saying why
+        assert (after.backend, after.lease_owner, after.status) == ("local", None, QUEUED)
+        assert "local backend" in took
+        assert store.claim_next("executor-a", lease_seconds=600).id == run.id
+
+
+def test_a_flow_run_whose_lease_lapsed_is_ended_and_one_renewing_it_is_not(store: RunStore):
+    """The gateway ends a Prefect run whose flow run's process is gone by its lease on the run: never while the
+    lease is live (the process renews it), and a lapsed lease cannot be renewed back (it is nobody's)."""
+    run = queued(store, backend="prefect")
+    lease = RunLease(store.db, run.id, holder_of("flow-run-1", "a"), lease_seconds=600)
+    assert lease.take() is None and lease.renew()
+    gone = RunError("prefect_crashed", "the flow run's process is gone", failure_class="crashed")
+    assert store.end_lapsed_flow_run(run.id, "prefect:flow-run-1:a", gone) is None  # alive: untouched
+    assert store.get(run.id).status == QUEUED
+    lapse_lease(store, run.id)
+    assert not lease.renew()
+    assert store.end_lapsed_flow_run(run.id, "prefect:flow-run-2:a", gone) is None  # another flow run's: not ours
+    ended = store.end_lapsed_flow_run(run.id, "prefect:flow-run-1:a", gone)
+    assert (ended.status, ended.error["code"], ended.prefect_state) == (CRASHED, "prefect_crashed", "Crashed")

@@ -213,6 +213,12 @@ class PrefectClient:
         self._request("POST", f"flow_runs/{flow_run_id}/set_state", json={
             "state": {"type": "CANCELLED", "name": "Cancelled", "message": message}, "force": True})
 
+    def crash_flow_run(self, flow_run_id: str, message: str) -> None:
+        """Tell Prefect a flow run crashed (its process is gone, and nobody else can say so). Never forced: a flow
+        run that ended meanwhile keeps its end, and the proposal frees the deployment's concurrency slot it held."""
+        self._request("POST", f"flow_runs/{flow_run_id}/set_state", json={
+            "state": {"type": "CRASHED", "name": "Crashed", "message": message}, "force": False})
+
     def cancel_flow_run(self, flow_run_id: str) -> str | None:
         """Ask Prefect to cancel a flow run; returns the state type it is in after: CANCELLED when no worker had
         taken it (Prefect ends it at once), CANCELLING when one has (the worker stops it; the flow cannot start

@@ -1,5 +1,6 @@
 """Following Prefect runs in the background: one batched call brings every unfinished run up to date, runs no
-worker picked up are taken back, runs whose flow run is unconfirmed are settled, overdue runs are ended."""
+worker picked up (or started) are taken back, runs whose flow run's process is gone are ended, runs whose flow run
+is unconfirmed are settled, overdue runs are ended."""
 from __future__ import annotations
 
 import logging
@@ -9,16 +10,19 @@ from typing import Any
 
 from app.backends.prefect import WORKER_RUN_STORE_MISMATCH, PrefectBackend
 from app.backends.prefect_client import PrefectError, is_claim
-from app.runs.models import Run, utcnow
+from app.metrics import FALLBACKS, observe_run_end
+from app.runs.models import SOURCE_PREFECT, Run, utcnow
 from flows.loop import Loop
-from flows.outcome import QUEUED, RunError
+from flows.outcome import CANCELLED, CRASHED, QUEUED, RunError
 from flows.prefect import contract
 from flows.prefect.contract import FLOW_NAME, WORKFLOW_DEPLOYMENT, WORKFLOW_FLOW_NAME
+from flows.run_lease import held_by_flow_run
 
 log = logging.getLogger(__name__)
 
 ADOPT_PAGE, ADOPT_PAGES = 200, 10  # flow runs read per call, and calls at most per adoption pass
 ADOPT_OVERLAP = timedelta(seconds=60)
+_ENDED = ("COMPLETED", "FAILED", "CANCELLED", "CRASHED")  # Prefect's terminal state types
 
 
 class PrefectSync(Loop):
@@ -27,11 +31,13 @@ class PrefectSync(Loop):
 
     def __init__(self, backend: PrefectBackend, pickup_seconds: float = 30.0, give_up_seconds: float = 60.0,
                  every: float = 2.0, adopt: Callable[[dict[str, Any]], Run | None] | None = None,
-                 adopt_every: int = 5, adopt_within_seconds: float = 3600.0):
+                 adopt_every: int = 5, adopt_within_seconds: float = 3600.0, start_seconds: float = 300.0):
         super().__init__("prefect-sync", every)
         self.backend = backend
         self.store = backend.store
         self.pickup_seconds = pickup_seconds
+        # A flow run a worker claimed (Pending) that has not started this long after is taken back.
+        self.start_seconds = start_seconds
         # A run whose flow run Prefect neither confirms nor denies for this long (it is unreachable) runs locally.
         self.give_up_seconds = give_up_seconds
         # Flow runs of the connector flow that someone started in Prefect: looked for every `adopt_every` passes,
@@ -106,7 +112,9 @@ class PrefectSync(Loop):
         if not runs or not self.backend.available:
             return 0
         changed = 0
-        picked_up_before = utcnow() - timedelta(seconds=self.pickup_seconds)
+        now = utcnow()
+        picked_up_before = now - timedelta(seconds=self.pickup_seconds)
+        started_before = now - timedelta(seconds=self.start_seconds)
         for flow_run in self.backend.client.read_flow_runs(list(runs)):
             run = runs.get(str(flow_run["id"]))
             if run is None:
@@ -114,9 +122,69 @@ class PrefectSync(Loop):
             waiting_since = run.next_attempt_at or run.created_at  # a retry's flow run is made when it is due
             if run.status == QUEUED and waiting_since < picked_up_before and _unpicked(flow_run):
                 changed += self._reclaim(run, flow_run)
+            elif _process_gone(run, flow_run, now):
+                changed += self._end_gone(run, flow_run)
+            elif (run.status == QUEUED and run.lease_owner is None and run.source != SOURCE_PREFECT
+                  and _unstarted(flow_run, started_before)):  # an adopted flow run takes no lease: no fence
+                changed += self._take_back_unstarted(run, flow_run)
             elif self.backend.apply_flow_run(run, flow_run) is not run:
                 changed += 1
         return changed
+
+    def _end_gone(self, run: Run, flow_run: dict[str, Any]) -> int:
+        """The flow run took its run's lease and let it lapse, and Prefect still shows it unfinished: its process
+        is gone (killed, or exited while the Prefect server was down), and nobody will report its end. The run ends
+        crashed, as a flow run Prefect saw crash does (or its retry policy queues the next attempt; one asked to
+        cancel ends cancelled); Prefect is told, best effort. Only a fresh read of the flow run counts (a Prefect
+        that cannot be read leaves the run as it is: only Prefect knows whether it completed before its process
+        went)."""
+        flow_run_id = str(flow_run["id"])
+        state = flow_run.get("state") or {}
+        message = (f"the flow run's process is gone: its lease on the run lapsed at {run.lease_expires_at:%H:%M:%S} "
+                   f"UTC while Prefect still showed it {state.get('name') or state.get('type')}, and nobody reported "
+                   f"its end")
+        cancelled = run.cancel_requested or state.get("type") == "CANCELLING"  # asked to stop, and stopped
+        ended = self.store.end_lapsed_flow_run(run.id, str(run.lease_owner), RunError("cancelled", message)
+                                               if cancelled else RunError("prefect_crashed", message,
+                                                                          failure_class="crashed"),
+                                               status=CANCELLED if cancelled else CRASHED)
+        if ended is None:  # renewed, ended or moved meanwhile
+            return 0
+        log.warning("run %s: %s; %s", run.id, message, "its next attempt is queued" if ended.status == QUEUED
+                    else f"ended {ended.status}", extra={"run_id": run.id})
+        if ended.is_terminal:
+            observe_run_end(ended.kind, ended.target, ended.status, ended.started_at, ended.finished_at,
+                            backend="prefect")
+        try:
+            if state.get("type") == "CANCELLING":  # the only way Prefect lets it go
+                self.backend.client.end_cancelling_flow_run(flow_run_id, f"flowgate: {message}")
+            else:
+                self.backend.client.crash_flow_run(flow_run_id, f"flowgate: {message}")
+        except PrefectError as exc:
+            log.info("marking flow run %s crashed failed: %s", flow_run_id, exc.message)
+        return 1
+
+    def _take_back_unstarted(self, run: Run, flow_run: dict[str, Any]) -> int:
+        """A worker claimed the flow run (PENDING) and it did not start within FLOWGATE_PREFECT_START_SECONDS: the
+        worker died or froze, or the Prefect server lost the submission. The run goes local under the same run id,
+        only while no flow run took its lease (the fence: a flow run starting now finds its run local and does not
+        execute; one that took the lease first keeps it); the flow run is closed in Prefect second, best effort."""
+        flow_run_id = str(flow_run["id"])
+        moved = self.store.fall_back_to_local(run.id, "prefect_not_started", prefect_state="Cancelled")
+        if moved is None:
+            log.info("run %s started on Prefect (or changed) as its start deadline passed; it stays there", run.id)
+            return 0
+        FALLBACKS.labels("prefect_not_started").inc()
+        log.warning("run %s: flow run %s was claimed by a worker but not started within %g s; running it locally",
+                    run.id, flow_run_id, self.start_seconds, extra={"run_id": run.id})
+        try:
+            self.backend.client.close_reclaimed_flow_run(
+                flow_run_id, f"claimed by a worker but not started within {self.start_seconds:g} s; flowgate runs "
+                             f"it locally")
+        except PrefectError as exc:
+            log.warning("closing flow run %s failed (%s); a worker that starts it finds its run local and does not "
+                        "execute it", flow_run_id, exc.message)
+        return 1
 
     def _reclaim(self, run: Run, flow_run: dict[str, Any]) -> int:
         """No worker picked the flow run up within FLOWGATE_PREFECT_PICKUP_SECONDS: claim it the way a worker
@@ -136,6 +204,8 @@ class PrefectSync(Loop):
         # Ours now (no worker can take a flow run out of PENDING): the run goes local first, so nothing that reads
         # the flow run meanwhile can record it as cancelled; closing it in Prefect comes second, best effort.
         moved = self.store.fall_back_to_local(run.id, "prefect_not_picked_up", prefect_state="Cancelled")
+        if moved is not None:
+            FALLBACKS.labels("prefect_not_picked_up").inc()
         log.warning("run %s: no worker picked up flow run %s within %g s; running it locally", run.id, flow_run_id,
                     self.pickup_seconds, extra={"run_id": run.id})
         try:
@@ -152,7 +222,7 @@ class PrefectSync(Loop):
         oldest = min((run.created_at for run in waiting), default=None)
         return {"runs_awaiting_pickup": len(waiting),
                 "oldest_wait_seconds": round((utcnow() - oldest).total_seconds(), 1) if oldest else None,
-                "pickup_deadline_seconds": self.pickup_seconds}
+                "pickup_deadline_seconds": self.pickup_seconds, "start_deadline_seconds": self.start_seconds}
 
     def run_store_warning(self) -> dict[str, Any]:
         """For readiness: a warning when a flow run of the last hour found no run in its worker's run store, which
@@ -193,12 +263,31 @@ class PrefectSync(Loop):
                 if (now - waited_since).total_seconds() < self.give_up_seconds:
                     continue  # Prefect may hold it: ask again on the next sync
                 reason = "prefect_create_failed"
+            changed = self.store.fall_back_to_local(run.id, reason)
+            if changed is None:  # a flow run of it took its lease (it executes there), or it ended meanwhile
+                log.info("run %s stays on Prefect: a flow run of it holds it (or it ended meanwhile)", run.id,
+                         extra={"run_id": run.id})
+                continue
             log.warning("run %s was never handed to Prefect (%s); running it locally", run.id, reason,
                         extra={"run_id": run.id})
-            changed = self.store.fall_back_to_local(run.id, reason)
-            if changed is not None:
-                settled.append(changed)
+            settled.append(changed)
         return settled
+
+
+def _process_gone(run: Run, flow_run: dict[str, Any], now: datetime) -> bool:
+    """The flow run took its run's lease, which then lapsed (by this host's clock: the store checks the database's),
+    while Prefect shows the flow run unfinished."""
+    state_type = (flow_run.get("state") or {}).get("type")
+    return (state_type not in _ENDED and held_by_flow_run(run.lease_owner, str(flow_run["id"]))
+            and run.lease_expires_at is not None and run.lease_expires_at < now)
+
+
+def _unstarted(flow_run: dict[str, Any], claimed_before: datetime) -> bool:
+    """Claimed by a worker (PENDING, not a gateway's claim) before `claimed_before` and not running since."""
+    state = flow_run.get("state") or {}
+    if state.get("type") != "PENDING" or is_claim(state) or not state.get("timestamp"):
+        return False
+    return datetime.fromisoformat(str(state["timestamp"]).replace("Z", "+00:00")) < claimed_before
 
 
 def _unpicked(flow_run: dict[str, Any]) -> bool:

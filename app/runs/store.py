@@ -654,8 +654,27 @@ class RunStore:
         run Prefect had for it stays named on the run, with its last state)."""
         values = {"prefect_state": prefect_state} if prefect_state else {}
         # Only a queued one: local executors claim queued runs, and one a worker had started must stay on Prefect.
-        return self._change_unfinished(run_id, "prefect", (QUEUED,), backend="local", fallback_reason=reason,
-                                       **values)
+        # Only an unleased one: a flow run that took its run's lease (flows/run_lease.py) executes it, and the
+        # lease is the fence, whatever Prefect says (it accepts RUNNING over CANCELLED).
+        return self._change_unfinished(run_id, "prefect", (QUEUED,), (Run.lease_owner.is_(None),), backend="local",
+                                       fallback_reason=reason, **values)
+
+    def end_lapsed_flow_run(self, run_id: str, owner: str, error: RunError, status: str = CRASHED) -> Run | None:
+        """End as `status` (crashed, or cancelled for a run asked to cancel; a crash its retry policy takes queues
+        the next attempt) a Prefect run whose flow run took its lease as `owner` and let it lapse: that flow run's
+        process is gone (flows/run_lease.py). Only while the lease is still `owner`'s and lapsed, by the database's
+        clock. The run as written, or None."""
+
+        def attempt() -> Run | None:
+            with self.db.session(write=True) as session:
+                now = self._now(session)
+                written = self._end_attempt(session, run_id, _UNFINISHED, status, None, error,
+                                            Run.backend == "prefect", Run.lease_owner == owner,
+                                            Run.lease_expires_at < now, now=now, log_error=status == CRASHED,
+                                            prefect_state=status.capitalize())
+                return session.get(Run, run_id, options=_WITH_CALLBACK) if written else None
+
+        return self.db.retry(attempt)
 
     def fail(self, run_id: str, error: RunError) -> Run | None:
         """End the run as failed before it ran anywhere."""
@@ -683,12 +702,14 @@ class RunStore:
         return self.db.retry(attempt)
 
     def _change_unfinished(self, run_id: str, on_backend: str, statuses: tuple[str, ...] = _UNFINISHED,
-                           **values: Any) -> Run | None:
-        # Only while the run is still on `on_backend`, in one of `statuses`: a Prefect answer read before the run
-        # went local must not touch it once a local executor may hold it, nor reopen a run that ended.
+                           also: tuple[Any, ...] = (), **values: Any) -> Run | None:
+        # Only while the run is still on `on_backend`, in one of `statuses` (and `also` holds): a Prefect answer
+        # read before the run went local must not touch it once a local executor may hold it, nor reopen a run
+        # that ended.
         def attempt() -> Run | None:
             with self.db.session(write=True) as session:
-                changed = session.execute(self._when(run_id, statuses, Run.backend == on_backend).values(**values))
+                changed = session.execute(self._when(run_id, statuses, Run.backend == on_backend, *also)
+                                          .values(**values))
                 if not rowcount(changed):
                     return None
                 return session.get(Run, run_id, options=_WITH_CALLBACK)

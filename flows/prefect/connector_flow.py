@@ -32,6 +32,7 @@ from flows.database import Database
 from flows.outcome import RunError
 from flows.prefect.contract import FLOW_NAME, error_artifact_key, summary_artifact_key, tagged_run_id
 from flows.prefect.run_trace import run_span
+from flows.run_lease import RunLease, holder_of
 from flows.runtime import RuntimeSettings
 
 
@@ -92,6 +93,9 @@ def _connector_flow(connector_id: str, params: dict[str, Any] | None) -> dict[st
     runnable = spec.with_params(params or {})
     warm_up()  # the steps' forkserver imports dlt (and Prefect's engine) while the key is being taken
     database = Database(settings.run_store_url)  # shared with the gateways when DATABASE_URL is
+    holder = holder_of(str(flow_run.id), uuid.uuid4().hex[:8])  # one per execution, even of one flow run
+    lease: RunLease | None = None
+    lost = threading.Event()
     try:
         run_id = tagged_run_id(flow_run.tags)  # None: a flow run of a Prefect schedule
         # Before anything is written there: a run store without this flow run's run is not the gateways'.
@@ -99,10 +103,15 @@ def _connector_flow(connector_id: str, params: dict[str, Any] | None) -> dict[st
             return Cancelled(message=f"not executed: {refused}")
         if run_id is None:
             warn_unless_shared(database)
+        else:  # the run is this execution's from here on, or it does not execute (flows/run_lease.py)
+            lease = RunLease(database, run_id, holder, settings.lease_seconds)
+            if refused := lease.take():
+                return Cancelled(message=f"not executed: {refused}")
+            lease.keep(lost)
         database.create_tables(lock_metadata)
         # Never beside a local run (or another flow run) of the same destination: the key in the run store.
-        holder = f"prefect:{flow_run.id}:{uuid.uuid4().hex[:8]}"  # one per execution, even of one flow run
-        with ConnectorLock(database).hold(concurrency_key(spec, workspace), holder) as lost:
+        with ConnectorLock(database).hold(concurrency_key(spec, workspace), holder, should_stop=lost.is_set,
+                                          lost=lost) as lost:
             # Asked again holding the key: the gateway may have taken the run back while this flow run waited.
             if run_id and (refused := run_moved_off_prefect(database, run_id)):
                 return Cancelled(message=f"not executed: {refused}")
@@ -112,6 +121,8 @@ def _connector_flow(connector_id: str, params: dict[str, Any] | None) -> dict[st
                 publish_error(connector_id, exc)
                 raise
     finally:
+        if lease is not None:
+            lease.end()
         database.dispose()
     create_table_artifact(
         key=summary_artifact_key(connector_id),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -27,6 +28,7 @@ from flows.nodes import NodeFailed, make_toolbox
 from flows.outcome import COMPLETED, RunOutcome
 from flows.prefect.contract import WORKFLOW_FLOW_NAME, workflow_artifact_key
 from flows.prefect.run_trace import run_span
+from flows.run_lease import RunLease, holder_of
 from flows.runtime import RuntimeSettings
 from flows.workflow_registry import resolve_definition
 from flows.workflow_spec import Mode, NodeSpec
@@ -128,6 +130,7 @@ def _workflow_flow(run_id: str, workflow: dict[str, Any], inputs: dict[str, Any]
     for value in settings.secret_values():  # scrubbed from what this worker reports, as in the gateway
         secrets.remember(value)
     database = Database(settings.run_store_url)  # node cache and connector keys: shared with the gateways
+    lease: RunLease | None = None
     try:
         # Taken back or ended by the gateway, a run store that is not the gateways', or a definition the gateway
         # did not accept: checked before anything is written there, or a ${VAR} read.
@@ -135,12 +138,20 @@ def _workflow_flow(run_id: str, workflow: dict[str, Any], inputs: dict[str, Any]
         refused = run_moved_off_prefect(database, run_id) or not_as_accepted(database, run_id, given)
         if refused:
             return Cancelled(message=f"not executed: {refused}")
+        # The run is this execution's from here on, or it does not execute (flows/run_lease.py).
+        lease = RunLease(database, run_id, holder_of(str(flow_run.id), uuid.uuid4().hex[:8]), settings.lease_seconds)
+        if refused := lease.take():
+            return Cancelled(message=f"not executed: {refused}")
+        lost = threading.Event()
+        lease.keep(lost)
         spec = resolve_definition(workflow, from_file)
         database.create_tables(metadata, lock_metadata)
         runner = connector_runner(settings, database, f"prefect:{flow_run.id}:{run_id}")
         engine = WorkflowEngine(make_toolbox(settings, runner), cache=SqlNodeCache(database))
-        result = engine.run(spec, inputs or {}, mode, submit=submit_as_task, reuse=reuse)
+        result = engine.run(spec, inputs or {}, mode, submit=submit_as_task, reuse=reuse, should_stop=lost.is_set)
     finally:
+        if lease is not None:
+            lease.end()
         database.dispose()
     document = result.to_dict()
     create_table_artifact(key=workflow_artifact_key(run_id), table=[document],

@@ -95,6 +95,8 @@ const REASONS = {
   no_deployment: "Prefect has no deployment for it",
   no_worker_online: "no Prefect worker was online",
   prefect_create_failed: "creating the Prefect flow run failed",
+  prefect_not_picked_up: "no Prefect worker picked it up in time",
+  prefect_not_started: "a Prefect worker took it but did not start it in time",
 };
 export function reasonText(reason) {
   return reason ? REASONS[reason] || reason.replaceAll("_", " ") : null;
