@@ -151,12 +151,13 @@ def has_children(pid: int) -> bool:
     return any(Path(task, "children").read_text().strip() for task in Path(f"/proc/{pid}/task").iterdir())
 
 
-def flow_run_cpu(stack: PrefectStack) -> float:
-    """CPU seconds of every process of flow runs that has ended: reaped by the worker, the launcher or here."""
+def flow_run_cpu(stack: PrefectStack) -> dict[str, float]:
+    """CPU seconds of every process of flow runs that has ended, by who reaped it: the worker (launch scripts,
+    engines), the launcher (forked flow runs) or this process (the steps' forkservers, with their steps)."""
     assert stack.worker and stack.launcher
     own = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return (children_cpu_seconds(stack.worker.pid) + children_cpu_seconds(stack.launcher.pid)
-            + own.ru_utime + own.ru_stime)
+    return {"worker": children_cpu_seconds(stack.worker.pid), "launcher": children_cpu_seconds(stack.launcher.pid),
+            "orphans": own.ru_utime + own.ru_stime}
 
 
 def settle(stack: PrefectStack, known: set[int], timeout: float = 60) -> None:
@@ -197,14 +198,15 @@ def launcher_main(runs: int) -> None:
                 prefect_run(client, stack, connector)
             settle(stack, known)
             runs_of: dict[str, list[dict[str, float]]] = {way: [] for way in ways}
-            cpu_of: dict[str, list[float]] = {way: [] for way in ways}
+            cpu_of: dict[str, list[dict[str, float]]] = {way: [] for way in ways}
             for i in range(runs):
                 order = list(ways) if i % 2 == 0 else list(reversed(ways))  # alternating, each first half the time
                 for way in order:
                     before = flow_run_cpu(stack)
                     runs_of[way].append(prefect_run(client, stack, ways[way]))
                     settle(stack, known)
-                    cpu_of[way].append(flow_run_cpu(stack) - before)
+                    after = flow_run_cpu(stack)
+                    cpu_of[way].append({part: after[part] - before[part] for part in after})
         finally:
             if gateway:
                 gateway.kill()
@@ -223,11 +225,15 @@ def launcher_main(runs: int) -> None:
                                                                        for r in runs_of[w])),
             ("RUNNING -> first task, median", lambda w: statistics.median(r["pipeline_start"] - r["running"]
                                                                         for r in runs_of[w])),
-            ("CPU per flow run, median", lambda w: statistics.median(cpu_of[w])),
-            ("CPU per flow run, mean", lambda w: statistics.mean(cpu_of[w]))]
+            ("CPU per flow run, median", lambda w: statistics.median(sum(c.values()) for c in cpu_of[w])),
+            ("CPU per flow run, mean", lambda w: statistics.mean(sum(c.values()) for c in cpu_of[w])),
+            ("  reaped by the worker, mean", lambda w: statistics.mean(c["worker"] for c in cpu_of[w])),
+            ("  reaped by the launcher, mean", lambda w: statistics.mean(c["launcher"] for c in cpu_of[w])),
+            ("  steps' forkserver and steps, mean", lambda w: statistics.mean(c["orphans"] for c in cpu_of[w]))]
     for label, figure in rows:
         launched, engine = figure("launcher"), figure("engine")
-        print(f"  {label:34} {launched:9.2f}s {engine:9.2f}s {launched / engine:6.2f}x")
+        ratio = f"{launched / engine:6.2f}x" if engine else ""
+        print(f"  {label:34} {launched:9.2f}s {engine:9.2f}s {ratio}")
 
 
 def local_run(client: httpx.Client) -> float:

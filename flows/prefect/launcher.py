@@ -10,18 +10,21 @@ and stays attached; this process forks a child that runs it exactly as `python -
 
 The launcher is a fork server: single-threaded, it only imports (no client, no settings context entered, no
 thread: it refuses to start if an import started one), then loops on accept, fork and reap. A child closes the
-launcher's sockets, resets its signal handlers, starts a session of its own, takes the stdio it was given, the
-environment (os.environ replaced before Prefect's settings are read again: the root settings context and the
-logging configuration are rebuilt from it), the working directory and the umask, and runs `prefect.engine` as
-`__main__`. The launch script passes its signals straight to the child (the worker's cancel is a SIGTERM to the
-launch script); the launcher reports the child's wait status when it ends, and kills the child's process group
-when the launch script's connection closes first (the launch script was killed). The child keeps the launcher's end of
-that connection, so a launch script stays attached until its flow run ends even if the launcher dies.
+launcher's sockets, resets its signal handlers, starts a session of its own, takes the stdio it was given, and
+becomes the flow run's process (flows/prefect/forked_run.py: its env, cwd and umask, Prefect's settings read again,
+`prefect.engine` run as `__main__`). The launch script passes its signals straight to the child (the worker's
+cancel is a SIGTERM to the launch script); the launcher reports the child's wait status when it ends, and kills
+the child's process group when the launch script's connection closes first (the launch script was killed). The
+child keeps the launcher's end of that connection, so a launch script stays attached until its flow run ends
+even if the launcher dies.
 
 The socket is `$PREFECT_HOME/flowgate-launcher.sock` (FLOWGATE_LAUNCHER_SOCKET overrides it, flows/prefect/
 launch.py), mode 0600, and a connection from another user is refused. The launcher serves only launch scripts
 of its own checkout and interpreter (others fall back). On SIGTERM or SIGINT it stops accepting, passes SIGTERM
 to the flow runs it started, and exits when they have ended (SIGKILL to those left after STOP_GRACE_SECONDS).
+
+Over 300 lines: the loop, the children it tracks and the launcher's side of the socket are one mechanism, read
+together; what a child does once forked is flows/prefect/forked_run.py.
 """
 from __future__ import annotations
 
@@ -29,10 +32,7 @@ import atexit
 import fcntl
 import gc
 import importlib
-import importlib.util
-import json
 import os
-import runpy
 import selectors
 import signal
 import socket
@@ -40,11 +40,11 @@ import struct
 import sys
 import threading
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flows.prefect.launch import HEADER, PROTOCOL, ROOT, socket_path
+from flows.prefect.forked_run import FlowRunRequest, exit_without_teardown
+from flows.prefect.launch import HEADER, socket_path
 
 # What a flow run imports before its first task: Prefect's flow and task engines and client, the pull step of
 # flowgate's deployments, dlt and the connectors (connectors.preload), and the two flows. The flows' files are
@@ -73,99 +73,6 @@ def preload() -> None:
         raise SystemExit(f"flowgate launcher: importing the flows started Python threads "
                          f"({', '.join(t.name for t in threading.enumerate())}); forking flow runs from here is unsafe")
     gc.freeze()  # what the imports made stays out of the collector: children share those pages longer
-
-
-@dataclass
-class FlowRunRequest:
-    """One flow run as its launch script would have run it: what `python -m prefect.engine` starts from."""
-
-    argv: list[str]
-    cwd: str
-    umask: int
-    env: dict[str, str]
-
-    @classmethod
-    def parse(cls, body: bytes) -> FlowRunRequest:
-        """The request, or ValueError saying why the launcher will not serve it."""
-        document = json.loads(body)
-        if document.get("protocol") != PROTOCOL:
-            raise ValueError(f"protocol {document.get('protocol')!r}, this launcher speaks {PROTOCOL}")
-        if document.get("root") != ROOT:
-            raise ValueError(f"launch script of {document.get('root')}, this launcher serves {ROOT}")
-        if document.get("executable") != os.path.realpath(sys.executable):
-            raise ValueError(f"launch script on {document.get('executable')}, this launcher runs on "
-                             f"{os.path.realpath(sys.executable)}")
-        return cls(argv=[str(a) for a in document["argv"]], cwd=str(document["cwd"]), umask=int(document["umask"]),
-                   env={str(k): str(v) for k, v in document["env"].items()})
-
-    def run(self) -> int:
-        """In the forked child: become the flow run's process and run Prefect's engine as `__main__`; its exit
-        code."""
-        os.chdir(self.cwd)
-        os.umask(self.umask)
-        os.environ.clear()
-        os.environ.update(self.env)
-        if self.env.get("PYTHONUNBUFFERED"):
-            for stream in (sys.stdout, sys.stderr):
-                stream.reconfigure(write_through=True)  # type: ignore[union-attr]
-        sys.path[0] = self.cwd  # as `python -m` has it: the working directory first
-        spec = importlib.util.find_spec("prefect.engine")
-        sys.argv = [spec.origin if spec and spec.origin else "-m", *self.argv]
-        # Prefect read its settings and configured logging when the launcher imported it, from the launcher's
-        # env: both again, from the flow run's, before anything of the run reads them.
-        import prefect.context
-        import prefect.logging.configuration as logging_configuration
-
-        prefect.context.refresh_global_settings_context()
-        logging_configuration.PROCESS_LOGGING_CONFIG.clear()
-        logging_configuration.setup_logging()
-        # The engine's code runs as `__main__`, but sys.modules["__main__"] stays this module: multiprocessing
-        # imports a parent's main module again in every child it starts (connectors/isolated.py's steps, and the
-        # forkserver they come from preloads it), and this one imports nothing but the standard library, where
-        # prefect.engine imports all of Prefect into each (about 1.8 s of CPU per flow run here).
-        # prefect.flow_engine imports prefect.engine, so it is imported here before it runs as `__main__`, which
-        # runpy warns of: expected, and the same module code runs either way.
-        warnings.filterwarnings("ignore", message="'prefect.engine' found in sys.modules", category=RuntimeWarning)
-        try:
-            runpy.run_module("prefect.engine", run_name="__main__")
-        except SystemExit as exc:  # as the interpreter reads it
-            if exc.code is None or isinstance(exc.code, int):
-                code = exc.code or 0
-            else:
-                print(exc.code, file=sys.stderr)
-                code = 1
-        except Exception:  # noqa: BLE001 - as the interpreter does with one uncaught: the traceback, exit 1
-            sys.excepthook(*sys.exc_info())
-            code = 1
-        else:
-            code = 0
-        EXIT_WITHOUT_TEARDOWN.append(code)
-        return code
-
-
-# The exit code of a forked flow run, once its engine has returned: the last atexit handler then ends the process
-# (exit_without_teardown). A KeyboardInterrupt leaves it empty: the interpreter ends the process by SIGINT, as it
-# would have.
-EXIT_WITHOUT_TEARDOWN: list[int] = []
-
-
-def exit_without_teardown() -> None:
-    """The last atexit handler of a forked flow run (registered before any module the launcher imports registers
-    one): after Python has joined the run's threads and run every other atexit handler (Prefect's drains of
-    its log and event queues included), flush stdio and end the process without the interpreter's teardown.
-
-    That teardown deallocates every object of every module imported: in a child of the launcher, whose objects
-    are frozen (gc.freeze) and shared with it, it took 2-3 s here, copying each page it touched, and duckdb's
-    bindings reported each object still alive then as a leak. A fresh `python -m prefect.engine` pays that teardown
-    too, on pages of its own."""
-    if not EXIT_WITHOUT_TEARDOWN:
-        return
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # closed, or its reader gone
-            pass
-    os._exit(EXIT_WITHOUT_TEARDOWN[0])
 
 
 @dataclass
