@@ -4,6 +4,7 @@ slot once, on whichever path could take it."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -146,3 +147,5 @@ def test_the_stack_keeps_the_gateway_serving_while_prefect_is_down_and_brings_pr
     text = (tmp_path / "stack.log").read_text(errors="replace")
     assert "Prefect server exited" in text and "Prefect server started again" in text, text[-3000:]
     assert "SQLite" in text and code == 0, text[-3000:]
+    # The flow runs on Prefect were forked by the stack's launcher (flows/prefect/launcher.py), not started anew
+    assert re.search(r"\[launcher \d+\] flow run [0-9a-f-]{36}: process \d+", text), text[-3000:]

@@ -33,14 +33,19 @@ ROOT = Path(__file__).resolve().parents[2]
 ENTRYPOINT = "flows/prefect/connector_flow.py:connector_flow"
 WORKFLOW_ENTRYPOINT = "flows/prefect/workflow_flow.py:workflow_flow"
 DEFAULT_POOL = "flowgate"
-# How the process worker starts a flow run: one `<python> -m prefect.engine`, which runs the pull step and imports
-# the flow itself. Left unset, Prefect 3.8 starts a workspace supervisor first (a second Python process that
-# imports Prefect, prepares the workspace, then execs the engine): 1-2 s more CPU per flow run on this 2-core
-# machine, for dependency installs flowgate does not use. <python> is the interpreter this deploy runs on, by its
-# path: a worker started as `.venv/bin/prefect worker start` keeps the system's PATH, where a bare `python` is
-# another interpreter without flowgate's requirements, and every flow run crashed. The stack and the Docker image
-# deploy from the interpreter their workers run on; a worker elsewhere takes `--engine-command`.
+# How the process worker starts a flow run without the launcher: one `<python> -m prefect.engine`, which runs the
+# pull step and imports the flow itself. Left unset, Prefect 3.8 starts a workspace supervisor first (a second Python
+# process that imports Prefect, prepares the workspace, then execs the engine): 1-2 s more CPU per flow run on this
+# 2-core machine, for dependency installs flowgate does not use. <python> is the interpreter this deploy runs on, by
+# its path: a worker started as `.venv/bin/prefect worker start` keeps the system's PATH, where a bare `python` is
+# another interpreter without flowgate's requirements, and every flow run crashed.
 ENGINE_COMMAND = f"{shlex.quote(sys.executable)} -m prefect.engine"
+# What the deployments' flow runs start as: flows/prefect/launch.py, a standard-library script that hands the flow
+# run to this host's launcher (flows/prefect/launcher.py: forked from a process with Prefect, dlt and the flows
+# imported) and runs ENGINE_COMMAND in its own place when no launcher listens. Same interpreter, by its path; `-S`
+# (no site-packages) because the script needs only the standard library. The stack and the Docker image deploy from
+# the interpreter their workers run on; a worker elsewhere takes `--engine-command`.
+LAUNCH_COMMAND = f"{shlex.quote(sys.executable)} -S {shlex.quote(str(ROOT / 'flows' / 'prefect' / 'launch.py'))}"
 log = logging.getLogger(__name__)
 
 
@@ -50,6 +55,14 @@ def schedule_note(registry: ConnectorRegistry) -> str:
     fired = (f"; the gateway fires the {len(scheduled)} declared ({', '.join(scheduled)}) as flow runs of these "
              "deployments, tagged flowgate-schedule, or locally when Prefect cannot take them") if scheduled else ""
     return f"schedules: none registered in Prefect (the gateway is the only scheduler){fired}"
+
+
+def command_note(engine_command: str) -> str:
+    """What `make deploy` says about how the deployments' flow runs start."""
+    if engine_command == LAUNCH_COMMAND:
+        return (f"flow runs start as: {engine_command} (forked by this host's launcher, `python -m "
+                f"flows.prefect.launcher`, when it listens; otherwise it runs {ENGINE_COMMAND})")
+    return f"flow runs start as: {engine_command or 'Prefect default (workspace supervisor, then the engine)'}"
 
 
 def ensure_work_pool(pool: str) -> None:
@@ -67,7 +80,7 @@ def job_variables(engine_command: str) -> dict[str, str]:
     return {"command": engine_command} if engine_command else {}
 
 
-def deploy_connector(spec: ConnectorSpec, pool: str, engine_command: str = ENGINE_COMMAND) -> str:
+def deploy_connector(spec: ConnectorSpec, pool: str, engine_command: str = LAUNCH_COMMAND) -> str:
     """Create or update the deployment `<flow>/<connector id>`; returns its id."""
     # from_source is sync_compatible, typed Flow | Coroutine: outside an event loop it returns the Flow
     deployment_id = connector_flow.from_source(  # type: ignore[union-attr]
@@ -88,7 +101,7 @@ def deploy_connector(spec: ConnectorSpec, pool: str, engine_command: str = ENGIN
     return str(deployment_id)
 
 
-def deploy_workflows(pool: str, engine_command: str = ENGINE_COMMAND) -> str:
+def deploy_workflows(pool: str, engine_command: str = LAUNCH_COMMAND) -> str:
     """Create or update `flowgate-workflow/workflow`: every workflow run is a flow run of it, definition included."""
     deployment_id = workflow_flow.from_source(  # type: ignore[union-attr]  # sync_compatible, as above
         source=str(ROOT), entrypoint=WORKFLOW_ENTRYPOINT).deploy(
@@ -117,7 +130,7 @@ def remove_stale(keep: set[str]) -> list[str]:
 
 
 def deploy_all(registry: ConnectorRegistry, pool: str = DEFAULT_POOL,
-               engine_command: str = ENGINE_COMMAND) -> dict[str, list[str]]:
+               engine_command: str = LAUNCH_COMMAND) -> dict[str, list[str]]:
     """Deploy every connector, remove the deployments of removed ones."""
     ensure_work_pool(pool)
     deployed = [spec.id for spec in registry if deploy_connector(spec, pool, engine_command)]
@@ -129,8 +142,9 @@ def deploy_all(registry: ConnectorRegistry, pool: str = DEFAULT_POOL,
 def main() -> None:
     parser = argparse.ArgumentParser(description="Register flowgate's connectors as Prefect deployments.")
     parser.add_argument("--pool", default=DEFAULT_POOL, help="process work pool (created if missing)")
-    parser.add_argument("--engine-command", default=ENGINE_COMMAND,
-                        help="how the worker starts a flow run (empty: Prefect's default launcher)")
+    parser.add_argument("--engine-command", default=LAUNCH_COMMAND,
+                        help="how the worker starts a flow run (default: the launch script, which uses this host's "
+                             f"launcher or runs `{ENGINE_COMMAND}`; empty: Prefect's default)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
     settings = RuntimeSettings()
@@ -139,6 +153,7 @@ def main() -> None:
     if result["removed"]:
         print(f"removed {len(result['removed'])}: {', '.join(result['removed'])}")
     print(schedule_note(ConnectorRegistry.load(settings.connectors_file)))
+    print(command_note(args.engine_command))
 
 
 if __name__ == "__main__":

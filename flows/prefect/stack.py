@@ -1,7 +1,8 @@
-"""`make stack`: a Prefect server, the connector deployments, a process worker and the gateway, on one machine.
+"""`make stack`: a Prefect server, the connector deployments, a process worker with its flow-run launcher
+(flows/prefect/launcher.py) and the gateway, on one machine.
 
 The gateway is the one component the stack cannot do without: when it exits, everything stops. When a Prefect
-component (server or worker) exits, the stack says so, the gateway keeps serving (runs go local), and the
+component (server, worker or launcher) exits, the stack says so, the gateway keeps serving (runs go local), and the
 component is started again with backoff. Ctrl-C (or SIGTERM) stops all of them.
 
 Prefect's server keeps its state in PostgreSQL when one answers at FLOWGATE_STACK_POSTGRES_URL (default
@@ -138,10 +139,13 @@ def main() -> None:
     health = f"http://127.0.0.1:{port}/api/health"
     server = Component("Prefect server", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
                                           "--port", port], restart=True)
+    # Started before the worker, with its env (PREFECT_HOME names the socket): flow runs that come before its
+    # imports are done, or while it is down, start as `python -m prefect.engine` (flows/prefect/launch.py).
+    launcher = Component("flow-run launcher", [sys.executable, "-m", "flows.prefect.launcher"], restart=True)
     worker = Component("Prefect worker", [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type",
                                           "process"], restart=True)
     gateway = Component("gateway", [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"], restart=False)
-    components = [server, worker, gateway]
+    components = [server, launcher, worker, gateway]
 
     def stop(*_: object) -> None:
         for component in reversed(components):
@@ -153,6 +157,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, stop)
     try:
         server.start(env)
+        launcher.start(env)
         deployed = _wait_for(health, "the Prefect server") and deploy(pool, env)
         worker.start(env)
         gateway.start(env)

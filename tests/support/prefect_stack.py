@@ -1,9 +1,11 @@
-"""A real Prefect server and process worker for the integration tests, on a free port and a temp PREFECT_HOME."""
+"""A real Prefect server, process worker and flow-run launcher for the integration tests, on a free port and a temp
+PREFECT_HOME."""
 from __future__ import annotations
 
 import atexit
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import httpx
 
+from flows.prefect.launch import socket_path
 from flows.prefect.stack import prefect_environment
 from flows.runtime import RuntimeSettings
 from tests.support.gunicorn_server import ROOT, free_port
@@ -75,7 +78,8 @@ def _drop_database(admin, name: str) -> None:
 
 
 class PrefectStack:
-    """`prefect server start` + `python -m flows.prefect.deploy` + `prefect worker start --type process`."""
+    """`prefect server start` + `python -m flows.prefect.deploy` + `python -m flows.prefect.launcher` +
+    `prefect worker start --type process`, as `make stack` runs them."""
 
     def __init__(self, workdir: Path, pool: str = "flowgate", database_url: str | None = None):
         self.workdir = workdir
@@ -105,6 +109,7 @@ class PrefectStack:
             self.env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
         self.server: subprocess.Popen | None = None
         self.worker: subprocess.Popen | None = None
+        self.launcher: subprocess.Popen | None = None
 
     @property
     def run_store_url(self) -> str:
@@ -155,6 +160,33 @@ class PrefectStack:
             time.sleep(0.5)
         raise RuntimeError("Prefect worker did not come online:\n" + (self.workdir / "prefect-worker.log").read_text())
 
+    @property
+    def launcher_socket(self) -> str:
+        path = socket_path(self.env)
+        assert path, "FLOWGATE_LAUNCHER_SOCKET is empty"
+        return path
+
+    def start_launcher(self, timeout: float = 90, **env: str) -> None:
+        """The flow-run launcher (flows/prefect/launcher.py), with the worker's env (and `env`), listening when this
+        returns."""
+        self.launcher = _spawn([sys.executable, "-m", "flows.prefect.launcher"], {**self.env, **env},
+                               self.workdir / "launcher.log")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.launcher.poll() is None:
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(self.launcher_socket)
+                return  # a connection that sends nothing is a probe: the launcher closes it
+            except OSError:
+                time.sleep(0.2)
+            finally:
+                probe.close()
+        raise RuntimeError("the flow-run launcher did not listen:\n" + (self.workdir / "launcher.log").read_text())
+
+    def stop_launcher(self) -> None:
+        _stop(self.launcher)
+        self.launcher = None
+
     def api(self, method: str, path: str, **kwargs) -> object:
         for attempt in range(5):  # a Prefect server on SQLite answers 503 while its database is busy
             response = httpx.request(method, f"{self.api_url}/{path.lstrip('/')}", timeout=30, **kwargs)
@@ -166,6 +198,7 @@ class PrefectStack:
 
     def stop(self) -> None:
         _stop(self.worker)
+        self.stop_launcher()
         self.stop_server()
 
 
@@ -212,8 +245,8 @@ def served_stack(workdir: Path, database: str) -> Iterator[PrefectStack]:
 
 @contextmanager
 def deployed_stack(workdir: Path, database: str, env: dict[str, str] | None = None) -> Iterator[PrefectStack]:
-    """A server (on PostgreSQL database `database`_<pid> where one answers), DEPLOYED deployed, and a worker (with
-    `env` on top of the stack's environment)."""
+    """A server (on PostgreSQL database `database`_<pid> where one answers), DEPLOYED deployed, a launcher and a
+    worker (with `env` on top of the stack's environment)."""
     (workdir / "deployed.yaml").write_text(DEPLOYED)  # no ticker: only a test that fires its slots needs it
     (workdir / "with-ticker.yaml").write_text(DEPLOYED + TICKER)
     (workdir / "connectors.yaml").write_text(DEPLOYED + TICKER + UNDEPLOYED)
@@ -222,6 +255,7 @@ def deployed_stack(workdir: Path, database: str, env: dict[str, str] | None = No
     try:
         stack.start_server()
         stack.deploy(workdir / "deployed.yaml")
+        stack.start_launcher()
         stack.start_worker()
         yield stack
     finally:
