@@ -36,17 +36,56 @@ def pytest_itemcollected(item: pytest.Item) -> None:
         item.add_marker(tier)
 
 
-# What a test module uses that makes its tests a tier of their own (pytest.ini declares the markers): a real
-# gunicorn, a Prefect server and worker. Derived, not written in each file, so a new test cannot miss its tier.
+# What a test uses that makes it a tier of its own (pytest.ini declares the markers): a real gunicorn, a Prefect
+# server and worker. Derived, not written on each test, so a new test cannot miss its tier.
 _TIER_OF_HELPER = {"GunicornServer": "gunicorn", "PrefectStack": "prefect"}
 
 
 def tiers(item: pytest.Item) -> set[str]:
-    """The tier markers a test gets from what it uses: the helpers its module imports, a PostgreSQL fixture."""
-    found = {tier for name, tier in _TIER_OF_HELPER.items() if name in vars(item.module)}
+    """The tier markers a test gets from what it uses: the helpers it reaches (in its body, its fixtures, or the
+    functions and classes of the tests' own modules these call, however deep), a PostgreSQL fixture. Per test, not
+    per module: a file's Flask-client tests stay in `make test-fast` beside its one gunicorn test."""
+    roots: list[object] = [getattr(item, "function", None)]
+    for name in getattr(item, "fixturenames", ()):
+        roots.extend(definition.func for definition in item._fixtureinfo.name2fixturedefs.get(name, ()))
+    found = {tier for helper in _reached_helpers(roots) if (tier := _TIER_OF_HELPER.get(helper))}
     params = getattr(item, "callspec", None)
-    if "postgres_url" in item.fixturenames or (params is not None and "postgresql" in params.params.values()):
+    if "postgres_url" in getattr(item, "fixturenames", ()) or (
+            params is not None and "postgresql" in params.params.values()):
         found.add("postgres")
+    return found
+
+
+def _reached_helpers(roots: list[object]) -> set[str]:
+    """The names of _TIER_OF_HELPER that the code of `roots` refers to, directly or through the functions and
+    classes of tests/ it refers to (an over-approximation: a name is enough, called or not)."""
+    found: set[str] = set()
+    seen: set[int] = set()
+    todo = list(roots)
+    while todo:
+        thing = todo.pop()
+        if thing is None or id(thing) in seen:
+            continue
+        seen.add(id(thing))
+        if isinstance(thing, type):
+            todo.extend(vars(thing).values())
+            continue
+        function = getattr(thing, "__func__", thing)  # a bound method, a staticmethod or classmethod
+        function = getattr(function, "__wrapped__", function)
+        code, scope = getattr(function, "__code__", None), getattr(function, "__globals__", None)
+        if code is None or scope is None:
+            continue
+        codes = [code]
+        while codes:
+            current = codes.pop()
+            codes.extend(const for const in current.co_consts if hasattr(const, "co_names"))
+            for name in current.co_names:
+                if name in _TIER_OF_HELPER and name in scope:
+                    found.add(name)
+                value = scope.get(name)
+                if (callable(value) or isinstance(value, (staticmethod, classmethod))) and \
+                        str(getattr(value, "__module__", "")).startswith("tests"):
+                    todo.append(value)
     return found
 
 
