@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -102,12 +103,33 @@ def workdir(tmp_path: Path) -> Path:
     return fill_workdir(tmp_path)
 
 
+@pytest.fixture(scope="session")
+def migrated_sqlite(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite run store at the newest migration, made once per test process: a test's store starts as a copy of
+    it (`copy_store`) instead of running every migration again."""
+    path = tmp_path_factory.mktemp("migrated") / "flowgate.db"
+    store = RunStore(f"sqlite:///{path}")
+    store.create_schema()
+    store.dispose()
+    return path
+
+
+def copy_store(template: Path, path: Path) -> Path:
+    """`template`'s SQLite database (with its write-ahead log, if one is left) at `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for suffix in ("", "-wal"):
+        if Path(f"{template}{suffix}").exists():
+            shutil.copyfile(f"{template}{suffix}", f"{path}{suffix}")
+    return path
+
+
 @pytest.fixture
-def app_config(workdir: Path) -> dict:
+def app_config(workdir: Path, migrated_sqlite: Path) -> dict:
     """Settings for a test app: everything under the test's folder, fast polling. Leases of 20 s: renewed every
     6.7 s and fenced when no renewal got through for 13.3 s, whatever the renewal is doing; a busy machine's stalls
     (a renewal waiting on SQLite's write lock behind other test processes) do not fence them (10 s leases did, once,
-    at a load average of 11)."""
+    at a load average of 11). The run store is a copy of a migrated one."""
+    copy_store(migrated_sqlite, workdir / "var" / "flowgate.db")
     return {"var_dir": workdir / "var", "connectors_file": workdir / "connectors.yaml",
             "workflows_dir": workdir / "workflows",
             "lease_seconds": 20.0, "poll_seconds": 0.05, "executor_threads": 2}
@@ -150,9 +172,10 @@ def postgres_url() -> Iterator[str]:
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def store(request, tmp_path: Path) -> Iterator[RunStore]:
-    """A fresh run store on each database flowgate supports."""
-    url = f"sqlite:///{tmp_path / 'runs.db'}" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
+def store(request, tmp_path: Path, migrated_sqlite: Path) -> Iterator[RunStore]:
+    """A fresh run store on each database flowgate supports (on SQLite, a copy of a migrated one)."""
+    url = (f"sqlite:///{copy_store(migrated_sqlite, tmp_path / 'runs.db')}" if request.param == "sqlite"
+           else request.getfixturevalue("postgres_url"))
     store = RunStore(url)
     store.create_schema()
     yield store
