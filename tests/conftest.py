@@ -1,19 +1,16 @@
 """Shared fixtures: each test gets its own var/ folder, demo data and connectors.yaml in a temp dir."""
 from __future__ import annotations
 
-import os
 import shutil
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 
 from app import create_app
 from app.runs.store import RunStore
 from connectors import secrets
-from tests.support.postgres import POSTGRES_URL, postgres_available
+from tests.support.postgres import postgres_schema
 from tests.support.workdir import fill_workdir
 
 
@@ -38,8 +35,8 @@ def pytest_itemcollected(item: pytest.Item) -> None:
 
 
 # What a test uses that makes it a tier of its own (pytest.ini declares the markers): a real gunicorn, a Prefect
-# server and worker. Derived, not written on each test, so a new test cannot miss its tier.
-_TIER_OF_HELPER = {"GunicornServer": "gunicorn", "PrefectStack": "prefect"}
+# server and worker, a PostgreSQL schema (a module's shared one too). Derived, not written on each test, so a new test cannot miss its tier.
+_TIER_OF_HELPER = {"GunicornServer": "gunicorn", "PrefectStack": "prefect", "postgres_schema": "postgres"}
 
 
 def tiers(item: pytest.Item) -> set[str]:
@@ -156,19 +153,8 @@ def running_app(app):
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
     """A PostgreSQL URL whose search_path is a fresh schema, dropped afterwards; skips without a server."""
-    reason = postgres_available()
-    if reason:
-        if os.environ.get("FLOWGATE_REQUIRE_POSTGRES"):
-            pytest.fail(f"PostgreSQL is required here but unreachable: {reason}")
-        pytest.skip(f"no PostgreSQL at {POSTGRES_URL}: {reason}")
-    schema = f"flowgate_test_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
-    with admin.connect() as connection:
-        connection.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-    admin.dispose()
+    with postgres_schema() as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
