@@ -31,7 +31,7 @@ from app.runs.store import RunStore
 from app.schemas import RunOut
 from connectors import tracing
 from connectors.nesting import NestedTooDeep
-from connectors.outbound import OutboundPolicy, OutboundRefused
+from connectors.outbound import OutboundPolicy, OutboundRefused, tls_context
 from flows.lease import LeaseKeeper
 from flows.loop import Loop
 
@@ -98,7 +98,7 @@ class CallbackSender(Loop):
     def _client(self) -> httpx.Client:
         """The pooled client of every delivery, made once (by start, after gunicorn forks)."""
         if self._http is None:
-            self._http = httpx.Client(timeout=self.timeout_seconds, follow_redirects=False)
+            self._http = httpx.Client(timeout=self.timeout_seconds, follow_redirects=False, verify=tls_context())
         return self._http
 
     @property

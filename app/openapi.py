@@ -3,6 +3,7 @@ Over 300 lines because every path of the API is described in the one table of bu
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -136,9 +137,15 @@ def _schedule_switch(kind: str, parameter: dict[str, Any], paused: bool) -> dict
 
 
 def _query_parameters(model: type[BaseModel]) -> list[dict[str, Any]]:
-    schema = model.model_json_schema()
     return [{"name": name, "in": "query", "required": False, "schema": _not_null(prop)}
-            for name, prop in schema["properties"].items()]
+            for name, prop in copy.deepcopy(_properties(model)).items()]
+
+
+@functools.cache
+def _properties(model: type[BaseModel]) -> dict[str, Any]:
+    """The JSON schemas of `model`'s fields, made once per process (callers change copies): each app a test or a
+    gunicorn worker builds asks for them again, and a model's schema costs milliseconds."""
+    return model.model_json_schema(by_alias=True)["properties"]
 
 
 def _not_null(prop: dict[str, Any]) -> dict[str, Any]:
@@ -170,10 +177,10 @@ def params_schema(spec: ConnectorSpec) -> dict[str, Any]:
                     ("minimum", bound.minimum), ("maximum", bound.maximum),
                     ("maxLength" if kind == "string" else "maxItems", bound.max_length)) if value is not None})
     else:
-        fields = type(spec.source).model_json_schema(by_alias=True)["properties"]
+        fields = _properties(type(spec.source))
         for key in (key for key in spec.source.overridable if key in spec.overridable):
             properties[key] = {} if key == "initial_value" else {
-                k: v for k, v in fields[key].items() if k not in ("default", "title")}
+                k: copy.deepcopy(v) for k, v in fields[key].items() if k not in ("default", "title")}
         if isinstance(spec.source, SqlDatabaseSource) and spec.source.tables:
             # a declared table list is the set a trigger may choose from
             properties["tables"] = {"type": ["array", "null"], "minItems": 1,
@@ -215,6 +222,14 @@ def _describe_connectors(schemas: dict[str, Any], connectors: Sequence[Connector
         schemas[name]["properties"]["params"] = _params_of_any(connectors)
 
 
+@functools.cache
+def _model_schemas() -> dict[str, Any]:
+    """The JSON schemas of the API's models, made once per process (every app a test or a gunicorn worker builds
+    made them again); build_document changes a copy."""
+    _, schemas = models_json_schema([(m, "validation") for m in _MODELS], ref_template="#/components/schemas/{model}")
+    return schemas["$defs"]
+
+
 def build_document(max_wait_seconds: float | None = None, *, connectors: Sequence[ConnectorSpec] = (),
                    workflows: Sequence[str] = (), api_keys: bool = False, callbacks: bool = False) -> dict[str, Any]:
     """The whole OpenAPI document of the gateway as configured.
@@ -224,9 +239,7 @@ def build_document(max_wait_seconds: float | None = None, *, connectors: Sequenc
     `api_keys`; `callback_url` only with `callbacks` (otherwise it is a 422, as for any field the document does
     not list).
     """
-    _, schemas = models_json_schema([(m, "validation") for m in _MODELS],
-                                    ref_template="#/components/schemas/{model}")
-    defs = schemas["$defs"]
+    defs = copy.deepcopy(_model_schemas())
     for model in (RunOptions, TriggerRequest, WorkflowExecuteRequest):
         if max_wait_seconds is not None:
             defs[model.__name__]["properties"]["wait"]["maximum"] = max_wait_seconds

@@ -5,11 +5,10 @@ Exit status 0 when the file is valid, 1 (with the file, connector and field) whe
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-from connectors.registry import ConnectorRegistry, RegistryError
+from connectors.registry import ConnectorRegistry, RegistryError, RegistrySettings
 
 
 def check(path: Path) -> int:
@@ -35,9 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     check_parser = commands.add_parser("check", help="validate a connectors file")
     check_parser.add_argument("file", nargs="?", type=Path,
-                              default=Path(os.environ.get("FLOWGATE_CONNECTORS", "connectors.yaml")))
+                              help="the connectors file (default: FLOWGATE_CONNECTORS, else connectors.yaml)")
     args = parser.parse_args(argv)
-    return check(args.file)
+    return check(args.file or RegistrySettings().connectors_file)
 
 
 if __name__ == "__main__":

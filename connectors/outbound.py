@@ -2,8 +2,10 @@
 into the internal network, checked again on every redirect hop. On the lowest floor: connectors call out too."""
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
+import ssl
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +24,14 @@ class OutboundRefused(ValueError):
 
 class ResponseTooLarge(ValueError):
     """A response body past the reader's cap; the message names the limit."""
+
+
+@functools.cache
+def tls_context() -> ssl.SSLContext:
+    """The certificate-verifying TLS context every flowgate HTTP client shares, the one httpx would make for each
+    (certifi's roots, or SSL_CERT_FILE / SSL_CERT_DIR): loading the roots costs some 20 ms of CPU per client, and
+    each app, toolbox and LLM provider makes a client. An SSLContext is safe to share between threads."""
+    return httpx.create_ssl_context()
 
 
 def literal_ip(host: str) -> Address | None:

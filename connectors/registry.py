@@ -5,16 +5,54 @@ import os
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import yaml
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from connectors import secrets
 from connectors.factory_ref import check_factory_ref
 from connectors.spec import ConnectorSpec, PythonSource, resolve_relative
 
 _ENV_REF = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::(?P<default>[^}]*))?\}")
+
+
+class RegistrySettings(BaseSettings):
+    """Where the connectors are declared, read as the gateway reads it: `python -m connectors check` needs only this,
+    and the runtime's settings (flows.runtime), the gateway's after them, extend it."""
+
+    # A setting is read from FLOWGATE_<its field name>, or from its validation_alias where the documented variable
+    # is named otherwise (FLOWGATE_CONNECTORS, DATABASE_URL, FLOW_SERVER_PORT); never from the bare field name,
+    # which a platform may set for itself (its own PORT, a stray API_KEYS). Code that builds settings by field
+    # name goes through `of`.
+    model_config = SettingsConfigDict(env_prefix="FLOWGATE_", extra="ignore", frozen=True)
+
+    connectors_file: Path = Field(Path("connectors.yaml"), validation_alias="FLOWGATE_CONNECTORS",
+                                  description="The YAML file that declares the connectors.")
+
+    @classmethod
+    def of(cls, **fields: Any) -> Self:
+        """Settings from the environment, with `fields` (by field name) taking precedence."""
+        aliases = {name: field.validation_alias if isinstance(field.validation_alias, str) else name
+                   for name, field in cls.model_fields.items()}
+        return cls(**{aliases.get(name, name): value for name, value in fields.items()})
+
+    @classmethod
+    def problems(cls, exc: ValidationError) -> str:
+        """What `exc` (from building these settings) found wrong, each problem under its variable's name."""
+        found = []
+        for err in exc.errors():
+            field = str(err["loc"][0]) if err["loc"] else "?"
+            name = cls.env_name(field) if field in cls.model_fields else field
+            found.append(f"{name}: {err['msg']} (got {err.get('input')!r})")
+        return "; ".join(found)
+
+    @classmethod
+    def env_name(cls, field: str) -> str:
+        """The environment variable the field `field` is read from."""
+        alias = cls.model_fields[field].validation_alias
+        return alias if isinstance(alias, str) else f"{cls.model_config.get('env_prefix', '')}{field.upper()}"
 
 
 class RegistryError(ValueError):

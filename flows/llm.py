@@ -7,6 +7,7 @@ from typing import Any, Protocol
 
 import httpx
 
+from connectors.outbound import tls_context
 from connectors.secrets import redact_text
 
 
@@ -68,7 +69,8 @@ class OpenAICompatibleProvider:
         self.base_url = base_url.rstrip("/")
         self.default_model = default_model
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.Client(headers=headers, limits=httpx.Limits(max_connections=32))
+        self._http = httpx.Client(headers=headers, verify=tls_context(),
+                                  limits=httpx.Limits(max_connections=32))
 
     def complete(self, prompt: str, *, system: str | None, model: str | None, temperature: float | None,
                  max_tokens: int | None, timeout: float) -> Completion:

@@ -18,7 +18,7 @@ from jsonpath_ng.ext import parse as parse_jsonpath
 from pydantic import BaseModel, ConfigDict, Field
 
 from connectors.failures import TERMINAL, TRANSIENT, classify
-from connectors.outbound import OutboundPolicy, OutboundRefused, ResponseTooLarge
+from connectors.outbound import OutboundPolicy, OutboundRefused, ResponseTooLarge, tls_context
 from flows.llm import OfflineProvider, Provider, ProviderError
 from flows.templates import DEFAULT_MAX_CHARS
 
@@ -46,7 +46,8 @@ class Toolbox:
     outbound: OutboundPolicy = field(default_factory=OutboundPolicy)
     llm: Provider = field(default_factory=OfflineProvider)
     run_connector: ConnectorRunner | None = None
-    http: httpx.Client = field(default_factory=lambda: httpx.Client(limits=httpx.Limits(max_connections=64)))
+    http: httpx.Client = field(default_factory=lambda: httpx.Client(verify=tls_context(),
+                                                                    limits=httpx.Limits(max_connections=64)))
     max_output_bytes: int = DEFAULT_MAX_CHARS  # a node's output, a rendered value, an http node's body
     max_delay_seconds: float = 3600.0
 

@@ -2,33 +2,22 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Literal
 from urllib.parse import unquote, urlsplit
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from connectors.outbound import OutboundPolicy
 from connectors.pipeline import Workspace
+from connectors.registry import RegistrySettings
 
 
-class RuntimeSettings(BaseSettings):
+class RuntimeSettings(RegistrySettings):
     """What a connector or workflow run needs from the environment: files, folders, the run store, outbound
-    hosts, the LLM provider. The gateway's Settings extend these; a Prefect flow reads only these."""
+    hosts, the LLM provider. The gateway's Settings extend these; a Prefect flow reads only these. Each is read from
+    FLOWGATE_<its name> unless its field names another variable (RegistrySettings says why)."""
 
-    # Each setting is read from its documented variable only (validation_alias); not from its field name, which
-    # pydantic-settings would also read from the environment with populate_by_name (a platform's own PORT, a
-    # stray API_KEYS). Code that builds settings by field name goes through `of`.
-    model_config = SettingsConfigDict(extra="ignore", frozen=True)
-
-    @classmethod
-    def of(cls, **fields: Any) -> Self:
-        """Settings from the environment, with `fields` (by field name) taking precedence."""
-        aliases = {name: field.validation_alias if isinstance(field.validation_alias, str) else name
-                   for name, field in cls.model_fields.items()}
-        return cls(**{aliases.get(name, name): value for name, value in fields.items()})
-
-    var_dir: Path = Field(Path("var"), validation_alias="FLOWGATE_VAR_DIR",
+    var_dir: Path = Field(Path("var"),
                           description="Folder for the SQLite run store (flowgate.db), DuckDB files (duckdb/), dlt's "
                                       "working state (dlt/) and gunicorn's metrics files (prometheus-multiproc/, "
                                       "emptied at every start); make stack keeps Prefect's home in prefect/.")
@@ -36,37 +25,33 @@ class RuntimeSettings(BaseSettings):
         None, validation_alias="DATABASE_URL",
         description="The run store's SQLAlchemy URL, e.g. `postgresql+psycopg://user@host/db`; unset: "
                     "`sqlite:///<FLOWGATE_VAR_DIR, absolute>/flowgate.db`.")
-    connectors_file: Path = Field(Path("connectors.yaml"),
-                                  validation_alias="FLOWGATE_CONNECTORS",
-                                  description="The YAML file that declares the connectors.")
     workflows_dir: Path = Field(Path("workflows"), validation_alias="FLOWGATE_WORKFLOWS",
                                 description="Folder of workflow YAML files (one workflow per file).")
-    http_allowed_hosts: str = Field("", validation_alias="FLOWGATE_HTTP_ALLOWED_HOSTS",
+    http_allowed_hosts: str = Field("",
                                     description="Hosts the workflow `http` node and the rest_api connectors (each "
                                                 "page, each redirect) may call, comma-separated "
                                                 "(`api.example.com`, `*.example.com`, `127.0.0.1:8080`); "
                                                 "empty: none.")
     llm_provider: Literal["offline", "openai"] = Field(
-        "offline", validation_alias="FLOWGATE_LLM_PROVIDER",
+        "offline",
         description="The `llm` node's provider: offline (deterministic, no network) or openai (any "
                     "OpenAI-compatible /chat/completions API).")
     llm_base_url: str = Field("https://api.openai.com/v1",
-                              validation_alias="FLOWGATE_LLM_BASE_URL",
                               description="Base URL of the OpenAI-compatible API (…/v1).")
-    llm_api_key: str | None = Field(None, validation_alias="FLOWGATE_LLM_API_KEY",
+    llm_api_key: str | None = Field(None,
                                     description="Bearer key of the LLM API.", repr=False)
-    llm_model: str = Field("gpt-4o-mini", min_length=1, validation_alias="FLOWGATE_LLM_MODEL",
+    llm_model: str = Field("gpt-4o-mini", min_length=1,
                            description="Model used when a node names none.")
     max_output_bytes: int = Field(
-        1_048_576, ge=1024, le=1_073_741_824, validation_alias="FLOWGATE_MAX_OUTPUT_BYTES",
+        1_048_576, ge=1024, le=1_073_741_824,
         description="Largest workflow node output, run result, rendered template value and http-node response "
                     "body (bytes); past it the node or run fails naming this limit.")
     max_delay_seconds: float = Field(
-        300.0, ge=0, le=3600, validation_alias="FLOWGATE_MAX_DELAY_SECONDS",
+        300.0, ge=0, le=3600,
         description="Longest a workflow `delay` node may wait.")
 
     lease_seconds: float = Field(
-        30.0, gt=0.5, le=3600, validation_alias="FLOWGATE_LEASE_SECONDS",
+        30.0, gt=0.5, le=3600,
         description="How long a claimed run stays owned without a renewal (a local run's, and a Prefect flow run's "
                     "on its run: give workers the gateways' value). Renewals go every third of it (a cancel is heard "
                     "then); a process none got through for two thirds of it stops the run.")

@@ -4,9 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from app import create_app
-from app.config import ConfigError, load_settings
+from app.config import ConfigError, Settings, load_settings
 
 
 def test_defaults_work_on_a_bare_machine(monkeypatch):
@@ -56,3 +57,38 @@ def test_an_invalid_connectors_file_stops_the_app_from_starting(tmp_path):
     with pytest.raises(ConfigError, match=r"c.yaml: connector 'x': field 'source'"):
         create_app({"var_dir": tmp_path / "var", "connectors_file": tmp_path / "c.yaml",
                     "workflows_dir": tmp_path / "workflows"})
+
+
+@pytest.mark.parametrize("name", sorted(Settings.model_fields))
+def test_every_setting_is_read_from_its_documented_variable(monkeypatch, name):
+    """The variable the reference names (docs/operations.md) is the one read: a probe value in it is either the
+    setting's value or refused naming that variable."""
+    variable = Settings.env_name(name)
+    monkeypatch.setenv(variable, "probe")
+    try:
+        value = load_settings().model_dump()[name]
+    except ConfigError as exc:
+        assert f"{variable}: " in str(exc)
+    else:
+        assert str(value) == "probe"
+
+
+def test_make_stack_reads_the_gateways_variables_under_the_gateways_names_and_rules(monkeypatch):
+    """flows/ cannot import the gateway's Settings: the stack's own model must read what the gateway reads alike."""
+    from flows.prefect.stack import StackSettings
+
+    shared = set(StackSettings.model_fields) & set(Settings.model_fields)
+    assert {"var_dir", "port", "prefect_pool", "prefect_worker_max_age_seconds"} <= shared
+    for name in shared:
+        stack_field, gateway_field = StackSettings.model_fields[name], Settings.model_fields[name]
+        assert (StackSettings.env_name(name), stack_field.annotation, stack_field.metadata) == (
+            Settings.env_name(name), gateway_field.annotation, gateway_field.metadata), name
+    monkeypatch.setenv("FLOWGATE_PREFECT_POOL", "elsewhere")
+    monkeypatch.setenv("FLOWGATE_STACK_POSTGRES_URL", "")
+    settings = StackSettings()
+    assert (settings.prefect_pool, settings.stack_postgres_url, settings.prefect_worker_max_age_seconds) == (
+        "elsewhere", "", 35)
+    monkeypatch.setenv("FLOWGATE_PREFECT_WORKER_MAX_AGE_SECONDS", "soon")
+    with pytest.raises(ValidationError) as caught:
+        StackSettings()
+    assert "FLOWGATE_PREFECT_WORKER_MAX_AGE_SECONDS: " in StackSettings.problems(caught.value)

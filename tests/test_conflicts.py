@@ -2,6 +2,7 @@
 trigger's own transaction on both databases (many triggers at once, two gateways on one PostgreSQL)."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -12,8 +13,10 @@ from prometheus_client import REGISTRY
 from app import create_app
 from app.runs.store import NewRun, RunStore
 from tests.support.gunicorn_server import GunicornServer
+from tests.support.postgres import postgres_schema
 from tests.support.problems import assert_problem
 from tests.support.races import race
+from tests.support.workdir import fill_workdir
 
 pytestmark = pytest.mark.long(seconds=40)
 
@@ -147,9 +150,11 @@ def test_thirty_concurrent_joins_make_one_run_on_sqlite(app):
     assert app.test_client().get(f"/api/v1/runs/{run_ids.pop()}").json["joined_count"] == 29
 
 
-def thirty_joins_make_one_run(gateways: list[GunicornServer], path: str, body: dict, id_field: str) -> None:
+def thirty_joins_make_one_run(gateways: list[GunicornServer], path: str, body: dict, id_field: str,
+                              target: str) -> None:
     """30 concurrent requests with `join`, spread over the gateways: one makes the run (202), the 29 others are
-    answered with it (200, `joined: true`), and the run counts 29 joins."""
+    answered with it (200, `joined: true`), the run counts 29 joins, and `target` (the connector or workflow the
+    requests name) has no other run."""
     def ask(i: int) -> tuple[int, str]:
         answer = httpx.post(f"{gateways[i % 2].url}{path}", json=body, timeout=60)
         assert answer.status_code in (200, 202), answer.text
@@ -160,21 +165,33 @@ def thirty_joins_make_one_run(gateways: list[GunicornServer], path: str, body: d
         answers = list(pool.map(ask, range(30)))
     run_ids = {run_id for _, run_id in answers}
     assert len(run_ids) == 1 and sorted(status for status, _ in answers) == [200] * 29 + [202]
-    listed = httpx.get(f"{gateways[1].url}/api/v1/runs", timeout=30).json()["items"]
+    listed = httpx.get(f"{gateways[1].url}/api/v1/runs", params={"connector_id": target}, timeout=30).json()["items"]
     assert [run["run_id"] for run in listed] == list(run_ids) and listed[0]["joined_count"] == 29
 
 
-def test_thirty_concurrent_joins_across_two_gateways_on_postgresql_make_one_run(workdir: Path, postgres_url: str):
-    env = {"DATABASE_URL": postgres_url, "FLOWGATE_EXECUTOR_THREADS": "0"}  # the run stays queued: all must join
-    gateways = [GunicornServer(workdir, workers=2, ready_path="/health", **env) for _ in range(2)]
-    try:
-        for gateway in gateways:
-            gateway.start()
+@pytest.fixture(scope="module")
+def gateways_on_postgresql(tmp_path_factory) -> Iterator[list[GunicornServer]]:
+    """Two gateways (2 workers each) on one PostgreSQL schema, with the shop's connectors and the slow workflow, and
+    no executor threads: a run stays queued, so every request with `join` must join it. Shared by the joins tests,
+    which name different targets and look only at their own (none stops or reconfigures a gateway)."""
+    with postgres_schema() as url:
+        workdir = fill_workdir(tmp_path_factory.mktemp("conflicts-postgresql"))
+        (workdir / "workflows").mkdir()
+        (workdir / "workflows" / "slow.yaml").write_text(SLOW)
+        gateways = [GunicornServer(workdir, workers=2, ready_path="/health", DATABASE_URL=url,
+                                   FLOWGATE_EXECUTOR_THREADS="0") for _ in range(2)]
+        try:
+            for gateway in gateways:
+                gateway.start()
+            yield gateways
+        finally:
+            for gateway in gateways:
+                gateway.kill()
 
-        thirty_joins_make_one_run(gateways, "/trigger", {"connector_id": "shop", "on_conflict": "join"}, "run_id")
-    finally:
-        for gateway in gateways:
-            gateway.kill()
+
+def test_thirty_concurrent_joins_across_two_gateways_on_postgresql_make_one_run(gateways_on_postgresql):
+    thirty_joins_make_one_run(gateways_on_postgresql, "/trigger", {"connector_id": "shop", "on_conflict": "join"},
+                              "run_id", target="shop")
 
 
 # --- workflows: the same policies, per execute and in the workflow file ----------------------------------------
@@ -257,19 +274,22 @@ def test_a_workflow_files_own_policy_applies_unless_the_execute_says_otherwise(c
     assert client.post("/api/workflow/adhoc/execute", json={"workflow": inline}).json["executionId"] == started
 
 
-@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
-def test_thirty_concurrent_executes_with_join_across_two_gateways_make_one_run(request, workdir: Path, database):
+def test_thirty_concurrent_executes_with_join_across_two_gateways_on_postgresql_make_one_run(gateways_on_postgresql):
+    thirty_joins_make_one_run(gateways_on_postgresql, "/api/workflow/slow/execute", {"on_conflict": "join"},
+                              "executionId", target="slow")
+
+
+def test_thirty_concurrent_executes_with_join_across_two_gateways_on_sqlite_make_one_run(workdir: Path):
     (workdir / "workflows").mkdir()
     (workdir / "workflows" / "slow.yaml").write_text(SLOW)
-    env = {"FLOWGATE_EXECUTOR_THREADS": "0"}  # the run stays queued: all must join
-    if database == "postgresql":
-        env["DATABASE_URL"] = request.getfixturevalue("postgres_url")
-    gateways = [GunicornServer(workdir, workers=2, ready_path="/health", **env) for _ in range(2)]
+    gateways = [GunicornServer(workdir, workers=2, ready_path="/health", FLOWGATE_EXECUTOR_THREADS="0")
+                for _ in range(2)]  # the run stays queued: all must join
     try:
         for gateway in gateways:
             gateway.start()
 
-        thirty_joins_make_one_run(gateways, "/api/workflow/slow/execute", {"on_conflict": "join"}, "executionId")
+        thirty_joins_make_one_run(gateways, "/api/workflow/slow/execute", {"on_conflict": "join"}, "executionId",
+                                  target="slow")
     finally:
         for gateway in gateways:
             gateway.kill()

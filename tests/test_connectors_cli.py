@@ -31,3 +31,13 @@ def test_check_fails_naming_the_problem_and_redacts_secrets(tmp_path: Path):
     good.write_text("connectors:\n  c:\n    source: {kind: sql_database, url: 'postgresql://u:pw@h/db'}\n")
     done = run_check(str(good))
     assert done.returncode == 0 and "pw" not in done.stdout and "postgresql://u:***@h/db" in done.stdout
+
+
+def test_check_without_a_file_reads_the_one_flowgate_connectors_names(tmp_path: Path, monkeypatch, capsys):
+    from connectors.__main__ import main
+
+    named = tmp_path / "named.yaml"
+    named.write_text("connectors:\n  c:\n    source: {kind: sql_database, url: 'sqlite:///x.db'}\n")
+    monkeypatch.setenv("FLOWGATE_CONNECTORS", str(named))
+    assert main(["check"]) == 0
+    assert f"ok: 1 connector(s) in {named}" in capsys.readouterr().out

@@ -58,9 +58,9 @@ def test_the_configuration_reference_is_what_the_settings_say():
 
 def test_every_setting_is_in_the_reference_once():
     table = reference_table()
-    for field in Settings.model_fields.values():
-        assert table.count(f"| `{field.validation_alias}` |") == 1
-        assert field.description, f"{field.validation_alias} has no description"
+    for name, field in Settings.model_fields.items():
+        assert table.count(f"| `{Settings.env_name(name)}` |") == 1
+        assert field.description, f"{Settings.env_name(name)} has no description"
 
 
 def test_the_command_line_prints_the_reference_and_writes_it_between_the_markers(tmp_path, capsys):

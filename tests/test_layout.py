@@ -220,12 +220,22 @@ def environment_reads(path: Path) -> list[str]:
     return found
 
 
-def test_settings_are_the_only_reader_of_flowgate_variables_in_the_gateway():
-    """gunicorn.conf.py and app/ read FLOWGATE_* through Settings only (validated, named in errors): a second
-    reader drifts (gunicorn's loopback guard once missed keys the app saw)."""
-    readers = {str(path.relative_to(ROOT)): names for path in [ROOT / "gunicorn.conf.py", *(ROOT / "app").rglob("*.py")]
-               if path.name != "config.py" and (names := environment_reads(path))}
+def test_settings_are_the_only_reader_of_flowgate_variables():
+    """gunicorn.conf.py, app/, flows/ (make stack included) and connectors/ (its command line included) read
+    FLOWGATE_* through a settings model only (validated, named in errors): a second reader drifts (gunicorn's
+    loopback guard once missed keys the app saw)."""
+    readers = {str(path.relative_to(ROOT)): names
+               for path in [ROOT / "gunicorn.conf.py", *(p for package in PACKAGES for p in (ROOT / package).rglob("*.py"))]
+               if (names := environment_reads(path))}
     assert readers == {}
+
+
+def test_the_reader_guard_sees_each_way_of_reading_a_variable(tmp_path: Path):
+    reader = tmp_path / "reader.py"
+    reader.write_text("import os\nfrom os import environ, getenv\n"
+                      "a = os.environ.get('FLOWGATE_A', '')\nb = environ['FLOWGATE_B']\nc = getenv('FLOW_SERVER_PORT')\n"
+                      "def f(environ):\n    return environ.get('FLOWGATE_D')\nok = os.environ.get('PATH')\n")
+    assert sorted(environment_reads(reader)) == ["FLOWGATE_A", "FLOWGATE_B", "FLOWGATE_D", "FLOW_SERVER_PORT"]
 
 
 def test_no_two_product_modules_share_a_name():

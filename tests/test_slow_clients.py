@@ -6,6 +6,7 @@ import select
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -14,6 +15,7 @@ import pytest
 from tests.support.gunicorn_server import GunicornServer
 from tests.support.nginx_proxy import NGINX, repo_nginx
 from tests.support.waiting import wait_until
+from tests.support.workdir import fill_workdir
 
 pytestmark = pytest.mark.long(seconds=30)  # started first in the parallel run (conftest.py)
 
@@ -87,33 +89,35 @@ def hold_slow_clients(port: int, health_url: str) -> tuple[list[tuple[object, bo
     return probes, clients
 
 
-def test_health_answers_while_100_clients_send_their_headers_a_byte_every_two_seconds(workdir: Path):
-    # Two workers of 8 threads: without a header deadline, 16 slow clients were enough to queue /health.
-    server = GunicornServer(workdir, workers=2, GUNICORN_THREADS="8").start()  # GUNICORN_HEADER_TIMEOUT: 10 s
-    try:
-        probes, clients = hold_slow_clients(server.port, f"{server.url}/health")
-    finally:
-        server.kill()
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[GunicornServer]:
+    """Two workers of 8 threads with the repo's header deadline (GUNICORN_HEADER_TIMEOUT: 10 s), shared by the
+    tests that neither stop nor reconfigure it: without a header deadline, 16 slow clients were enough to queue
+    /health."""
+    server = GunicornServer(fill_workdir(tmp_path_factory.mktemp("slow-clients")), workers=2,
+                            GUNICORN_THREADS="8").start()
+    yield server
+    server.kill()
+
+
+def test_health_answers_while_100_clients_send_their_headers_a_byte_every_two_seconds(server: GunicornServer):
+    probes, clients = hold_slow_clients(server.port, f"{server.url}/health")
     assert [status for status, _ in probes if status != 200] == []
     assert sum(held for _, held in probes) >= 5, "the probes did not run while the slow clients were held"
     assert all(client.answer.startswith(b"HTTP/1.1 408 ") for client in clients)
     assert all(client.sent < len(HEAD) for client in clients)  # closed by the server, mid-head
 
 
-def test_a_head_sent_in_pieces_within_the_deadline_is_served_and_kept_alive(workdir: Path):
-    server = GunicornServer(workdir, workers=1).start()
-    try:
-        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-            sock.sendall(b"GET /health HTTP/1.1\r\nHo")
-            time.sleep(0.5)
-            sock.sendall(b"st: x\r\n\r\nPOST /health HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
-            answers = b""
-            while answers.count(b"HTTP/1.1 ") < 2:
-                data = sock.recv(4096)
-                assert data, f"closed after {answers!r}"
-                answers += data
-    finally:
-        server.kill()
+def test_a_head_sent_in_pieces_within_the_deadline_is_served_and_kept_alive(server: GunicornServer):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHo")
+        time.sleep(0.5)
+        sock.sendall(b"st: x\r\n\r\nPOST /health HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        answers = b""
+        while answers.count(b"HTTP/1.1 ") < 2:
+            data = sock.recv(4096)
+            assert data, f"closed after {answers!r}"
+            answers += data
     assert answers.startswith(b"HTTP/1.1 200 ") and b"HTTP/1.1 405 " in answers  # both requests answered
 
 

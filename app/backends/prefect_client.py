@@ -8,6 +8,8 @@ from typing import Any
 
 import httpx
 
+from connectors.outbound import tls_context
+
 CLAIM_MESSAGE = "taken back by flowgate: no worker picked it up"  # marks the PENDING state a gateway claims with
 
 
@@ -63,7 +65,7 @@ class PrefectClient:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.api_url = api_url.rstrip("/")
         self.timeout = timeout
-        self._http = httpx.Client(base_url=self.api_url + "/", headers=headers,
+        self._http = httpx.Client(base_url=self.api_url + "/", headers=headers, verify=tls_context(),
                                   timeout=httpx.Timeout(timeout, connect=min(timeout, 1.0)),
                                   limits=httpx.Limits(max_connections=20, max_keepalive_connections=10))
 

@@ -22,6 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from pydantic import Field, ValidationError
+
+from flows.runtime import RuntimeSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -39,6 +42,25 @@ def prefect_environment(environ: Mapping[str, str]) -> dict[str, str]:
         "PREFECT_WORKER_QUERY_SECONDS": environ.get("PREFECT_WORKER_QUERY_SECONDS", "1"),
         "PREFECT_WORKER_HEARTBEAT_SECONDS": str(WORKER_HEARTBEAT_SECONDS),
     }
+
+
+class StackSettings(RuntimeSettings):
+    """What `make stack` reads from the environment: where the gateway reads the same variable, under the gateway's
+    name and rules (app.config.Settings, which flows/ cannot import; tests/test_config.py checks they agree)."""
+
+    prefect_port: int = Field(4200, ge=1, le=65535, validation_alias="PREFECT_PORT",
+                              description="Port of Prefect's server and UI.")
+    port: int = Field(5000, ge=1, le=65535, validation_alias="FLOW_SERVER_PORT",
+                      description="Port the gateway binds to (the stack prints it).")
+    prefect_pool: str = Field("flowgate", min_length=1,
+                              description="The process work pool the deployments are registered in and the worker "
+                                          "polls.")
+    prefect_worker_max_age_seconds: float = Field(
+        2 * WORKER_HEARTBEAT_SECONDS + 5, gt=0, le=3600,
+        description="Passed on to the gateway: a worker that heartbeats every 15 s counts as gone after 35 s.")
+    stack_postgres_url: str = Field(DEFAULT_POSTGRES,
+                                    description="PostgreSQL for Prefect's server (the database is created if "
+                                                "missing); empty: SQLite under FLOWGATE_VAR_DIR/prefect.")
 
 
 def say(message: str) -> None:
@@ -62,11 +84,11 @@ def _wait_for(url: str, what: str, timeout: float = 90) -> bool:
     return False
 
 
-def prefect_database(environ: dict[str, str]) -> str | None:
-    """The asyncpg URL of the PostgreSQL database for Prefect's server, or None for SQLite."""
+def prefect_database(environ: Mapping[str, str], url: str) -> str | None:
+    """The asyncpg URL of the PostgreSQL database for Prefect's server (PREFECT_API_DATABASE_CONNECTION_URL, else
+    the database of `url`, FLOWGATE_STACK_POSTGRES_URL), or None for SQLite."""
     if environ.get("PREFECT_API_DATABASE_CONNECTION_URL"):
         return environ["PREFECT_API_DATABASE_CONNECTION_URL"]
-    url = environ.get("FLOWGATE_STACK_POSTGRES_URL", DEFAULT_POSTGRES)
     if not url:
         return None
     import psycopg
@@ -123,16 +145,18 @@ class Component:
 
 
 def main() -> None:
-    port = os.environ.get("PREFECT_PORT", "4200")
-    pool = os.environ.get("FLOWGATE_PREFECT_POOL", "flowgate")
-    var = (ROOT / os.environ.get("FLOWGATE_VAR_DIR", "var")).resolve()
+    try:
+        settings = StackSettings()
+    except ValidationError as exc:
+        raise SystemExit(f"flowgate stack: invalid settings: {StackSettings.problems(exc)}") from None
+    port, pool = str(settings.prefect_port), settings.prefect_pool
+    var = (ROOT / settings.var_dir).resolve()
     env = {**os.environ, "PREFECT_HOME": str(var / "prefect"), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "FLOWGATE_VAR_DIR": str(var),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", StackSettings.env_name("var_dir"): str(var),
            **prefect_environment(os.environ),
-           "FLOWGATE_PREFECT_WORKER_MAX_AGE_SECONDS": os.environ.get("FLOWGATE_PREFECT_WORKER_MAX_AGE_SECONDS",
-                                                                     str(2 * WORKER_HEARTBEAT_SECONDS + 5))}
+           StackSettings.env_name("prefect_worker_max_age_seconds"): f"{settings.prefect_worker_max_age_seconds:g}"}
     (var / "prefect").mkdir(parents=True, exist_ok=True)
-    database = prefect_database(env)
+    database = prefect_database(env, settings.stack_postgres_url)
     if database:
         env["PREFECT_API_DATABASE_CONNECTION_URL"] = database
     say(f"Prefect's server stores its state in {'PostgreSQL' if database else 'SQLite under ' + str(var / 'prefect')}")
@@ -161,7 +185,7 @@ def main() -> None:
         deployed = _wait_for(health, "the Prefect server") and deploy(pool, env)
         worker.start(env)
         gateway.start(env)
-        print(f"\nflowgate: http://127.0.0.1:{os.environ.get('FLOW_SERVER_PORT', '5000')}   "
+        print(f"\nflowgate: http://127.0.0.1:{settings.port}   "
               f"Prefect UI: http://127.0.0.1:{port}   Ctrl-C stops everything\n", flush=True)
         supervise(components, gateway, env, lambda: deployed or (_answers(health) and deploy(pool, env)))
     except KeyboardInterrupt:
