@@ -4,6 +4,7 @@ it, and the abort of a package a schema contract refused. Everything flowgate kn
 internals is here (connectors/cursor_loader.py, an extract through dlt's `table_loader_class` hook, explains its
 own).
 
+Over 300 lines because every assumption about dlt's internals belongs in this one module, to be re-read as one.
 Checked against dlt 1.31.0 (the pin in requirements.txt). On a dlt upgrade, re-read this module against dlt's
 source. The kill tests in tests/test_faults.py ("committed") and tests/test_dlt_recovery.py fail when an
 assumption below stops holding.
