@@ -21,15 +21,14 @@ import statistics
 import tempfile
 import threading
 import time
-import uuid
+from contextlib import ExitStack
 from datetime import datetime
 from pathlib import Path
 
 import httpx
-import sqlalchemy as sa
 
 from tests.support.gunicorn_server import GunicornServer
-from tests.support.postgres import POSTGRES_URL, postgres_available
+from tests.support.postgres import fresh_schema, postgres_available
 
 SCHEDULED = 2
 INTERVAL = 5  # longer than a trivial run takes at capacity (1-4 s here), so most slots find their previous run ended
@@ -117,33 +116,8 @@ def _phase(url: str, phase: str, seconds: float, phase_name: str, spinners: int)
     return scheduled, [_at(at) - answered for (_, answered), at in zip(triggered, started) if at]
 
 
-def _postgres_schema() -> str | None:
-    """A fresh schema on the test PostgreSQL for the PostgreSQL phase, or None without a server."""
-    if postgres_available():
-        return None
-    schema = f"flowgate_bench_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    admin.dispose()
-    return schema
-
-
-def _drop_schema(schema: str) -> None:
-    admin = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-    admin.dispose()
-
-
-def fire_lag(seconds: float, spinners: int) -> None:
-    """Quiet and at capacity with the schedule lane (FLOWGATE_SCHEDULE_SLOTS=1, the default), and at capacity
-    without it (0: scheduled runs only claimed first), each gateway new on a new store."""
-    phases: dict[str, tuple[list[float], list[float]]] = {}
-    runs = [("0", None, ("at capacity, no lane",)), ("1", None, ("quiet", "at capacity"))]
-    schema = _postgres_schema()
-    if schema:
-        runs.append(("1", f"{POSTGRES_URL}?options=-csearch_path%3D{schema}", ("at capacity, PostgreSQL",)))
+def _phases(runs: list, phases: dict, seconds: float, spinners: int) -> None:
+    """Each (lane, database URL, phase names) on a gateway of its own, new on a new store."""
     for lane, database_url, names in runs:
         folder = Path(tempfile.mkdtemp(prefix="flowgate-bench-schedules-"))
         (folder / "workflows").mkdir()
@@ -160,8 +134,17 @@ def fire_lag(seconds: float, spinners: int) -> None:
                                       spinners)
         finally:
             server.kill()
-    if schema:
-        _drop_schema(schema)
+
+
+def fire_lag(seconds: float, spinners: int) -> None:
+    """Quiet and at capacity with the schedule lane (FLOWGATE_SCHEDULE_SLOTS=1, the default), and at capacity
+    without it (0: scheduled runs only claimed first), each gateway new on a new store."""
+    phases: dict[str, tuple[list[float], list[float]]] = {}
+    runs = [("0", None, ("at capacity, no lane",)), ("1", None, ("quiet", "at capacity"))]
+    with ExitStack() as cleanup:
+        if not postgres_available():
+            runs.append(("1", cleanup.enter_context(fresh_schema("flowgate_bench")), ("at capacity, PostgreSQL",)))
+        _phases(runs, phases, seconds, spinners)
     print(f"fire lag, {SCHEDULED} connectors every {INTERVAL} s, {seconds:.0f} s per phase (gunicorn, 2 workers x 4 "
           f"slots, SQLite unless named; {spinners} busy-looping processes at capacity)")
     print(f"{'phase':<22}{'slots':>7}{'lag p50':>10}{'lag p99':>10}{'free':>6}{'free p50':>10}{'free p99':>10}"

@@ -202,25 +202,12 @@ def run_flowgate(workdir: Path, clients: int, seconds: float, workers: int, data
 def run_flowgate_on_postgres(workdir: Path, clients: int, seconds: float, workers: int, root: Path = ROOT,
                              label: str = "flowgate") -> Result | None:
     """The same load with the run store on PostgreSQL (a fresh schema), or None without a server."""
-    import uuid
-
-    import sqlalchemy as sa
-
-    from tests.support.postgres import POSTGRES_URL, postgres_available
+    from tests.support.postgres import fresh_schema, postgres_available
 
     if postgres_available():
         return None
-    schema = f"flowgate_bench_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    try:
-        return run_flowgate(workdir, clients, seconds, workers, f"{POSTGRES_URL}?options=-csearch_path%3D{schema}",
-                            root=root, label=label)
-    finally:
-        with admin.connect() as connection:
-            connection.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+    with fresh_schema("flowgate_bench") as url:
+        return run_flowgate(workdir, clients, seconds, workers, url, root=root, label=label)
 
 
 MODES = ("sqlite", "postgres", "accepting")

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from app import create_app
-from tests.support.prefect_stack import PrefectStack, deployed_stack, frozen_worker, ran_on_prefect
+from tests.support.prefect_stack import PrefectStack, deployed_stack, frozen_worker, ran_on_prefect, sync_gateway
 from tests.support.waiting import wait_until, wait_until_ended
 
 pytestmark = pytest.mark.long(seconds=150)  # started first in the parallel run (conftest.py)
@@ -34,15 +33,7 @@ def gateway(stack: PrefectStack, tmp_path: Path):
     """A gateway on the worker's run store with its executor and Prefect sync running; FLOWGATE_RUN_TIMEOUT_SECONDS
     at its default (6 h): whatever ends here ends without it."""
     def make(**settings):
-        app = create_app({"var_dir": tmp_path / "var", "database_url": stack.run_store_url,
-                          "connectors_file": stack.workdir / "connectors.yaml",
-                          "workflows_dir": stack.workdir / "workflows", "prefect_api_url": stack.api_url,
-                          "lease_seconds": 15.0, "poll_seconds": 0.05, **settings})
-        services = app.extensions["flowgate"]
-        services.executor.start()
-        services.dispatcher.prefect.route.reprobe_seconds = 0.5
-        services.prefect_sync.every = 0.5
-        services.prefect_sync.start()
+        app, services = sync_gateway(stack, tmp_path, **settings)
         made.append(services)
         return app.test_client(), services
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from app import create_app
 from app.backends.prefect_client import CLAIM_MESSAGE
 from app.runs.store import NewRun, RunStore
-from tests.support.prefect_stack import PrefectStack, deployed_stack, frozen_worker, ran_on_prefect
+from tests.support.prefect_stack import PrefectStack, deployed_stack, frozen_worker, ran_on_prefect, sync_gateway
 from tests.support.waiting import wait_until, wait_until_ended
 
 pytestmark = pytest.mark.long(seconds=100)  # started first in the parallel run (conftest.py)
@@ -24,23 +23,8 @@ def stack(tmp_path_factory) -> Iterator[PrefectStack]:
         yield stack
 
 
-def pickup_gateway(stack: PrefectStack, tmp_path: Path, **settings):
-    """A gateway on the worker's run store, as in production: a flow run the worker starts after its run went
-    local finds that there and does not execute (without it, one did: red in a stress round)."""
-    app = create_app({"var_dir": tmp_path / "var", "database_url": stack.run_store_url,
-                      "connectors_file": stack.workdir / "connectors.yaml",
-                      "workflows_dir": stack.workdir / "workflows", "prefect_api_url": stack.api_url,
-                      # a lease long enough for a machine this busy: a stalled heartbeat must not free the key
-                      "lease_seconds": 15.0, "poll_seconds": 0.05, **settings})
-    services = app.extensions["flowgate"]
-    services.executor.start()
-    services.prefect_sync.every = 0.5
-    services.prefect_sync.start()
-    return app, services
-
-
 def test_runs_no_worker_picks_up_go_local_once_even_when_the_worker_resumes_at_the_deadline(stack, tmp_path):
-    app, services = pickup_gateway(stack, tmp_path, prefect_pickup_seconds=4.0, prefect_worker_max_age_seconds=60)
+    app, services = sync_gateway(stack, tmp_path, prefect_pickup_seconds=4.0, prefect_worker_max_age_seconds=60)
     client = app.test_client()
     try:
         with frozen_worker(stack):
@@ -75,7 +59,7 @@ def test_a_schedules_slot_no_worker_picks_up_runs_locally_once_under_its_run(sta
     """A slot is dispatched as a trigger is: with the worker frozen, its flow run waits past the pickup deadline,
     is taken back and runs here under the same run; the slot has that one run, executed once, never on Prefect."""
     stack.deploy(stack.workdir / "with-ticker.yaml")
-    app, services = pickup_gateway(stack, tmp_path, prefect_pickup_seconds=4.0, prefect_worker_max_age_seconds=60)
+    app, services = sync_gateway(stack, tmp_path, prefect_pickup_seconds=4.0, prefect_worker_max_age_seconds=60)
     try:
         with frozen_worker(stack):
             services.scheduler.run_once()  # first seen now: the next slot (within 5 s) fires
@@ -96,7 +80,7 @@ def test_a_schedules_slot_no_worker_picks_up_runs_locally_once_under_its_run(sta
 
 
 def test_triggers_go_local_once_the_workers_heartbeat_is_older_than_the_liveness_age(stack, tmp_path):
-    app, services = pickup_gateway(stack, tmp_path, prefect_pickup_seconds=5.0, prefect_worker_max_age_seconds=12)
+    app, services = sync_gateway(stack, tmp_path, prefect_pickup_seconds=5.0, prefect_worker_max_age_seconds=12)
     services.dispatcher.prefect.route.cache_seconds = 0.5  # a trigger sees what readiness saw, half a second late
     client = app.test_client()
 

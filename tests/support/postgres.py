@@ -34,7 +34,15 @@ def postgres_schema() -> Iterator[str]:
         if os.environ.get("FLOWGATE_REQUIRE_POSTGRES"):
             pytest.fail(f"PostgreSQL is required here but unreachable: {reason}")
         pytest.skip(f"no PostgreSQL at {POSTGRES_URL}: {reason}")
-    schema = f"flowgate_test_{uuid.uuid4().hex[:10]}"
+    with fresh_schema() as url:
+        yield url
+
+
+@contextmanager
+def fresh_schema(prefix: str = "flowgate_test") -> Iterator[str]:
+    """A PostgreSQL URL whose search_path is a new schema, dropped afterwards (the server must answer: a benchmark
+    asks postgres_available() first)."""
+    schema = f"{prefix}_{uuid.uuid4().hex[:10]}"
     admin = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as connection:
         connection.execute(sa.text(f'CREATE SCHEMA "{schema}"'))

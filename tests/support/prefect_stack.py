@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -298,3 +299,23 @@ def ran_on_prefect(stack: PrefectStack, flow_run_id: str) -> bool:
     states = stack.api("GET", f"flow_run_states/?flow_run_id={flow_run_id}")
     return any(state["type"] == "COMPLETED" for state in states) or bool(
         stack.api("POST", "task_runs/filter", json={"flow_runs": {"id": {"any_": [flow_run_id]}}}))
+
+
+def sync_gateway(stack: PrefectStack, tmp_path: Path, **settings: Any) -> tuple[Any, Any]:
+    """A gateway (its app and services) on the worker's run store, as in production, with its executor and its
+    Prefect sync running every half second: a flow run the worker starts after its run went local finds that there
+    and does not execute (without it, one did: red in a stress round). `settings` on top."""
+    from app import create_app
+
+    app = create_app({"var_dir": tmp_path / "var", "database_url": stack.run_store_url,
+                      "connectors_file": stack.workdir / "connectors.yaml",
+                      "workflows_dir": stack.workdir / "workflows", "prefect_api_url": stack.api_url,
+                      # a lease long enough for a machine this busy: a stalled heartbeat must not free the key
+                      "lease_seconds": 15.0, "poll_seconds": 0.05, **settings})
+    services = app.extensions["flowgate"]
+    services.executor.start()
+    if services.dispatcher.prefect.route is not None:
+        services.dispatcher.prefect.route.reprobe_seconds = 0.5
+    services.prefect_sync.every = 0.5
+    services.prefect_sync.start()
+    return app, services
