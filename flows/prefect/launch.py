@@ -129,11 +129,24 @@ def main() -> None:
     data = request()
     try:
         sent = socket.send_fds(sock, [data], [0, 1, 2])  # the descriptors go with the first bytes
-        sock.sendall(data[sent:])
-    except OSError as exc:
-        sock.close()
-        engine_in_place(f"the launcher did not take the request ({exc})")
+        if sent < len(data):  # an empty send to a launcher that read it all and refused it would fail (EPIPE)
+            sock.sendall(data[sent:])
+    except OSError as exc:  # it may have answered before closing: its refusal says why
+        if not refused(sock):
+            sock.close()
+            engine_in_place(f"the launcher did not take the request ({exc})")
     attached(sock)
+
+
+def refused(sock: socket.socket) -> bool:
+    """Whether the launcher's answer, already sent, is a refusal (attached() then reads and reports it)."""
+    try:
+        sock.settimeout(5)
+        answer = sock.recv(len(b"refused"), socket.MSG_PEEK) == b"refused"
+        sock.settimeout(None)
+        return answer
+    except OSError:
+        return False
 
 
 if __name__ == "__main__":
